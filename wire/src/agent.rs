@@ -1,0 +1,208 @@
+//! The agent protocol: `libckpt_preload.so` (the agent, one per process)
+//! and the coordinator, over a stream socket (Unix or TCP).
+//!
+//! Every message is a [`Header`] followed by `Header::len` payload bytes.
+//! The agent speaks first ([`Hello`]); afterwards the coordinator drives:
+//!
+//! ```text
+//! agent                         coordinator
+//!   HELLO ------------------------->
+//!   <------------------------- WELCOME
+//!   ...                                      (the program runs)
+//!   <------------------------- CHECKPOINT    (generation)
+//!   (suspend every thread, park them in the signal handler)
+//!   SUSPENDED + ThreadState[n] ---->         (or FAILED, and resume)
+//!                                            (coordinator reads /proc and memory)
+//!   <------------------------- RESUME        (written or aborted)
+//!   (release the threads)
+//!   RESUMED ----------------------->
+//! ```
+//!
+//! After a restart the agent's checkpoint thread returns from the middle of
+//! this exchange on a fresh connection (placed at the same fd number by the
+//! restart driver) and says HELLO again with `restored_gen` set.
+
+use crate::{ItimerVal, KernelSigaction, Pod};
+
+/// First word of every header.
+pub const MAGIC: u32 = 0x434b_5054; // "CKPT"
+/// Protocol version carried in [`Hello`].
+pub const VERSION: u32 = 1;
+/// The signal the agent uses to stop threads (SIGRTMAX - 2). The
+/// application can neither handle nor block it.
+pub const CKPT_SIGNAL: i32 = 62;
+/// Most threads one process can have at a checkpoint.
+pub const MAX_THREADS: usize = 4096;
+/// The agent moves its coordinator socket to the first free fd at or above
+/// this number, out of the program's way.
+pub const AGENT_FD_BASE: i32 = 800;
+/// Environment variable naming the coordinator (`unix:PATH` or `tcp:HOST:PORT`).
+pub const ENV_COORD: &str = "CKPT_COORD";
+
+/// Message kinds.
+pub mod kind {
+    pub const HELLO: u32 = 1;
+    pub const WELCOME: u32 = 2;
+    pub const CHECKPOINT: u32 = 3;
+    pub const SUSPENDED: u32 = 4;
+    pub const FAILED: u32 = 5;
+    pub const RESUME: u32 = 6;
+    pub const RESUMED: u32 = 7;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    pub magic: u32,
+    pub kind: u32,
+    pub len: u32,
+    pub _pad: u32,
+}
+// SAFETY: repr(C), four u32, no padding.
+unsafe impl Pod for Header {}
+
+impl Header {
+    pub fn new(kind: u32, len: usize) -> Self {
+        Header { magic: MAGIC, kind, len: len as u32, _pad: 0 }
+    }
+}
+
+/// Agent → coordinator, first message on a connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u32,
+    pub pid: i32,
+    pub ppid: i32,
+    /// TID of the agent's checkpoint thread.
+    pub ckpt_tid: i32,
+    /// The fd of this connection inside the process (excluded from the image).
+    pub agent_fd: i32,
+    pub signal: i32,
+    /// 0 on a fresh start; the generation restored from after a restart.
+    pub restored_gen: u64,
+    /// Address of the agent's restart word (the driver writes the restored
+    /// generation there).
+    pub restart_word_addr: u64,
+    pub flags: u64,
+}
+// SAFETY: repr(C), fields laid out without padding (4*6 + 8*3).
+unsafe impl Pod for Hello {}
+
+/// Coordinator → agent, answer to [`Hello`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Welcome {
+    pub ok: u32,
+    pub _pad: u32,
+    pub last_gen: u64,
+}
+// SAFETY: repr(C), no padding.
+unsafe impl Pod for Welcome {}
+
+/// Coordinator → agent: stop every thread for generation `generation`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointRequest {
+    pub generation: u64,
+    pub flags: u64,
+}
+// SAFETY: repr(C), no padding.
+unsafe impl Pod for CheckpointRequest {}
+
+/// Per-thread state saved by the thread itself inside the checkpoint
+/// signal handler. Everything else (general and FPU registers, signal mask,
+/// alternate stack) is in the kernel's signal frame at `ucontext`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadState {
+    pub tid: i32,
+    /// 1 for the agent's checkpoint thread.
+    pub is_ckpt_thread: u32,
+    /// Address of the `ucontext_t` of the signal frame (the handler's third
+    /// argument); `rt_sigreturn` with `rsp` there resumes the thread.
+    pub ucontext: u64,
+    pub fs_base: u64,
+    /// `PR_GET_TID_ADDRESS` (clear-child-tid).
+    pub clear_child_tid: u64,
+    pub robust_list: u64,
+    pub robust_len: u64,
+    /// rseq area registered by glibc (0 if none).
+    pub rseq_addr: u64,
+    pub rseq_len: u32,
+    pub rseq_sig: u32,
+}
+// SAFETY: repr(C), i32+u32 then u64s, u32+u32: no padding.
+unsafe impl Pod for ThreadState {}
+
+/// Agent → coordinator: every thread is parked. Followed by `nthreads`
+/// [`ThreadState`]s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Suspended {
+    pub nthreads: u32,
+    pub _pad: u32,
+    /// Current program break (`brk(0)`).
+    pub brk: u64,
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
+    pub itimers: [ItimerVal; 3],
+    /// `sigactions[i]` is the action of signal `i + 1` (SIGKILL/SIGSTOP zero).
+    pub sigactions: [KernelSigaction; 64],
+}
+// SAFETY: repr(C), u32+u32, u64, arrays of Pod: no padding.
+unsafe impl Pod for Suspended {}
+
+/// Agent → coordinator: the checkpoint could not be taken here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failed {
+    pub errno: i32,
+    pub len: u32,
+    pub text: [u8; 240],
+}
+// SAFETY: repr(C), no padding.
+unsafe impl Pod for Failed {}
+
+impl Failed {
+    /// The message text.
+    pub fn message(&self) -> &[u8] {
+        &self.text[..(self.len as usize).min(self.text.len())]
+    }
+}
+
+/// Coordinator → agent: release the threads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// [`OUTCOME_WRITTEN`] or [`OUTCOME_ABORTED`].
+    pub outcome: u32,
+    pub _pad: u32,
+    pub generation: u64,
+}
+// SAFETY: repr(C), no padding.
+unsafe impl Pod for Resume {}
+
+pub const OUTCOME_WRITTEN: u32 = 0;
+pub const OUTCOME_ABORTED: u32 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_are_stable() {
+        assert_eq!(size_of::<Header>(), 16);
+        assert_eq!(size_of::<Hello>(), 48);
+        assert_eq!(size_of::<ThreadState>(), 64);
+        assert_eq!(size_of::<Suspended>(), 16 + 3 * 32 + 64 * 32);
+        assert_eq!(size_of::<Failed>(), 248);
+    }
+
+    #[test]
+    fn pod_round_trip() {
+        let t = ThreadState { tid: 7, ucontext: 0xdead_beef, rseq_sig: 0x5305_3053, ..Default::default() };
+        assert_eq!(ThreadState::read_from(t.as_bytes()), Some(t));
+        assert_eq!(ThreadState::read_from(&t.as_bytes()[1..]), None);
+    }
+}
