@@ -1,0 +1,368 @@
+//! The agent's checkpoint thread: registration with the coordinator and the
+//! checkpoint exchange (see [`ckpt_wire::agent`] for the protocol).
+//!
+//! [`start`] runs in the library constructor, where allocating is fine. From
+//! the moment [`checkpoint`] signals the first thread until the threads are
+//! released, only raw syscalls on static buffers are used.
+
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+use ckpt_wire::agent::{self as proto, CKPT_SIGNAL, CheckpointRequest, Failed, Header, Hello, MAX_THREADS, Resume, Suspended, ThreadState, kind};
+use ckpt_wire::{ItimerVal, KernelSigaction, Pod};
+use ckpt_wire::restore::{ZONE_END, ZONE_START};
+
+use crate::suspend::{self, CKPT_TID, NEXT_SLOT, PARKED, RELEASE, SLOTS, SUSPENDING};
+use crate::sys;
+
+/// The coordinator connection (fd ≥ AGENT_FD_BASE, close-on-exec), or -1.
+static AGENT_FD: AtomicI32 = AtomicI32::new(-1);
+/// Written by the restart driver with the generation a process was
+/// restored from; unchanged across a plain checkpoint.
+#[unsafe(no_mangle)]
+pub static CKPT_RESTART_WORD: AtomicU64 = AtomicU64::new(0);
+/// Set once the checkpoint thread has registered (or given up).
+static REGISTERED: AtomicU32 = AtomicU32::new(0);
+/// Outcome of the last exchange (`OUTCOME_*`), set inside the handler.
+static OUTCOME: AtomicU32 = AtomicU32::new(proto::OUTCOME_ABORTED);
+/// The restorer's zone is still mapped (after a restart, until the next
+/// checkpoint: by then no thread can be running restorer code).
+static ZONE_MAPPED: AtomicBool = AtomicBool::new(false);
+
+/// Static scratch for `/proc/self/task` listings and the stopped set. Only
+/// the checkpoint thread touches them.
+struct Scratch {
+    dents: [u8; 16384],
+    signaled: [i32; MAX_THREADS],
+    nsignaled: usize,
+}
+static mut SCRATCH: Scratch = Scratch { dents: [0; 16384], signaled: [0; MAX_THREADS], nsignaled: 0 };
+
+fn scratch() -> &'static mut Scratch {
+    // SAFETY: only the checkpoint thread calls this, never re-entrantly.
+    unsafe { &mut *core::ptr::addr_of_mut!(SCRATCH) }
+}
+
+/// Library constructor: connect, install the handler, start the thread.
+pub fn start() {
+    crate::interpose::resolve_all();
+    let Some(addr) = std::env::var_os(proto::ENV_COORD) else { return };
+    let addr = addr.to_string_lossy().into_owned();
+    let fd = match connect(&addr) {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("ckpt: cannot reach the coordinator at {addr} ({e}); this process runs without checkpoints. Start one with `ckpt coordinator` or check CKPT_COORD.");
+            return;
+        }
+    };
+    AGENT_FD.store(fd, Ordering::Release);
+    lookup_rseq();
+    if !suspend::install() {
+        eprintln!("ckpt: cannot install the checkpoint signal handler; this process runs without checkpoints");
+        close_agent();
+        return;
+    }
+    // SAFETY: registering a plain extern "C" fn as the fork child handler.
+    unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    // SAFETY: pthread_create with a valid start routine and default attrs
+    // but a fixed stack size.
+    let ok = unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setstacksize(&mut attr, 256 * 1024);
+        let mut th: libc::pthread_t = 0;
+        let r = libc::pthread_create(&mut th, &attr, thread_main, core::ptr::null_mut());
+        libc::pthread_attr_destroy(&mut attr);
+        if r == 0 {
+            libc::pthread_detach(th);
+        }
+        r == 0
+    };
+    if !ok {
+        eprintln!("ckpt: cannot start the checkpoint thread; this process runs without checkpoints");
+        close_agent();
+        return;
+    }
+    // Registered before the program's main runs, so an immediate
+    // `ckpt checkpoint` includes this process.
+    let deadline = sys::now_ns() + 10_000_000_000;
+    while REGISTERED.load(Ordering::Acquire) == 0 && sys::now_ns() < deadline {
+        sys::futex_wait(&REGISTERED, 0, 50_000_000);
+    }
+}
+
+fn connect(addr: &str) -> std::io::Result<i32> {
+    use std::os::fd::IntoRawFd;
+    let raw = if let Some(path) = addr.strip_prefix("unix:") {
+        std::os::unix::net::UnixStream::connect(path)?.into_raw_fd()
+    } else if let Some(hp) = addr.strip_prefix("tcp:") {
+        let s = std::net::TcpStream::connect(hp)?;
+        s.set_nodelay(true)?;
+        s.into_raw_fd()
+    } else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "address must be unix:PATH or tcp:HOST:PORT"));
+    };
+    // SAFETY: moving our own fd to a high number; F_DUPFD_CLOEXEC.
+    let high = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, proto::AGENT_FD_BASE) };
+    // SAFETY: closing the original we own.
+    unsafe { libc::close(raw) };
+    if high < 0 { Err(std::io::Error::last_os_error()) } else { Ok(high) }
+}
+
+fn lookup_rseq() {
+    // SAFETY: dlsym lookups of glibc's exported rseq variables; the values
+    // are read once they are known to exist.
+    unsafe {
+        let off = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) as *const isize;
+        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) as *const u32;
+        if !off.is_null() && !size.is_null() {
+            suspend::RSEQ_OFFSET.store(*off as i64, Ordering::Relaxed);
+            suspend::RSEQ_SIZE.store(*size, Ordering::Relaxed);
+        }
+    }
+}
+
+fn close_agent() {
+    let fd = AGENT_FD.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
+    }
+    REGISTERED.store(1, Ordering::Release);
+    sys::futex_wake_all(&REGISTERED);
+}
+
+/// A forked child has no checkpoint thread: it must not talk on the
+/// parent's connection.
+extern "C" fn after_fork_in_child() {
+    let fd = AGENT_FD.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        // SAFETY: closing the inherited copy of our fd.
+        unsafe { libc::close(fd) };
+    }
+}
+
+fn send(kind: u32, parts: &[&[u8]]) -> bool {
+    let fd = AGENT_FD.load(Ordering::Acquire);
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if !sys::write_all(fd, Header::new(kind, len).as_bytes()) {
+        return false;
+    }
+    parts.iter().all(|p| sys::write_all(fd, p))
+}
+
+/// Reads one message; the payload goes to `buf` (truncated to its size,
+/// the rest skipped). Returns the kind, or None on EOF/error.
+fn recv(buf: &mut [u8]) -> Option<u32> {
+    let fd = AGENT_FD.load(Ordering::Acquire);
+    let mut hb = [0u8; core::mem::size_of::<Header>()];
+    if !sys::read_exact(fd, &mut hb) {
+        return None;
+    }
+    let h = Header::read_from(&hb)?;
+    if h.magic != proto::MAGIC {
+        return None;
+    }
+    let mut left = h.len as usize;
+    let take = left.min(buf.len());
+    if !sys::read_exact(fd, &mut buf[..take]) {
+        return None;
+    }
+    left -= take;
+    let mut sink = [0u8; 256];
+    while left > 0 {
+        let n = left.min(sink.len());
+        if !sys::read_exact(fd, &mut sink[..n]) {
+            return None;
+        }
+        left -= n;
+    }
+    Some(h.kind)
+}
+
+fn hello(restored_gen: u64) -> bool {
+    let h = Hello {
+        version: proto::VERSION,
+        pid: sys::getpid(),
+        // SAFETY: getppid cannot fail.
+        ppid: unsafe { libc::getppid() },
+        ckpt_tid: CKPT_TID.load(Ordering::Relaxed),
+        agent_fd: AGENT_FD.load(Ordering::Relaxed),
+        signal: CKPT_SIGNAL,
+        restored_gen,
+        restart_word_addr: &CKPT_RESTART_WORD as *const AtomicU64 as u64,
+        flags: 0,
+    };
+    let mut buf = [0u8; 64];
+    send(kind::HELLO, &[h.as_bytes()]) && recv(&mut buf) == Some(kind::WELCOME)
+}
+
+extern "C" fn thread_main(_: *mut libc::c_void) -> *mut libc::c_void {
+    CKPT_TID.store(sys::gettid(), Ordering::Release);
+    // The checkpoint thread takes no application signal, only ours.
+    // SAFETY: raw rt_sigprocmask on a mask we build (bypasses our wrapper).
+    unsafe {
+        let mut set: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::sigdelset(&mut set, CKPT_SIGNAL);
+        libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &set as *const libc::sigset_t, 0usize, 8usize);
+    }
+    let ok = hello(0);
+    REGISTERED.store(1, Ordering::Release);
+    sys::futex_wake_all(&REGISTERED);
+    if !ok {
+        close_agent();
+        return core::ptr::null_mut();
+    }
+    let mut buf = [0u8; 256];
+    loop {
+        match recv(&mut buf) {
+            None => {
+                // The coordinator went away: the program goes on unmanaged.
+                close_agent();
+                return core::ptr::null_mut();
+            }
+            Some(kind::CHECKPOINT) => {
+                let req = CheckpointRequest::read_from(&buf).unwrap_or_default();
+                checkpoint(req.generation);
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+fn fail(errno: i32, msg: &str) {
+    let mut f = Failed { errno, len: 0, text: [0; 240] };
+    let n = msg.len().min(f.text.len());
+    f.text[..n].copy_from_slice(&msg.as_bytes()[..n]);
+    f.len = n as u32;
+    send(kind::FAILED, &[f.as_bytes()]);
+}
+
+/// Stops every other thread, then takes the checkpoint thread's own state by
+/// signalling itself: the exchange with the coordinator runs inside that
+/// handler ([`checkpoint_in_handler`]), so the thread's saved frame is the
+/// point it returns to after a restart.
+fn checkpoint(_generation: u64) {
+    // Threads of the previous round must have left the handler.
+    loop {
+        let p = PARKED.load(Ordering::Acquire);
+        if p == 0 {
+            break;
+        }
+        sys::futex_wait(&PARKED, p, 1_000_000);
+    }
+    let me = sys::gettid();
+    let s = scratch();
+    s.nsignaled = 0;
+    NEXT_SLOT.store(0, Ordering::Release);
+    SUSPENDING.store(true, Ordering::Release);
+
+    let deadline = sys::now_ns() + 10_000_000_000;
+    let mut stopped = false;
+    while sys::now_ns() < deadline {
+        let mut present = 0u32;
+        let mut newly = false;
+        let (dents, signaled, nsignaled) = (&mut s.dents, &mut s.signaled, &mut s.nsignaled);
+        let listed = sys::for_each_task(dents, |tid| {
+            if tid == me {
+                return;
+            }
+            present += 1;
+            if !signaled[..*nsignaled].contains(&tid) && *nsignaled < MAX_THREADS && sys::tgkill(tid, CKPT_SIGNAL) == 0 {
+                signaled[*nsignaled] = tid;
+                *nsignaled += 1;
+                newly = true;
+            }
+        });
+        if !listed {
+            break;
+        }
+        let parked = PARKED.load(Ordering::Acquire);
+        if !newly && parked == present {
+            stopped = true;
+            break;
+        }
+        sys::futex_wait(&PARKED, parked, 200_000);
+    }
+    if !stopped {
+        release();
+        fail(libc::ETIMEDOUT, "not every thread stopped within 10 s for the checkpoint signal (a thread blocking signal 62 with raw syscalls, or in uninterruptible sleep)");
+        return;
+    }
+    if ZONE_MAPPED.swap(false, Ordering::AcqRel) {
+        // Every thread is parked in our handler: none runs restorer code.
+        // SAFETY: the zone holds only the restorer's leftovers after a restart.
+        unsafe { libc::munmap(ZONE_START as *mut libc::c_void, (ZONE_END - ZONE_START) as usize) };
+    }
+
+    let before = CKPT_RESTART_WORD.load(Ordering::Acquire);
+    OUTCOME.store(proto::OUTCOME_ABORTED, Ordering::Release);
+    sys::tgkill(me, CKPT_SIGNAL);
+    let after = CKPT_RESTART_WORD.load(Ordering::Acquire);
+    if after != before {
+        // We are a restarted process: the other threads already run (the
+        // restorer resumed them from their frames). Reset the round and
+        // register again on the connection the restart driver placed at
+        // our fd number.
+        SUSPENDING.store(false, Ordering::Release);
+        PARKED.store(0, Ordering::Release);
+        NEXT_SLOT.store(0, Ordering::Release);
+        ZONE_MAPPED.store(true, Ordering::Release);
+        if !hello(after) {
+            close_agent();
+        }
+        return;
+    }
+    release();
+    send(kind::RESUMED, &[]);
+}
+
+fn release() {
+    SUSPENDING.store(false, Ordering::Release);
+    RELEASE.fetch_add(1, Ordering::AcqRel);
+    sys::futex_wake_all(&RELEASE);
+}
+
+/// Runs in the checkpoint thread's own signal handler with every other
+/// thread parked: report, then wait for the coordinator to finish reading.
+pub fn checkpoint_in_handler(own: ThreadState) {
+    let n = (NEXT_SLOT.load(Ordering::Acquire) as usize).min(MAX_THREADS);
+    let mut msg = Suspended {
+        nthreads: n as u32 + 1,
+        _pad: 0,
+        brk: sys::brk_now(),
+        itimers: [ItimerVal::default(); 3],
+        sigactions: [KernelSigaction::default(); 64],
+    };
+    for (which, slot) in msg.itimers.iter_mut().enumerate() {
+        // SAFETY: getitimer writes one itimerval, whose layout ItimerVal mirrors.
+        unsafe { libc::syscall(libc::SYS_getitimer, which as i32, slot as *mut ItimerVal) };
+    }
+    for sig in 1..=64i32 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction query into a struct laid out like the kernel's.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                core::ptr::null::<KernelSigaction>(),
+                &mut msg.sigactions[(sig - 1) as usize] as *mut KernelSigaction,
+                8usize,
+            )
+        };
+    }
+    // SAFETY: every thread that took one of the first `n` slots is parked.
+    let slots = unsafe { SLOTS.filled(n) };
+    // SAFETY: ThreadState is Pod; viewing the slice as bytes.
+    let slot_bytes = unsafe { core::slice::from_raw_parts(slots.as_ptr() as *const u8, core::mem::size_of_val(slots)) };
+    if !send(kind::SUSPENDED, &[msg.as_bytes(), slot_bytes, own.as_bytes()]) {
+        return;
+    }
+    let mut buf = [0u8; 64];
+    if recv(&mut buf) == Some(kind::RESUME) {
+        let r = Resume::read_from(&buf).unwrap_or_default();
+        OUTCOME.store(r.outcome, Ordering::Release);
+    }
+}
