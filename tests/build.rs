@@ -1,0 +1,47 @@
+//! Builds the C test programs in `programs/` with gcc, each twice:
+//! `NAME` (`-fPIE -pie`) and `NAME-nopie` (`-fno-pie -no-pie`), into
+//! `$OUT_DIR/bin`, and tells the tests where they are through
+//! `CKPT_TEST_PROGRAMS`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let src_dir = manifest.join("programs");
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("bin");
+    std::fs::create_dir_all(&out).unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "gcc".to_string());
+
+    println!("cargo:rerun-if-changed=programs");
+    println!("cargo:rerun-if-env-changed=CC");
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&src_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    sources.sort();
+    for src in &sources {
+        println!("cargo:rerun-if-changed={}", src.display());
+    }
+    for src in sources.iter().filter(|p| p.extension().is_some_and(|e| e == "c")) {
+        let stem = src.file_stem().unwrap().to_str().unwrap();
+        build(&cc, src, &out.join(stem), &["-fPIE", "-pie"]);
+        build(&cc, src, &out.join(format!("{stem}-nopie")), &["-fno-pie", "-no-pie"]);
+    }
+    println!("cargo:rustc-env=CKPT_TEST_PROGRAMS={}", out.display());
+    println!("cargo:rustc-env=CKPT_TEST_SOURCES={}", src_dir.display());
+}
+
+fn build(cc: &str, src: &Path, out: &Path, pie: &[&str]) {
+    let status = Command::new(cc)
+        .args(["-O2", "-g", "-pthread", "-Wall", "-Wextra", "-Werror"])
+        .args(pie)
+        .arg("-I")
+        .arg(src.parent().unwrap())
+        .arg("-o")
+        .arg(out)
+        .arg(src)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
+    assert!(status.success(), "{cc} failed to build {}", src.display());
+}
