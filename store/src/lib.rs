@@ -1,1 +1,1030 @@
-//! TODO
+//! The ckpt chunk store: content-addressed blobs in pack files, indexed by a
+//! SQLite catalog that also records the committed generations.
+//!
+//! A store is a directory (`file:///abs/path` or a plain path):
+//!
+//! ```text
+//! <root>/catalog.db              SQLite (WAL), PRAGMA user_version = schema version
+//! <root>/packs/<hh>/<hex>.pack   immutable pack files (see [`pack`])
+//! <root>/tmp/                    packs being written
+//! <root>/lock                    flock'd by the one writer; holds its pid
+//! ```
+//!
+//! Reading ([`Store`]) needs no lock. Writing goes through one [`Writer`] at a
+//! time (an exclusive `flock` on `<root>/lock`). Crash safety: a pack is
+//! complete and durable before the catalog names it, and a generation (its
+//! packs, blobs and row) is committed in one SQLite transaction, so a crash
+//! leaves every earlier generation intact and no partial one visible (at
+//! worst, orphan pack files that nothing references).
+//!
+//! This crate must never know about processes, memory layouts or image
+//! manifests: it stores opaque blobs and generation rows that point at a
+//! manifest blob.
+
+pub mod error;
+pub mod pack;
+
+mod catalog;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use nix::fcntl::{Flock, FlockArg};
+use rayon::prelude::*;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+
+pub use ckpt_chunker::Hash;
+pub use catalog::SCHEMA_VERSION;
+pub use error::{Result, StoreError};
+
+use error::{IoCtx, SqlCtx};
+use pack::{FinishedPack, OpenPack};
+
+/// Default chunk size of a new store (16 KiB; see DESIGN.md, "Store").
+pub const DEFAULT_CHUNK_SIZE: usize = 16384;
+/// Largest accepted chunk size.
+pub const MAX_CHUNK_SIZE: usize = 64 << 20;
+/// Default target size of a pack file; a pack is also closed at every commit.
+pub const DEFAULT_PACK_TARGET: u64 = 32 << 20;
+
+/// What a blob is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[repr(u8)]
+pub enum BlobKind {
+    /// A chunk of memory (or file) contents.
+    Chunk = 0,
+    /// Metadata: manifests, chunk lists.
+    Meta = 1,
+}
+
+impl BlobKind {
+    /// Decode the on-disk value.
+    pub fn from_u8(v: u8) -> Option<BlobKind> {
+        match v {
+            0 => Some(BlobKind::Chunk),
+            1 => Some(BlobKind::Meta),
+            _ => None,
+        }
+    }
+}
+
+/// A committed generation (one row of the catalog).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GenerationInfo {
+    /// Generation number (ascending, never reused).
+    pub id: u64,
+    /// Generation this one is incremental to, if any.
+    pub parent: Option<u64>,
+    /// When the checkpoint started (ms since the Unix epoch).
+    pub created_ms: i64,
+    /// How long the checkpoint took.
+    pub duration_ms: u64,
+    /// Number of processes in the image.
+    pub nprocs: u32,
+    /// Size of the image (uncompressed, all chunks including known ones).
+    pub logical_bytes: u64,
+    /// Uncompressed bytes of the blobs this generation added to the store.
+    pub new_bytes: u64,
+    /// Compressed bytes this generation added to the store.
+    pub stored_bytes: u64,
+    /// Dirty-tracking backend used.
+    pub dirty_tracking: String,
+    /// Address of the generation's manifest blob.
+    pub manifest: Hash,
+    /// Free-form details (JSON); `null` if none.
+    pub info: serde_json::Value,
+}
+
+/// What the caller supplies to [`Writer::commit`]; the store fills in the id,
+/// `new_bytes` and `stored_bytes`.
+#[derive(Clone, Debug)]
+pub struct NewGeneration {
+    /// See [`GenerationInfo::parent`]; must exist if set.
+    pub parent: Option<u64>,
+    /// See [`GenerationInfo::created_ms`].
+    pub created_ms: i64,
+    /// See [`GenerationInfo::duration_ms`].
+    pub duration_ms: u64,
+    /// See [`GenerationInfo::nprocs`].
+    pub nprocs: u32,
+    /// See [`GenerationInfo::logical_bytes`].
+    pub logical_bytes: u64,
+    /// See [`GenerationInfo::dirty_tracking`].
+    pub dirty_tracking: String,
+    /// Manifest blob; must have been put (now or earlier).
+    pub manifest: Hash,
+    /// See [`GenerationInfo::info`].
+    pub info: serde_json::Value,
+}
+
+/// Totals over the whole store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StoreStats {
+    /// Committed generations.
+    pub generations: u64,
+    /// Pack files named by the catalog.
+    pub packs: u64,
+    /// Size of those pack files (including headers and trailers).
+    pub pack_bytes: u64,
+    /// Blobs in the catalog.
+    pub blobs: u64,
+    /// Compressed bytes of all blobs.
+    pub stored_bytes: u64,
+    /// Uncompressed bytes of all blobs.
+    pub logical_bytes: u64,
+}
+
+/// Options of a [`Writer`].
+#[derive(Clone, Copy, Debug)]
+pub struct WriterOptions {
+    /// A pack is closed once it reaches this many bytes.
+    pub pack_target: u64,
+    /// zstd level.
+    pub level: i32,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            pack_target: DEFAULT_PACK_TARGET,
+            level: ckpt_chunker::DEFAULT_LEVEL,
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Inner {
+    root: PathBuf,
+    catalog_path: PathBuf,
+    chunk_size: usize,
+    conn: Mutex<Connection>,
+}
+
+impl Inner {
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        lock(&self.conn)
+    }
+}
+
+/// Where a blob lives.
+#[derive(Clone, Debug)]
+struct Loc {
+    hash: Hash,
+    pack: String,
+    offset: u64,
+    clen: u32,
+    ulen: u32,
+}
+
+/// Read side of a store. `Send + Sync`; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.inner.root)
+            .field("chunk_size", &self.inner.chunk_size)
+            .finish()
+    }
+}
+
+/// Turn a store URL into a directory path.
+pub fn parse_url(url: &str) -> Result<PathBuf> {
+    let unsupported = |reason: &str| StoreError::Unsupported {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let path = if let Some(rest) = url.strip_prefix("file://") {
+        if !rest.starts_with('/') {
+            return Err(unsupported(
+                "file:// URLs need an absolute path (file:///abs/path)",
+            ));
+        }
+        PathBuf::from(rest)
+    } else if url.starts_with("s3://") {
+        return Err(unsupported(
+            "S3 stores are not supported yet (S3 support comes in a later version); use a local directory or file:///path",
+        ));
+    } else if let Some((scheme, _)) = url.split_once("://") {
+        return Err(unsupported(&format!(
+            "unknown scheme {scheme:?}: use a directory path or file:///path"
+        )));
+    } else if url.is_empty() {
+        return Err(unsupported("empty store path"));
+    } else {
+        PathBuf::from(url)
+    };
+    std::path::absolute(&path).ctx(|| format!("resolve store path {}", path.display()))
+}
+
+fn dir_is_empty(p: &Path) -> Result<bool> {
+    Ok(fs::read_dir(p)
+        .ctx(|| format!("list {}", p.display()))?
+        .next()
+        .is_none())
+}
+
+impl Store {
+    /// Open an existing store.
+    pub fn open(url: &str) -> Result<Store> {
+        let root = parse_url(url)?;
+        if !root.exists() {
+            return Err(StoreError::NoSuchStore { path: root });
+        }
+        if !root.is_dir() || !root.join("catalog.db").is_file() {
+            return Err(StoreError::NotAStore { path: root });
+        }
+        Self::finish_open(root, None)
+    }
+
+    /// Open a store, creating it (directory and catalog) if it does not exist
+    /// or is an empty directory. `chunk_size` (a multiple of 4096, see
+    /// [`DEFAULT_CHUNK_SIZE`]) applies to a new store only: an existing store
+    /// keeps its own (see [`Store::chunk_size`]).
+    pub fn open_or_create(url: &str, chunk_size: usize) -> Result<Store> {
+        if chunk_size == 0 || chunk_size % 4096 != 0 || chunk_size > MAX_CHUNK_SIZE {
+            return Err(StoreError::InvalidChunkSize {
+                size: chunk_size,
+                default: DEFAULT_CHUNK_SIZE,
+            });
+        }
+        let root = parse_url(url)?;
+        if !root.exists() {
+            fs::create_dir_all(&root).ctx(|| format!("create store directory {}", root.display()))?;
+        } else if !root.is_dir()
+            || (!root.join("catalog.db").exists() && !dir_is_empty(&root)?)
+        {
+            return Err(StoreError::NotAStore { path: root });
+        }
+        let store = Self::finish_open(root, Some(chunk_size))?;
+        if store.inner.chunk_size != chunk_size {
+            tracing::debug!(
+                store = %store.inner.root.display(),
+                requested = chunk_size,
+                actual = store.inner.chunk_size,
+                "existing store keeps its chunk size"
+            );
+        }
+        Ok(store)
+    }
+
+    fn finish_open(root: PathBuf, create: Option<usize>) -> Result<Store> {
+        let catalog_path = root.join("catalog.db");
+        let (conn, chunk_size) = catalog::open(&catalog_path, create)?;
+        for d in ["packs", "tmp"] {
+            let p = root.join(d);
+            if !p.is_dir() {
+                fs::create_dir_all(&p).ctx(|| format!("create {}", p.display()))?;
+            }
+        }
+        tracing::debug!(store = %root.display(), chunk_size, "store opened");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                root,
+                catalog_path,
+                chunk_size,
+                conn: Mutex::new(conn),
+            }),
+        })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Path of the SQLite catalog (for tools such as gc that need queries
+    /// this API does not offer; take a [`Writer`] before modifying it).
+    pub fn catalog_path(&self) -> &Path {
+        &self.inner.catalog_path
+    }
+
+    /// Path of pack file `name` (64 hex digits).
+    pub fn pack_path(&self, name: &str) -> PathBuf {
+        pack::pack_path(&self.inner.root, name)
+    }
+
+    /// Chunk size of this store (bytes).
+    pub fn chunk_size(&self) -> usize {
+        self.inner.chunk_size
+    }
+
+    /// All committed generations, ascending by id.
+    pub fn generations(&self) -> Result<Vec<GenerationInfo>> {
+        let conn = self.inner.conn();
+        let mut st = conn
+            .prepare_cached(&format!("{GEN_SELECT} ORDER BY id"))
+            .db(&self.inner.catalog_path)?;
+        let rows = st
+            .query_map([], row_to_gen)
+            .db(&self.inner.catalog_path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .db(&self.inner.catalog_path)
+    }
+
+    /// One committed generation.
+    pub fn generation(&self, id: u64) -> Result<GenerationInfo> {
+        let found = {
+            let conn = self.inner.conn();
+            let mut st = conn
+                .prepare_cached(&format!("{GEN_SELECT} WHERE id = ?1"))
+                .db(&self.inner.catalog_path)?;
+            st.query_row([id as i64], row_to_gen)
+                .optional()
+                .db(&self.inner.catalog_path)?
+        };
+        match found {
+            Some(g) => Ok(g),
+            None => {
+                let ids: Vec<u64> = self.generations()?.iter().map(|g| g.id).collect();
+                Err(StoreError::GenerationNotFound {
+                    id,
+                    path: self.inner.root.clone(),
+                    existing: describe_ids(&ids),
+                })
+            }
+        }
+    }
+
+    /// The newest committed generation, if any.
+    pub fn latest(&self) -> Result<Option<GenerationInfo>> {
+        let conn = self.inner.conn();
+        let mut st = conn
+            .prepare_cached(&format!("{GEN_SELECT} ORDER BY id DESC LIMIT 1"))
+            .db(&self.inner.catalog_path)?;
+        st.query_row([], row_to_gen)
+            .optional()
+            .db(&self.inner.catalog_path)
+    }
+
+    /// Whether the catalog holds blob `h` (always true for
+    /// [`Hash::ZERO_CHUNK`]).
+    pub fn contains(&self, h: &Hash) -> Result<bool> {
+        if h.is_zero_chunk() {
+            return Ok(true);
+        }
+        let conn = self.inner.conn();
+        let mut st = conn
+            .prepare_cached("SELECT 1 FROM blobs WHERE hash = ?1")
+            .db(&self.inner.catalog_path)?;
+        st.exists([&h.0[..]]).db(&self.inner.catalog_path)
+    }
+
+    fn locate(&self, conn: &Connection, h: &Hash) -> Result<Loc> {
+        let mut st = conn
+            .prepare_cached(
+                "SELECT p.name, b.offset, b.clen, b.ulen FROM blobs b \
+                 JOIN packs p ON p.id = b.pack_id WHERE b.hash = ?1",
+            )
+            .db(&self.inner.catalog_path)?;
+        st.query_row([&h.0[..]], |r| {
+            Ok(Loc {
+                hash: *h,
+                pack: r.get(0)?,
+                offset: r.get::<_, i64>(1)? as u64,
+                clen: r.get::<_, i64>(2)? as u32,
+                ulen: r.get::<_, i64>(3)? as u32,
+            })
+        })
+        .optional()
+        .db(&self.inner.catalog_path)?
+        .ok_or_else(|| StoreError::BlobNotFound {
+            hash: *h,
+            path: self.inner.root.clone(),
+        })
+    }
+
+    /// Decompress and verify one blob's stored bytes.
+    fn decode(&self, loc: &Loc, stored: &[u8]) -> Result<Vec<u8>> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            pack: self.pack_path(&loc.pack),
+            hash: loc.hash,
+            reason,
+        };
+        let data = ckpt_chunker::decompress(stored, loc.ulen as usize)
+            .map_err(|e| corrupt(e.to_string()))?;
+        let actual = Hash::of(&data);
+        if actual != loc.hash {
+            return Err(corrupt(format!("its bytes hash to {actual}")));
+        }
+        Ok(data)
+    }
+
+    /// Read one blob (decompressed and verified). [`Hash::ZERO_CHUNK`] reads
+    /// as `chunk_size` zero bytes.
+    pub fn read_blob(&self, h: &Hash) -> Result<Vec<u8>> {
+        if h.is_zero_chunk() {
+            return Ok(vec![0; self.inner.chunk_size]);
+        }
+        let loc = {
+            let conn = self.inner.conn();
+            self.locate(&conn, h)?
+        };
+        let path = self.pack_path(&loc.pack);
+        let f = open_pack(&path, h)?;
+        let mut buf = vec![0u8; loc.clen as usize];
+        f.read_exact_at(&mut buf, loc.offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                StoreError::Corrupt {
+                    pack: path.clone(),
+                    hash: *h,
+                    reason: "pack file is truncated".into(),
+                }
+            } else {
+                StoreError::io(format!("read pack file {}", path.display()), e)
+            }
+        })?;
+        self.decode(&loc, &buf)
+    }
+
+    /// Read many blobs in parallel and hand each to `sink` (from rayon
+    /// threads, in no particular order). Blobs are grouped by pack; each pack
+    /// file is opened and mapped once; every blob is verified. Duplicates in
+    /// `hashes` are allowed: `sink` is called once per distinct hash.
+    /// [`Hash::ZERO_CHUNK`] is passed as `chunk_size` zero bytes. All
+    /// locations are looked up first, so a blob missing from the catalog is
+    /// reported before any byte is read. Stops at the first error (of the
+    /// store or of `sink`).
+    pub fn read_blobs(
+        &self,
+        hashes: &[Hash],
+        sink: impl Fn(&Hash, &[u8]) -> Result<()> + Sync,
+    ) -> Result<()> {
+        let mut uniq: Vec<Hash> = hashes.to_vec();
+        uniq.sort_unstable();
+        uniq.dedup();
+        let has_zero = uniq.first().is_some_and(|h| h.is_zero_chunk());
+        let mut groups: BTreeMap<String, Vec<Loc>> = BTreeMap::new();
+        {
+            let conn = self.inner.conn();
+            for h in uniq.iter().filter(|h| !h.is_zero_chunk()) {
+                let loc = self.locate(&conn, h)?;
+                groups.entry(loc.pack.clone()).or_default().push(loc);
+            }
+        }
+        if has_zero {
+            sink(&Hash::ZERO_CHUNK, &vec![0u8; self.inner.chunk_size])?;
+        }
+        groups.into_par_iter().try_for_each(|(name, mut locs)| {
+            locs.sort_unstable_by_key(|l| l.offset);
+            let path = self.pack_path(&name);
+            let f = open_pack(&path, &locs[0].hash)?;
+            // SAFETY: pack files are immutable once renamed into place; no
+            // ckpt process writes to or truncates a named pack (gc deletes or
+            // replaces whole files, which keeps the mapped inode alive). The
+            // map is only read, and every blob read from it is verified.
+            let map = unsafe { memmap2::Mmap::map(&f) }
+                .ctx(|| format!("map pack file {}", path.display()))?;
+            locs.par_iter().with_min_len(16).try_for_each(|loc| {
+                let end = loc.offset + loc.clen as u64;
+                if end > map.len() as u64 {
+                    return Err(StoreError::Corrupt {
+                        pack: path.clone(),
+                        hash: loc.hash,
+                        reason: "pack file is truncated".into(),
+                    });
+                }
+                let data = self.decode(loc, &map[loc.offset as usize..end as usize])?;
+                sink(&loc.hash, &data)
+            })
+        })
+    }
+
+    /// Take the writer lock and return the one [`Writer`] (default options).
+    pub fn writer(&self) -> Result<Writer> {
+        self.writer_with(WriterOptions::default())
+    }
+
+    /// Like [`Store::writer`], with options (pack target size, zstd level).
+    pub fn writer_with(&self, opts: WriterOptions) -> Result<Writer> {
+        Writer::new(self.inner.clone(), opts)
+    }
+
+    /// Totals over the whole store.
+    pub fn stats(&self) -> Result<StoreStats> {
+        let conn = self.inner.conn();
+        let p = &self.inner.catalog_path;
+        let (packs, pack_bytes): (i64, i64) = conn
+            .query_row("SELECT count(*), coalesce(sum(size),0) FROM packs", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .db(p)?;
+        let (blobs, stored, logical): (i64, i64, i64) = conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(clen),0), coalesce(sum(ulen),0) FROM blobs",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .db(p)?;
+        let generations: i64 = conn
+            .query_row("SELECT count(*) FROM generations", [], |r| r.get(0))
+            .db(p)?;
+        Ok(StoreStats {
+            generations: generations as u64,
+            packs: packs as u64,
+            pack_bytes: pack_bytes as u64,
+            blobs: blobs as u64,
+            stored_bytes: stored as u64,
+            logical_bytes: logical as u64,
+        })
+    }
+}
+
+fn open_pack(path: &Path, h: &Hash) -> Result<File> {
+    File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            StoreError::MissingPack {
+                pack: path.to_path_buf(),
+                hash: *h,
+            }
+        } else {
+            StoreError::io(format!("open pack file {}", path.display()), e)
+        }
+    })
+}
+
+const GEN_SELECT: &str = "SELECT id, parent, created_ms, duration_ms, nprocs, logical_bytes, \
+     new_bytes, stored_bytes, dirty_tracking, manifest, info FROM generations";
+
+fn row_to_gen(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenerationInfo> {
+    let manifest: Vec<u8> = r.get(9)?;
+    let manifest = Hash::from_slice(&manifest).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            9,
+            rusqlite::types::Type::Blob,
+            "manifest hash is not 32 bytes".into(),
+        )
+    })?;
+    let info: Option<String> = r.get(10)?;
+    let info = match info {
+        Some(s) => serde_json::from_str(&s).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, e.into())
+        })?,
+        None => serde_json::Value::Null,
+    };
+    Ok(GenerationInfo {
+        id: r.get::<_, i64>(0)? as u64,
+        parent: r.get::<_, Option<i64>>(1)?.map(|p| p as u64),
+        created_ms: r.get(2)?,
+        duration_ms: r.get::<_, i64>(3)? as u64,
+        nprocs: r.get::<_, i64>(4)? as u32,
+        logical_bytes: r.get::<_, i64>(5)? as u64,
+        new_bytes: r.get::<_, i64>(6)? as u64,
+        stored_bytes: r.get::<_, i64>(7)? as u64,
+        dirty_tracking: r.get(8)?,
+        manifest,
+        info,
+    })
+}
+
+/// "generations 1-3, 5" / "no generations (the store is empty)".
+fn describe_ids(ids: &[u64]) -> String {
+    if ids.is_empty() {
+        return "no generations (the store is empty)".into();
+    }
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        let mut j = i;
+        while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            ids[i].to_string()
+        } else {
+            format!("{}-{}", ids[i], ids[j])
+        });
+        i = j + 1;
+    }
+    format!("generations {}", parts.join(", "))
+}
+
+/// Blobs written since the last commit.
+#[derive(Default)]
+struct Pending {
+    open: Option<OpenPack>,
+    finished: Vec<FinishedPack>,
+    hashes: Vec<Hash>,
+    new_bytes: u64,
+    stored_bytes: u64,
+}
+
+/// The one writer of a store (holds the exclusive lock on `<root>/lock`
+/// until dropped). `Send + Sync`: [`Writer::put`] may be called from many
+/// threads at once. Dropping a writer with uncommitted blobs aborts them.
+pub struct Writer {
+    inner: Arc<Inner>,
+    opts: WriterOptions,
+    _lock: Flock<File>,
+    known: RwLock<HashSet<Hash>>,
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("root", &self.inner.root)
+            .field("next_id", &self.next_id)
+            .finish()
+    }
+}
+
+impl Writer {
+    fn new(inner: Arc<Inner>, opts: WriterOptions) -> Result<Writer> {
+        let lock_path = inner.root.join("lock");
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .ctx(|| format!("open lock file {}", lock_path.display()))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut s = String::new();
+                let _ = file.read_to_string(&mut s);
+                let pid = s.trim();
+                return Err(StoreError::Locked {
+                    path: inner.root.clone(),
+                    pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
+                });
+            }
+            Err((_, e)) => {
+                return Err(StoreError::io(
+                    format!("lock {}", lock_path.display()),
+                    std::io::Error::from(e),
+                ));
+            }
+        };
+        lock.set_len(0)
+            .and_then(|_| lock.rewind())
+            .and_then(|_| writeln!(lock, "{}", std::process::id()))
+            .ctx(|| format!("write pid to lock file {}", lock_path.display()))?;
+
+        // Leftovers of a crashed writer: nothing references them.
+        let tmp = inner.root.join("tmp");
+        if let Ok(rd) = fs::read_dir(&tmp) {
+            for e in rd.flatten() {
+                tracing::debug!(file = %e.path().display(), "removing stale temporary file");
+                let _ = fs::remove_file(e.path());
+            }
+        }
+
+        let (known, next_id) = {
+            let conn = inner.conn();
+            let p = &inner.catalog_path;
+            let mut known = HashSet::new();
+            let mut st = conn.prepare("SELECT hash FROM blobs").db(p)?;
+            let mut rows = st.query([]).db(p)?;
+            while let Some(r) = rows.next().db(p)? {
+                let b: Vec<u8> = r.get(0).db(p)?;
+                if let Some(h) = Hash::from_slice(&b) {
+                    known.insert(h);
+                }
+            }
+            (known, next_generation_id(&conn, p)?)
+        };
+        tracing::debug!(store = %inner.root.display(), blobs = known.len(), next_id, "writer ready");
+        Ok(Writer {
+            inner,
+            opts,
+            _lock: lock,
+            known: RwLock::new(known),
+            pending: Mutex::new(Pending::default()),
+            next_id: AtomicU64::new(next_id),
+        })
+    }
+
+    /// Id the next [`Writer::commit`] will get: one more than the largest id
+    /// ever committed (ids are never reused, even after gc); 1 for a new store.
+    pub fn next_generation_id(&self) -> u64 {
+        self.next_id.load(Ordering::SeqCst)
+    }
+
+    /// Whether blob `h` is in the store or was put since the last commit
+    /// (true for [`Hash::ZERO_CHUNK`]). Answered from memory.
+    pub fn known(&self, h: &Hash) -> bool {
+        h.is_zero_chunk() || self.known.read().unwrap_or_else(|e| e.into_inner()).contains(h)
+    }
+
+    /// Store blob `data` whose BLAKE3 is `h` (the caller computed it).
+    /// Returns false without doing anything if it is already known or is
+    /// [`Hash::ZERO_CHUNK`]; otherwise compresses it (outside any lock),
+    /// appends it to the open pack and returns true. Blobs become visible to
+    /// readers at [`Writer::commit`].
+    pub fn put(&self, kind: BlobKind, h: Hash, data: &[u8]) -> Result<bool> {
+        if self.known(&h) {
+            return Ok(false);
+        }
+        debug_assert_eq!(h, Hash::of(data), "put: hash does not match data");
+        let ulen = u32::try_from(data.len()).map_err(|_| {
+            StoreError::Invalid(format!("blob {h} is {} bytes; the limit is 4 GiB", data.len()))
+        })?;
+        let compressed = ckpt_chunker::compress(data, self.opts.level);
+        let mut p = lock(&self.pending);
+        if self.known(&h) {
+            return Ok(false); // another thread put it meanwhile
+        }
+        let tmp = self.inner.root.join("tmp");
+        if p.open.is_none() {
+            p.open = Some(
+                OpenPack::create(&tmp).ctx(|| format!("create a pack file in {}", tmp.display()))?,
+            );
+        }
+        let open = p.open.as_mut().expect("open pack");
+        if let Err(e) = open.append(kind, h, &compressed, ulen) {
+            self.drop_open_pack(&mut p);
+            return Err(StoreError::io(
+                format!("write pack file in {}", tmp.display()),
+                e,
+            ));
+        }
+        let full = open.len() >= self.opts.pack_target;
+        self.known.write().unwrap_or_else(|e| e.into_inner()).insert(h);
+        p.hashes.push(h);
+        p.new_bytes += ulen as u64;
+        p.stored_bytes += compressed.len() as u64;
+        if full {
+            self.close_pack(&mut p)?;
+        }
+        Ok(true)
+    }
+
+    /// Hash `data`, store it as a [`BlobKind::Meta`] blob, return its hash.
+    pub fn put_meta(&self, data: &[u8]) -> Result<Hash> {
+        let h = Hash::of(data);
+        self.put(BlobKind::Meta, h, data)?;
+        Ok(h)
+    }
+
+    /// (uncompressed, compressed) bytes of the blobs put since the last
+    /// commit.
+    pub fn pending_stats(&self) -> (u64, u64) {
+        let p = lock(&self.pending);
+        (p.new_bytes, p.stored_bytes)
+    }
+
+    /// Forget the open pack after a write error: its blobs are not stored.
+    fn drop_open_pack(&self, p: &mut Pending) {
+        if let Some(open) = p.open.take() {
+            let lost: HashSet<Hash> = open.entries.iter().map(|e| e.hash).collect();
+            let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+            for e in &open.entries {
+                known.remove(&e.hash);
+                p.new_bytes -= e.ulen as u64;
+                p.stored_bytes -= e.clen as u64;
+            }
+            p.hashes.retain(|h| !lost.contains(h));
+            open.discard();
+        }
+    }
+
+    /// Finish the open pack (fsync, rename into place).
+    fn close_pack(&self, p: &mut Pending) -> Result<()> {
+        let Some(open) = p.open.take() else {
+            return Ok(());
+        };
+        let entries = open.entries.clone();
+        match open.finish(&self.inner.root) {
+            Ok(f) => {
+                tracing::debug!(pack = %f.path.display(), blobs = f.entries.len(), size = f.size, "pack written");
+                p.finished.push(f);
+                Ok(())
+            }
+            Err(e) => {
+                let lost: HashSet<Hash> = entries.iter().map(|e| e.hash).collect();
+                let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+                for e in &entries {
+                    known.remove(&e.hash);
+                    p.new_bytes -= e.ulen as u64;
+                    p.stored_bytes -= e.clen as u64;
+                }
+                p.hashes.retain(|h| !lost.contains(h));
+                Err(StoreError::io(
+                    format!("finish a pack file in {}", self.inner.root.join("packs").display()),
+                    e,
+                ))
+            }
+        }
+    }
+
+    /// Make everything put since the last commit durable and visible, as
+    /// generation [`Writer::next_generation_id`]: closes the open pack
+    /// (fsync + rename), then inserts the packs, blobs and generation row in
+    /// one SQLite transaction. The manifest must have been put (now or in an
+    /// earlier generation) and the parent, if any, must exist. On error
+    /// nothing is visible; the pending blobs stay pending (retry or abort).
+    pub fn commit(&self, g: NewGeneration) -> Result<GenerationInfo> {
+        let mut p = lock(&self.pending);
+        if g.manifest.is_zero_chunk() || !self.known(&g.manifest) {
+            return Err(StoreError::Invalid(format!(
+                "generation manifest {} was never put into the store",
+                g.manifest
+            )));
+        }
+        self.close_pack(&mut p)?;
+        let id = self.next_generation_id();
+        let info = GenerationInfo {
+            id,
+            parent: g.parent,
+            created_ms: g.created_ms,
+            duration_ms: g.duration_ms,
+            nprocs: g.nprocs,
+            logical_bytes: g.logical_bytes,
+            new_bytes: p.new_bytes,
+            stored_bytes: p.stored_bytes,
+            dirty_tracking: g.dirty_tracking,
+            manifest: g.manifest,
+            info: g.info,
+        };
+        {
+            let path = &self.inner.catalog_path;
+            let mut conn = self.inner.conn();
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db(path)?;
+            if let Some(parent) = info.parent {
+                let exists = tx
+                    .prepare_cached("SELECT 1 FROM generations WHERE id = ?1")
+                    .db(path)?
+                    .exists([parent as i64])
+                    .db(path)?;
+                if !exists {
+                    return Err(StoreError::Invalid(format!(
+                        "parent generation {parent} of the new generation does not exist"
+                    )));
+                }
+            }
+            let now = now_ms();
+            {
+                let mut ins_pack = tx
+                    .prepare_cached(
+                        "INSERT INTO packs(name, size, nblobs, created) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .db(path)?;
+                let mut ins_blob = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO blobs(hash, pack_id, offset, clen, ulen, kind) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .db(path)?;
+                for f in &p.finished {
+                    ins_pack
+                        .execute(params![f.name, f.size as i64, f.entries.len() as i64, now])
+                        .db(path)?;
+                    let pack_id = tx.last_insert_rowid();
+                    for e in &f.entries {
+                        ins_blob
+                            .execute(params![
+                                &e.hash.0[..],
+                                pack_id,
+                                e.offset as i64,
+                                e.clen as i64,
+                                e.ulen as i64,
+                                e.kind as u8 as i64
+                            ])
+                            .db(path)?;
+                    }
+                }
+            }
+            let info_json = if info.info.is_null() {
+                None
+            } else {
+                Some(info.info.to_string())
+            };
+            tx.execute(
+                "INSERT INTO generations(id, parent, created_ms, duration_ms, nprocs, \
+                 logical_bytes, new_bytes, stored_bytes, dirty_tracking, manifest, info) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    id as i64,
+                    info.parent.map(|x| x as i64),
+                    info.created_ms,
+                    info.duration_ms as i64,
+                    info.nprocs as i64,
+                    info.logical_bytes as i64,
+                    info.new_bytes as i64,
+                    info.stored_bytes as i64,
+                    info.dirty_tracking,
+                    &info.manifest.0[..],
+                    info_json
+                ],
+            )
+            .db(path)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_generation_id', ?1)",
+                [id.to_string()],
+            )
+            .db(path)?;
+            tx.commit().db(path)?;
+        }
+        tracing::info!(
+            store = %self.inner.root.display(),
+            generation = id,
+            packs = p.finished.len(),
+            blobs = p.hashes.len(),
+            new_bytes = info.new_bytes,
+            stored_bytes = info.stored_bytes,
+            "generation committed"
+        );
+        *p = Pending::default();
+        self.next_id.store(id + 1, Ordering::SeqCst);
+        Ok(info)
+    }
+
+    /// Forget everything put since the last commit: remove those blobs from
+    /// the known set and delete the pack files written for them.
+    pub fn abort(&self) {
+        let mut p = lock(&self.pending);
+        let p = std::mem::take(&mut *p);
+        if let Some(open) = p.open {
+            open.discard();
+        }
+        for f in &p.finished {
+            if let Err(e) = fs::remove_file(&f.path) {
+                tracing::warn!(pack = %f.path.display(), error = %e, "cannot remove aborted pack");
+            }
+        }
+        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        for h in &p.hashes {
+            known.remove(h);
+        }
+        if !p.hashes.is_empty() {
+            tracing::info!(store = %self.inner.root.display(), blobs = p.hashes.len(), "pending blobs aborted");
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let pending = !lock(&self.pending).hashes.is_empty();
+        if pending {
+            tracing::warn!(store = %self.inner.root.display(), "writer dropped with uncommitted blobs: aborting them");
+            self.abort();
+        }
+    }
+}
+
+fn next_generation_id(conn: &Connection, p: &Path) -> Result<u64> {
+    let max: i64 = conn
+        .query_row("SELECT coalesce(max(id), 0) FROM generations", [], |r| r.get(0))
+        .db(p)?;
+    let last: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'last_generation_id'", [], |r| r.get(0))
+        .optional()
+        .db(p)?;
+    let last = last.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+    Ok(max.max(last) as u64 + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_description() {
+        assert_eq!(describe_ids(&[]), "no generations (the store is empty)");
+        assert_eq!(describe_ids(&[1, 2, 3, 5, 7, 8]), "generations 1-3, 5, 7-8");
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(parse_url("file:///a/b").unwrap(), PathBuf::from("/a/b"));
+        assert_eq!(parse_url("/a/b").unwrap(), PathBuf::from("/a/b"));
+        assert!(parse_url("rel").unwrap().is_absolute());
+        let e = parse_url("s3://bucket/x").unwrap_err();
+        assert!(matches!(e, StoreError::Unsupported { .. }));
+        assert!(e.to_string().contains("S3"), "{e}");
+        assert!(parse_url("file://rel").is_err());
+        assert!(parse_url("http://x").is_err());
+    }
+
+    #[test]
+    fn send_sync() {
+        fn ss<T: Send + Sync>() {}
+        ss::<Store>();
+        ss::<Writer>();
+        ss::<StoreError>();
+    }
+}

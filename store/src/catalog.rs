@@ -1,0 +1,189 @@
+//! The SQLite catalog: schema, versioning and migrations.
+//!
+//! `PRAGMA user_version` holds the schema version. A catalog with a newer
+//! version than [`SCHEMA_VERSION`] is refused before anything is written
+//! (the version is first read from the file header, without SQLite).
+
+use std::io::Read;
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use crate::error::{Result, SqlCtx, StoreError};
+
+/// Schema version written by this build.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Migration steps: `MIGRATIONS[v]` upgrades a catalog from version `v` to
+/// `v + 1` (step 0 creates a fresh catalog).
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE IF NOT EXISTS meta(
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS packs(
+    id      INTEGER PRIMARY KEY,
+    name    TEXT UNIQUE NOT NULL,
+    size    INTEGER NOT NULL,
+    nblobs  INTEGER NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blobs(
+    hash    BLOB PRIMARY KEY,
+    pack_id INTEGER NOT NULL REFERENCES packs(id),
+    offset  INTEGER NOT NULL,
+    clen    INTEGER NOT NULL,
+    ulen    INTEGER NOT NULL,
+    kind    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack_id);
+CREATE TABLE IF NOT EXISTS generations(
+    id             INTEGER PRIMARY KEY,
+    parent         INTEGER,
+    created_ms     INTEGER NOT NULL,
+    duration_ms    INTEGER NOT NULL,
+    nprocs         INTEGER NOT NULL,
+    logical_bytes  INTEGER NOT NULL,
+    new_bytes      INTEGER NOT NULL,
+    stored_bytes   INTEGER NOT NULL,
+    dirty_tracking TEXT NOT NULL,
+    manifest       BLOB NOT NULL,
+    info           TEXT
+);
+"#];
+
+/// Read `user_version` straight from the SQLite file header (offset 60,
+/// big-endian), without opening the database: guarantees nothing is written
+/// when the version is refused. An empty file counts as version 0.
+pub(crate) fn header_version(path: &Path) -> Result<u32> {
+    let mut f = std::fs::File::open(path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
+    let mut hdr = Vec::with_capacity(100);
+    (&mut f)
+        .take(100)
+        .read_to_end(&mut hdr)
+        .map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
+    if hdr.is_empty() {
+        return Ok(0);
+    }
+    if hdr.len() < 100 || &hdr[..16] != b"SQLite format 3\0" {
+        return Err(StoreError::BadCatalog {
+            path: path.to_path_buf(),
+            reason: "not an SQLite database".into(),
+        });
+    }
+    Ok(u32::from_be_bytes(hdr[60..64].try_into().expect("4 bytes")))
+}
+
+fn check_version(path: &Path, found: u32) -> Result<()> {
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Open (and, if `create` is set and the catalog is new, initialise) the
+/// catalog at `path`. Returns the connection and the store's chunk size.
+pub(crate) fn open(path: &Path, create: Option<usize>) -> Result<(Connection, usize)> {
+    if path.exists() {
+        check_version(path, header_version(path)?)?;
+    }
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create.is_some() {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let mut conn = Connection::open_with_flags(path, flags).db(path)?;
+    // The header may lag behind the WAL: check again, still before writing.
+    let v: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .db(path)?;
+    check_version(path, v)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).db(path)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .db(path)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(catalog = %path.display(), mode, "catalog is not in WAL mode");
+    }
+    conn.pragma_update(None, "synchronous", "FULL").db(path)?;
+
+    let v: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .db(path)?;
+    check_version(path, v)?;
+    if v < SCHEMA_VERSION {
+        match (v, create) {
+            (0, None) => {
+                return Err(StoreError::BadCatalog {
+                    path: path.to_path_buf(),
+                    reason: "catalog was never initialised (interrupted creation?)".into(),
+                });
+            }
+            _ => migrate(&mut conn, path, v, create)?,
+        }
+    }
+    let cs: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'chunk_size'", [], |r| r.get(0))
+        .optional()
+        .db(path)?;
+    let chunk_size = cs
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&c| c > 0 && c % 4096 == 0)
+        .ok_or_else(|| StoreError::BadCatalog {
+            path: path.to_path_buf(),
+            reason: "meta.chunk_size missing or invalid".into(),
+        })?;
+    Ok((conn, chunk_size))
+}
+
+fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>) -> Result<()> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .db(path)?;
+    // Re-read under the write lock: another process may have migrated.
+    let mut v: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).db(path)?;
+    check_version(path, v)?;
+    if v != from {
+        tracing::debug!(from, now = v, "catalog migrated concurrently");
+    }
+    while v < SCHEMA_VERSION {
+        tracing::info!(catalog = %path.display(), from = v, to = v + 1, "migrating catalog");
+        tx.execute_batch(MIGRATIONS[v as usize]).db(path)?;
+        if v == 0 {
+            let chunk_size = create.unwrap_or(crate::DEFAULT_CHUNK_SIZE);
+            let mut m = tx
+                .prepare("INSERT OR IGNORE INTO meta(key, value) VALUES (?1, ?2)")
+                .db(path)?;
+            m.execute(params!["chunk_size", chunk_size.to_string()]).db(path)?;
+            m.execute(params!["store_id", random_hex()]).db(path)?;
+            m.execute(params!["created", crate::now_ms().to_string()]).db(path)?;
+            m.execute(params!["last_generation_id", "0"]).db(path)?;
+        }
+        v += 1;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION).db(path)?;
+    tx.commit().db(path)?;
+    Ok(())
+}
+
+/// 128 random bits as hex (from /dev/urandom; falls back to hashing the
+/// time, pid and a stack address).
+fn random_hex() -> String {
+    let mut b = [0u8; 16];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok();
+    if !ok {
+        let seed = format!(
+            "{:?}{}{:p}",
+            std::time::SystemTime::now(),
+            std::process::id(),
+            &b
+        );
+        b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..16]);
+    }
+    hex::encode(b)
+}

@@ -1,0 +1,182 @@
+//! Errors of the store: each names the thing at fault and says what to do.
+
+use std::path::PathBuf;
+
+use ckpt_chunker::Hash;
+
+/// Result type of this crate.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL names a backend this build does not support (yet).
+    #[error("store URL {url:?}: {reason}")]
+    Unsupported {
+        /// The URL as given.
+        url: String,
+        /// What is unsupported and what to use instead.
+        reason: String,
+    },
+    /// `Store::open` on a directory that does not exist.
+    #[error(
+        "store {path} does not exist: create it first (e.g. `ckpt launch` creates the default store) or check the path / $CKPT_STORE"
+    )]
+    NoSuchStore {
+        /// Directory that was looked for.
+        path: PathBuf,
+    },
+    /// The directory is not a store (no catalog.db and not empty, or not a
+    /// directory at all).
+    #[error("{path} is not a ckpt store (no catalog.db): choose an empty or new directory")]
+    NotAStore {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The catalog was written by a newer ckpt.
+    #[error(
+        "catalog at {path} has schema version {found}, newer than this ckpt supports ({supported}): upgrade ckpt"
+    )]
+    NewerSchema {
+        /// Path of catalog.db.
+        path: PathBuf,
+        /// Version found in the file.
+        found: u32,
+        /// Newest version this build understands.
+        supported: u32,
+    },
+    /// catalog.db exists but is not a usable SQLite catalog.
+    #[error("catalog at {path} is damaged: {reason}; restore it from a backup or rebuild it from the pack files")]
+    BadCatalog {
+        /// Path of catalog.db.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Another process holds the writer lock.
+    #[error(
+        "store {path} is in use by another ckpt process (pid {pid}, from the lock file); wait for it to finish or use another store"
+    )]
+    Locked {
+        /// Store directory.
+        path: PathBuf,
+        /// Pid recorded in the lock file ("unknown" if unreadable).
+        pid: String,
+    },
+    /// `generation(id)` for an id that is not committed.
+    #[error("generation {id} not found in store {path}; it has {existing}; see `ckpt log`")]
+    GenerationNotFound {
+        /// Requested id.
+        id: u64,
+        /// Store directory.
+        path: PathBuf,
+        /// Human-readable list of the existing generation ids.
+        existing: String,
+    },
+    /// A blob the caller asked for is not in the catalog.
+    #[error(
+        "blob {hash} is not in store {path}: the image refers to data the store does not hold; run `ckpt verify`"
+    )]
+    BlobNotFound {
+        /// The blob's address.
+        hash: Hash,
+        /// Store directory.
+        path: PathBuf,
+    },
+    /// The catalog names a pack file that is not on disk.
+    #[error(
+        "pack file {pack} (holding blob {hash}) is missing: the store is damaged; run `ckpt verify` and restore the pack from a copy of the store"
+    )]
+    MissingPack {
+        /// Expected path of the pack file.
+        pack: PathBuf,
+        /// A blob that lives in it.
+        hash: Hash,
+    },
+    /// A blob's bytes are damaged (truncated, fail to decompress, or hash to
+    /// something else).
+    #[error(
+        "blob {hash} in pack file {pack} is corrupt ({reason}); run `ckpt verify` and restore the pack from a copy of the store"
+    )]
+    Corrupt {
+        /// Path of the pack file.
+        pack: PathBuf,
+        /// The blob's address.
+        hash: Hash,
+        /// What check failed.
+        reason: String,
+    },
+    /// Invalid chunk size for a new store.
+    #[error(
+        "chunk size {size} is invalid: it must be a non-zero multiple of 4096 bytes, at most 64 MiB (default {default})"
+    )]
+    InvalidChunkSize {
+        /// The rejected size.
+        size: usize,
+        /// The default.
+        default: usize,
+    },
+    /// A blob or generation the caller built is not acceptable.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// File-system error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the file.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite error.
+    #[error("catalog {path}: {source}")]
+    Sqlite {
+        /// Path of catalog.db.
+        path: PathBuf,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// Error returned by a caller's callback (e.g. the sink of `read_blobs`).
+    #[error("{0}")]
+    Callback(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// Wrap any error produced inside a caller's callback.
+    pub fn callback(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
+        StoreError::Callback(e.into())
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Attach a file-system context to an `io::Result`.
+pub(crate) trait IoCtx<T> {
+    fn ctx(self, f: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoCtx<T> for std::io::Result<T> {
+    fn ctx(self, f: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| StoreError::io(f(), e))
+    }
+}
+
+/// Attach the catalog path to a `rusqlite::Result`.
+pub(crate) trait SqlCtx<T> {
+    fn db(self, path: &std::path::Path) -> Result<T>;
+}
+
+impl<T> SqlCtx<T> for rusqlite::Result<T> {
+    fn db(self, path: &std::path::Path) -> Result<T> {
+        self.map_err(|source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

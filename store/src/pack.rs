@@ -1,0 +1,231 @@
+//! Pack files: the on-disk container of blobs.
+//!
+//! Format (all integers little-endian):
+//!
+//! ```text
+//! "CKPTPK01"                                   8-byte magic
+//! blob*                                        each one zstd frame of the uncompressed blob
+//! trailer:
+//!   entry*   hash [32] | kind u8 | offset u64 | clen u32 | ulen u32     (49 bytes each)
+//!   count    u32                               number of entries
+//!   tlen     u32                               length of the whole trailer (entries + 16)
+//!   "CKPTPKIX"                                 8-byte magic
+//! ```
+//!
+//! A pack describes itself: the catalog's `blobs` rows for it can be rebuilt
+//! from the trailer alone. A pack's name is the BLAKE3 hex of the whole file,
+//! and it lives at `<root>/packs/<first 2 hex>/<name>.pack`. It is written in
+//! `<root>/tmp/`, fsync'd, renamed into place and the directory fsync'd
+//! before any catalog row names it.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ckpt_chunker::Hash;
+
+use crate::BlobKind;
+
+/// Magic at the start of every pack.
+pub const PACK_MAGIC: &[u8; 8] = b"CKPTPK01";
+/// Magic at the very end of every pack (after the trailer).
+pub const INDEX_MAGIC: &[u8; 8] = b"CKPTPKIX";
+/// Size of one trailer entry.
+pub const ENTRY_LEN: usize = 32 + 1 + 8 + 4 + 4;
+/// Size of the fixed tail of the trailer (count, tlen, magic).
+pub const TAIL_LEN: usize = 4 + 4 + 8;
+
+/// One blob as described by a pack's trailer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackEntry {
+    /// Address (BLAKE3 of the uncompressed bytes).
+    pub hash: Hash,
+    /// What the blob is.
+    pub kind: BlobKind,
+    /// Offset of its zstd frame in the pack file.
+    pub offset: u64,
+    /// Compressed length.
+    pub clen: u32,
+    /// Uncompressed length.
+    pub ulen: u32,
+}
+
+/// Path of pack `name` (64 hex digits) under store `root`.
+pub fn pack_path(root: &Path, name: &str) -> PathBuf {
+    root.join("packs")
+        .join(name.get(..2).unwrap_or("xx"))
+        .join(format!("{name}.pack"))
+}
+
+/// Parse the trailer of a whole pack file.
+pub fn parse_index(pack: &[u8]) -> Result<Vec<PackEntry>, String> {
+    if pack.len() < PACK_MAGIC.len() + TAIL_LEN || &pack[..8] != PACK_MAGIC {
+        return Err("not a pack file (bad or missing CKPTPK01 header)".into());
+    }
+    let n = pack.len();
+    if &pack[n - 8..] != INDEX_MAGIC {
+        return Err("pack trailer missing (no CKPTPKIX at the end): file truncated?".into());
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(pack[o..o + 4].try_into().expect("4 bytes"));
+    let count = u32_at(n - 16) as usize;
+    let tlen = u32_at(n - 12) as usize;
+    if tlen != count * ENTRY_LEN + TAIL_LEN || tlen > n - PACK_MAGIC.len() {
+        return Err(format!("inconsistent trailer (count {count}, length {tlen})"));
+    }
+    let data_end = (n - tlen) as u64;
+    let mut out = Vec::with_capacity(count);
+    for e in pack[n - tlen..n - TAIL_LEN].chunks_exact(ENTRY_LEN) {
+        let hash = Hash::from_slice(&e[..32]).expect("32 bytes");
+        let kind = BlobKind::from_u8(e[32]).ok_or_else(|| format!("bad blob kind {}", e[32]))?;
+        let offset = u64::from_le_bytes(e[33..41].try_into().expect("8 bytes"));
+        let clen = u32::from_le_bytes(e[41..45].try_into().expect("4 bytes"));
+        let ulen = u32::from_le_bytes(e[45..49].try_into().expect("4 bytes"));
+        if offset < 8 || offset + clen as u64 > data_end {
+            return Err(format!("entry {hash} points outside the pack's data"));
+        }
+        out.push(PackEntry {
+            hash,
+            kind,
+            offset,
+            clen,
+            ulen,
+        });
+    }
+    Ok(out)
+}
+
+/// A pack that is complete, durable and in its final place.
+#[derive(Debug)]
+pub(crate) struct FinishedPack {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub entries: Vec<PackEntry>,
+}
+
+/// A pack being written in `<root>/tmp/`.
+pub(crate) struct OpenPack {
+    tmp_path: PathBuf,
+    out: BufWriter<File>,
+    hasher: blake3::Hasher,
+    len: u64,
+    pub entries: Vec<PackEntry>,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl OpenPack {
+    /// Start a new pack file in `tmp_dir`.
+    pub fn create(tmp_dir: &Path) -> std::io::Result<OpenPack> {
+        let tmp_path = tmp_dir.join(format!(
+            "{}-{}-{}.pack.tmp",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed),
+            crate::now_ms()
+        ));
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp_path)?;
+        let mut p = OpenPack {
+            tmp_path,
+            out: BufWriter::with_capacity(1 << 20, file),
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            entries: Vec::new(),
+        };
+        p.write(PACK_MAGIC)?;
+        Ok(p)
+    }
+
+    fn write(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(b)?;
+        self.hasher.update(b);
+        self.len += b.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Append one compressed blob.
+    pub fn append(
+        &mut self,
+        kind: BlobKind,
+        hash: Hash,
+        compressed: &[u8],
+        ulen: u32,
+    ) -> std::io::Result<()> {
+        let clen = u32::try_from(compressed.len())
+            .map_err(|_| std::io::Error::other("compressed blob larger than 4 GiB"))?;
+        let offset = self.len;
+        self.write(compressed)?;
+        self.entries.push(PackEntry {
+            hash,
+            kind,
+            offset,
+            clen,
+            ulen,
+        });
+        Ok(())
+    }
+
+    /// Write the trailer, fsync, rename into `<root>/packs/hh/NAME.pack` and
+    /// fsync the directories. On error the temporary file is removed.
+    pub fn finish(mut self, root: &Path) -> std::io::Result<FinishedPack> {
+        let r = self.finish_inner(root);
+        if r.is_err() {
+            let _ = fs::remove_file(&self.tmp_path);
+        }
+        r
+    }
+
+    fn finish_inner(&mut self, root: &Path) -> std::io::Result<FinishedPack> {
+        let mut trailer = Vec::with_capacity(self.entries.len() * ENTRY_LEN + TAIL_LEN);
+        for e in &self.entries {
+            trailer.extend_from_slice(&e.hash.0);
+            trailer.push(e.kind as u8);
+            trailer.extend_from_slice(&e.offset.to_le_bytes());
+            trailer.extend_from_slice(&e.clen.to_le_bytes());
+            trailer.extend_from_slice(&e.ulen.to_le_bytes());
+        }
+        let count = u32::try_from(self.entries.len())
+            .map_err(|_| std::io::Error::other("too many blobs in one pack"))?;
+        let tlen = u32::try_from(trailer.len() + TAIL_LEN)
+            .map_err(|_| std::io::Error::other("pack trailer too large"))?;
+        trailer.extend_from_slice(&count.to_le_bytes());
+        trailer.extend_from_slice(&tlen.to_le_bytes());
+        trailer.extend_from_slice(INDEX_MAGIC);
+        self.write(&trailer)?;
+        self.out.flush()?;
+        self.out.get_ref().sync_all()?;
+        let name = self.hasher.finalize().to_hex().to_string();
+        let path = pack_path(root, &name);
+        let dir = path.parent().expect("pack path has a parent");
+        if !dir.exists() {
+            fs::create_dir_all(dir)?;
+            sync_dir(&root.join("packs"))?;
+        }
+        fs::rename(&self.tmp_path, &path)?;
+        sync_dir(dir)?;
+        Ok(FinishedPack {
+            name,
+            path,
+            size: self.len,
+            entries: std::mem::take(&mut self.entries),
+        })
+    }
+
+    /// Throw the pack away (delete its temporary file).
+    pub fn discard(self) {
+        let _ = fs::remove_file(&self.tmp_path);
+    }
+}
+
+/// fsync a directory so that renames and creations in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
