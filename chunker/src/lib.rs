@@ -233,13 +233,13 @@ pub fn decompress(data: &[u8], expected_len: usize) -> Result<Vec<u8>, ChunkErro
     let out = DECOMPRESSOR.with(|c| {
         let mut slot = c.borrow_mut();
         if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| {
-                ChunkError::Decompress {
+            *slot = Some(
+                zstd::bulk::Decompressor::new().map_err(|e| ChunkError::Decompress {
                     clen: data.len(),
                     expected: expected_len,
                     reason: e.to_string(),
-                }
-            })?);
+                })?,
+            );
         }
         let d = slot.as_mut().expect("decompressor just created");
         d.decompress(data, expected_len)

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS generations(
 /// big-endian), without opening the database: guarantees nothing is written
 /// when the version is refused. An empty file counts as version 0.
 pub(crate) fn header_version(path: &Path) -> Result<u32> {
-    let mut f = std::fs::File::open(path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
     let mut hdr = Vec::with_capacity(100);
     (&mut f)
         .take(100)
@@ -101,7 +102,8 @@ pub(crate) fn open(path: &Path, create: Option<usize>) -> Result<(Connection, us
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .db(path)?;
     check_version(path, v)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).db(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .db(path)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .db(path)?;
@@ -126,12 +128,14 @@ pub(crate) fn open(path: &Path, create: Option<usize>) -> Result<(Connection, us
         }
     }
     let cs: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'chunk_size'", [], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE key = 'chunk_size'", [], |r| {
+            r.get(0)
+        })
         .optional()
         .db(path)?;
     let chunk_size = cs
         .and_then(|s| s.parse::<usize>().ok())
-        .filter(|&c| c > 0 && c % 4096 == 0)
+        .filter(|&c| c > 0 && c.is_multiple_of(4096))
         .ok_or_else(|| StoreError::BadCatalog {
             path: path.to_path_buf(),
             reason: "meta.chunk_size missing or invalid".into(),
@@ -144,7 +148,9 @@ fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>)
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .db(path)?;
     // Re-read under the write lock: another process may have migrated.
-    let mut v: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).db(path)?;
+    let mut v: u32 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .db(path)?;
     check_version(path, v)?;
     if v != from {
         tracing::debug!(from, now = v, "catalog migrated concurrently");
@@ -157,14 +163,17 @@ fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>)
             let mut m = tx
                 .prepare("INSERT OR IGNORE INTO meta(key, value) VALUES (?1, ?2)")
                 .db(path)?;
-            m.execute(params!["chunk_size", chunk_size.to_string()]).db(path)?;
+            m.execute(params!["chunk_size", chunk_size.to_string()])
+                .db(path)?;
             m.execute(params!["store_id", random_hex()]).db(path)?;
-            m.execute(params!["created", crate::now_ms().to_string()]).db(path)?;
+            m.execute(params!["created", crate::now_ms().to_string()])
+                .db(path)?;
             m.execute(params!["last_generation_id", "0"]).db(path)?;
         }
         v += 1;
     }
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION).db(path)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .db(path)?;
     tx.commit().db(path)?;
     Ok(())
 }

@@ -46,7 +46,9 @@ pub enum StoreError {
         supported: u32,
     },
     /// catalog.db exists but is not a usable SQLite catalog.
-    #[error("catalog at {path} is damaged: {reason}; restore it from a backup or rebuild it from the pack files")]
+    #[error(
+        "catalog at {path} is damaged: {reason}; restore it from a backup or rebuild it from the pack files"
+    )]
     BadCatalog {
         /// Path of catalog.db.
         path: PathBuf,

@@ -39,8 +39,8 @@ use rayon::prelude::*;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
-pub use ckpt_chunker::Hash;
 pub use catalog::SCHEMA_VERSION;
+pub use ckpt_chunker::Hash;
 pub use error::{Result, StoreError};
 
 use error::{IoCtx, SqlCtx};
@@ -261,7 +261,7 @@ impl Store {
     /// [`DEFAULT_CHUNK_SIZE`]) applies to a new store only: an existing store
     /// keeps its own (see [`Store::chunk_size`]).
     pub fn open_or_create(url: &str, chunk_size: usize) -> Result<Store> {
-        if chunk_size == 0 || chunk_size % 4096 != 0 || chunk_size > MAX_CHUNK_SIZE {
+        if chunk_size == 0 || !chunk_size.is_multiple_of(4096) || chunk_size > MAX_CHUNK_SIZE {
             return Err(StoreError::InvalidChunkSize {
                 size: chunk_size,
                 default: DEFAULT_CHUNK_SIZE,
@@ -269,10 +269,9 @@ impl Store {
         }
         let root = parse_url(url)?;
         if !root.exists() {
-            fs::create_dir_all(&root).ctx(|| format!("create store directory {}", root.display()))?;
-        } else if !root.is_dir()
-            || (!root.join("catalog.db").exists() && !dir_is_empty(&root)?)
-        {
+            fs::create_dir_all(&root)
+                .ctx(|| format!("create store directory {}", root.display()))?;
+        } else if !root.is_dir() || (!root.join("catalog.db").exists() && !dir_is_empty(&root)?) {
             return Err(StoreError::NotAStore { path: root });
         }
         let store = Self::finish_open(root, Some(chunk_size))?;
@@ -334,9 +333,7 @@ impl Store {
         let mut st = conn
             .prepare_cached(&format!("{GEN_SELECT} ORDER BY id"))
             .db(&self.inner.catalog_path)?;
-        let rows = st
-            .query_map([], row_to_gen)
-            .db(&self.inner.catalog_path)?;
+        let rows = st.query_map([], row_to_gen).db(&self.inner.catalog_path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .db(&self.inner.catalog_path)
     }
@@ -524,9 +521,11 @@ impl Store {
         let conn = self.inner.conn();
         let p = &self.inner.catalog_path;
         let (packs, pack_bytes): (i64, i64) = conn
-            .query_row("SELECT count(*), coalesce(sum(size),0) FROM packs", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT count(*), coalesce(sum(size),0) FROM packs",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .db(p)?;
         let (blobs, stored, logical): (i64, i64, i64) = conn
             .query_row(
@@ -667,7 +666,11 @@ impl Writer {
                 let pid = s.trim();
                 return Err(StoreError::Locked {
                     path: inner.root.clone(),
-                    pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
+                    pid: if pid.is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid.into()
+                    },
                 });
             }
             Err((_, e)) => {
@@ -725,7 +728,12 @@ impl Writer {
     /// Whether blob `h` is in the store or was put since the last commit
     /// (true for [`Hash::ZERO_CHUNK`]). Answered from memory.
     pub fn known(&self, h: &Hash) -> bool {
-        h.is_zero_chunk() || self.known.read().unwrap_or_else(|e| e.into_inner()).contains(h)
+        h.is_zero_chunk()
+            || self
+                .known
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(h)
     }
 
     /// Store blob `data` whose BLAKE3 is `h` (the caller computed it).
@@ -739,7 +747,10 @@ impl Writer {
         }
         debug_assert_eq!(h, Hash::of(data), "put: hash does not match data");
         let ulen = u32::try_from(data.len()).map_err(|_| {
-            StoreError::Invalid(format!("blob {h} is {} bytes; the limit is 4 GiB", data.len()))
+            StoreError::Invalid(format!(
+                "blob {h} is {} bytes; the limit is 4 GiB",
+                data.len()
+            ))
         })?;
         let compressed = ckpt_chunker::compress(data, self.opts.level);
         let mut p = lock(&self.pending);
@@ -749,7 +760,8 @@ impl Writer {
         let tmp = self.inner.root.join("tmp");
         if p.open.is_none() {
             p.open = Some(
-                OpenPack::create(&tmp).ctx(|| format!("create a pack file in {}", tmp.display()))?,
+                OpenPack::create(&tmp)
+                    .ctx(|| format!("create a pack file in {}", tmp.display()))?,
             );
         }
         let open = p.open.as_mut().expect("open pack");
@@ -761,7 +773,10 @@ impl Writer {
             ));
         }
         let full = open.len() >= self.opts.pack_target;
-        self.known.write().unwrap_or_else(|e| e.into_inner()).insert(h);
+        self.known
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(h);
         p.hashes.push(h);
         p.new_bytes += ulen as u64;
         p.stored_bytes += compressed.len() as u64;
@@ -822,7 +837,10 @@ impl Writer {
                 }
                 p.hashes.retain(|h| !lost.contains(h));
                 Err(StoreError::io(
-                    format!("finish a pack file in {}", self.inner.root.join("packs").display()),
+                    format!(
+                        "finish a pack file in {}",
+                        self.inner.root.join("packs").display()
+                    ),
                     e,
                 ))
             }
@@ -988,10 +1006,16 @@ impl Drop for Writer {
 
 fn next_generation_id(conn: &Connection, p: &Path) -> Result<u64> {
     let max: i64 = conn
-        .query_row("SELECT coalesce(max(id), 0) FROM generations", [], |r| r.get(0))
+        .query_row("SELECT coalesce(max(id), 0) FROM generations", [], |r| {
+            r.get(0)
+        })
         .db(p)?;
     let last: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'last_generation_id'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'last_generation_id'",
+            [],
+            |r| r.get(0),
+        )
         .optional()
         .db(p)?;
     let last = last.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);

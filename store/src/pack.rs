@@ -71,7 +71,9 @@ pub fn parse_index(pack: &[u8]) -> Result<Vec<PackEntry>, String> {
     let count = u32_at(n - 16) as usize;
     let tlen = u32_at(n - 12) as usize;
     if tlen != count * ENTRY_LEN + TAIL_LEN || tlen > n - PACK_MAGIC.len() {
-        return Err(format!("inconsistent trailer (count {count}, length {tlen})"));
+        return Err(format!(
+            "inconsistent trailer (count {count}, length {tlen})"
+        ));
     }
     let data_end = (n - tlen) as u64;
     let mut out = Vec::with_capacity(count);

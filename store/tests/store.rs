@@ -1,0 +1,596 @@
+//! Store tests on real files in temporary directories.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use ckpt_store::pack::{self, PackEntry};
+use ckpt_store::{
+    BlobKind, DEFAULT_CHUNK_SIZE, Hash, NewGeneration, Store, StoreError, WriterOptions,
+};
+use rayon::prelude::*;
+
+/// Deterministic pseudo-random blob `i` of `len` bytes (compressible-ish).
+fn blob(i: u64, len: usize) -> Vec<u8> {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|k| {
+            if k % 4 == 0 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+            }
+            (x >> ((k % 4) * 8)) as u8 & 0x3f
+        })
+        .collect()
+}
+
+fn gen_for(manifest: Hash, parent: Option<u64>) -> NewGeneration {
+    NewGeneration {
+        parent,
+        created_ms: 1_700_000_000_000,
+        duration_ms: 12,
+        nprocs: 2,
+        logical_bytes: 1 << 20,
+        dirty_tracking: "scan".into(),
+        manifest,
+        info: serde_json::json!({"hosts": ["a"]}),
+    }
+}
+
+fn small_packs() -> WriterOptions {
+    WriterOptions {
+        pack_target: 64 * 1024,
+        ..Default::default()
+    }
+}
+
+fn url(p: &Path) -> String {
+    format!("file://{}", p.display())
+}
+
+fn pack_files(root: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for d in std::fs::read_dir(root.join("packs")).unwrap().flatten() {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            v.push(f.path());
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn round_trip_many_blobs_across_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(&url(dir.path()), DEFAULT_CHUNK_SIZE).unwrap();
+    assert_eq!(store.chunk_size(), DEFAULT_CHUNK_SIZE);
+    assert!(store.latest().unwrap().is_none());
+    let w = store.writer_with(small_packs()).unwrap();
+    assert_eq!(w.next_generation_id(), 1);
+
+    let blobs: Vec<(Hash, Vec<u8>)> = (0..300)
+        .map(|i| {
+            let b = blob(i, DEFAULT_CHUNK_SIZE);
+            (Hash::of(&b), b)
+        })
+        .collect();
+    // put from many threads at once
+    let newly: usize = blobs
+        .par_iter()
+        .map(|(h, b)| w.put(BlobKind::Chunk, *h, b).unwrap() as usize)
+        .sum();
+    assert_eq!(newly, 300);
+    assert!(blobs.iter().all(|(h, _)| w.known(h)));
+    let m = w.put_meta(b"manifest one").unwrap();
+    let (new, stored) = w.pending_stats();
+    assert_eq!(new, 300 * DEFAULT_CHUNK_SIZE as u64 + 12);
+    assert!(stored > 0 && stored < new);
+    // not visible before commit
+    assert!(!store.contains(&blobs[0].0).unwrap());
+    let g = w.commit(gen_for(m, None)).unwrap();
+    assert_eq!(g.id, 1);
+    assert_eq!(g.new_bytes, new);
+    assert_eq!(g.stored_bytes, stored);
+    assert_eq!(w.pending_stats(), (0, 0));
+    assert!(pack_files(dir.path()).len() > 3, "several packs expected");
+    assert!(
+        std::fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+
+    // every pack describes itself and is named by its BLAKE3
+    let mut from_trailers: Vec<PackEntry> = Vec::new();
+    for p in pack_files(dir.path()) {
+        let bytes = std::fs::read(&p).unwrap();
+        let name = blake3::hash(&bytes).to_hex().to_string();
+        assert_eq!(
+            p.file_name().unwrap().to_str().unwrap(),
+            format!("{name}.pack")
+        );
+        from_trailers.extend(pack::parse_index(&bytes).unwrap());
+    }
+    assert_eq!(from_trailers.len(), 301);
+
+    for (h, b) in &blobs {
+        assert!(store.contains(h).unwrap());
+        assert_eq!(&store.read_blob(h).unwrap(), b);
+    }
+    assert_eq!(store.read_blob(&m).unwrap(), b"manifest one");
+
+    // bulk read, with duplicates and the zero chunk
+    let mut want: Vec<Hash> = blobs.iter().map(|(h, _)| *h).collect();
+    want.extend(blobs.iter().take(10).map(|(h, _)| *h));
+    want.push(Hash::ZERO_CHUNK);
+    let got = Mutex::new(HashMap::new());
+    store
+        .read_blobs(&want, |h, d| {
+            assert!(got.lock().unwrap().insert(*h, d.to_vec()).is_none());
+            Ok(())
+        })
+        .unwrap();
+    let got = got.into_inner().unwrap();
+    assert_eq!(got.len(), 301);
+    assert_eq!(got[&Hash::ZERO_CHUNK], vec![0u8; DEFAULT_CHUNK_SIZE]);
+    for (h, b) in &blobs {
+        assert_eq!(&got[h], b);
+    }
+
+    let st = store.stats().unwrap();
+    assert_eq!(st.blobs, 301);
+    assert_eq!(st.generations, 1);
+    assert_eq!(st.packs as usize, pack_files(dir.path()).len());
+    assert_eq!(st.stored_bytes, stored);
+    assert_eq!(st.logical_bytes, new);
+
+    // a sink error stops the read and is passed through
+    let e = store
+        .read_blobs(&want, |_, _| Err(StoreError::callback("disk full")))
+        .unwrap_err();
+    assert_eq!(e.to_string(), "disk full");
+    // unknown blob
+    let e = store.read_blob(&Hash::of(b"nope")).unwrap_err();
+    assert!(matches!(e, StoreError::BlobNotFound { .. }), "{e}");
+    assert!(matches!(
+        store.read_blobs(&[Hash::of(b"nope")], |_, _| Ok(())),
+        Err(StoreError::BlobNotFound { .. })
+    ));
+
+    // reopen from a plain path: everything still there
+    drop(w);
+    let again = Store::open(dir.path().to_str().unwrap()).unwrap();
+    assert_eq!(again.generations().unwrap(), vec![g]);
+    assert_eq!(again.read_blob(&blobs[7].0).unwrap(), blobs[7].1);
+}
+
+#[test]
+fn dedup_and_zero_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(&url(dir.path()), 4096).unwrap();
+    let w = store.writer().unwrap();
+    let b = blob(1, 4096);
+    let h = Hash::of(&b);
+    assert!(w.put(BlobKind::Chunk, h, &b).unwrap());
+    assert!(!w.put(BlobKind::Chunk, h, &b).unwrap());
+    let zeros = vec![0u8; 4096];
+    assert!(!w.put(BlobKind::Chunk, Hash::ZERO_CHUNK, &zeros).unwrap());
+    assert!(w.known(&Hash::ZERO_CHUNK));
+    let m = w.put_meta(b"m1").unwrap();
+    let g1 = w.commit(gen_for(m, None)).unwrap();
+    assert_eq!(g1.new_bytes, 4096 + 2);
+    assert_eq!(store.stats().unwrap().blobs, 2);
+    assert_eq!(store.read_blob(&Hash::ZERO_CHUNK).unwrap(), zeros);
+    assert!(store.contains(&Hash::ZERO_CHUNK).unwrap());
+
+    // second generation: everything known, nothing new
+    assert!(!w.put(BlobKind::Chunk, h, &b).unwrap());
+    assert!(!w.put(BlobKind::Meta, m, b"m1").unwrap());
+    let packs_before = pack_files(dir.path()).len();
+    let g2 = w.commit(gen_for(m, Some(1))).unwrap();
+    assert_eq!((g2.id, g2.new_bytes, g2.stored_bytes), (2, 0, 0));
+    assert_eq!(
+        pack_files(dir.path()).len(),
+        packs_before,
+        "empty commit writes no pack"
+    );
+    drop(w);
+
+    // a new writer knows the committed blobs
+    let w = store.writer().unwrap();
+    assert!(w.known(&h));
+    assert!(!w.put(BlobKind::Chunk, h, &b).unwrap());
+    assert_eq!(w.next_generation_id(), 3);
+}
+
+#[test]
+fn commit_abort_and_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path().to_str().unwrap(), DEFAULT_CHUNK_SIZE).unwrap();
+    let w = store.writer_with(small_packs()).unwrap();
+
+    // a manifest that was never put is refused
+    let e = w.commit(gen_for(Hash::of(b"ghost"), None)).unwrap_err();
+    assert!(matches!(e, StoreError::Invalid(_)), "{e}");
+
+    let mut committed = Vec::new();
+    for gi in 0..3u64 {
+        let hs: Vec<Hash> = (0..20)
+            .map(|i| {
+                let b = blob(gi * 1000 + i, 8192);
+                let h = Hash::of(&b);
+                w.put(BlobKind::Chunk, h, &b).unwrap();
+                h
+            })
+            .collect();
+        let m = w.put_meta(format!("manifest {gi}").as_bytes()).unwrap();
+        let parent = committed
+            .last()
+            .map(|(g, _): &(ckpt_store::GenerationInfo, _)| g.id);
+        let g = w.commit(gen_for(m, parent)).unwrap();
+        committed.push((g, hs));
+    }
+
+    // abort: blobs forgotten, packs deleted, nothing visible
+    let packs_before = pack_files(dir.path());
+    let aborted: Vec<(Hash, Vec<u8>)> = (0..40)
+        .map(|i| {
+            let b = blob(50_000 + i, 8192);
+            (Hash::of(&b), b)
+        })
+        .collect();
+    for (h, b) in &aborted {
+        assert!(w.put(BlobKind::Chunk, *h, b).unwrap());
+    }
+    assert!(
+        pack_files(dir.path()).len() > packs_before.len(),
+        "some packs rolled"
+    );
+    w.abort();
+    assert_eq!(pack_files(dir.path()), packs_before);
+    assert!(
+        std::fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    assert_eq!(w.pending_stats(), (0, 0));
+    for (h, _) in &aborted {
+        assert!(!w.known(h));
+        assert!(!store.contains(h).unwrap());
+    }
+    assert_eq!(w.next_generation_id(), 4);
+    // put again after abort: stored for real this time
+    assert!(w.put(BlobKind::Chunk, aborted[0].0, &aborted[0].1).unwrap());
+
+    // bad parent is refused, and the pending blobs stay pending
+    let m = w.put_meta(b"m4").unwrap();
+    let e = w.commit(gen_for(m, Some(99))).unwrap_err();
+    assert!(e.to_string().contains("99"), "{e}");
+    assert!(!store.contains(&aborted[0].0).unwrap());
+    let g4 = w.commit(gen_for(m, Some(3))).unwrap();
+    assert_eq!(g4.id, 4);
+    assert_eq!(store.read_blob(&aborted[0].0).unwrap(), aborted[0].1);
+
+    let gens = store.generations().unwrap();
+    assert_eq!(
+        gens.iter().map(|g| g.id).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    for (g, hs) in &committed {
+        assert_eq!(&store.generation(g.id).unwrap(), g);
+        assert_eq!(
+            store.read_blob(&g.manifest).unwrap(),
+            format!("manifest {}", g.id - 1).as_bytes()
+        );
+        for h in hs {
+            assert!(store.contains(h).unwrap());
+        }
+    }
+    assert_eq!(gens[1].parent, Some(1));
+    assert_eq!(gens[0].info, serde_json::json!({"hosts": ["a"]}));
+    assert_eq!(store.latest().unwrap().unwrap().id, 4);
+    let e = store.generation(7).unwrap_err();
+    assert!(matches!(e, StoreError::GenerationNotFound { .. }));
+    assert!(e.to_string().contains("generations 1-4"), "{e}");
+    // GenerationInfo serializes with the manifest as hex
+    let j = serde_json::to_value(&gens[0]).unwrap();
+    assert_eq!(j["manifest"], gens[0].manifest.to_string());
+}
+
+/// Commit blobs, return the store, their hashes, contents, and each blob's
+/// pack entry.
+fn committed_store(dir: &Path) -> (Store, Vec<(Hash, Vec<u8>)>) {
+    let store = Store::open_or_create(&url(dir), DEFAULT_CHUNK_SIZE).unwrap();
+    let w = store.writer().unwrap();
+    let blobs: Vec<(Hash, Vec<u8>)> = (0..8)
+        .map(|i| {
+            let b = blob(i, DEFAULT_CHUNK_SIZE);
+            (Hash::of(&b), b)
+        })
+        .collect();
+    for (h, b) in &blobs {
+        w.put(BlobKind::Chunk, *h, b).unwrap();
+    }
+    let m = w.put_meta(b"m").unwrap();
+    w.commit(gen_for(m, None)).unwrap();
+    (store, blobs)
+}
+
+fn only_pack(dir: &Path) -> (PathBuf, Vec<PackEntry>) {
+    let packs = pack_files(dir);
+    assert_eq!(packs.len(), 1);
+    let entries = pack::parse_index(&std::fs::read(&packs[0]).unwrap()).unwrap();
+    (packs[0].clone(), entries)
+}
+
+#[test]
+fn truncated_pack_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, blobs) = committed_store(dir.path());
+    let (path, entries) = only_pack(dir.path());
+    let last = entries.iter().find(|e| e.hash == blobs[7].0).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(last.offset + last.clen as u64 / 2).unwrap();
+    drop(f);
+
+    for e in [
+        store.read_blob(&blobs[7].0).unwrap_err(),
+        store
+            .read_blobs(&[blobs[0].0, blobs[7].0], |_, _| Ok(()))
+            .unwrap_err(),
+    ] {
+        match &e {
+            StoreError::Corrupt { pack, hash, reason } => {
+                assert_eq!(pack, &path);
+                assert_eq!(*hash, blobs[7].0);
+                assert!(reason.contains("truncated"), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&blobs[7].0.to_string()) && msg.contains("ckpt verify"),
+            "{msg}"
+        );
+    }
+    // blobs before the cut still read fine
+    assert_eq!(store.read_blob(&blobs[0].0).unwrap(), blobs[0].1);
+}
+
+#[test]
+fn bit_flipped_pack_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, blobs) = committed_store(dir.path());
+    let (path, entries) = only_pack(dir.path());
+    let target = entries.iter().find(|e| e.hash == blobs[3].0).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(target.offset + target.clen as u64 / 2) as usize] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let e = store.read_blob(&blobs[3].0).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Corrupt { hash, pack, .. } if *hash == blobs[3].0 && *pack == path),
+        "{e:?}"
+    );
+    let e = store
+        .read_blobs(
+            &blobs.iter().map(|b| b.0).collect::<Vec<_>>(),
+            |_, _| Ok(()),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Corrupt { hash, .. } if *hash == blobs[3].0),
+        "{e:?}"
+    );
+    assert_eq!(store.read_blob(&blobs[2].0).unwrap(), blobs[2].1);
+
+    // a missing pack is named too
+    std::fs::remove_file(&path).unwrap();
+    let e = store.read_blob(&blobs[0].0).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::MissingPack { pack, .. } if *pack == path),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("ckpt verify"));
+    assert!(matches!(
+        store.read_blobs(&[blobs[1].0], |_, _| Ok(())),
+        Err(StoreError::MissingPack { .. })
+    ));
+}
+
+#[test]
+fn newer_schema_refused_without_modification() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_s, _) = committed_store(dir.path());
+    }
+    let db = dir.path().join("catalog.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let listing = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = std::fs::read(&db).unwrap();
+    let files_before = listing(dir.path());
+    for r in [
+        Store::open(&url(dir.path())),
+        Store::open_or_create(&url(dir.path()), DEFAULT_CHUNK_SIZE),
+    ] {
+        let e = r.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::NewerSchema {
+                    found: 99,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("schema version 99") && msg.contains("upgrade ckpt"),
+            "{msg}"
+        );
+    }
+    assert_eq!(std::fs::read(&db).unwrap(), before);
+    assert_eq!(listing(dir.path()), files_before);
+}
+
+#[test]
+fn not_a_store_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("thesis.tex"), "precious").unwrap();
+    for r in [
+        Store::open_or_create(&url(dir.path()), DEFAULT_CHUNK_SIZE),
+        Store::open(&url(dir.path())),
+    ] {
+        let e = r.unwrap_err();
+        assert!(matches!(e, StoreError::NotAStore { .. }), "{e:?}");
+        assert!(e.to_string().contains("not a ckpt store (no catalog.db)"));
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+    // missing directory: open refuses, open_or_create creates
+    let sub = dir.path().join("new/store");
+    assert!(matches!(
+        Store::open(&url(&sub)),
+        Err(StoreError::NoSuchStore { .. })
+    ));
+    assert!(!sub.exists());
+    assert!(matches!(
+        Store::open_or_create(&url(&sub), 1000),
+        Err(StoreError::InvalidChunkSize { .. })
+    ));
+    let s = Store::open_or_create(&url(&sub), 8192).unwrap();
+    assert_eq!(s.chunk_size(), 8192);
+    assert!(sub.join("catalog.db").is_file());
+    drop(s);
+    // an existing store keeps its chunk size
+    assert_eq!(
+        Store::open_or_create(&url(&sub), 4096)
+            .unwrap()
+            .chunk_size(),
+        8192
+    );
+    assert_eq!(Store::open(&url(&sub)).unwrap().chunk_size(), 8192);
+
+    let e = Store::open("s3://bucket/prefix").unwrap_err();
+    assert!(matches!(e, StoreError::Unsupported { .. }));
+}
+
+#[test]
+fn second_writer_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(&url(dir.path()), DEFAULT_CHUNK_SIZE).unwrap();
+    let w = store.writer().unwrap();
+    let other = Store::open(&url(dir.path())).unwrap();
+    let e = other.writer().unwrap_err();
+    assert!(matches!(e, StoreError::Locked { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("pid {}", std::process::id()))
+            && msg.contains("in use by another ckpt process"),
+        "{msg}"
+    );
+    // reading is fine while locked
+    assert!(other.generations().unwrap().is_empty());
+    drop(w);
+    other.writer().unwrap();
+}
+
+const CHILD_ENV: &str = "CKPT_STORE_TEST_CRASH_CHILD";
+
+/// Not a test on its own: the body of the child process of
+/// `killed_writer_leaves_earlier_generations_intact`.
+#[test]
+fn crash_child_helper() {
+    let Ok(root) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let store = Store::open(&root).unwrap();
+    let w = store.writer_with(small_packs()).unwrap();
+    let mut i = 1_000_000u64;
+    loop {
+        let b = blob(i, DEFAULT_CHUNK_SIZE);
+        w.put(BlobKind::Chunk, Hash::of(&b), &b).unwrap();
+        if i == 1_000_050 {
+            println!("PUTTING");
+        }
+        i += 1;
+    }
+}
+
+#[test]
+fn killed_writer_leaves_earlier_generations_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, blobs) = committed_store(dir.path());
+    let gens = store.generations().unwrap();
+    let stats = store.stats().unwrap();
+    let packs_before = pack_files(dir.path());
+    drop(store);
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash_child_helper",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let l = lines.next().expect("child exited early").unwrap();
+        if l.contains("PUTTING") {
+            break;
+        }
+    }
+    // the child is writing packs: it holds the lock
+    let store = Store::open(&url(dir.path())).unwrap();
+    assert!(matches!(store.writer(), Err(StoreError::Locked { .. })));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        pack_files(dir.path()).len() > packs_before.len(),
+        "child rolled packs (orphans now)"
+    );
+
+    let store = Store::open(&url(dir.path())).unwrap();
+    assert_eq!(store.generations().unwrap(), gens);
+    assert_eq!(store.stats().unwrap(), stats);
+    for (h, b) in &blobs {
+        assert_eq!(&store.read_blob(h).unwrap(), b);
+    }
+    // the lock died with the child; stale temporary files are cleaned up
+    let w = store.writer().unwrap();
+    assert!(
+        std::fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    assert!(!w.known(&Hash::of(&blob(1_000_000, DEFAULT_CHUNK_SIZE))));
+    let b = blob(1_000_000, DEFAULT_CHUNK_SIZE);
+    assert!(w.put(BlobKind::Chunk, Hash::of(&b), &b).unwrap());
+    let m = w.put_meta(b"after crash").unwrap();
+    assert_eq!(w.commit(gen_for(m, Some(1))).unwrap().id, 2);
+    assert_eq!(store.read_blob(&Hash::of(&b)).unwrap(), b);
+}
