@@ -1,0 +1,996 @@
+//! The end-to-end harness: runs the `ckpt` CLI and the test programs.
+//!
+//! * [`Session`]: one temp dir, one store (`file://<dir>/store`), one
+//!   coordinator (`unix:<dir>/coord.sock`); its `Drop` quits the coordinator
+//!   and kills whatever the test started that still runs.
+//! * [`Proc`]: a running program (launched, or restored by `ckpt restart`)
+//!   whose stdout lines are read by a thread into a channel. Every line is
+//!   checked: `FAIL ...` panics at once (with the output and stderr), and
+//!   `TICK n` numbers must follow each other without gaps.
+//! * No sleeps as synchronisation: tests wait for output lines, exit
+//!   statuses or /proc entries, each with a deadline.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+pub const SIGKILL: i32 = 9;
+
+/// Timeout for one ckpt command (checkpoint of a 256 MiB program included).
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(90);
+/// Timeout for a program to print its next line in normal operation.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout for a restored program to print its first tick.
+pub const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------- locating
+
+/// The `ckpt` binary: `$CKPT_BIN`, else beside the test executable's
+/// profile dir (`target/<profile>/ckpt`), else the workspace's
+/// `target/release/ckpt` or `target/debug/ckpt`.
+pub fn ckpt_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CKPT_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        // target/<profile>/deps/<test>-<hash>
+        if let Some(profile_dir) = exe.parent().and_then(|d| d.parent()) {
+            candidates.push(profile_dir.join("ckpt"));
+        }
+    }
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ws.join("target"));
+    candidates.push(target.join("release/ckpt"));
+    candidates.push(target.join("debug/ckpt"));
+    candidates.push(ws.join("target/release/ckpt"));
+    candidates.push(ws.join("target/debug/ckpt"));
+    for c in &candidates {
+        if c.is_file() && c.with_file_name("libckpt_preload.so").is_file() {
+            return c.clone();
+        }
+    }
+    for c in &candidates {
+        if c.is_file() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "cannot find the ckpt binary (looked at {candidates:?}); build it with \
+         `cargo build --release --workspace` or set CKPT_BIN"
+    );
+}
+
+/// A built C test program (`name` or `name-nopie`).
+pub fn program(name: &str) -> PathBuf {
+    let p = Path::new(ckpt_tests::PROGRAMS_DIR).join(name);
+    assert!(p.is_file(), "test program {} was not built", p.display());
+    p
+}
+
+/// A source-tree program (the Python ones).
+pub fn source(name: &str) -> PathBuf {
+    Path::new(ckpt_tests::SOURCES_DIR).join(name)
+}
+
+/// The real python3 executable (not a pyenv shim script).
+pub fn python3() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 is not installed");
+    assert!(out.status.success(), "python3 -c failed");
+    let p = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    std::fs::canonicalize(&p).unwrap_or(p)
+}
+
+// ---------------------------------------------------------------- processes
+
+pub fn pid_alive(pid: i32) -> bool {
+    // A zombie is not alive: its memory and threads are gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+            state != Some("Z") && state != Some("X")
+        }
+        Err(_) => false,
+    }
+}
+
+pub fn pid_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn sigkill(pid: i32) {
+    unsafe {
+        kill(pid, SIGKILL);
+    }
+}
+
+/// Waits until `pid` no longer exists (reaped), panicking after `timeout`.
+pub fn wait_gone(pid: i32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while pid_exists(pid) {
+        if Instant::now() > deadline {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            panic!("process {pid} still exists {timeout:?} after SIGKILL: {stat}");
+        }
+        std::thread::sleep(Duration::from_millis(10)); // polling, not synchronisation
+    }
+}
+
+/// Pids of live processes whose executable is `exe`.
+pub fn pids_running(exe: &Path) -> Vec<i32> {
+    let exe = std::fs::canonicalize(exe).unwrap_or(exe.to_path_buf());
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(p) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+            if p == exe && pid_alive(pid) {
+                v.push(pid);
+            }
+        }
+    }
+    v
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs a command to completion with a timeout (killing it on timeout).
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+    let desc = format!("{cmd:?}");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {desc}: {e}"));
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t1 = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = so.read_to_end(&mut b);
+        b
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = se.read_to_end(&mut b);
+        b
+    });
+    let status = match wait_child(&mut child, timeout) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{desc} did not finish within {timeout:?}");
+        }
+    };
+    Output { status, stdout: t1.join().unwrap(), stderr: t2.join().unwrap() }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+// ---------------------------------------------------------------- session
+
+static SESSION_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+pub struct Session {
+    pub name: String,
+    pub dir: PathBuf,
+    pub store_dir: PathBuf,
+    pub store: String,
+    pub coord: String,
+    pub ckpt: PathBuf,
+    /// Program pids this session started (killed on drop if still alive).
+    pids: Mutex<Vec<i32>>,
+}
+
+impl Session {
+    pub fn new(name: &str) -> Session {
+        let n = SESSION_SEQ.fetch_add(1, Ordering::SeqCst);
+        let base = std::env::var_os("CKPT_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp/ckpt-tests"));
+        let dir = base.join(format!("{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store_dir = dir.join("store");
+        let sock = dir.join("coord.sock");
+        assert!(sock.as_os_str().len() < 100, "socket path too long: {}", sock.display());
+        Session {
+            name: name.to_string(),
+            store: format!("file://{}", store_dir.display()),
+            coord: format!("unix:{}", sock.display()),
+            dir,
+            store_dir,
+            ckpt: ckpt_bin(),
+            pids: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// The stop file passed to programs with `-s`.
+    pub fn stop_file(&self) -> PathBuf {
+        self.dir.join("STOP")
+    }
+
+    /// Asks the program to print DONE once its tick counter reaches `tick`.
+    pub fn stop_at(&self, tick: u64) {
+        let tmp = self.dir.join("STOP.tmp");
+        std::fs::write(&tmp, format!("{tick}\n")).unwrap();
+        std::fs::rename(&tmp, self.stop_file()).unwrap();
+    }
+
+    /// A `ckpt SUB` command with this session's store and coordinator (as
+    /// options when the contract lists them for SUB, and in the environment).
+    pub fn cmd(&self, sub: &str) -> Command {
+        let mut c = Command::new(&self.ckpt);
+        c.arg(sub);
+        match sub {
+            "launch" | "restart" => {
+                c.args(["--store", &self.store, "--coord", &self.coord]);
+            }
+            "checkpoint" | "status" | "kill" | "quit" => {
+                c.args(["--coord", &self.coord]);
+            }
+            "log" => {
+                c.args(["--store", &self.store]);
+            }
+            _ => {}
+        }
+        c.env("CKPT_STORE", &self.store)
+            .env("CKPT_COORD", &self.coord)
+            .current_dir(&self.dir);
+        c
+    }
+
+    /// Runs `ckpt SUB ARGS...` to completion.
+    pub fn run(&self, sub: &str, args: &[&str]) -> Output {
+        let mut c = self.cmd(sub);
+        c.args(args);
+        run_with_timeout(c, CMD_TIMEOUT)
+    }
+
+    pub fn track(&self, pid: i32) {
+        self.pids.lock().unwrap().push(pid);
+    }
+
+    /// `ckpt launch -- PROG ARGS...`; waits for the program's `PID` line.
+    pub fn launch(&self, prog: &Path, args: &[&str]) -> Proc {
+        self.launch_env(prog, args, &[])
+    }
+
+    pub fn launch_env(&self, prog: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut c = self.cmd("launch");
+        c.arg("--").arg(prog).args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let what = format!("launch {} {}", prog.display(), args.join(" "));
+        let mut p = Proc::spawn(what, c);
+        self.track(p.child_pid());
+        let line = p.wait_prefix("PID ", LINE_TIMEOUT);
+        let pid: i32 = line[4..].trim().parse().unwrap();
+        assert_eq!(
+            pid,
+            p.child_pid(),
+            "the launched program's pid is not the pid of `ckpt launch` (contract: launch execs)"
+        );
+        p.pid = pid;
+        p
+    }
+
+    /// `ckpt checkpoint`: the committed generation, panicking on failure.
+    pub fn checkpoint(&self) -> u64 {
+        let out = self.run("checkpoint", &[]);
+        assert!(
+            out.status.success(),
+            "ckpt checkpoint failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let s = text(&out.stdout);
+        s.trim().lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| {
+            panic!("ckpt checkpoint printed no generation number: {s:?} (stderr {})", text(&out.stderr))
+        })
+    }
+
+    pub fn try_checkpoint(&self) -> Output {
+        self.run("checkpoint", &[])
+    }
+
+    /// Checkpoints while `p` runs and records which ticks a restart of the
+    /// generation may continue from: the first tick printed by a restored
+    /// process must be in `lo..=hi`.
+    pub fn checkpoint_bounded(&self, p: &mut Proc) -> Gen {
+        p.drain();
+        let lo = p.last_tick.expect("checkpoint before the first tick") + 1;
+        let generation = self.checkpoint();
+        p.wait_ticks(2, LINE_TIMEOUT);
+        let hi = p.last_tick.unwrap() + 1;
+        eprintln!("[{}] generation {generation}: restart continues at tick {lo}..={hi}", self.name);
+        Gen { id: generation, lo, hi }
+    }
+
+    /// `ckpt restart [GEN]` in the background; the restored program is `pid`.
+    pub fn restart(&self, generation: Option<u64>, pid: i32) -> Proc {
+        let mut c = self.cmd("restart");
+        if let Some(g) = generation {
+            c.arg(g.to_string());
+        }
+        let mut p = Proc::spawn(format!("restart {generation:?}"), c);
+        p.pid = pid;
+        self.track(pid);
+        p
+    }
+
+    /// Restarts `g` and checks that the program continues where the
+    /// generation left it (first tick within the generation's bounds).
+    pub fn restart_expect(&self, g: &Gen, pid: i32, latest: bool) -> Proc {
+        let mut p = self.restart(if latest { None } else { Some(g.id) }, pid);
+        let t = p.wait_ticks(1, RESTART_TIMEOUT);
+        let first = p.first_tick.unwrap();
+        assert!(
+            first >= g.lo && first <= g.hi,
+            "restart of generation {} continued at tick {first}, expected {}..={}\n{}",
+            g.id,
+            g.lo,
+            g.hi,
+            p.context()
+        );
+        assert!(pid_alive(pid), "restored program is not pid {pid}\n{}", p.context());
+        let _ = t;
+        p
+    }
+
+    pub fn log_json(&self) -> Json {
+        let out = self.run("log", &["--json"]);
+        assert!(
+            out.status.success(),
+            "ckpt log --json failed ({}): {}",
+            out.status,
+            text(&out.stderr)
+        );
+        Json::parse(&text(&out.stdout))
+            .unwrap_or_else(|e| panic!("ckpt log --json printed invalid JSON ({e}): {}", text(&out.stdout)))
+    }
+
+    /// Generations in the store, by id.
+    pub fn generations(&self) -> BTreeMap<u64, Json> {
+        let j = self.log_json();
+        let arr = j.as_array().unwrap_or_else(|| panic!("ckpt log --json is not an array: {j:?}"));
+        arr.iter().map(|g| (g.get("id").and_then(Json::as_u64).expect("generation without id"), g.clone())).collect()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for pid in self.pids.lock().unwrap().iter() {
+            if pid_alive(*pid) {
+                sigkill(*pid);
+            }
+        }
+        let mut c = self.cmd("quit");
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        if let Ok(mut child) = c.spawn() {
+            if wait_child(&mut child, Duration::from_secs(15)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("[{}] test failed; its files are kept in {}", self.name, self.dir.display());
+        } else if std::env::var_os("CKPT_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A committed generation and the tick range a restart of it resumes at.
+#[derive(Clone, Debug)]
+pub struct Gen {
+    pub id: u64,
+    pub lo: u64,
+    pub hi: u64,
+}
+
+// ---------------------------------------------------------------- Proc
+
+enum Msg {
+    Line(String),
+    Eof,
+}
+
+pub struct Proc {
+    pub what: String,
+    child: Child,
+    rx: Receiver<Msg>,
+    stderr: Arc<Mutex<String>>,
+    /// Kept open so programs reading stdin block instead of seeing EOF.
+    stdin: Option<ChildStdin>,
+    /// The program's pid (the launched process, or the restored one).
+    pub pid: i32,
+    pub lines: Vec<String>,
+    pub first_tick: Option<u64>,
+    pub last_tick: Option<u64>,
+    pub eof: bool,
+    pub done: bool,
+}
+
+impl Proc {
+    pub fn spawn(what: String, mut c: Command) -> Proc {
+        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap_or_else(|e| panic!("cannot spawn {what}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines() {
+                match l {
+                    Ok(l) => {
+                        if tx.send(Msg::Line(l)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            let _ = tx.send(Msg::Eof);
+        });
+        let err = Arc::new(Mutex::new(String::new()));
+        let err2 = err.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines() {
+                match l {
+                    Ok(l) => {
+                        let mut e = err2.lock().unwrap();
+                        e.push_str(&l);
+                        e.push('\n');
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        Proc {
+            what,
+            stdin: child.stdin.take(),
+            child,
+            rx,
+            stderr: err,
+            pid: 0,
+            lines: Vec::new(),
+            first_tick: None,
+            last_tick: None,
+            eof: false,
+            done: false,
+        }
+    }
+
+    pub fn child_pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The last lines of output and all of stderr, for failure messages.
+    pub fn context(&self) -> String {
+        let start = self.lines.len().saturating_sub(40);
+        format!(
+            "--- {} (pid {}): last stdout lines ---\n{}\n--- stderr ---\n{}",
+            self.what,
+            self.pid,
+            self.lines[start..].join("\n"),
+            self.stderr()
+        )
+    }
+
+    fn take(&mut self, l: String) -> String {
+        if l.starts_with("FAIL") {
+            self.lines.push(l.clone());
+            panic!("the program reported a failure: {l}\n{}", self.context());
+        }
+        if let Some(rest) = l.strip_prefix("TICK ") {
+            let n: u64 = rest.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+                panic!("bad TICK line {l:?}\n{}", self.context())
+            });
+            if let Some(prev) = self.last_tick {
+                assert_eq!(n, prev + 1, "tick numbers jumped from {prev} to {n}\n{}", self.context());
+            } else {
+                self.first_tick = Some(n);
+            }
+            self.last_tick = Some(n);
+        }
+        if l == "DONE" {
+            self.done = true;
+        }
+        self.lines.push(l.clone());
+        l
+    }
+
+    /// The next stdout line, or None at EOF; panics after `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        match self.try_next_line(timeout) {
+            Ok(l) => l,
+            Err(()) => panic!("no output from {} for {timeout:?}\n{}", self.what, self.context()),
+        }
+    }
+
+    /// The next stdout line, Ok(None) at EOF, Err on timeout.
+    pub fn try_next_line(&mut self, timeout: Duration) -> Result<Option<String>, ()> {
+        if self.eof {
+            return Ok(None);
+        }
+        match self.rx.recv_timeout(timeout) {
+            Ok(Msg::Line(l)) => Ok(Some(self.take(l))),
+            Ok(Msg::Eof) | Err(RecvTimeoutError::Disconnected) => {
+                self.eof = true;
+                Ok(None)
+            }
+            Err(RecvTimeoutError::Timeout) => Err(()),
+        }
+    }
+
+    /// Reads what is left of the output for up to `timeout` (a background
+    /// process such as a coordinator may hold the pipe open: no EOF then).
+    pub fn drain_for(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.eof {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.try_next_line(left).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Consumes the lines already available without waiting.
+    pub fn drain(&mut self) {
+        while !self.eof {
+            match self.rx.try_recv() {
+                Ok(Msg::Line(l)) => {
+                    self.take(l);
+                }
+                Ok(Msg::Eof) => self.eof = true,
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Waits for a line satisfying `pred`; panics on timeout or EOF.
+    pub fn wait_line(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!("timed out waiting for a line from {}\n{}", self.what, self.context());
+            }
+            match self.next_line(left) {
+                Some(l) if pred(&l) => return l,
+                Some(_) => {}
+                None => {
+                    let st = self.child.try_wait().ok().flatten();
+                    panic!(
+                        "{} ended its output (exit status {st:?}) while a line was awaited\n{}",
+                        self.what,
+                        self.context()
+                    )
+                }
+            }
+        }
+    }
+
+    pub fn wait_prefix(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.wait_line(|l| l.starts_with(prefix), timeout)
+    }
+
+    /// Waits for `k` more TICK lines; returns the last tick number.
+    pub fn wait_ticks(&mut self, k: u64, timeout: Duration) -> u64 {
+        for _ in 0..k {
+            self.wait_prefix("TICK ", timeout);
+        }
+        self.last_tick.unwrap()
+    }
+
+    /// SIGKILLs the program and waits until it is reaped and the command
+    /// we spawned (`ckpt launch` / `ckpt restart`) has exited.
+    pub fn kill9(&mut self) {
+        assert!(self.pid > 0);
+        assert!(pid_alive(self.pid), "{} is not running before kill\n{}", self.what, self.context());
+        sigkill(self.pid);
+        if wait_child(&mut self.child, Duration::from_secs(30)).is_none() {
+            panic!("{} did not exit 30 s after its program was SIGKILLed\n{}", self.what, self.context());
+        }
+        wait_gone(self.pid, Duration::from_secs(30));
+        // what is left of the output (no FAIL allowed there either)
+        self.drain_for(Duration::from_millis(500));
+    }
+
+    /// Waits for the command we spawned to exit, reading its output
+    /// meanwhile; returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                self.drain_for(Duration::from_millis(500));
+                return st;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!("{} did not exit within {timeout:?}\n{}", self.what, self.context());
+            }
+            if !self.eof {
+                let _ = self.try_next_line(left.min(Duration::from_millis(50)));
+            } else {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Lets the program run to DONE (asking it to stop at `stop_tick` via
+    /// the session's stop file) and checks it exits with status 0.
+    pub fn finish(&mut self, s: &Session, extra_ticks: u64) {
+        self.drain();
+        let target = self.last_tick.unwrap_or(0) + extra_ticks;
+        s.stop_at(target);
+        self.wait_line(|l| l == "DONE", LINE_TIMEOUT + Duration::from_millis(300 * extra_ticks));
+        assert!(self.last_tick.unwrap() >= target, "DONE before the stop tick\n{}", self.context());
+        let st = self.wait_exit(LINE_TIMEOUT);
+        assert!(st.success(), "{} exited with {st} after DONE\n{}", self.what, self.context());
+        wait_gone(self.pid, Duration::from_secs(10));
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            if self.pid > 0 && pid_alive(self.pid) {
+                sigkill(self.pid);
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- scenario
+
+/// How the standard cycle drives a program.
+pub struct Cycle<'a> {
+    pub prog: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(&'a str, &'a str)>,
+    /// Ticks to wait between steps.
+    pub ticks_between: u64,
+    /// Timeout for READY (programs that build big heaps take a while).
+    pub ready_timeout: Duration,
+}
+
+impl<'a> Cycle<'a> {
+    pub fn new(prog: PathBuf, args: &[&str]) -> Cycle<'a> {
+        Cycle {
+            prog,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            ticks_between: 3,
+            ready_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The cycle of issue 2 for one program:
+/// launch; checkpoint twice (g1, g2); kill -9; restart the latest (g2) and
+/// check it continues where g2 was; checkpoint it (g3); kill; restart the
+/// latest (g3); kill; restart g1 (an older generation) and let it run to
+/// DONE with exit status 0. Every restored run must keep printing TICKs
+/// without FAIL. Returns the session for further checks.
+pub fn standard_cycle(name: &str, c: &Cycle) -> Session {
+    let s = Session::new(name);
+    let stop = s.stop_file();
+    let mut args: Vec<&str> = c.args.iter().map(|s| s.as_str()).collect();
+    let stop_s = stop.to_str().unwrap().to_string();
+    args.push("-s");
+    args.push(&stop_s);
+    let mut p = s.launch_env(&c.prog, &args, &c.env);
+    let pid = p.pid;
+    p.wait_prefix("READY", c.ready_timeout);
+    p.wait_ticks(c.ticks_between, LINE_TIMEOUT);
+
+    let g1 = s.checkpoint_bounded(&mut p);
+    p.wait_ticks(c.ticks_between, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut p);
+    assert!(g2.id > g1.id, "generation numbers must grow: {} then {}", g1.id, g2.id);
+    p.wait_ticks(1, LINE_TIMEOUT);
+    p.kill9();
+    eprintln!("[{name}] original pid {pid} killed after tick {:?}", p.last_tick);
+
+    // restart the latest, keep it running, checkpoint it
+    let mut r = s.restart_expect(&g2, pid, true);
+    r.wait_ticks(c.ticks_between, LINE_TIMEOUT);
+    let g3 = s.checkpoint_bounded(&mut r);
+    assert!(g3.id > g2.id);
+    r.wait_ticks(1, LINE_TIMEOUT);
+    r.kill9();
+
+    // restart the newest again (a restored program restored once more)
+    let mut r = s.restart_expect(&g3, pid, true);
+    r.wait_ticks(c.ticks_between, LINE_TIMEOUT);
+    r.kill9();
+
+    // restart the oldest generation, explicitly named, and run to the end
+    let mut r = s.restart_expect(&g1, pid, false);
+    r.wait_ticks(c.ticks_between, LINE_TIMEOUT);
+    r.finish(&s, 5);
+
+    let gens = s.generations();
+    for g in [&g1, &g2, &g3] {
+        assert!(gens.contains_key(&g.id), "ckpt log lacks generation {}: {gens:?}", g.id);
+    }
+    s
+}
+
+// ---------------------------------------------------------------- JSON
+
+/// A minimal JSON value (the harness has no dependencies).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Json {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    pub fn parse(s: &str) -> Result<Json, String> {
+        let b = s.as_bytes();
+        let mut i = 0;
+        let v = parse_value(b, &mut i)?;
+        skip_ws(b, &mut i);
+        if i != b.len() {
+            return Err(format!("trailing data at byte {i}"));
+        }
+        Ok(v)
+    }
+    pub fn get(&self, k: &str) -> Option<&Json> {
+        match self {
+            Json::Obj(v) => v.iter().find(|(kk, _)| kk == k).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&Vec<Json>> {
+        match self {
+            Json::Arr(v) => Some(v),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Json::Num(n) => Some(*n),
+            _ => None,
+        }
+    }
+    pub fn as_u64(&self) -> Option<u64> {
+        self.as_f64().filter(|n| *n >= 0.0 && n.fract() == 0.0).map(|n| n as u64)
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    /// Field `k` as an unsigned integer, panicking with the object otherwise.
+    pub fn u64_field(&self, k: &str) -> u64 {
+        self.get(k).and_then(Json::as_u64).unwrap_or_else(|| panic!("no integer field {k:?} in {self:?}"))
+    }
+}
+
+fn skip_ws(b: &[u8], i: &mut usize) {
+    while *i < b.len() && b[*i].is_ascii_whitespace() {
+        *i += 1;
+    }
+}
+
+fn parse_value(b: &[u8], i: &mut usize) -> Result<Json, String> {
+    skip_ws(b, i);
+    let Some(&c) = b.get(*i) else { return Err("unexpected end".into()) };
+    match c {
+        b'{' => {
+            *i += 1;
+            let mut v = Vec::new();
+            skip_ws(b, i);
+            if b.get(*i) == Some(&b'}') {
+                *i += 1;
+                return Ok(Json::Obj(v));
+            }
+            loop {
+                skip_ws(b, i);
+                let Json::Str(k) = parse_value(b, i)? else { return Err("object key".into()) };
+                skip_ws(b, i);
+                if b.get(*i) != Some(&b':') {
+                    return Err(format!("expected ':' at {i}"));
+                }
+                *i += 1;
+                let val = parse_value(b, i)?;
+                v.push((k, val));
+                skip_ws(b, i);
+                match b.get(*i) {
+                    Some(b',') => *i += 1,
+                    Some(b'}') => {
+                        *i += 1;
+                        return Ok(Json::Obj(v));
+                    }
+                    _ => return Err(format!("expected ',' or '}}' at {i}")),
+                }
+            }
+        }
+        b'[' => {
+            *i += 1;
+            let mut v = Vec::new();
+            skip_ws(b, i);
+            if b.get(*i) == Some(&b']') {
+                *i += 1;
+                return Ok(Json::Arr(v));
+            }
+            loop {
+                v.push(parse_value(b, i)?);
+                skip_ws(b, i);
+                match b.get(*i) {
+                    Some(b',') => *i += 1,
+                    Some(b']') => {
+                        *i += 1;
+                        return Ok(Json::Arr(v));
+                    }
+                    _ => return Err(format!("expected ',' or ']' at {i}")),
+                }
+            }
+        }
+        b'"' => {
+            *i += 1;
+            let mut s = String::new();
+            loop {
+                let Some(&c) = b.get(*i) else { return Err("unterminated string".into()) };
+                *i += 1;
+                match c {
+                    b'"' => return Ok(Json::Str(s)),
+                    b'\\' => {
+                        let e = *b.get(*i).ok_or("bad escape")?;
+                        *i += 1;
+                        match e {
+                            b'n' => s.push('\n'),
+                            b't' => s.push('\t'),
+                            b'r' => s.push('\r'),
+                            b'b' => s.push('\u{8}'),
+                            b'f' => s.push('\u{c}'),
+                            b'u' => {
+                                let h = std::str::from_utf8(b.get(*i..*i + 4).ok_or("bad \\u")?)
+                                    .map_err(|e| e.to_string())?;
+                                let cp = u32::from_str_radix(h, 16).map_err(|e| e.to_string())?;
+                                *i += 4;
+                                s.push(char::from_u32(cp).unwrap_or('\u{fffd}'));
+                            }
+                            other => s.push(other as char),
+                        }
+                    }
+                    _ => {
+                        // copy a UTF-8 sequence
+                        let start = *i - 1;
+                        let mut end = *i;
+                        while end < b.len() && (b[end] & 0xc0) == 0x80 {
+                            end += 1;
+                        }
+                        s.push_str(std::str::from_utf8(&b[start..end]).map_err(|e| e.to_string())?);
+                        *i = end;
+                    }
+                }
+            }
+        }
+        b't' if b[*i..].starts_with(b"true") => {
+            *i += 4;
+            Ok(Json::Bool(true))
+        }
+        b'f' if b[*i..].starts_with(b"false") => {
+            *i += 5;
+            Ok(Json::Bool(false))
+        }
+        b'n' if b[*i..].starts_with(b"null") => {
+            *i += 4;
+            Ok(Json::Null)
+        }
+        _ => {
+            let start = *i;
+            while *i < b.len() && matches!(b[*i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                *i += 1;
+            }
+            let t = std::str::from_utf8(&b[start..*i]).unwrap();
+            t.parse::<f64>().map(Json::Num).map_err(|_| format!("bad value at byte {start}"))
+        }
+    }
+}
+
+// ---------------------------------------------------------------- misc
+
+/// All files under `dir`, recursively, with their contents (for "the
+/// directory is untouched" checks).
+pub fn snapshot_dir(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut m = BTreeMap::new();
+    fn walk(d: &Path, m: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                m.insert(p.clone(), b"<dir>".to_vec());
+                walk(&p, m);
+            } else {
+                m.insert(p.clone(), std::fs::read(&p).unwrap_or_default());
+            }
+        }
+    }
+    walk(dir, &mut m);
+    m
+}
+
+/// Regular files under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    snapshot_dir(dir).into_iter().filter(|(p, _)| p.is_file()).map(|(p, _)| p).collect()
+}
+
+pub fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+/// Makes the kernel hand out `pid` to the next process we spawn (root,
+/// `/proc/sys/kernel/ns_last_pid`), retrying a few times against other
+/// processes being created meanwhile. Returns the child holding the pid.
+pub fn occupy_pid(pid: i32) -> Option<Child> {
+    for _ in 0..50 {
+        if std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).is_err() {
+            return None;
+        }
+        let child = Command::new("sleep")
+            .arg("600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        if child.id() as i32 == pid {
+            return Some(child);
+        }
+        let mut c = child;
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    None
+}
