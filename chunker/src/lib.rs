@@ -71,8 +71,15 @@ impl Hash {
     pub const ZERO_CHUNK: Hash = Hash([0u8; 32]);
 
     /// BLAKE3 hash of `data` (no zero detection: see [`hash_chunk`]).
+    /// Inputs of 1 MiB and more are hashed with rayon.
     pub fn of(data: &[u8]) -> Hash {
-        Hash(*blake3::hash(data).as_bytes())
+        if data.len() >= 1 << 20 {
+            let mut h = blake3::Hasher::new();
+            h.update_rayon(data);
+            Hash(*h.finalize().as_bytes())
+        } else {
+            Hash(*blake3::hash(data).as_bytes())
+        }
     }
 
     /// The raw 32 bytes.
@@ -274,6 +281,8 @@ mod tests {
         assert!("abc".parse::<Hash>().is_err());
         assert!("zz".repeat(32).parse::<Hash>().is_err());
         assert_eq!(Hash::ZERO_CHUNK.to_string(), "0".repeat(64));
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+        assert_eq!(Hash::of(&big).0, *blake3::hash(&big).as_bytes());
     }
 
     #[test]

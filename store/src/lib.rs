@@ -42,6 +42,8 @@ use serde::Serialize;
 pub use catalog::SCHEMA_VERSION;
 pub use ckpt_chunker::Hash;
 pub use error::{Result, StoreError};
+/// The SQLite binding used by the catalog (for [`Writer::with_transaction`]).
+pub use rusqlite;
 
 use error::{IoCtx, SqlCtx};
 use pack::{FinishedPack, OpenPack};
@@ -138,6 +140,28 @@ pub struct StoreStats {
     pub stored_bytes: u64,
     /// Uncompressed bytes of all blobs.
     pub logical_bytes: u64,
+}
+
+/// Result of [`Store::verify`].
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VerifyReport {
+    /// Pack files checked.
+    pub packs: u64,
+    /// Blobs that decompressed and hashed correctly.
+    pub blobs: u64,
+    /// Their uncompressed bytes.
+    pub bytes: u64,
+    /// Everything wrong, one sentence each (naming the pack and blob).
+    pub problems: Vec<String>,
+    /// Pack files on disk that the catalog does not name (harmless).
+    pub orphan_packs: Vec<PathBuf>,
+}
+
+impl VerifyReport {
+    /// True if no problem was found (orphans are not problems).
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
 }
 
 /// Options of a [`Writer`].
@@ -516,6 +540,183 @@ impl Store {
         Writer::new(self.inner.clone(), opts)
     }
 
+    /// Check the whole store (the work behind `ckpt verify`): every pack the
+    /// catalog names exists, has the recorded size, is named by its BLAKE3
+    /// and has a trailer that agrees with the catalog; every blob
+    /// decompresses and hashes to its address; every generation's manifest
+    /// is in the catalog. Pack files on disk that the catalog does not name
+    /// (left by a crash or an abort) are listed as orphans: harmless, gc
+    /// may delete them. Returns `Err` only if the check itself cannot run.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        let p = &self.inner.catalog_path;
+        let (packs, mut by_pack, manifests) = {
+            let conn = self.inner.conn();
+            let mut st = conn.prepare("SELECT id, name, size FROM packs").db(p)?;
+            let packs: Vec<(i64, String, u64)> = st
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+                })
+                .db(p)?
+                .collect::<rusqlite::Result<_>>()
+                .db(p)?;
+            let mut by_pack: BTreeMap<i64, Vec<Loc>> = BTreeMap::new();
+            let mut st = conn
+                .prepare("SELECT hash, pack_id, offset, clen, ulen FROM blobs")
+                .db(p)?;
+            let mut rows = st.query([]).db(p)?;
+            while let Some(r) = rows.next().db(p)? {
+                let hb: Vec<u8> = r.get(0).db(p)?;
+                let hash = Hash::from_slice(&hb).unwrap_or(Hash::ZERO_CHUNK);
+                by_pack.entry(r.get(1).db(p)?).or_default().push(Loc {
+                    hash,
+                    pack: String::new(),
+                    offset: r.get::<_, i64>(2).db(p)? as u64,
+                    clen: r.get::<_, i64>(3).db(p)? as u32,
+                    ulen: r.get::<_, i64>(4).db(p)? as u32,
+                });
+            }
+            let mut st = conn
+                .prepare(
+                    "SELECT g.id, g.manifest FROM generations g \
+                     WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = g.manifest)",
+                )
+                .db(p)?;
+            let manifests: Vec<(i64, Vec<u8>)> = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .db(p)?
+                .collect::<rusqlite::Result<_>>()
+                .db(p)?;
+            (packs, by_pack, manifests)
+        };
+        let mut problems: Vec<String> = Vec::new();
+        for (gid, m) in manifests {
+            problems.push(format!(
+                "generation {gid}: manifest blob {} is not in the catalog",
+                Hash::from_slice(&m)
+                    .map(|h| h.to_string())
+                    .unwrap_or_else(|| hex::encode(&m))
+            ));
+        }
+        let known_ids: HashSet<i64> = packs.iter().map(|x| x.0).collect();
+        for (id, locs) in &by_pack {
+            if !known_ids.contains(id) {
+                problems.push(format!(
+                    "{} blobs (e.g. {}) point to pack id {id}, which the catalog does not have",
+                    locs.len(),
+                    locs[0].hash
+                ));
+            }
+        }
+        let work: Vec<(String, u64, Vec<Loc>)> = packs
+            .into_iter()
+            .map(|(id, name, size)| {
+                let mut locs = by_pack.remove(&id).unwrap_or_default();
+                for l in &mut locs {
+                    l.pack = name.clone();
+                }
+                (name, size, locs)
+            })
+            .collect();
+        let results: Vec<(u64, u64, Vec<String>)> = work
+            .par_iter()
+            .map(|(name, size, locs)| self.verify_pack(name, *size, locs))
+            .collect();
+        let mut report = VerifyReport {
+            packs: work.len() as u64,
+            ..Default::default()
+        };
+        for (blobs, bytes, probs) in results {
+            report.blobs += blobs;
+            report.bytes += bytes;
+            problems.extend(probs);
+        }
+        let named: HashSet<PathBuf> = work.iter().map(|w| self.pack_path(&w.0)).collect();
+        if let Ok(dirs) = fs::read_dir(self.inner.root.join("packs")) {
+            for d in dirs.flatten() {
+                if let Ok(files) = fs::read_dir(d.path()) {
+                    for f in files.flatten() {
+                        if !named.contains(&f.path()) {
+                            report.orphan_packs.push(f.path());
+                        }
+                    }
+                }
+            }
+        }
+        report.orphan_packs.sort();
+        report.problems = problems;
+        Ok(report)
+    }
+
+    /// Verify one pack: returns (blobs checked, uncompressed bytes, problems).
+    fn verify_pack(&self, name: &str, size: u64, locs: &[Loc]) -> (u64, u64, Vec<String>) {
+        let path = self.pack_path(name);
+        let mut probs = Vec::new();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                probs.push(format!(
+                    "pack file {} ({} blobs) cannot be read: {e}",
+                    path.display(),
+                    locs.len()
+                ));
+                return (0, 0, probs);
+            }
+        };
+        if bytes.len() as u64 != size {
+            probs.push(format!(
+                "pack file {} is {} bytes, the catalog says {size}",
+                path.display(),
+                bytes.len()
+            ));
+        }
+        if blake3::hash(&bytes).to_hex().as_str() != name {
+            probs.push(format!(
+                "pack file {} does not hash to its name",
+                path.display()
+            ));
+        }
+        match pack::parse_index(&bytes) {
+            Err(e) => probs.push(format!("pack file {}: {e}", path.display())),
+            Ok(entries) => {
+                let idx: std::collections::HashMap<Hash, pack::PackEntry> =
+                    entries.into_iter().map(|e| (e.hash, e)).collect();
+                for l in locs {
+                    let agrees = idx
+                        .get(&l.hash)
+                        .is_some_and(|e| (e.offset, e.clen, e.ulen) == (l.offset, l.clen, l.ulen));
+                    if !agrees {
+                        probs.push(format!(
+                            "pack file {}: trailer does not agree with the catalog about blob {}",
+                            path.display(),
+                            l.hash
+                        ));
+                    }
+                }
+            }
+        }
+        let (mut n, mut total) = (0u64, 0u64);
+        for l in locs {
+            let end = l.offset + l.clen as u64;
+            let r = if end > bytes.len() as u64 {
+                Err(StoreError::Corrupt {
+                    pack: path.clone(),
+                    hash: l.hash,
+                    reason: "pack file is truncated".into(),
+                })
+            } else {
+                self.decode(l, &bytes[l.offset as usize..end as usize])
+            };
+            match r {
+                Ok(_) => {
+                    n += 1;
+                    total += l.ulen as u64;
+                }
+                Err(e) => probs.push(e.to_string()),
+            }
+        }
+        (n, total, probs)
+    }
+
     /// Totals over the whole store.
     pub fn stats(&self) -> Result<StoreStats> {
         let conn = self.inner.conn();
@@ -694,20 +895,7 @@ impl Writer {
             }
         }
 
-        let (known, next_id) = {
-            let conn = inner.conn();
-            let p = &inner.catalog_path;
-            let mut known = HashSet::new();
-            let mut st = conn.prepare("SELECT hash FROM blobs").db(p)?;
-            let mut rows = st.query([]).db(p)?;
-            while let Some(r) = rows.next().db(p)? {
-                let b: Vec<u8> = r.get(0).db(p)?;
-                if let Some(h) = Hash::from_slice(&b) {
-                    known.insert(h);
-                }
-            }
-            (known, next_generation_id(&conn, p)?)
-        };
+        let (known, next_id) = load_known(&inner.conn(), &inner.catalog_path)?;
         tracing::debug!(store = %inner.root.display(), blobs = known.len(), next_id, "writer ready");
         Ok(Writer {
             inner,
@@ -971,6 +1159,36 @@ impl Writer {
         Ok(info)
     }
 
+    /// Run `f` in one IMMEDIATE SQLite transaction on the catalog, under the
+    /// writer lock, for maintenance this API does not cover (gc: deleting
+    /// generations, blobs and packs). Commits if `f` returns `Ok`. Refused
+    /// while blobs are pending (commit or abort first). Afterwards the
+    /// in-memory known set and the next generation id are reloaded from the
+    /// catalog. Delete pack files only after this returns `Ok`.
+    pub fn with_transaction<R>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let p = lock(&self.pending);
+        if !p.hashes.is_empty() {
+            return Err(StoreError::Invalid(
+                "catalog maintenance while blobs are pending: commit or abort first".into(),
+            ));
+        }
+        let path = &self.inner.catalog_path;
+        let mut conn = self.inner.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .db(path)?;
+        let r = f(&tx)?;
+        tx.commit().db(path)?;
+        let (known, next) = load_known(&conn, path)?;
+        *self.known.write().unwrap_or_else(|e| e.into_inner()) = known;
+        self.next_id.store(next, Ordering::SeqCst);
+        drop(p);
+        Ok(r)
+    }
+
     /// Forget everything put since the last commit: remove those blobs from
     /// the known set and delete the pack files written for them.
     pub fn abort(&self) {
@@ -1002,6 +1220,20 @@ impl Drop for Writer {
             self.abort();
         }
     }
+}
+
+/// All committed blob hashes and the next generation id.
+fn load_known(conn: &Connection, p: &Path) -> Result<(HashSet<Hash>, u64)> {
+    let mut known = HashSet::new();
+    let mut st = conn.prepare("SELECT hash FROM blobs").db(p)?;
+    let mut rows = st.query([]).db(p)?;
+    while let Some(r) = rows.next().db(p)? {
+        let b: Vec<u8> = r.get(0).db(p)?;
+        if let Some(h) = Hash::from_slice(&b) {
+            known.insert(h);
+        }
+    }
+    Ok((known, next_generation_id(conn, p)?))
 }
 
 fn next_generation_id(conn: &Connection, p: &Path) -> Result<u64> {

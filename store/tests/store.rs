@@ -579,6 +579,13 @@ fn killed_writer_leaves_earlier_generations_intact() {
     for (h, b) in &blobs {
         assert_eq!(&store.read_blob(h).unwrap(), b);
     }
+    let rep = store.verify().unwrap();
+    assert!(rep.is_ok(), "{rep:?}");
+    assert_eq!(rep.blobs, 9);
+    assert_eq!(
+        rep.orphan_packs.len(),
+        pack_files(dir.path()).len() - packs_before.len()
+    );
     // the lock died with the child; stale temporary files are cleaned up
     let w = store.writer().unwrap();
     assert!(
@@ -593,4 +600,35 @@ fn killed_writer_leaves_earlier_generations_intact() {
     let m = w.put_meta(b"after crash").unwrap();
     assert_eq!(w.commit(gen_for(m, Some(1))).unwrap().id, 2);
     assert_eq!(store.read_blob(&Hash::of(&b)).unwrap(), b);
+}
+
+#[test]
+fn maintenance_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, blobs) = committed_store(dir.path());
+    assert!(store.verify().unwrap().is_ok());
+    let w = store.writer().unwrap();
+    assert!(w.known(&blobs[0].0));
+    // refused while blobs are pending
+    let b = blob(77, 4096);
+    w.put(BlobKind::Chunk, Hash::of(&b), &b).unwrap();
+    assert!(w.with_transaction(|_| Ok(())).is_err());
+    w.abort();
+    // gc-like: drop generation 1 and all its blobs
+    let n = w
+        .with_transaction(|tx| {
+            tx.execute("DELETE FROM generations WHERE id = 1", [])
+                .unwrap();
+            Ok(tx.execute("DELETE FROM blobs", []).unwrap())
+        })
+        .unwrap();
+    assert_eq!(n, 9);
+    assert!(!w.known(&blobs[0].0));
+    assert!(store.generations().unwrap().is_empty());
+    // ids are never reused
+    assert_eq!(w.next_generation_id(), 2);
+    let m = w.put_meta(b"m2").unwrap();
+    assert_eq!(w.commit(gen_for(m, None)).unwrap().id, 2);
+    let e = store.generation(1).unwrap_err();
+    assert!(e.to_string().contains("it has generations 2"), "{e}");
 }
