@@ -3,11 +3,14 @@
 //!
 //! This crate is pure computation over byte slices: it cuts memory into
 //! fixed-size chunks, names each chunk by the BLAKE3 hash of its uncompressed
-//! bytes ([`Hash`]), recognises all-zero chunks (recorded as
+//! bytes ([`struct@Hash`]), recognises all-zero chunks (recorded as
 //! [`Hash::ZERO_CHUNK`], never stored) and compresses/decompresses blobs.
 //!
 //! It must never do I/O (no files, sockets, or process inspection) and knows
 //! nothing about stores, processes or memory layouts: callers hand it bytes.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use std::cell::RefCell;
 use std::fmt;

@@ -21,6 +21,9 @@
 //! manifests: it stores opaque blobs and generation rows that point at a
 //! manifest blob.
 
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod pack;
 
@@ -509,6 +512,7 @@ impl Store {
             locs.sort_unstable_by_key(|l| l.offset);
             let path = self.pack_path(&name);
             let f = open_pack(&path, &locs[0].hash)?;
+            #[allow(unsafe_code)]
             // SAFETY: pack files are immutable once renamed into place; no
             // ckpt process writes to or truncates a named pack (gc deletes or
             // replaces whole files, which keeps the mapped inode alive). The
