@@ -47,7 +47,7 @@ fn restart_while_original_runs_is_refused() {
     let out = s.run("restart", &[]);
     let err = assert_failed(&out, "ckpt restart while the original runs");
     assert!(err.contains(&pid.to_string()), "the error does not name pid {pid}: {err}");
-    assert_eq!(pids_running(&program("counter_heap")), vec![pid], "a second copy was started");
+    assert_eq!(s.running(&program("counter_heap")), vec![pid], "a second copy was started");
     // the original is unaffected
     p.wait_ticks(3, LINE_TIMEOUT);
     p.finish(&s, 2);
@@ -66,7 +66,7 @@ fn restart_when_pid_is_taken_is_refused() {
     let _ = holder.wait();
     let err = assert_failed(&out, "ckpt restart while the pid is taken");
     assert!(err.contains(&pid.to_string()), "the error does not name pid {pid}: {err}");
-    assert!(pids_running(&program("counter_heap")).is_empty(), "something was started");
+    assert!(s.running(&program("counter_heap")).is_empty(), "something was started");
     // once the pid is free, the generation restarts fine
     let mut r = s.restart_expect(&g, pid, true);
     r.wait_ticks(2, LINE_TIMEOUT);
@@ -193,7 +193,7 @@ fn corrupt_pack_fails_restart_clearly() {
         mentions_any(&err, &["corrupt", "checksum", "hash", "mismatch", "decompress", "zstd", "pack", "chunk"]),
         "the error does not say what is wrong: {err}"
     );
-    assert!(pids_running(&program("counter_heap")).is_empty(), "a process was left running");
+    assert!(s.running(&program("counter_heap")).is_empty(), "a process was left running");
 }
 
 #[test]
@@ -213,7 +213,7 @@ fn missing_pack_fails_restart_clearly() {
         mentions_any(&err, &["missing", "not found", "no such", "pack", "chunk"]),
         "the error does not say what is missing: {err}"
     );
-    assert!(pids_running(&program("counter_heap")).is_empty(), "a process was left running");
+    assert!(s.running(&program("counter_heap")).is_empty(), "a process was left running");
 }
 
 /// A catalog written by a newer ckpt (higher `PRAGMA user_version`, read

@@ -277,6 +277,17 @@ impl Session {
         run_with_timeout(c, CMD_TIMEOUT)
     }
 
+    /// Live processes running `exe` whose cwd is in this session's dir
+    /// (tests of one binary run in parallel: others' copies don't count).
+    pub fn running(&self, exe: &Path) -> Vec<i32> {
+        pids_running(exe)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/cwd")).map(|c| c.starts_with(&self.dir)).unwrap_or(false)
+            })
+            .collect()
+    }
+
     pub fn track(&self, pid: i32) {
         self.pids.lock().unwrap().push(pid);
     }
@@ -332,7 +343,18 @@ impl Session {
     pub fn checkpoint_bounded(&self, p: &mut Proc) -> Gen {
         p.drain();
         let lo = p.last_tick.expect("checkpoint before the first tick") + 1;
-        let generation = self.checkpoint();
+        let out = self.try_checkpoint();
+        let generation: Option<u64> = text(&out.stdout).trim().lines().last().and_then(|l| l.trim().parse().ok());
+        let Some(generation) = generation.filter(|_| out.status.success()) else {
+            p.drain();
+            panic!(
+                "ckpt checkpoint failed ({}):\nstdout: {}\nstderr: {}\n{}",
+                out.status,
+                text(&out.stdout),
+                text(&out.stderr),
+                p.context()
+            );
+        };
         p.wait_ticks(2, LINE_TIMEOUT);
         let hi = p.last_tick.unwrap() + 1;
         eprintln!("[{}] generation {generation}: restart continues at tick {lo}..={hi}", self.name);
