@@ -37,14 +37,13 @@ use core::sync::atomic::{AtomicI32, Ordering};
 
 use ckpt_wire::Pod;
 use ckpt_wire::restore::{
-    PLAN_ADDR, PLAN_MAGIC, PLAN_VERSION, PlanHeader, SCRATCH_ADDR, STACK_ADDR, STACK_SIZE,
+    Op, PLAN_ADDR, PLAN_MAGIC, PLAN_VERSION, PlanHeader, SCRATCH_ADDR, STACK_ADDR, STACK_SIZE,
     StatusMsg, ZONE_END, ZONE_START, flags, op, status,
 };
-pub use ckpt_wire::restore::Op;
 
 // build.rs links the binary at this address.
 const _: () = assert!(ZONE_START == 0x2000_0000_0000);
-const _: () = assert!(STACK_ADDR + STACK_SIZE <= ZONE_END && STACK_SIZE % 16 == 0);
+const _: () = assert!(STACK_ADDR + STACK_SIZE <= ZONE_END && STACK_SIZE.is_multiple_of(16));
 
 /// Exit codes of the restorer.
 pub mod exit {
@@ -86,17 +85,25 @@ extern "C" fn rust_eh_personality() {}
 
 /// Called by `_start` (in [`sys`]) on the kernel's stack with a pointer to
 /// `argc`. Parses the fds, maps the restorer's own stack and moves onto it.
-pub extern "C" fn start_rust(sp: *const u64) -> ! {
-    // SAFETY: the kernel's initial stack holds argc, then argc argv pointers
-    // and a NULL; we read argv[1] and argv[2] only when argc >= 3.
+///
+/// # Safety
+/// `sp` must be the kernel's initial stack pointer (argc, argv…).
+pub(crate) unsafe extern "C" fn start_rust(sp: *const u64) -> ! {
+    // SAFETY: per the contract the initial stack holds argc, then argc argv
+    // pointers and a NULL; we read argv[1] and argv[2] only when argc >= 3.
     let (ctl, st) = unsafe {
         let argc = *sp;
         if argc < 3 {
             sys::exit_group(exit::BAD_PLAN);
         }
-        (parse_fd(*sp.add(2) as *const u8), parse_fd(*sp.add(3) as *const u8))
+        (
+            parse_fd(*sp.add(2) as *const u8),
+            parse_fd(*sp.add(3) as *const u8),
+        )
     };
-    let (Some(ctl), Some(st)) = (ctl, st) else { sys::exit_group(exit::BAD_PLAN) };
+    let (Some(ctl), Some(st)) = (ctl, st) else {
+        sys::exit_group(exit::BAD_PLAN)
+    };
     // SAFETY: STACK_ADDR..+STACK_SIZE is inside our zone and unused so far.
     let r = unsafe { sys::mmap_anon_fixed(STACK_ADDR, STACK_SIZE) };
     if r as u64 != STACK_ADDR {
@@ -217,7 +224,11 @@ fn load_plan(ctl: i32) -> u32 {
     unsafe { (PLAN_ADDR as *mut PlanHeader).write(hdr) };
     // SAFETY: PLAN_ADDR+HEADER_LEN..PLAN_ADDR+total_len lies in the mapping.
     if let Err(e) = unsafe {
-        read_exact(ctl, (PLAN_ADDR + HEADER_LEN) as *mut u8, hdr.total_len - HEADER_LEN)
+        read_exact(
+            ctl,
+            (PLAN_ADDR + HEADER_LEN) as *mut u8,
+            hdr.total_len - HEADER_LEN,
+        )
     } {
         bad(if e == 0 { -sys::EPIPE } else { e });
     }
@@ -232,7 +243,11 @@ fn execute(ctl: i32, i: u32, o: &Op) {
             // SAFETY: the plan is trusted to describe syscalls that rebuild
             // the restored process without touching the restorer's zone.
             let r = unsafe { sys::syscall6(o.nr as u64, a[0], a[1], a[2], a[3], a[4], a[5]) };
-            let ok = if a[6] & flags::CHECK_EQ != 0 { r as u64 == a[7] } else { !sys::is_err(r) };
+            let ok = if a[6] & flags::CHECK_EQ != 0 {
+                r as u64 == a[7]
+            } else {
+                !sys::is_err(r)
+            };
             if !ok && a[6] & flags::ALLOW_FAIL == 0 {
                 fail(i, r, exit::SYSCALL_FAILED);
             }
@@ -254,14 +269,20 @@ fn execute(ctl: i32, i: u32, o: &Op) {
             }
         }
         op::THREAD => {
-            let r = spawn_thread(i);
+            // Without a stack of its own the child would run on ours.
+            let r = if a[8] == 0 || a[9] == 0 {
+                -sys::EINVAL
+            } else {
+                spawn_thread(i)
+            };
             if sys::is_err(r) {
                 fail(i, r, exit::SYSCALL_FAILED);
             }
         }
         op::RESUME => {
             // SAFETY: ARCH_SET_FS takes no pointer the kernel dereferences.
-            let r = unsafe { sys::syscall6(sys::SYS_ARCH_PRCTL, sys::ARCH_SET_FS, a[1], 0, 0, 0, 0) };
+            let r =
+                unsafe { sys::syscall6(sys::SYS_ARCH_PRCTL, sys::ARCH_SET_FS, a[1], 0, 0, 0, 0) };
             if sys::is_err(r) {
                 fail(i, r, exit::THREAD_SETUP_FAILED);
             }
@@ -277,7 +298,9 @@ fn execute(ctl: i32, i: u32, o: &Op) {
 /// `clone3` result in the parent.
 ///
 /// `a[0] == 0` (not a valid tid) lets the kernel pick the tid instead of
-/// asking for it with `set_tid`.
+/// asking for it with `set_tid`. The scratch stack `a[8]`, `a[9]` must be
+/// non-empty (checked by the caller); the restorer's code uses well under
+/// 1 KiB of it before `rt_sigreturn` leaves it for good.
 fn spawn_thread(i: u32) -> i64 {
     let op_addr = OPS_ADDR + i as u64 * OP_LEN;
     // SAFETY: op `i` is inside the mapped plan (checked by load_plan).
@@ -326,9 +349,8 @@ fn become_thread(i: u32, a: &[u64; 10]) -> ! {
     if a[6] != 0 {
         // SAFETY: the plan vouches that the rseq area is mapped in the
         // restored image (the kernel writes cpu ids into it).
-        let r = unsafe {
-            sys::syscall6(sys::SYS_RSEQ, a[6], a[7] & 0xffff_ffff, 0, a[7] >> 32, 0, 0)
-        };
+        let r =
+            unsafe { sys::syscall6(sys::SYS_RSEQ, a[6], a[7] & 0xffff_ffff, 0, a[7] >> 32, 0, 0) };
         if sys::is_err(r) {
             fail(i, r, exit::THREAD_SETUP_FAILED);
         }

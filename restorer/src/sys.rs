@@ -116,7 +116,17 @@ pub unsafe fn read(fd: i32, buf: *mut u8, len: usize) -> i64 {
 /// `write(2)`.
 pub fn write(fd: i32, buf: &[u8]) -> i64 {
     // SAFETY: `write` only reads `buf`, which is a valid slice.
-    unsafe { syscall6(SYS_WRITE, fd as u64, buf.as_ptr() as u64, buf.len() as u64, 0, 0, 0) }
+    unsafe {
+        syscall6(
+            SYS_WRITE,
+            fd as u64,
+            buf.as_ptr() as u64,
+            buf.len() as u64,
+            0,
+            0,
+            0,
+        )
+    }
 }
 
 /// Anonymous private `mmap` at a fixed address in the restorer's zone.

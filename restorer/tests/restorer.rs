@@ -38,7 +38,11 @@ impl Plan {
         a[..args.len()].copy_from_slice(args);
         a[6] = fl;
         a[7] = expect;
-        self.ops.push(Op { kind: op::SYSCALL, nr, a });
+        self.ops.push(Op {
+            kind: op::SYSCALL,
+            nr,
+            a,
+        });
         self
     }
     fn op(&mut self, kind: u32, args: &[u64]) -> &mut Self {
@@ -49,7 +53,7 @@ impl Plan {
     }
     /// Appends bytes to the data area; returns their address in the restorer.
     fn data(&mut self, bytes: &[u8]) -> u64 {
-        while self.data.len() % 64 != 0 {
+        while !self.data.len().is_multiple_of(64) {
             self.data.push(0);
         }
         let addr = DATA_ADDR + self.data.len() as u64;
@@ -111,8 +115,20 @@ impl Restorer {
         let child = cmd.spawn().unwrap();
         drop(OwnedFd::from(ctl_r));
         drop(OwnedFd::from(st_w));
-        let mut r = Restorer { child, ctl: Some(ctl_w), status: st_r, status_fd: sw as u64 };
-        assert_eq!(r.msg(), Some(StatusMsg { kind: status::READY, op: 0, value: 0 }));
+        let mut r = Restorer {
+            child,
+            ctl: Some(ctl_w),
+            status: st_r,
+            status_fd: sw as u64,
+        };
+        assert_eq!(
+            r.msg(),
+            Some(StatusMsg {
+                kind: status::READY,
+                op: 0,
+                value: 0
+            })
+        );
         r
     }
 
@@ -157,13 +173,19 @@ impl Restorer {
             msgs.push(m);
         }
         let st = self.wait();
-        let code = st.code().unwrap_or_else(|| panic!("restorer killed by signal {:?}", st.signal()));
+        let code = st
+            .code()
+            .unwrap_or_else(|| panic!("restorer killed by signal {:?}", st.signal()));
         (msgs, code)
     }
 }
 
 fn error(op: u32, value: i64) -> StatusMsg {
-    StatusMsg { kind: status::ERROR, op, value }
+    StatusMsg {
+        kind: status::ERROR,
+        op,
+        value,
+    }
 }
 
 const MMAP_RW_FIXED: [u64; 6] = [
@@ -192,7 +214,10 @@ fn binary_is_static_and_linked_in_its_zone() {
         if ptype == 1 {
             let vaddr = u64::from_le_bytes(ph[16..24].try_into().unwrap());
             let memsz = u64::from_le_bytes(ph[40..48].try_into().unwrap());
-            assert!(vaddr >= ZONE_START && vaddr + memsz <= ZONE_END, "PT_LOAD at {vaddr:#x}");
+            assert!(
+                vaddr >= ZONE_START && vaddr + memsz <= ZONE_END,
+                "PT_LOAD at {vaddr:#x}"
+            );
             loads += 1;
         }
     }
@@ -202,17 +227,33 @@ fn binary_is_static_and_linked_in_its_zone() {
 #[test]
 fn mmap_copy_barrier_then_exit_42() {
     let mut r = Restorer::spawn();
-    let marker = StatusMsg { kind: 99, op: 1234, value: 0x5555_aaaa };
+    let marker = StatusMsg {
+        kind: 99,
+        op: 1234,
+        value: 0x5555_aaaa,
+    };
     let mut p = Plan::default();
     let src = p.data(marker.as_bytes());
     p.syscall(SYS_MMAP, &MMAP_RW_FIXED, flags::CHECK_EQ, SCRATCH_ADDR)
         .op(op::COPY, &[SCRATCH_ADDR, src, 16])
         .op(op::BARRIER, &[7])
         // The copy landed: the restorer writes it to the status pipe.
-        .syscall(SYS_WRITE, &[r.status_fd, SCRATCH_ADDR, 16], flags::CHECK_EQ, 16)
+        .syscall(
+            SYS_WRITE,
+            &[r.status_fd, SCRATCH_ADDR, 16],
+            flags::CHECK_EQ,
+            16,
+        )
         .syscall(SYS_EXIT_GROUP, &[42], 0, 0);
     r.send(&p.bytes());
-    assert_eq!(r.msg(), Some(StatusMsg { kind: status::BARRIER, op: 2, value: 7 }));
+    assert_eq!(
+        r.msg(),
+        Some(StatusMsg {
+            kind: status::BARRIER,
+            op: 2,
+            value: 7
+        })
+    );
     r.send(b"G");
     let (msgs, code) = r.finish();
     assert_eq!(msgs, [marker]);
@@ -246,11 +287,27 @@ fn check_eq_mismatch_is_a_failure() {
 fn barrier_answered_with_anything_but_g_exits_125() {
     let mut r = Restorer::spawn();
     let mut p = Plan::default();
-    p.op(op::BARRIER, &[1]).op(op::BARRIER, &[2]).syscall(SYS_EXIT_GROUP, &[42], 0, 0);
+    p.op(op::BARRIER, &[1])
+        .op(op::BARRIER, &[2])
+        .syscall(SYS_EXIT_GROUP, &[42], 0, 0);
     r.send(&p.bytes());
-    assert_eq!(r.msg(), Some(StatusMsg { kind: status::BARRIER, op: 0, value: 1 }));
+    assert_eq!(
+        r.msg(),
+        Some(StatusMsg {
+            kind: status::BARRIER,
+            op: 0,
+            value: 1
+        })
+    );
     r.send(b"G");
-    assert_eq!(r.msg(), Some(StatusMsg { kind: status::BARRIER, op: 1, value: 2 }));
+    assert_eq!(
+        r.msg(),
+        Some(StatusMsg {
+            kind: status::BARRIER,
+            op: 1,
+            value: 2
+        })
+    );
     r.send(b"X");
     assert_eq!(r.finish(), (vec![], 125));
 }
@@ -261,16 +318,35 @@ fn barrier_eof_exits_125() {
     let mut p = Plan::default();
     p.op(op::BARRIER, &[5]).syscall(SYS_EXIT_GROUP, &[42], 0, 0);
     r.send(&p.bytes());
-    assert_eq!(r.msg(), Some(StatusMsg { kind: status::BARRIER, op: 0, value: 5 }));
+    assert_eq!(
+        r.msg(),
+        Some(StatusMsg {
+            kind: status::BARRIER,
+            op: 0,
+            value: 5
+        })
+    );
     r.ctl = None;
     assert_eq!(r.finish(), (vec![], 125));
+}
+
+#[test]
+fn thread_without_scratch_stack_is_refused() {
+    let mut r = Restorer::spawn();
+    let mut p = Plan::default();
+    p.op(op::THREAD, &[0, 0, 0x1000, 0, 0, 0, 0, 0, 0, 0])
+        .syscall(SYS_EXIT_GROUP, &[42], 0, 0);
+    r.send(&p.bytes());
+    assert_eq!(r.finish(), (vec![error(0, -(libc::EINVAL as i64))], 126));
 }
 
 #[test]
 fn unknown_op_exits_123() {
     let mut r = Restorer::spawn();
     let mut p = Plan::default();
-    p.syscall(SYS_GETPID, &[], 0, 0).op(77, &[]).syscall(SYS_EXIT_GROUP, &[42], 0, 0);
+    p.syscall(SYS_GETPID, &[], 0, 0)
+        .op(77, &[])
+        .syscall(SYS_EXIT_GROUP, &[42], 0, 0);
     r.send(&p.bytes());
     assert_eq!(r.finish(), (vec![error(1, 77)], 123));
 }
@@ -283,7 +359,10 @@ fn bad_magic_is_rejected() {
     let mut b = p.bytes();
     b[0] ^= 1;
     r.send(&b[..size_of::<PlanHeader>()]);
-    assert_eq!(r.finish(), (vec![error(u32::MAX, -(libc::EINVAL as i64))], 122));
+    assert_eq!(
+        r.finish(),
+        (vec![error(u32::MAX, -(libc::EINVAL as i64))], 122)
+    );
 }
 
 #[test]
@@ -294,7 +373,10 @@ fn short_plan_is_rejected() {
     let b = p.bytes();
     r.send(&b[..b.len() - 1]);
     r.ctl = None;
-    assert_eq!(r.finish(), (vec![error(u32::MAX, -(libc::EPIPE as i64))], 122));
+    assert_eq!(
+        r.finish(),
+        (vec![error(u32::MAX, -(libc::EPIPE as i64))], 122)
+    );
 }
 
 #[test]
@@ -317,7 +399,14 @@ fn survives_unmapping_everything_outside_its_zone() {
         .op(op::BARRIER, &[9])
         .syscall(SYS_EXIT_GROUP, &[42], 0, 0);
     r.send(&p.bytes());
-    assert_eq!(r.msg(), Some(StatusMsg { kind: status::BARRIER, op: 2, value: 9 }));
+    assert_eq!(
+        r.msg(),
+        Some(StatusMsg {
+            kind: status::BARRIER,
+            op: 2,
+            value: 9
+        })
+    );
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", r.child.id())).unwrap();
     for line in maps.lines() {
         let start = u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap();
@@ -430,8 +519,15 @@ fn ucontext(rip: u64, rsp: u64, regs: &[(usize, u64)]) -> Vec<u8> {
 
 /// A tid nobody uses right now (racy, but pid_max is large and we look high).
 fn free_tid() -> u64 {
-    let max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
-    (max / 2..max - 1).rev().find(|t| !std::path::Path::new(&format!("/proc/{t}")).exists()).unwrap()
+    let max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (max / 2..max - 1)
+        .rev()
+        .find(|t| !std::path::Path::new(&format!("/proc/{t}")).exists())
+        .unwrap()
 }
 
 #[test]
@@ -482,12 +578,25 @@ fn thread_and_resume_enter_hand_built_contexts() {
     for rseq in [THREAD_RSEQ, MAIN_RSEQ] {
         put(&mut img, rseq as usize + 4, &u32::MAX.to_le_bytes()); // cpu_id uninitialised
     }
-    let t_uc = ucontext(S, S + 0x6000, &[(uc::R15, fd), (uc::R13, S + THREAD_OUT), (uc::R12, S + THREAD_RSEQ)]);
+    let t_uc = ucontext(
+        S,
+        S + 0x6000,
+        &[
+            (uc::R15, fd),
+            (uc::R13, S + THREAD_OUT),
+            (uc::R12, S + THREAD_RSEQ),
+        ],
+    );
     put(&mut img, THREAD_UC as usize, &t_uc);
     let m_uc = ucontext(
         S + code.1,
         S + 0x7000,
-        &[(uc::R15, fd), (uc::R13, S + MAIN_OUT), (uc::R12, S + CLEAR_TID), (uc::RBX, S + MAIN_RSEQ)],
+        &[
+            (uc::R15, fd),
+            (uc::R13, S + MAIN_OUT),
+            (uc::R12, S + CLEAR_TID),
+            (uc::RBX, S + MAIN_RSEQ),
+        ],
     );
     put(&mut img, MAIN_UC as usize, &m_uc);
 
@@ -501,11 +610,31 @@ fn thread_and_resume_enter_hand_built_contexts() {
         .op(op::COPY, &[S, src, LEN as u64])
         .op(
             op::THREAD,
-            &[tid, S + THREAD_FS, S + THREAD_UC, S + CLEAR_TID, S + THREAD_ROBUST, 24, S + THREAD_RSEQ, rseq_arg, S + THREAD_STACK, 0x1000],
+            &[
+                tid,
+                S + THREAD_FS,
+                S + THREAD_UC,
+                S + CLEAR_TID,
+                S + THREAD_ROBUST,
+                24,
+                S + THREAD_RSEQ,
+                rseq_arg,
+                S + THREAD_STACK,
+                0x1000,
+            ],
         )
         .op(
             op::RESUME,
-            &[pid, S + MAIN_FS, S + MAIN_UC, S + MAIN_TID_ADDR, S + MAIN_ROBUST, 24, S + MAIN_RSEQ, rseq_arg],
+            &[
+                pid,
+                S + MAIN_FS,
+                S + MAIN_UC,
+                S + MAIN_TID_ADDR,
+                S + MAIN_ROBUST,
+                24,
+                S + MAIN_RSEQ,
+                rseq_arg,
+            ],
         );
     r.send(&p.bytes());
 
