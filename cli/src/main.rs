@@ -1,1 +1,402 @@
-fn main() {}
+//! `ckpt`: transparent checkpoint/restart for unmodified Linux programs.
+//!
+//! This binary is thin glue: argument parsing, finding the coordinator and
+//! the store, and printing. The work happens in the library crates
+//! (`ckpt-coordinator`, `ckpt-engine`, `ckpt-store`). It must never hold
+//! logic a library user would need too.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ckpt_coordinator::{Address, client};
+use ckpt_engine::image::{GenerationManifest, ProcessImage};
+use ckpt_store::Store;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(name = "ckpt", version, about = "Transparent checkpoint/restart for unmodified Linux programs, into an incremental, deduplicated image store")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct CoordArg {
+    /// Coordinator address: unix:PATH or tcp:HOST:PORT [default: a per-user Unix socket]
+    #[arg(long, env = "CKPT_COORD")]
+    coord: Option<String>,
+}
+
+#[derive(clap::Args, Clone)]
+struct StoreArg {
+    /// Image store: file:///PATH or a path [default: $XDG_DATA_HOME/ckpt or ~/.local/share/ckpt]
+    #[arg(long, env = "CKPT_STORE")]
+    store: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run PROG under checkpoint control (starts a coordinator if none answers).
+    Launch {
+        #[command(flatten)]
+        coord: CoordArg,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Checkpoint every SECS seconds.
+        #[arg(long, value_name = "SECS")]
+        interval: Option<u64>,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        prog: Vec<String>,
+    },
+    /// Checkpoint every process of the computation; prints the generation number once it is durable.
+    Checkpoint {
+        #[command(flatten)]
+        coord: CoordArg,
+    },
+    /// Show the coordinator, its processes and the last generation.
+    Status {
+        #[command(flatten)]
+        coord: CoordArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the generations in the store.
+    Log {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restart generation GEN (default: the latest) in the foreground.
+    Restart {
+        generation: Option<u64>,
+        #[command(flatten)]
+        coord: CoordArg,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Kill every process of the computation.
+    Kill {
+        #[command(flatten)]
+        coord: CoordArg,
+    },
+    /// Stop the coordinator.
+    Quit {
+        #[command(flatten)]
+        coord: CoordArg,
+    },
+    /// Run a coordinator (normally started by `ckpt launch`).
+    Coordinator {
+        #[command(flatten)]
+        coord: CoordArg,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long, value_name = "SECS")]
+        interval: Option<u64>,
+        /// Detach from the terminal and run in the background.
+        #[arg(long)]
+        daemonize: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_coord = matches!(cli.cmd, Cmd::Coordinator { .. });
+    let filter = std::env::var("CKPT_LOG").unwrap_or_else(|_| if is_coord { "info".into() } else { "warn".into() });
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).init();
+    match run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ckpt: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn coord_addr(a: &CoordArg) -> Result<Address> {
+    match &a.coord {
+        Some(s) => Ok(s.parse()?),
+        None => Ok(Address::default_for_user()),
+    }
+}
+
+fn store_url(s: &StoreArg) -> String {
+    let raw = s.store.clone().unwrap_or_else(|| {
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/share"));
+        base.join("ckpt").to_string_lossy().into_owned()
+    });
+    if raw.contains("://") {
+        return raw;
+    }
+    let p = Path::new(&raw);
+    let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf()) };
+    format!("file://{}", abs.display())
+}
+
+/// A file shipped beside the `ckpt` binary (or named by `env`).
+fn artifact(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("locating the ckpt binary")?;
+    let p = exe.parent().map(|d| d.join(name)).unwrap_or_default();
+    if p.exists() {
+        return Ok(p);
+    }
+    bail!("cannot find {name} next to {}; build the whole workspace (`cargo build --release`) or set {env}", exe.display())
+}
+
+fn log_path(addr: &Address) -> PathBuf {
+    match addr {
+        Address::Unix(p) => p.with_extension("log"),
+        Address::Tcp(h) => {
+            // SAFETY: getuid cannot fail.
+            let uid = unsafe { libc::getuid() };
+            PathBuf::from(format!("/tmp/ckpt-{uid}/coordinator-{}.log", h.replace([':', '/'], "_")))
+        }
+    }
+}
+
+/// Makes sure a coordinator answers at `addr`, using `store` (started in
+/// the background if none runs).
+fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>) -> Result<()> {
+    match client::request(addr, "hello", json!({}), Duration::from_secs(2)) {
+        Ok(v) => {
+            let theirs = v.get("store").and_then(Value::as_str).unwrap_or("");
+            if store_given && theirs != store {
+                bail!("the coordinator at {addr} uses store {theirs}, not {store}; quit it (`ckpt quit`) or choose another address with --coord");
+            }
+            if interval.is_some() {
+                tracing::warn!("a coordinator already runs at {addr}: --interval is ignored");
+            }
+            return Ok(());
+        }
+        Err(ckpt_coordinator::CoordError::Unreachable { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let log = log_path(addr);
+    if let Some(d) = log.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).with_context(|| format!("opening {}", log.display()))?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["coordinator", "--daemonize", "--coord", &addr.to_string(), "--store", store]);
+    if let Some(i) = interval {
+        cmd.args(["--interval", &i.to_string()]);
+    }
+    cmd.env_remove("LD_PRELOAD").stdin(std::process::Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
+    let status = cmd.status().context("starting the coordinator")?;
+    if !status.success() {
+        bail!("the coordinator did not start; see {}", log.display());
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if client::is_up(addr) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("the coordinator at {addr} did not come up; see {}", log.display())
+}
+
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Launch { coord, store, interval, prog } => {
+            let addr = coord_addr(&coord)?;
+            let url = store_url(&store);
+            ensure_coordinator(&addr, &url, store.store.is_some(), interval)?;
+            let preload = artifact("libckpt_preload.so", "CKPT_PRELOAD")?;
+            let mut ld = preload.to_string_lossy().into_owned();
+            if let Ok(old) = std::env::var("LD_PRELOAD") {
+                if !old.is_empty() {
+                    ld = format!("{ld}:{old}");
+                }
+            }
+            let err = std::process::Command::new(&prog[0]).args(&prog[1..]).env("LD_PRELOAD", ld).env(ckpt_wire::agent::ENV_COORD, addr.to_string()).exec();
+            bail!("cannot run {}: {err}", prog[0])
+        }
+        Cmd::Checkpoint { coord } => {
+            let addr = coord_addr(&coord)?;
+            let v = client::request(&addr, "checkpoint", json!({}), Duration::from_secs(3600))?;
+            println!("{}", v["generation"]);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { coord, json } => status(&coord_addr(&coord)?, json),
+        Cmd::Log { store, json } => log(&store_url(&store), json),
+        Cmd::Restart { generation, coord, store } => restart(generation, &coord_addr(&coord)?, &store_url(&store), store.store.is_some()),
+        Cmd::Kill { coord } => {
+            let v = client::request(&coord_addr(&coord)?, "kill", json!({}), Duration::from_secs(10))?;
+            eprintln!("killed {}", v["killed"]);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Quit { coord } => {
+            client::request(&coord_addr(&coord)?, "quit", json!({}), Duration::from_secs(10))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Coordinator { coord, store, interval, daemonize } => {
+            let addr = coord_addr(&coord)?;
+            if daemonize {
+                // SAFETY: still single-threaded here; the parent exits at once.
+                unsafe {
+                    match libc::fork() {
+                        -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+                        0 => {
+                            libc::setsid();
+                        }
+                        _ => libc::_exit(0),
+                    }
+                }
+            }
+            ckpt_coordinator::run(ckpt_coordinator::Config { addr, store_url: store_url(&store), interval: interval.map(Duration::from_secs) })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn status(addr: &Address, as_json: bool) -> Result<ExitCode> {
+    let v = match client::request(addr, "status", json!({}), Duration::from_secs(10)) {
+        Ok(v) => v,
+        Err(ckpt_coordinator::CoordError::Unreachable { .. }) => {
+            if as_json {
+                println!("{}", json!({"coordinator": null, "addr": addr.to_string()}));
+            } else {
+                println!("coordinator: none running at {addr}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = &v["coordinator"];
+    println!("coordinator: {} (pid {}, up {}s{})", c["addr"].as_str().unwrap_or(""), c["pid"], c["uptime_s"], match c["interval_s"].as_u64() {
+        Some(i) => format!(", checkpoint every {i}s"),
+        None => String::new(),
+    });
+    println!("store:       {}", v["store"].as_str().unwrap_or(""));
+    let procs = v["processes"].as_array().cloned().unwrap_or_default();
+    println!("processes:   {}", procs.len());
+    for p in procs {
+        let restored = p["restored_from"].as_u64().unwrap_or(0);
+        println!(
+            "  pid {:>7}  {:<16} host {}{}",
+            p["pid"],
+            p["comm"].as_str().unwrap_or(""),
+            p["host"].as_str().unwrap_or(""),
+            if restored > 0 { format!("  (restarted from generation {restored})") } else { String::new() }
+        );
+    }
+    match v["last_generation"].as_object() {
+        Some(g) => println!("last generation: {} ({} processes, {} new bytes)", g["id"], g["nprocs"], g["new_bytes"]),
+        None => println!("last generation: none"),
+    }
+    if let Some(e) = v["last_error"].as_str() {
+        println!("last error:  {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+fn log(url: &str, as_json: bool) -> Result<ExitCode> {
+    let store = Store::open(url)?;
+    let gens = store.generations()?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&gens)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if gens.is_empty() {
+        println!("no generations in {url}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:>5}  {:<19}  {:>5}  {:>10}  {:>10}  {:>10}  {:>8}  {}", "GEN", "TIME (UTC)", "PROCS", "LOGICAL", "NEW", "STORED", "TOOK", "TRACKING");
+    for g in gens {
+        let secs = g.created_ms / 1000;
+        println!(
+            "{:>5}  {:<19}  {:>5}  {:>10}  {:>10}  {:>10}  {:>6}ms  {}",
+            g.id,
+            utc(secs),
+            g.nprocs,
+            human(g.logical_bytes),
+            human(g.new_bytes),
+            human(g.stored_bytes),
+            g.duration_ms,
+            g.dirty_tracking
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` for a Unix time (civil-from-days, UTC).
+fn utc(secs: i64) -> String {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool) -> Result<ExitCode> {
+    let store = Store::open(url)?;
+    let info = match generation {
+        Some(g) => store.generation(g)?,
+        None => store.latest()?.ok_or_else(|| anyhow!("the store {url} has no generations yet: checkpoint something first"))?,
+    };
+    let manifest: GenerationManifest = serde_json::from_slice(&store.read_blob(&info.manifest)?)
+        .with_context(|| format!("the manifest of generation {} is not readable", info.id))?;
+    let mut images = Vec::new();
+    for p in &manifest.processes {
+        let img: ProcessImage = serde_json::from_slice(&store.read_blob(&p.image)?)
+            .with_context(|| format!("the image of process {} in generation {} is not readable", p.pid, info.id))?;
+        ckpt_engine::restore::check_ids_free(info.id, &img)?;
+        images.push(img);
+    }
+    let restorer = artifact("ckpt-restorer", "CKPT_RESTORER")?;
+    ensure_coordinator(addr, url, store_given, None)?;
+    let mut pids = Vec::new();
+    for img in &images {
+        let conn = addr.connect(Duration::from_secs(10)).map_err(|e| anyhow!("cannot connect to the coordinator at {addr}: {e}"))?;
+        let r = ckpt_engine::restore::restore_process(&store, info.id, img, &restorer, conn.into_owned_fd())?;
+        pids.push(r.pid);
+    }
+    for pid in &pids {
+        client::request(addr, "wait_process", json!({"pid": pid}), Duration::from_secs(30))
+            .with_context(|| format!("restored process {pid} did not come back to the coordinator"))?;
+    }
+    eprintln!("ckpt: restarted generation {} (pid {})", info.id, pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "));
+    drop(store);
+    let mut code = 0;
+    for (i, pid) in pids.iter().enumerate() {
+        let c = ckpt_engine::restore::wait_exit(*pid);
+        if i == 0 {
+            code = c;
+        }
+    }
+    Ok(ExitCode::from(code as u8))
+}

@@ -1,1 +1,36 @@
-//! TODO
+//! The ckpt coordinator: the one process that knows the whole computation.
+//!
+//! Role: accept the agents of the computation's processes (binary protocol
+//! of [`ckpt_wire::agent`]) and the CLI's requests (one JSON object per
+//! line, see [`client`]); run the checkpoint barrier (every process stopped
+//! → every image written → commit → every process resumed); own the store's
+//! writer, so a generation is committed only when every process's image is
+//! durable, all or nothing.
+//!
+//! What it must never do: commit a generation that lacks a process, leave a
+//! process stopped after a failed checkpoint, or run code inside the
+//! checkpointed programs (the agent does that).
+
+pub mod addr;
+pub mod client;
+mod server;
+
+pub use addr::{Address, Stream};
+pub use server::{Config, run};
+
+/// Errors of the coordinator and its client.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("bad coordinator address {0:?}: use unix:PATH or tcp:HOST:PORT")]
+    BadAddress(String),
+    #[error("no coordinator answers at {addr} ({source}); start one with `ckpt coordinator --coord {addr}` or use `ckpt launch`")]
+    Unreachable { addr: String, #[source] source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, #[source] source: std::io::Error },
+    #[error("the coordinator at {addr} broke the connection: {source}")]
+    Protocol { addr: String, #[source] source: std::io::Error },
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] ckpt_store::StoreError),
+}

@@ -1,1 +1,22 @@
-//! TODO
+//! The process model of ckpt, shared by the coordinator and the CLI.
+//!
+//! Role: everything about a Linux process that a checkpoint records and a
+//! restart recreates: the `/proc` readers ([`procfs`]), the image manifest
+//! ([`image`]), taking an image of a stopped process ([`capture`]) and the
+//! restart driver that recreates a process through the freestanding
+//! restorer ([`restore`], [`plan`]). Memory is moved with
+//! `process_vm_readv`/`process_vm_writev` ([`remote`]).
+//!
+//! What it must never do: run inside the checkpointed program (that is the
+//! preload agent's job), talk to the coordinator's clients, or know how
+//! blobs are laid out on disk (that is the store's).
+
+pub mod capture;
+pub mod error;
+pub mod image;
+pub mod plan;
+pub mod procfs;
+pub mod remote;
+pub mod restore;
+
+pub use error::{EngineError, Result};

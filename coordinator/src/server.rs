@@ -1,0 +1,391 @@
+//! The coordinator daemon.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ckpt_engine::capture::{AgentReport, capture_process};
+use ckpt_engine::image::{GenerationManifest, IMAGE_VERSION, ProcessEntry};
+use ckpt_store::{GenerationInfo, NewGeneration, Store, Writer};
+use ckpt_wire::Pod;
+use ckpt_wire::agent::{self as proto, CheckpointRequest, Failed, Header, Hello, Resume, Suspended, ThreadState, Welcome, kind};
+use serde_json::{Value, json};
+
+use crate::{Address, CoordError, Stream};
+
+/// How the coordinator runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub addr: Address,
+    pub store_url: String,
+    /// Checkpoint this often while processes are registered.
+    pub interval: Option<Duration>,
+}
+
+/// How long a process may take to stop all its threads.
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum AgentMsg {
+    Frame(u32, Vec<u8>),
+    Closed,
+}
+
+struct Proc {
+    conn_id: u64,
+    hello: Hello,
+    host: String,
+    writer: Mutex<Stream>,
+    rx: Mutex<Receiver<AgentMsg>>,
+    since_ms: i64,
+}
+
+impl Proc {
+    fn send(&self, kind: u32, payload: &[u8]) -> std::io::Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        w.write_all(Header::new(kind, payload.len()).as_bytes())?;
+        w.write_all(payload)
+    }
+
+    fn recv(&self, timeout: Duration) -> Option<(u32, Vec<u8>)> {
+        match self.rx.lock().unwrap().recv_timeout(timeout) {
+            Ok(AgentMsg::Frame(k, p)) => Some((k, p)),
+            Ok(AgentMsg::Closed) | Err(RecvTimeoutError::Disconnected) | Err(RecvTimeoutError::Timeout) => None,
+        }
+    }
+}
+
+struct Coordinator {
+    cfg: Config,
+    store: Store,
+    writer: Writer,
+    procs: Mutex<BTreeMap<i32, Arc<Proc>>>,
+    ckpt_lock: Mutex<()>,
+    next_conn: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    started: Instant,
+    host: String,
+    quit: AtomicBool,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Runs the coordinator until `ckpt quit`.
+pub fn run(cfg: Config) -> Result<(), CoordError> {
+    let store = Store::open_or_create(&cfg.store_url, ckpt_store::DEFAULT_CHUNK_SIZE)?;
+    let writer = store.writer()?;
+    let listener = cfg.addr.listen().map_err(|e| CoordError::Listen { addr: cfg.addr.to_string(), source: e })?;
+    tracing::info!(addr = %cfg.addr, store = %cfg.store_url, "coordinator listening");
+    let c = Arc::new(Coordinator {
+        cfg: cfg.clone(),
+        store,
+        writer,
+        procs: Mutex::new(BTreeMap::new()),
+        ckpt_lock: Mutex::new(()),
+        next_conn: AtomicU64::new(1),
+        last_error: Mutex::new(None),
+        started: Instant::now(),
+        host: hostname(),
+        quit: AtomicBool::new(false),
+    });
+    if let Some(every) = cfg.interval {
+        let c = c.clone();
+        std::thread::spawn(move || interval_loop(c, every));
+    }
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                continue;
+            }
+        };
+        if c.quit.load(Ordering::Acquire) {
+            break;
+        }
+        let c = c.clone();
+        std::thread::spawn(move || c.serve(stream, peer));
+    }
+    if let Address::Unix(p) = &cfg.addr {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+fn interval_loop(c: Arc<Coordinator>, every: Duration) {
+    loop {
+        std::thread::sleep(every);
+        if c.quit.load(Ordering::Acquire) {
+            return;
+        }
+        if c.procs.lock().unwrap().is_empty() {
+            continue;
+        }
+        match c.checkpoint() {
+            Ok(g) => tracing::info!(generation = g.id, "interval checkpoint committed"),
+            Err(e) => tracing::warn!("interval checkpoint failed: {e}"),
+        }
+    }
+}
+
+impl Coordinator {
+    fn serve(self: Arc<Self>, mut stream: Stream, peer: String) {
+        let mut first = [0u8; 4];
+        if stream.read_exact(&mut first).is_err() {
+            return;
+        }
+        if u32::from_le_bytes(first) == proto::MAGIC {
+            self.serve_agent(stream, first, peer);
+        } else {
+            self.serve_client(stream, first);
+        }
+    }
+
+    fn serve_agent(self: Arc<Self>, mut stream: Stream, first: [u8; 4], peer: String) {
+        let mut rest = [0u8; 12];
+        if stream.read_exact(&mut rest).is_err() {
+            return;
+        }
+        let mut hb = first.to_vec();
+        hb.extend_from_slice(&rest);
+        let h = Header::read_from(&hb).unwrap_or_default();
+        let mut payload = vec![0u8; h.len as usize];
+        if h.kind != kind::HELLO || stream.read_exact(&mut payload).is_err() {
+            return;
+        }
+        let Some(hello) = Hello::read_from(&payload) else { return };
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx): (Sender<AgentMsg>, Receiver<AgentMsg>) = channel();
+        let Ok(writer) = stream.try_clone() else { return };
+        let host = if peer == "local" { self.host.clone() } else { peer };
+        let p = Arc::new(Proc { conn_id, hello, host, writer: Mutex::new(writer), rx: Mutex::new(rx), since_ms: now_ms() });
+        let welcome = Welcome { ok: 1, _pad: 0, last_gen: 0 };
+        if p.send(kind::WELCOME, welcome.as_bytes()).is_err() {
+            return;
+        }
+        tracing::info!(pid = hello.pid, restored_from = hello.restored_gen, "process joined");
+        self.procs.lock().unwrap().insert(hello.pid, p);
+        loop {
+            let mut hb = [0u8; 16];
+            if stream.read_exact(&mut hb).is_err() {
+                break;
+            }
+            let Some(h) = Header::read_from(&hb) else { break };
+            if h.magic != proto::MAGIC {
+                break;
+            }
+            let mut payload = vec![0u8; h.len as usize];
+            if stream.read_exact(&mut payload).is_err() {
+                break;
+            }
+            if tx.send(AgentMsg::Frame(h.kind, payload)).is_err() {
+                break;
+            }
+        }
+        let _ = tx.send(AgentMsg::Closed);
+        let mut procs = self.procs.lock().unwrap();
+        if procs.get(&hello.pid).map(|p| p.conn_id) == Some(conn_id) {
+            procs.remove(&hello.pid);
+            tracing::info!(pid = hello.pid, "process left");
+        }
+    }
+
+    fn serve_client(self: Arc<Self>, stream: Stream, first: [u8; 4]) {
+        let Ok(mut out) = stream.try_clone() else { return };
+        let mut line = String::from_utf8_lossy(&first).into_owned();
+        let mut r = BufReader::new(stream);
+        if r.read_line(&mut line).is_err() {
+            return;
+        }
+        let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
+        let answer = match cmd {
+            "hello" => json!({"ok": true, "store": self.cfg.store_url, "addr": self.cfg.addr.to_string(), "pid": std::process::id()}),
+            "status" => self.status(),
+            "checkpoint" => match self.checkpoint() {
+                Ok(g) => json!({"ok": true, "generation": g.id, "info": g}),
+                Err(e) => {
+                    *self.last_error.lock().unwrap() = Some(e.clone());
+                    json!({"ok": false, "error": e})
+                }
+            },
+            "kill" => {
+                let procs: Vec<i32> = self.procs.lock().unwrap().keys().copied().collect();
+                for pid in &procs {
+                    // SAFETY: kill with a pid the agent registered.
+                    unsafe { libc::kill(*pid, libc::SIGKILL) };
+                }
+                json!({"ok": true, "killed": procs})
+            }
+            "wait_process" => {
+                let pid = req.get("pid").and_then(Value::as_i64).unwrap_or(0) as i32;
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let mut found = false;
+                while Instant::now() < deadline {
+                    if self.procs.lock().unwrap().contains_key(&pid) {
+                        found = true;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if found { json!({"ok": true}) } else { json!({"ok": false, "error": format!("process {pid} did not register with the coordinator")}) }
+            }
+            "quit" => {
+                self.quit.store(true, Ordering::Release);
+                json!({"ok": true})
+            }
+            other => json!({"ok": false, "error": format!("unknown command {other:?}")}),
+        };
+        let mut bytes = serde_json::to_vec(&answer).unwrap_or_default();
+        bytes.push(b'\n');
+        let _ = out.write_all(&bytes);
+        if cmd == "quit" {
+            if let Address::Unix(p) = &self.cfg.addr {
+                let _ = std::fs::remove_file(p);
+            }
+            tracing::info!("quit requested");
+            std::process::exit(0);
+        }
+    }
+
+    fn status(&self) -> Value {
+        let procs: Vec<Value> = self
+            .procs
+            .lock()
+            .unwrap()
+            .values()
+            .map(|p| {
+                let pid = p.hello.pid;
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+                json!({"pid": pid, "ppid": p.hello.ppid, "host": p.host, "comm": comm, "restored_from": p.hello.restored_gen, "since_ms": p.since_ms})
+            })
+            .collect();
+        let last = self.store.latest().ok().flatten();
+        json!({
+            "ok": true,
+            "coordinator": {"pid": std::process::id(), "addr": self.cfg.addr.to_string(), "uptime_s": self.started.elapsed().as_secs(),
+                            "interval_s": self.cfg.interval.map(|d| d.as_secs())},
+            "store": self.cfg.store_url,
+            "processes": procs,
+            "last_generation": last,
+            "last_error": *self.last_error.lock().unwrap(),
+        })
+    }
+
+    /// One checkpoint of every registered process: all or nothing.
+    fn checkpoint(&self) -> Result<GenerationInfo, String> {
+        let _one_at_a_time = self.ckpt_lock.lock().unwrap();
+        let t0 = Instant::now();
+        let procs: Vec<Arc<Proc>> = self.procs.lock().unwrap().values().cloned().collect();
+        if procs.is_empty() {
+            return Err("no processes to checkpoint: start one with `ckpt launch -- PROGRAM`".into());
+        }
+        let generation = self.writer.next_generation_id();
+        let req = CheckpointRequest { generation, flags: 0 };
+        let mut sent = Vec::new();
+        let mut failure: Option<String> = None;
+        for p in &procs {
+            match p.send(kind::CHECKPOINT, req.as_bytes()) {
+                Ok(()) => sent.push(p.clone()),
+                Err(e) => failure = Some(format!("process {} cannot be reached: {e}", p.hello.pid)),
+            }
+        }
+        // Stop everyone; remember who is stopped.
+        let mut stopped: Vec<(Arc<Proc>, AgentReport)> = Vec::new();
+        for p in &sent {
+            match p.recv(SUSPEND_TIMEOUT) {
+                Some((kind::SUSPENDED, payload)) => match parse_suspended(&p.hello, &payload) {
+                    Some(r) => stopped.push((p.clone(), r)),
+                    None => failure = Some(format!("process {} sent a malformed report", p.hello.pid)),
+                },
+                Some((kind::FAILED, payload)) => {
+                    let f = Failed::read_from(&payload);
+                    let msg = f.map(|f| String::from_utf8_lossy(f.message()).into_owned()).unwrap_or_default();
+                    failure = Some(format!("process {} could not stop: {msg}", p.hello.pid));
+                }
+                Some((k, _)) => failure = Some(format!("process {} answered with message kind {k}", p.hello.pid)),
+                None => failure = Some(format!("process {} died or did not stop within {}s", p.hello.pid, SUSPEND_TIMEOUT.as_secs())),
+            }
+        }
+        let result = match failure {
+            Some(f) => Err(f),
+            None => self.write_generation(generation, &stopped, t0),
+        };
+        let outcome = if result.is_ok() { proto::OUTCOME_WRITTEN } else { proto::OUTCOME_ABORTED };
+        if result.is_err() {
+            self.writer.abort();
+        }
+        let resume = Resume { outcome, _pad: 0, generation };
+        for (p, _) in &stopped {
+            let _ = p.send(kind::RESUME, resume.as_bytes());
+        }
+        for (p, _) in &stopped {
+            let _ = p.recv(Duration::from_secs(10));
+        }
+        match &result {
+            Ok(g) => tracing::info!(generation = g.id, ms = g.duration_ms, new_bytes = g.new_bytes, "generation committed"),
+            Err(e) => tracing::warn!("checkpoint aborted: {e}"),
+        }
+        result
+    }
+
+    fn write_generation(&self, generation: u64, stopped: &[(Arc<Proc>, AgentReport)], t0: Instant) -> Result<GenerationInfo, String> {
+        let chunk_size = self.store.chunk_size();
+        let mut entries = Vec::new();
+        let mut logical = 0u64;
+        let mut summary = Vec::new();
+        for (p, report) in stopped {
+            let (image, stats) = capture_process(report, &self.writer, chunk_size, &p.host).map_err(|e| e.to_string())?;
+            logical += stats.logical_bytes;
+            let bytes = serde_json::to_vec(&image).map_err(|e| e.to_string())?;
+            let hash = self.writer.put_meta(&bytes).map_err(|e| e.to_string())?;
+            summary.push(json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
+                                "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes}));
+            entries.push(ProcessEntry { pid: image.pid, host: image.host.clone(), exe: image.exe.clone(), image: hash });
+        }
+        let manifest = GenerationManifest { version: IMAGE_VERSION, generation, processes: entries };
+        let mbytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+        let mhash = self.writer.put_meta(&mbytes).map_err(|e| e.to_string())?;
+        let parent = self.store.latest().map_err(|e| e.to_string())?.map(|g| g.id);
+        let g = self
+            .writer
+            .commit(NewGeneration {
+                parent,
+                created_ms: now_ms(),
+                duration_ms: t0.elapsed().as_millis() as u64,
+                nprocs: stopped.len() as u32,
+                logical_bytes: logical,
+                dirty_tracking: "full".into(),
+                manifest: mhash,
+                info: json!({"processes": summary}),
+            })
+            .map_err(|e| e.to_string())?;
+        if g.id != generation {
+            tracing::warn!(expected = generation, got = g.id, "generation number moved");
+        }
+        Ok(g)
+    }
+}
+
+fn parse_suspended(hello: &Hello, payload: &[u8]) -> Option<AgentReport> {
+    let s = Suspended::read_from(payload)?;
+    let mut threads = Vec::with_capacity(s.nthreads as usize);
+    let base = std::mem::size_of::<Suspended>();
+    let ts = std::mem::size_of::<ThreadState>();
+    for i in 0..s.nthreads as usize {
+        threads.push(ThreadState::read_from(payload.get(base + i * ts..)?)?);
+    }
+    Some(AgentReport { hello: *hello, suspended: s, threads })
+}

@@ -1,0 +1,42 @@
+//! Errors of the engine. Each names the process, fd, region or op concerned
+//! and says what the user can do.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot read {path} of process {pid}: {source} (did the process exit?)")]
+    Proc { pid: i32, path: PathBuf, #[source] source: std::io::Error },
+
+    #[error("process {pid}: fd {fd} is a {kind} ({target}), which ckpt cannot checkpoint yet; close it before checkpointing")]
+    UnsupportedFd { pid: i32, fd: i32, kind: String, target: String },
+
+    #[error("process {pid}: {what}, which ckpt cannot checkpoint yet")]
+    Unsupported { pid: i32, what: String },
+
+    #[error("cannot read memory of process {pid} at {addr:#x}: {source}")]
+    Memory { pid: i32, addr: u64, #[source] source: std::io::Error },
+
+    #[error(transparent)]
+    Store(#[from] ckpt_store::StoreError),
+
+    #[error("image of generation {generation} is damaged: {what}; run `ckpt verify` and restart an older generation")]
+    BadImage { generation: u64, what: String },
+
+    #[error("cannot restart generation {generation}: {what} is in use (is the original process still running? `ckpt kill` it, or wait for it to exit)")]
+    IdTaken { generation: u64, what: String },
+
+    #[error("cannot restart generation {generation}: {what}")]
+    Restore { generation: u64, what: String },
+
+    #[error("{context}: {source}")]
+    Io { context: String, #[source] source: std::io::Error },
+}
+
+impl EngineError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        EngineError::Io { context: context.into(), source }
+    }
+}

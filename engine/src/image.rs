@@ -1,0 +1,214 @@
+//! The image manifest: what a generation records about each process.
+//!
+//! These are plain serializable types (no fds, no pointers into live
+//! processes), stored as JSON blobs in the store. Memory contents are not in
+//! here: each region names its chunk lists ("segments", each a store blob of
+//! up to [`SEGMENT_LEN`] chunk hashes), so an unchanged part of memory costs
+//! one hash in the next generation, not one per chunk.
+
+use ckpt_chunker::Hash;
+use serde::{Deserialize, Serialize};
+
+/// Manifest format version; bump on incompatible change.
+pub const IMAGE_VERSION: u32 = 1;
+/// Chunk hashes per segment blob.
+pub const SEGMENT_LEN: usize = 1024;
+
+/// The root of a generation: one entry per process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenerationManifest {
+    pub version: u32,
+    pub generation: u64,
+    pub processes: Vec<ProcessEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProcessEntry {
+    pub pid: i32,
+    pub host: String,
+    pub exe: String,
+    /// Hash of the [`ProcessImage`] blob.
+    pub image: Hash,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProcessImage {
+    pub version: u32,
+    pub pid: i32,
+    pub ppid: i32,
+    pub host: String,
+    pub exe: String,
+    pub comm: String,
+    pub cmdline: Vec<String>,
+    pub cwd: String,
+    pub umask: u32,
+    pub rlimits: Vec<Rlimit>,
+    pub mm: MmFields,
+    /// Saved auxiliary vector (pairs of words, AT_NULL included).
+    pub auxv: Vec<u64>,
+    pub threads: Vec<ThreadImage>,
+    /// Actions of signals 1..=64 (index = signal - 1; SIGKILL/SIGSTOP zero).
+    pub sigactions: Vec<Sigaction>,
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
+    pub itimers: Vec<Itimer>,
+    pub fds: Vec<FdImage>,
+    pub regions: Vec<RegionImage>,
+    pub agent: AgentImage,
+    pub chunk_size: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The `mm_struct` fields `PR_SET_MM_MAP` restores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadImage {
+    pub tid: i32,
+    pub is_ckpt_thread: bool,
+    pub ucontext: u64,
+    pub fs_base: u64,
+    pub clear_child_tid: u64,
+    pub robust_list: u64,
+    pub robust_len: u64,
+    pub rseq_addr: u64,
+    pub rseq_len: u32,
+    pub rseq_sig: u32,
+}
+
+impl From<&ckpt_wire::agent::ThreadState> for ThreadImage {
+    fn from(t: &ckpt_wire::agent::ThreadState) -> Self {
+        ThreadImage {
+            tid: t.tid,
+            is_ckpt_thread: t.is_ckpt_thread != 0,
+            ucontext: t.ucontext,
+            fs_base: t.fs_base,
+            clear_child_tid: t.clear_child_tid,
+            robust_list: t.robust_list,
+            robust_len: t.robust_len,
+            rseq_addr: t.rseq_addr,
+            rseq_len: t.rseq_len,
+            rseq_sig: t.rseq_sig,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sigaction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Itimer {
+    pub interval_sec: i64,
+    pub interval_usec: i64,
+    pub value_sec: i64,
+    pub value_usec: i64,
+}
+
+impl Itimer {
+    pub fn is_zero(&self) -> bool {
+        *self == Itimer::default()
+    }
+}
+
+/// An open file descriptor and how to bring it back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdImage {
+    pub fd: i32,
+    pub kind: FdKind,
+    /// `open(2)` flags from fdinfo (access mode, O_APPEND, O_NONBLOCK, ...).
+    pub flags: i32,
+    pub cloexec: bool,
+    pub pos: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FdKind {
+    /// stdin/stdout/stderr on a terminal, pipe or socket outside the
+    /// computation: the restarted process gets the restart command's.
+    Inherited { was: String },
+    /// A regular file, reopened by path at the same offset.
+    File { path: String },
+    /// A directory, reopened by path.
+    Dir { path: String },
+    /// A character device such as /dev/null, reopened by path.
+    Device { path: String },
+    /// The agent's connection to the coordinator: a new one is made.
+    Agent,
+}
+
+/// One mapping of the address space.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionImage {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_READ | PROT_WRITE | PROT_EXEC bits.
+    pub prot: u32,
+    pub kind: RegionKind,
+    /// Backing file (file mappings), or the kernel's name (`[heap]`, ...).
+    pub name: String,
+    pub offset: u64,
+    /// Chunk-list blobs; empty when the region has no recorded content.
+    pub segments: Vec<Hash>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegionKind {
+    /// Private memory (anonymous or a private file mapping): content recorded.
+    Private,
+    /// `[heap]`: private, and brk's region.
+    Heap,
+    /// `[stack]`: private and grows down.
+    Stack,
+    /// Anonymous shared memory: content recorded, restored shared.
+    SharedAnon,
+    /// Shared file mapping: the file holds the content; remapped.
+    SharedFile,
+    /// The kernel's vDSO and its data pages: moved, never recorded.
+    Vdso,
+    Vvar,
+    VvarVclock,
+}
+
+impl RegionKind {
+    pub fn has_content(self) -> bool {
+        matches!(self, RegionKind::Private | RegionKind::Heap | RegionKind::Stack | RegionKind::SharedAnon)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentImage {
+    pub fd: i32,
+    pub restart_word_addr: u64,
+    pub ckpt_tid: i32,
+}
+
+impl ProcessImage {
+    pub fn logical_bytes(&self) -> u64 {
+        self.regions.iter().filter(|r| r.kind.has_content()).map(|r| r.end - r.start).sum()
+    }
+}

@@ -1,0 +1,126 @@
+//! Reading and writing another process's memory.
+//!
+//! `process_vm_readv`/`process_vm_writev` move bytes between address spaces
+//! without a bounce buffer; `/proc/PID/mem` (which may read pages the process
+//! itself cannot, e.g. `PROT_NONE`) is the fallback. `/proc/PID/pagemap`
+//! says which pages exist at all.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+pub const PAGE: u64 = 4096;
+
+/// Reads `buf.len()` bytes at `addr` of `pid`; returns how many were read
+/// before the first fault (0 if the first page faults).
+pub fn read(pid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let local = libc::iovec { iov_base: buf[done..].as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() - done };
+        let remote = libc::iovec { iov_base: (addr + done as u64) as *mut libc::c_void, iov_len: buf.len() - done };
+        // SAFETY: `local` covers the unread tail of `buf`, which we own;
+        // the remote range is only read by the kernel.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if done > 0 || e.raw_os_error() == Some(libc::EFAULT) {
+                return Ok(done);
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    Ok(done)
+}
+
+/// Writes all of `data` at `addr` of `pid`.
+pub fn write(pid: i32, addr: u64, data: &[u8]) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let local = libc::iovec { iov_base: data[done..].as_ptr() as *mut libc::c_void, iov_len: data.len() - done };
+        let remote = libc::iovec { iov_base: (addr + done as u64) as *mut libc::c_void, iov_len: data.len() - done };
+        // SAFETY: `local` is only read by the kernel; the remote range
+        // belongs to a process we created and mapped writable.
+        let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+        if n <= 0 {
+            return Err(if n < 0 { std::io::Error::last_os_error() } else { std::io::Error::other("short write") });
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Fills `buf` from `addr`, page by page where a page faults; pages that
+/// cannot be read at all (beyond the end of a mapped file) read as zero.
+/// `mem` is `/proc/PID/mem`, which can also read non-readable mappings.
+pub fn read_tolerant(pid: i32, mem: Option<&File>, addr: u64, buf: &mut [u8]) -> std::io::Result<u64> {
+    let mut read_bytes = 0u64;
+    let first = read(pid, addr, buf)?;
+    read_bytes += first as u64;
+    let mut off = first;
+    while off < buf.len() {
+        let end = (off + PAGE as usize).min(buf.len());
+        let page = &mut buf[off..end];
+        let n = read(pid, addr + off as u64, page).unwrap_or(0);
+        if n < page.len() {
+            let got = mem.and_then(|m| m.read_at(&mut page[n..], addr + (off + n) as u64).ok()).unwrap_or(0);
+            page[n + got..].fill(0);
+            read_bytes += got as u64;
+        }
+        read_bytes += n as u64;
+        off = end;
+    }
+    Ok(read_bytes)
+}
+
+/// For each page of `[start, end)`: is it present in RAM or swap?
+pub fn present_pages(pagemap: &File, start: u64, end: u64) -> std::io::Result<Vec<bool>> {
+    let n = ((end - start) / PAGE) as usize;
+    let mut raw = vec![0u8; n * 8];
+    let mut off = 0;
+    while off < raw.len() {
+        let got = pagemap.read_at(&mut raw[off..], (start / PAGE) * 8 + off as u64)?;
+        if got == 0 {
+            break;
+        }
+        off += got;
+    }
+    Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()) & (3 << 62) != 0).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_and_writes_a_child() {
+        // Our own process is a fine peer for process_vm_*.
+        let me = std::process::id() as i32;
+        let src = vec![7u8; 3 * PAGE as usize];
+        let mut dst = vec![0u8; src.len()];
+        assert_eq!(read(me, src.as_ptr() as u64, &mut dst).unwrap(), src.len());
+        assert_eq!(dst, src);
+        let target = vec![0u8; 100];
+        write(me, target.as_ptr() as u64, &[1u8; 100]).unwrap();
+        assert_eq!(std::hint::black_box(&target), &vec![1u8; 100]);
+    }
+
+    #[test]
+    fn pagemap_sees_untouched_pages() {
+        let me = std::process::id() as i32;
+        let len = 16 * PAGE as usize;
+        // SAFETY: plain anonymous mapping, unmapped below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: writing inside the mapping.
+        unsafe { *(p as *mut u8).add(3 * PAGE as usize) = 1 };
+        let pm = File::open(format!("/proc/{me}/pagemap")).unwrap();
+        let pres = present_pages(&pm, p as u64, p as u64 + len as u64).unwrap();
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(p, len) };
+        assert_eq!(pres.iter().filter(|&&x| x).count(), 1);
+        assert!(pres[3]);
+    }
+}
