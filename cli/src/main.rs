@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_coord = matches!(cli.cmd, Cmd::Coordinator { .. });
     let filter = std::env::var("CKPT_LOG").unwrap_or_else(|_| if is_coord { "info".into() } else { "warn".into() });
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).init();
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
@@ -220,7 +220,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     ld = format!("{ld}:{old}");
                 }
             }
-            let err = std::process::Command::new(&prog[0]).args(&prog[1..]).env("LD_PRELOAD", ld).env(ckpt_wire::agent::ENV_COORD, addr.to_string()).exec();
+            let err = std::process::Command::new(&prog[0]).args(&prog[1..]).env("LD_PRELOAD", ld)
+                .env(ckpt_wire::agent::ENV_COORD, addr.to_string())
+                .env(ckpt_engine::procfs::ENV_EXTERNAL_FDS, ckpt_engine::procfs::describe_external_fds())
+                .exec();
             bail!("cannot run {}: {err}", prog[0])
         }
         Cmd::Checkpoint { coord } => {

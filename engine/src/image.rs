@@ -147,8 +147,9 @@ pub struct FdImage {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FdKind {
-    /// stdin/stdout/stderr on a terminal, pipe or socket outside the
-    /// computation: the restarted process gets the restart command's.
+    /// stdin/stdout/stderr: the restarted process gets the restart
+    /// command's. Above 2: a pipe or socket the program inherited from
+    /// outside the computation at launch; it becomes /dev/null.
     Inherited { was: String },
     /// A regular file, reopened by path at the same offset.
     File { path: String },

@@ -192,7 +192,50 @@ pub fn tids(pid: i32) -> Result<Vec<i32>> {
 /// Reads and classifies every open fd of `pid`. `agent_fd` is the agent's
 /// own connection. An fd of a kind ckpt cannot checkpoint yet is an
 /// [`EngineError::UnsupportedFd`] naming the process, the fd and its kind.
+/// Environment variable in which `ckpt launch` lists the pipes and sockets
+/// the program inherited from outside the computation (`FD=TARGET;...`).
+pub const ENV_EXTERNAL_FDS: &str = "CKPT_EXTERNAL_FDS";
+
+/// The external fds recorded at launch, from `/proc/PID/environ`.
+pub fn external_fds(pid: i32) -> Vec<(i32, String)> {
+    let env = fs::read(proc_path(pid, "environ")).unwrap_or_default();
+    let prefix = format!("{ENV_EXTERNAL_FDS}=");
+    env.split(|&b| b == 0)
+        .filter_map(|e| std::str::from_utf8(e).ok()?.strip_prefix(prefix.as_str()).map(str::to_string))
+        .flat_map(|v| {
+            v.split(';')
+                .filter_map(|item| {
+                    let (fd, target) = item.split_once('=')?;
+                    Some((fd.parse().ok()?, target.to_string()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Describes this process's inherited pipes, sockets and other non-file fds
+/// above 2, for [`ENV_EXTERNAL_FDS`].
+pub fn describe_external_fds() -> String {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc/self/fd") {
+        for e in rd.flatten() {
+            let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            if fd <= 2 {
+                continue;
+            }
+            if let Ok(t) = fs::read_link(e.path()) {
+                let t = t.to_string_lossy().into_owned();
+                if t.starts_with("pipe:") || t.starts_with("socket:") || t.starts_with("anon_inode:") {
+                    out.push(format!("{fd}={t}"));
+                }
+            }
+        }
+    }
+    out.join(";")
+}
+
 pub fn fds(pid: i32, agent_fd: i32) -> Result<Vec<FdImage>> {
+    let external = external_fds(pid);
     let dir = proc_path(pid, "fd");
     let rd = fs::read_dir(&dir).map_err(|e| EngineError::Proc { pid, path: dir.clone(), source: e })?;
     let mut nums: Vec<i32> = rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
@@ -212,7 +255,7 @@ pub fn fds(pid: i32, agent_fd: i32) -> Result<Vec<FdImage>> {
         let unsupported = |kind: &str| EngineError::UnsupportedFd { pid, fd, kind: kind.to_string(), target: target.clone() };
         let kind = if fd == agent_fd {
             FdKind::Agent
-        } else if fd <= 2 {
+        } else if fd <= 2 || external.iter().any(|(n, t)| *n == fd && *t == target) {
             FdKind::Inherited { was: target.clone() }
         } else if target.starts_with('/') {
             if target.ends_with(" (deleted)") {

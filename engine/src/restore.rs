@@ -116,6 +116,11 @@ fn open_fd(generation: u64, f: &FdImage) -> Result<Option<OwnedFd>> {
     let (path, flags) = match &f.kind {
         FdKind::File { path } | FdKind::Device { path } => (path, f.flags & keep),
         FdKind::Dir { path } => (path, libc::O_RDONLY | libc::O_DIRECTORY),
+        FdKind::Inherited { .. } if f.fd > 2 => {
+            tracing::warn!("fd {} was inherited from outside the computation ({:?}); it is /dev/null after the restart", f.fd, f.kind);
+            let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| EngineError::io("/dev/null", e))?;
+            return Ok(Some(devnull.into()));
+        }
         FdKind::Inherited { .. } | FdKind::Agent => return Ok(None),
     };
     let c = CString::new(path.as_bytes()).map_err(|_| EngineError::Restore { generation, what: format!("bad path {path:?}") })?;
@@ -189,7 +194,7 @@ pub fn restore_process(store: &Store, generation: u64, image: &ProcessImage, res
     let mut agent_conn = Some(agent_conn);
     for f in &image.fds {
         match &f.kind {
-            FdKind::Inherited { .. } => keep_inherited.push(f.fd),
+            FdKind::Inherited { .. } if f.fd <= 2 => keep_inherited.push(f.fd),
             FdKind::Agent => {
                 let src = agent_conn.take().ok_or_else(|| err("two agent fds".into()))?;
                 moves.push(FdMove { src, dst: f.fd, cloexec: true });
@@ -359,9 +364,8 @@ unsafe fn child_exec(
             if libc::dup2(src, dst) < 0 {
                 libc::_exit(120);
             }
-            if cloexec {
-                libc::fcntl(dst, libc::F_SETFD, libc::FD_CLOEXEC);
-            }
+            // Close-on-exec is set by the plan: the restorer is exec'd.
+            let _ = cloexec;
         }
         libc::syscall(libc::SYS_close_range, src_base as u32, u32::MAX, 0u32);
         for (fd, &k) in keep.iter().enumerate() {
@@ -562,6 +566,10 @@ fn build_plan(
         let v = ckpt_wire::ItimerVal { interval_sec: t.interval_sec, interval_usec: t.interval_usec, value_sec: t.value_sec, value_usec: t.value_usec };
         let r = p.data_pod(&v);
         p.syscall(libc::SYS_setitimer, &[(which as u64).into(), r.into(), 0u64.into()], None, false, format!("restore interval timer {which}"));
+    }
+    for f in image.fds.iter().filter(|f| f.cloexec || matches!(f.kind, FdKind::Agent)) {
+        let fd = f.fd as u64;
+        p.syscall(libc::SYS_fcntl, &[fd.into(), (libc::F_SETFD as u64).into(), (libc::FD_CLOEXEC as u64).into()], None, false, format!("mark fd {fd} close-on-exec"));
     }
     for fd in exe_fd.iter().chain(shared_file_fds.values()) {
         p.syscall(libc::SYS_close, &[(*fd as u64).into()], None, false, format!("close helper fd {fd}"));
