@@ -181,6 +181,8 @@ fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: 
         Err(ckpt_coordinator::CoordError::Unreachable { .. }) => {}
         Err(e) => return Err(e.into()),
     }
+    // A bad store is reported here, not buried in the coordinator's log.
+    Store::open_or_create(store, ckpt_store::DEFAULT_CHUNK_SIZE)?;
     let log = log_path(addr);
     if let Some(d) = log.parent() {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;

@@ -252,6 +252,12 @@ impl Coordinator {
         bytes.push(b'\n');
         let _ = out.write_all(&bytes);
         if cmd == "quit" {
+            // No checkpoint may be half-way when we go.
+            let _no_checkpoint = self.ckpt_lock.lock().unwrap();
+            self.writer.abort();
+            if let Err(e) = self.store.checkpoint_wal() {
+                tracing::warn!("folding the catalog's WAL: {e}");
+            }
             if let Address::Unix(p) = &self.cfg.addr {
                 let _ = std::fs::remove_file(p);
             }

@@ -165,6 +165,9 @@ fn move_above(fd: OwnedFd, min: RawFd) -> Result<OwnedFd> {
 /// coordinator for the process's agent. Returns once every thread runs.
 pub fn restore_process(store: &Store, generation: u64, image: &ProcessImage, restorer: &Path, agent_conn: OwnedFd) -> Result<Restored> {
     let err = |what: String| EngineError::Restore { generation, what };
+    // Start the thread pool now: threads created after the clone could take
+    // the TIDs the image's threads need.
+    rayon::broadcast(|_| ());
     check_ids_free(generation, image)?;
     if image.regions.iter().any(|r| r.start < ZONE_END && r.end > ZONE_START) {
         return Err(err(format!("the image has memory in [{ZONE_START:#x}, {ZONE_END:#x}), where the restorer lives")));

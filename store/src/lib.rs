@@ -365,6 +365,13 @@ impl Store {
             .db(&self.inner.catalog_path)
     }
 
+    /// Folds the write-ahead log into the catalog file (for a clean
+    /// shutdown: the catalog is then one self-contained file).
+    pub fn checkpoint_wal(&self) -> Result<()> {
+        let conn = self.inner.conn();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).db(&self.inner.catalog_path)
+    }
+
     /// One committed generation.
     pub fn generation(&self, id: u64) -> Result<GenerationInfo> {
         let found = {

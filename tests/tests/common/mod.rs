@@ -1008,6 +1008,10 @@ pub fn occupy_pid(pid: i32) -> Option<Child> {
             .spawn()
             .ok()?;
         if child.id() as i32 == pid {
+            // Move the allocator past the image's TIDs (pid + 1, ...), so
+            // that processes and threads made later by the test do not
+            // take them by accident.
+            let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid + 200));
             return Some(child);
         }
         let mut c = child;
