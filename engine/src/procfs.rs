@@ -326,11 +326,18 @@ mod tests {
     }
 
     fn spawn_sleeper(script: &str) -> std::process::Child {
-        let child = std::process::Command::new("sh")
-            .args(["-c", script])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", script]).stdin(std::process::Stdio::piped());
+        // SAFETY: close_range is async-signal-safe; it drops the fds the
+        // test runner leaks to children (e.g. a jobserver pipe).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().unwrap();
         let pid = child.id() as i32;
         for _ in 0..500 {
             if comm(pid).map(|c| c == "sleep").unwrap_or(false) {
