@@ -25,6 +25,8 @@ pub struct Config {
     pub interval: Option<Duration>,
 }
 
+/// How long a checkpoint waits for another writer (`ckpt gc`) to finish.
+const WRITER_WAIT: Duration = Duration::from_secs(300);
 /// How long a process may take to stop all its threads.
 const SUSPEND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -60,7 +62,6 @@ impl Proc {
 struct Coordinator {
     cfg: Config,
     store: Store,
-    writer: Writer,
     procs: Mutex<BTreeMap<i32, Arc<Proc>>>,
     ckpt_lock: Mutex<()>,
     next_conn: AtomicU64,
@@ -85,13 +86,13 @@ fn hostname() -> String {
 /// Runs the coordinator until `ckpt quit`.
 pub fn run(cfg: Config) -> Result<(), CoordError> {
     let store = Store::open_or_create(&cfg.store_url, ckpt_store::DEFAULT_CHUNK_SIZE)?;
-    let writer = store.writer()?;
+    // Fail now, not at the first checkpoint, if another process owns it.
+    drop(store.writer()?);
     let listener = cfg.addr.listen().map_err(|e| CoordError::Listen { addr: cfg.addr.to_string(), source: e })?;
     tracing::info!(addr = %cfg.addr, store = %cfg.store_url, "coordinator listening");
     let c = Arc::new(Coordinator {
         cfg: cfg.clone(),
         store,
-        writer,
         procs: Mutex::new(BTreeMap::new()),
         ckpt_lock: Mutex::new(()),
         next_conn: AtomicU64::new(1),
@@ -254,7 +255,6 @@ impl Coordinator {
         if cmd == "quit" {
             // No checkpoint may be half-way when we go.
             let _no_checkpoint = self.ckpt_lock.lock().unwrap();
-            self.writer.abort();
             if let Err(e) = self.store.checkpoint_wal() {
                 tracing::warn!("folding the catalog's WAL: {e}");
             }
@@ -298,7 +298,10 @@ impl Coordinator {
         if procs.is_empty() {
             return Err("no processes to checkpoint: start one with `ckpt launch -- PROGRAM`".into());
         }
-        let generation = self.writer.next_generation_id();
+        // The store's writer lock is taken per checkpoint, so that `ckpt gc`
+        // can work between checkpoints; wait for it if gc holds it now.
+        let writer = self.take_writer()?;
+        let generation = writer.next_generation_id();
         let req = CheckpointRequest { generation, flags: 0 };
         let mut sent = Vec::new();
         let mut failure: Option<String> = None;
@@ -327,12 +330,13 @@ impl Coordinator {
         }
         let result = match failure {
             Some(f) => Err(f),
-            None => self.write_generation(generation, &stopped, t0),
+            None => self.write_generation(&writer, generation, &stopped, t0),
         };
         let outcome = if result.is_ok() { proto::OUTCOME_WRITTEN } else { proto::OUTCOME_ABORTED };
         if result.is_err() {
-            self.writer.abort();
+            writer.abort();
         }
+        drop(writer);
         let resume = Resume { outcome, _pad: 0, generation };
         for (p, _) in &stopped {
             let _ = p.send(kind::RESUME, resume.as_bytes());
@@ -347,26 +351,36 @@ impl Coordinator {
         result
     }
 
-    fn write_generation(&self, generation: u64, stopped: &[(Arc<Proc>, AgentReport)], t0: Instant) -> Result<GenerationInfo, String> {
+    fn take_writer(&self) -> Result<Writer, String> {
+        let deadline = Instant::now() + WRITER_WAIT;
+        loop {
+            match self.store.writer() {
+                Ok(w) => return Ok(w),
+                Err(ckpt_store::StoreError::Locked { .. }) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    fn write_generation(&self, writer: &Writer, generation: u64, stopped: &[(Arc<Proc>, AgentReport)], t0: Instant) -> Result<GenerationInfo, String> {
         let chunk_size = self.store.chunk_size();
         let mut entries = Vec::new();
         let mut logical = 0u64;
         let mut summary = Vec::new();
         for (p, report) in stopped {
-            let (image, stats) = capture_process(report, &self.writer, chunk_size, &p.host).map_err(|e| e.to_string())?;
+            let (image, stats) = capture_process(report, writer, chunk_size, &p.host).map_err(|e| e.to_string())?;
             logical += stats.logical_bytes;
             let bytes = serde_json::to_vec(&image).map_err(|e| e.to_string())?;
-            let hash = self.writer.put_meta(&bytes).map_err(|e| e.to_string())?;
+            let hash = writer.put_meta(&bytes).map_err(|e| e.to_string())?;
             summary.push(json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
                                 "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes}));
             entries.push(ProcessEntry { pid: image.pid, host: image.host.clone(), exe: image.exe.clone(), image: hash });
         }
         let manifest = GenerationManifest { version: IMAGE_VERSION, generation, processes: entries };
         let mbytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
-        let mhash = self.writer.put_meta(&mbytes).map_err(|e| e.to_string())?;
+        let mhash = writer.put_meta(&mbytes).map_err(|e| e.to_string())?;
         let parent = self.store.latest().map_err(|e| e.to_string())?.map(|g| g.id);
-        let g = self
-            .writer
+        let g = writer
             .commit(NewGeneration {
                 parent,
                 created_ms: now_ms(),
