@@ -49,6 +49,13 @@ enum Cmd {
         /// Checkpoint every SECS seconds.
         #[arg(long, value_name = "SECS")]
         interval: Option<u64>,
+        /// Dirty-page tracking: auto, soft-dirty, uffd-wp or scan.
+        #[arg(long, value_name = "MODE", default_value = "auto")]
+        dirty_tracking: String,
+        /// Keep the program stopped while its memory is read, instead of
+        /// resuming it once a copy-on-write snapshot is forked.
+        #[arg(long)]
+        no_fork_ckpt: bool,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         prog: Vec<String>,
@@ -211,7 +218,17 @@ fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: 
 
 fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Launch { coord, store, interval, prog } => {
+        Cmd::Launch { coord, store, interval, dirty_tracking, no_fork_ckpt, prog } => {
+            use ckpt_engine::dirty;
+            if dirty::parse_request(&dirty_tracking).is_none() {
+                bail!("--dirty-tracking {dirty_tracking:?}: use auto, soft-dirty, uffd-wp or scan");
+            }
+            if dirty_tracking == "soft-dirty" && !dirty::soft_dirty_supported() {
+                bail!("--dirty-tracking soft-dirty: this kernel keeps no soft-dirty bits (built without CONFIG_MEM_SOFT_DIRTY); use uffd-wp, scan or auto");
+            }
+            if dirty_tracking == "uffd-wp" && !dirty::uffd_wp_supported() {
+                bail!("--dirty-tracking uffd-wp: this kernel has no userfaultfd write-protect with WP_ASYNC (Linux 6.7+), or userfaultfd is not allowed here; use soft-dirty, scan or auto");
+            }
             let addr = coord_addr(&coord)?;
             let url = store_url(&store);
             ensure_coordinator(&addr, &url, store.store.is_some(), interval)?;
@@ -225,6 +242,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             let err = std::process::Command::new(&prog[0]).args(&prog[1..]).env("LD_PRELOAD", ld)
                 .env(ckpt_wire::agent::ENV_COORD, addr.to_string())
                 .env(ckpt_engine::procfs::ENV_EXTERNAL_FDS, ckpt_engine::procfs::describe_external_fds())
+                .env(ckpt_wire::agent::ENV_TRACKING, &dirty_tracking)
+                .env(ckpt_wire::agent::ENV_NO_FORK, if no_fork_ckpt { "1" } else { "0" })
                 .exec();
             bail!("cannot run {}: {err}", prog[0])
         }
@@ -260,7 +279,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     }
                 }
             }
-            ckpt_coordinator::run(ckpt_coordinator::Config { addr, store_url: store_url(&store), interval: interval.map(Duration::from_secs) })?;
+            ckpt_coordinator::run(ckpt_coordinator::Config { addr, store_url: store_url(&store), interval: interval.map(Duration::from_secs), fork: true })?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -294,10 +313,12 @@ fn status(addr: &Address, as_json: bool) -> Result<ExitCode> {
     for p in procs {
         let restored = p["restored_from"].as_u64().unwrap_or(0);
         println!(
-            "  pid {:>7}  {:<16} host {}{}",
+            "  pid {:>7}  {:<16} host {}  tracking {}{}{}",
             p["pid"],
             p["comm"].as_str().unwrap_or(""),
             p["host"].as_str().unwrap_or(""),
+            p["dirty_tracking"].as_str().unwrap_or("?"),
+            if p["fork"].as_bool() == Some(true) { ", forked snapshots" } else { "" },
             if restored > 0 { format!("  (restarted from generation {restored})") } else { String::new() }
         );
     }

@@ -7,11 +7,16 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ckpt_engine::capture::{AgentReport, capture_process};
+use std::collections::{HashMap, HashSet};
+
+use ckpt_engine::capture::{AgentReport, Base, Prepared, prepare};
+use ckpt_engine::dirty::Backend;
+use ckpt_engine::image::RegionKind;
+use ckpt_engine::procfs;
 use ckpt_engine::image::{GenerationManifest, IMAGE_VERSION, ProcessEntry};
 use ckpt_store::{GenerationInfo, NewGeneration, Store, Writer};
 use ckpt_wire::Pod;
-use ckpt_wire::agent::{self as proto, CheckpointRequest, Failed, Header, Hello, Resume, Suspended, ThreadState, Welcome, kind};
+use ckpt_wire::agent::{self as proto, CheckpointRequest, Failed, Forked, Header, Hello, RangeList, Registered, Resume, Suspended, ThreadState, Welcome, kind};
 use serde_json::{Value, json};
 
 use crate::{Address, CoordError, Stream};
@@ -23,6 +28,9 @@ pub struct Config {
     pub store_url: String,
     /// Checkpoint this often while processes are registered.
     pub interval: Option<Duration>,
+    /// Forked checkpointing: the program resumes once a copy-on-write
+    /// snapshot is taken, and the snapshot is stored while it runs.
+    pub fork: bool,
 }
 
 /// How long a checkpoint waits for another writer (`ckpt gc`) to finish.
@@ -63,6 +71,8 @@ struct Coordinator {
     cfg: Config,
     store: Store,
     procs: Mutex<BTreeMap<i32, Arc<Proc>>>,
+    /// Per pid: (connection, what its last committed capture left).
+    bases: Mutex<HashMap<i32, (u64, Base)>>,
     ckpt_lock: Mutex<()>,
     next_conn: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -94,6 +104,7 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         cfg: cfg.clone(),
         store,
         procs: Mutex::new(BTreeMap::new()),
+        bases: Mutex::new(HashMap::new()),
         ckpt_lock: Mutex::new(()),
         next_conn: AtomicU64::new(1),
         last_error: Mutex::new(None),
@@ -275,7 +286,9 @@ impl Coordinator {
             .map(|p| {
                 let pid = p.hello.pid;
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
-                json!({"pid": pid, "ppid": p.hello.ppid, "host": p.host, "comm": comm, "restored_from": p.hello.restored_gen, "since_ms": p.since_ms})
+                json!({"pid": pid, "ppid": p.hello.ppid, "host": p.host, "comm": comm, "restored_from": p.hello.restored_gen, "since_ms": p.since_ms,
+                       "dirty_tracking": Backend::choose(p.hello.tracking, p.hello.uffd_fd).name(),
+                       "fork": self.cfg.fork && p.hello.flags & proto::HELLO_NO_FORK == 0})
             })
             .collect();
         let last = self.store.latest().ok().flatten();
@@ -328,27 +341,177 @@ impl Coordinator {
                 None => failure = Some(format!("process {} died or did not stop within {}s", p.hello.pid, SUSPEND_TIMEOUT.as_secs())),
             }
         }
-        let result = match failure {
-            Some(f) => Err(f),
-            None => self.write_generation(&writer, generation, &stopped, t0),
-        };
-        let outcome = if result.is_ok() { proto::OUTCOME_WRITTEN } else { proto::OUTCOME_ABORTED };
-        if result.is_err() {
+        if let Some(f) = failure {
             writer.abort();
+            finish_round(&stopped, proto::OUTCOME_ABORTED, generation, &[]);
+            tracing::warn!("checkpoint aborted: {f}");
+            return Err(f);
         }
-        drop(writer);
-        let resume = Resume { outcome, _pad: 0, generation };
+        // The tracking bases of these processes are consumed: on success they
+        // are replaced, on failure tracking starts over with a full read.
+        let mut bases: HashMap<i32, Base> = HashMap::new();
+        {
+            let mut all = self.bases.lock().unwrap();
+            for (p, _) in &stopped {
+                if let Some((conn, b)) = all.remove(&p.hello.pid) {
+                    if conn == p.conn_id {
+                        bases.insert(p.hello.pid, b);
+                    }
+                }
+            }
+        }
+
+        // Phase A, everyone stopped: metadata, dirty pages, snapshot.
+        let mut work: Vec<Work> = Vec::new();
+        let phase_a = self.phase_a(&stopped, &bases, &writer, &mut work);
+        let snapshots: Vec<i32> = work.iter().filter_map(|w| w.snapshot).collect();
+        if let Err(e) = phase_a {
+            writer.abort();
+            finish_round(&stopped, proto::OUTCOME_ABORTED, generation, &snapshots);
+            tracing::warn!("checkpoint aborted: {e}");
+            return Err(e);
+        }
+        let resume = Resume { outcome: proto::OUTCOME_WRITTEN, _pad: 0, generation };
         for (p, _) in &stopped {
             let _ = p.send(kind::RESUME, resume.as_bytes());
         }
+        let downtime_ms = t0.elapsed().as_secs_f64() * 1000.0;
+
+        // Phase B, the program running again: memory from the snapshots.
+        let result = self.phase_b(&writer, generation, &mut work, &bases, t0, downtime_ms);
+        kill_snapshots(&snapshots);
         for (p, _) in &stopped {
             let _ = p.recv(Duration::from_secs(10));
         }
-        match &result {
-            Ok(g) => tracing::info!(generation = g.id, ms = g.duration_ms, new_bytes = g.new_bytes, "generation committed"),
-            Err(e) => tracing::warn!("checkpoint aborted: {e}"),
+        match result {
+            Ok((g, new_bases)) => {
+                let mut all = self.bases.lock().unwrap();
+                for (pid, conn, b) in new_bases {
+                    all.insert(pid, (conn, b));
+                }
+                tracing::info!(generation = g.id, ms = g.duration_ms, downtime_ms, new_bytes = g.new_bytes, "generation committed");
+                Ok(g)
+            }
+            Err(e) => {
+                writer.abort();
+                tracing::warn!("checkpoint aborted: {e}");
+                Err(e)
+            }
         }
-        result
+    }
+
+    fn phase_a(&self, stopped: &[(Arc<Proc>, AgentReport)], bases: &HashMap<i32, Base>, writer: &Writer, work: &mut Vec<Work>) -> Result<(), String> {
+        let chunk_size = self.store.chunk_size();
+        for (p, report) in stopped {
+            let pid = p.hello.pid;
+            let backend = Backend::choose(p.hello.tracking, p.hello.uffd_fd);
+            let mut prep = prepare(report, backend, &p.host, chunk_size).map_err(|e| e.to_string())?;
+            if backend == Backend::UffdWp && !prep.untracked.is_empty() {
+                let mut payload = RangeList { count: prep.untracked.len() as u32, _pad: 0 }.as_bytes().to_vec();
+                for (a, b) in &prep.untracked {
+                    payload.extend_from_slice(&a.to_le_bytes());
+                    payload.extend_from_slice(&b.to_le_bytes());
+                }
+                p.send(kind::REGISTER, &payload).map_err(|e| format!("process {pid}: {e}"))?;
+                match p.recv(SUSPEND_TIMEOUT) {
+                    Some((kind::REGISTERED, r)) => {
+                        let r = Registered::read_from(&r).unwrap_or_default();
+                        tracing::debug!(pid, registered = r.registered, failed = r.failed, "write tracking registered");
+                    }
+                    _ => return Err(format!("process {pid} did not answer the tracking registration")),
+                }
+            }
+            let base = bases.get(&pid);
+            let mut snapshot = None;
+            if self.cfg.fork && p.hello.flags & proto::HELLO_NO_FORK == 0 {
+                p.send(kind::FORK, &[]).map_err(|e| format!("process {pid}: {e}"))?;
+                match p.recv(SUSPEND_TIMEOUT) {
+                    Some((kind::FORKED, f)) => {
+                        let f = Forked::read_from(&f).unwrap_or_default();
+                        if f.pid > 0 {
+                            snapshot = Some(f.pid);
+                        } else {
+                            tracing::warn!(pid, errno = f.errno, "fork of the snapshot failed; reading the process while it is stopped");
+                        }
+                    }
+                    _ => return Err(format!("process {pid} did not answer the snapshot request")),
+                }
+            }
+            match snapshot {
+                Some(child) => {
+                    work.push(Work { proc_: p.clone(), prep: None, snapshot: Some(child) });
+                    // Shared memory is not snapshotted by fork, and a region
+                    // marked MADV_DONTFORK is missing from the child: those
+                    // are read now, while the process is stopped.
+                    let child_starts: HashSet<u64> = procfs::maps(child).map_err(|e| e.to_string())?.iter().map(|m| m.start).collect();
+                    prep.store_memory(pid, |r| r.kind == RegionKind::SharedAnon || !child_starts.contains(&r.start), base, writer).map_err(|e| e.to_string())?;
+                }
+                None => {
+                    prep.store_memory(pid, |_| true, base, writer).map_err(|e| e.to_string())?;
+                    work.push(Work { proc_: p.clone(), prep: None, snapshot: None });
+                }
+            }
+            work.last_mut().unwrap().prep = Some(prep);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn phase_b(
+        &self,
+        writer: &Writer,
+        generation: u64,
+        work: &mut [Work],
+        bases: &HashMap<i32, Base>,
+        t0: Instant,
+        downtime_ms: f64,
+    ) -> Result<(GenerationInfo, Vec<(i32, u64, Base)>), String> {
+        let mut entries = Vec::new();
+        let mut logical = 0u64;
+        let mut summary = Vec::new();
+        let mut new_bases = Vec::new();
+        let mut backends = Vec::new();
+        for w in work.iter_mut() {
+            let pid = w.proc_.hello.pid;
+            let mut prep = w.prep.take().ok_or("internal: capture missing")?;
+            if let Some(child) = w.snapshot {
+                prep.store_memory(child, |_| true, bases.get(&pid), writer).map_err(|e| e.to_string())?;
+                kill_snapshots(&[child]);
+            }
+            let backend = prep.backend;
+            let (image, stats, base) = prep.finish(generation, writer).map_err(|e| e.to_string())?;
+            logical += stats.logical_bytes;
+            let bytes = serde_json::to_vec(&image).map_err(|e| e.to_string())?;
+            let hash = writer.put_meta(&bytes).map_err(|e| e.to_string())?;
+            summary.push(json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
+                                "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes, "dirty_tracking": backend.name(),
+                                "forked": w.snapshot.is_some()}));
+            if !backends.contains(&backend.name()) {
+                backends.push(backend.name());
+            }
+            entries.push(ProcessEntry { pid: image.pid, host: image.host.clone(), exe: image.exe.clone(), image: hash });
+            new_bases.push((pid, w.proc_.conn_id, base));
+        }
+        let manifest = GenerationManifest { version: IMAGE_VERSION, generation, processes: entries };
+        let mbytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+        let mhash = writer.put_meta(&mbytes).map_err(|e| e.to_string())?;
+        let parent = self.store.latest().map_err(|e| e.to_string())?.map(|g| g.id);
+        let g = writer
+            .commit(NewGeneration {
+                parent,
+                created_ms: now_ms(),
+                duration_ms: t0.elapsed().as_millis() as u64,
+                nprocs: work.len() as u32,
+                logical_bytes: logical,
+                dirty_tracking: backends.join(","),
+                manifest: mhash,
+                info: json!({"processes": summary, "downtime_ms": downtime_ms}),
+            })
+            .map_err(|e| e.to_string())?;
+        if g.id != generation {
+            tracing::warn!(expected = generation, got = g.id, "generation number moved");
+        }
+        Ok((g, new_bases))
     }
 
     fn take_writer(&self) -> Result<Writer, String> {
@@ -362,40 +525,31 @@ impl Coordinator {
         }
     }
 
-    fn write_generation(&self, writer: &Writer, generation: u64, stopped: &[(Arc<Proc>, AgentReport)], t0: Instant) -> Result<GenerationInfo, String> {
-        let chunk_size = self.store.chunk_size();
-        let mut entries = Vec::new();
-        let mut logical = 0u64;
-        let mut summary = Vec::new();
-        for (p, report) in stopped {
-            let (image, stats) = capture_process(report, writer, chunk_size, &p.host).map_err(|e| e.to_string())?;
-            logical += stats.logical_bytes;
-            let bytes = serde_json::to_vec(&image).map_err(|e| e.to_string())?;
-            let hash = writer.put_meta(&bytes).map_err(|e| e.to_string())?;
-            summary.push(json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
-                                "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes}));
-            entries.push(ProcessEntry { pid: image.pid, host: image.host.clone(), exe: image.exe.clone(), image: hash });
-        }
-        let manifest = GenerationManifest { version: IMAGE_VERSION, generation, processes: entries };
-        let mbytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
-        let mhash = writer.put_meta(&mbytes).map_err(|e| e.to_string())?;
-        let parent = self.store.latest().map_err(|e| e.to_string())?.map(|g| g.id);
-        let g = writer
-            .commit(NewGeneration {
-                parent,
-                created_ms: now_ms(),
-                duration_ms: t0.elapsed().as_millis() as u64,
-                nprocs: stopped.len() as u32,
-                logical_bytes: logical,
-                dirty_tracking: "full".into(),
-                manifest: mhash,
-                info: json!({"processes": summary}),
-            })
-            .map_err(|e| e.to_string())?;
-        if g.id != generation {
-            tracing::warn!(expected = generation, got = g.id, "generation number moved");
-        }
-        Ok(g)
+}
+
+/// One process's part of a checkpoint in progress.
+struct Work {
+    proc_: Arc<Proc>,
+    prep: Option<Prepared>,
+    snapshot: Option<i32>,
+}
+
+fn kill_snapshots(pids: &[i32]) {
+    for &pid in pids {
+        // SAFETY: the snapshot child's pid, reported by its parent's agent.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Ends a round that failed: snapshots killed, every process resumed.
+fn finish_round(stopped: &[(Arc<Proc>, AgentReport)], outcome: u32, generation: u64, snapshots: &[i32]) {
+    kill_snapshots(snapshots);
+    let resume = Resume { outcome, _pad: 0, generation };
+    for (p, _) in stopped {
+        let _ = p.send(kind::RESUME, resume.as_bytes());
+    }
+    for (p, _) in stopped {
+        let _ = p.recv(Duration::from_secs(10));
     }
 }
 

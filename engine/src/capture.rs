@@ -5,6 +5,7 @@
 //! chunks per mapping, hashed in parallel; only chunks the store does not
 //! already hold are compressed and written.
 
+use std::collections::HashMap;
 use std::fs::File;
 
 use ckpt_chunker::Hash;
@@ -13,6 +14,9 @@ use ckpt_wire::agent::{Hello, Suspended, ThreadState};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
 use rayon::prelude::*;
 
+use ckpt_wire::uapi::{PM_PRESENT, PM_SOFT_DIRTY, PM_SWAPPED};
+
+use crate::dirty::{self, Backend};
 use crate::error::{EngineError, Result};
 use crate::image::*;
 use crate::procfs::{self, Mapping};
@@ -61,41 +65,87 @@ fn is_anonymous(m: &Mapping) -> bool {
     m.inode == 0
 }
 
-/// Captures one process into `writer`; returns its image (not yet stored)
-/// and byte counts.
-pub fn capture_process(report: &AgentReport, writer: &Writer, chunk_size: usize, host: &str) -> Result<(ProcessImage, CaptureStats)> {
+/// What a previous capture of the same process left for the next one:
+/// per region (by start address), its chunk hashes and which pages were
+/// present. Valid only while dirty tracking has run without a gap since.
+#[derive(Clone, Debug, Default)]
+pub struct Base {
+    pub generation: u64,
+    pub regions: HashMap<u64, BaseRegion>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BaseRegion {
+    pub end: u64,
+    pub hashes: Vec<Hash>,
+    pub present: Vec<bool>,
+}
+
+/// A capture in progress: metadata taken and dirty pages known (while the
+/// process was stopped); memory still to store.
+pub struct Prepared {
+    pub image: ProcessImage,
+    pub backend: Backend,
+    pub stats: CaptureStats,
+    /// Regions whose writes were not tracked (to register for uffd-wp).
+    pub untracked: Vec<(u64, u64)>,
+    regions: Vec<RegionState>,
+}
+
+struct RegionState {
+    /// Index into `image.regions`.
+    index: usize,
+    anonymous: bool,
+    present: Vec<bool>,
+    /// Pages written since the last reset; None: unknown (all written).
+    written: Option<Vec<bool>>,
+    hashes: Option<Vec<Hash>>,
+}
+
+/// Step 1, while the process is stopped: read its metadata, which pages
+/// exist and which were written, and start the next tracking interval.
+pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize) -> Result<Prepared> {
     let pid = report.hello.pid;
     let timers = procfs::posix_timer_count(pid);
     if timers > 0 {
         return Err(EngineError::Unsupported { pid, what: format!("it holds {timers} POSIX timer(s) (timer_create)") });
     }
-    let fds = procfs::fds(pid, report.hello.agent_fd)?;
+    let own_fds = [report.hello.agent_fd, report.hello.uffd_fd];
+    let fds = procfs::fds(pid, &own_fds)?;
     let maps = procfs::maps(pid)?;
     let mut mm = procfs::mm_fields(pid)?;
     mm.brk = report.suspended.brk;
-
-    let mem_path = format!("/proc/{pid}/mem");
-    let mem = File::open(&mem_path).map_err(|e| EngineError::Proc { pid, path: mem_path.into(), source: e })?;
     let pm_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pm_path).map_err(|e| EngineError::Proc { pid, path: pm_path.into(), source: e })?;
 
-    let mut stats = CaptureStats::default();
     let mut regions = Vec::new();
+    let mut states = Vec::new();
+    let mut untracked = Vec::new();
+    let mut stats = CaptureStats::default();
     for m in &maps {
-        if m.start >= ZONE_START && m.end <= ZONE_END {
-            continue; // the restorer's leftovers after a restart
-        }
-        if m.name == "[vsyscall]" {
+        if (m.start >= ZONE_START && m.end <= ZONE_END) || m.name == "[vsyscall]" {
             continue;
         }
         let kind = region_kind(m);
-        let segments = if kind.has_content() {
+        if kind.has_content() {
             stats.logical_bytes += m.len();
-            capture_region(pid, m, &mem, &pagemap, writer, chunk_size, &mut stats)?
-        } else {
-            Vec::new()
-        };
-        regions.push(RegionImage { start: m.start, end: m.end, prot: m.prot(), kind, name: m.name.clone(), offset: m.offset, segments });
+            let mem_err = |e| EngineError::Memory { pid, addr: m.start, source: e };
+            let entries = dirty::pagemap_entries(&pagemap, m.start, m.end).map_err(mem_err)?;
+            let present: Vec<bool> = entries.iter().map(|e| e & (PM_PRESENT | PM_SWAPPED) != 0).collect();
+            let written = match backend {
+                Backend::Scan => None,
+                Backend::SoftDirty => Some(entries.iter().map(|e| e & PM_SOFT_DIRTY != 0).collect()),
+                Backend::UffdWp => dirty::uffd_written(&pagemap, m.start, m.end).map_err(mem_err)?,
+            };
+            if written.is_none() && backend == Backend::UffdWp {
+                untracked.push((m.start, m.end));
+            }
+            states.push(RegionState { index: regions.len(), anonymous: is_anonymous(m), present, written, hashes: None });
+        }
+        regions.push(RegionImage { start: m.start, end: m.end, prot: m.prot(), kind, name: m.name.clone(), offset: m.offset, segments: Vec::new() });
+    }
+    if backend == Backend::SoftDirty {
+        dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
     }
 
     let s = &report.suspended;
@@ -124,67 +174,113 @@ pub fn capture_process(report: &AgentReport, writer: &Writer, chunk_size: usize,
         agent: AgentImage { fd: report.hello.agent_fd, restart_word_addr: report.hello.restart_word_addr, ckpt_tid: report.hello.ckpt_tid },
         chunk_size: chunk_size as u32,
     };
-    Ok((image, stats))
+    Ok(Prepared { image, backend, stats, untracked, regions: states })
 }
 
-fn capture_region(
+impl Prepared {
+    /// Step 2: store the memory of the regions `which` selects (not yet
+    /// stored), reading from `source` (the process itself while stopped, or
+    /// its forked snapshot). Chunks whose pages are all unwritten and
+    /// present as before reuse `base`'s hashes without being read.
+    pub fn store_memory(&mut self, source: i32, which: impl Fn(&RegionImage) -> bool, base: Option<&Base>, writer: &Writer) -> Result<()> {
+        let chunk_size = self.image.chunk_size as usize;
+        let mem_path = format!("/proc/{source}/mem");
+        let mem = File::open(&mem_path).map_err(|e| EngineError::Proc { pid: source, path: mem_path.into(), source: e })?;
+        for st in self.regions.iter_mut().filter(|st| st.hashes.is_none()) {
+            let r = &self.image.regions[st.index];
+            if !which(r) {
+                continue;
+            }
+            let b = base.and_then(|b| b.regions.get(&r.start));
+            let hashes = store_region(source, r, st, b, &mem, writer, chunk_size, &mut self.stats)?;
+            st.hashes = Some(hashes);
+        }
+        Ok(())
+    }
+
+    /// Step 3: the finished image (segments stored) and the base for the
+    /// next capture.
+    pub fn finish(mut self, generation: u64, writer: &Writer) -> Result<(ProcessImage, CaptureStats, Base)> {
+        let mut base = Base { generation, regions: HashMap::new() };
+        for st in self.regions {
+            let r = &mut self.image.regions[st.index];
+            let hashes = st.hashes.ok_or_else(|| EngineError::Unsupported { pid: self.image.pid, what: format!("region {:#x} was never stored", r.start) })?;
+            r.segments = store_segments(writer, &hashes)?;
+            base.regions.insert(r.start, BaseRegion { end: r.end, hashes, present: st.present });
+        }
+        Ok((self.image, self.stats, base))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn store_region(
     pid: i32,
-    m: &Mapping,
+    r: &RegionImage,
+    st: &RegionState,
+    base: Option<&BaseRegion>,
     mem: &File,
-    pagemap: &File,
     writer: &Writer,
     chunk_size: usize,
     stats: &mut CaptureStats,
 ) -> Result<Vec<Hash>> {
-    let len = m.len() as usize;
+    let len = (r.end - r.start) as usize;
     let nchunks = len.div_ceil(chunk_size);
+    let ppc = chunk_size / remote::PAGE as usize;
     let mut hashes = vec![Hash::ZERO_CHUNK; nchunks];
-    // Pages never touched in anonymous memory are zero: skip them. File
-    // pages not yet faulted in still hold the file's bytes: read them.
-    let present = if is_anonymous(m) {
-        Some(remote::present_pages(pagemap, m.start, m.end).map_err(|e| EngineError::Memory { pid, addr: m.start, source: e })?)
-    } else {
-        None
-    };
-    let pages_per_chunk = chunk_size / remote::PAGE as usize;
-    let window = WINDOW - WINDOW % chunk_size;
-    let mut buf = vec![0u8; window.min(len)];
-    let mut off = 0usize;
-    while off < len {
-        let wlen = window.min(len - off);
-        let first_chunk = off / chunk_size;
-        let wchunks = wlen.div_ceil(chunk_size);
-        let touched: Vec<bool> = (0..wchunks)
-            .map(|c| match &present {
-                None => true,
-                Some(p) => {
-                    let p0 = (first_chunk + c) * pages_per_chunk;
-                    p[p0..(p0 + pages_per_chunk).min(p.len())].iter().any(|&x| x)
-                }
-            })
-            .collect();
-        if touched.iter().any(|&t| t) {
-            let data = &mut buf[..wlen];
-            stats.read_bytes += remote::read_tolerant(pid, Some(mem), m.start + off as u64, data)
-                .map_err(|e| EngineError::Memory { pid, addr: m.start + off as u64, source: e })?;
-            let data = &buf[..wlen];
-            let wh = ckpt_chunker::hash_chunks(data, chunk_size);
-            wh.par_iter().enumerate().try_for_each(|(c, h)| -> Result<()> {
-                if touched[c] && *h != Hash::ZERO_CHUNK && !writer.known(h) {
-                    let s = c * chunk_size;
-                    writer.put(BlobKind::Chunk, *h, &data[s..(s + chunk_size).min(wlen)])?;
-                }
-                Ok(())
-            })?;
-            for (c, h) in wh.into_iter().enumerate() {
-                if touched[c] {
-                    hashes[first_chunk + c] = h;
-                }
+    // Decide per chunk: reuse the base's hash, zero (no page exists), or read.
+    let mut to_read = Vec::new();
+    for (c, h) in hashes.iter_mut().enumerate() {
+        let p0 = c * ppc;
+        let p1 = (p0 + ppc).min(st.present.len());
+        // The base's chunk must cover exactly the same bytes.
+        let cur_end = (c * chunk_size + chunk_size).min(len);
+        let reusable = match (base, &st.written) {
+            (Some(b), Some(w)) if cur_end == (c * chunk_size + chunk_size).min((b.end - r.start) as usize) => {
+                (p0..p1).all(|p| b.present.get(p) == Some(&st.present[p]) && !(st.present[p] && w[p]))
+            }
+            _ => false,
+        };
+        if reusable {
+            if let Some(bh) = base.and_then(|b| b.hashes.get(c)) {
+                *h = *bh;
+                continue;
             }
         }
-        off += wlen;
+        if st.anonymous && !st.present[p0..p1].iter().any(|&x| x) {
+            continue; // nothing there: zero
+        }
+        to_read.push(c);
     }
-    store_segments(writer, &hashes)
+    // Read runs of consecutive chunks, a window at a time.
+    let max_run = (WINDOW / chunk_size).max(1);
+    let mut buf = Vec::new();
+    let mut i = 0;
+    while i < to_read.len() {
+        let mut j = i + 1;
+        while j < to_read.len() && to_read[j] == to_read[j - 1] + 1 && j - i < max_run {
+            j += 1;
+        }
+        let first = to_read[i];
+        let off = first * chunk_size;
+        let rlen = ((to_read[j - 1] + 1) * chunk_size).min(len) - off;
+        buf.resize(rlen, 0);
+        stats.read_bytes += remote::read_tolerant(pid, Some(mem), r.start + off as u64, &mut buf)
+            .map_err(|e| EngineError::Memory { pid, addr: r.start + off as u64, source: e })?;
+        let data = &buf[..];
+        let wh = ckpt_chunker::hash_chunks(data, chunk_size);
+        wh.par_iter().enumerate().try_for_each(|(k, h)| -> Result<()> {
+            if *h != Hash::ZERO_CHUNK && !writer.known(h) {
+                let s = k * chunk_size;
+                writer.put(BlobKind::Chunk, *h, &data[s..(s + chunk_size).min(rlen)])?;
+            }
+            Ok(())
+        })?;
+        for (k, h) in wh.into_iter().enumerate() {
+            hashes[first + k] = h;
+        }
+        i = j;
+    }
+    Ok(hashes)
 }
 
 /// Stores a region's chunk list as segment blobs.

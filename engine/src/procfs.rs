@@ -234,7 +234,8 @@ pub fn describe_external_fds() -> String {
     out.join(";")
 }
 
-pub fn fds(pid: i32, agent_fd: i32) -> Result<Vec<FdImage>> {
+pub fn fds(pid: i32, agent_fds: &[i32]) -> Result<Vec<FdImage>> {
+    let agent_fd = agent_fds.first().copied().unwrap_or(-1);
     let external = external_fds(pid);
     let dir = proc_path(pid, "fd");
     let rd = fs::read_dir(&dir).map_err(|e| EngineError::Proc { pid, path: dir.clone(), source: e })?;
@@ -253,6 +254,9 @@ pub fn fds(pid: i32, agent_fd: i32) -> Result<Vec<FdImage>> {
         let cloexec = raw_flags & libc::O_CLOEXEC != 0;
         let flags = raw_flags & !libc::O_CLOEXEC;
         let unsupported = |kind: &str| EngineError::UnsupportedFd { pid, fd, kind: kind.to_string(), target: target.clone() };
+        if fd != agent_fd && agent_fds.contains(&fd) {
+            continue; // the agent's own userfaultfd: made anew after a restart
+        }
         let kind = if fd == agent_fd {
             FdKind::Agent
         } else if fd <= 2 || external.iter().any(|(n, t)| *n == fd && *t == target) {
@@ -352,7 +356,7 @@ mod tests {
     fn classifies_fds() {
         let mut child = spawn_sleeper("exec 5</etc/passwd 6</ 7>/dev/null; exec sleep 30");
         let pid = child.id() as i32;
-        let fds = fds(pid, -1).unwrap();
+        let fds = fds(pid, &[-1]).unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
         let kind = |n: i32| fds.iter().find(|f| f.fd == n).map(|f| f.kind.clone());
@@ -366,7 +370,7 @@ mod tests {
     fn names_an_unsupported_fd() {
         let mut child = spawn_sleeper("exec 4<&0; exec sleep 30");
         let pid = child.id() as i32;
-        let err = fds(pid, -1).unwrap_err();
+        let err = fds(pid, &[-1]).unwrap_err();
         child.kill().unwrap();
         child.wait().unwrap();
         let msg = err.to_string();

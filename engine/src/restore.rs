@@ -97,12 +97,25 @@ pub fn check_ids_free(generation: u64, image: &ProcessImage) -> Result<()> {
     let mut ids: Vec<(i32, &str)> = vec![(image.pid, "PID")];
     ids.extend(image.threads.iter().filter(|t| t.tid != image.pid).map(|t| (t.tid, "TID")));
     for (id, what) in ids {
+        // A process just killed may linger a moment as a zombie: give its
+        // parent time to reap it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while is_zombie(id) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         if Path::new(&format!("/proc/{id}")).exists() {
             let comm = procfs::comm(id).unwrap_or_default();
             return Err(EngineError::IdTaken { generation, what: format!("{what} {id} (now used by `{comm}`)") });
         }
     }
     Ok(())
+}
+
+fn is_zombie(id: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{id}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next().map(|st| st == "Z" || st == "X")))
+        .unwrap_or(false)
 }
 
 struct FdMove {

@@ -7,7 +7,10 @@
 
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-use ckpt_wire::agent::{self as proto, CKPT_SIGNAL, CheckpointRequest, Failed, Header, Hello, MAX_THREADS, Resume, Suspended, ThreadState, kind};
+use ckpt_wire::agent::{
+    self as proto, CKPT_SIGNAL, CheckpointRequest, Failed, Forked, Header, Hello, MAX_RANGES, MAX_THREADS, RangeList, Registered, Resume, Suspended,
+    ThreadState, kind, tracking,
+};
 use ckpt_wire::{ItimerVal, KernelSigaction, Pod};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
 
@@ -27,6 +30,19 @@ static OUTCOME: AtomicU32 = AtomicU32::new(proto::OUTCOME_ABORTED);
 /// The restorer's zone is still mapped (after a restart, until the next
 /// checkpoint: by then no thread can be running restorer code).
 static ZONE_MAPPED: AtomicBool = AtomicBool::new(false);
+
+/// The userfaultfd used for write-protect dirty tracking, or -1.
+static UFFD_FD: AtomicI32 = AtomicI32::new(-1);
+/// Requested tracking backend (`proto::tracking`).
+static TRACKING: AtomicU32 = AtomicU32::new(tracking::AUTO);
+/// `proto::HELLO_NO_FORK` if forked checkpointing is off for this process.
+static HELLO_FLAGS: AtomicU64 = AtomicU64::new(0);
+/// PID of the snapshot child of the current checkpoint (0 if none).
+static SNAPSHOT_PID: AtomicI32 = AtomicI32::new(0);
+
+/// Receive buffer for REGISTER messages (ranges to track).
+struct RangeBuf([u8; 8 + MAX_RANGES * 16]);
+static mut RANGES: RangeBuf = RangeBuf([0; 8 + MAX_RANGES * 16]);
 
 /// Static scratch for `/proc/self/task` listings and the stopped set. Only
 /// the checkpoint thread touches them.
@@ -55,6 +71,17 @@ pub fn start() {
         }
     };
     AGENT_FD.store(fd, Ordering::Release);
+    let mode = match std::env::var(proto::ENV_TRACKING).as_deref() {
+        Ok("soft-dirty") => tracking::SOFT_DIRTY,
+        Ok("uffd-wp") => tracking::UFFD_WP,
+        Ok("scan") => tracking::SCAN,
+        _ => tracking::AUTO,
+    };
+    TRACKING.store(mode, Ordering::Relaxed);
+    if std::env::var(proto::ENV_NO_FORK).as_deref() == Ok("1") {
+        HELLO_FLAGS.store(proto::HELLO_NO_FORK, Ordering::Relaxed);
+    }
+    open_uffd();
     lookup_rseq();
     if !suspend::install() {
         eprintln!("ckpt: cannot install the checkpoint signal handler; this process runs without checkpoints");
@@ -106,6 +133,108 @@ fn connect(addr: &str) -> std::io::Result<i32> {
     // SAFETY: closing the original we own.
     unsafe { libc::close(raw) };
     if high < 0 { Err(std::io::Error::last_os_error()) } else { Ok(high) }
+}
+
+/// Creates the write-protect userfaultfd if the requested backend may use
+/// it. Async-signal-safe (raw syscalls only): also called after a restart.
+fn open_uffd() {
+    let mode = TRACKING.load(Ordering::Relaxed);
+    if mode != tracking::AUTO && mode != tracking::UFFD_WP {
+        return;
+    }
+    use ckpt_wire::uapi::*;
+    // SAFETY: userfaultfd creation and its API handshake on our own fd.
+    unsafe {
+        let fd = libc::syscall(SYS_USERFAULTFD, libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY) as i32;
+        if fd < 0 {
+            return;
+        }
+        let mut ok = false;
+        for features in [UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED] {
+            let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+            if libc::syscall(libc::SYS_ioctl, fd, UFFDIO_API, &mut api as *mut UffdioApi) == 0 {
+                ok = true;
+                break;
+            }
+        }
+        // A failed UFFDIO_API leaves the fd unusable: start over for the next try.
+        if !ok {
+            libc::syscall(libc::SYS_close, fd);
+            return;
+        }
+        let high = libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, proto::AGENT_FD_BASE) as i32;
+        libc::syscall(libc::SYS_close, fd);
+        if high >= 0 {
+            UFFD_FD.store(high, Ordering::Release);
+        }
+    }
+}
+
+/// Registers and write-protects the ranges of a REGISTER message.
+fn register_ranges(payload: &[u8]) -> Registered {
+    use ckpt_wire::uapi::*;
+    let mut r = Registered::default();
+    let uffd = UFFD_FD.load(Ordering::Acquire);
+    let Some(list) = RangeList::read_from(payload) else { return r };
+    let n = (list.count as usize).min(MAX_RANGES).min((payload.len() - 8) / 16);
+    for i in 0..n {
+        let off = 8 + i * 16;
+        let start = u64::from_le_bytes(payload[off..off + 8].try_into().unwrap_or([0; 8]));
+        let end = u64::from_le_bytes(payload[off + 8..off + 16].try_into().unwrap_or([0; 8]));
+        if uffd < 0 || end <= start {
+            r.failed += 1;
+            continue;
+        }
+        let mut reg = UffdioRegister { start, len: end - start, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+        let mut wp = UffdioWriteprotect { start, len: end - start, mode: UFFDIO_WRITEPROTECT_MODE_WP };
+        // SAFETY: ioctls on our userfaultfd with structs we own.
+        let ok = unsafe {
+            libc::syscall(libc::SYS_ioctl, uffd, UFFDIO_REGISTER, &mut reg as *mut UffdioRegister) == 0
+                && libc::syscall(libc::SYS_ioctl, uffd, UFFDIO_WRITEPROTECT, &mut wp as *mut UffdioWriteprotect) == 0
+        };
+        if ok {
+            r.registered += 1;
+        } else {
+            r.failed += 1;
+        }
+    }
+    r
+}
+
+/// Forks the copy-on-write snapshot the coordinator reads while the
+/// program runs on. The child has exit signal 0, so the program's `wait`
+/// never sees it (only `__WALL` would); it closes every fd, blocks every
+/// signal and sleeps until the coordinator kills it (or 10 minutes pass).
+fn fork_snapshot() -> Forked {
+    // SAFETY: a fork-like raw clone (no CLONE_VM, exit signal 0); the child
+    // only makes raw syscalls and never returns from this function.
+    unsafe {
+        let pid = libc::syscall(libc::SYS_clone, 0u64, 0u64, 0u64, 0u64, 0u64);
+        if pid == 0 {
+            libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+            let all: u64 = !0;
+            libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all as *const u64, 0usize, 8usize);
+            let ts = libc::timespec { tv_sec: 1, tv_nsec: 0 };
+            for _ in 0..600 {
+                libc::syscall(libc::SYS_nanosleep, &ts as *const libc::timespec, 0usize);
+            }
+            libc::syscall(libc::SYS_exit_group, 0);
+        }
+        if pid < 0 {
+            return Forked { pid: 0, errno: sys::errno() };
+        }
+        SNAPSHOT_PID.store(pid as i32, Ordering::Release);
+        Forked { pid: pid as i32, errno: 0 }
+    }
+}
+
+/// Reaps the snapshot child once the coordinator has killed it.
+fn reap_snapshot() {
+    let pid = SNAPSHOT_PID.swap(0, Ordering::AcqRel);
+    if pid > 0 {
+        // SAFETY: waiting for our own clone child (__WALL finds exit-signal-0 children).
+        unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL, 0usize) };
+    }
 }
 
 fn lookup_rseq() {
@@ -190,7 +319,9 @@ fn hello(restored_gen: u64) -> bool {
         signal: CKPT_SIGNAL,
         restored_gen,
         restart_word_addr: &CKPT_RESTART_WORD as *const AtomicU64 as u64,
-        flags: 0,
+        flags: HELLO_FLAGS.load(Ordering::Relaxed),
+        uffd_fd: UFFD_FD.load(Ordering::Relaxed),
+        tracking: TRACKING.load(Ordering::Relaxed),
     };
     let mut buf = [0u8; 64];
     send(kind::HELLO, &[h.as_bytes()]) && recv(&mut buf) == Some(kind::WELCOME)
@@ -308,12 +439,17 @@ fn checkpoint(_generation: u64) {
         PARKED.store(0, Ordering::Release);
         NEXT_SLOT.store(0, Ordering::Release);
         ZONE_MAPPED.store(true, Ordering::Release);
+        SNAPSHOT_PID.store(0, Ordering::Release);
+        // The old userfaultfd was not restored: a new one tracks from now.
+        UFFD_FD.store(-1, Ordering::Release);
+        open_uffd();
         if !hello(after) {
             close_agent();
         }
         return;
     }
     release();
+    reap_snapshot();
     send(kind::RESUMED, &[]);
 }
 
@@ -360,9 +496,28 @@ pub fn checkpoint_in_handler(own: ThreadState) {
     if !send(kind::SUSPENDED, &[msg.as_bytes(), slot_bytes, own.as_bytes()]) {
         return;
     }
-    let mut buf = [0u8; 64];
-    if recv(&mut buf) == Some(kind::RESUME) {
-        let r = Resume::read_from(&buf).unwrap_or_default();
-        OUTCOME.store(r.outcome, Ordering::Release);
+    // SAFETY: only the checkpoint thread uses RANGES, never re-entrantly.
+    let buf = unsafe { &mut (*core::ptr::addr_of_mut!(RANGES)).0 };
+    loop {
+        match recv(buf) {
+            Some(kind::REGISTER) => {
+                let r = register_ranges(buf);
+                if !send(kind::REGISTERED, &[r.as_bytes()]) {
+                    return;
+                }
+            }
+            Some(kind::FORK) => {
+                let f = fork_snapshot();
+                if !send(kind::FORKED, &[f.as_bytes()]) {
+                    return;
+                }
+            }
+            Some(kind::RESUME) => {
+                let r = Resume::read_from(buf).unwrap_or_default();
+                OUTCOME.store(r.outcome, Ordering::Release);
+                return;
+            }
+            _ => return,
+        }
     }
 }

@@ -48,7 +48,32 @@ pub mod kind {
     pub const FAILED: u32 = 5;
     pub const RESUME: u32 = 6;
     pub const RESUMED: u32 = 7;
+    /// Coordinator → agent while stopped: register these ranges for
+    /// write-protect tracking ([`super::RangeList`]).
+    pub const REGISTER: u32 = 8;
+    /// Agent → coordinator: [`super::Registered`].
+    pub const REGISTERED: u32 = 9;
+    /// Coordinator → agent while stopped: fork a copy-on-write snapshot.
+    pub const FORK: u32 = 10;
+    /// Agent → coordinator: [`super::Forked`].
+    pub const FORKED: u32 = 11;
 }
+
+/// Environment variable: `auto`, `soft-dirty`, `uffd-wp` or `scan`.
+pub const ENV_TRACKING: &str = "CKPT_DIRTY_TRACKING";
+/// Environment variable: `1` disables forked checkpointing.
+pub const ENV_NO_FORK: &str = "CKPT_NO_FORK";
+
+/// Dirty-tracking backends, as requested in [`Hello::tracking`].
+pub mod tracking {
+    pub const AUTO: u32 = 0;
+    pub const SOFT_DIRTY: u32 = 1;
+    pub const UFFD_WP: u32 = 2;
+    pub const SCAN: u32 = 3;
+}
+
+/// [`Hello::flags`]: the process asked not to be checkpointed by fork.
+pub const HELLO_NO_FORK: u64 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,8 +110,12 @@ pub struct Hello {
     /// generation there).
     pub restart_word_addr: u64,
     pub flags: u64,
+    /// The agent's userfaultfd (write-protect tracking), or -1.
+    pub uffd_fd: i32,
+    /// Requested backend ([`tracking`]).
+    pub tracking: u32,
 }
-// SAFETY: repr(C), fields laid out without padding (4*6 + 8*3).
+// SAFETY: repr(C), fields laid out without padding (4*6 + 8*3 + 4*2).
 unsafe impl Pod for Hello {}
 
 /// Coordinator → agent, answer to [`Hello`].
@@ -182,6 +211,38 @@ pub struct Resume {
 // SAFETY: repr(C), no padding.
 unsafe impl Pod for Resume {}
 
+/// Header of a REGISTER payload, followed by `count` `[start, end)` pairs of u64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RangeList {
+    pub count: u32,
+    pub _pad: u32,
+}
+// SAFETY: repr(C), two u32.
+unsafe impl Pod for RangeList {}
+
+/// Most ranges in one REGISTER message.
+pub const MAX_RANGES: usize = 65536;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Registered {
+    pub registered: u32,
+    pub failed: u32,
+}
+// SAFETY: repr(C), two u32.
+unsafe impl Pod for Registered {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forked {
+    /// PID of the snapshot process (0 on failure).
+    pub pid: i32,
+    pub errno: i32,
+}
+// SAFETY: repr(C), two i32.
+unsafe impl Pod for Forked {}
+
 pub const OUTCOME_WRITTEN: u32 = 0;
 pub const OUTCOME_ABORTED: u32 = 1;
 
@@ -193,7 +254,7 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         assert_eq!(size_of::<Header>(), 16);
-        assert_eq!(size_of::<Hello>(), 48);
+        assert_eq!(size_of::<Hello>(), 56);
         assert_eq!(size_of::<ThreadState>(), 64);
         assert_eq!(size_of::<Suspended>(), 16 + 3 * 32 + 64 * 32);
         assert_eq!(size_of::<Failed>(), 248);

@@ -4,7 +4,9 @@
 //! * [`agent`]: the in-process agent (`libckpt_preload.so`) and the
 //!   coordinator, over a stream socket;
 //! * [`restore`]: the restart driver (`ckpt restart`) and the freestanding
-//!   restorer, over two pipes, plus the address-space zone the restorer owns.
+//!   restorer, over two pipes, plus the address-space zone the restorer owns;
+//! * [`uapi`]: kernel constants and structs libc lacks (userfaultfd
+//!   write-protect, `PAGEMAP_SCAN`), used by the agent and the engine.
 //!
 //! Both ends of each protocol include this crate, so a layout change breaks
 //! the build instead of the restart.
@@ -17,6 +19,7 @@
 
 pub mod agent;
 pub mod restore;
+pub mod uapi;
 
 /// Marker for plain-old-data types whose every bit pattern is valid and that
 /// have no padding the compiler may leave uninitialised.

@@ -355,6 +355,8 @@ impl Session {
                 p.context()
             );
         };
+        // Lines printed while the checkpoint ran may still be queued.
+        p.drain();
         p.wait_ticks(2, LINE_TIMEOUT);
         let hi = p.last_tick.unwrap() + 1;
         eprintln!("[{}] generation {generation}: restart continues at tick {lo}..={hi}", self.name);
