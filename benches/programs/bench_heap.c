@@ -1,0 +1,76 @@
+/* Benchmark workload for ckpt: a heap of -m MiB filled with data that
+ * compresses like a typical memory image (runs of zeros, small integers,
+ * pointers, and random bytes). Commands on stdin, one per line:
+ *   mutate PERCENT random|sequential   -> changes that share of pages, prints "MUTATED n"
+ *   quit                               -> exits
+ * A heartbeat line "BEAT n" is printed every 20 ms, so a restart's first
+ * output is seen at once. */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <pthread.h>
+#include <sys/mman.h>
+
+#define PAGE 4096
+static uint64_t rng = 0x9e3779b97f4a7c15ULL;
+static uint64_t next(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
+
+static void fill_page(unsigned char *p, uint64_t salt) {
+    uint64_t *w = (uint64_t *)p;
+    for (int i = 0; i < PAGE / 8; i++) {
+        uint64_t r = next() ^ salt;
+        switch (r & 7) {
+        case 0: case 1: case 2: w[i] = 0; break;                      /* zeros */
+        case 3: case 4: w[i] = r >> 56; break;                         /* small ints */
+        case 5: case 6: w[i] = 0x00007f0000000000ULL | ((r >> 20) & 0xffffff8); break; /* pointers */
+        default: w[i] = r; break;                                      /* random */
+        }
+    }
+}
+
+static volatile unsigned long beats;
+static void *beat(void *arg) {
+    (void)arg;
+    for (;;) {
+        printf("BEAT %lu\n", beats++);
+        usleep(20000);
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    size_t mib = 1024;
+    int opt;
+    while ((opt = getopt(argc, argv, "m:")) != -1)
+        if (opt == 'm') mib = strtoul(optarg, NULL, 10);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    size_t pages = mib * 1024 * 1024 / PAGE;
+    unsigned char *heap = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (heap == MAP_FAILED) { perror("mmap"); return 1; }
+    for (size_t i = 0; i < pages; i++) fill_page(heap + i * PAGE, i);
+    printf("READY pages=%zu\n", pages);
+    pthread_t t;
+    pthread_create(&t, NULL, beat, NULL);
+    char line[256];
+    size_t seq = 0;
+    uint64_t round = 1;
+    while (fgets(line, sizeof line, stdin)) {
+        double pct; char pat[32];
+        if (sscanf(line, "mutate %lf %31s", &pct, pat) == 2) {
+            size_t n = (size_t)(pages * pct / 100.0);
+            if (n == 0) n = 1;
+            round++;
+            for (size_t k = 0; k < n; k++) {
+                size_t pg = strcmp(pat, "sequential") == 0 ? (seq++ % pages) : (size_t)(next() % pages);
+                fill_page(heap + pg * PAGE, round * 1000003 + pg);
+            }
+            printf("MUTATED %zu\n", n);
+        } else if (strncmp(line, "quit", 4) == 0) {
+            return 0;
+        }
+    }
+    for (;;) pause();
+}
