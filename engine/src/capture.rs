@@ -142,7 +142,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             }
             states.push(RegionState { index: regions.len(), anonymous: is_anonymous(m), present, written, hashes: None });
         }
-        regions.push(RegionImage { start: m.start, end: m.end, prot: m.prot(), kind, name: m.name.clone(), offset: m.offset, segments: Vec::new() });
+        regions.push(RegionImage { start: m.start, end: m.end, prot: m.prot(), kind, name: m.name.clone(), offset: m.offset, segments: Vec::new(), depth: 0 });
     }
     if backend == Backend::SoftDirty {
         dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
@@ -205,7 +205,7 @@ impl Prepared {
         for st in self.regions {
             let r = &mut self.image.regions[st.index];
             let hashes = st.hashes.ok_or_else(|| EngineError::Unsupported { pid: self.image.pid, what: format!("region {:#x} was never stored", r.start) })?;
-            r.segments = store_segments(writer, &hashes)?;
+            (r.segments, r.depth) = crate::chunklist::store(writer, &hashes)?;
             base.regions.insert(r.start, BaseRegion { end: r.end, hashes, present: st.present });
         }
         Ok((self.image, self.stats, base))
@@ -283,26 +283,3 @@ fn store_region(
     Ok(hashes)
 }
 
-/// Stores a region's chunk list as segment blobs.
-pub fn store_segments(writer: &Writer, hashes: &[Hash]) -> Result<Vec<Hash>> {
-    hashes
-        .chunks(SEGMENT_LEN)
-        .map(|seg| {
-            let bytes: Vec<u8> = seg.iter().flat_map(|h| h.0).collect();
-            Ok(writer.put_meta(&bytes)?)
-        })
-        .collect()
-}
-
-/// Reads a region's chunk list back.
-pub fn load_segments(store: &ckpt_store::Store, generation: u64, segments: &[Hash]) -> Result<Vec<Hash>> {
-    let mut out = Vec::with_capacity(segments.len() * SEGMENT_LEN);
-    for s in segments {
-        let bytes = store.read_blob(s)?;
-        if bytes.len() % 32 != 0 {
-            return Err(EngineError::BadImage { generation, what: format!("chunk list {s} has a length that is not a multiple of 32") });
-        }
-        out.extend(bytes.chunks_exact(32).map(|c| Hash(c.try_into().unwrap())));
-    }
-    Ok(out)
-}

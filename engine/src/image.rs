@@ -2,17 +2,15 @@
 //!
 //! These are plain serializable types (no fds, no pointers into live
 //! processes), stored as JSON blobs in the store. Memory contents are not in
-//! here: each region names its chunk lists ("segments", each a store blob of
-//! up to [`SEGMENT_LEN`] chunk hashes), so an unchanged part of memory costs
-//! one hash in the next generation, not one per chunk.
+//! here: each region names the top of its chunk-list tree
+//! ([`crate::chunklist`]), so an unchanged part of memory costs nothing in the
+//! next generation, and a changed page costs a leaf and the path above it.
 
 use ckpt_chunker::Hash;
 use serde::{Deserialize, Serialize};
 
 /// Manifest format version; bump on incompatible change.
 pub const IMAGE_VERSION: u32 = 1;
-/// Chunk hashes per segment blob.
-pub const SEGMENT_LEN: usize = 1024;
 
 /// The root of a generation: one entry per process.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -172,8 +170,12 @@ pub struct RegionImage {
     /// Backing file (file mappings), or the kernel's name (`[heap]`, ...).
     pub name: String,
     pub offset: u64,
-    /// Chunk-list blobs; empty when the region has no recorded content.
+    /// Top level of the chunk-list tree; empty when the region has no
+    /// recorded content.
     pub segments: Vec<Hash>,
+    /// Inner levels of the tree below `segments`.
+    #[serde(default)]
+    pub depth: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,7 @@
 //! blobs are laid out on disk (that is the store's).
 
 pub mod capture;
+pub mod chunklist;
 pub mod dirty;
 pub mod error;
 pub mod image;

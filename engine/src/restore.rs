@@ -32,7 +32,6 @@ use ckpt_store::Store;
 use ckpt_wire::restore::{SCRATCH_ADDR, StatusMsg, ZONE_END, ZONE_START, op, status};
 use ckpt_wire::{KernelSigaction, Pod};
 
-use crate::capture::load_segments;
 use crate::error::{EngineError, Result};
 use crate::image::*;
 use crate::plan::PlanBuilder;
@@ -191,7 +190,7 @@ pub fn restore_process(store: &Store, generation: u64, image: &ProcessImage, res
     let chunk_size = image.chunk_size as u64;
     let mut dests: HashMap<Hash, Vec<(u64, usize)>> = HashMap::new();
     for r in image.regions.iter().filter(|r| !r.segments.is_empty()) {
-        let hashes = load_segments(store, generation, &r.segments)?;
+        let hashes = crate::chunklist::load(store, generation, &r.segments, r.depth)?;
         let n = (r.end - r.start).div_ceil(chunk_size) as usize;
         if hashes.len() != n {
             return Err(EngineError::BadImage { generation, what: format!("region {:#x}-{:#x} lists {} chunks, expected {n}", r.start, r.end, hashes.len()) });

@@ -199,7 +199,7 @@ fn main() {
     let exe = std::env::current_exe().unwrap();
     let ckpt = exe.parent().unwrap().join("ckpt");
     let prog = env!("CKPT_BENCH_HEAP");
-    let chunk = 16384;
+    let chunk = 4096;
     eprintln!("raw speeds ...");
     let raw = raw_speeds(chunk);
     let pages = heap_mib * 1024 * 1024 / PAGE;
