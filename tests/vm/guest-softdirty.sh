@@ -5,7 +5,7 @@
 #
 #   launch --dirty-tracking soft-dirty; checkpoints g1 g2 g3 (the program
 #   changes memory between them); `ckpt log --json`: every generation says
-#   soft-dirty, g2 and g3 read far fewer bytes than g1; kill -9;
+#   soft-dirty, g2 and g3 read < 1/3 of g1's bytes; kill -9;
 #   restart latest (g3), checkpoint the restored program twice (g4: every
 #   page was written by the restore, g5: small again); kill; restart latest
 #   (g5); kill; restart g2 (an older, incremental generation) by number and
@@ -184,8 +184,11 @@ r1=$(gen_field $W/sum1 "$G_g1" 2)
 r2=$(gen_field $W/sum1 "$G_g2" 2)
 r3=$(gen_field $W/sum1 "$G_g3" 2)
 [ "$r1" -ge $((16 << 20)) ] || fail "first generation read only $r1 bytes"
-[ $((r2 * 5)) -lt "$r1" ] || fail "incremental generation $G_g2 read $r2 bytes, not < 1/5 of the first's $r1"
-[ $((r3 * 5)) -lt "$r1" ] || fail "incremental generation $G_g3 read $r3 bytes, not < 1/5 of the first's $r1"
+# A full read (scan, or soft-dirty bits that say every page changed) is
+# ~100% of g1; g2 also holds what the program wrote during g1's (slow, under
+# TCG) forked checkpoint: ~20% with the defaults, g3 ~10%.
+[ $((r2 * 3)) -lt "$r1" ] || fail "incremental generation $G_g2 read $r2 bytes, not < 1/3 of the first's $r1"
+[ $((r3 * 3)) -lt "$r1" ] || fail "incremental generation $G_g3 read $r3 bytes, not < 1/3 of the first's $r1"
 say "read bytes: g1 $r1, g2 $r2 ($((r2 * 100 / r1))%), g3 $r3 ($((r3 * 100 / r1))%)"
 
 wait_ticks $W/run1.out 1 $PID
@@ -212,7 +215,7 @@ done
 r4=$(gen_field $W/sum2 "$G_g4" 2)
 r5=$(gen_field $W/sum2 "$G_g5" 2)
 say "read bytes after restart: g4 $r4 ($((r4 * 100 / r1))% of g1), g5 $r5 ($((r5 * 100 / r1))%)"
-[ $((r5 * 5)) -lt "$r1" ] || fail "generation $G_g5 of the restored program read $r5 bytes, not < 1/5 of the first's $r1"
+[ $((r5 * 3)) -lt "$r1" ] || fail "generation $G_g5 of the restored program read $r5 bytes, not < 1/3 of the first's $r1"
 kill9 $PID
 wait $R 2>/dev/null
 check_out $W/run2.out
