@@ -316,6 +316,8 @@ impl Coordinator {
         let writer = self.take_writer()?;
         let generation = writer.next_generation_id();
         let req = CheckpointRequest { generation, flags: 0 };
+        // The programs are stopped from here until RESUME.
+        let t_stop = Instant::now();
         let mut sent = Vec::new();
         let mut failure: Option<String> = None;
         for p in &procs {
@@ -341,6 +343,7 @@ impl Coordinator {
                 None => failure = Some(format!("process {} died or did not stop within {}s", p.hello.pid, SUSPEND_TIMEOUT.as_secs())),
             }
         }
+        let suspend_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
         if let Some(f) = failure {
             writer.abort();
             finish_round(&stopped, proto::OUTCOME_ABORTED, generation, &[]);
@@ -375,10 +378,10 @@ impl Coordinator {
         for (p, _) in &stopped {
             let _ = p.send(kind::RESUME, resume.as_bytes());
         }
-        let downtime_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let downtime_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
 
         // Phase B, the program running again: memory from the snapshots.
-        let result = self.phase_b(&writer, generation, &mut work, &bases, t0, downtime_ms);
+        let result = self.phase_b(&writer, generation, &mut work, &bases, t0, downtime_ms, suspend_ms);
         kill_snapshots(&snapshots);
         for (p, _) in &stopped {
             let _ = p.recv(Duration::from_secs(10));
@@ -404,8 +407,11 @@ impl Coordinator {
         let chunk_size = self.store.chunk_size();
         for (p, report) in stopped {
             let pid = p.hello.pid;
+            let t = Instant::now();
+            let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
             let backend = Backend::choose(p.hello.tracking, p.hello.uffd_fd);
             let mut prep = prepare(report, backend, &p.host, chunk_size).map_err(|e| e.to_string())?;
+            let prepare_ms = ms(t);
             if backend == Backend::UffdWp && !prep.untracked.is_empty() {
                 let mut payload = RangeList { count: prep.untracked.len() as u32, _pad: 0 }.as_bytes().to_vec();
                 for (a, b) in &prep.untracked {
@@ -421,6 +427,7 @@ impl Coordinator {
                     _ => return Err(format!("process {pid} did not answer the tracking registration")),
                 }
             }
+            let register_ms = ms(t) - prepare_ms;
             let base = bases.get(&pid);
             let mut snapshot = None;
             if self.cfg.fork && p.hello.flags & proto::HELLO_NO_FORK == 0 {
@@ -437,9 +444,11 @@ impl Coordinator {
                     _ => return Err(format!("process {pid} did not answer the snapshot request")),
                 }
             }
+            let fork_ms = ms(t) - prepare_ms - register_ms;
+            let timings = json!({"prepare_ms": prepare_ms, "register_ms": register_ms, "fork_ms": fork_ms});
             match snapshot {
                 Some(child) => {
-                    work.push(Work { proc_: p.clone(), prep: None, snapshot: Some(child) });
+                    work.push(Work { proc_: p.clone(), prep: None, snapshot: Some(child), timings });
                     // Shared memory is not snapshotted by fork, and a region
                     // marked MADV_DONTFORK is missing from the child: those
                     // are read now, while the process is stopped.
@@ -448,7 +457,7 @@ impl Coordinator {
                 }
                 None => {
                     prep.store_memory(pid, |_| true, base, writer).map_err(|e| e.to_string())?;
-                    work.push(Work { proc_: p.clone(), prep: None, snapshot: None });
+                    work.push(Work { proc_: p.clone(), prep: None, snapshot: None, timings });
                 }
             }
             work.last_mut().unwrap().prep = Some(prep);
@@ -456,7 +465,7 @@ impl Coordinator {
         Ok(())
     }
 
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn phase_b(
         &self,
         writer: &Writer,
@@ -465,6 +474,7 @@ impl Coordinator {
         bases: &HashMap<i32, Base>,
         t0: Instant,
         downtime_ms: f64,
+        suspend_ms: f64,
     ) -> Result<(GenerationInfo, Vec<(i32, u64, Base)>), String> {
         let mut entries = Vec::new();
         let mut logical = 0u64;
@@ -485,7 +495,7 @@ impl Coordinator {
             let hash = writer.put_meta(&bytes).map_err(|e| e.to_string())?;
             summary.push(json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
                                 "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes, "dirty_tracking": backend.name(),
-                                "forked": w.snapshot.is_some()}));
+                                "forked": w.snapshot.is_some(), "stopped_work": w.timings}));
             if !backends.contains(&backend.name()) {
                 backends.push(backend.name());
             }
@@ -505,7 +515,7 @@ impl Coordinator {
                 logical_bytes: logical,
                 dirty_tracking: backends.join(","),
                 manifest: mhash,
-                info: json!({"processes": summary, "downtime_ms": downtime_ms}),
+                info: json!({"processes": summary, "downtime_ms": downtime_ms, "suspend_ms": suspend_ms}),
             })
             .map_err(|e| e.to_string())?;
         if g.id != generation {
@@ -532,6 +542,8 @@ struct Work {
     proc_: Arc<Proc>,
     prep: Option<Prepared>,
     snapshot: Option<i32>,
+    /// Where the stopped time went (phase A), for `ckpt log --json`.
+    timings: Value,
 }
 
 fn kill_snapshots(pids: &[i32]) {

@@ -102,6 +102,10 @@ struct RegionState {
     hashes: Option<Vec<Hash>>,
 }
 
+fn present_from(entries: &[u64]) -> Vec<bool> {
+    entries.iter().map(|e| e & (PM_PRESENT | PM_SWAPPED) != 0).collect()
+}
+
 /// Step 1, while the process is stopped: read its metadata, which pages
 /// exist and which were written, and start the next tracking interval.
 pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize) -> Result<Prepared> {
@@ -130,12 +134,21 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         if kind.has_content() {
             stats.logical_bytes += m.len();
             let mem_err = |e| EngineError::Memory { pid, addr: m.start, source: e };
-            let entries = dirty::pagemap_entries(&pagemap, m.start, m.end).map_err(mem_err)?;
-            let present: Vec<bool> = entries.iter().map(|e| e & (PM_PRESENT | PM_SWAPPED) != 0).collect();
-            let written = match backend {
-                Backend::Scan => None,
-                Backend::SoftDirty => Some(entries.iter().map(|e| e & PM_SOFT_DIRTY != 0).collect()),
-                Backend::UffdWp => dirty::uffd_written(&pagemap, m.start, m.end).map_err(mem_err)?,
+            let (present, written) = match backend {
+                Backend::UffdWp => {
+                    let written = dirty::uffd_written(&pagemap, m.start, m.end).map_err(mem_err)?;
+                    let present = dirty::present_pages(&pagemap, m.start, m.end).map_err(mem_err)?;
+                    let present = match present {
+                        Some(p) => p,
+                        None => present_from(&dirty::pagemap_entries(&pagemap, m.start, m.end).map_err(mem_err)?),
+                    };
+                    (present, written)
+                }
+                Backend::SoftDirty | Backend::Scan => {
+                    let entries = dirty::pagemap_entries(&pagemap, m.start, m.end).map_err(mem_err)?;
+                    let written = (backend == Backend::SoftDirty).then(|| entries.iter().map(|e| e & PM_SOFT_DIRTY != 0).collect());
+                    (present_from(&entries), written)
+                }
             };
             if written.is_none() && backend == Backend::UffdWp {
                 untracked.push((m.start, m.end));

@@ -101,7 +101,7 @@ pub fn uffd_wp_supported() -> bool {
         if fd < 0 {
             return false;
         }
-        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, ioctls: 0 };
+        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC, ioctls: 0 };
         let ok = libc::ioctl(fd, UFFDIO_API as _, &mut api as *mut UffdioApi) == 0;
         libc::close(fd);
         ok
@@ -128,17 +128,20 @@ pub fn pagemap_entries(pagemap: &File, start: u64, end: u64) -> std::io::Result<
     Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
 }
 
-/// Pages of `[start, end)` written since they were last protected, and
-/// protects them again. `None`: the range is not registered for tracking.
-pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<Vec<bool>>> {
+/// Runs `PAGEMAP_SCAN` over `[start, end)` and marks, per page, those
+/// matching `anyof` (any of these categories). With `protect`, the matched
+/// pages are write-protected again (`PM_SCAN_WP_MATCHING`). `None`: the
+/// range is not registered for write-protect tracking (`EPERM` under
+/// `PM_SCAN_CHECK_WPASYNC`, asked for when `protect`).
+fn scan(pagemap: &File, start: u64, end: u64, anyof: u64, protect: bool) -> std::io::Result<Option<Vec<bool>>> {
     let n = ((end - start) / PAGE) as usize;
     let mut out = vec![false; n];
-    let mut vec = vec![PageRegion::default(); 1024];
+    let mut vec = vec![PageRegion::default(); 4096];
     let mut cur = start;
     while cur < end {
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            flags: if protect { PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC } else { 0 },
             start: cur,
             end,
             walk_end: 0,
@@ -146,16 +149,16 @@ pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Opt
             vec_len: vec.len() as u64,
             max_pages: 0,
             category_inverted: 0,
-            category_mask: PAGE_IS_WRITTEN,
-            category_anyof_mask: 0,
-            return_mask: PAGE_IS_WRITTEN,
+            category_mask: 0,
+            category_anyof_mask: anyof,
+            return_mask: anyof,
         };
         // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
         // page_regions into `vec`, which outlives the call.
         let r = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EPERM) {
+            if protect && e.raw_os_error() == Some(libc::EPERM) {
                 return Ok(None);
             }
             return Err(e);
@@ -171,4 +174,21 @@ pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Opt
         cur = arg.walk_end;
     }
     Ok(Some(out))
+}
+
+/// Pages of `[start, end)` written since they were last protected, and
+/// protects them again. `None`: the range is not registered for tracking.
+pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<Vec<bool>>> {
+    scan(pagemap, start, end, PAGE_IS_WRITTEN, true)
+}
+
+/// Pages of `[start, end)` that exist (in RAM or swap), from one
+/// `PAGEMAP_SCAN` (ranges, not a word per page). `None` where the kernel
+/// has no `PAGEMAP_SCAN` (before 6.7): read pagemap instead.
+pub fn present_pages(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<Vec<bool>>> {
+    match scan(pagemap, start, end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, false) {
+        Ok(v) => Ok(v),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
 }

@@ -150,7 +150,10 @@ fn open_uffd() {
             return;
         }
         let mut ok = false;
-        for features in [UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED] {
+        // No WP_UNPOPULATED: its markers on never-touched pages would read as
+        // swapped pages in pagemap and cost page tables; a first write to an
+        // untouched page shows as written anyway.
+        for features in [UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_ASYNC] {
             let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
             if libc::syscall(libc::SYS_ioctl, fd, UFFDIO_API, &mut api as *mut UffdioApi) == 0 {
                 ok = true;
