@@ -1,6 +1,7 @@
 //! Builds the C test programs in `programs/` with gcc, each twice:
 //! `NAME` (`-fPIE -pie`) and `NAME-nopie` (`-fno-pie -no-pie`), into
-//! `$OUT_DIR/bin`, and tells the tests where they are through
+//! `$OUT_DIR/bin` (plus `mem_churn-static`, `-static`, when the toolchain
+//! can), and tells the tests where they are through
 //! `CKPT_TEST_PROGRAMS`.
 
 use std::path::{Path, PathBuf};
@@ -28,12 +29,22 @@ fn main() {
         build(&cc, src, &out.join(stem), &["-fPIE", "-pie"]);
         build(&cc, src, &out.join(format!("{stem}-nopie")), &["-fno-pie", "-no-pie"]);
     }
+    // mem_churn also statically linked (for the soft-dirty VM test's
+    // initramfs); optional: a toolchain without a static libc only warns.
+    let churn = src_dir.join("mem_churn.c");
+    if churn.is_file() && !try_build(&cc, &churn, &out.join("mem_churn-static"), &["-static"]) {
+        println!("cargo:warning=mem_churn-static not built ({cc} -static failed: no static libc?)");
+    }
     println!("cargo:rustc-env=CKPT_TEST_PROGRAMS={}", out.display());
     println!("cargo:rustc-env=CKPT_TEST_SOURCES={}", src_dir.display());
 }
 
 fn build(cc: &str, src: &Path, out: &Path, pie: &[&str]) {
-    let status = Command::new(cc)
+    assert!(try_build(cc, src, out, pie), "{cc} failed to build {}", src.display());
+}
+
+fn try_build(cc: &str, src: &Path, out: &Path, pie: &[&str]) -> bool {
+    Command::new(cc)
         .args(["-O2", "-g", "-pthread", "-Wall", "-Wextra", "-Werror"])
         .args(pie)
         .arg("-I")
@@ -42,6 +53,6 @@ fn build(cc: &str, src: &Path, out: &Path, pie: &[&str]) {
         .arg(out)
         .arg(src)
         .status()
-        .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
-    assert!(status.success(), "{cc} failed to build {}", src.display());
+        .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"))
+        .success()
 }

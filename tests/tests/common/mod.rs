@@ -298,8 +298,13 @@ impl Session {
     }
 
     pub fn launch_env(&self, prog: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        self.launch_opts(&[], prog, args, env)
+    }
+
+    /// `ckpt launch OPTS... -- PROG ARGS...` (e.g. `--dirty-tracking uffd-wp`).
+    pub fn launch_opts(&self, opts: &[&str], prog: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut c = self.cmd("launch");
-        c.arg("--").arg(prog).args(args);
+        c.args(opts).arg("--").arg(prog).args(args);
         for (k, v) in env {
             c.env(k, v);
         }
