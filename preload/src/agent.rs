@@ -231,12 +231,34 @@ fn fork_snapshot() -> Forked {
     }
 }
 
-/// Reaps the snapshot child once the coordinator has killed it.
+/// Reaps the snapshot child once the coordinator has killed it. If the
+/// coordinator goes away first, the snapshot is killed here.
 fn reap_snapshot() {
     let pid = SNAPSHOT_PID.swap(0, Ordering::AcqRel);
-    if pid > 0 {
-        // SAFETY: waiting for our own clone child (__WALL finds exit-signal-0 children).
-        unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL, 0usize) };
+    if pid <= 0 {
+        return;
+    }
+    let fd = AGENT_FD.load(Ordering::Acquire);
+    loop {
+        // SAFETY: non-blocking wait for our own clone child (__WALL finds
+        // exit-signal-0 children).
+        let r = unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL | libc::WNOHANG, 0usize) };
+        if r != 0 {
+            return; // reaped, or gone
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on our own socket; peek one byte without consuming.
+        let gone = unsafe {
+            libc::poll(&mut pfd, 1, 100) > 0 && {
+                let mut b = 0u8;
+                pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
+                    || libc::recv(fd, &mut b as *mut u8 as *mut libc::c_void, 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) == 0
+            }
+        };
+        if gone || fd < 0 {
+            // SAFETY: killing our own snapshot child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 

@@ -319,3 +319,58 @@ fn kill9_ckpt_command_during_checkpoint() {
     r.wait_ticks(2, LINE_TIMEOUT);
     r.finish(&s, 2);
 }
+
+/// `kill -9` of the coordinator while it writes a large checkpoint: the
+/// program is released (its agent sees the connection drop), no partial
+/// generation appears, the forked snapshot does not linger, and earlier
+/// generations still restart.
+#[test]
+fn kill9_coordinator_during_checkpoint() {
+    let s = Session::new("kill9_coordinator");
+    let churn = s.path("churn");
+    let mut p = launch_counter(&s, "256", &["-c", churn.to_str().unwrap()]);
+    let pid = p.pid;
+    let g1 = s.checkpoint_bounded(&mut p);
+    let status = s.run("status", &["--json"]);
+    let coord_pid = text(&status.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"pid\": ").map(|v| v.trim_end_matches(',').parse::<i32>().unwrap()))
+        .expect("coordinator pid in `ckpt status --json`");
+    std::fs::write(&churn, "").unwrap();
+    p.wait_prefix("CHURNED", LINE_TIMEOUT);
+    let mut ck = s
+        .cmd("checkpoint")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = std::process::Command::new("kill").args(["-9", &coord_pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let _ = ck.wait();
+    // The program goes on (it was stopped or being snapshotted).
+    p.wait_ticks(3, Duration::from_secs(30));
+    let gens = s.generations();
+    for (id, g) in &gens {
+        assert!(g.get("manifest").is_some(), "generation {id} lacks a manifest");
+    }
+    assert!(gens.contains_key(&g1.id), "generation {} is gone: {gens:?}", g1.id);
+    // No snapshot child of the program survives for long.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let children = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&q| q != pid && std::fs::read_to_string(format!("/proc/{q}/stat")).map(|st| st.rsplit(')').next().unwrap_or("").split_whitespace().nth(1) == Some(&pid.to_string())).unwrap_or(false))
+            .collect()
+    };
+    while !children().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(children().is_empty(), "snapshot children of {pid} linger: {:?}", children());
+    p.kill9();
+    let mut r = s.restart_expect(&g1, pid, false);
+    r.wait_ticks(2, LINE_TIMEOUT);
+    r.finish(&s, 2);
+}
