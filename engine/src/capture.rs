@@ -102,8 +102,11 @@ struct RegionState {
     hashes: Option<Vec<Hash>>,
 }
 
+/// Which pages hold data: present in RAM, or swapped out. A write-protect
+/// marker on a never-touched page (userfaultfd) shows as a swap entry of
+/// the marker type: no data there.
 fn present_from(entries: &[u64]) -> Vec<bool> {
-    entries.iter().map(|e| e & (PM_PRESENT | PM_SWAPPED) != 0).collect()
+    entries.iter().map(|&e| e & PM_PRESENT != 0 || (e & PM_SWAPPED != 0 && !dirty::is_pte_marker(e))).collect()
 }
 
 /// Step 1, while the process is stopped: read its metadata, which pages
@@ -137,12 +140,8 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             let (present, written) = match backend {
                 Backend::UffdWp => {
                     let written = dirty::uffd_written(&pagemap, m.start, m.end).map_err(mem_err)?;
-                    let present = dirty::present_pages(&pagemap, m.start, m.end).map_err(mem_err)?;
-                    let present = match present {
-                        Some(p) => p,
-                        None => present_from(&dirty::pagemap_entries(&pagemap, m.start, m.end).map_err(mem_err)?),
-                    };
-                    (present, written)
+                    let entries = dirty::pagemap_entries(&pagemap, m.start, m.end).map_err(mem_err)?;
+                    (present_from(&entries), written)
                 }
                 Backend::SoftDirty | Backend::Scan => {
                     let entries = dirty::pagemap_entries(&pagemap, m.start, m.end).map_err(mem_err)?;

@@ -128,12 +128,11 @@ pub fn pagemap_entries(pagemap: &File, start: u64, end: u64) -> std::io::Result<
     Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
 }
 
-/// Runs `PAGEMAP_SCAN` over `[start, end)` and marks, per page, those
-/// matching `anyof` (any of these categories). With `protect`, the matched
-/// pages are write-protected again (`PM_SCAN_WP_MATCHING`). `None`: the
-/// range is not registered for write-protect tracking (`EPERM` under
-/// `PM_SCAN_CHECK_WPASYNC`, asked for when `protect`).
-fn scan(pagemap: &File, start: u64, end: u64, anyof: u64, protect: bool) -> std::io::Result<Option<Vec<bool>>> {
+/// Pages of `[start, end)` written since they were last protected, and
+/// protects them again (`PAGEMAP_SCAN` with `PM_SCAN_WP_MATCHING`, looping on
+/// `walk_end`). `None`: the range is not registered for tracking (`EPERM`
+/// under `PM_SCAN_CHECK_WPASYNC`).
+pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<Vec<bool>>> {
     let n = ((end - start) / PAGE) as usize;
     let mut out = vec![false; n];
     let mut vec = vec![PageRegion::default(); 4096];
@@ -141,7 +140,7 @@ fn scan(pagemap: &File, start: u64, end: u64, anyof: u64, protect: bool) -> std:
     while cur < end {
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: if protect { PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC } else { 0 },
+            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
             start: cur,
             end,
             walk_end: 0,
@@ -150,15 +149,15 @@ fn scan(pagemap: &File, start: u64, end: u64, anyof: u64, protect: bool) -> std:
             max_pages: 0,
             category_inverted: 0,
             category_mask: 0,
-            category_anyof_mask: anyof,
-            return_mask: anyof,
+            category_anyof_mask: PAGE_IS_WRITTEN,
+            return_mask: PAGE_IS_WRITTEN,
         };
         // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
         // page_regions into `vec`, which outlives the call.
         let r = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
-            if protect && e.raw_os_error() == Some(libc::EPERM) {
+            if e.raw_os_error() == Some(libc::EPERM) {
                 return Ok(None);
             }
             return Err(e);
@@ -176,19 +175,43 @@ fn scan(pagemap: &File, start: u64, end: u64, anyof: u64, protect: bool) -> std:
     Ok(Some(out))
 }
 
-/// Pages of `[start, end)` written since they were last protected, and
-/// protects them again. `None`: the range is not registered for tracking.
-pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<Vec<bool>>> {
-    scan(pagemap, start, end, PAGE_IS_WRITTEN, true)
+/// Is this pagemap entry a PTE marker (a swap entry of the marker type,
+/// `SWP_PTE_MARKER`, whose offset holds marker bits such as
+/// `PTE_MARKER_UFFD_WP`) rather than a page in swap? Pagemap shows swap type
+/// and offset to root readers (the coordinator); to others they read 0 and
+/// the page counts as present, which costs a read but is never wrong.
+pub fn is_pte_marker(entry: u64) -> bool {
+    const SWP_TYPE_MASK: u64 = 0x1f;
+    const SWP_PTE_MARKER: u64 = 31;
+    let offset = (entry >> 5) & ((1 << 50) - 1);
+    entry & PM_SWAPPED != 0 && entry & SWP_TYPE_MASK == SWP_PTE_MARKER && offset != 0 && offset < 8
 }
 
-/// Pages of `[start, end)` that exist (in RAM or swap), from one
-/// `PAGEMAP_SCAN` (ranges, not a word per page). `None` where the kernel
-/// has no `PAGEMAP_SCAN` (before 6.7): read pagemap instead.
-pub fn present_pages(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<Vec<bool>>> {
-    match scan(pagemap, start, end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, false) {
-        Ok(v) => Ok(v),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
-        Err(e) => Err(e),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pagemap_sees_untouched_pages() {
+        let len = 16 * PAGE as usize;
+        // SAFETY: plain anonymous mapping, unmapped below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: writing inside the mapping.
+        unsafe { *(p as *mut u8).add(3 * PAGE as usize) = 1 };
+        let pm = File::open("/proc/self/pagemap").unwrap();
+        let e = pagemap_entries(&pm, p as u64, p as u64 + len as u64).unwrap();
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(p, len) };
+        let present: Vec<usize> = e.iter().enumerate().filter(|(_, e)| *e & PM_PRESENT != 0).map(|(i, _)| i).collect();
+        assert_eq!(present, vec![3]);
+    }
+
+    #[test]
+    fn markers_are_not_swapped_pages() {
+        let marker = PM_SWAPPED | (1 << 5) | 31;
+        assert!(is_pte_marker(marker));
+        assert!(!is_pte_marker(PM_SWAPPED | (12345 << 5) | 1));
+        assert!(!is_pte_marker(PM_PRESENT | 31));
     }
 }

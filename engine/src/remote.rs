@@ -2,8 +2,7 @@
 //!
 //! `process_vm_readv`/`process_vm_writev` move bytes between address spaces
 //! without a bounce buffer; `/proc/PID/mem` (which may read pages the process
-//! itself cannot, e.g. `PROT_NONE`) is the fallback. `/proc/PID/pagemap`
-//! says which pages exist at all.
+//! itself cannot, e.g. `PROT_NONE`) is the fallback.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -75,21 +74,6 @@ pub fn read_tolerant(pid: i32, mem: Option<&File>, addr: u64, buf: &mut [u8]) ->
     Ok(read_bytes)
 }
 
-/// For each page of `[start, end)`: is it present in RAM or swap?
-pub fn present_pages(pagemap: &File, start: u64, end: u64) -> std::io::Result<Vec<bool>> {
-    let n = ((end - start) / PAGE) as usize;
-    let mut raw = vec![0u8; n * 8];
-    let mut off = 0;
-    while off < raw.len() {
-        let got = pagemap.read_at(&mut raw[off..], (start / PAGE) * 8 + off as u64)?;
-        if got == 0 {
-            break;
-        }
-        off += got;
-    }
-    Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()) & (3 << 62) != 0).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,22 +89,5 @@ mod tests {
         let target = vec![0u8; 100];
         write(me, target.as_ptr() as u64, &[1u8; 100]).unwrap();
         assert_eq!(std::hint::black_box(&target), &vec![1u8; 100]);
-    }
-
-    #[test]
-    fn pagemap_sees_untouched_pages() {
-        let me = std::process::id() as i32;
-        let len = 16 * PAGE as usize;
-        // SAFETY: plain anonymous mapping, unmapped below.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: writing inside the mapping.
-        unsafe { *(p as *mut u8).add(3 * PAGE as usize) = 1 };
-        let pm = File::open(format!("/proc/{me}/pagemap")).unwrap();
-        let pres = present_pages(&pm, p as u64, p as u64 + len as u64).unwrap();
-        // SAFETY: unmapping what we mapped.
-        unsafe { libc::munmap(p, len) };
-        assert_eq!(pres.iter().filter(|&&x| x).count(), 1);
-        assert!(pres[3]);
     }
 }
