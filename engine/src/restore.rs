@@ -186,6 +186,7 @@ pub fn restore_process(store: &Store, generation: u64, image: &ProcessImage, res
     }
     let main = image.threads.iter().find(|t| t.tid == image.pid).ok_or_else(|| err(format!("the image has no main thread (TID {})", image.pid)))?;
 
+    let t0 = std::time::Instant::now();
     // Where every chunk goes.
     let chunk_size = image.chunk_size as u64;
     let mut dests: HashMap<Hash, Vec<(u64, usize)>> = HashMap::new();
@@ -203,6 +204,7 @@ pub fn restore_process(store: &Store, generation: u64, image: &ProcessImage, res
         }
     }
 
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, chunks = dests.len(), "chunk lists loaded");
     // Fds of the restored process, then the restorer's own.
     let mut moves: Vec<FdMove> = Vec::new();
     let mut keep_inherited: Vec<RawFd> = Vec::new();
@@ -301,7 +303,9 @@ pub fn restore_process(store: &Store, generation: u64, image: &ProcessImage, res
         let Some(msg) = read_status(&mut status_in) else { break };
         match msg.kind {
             status::BARRIER if msg.value == 1 => {
+                let t = std::time::Instant::now();
                 fill_memory(store, pid, &dests)?;
+                tracing::debug!(ms = t.elapsed().as_millis() as u64, "memory written");
                 remote::write(pid, image.agent.restart_word_addr, &generation.to_le_bytes())
                     .map_err(|e| err(format!("cannot mark the agent's restart word: {e}")))?;
                 ctl.write_all(b"G").map_err(|e| EngineError::io("restorer control pipe", e))?;
