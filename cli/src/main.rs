@@ -17,6 +17,10 @@ use ckpt_store::Store;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod gc_cmd;
+mod show_cmd;
+mod verify_cmd;
+
 #[derive(Parser)]
 #[command(name = "ckpt", version, about = "Transparent checkpoint/restart for unmodified Linux programs, into an incremental, deduplicated image store")]
 struct Cli {
@@ -96,6 +100,43 @@ enum Cmd {
     Quit {
         #[command(flatten)]
         coord: CoordArg,
+    },
+    /// Forget generations by retention policy, delete the data nothing kept needs, repack.
+    Gc {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        args: gc_cmd::GcArgs,
+    },
+    /// Read back what generations need and check every blob's BLAKE3 (exit 1 on any problem).
+    Verify {
+        /// Generation to check [default: all of them, and the whole store]
+        generation: Option<u64>,
+        /// Every generation and every pack of the store.
+        #[arg(long, conflicts_with = "generation")]
+        all: bool,
+        /// Check the catalog against the packs (presence, sizes, trailers) without reading chunk data.
+        #[arg(long)]
+        metadata_only: bool,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a generation (default: the latest): processes, threads, regions, parent, bytes.
+    Show {
+        generation: Option<u64>,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store statistics: logical, distinct and stored bytes; dedup and compression ratios.
+    Stats {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
     },
     /// Run a coordinator (normally started by `ckpt launch`).
     Coordinator {
@@ -265,6 +306,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             client::request(&coord_addr(&coord)?, "quit", json!({}), Duration::from_secs(10))?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Gc { store, args } => gc_cmd::gc(&store_url(&store), args),
+        Cmd::Verify { generation, all, metadata_only, store, json } => verify_cmd::verify(&store_url(&store), generation, all, metadata_only, json),
+        Cmd::Show { generation, store, json } => show_cmd::show(&store_url(&store), generation, json),
+        Cmd::Stats { store, json } => show_cmd::stats(&store_url(&store), json),
         Cmd::Coordinator { coord, store, interval, daemonize } => {
             let addr = coord_addr(&coord)?;
             if daemonize {
@@ -369,6 +414,7 @@ fn log(url: &str, as_json: bool) -> Result<ExitCode> {
             g.dirty_tracking
         );
     }
+    println!("{}", show_cmd::stats_line(&store)?);
     Ok(ExitCode::SUCCESS)
 }
 

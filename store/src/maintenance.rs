@@ -1,0 +1,682 @@
+//! Maintenance of a store: the catalog and pack operations behind `ckpt gc`
+//! and `ckpt verify` (listing packs and blobs, checking blobs and pack
+//! trailers, deleting unreferenced rows, repacking).
+//!
+//! Crash safety: every catalog change is one SQLite transaction, and pack
+//! files are only deleted after the transaction that stops naming them has
+//! committed; new packs are durable (fsync'd, renamed, directory fsync'd)
+//! before a transaction names them. A crash at any point therefore leaves a
+//! consistent catalog; at worst, pack files that nothing names (orphans),
+//! which [`Writer::remove_orphan_packs`] deletes later.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+use rusqlite::params;
+use serde::Serialize;
+
+use crate::error::{IoCtx, SqlCtx};
+use crate::pack::{self, ENTRY_LEN, INDEX_MAGIC, OpenPack, PACK_MAGIC, TAIL_LEN};
+use crate::{BlobKind, Hash, Loc, Result, Store, StoreError, VerifyReport, Writer, lock, now_ms, open_pack};
+
+/// One pack file as the catalog records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PackRow {
+    /// Catalog id.
+    pub id: i64,
+    /// BLAKE3 hex of the file (its name).
+    pub name: String,
+    /// File size in bytes.
+    pub size: u64,
+    /// Blobs the pack was written with (some may have been deleted since).
+    pub nblobs: u64,
+}
+
+impl PackRow {
+    /// Bytes of blob data in the file (without header and trailer).
+    pub fn data_bytes(&self) -> u64 {
+        self.size
+            .saturating_sub(PACK_MAGIC.len() as u64 + self.nblobs * ENTRY_LEN as u64 + TAIL_LEN as u64)
+    }
+}
+
+/// One blob row of the catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobRow {
+    /// Address.
+    pub hash: Hash,
+    /// Catalog id of its pack.
+    pub pack_id: i64,
+    /// Offset of its zstd frame in the pack.
+    pub offset: u64,
+    /// Compressed length.
+    pub clen: u32,
+    /// Uncompressed length.
+    pub ulen: u32,
+    /// Chunk or metadata.
+    pub kind: BlobKind,
+}
+
+/// What [`Writer::sweep`] did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Swept {
+    /// Generation rows deleted.
+    pub generations: u64,
+    /// Blob rows deleted.
+    pub blobs: u64,
+    /// Compressed bytes of those blobs.
+    pub blob_bytes: u64,
+    /// Pack rows deleted (no live blob left); their files are listed in
+    /// `dead_packs` and are deleted by [`Writer::remove_pack_files`].
+    pub dead_packs: Vec<PathBuf>,
+    /// Size of those pack files.
+    pub dead_pack_bytes: u64,
+}
+
+/// Packs written by [`Writer::repack_write`], durable but not yet named by
+/// the catalog (until [`Writer::repack_commit`]).
+#[derive(Debug)]
+pub struct Repacked {
+    /// (old pack id, old pack name, old size) of every pack being replaced.
+    old: Vec<(i64, String, u64)>,
+    new: Vec<pack::FinishedPack>,
+}
+
+impl Repacked {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.old.is_empty()
+    }
+    /// Number of packs replaced.
+    pub fn old_packs(&self) -> usize {
+        self.old.len()
+    }
+    /// Total size of the packs replaced.
+    pub fn old_bytes(&self) -> u64 {
+        self.old.iter().map(|o| o.2).sum()
+    }
+    /// Number of packs written.
+    pub fn new_packs(&self) -> usize {
+        self.new.len()
+    }
+    /// Total size of the packs written.
+    pub fn new_bytes(&self) -> u64 {
+        self.new.iter().map(|n| n.size).sum()
+    }
+    /// Paths of the new pack files.
+    pub fn new_paths(&self) -> Vec<PathBuf> {
+        self.new.iter().map(|n| n.path.clone()).collect()
+    }
+}
+
+impl Store {
+    /// Every pack the catalog names.
+    pub fn pack_rows(&self) -> Result<Vec<PackRow>> {
+        let conn = self.inner.conn();
+        let p = &self.inner.catalog_path;
+        let mut st = conn
+            .prepare("SELECT id, name, size, nblobs FROM packs ORDER BY id")
+            .db(p)?;
+        st.query_map([], |r| {
+            Ok(PackRow {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                size: r.get::<_, i64>(2)? as u64,
+                nblobs: r.get::<_, i64>(3)? as u64,
+            })
+        })
+        .db(p)?
+        .collect::<rusqlite::Result<_>>()
+        .db(p)
+    }
+
+    /// Every blob row of the catalog.
+    pub fn blob_rows(&self) -> Result<Vec<BlobRow>> {
+        let conn = self.inner.conn();
+        blob_rows(&conn, &self.inner.catalog_path)
+    }
+
+    /// Pack files on disk (`packs/*/*.pack`), named by the catalog or not.
+    pub fn pack_files(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.inner.root.join("packs");
+        let mut out = Vec::new();
+        for d in fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))?.flatten() {
+            if let Ok(files) = fs::read_dir(d.path()) {
+                for f in files.flatten() {
+                    let path = f.path();
+                    if path.extension().is_some_and(|e| e == "pack") {
+                        out.push(path);
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Pack files on disk that the catalog does not name, with their sizes.
+    pub fn orphan_packs(&self) -> Result<Vec<(PathBuf, u64)>> {
+        let named: HashSet<PathBuf> = self.pack_rows()?.iter().map(|r| self.pack_path(&r.name)).collect();
+        Ok(self
+            .pack_files()?
+            .into_iter()
+            .filter(|p| !named.contains(p))
+            .map(|p| {
+                let len = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                (p, len)
+            })
+            .collect())
+    }
+
+    /// Read back every blob in `hashes` (duplicates and [`Hash::ZERO_CHUNK`]
+    /// allowed) and check that it decompresses and hashes to its address.
+    /// Unlike [`Store::read_blobs`] it does not stop at the first problem:
+    /// each one (a blob missing from the catalog, a missing or truncated
+    /// pack, a corrupt blob) is a sentence in the report naming the pack
+    /// and the blob. `Err` only if the catalog cannot be queried.
+    pub fn verify_blobs(&self, hashes: &[Hash]) -> Result<VerifyReport> {
+        let mut uniq: Vec<Hash> = hashes.iter().copied().filter(|h| !h.is_zero_chunk()).collect();
+        uniq.sort_unstable();
+        uniq.dedup();
+        let mut problems = Vec::new();
+        let mut groups: BTreeMap<String, Vec<Loc>> = BTreeMap::new();
+        {
+            let conn = self.inner.conn();
+            for h in &uniq {
+                match self.locate(&conn, h) {
+                    Ok(loc) => groups.entry(loc.pack.clone()).or_default().push(loc),
+                    Err(StoreError::BlobNotFound { .. }) => {
+                        problems.push(format!("blob {h} is not in the catalog"))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let results: Vec<(u64, u64, Vec<String>)> = groups
+            .into_par_iter()
+            .map(|(name, mut locs)| {
+                locs.sort_unstable_by_key(|l| l.offset);
+                let path = self.pack_path(&name);
+                let f = match open_pack(&path, &locs[0].hash) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        return (0, 0, vec![format!("{e} ({} blobs of this check live in it)", locs.len())]);
+                    }
+                };
+                let (mut n, mut bytes, mut probs) = (0, 0, Vec::new());
+                for l in &locs {
+                    let mut buf = vec![0u8; l.clen as usize];
+                    let r = match f.read_exact_at(&mut buf, l.offset) {
+                        Ok(()) => self.decode(l, &buf).map(|_| ()),
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(StoreError::Corrupt {
+                            pack: path.clone(),
+                            hash: l.hash,
+                            reason: "pack file is truncated".into(),
+                        }),
+                        Err(e) => Err(StoreError::io(format!("read pack file {}", path.display()), e)),
+                    };
+                    match r {
+                        Ok(()) => {
+                            n += 1;
+                            bytes += l.ulen as u64;
+                        }
+                        Err(e) => probs.push(e.to_string()),
+                    }
+                }
+                (n, bytes, probs)
+            })
+            .collect();
+        let mut report = VerifyReport::default();
+        for (n, bytes, probs) in results {
+            report.packs += 1;
+            report.blobs += n;
+            report.bytes += bytes;
+            problems.extend(probs);
+        }
+        report.problems = problems;
+        Ok(report)
+    }
+
+    /// Check the catalog against the pack files without reading blob data:
+    /// every named pack exists with the recorded size and a trailer that
+    /// agrees with the catalog about each of its blobs; every blob row points
+    /// to a known pack; every generation's manifest is in the catalog.
+    /// Orphan pack files are listed (harmless).
+    pub fn verify_metadata(&self) -> Result<VerifyReport> {
+        let packs = self.pack_rows()?;
+        let blobs = self.blob_rows()?;
+        let mut problems = Vec::new();
+        {
+            let conn = self.inner.conn();
+            let p = &self.inner.catalog_path;
+            let mut st = conn
+                .prepare(
+                    "SELECT g.id, g.manifest FROM generations g \
+                     WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = g.manifest)",
+                )
+                .db(p)?;
+            let missing: Vec<(i64, Vec<u8>)> = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .db(p)?
+                .collect::<rusqlite::Result<_>>()
+                .db(p)?;
+            for (gid, m) in missing {
+                problems.push(format!(
+                    "generation {gid}: manifest blob {} is not in the catalog",
+                    hex::encode(m)
+                ));
+            }
+        }
+        let mut by_pack: HashMap<i64, Vec<BlobRow>> = HashMap::new();
+        for b in blobs {
+            by_pack.entry(b.pack_id).or_default().push(b);
+        }
+        let ids: HashSet<i64> = packs.iter().map(|p| p.id).collect();
+        for (id, rows) in &by_pack {
+            if !ids.contains(id) {
+                problems.push(format!(
+                    "{} blobs (e.g. {}) point to pack id {id}, which the catalog does not have",
+                    rows.len(),
+                    rows[0].hash
+                ));
+            }
+        }
+        let mut report = VerifyReport { packs: packs.len() as u64, ..Default::default() };
+        let results: Vec<Vec<String>> = packs
+            .par_iter()
+            .map(|pk| {
+                let rows = by_pack.get(&pk.id).map(Vec::as_slice).unwrap_or(&[]);
+                self.check_trailer(pk, rows)
+            })
+            .collect();
+        for r in results {
+            problems.extend(r);
+        }
+        for rows in by_pack.values() {
+            report.blobs += rows.len() as u64;
+            report.bytes += rows.iter().map(|r| r.ulen as u64).sum::<u64>();
+        }
+        report.problems = problems;
+        report.orphan_packs = self.orphan_packs()?.into_iter().map(|o| o.0).collect();
+        Ok(report)
+    }
+
+    /// Size and trailer of one pack against its catalog rows.
+    fn check_trailer(&self, pk: &PackRow, rows: &[BlobRow]) -> Vec<String> {
+        let path = self.pack_path(&pk.name);
+        let mut probs = Vec::new();
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                probs.push(format!("pack file {} ({} blobs) cannot be opened: {e}", path.display(), rows.len()));
+                return probs;
+            }
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len != pk.size {
+            probs.push(format!("pack file {} is {len} bytes, the catalog says {}", path.display(), pk.size));
+        }
+        let entries = match read_trailer(&f, len) {
+            Ok(e) => e,
+            Err(e) => {
+                probs.push(format!("pack file {}: {e}", path.display()));
+                return probs;
+            }
+        };
+        let idx: HashMap<Hash, (u64, u32, u32)> = entries.into_iter().collect();
+        for r in rows {
+            let agrees = idx.get(&r.hash) == Some(&(r.offset, r.clen, r.ulen));
+            if !agrees {
+                probs.push(format!(
+                    "pack file {}: trailer does not agree with the catalog about blob {}",
+                    path.display(),
+                    r.hash
+                ));
+            }
+        }
+        probs
+    }
+}
+
+/// Read just the trailer of a pack file: (hash, (offset, clen, ulen)).
+fn read_trailer(f: &File, len: u64) -> std::result::Result<Vec<(Hash, (u64, u32, u32))>, String> {
+    if len < (PACK_MAGIC.len() + TAIL_LEN) as u64 {
+        return Err("too short to be a pack file (truncated?)".into());
+    }
+    let mut tail = [0u8; TAIL_LEN];
+    f.read_exact_at(&mut tail, len - TAIL_LEN as u64).map_err(|e| e.to_string())?;
+    if &tail[8..] != INDEX_MAGIC {
+        return Err("pack trailer missing (no CKPTPKIX at the end): file truncated?".into());
+    }
+    let count = u32::from_le_bytes(tail[0..4].try_into().expect("4 bytes")) as usize;
+    let tlen = u32::from_le_bytes(tail[4..8].try_into().expect("4 bytes")) as u64;
+    if tlen != (count * ENTRY_LEN + TAIL_LEN) as u64 || tlen > len - PACK_MAGIC.len() as u64 {
+        return Err(format!("inconsistent trailer (count {count}, length {tlen})"));
+    }
+    let mut buf = vec![0u8; count * ENTRY_LEN];
+    f.read_exact_at(&mut buf, len - tlen).map_err(|e| e.to_string())?;
+    Ok(buf
+        .chunks_exact(ENTRY_LEN)
+        .map(|e| {
+            let hash = Hash::from_slice(&e[..32]).expect("32 bytes");
+            let offset = u64::from_le_bytes(e[33..41].try_into().expect("8 bytes"));
+            let clen = u32::from_le_bytes(e[41..45].try_into().expect("4 bytes"));
+            let ulen = u32::from_le_bytes(e[45..49].try_into().expect("4 bytes"));
+            (hash, (offset, clen, ulen))
+        })
+        .collect())
+}
+
+fn blob_rows(conn: &rusqlite::Connection, p: &std::path::Path) -> Result<Vec<BlobRow>> {
+    let mut st = conn
+        .prepare("SELECT hash, pack_id, offset, clen, ulen, kind FROM blobs")
+        .db(p)?;
+    let mut rows = st.query([]).db(p)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().db(p)? {
+        let hb: Vec<u8> = r.get(0).db(p)?;
+        let Some(hash) = Hash::from_slice(&hb) else { continue };
+        out.push(BlobRow {
+            hash,
+            pack_id: r.get(1).db(p)?,
+            offset: r.get::<_, i64>(2).db(p)? as u64,
+            clen: r.get::<_, i64>(3).db(p)? as u32,
+            ulen: r.get::<_, i64>(4).db(p)? as u32,
+            kind: BlobKind::from_u8(r.get::<_, i64>(5).db(p)? as u8).unwrap_or(BlobKind::Chunk),
+        });
+    }
+    Ok(out)
+}
+
+impl Writer {
+    fn no_pending(&self) -> Result<()> {
+        if !lock(&self.pending).hashes.is_empty() {
+            return Err(StoreError::Invalid(
+                "store maintenance while blobs are pending: commit or abort first".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// In one transaction: delete the generation rows `drop`, every blob row
+    /// whose hash is not in `live`, and every pack row left without blobs.
+    /// Refuses (changing nothing) if a generation that stays has its
+    /// manifest outside `live`, or if a blob in `live` is not in the catalog:
+    /// `live` must be everything the remaining generations need. Pack files
+    /// are not touched: delete [`Swept::dead_packs`] with
+    /// [`Writer::remove_pack_files`] afterwards.
+    pub fn sweep(&self, drop: &[u64], live: &HashSet<Hash>) -> Result<Swept> {
+        self.no_pending()?;
+        let root = self.inner.root.clone();
+        let path = self.inner.catalog_path.clone();
+        self.with_transaction(|tx| {
+            let mut out = Swept::default();
+            {
+                let mut del = tx.prepare("DELETE FROM generations WHERE id = ?1").db(&path)?;
+                for g in drop {
+                    out.generations += del.execute([*g as i64]).db(&path)? as u64;
+                }
+            }
+            {
+                let mut st = tx.prepare("SELECT id, manifest FROM generations").db(&path)?;
+                let rows: Vec<(i64, Vec<u8>)> = st
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .db(&path)?
+                    .collect::<rusqlite::Result<_>>()
+                    .db(&path)?;
+                for (id, m) in rows {
+                    if !Hash::from_slice(&m).is_some_and(|h| live.contains(&h)) {
+                        return Err(StoreError::Invalid(format!(
+                            "sweep refused: generation {id} stays but its manifest is not among the live blobs (gc bug); nothing was deleted"
+                        )));
+                    }
+                }
+            }
+            let rows = blob_rows(tx, &path)?;
+            let present: HashSet<Hash> = rows.iter().map(|r| r.hash).collect();
+            if let Some(h) = live.iter().find(|h| !h.is_zero_chunk() && !present.contains(h)) {
+                return Err(StoreError::Invalid(format!(
+                    "sweep refused: live blob {h} is not in the catalog (the store is damaged: run `ckpt verify --all`); nothing was deleted"
+                )));
+            }
+            let mut live_per_pack: HashMap<i64, u64> = HashMap::new();
+            {
+                let mut del = tx.prepare("DELETE FROM blobs WHERE hash = ?1").db(&path)?;
+                for r in &rows {
+                    if live.contains(&r.hash) {
+                        *live_per_pack.entry(r.pack_id).or_default() += 1;
+                    } else {
+                        del.execute([&r.hash.0[..]]).db(&path)?;
+                        out.blobs += 1;
+                        out.blob_bytes += r.clen as u64;
+                    }
+                }
+            }
+            let packs: Vec<(i64, String, i64)> = tx
+                .prepare("SELECT id, name, size FROM packs")
+                .db(&path)?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .db(&path)?
+                .collect::<rusqlite::Result<_>>()
+                .db(&path)?;
+            let mut del = tx.prepare("DELETE FROM packs WHERE id = ?1").db(&path)?;
+            for (id, name, size) in packs {
+                if !live_per_pack.contains_key(&id) {
+                    del.execute([id]).db(&path)?;
+                    out.dead_packs.push(pack::pack_path(&root, &name));
+                    out.dead_pack_bytes += size as u64;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Delete pack files that the catalog no longer names (the dead packs of
+    /// a sweep, the old packs of a repack, orphans). A path the catalog
+    /// still names is refused, not deleted. Returns the bytes freed.
+    pub fn remove_pack_files(&self, paths: &[PathBuf]) -> Result<u64> {
+        let named: HashSet<PathBuf> = self
+            .store()
+            .pack_rows()?
+            .iter()
+            .map(|r| pack::pack_path(&self.inner.root, &r.name))
+            .collect();
+        let mut freed = 0;
+        let mut dirs = HashSet::new();
+        for p in paths {
+            if named.contains(p) {
+                return Err(StoreError::Invalid(format!(
+                    "refusing to delete pack file {}: the catalog still names it",
+                    p.display()
+                )));
+            }
+            let len = fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+            match fs::remove_file(p) {
+                Ok(()) => {
+                    freed += len;
+                    if let Some(d) = p.parent() {
+                        dirs.insert(d.to_path_buf());
+                    }
+                    tracing::debug!(pack = %p.display(), bytes = len, "pack file deleted");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(format!("delete pack file {}", p.display()), e)),
+            }
+        }
+        for d in dirs {
+            let _ = pack::sync_dir(&d);
+        }
+        Ok(freed)
+    }
+
+    /// Delete every pack file the catalog does not name (left by a crash of
+    /// a checkpoint or of gc). Safe only under the writer lock, which this
+    /// [`Writer`] holds: nobody else is between writing a pack and naming
+    /// it. Returns (files, bytes).
+    pub fn remove_orphan_packs(&self) -> Result<(u64, u64)> {
+        let orphans = self.store().orphan_packs()?;
+        let paths: Vec<PathBuf> = orphans.iter().map(|o| o.0.clone()).collect();
+        let bytes = self.remove_pack_files(&paths)?;
+        Ok((paths.len() as u64, bytes))
+    }
+
+    /// The packs whose live share (blob bytes still in the catalog over the
+    /// blob bytes the file holds) is below `threshold` (0..=1) and that
+    /// still hold something, with their live share.
+    pub fn repack_candidates(&self, threshold: f64) -> Result<Vec<(PackRow, f64)>> {
+        let store = self.store();
+        let mut live: HashMap<i64, u64> = HashMap::new();
+        for b in store.blob_rows()? {
+            *live.entry(b.pack_id).or_default() += b.clen as u64;
+        }
+        Ok(store
+            .pack_rows()?
+            .into_iter()
+            .filter_map(|p| {
+                let l = *live.get(&p.id)?;
+                let share = l as f64 / p.data_bytes().max(1) as f64;
+                (share < threshold).then_some((p, share))
+            })
+            .collect())
+    }
+
+    /// Copy the live blobs of `packs` (their compressed bytes, each checked
+    /// against its address on the way) into new pack files, durable before
+    /// this returns; the catalog is not changed (see
+    /// [`Writer::repack_commit`]). A pack that cannot be read or holds a
+    /// corrupt live blob is an error: nothing is repacked then, and the new
+    /// files are deleted.
+    pub fn repack_write(&self, packs: &[PackRow]) -> Result<Repacked> {
+        self.no_pending()?;
+        let store = self.store();
+        let mut by_pack: HashMap<i64, Vec<(Loc, BlobKind)>> = HashMap::new();
+        {
+            let conn = self.inner.conn();
+            let p = &self.inner.catalog_path;
+            let mut st = conn
+                .prepare_cached("SELECT hash, offset, clen, ulen, kind FROM blobs WHERE pack_id = ?1 ORDER BY offset")
+                .db(p)?;
+            for pk in packs {
+                let rows: Vec<(Vec<u8>, i64, i64, i64, i64)> = st
+                    .query_map([pk.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+                    .db(p)?
+                    .collect::<rusqlite::Result<_>>()
+                    .db(p)?;
+                let locs = rows
+                    .into_iter()
+                    .filter_map(|(h, off, c, u, k)| {
+                        let loc = Loc {
+                            hash: Hash::from_slice(&h)?,
+                            pack: pk.name.clone(),
+                            offset: off as u64,
+                            clen: c as u32,
+                            ulen: u as u32,
+                        };
+                        Some((loc, BlobKind::from_u8(k as u8).unwrap_or(BlobKind::Chunk)))
+                    })
+                    .collect();
+                by_pack.insert(pk.id, locs);
+            }
+        }
+        let tmp = self.inner.root.join("tmp");
+        let mut out = Repacked { old: Vec::new(), new: Vec::new() };
+        let mut open: Option<OpenPack> = None;
+        let result = (|| -> Result<()> {
+            for pk in packs {
+                let path = store.pack_path(&pk.name);
+                let locs = &by_pack[&pk.id];
+                if locs.is_empty() {
+                    continue;
+                }
+                let f = open_pack(&path, &locs[0].0.hash)?;
+                for (l, kind) in locs {
+                    let mut buf = vec![0u8; l.clen as usize];
+                    f.read_exact_at(&mut buf, l.offset).map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            StoreError::Corrupt { pack: path.clone(), hash: l.hash, reason: "pack file is truncated".into() }
+                        } else {
+                            StoreError::io(format!("read pack file {}", path.display()), e)
+                        }
+                    })?;
+                    store.decode(l, &buf)?;
+                    if open.is_none() {
+                        open = Some(OpenPack::create(&tmp).ctx(|| format!("create a pack file in {}", tmp.display()))?);
+                    }
+                    let o = open.as_mut().expect("open pack");
+                    o.append(*kind, l.hash, &buf, l.ulen).ctx(|| format!("write pack file in {}", tmp.display()))?;
+                    if o.len() >= self.opts.pack_target {
+                        let f = open.take().expect("open pack").finish(&self.inner.root).ctx(|| "finish a repacked pack file".to_string())?;
+                        out.new.push(f);
+                    }
+                }
+                out.old.push((pk.id, pk.name.clone(), pk.size));
+            }
+            if let Some(o) = open.take() {
+                out.new.push(o.finish(&self.inner.root).ctx(|| "finish a repacked pack file".to_string())?);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            if let Some(o) = open.take() {
+                o.discard();
+            }
+            for n in &out.new {
+                let _ = fs::remove_file(&n.path);
+            }
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// Switch the catalog to the packs of `r` in one transaction (insert the
+    /// new packs, point the moved blobs at them, delete the old pack rows).
+    /// Returns the old pack files, to delete with
+    /// [`Writer::remove_pack_files`].
+    pub fn repack_commit(&self, r: &Repacked) -> Result<Vec<PathBuf>> {
+        if r.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.no_pending()?;
+        let path = self.inner.catalog_path.clone();
+        self.with_transaction(|tx| {
+            let now = now_ms();
+            {
+                let mut ins = tx
+                    .prepare("INSERT OR IGNORE INTO packs(name, size, nblobs, created) VALUES (?1, ?2, ?3, ?4)")
+                    .db(&path)?;
+                let mut upd = tx
+                    .prepare("UPDATE blobs SET pack_id = ?1, offset = ?2 WHERE hash = ?3")
+                    .db(&path)?;
+                for f in &r.new {
+                    ins.execute(params![f.name, f.size as i64, f.entries.len() as i64, now]).db(&path)?;
+                    let id: i64 = tx
+                        .query_row("SELECT id FROM packs WHERE name = ?1", [&f.name], |x| x.get(0))
+                        .db(&path)?;
+                    for e in &f.entries {
+                        upd.execute(params![id, e.offset as i64, &e.hash.0[..]]).db(&path)?;
+                    }
+                }
+            }
+            let mut del = tx.prepare("DELETE FROM packs WHERE id = ?1").db(&path)?;
+            let mut left = tx.prepare("SELECT count(*) FROM blobs WHERE pack_id = ?1").db(&path)?;
+            for (id, name, _) in &r.old {
+                let n: i64 = left.query_row([*id], |x| x.get(0)).db(&path)?;
+                if n != 0 {
+                    return Err(StoreError::Invalid(format!(
+                        "repack refused: pack {name} still holds {n} blobs that were not copied; nothing was changed"
+                    )));
+                }
+                del.execute([*id]).db(&path)?;
+            }
+            Ok(r.old.iter().map(|o| pack::pack_path(&self.inner.root, &o.1)).collect())
+        })
+    }
+
+    /// A read handle on the same store.
+    pub fn store(&self) -> Store {
+        Store { inner: self.inner.clone() }
+    }
+}
