@@ -139,6 +139,25 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// An S3 request failed (see [`crate::remote::RemoteError`]).
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
+    /// A generation committed in the local cache of an S3 store could not
+    /// be uploaded.
+    #[error(
+        "generation {id} is committed in the local cache {cache} but not uploaded to {url}: {source}; it goes up with the next checkpoint, or run `ckpt push {url} --store {cache}`"
+    )]
+    NotUploaded {
+        /// The generation.
+        id: u64,
+        /// The S3 store.
+        url: String,
+        /// Its cache directory.
+        cache: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<StoreError>,
+    },
     /// Error returned by a caller's callback (e.g. the sink of `read_blobs`).
     #[error("{0}")]
     Callback(#[source] Box<dyn std::error::Error + Send + Sync>),

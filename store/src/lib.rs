@@ -17,6 +17,13 @@
 //! leaves every earlier generation intact and no partial one visible (at
 //! worst, orphan pack files that nothing references).
 //!
+//! A store can also live in S3-compatible object storage
+//! (`s3://BUCKET/PREFIX`, see [`remote`]): it is then a local store in a
+//! cache directory whose packs and catalog are uploaded after every commit
+//! (packs first), and whose reads fetch just the blobs they need with ranged
+//! GETs. [`remote::push`] and [`remote::pull`] copy whole stores between a
+//! directory and S3.
+//!
 //! This crate must never know about processes, memory layouts or image
 //! manifests: it stores opaque blobs and generation rows that point at a
 //! manifest blob.
@@ -26,6 +33,7 @@
 
 pub mod error;
 pub mod pack;
+pub mod remote;
 
 mod catalog;
 pub mod maintenance;
@@ -51,6 +59,7 @@ pub use rusqlite;
 
 use error::{IoCtx, SqlCtx};
 use pack::{FinishedPack, OpenPack};
+use remote::Remote;
 
 /// Default chunk size of a new store: one page, the granularity of dirty
 /// tracking, so an incremental checkpoint stores only the pages that changed
@@ -58,6 +67,9 @@ use pack::{FinishedPack, OpenPack};
 pub const DEFAULT_CHUNK_SIZE: usize = 4096;
 /// Largest accepted chunk size.
 pub const MAX_CHUNK_SIZE: usize = 64 << 20;
+/// Above this many blobs, `read_blobs` scans the index once instead of
+/// looking each blob up.
+const BULK_LOCATE: usize = 4096;
 /// Default target size of a pack file; a pack is also closed at every commit.
 pub const DEFAULT_PACK_TARGET: u64 = 32 << 20;
 
@@ -204,12 +216,65 @@ struct Inner {
     catalog_path: PathBuf,
     chunk_size: usize,
     conn: Mutex<Connection>,
+    /// The S3 side of an `s3://` store (`root` is then its cache).
+    remote: Option<Arc<Remote>>,
 }
 
 impl Inner {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         lock(&self.conn)
     }
+
+    /// Close the catalog, run `f` (which may replace the file), reopen it.
+    fn with_catalog_closed<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let mut conn = self.conn();
+        let placeholder = Connection::open_in_memory().db(&self.catalog_path)?;
+        drop(std::mem::replace(&mut *conn, placeholder));
+        let r = f();
+        let (c, _) = catalog::open(&self.catalog_path, None)?;
+        *conn = c;
+        r
+    }
+}
+
+/// Take the exclusive `flock` on `<dir>/lock` and write our pid into it;
+/// [`StoreError::Locked`] if another process holds it.
+pub(crate) fn lock_dir(dir: &Path) -> Result<Flock<File>> {
+    let lock_path = dir.join("lock");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .ctx(|| format!("open lock file {}", lock_path.display()))?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut s = String::new();
+            let _ = file.read_to_string(&mut s);
+            let pid = s.trim();
+            return Err(StoreError::Locked {
+                path: dir.to_path_buf(),
+                pid: if pid.is_empty() {
+                    "unknown".into()
+                } else {
+                    pid.into()
+                },
+            });
+        }
+        Err((_, e)) => {
+            return Err(StoreError::io(
+                format!("lock {}", lock_path.display()),
+                std::io::Error::from(e),
+            ));
+        }
+    };
+    lock.set_len(0)
+        .and_then(|_| lock.rewind())
+        .and_then(|_| writeln!(lock, "{}", std::process::id()))
+        .ctx(|| format!("write pid to lock file {}", lock_path.display()))?;
+    Ok(lock)
 }
 
 /// Where a blob lives.
@@ -252,7 +317,7 @@ pub fn parse_url(url: &str) -> Result<PathBuf> {
         PathBuf::from(rest)
     } else if url.starts_with("s3://") {
         return Err(unsupported(
-            "S3 stores are not supported yet (S3 support comes in a later version); use a local directory or file:///path",
+            "S3 stores have no local directory of their own: open them with Store::open (the cache directory is Store::root)",
         ));
     } else if let Some((scheme, _)) = url.split_once("://") {
         return Err(unsupported(&format!(
@@ -276,6 +341,9 @@ fn dir_is_empty(p: &Path) -> Result<bool> {
 impl Store {
     /// Open an existing store.
     pub fn open(url: &str) -> Result<Store> {
+        if remote::is_s3_url(url) {
+            return Self::open_s3(url, None);
+        }
         let root = parse_url(url)?;
         if !root.exists() {
             return Err(StoreError::NoSuchStore { path: root });
@@ -283,7 +351,53 @@ impl Store {
         if !root.is_dir() || !root.join("catalog.db").is_file() {
             return Err(StoreError::NotAStore { path: root });
         }
-        Self::finish_open(root, None)
+        Self::finish_open(root, None, None)
+    }
+
+    /// Open (or create) `s3://BUCKET/PREFIX`: bring the cache's catalog up
+    /// to date with the remote one (unless a local writer holds the cache,
+    /// whose catalog is then the newest), open it, and for a new store
+    /// upload the empty catalog (so a missing bucket or bad credentials show
+    /// at once).
+    fn open_s3(url: &str, create: Option<usize>) -> Result<Store> {
+        Self::open_s3_at(url, None, create)
+    }
+
+    /// Open an `s3://` store with an explicit cache directory (`None`: the
+    /// default, see [`remote`]); `create` as in [`Store::open_or_create`].
+    pub fn open_s3_at(url: &str, cache: Option<PathBuf>, create: Option<usize>) -> Result<Store> {
+        let remote = Arc::new(Remote::connect_with_cache(url, cache)?);
+        let cache = remote.cache_dir().to_path_buf();
+        fs::create_dir_all(&cache)
+            .ctx(|| format!("create cache directory {} of {url}", cache.display()))?;
+        let guard = match lock_dir(&cache) {
+            Ok(g) => Some(g),
+            Err(StoreError::Locked { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let mut fresh = false;
+        if guard.is_some() && remote.prepare_cache()? == remote::CacheState::NoRemoteStore {
+            if create.is_none() {
+                return Err(remote::RemoteError::NoSuchStore {
+                    url: remote.url().to_string(),
+                    object: remote.object_url(remote::CATALOG_OBJECT),
+                }
+                .into());
+            }
+            // A catalog left from a remote store that is gone is stale.
+            for f in ["catalog.db", "catalog.db-wal", "catalog.db-shm", "synced-etag"] {
+                let _ = fs::remove_file(cache.join(f));
+            }
+            fresh = true;
+        }
+        let store = Self::finish_open(cache, create, Some(remote.clone()))?;
+        if fresh {
+            let conn = store.inner.conn();
+            remote.sync_up(&conn, &store.inner.catalog_path)?;
+            tracing::info!(store = url, "new store created on S3");
+        }
+        drop(guard);
+        Ok(store)
     }
 
     /// Open a store, creating it (directory and catalog) if it does not exist
@@ -297,6 +411,9 @@ impl Store {
                 default: DEFAULT_CHUNK_SIZE,
             });
         }
+        if remote::is_s3_url(url) {
+            return Self::open_s3(url, Some(chunk_size));
+        }
         let root = parse_url(url)?;
         if !root.exists() {
             fs::create_dir_all(&root)
@@ -304,7 +421,7 @@ impl Store {
         } else if !root.is_dir() || (!root.join("catalog.db").exists() && !dir_is_empty(&root)?) {
             return Err(StoreError::NotAStore { path: root });
         }
-        let store = Self::finish_open(root, Some(chunk_size))?;
+        let store = Self::finish_open(root, Some(chunk_size), None)?;
         if store.inner.chunk_size != chunk_size {
             tracing::debug!(
                 store = %store.inner.root.display(),
@@ -316,7 +433,7 @@ impl Store {
         Ok(store)
     }
 
-    fn finish_open(root: PathBuf, create: Option<usize>) -> Result<Store> {
+    fn finish_open(root: PathBuf, create: Option<usize>, remote: Option<Arc<Remote>>) -> Result<Store> {
         let catalog_path = root.join("catalog.db");
         let (conn, chunk_size) = catalog::open(&catalog_path, create)?;
         for d in ["packs", "tmp"] {
@@ -332,13 +449,34 @@ impl Store {
                 catalog_path,
                 chunk_size,
                 conn: Mutex::new(conn),
+                remote,
             }),
         })
     }
 
-    /// The store's directory.
+    /// The store's directory (for an S3 store, its local cache).
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// The store's URL: `s3://BUCKET/PREFIX` or `file:///path`.
+    pub fn url(&self) -> String {
+        match &self.inner.remote {
+            Some(r) => r.url().to_string(),
+            None => format!("file://{}", self.inner.root.display()),
+        }
+    }
+
+    /// The S3 side of an `s3://` store.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.inner.remote.as_deref()
+    }
+
+    /// Write a consistent, self-contained copy of the catalog (`VACUUM
+    /// INTO`) into directory `dir`; returns its path.
+    pub fn snapshot_catalog(&self, dir: &Path) -> Result<PathBuf> {
+        let conn = self.inner.conn();
+        remote::snapshot_catalog(&conn, &self.inner.catalog_path, dir)
     }
 
     /// Path of the SQLite catalog (for tools such as gc that need queries
@@ -372,7 +510,16 @@ impl Store {
     /// shutdown: the catalog is then one self-contained file).
     pub fn checkpoint_wal(&self) -> Result<()> {
         let conn = self.inner.conn();
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).db(&self.inner.catalog_path)
+        // A reader in another process can make the checkpoint report busy:
+        // try again for a while.
+        for _ in 0..100 {
+            let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).db(&self.inner.catalog_path)?;
+            if busy == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// One committed generation.
@@ -463,6 +610,18 @@ impl Store {
         Ok(data)
     }
 
+    /// Like `decode`, naming the S3 object in errors.
+    fn decode_remote(&self, r: &Remote, loc: &Loc, stored: &[u8]) -> Result<Vec<u8>> {
+        self.decode(loc, stored).map_err(|e| match e {
+            StoreError::Corrupt { hash, reason, .. } => StoreError::Corrupt {
+                pack: PathBuf::from(r.object_url(&Remote::pack_rel(&loc.pack))),
+                hash,
+                reason,
+            },
+            e => e,
+        })
+    }
+
     /// Read one blob (decompressed and verified). [`Hash::ZERO_CHUNK`] reads
     /// as `chunk_size` zero bytes.
     pub fn read_blob(&self, h: &Hash) -> Result<Vec<u8>> {
@@ -474,6 +633,11 @@ impl Store {
             self.locate(&conn, h)?
         };
         let path = self.pack_path(&loc.pack);
+        if let Some(r) = self.inner.remote.as_deref().filter(|_| !path.exists()) {
+            let rel = Remote::pack_rel(&loc.pack);
+            let got = r.get_ranges(&rel, &[loc.offset..loc.offset + loc.clen as u64])?;
+            return self.decode_remote(r, &loc, &got[0]);
+        }
         let f = open_pack(&path, h)?;
         let mut buf = vec![0u8; loc.clen as usize];
         f.read_exact_at(&mut buf, loc.offset).map_err(|e| {
@@ -510,13 +674,85 @@ impl Store {
         let mut groups: BTreeMap<String, Vec<Loc>> = BTreeMap::new();
         {
             let conn = self.inner.conn();
-            for h in uniq.iter().filter(|h| !h.is_zero_chunk()) {
-                let loc = self.locate(&conn, h)?;
-                groups.entry(loc.pack.clone()).or_default().push(loc);
+            if uniq.len() > BULK_LOCATE {
+                // Many blobs (a restart): one pass over the index beats a
+                // lookup per blob.
+                let wanted: std::collections::HashSet<Hash> = uniq.iter().filter(|h| !h.is_zero_chunk()).copied().collect();
+                let mut found = 0usize;
+                let mut st = conn
+                    .prepare("SELECT b.hash, p.name, b.offset, b.clen, b.ulen FROM blobs b JOIN packs p ON p.id = b.pack_id")
+                    .db(&self.inner.catalog_path)?;
+                let mut rows = st.query([]).db(&self.inner.catalog_path)?;
+                while let Some(r) = rows.next().db(&self.inner.catalog_path)? {
+                    let raw: Vec<u8> = r.get(0).db(&self.inner.catalog_path)?;
+                    let Some(hash) = Hash::from_slice(&raw) else { continue };
+                    if !wanted.contains(&hash) {
+                        continue;
+                    }
+                    found += 1;
+                    let loc = Loc {
+                        hash,
+                        pack: r.get(1).db(&self.inner.catalog_path)?,
+                        offset: r.get::<_, i64>(2).db(&self.inner.catalog_path)? as u64,
+                        clen: r.get::<_, i64>(3).db(&self.inner.catalog_path)? as u32,
+                        ulen: r.get::<_, i64>(4).db(&self.inner.catalog_path)? as u32,
+                    };
+                    groups.entry(loc.pack.clone()).or_default().push(loc);
+                }
+                if found < wanted.len() {
+                    let located: std::collections::HashSet<Hash> = groups.values().flatten().map(|l| l.hash).collect();
+                    let missing = wanted.iter().find(|h| !located.contains(h)).copied().unwrap_or_default();
+                    return Err(StoreError::BlobNotFound { hash: missing, path: self.inner.root.clone() });
+                }
+            } else {
+                for h in uniq.iter().filter(|h| !h.is_zero_chunk()) {
+                    let loc = self.locate(&conn, h)?;
+                    groups.entry(loc.pack.clone()).or_default().push(loc);
+                }
             }
         }
         if has_zero {
             sink(&Hash::ZERO_CHUNK, &vec![0u8; self.inner.chunk_size])?;
+        }
+        if let Some(r) = self.inner.remote.as_deref() {
+            // Packs not in the cache: ranged GETs of just these blobs, a few
+            // packs at a time (bounded memory), decoded in parallel.
+            let far: Vec<(String, Vec<Loc>)> = {
+                let names: Vec<String> = groups
+                    .keys()
+                    .filter(|n| !self.pack_path(n).exists())
+                    .cloned()
+                    .collect();
+                names
+                    .into_iter()
+                    .map(|n| {
+                        let locs = groups.remove(&n).unwrap_or_default();
+                        (n, locs)
+                    })
+                    .collect()
+            };
+            for batch in far.chunks(remote::CONCURRENCY) {
+                let work: Vec<(String, Vec<std::ops::Range<u64>>)> = batch
+                    .iter()
+                    .map(|(n, locs)| {
+                        let ranges = locs
+                            .iter()
+                            .map(|l| l.offset..l.offset + l.clen as u64)
+                            .collect();
+                        (Remote::pack_rel(n), ranges)
+                    })
+                    .collect();
+                let fetched = r.get_ranges_many(&work)?;
+                batch
+                    .par_iter()
+                    .zip(fetched.par_iter())
+                    .try_for_each(|((_, locs), bufs)| {
+                        locs.par_iter().zip(bufs.par_iter()).try_for_each(|(loc, b)| {
+                            let data = self.decode_remote(r, loc, b)?;
+                            sink(&loc.hash, &data)
+                        })
+                    })?;
+            }
         }
         groups.into_par_iter().try_for_each(|(name, mut locs)| {
             locs.sort_unstable_by_key(|l| l.offset);
@@ -865,40 +1101,17 @@ impl std::fmt::Debug for Writer {
 
 impl Writer {
     fn new(inner: Arc<Inner>, opts: WriterOptions) -> Result<Writer> {
-        let lock_path = inner.root.join("lock");
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .ctx(|| format!("open lock file {}", lock_path.display()))?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-                let mut s = String::new();
-                let _ = file.read_to_string(&mut s);
-                let pid = s.trim();
-                return Err(StoreError::Locked {
-                    path: inner.root.clone(),
-                    pid: if pid.is_empty() {
-                        "unknown".into()
-                    } else {
-                        pid.into()
-                    },
-                });
+        let lock = lock_dir(&inner.root)?;
+        if let Some(r) = inner.remote.as_deref() {
+            // Under the lock: first upload what an earlier commit could not,
+            // else pick up a catalog another host committed meanwhile.
+            if remote::is_unsynced(&inner.root) {
+                let conn = inner.conn();
+                r.sync_up(&conn, &inner.catalog_path)?;
+            } else if r.remote_changed()? {
+                inner.with_catalog_closed(|| r.prepare_cache().map(|_| ()))?;
             }
-            Err((_, e)) => {
-                return Err(StoreError::io(
-                    format!("lock {}", lock_path.display()),
-                    std::io::Error::from(e),
-                ));
-            }
-        };
-        lock.set_len(0)
-            .and_then(|_| lock.rewind())
-            .and_then(|_| writeln!(lock, "{}", std::process::id()))
-            .ctx(|| format!("write pid to lock file {}", lock_path.display()))?;
+        }
 
         // Leftovers of a crashed writer: nothing references them.
         let tmp = inner.root.join("tmp");
@@ -1064,6 +1277,9 @@ impl Writer {
             )));
         }
         self.close_pack(&mut p)?;
+        if self.inner.remote.is_some() {
+            remote::mark_unsynced(&self.inner.root)?;
+        }
         let id = self.next_generation_id();
         let info = GenerationInfo {
             id,
@@ -1168,8 +1384,21 @@ impl Writer {
             stored_bytes = info.stored_bytes,
             "generation committed"
         );
+        let new_packs: Vec<(String, u64)> =
+            p.finished.iter().map(|f| (f.name.clone(), f.size)).collect();
         *p = Pending::default();
         self.next_id.store(id + 1, Ordering::SeqCst);
+        if let Some(r) = self.inner.remote.as_deref() {
+            let conn = self.inner.conn();
+            r.upload_commit(&new_packs, &conn, &self.inner.catalog_path)
+                .map_err(|e| StoreError::NotUploaded {
+                    id,
+                    url: r.url().to_string(),
+                    cache: self.inner.root.clone(),
+                    source: Box::new(e),
+                })?;
+            tracing::info!(store = r.url(), generation = id, packs = new_packs.len(), "generation uploaded");
+        }
         Ok(info)
     }
 
@@ -1201,6 +1430,26 @@ impl Writer {
         self.next_id.store(next, Ordering::SeqCst);
         drop(p);
         Ok(r)
+    }
+
+    /// Replace the whole catalog with the SQLite file `new` (moved into
+    /// place), e.g. one pulled from S3 whose packs are all present. Refused
+    /// while blobs are pending. Reloads the known set and next id.
+    pub fn replace_catalog(&self, new: &Path) -> Result<()> {
+        let p = lock(&self.pending);
+        if !p.hashes.is_empty() {
+            return Err(StoreError::Invalid(
+                "replacing the catalog while blobs are pending: commit or abort first".into(),
+            ));
+        }
+        catalog::header_version(new)?;
+        self.inner
+            .with_catalog_closed(|| remote::install_catalog(new, &self.inner.catalog_path))?;
+        let conn = self.inner.conn();
+        let (known, next) = load_known(&conn, &self.inner.catalog_path)?;
+        *self.known.write().unwrap_or_else(|e| e.into_inner()) = known;
+        self.next_id.store(next, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Forget everything put since the last commit: remove those blobs from
