@@ -94,7 +94,8 @@ impl Policy {
                 add(g.id, "within");
             }
         }
-        let rules: [(Option<u32>, fn(i64) -> i64, &'static str); 3] = [
+        type Rule = (Option<u32>, fn(i64) -> i64, &'static str);
+        let rules: [Rule; 3] = [
             (self.keep_hourly, hour_bucket, "hourly"),
             (self.keep_daily, day_bucket, "daily"),
             (self.keep_weekly, week_bucket, "weekly"),
@@ -283,7 +284,7 @@ mod tests {
         // T0 is Tuesday 2026-11-24. Days: Sun 22, Mon 23, Tue 24 (two), and
         // the Monday a week before.
         let gens = [
-            g(1, T0 - 8 * DAY_MS + 3600_000), // Mon 16th
+            g(1, T0 - 8 * DAY_MS + HOUR_MS), // Mon 16th
             g(2, T0 - 2 * DAY_MS + 1000),     // Sun 22nd
             g(3, T0 - DAY_MS + 1000),         // Mon 23rd
             g(4, T0 + 1000),                  // Tue 24th

@@ -341,8 +341,11 @@ impl Store {
     }
 }
 
-/// Read just the trailer of a pack file: (hash, (offset, clen, ulen)).
-fn read_trailer(f: &File, len: u64) -> std::result::Result<Vec<(Hash, (u64, u32, u32))>, String> {
+/// A trailer entry: hash and (offset, clen, ulen).
+type TrailerEntry = (Hash, (u64, u32, u32));
+
+/// Read just the trailer of a pack file.
+fn read_trailer(f: &File, len: u64) -> std::result::Result<Vec<TrailerEntry>, String> {
     if len < (PACK_MAGIC.len() + TAIL_LEN) as u64 {
         return Err("too short to be a pack file (truncated?)".into());
     }
