@@ -146,6 +146,9 @@ fn pause(phase: &str) {
 /// See the crate documentation for the locking and crash-safety rules.
 pub fn run(store: &Store, opts: &GcOptions) -> Result<GcReport> {
     opts.policy.check()?;
+    if let Some(r) = store.remote() {
+        return Err(GcError::RemoteStore { what: "gc", url: r.url().to_string() });
+    }
     if !(0.0..=1.0).contains(&opts.repack_threshold) {
         return Err(GcError::BadThreshold(opts.repack_threshold));
     }

@@ -34,6 +34,9 @@ impl Verification {
 /// the ones no generation needs: [`Store::verify`] or
 /// [`Store::verify_metadata`]); otherwise only the blobs of `gens`.
 pub fn verify(store: &Store, gens: &[GenerationInfo], all: bool, metadata_only: bool) -> Result<Verification> {
+    if let Some(r) = store.remote() {
+        return Err(crate::GcError::RemoteStore { what: "verify", url: r.url().to_string() });
+    }
     let mut problems = Vec::new();
     let mut marker = Marker::new();
     // Which generation first needed a chunk (to name it in a problem).
