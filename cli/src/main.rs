@@ -17,6 +17,7 @@ use ckpt_store::Store;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod remote_cmd;
 mod gc_cmd;
 mod show_cmd;
 mod verify_cmd;
@@ -37,7 +38,7 @@ struct CoordArg {
 
 #[derive(clap::Args, Clone)]
 struct StoreArg {
-    /// Image store: file:///PATH or a path [default: $XDG_DATA_HOME/ckpt or ~/.local/share/ckpt]
+    /// Image store: file:///PATH, a path, or s3://BUCKET/PREFIX [default: $XDG_DATA_HOME/ckpt or ~/.local/share/ckpt]
     #[arg(long, env = "CKPT_STORE")]
     store: Option<String>,
 }
@@ -100,6 +101,24 @@ enum Cmd {
     Quit {
         #[command(flatten)]
         coord: CoordArg,
+    },
+    /// Copy the local store (--store) to S3, sending only the packs DEST lacks, then the catalog.
+    Push {
+        /// Destination: s3://BUCKET/PREFIX
+        dest: String,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy an S3 store into the local store (--store), fetching only the packs it lacks, then the catalog.
+    Pull {
+        /// Source: s3://BUCKET/PREFIX
+        src: String,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
     },
     /// Forget generations by retention policy, delete the data nothing kept needs, repack.
     Gc {
@@ -297,6 +316,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Status { coord, json } => status(&coord_addr(&coord)?, json),
         Cmd::Log { store, json } => log(&store_url(&store), json),
         Cmd::Restart { generation, coord, store } => restart(generation, &coord_addr(&coord)?, &store_url(&store), store.store.is_some()),
+        Cmd::Push { dest, store, json } => remote_cmd::push(&store_url(&store), &dest, json),
+        Cmd::Pull { src, store, json } => remote_cmd::pull(&src, &store_url(&store), json),
         Cmd::Kill { coord } => {
             let v = client::request(&coord_addr(&coord)?, "kill", json!({}), Duration::from_secs(10))?;
             eprintln!("killed {}", v["killed"]);
