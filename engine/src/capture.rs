@@ -253,7 +253,9 @@ fn store_region(
             _ => false,
         };
         if reusable {
-            if let Some(bh) = base.and_then(|b| b.hashes.get(c)) {
+            // Only a chunk the store still holds (gc may have pruned the
+            // generation the base came from).
+            if let Some(bh) = base.and_then(|b| b.hashes.get(c)).filter(|bh| **bh == Hash::ZERO_CHUNK || writer.known(bh)) {
                 *h = *bh;
                 continue;
             }
