@@ -256,6 +256,13 @@ impl Coordinator {
             }
             "quit" => {
                 self.quit.store(true, Ordering::Release);
+                // No checkpoint may be half-way when we go; the catalog is
+                // left as one self-contained file before we answer.
+                let no_checkpoint = self.ckpt_lock.lock().unwrap();
+                if let Err(e) = self.store.checkpoint_wal() {
+                    tracing::warn!("folding the catalog's WAL: {e}");
+                }
+                std::mem::forget(no_checkpoint);
                 json!({"ok": true})
             }
             other => json!({"ok": false, "error": format!("unknown command {other:?}")}),
@@ -264,11 +271,6 @@ impl Coordinator {
         bytes.push(b'\n');
         let _ = out.write_all(&bytes);
         if cmd == "quit" {
-            // No checkpoint may be half-way when we go.
-            let _no_checkpoint = self.ckpt_lock.lock().unwrap();
-            if let Err(e) = self.store.checkpoint_wal() {
-                tracing::warn!("folding the catalog's WAL: {e}");
-            }
             if let Address::Unix(p) = &self.cfg.addr {
                 let _ = std::fs::remove_file(p);
             }

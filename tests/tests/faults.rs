@@ -247,24 +247,30 @@ fn catalog_from_newer_schema_is_refused() {
     }
 }
 
-/// `kill -9` of the program while a large checkpoint is being taken: no
-/// half-committed generation; the earlier one still restarts.
-#[test]
-fn kill9_program_during_checkpoint_commits_nothing_partial() {
-    let s = Session::new("kill9_program");
+/// A program with a 256 MiB heap, checkpointed once (`g1`), then its whole
+/// heap rewritten and a checkpoint of it started in the background and given
+/// a moment to get under way (no output tells that it is).
+fn start_large_checkpoint(s: &Session) -> (Proc, Gen, Proc) {
     let churn = s.path("churn");
-    let mut p = launch_counter(&s, "256", &["-c", churn.to_str().unwrap()]);
-    let pid = p.pid;
+    let mut p = launch_counter(s, "256", &["-c", churn.to_str().unwrap()]);
     let g1 = s.checkpoint_bounded(&mut p);
-    // rewrite the whole heap, so that the next checkpoint has 256 MiB to write
     std::fs::write(&churn, "").unwrap();
     p.wait_prefix("CHURNED", LINE_TIMEOUT);
     p.wait_ticks(1, LINE_TIMEOUT);
     let mut c = s.cmd("checkpoint");
     c.stdin(std::process::Stdio::null());
-    let mut ck = Proc::spawn("checkpoint".into(), c);
-    // No output tells that the checkpoint is under way; give it a moment.
+    let ck = Proc::spawn("checkpoint".into(), c);
     std::thread::sleep(Duration::from_millis(300));
+    (p, g1, ck)
+}
+
+/// `kill -9` of the program while a large checkpoint is being taken: no
+/// half-committed generation; the earlier one still restarts.
+#[test]
+fn kill9_program_during_checkpoint_commits_nothing_partial() {
+    let s = Session::new("kill9_program");
+    let (mut p, g1, mut ck) = start_large_checkpoint(&s);
+    let pid = p.pid;
     p.kill9();
     let st = ck.wait_exit(CMD_TIMEOUT);
     let gens = s.generations();
@@ -291,17 +297,9 @@ fn kill9_program_during_checkpoint_commits_nothing_partial() {
 #[test]
 fn kill9_ckpt_command_during_checkpoint() {
     let s = Session::new("kill9_ckpt");
-    let churn = s.path("churn");
-    let mut p = launch_counter(&s, "256", &["-c", churn.to_str().unwrap()]);
+    let (mut p, g1, mut ck) = start_large_checkpoint(&s);
     let pid = p.pid;
-    let g1 = s.checkpoint_bounded(&mut p);
-    std::fs::write(&churn, "").unwrap();
-    p.wait_prefix("CHURNED", LINE_TIMEOUT);
-    let mut c = s.cmd("checkpoint");
-    c.stdin(std::process::Stdio::null());
-    let mut ck = Proc::spawn("checkpoint".into(), c);
     ck.pid = ck.child_pid();
-    std::thread::sleep(Duration::from_millis(300)); // no observable "in progress" signal
     if pid_alive(ck.pid) {
         ck.kill9();
     }
@@ -327,28 +325,16 @@ fn kill9_ckpt_command_during_checkpoint() {
 #[test]
 fn kill9_coordinator_during_checkpoint() {
     let s = Session::new("kill9_coordinator");
-    let churn = s.path("churn");
-    let mut p = launch_counter(&s, "256", &["-c", churn.to_str().unwrap()]);
+    let (mut p, g1, mut ck) = start_large_checkpoint(&s);
     let pid = p.pid;
-    let g1 = s.checkpoint_bounded(&mut p);
     let status = s.run("status", &["--json"]);
     let coord_pid = text(&status.stdout)
         .lines()
         .find_map(|l| l.trim().strip_prefix("\"pid\": ").map(|v| v.trim_end_matches(',').parse::<i32>().unwrap()))
         .expect("coordinator pid in `ckpt status --json`");
-    std::fs::write(&churn, "").unwrap();
-    p.wait_prefix("CHURNED", LINE_TIMEOUT);
-    let mut ck = s
-        .cmd("checkpoint")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
     let killed = std::process::Command::new("kill").args(["-9", &coord_pid.to_string()]).status().unwrap();
     assert!(killed.success());
-    let _ = ck.wait();
+    let _ = ck.wait_exit(CMD_TIMEOUT);
     // The program goes on (it was stopped or being snapshotted).
     p.wait_ticks(3, Duration::from_secs(30));
     let gens = s.generations();
