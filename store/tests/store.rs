@@ -488,8 +488,10 @@ fn not_a_store_refused() {
     );
     assert_eq!(Store::open(&url(&sub)).unwrap().chunk_size(), 8192);
 
-    let e = Store::open("s3://bucket/prefix").unwrap_err();
+    // An unknown scheme is refused with a message naming the URL.
+    let e = Store::open("ftp://host/store").unwrap_err();
     assert!(matches!(e, StoreError::Unsupported { .. }));
+    assert!(e.to_string().contains("ftp://host/store"), "{e}");
 }
 
 #[test]
