@@ -65,8 +65,10 @@ pub const CATALOG_OBJECT: &str = "catalog.db";
 pub const MULTIPART_THRESHOLD: u64 = 8 << 20;
 /// Size of one part of a multipart upload.
 const PART_SIZE: usize = 8 << 20;
-/// Packs fetched at once by [`Remote::fetch_ranges`] callers and transfers.
+/// Packs fetched or sent at once.
 pub const CONCURRENCY: usize = 8;
+/// Ranges of one object closer than this are fetched in one GET.
+pub const COALESCE_GAP: u64 = 256 << 10;
 
 /// Errors talking to S3, each naming the object or bucket and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -458,69 +460,96 @@ impl Remote {
     /// has exactly the length of its range, else the object is reported
     /// truncated.
     pub fn get_ranges(&self, rel: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
-        let key = self.key(rel);
-        let r = self.block_on(self.s3.get_ranges(&key, ranges));
-        self.check_ranges(rel, ranges, r)
-    }
-
-    fn check_ranges(
-        &self,
-        rel: &str,
-        ranges: &[Range<u64>],
-        r: object_store::Result<Vec<Bytes>>,
-    ) -> Result<Vec<Bytes>> {
-        let truncated = |reason: String| RemoteError::CorruptObject {
-            object: self.object_url(rel),
-            reason,
-        };
-        match r {
-            Ok(v) => {
-                for (b, rg) in v.iter().zip(ranges) {
-                    if b.len() as u64 != rg.end - rg.start {
-                        return Err(truncated(format!(
-                            "truncated: bytes {}..{} came back as {} bytes",
-                            rg.start,
-                            rg.end,
-                            b.len()
-                        ))
-                        .into());
-                    }
-                }
-                Ok(v)
-            }
-            Err(e) => {
-                let t = e.to_string();
-                if t.contains("Wanted range") || t.contains("416") || t.contains("InvalidRange") {
-                    Err(truncated(format!("truncated: {t}")).into())
-                } else {
-                    Err(self.classify("GET", rel, e).into())
-                }
-            }
-        }
+        let work = [(rel.to_string(), ranges.to_vec())];
+        Ok(self.get_ranges_many(&work)?.pop().unwrap_or_default())
     }
 
     /// Fetch ranges of several objects concurrently: `(rel, ranges)` in,
-    /// the bytes of each range out, in the same order.
+    /// the bytes of each range out, in the same order. Ranges of one object
+    /// less than [`COALESCE_GAP`] apart are fetched in one GET (our own
+    /// coalescing: the object may be shorter than its catalog says, and that
+    /// must be an error naming it, not a panic).
     pub fn get_ranges_many(
         &self,
         work: &[(String, Vec<Range<u64>>)],
     ) -> Result<Vec<Vec<Bytes>>> {
+        // (object index, merged range)
+        let mut fetches: Vec<(usize, Range<u64>)> = Vec::new();
+        for (i, (_, ranges)) in work.iter().enumerate() {
+            let mut sorted: Vec<Range<u64>> = ranges.clone();
+            sorted.sort_by_key(|r| r.start);
+            let mut cur: Option<Range<u64>> = None;
+            for r in sorted {
+                cur = match cur {
+                    Some(c) if r.start <= c.end + COALESCE_GAP => Some(c.start..c.end.max(r.end)),
+                    Some(c) => {
+                        fetches.push((i, c));
+                        Some(r)
+                    }
+                    None => Some(r),
+                };
+            }
+            if let Some(c) = cur {
+                fetches.push((i, c));
+            }
+        }
         let s3 = &self.s3;
-        let results: Vec<(usize, object_store::Result<Vec<Bytes>>)> = self.block_on(async {
-            futures::stream::iter(work.iter().enumerate())
-                .map(|(i, (rel, ranges))| {
-                    let key = self.key(rel);
-                    async move { (i, s3.get_ranges(&key, ranges).await) }
+        let results: Vec<(usize, Range<u64>, object_store::Result<Bytes>)> = self.block_on(async {
+            futures::stream::iter(fetches.into_iter())
+                .map(|(i, r)| {
+                    let key = self.key(&work[i].0);
+                    async move {
+                        let got = s3.get_range(&key, r.clone()).await;
+                        (i, r, got)
+                    }
                 })
-                .buffer_unordered(CONCURRENCY)
+                .buffer_unordered(CONCURRENCY * 2)
                 .collect()
                 .await
         });
-        let mut out: Vec<Option<Vec<Bytes>>> = vec![None; work.len()];
-        for (i, r) in results {
-            out[i] = Some(self.check_ranges(&work[i].0, &work[i].1, r)?);
+        let mut by_obj: Vec<Vec<(Range<u64>, Bytes)>> = vec![Vec::new(); work.len()];
+        for (i, r, got) in results {
+            let rel = &work[i].0;
+            let truncated = |reason: String| RemoteError::CorruptObject {
+                object: self.object_url(rel),
+                reason,
+            };
+            let b = match got {
+                Ok(b) => b,
+                Err(e) => {
+                    let t = e.to_string();
+                    if t.contains("Wanted range") || t.contains("416") || t.contains("InvalidRange") || t.contains("Range") && t.contains("length") {
+                        return Err(truncated(format!("truncated: {t}")).into());
+                    }
+                    return Err(self.classify("GET", rel, e).into());
+                }
+            };
+            if b.len() as u64 != r.end - r.start {
+                return Err(truncated(format!(
+                    "truncated: bytes {}..{} came back as {} bytes",
+                    r.start,
+                    r.end,
+                    b.len()
+                ))
+                .into());
+            }
+            by_obj[i].push((r, b));
         }
-        Ok(out.into_iter().map(|o| o.unwrap_or_default()).collect())
+        let mut out = Vec::with_capacity(work.len());
+        for (i, (_, ranges)) in work.iter().enumerate() {
+            let fetched = &mut by_obj[i];
+            fetched.sort_by_key(|(mr, _)| mr.start);
+            let mut v = Vec::with_capacity(ranges.len());
+            for r in ranges {
+                // The last fetched range starting at or before r.start holds it.
+                let k = fetched.partition_point(|(mr, _)| mr.start <= r.start);
+                let (mr, b) = &fetched[k.checked_sub(1).expect("every range is inside a fetched range")];
+                debug_assert!(r.end <= mr.end);
+                v.push(b.slice((r.start - mr.start) as usize..(r.end - mr.start) as usize));
+            }
+            out.push(v);
+        }
+        Ok(out)
     }
 
     /// Download `rel` into `dest` (created or truncated, fsync'd); calls

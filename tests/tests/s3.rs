@@ -2,7 +2,9 @@
 //! `common/s3.rs`): checkpoint to `s3://`, restart on a "fresh host" (empty
 //! cache), push/pull, interrupted push, errors, two writers.
 mod common;
-use common::s3::{S3Server, http};
+#[path = "common/s3.rs"]
+mod s3srv;
+use s3srv::{S3Server, http};
 use common::*;
 
 use std::path::{Path, PathBuf};
@@ -199,9 +201,11 @@ fn interrupted_push_resumes_sending_only_missing_packs() {
     }
     p.kill9();
     quit(&s);
-    let dest = format!("s3://{BUCKET}/interrupted");
     let mut killed_mid_push = false;
+    let mut prefix = String::new();
     for attempt in 0..5 {
+        prefix = format!("interrupted{attempt}");
+        let dest = format!("s3://{BUCKET}/{prefix}");
         let mut c = s.cmd("push");
         c.args([&dest, "--json"]);
         srv.apply(&mut c, &cache);
@@ -209,7 +213,7 @@ fn interrupted_push_resumes_sending_only_missing_packs() {
         let deadline = Instant::now() + CMD_TIMEOUT;
         let mut done = false;
         loop {
-            let keys = list_keys(&srv, "interrupted/packs/");
+            let keys = list_keys(&srv, &format!("{prefix}/packs/"));
             if !keys.is_empty() {
                 break;
             }
@@ -222,19 +226,16 @@ fn interrupted_push_resumes_sending_only_missing_packs() {
         }
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
-        let has_catalog = !list_keys(&srv, "interrupted/catalog.db").is_empty();
+        let has_catalog = !list_keys(&srv, &format!("{prefix}/catalog.db")).is_empty();
         if !done && !has_catalog {
             killed_mid_push = true;
             break;
         }
-        eprintln!("attempt {attempt}: push finished before the kill; starting over");
-        for k in list_keys(&srv, "interrupted/") {
-            let (code, _) = http(srv.port, "DELETE", &format!("/{BUCKET}/{k}")).unwrap();
-            assert!(code == 204 || code == 200);
-        }
+        eprintln!("attempt {attempt}: push finished before the kill; again to another prefix");
     }
+    let dest = format!("s3://{BUCKET}/{prefix}");
     assert!(killed_mid_push, "push always finished before it could be killed");
-    let before = list_keys(&srv, "interrupted/packs/").len() as u64;
+    let before = list_keys(&srv, &format!("{prefix}/packs/")).len() as u64;
     let out = ok(&run_s3(&s, &srv, &cache, "push", &[&dest, "--json"]), "push after kill -9");
     let (total, sent, skipped) = (json_u64(&out, "packs_total"), json_u64(&out, "packs_sent"), json_u64(&out, "packs_skipped"));
     eprintln!("{before} packs were on S3 after the kill; re-run sent {sent}, skipped {skipped} of {total}");
@@ -278,25 +279,15 @@ fn s3_errors_are_clear() {
     failed(&run_with_timeout(c, CMD_TIMEOUT), "plain http off loopback", &["AWS_ALLOW_HTTP"]);
 }
 
-/// One raw request with a body; returns (status, body bytes).
-fn http_bytes(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
-    s.write_all(body).unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "chunked answer: {head}");
-    (code, buf[split + 4..].to_vec())
+fn copy_dir(from: &Path, to: &Path) {
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
 }
 
 #[test]
 fn corrupt_or_truncated_pack_on_s3_is_reported_never_restarted() {
     let srv = server();
-    let mut s = Session::new("s3_corrupt");
+    let s = Session::new("s3_corrupt");
     let cache = s.path("cache");
     let mut p = s.launch(&program("counter_heap"), &["-t", "100", "-m", "16"]);
     let pid = p.pid;
@@ -305,31 +296,34 @@ fn corrupt_or_truncated_pack_on_s3_is_reported_never_restarted() {
     let g = s.checkpoint_bounded(&mut p);
     p.kill9();
     quit(&s);
-    for (case, mangle) in [("bitflip", 0usize), ("truncated", 1)] {
-        let dest = format!("s3://{BUCKET}/{case}");
-        ok(&run_s3(&s, &srv, &cache, "push", &[&dest]), "push");
-        // The largest pack holds memory chunks the restart needs.
-        let keys = list_keys(&srv, &format!("{case}/packs/"));
-        let mut best = (0usize, String::new());
-        for k in &keys {
-            let (code, body) = http_bytes(srv.port, "GET", &format!("/{BUCKET}/{k}"), b"");
-            assert_eq!(code, 200);
-            if body.len() > best.0 {
-                best = (body.len(), k.clone());
-            }
-        }
-        let key = best.1;
-        let (_, mut body) = http_bytes(srv.port, "GET", &format!("/{BUCKET}/{key}"), b"");
-        if mangle == 0 {
+    for case in ["bitflip", "truncated"] {
+        // A damaged copy of the store goes to S3 (push checks sizes against
+        // the catalog, not contents: the server now holds a bad pack).
+        let bad = s.path(&format!("bad-{case}"));
+        copy_dir(&s.store_dir, &bad);
+        let (pack, size) = pack_files(&bad).into_iter().map(|f| { let n = std::fs::metadata(&f).unwrap().len(); (f, n) }).max_by_key(|x| x.1).unwrap();
+        let mut body = std::fs::read(&pack).unwrap();
+        let name = pack.file_stem().unwrap().to_str().unwrap().to_string();
+        if case == "bitflip" {
             for i in (8..body.len() / 2).step_by(4096) {
                 body[i] ^= 0x40;
             }
         } else {
             body.truncate(body.len() / 2);
+            // The catalog of the copy agrees with the truncated size.
+            let st = Command::new("python3")
+                .args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('UPDATE packs SET size=? WHERE name=?', (int(sys.argv[2]), sys.argv[3])); c.commit()"])
+                .arg(bad.join("catalog.db"))
+                .arg(body.len().to_string())
+                .arg(&name)
+                .status()
+                .unwrap();
+            assert!(st.success());
         }
-        let (code, _) = http_bytes(srv.port, "PUT", &format!("/{BUCKET}/{key}"), &body);
-        assert_eq!(code, 200);
-        let name = key.rsplit('/').next().unwrap().trim_end_matches(".pack").to_string();
+        assert!(size > 0);
+        std::fs::write(&pack, &body).unwrap();
+        let dest = format!("s3://{BUCKET}/{case}");
+        ok(&raw_s3(&s, &srv, &cache, &["push", &dest, "--store", &format!("file://{}", bad.display())]), "push of a damaged copy");
         let mut s2 = Session::new(&format!("s3_corrupt_{case}"));
         s2.store = dest.clone();
         let fresh = s2.path("cache");
@@ -341,11 +335,10 @@ fn corrupt_or_truncated_pack_on_s3_is_reported_never_restarted() {
         assert!(err.contains("corrupt") || err.contains("truncated"), "{err}");
         assert!(!pid_alive(pid), "a restart from a {case} pack left the program running");
         // pull checks whole packs against their names.
-        let out = run_s3(&s2, &srv, &fresh, "pull", &[&dest, "--store", &format!("file://{}", s2.path("pulled").display())]);
+        let out = raw_s3(&s2, &srv, &fresh, &["pull", &dest, "--store", &format!("file://{}", s2.path("pulled").display())]);
         failed(&out, &format!("pull of a {case} pack"), &[&name, "corrupt"]);
         quit(&s2);
     }
-    let _ = &mut s;
 }
 
 #[test]
@@ -367,18 +360,20 @@ fn second_writer_on_one_s3_store_fails_clearly() {
     let probe = raw_s3(&s, &srv, &pcache, &["log", "--store", &dest]);
     ok(&probe, "log");
     let lockdir = std::fs::read_dir(pcache.join(BUCKET)).unwrap().flatten().next().unwrap().path();
-    let mut holder = Command::new("flock")
-        .arg(lockdir.join("lock"))
-        .args(["sleep", "30"])
-        .spawn()
-        .expect("flock(1)");
-    std::thread::sleep(Duration::from_millis(300)); // let flock take the lock
+    let holder = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(lockdir.join("lock")).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        unsafe extern "C" {
+            fn flock(fd: i32, op: i32) -> i32;
+        }
+        // SAFETY: flock(2) on a file we own; LOCK_EX | LOCK_NB.
+        assert_eq!(unsafe { flock(holder.as_raw_fd(), 2 | 4) }, 0, "cannot lock {}", lockdir.display());
+    }
     let mut c = s.cmd("push");
     c.arg(&dest);
     srv.apply(&mut c, &pcache);
     let out = run_with_timeout(c, CMD_TIMEOUT);
     failed(&out, "push while another writer holds the store", &["in use by another ckpt process"]);
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder); // releases the lock
     ok(&run_s3(&s, &srv, &pcache, "push", &[&dest]), "push once the lock is free");
 }
