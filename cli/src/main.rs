@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ckpt_coordinator::{Address, client};
-use ckpt_engine::image::{GenerationManifest, ProcessImage};
 use ckpt_store::Store;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
@@ -457,18 +456,9 @@ fn utc(secs: i64) -> String {
 
 fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool) -> Result<ExitCode> {
     let store = Store::open(url)?;
-    let info = match generation {
-        Some(g) => store.generation(g)?,
-        None => store.latest()?.ok_or_else(|| anyhow!("the store {url} has no generations yet: checkpoint something first"))?,
-    };
-    let manifest: GenerationManifest = serde_json::from_slice(&store.read_blob(&info.manifest)?)
-        .with_context(|| format!("the manifest of generation {} is not readable", info.id))?;
-    let mut images = Vec::new();
-    for p in &manifest.processes {
-        let img: ProcessImage = serde_json::from_slice(&store.read_blob(&p.image)?)
-            .with_context(|| format!("the image of process {} in generation {} is not readable", p.pid, info.id))?;
-        ckpt_engine::restore::check_ids_free(info.id, &img)?;
-        images.push(img);
+    let (info, _, images) = ckpt_engine::image::load_generation(&store, generation)?;
+    for img in &images {
+        ckpt_engine::restore::check_ids_free(info.id, img)?;
     }
     let restorer = artifact("ckpt-restorer", "CKPT_RESTORER")?;
     ensure_coordinator(addr, url, store_given, None)?;

@@ -3,8 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow};
-use ckpt_engine::image::{GenerationManifest, ProcessImage};
+use anyhow::Result;
 use ckpt_store::Store;
 use serde_json::{Value, json};
 
@@ -17,16 +16,9 @@ fn prot(p: u32) -> String {
 /// Run `ckpt show [GEN]` (default: the latest generation).
 pub fn show(url: &str, generation: Option<u64>, as_json: bool) -> Result<ExitCode> {
     let store = Store::open(url)?;
-    let g = match generation {
-        Some(id) => store.generation(id)?,
-        None => store.latest()?.ok_or_else(|| anyhow!("the store {url} has no generations yet"))?,
-    };
-    let manifest: GenerationManifest = serde_json::from_slice(&store.read_blob(&g.manifest)?)
-        .with_context(|| format!("the manifest of generation {} is not readable", g.id))?;
+    let (g, manifest, images) = ckpt_engine::image::load_generation(&store, generation)?;
     let mut procs = Vec::new();
-    for p in &manifest.processes {
-        let img: ProcessImage = serde_json::from_slice(&store.read_blob(&p.image)?)
-            .with_context(|| format!("the image of process {} in generation {} is not readable", p.pid, g.id))?;
+    for (p, img) in manifest.processes.iter().zip(&images) {
         let regions: Vec<Value> = img
             .regions
             .iter()

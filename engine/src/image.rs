@@ -215,3 +215,30 @@ impl ProcessImage {
         self.regions.iter().filter(|r| r.kind.has_content()).map(|r| r.end - r.start).sum()
     }
 }
+
+/// A generation's manifest and process images, read from `store`: the
+/// named generation, or the latest one.
+pub fn load_generation(
+    store: &ckpt_store::Store,
+    generation: Option<u64>,
+) -> crate::Result<(ckpt_store::GenerationInfo, GenerationManifest, Vec<ProcessImage>)> {
+    use crate::EngineError;
+    let info = match generation {
+        Some(g) => store.generation(g)?,
+        None => store.latest()?.ok_or_else(|| EngineError::Restore {
+            generation: 0,
+            what: format!("the store {} has no generations yet: checkpoint something first", store.root().display()),
+        })?,
+    };
+    let bad = |what: String| EngineError::BadImage { generation: info.id, what };
+    let manifest: GenerationManifest =
+        serde_json::from_slice(&store.read_blob(&info.manifest)?).map_err(|e| bad(format!("its manifest is not readable ({e})")))?;
+    let images = manifest
+        .processes
+        .iter()
+        .map(|p| {
+            serde_json::from_slice(&store.read_blob(&p.image)?).map_err(|e| bad(format!("the image of process {} is not readable ({e})", p.pid)))
+        })
+        .collect::<crate::Result<Vec<ProcessImage>>>()?;
+    Ok((info, manifest, images))
+}
