@@ -141,7 +141,7 @@ pub enum StoreError {
     },
     /// An S3 request failed (see [`crate::remote::RemoteError`]).
     #[error(transparent)]
-    Remote(#[from] crate::remote::RemoteError),
+    Remote(Box<crate::remote::RemoteError>),
     /// A generation committed in the local cache of an S3 store could not
     /// be uploaded.
     #[error(
@@ -161,6 +161,12 @@ pub enum StoreError {
     /// Error returned by a caller's callback (e.g. the sink of `read_blobs`).
     #[error("{0}")]
     Callback(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<crate::remote::RemoteError> for StoreError {
+    fn from(e: crate::remote::RemoteError) -> StoreError {
+        StoreError::Remote(Box::new(e))
+    }
 }
 
 impl StoreError {

@@ -635,7 +635,8 @@ impl Store {
         let path = self.pack_path(&loc.pack);
         if let Some(r) = self.inner.remote.as_deref().filter(|_| !path.exists()) {
             let rel = Remote::pack_rel(&loc.pack);
-            let got = r.get_ranges(&rel, &[loc.offset..loc.offset + loc.clen as u64])?;
+            let range = loc.offset..loc.offset + loc.clen as u64;
+            let got = r.get_ranges(&rel, std::slice::from_ref(&range))?;
             return self.decode_remote(r, &loc, &got[0]);
         }
         let f = open_pack(&path, h)?;

@@ -495,7 +495,7 @@ impl Remote {
         }
         let s3 = &self.s3;
         let results: Vec<(usize, Range<u64>, object_store::Result<Bytes>)> = self.block_on(async {
-            futures::stream::iter(fetches.into_iter())
+            futures::stream::iter(fetches)
                 .map(|(i, r)| {
                     let key = self.key(&work[i].0);
                     async move {
@@ -670,10 +670,11 @@ impl Remote {
         let mut out = HashMap::new();
         for m in metas {
             let name = m.location.filename().unwrap_or("");
-            if let Some(stem) = name.strip_suffix(".pack") {
-                if stem.len() == 64 && stem.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    out.insert(stem.to_string(), m.size);
-                }
+            if let Some(stem) = name.strip_suffix(".pack")
+                && stem.len() == 64
+                && stem.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                out.insert(stem.to_string(), m.size);
             }
         }
         Ok(out)
