@@ -11,7 +11,7 @@ PROG=$(find "$T/build" -path '*ckpt-tests-*/counter_heap' -type f | head -1)
 [ -x "$PROG" ] || { echo "build the workspace first (cargo build --release --workspace)" >&2; exit 1; }
 W=$(mktemp -d /tmp/ckpt-bench-s3.XXXXXX)
 export CKPT_STORE=file://$W/store CKPT_COORD=unix:$W/c.sock
-"$T/ckpt" launch -- "$PROG" -t 100 -m "$MIB" >"$W/prog.out" 2>&1 &
+(cd "$W" && exec "$T/ckpt" launch -- "$PROG" -t 100 -m "$MIB" >"$W/prog.out" 2>&1) &
 sleep 3
 "$T/ckpt" checkpoint >/dev/null
 "$T/ckpt" kill >/dev/null || true
