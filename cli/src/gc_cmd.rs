@@ -67,27 +67,9 @@ pub fn gc(url: &str, a: GcArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn ids(v: impl IntoIterator<Item = u64>) -> String {
-    let v: Vec<u64> = v.into_iter().collect();
-    if v.is_empty() {
-        return "none".into();
-    }
-    let mut parts = Vec::new();
-    let mut i = 0;
-    while i < v.len() {
-        let mut j = i;
-        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
-            j += 1;
-        }
-        parts.push(if i == j { v[i].to_string() } else { format!("{}-{}", v[i], v[j]) });
-        i = j + 1;
-    }
-    parts.join(", ")
-}
-
 fn print_report(r: &GcReport) {
     let would = if r.dry_run { "would " } else { "" };
-    println!("{}forget {} generation(s): {}", would, r.forgotten.len(), ids(r.forgotten.iter().copied()));
+    println!("{}forget {} generation(s): {}", would, r.forgotten.len(), ckpt_gc::policy::id_ranges(r.forgotten.iter().copied()));
     println!("keep {} generation(s):", r.kept.len());
     for (id, why) in &r.kept {
         println!("  {id:>5}  {}", why.join(", "));

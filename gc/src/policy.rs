@@ -173,12 +173,12 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs(total))
 }
 
-/// "generations 1-3, 5".
-pub(crate) fn describe(ids: &BTreeSet<u64>) -> String {
-    if ids.is_empty() {
-        return "no generations".into();
+/// Sorted ids as runs: "1-3, 5" ("none" when empty).
+pub fn id_ranges(ids: impl IntoIterator<Item = u64>) -> String {
+    let v: Vec<u64> = ids.into_iter().collect();
+    if v.is_empty() {
+        return "none".into();
     }
-    let v: Vec<u64> = ids.iter().copied().collect();
     let mut parts = Vec::new();
     let mut i = 0;
     while i < v.len() {
@@ -189,7 +189,15 @@ pub(crate) fn describe(ids: &BTreeSet<u64>) -> String {
         parts.push(if i == j { v[i].to_string() } else { format!("{}-{}", v[i], v[j]) });
         i = j + 1;
     }
-    format!("generations {}", parts.join(", "))
+    parts.join(", ")
+}
+
+/// "generations 1-3, 5".
+pub(crate) fn describe(ids: &BTreeSet<u64>) -> String {
+    if ids.is_empty() {
+        return "no generations".into();
+    }
+    format!("generations {}", id_ranges(ids.iter().copied()))
 }
 
 #[cfg(test)]
