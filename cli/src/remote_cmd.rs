@@ -79,18 +79,7 @@ pub fn push(src_url: &str, dest: &str, as_json: bool) -> Result<ExitCode> {
         bail!("push sends a local store to S3: --store must be a local store, not {src_url}");
     }
     let src = Store::open(src_url)?;
-    let t0 = Instant::now();
-    let bar = Bar::new("push");
-    let r = remote::push(&src, dest, &bar);
-    bar.bar.finish_and_clear();
-    let r = r?;
-    let secs = t0.elapsed().as_secs_f64();
-    if as_json {
-        println!("{}", serde_json::json!({"report": r, "seconds": secs}));
-    } else {
-        report("pushed", &format!("{src_url} to {dest}"), &r, secs);
-    }
-    Ok(ExitCode::SUCCESS)
+    transfer("push", "pushed", &format!("{src_url} to {dest}"), as_json, |bar| remote::push(&src, dest, bar))
 }
 
 /// `ckpt pull SRC --store DEST`: SRC is `s3://…`, DEST a local store.
@@ -101,16 +90,27 @@ pub fn pull(src: &str, dest_url: &str, as_json: bool) -> Result<ExitCode> {
     if remote::is_s3_url(dest_url) {
         bail!("pull fetches a store from S3 into a local directory: --store must be local, not {dest_url}");
     }
+    transfer("pull", "pulled", &format!("{src} into {dest_url}"), as_json, |bar| remote::pull(src, dest_url, bar))
+}
+
+/// Runs one transfer with a progress bar, then reports it (text or JSON).
+fn transfer(
+    verb: &'static str,
+    done: &str,
+    what: &str,
+    as_json: bool,
+    run: impl FnOnce(&Bar) -> ckpt_store::Result<TransferReport>,
+) -> Result<ExitCode> {
     let t0 = Instant::now();
-    let bar = Bar::new("pull");
-    let r = remote::pull(src, dest_url, &bar);
+    let bar = Bar::new(verb);
+    let r = run(&bar);
     bar.bar.finish_and_clear();
     let r = r?;
     let secs = t0.elapsed().as_secs_f64();
     if as_json {
         println!("{}", serde_json::json!({"report": r, "seconds": secs}));
     } else {
-        report("pulled", &format!("{src} into {dest_url}"), &r, secs);
+        report(done, what, &r, secs);
     }
     Ok(ExitCode::SUCCESS)
 }

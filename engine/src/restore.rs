@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -624,10 +624,4 @@ pub fn wait_exit(pid: i32) -> i32 {
         }
     }
     if libc::WIFEXITED(st) { libc::WEXITSTATUS(st) } else { 128 + libc::WTERMSIG(st) }
-}
-
-/// Moves an fd into an `OwnedFd` (helper for callers holding raw fds).
-pub fn owned(fd: impl IntoRawFd) -> OwnedFd {
-    // SAFETY: `into_raw_fd` transfers ownership.
-    unsafe { OwnedFd::from_raw_fd(fd.into_raw_fd()) }
 }
