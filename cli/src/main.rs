@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use ckpt_coordinator::{Address, client};
 use ckpt_store::Store;
 use clap::{Parser, Subcommand};
@@ -300,7 +300,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             }
             let err = std::process::Command::new(&prog[0]).args(&prog[1..]).env("LD_PRELOAD", ld)
                 .env(ckpt_wire::agent::ENV_COORD, addr.to_string())
-                .env(ckpt_engine::procfs::ENV_EXTERNAL_FDS, ckpt_engine::procfs::describe_external_fds())
+                .env(ckpt_engine::fds::ENV_EXTERNAL_FDS, ckpt_engine::fds::describe_external_fds())
                 .env(ckpt_wire::agent::ENV_TRACKING, &dirty_tracking)
                 .env(ckpt_wire::agent::ENV_NO_FORK, if no_fork_ckpt { "1" } else { "0" })
                 .exec();
@@ -462,20 +462,27 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     }
     let restorer = artifact("ckpt-restorer", "CKPT_RESTORER")?;
     ensure_coordinator(addr, url, store_given, None)?;
-    let mut pids = Vec::new();
-    for img in &images {
-        let conn = addr.connect(Duration::from_secs(10)).map_err(|e| anyhow!("cannot connect to the coordinator at {addr}: {e}"))?;
-        let r = ckpt_engine::restore::restore_process(&store, info.id, img, &restorer, conn.into_owned_fd())?;
-        pids.push(r.pid);
-    }
-    for pid in &pids {
+    // The restarted processes get this command's stdin, stdout and stderr:
+    // the coordinator must know them as the computation's outside.
+    let stdio: Vec<Value> = (0..3)
+        .filter_map(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok().map(|t| json!({"fd": fd, "target": t.to_string_lossy()})))
+        .collect();
+    client::request(addr, "externals", json!({"fds": stdio}), Duration::from_secs(10)).context("telling the coordinator about this command's stdio")?;
+    let connect = || {
+        addr.connect(Duration::from_secs(10))
+            .map(|c| c.into_owned_fd())
+            .map_err(|e| ckpt_engine::EngineError::io(format!("cannot connect to the coordinator at {addr}"), e))
+    };
+    let restored = ckpt_engine::restore::restore_generation(&store, info.id, &images, &restorer, connect)?;
+    for pid in &restored.all {
         client::request(addr, "wait_process", json!({"pid": pid}), Duration::from_secs(30))
             .with_context(|| format!("restored process {pid} did not come back to the coordinator"))?;
     }
-    eprintln!("ckpt: restarted generation {} (pid {})", info.id, pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "));
+    let list = |v: &[i32]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+    eprintln!("ckpt: restarted generation {} (pid {})", info.id, list(&restored.all));
     drop(store);
     let mut code = 0;
-    for (i, pid) in pids.iter().enumerate() {
+    for (i, pid) in restored.roots.iter().enumerate() {
         let c = ckpt_engine::restore::wait_exit(*pid);
         if i == 0 {
             code = c;

@@ -76,6 +76,9 @@ struct Coordinator {
     ckpt_lock: Mutex<()>,
     next_conn: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Fds given to the computation from outside by `ckpt restart` (its
+    /// stdio): (fd, readlink target).
+    externals: Mutex<Vec<(i32, String)>>,
     started: Instant,
     host: String,
     quit: AtomicBool,
@@ -108,6 +111,7 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         ckpt_lock: Mutex::new(()),
         next_conn: AtomicU64::new(1),
         last_error: Mutex::new(None),
+        externals: Mutex::new(Vec::new()),
         started: Instant::now(),
         host: hostname(),
         quit: AtomicBool::new(false),
@@ -240,6 +244,17 @@ impl Coordinator {
                     unsafe { libc::kill(*pid, libc::SIGKILL) };
                 }
                 json!({"ok": true, "killed": procs})
+            }
+            "externals" => {
+                let mut ext = self.externals.lock().unwrap();
+                for item in req.get("fds").and_then(Value::as_array).into_iter().flatten() {
+                    if let (Some(fd), Some(target)) = (item.get("fd").and_then(Value::as_i64), item.get("target").and_then(Value::as_str)) {
+                        if !ext.iter().any(|(_, t)| t == target) {
+                            ext.push((fd as i32, target.to_string()));
+                        }
+                    }
+                }
+                json!({"ok": true})
             }
             "wait_process" => {
                 let pid = req.get("pid").and_then(Value::as_i64).unwrap_or(0) as i32;
@@ -407,12 +422,14 @@ impl Coordinator {
 
     fn phase_a(&self, stopped: &[(Arc<Proc>, AgentReport)], bases: &HashMap<i32, Base>, writer: &Writer, work: &mut Vec<Work>) -> Result<(), String> {
         let chunk_size = self.store.chunk_size();
+        let externals = self.externals.lock().unwrap().clone();
+        let mut round = ckpt_engine::fds::Round::new(writer).with_externals(&externals);
         for (p, report) in stopped {
             let pid = p.hello.pid;
             let t = Instant::now();
             let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
             let backend = Backend::choose(p.hello.tracking, p.hello.uffd_fd);
-            let mut prep = prepare(report, backend, &p.host, chunk_size).map_err(|e| e.to_string())?;
+            let mut prep = prepare(report, backend, &p.host, chunk_size, &mut round).map_err(|e| e.to_string())?;
             let prepare_ms = ms(t);
             if backend == Backend::UffdWp && !prep.untracked.is_empty() {
                 let mut payload = RangeList { count: prep.untracked.len() as u32, _pad: 0 }.as_bytes().to_vec();

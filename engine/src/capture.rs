@@ -111,14 +111,19 @@ fn present_from(entries: &[u64]) -> Vec<bool> {
 
 /// Step 1, while the process is stopped: read its metadata, which pages
 /// exist and which were written, and start the next tracking interval.
-pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize) -> Result<Prepared> {
+pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize, round: &mut crate::fds::Round) -> Result<Prepared> {
     let pid = report.hello.pid;
     let timers = procfs::posix_timer_count(pid);
     if timers > 0 {
         return Err(EngineError::Unsupported { pid, what: format!("it holds {timers} POSIX timer(s) (timer_create)") });
     }
     let own_fds = [report.hello.agent_fd, report.hello.uffd_fd];
-    let fds = procfs::fds(pid, &own_fds)?;
+    let fds = round.capture_process(pid, &own_fds)?;
+    let ids = procfs::tree_ids(pid)?;
+    let zombies = procfs::children(pid)
+        .into_iter()
+        .filter_map(|c| procfs::tree_ids(c).ok().filter(|t| t.state == 'Z').map(|t| Zombie { pid: c, status: t.exit_status }))
+        .collect();
     let maps = procfs::maps(pid)?;
     let mut mm = procfs::mm_fields(pid)?;
     mm.brk = report.suspended.brk;
@@ -154,7 +159,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             }
             states.push(RegionState { index: regions.len(), anonymous: is_anonymous(m), present, written, hashes: None });
         }
-        regions.push(RegionImage { start: m.start, end: m.end, prot: m.prot(), kind, name: m.name.clone(), offset: m.offset, segments: Vec::new(), depth: 0 });
+        regions.push(RegionImage { start: m.start, end: m.end, prot: m.prot(), kind, name: m.name.clone(), offset: m.offset, shm: if kind == RegionKind::SharedAnon { m.inode } else { 0 }, segments: Vec::new(), depth: 0 });
     }
     if backend == Backend::SoftDirty {
         dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
@@ -164,7 +169,10 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     let image = ProcessImage {
         version: IMAGE_VERSION,
         pid,
-        ppid: report.hello.ppid,
+        ppid: ids.ppid,
+        sid: ids.sid,
+        pgid: ids.pgid,
+        zombies,
         host: host.to_string(),
         exe: procfs::link(pid, "exe")?,
         comm: procfs::comm(pid)?,

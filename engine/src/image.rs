@@ -34,6 +34,15 @@ pub struct ProcessImage {
     pub version: u32,
     pub pid: i32,
     pub ppid: i32,
+    /// Session and process group.
+    #[serde(default)]
+    pub sid: i32,
+    #[serde(default)]
+    pub pgid: i32,
+    /// Children that had exited but were not waited for: they are zombies
+    /// again after a restart, so that `wait` gets their status.
+    #[serde(default)]
+    pub zombies: Vec<Zombie>,
     pub host: String,
     pub exe: String,
     pub comm: String,
@@ -53,6 +62,13 @@ pub struct ProcessImage {
     pub regions: Vec<RegionImage>,
     pub agent: AgentImage,
     pub chunk_size: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zombie {
+    pub pid: i32,
+    /// The status `wait` reports (exit code << 8, or the signal).
+    pub status: i32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +156,11 @@ pub struct FdImage {
     pub flags: i32,
     pub cloexec: bool,
     pub pos: i64,
+    /// Which open file description this fd shares with other fds of the
+    /// computation (same id: same description, after `dup` or `fork`);
+    /// 0: its own.
+    #[serde(default)]
+    pub ofd: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,13 +169,27 @@ pub enum FdKind {
     /// stdin/stdout/stderr: the restarted process gets the restart
     /// command's. Above 2: a pipe or socket the program inherited from
     /// outside the computation at launch; it becomes /dev/null.
-    Inherited { was: String },
+    Inherited {
+        was: String,
+        /// The launch's fd it was (0-2: the restart command's is used).
+        #[serde(default)]
+        from: Option<i32>,
+    },
     /// A regular file, reopened by path at the same offset.
     File { path: String },
     /// A directory, reopened by path.
     Dir { path: String },
     /// A character device such as /dev/null, reopened by path.
     Device { path: String },
+    /// One end of a pipe (`pipe` is its inode: ends with the same one are
+    /// one pipe again after a restart).
+    Pipe {
+        pipe: u64,
+        write: bool,
+        capacity: u32,
+        /// The bytes in flight (recorded once per pipe, on a read end).
+        data: Option<Hash>,
+    },
     /// The agent's connection to the coordinator: a new one is made.
     Agent,
 }
@@ -170,6 +205,10 @@ pub struct RegionImage {
     /// Backing file (file mappings), or the kernel's name (`[heap]`, ...).
     pub name: String,
     pub offset: u64,
+    /// Shared memory: the inode of the object mapped (regions of the
+    /// computation with the same one share their memory after a restart).
+    #[serde(default)]
+    pub shm: u64,
     /// Top level of the chunk-list tree; empty when the region has no
     /// recorded content.
     pub segments: Vec<Hash>,

@@ -15,6 +15,7 @@ pub mod capture;
 pub mod chunklist;
 pub mod dirty;
 pub mod error;
+pub mod fds;
 pub mod image;
 pub mod plan;
 pub mod procfs;

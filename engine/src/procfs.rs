@@ -2,11 +2,10 @@
 //! other per-process facts a checkpoint records from outside the process.
 
 use std::fs;
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use crate::error::{EngineError, Result};
-use crate::image::{FdImage, FdKind, MmFields, Rlimit};
+use crate::image::{MmFields, Rlimit};
 
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,107 +188,42 @@ pub fn tids(pid: i32) -> Result<Vec<i32>> {
     Ok(v)
 }
 
-/// Reads and classifies every open fd of `pid`. `agent_fd` is the agent's
-/// own connection. An fd of a kind ckpt cannot checkpoint yet is an
-/// [`EngineError::UnsupportedFd`] naming the process, the fd and its kind.
-/// Environment variable in which `ckpt launch` lists the pipes and sockets
-/// the program inherited from outside the computation (`FD=TARGET;...`).
-pub const ENV_EXTERNAL_FDS: &str = "CKPT_EXTERNAL_FDS";
-
-/// The external fds recorded at launch, from `/proc/PID/environ`.
-pub fn external_fds(pid: i32) -> Vec<(i32, String)> {
-    let env = fs::read(proc_path(pid, "environ")).unwrap_or_default();
-    let prefix = format!("{ENV_EXTERNAL_FDS}=");
-    env.split(|&b| b == 0)
-        .filter_map(|e| std::str::from_utf8(e).ok()?.strip_prefix(prefix.as_str()).map(str::to_string))
-        .flat_map(|v| {
-            v.split(';')
-                .filter_map(|item| {
-                    let (fd, target) = item.split_once('=')?;
-                    Some((fd.parse().ok()?, target.to_string()))
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect()
+/// Fields of `/proc/PID/stat` after the command name (field 3, the state,
+/// is element 0).
+fn stat_fields(pid: i32) -> Result<Vec<String>> {
+    let stat = read_proc(pid, "stat")?;
+    let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+    Ok(after.split_whitespace().map(str::to_string).collect())
 }
 
-/// Describes this process's inherited pipes, sockets and other non-file fds
-/// above 2, for [`ENV_EXTERNAL_FDS`].
-pub fn describe_external_fds() -> String {
-    let mut out = Vec::new();
-    if let Ok(rd) = fs::read_dir("/proc/self/fd") {
-        for e in rd.flatten() {
-            let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-            if fd <= 2 {
-                continue;
-            }
-            if let Ok(t) = fs::read_link(e.path()) {
-                let t = t.to_string_lossy().into_owned();
-                if t.starts_with("pipe:") || t.starts_with("socket:") || t.starts_with("anon_inode:") {
-                    out.push(format!("{fd}={t}"));
-                }
-            }
-        }
-    }
-    out.join(";")
+/// Where a process sits in the process tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeIds {
+    pub state: char,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// For a zombie: the status `wait` will report.
+    pub exit_status: i32,
 }
 
-pub fn fds(pid: i32, agent_fds: &[i32]) -> Result<Vec<FdImage>> {
-    let agent_fd = agent_fds.first().copied().unwrap_or(-1);
-    let external = external_fds(pid);
-    let dir = proc_path(pid, "fd");
-    let rd = fs::read_dir(&dir).map_err(|e| EngineError::Proc { pid, path: dir.clone(), source: e })?;
-    let mut nums: Vec<i32> = rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
-    nums.sort_unstable();
+pub fn tree_ids(pid: i32) -> Result<TreeIds> {
+    let f = stat_fields(pid)?;
+    let num = |n: usize| f.get(n - 3).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0) as i32;
+    Ok(TreeIds { state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'), ppid: num(4), pgid: num(5), sid: num(6), exit_status: num(52) })
+}
+
+/// The children of every thread of `pid`.
+pub fn children(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
-    for fd in nums {
-        let target = match fs::read_link(dir.join(fd.to_string())) {
-            Ok(t) => t.to_string_lossy().into_owned(),
-            Err(_) => continue, // closed meanwhile
-        };
-        let info = fs::read_to_string(proc_path(pid, &format!("fdinfo/{fd}"))).unwrap_or_default();
-        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string());
-        let pos = field("pos:").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let raw_flags = field("flags:").and_then(|v| i64::from_str_radix(&v, 8).ok()).unwrap_or(0) as i32;
-        let cloexec = raw_flags & libc::O_CLOEXEC != 0;
-        let flags = raw_flags & !libc::O_CLOEXEC;
-        let unsupported = |kind: &str| EngineError::UnsupportedFd { pid, fd, kind: kind.to_string(), target: target.clone() };
-        if fd != agent_fd && agent_fds.contains(&fd) {
-            continue; // the agent's own userfaultfd: made anew after a restart
+    for tid in tids(pid).unwrap_or_default() {
+        if let Ok(t) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
+            out.extend(t.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
         }
-        let kind = if fd == agent_fd {
-            FdKind::Agent
-        } else if fd <= 2 || external.iter().any(|(n, t)| *n == fd && *t == target) {
-            FdKind::Inherited { was: target.clone() }
-        } else if target.starts_with('/') {
-            if target.ends_with(" (deleted)") {
-                return Err(unsupported("deleted file"));
-            }
-            let meta = fs::metadata(dir.join(fd.to_string())).map_err(|e| EngineError::Proc { pid, path: dir.join(fd.to_string()), source: e })?;
-            let ft = meta.file_type();
-            if ft.is_file() {
-                FdKind::File { path: target.clone() }
-            } else if ft.is_dir() {
-                FdKind::Dir { path: target.clone() }
-            } else if ft.is_char_device() {
-                FdKind::Device { path: target.clone() }
-            } else if ft.is_fifo() {
-                return Err(unsupported("named pipe (FIFO)"));
-            } else {
-                return Err(unsupported("special file"));
-            }
-        } else if target.starts_with("pipe:") {
-            return Err(unsupported("pipe"));
-        } else if target.starts_with("socket:") {
-            return Err(unsupported("socket"));
-        } else if let Some(anon) = target.strip_prefix("anon_inode:") {
-            return Err(unsupported(anon.trim_matches(|c| c == '[' || c == ']')));
-        } else {
-            return Err(unsupported("unknown"));
-        };
-        out.push(FdImage { fd, kind, flags, cloexec, pos });
     }
-    Ok(out)
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]
@@ -327,53 +261,5 @@ mod tests {
         assert!(!auxv(me).unwrap().is_empty());
         assert_eq!(rlimits(me).unwrap().len(), RLIMIT_COUNT as usize);
         assert!(tids(me).unwrap().contains(&me));
-    }
-
-    fn spawn_sleeper(script: &str) -> std::process::Child {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = std::process::Command::new("sh");
-        cmd.args(["-c", script]).stdin(std::process::Stdio::piped());
-        // SAFETY: close_range is async-signal-safe; it drops the fds the
-        // test runner leaks to children (e.g. a jobserver pipe).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            })
-        };
-        let child = cmd.spawn().unwrap();
-        let pid = child.id() as i32;
-        for _ in 0..500 {
-            if comm(pid).map(|c| c == "sleep").unwrap_or(false) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        child
-    }
-
-    #[test]
-    fn classifies_fds() {
-        let mut child = spawn_sleeper("exec 5</etc/passwd 6</ 7>/dev/null; exec sleep 30");
-        let pid = child.id() as i32;
-        let fds = fds(pid, &[-1]).unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let kind = |n: i32| fds.iter().find(|f| f.fd == n).map(|f| f.kind.clone());
-        assert!(matches!(kind(0), Some(FdKind::Inherited { .. })));
-        assert_eq!(kind(5), Some(FdKind::File { path: "/etc/passwd".into() }));
-        assert_eq!(kind(6), Some(FdKind::Dir { path: "/".into() }));
-        assert_eq!(kind(7), Some(FdKind::Device { path: "/dev/null".into() }));
-    }
-
-    #[test]
-    fn names_an_unsupported_fd() {
-        let mut child = spawn_sleeper("exec 4<&0; exec sleep 30");
-        let pid = child.id() as i32;
-        let err = fds(pid, &[-1]).unwrap_err();
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let msg = err.to_string();
-        assert!(msg.contains(&format!("process {pid}")) && msg.contains("fd 4") && msg.contains("pipe"), "{msg}");
     }
 }

@@ -1,21 +1,27 @@
-//! The restart driver: recreates one process of an image.
+//! The restart driver: recreates every process of a generation.
 //!
-//! 1. Check that the image's PID and TIDs are free (nothing is started
+//! 1. Check that the image's PIDs and TIDs are free (nothing is started
 //!    otherwise).
-//! 2. Open the image's files, connect its agent, and `clone3` a child with
-//!    the image's PID (`set_tid`). The child puts every fd at its number,
-//!    sets cwd and umask, blocks all signals and execs the freestanding
-//!    restorer, which maps itself at [`ZONE_START`] (far from anything a
-//!    program uses).
-//! 3. Read the restorer's own map and send it a plan: become anonymous (so
+//! 2. Make every open file description once ([`crate::fds::Opener`]): files
+//!    reopened, pipes made again with their bytes in flight; one memfd per
+//!    shared memory object; a fresh coordinator connection per agent.
+//! 3. Recreate the process tree with `clone3` and `set_tid`: the driver
+//!    clones the processes whose parent was outside the computation (and,
+//!    through a short-lived middle process, the orphans that init had
+//!    adopted); each process makes its session or group, its unreaped
+//!    zombies and its own children, puts its fds at their numbers, sets cwd
+//!    and umask, blocks all signals and execs the freestanding restorer,
+//!    which maps itself at [`ZONE_START`] (far from anything a program uses).
+//! 4. Read each restorer's own map and send it a plan: become anonymous (so
 //!    the exe link can be set back), move the vDSO and its data pages to the
 //!    image's addresses, unmap everything else, map the image's regions.
-//! 4. At the first barrier, write the memory into the child with
+//! 5. When every restorer waits at the first barrier, write the memory with
 //!    `process_vm_writev` (chunks read and decompressed in parallel, each
-//!    written where the image has it) and mark the agent's restart word.
-//! 5. The plan goes on: final protections, mm fields (`PR_SET_MM_MAP`),
+//!    written where the image has it; a shared page once) and mark each
+//!    agent's restart word. No process runs on before all memory is in.
+//! 6. The plans go on: final protections, mm fields (`PR_SET_MM_MAP`),
 //!    signal actions, timers; at the second barrier the driver sets the
-//!    rlimits; then the restorer creates the threads with their TIDs and
+//!    rlimits; then each restorer creates its threads with their TIDs and
 //!    every thread resumes with `rt_sigreturn` on the signal frame it was
 //!    stopped in.
 
@@ -86,15 +92,12 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// A process being restored: its PID, once it runs on its own.
-pub struct Restored {
-    pub pid: i32,
-}
 
 /// Fails if any PID or TID of the image is in use.
 pub fn check_ids_free(generation: u64, image: &ProcessImage) -> Result<()> {
     let mut ids: Vec<(i32, &str)> = vec![(image.pid, "PID")];
     ids.extend(image.threads.iter().filter(|t| t.tid != image.pid).map(|t| (t.tid, "TID")));
+    ids.extend(image.zombies.iter().map(|z| (z.pid, "PID (of an exited child)")));
     for (id, what) in ids {
         // A process just killed may linger a moment as a zombie: give its
         // parent time to reap it.
@@ -120,35 +123,6 @@ fn is_zombie(id: i32) -> bool {
 struct FdMove {
     src: OwnedFd,
     dst: RawFd,
-    cloexec: bool,
-}
-
-fn open_fd(generation: u64, f: &FdImage) -> Result<Option<OwnedFd>> {
-    let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK | libc::O_SYNC | libc::O_DSYNC | libc::O_DIRECT | libc::O_NOATIME;
-    let (path, flags) = match &f.kind {
-        FdKind::File { path } | FdKind::Device { path } => (path, f.flags & keep),
-        FdKind::Dir { path } => (path, libc::O_RDONLY | libc::O_DIRECTORY),
-        FdKind::Inherited { .. } if f.fd > 2 => {
-            tracing::warn!("fd {} was inherited from outside the computation ({:?}); it is /dev/null after the restart", f.fd, f.kind);
-            let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| EngineError::io("/dev/null", e))?;
-            return Ok(Some(devnull.into()));
-        }
-        FdKind::Inherited { .. } | FdKind::Agent => return Ok(None),
-    };
-    let c = CString::new(path.as_bytes()).map_err(|_| EngineError::Restore { generation, what: format!("bad path {path:?}") })?;
-    // SAFETY: open with a NUL-terminated path; the result is owned below.
-    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(EngineError::Restore { generation, what: format!("cannot reopen {path} as fd {}: {e}", f.fd) });
-    }
-    // SAFETY: `fd` was just opened by us.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    if matches!(f.kind, FdKind::File { .. }) && f.pos > 0 {
-        // SAFETY: lseek on our own fd.
-        unsafe { libc::lseek(fd, f.pos, libc::SEEK_SET) };
-    }
-    Ok(Some(owned))
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -172,236 +146,535 @@ fn move_above(fd: OwnedFd, min: RawFd) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
-/// Restores `image` (of generation `generation`) from `store` as a child of
-/// the calling process. `agent_conn` is a fresh connection to the
-/// coordinator for the process's agent. Returns once every thread runs.
-pub fn restore_process(store: &Store, generation: u64, image: &ProcessImage, restorer: &Path, agent_conn: OwnedFd) -> Result<Restored> {
+/// A memfd for a shared memory object of the image, sized to hold every
+/// mapping of it.
+fn memfd(generation: u64, shm: u64, size: u64) -> Result<OwnedFd> {
+    let name = CString::new(format!("ckpt-shm-{shm}")).expect("no NUL");
+    // SAFETY: memfd_create with a NUL-terminated name; owned below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(EngineError::Restore { generation, what: format!("memfd_create for shared memory {shm}: {}", std::io::Error::last_os_error()) });
+    }
+    // SAFETY: a new fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on our memfd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+        return Err(EngineError::Restore { generation, what: format!("sizing shared memory {shm} to {size} bytes: {}", std::io::Error::last_os_error()) });
+    }
+    Ok(fd)
+}
+
+/// How a process comes into the tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A child of the restart driver (its parent was outside the computation).
+    Root,
+    /// A child of the process at this index of the generation.
+    Child(usize),
+    /// Its parent had exited (a daemon): it is reparented to init again.
+    Orphan,
+}
+
+/// Everything one process needs from the moment it is cloned until it
+/// execs the restorer: prepared before the first clone, so that the clone
+/// children only make async-signal-safe calls on ready data.
+struct Launch {
+    pid: i32,
+    sid: i32,
+    pgid: i32,
+    /// Indices of its children in the generation, group leaders first.
+    children: Vec<usize>,
+    zombies: Vec<Zombie>,
+    pairs: Vec<(RawFd, RawFd)>,
+    keep: Vec<bool>,
+    cwd: CString,
+    umask: u32,
+    /// The driver's end of the status pipe (for errors before the exec).
+    status_src: RawFd,
+}
+
+/// What the driver keeps per process while the restorers run.
+struct Conversation {
+    ctl: File,
+    status: File,
+    ctl_fd: RawFd,
+    status_fd: RawFd,
+    exe_fd: Option<RawFd>,
+    region_fds: HashMap<usize, RawFd>,
+    dests: HashMap<Hash, Vec<(u64, usize)>>,
+    descriptions: Vec<String>,
+}
+
+/// Failure codes of the pre-exec steps, reported as `op` of an ERROR status.
+mod step {
+    pub const DUP2: u32 = 0xffff_0001;
+    pub const CHDIR: u32 = 0xffff_0002;
+    pub const EXEC: u32 = 0xffff_0003;
+    pub const CLONE: u32 = 0xffff_0004;
+    pub const SETSID: u32 = 0xffff_0005;
+
+    pub fn name(op: u32) -> &'static str {
+        match op {
+            DUP2 => "placing the fds",
+            CHDIR => "changing to the working directory",
+            EXEC => "executing the restorer",
+            CLONE => "creating a child process or zombie with its PID",
+            SETSID => "creating its session",
+            _ => "",
+        }
+    }
+}
+
+/// Restores every process of generation `generation` (the `images` of
+/// [`crate::image::load_generation`]) as it was: the same process tree,
+/// PIDs, TIDs, sessions and process groups, each fd's open file description
+/// shared as before, shared memory shared again. `connect` makes a fresh
+/// connection to the coordinator for each process's agent. Returns the PIDs
+/// of the processes that are children of the caller (the ones whose parent
+/// was outside the computation) and of all processes, once every thread of
+/// every process runs.
+pub fn restore_generation(
+    store: &Store,
+    generation: u64,
+    images: &[ProcessImage],
+    restorer: &Path,
+    mut connect: impl FnMut() -> Result<OwnedFd>,
+) -> Result<Restored> {
     let err = |what: String| EngineError::Restore { generation, what };
-    // Start the thread pool now: threads created after the clone could take
+    // Start the thread pool now: threads created after the clones could take
     // the TIDs the image's threads need.
     rayon::broadcast(|_| ());
-    check_ids_free(generation, image)?;
-    if image.regions.iter().any(|r| r.start < ZONE_END && r.end > ZONE_START) {
-        return Err(err(format!("the image has memory in [{ZONE_START:#x}, {ZONE_END:#x}), where the restorer lives")));
+    for image in images {
+        check_ids_free(generation, image)?;
+        if image.regions.iter().any(|r| r.start < ZONE_END && r.end > ZONE_START) {
+            return Err(err(format!("process {} has memory in [{ZONE_START:#x}, {ZONE_END:#x}), where the restorer lives", image.pid)));
+        }
+        if !image.threads.iter().any(|t| t.tid == image.pid) {
+            return Err(err(format!("the image of process {} has no main thread", image.pid)));
+        }
     }
-    let main = image.threads.iter().find(|t| t.tid == image.pid).ok_or_else(|| err(format!("the image has no main thread (TID {})", image.pid)))?;
+    let index: HashMap<i32, usize> = images.iter().enumerate().map(|(i, im)| (im.pid, i)).collect();
+    let origins: Vec<Origin> = images
+        .iter()
+        .map(|im| match index.get(&im.ppid) {
+            Some(&p) if im.ppid != im.pid => Origin::Child(p),
+            _ if im.ppid == 1 => Origin::Orphan,
+            _ => Origin::Root,
+        })
+        .collect();
 
     let t0 = std::time::Instant::now();
-    // Where every chunk goes.
-    let chunk_size = image.chunk_size as u64;
-    let mut dests: HashMap<Hash, Vec<(u64, usize)>> = HashMap::new();
-    for r in image.regions.iter().filter(|r| !r.segments.is_empty()) {
-        let hashes = crate::chunklist::load(store, generation, &r.segments, r.depth)?;
-        let n = (r.end - r.start).div_ceil(chunk_size) as usize;
-        if hashes.len() != n {
-            return Err(EngineError::BadImage { generation, what: format!("region {:#x}-{:#x} lists {} chunks, expected {n}", r.start, r.end, hashes.len()) });
-        }
-        for (i, h) in hashes.into_iter().enumerate() {
-            if h != Hash::ZERO_CHUNK {
-                let addr = r.start + i as u64 * chunk_size;
-                dests.entry(h).or_default().push((addr, (r.end - addr).min(chunk_size) as usize));
+    // Shared memory objects: one memfd each, big enough for every mapping.
+    let mut shm_size: HashMap<u64, u64> = HashMap::new();
+    for r in images.iter().flat_map(|i| &i.regions).filter(|r| r.kind == RegionKind::SharedAnon && r.shm != 0) {
+        let e = shm_size.entry(r.shm).or_default();
+        *e = (*e).max(r.offset + (r.end - r.start));
+    }
+    let mut shm_fds: HashMap<u64, OwnedFd> = HashMap::new();
+    for (&shm, &size) in &shm_size {
+        shm_fds.insert(shm, memfd(generation, shm, size)?);
+    }
+    // Where every chunk goes, per process; a page of shared memory is
+    // written once, through the first mapping of it.
+    let mut shm_written: std::collections::HashSet<(u64, u64)> = Default::default();
+    let mut all_dests = Vec::new();
+    for image in images {
+        let chunk_size = image.chunk_size as u64;
+        let mut dests: HashMap<Hash, Vec<(u64, usize)>> = HashMap::new();
+        for r in image.regions.iter().filter(|r| !r.segments.is_empty()) {
+            let hashes = crate::chunklist::load(store, generation, &r.segments, r.depth)?;
+            let n = (r.end - r.start).div_ceil(chunk_size) as usize;
+            if hashes.len() != n {
+                return Err(EngineError::BadImage { generation, what: format!("region {:#x}-{:#x} of process {} lists {} chunks, expected {n}", r.start, r.end, image.pid, hashes.len()) });
             }
+            for (i, h) in hashes.into_iter().enumerate() {
+                let off = i as u64 * chunk_size;
+                if r.kind == RegionKind::SharedAnon && r.shm != 0 && !shm_written.insert((r.shm, r.offset + off)) {
+                    continue;
+                }
+                if h != Hash::ZERO_CHUNK {
+                    let addr = r.start + off;
+                    dests.entry(h).or_default().push((addr, (r.end - addr).min(chunk_size) as usize));
+                }
+            }
+        }
+        all_dests.push(dests);
+    }
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "chunk lists loaded");
+
+    // The fds of every process, then the restorer's own above them.
+    let mut opener = crate::fds::Opener::new(store, generation, images)?;
+    let mut all_moves: Vec<Vec<FdMove>> = Vec::new();
+    let mut convs: Vec<Conversation> = Vec::new();
+    for (image, dests) in images.iter().zip(all_dests) {
+        let mut moves = Vec::new();
+        for f in &image.fds {
+            let src = match f.kind {
+                FdKind::Agent => connect()?,
+                _ => match opener.open(image.pid, f)? {
+                    Some(fd) => fd,
+                    None => continue,
+                },
+            };
+            moves.push(FdMove { src, dst: f.fd });
+        }
+        let mut next_aux = image.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
+        let mut aux = |src: OwnedFd, moves: &mut Vec<FdMove>| {
+            let dst = next_aux;
+            next_aux += 1;
+            moves.push(FdMove { src, dst });
+            dst
+        };
+        let (ctl_r, ctl_w) = pipe()?;
+        let (status_r, status_w) = pipe()?;
+        let ctl_fd = aux(ctl_r, &mut moves);
+        let status_fd = aux(status_w, &mut moves);
+        let exe_fd = match File::open(&image.exe) {
+            Ok(f) => Some(aux(f.into(), &mut moves)),
+            Err(e) => {
+                tracing::warn!("cannot open {} ({e}); /proc/{}/exe will name the restorer", image.exe, image.pid);
+                None
+            }
+        };
+        let mut region_fds = HashMap::new();
+        for (i, r) in image.regions.iter().enumerate() {
+            let fd: OwnedFd = match r.kind {
+                RegionKind::SharedFile => {
+                    let write = r.prot & libc::PROT_WRITE as u32 != 0;
+                    let f = std::fs::OpenOptions::new().read(true).write(write).open(&r.name).map_err(|e| err(format!("cannot reopen shared mapping of {}: {e}", r.name)))?;
+                    f.into()
+                }
+                RegionKind::SharedAnon if r.shm != 0 => crate::fds::dup(&shm_fds[&r.shm])?,
+                _ => continue,
+            };
+            region_fds.insert(i, aux(fd, &mut moves));
+        }
+        convs.push(Conversation {
+            ctl: File::from(ctl_w),
+            status: File::from(status_r),
+            ctl_fd,
+            status_fd,
+            exe_fd,
+            region_fds,
+            dests,
+            descriptions: Vec::new(),
+        });
+        all_moves.push(moves);
+    }
+    drop(opener);
+    // The driver's copies of every fd sit above every number a process
+    // wants, so that placing one never overwrites another.
+    let src_base = all_moves.iter().flatten().map(|m| m.dst).max().unwrap_or(2) + 1;
+    for moves in all_moves.iter_mut() {
+        for m in moves.iter_mut() {
+            let fd = std::mem::replace(&mut m.src, crate::fds::file::dev_null()?);
+            m.src = move_above(fd, src_base)?;
         }
     }
 
-    tracing::debug!(ms = t0.elapsed().as_millis() as u64, chunks = dests.len(), "chunk lists loaded");
-    // Fds of the restored process, then the restorer's own.
-    let mut moves: Vec<FdMove> = Vec::new();
-    let mut keep_inherited: Vec<RawFd> = Vec::new();
-    let mut agent_conn = Some(agent_conn);
-    for f in &image.fds {
-        match &f.kind {
-            FdKind::Inherited { .. } if f.fd <= 2 => keep_inherited.push(f.fd),
-            FdKind::Agent => {
-                let src = agent_conn.take().ok_or_else(|| err("two agent fds".into()))?;
-                moves.push(FdMove { src, dst: f.fd, cloexec: true });
-            }
-            _ => {
-                let src = open_fd(generation, f)?.expect("file kinds open");
-                moves.push(FdMove { src, dst: f.fd, cloexec: f.cloexec });
-            }
+    // Everything the clone children need, prepared before any exists.
+    let mut launches = Vec::new();
+    for (i, image) in images.iter().enumerate() {
+        let moves = &all_moves[i];
+        let mut keep = vec![false; src_base as usize];
+        for m in moves {
+            keep[m.dst as usize] = true;
         }
+        let mut children: Vec<usize> = (0..images.len()).filter(|&c| origins[c] == Origin::Child(i)).collect();
+        // Group leaders before the members that join their group.
+        children.sort_by_key(|&c| (images[c].pgid != images[c].pid, images[c].pid));
+        let status_src = moves.iter().find(|m| m.dst == convs[i].status_fd).map(|m| m.src.as_raw_fd()).unwrap_or(-1);
+        launches.push(Launch {
+            pid: image.pid,
+            sid: image.sid,
+            pgid: image.pgid,
+            children,
+            zombies: image.zombies.clone(),
+            pairs: moves.iter().map(|m| (m.src.as_raw_fd(), m.dst)).collect(),
+            keep,
+            cwd: CString::new(image.cwd.as_bytes()).map_err(|_| err(format!("bad cwd {:?}", image.cwd)))?,
+            umask: image.umask,
+            status_src,
+        });
     }
-    let max_image_fd = image.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
-    let mut next_aux = max_image_fd + 1;
-    let mut aux = |src: OwnedFd, moves: &mut Vec<FdMove>| {
-        let dst = next_aux;
-        next_aux += 1;
-        moves.push(FdMove { src, dst, cloexec: false });
-        dst
-    };
-    let (ctl_r, ctl_w) = pipe()?;
-    let (status_r, status_w) = pipe()?;
-    let ctl_fd = aux(ctl_r, &mut moves);
-    let status_fd = aux(status_w, &mut moves);
-    let exe_fd = match File::open(&image.exe) {
-        Ok(f) => Some(aux(f.into(), &mut moves)),
-        Err(e) => {
-            tracing::warn!("cannot open {} ({e}); /proc/{}/exe will name the restorer", image.exe, image.pid);
-            None
-        }
-    };
-    let mut shared_file_fds = HashMap::new();
-    for (i, r) in image.regions.iter().enumerate().filter(|(_, r)| r.kind == RegionKind::SharedFile) {
-        let write = r.prot & libc::PROT_WRITE as u32 != 0;
-        let f = std::fs::OpenOptions::new().read(true).write(write).open(&r.name).map_err(|e| err(format!("cannot reopen shared mapping of {}: {e}", r.name)))?;
-        shared_file_fds.insert(i, aux(f.into(), &mut moves));
-    }
-    let src_base = moves.iter().map(|m| m.dst).max().unwrap_or(2) + 1;
-    for m in moves.iter_mut() {
-        let fd = std::mem::replace(&mut m.src, File::open("/dev/null").map_err(|e| EngineError::io("/dev/null", e))?.into());
-        m.src = move_above(fd, src_base)?;
-    }
-
-    // Everything the child needs, prepared before it exists.
     let restorer_c = CString::new(restorer.as_os_str().as_bytes()).map_err(|_| err("bad restorer path".into()))?;
-    let argv_s = [CString::new("ckpt-restorer").unwrap(), CString::new(ctl_fd.to_string()).unwrap(), CString::new(status_fd.to_string()).unwrap()];
-    let argv: Vec<*const libc::c_char> = argv_s.iter().map(|s| s.as_ptr()).chain([std::ptr::null()]).collect();
-    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    let cwd = CString::new(image.cwd.as_bytes()).map_err(|_| err("bad cwd".into()))?;
-    let mut keep = vec![false; src_base as usize];
-    for m in &moves {
-        keep[m.dst as usize] = true;
-    }
-    for &fd in &keep_inherited {
-        keep[fd as usize] = true;
-    }
-    let pairs: Vec<(RawFd, RawFd, bool)> = moves.iter().map(|m| (m.src.as_raw_fd(), m.dst, m.cloexec)).collect();
-    let set_tid = [image.pid];
-    let args = CloneArgs { exit_signal: libc::SIGCHLD as u64, set_tid: set_tid.as_ptr() as u64, set_tid_size: 1, ..Default::default() };
+    let argvs: Vec<[CString; 3]> = convs
+        .iter()
+        .map(|c| [CString::new("ckpt-restorer").unwrap(), CString::new(c.ctl_fd.to_string()).unwrap(), CString::new(c.status_fd.to_string()).unwrap()])
+        .collect();
+    let argv_ptrs: Vec<Vec<*const libc::c_char>> = argvs.iter().map(|a| a.iter().map(|s| s.as_ptr()).chain([std::ptr::null()]).collect()).collect();
+    let ctx = Spawn { launches: &launches, restorer: &restorer_c, argv: &argv_ptrs, src_base };
 
+    // The tree: roots and orphans from here, every other process from its
+    // parent.
+    let mut guard = KillOnDrop(images.iter().map(|i| i.pid).collect(), Vec::new());
+    let mut roots = Vec::new();
+    for (i, image) in images.iter().enumerate() {
+        match origins[i] {
+            Origin::Child(_) => continue,
+            Origin::Root => {
+                let pid = clone_with_pid(image.pid, libc::SIGCHLD);
+                if pid == 0 {
+                    // SAFETY: in the clone child; never returns.
+                    unsafe { ctx.become_process(i) };
+                }
+                if pid < 0 {
+                    return Err(clone_error(generation, image.pid));
+                }
+                guard.1.push(pid as i32);
+                roots.push(pid as i32);
+            }
+            Origin::Orphan => {
+                // SAFETY: a fork whose child only clones and exits.
+                let mid = unsafe { libc::fork() };
+                if mid == 0 {
+                    let pid = clone_with_pid(image.pid, libc::SIGCHLD);
+                    if pid == 0 {
+                        // SAFETY: in the clone child; never returns.
+                        unsafe { ctx.become_process(i) };
+                    }
+                    // SAFETY: leaving the intermediate process.
+                    unsafe { libc::_exit(if pid < 0 { 1 } else { 0 }) };
+                }
+                if mid < 0 || wait_exit(mid) != 0 {
+                    return Err(clone_error(generation, image.pid));
+                }
+            }
+        }
+    }
+    drop(all_moves);
+
+    // The restorers, each through its own pipes, all in step.
+    for (i, c) in convs.iter_mut().enumerate() {
+        let image = &images[i];
+        let first = read_status(&mut c.status).ok_or_else(|| err(format!("the restorer of process {} ({}) exited before it started", image.pid, restorer.display())))?;
+        if first.kind == status::ERROR {
+            return Err(err(format!("process {}: {} failed: {}", image.pid, step::name(first.op), std::io::Error::from_raw_os_error((-first.value) as i32))));
+        }
+        if first.kind != status::READY {
+            return Err(err(format!("unexpected first message from the restorer of process {}: {first:?}", image.pid)));
+        }
+        let own_maps = procfs::maps(image.pid)?;
+        let main = image.threads.iter().find(|t| t.tid == image.pid).expect("checked above");
+        let (plan, descriptions) = build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.ctl_fd, c.status_fd)?;
+        c.descriptions = descriptions;
+        c.ctl.write_all(&plan).map_err(|e| EngineError::io("sending the plan to the restorer", e))?;
+    }
+    // Barrier 1 everywhere, then memory (no process may run before all
+    // shared memory holds the image), barrier 2 everywhere, then rlimits.
+    for (i, c) in convs.iter_mut().enumerate() {
+        expect_barrier(generation, &images[i], c, 1)?;
+    }
+    for (i, c) in convs.iter_mut().enumerate() {
+        let t = std::time::Instant::now();
+        fill_memory(store, images[i].pid, &c.dests)?;
+        tracing::debug!(pid = images[i].pid, ms = t.elapsed().as_millis() as u64, "memory written");
+        remote::write(images[i].pid, images[i].agent.restart_word_addr, &generation.to_le_bytes())
+            .map_err(|e| err(format!("cannot mark the agent's restart word in process {}: {e}", images[i].pid)))?;
+    }
+    for c in convs.iter_mut() {
+        c.ctl.write_all(b"G").map_err(|e| EngineError::io("restorer control pipe", e))?;
+    }
+    for (i, c) in convs.iter_mut().enumerate() {
+        expect_barrier(generation, &images[i], c, 2)?;
+        for l in &images[i].rlimits {
+            let new = libc::rlimit64 { rlim_cur: l.soft, rlim_max: l.hard };
+            // SAFETY: prlimit64 setting one limit of a process we restore.
+            if unsafe { libc::prlimit64(images[i].pid, l.resource as _, &new, std::ptr::null_mut()) } != 0 {
+                tracing::warn!("cannot restore rlimit {} of process {}: {}", l.resource, images[i].pid, std::io::Error::last_os_error());
+            }
+        }
+    }
+    for c in convs.iter_mut() {
+        c.ctl.write_all(b"G").map_err(|e| EngineError::io("restorer control pipe", e))?;
+    }
+    for (i, c) in convs.iter_mut().enumerate() {
+        if let Some(msg) = read_status(&mut c.status) {
+            return Err(restorer_failed(generation, &images[i], c, msg));
+        }
+    }
+    // Every restorer closed its pipes: the threads are being created and the
+    // programs go on.
+    guard.0.clear();
+    guard.1.clear();
+    Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect() })
+}
+
+fn expect_barrier(generation: u64, image: &ProcessImage, c: &mut Conversation, n: i64) -> Result<()> {
+    match read_status(&mut c.status) {
+        Some(msg) if msg.kind == status::BARRIER && msg.value == n => Ok(()),
+        Some(msg) => Err(restorer_failed(generation, image, c, msg)),
+        None => Err(EngineError::Restore { generation, what: format!("the restorer of process {} died before step {n}", image.pid) }),
+    }
+}
+
+fn restorer_failed(generation: u64, image: &ProcessImage, c: &Conversation, msg: StatusMsg) -> EngineError {
+    if msg.kind != status::ERROR {
+        return EngineError::Restore { generation, what: format!("unexpected message from the restorer of process {}: {msg:?}", image.pid) };
+    }
+    let what = c.descriptions.get(msg.op as usize).cloned().unwrap_or_default();
+    let errno = std::io::Error::from_raw_os_error((-msg.value) as i32);
+    EngineError::Restore { generation, what: format!("the restorer of process {} failed at step {} ({what}): {errno}", image.pid, msg.op) }
+}
+
+fn clone_error(generation: u64, pid: i32) -> EngineError {
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        return EngineError::IdTaken { generation, what: format!("PID {pid}") };
+    }
+    EngineError::Restore { generation, what: format!("clone3 with PID {pid} failed: {e} (restoring PIDs needs root or CAP_CHECKPOINT_RESTORE)") }
+}
+
+/// A fork-like `clone3` whose child gets PID `pid`. Returns as `fork` does.
+fn clone_with_pid(pid: i32, exit_signal: i32) -> libc::c_long {
+    let set_tid = [pid];
+    let args = CloneArgs { exit_signal: exit_signal as u64, set_tid: set_tid.as_ptr() as u64, set_tid_size: 1, ..Default::default() };
     // SAFETY: clone3 without CLONE_VM behaves like fork; `args` and
     // `set_tid` live across the call.
-    let pid = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
-    if pid == 0 {
-        // SAFETY: in the child, only async-signal-safe calls on data
-        // prepared above; never returns.
-        unsafe { child_exec(&pairs, src_base, &keep, &cwd, image.umask, &restorer_c, &argv, &envp) };
-    }
-    if pid < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Err(EngineError::IdTaken { generation, what: format!("PID {}", image.pid) });
-        }
-        return Err(err(format!("clone3 with PID {} failed: {e} (restoring PIDs needs root or CAP_CHECKPOINT_RESTORE)", image.pid)));
-    }
-    let pid = pid as i32;
-    drop(moves);
-    let mut guard = KillOnDrop(Some(pid));
-    let mut ctl = File::from(ctl_w);
-    let mut status_in = File::from(status_r);
-
-    let first = read_status(&mut status_in).ok_or_else(|| err(format!("the restorer ({}) exited before it started: {}", restorer.display(), child_exit(pid))))?;
-    if first.kind != status::READY {
-        return Err(err(format!("unexpected first message from the restorer: {first:?}")));
-    }
-    let own_maps = procfs::maps(pid)?;
-    let (plan, descriptions) = build_plan(generation, image, main, &own_maps, restorer, exe_fd, &shared_file_fds, ctl_fd, status_fd)?;
-    ctl.write_all(&plan).map_err(|e| EngineError::io("sending the plan to the restorer", e))?;
-
-    loop {
-        let Some(msg) = read_status(&mut status_in) else { break };
-        match msg.kind {
-            status::BARRIER if msg.value == 1 => {
-                let t = std::time::Instant::now();
-                fill_memory(store, pid, &dests)?;
-                tracing::debug!(ms = t.elapsed().as_millis() as u64, "memory written");
-                remote::write(pid, image.agent.restart_word_addr, &generation.to_le_bytes())
-                    .map_err(|e| err(format!("cannot mark the agent's restart word: {e}")))?;
-                ctl.write_all(b"G").map_err(|e| EngineError::io("restorer control pipe", e))?;
-            }
-            status::BARRIER if msg.value == 2 => {
-                for l in &image.rlimits {
-                    let new = libc::rlimit64 { rlim_cur: l.soft, rlim_max: l.hard };
-                    // SAFETY: prlimit64 setting one limit of our child.
-                    if unsafe { libc::prlimit64(pid, l.resource as _, &new, std::ptr::null_mut()) } != 0 {
-                        tracing::warn!("cannot restore rlimit {}: {}", l.resource, std::io::Error::last_os_error());
-                    }
-                }
-                ctl.write_all(b"G").map_err(|e| EngineError::io("restorer control pipe", e))?;
-            }
-            status::ERROR => {
-                let what = descriptions.get(msg.op as usize).cloned().unwrap_or_default();
-                let errno = std::io::Error::from_raw_os_error((-msg.value) as i32);
-                return Err(err(format!("the restorer failed at step {} ({what}): {errno}", msg.op)));
-            }
-            _ => return Err(err(format!("unexpected message from the restorer: {msg:?}"))),
-        }
-    }
-    // The restorer closed its pipes: it is creating the threads and jumping
-    // into the program. Give it a moment to fail visibly.
-    guard.0 = None;
-    Ok(Restored { pid })
+    unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) }
 }
 
-struct KillOnDrop(Option<i32>);
+/// The PIDs of a restart.
+pub struct Restored {
+    /// Children of the caller: wait for these.
+    pub roots: Vec<i32>,
+    /// Every process restored.
+    pub all: Vec<i32>,
+}
+
+/// The prepared data the clone children work from.
+struct Spawn<'a> {
+    launches: &'a [Launch],
+    restorer: &'a CString,
+    argv: &'a [Vec<*const libc::c_char>],
+    src_base: RawFd,
+}
+
+impl Spawn<'_> {
+    /// Reports a pre-exec failure to the driver and exits.
+    ///
+    /// # Safety
+    /// Only in a clone child; async-signal-safe.
+    unsafe fn fail(&self, i: usize, op: u32) -> ! {
+        // SAFETY: errno read and a write to an fd the child inherited.
+        unsafe {
+            let errno = *libc::__errno_location();
+            let msg = StatusMsg { kind: status::ERROR, op, value: -(errno as i64) };
+            let b = msg.as_bytes();
+            libc::write(self.launches[i].status_src, b.as_ptr() as *const libc::c_void, b.len());
+            libc::_exit(120);
+        }
+    }
+
+    /// Turns the calling clone child into process `i`: session and group,
+    /// its zombies and children, its fds, then the restorer.
+    ///
+    /// # Safety
+    /// Only in the child of a fork-like clone: async-signal-safe calls on
+    /// prepared data only; never returns.
+    unsafe fn become_process(&self, i: usize) -> ! {
+        let l = &self.launches[i];
+        // SAFETY: plain syscalls on prepared data (see the function's contract).
+        unsafe {
+            if l.sid == l.pid {
+                if libc::setsid() < 0 {
+                    self.fail(i, step::SETSID);
+                }
+            } else if l.pgid == l.pid {
+                libc::setpgid(0, 0);
+            } else if l.pgid > 0 && libc::getpgid(0) != l.pgid {
+                libc::setpgid(0, l.pgid);
+            }
+            for z in &l.zombies {
+                let pid = clone_with_pid(z.pid, libc::SIGCHLD);
+                if pid == 0 {
+                    if libc::WIFSIGNALED(z.status) {
+                        let sig = libc::WTERMSIG(z.status);
+                        libc::signal(sig, libc::SIG_DFL);
+                        let mut set: libc::sigset_t = std::mem::zeroed();
+                        libc::sigemptyset(&mut set);
+                        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                        libc::kill(libc::getpid(), sig);
+                    }
+                    libc::_exit(libc::WEXITSTATUS(z.status));
+                }
+                if pid < 0 {
+                    self.fail(i, step::CLONE);
+                }
+                // Dead before we go on (still a zombie: WNOWAIT).
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT);
+            }
+            for &c in &l.children {
+                let child = &self.launches[c];
+                let pid = clone_with_pid(child.pid, libc::SIGCHLD);
+                if pid == 0 {
+                    self.become_process(c);
+                }
+                if pid < 0 {
+                    self.fail(i, step::CLONE);
+                }
+                // As a shell does: the parent sets the child's group too, so
+                // that later siblings find the group already there.
+                if child.sid != child.pid && child.pgid > 0 {
+                    libc::setpgid(pid as libc::pid_t, child.pgid);
+                }
+            }
+            for &(src, dst) in &l.pairs {
+                if libc::dup2(src, dst) < 0 {
+                    self.fail(i, step::DUP2);
+                }
+            }
+            let status_fd = l.pairs.iter().find(|p| p.0 == l.status_src).map(|p| p.1).unwrap_or(-1);
+            libc::syscall(libc::SYS_close_range, self.src_base as u32, u32::MAX, 0u32);
+            for (fd, &k) in l.keep.iter().enumerate() {
+                if !k {
+                    libc::close(fd as RawFd);
+                }
+            }
+            let report = |op: u32| {
+                let errno = *libc::__errno_location();
+                let msg = StatusMsg { kind: status::ERROR, op, value: -(errno as i64) };
+                let b = msg.as_bytes();
+                libc::write(status_fd, b.as_ptr() as *const libc::c_void, b.len());
+                libc::_exit(121);
+            };
+            if libc::chdir(l.cwd.as_ptr()) != 0 {
+                report(step::CHDIR);
+            }
+            libc::umask(l.umask as libc::mode_t);
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all as *const libc::sigset_t, 0usize, 8usize);
+            let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+            libc::execve(self.restorer.as_ptr(), self.argv[i].as_ptr(), envp.as_ptr());
+            report(step::EXEC);
+            libc::_exit(122);
+        }
+    }
+}
+
+/// On a failed restart: every process made so far is killed (the PIDs of
+/// the image), and the driver's own children reaped.
+struct KillOnDrop(Vec<i32>, Vec<i32>);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            // SAFETY: killing and reaping our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
+        for &pid in &self.0 {
+            // SAFETY: killing a process of the failed restart (its PID was
+            // checked free before the restart began).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for &pid in &self.1 {
+            // SAFETY: reaping our own child.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         }
     }
-}
-
-fn child_exit(pid: i32) -> String {
-    let mut st = 0;
-    // SAFETY: reaping our own child.
-    let r = unsafe { libc::waitpid(pid, &mut st, 0) };
-    if r != pid {
-        return "unknown status".into();
-    }
-    if libc::WIFEXITED(st) { format!("exit code {}", libc::WEXITSTATUS(st)) } else { format!("signal {}", libc::WTERMSIG(st)) }
 }
 
 fn read_status(f: &mut File) -> Option<StatusMsg> {
     let mut b = [0u8; 16];
     f.read_exact(&mut b).ok()?;
     StatusMsg::read_from(&b)
-}
-
-/// # Safety
-/// Only in the child of a fork-like clone: uses async-signal-safe calls
-/// only, and never returns.
-#[allow(clippy::too_many_arguments)]
-unsafe fn child_exec(
-    pairs: &[(RawFd, RawFd, bool)],
-    src_base: RawFd,
-    keep: &[bool],
-    cwd: &CString,
-    umask: u32,
-    restorer: &CString,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-) -> ! {
-    // SAFETY: plain syscalls on fds and prepared, NUL-terminated strings.
-    unsafe {
-        for &(src, dst, cloexec) in pairs {
-            if libc::dup2(src, dst) < 0 {
-                libc::_exit(120);
-            }
-            // Close-on-exec is set by the plan: the restorer is exec'd.
-            let _ = cloexec;
-        }
-        libc::syscall(libc::SYS_close_range, src_base as u32, u32::MAX, 0u32);
-        for (fd, &k) in keep.iter().enumerate() {
-            if !k {
-                libc::close(fd as RawFd);
-            }
-        }
-        if libc::chdir(cwd.as_ptr()) != 0 {
-            libc::_exit(121);
-        }
-        libc::umask(umask as libc::mode_t);
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all as *const libc::sigset_t, 0usize, 8usize);
-        libc::execve(restorer.as_ptr(), argv.as_ptr(), envp.as_ptr());
-        libc::_exit(122);
-    }
 }
 
 fn fill_memory(store: &Store, pid: i32, dests: &HashMap<Hash, Vec<(u64, usize)>>) -> Result<()> {
@@ -430,7 +703,7 @@ fn build_plan(
     own_maps: &[procfs::Mapping],
     restorer: &Path,
     exe_fd: Option<RawFd>,
-    shared_file_fds: &HashMap<usize, RawFd>,
+    region_fds: &HashMap<usize, RawFd>,
     ctl_fd: RawFd,
     status_fd: RawFd,
 ) -> Result<(Vec<u8>, Vec<String>)> {
@@ -514,8 +787,8 @@ fn build_plan(
         let what = format!("map {:#x}-{:#x} {}", r.start, r.end, r.name);
         match r.kind {
             RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock => continue,
-            RegionKind::SharedFile => {
-                let fd = shared_file_fds[&i];
+            RegionKind::SharedFile | RegionKind::SharedAnon if region_fds.contains_key(&i) => {
+                let fd = region_fds[&i];
                 let flags = (libc::MAP_SHARED | libc::MAP_FIXED) as u64;
                 p.syscall(libc::SYS_mmap, &[r.start.into(), len.into(), (r.prot as u64).into(), flags.into(), (fd as u64).into(), r.offset.into()], Some(r.start), false, what);
             }
@@ -590,7 +863,7 @@ fn build_plan(
         let fd = f.fd as u64;
         p.syscall(libc::SYS_fcntl, &[fd.into(), (libc::F_SETFD as u64).into(), (libc::FD_CLOEXEC as u64).into()], None, false, format!("mark fd {fd} close-on-exec"));
     }
-    for fd in exe_fd.iter().chain(shared_file_fds.values()) {
+    for fd in exe_fd.iter().chain(region_fds.values()) {
         p.syscall(libc::SYS_close, &[(*fd as u64).into()], None, false, format!("close helper fd {fd}"));
     }
     p.barrier(2, "wait for rlimits");

@@ -462,6 +462,8 @@ pub struct Proc {
     child: Child,
     rx: Receiver<Msg>,
     stderr: Arc<Mutex<String>>,
+    /// Says when stderr reached its end.
+    stderr_done: Receiver<()>,
     /// Kept open so programs reading stdin block instead of seeing EOF.
     stdin: Option<ChildStdin>,
     /// The program's pid (the launched process, or the restored one).
@@ -495,6 +497,7 @@ impl Proc {
         });
         let err = Arc::new(Mutex::new(String::new()));
         let err2 = err.clone();
+        let (err_done_tx, err_done) = channel();
         std::thread::spawn(move || {
             for l in BufReader::new(stderr).lines() {
                 match l {
@@ -506,6 +509,7 @@ impl Proc {
                     Err(_) => break,
                 }
             }
+            let _ = err_done_tx.send(());
         });
         Proc {
             what,
@@ -513,6 +517,7 @@ impl Proc {
             child,
             rx,
             stderr: err,
+            stderr_done: err_done,
             pid: 0,
             lines: Vec::new(),
             first_tick: None,
@@ -669,6 +674,9 @@ impl Proc {
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
                 self.drain_for(Duration::from_millis(500));
+                // All of stderr, unless a background child of the process
+                // (a coordinator it started) still holds the pipe.
+                let _ = self.stderr_done.recv_timeout(Duration::from_millis(500));
                 return st;
             }
             let left = deadline.saturating_duration_since(Instant::now());

@@ -1,0 +1,320 @@
+//! Open file descriptors: how each kind is captured from a stopped process
+//! and opened again at restart.
+//!
+//! One module per kind ([`file`], [`pipe`], ...), each with a `capture`
+//! that turns a live fd into a plain [`FdKind`] and an `open` that makes a
+//! new open file description from it in the restart driver. Adding a kind is
+//! adding a module and one arm in [`Round::capture_process`] and
+//! [`Opener::open`]; an fd of a kind nobody handles is an
+//! [`EngineError::UnsupportedFd`] that names the process, the fd and what it is.
+//!
+//! Sharing across the computation:
+//! * a [`Round`] spans every process of one checkpoint, so an open file
+//!   description reached through several fds or processes (after `dup` or
+//!   `fork`) gets one id (`FdImage::ofd`, found with `kcmp`), and an object
+//!   with state of its own (a pipe's buffered bytes) is read once;
+//! * an [`Opener`] spans every process of one restart: it makes each open
+//!   file description once and hands the same one to every fd that had it.
+//!
+//! Live fds of a stopped process are borrowed with `pidfd_getfd`: the
+//! coordinator reads a pipe's buffer with `tee` (the bytes stay where they
+//! are, so nothing has to be written back when the program resumes).
+
+pub mod file;
+pub mod pipe;
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use ckpt_chunker::Hash;
+use ckpt_store::{Store, Writer};
+
+use crate::error::{EngineError, Result};
+use crate::image::{FdImage, FdKind};
+
+/// Environment variable in which `ckpt launch` lists the fds the program
+/// inherited from outside the computation (`FD=TARGET;...`, stdin, stdout
+/// and stderr included).
+pub const ENV_EXTERNAL_FDS: &str = "CKPT_EXTERNAL_FDS";
+
+/// The external fds recorded at launch, from `/proc/PID/environ`.
+pub fn external_fds(pid: i32) -> Vec<(i32, String)> {
+    let env = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let prefix = format!("{ENV_EXTERNAL_FDS}=");
+    env.split(|&b| b == 0)
+        .filter_map(|e| std::str::from_utf8(e).ok()?.strip_prefix(prefix.as_str()).map(str::to_string))
+        .flat_map(|v| {
+            v.split(';')
+                .filter_map(|item| {
+                    let (fd, target) = item.split_once('=')?;
+                    Some((fd.parse().ok()?, target.to_string()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Describes this process's fds 0-2, and its inherited pipes, sockets and
+/// other non-file fds above 2, for [`ENV_EXTERNAL_FDS`].
+pub fn describe_external_fds() -> String {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc/self/fd") {
+        for e in rd.flatten() {
+            let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            if let Ok(t) = fs::read_link(e.path()) {
+                let t = t.to_string_lossy().into_owned();
+                if fd <= 2 || t.starts_with("pipe:") || t.starts_with("socket:") || t.starts_with("anon_inode:") {
+                    out.push(format!("{fd}={}", t.replace(';', "?")));
+                }
+            }
+        }
+    }
+    out.join(";")
+}
+
+/// What `/proc/PID/fdinfo/FD` says.
+#[derive(Clone, Debug, Default)]
+pub struct FdInfo {
+    pub pos: i64,
+    /// `open(2)` status flags without `O_CLOEXEC`.
+    pub flags: i32,
+    pub cloexec: bool,
+    /// The whole text, for kinds with more fields.
+    pub text: String,
+}
+
+impl FdInfo {
+    pub fn read(pid: i32, fd: i32) -> FdInfo {
+        let text = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        let mut info = FdInfo { text, ..Default::default() };
+        info.pos = info.field("pos:").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let raw = info.field("flags:").and_then(|v| i64::from_str_radix(v, 8).ok()).unwrap_or(0) as i32;
+        info.cloexec = raw & libc::O_CLOEXEC != 0;
+        info.flags = raw & !libc::O_CLOEXEC;
+        info
+    }
+
+    /// The value after `name` on the first line that starts with it.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim)
+    }
+}
+
+/// One fd being captured: who has it and what it points to.
+pub struct LiveFd<'a> {
+    pub pid: i32,
+    pub fd: i32,
+    /// `readlink /proc/PID/fd/FD`.
+    pub target: &'a str,
+    pub info: &'a FdInfo,
+    /// `stat` of the file it points to.
+    pub meta: &'a fs::Metadata,
+}
+
+impl LiveFd<'_> {
+    pub fn unsupported(&self, kind: &str) -> EngineError {
+        EngineError::UnsupportedFd { pid: self.pid, fd: self.fd, kind: kind.to_string(), target: self.target.to_string() }
+    }
+}
+
+struct Seen {
+    pid: i32,
+    fd: i32,
+    dev: u64,
+    ino: u64,
+    ofd: u64,
+}
+
+/// The fds of every process of one checkpoint.
+pub struct Round<'w> {
+    writer: &'w Writer,
+    seen: Vec<Seen>,
+    next_ofd: u64,
+    pidfds: HashMap<i32, OwnedFd>,
+    /// Pipes whose buffered bytes were read already (by inode).
+    pipes_read: HashMap<u64, Option<Hash>>,
+    /// Fds given to the computation from outside, besides the ones `ckpt
+    /// launch` records in each process's environment (e.g. the stdio of a
+    /// `ckpt restart`).
+    externals: Vec<(i32, String)>,
+}
+
+impl<'w> Round<'w> {
+    pub fn new(writer: &'w Writer) -> Self {
+        Round { writer, seen: Vec::new(), next_ofd: 1, pidfds: HashMap::new(), pipes_read: HashMap::new(), externals: Vec::new() }
+    }
+
+    /// Adds fds (number at the giver, `readlink` target) that came from
+    /// outside the computation.
+    pub fn with_externals(mut self, externals: &[(i32, String)]) -> Self {
+        self.externals.extend_from_slice(externals);
+        self
+    }
+
+    /// Stores `bytes` as a metadata blob of the generation being written.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<Hash> {
+        Ok(self.writer.put_meta(bytes)?)
+    }
+
+    /// A duplicate, in this process, of fd `fd` of the stopped process `pid`
+    /// (same open file description).
+    pub fn grab(&mut self, pid: i32, fd: i32) -> Result<OwnedFd> {
+        let io = |what: &str, e| EngineError::io(format!("{what} (process {pid}, fd {fd}; needs Linux ≥ 5.6 and the right to ptrace it)"), e);
+        if !self.pidfds.contains_key(&pid) {
+            // SAFETY: pidfd_open returns a new fd or -1.
+            let p = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+            if p < 0 {
+                return Err(io("pidfd_open", std::io::Error::last_os_error()));
+            }
+            // SAFETY: a new fd we own.
+            self.pidfds.insert(pid, unsafe { OwnedFd::from_raw_fd(p) });
+        }
+        let pidfd = self.pidfds[&pid].as_raw_fd();
+        // SAFETY: pidfd_getfd returns a new (close-on-exec) fd or -1.
+        let n = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as RawFd;
+        if n < 0 {
+            return Err(io("pidfd_getfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a new fd we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(n) })
+    }
+
+    /// The id of the open file description behind `pid`'s fd `fd`: the same
+    /// as an earlier fd's if `kcmp` says they share it.
+    fn ofd_of(&mut self, pid: i32, fd: i32, dev: u64, ino: u64) -> u64 {
+        const KCMP_FILE: i32 = 0;
+        for s in self.seen.iter().filter(|s| s.dev == dev && s.ino == ino) {
+            // SAFETY: kcmp compares two fds of two processes; no memory passed.
+            if unsafe { libc::syscall(libc::SYS_kcmp, s.pid, pid, KCMP_FILE, s.fd, fd) } == 0 {
+                let ofd = s.ofd;
+                self.seen.push(Seen { pid, fd, dev, ino, ofd });
+                return ofd;
+            }
+        }
+        let ofd = self.next_ofd;
+        self.next_ofd += 1;
+        self.seen.push(Seen { pid, fd, dev, ino, ofd });
+        ofd
+    }
+
+    /// Reads and classifies every open fd of `pid`. `agent_fds` are the
+    /// agent's own (its connection first); they are not the program's.
+    pub fn capture_process(&mut self, pid: i32, agent_fds: &[i32]) -> Result<Vec<FdImage>> {
+        use std::os::unix::fs::MetadataExt;
+        let agent_fd = agent_fds.first().copied().unwrap_or(-1);
+        let mut external = external_fds(pid);
+        external.extend(self.externals.iter().cloned());
+        let dir = PathBuf::from(format!("/proc/{pid}/fd"));
+        let rd = fs::read_dir(&dir).map_err(|e| EngineError::Proc { pid, path: dir.clone(), source: e })?;
+        let mut nums: Vec<i32> = rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+        nums.sort_unstable();
+        let mut out = Vec::new();
+        for fd in nums {
+            if fd != agent_fd && agent_fds.contains(&fd) {
+                continue; // the agent's own userfaultfd: made anew after a restart
+            }
+            let path = dir.join(fd.to_string());
+            let Ok(target) = fs::read_link(&path).map(|t| t.to_string_lossy().into_owned()) else { continue };
+            let info = FdInfo::read(pid, fd);
+            let Ok(meta) = fs::metadata(&path) else { continue }; // closed meanwhile
+            let live = LiveFd { pid, fd, target: &target, info: &info, meta: &meta };
+            let ofd = self.ofd_of(pid, fd, meta.dev(), meta.ino());
+            let kind = if fd == agent_fd {
+                FdKind::Agent
+            } else if let Some((from, _)) = external.iter().find(|(_, t)| *t == target) {
+                // Given to the computation at launch: stdio comes from the
+                // restart command, anything else becomes /dev/null.
+                FdKind::Inherited { was: target.clone(), from: (*from <= 2).then_some(*from) }
+            } else if fd <= 2 && external.is_empty() && !target.starts_with("pipe:") && !target.starts_with("socket:") {
+                // A process started without `ckpt launch`'s record.
+                FdKind::Inherited { was: target.clone(), from: Some(fd) }
+            } else if target.starts_with('/') {
+                file::capture(&live)?
+            } else if target.starts_with("pipe:") {
+                pipe::capture(self, &live)?
+            } else if target.starts_with("socket:") {
+                return Err(live.unsupported("socket"));
+            } else if let Some(anon) = target.strip_prefix("anon_inode:") {
+                return Err(live.unsupported(anon.trim_matches(|c| c == '[' || c == ']')));
+            } else {
+                return Err(live.unsupported("unknown"));
+            };
+            out.push(FdImage { fd, kind, flags: info.flags, cloexec: info.cloexec, pos: info.pos, ofd });
+        }
+        Ok(out)
+    }
+}
+
+/// Makes the open file descriptions of one restart, each once.
+pub struct Opener<'s> {
+    pub store: &'s Store,
+    pub generation: u64,
+    /// By `FdImage::ofd`.
+    made: HashMap<u64, OwnedFd>,
+    pipes: pipe::Pipes,
+}
+
+impl<'s> Opener<'s> {
+    /// `images` are all the processes of the restart: objects shared by
+    /// several (a pipe's ends) are prepared from all of them.
+    pub fn new(store: &'s Store, generation: u64, images: &[crate::image::ProcessImage]) -> Result<Self> {
+        let pipes = pipe::Pipes::new(store, generation, images)?;
+        Ok(Opener { store, generation, made: HashMap::new(), pipes })
+    }
+
+    pub fn err(&self, what: String) -> EngineError {
+        EngineError::Restore { generation: self.generation, what }
+    }
+
+    /// An fd (close-on-exec, any number) with the open file description
+    /// `f` had, or None for fds the restart fills in otherwise (the
+    /// agent's connection, stdio from the restart command).
+    pub fn open(&mut self, pid: i32, f: &FdImage) -> Result<Option<OwnedFd>> {
+        if f.ofd != 0 {
+            if let Some(fd) = self.made.get(&f.ofd) {
+                return Ok(Some(dup(fd)?));
+            }
+        }
+        let fd = match &f.kind {
+            FdKind::Agent => return Ok(None),
+            FdKind::Inherited { from, .. } => match from.or((f.fd <= 2).then_some(f.fd)) {
+                Some(n) => return Ok(Some(dup_raw(n).or_else(|_| file::dev_null())?)),
+                None => {
+                    tracing::warn!(pid, fd = f.fd, "fd {} was inherited from outside the computation ({:?}); it is /dev/null after the restart", f.fd, f.kind);
+                    file::dev_null()?
+                }
+            },
+            FdKind::File { .. } | FdKind::Dir { .. } | FdKind::Device { .. } => file::open(self, pid, f)?,
+            FdKind::Pipe { .. } => pipe::open(&mut self.pipes, self.generation, pid, f)?,
+        };
+        if f.ofd != 0 {
+            self.made.insert(f.ofd, dup(&fd)?);
+        }
+        Ok(Some(fd))
+    }
+}
+
+/// A close-on-exec duplicate.
+pub fn dup(fd: &OwnedFd) -> Result<OwnedFd> {
+    dup_raw(fd.as_raw_fd())
+}
+
+fn dup_raw(fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new fd we own.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if n < 0 {
+        return Err(EngineError::io(format!("duplicating fd {fd}"), std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Sets the status flags (`O_NONBLOCK`, `O_APPEND`, ...) of an open file
+/// description to the image's.
+pub fn set_status_flags(fd: &OwnedFd, flags: i32) {
+    let settable = libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
+    // SAFETY: F_SETFL on an fd we own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & settable) };
+}
