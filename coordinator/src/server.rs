@@ -35,6 +35,8 @@ pub struct Config {
 
 /// How long a checkpoint waits for another writer (`ckpt gc`) to finish.
 const WRITER_WAIT: Duration = Duration::from_secs(300);
+/// How long a new child may take to register with the coordinator.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a process may take to stop all its threads.
 const SUSPEND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -360,6 +362,11 @@ impl Coordinator {
                 None => failure = Some(format!("process {} died or did not stop within {}s", p.hello.pid, SUSPEND_TIMEOUT.as_secs())),
             }
         }
+        if failure.is_none() {
+            if let Err(f) = self.stop_descendants(&req, &mut stopped) {
+                failure = Some(f);
+            }
+        }
         let suspend_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
         if let Some(f) = failure {
             writer.abort();
@@ -416,6 +423,61 @@ impl Coordinator {
                 writer.abort();
                 tracing::warn!("checkpoint aborted: {e}");
                 Err(e)
+            }
+        }
+    }
+
+    /// Brings the children of the stopped processes into the round: a child
+    /// forked (or exec'd) since the round began registers within moments,
+    /// and is stopped too. A live child that never registers is outside the
+    /// agent's reach (a static program, or one started without the agent's
+    /// environment): the round fails, naming it. Exited, unreaped children
+    /// (zombies) are recorded in their parent's image instead.
+    fn stop_descendants(&self, req: &CheckpointRequest, stopped: &mut Vec<(Arc<Proc>, AgentReport)>) -> Result<(), String> {
+        loop {
+            let known: HashSet<i32> = stopped.iter().map(|(p, _)| p.hello.pid).collect();
+            let mut missing = Vec::new();
+            for (p, _) in stopped.iter() {
+                for c in procfs::children(p.hello.pid) {
+                    let zombie = procfs::tree_ids(c).map(|t| t.state == 'Z' || t.state == 'X').unwrap_or(true);
+                    if !known.contains(&c) && !zombie {
+                        missing.push((c, p.hello.pid));
+                    }
+                }
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            for (child, parent) in missing {
+                let deadline = Instant::now() + JOIN_TIMEOUT;
+                let proc_ = loop {
+                    if let Some(p) = self.procs.lock().unwrap().get(&child) {
+                        break Some(p.clone());
+                    }
+                    let alive = procfs::tree_ids(child).map(|t| t.state != 'Z' && t.state != 'X').unwrap_or(false);
+                    if !alive || Instant::now() >= deadline {
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                };
+                let Some(p) = proc_ else {
+                    if procfs::tree_ids(child).map(|t| t.state != 'Z' && t.state != 'X').unwrap_or(false) {
+                        let comm = procfs::comm(child).unwrap_or_default();
+                        return Err(format!(
+                            "process {child} ({comm}), a child of {parent}, is not under checkpoint control: it runs without the ckpt agent \
+                             (a statically linked program, or its environment lost LD_PRELOAD/CKPT_COORD); run it with the agent or let it finish before checkpointing"
+                        ));
+                    }
+                    continue; // it exited meanwhile: a zombie, seen next time round
+                };
+                p.send(kind::CHECKPOINT, req.as_bytes()).map_err(|e| format!("process {child} cannot be reached: {e}"))?;
+                match p.recv(SUSPEND_TIMEOUT) {
+                    Some((kind::SUSPENDED, payload)) => match parse_suspended(&p.hello, &payload) {
+                        Some(r) => stopped.push((p.clone(), r)),
+                        None => return Err(format!("process {child} sent a malformed report")),
+                    },
+                    _ => return Err(format!("process {child} (a child of {parent}) did not stop for the checkpoint")),
+                }
             }
         }
     }

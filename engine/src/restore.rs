@@ -425,9 +425,22 @@ pub fn restore_generation(
                 roots.push(pid as i32);
             }
             Origin::Orphan => {
-                // SAFETY: a fork whose child only clones and exits.
-                let mid = unsafe { libc::fork() };
+                // The middle process exits at once, so that init adopts the
+                // orphan again. When the orphan's session leader is gone
+                // (a daemon's double fork), the middle process takes the
+                // leader's PID and makes the session first.
+                let lost_session = image.sid != image.pid && image.sid > 0 && !index.contains_key(&image.sid);
+                let mid = if lost_session {
+                    clone_with_pid(image.sid, libc::SIGCHLD) as libc::pid_t
+                } else {
+                    // SAFETY: a fork whose child only clones and exits.
+                    unsafe { libc::fork() }
+                };
                 if mid == 0 {
+                    if lost_session {
+                        // SAFETY: setsid in the middle process.
+                        unsafe { libc::setsid() };
+                    }
                     let pid = clone_with_pid(image.pid, libc::SIGCHLD);
                     if pid == 0 {
                         // SAFETY: in the clone child; never returns.
