@@ -367,6 +367,9 @@ impl Coordinator {
                 failure = Some(f);
             }
         }
+        if failure.is_none() {
+            hold_for_tests();
+        }
         let suspend_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
         if let Some(f) = failure {
             writer.abort();
@@ -616,6 +619,24 @@ impl Coordinator {
         }
     }
 
+}
+
+/// Fault injection for tests: when `$CKPT_TEST_HOLD/armed` exists once
+/// every process is stopped, the coordinator removes it, creates
+/// `$CKPT_TEST_HOLD/held` and waits (at most 60 s) for `$CKPT_TEST_HOLD/go`,
+/// so that a test can kill a process at exactly this point of a checkpoint.
+fn hold_for_tests() {
+    let Some(dir) = std::env::var_os("CKPT_TEST_HOLD").map(std::path::PathBuf::from) else { return };
+    if std::fs::remove_file(dir.join("armed")).is_err() {
+        return;
+    }
+    let _ = std::fs::write(dir.join("held"), b"");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir.join("go").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_file(dir.join("go"));
+    let _ = std::fs::remove_file(dir.join("held"));
 }
 
 /// One process's part of a checkpoint in progress.
