@@ -308,7 +308,12 @@ fn refresh(remote: &Remote, st: &mut State) -> Result<()> {
 fn refresh_loop(remote: &Remote, shared: &Shared, every: Duration) {
     let mut st = lock_state(shared);
     loop {
-        st = shared.cv.wait_timeout(st, every).unwrap_or_else(|e| e.into_inner()).0;
+        // Stop may have been asked before this thread first waited.
+        st = shared
+            .cv
+            .wait_timeout_while(st, every, |s| !s.stop && s.lost.is_none())
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
         if st.stop || st.lost.is_some() {
             return;
         }
