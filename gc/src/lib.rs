@@ -20,6 +20,15 @@
 //! files are deleted only after the catalog stopped naming them, and new
 //! packs are durable before it names them. Leftover pack files that nothing
 //! names are harmless and the next gc deletes them.
+//!
+//! On an `s3://` store the same steps run on the local cache's catalog
+//! (packs missing from the cache are read with ranged GETs), under the S3
+//! writer lock ([`ckpt_store::remote_lock`]), and are then published: the
+//! new packs are uploaded, then the catalog, and only then are the packs on
+//! S3 that it no longer names deleted. Until the catalog upload, S3 keeps
+//! the old catalog and every pack it names; a gc killed before that leaves
+//! the cache marked unsynced, and the next writer of that cache uploads it
+//! (or drops it, if another writer changed S3 meanwhile).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

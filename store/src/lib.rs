@@ -22,7 +22,12 @@
 //! cache directory whose packs and catalog are uploaded after every commit
 //! (packs first), and whose reads fetch just the blobs they need with ranged
 //! GETs. [`remote::push`] and [`remote::pull`] copy whole stores between a
-//! directory and S3.
+//! directory and S3. Its writers also hold a lock object on S3
+//! ([`remote_lock`]: a conditional PUT with a lease) so that writers on
+//! different hosts never both commit; maintenance ([`maintenance`]) works
+//! on the cache and is published packs first, then the catalog, and only
+//! then are unreferenced packs deleted from S3. Verification of an S3 store
+//! reads S3, not the cache.
 //!
 //! This crate must never know about processes, memory layouts or image
 //! manifests: it stores opaque blobs and generation rows that point at a
@@ -833,7 +838,9 @@ impl Store {
     /// decompresses and hashes to its address; every generation's manifest
     /// is in the catalog. Pack files on disk that the catalog does not name
     /// (left by a crash or an abort) are listed as orphans: harmless, gc
-    /// may delete them. Returns `Err` only if the check itself cannot run.
+    /// may delete them. For an `s3://` store every pack is downloaded from
+    /// S3 and checked, and the orphans are the pack objects on S3 that the
+    /// catalog does not name. Returns `Err` only if the check itself cannot run.
     pub fn verify(&self) -> Result<VerifyReport> {
         let p = &self.inner.catalog_path;
         let (packs, mut by_pack, manifests) = {

@@ -233,8 +233,8 @@ impl Store {
                 }
             }
         }
-        if let Some(r) = self.inner.remote.as_deref() {
-            let mut report = VerifyReport::default();
+        let results: Vec<(u64, u64, Vec<String>)> = if let Some(r) = self.inner.remote.as_deref() {
+            let mut all = Vec::new();
             let groups: Vec<(String, Vec<Loc>)> = groups.into_iter().collect();
             for batch in groups.chunks(crate::remote::CONCURRENCY) {
                 let work: Vec<(String, Vec<std::ops::Range<u64>>)> = batch
@@ -242,37 +242,26 @@ impl Store {
                     .map(|(n, locs)| (Remote::pack_rel(n), locs.iter().map(|l| l.offset..l.offset + l.clen as u64).collect()))
                     .collect();
                 let fetched = r.get_ranges_each(&work);
-                let results: Vec<(u64, u64, Vec<String>)> = batch
-                    .par_iter()
-                    .zip(fetched.into_par_iter())
-                    .map(|((name, locs), got)| match got {
-                        Err(e) => (0, 0, vec![format!("{e} ({} blobs of this check live in it){}", locs.len(), self.unsynced_note(name))]),
-                        Ok(bufs) => {
-                            let (mut n, mut bytes, mut probs) = (0, 0, Vec::new());
-                            for (l, b) in locs.iter().zip(&bufs) {
-                                match self.decode_remote(r, l, b) {
-                                    Ok(_) => {
-                                        n += 1;
-                                        bytes += l.ulen as u64;
-                                    }
-                                    Err(e) => probs.push(e.to_string()),
+                all.par_extend(batch.par_iter().zip(fetched.into_par_iter()).map(|((name, locs), got)| match got {
+                    Err(e) => (0, 0, vec![format!("{e} ({} blobs of this check live in it){}", locs.len(), self.unsynced_note(name))]),
+                    Ok(bufs) => {
+                        let (mut n, mut bytes, mut probs) = (0, 0, Vec::new());
+                        for (l, b) in locs.iter().zip(&bufs) {
+                            match self.decode_remote(r, l, b) {
+                                Ok(_) => {
+                                    n += 1;
+                                    bytes += l.ulen as u64;
                                 }
+                                Err(e) => probs.push(e.to_string()),
                             }
-                            (n, bytes, probs)
                         }
-                    })
-                    .collect();
-                for (n, bytes, probs) in results {
-                    report.packs += 1;
-                    report.blobs += n;
-                    report.bytes += bytes;
-                    problems.extend(probs);
-                }
+                        (n, bytes, probs)
+                    }
+                }));
             }
-            report.problems = problems;
-            return Ok(report);
-        }
-        let results: Vec<(u64, u64, Vec<String>)> = groups
+            all
+        } else {
+            groups
             .into_par_iter()
             .map(|(name, mut locs)| {
                 locs.sort_unstable_by_key(|l| l.offset);
@@ -305,7 +294,8 @@ impl Store {
                 }
                 (n, bytes, probs)
             })
-            .collect();
+            .collect()
+        };
         let mut report = VerifyReport::default();
         for (n, bytes, probs) in results {
             report.packs += 1;

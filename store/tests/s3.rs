@@ -44,7 +44,7 @@ fn moto() -> u16 {
     }
     let have = |c: &str| Command::new("sh").args(["-c", &format!("command -v {c}")]).output().map(|o| o.status.success()).unwrap_or(false);
     if !have("moto_server") {
-        let st = Command::new("python3").args(["-m", "pip", "install", "-q", "moto[server]"]).status().expect("python3 -m pip");
+        let st = Command::new("python3").args(["-m", "pip", "install", "-q", "moto[server]>=5.2,<6"]).status().expect("python3 -m pip");
         assert!(st.success(), "pip install 'moto[server]' failed: these tests need a real S3-compatible server");
     }
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

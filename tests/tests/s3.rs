@@ -415,22 +415,6 @@ fn launch_counter_s3(s: &Session, srv: &S3Server, endpoint: &str, cache: &Path) 
     p
 }
 
-/// Make older chunks die: the first time the program rewrites its whole
-/// heap; later it runs 5 ticks (64 heap pages rewritten per tick).
-fn churn(s: &Session, p: &mut Proc) {
-    let marker = s.path("CHURN.done");
-    if marker.exists() {
-        p.wait_ticks(5, LINE_TIMEOUT);
-        return;
-    }
-    let f = s.path("CHURN");
-    std::fs::write(&f, b"1").unwrap();
-    p.wait_line(|l| l.starts_with("CHURNED"), LINE_TIMEOUT);
-    std::fs::remove_file(&f).unwrap();
-    std::fs::write(&marker, b"").unwrap();
-    p.wait_ticks(1, LINE_TIMEOUT);
-}
-
 /// Generation ids of the S3 store as a host with an empty cache sees them.
 fn remote_gens(s: &Session, srv: &S3Server) -> Vec<u64> {
     let cache = s.path(&format!("probe-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
@@ -565,33 +549,6 @@ fn spawn_gc(s: &Session, srv: &S3Server, endpoint: &str, cache: &Path, args: &[&
     c.spawn().unwrap()
 }
 
-/// Waits for `ckpt-gc: paused at PHASE` on the child's stderr; false if gc
-/// finished first.
-fn wait_paused(child: &mut std::process::Child, phase: &str) -> bool {
-    use std::io::BufRead;
-    let err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in err.lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let deadline = Instant::now() + CMD_TIMEOUT;
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) if l.contains(&format!("paused at {phase}")) => return true,
-            Ok(l) => eprintln!("gc: {l}"),
-            Err(_) => {
-                if let Some(st) = child.try_wait().unwrap() {
-                    assert!(st.success(), "gc failed before reaching {phase}: {st}");
-                    return false;
-                }
-                assert!(Instant::now() < deadline, "gc did not reach {phase}");
-            }
-        }
-    }
-}
-
 /// The S3 writer lock between hosts (distinct `CKPT_HOSTNAME`s, one cache
 /// each): a gc on host b holds it; a gc on host c gives up naming it; a
 /// checkpoint on host a waits; gc b is killed with SIGKILL, and once its
@@ -612,7 +569,7 @@ fn s3_lock_between_hosts_waits_names_the_holder_and_breaks_when_stale() {
         ("CKPT_S3_LOCK_LEASE", &lease.to_string()),
         ("CKPT_GC_PAUSE_AT", "after-mark"),
     ]);
-    assert!(wait_paused(&mut gc_b, "after-mark"));
+    assert!(wait_paused(&mut gc_b, "after-mark", CMD_TIMEOUT));
     let holder = format!("pid {} on host host-b", gc_b.id());
     // Host c: gives up after --wait, naming the holder and the lock.
     let mut c = s.cmd("gc");
@@ -740,7 +697,7 @@ fn kill9_during_s3_catalog_upload_and_remote_gc_leaves_a_sound_store() {
             gc
         } else {
             let mut gc = spawn_gc(&s, &srv, &proxy.endpoint, &cache_a, &args, &[("CKPT_GC_PAUSE_AT", phase)]);
-            assert!(wait_paused(&mut gc, phase), "gc finished before {phase}");
+            assert!(wait_paused(&mut gc, phase, CMD_TIMEOUT), "gc finished before {phase}");
             gc
         };
         gc.kill().unwrap(); // SIGKILL
@@ -776,4 +733,60 @@ fn kill9_during_s3_catalog_upload_and_remote_gc_leaves_a_sound_store() {
         r.kill9();
         quit(&s);
     }
+}
+
+/// Benchmark for BENCHMARKS.md: gc of a 100-generation history on S3
+/// (moto on loopback) next to gc of the same history pulled into a local
+/// directory (32 MiB heap rewritten once, then 64 pages per tick, 5 ticks
+/// between checkpoints), `--keep-last 10`, run from a host with an empty
+/// cache. `cargo test --release -p ckpt-tests --test s3 -- --ignored --nocapture gc_bench`.
+#[test]
+#[ignore]
+fn gc_bench_100_generations_s3() {
+    let srv = server();
+    let mut s = Session::new("s3_gc_bench");
+    s.store = format!("s3://{BUCKET}/bench");
+    let mut p = launch_counter_s3(&s, &srv, &srv.endpoint, &s.path("cache-a"));
+    let t = Instant::now();
+    for _ in 0..100 {
+        churn(&s, &mut p);
+        s.checkpoint();
+        p.drain();
+    }
+    eprintln!("100 checkpoints to S3 in {:.1} s", t.elapsed().as_secs_f64());
+    p.kill9();
+    quit(&s);
+    let local = s.path("local");
+    let local_url = format!("file://{}", local.display());
+    ok(&run_s3(&s, &srv, &s.path("cache-p"), "pull", &[&s.store, "--store", &local_url]), "pull");
+    let stats = |url: &str, cache: &str| Json::parse(&ok(&raw_s3(&s, &srv, &s.path(cache), &["stats", "--json", "--store", url]), "stats")).unwrap();
+    let before = stats(&s.store, "cache-s");
+    let timed = |url: &str, cache: &str| {
+        let t = Instant::now();
+        let out = ok(&raw_s3(&s, &srv, &s.path(cache), &["gc", "--keep-last", "10", "--json", "--store", url]), "gc");
+        (t.elapsed().as_millis(), Json::parse(&out).unwrap())
+    };
+    let (local_ms, lr) = timed(&local_url, "cache-l");
+    let (s3_ms, sr) = timed(&s.store, "cache-b");
+    let after = stats(&s.store, "cache-s2");
+    let tv = Instant::now();
+    verify_s3_clean(&s, &srv, "bench");
+    let verify_ms = tv.elapsed().as_millis();
+    eprintln!(
+        "GC_BENCH_S3 generations 100 -> {}; packs {} -> {}; pack bytes {} -> {} (S3 freed {}, local freed {}); S3 gc wall {} ms (mark {} ms, inside {} ms); local gc wall {} ms (mark {} ms); ratio {:.1}; verify --all on S3 after {} ms",
+        after.u64_field("generations"),
+        before.u64_field("packs"),
+        after.u64_field("packs"),
+        before.u64_field("pack_bytes"),
+        after.u64_field("pack_bytes"),
+        sr.u64_field("bytes_freed"),
+        lr.u64_field("bytes_freed"),
+        s3_ms,
+        sr.u64_field("mark_ms"),
+        sr.u64_field("duration_ms"),
+        local_ms,
+        lr.u64_field("mark_ms"),
+        s3_ms as f64 / local_ms.max(1) as f64,
+        verify_ms
+    );
 }

@@ -34,7 +34,7 @@ fn moto_server_bin() -> PathBuf {
         return p;
     }
     let st = Command::new("python3")
-        .args(["-m", "pip", "install", "-q", "moto[server]"])
+        .args(["-m", "pip", "install", "-q", "moto[server]>=5.2,<6"])
         .status()
         .expect("cannot run python3 -m pip");
     assert!(st.success(), "pip install 'moto[server]' failed: the S3 tests need a real S3-compatible server");
