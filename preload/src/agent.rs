@@ -63,6 +63,7 @@ pub fn start() {
     crate::interpose::resolve_all();
     let Some(addr) = std::env::var_os(proto::ENV_COORD) else { return };
     let addr = addr.to_string_lossy().into_owned();
+    crate::interpose::remember_env();
     let mode = match std::env::var(proto::ENV_TRACKING).as_deref() {
         Ok("soft-dirty") => tracking::SOFT_DIRTY,
         Ok("uffd-wp") => tracking::UFFD_WP,

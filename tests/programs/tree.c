@@ -5,8 +5,9 @@
  * The parent makes itself a session leader, then starts:
  *   - P, a producer in a process group of its own, writing numbered
  *     16-byte records into pipe 1 as fast as the pipe takes them;
- *   - E, a child that execs this program again as a producer on pipe 2
- *     (the exec'd program is still under ckpt);
+ *   - E, a child that execs this program again as a producer on pipe 2,
+ *     with an environment of its own (the exec'd program is still under
+ *     ckpt);
  *   - D, a daemon (fork, setsid, fork; the middle process exits) producing
  *     on pipe 3: its parent is init, not us;
  *   - S, a child that rewrites a 4 MiB MAP_SHARED anonymous region and a
@@ -210,7 +211,11 @@ int main(int argc, char **argv)
         close(p2[0]);
         char fdarg[16];
         snprintf(fdarg, sizeof fdarg, "%d", p2[1]);
-        execl("/proc/self/exe", "tree", "--produce", fdarg, (char *)NULL);
+        /* An environment without the agent's variables: the program
+         * stays under ckpt all the same. */
+        char *argv2[] = { "tree", "--produce", fdarg, NULL };
+        char *envp2[] = { "TREE_ROLE=producer", NULL };
+        execve("/proc/self/exe", argv2, envp2);
         ct_fail("exec: %s", strerror(errno));
     }
     pid_t mid = fork();
