@@ -58,8 +58,14 @@ pub fn capture(live: &LiveFd) -> Result<FdKind> {
         // SAFETY: kcmp reads `slot` (our memory) and compares files of a
         // stopped process; nothing is written.
         let r = unsafe { libc::syscall(libc::SYS_kcmp, live.pid, live.pid, KCMP_EPOLL_TFD, item.fd, &slot as *const KcmpEpollSlot) };
+        let errno = std::io::Error::last_os_error();
         if r == 0 {
             items.push(*item);
+        } else if r < 0 && !matches!(errno.raw_os_error(), Some(libc::EBADF) | Some(libc::ENOENT)) {
+            return Err(EngineError::Unsupported {
+                pid: live.pid,
+                what: format!("epoll fd {}: cannot tell which file its item for fd {} watches (kcmp KCMP_EPOLL_TFD: {errno}; needs a kernel with CONFIG_KCMP and CONFIG_CHECKPOINT_RESTORE)", live.fd, item.fd),
+            });
         } else {
             tracing::warn!(
                 pid = live.pid,

@@ -206,12 +206,8 @@ pub fn capture_master(round: &mut Round, live: &LiveFd) -> Result<FdKind> {
 fn capture_output(round: &Round, m: RawFd, real: &libc::termios, pid: i32, fdn: i32) -> Result<Option<Hash>> {
     let io = |what: &str, e| EngineError::io(format!("{what} (pseudo-terminal master, process {pid}, fd {fdn})"), e);
     let slave = open_peer(m, libc::O_RDWR | libc::O_NONBLOCK).ok();
-    if let Some(s) = &slave {
-        if let Ok(n) = ioctl_int(s.as_raw_fd(), libc::FIONREAD) {
-            if n > 0 {
-                tracing::warn!(pid, fd = fdn, "{n} bytes typed into the pseudo-terminal (process {pid}, fd {fdn}) were not read by the slave side yet; a restart of this checkpoint will not have them");
-            }
-        }
+    if let Some(n) = slave.as_ref().and_then(|s| ioctl_int(s.as_raw_fd(), libc::FIONREAD).ok()).filter(|&n| n > 0) {
+        tracing::warn!(pid, fd = fdn, "{n} bytes typed into the pseudo-terminal (process {pid}, fd {fdn}) were not read by the slave side yet; a restart of this checkpoint will not have them");
     }
     let bytes = drain(m).map_err(|e| io("reading the bytes in flight", e))?;
     if bytes.is_empty() {
