@@ -40,30 +40,32 @@ static void opt(int c, const char *arg)
     if (c == 'c') ctl = arg;
 }
 
-static uint64_t fdinfo_hex(int fd, const char *key)
+/* /proc/self/fdinfo/FD into buf (NUL-terminated) */
+static void fdinfo(int fd, char *buf, size_t size)
 {
-    char path[64], buf[4096];
+    char path[64];
     snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
     int f = open(path, O_RDONLY | O_CLOEXEC);
-    ssize_t n = f < 0 ? -1 : read(f, buf, sizeof buf - 1);
+    ssize_t n = f < 0 ? -1 : read(f, buf, size - 1);
     if (f >= 0) close(f);
     if (n <= 0) ct_fail("read %s: %s", path, strerror(errno));
     buf[n] = 0;
+}
+
+static uint64_t fdinfo_hex(int fd, const char *key)
+{
+    char buf[4096];
+    fdinfo(fd, buf, sizeof buf);
     char *p = strstr(buf, key);
-    if (!p) ct_fail("%s has no %s", path, key);
+    if (!p) ct_fail("fdinfo of %d has no %s", fd, key);
     return strtoull(p + strlen(key), NULL, 16);
 }
 
 /* events and data of epoll item tfd in ep's fdinfo */
 static void item(int epfd, int target, unsigned *events, uint64_t *data)
 {
-    char path[64], buf[4096], key[32];
-    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", epfd);
-    int f = open(path, O_RDONLY | O_CLOEXEC);
-    ssize_t n = f < 0 ? -1 : read(f, buf, sizeof buf - 1);
-    if (f >= 0) close(f);
-    if (n <= 0) ct_fail("read %s: %s", path, strerror(errno));
-    buf[n] = 0;
+    char buf[4096], key[32];
+    fdinfo(epfd, buf, sizeof buf);
     for (char *l = buf; l && *l; l = strchr(l, '\n') ? strchr(l, '\n') + 1 : NULL) {
         int t;
         unsigned long long d;

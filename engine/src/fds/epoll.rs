@@ -17,9 +17,9 @@
 //! Never `epoll_wait` on a program's epoll: that consumes its events (and
 //! disarms `EPOLLONESHOT` items).
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
-use super::{LiveFd, set_status_flags};
+use super::{LiveFd, set_status_flags, take_fd};
 use crate::error::{EngineError, Result};
 use crate::image::{EpollItem, FdImage, FdKind};
 
@@ -83,13 +83,8 @@ pub fn capture(live: &LiveFd) -> Result<FdKind> {
 
 pub fn open(generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
     // SAFETY: epoll_create1 returns a new fd or -1.
-    let n = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(EngineError::Restore { generation, what: format!("epoll_create1 (fd {} of process {pid}): {e}", f.fd) });
-    }
-    // SAFETY: a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    let fd = unsafe { take_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC).into()) }
+        .map_err(|e| EngineError::Restore { generation, what: format!("epoll_create1 (fd {} of process {pid}): {e}", f.fd) })?;
     set_status_flags(&fd, f.flags);
     Ok(fd)
 }

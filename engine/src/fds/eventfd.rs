@@ -4,9 +4,9 @@
 //! Never `read()` a program's eventfd to learn its count: that would
 //! consume it (and wake nobody). The count comes from fdinfo only.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::{LiveFd, hex_field, set_status_flags};
+use super::{LiveFd, hex_field, set_status_flags, take_fd};
 use crate::error::{EngineError, Result};
 use crate::image::{FdImage, FdKind};
 
@@ -21,12 +21,7 @@ pub fn open(generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
     let err = |what: String| EngineError::Restore { generation, what: format!("eventfd (fd {} of process {pid}): {what}", f.fd) };
     let flags = libc::EFD_CLOEXEC | if semaphore { libc::EFD_SEMAPHORE } else { 0 };
     // SAFETY: eventfd returns a new fd or -1.
-    let n = unsafe { libc::eventfd(0, flags) };
-    if n < 0 {
-        return Err(err(format!("eventfd: {}", std::io::Error::last_os_error())));
-    }
-    // SAFETY: a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    let fd = unsafe { take_fd(libc::eventfd(0, flags).into()) }.map_err(|e| err(format!("eventfd: {e}")))?;
     if count > 0 {
         // The count can exceed the u32 that eventfd() takes: written instead.
         // SAFETY: an 8-byte write from a local to our own eventfd.

@@ -18,9 +18,9 @@
 
 use std::ffi::CString;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::{LiveFd, Round, set_status_flags};
+use super::{LiveFd, Round, set_status_flags, take_fd};
 use crate::error::{EngineError, Result};
 use crate::image::{FdImage, FdKind, InotifyWatch};
 
@@ -63,25 +63,15 @@ fn path_of(sdev: u32, handle_type: i32, handle: &[u8]) -> std::io::Result<String
         .ok_or_else(|| std::io::Error::other(format!("no mount of device {want} here")))?;
     let m = CString::new(mount.as_bytes()).map_err(std::io::Error::other)?;
     // Not O_PATH: open_by_handle_at refuses an O_PATH mount fd (EBADF).
-    // SAFETY: open with a NUL-terminated path; owned below.
-    let mfd = unsafe { libc::open(m.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC) };
-    if mfd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new fd we own.
-    let mfd = unsafe { OwnedFd::from_raw_fd(mfd) };
+    // SAFETY: open with a NUL-terminated path; its result is taken at once.
+    let mfd = unsafe { take_fd(libc::open(m.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC).into()) }?;
     // struct file_handle: u32 handle_bytes, i32 handle_type, bytes.
     let mut fh = Vec::with_capacity(8 + handle.len());
     fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
     fh.extend_from_slice(&handle_type.to_ne_bytes());
     fh.extend_from_slice(handle);
-    // SAFETY: open_by_handle_at reads the handle from `fh`; owned below.
-    let n = unsafe { libc::syscall(libc::SYS_open_by_handle_at, mfd.as_raw_fd(), fh.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) } as i32;
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    // SAFETY: open_by_handle_at reads the handle from `fh`; its result is taken at once.
+    let fd = unsafe { take_fd(libc::syscall(libc::SYS_open_by_handle_at, mfd.as_raw_fd(), fh.as_ptr(), libc::O_PATH | libc::O_CLOEXEC)) }?;
     Ok(std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.to_string_lossy().into_owned())
 }
 
@@ -151,12 +141,7 @@ pub fn open(generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
     let FdKind::Inotify { watches } = &f.kind else { unreachable!("inotify::open of another kind") };
     let err = |what: String| EngineError::Restore { generation, what: format!("inotify (fd {} of process {pid}): {what}", f.fd) };
     // SAFETY: inotify_init1 returns a new fd or -1.
-    let n = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
-    if n < 0 {
-        return Err(err(format!("inotify_init1: {}", std::io::Error::last_os_error())));
-    }
-    // SAFETY: a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    let fd = unsafe { take_fd(libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK).into()) }.map_err(|e| err(format!("inotify_init1: {e}")))?;
     let gaps = watches.last().map(|w| w.wd).unwrap_or(0) - watches.len() as i32;
     let fill = gaps > 0 && gaps <= MAX_GAP_FILL;
     if gaps > MAX_GAP_FILL {
@@ -223,8 +208,8 @@ mod tests {
     #[test]
     fn finds_the_path_of_a_watched_dir() {
         let dir = tempfile::tempdir().unwrap();
-        // SAFETY: test-only inotify fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(libc::inotify_init1(libc::IN_CLOEXEC)) };
+        // SAFETY: a new inotify fd, taken at once.
+        let fd = unsafe { take_fd(libc::inotify_init1(libc::IN_CLOEXEC).into()) }.unwrap();
         add_watch(&fd, dir.path().to_str().unwrap(), libc::IN_CREATE).unwrap();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
         let w = info.lines().find_map(parse_line).unwrap();

@@ -342,6 +342,19 @@ impl<'s> Opener<'s> {
     }
 }
 
+/// Takes a new fd a syscall returned (or the error it set when negative).
+///
+/// # Safety
+/// `n` is the return value of the syscall just made: a fresh fd nobody
+/// else owns, or negative.
+pub unsafe fn take_fd(n: libc::c_long) -> std::io::Result<OwnedFd> {
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd (the function's contract).
+    Ok(unsafe { OwnedFd::from_raw_fd(n as RawFd) })
+}
+
 /// A close-on-exec duplicate.
 pub fn dup(fd: &OwnedFd) -> Result<OwnedFd> {
     dup_raw(fd.as_raw_fd())

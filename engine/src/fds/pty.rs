@@ -28,13 +28,13 @@
 //! checkpoint is put back before the program resumes.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 
 use ckpt_chunker::Hash;
 use ckpt_store::Store;
 
-use super::{LiveFd, Round, set_status_flags};
+use super::{LiveFd, Round, set_status_flags, take_fd};
 use crate::error::{EngineError, Result};
 use crate::image::{FdImage, FdKind, ProcessImage, PtyState, Termios};
 
@@ -122,12 +122,7 @@ fn from_image(i: &Termios) -> libc::termios {
 /// never a controlling terminal by accident).
 fn open_peer(master: RawFd, flags: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: TIOCGPTPEER returns a new fd or -1.
-    let n = unsafe { libc::ioctl(master, TIOCGPTPEER, flags | libc::O_NOCTTY | libc::O_CLOEXEC) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+    unsafe { take_fd(libc::ioctl(master, TIOCGPTPEER, flags | libc::O_NOCTTY | libc::O_CLOEXEC).into()) }
 }
 
 /// Writes `bytes` into the slave side so that the master reads exactly
@@ -258,13 +253,8 @@ impl Ptys {
         }
         let st = self.wanted.get(&index).ok_or_else(|| err("internal: no master in the image".into()))?;
         let c = c"/dev/ptmx";
-        // SAFETY: open with a NUL-terminated path; owned below.
-        let n = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
-        if n < 0 {
-            return Err(err(format!("opening /dev/ptmx: {}", std::io::Error::last_os_error())));
-        }
-        // SAFETY: a new fd we own.
-        let master = unsafe { OwnedFd::from_raw_fd(n) };
+        // SAFETY: open with a NUL-terminated path; its result is taken at once.
+        let master = unsafe { take_fd(libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC).into()) }.map_err(|e| err(format!("opening /dev/ptmx: {e}")))?;
         let m = master.as_raw_fd();
         let unlock: libc::c_int = 0;
         // SAFETY: TIOCSPTLCK reads one int.

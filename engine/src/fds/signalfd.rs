@@ -4,9 +4,9 @@
 //! Never read a program's signalfd: that takes its pending signals. Signals
 //! pending at the checkpoint belong to the process, not to the fd.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
-use super::{LiveFd, set_status_flags};
+use super::{LiveFd, set_status_flags, take_fd};
 use crate::error::{EngineError, Result};
 use crate::image::{FdImage, FdKind};
 
@@ -18,13 +18,8 @@ pub fn capture(live: &LiveFd) -> Result<FdKind> {
 pub fn open(generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
     let FdKind::SignalFd { mask } = f.kind else { unreachable!("signalfd::open of another kind") };
     // SAFETY: signalfd4 with a new fd (-1) and an 8-byte kernel sigset.
-    let n = unsafe { libc::syscall(libc::SYS_signalfd4, -1, &mask as *const u64, 8usize, libc::SFD_CLOEXEC) } as i32;
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(EngineError::Restore { generation, what: format!("signalfd with mask {mask:#x} (fd {} of process {pid}): {e}", f.fd) });
-    }
-    // SAFETY: a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    let fd = unsafe { take_fd(libc::syscall(libc::SYS_signalfd4, -1, &mask as *const u64, 8usize, libc::SFD_CLOEXEC)) }
+        .map_err(|e| EngineError::Restore { generation, what: format!("signalfd with mask {mask:#x} (fd {} of process {pid}): {e}", f.fd) })?;
     set_status_flags(&fd, f.flags);
     Ok(fd)
 }

@@ -10,9 +10,9 @@
 //!
 //! Never read a program's timerfd: that takes its expirations.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::{LiveFd, Round, set_status_flags};
+use super::{LiveFd, Round, set_status_flags, take_fd};
 use crate::error::{EngineError, Result};
 use crate::image::{FdImage, FdKind, TimerFdState};
 
@@ -71,12 +71,7 @@ pub fn open(generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
     let FdKind::TimerFd(t) = &f.kind else { unreachable!("timerfd::open of another kind") };
     let err = |what: String| EngineError::Restore { generation, what: format!("timerfd (fd {} of process {pid}): {what}", f.fd) };
     // SAFETY: timerfd_create returns a new fd or -1.
-    let n = unsafe { libc::timerfd_create(t.clock, libc::TFD_CLOEXEC) };
-    if n < 0 {
-        return Err(err(format!("timerfd_create(clock {}): {}", t.clock, std::io::Error::last_os_error())));
-    }
-    // SAFETY: a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    let fd = unsafe { take_fd(libc::timerfd_create(t.clock, libc::TFD_CLOEXEC).into()) }.map_err(|e| err(format!("timerfd_create(clock {}): {e}", t.clock)))?;
     if t.value_ns > 0 {
         let (flags, value) = match t.deadline_ns {
             Some(d) => (t.settime_flags, ts(d.max(1) as u64)),
