@@ -352,7 +352,7 @@ fn recv(buf: &mut [u8]) -> Option<u32> {
 }
 
 fn hello(restored_gen: u64) -> bool {
-    let h = Hello {
+    let mut h = Hello {
         version: proto::VERSION,
         pid: sys::getpid(),
         // SAFETY: getppid cannot fail.
@@ -365,7 +365,13 @@ fn hello(restored_gen: u64) -> bool {
         flags: HELLO_FLAGS.load(Ordering::Relaxed),
         uffd_fd: UFFD_FD.load(Ordering::Relaxed),
         tracking: TRACKING.load(Ordering::Relaxed),
+        pidns: sys::ns_inode(c"/proc/self/ns/pid"),
+        netns: sys::ns_inode(c"/proc/self/ns/net"),
+        host: [0; 64],
+        boot_id: [0; 40],
     };
+    sys::hostname(&mut h.host);
+    sys::read_small_file(c"/proc/sys/kernel/random/boot_id", &mut h.boot_id[..36]);
     let mut buf = [0u8; 64];
     send(kind::HELLO, &[h.as_bytes()]) && recv(&mut buf) == Some(kind::WELCOME)
 }

@@ -9,8 +9,9 @@
  *     (the exec'd program is still under ckpt);
  *   - D, a daemon (fork, setsid, fork; the middle process exits) producing
  *     on pipe 3: its parent is init, not us;
- *   - S, a child that rewrites a 4 MiB MAP_SHARED anonymous region under a
- *     process-shared mutex, one round after the other;
+ *   - S, a child that rewrites a 4 MiB MAP_SHARED anonymous region and a
+ *     256 KiB POSIX shared memory object (shm_open) under a process-shared
+ *     mutex, one round after the other;
  *   - Z, a child that exits with status 7 at once and stays a zombie until
  *     the parent reaps it at tick -z (after a restart, in the tests).
  * Every tick the parent reads 64 records from each pipe (so the pipes stay
@@ -32,6 +33,9 @@
 #define REC_WORDS 2
 #define PER_TICK 64
 #define SHM_PAGES 1024
+#define POSIX_PAGES 64
+
+static uint64_t *posix_pages;
 
 struct shm {
     pthread_mutex_t lock;
@@ -133,6 +137,8 @@ static void shm_writer(struct shm *s, uint64_t *pages)
         for (size_t p = 0; p < SHM_PAGES; p++)
             for (size_t w = 0; w < 512; w += 64)
                 pages[p * 512 + w] = page_word(r, p, w);
+        for (size_t p = 0; p < POSIX_PAGES; p++)
+            posix_pages[p * 512] = page_word(r, SHM_PAGES + p, 0);
         s->round = r;
         pthread_mutex_unlock(&s->lock);
         check_same(&me, "shm writer");
@@ -151,6 +157,10 @@ static uint64_t shm_check(struct shm *s, uint64_t *pages, uint64_t last)
             for (size_t w = 0; w < 512; w += 64)
                 if (pages[p * 512 + w] != page_word(r, p, w))
                     ct_fail("shared page %zu word %zu is not of round %llu", p, w, (unsigned long long)r);
+    if (r > 0)
+        for (size_t p = 0; p < POSIX_PAGES; p++)
+            if (posix_pages[p * 512] != page_word(r, SHM_PAGES + p, 0))
+                ct_fail("POSIX shared memory page %zu is not of round %llu", p, (unsigned long long)r);
     pthread_mutex_unlock(&s->lock);
     return r;
 }
@@ -175,6 +185,15 @@ int main(int argc, char **argv)
     if (s == MAP_FAILED)
         ct_fail("mmap: %s", strerror(errno));
     uint64_t *pages = (uint64_t *)((char *)s + 4096);
+    char shmname[64];
+    snprintf(shmname, sizeof shmname, "/ckpt-tree-%d", (int)getpid());
+    int sfd = shm_open(shmname, O_CREAT | O_RDWR, 0600);
+    if (sfd < 0 || ftruncate(sfd, POSIX_PAGES * 4096L) != 0)
+        ct_fail("shm_open %s: %s", shmname, strerror(errno));
+    posix_pages = mmap(NULL, POSIX_PAGES * 4096L, PROT_READ | PROT_WRITE, MAP_SHARED, sfd, 0);
+    if (posix_pages == MAP_FAILED)
+        ct_fail("mmap of %s: %s", shmname, strerror(errno));
+    close(sfd);
     pthread_mutexattr_t ma;
     pthread_mutexattr_init(&ma);
     pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
@@ -269,5 +288,6 @@ int main(int argc, char **argv)
         if (waitpid(kids[i], &st, 0) != kids[i] || !WIFSIGNALED(st) || WTERMSIG(st) != SIGTERM)
             ct_fail("child %d: status %x, expected SIGTERM", kids[i], st);
     }
+    shm_unlink(shmname);
     ct_done();
 }

@@ -1,6 +1,6 @@
 //! Process trees: a parent with children in their own group, an exec'd
 //! child, a daemon adopted by init, a child sharing memory under a
-//! process-shared mutex, an unreaped zombie, and pipes full of bytes in
+//! process-shared mutex (and a POSIX shared memory object), an unreaped zombie, and pipes full of bytes in
 //! flight between them (tests/programs/tree.c checks every record and
 //! every shared page itself). Checkpointed, killed, restarted as the same
 //! tree (PIDs, parents, groups, sessions), checkpointed again, run to the
@@ -75,6 +75,10 @@ fn process_tree_with_pipes_shared_memory_zombie_and_daemon() {
     assert_eq!(gens[&g2.id].u64_field("nprocs"), 5, "generation {} does not hold the 5 processes", g2.id);
 
     kill_all(&s, &pids, &mut p);
+    // As on a new host: the POSIX shared memory object is gone too; the
+    // restart makes it again from the image.
+    let shm = format!("/dev/shm/ckpt-tree-{}", p.pid);
+    std::fs::remove_file(&shm).unwrap_or_else(|e| panic!("{shm}: {e}"));
 
     let mut r = s.restart_expect(&g2, p.pid, true);
     for (&pid, ids) in &before {
