@@ -177,6 +177,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         sid: ids.sid,
         pgid: ids.pgid,
         zombies,
+        ctty_pts: ids.ctty_pts(),
         host: host.to_string(),
         exe: procfs::link(pid, "exe")?,
         comm: procfs::comm(pid)?,

@@ -43,6 +43,10 @@ pub struct ProcessImage {
     /// again after a restart, so that `wait` gets their status.
     #[serde(default)]
     pub zombies: Vec<Zombie>,
+    /// The controlling terminal, when it is the slave of a pseudo-terminal
+    /// (its pts number; the session leader takes it back at restart).
+    #[serde(default)]
+    pub ctty_pts: Option<u32>,
     pub host: String,
     pub exe: String,
     pub comm: String,
@@ -192,6 +196,81 @@ pub enum FdKind {
     },
     /// The agent's connection to the coordinator: a new one is made.
     Agent,
+    /// An eventfd with the counter it held.
+    EventFd { count: u64, semaphore: bool },
+    /// A timerfd, armed again with the time that remained.
+    TimerFd(TimerFdState),
+    /// A signalfd and the signals it accepts (bit `n - 1` for signal `n`).
+    SignalFd { mask: u64 },
+    /// An epoll instance. Its items are added back by the process that
+    /// holds the target at `fd` (items are keyed by file and fd number).
+    Epoll { items: Vec<EpollItem> },
+    /// An inotify instance and its watches, in wd order.
+    Inotify { watches: Vec<InotifyWatch> },
+    /// The master side of a pseudo-terminal (`/dev/ptmx`); `index` is the
+    /// old pts number, which pairs it with its slaves.
+    PtyMaster(PtyState),
+    /// A slave side (`/dev/pts/N`, `index` = N).
+    PtySlave { index: u32, path: String },
+}
+
+/// A timerfd's settings (`timerfd_gettime`) and its unread expirations.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerFdState {
+    pub clock: i32,
+    /// `timerfd_settime` flags (`TFD_TIMER_ABSTIME`, `TFD_TIMER_CANCEL_ON_SET`).
+    pub settime_flags: i32,
+    /// Time left until the next expiration (0: disarmed).
+    pub value_ns: u64,
+    pub interval_ns: u64,
+    /// Expirations not read yet.
+    pub ticks: u64,
+    /// An absolute wall-clock timer: its deadline (`CLOCK_REALTIME` ns).
+    #[serde(default)]
+    pub deadline_ns: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollItem {
+    /// The fd number the program registered (and uses in `epoll_ctl`).
+    pub fd: i32,
+    /// `events` as registered, flags (`EPOLLET`, `EPOLLONESHOT`,
+    /// `EPOLLEXCLUSIVE`, ...) included.
+    pub events: u32,
+    pub data: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub mask: u32,
+    /// The watched inode's path, found from its file handle at checkpoint.
+    pub path: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtyState {
+    pub index: u32,
+    /// The slave's terminal settings and window size.
+    pub termios: Termios,
+    pub winsize: [u16; 4],
+    /// Still locked (`unlockpt` not called).
+    pub locked: bool,
+    /// Output of the slave not yet read on the master side.
+    pub data: Option<Hash>,
+}
+
+/// `struct termios` as `tcgetattr` gives it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Termios {
+    pub iflag: u32,
+    pub oflag: u32,
+    pub cflag: u32,
+    pub lflag: u32,
+    pub line: u8,
+    pub cc: Vec<u8>,
+    pub ispeed: u32,
+    pub ospeed: u32,
 }
 
 /// One mapping of the address space.

@@ -205,12 +205,23 @@ pub struct TreeIds {
     pub sid: i32,
     /// For a zombie: the status `wait` will report.
     pub exit_status: i32,
+    /// The controlling terminal's device number (0: none).
+    pub tty_nr: i32,
+}
+
+impl TreeIds {
+    /// The pts number of the controlling terminal, when it is a
+    /// pseudo-terminal slave (majors 136-143).
+    pub fn ctty_pts(&self) -> Option<u32> {
+        let (major, minor) = (((self.tty_nr >> 8) & 0xfff) as u32, ((self.tty_nr & 0xff) | ((self.tty_nr >> 12) & 0xfff00)) as u32);
+        (136..144).contains(&major).then(|| (major - 136) * 256 + minor)
+    }
 }
 
 pub fn tree_ids(pid: i32) -> Result<TreeIds> {
     let f = stat_fields(pid)?;
     let num = |n: usize| f.get(n - 3).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0) as i32;
-    Ok(TreeIds { state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'), ppid: num(4), pgid: num(5), sid: num(6), exit_status: num(52) })
+    Ok(TreeIds { state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'), ppid: num(4), pgid: num(5), sid: num(6), exit_status: num(52), tty_nr: num(7) })
 }
 
 /// The children of every thread of `pid`.

@@ -210,6 +210,12 @@ struct Launch {
     umask: u32,
     /// The driver's end of the status pipe (for errors before the exec).
     status_src: RawFd,
+    /// `epoll_ctl(EPOLL_CTL_ADD)` calls made once the fds have their
+    /// numbers: (epoll fd, target fd, event).
+    epoll_adds: Vec<(RawFd, RawFd, libc::epoll_event)>,
+    /// A slave of the pseudo-terminal that was the session's controlling
+    /// terminal (a driver fd above every program fd), or -1.
+    ctty_src: RawFd,
 }
 
 /// What the driver keeps per process while the restorers run.
@@ -231,6 +237,8 @@ mod step {
     pub const EXEC: u32 = 0xffff_0003;
     pub const CLONE: u32 = 0xffff_0004;
     pub const SETSID: u32 = 0xffff_0005;
+    pub const EPOLL: u32 = 0xffff_0006;
+    pub const CTTY: u32 = 0xffff_0007;
 
     pub fn name(op: u32) -> &'static str {
         match op {
@@ -239,6 +247,8 @@ mod step {
             EXEC => "executing the restorer",
             CLONE => "creating a child process or zombie with its PID",
             SETSID => "creating its session",
+            EPOLL => "adding its epoll items back (epoll_ctl)",
+            CTTY => "taking back its controlling terminal (TIOCSCTTY)",
             _ => "",
         }
     }
@@ -331,6 +341,7 @@ pub fn restore_generation(
     let mut opener = crate::fds::Opener::new(store, generation, images)?;
     let mut all_moves: Vec<Vec<FdMove>> = Vec::new();
     let mut convs: Vec<Conversation> = Vec::new();
+    let mut cttys: Vec<Option<OwnedFd>> = Vec::new();
     for (image, dests) in images.iter().zip(all_dests) {
         let mut moves = Vec::new();
         for f in &image.fds {
@@ -343,6 +354,10 @@ pub fn restore_generation(
             };
             moves.push(FdMove { src, dst: f.fd });
         }
+        cttys.push(match image.ctty_pts {
+            Some(index) if image.sid == image.pid => opener.ctty(index)?,
+            _ => None,
+        });
         let mut next_aux = image.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
         let mut aux = |src: OwnedFd, moves: &mut Vec<FdMove>| {
             let dst = next_aux;
@@ -396,6 +411,7 @@ pub fn restore_generation(
             m.src = move_above(fd, src_base)?;
         }
     }
+    let cttys: Vec<Option<OwnedFd>> = cttys.into_iter().map(|c| c.map(|fd| move_above(fd, src_base)).transpose()).collect::<Result<_>>()?;
 
     // Everything the clone children need, prepared before any exists.
     let mut launches = Vec::new();
@@ -420,6 +436,8 @@ pub fn restore_generation(
             cwd: CString::new(image.cwd.as_bytes()).map_err(|_| err(format!("bad cwd {:?}", image.cwd)))?,
             umask: image.umask,
             status_src,
+            epoll_adds: crate::fds::epoll::additions(image),
+            ctty_src: cttys[i].as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1),
         });
     }
     let restorer_c = CString::new(restorer.as_os_str().as_bytes()).map_err(|_| err("bad restorer path".into()))?;
@@ -481,6 +499,7 @@ pub fn restore_generation(
         }
     }
     drop(all_moves);
+    drop(cttys);
 
     // The restorers, each through its own pipes, all in step.
     for (i, c) in convs.iter_mut().enumerate() {
@@ -618,6 +637,10 @@ impl Spawn<'_> {
                 if libc::setsid() < 0 {
                     self.fail(i, step::SETSID);
                 }
+                // Before any child is made, so that they inherit it.
+                if l.ctty_src >= 0 && libc::ioctl(l.ctty_src, libc::TIOCSCTTY, 0) != 0 {
+                    self.fail(i, step::CTTY);
+                }
             } else if l.pgid == l.pid {
                 libc::setpgid(0, 0);
             } else if l.pgid > 0 && libc::getpgid(0) != l.pgid {
@@ -677,6 +700,15 @@ impl Spawn<'_> {
                 libc::write(status_fd, b.as_ptr() as *const libc::c_void, b.len());
                 libc::_exit(121);
             };
+            // Epoll items are keyed by (file, fd number): added now that
+            // the fds have their numbers. A second process sharing the
+            // epoll finds them there already.
+            for &(epfd, tfd, ev) in &l.epoll_adds {
+                let mut ev = ev;
+                if libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, tfd, &mut ev) != 0 && *libc::__errno_location() != libc::EEXIST {
+                    report(step::EPOLL);
+                }
+            }
             if libc::chdir(l.cwd.as_ptr()) != 0 {
                 report(step::CHDIR);
             }

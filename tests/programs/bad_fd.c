@@ -1,11 +1,13 @@
-/* bad_fd: holds a file descriptor of a kind ckpt cannot checkpoint (yet).
+/* bad_fd: holds a file descriptor of a kind ckpt cannot checkpoint (yet),
+ * or of a kind it can (to compare).
  *
  *   bad_fd [-n N] [-t MS] [-s STOPFILE] [-k KIND] [-f FD] [-c CTL]
  *
- * KIND is eventfd (default), timerfd, signalfd or inotify; the descriptor is
+ * KIND is pidfd (default; not checkpointable), eventfd, timerfd, signalfd
+ * or inotify (checkpointable); the descriptor is
  * moved to number FD (default 57).  Without -c it is opened at start; with
  * -c the program opens it when the file CTL.open appears and closes it when
- * CTL.close appears (prints "OPENED fd=57 kind=eventfd" / "CLOSED fd=57").
+ * CTL.close appears (prints "OPENED fd=57 kind=pidfd" / "CLOSED fd=57").
  * While open, the descriptor is exercised every tick and must keep working.
  */
 #include "common.h"
@@ -15,7 +17,7 @@
 #include <sys/signalfd.h>
 #include <sys/timerfd.h>
 
-static const char *kind = "eventfd";
+static const char *kind = "pidfd";
 static int target_fd = 57;
 static const char *ctl = NULL;
 static int is_open = 0;
@@ -32,7 +34,9 @@ static void opt(int c, const char *arg)
 static void open_it(void)
 {
     int fd;
-    if (strcmp(kind, "eventfd") == 0) {
+    if (strcmp(kind, "pidfd") == 0) {
+        fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+    } else if (strcmp(kind, "eventfd") == 0) {
         fd = eventfd(0, 0);
     } else if (strcmp(kind, "timerfd") == 0) {
         fd = timerfd_create(CLOCK_MONOTONIC, 0);
@@ -63,7 +67,10 @@ static void open_it(void)
 static void exercise(void)
 {
     uint64_t v;
-    if (strcmp(kind, "eventfd") == 0) {
+    if (strcmp(kind, "pidfd") == 0) {
+        if (syscall(SYS_pidfd_send_signal, target_fd, 0, NULL, 0) != 0)
+            ct_fail("pidfd_send_signal: %s", strerror(errno));
+    } else if (strcmp(kind, "eventfd") == 0) {
         v = 3;
         if (write(target_fd, &v, 8) != 8)
             ct_fail("eventfd write: %s", strerror(errno));

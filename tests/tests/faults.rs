@@ -80,7 +80,7 @@ fn unsupported_fd_fails_checkpoint_and_program_keeps_running() {
     let stop = s.stop_file();
     let mut p = s.launch(
         &program("bad_fd"),
-        &["-t", "100", "-k", "eventfd", "-f", "57", "-c", ctl.to_str().unwrap(), "-s", stop.to_str().unwrap()],
+        &["-t", "100", "-k", "pidfd", "-f", "57", "-c", ctl.to_str().unwrap(), "-s", stop.to_str().unwrap()],
     );
     let pid = p.pid;
     p.wait_prefix("READY", LINE_TIMEOUT);
@@ -91,17 +91,17 @@ fn unsupported_fd_fails_checkpoint_and_program_keeps_running() {
     p.wait_prefix("OPENED fd=57", LINE_TIMEOUT);
     p.wait_ticks(1, LINE_TIMEOUT);
     let out = s.try_checkpoint();
-    let err = assert_failed(&out, "ckpt checkpoint of a process holding an eventfd");
+    let err = assert_failed(&out, "ckpt checkpoint of a process holding a pidfd");
     assert!(err.contains(&pid.to_string()), "the error does not name the process {pid}: {err}");
     assert!(err.contains("57"), "the error does not name fd 57: {err}");
-    assert!(err.to_lowercase().contains("eventfd"), "the error does not name the fd kind eventfd: {err}");
-    // the program keeps running, its eventfd working
+    assert!(err.to_lowercase().contains("pidfd"), "the error does not name the fd kind pidfd: {err}");
+    // the program keeps running, its pidfd working
     p.wait_ticks(3, LINE_TIMEOUT);
     assert!(p.lines.iter().rev().take(2).all(|l| !l.starts_with("TICK") || l.ends_with("open=1")));
     let gens = s.generations();
     assert_eq!(gens.keys().copied().collect::<Vec<_>>(), vec![g1.id], "a generation was committed");
 
-    // without the eventfd, checkpoints work again and restart
+    // without the pidfd, checkpoints work again and restart
     std::fs::write(ctl.with_extension("close"), "").unwrap();
     p.wait_prefix("CLOSED fd=57", LINE_TIMEOUT);
     p.wait_ticks(1, LINE_TIMEOUT);

@@ -44,7 +44,7 @@ fn c_programs_run_standalone() {
     }
     run_plain(&program("counter_heap"), &["-n", "5", "-t", "20", "-m", "32", "-i"]);
     run_plain(&program("resources"), &["-n", "25", "-t", "100", "-a"]);
-    for kind in ["timerfd", "signalfd", "inotify"] {
+    for kind in ["eventfd", "timerfd", "signalfd", "inotify"] {
         run_plain(&program("bad_fd"), &["-n", "3", "-t", "20", "-k", kind]);
     }
 }

@@ -1,7 +1,8 @@
 //! Open file descriptors: how each kind is captured from a stopped process
 //! and opened again at restart.
 //!
-//! One module per kind ([`file`], [`pipe`], ...), each with a `capture`
+//! One module per kind ([`file`], [`pipe`], [`pty`], [`eventfd`],
+//! [`timerfd`], [`signalfd`], [`epoll`], [`inotify`]), each with a `capture`
 //! that turns a live fd into a plain [`FdKind`] and an `open` that makes a
 //! new open file description from it in the restart driver. Adding a kind is
 //! adding a module and one arm in [`Round::capture_process`] and
@@ -20,8 +21,14 @@
 //! coordinator reads a pipe's buffer with `tee` (the bytes stay where they
 //! are, so nothing has to be written back when the program resumes).
 
+pub mod epoll;
+pub mod eventfd;
 pub mod file;
+pub mod inotify;
 pub mod pipe;
+pub mod pty;
+pub mod signalfd;
+pub mod timerfd;
 
 use std::collections::HashMap;
 use std::fs;
@@ -102,6 +109,11 @@ impl FdInfo {
     }
 }
 
+/// A field that fdinfo prints in hexadecimal.
+pub fn hex_field(info: &FdInfo, name: &str) -> Option<u64> {
+    info.field(name).and_then(|v| u64::from_str_radix(v, 16).ok())
+}
+
 /// One fd being captured: who has it and what it points to.
 pub struct LiveFd<'a> {
     pub pid: i32,
@@ -116,6 +128,14 @@ pub struct LiveFd<'a> {
 impl LiveFd<'_> {
     pub fn unsupported(&self, kind: &str) -> EngineError {
         EngineError::UnsupportedFd { pid: self.pid, fd: self.fd, kind: kind.to_string(), target: self.target.to_string() }
+    }
+
+    /// fdinfo lacks a field this kind needs (an older or different kernel).
+    pub fn unreadable(&self, field: &str) -> EngineError {
+        EngineError::Unsupported {
+            pid: self.pid,
+            what: format!("fd {} ({}): /proc/{}/fdinfo/{} has no readable {field} (this kernel's fdinfo differs from what ckpt knows)", self.fd, self.target, self.pid, self.fd),
+        }
     }
 }
 
@@ -135,6 +155,8 @@ pub struct Round<'w> {
     pidfds: HashMap<i32, OwnedFd>,
     /// Pipes whose buffered bytes were read already (by inode).
     pipes_read: HashMap<u64, Option<Hash>>,
+    /// Pseudo-terminals whose bytes in flight were read already (by pts number).
+    ptys_read: HashMap<u32, Option<Hash>>,
     /// Fds given to the computation from outside, besides the ones `ckpt
     /// launch` records in each process's environment (e.g. the stdio of a
     /// `ckpt restart`).
@@ -143,7 +165,7 @@ pub struct Round<'w> {
 
 impl<'w> Round<'w> {
     pub fn new(writer: &'w Writer) -> Self {
-        Round { writer, seen: Vec::new(), next_ofd: 1, pidfds: HashMap::new(), pipes_read: HashMap::new(), externals: Vec::new() }
+        Round { writer, seen: Vec::new(), next_ofd: 1, pidfds: HashMap::new(), pipes_read: HashMap::new(), ptys_read: HashMap::new(), externals: Vec::new() }
     }
 
     /// Adds fds (number at the giver, `readlink` target) that came from
@@ -230,6 +252,8 @@ impl<'w> Round<'w> {
             } else if fd <= 2 && external.is_empty() && !target.starts_with("pipe:") && !target.starts_with("socket:") {
                 // A process started without `ckpt launch`'s record.
                 FdKind::Inherited { was: target.clone(), from: Some(fd) }
+            } else if let Some(master) = pty::end_of(&meta) {
+                if master { pty::capture_master(self, &live)? } else { pty::capture_slave(&live)? }
             } else if target.starts_with('/') {
                 file::capture(&live)?
             } else if target.starts_with("pipe:") {
@@ -237,7 +261,14 @@ impl<'w> Round<'w> {
             } else if target.starts_with("socket:") {
                 return Err(live.unsupported("socket"));
             } else if let Some(anon) = target.strip_prefix("anon_inode:") {
-                return Err(live.unsupported(anon.trim_matches(|c| c == '[' || c == ']')));
+                match anon.trim_matches(|c| c == '[' || c == ']') {
+                    "eventfd" => eventfd::capture(&live)?,
+                    "timerfd" => timerfd::capture(self, &live)?,
+                    "signalfd" => signalfd::capture(&live)?,
+                    "eventpoll" => epoll::capture(&live)?,
+                    "inotify" => inotify::capture(self, &live)?,
+                    other => return Err(live.unsupported(other)),
+                }
             } else {
                 return Err(live.unsupported("unknown"));
             };
@@ -254,6 +285,7 @@ pub struct Opener<'s> {
     /// By `FdImage::ofd`.
     made: HashMap<u64, OwnedFd>,
     pipes: pipe::Pipes,
+    ptys: pty::Ptys,
 }
 
 impl<'s> Opener<'s> {
@@ -261,7 +293,15 @@ impl<'s> Opener<'s> {
     /// several (a pipe's ends) are prepared from all of them.
     pub fn new(store: &'s Store, generation: u64, images: &[crate::image::ProcessImage]) -> Result<Self> {
         let pipes = pipe::Pipes::new(store, generation, images)?;
-        Ok(Opener { store, generation, made: HashMap::new(), pipes })
+        Ok(Opener { store, generation, made: HashMap::new(), pipes, ptys: pty::Ptys::new(images) })
+    }
+
+    /// A new slave fd (not yet anyone's controlling terminal) of the
+    /// pseudo-terminal that was `/dev/pts/{index}`, for a session leader
+    /// that had it as its controlling terminal; None when its master was not
+    /// in the computation.
+    pub fn ctty(&mut self, index: u32) -> Result<Option<OwnedFd>> {
+        self.ptys.slave_for_ctty(self.store, self.generation, index)
     }
 
     pub fn err(&self, what: String) -> EngineError {
@@ -288,12 +328,31 @@ impl<'s> Opener<'s> {
             },
             FdKind::File { .. } | FdKind::Dir { .. } | FdKind::Device { .. } => file::open(self, pid, f)?,
             FdKind::Pipe { .. } => pipe::open(&mut self.pipes, self.generation, pid, f)?,
+            FdKind::EventFd { .. } => eventfd::open(self.generation, pid, f)?,
+            FdKind::TimerFd(_) => timerfd::open(self.generation, pid, f)?,
+            FdKind::SignalFd { .. } => signalfd::open(self.generation, pid, f)?,
+            FdKind::Epoll { .. } => epoll::open(self.generation, pid, f)?,
+            FdKind::Inotify { .. } => inotify::open(self.generation, pid, f)?,
+            FdKind::PtyMaster(_) | FdKind::PtySlave { .. } => pty::open(self, pid, f)?,
         };
         if f.ofd != 0 {
             self.made.insert(f.ofd, dup(&fd)?);
         }
         Ok(Some(fd))
     }
+}
+
+/// Takes a new fd a syscall returned (or the error it set when negative).
+///
+/// # Safety
+/// `n` is the return value of the syscall just made: a fresh fd nobody
+/// else owns, or negative.
+pub unsafe fn take_fd(n: libc::c_long) -> std::io::Result<OwnedFd> {
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd (the function's contract).
+    Ok(unsafe { OwnedFd::from_raw_fd(n as RawFd) })
 }
 
 /// A close-on-exec duplicate.
