@@ -17,11 +17,15 @@
 //!   file description once and hands the same one to every fd that had it.
 //!
 //! Live fds of a stopped process are borrowed with `pidfd_getfd`: the
-//! coordinator reads a pipe's buffer with `tee` (the bytes stay where they
-//! are, so nothing has to be written back when the program resumes).
+//! coordinator reads a pipe's buffer with `tee` and a socket's queues with
+//! `MSG_PEEK` (the bytes stay where they are, so nothing has to be written
+//! back when the program resumes). [`Round::finish`] runs the checks that
+//! need every process (socket peers) before the programs resume, and
+//! [`Opener::finish`] the steps that need every fd of a restart.
 
 pub mod file;
 pub mod pipe;
+pub mod socket;
 
 use std::collections::HashMap;
 use std::fs;
@@ -139,11 +143,31 @@ pub struct Round<'w> {
     /// launch` records in each process's environment (e.g. the stdio of a
     /// `ckpt restart`).
     externals: Vec<(i32, String)>,
+    /// Sockets read so far; TCP connections held in repair mode.
+    sockets: socket::RoundSockets,
 }
 
 impl<'w> Round<'w> {
     pub fn new(writer: &'w Writer) -> Self {
-        Round { writer, seen: Vec::new(), next_ofd: 1, pidfds: HashMap::new(), pipes_read: HashMap::new(), externals: Vec::new() }
+        Round {
+            writer,
+            seen: Vec::new(),
+            next_ofd: 1,
+            pidfds: HashMap::new(),
+            pipes_read: HashMap::new(),
+            externals: Vec::new(),
+            sockets: socket::RoundSockets::default(),
+        }
+    }
+
+    /// Call once every process of the round was captured, before the
+    /// programs resume: checks what needs the whole computation (every
+    /// socket's peer is in it; no TCP connection moved while the others
+    /// were read) and takes TCP sockets out of repair mode. An error means
+    /// the round must be aborted. (Dropping a round without calling this
+    /// also leaves repair mode.)
+    pub fn finish(&mut self) -> Result<()> {
+        self.sockets.finish()
     }
 
     /// Adds fds (number at the giver, `readlink` target) that came from
@@ -235,7 +259,7 @@ impl<'w> Round<'w> {
             } else if target.starts_with("pipe:") {
                 pipe::capture(self, &live)?
             } else if target.starts_with("socket:") {
-                return Err(live.unsupported("socket"));
+                socket::capture(self, &live)?
             } else if let Some(anon) = target.strip_prefix("anon_inode:") {
                 return Err(live.unsupported(anon.trim_matches(|c| c == '[' || c == ']')));
             } else {
@@ -254,6 +278,7 @@ pub struct Opener<'s> {
     /// By `FdImage::ofd`.
     made: HashMap<u64, OwnedFd>,
     pipes: pipe::Pipes,
+    sockets: socket::Sockets,
 }
 
 impl<'s> Opener<'s> {
@@ -261,7 +286,14 @@ impl<'s> Opener<'s> {
     /// several (a pipe's ends) are prepared from all of them.
     pub fn new(store: &'s Store, generation: u64, images: &[crate::image::ProcessImage]) -> Result<Self> {
         let pipes = pipe::Pipes::new(store, generation, images)?;
-        Ok(Opener { store, generation, made: HashMap::new(), pipes })
+        Ok(Opener { store, generation, made: HashMap::new(), pipes, sockets: socket::Sockets::new(images) })
+    }
+
+    /// Call once every fd of the restart was opened, before any process
+    /// runs: connects what needs its peer to exist and takes TCP
+    /// connections out of repair mode.
+    pub fn finish(self) -> Result<()> {
+        self.sockets.finish(self.generation)
     }
 
     pub fn err(&self, what: String) -> EngineError {
@@ -288,6 +320,7 @@ impl<'s> Opener<'s> {
             },
             FdKind::File { .. } | FdKind::Dir { .. } | FdKind::Device { .. } => file::open(self, pid, f)?,
             FdKind::Pipe { .. } => pipe::open(&mut self.pipes, self.generation, pid, f)?,
+            FdKind::Unix(_) | FdKind::Tcp(_) => socket::open(&mut self.sockets, self.store, self.generation, pid, f)?,
         };
         if f.ofd != 0 {
             self.made.insert(f.ofd, dup(&fd)?);
