@@ -386,8 +386,11 @@ pub fn make_connection(local: SocketAddr, c: &TcpConnImage, opts: &SockOpts, sen
     let family = if local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     let s = new_socket(family, libc::SOCK_STREAM)?;
     let step = |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
-    setsockopt_int(&s, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_ON).map_err(step("TCP_REPAIR"))?;
+    // Options first: SO_REUSEADDR would undo repair mode's forced reuse
+    // of the address, which the bind below needs (the listener and
+    // connections of the program's earlier life may hold the port).
     apply_opts(&s, opts, true).map_err(step("options"))?;
+    setsockopt_int(&s, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_ON).map_err(step("TCP_REPAIR"))?;
     set_queue(&s, TCP_RECV_QUEUE)?;
     setsockopt_int(&s, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, c.recv_seq as i32).map_err(step("TCP_QUEUE_SEQ (receive)"))?;
     set_queue(&s, TCP_SEND_QUEUE)?;
@@ -427,16 +430,21 @@ pub fn make_connection(local: SocketAddr, c: &TcpConnImage, opts: &SockOpts, sen
 
 /// Leaves repair mode (a window probe goes out: the peer answers with
 /// where it is) and sends the bytes that had never been sent.
-pub fn leave_repair(s: &OwnedFd, unsent: &[u8]) -> io::Result<()> {
+/// Leaving repair mode clears `SO_REUSEADDR`: `reuseaddr` sets it again.
+pub fn leave_repair(s: &OwnedFd, unsent: &[u8], reuseaddr: bool) -> io::Result<()> {
     setsockopt_int(s, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_OFF)?;
+    if reuseaddr {
+        setsockopt_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    }
     send_all(s, unsent, false)
 }
 
 /// The TCP sockets of one restart.
 #[derive(Default)]
 pub(super) struct Restore {
-    /// Connections in repair mode: (socket, never-sent bytes, pid, fd).
-    repairing: Vec<(OwnedFd, Vec<u8>, i32, i32)>,
+    /// Connections in repair mode: (socket, never-sent bytes, SO_REUSEADDR,
+    /// pid, fd).
+    repairing: Vec<(OwnedFd, Vec<u8>, bool, i32, i32)>,
 }
 
 impl Restore {
@@ -474,15 +482,15 @@ impl Restore {
                 }
                 let s = make_connection(t.local, c, &t.opts, &send, &recv).map_err(|e| err(format!("restoring the connection to {}: {e}", c.peer)))?;
                 let unsent = send[send.len() - (c.unsent as usize).min(send.len())..].to_vec();
-                self.repairing.push((crate::fds::dup(&s)?, unsent, pid, fd));
+                self.repairing.push((crate::fds::dup(&s)?, unsent, t.opts.reuseaddr, pid, fd));
                 Ok(s)
             }
         }
     }
 
     pub fn finish(self, generation: u64) -> Result<()> {
-        for (s, unsent, pid, fd) in &self.repairing {
-            leave_repair(s, unsent).map_err(|e| EngineError::Restore {
+        for (s, unsent, reuseaddr, pid, fd) in &self.repairing {
+            leave_repair(s, unsent, *reuseaddr).map_err(|e| EngineError::Restore {
                 generation,
                 what: format!("the TCP connection at fd {fd} of process {pid}: leaving repair mode: {e}"),
             })?;
@@ -540,8 +548,8 @@ mod tests {
         let opts = SockOpts::default();
         let c2 = make_connection(cl, &ci, &opts, &csend, &crecv).unwrap();
         let s2 = make_connection(sl, &si, &opts, &ssend, &srecv).unwrap();
-        leave_repair(&c2, &csend[csend.len() - ci.unsent as usize..]).unwrap();
-        leave_repair(&s2, &ssend[ssend.len() - si.unsent as usize..]).unwrap();
+        leave_repair(&c2, &csend[csend.len() - ci.unsent as usize..], false).unwrap();
+        leave_repair(&s2, &ssend[ssend.len() - si.unsent as usize..], false).unwrap();
         let mut c2 = TcpStream::from(c2);
         let mut s2 = TcpStream::from(s2);
         let mut got = vec![0u8; 17];

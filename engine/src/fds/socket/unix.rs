@@ -17,7 +17,7 @@
 //! connected again to their named peer once every socket exists.
 //!
 //! Not kept: the names of a connected stream/seqpacket pair (the new pair
-//! is unnamed: `getsockname`/`getpeername` return an empty address), the
+//! is unnamed; datagram pairs are bound to their names again: `getsockname`/`getpeername` return an empty address), the
 //! sender address and `SCM_CREDENTIALS` of queued datagrams (the refill's
 //! are seen), out-of-band bytes. Messages carrying fds (`SCM_RIGHTS`) and
 //! connections not accepted yet are refused at checkpoint with an error.
@@ -378,12 +378,23 @@ impl Restore {
         let data = read_blob(store, generation, pid, fd, "bytes in flight", &u.data)?;
         let stream = u.ty == libc::SOCK_STREAM;
         let peer = self.by_ino.get(&u.peer).filter(|p| u.peer != 0 && p.peer == u.ino);
-        let pair = peer.filter(|p| u.ty != libc::SOCK_DGRAM || (u.name.is_none() && p.name.is_none())).cloned();
-        if let Some(p) = pair {
+        if let Some(p) = peer.cloned() {
             let pdata = read_blob(store, generation, pid, fd, "peer's bytes in flight", &p.data)?;
             let (a, b) = socketpair(u.ty).map_err(|e| err(format!("socketpair: {e}")))?;
             apply_opts(&a, &u.opts, false).map_err(|e| err(format!("options: {e}")))?;
             apply_opts(&b, &p.opts, false).map_err(|e| err(format!("options of its peer: {e}")))?;
+            if u.ty == libc::SOCK_DGRAM {
+                // Datagram ends keep their names (given by bind, or by
+                // autobind for SO_PASSCRED): the ends of a new pair may
+                // still be bound. (A stream pair's names are the
+                // listener's, which it keeps.)
+                for (s, n) in [(&a, &u.name), (&b, &p.name)] {
+                    if let Some(name) = n {
+                        unlink_stale(name).map_err(|e| err(format!("cannot free {}: {e}", show_name(name))))?;
+                        bind(s, name).map_err(|e| err(format!("bind {}: {e}", show_name(name))))?;
+                    }
+                }
+            }
             refill(&b, None, &split(u, &data), stream).map_err(|e| err(format!("refilling {} bytes: {e}", data.len())))?;
             refill(&a, None, &split(&p, &pdata), stream).map_err(|e| err(format!("refilling its peer's {} bytes: {e}", pdata.len())))?;
             self.pending.insert(p.ino, b);
