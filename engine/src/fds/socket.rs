@@ -54,11 +54,10 @@ struct Netns {
 
 impl RoundSockets {
     fn netns(&mut self, pid: i32, netns: u64) -> io::Result<&mut Netns> {
-        if !self.netns.contains_key(&netns) {
-            let sock = diag::open_in_netns_of(pid)?;
-            self.netns.insert(netns, Netns { sock, unix: None, listeners: None });
-        }
-        Ok(self.netns.get_mut(&netns).expect("inserted"))
+        Ok(match self.netns.entry(netns) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(Netns { sock: diag::open_in_netns_of(pid)?, unix: None, listeners: None }),
+        })
     }
 
     /// Every unix socket of `pid`'s network namespace (read once per round:
