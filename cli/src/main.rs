@@ -90,6 +90,14 @@ enum Cmd {
         coord: CoordArg,
         #[command(flatten)]
         store: StoreArg,
+        /// Restart the processes that ran on this host [default: this machine's name].
+        /// A generation of one host restarts whole anywhere; one spread over
+        /// several hosts restarts host by host.
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
+        /// Restart the processes of host OLD on host NEW (repeatable).
+        #[arg(long, value_name = "OLD=NEW", value_parser = parse_host_map)]
+        host_map: Vec<(String, String)>,
     },
     /// Kill every process of the computation.
     Kill {
@@ -314,7 +322,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Status { coord, json } => status(&coord_addr(&coord)?, json),
         Cmd::Log { store, json } => log(&store_url(&store), json),
-        Cmd::Restart { generation, coord, store } => restart(generation, &coord_addr(&coord)?, &store_url(&store), store.store.is_some()),
+        Cmd::Restart { generation, coord, store, host, host_map } => {
+            let here = host.unwrap_or_else(this_host);
+            restart(generation, &coord_addr(&coord)?, &store_url(&store), store.store.is_some(), &here, &host_map)
+        }
         Cmd::Push { dest, store, json } => remote_cmd::push(&store_url(&store), &dest, json),
         Cmd::Pull { src, store, json } => remote_cmd::pull(&src, &store_url(&store), json),
         Cmd::Kill { coord } => {
@@ -419,11 +430,16 @@ fn log(url: &str, as_json: bool) -> Result<ExitCode> {
         println!("no generations in {url}");
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:>5}  {:<19}  {:>5}  {:>10}  {:>10}  {:>10}  {:>8}  {}", "GEN", "TIME (UTC)", "PROCS", "LOGICAL", "NEW", "STORED", "TOOK", "TRACKING");
+    println!("{:>5}  {:<19}  {:>5}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {}", "GEN", "TIME (UTC)", "PROCS", "LOGICAL", "NEW", "STORED", "TOOK", "TRACKING", "PROCESSES");
     for g in gens {
         let secs = g.created_ms / 1000;
+        // pid@host of each process, from the generation's details.
+        let procs: Vec<String> = g.info["processes"]
+            .as_array()
+            .map(|a| a.iter().map(|p| format!("{}@{}", p["pid"], p["host"].as_str().unwrap_or("?"))).collect())
+            .unwrap_or_default();
         println!(
-            "{:>5}  {:<19}  {:>5}  {:>10}  {:>10}  {:>10}  {:>6}ms  {}",
+            "{:>5}  {:<19}  {:>5}  {:>10}  {:>10}  {:>10}  {:>6}ms  {:<9}  {}",
             g.id,
             utc(secs),
             g.nprocs,
@@ -431,7 +447,8 @@ fn log(url: &str, as_json: bool) -> Result<ExitCode> {
             human(g.new_bytes),
             human(g.stored_bytes),
             g.duration_ms,
-            g.dirty_tracking
+            g.dirty_tracking,
+            procs.join(" ")
         );
     }
     println!("{}", show_cmd::stats_line(&store)?);
@@ -454,9 +471,22 @@ fn utc(secs: i64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool) -> Result<ExitCode> {
+fn parse_host_map(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((old, new)) if !old.is_empty() && !new.is_empty() => Ok((old.to_string(), new.to_string())),
+        _ => Err(format!("{s:?} is not OLD=NEW (e.g. --host-map node1=node7)")),
+    }
+}
+
+/// This machine's host name (as the agents report it).
+fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool, here: &str, host_map: &[(String, String)]) -> Result<ExitCode> {
     let store = Store::open(url)?;
     let (info, _, images) = ckpt_engine::image::load_generation(&store, generation)?;
+    let images = ckpt_engine::image::select_host(info.id, images, here, host_map)?;
     for img in &images {
         ckpt_engine::restore::check_ids_free(info.id, img)?;
     }

@@ -23,7 +23,12 @@ pub fn verify(url: &str, generation: Option<u64>, all: bool, metadata_only: bool
             println!("problem: {p}");
         }
         let what = if whole { format!("store {url} ({} generations)", gens.len()) } else { format!("generation {}", gens[0].id) };
-        let how = if metadata_only { "catalog and pack trailers" } else { "every blob read back" };
+        let how = match (metadata_only, store.remote().is_some()) {
+            (true, false) => "catalog and pack trailers",
+            (true, true) => "catalog against the pack objects on S3: names and sizes",
+            (false, false) => "every blob read back",
+            (false, true) => "every blob read back from S3",
+        };
         println!(
             "{}: {} pack(s), {} blob(s), {} checked ({how}); {} problem(s)",
             what,

@@ -35,6 +35,8 @@ pub struct Config {
 
 /// How long a checkpoint waits for another writer (`ckpt gc`) to finish.
 const WRITER_WAIT: Duration = Duration::from_secs(300);
+/// How long a new child may take to register with the coordinator.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a process may take to stop all its threads.
 const SUSPEND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -81,6 +83,9 @@ struct Coordinator {
     externals: Mutex<Vec<(i32, String)>>,
     started: Instant,
     host: String,
+    /// This coordinator's PID namespace inode and boot id.
+    pidns: u64,
+    boot_id: String,
     quit: AtomicBool,
 }
 
@@ -114,6 +119,11 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         externals: Mutex::new(Vec::new()),
         started: Instant::now(),
         host: hostname(),
+        pidns: std::fs::read_link("/proc/self/ns/pid")
+            .ok()
+            .and_then(|l| l.to_string_lossy().trim_start_matches("pid:[").trim_end_matches(']').parse().ok())
+            .unwrap_or(0),
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string(),
         quit: AtomicBool::new(false),
     });
     if let Some(every) = cfg.interval {
@@ -181,11 +191,15 @@ impl Coordinator {
         if h.kind != kind::HELLO || stream.read_exact(&mut payload).is_err() {
             return;
         }
-        let Some(hello) = Hello::read_from(&payload) else { return };
+        let Some(hello) = Hello::parse(&payload) else { return };
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx): (Sender<AgentMsg>, Receiver<AgentMsg>) = channel();
         let Ok(writer) = stream.try_clone() else { return };
-        let host = if peer == "local" { self.host.clone() } else { peer };
+        let host = match hello.host_name() {
+            "" if peer == "local" => self.host.clone(),
+            "" => peer,
+            name => name.to_string(),
+        };
         let p = Arc::new(Proc { conn_id, hello, host, writer: Mutex::new(writer), rx: Mutex::new(rx), since_ms: now_ms() });
         let welcome = Welcome { ok: 1, _pad: 0, last_gen: 0 };
         if p.send(kind::WELCOME, welcome.as_bytes()).is_err() {
@@ -328,6 +342,16 @@ impl Coordinator {
         if procs.is_empty() {
             return Err("no processes to checkpoint: start one with `ckpt launch -- PROGRAM`".into());
         }
+        for p in &procs {
+            if !self.reaches(&p.hello) {
+                return Err(format!(
+                    "process {} on host {} runs on another machine or in another PID namespace than this coordinator: ckpt reads processes \
+                     through /proc and process_vm_readv, so every process must share the coordinator's kernel and PID namespace \
+                     (hosts made with network namespaces do; separate machines need a coordinator each)",
+                    p.hello.pid, p.host
+                ));
+            }
+        }
         // The store's writer lock is taken per checkpoint, so that `ckpt gc`
         // can work between checkpoints; wait for it if gc holds it now.
         let writer = self.take_writer()?;
@@ -359,6 +383,14 @@ impl Coordinator {
                 Some((k, _)) => failure = Some(format!("process {} answered with message kind {k}", p.hello.pid)),
                 None => failure = Some(format!("process {} died or did not stop within {}s", p.hello.pid, SUSPEND_TIMEOUT.as_secs())),
             }
+        }
+        if failure.is_none() {
+            if let Err(f) = self.stop_descendants(&req, &mut stopped) {
+                failure = Some(f);
+            }
+        }
+        if failure.is_none() {
+            hold_for_tests();
         }
         let suspend_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
         if let Some(f) = failure {
@@ -416,6 +448,61 @@ impl Coordinator {
                 writer.abort();
                 tracing::warn!("checkpoint aborted: {e}");
                 Err(e)
+            }
+        }
+    }
+
+    /// Brings the children of the stopped processes into the round: a child
+    /// forked (or exec'd) since the round began registers within moments,
+    /// and is stopped too. A live child that never registers is outside the
+    /// agent's reach (a static program, or one started without the agent's
+    /// environment): the round fails, naming it. Exited, unreaped children
+    /// (zombies) are recorded in their parent's image instead.
+    fn stop_descendants(&self, req: &CheckpointRequest, stopped: &mut Vec<(Arc<Proc>, AgentReport)>) -> Result<(), String> {
+        loop {
+            let known: HashSet<i32> = stopped.iter().map(|(p, _)| p.hello.pid).collect();
+            let mut missing = Vec::new();
+            for (p, _) in stopped.iter() {
+                for c in procfs::children(p.hello.pid) {
+                    let zombie = procfs::tree_ids(c).map(|t| t.state == 'Z' || t.state == 'X').unwrap_or(true);
+                    if !known.contains(&c) && !zombie {
+                        missing.push((c, p.hello.pid));
+                    }
+                }
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            for (child, parent) in missing {
+                let deadline = Instant::now() + JOIN_TIMEOUT;
+                let proc_ = loop {
+                    if let Some(p) = self.procs.lock().unwrap().get(&child) {
+                        break Some(p.clone());
+                    }
+                    let alive = procfs::tree_ids(child).map(|t| t.state != 'Z' && t.state != 'X').unwrap_or(false);
+                    if !alive || Instant::now() >= deadline {
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                };
+                let Some(p) = proc_ else {
+                    if procfs::tree_ids(child).map(|t| t.state != 'Z' && t.state != 'X').unwrap_or(false) {
+                        let comm = procfs::comm(child).unwrap_or_default();
+                        return Err(format!(
+                            "process {child} ({comm}), a child of {parent}, is not under checkpoint control: it runs without the ckpt agent \
+                             (a statically linked program, or its environment lost LD_PRELOAD/CKPT_COORD); run it with the agent or let it finish before checkpointing"
+                        ));
+                    }
+                    continue; // it exited meanwhile: a zombie, seen next time round
+                };
+                p.send(kind::CHECKPOINT, req.as_bytes()).map_err(|e| format!("process {child} cannot be reached: {e}"))?;
+                match p.recv(SUSPEND_TIMEOUT) {
+                    Some((kind::SUSPENDED, payload)) => match parse_suspended(&p.hello, &payload) {
+                        Some(r) => stopped.push((p.clone(), r)),
+                        None => return Err(format!("process {child} sent a malformed report")),
+                    },
+                    _ => return Err(format!("process {child} (a child of {parent}) did not stop for the checkpoint")),
+                }
             }
         }
     }
@@ -546,6 +633,13 @@ impl Coordinator {
         Ok((g, new_bases))
     }
 
+    /// Whether a process is reachable through this coordinator's `/proc`
+    /// (same kernel, same PID namespace). Agents that do not say are.
+    fn reaches(&self, h: &Hello) -> bool {
+        let boot = |b: &[u8]| b.iter().take_while(|&&c| c != 0 && c != b'\n').copied().collect::<Vec<u8>>();
+        (h.pidns == 0 || h.pidns == self.pidns) && (h.boot_id[0] == 0 || boot(&h.boot_id) == boot(self.boot_id.as_bytes()))
+    }
+
     fn take_writer(&self) -> Result<Writer, String> {
         let deadline = Instant::now() + WRITER_WAIT;
         loop {
@@ -557,6 +651,24 @@ impl Coordinator {
         }
     }
 
+}
+
+/// Fault injection for tests: when `$CKPT_TEST_HOLD/armed` exists once
+/// every process is stopped, the coordinator removes it, creates
+/// `$CKPT_TEST_HOLD/held` and waits (at most 60 s) for `$CKPT_TEST_HOLD/go`,
+/// so that a test can kill a process at exactly this point of a checkpoint.
+fn hold_for_tests() {
+    let Some(dir) = std::env::var_os("CKPT_TEST_HOLD").map(std::path::PathBuf::from) else { return };
+    if std::fs::remove_file(dir.join("armed")).is_err() {
+        return;
+    }
+    let _ = std::fs::write(dir.join("held"), b"");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir.join("go").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_file(dir.join("go"));
+    let _ = std::fs::remove_file(dir.join("held"));
 }
 
 /// One process's part of a checkpoint in progress.

@@ -51,7 +51,7 @@ pub fn region_kind(m: &Mapping) -> RegionKind {
         "[vvar]" => RegionKind::Vvar,
         "[vvar_vclock]" => RegionKind::VvarVclock,
         name if m.shared => {
-            if name.is_empty() || name.starts_with("/dev/zero") || name.starts_with("/SYSV") || name.starts_with("/memfd:") || name.starts_with('[') {
+            if name.is_empty() || name.starts_with("/dev/zero") || name.starts_with("/SYSV") || name.starts_with("/memfd:") || name.starts_with('[') || name.starts_with("/dev/shm/") {
                 RegionKind::SharedAnon
             } else {
                 RegionKind::SharedFile
@@ -157,6 +157,10 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             if written.is_none() && backend == Backend::UffdWp {
                 untracked.push((m.start, m.end));
             }
+            // Write tracking is per page table: another process writing the
+            // same shared memory leaves this one's entries clean. Shared
+            // memory is read whole every time (dedup keeps what is unchanged).
+            let written = if kind == RegionKind::SharedAnon { None } else { written };
             states.push(RegionState { index: regions.len(), anonymous: is_anonymous(m), present, written, hashes: None });
         }
         regions.push(RegionImage { start: m.start, end: m.end, prot: m.prot(), kind, name: m.name.clone(), offset: m.offset, shm: if kind == RegionKind::SharedAnon { m.inode } else { 0 }, segments: Vec::new(), depth: 0 });

@@ -394,3 +394,29 @@ pub fn load_generation(
         .collect::<crate::Result<Vec<ProcessImage>>>()?;
     Ok((info, manifest, images))
 }
+
+/// The processes of a generation that restart on host `here`: those whose
+/// recorded host, renamed by `host_map` (old name → new name), is `here`.
+/// A generation whose processes all ran on one host restarts whole on any
+/// host (a computation moved to a new machine); for a generation spread
+/// over several hosts, `ckpt restart` runs on each of them.
+pub fn select_host(generation: u64, images: Vec<ProcessImage>, here: &str, host_map: &[(String, String)]) -> crate::Result<Vec<ProcessImage>> {
+    let mapped = |h: &str| host_map.iter().find(|(old, _)| old == h).map(|(_, new)| new.clone()).unwrap_or_else(|| h.to_string());
+    let mut hosts: Vec<String> = images.iter().map(|i| mapped(&i.host)).collect();
+    hosts.sort();
+    hosts.dedup();
+    if hosts.len() <= 1 {
+        return Ok(images);
+    }
+    let chosen: Vec<ProcessImage> = images.into_iter().filter(|i| mapped(&i.host) == here).collect();
+    if chosen.is_empty() {
+        return Err(crate::EngineError::Restore {
+            generation,
+            what: format!(
+                "no process of it ran on host {here:?}; it spans hosts {}: run `ckpt restart --host NAME` on each of them, or map old hosts to new ones with --host-map OLD=NEW",
+                hosts.join(", ")
+            ),
+        });
+    }
+    Ok(chosen)
+}

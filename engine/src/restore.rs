@@ -164,6 +164,25 @@ fn memfd(generation: u64, shm: u64, size: u64) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A POSIX shared memory object at `path` (made if missing), at least
+/// `size` bytes long; the image's content is written into it.
+fn posix_shm(generation: u64, path: &str, size: u64) -> Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| EngineError::Restore { generation, what: format!("cannot open or create the shared memory object {path}: {e}") })?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len < size {
+        f.set_len(size).map_err(|e| EngineError::Restore { generation, what: format!("cannot size the shared memory object {path} to {size} bytes: {e}") })?;
+    }
+    Ok(f.into())
+}
+
 /// How a process comes into the tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Origin {
@@ -265,14 +284,20 @@ pub fn restore_generation(
 
     let t0 = std::time::Instant::now();
     // Shared memory objects: one memfd each, big enough for every mapping.
-    let mut shm_size: HashMap<u64, u64> = HashMap::new();
+    // POSIX shared memory (`shm_open`) comes back at its name.
+    let mut shm_size: HashMap<u64, (u64, &str)> = HashMap::new();
     for r in images.iter().flat_map(|i| &i.regions).filter(|r| r.kind == RegionKind::SharedAnon && r.shm != 0) {
-        let e = shm_size.entry(r.shm).or_default();
-        *e = (*e).max(r.offset + (r.end - r.start));
+        let e = shm_size.entry(r.shm).or_insert((0, &r.name));
+        e.0 = e.0.max(r.offset + (r.end - r.start));
     }
     let mut shm_fds: HashMap<u64, OwnedFd> = HashMap::new();
-    for (&shm, &size) in &shm_size {
-        shm_fds.insert(shm, memfd(generation, shm, size)?);
+    for (&shm, &(size, name)) in &shm_size {
+        let fd = if name.starts_with("/dev/shm/") && !name.ends_with(" (deleted)") {
+            posix_shm(generation, name, size)?
+        } else {
+            memfd(generation, shm, size)?
+        };
+        shm_fds.insert(shm, fd);
     }
     // Where every chunk goes, per process; a page of shared memory is
     // written once, through the first mapping of it.
@@ -425,9 +450,22 @@ pub fn restore_generation(
                 roots.push(pid as i32);
             }
             Origin::Orphan => {
-                // SAFETY: a fork whose child only clones and exits.
-                let mid = unsafe { libc::fork() };
+                // The middle process exits at once, so that init adopts the
+                // orphan again. When the orphan's session leader is gone
+                // (a daemon's double fork), the middle process takes the
+                // leader's PID and makes the session first.
+                let lost_session = image.sid != image.pid && image.sid > 0 && !index.contains_key(&image.sid);
+                let mid = if lost_session {
+                    clone_with_pid(image.sid, libc::SIGCHLD) as libc::pid_t
+                } else {
+                    // SAFETY: a fork whose child only clones and exits.
+                    unsafe { libc::fork() }
+                };
                 if mid == 0 {
+                    if lost_session {
+                        // SAFETY: setsid in the middle process.
+                        unsafe { libc::setsid() };
+                    }
                     let pid = clone_with_pid(image.pid, libc::SIGCHLD);
                     if pid == 0 {
                         // SAFETY: in the clone child; never returns.

@@ -59,14 +59,6 @@ pub enum GcError {
         #[source]
         source: StoreError,
     },
-    /// gc and verify work on local stores only (for now).
-    #[error("{what} on an S3 store ({url}) is not supported yet: it would only see the local cache. Pull the store into a directory (`ckpt pull {url} --store DIR`), run it there, and push it back")]
-    RemoteStore {
-        /// `gc` or `verify`.
-        what: &'static str,
-        /// The store's URL.
-        url: String,
-    },
     /// A store error.
     #[error(transparent)]
     Store(#[from] StoreError),

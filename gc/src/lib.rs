@@ -20,6 +20,15 @@
 //! files are deleted only after the catalog stopped naming them, and new
 //! packs are durable before it names them. Leftover pack files that nothing
 //! names are harmless and the next gc deletes them.
+//!
+//! On an `s3://` store the same steps run on the local cache's catalog
+//! (packs missing from the cache are read with ranged GETs), under the S3
+//! writer lock ([`ckpt_store::remote_lock`]), and are then published: the
+//! new packs are uploaded, then the catalog, and only then are the packs on
+//! S3 that it no longer names deleted. Until the catalog upload, S3 keeps
+//! the old catalog and every pack it names; a gc killed before that leaves
+//! the cache marked unsynced, and the next writer of that cache uploads it
+//! (or drops it, if another writer changed S3 meanwhile).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -46,8 +55,9 @@ pub const DEFAULT_REPACK_THRESHOLD: f64 = 0.5;
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 /// Test hook: `CKPT_GC_PAUSE_AT=PHASE` makes gc print `ckpt-gc: paused at
 /// PHASE` on stderr and sleep for an hour at that phase (`after-mark`,
-/// `after-sweep`, `after-repack-write`, `after-repack-commit`), so that a
-/// test can `kill -9` it there.
+/// `after-sweep`, `after-repack-write`, `after-repack-commit`, and on an
+/// S3 store `after-upload-packs`, `after-upload-catalog`,
+/// `mid-remote-delete`), so that a test can `kill -9` it there.
 pub const ENV_PAUSE_AT: &str = "CKPT_GC_PAUSE_AT";
 
 /// How to run gc.
@@ -118,13 +128,13 @@ pub fn wait_writer(store: &Store, wait: Duration) -> Result<Writer> {
             Err(e @ StoreError::Locked { .. }) => {
                 if t0.elapsed() >= wait {
                     return Err(GcError::LockTimeout {
-                        store: store.root().display().to_string(),
+                        store: store.url(),
                         waited: t0.elapsed().as_secs(),
                         source: e,
                     });
                 }
                 if !told {
-                    tracing::info!(store = %store.root().display(), "waiting for the writer lock (a checkpoint is running)");
+                    tracing::info!(store = %store.url(), "waiting for the writer lock: {e}");
                     told = true;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -146,9 +156,6 @@ fn pause(phase: &str) {
 /// See the crate documentation for the locking and crash-safety rules.
 pub fn run(store: &Store, opts: &GcOptions) -> Result<GcReport> {
     opts.policy.check()?;
-    if let Some(r) = store.remote() {
-        return Err(GcError::RemoteStore { what: "gc", url: r.url().to_string() });
-    }
     if !(0.0..=1.0).contains(&opts.repack_threshold) {
         return Err(GcError::BadThreshold(opts.repack_threshold));
     }
@@ -174,7 +181,8 @@ pub fn run(store: &Store, opts: &GcOptions) -> Result<GcReport> {
     tracing::info!(kept = kept.len(), forget = decision.forget.len(), live = live.len(), ms = report.mark_ms, "mark done");
 
     let packs = store.pack_rows()?;
-    let orphans = store.orphan_packs()?;
+    // Unreferenced packs: files in the directory, or objects on S3.
+    let orphans = if store.remote().is_some() { store.remote_orphan_packs()? } else { local_orphans(store)? };
     report.pack_bytes_before = packs.iter().map(|p| p.size).sum::<u64>() + orphans.iter().map(|o| o.1).sum::<u64>();
 
     let Some(writer) = writer else {
@@ -192,7 +200,8 @@ pub fn run(store: &Store, opts: &GcOptions) -> Result<GcReport> {
     pause("after-sweep");
     writer.remove_pack_files(&swept.dead_packs)?;
     let (n, _) = writer.remove_orphan_packs()?;
-    report.orphans_deleted = n;
+    // On S3 the unreferenced objects go in `publish`, after the catalog.
+    report.orphans_deleted = if store.remote().is_some() { orphans.len() as u64 } else { n };
 
     if opts.repack_threshold > 0.0 {
         let cands = writer.repack_candidates(opts.repack_threshold)?;
@@ -208,7 +217,11 @@ pub fn run(store: &Store, opts: &GcOptions) -> Result<GcReport> {
             tracing::info!(old = r.old_packs(), old_bytes = r.old_bytes(), new = r.new_packs(), new_bytes = r.new_bytes(), "repacked");
         }
     }
-    let after = store.pack_rows()?.iter().map(|p| p.size).sum::<u64>() + store.orphan_packs()?.iter().map(|o| o.1).sum::<u64>();
+    if store.remote().is_some() {
+        publish(&writer)?;
+    }
+    let after = store.pack_rows()?.iter().map(|p| p.size).sum::<u64>()
+        + if store.remote().is_some() { store.remote_orphan_packs()? } else { local_orphans(store)? }.iter().map(|o| o.1).sum::<u64>();
     report.pack_bytes_after = after;
     report.bytes_freed = report.pack_bytes_before.saturating_sub(after);
     if let Err(e) = store.checkpoint_wal() {
@@ -220,8 +233,40 @@ pub fn run(store: &Store, opts: &GcOptions) -> Result<GcReport> {
     Ok(report)
 }
 
+/// For an `s3://` store, after the cache's catalog was swept and
+/// repacked: upload the new packs, then the catalog, and only then delete
+/// from S3 the packs it no longer names. A kill at any point leaves S3 with
+/// a catalog whose every pack is there (the old one until the upload, the
+/// new one after); what is left unreferenced, the next gc deletes.
+fn publish(writer: &Writer) -> Result<()> {
+    let (n, bytes) = writer.upload_missing_packs()?;
+    tracing::info!(packs = n, bytes, "new packs uploaded to S3");
+    pause("after-upload-packs");
+    writer.upload_catalog()?;
+    tracing::info!("catalog uploaded to S3");
+    pause("after-upload-catalog");
+    let dead = writer.remote_orphan_packs()?;
+    if let Some((first, rest)) = dead.split_first() {
+        writer.remove_remote_packs(std::slice::from_ref(first))?;
+        pause("mid-remote-delete");
+        writer.remove_remote_packs(rest)?;
+    }
+    tracing::info!(packs = dead.len(), bytes = dead.iter().map(|d| d.1).sum::<u64>(), "unreferenced packs deleted from S3");
+    Ok(())
+}
+
+/// Pack files of a local store (or an S3 store's cache) that the catalog
+/// does not name, by name.
+fn local_orphans(store: &Store) -> Result<Vec<(String, u64)>> {
+    Ok(store
+        .orphan_packs()?
+        .into_iter()
+        .map(|(p, n)| (p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), n))
+        .collect())
+}
+
 /// Fill in the dry-run figures: what a sweep and repack would free.
-fn estimate(store: &Store, live: &HashSet<Hash>, packs: &[PackRow], orphans: &[(std::path::PathBuf, u64)], threshold: f64, report: &mut GcReport) -> Result<()> {
+fn estimate(store: &Store, live: &HashSet<Hash>, packs: &[PackRow], orphans: &[(String, u64)], threshold: f64, report: &mut GcReport) -> Result<()> {
     let mut live_bytes: HashMap<i64, (u64, u64)> = HashMap::new(); // clen, count
     for b in store.blob_rows()? {
         if live.contains(&b.hash) {

@@ -63,14 +63,7 @@ pub fn start() {
     crate::interpose::resolve_all();
     let Some(addr) = std::env::var_os(proto::ENV_COORD) else { return };
     let addr = addr.to_string_lossy().into_owned();
-    let fd = match connect(&addr) {
-        Ok(fd) => fd,
-        Err(e) => {
-            eprintln!("ckpt: cannot reach the coordinator at {addr} ({e}); this process runs without checkpoints. Start one with `ckpt coordinator` or check CKPT_COORD.");
-            return;
-        }
-    };
-    AGENT_FD.store(fd, Ordering::Release);
+    crate::interpose::remember_env();
     let mode = match std::env::var(proto::ENV_TRACKING).as_deref() {
         Ok("soft-dirty") => tracking::SOFT_DIRTY,
         Ok("uffd-wp") => tracking::UFFD_WP,
@@ -81,15 +74,30 @@ pub fn start() {
     if std::env::var(proto::ENV_NO_FORK).as_deref() == Ok("1") {
         HELLO_FLAGS.store(proto::HELLO_NO_FORK, Ordering::Relaxed);
     }
-    open_uffd();
     lookup_rseq();
     if !suspend::install() {
         eprintln!("ckpt: cannot install the checkpoint signal handler; this process runs without checkpoints");
-        close_agent();
         return;
     }
     // SAFETY: registering a plain extern "C" fn as the fork child handler.
     unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    join(&addr);
+}
+
+/// Connects to the coordinator at `addr`, starts the checkpoint thread and
+/// waits until it has registered: the process is part of the computation
+/// before the program's `main` runs (or before `fork` returns in a child),
+/// so an immediate `ckpt checkpoint` includes it.
+fn join(addr: &str) {
+    let fd = match connect(addr) {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("ckpt: cannot reach the coordinator at {addr} ({e}); this process runs without checkpoints. Start one with `ckpt coordinator` or check CKPT_COORD.");
+            return;
+        }
+    };
+    AGENT_FD.store(fd, Ordering::Release);
+    open_uffd();
     // SAFETY: pthread_create with a valid start routine and default attrs
     // but a fixed stack size.
     let ok = unsafe {
@@ -109,8 +117,6 @@ pub fn start() {
         close_agent();
         return;
     }
-    // Registered before the program's main runs, so an immediate
-    // `ckpt checkpoint` includes this process.
     let deadline = sys::now_ns() + 10_000_000_000;
     while REGISTERED.load(Ordering::Acquire) == 0 && sys::now_ns() < deadline {
         sys::futex_wait(&REGISTERED, 0, 50_000_000);
@@ -285,13 +291,26 @@ fn close_agent() {
     sys::futex_wake_all(&REGISTERED);
 }
 
-/// A forked child has no checkpoint thread: it must not talk on the
-/// parent's connection.
+/// A forked child is a process of the computation of its own: it drops the
+/// parent's connection and userfaultfd (which track the parent) and joins
+/// the coordinator with a checkpoint thread of its own before `fork`
+/// returns. Runs in the child right after `fork` (glibc has reset its locks:
+/// allocation and thread creation are allowed there).
 extern "C" fn after_fork_in_child() {
-    let fd = AGENT_FD.swap(-1, Ordering::AcqRel);
-    if fd >= 0 {
-        // SAFETY: closing the inherited copy of our fd.
-        unsafe { libc::close(fd) };
+    for fd in [AGENT_FD.swap(-1, Ordering::AcqRel), UFFD_FD.swap(-1, Ordering::AcqRel)] {
+        if fd >= 0 {
+            // SAFETY: closing the inherited copies of our own fds.
+            unsafe { libc::close(fd) };
+        }
+    }
+    CKPT_TID.store(0, Ordering::Release);
+    REGISTERED.store(0, Ordering::Release);
+    SUSPENDING.store(false, Ordering::Release);
+    PARKED.store(0, Ordering::Release);
+    NEXT_SLOT.store(0, Ordering::Release);
+    SNAPSHOT_PID.store(0, Ordering::Release);
+    if let Some(addr) = std::env::var_os(proto::ENV_COORD) {
+        join(&addr.to_string_lossy());
     }
 }
 
@@ -334,7 +353,7 @@ fn recv(buf: &mut [u8]) -> Option<u32> {
 }
 
 fn hello(restored_gen: u64) -> bool {
-    let h = Hello {
+    let mut h = Hello {
         version: proto::VERSION,
         pid: sys::getpid(),
         // SAFETY: getppid cannot fail.
@@ -347,7 +366,13 @@ fn hello(restored_gen: u64) -> bool {
         flags: HELLO_FLAGS.load(Ordering::Relaxed),
         uffd_fd: UFFD_FD.load(Ordering::Relaxed),
         tracking: TRACKING.load(Ordering::Relaxed),
+        pidns: sys::ns_inode(c"/proc/self/ns/pid"),
+        netns: sys::ns_inode(c"/proc/self/ns/net"),
+        host: [0; 64],
+        boot_id: [0; 40],
     };
+    sys::hostname(&mut h.host);
+    sys::read_small_file(c"/proc/sys/kernel/random/boot_id", &mut h.boot_id[..36]);
     let mut buf = [0u8; 64];
     send(kind::HELLO, &[h.as_bytes()]) && recv(&mut buf) == Some(kind::WELCOME)
 }

@@ -1,5 +1,8 @@
 //! The libc calls the agent must see: the application may neither handle nor
-//! block the checkpoint signal ([`ckpt_wire::agent::CKPT_SIGNAL`]).
+//! block the checkpoint signal ([`ckpt_wire::agent::CKPT_SIGNAL`]), and a
+//! program it execs or spawns keeps the agent even when given an environment
+//! without it (`execve`, `execvpe`, `posix_spawn`, `posix_spawnp`; the other
+//! exec functions pass `environ`, which has it).
 //!
 //! Each wrapper forwards to the next definition of the symbol
 //! (`dlsym(RTLD_NEXT, ..)`) after taking the checkpoint signal out of any
@@ -44,6 +47,10 @@ pub fn resolve_all() {
     resolve(&REAL_SIGNAL, c"signal");
     resolve(&REAL_SIGPROCMASK, c"sigprocmask");
     resolve(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask");
+    resolve(&REAL_EXECVE, c"execve");
+    resolve(&REAL_EXECVPE, c"execvpe");
+    resolve(&REAL_POSIX_SPAWN, c"posix_spawn");
+    resolve(&REAL_POSIX_SPAWNP, c"posix_spawnp");
 }
 
 /// The real `sigaction`, for the agent's own use.
@@ -119,4 +126,152 @@ pub unsafe extern "C" fn sigprocmask(how: c_int, set: *const libc::sigset_t, old
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pthread_sigmask(how: c_int, set: *const libc::sigset_t, old: *mut libc::sigset_t) -> c_int {
     masked(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask", how, set, old)
+}
+
+// ---------------------------------------------------------------- exec
+
+/// The agent's own environment entries (`NAME=value`), taken at start: an
+/// exec'd program stays under ckpt even when the caller passes an
+/// environment without them (`env -i`, `subprocess(env={})`).
+static AGENT_ENV: std::sync::OnceLock<Vec<std::ffi::CString>> = std::sync::OnceLock::new();
+
+/// The variables that carry the agent across `exec`.
+const CARRIED: [&str; 5] = ["LD_PRELOAD", ckpt_wire::agent::ENV_COORD, ckpt_wire::agent::ENV_TRACKING, ckpt_wire::agent::ENV_NO_FORK, "CKPT_EXTERNAL_FDS"];
+
+/// Records the agent's environment entries (library constructor).
+pub fn remember_env() {
+    let v = CARRIED
+        .iter()
+        .filter_map(|name| std::env::var_os(name).map(|val| (name, val)))
+        .filter_map(|(name, val)| {
+            use std::os::unix::ffi::OsStrExt;
+            let mut e = name.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(val.as_bytes());
+            std::ffi::CString::new(e).ok()
+        })
+        .collect();
+    let _ = AGENT_ENV.set(v);
+}
+
+/// `envp` plus whichever agent entries it lacks, or None when it has them
+/// all. Allocates (exec is not async-signal-safe either).
+///
+/// # Safety
+/// `envp` is null or a null-terminated array of C strings.
+unsafe fn with_agent_env(envp: *const *const libc::c_char) -> Option<Vec<*const libc::c_char>> {
+    let ours = AGENT_ENV.get()?;
+    let mut have: Vec<*const libc::c_char> = Vec::new();
+    if !envp.is_null() {
+        let mut i = 0;
+        // SAFETY: a null-terminated array by the contract.
+        unsafe {
+            while !(*envp.add(i)).is_null() {
+                have.push(*envp.add(i));
+                i += 1;
+            }
+        }
+    }
+    let name_of = |e: &[u8]| e.iter().position(|&b| b == b'=').map(|i| e[..=i].to_vec()).unwrap_or_default();
+    // SAFETY: every entry is a C string.
+    let present: Vec<Vec<u8>> = have.iter().map(|&e| name_of(unsafe { CStr::from_ptr(e) }.to_bytes())).collect();
+    let missing: Vec<*const libc::c_char> = ours.iter().filter(|o| !present.contains(&name_of(o.to_bytes()))).map(|o| o.as_ptr()).collect();
+    if missing.is_empty() {
+        return None;
+    }
+    have.extend(missing);
+    have.push(core::ptr::null());
+    Some(have)
+}
+
+static REAL_EXECVE: AtomicUsize = AtomicUsize::new(0);
+static REAL_EXECVPE: AtomicUsize = AtomicUsize::new(0);
+static REAL_POSIX_SPAWN: AtomicUsize = AtomicUsize::new(0);
+static REAL_POSIX_SPAWNP: AtomicUsize = AtomicUsize::new(0);
+
+type ExecFn = unsafe extern "C" fn(*const libc::c_char, *const *const libc::c_char, *const *const libc::c_char) -> c_int;
+type SpawnFn = unsafe extern "C" fn(
+    *mut libc::pid_t,
+    *const libc::c_char,
+    *const libc::posix_spawn_file_actions_t,
+    *const libc::posix_spawnattr_t,
+    *const *mut libc::c_char,
+    *const *mut libc::c_char,
+) -> c_int;
+
+fn exec_with(slot: &AtomicUsize, name: &CStr, path: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int {
+    let f = resolve(slot, name);
+    // SAFETY: `f` is the libc function `name`; the arguments are the
+    // caller's (valid by its contract) or our extended copy of `envp`,
+    // which lives across the call.
+    unsafe {
+        let real = core::mem::transmute::<usize, ExecFn>(f);
+        match with_agent_env(envp) {
+            Some(env) => real(path, argv, env.as_ptr()),
+            None => real(path, argv, envp),
+        }
+    }
+}
+
+/// # Safety
+/// Same contract as libc's `execve`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execve(path: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int {
+    exec_with(&REAL_EXECVE, c"execve", path, argv, envp)
+}
+
+/// # Safety
+/// Same contract as glibc's `execvpe`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvpe(file: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int {
+    exec_with(&REAL_EXECVPE, c"execvpe", file, argv, envp)
+}
+
+fn spawn_with(
+    slot: &AtomicUsize,
+    name: &CStr,
+    pid: *mut libc::pid_t,
+    path: *const libc::c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    let f = resolve(slot, name);
+    // SAFETY: as in `exec_with`.
+    unsafe {
+        let real = core::mem::transmute::<usize, SpawnFn>(f);
+        match with_agent_env(envp as *const *const libc::c_char) {
+            Some(env) => real(pid, path, actions, attr, argv, env.as_ptr() as *const *mut libc::c_char),
+            None => real(pid, path, actions, attr, argv, envp),
+        }
+    }
+}
+
+/// # Safety
+/// Same contract as libc's `posix_spawn`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: *const libc::c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    spawn_with(&REAL_POSIX_SPAWN, c"posix_spawn", pid, path, actions, attr, argv, envp)
+}
+
+/// # Safety
+/// Same contract as libc's `posix_spawnp`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: *const libc::c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    spawn_with(&REAL_POSIX_SPAWNP, c"posix_spawnp", pid, file, actions, attr, argv, envp)
 }

@@ -171,3 +171,45 @@ pub fn now_ns() -> u64 {
     unsafe { libc::syscall(libc::SYS_clock_gettime, libc::CLOCK_MONOTONIC, &mut ts as *mut libc::timespec) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// The inode of a namespace of this process (`/proc/self/ns/NAME` is a
+/// link to `NAME:[INODE]`), or 0. Raw syscalls only.
+pub fn ns_inode(path: &core::ffi::CStr) -> u64 {
+    let mut buf = [0u8; 64];
+    // SAFETY: readlink into a buffer we own, bounded by its length.
+    let n = unsafe { libc::syscall(libc::SYS_readlinkat, libc::AT_FDCWD, path.as_ptr(), buf.as_mut_ptr(), buf.len()) };
+    if n <= 0 {
+        return 0;
+    }
+    let text = &buf[..n as usize];
+    let Some(open) = text.iter().position(|&b| b == b'[') else { return 0 };
+    text[open + 1..].iter().take_while(|b| b.is_ascii_digit()).fold(0u64, |acc, &b| acc * 10 + (b - b'0') as u64)
+}
+
+/// Reads up to `buf.len()` bytes of a small file (raw syscalls only);
+/// returns how many.
+pub fn read_small_file(path: &core::ffi::CStr, buf: &mut [u8]) -> usize {
+    // SAFETY: open/read/close on a path and a buffer we own.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_openat, libc::AT_FDCWD, path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) as i32;
+        if fd < 0 {
+            return 0;
+        }
+        let n = libc::syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len());
+        libc::syscall(libc::SYS_close, fd);
+        n.max(0) as usize
+    }
+}
+
+/// This host's name (`uname` nodename), NUL-padded into `out`.
+pub fn hostname(out: &mut [u8]) {
+    // SAFETY: uname fills a utsname we own.
+    let mut u: libc::utsname = unsafe { core::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_uname, &mut u as *mut libc::utsname) } != 0 {
+        return;
+    }
+    for (o, c) in out.iter_mut().zip(u.nodename.iter().take_while(|&&c| c != 0)) {
+        *o = *c as u8;
+    }
+}

@@ -57,13 +57,25 @@ pub enum StoreError {
     },
     /// Another process holds the writer lock.
     #[error(
-        "store {path} is in use by another ckpt process (pid {pid}, from the lock file); wait for it to finish or use another store"
+        "store {store} is in use by another ckpt process ({holder}); wait for it to finish or use another store"
     )]
     Locked {
-        /// Store directory.
-        path: PathBuf,
-        /// Pid recorded in the lock file ("unknown" if unreadable).
-        pid: String,
+        /// Store directory or URL.
+        store: String,
+        /// Who holds the lock: the pid from the lock file, or for an S3
+        /// store the host, pid, age and lease from its lock object.
+        holder: String,
+    },
+    /// The S3 writer lock was taken away (broken as stale by another
+    /// writer) while this one held it: nothing more is uploaded.
+    #[error(
+        "lost the writer lock {object} ({reason}); the catalog was not uploaded, so nothing on S3 changed; the local cache uploads it with the next write if S3 did not move on"
+    )]
+    LockLost {
+        /// The lock object's URL.
+        object: String,
+        /// What happened.
+        reason: String,
     },
     /// `generation(id)` for an id that is not committed.
     #[error("generation {id} not found in store {path}; it has {existing}; see `ckpt log`")]

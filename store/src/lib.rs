@@ -22,7 +22,12 @@
 //! cache directory whose packs and catalog are uploaded after every commit
 //! (packs first), and whose reads fetch just the blobs they need with ranged
 //! GETs. [`remote::push`] and [`remote::pull`] copy whole stores between a
-//! directory and S3.
+//! directory and S3. Its writers also hold a lock object on S3
+//! ([`remote_lock`]: a conditional PUT with a lease) so that writers on
+//! different hosts never both commit; maintenance ([`maintenance`]) works
+//! on the cache and is published packs first, then the catalog, and only
+//! then are unreferenced packs deleted from S3. Verification of an S3 store
+//! reads S3, not the cache.
 //!
 //! This crate must never know about processes, memory layouts or image
 //! manifests: it stores opaque blobs and generation rows that point at a
@@ -34,6 +39,7 @@
 pub mod error;
 pub mod pack;
 pub mod remote;
+pub mod remote_lock;
 
 mod catalog;
 pub mod maintenance;
@@ -60,6 +66,7 @@ pub use rusqlite;
 use error::{IoCtx, SqlCtx};
 use pack::{FinishedPack, OpenPack};
 use remote::Remote;
+use remote_lock::RemoteLock;
 
 /// Default chunk size of a new store: one page, the granularity of dirty
 /// tracking, so an incremental checkpoint stores only the pages that changed
@@ -218,11 +225,38 @@ struct Inner {
     conn: Mutex<Connection>,
     /// The S3 side of an `s3://` store (`root` is then its cache).
     remote: Option<Arc<Remote>>,
+    /// The last refusal of the S3 writer lock (when, store, holder): polls
+    /// within [`LOCK_POLL`] of it are answered without asking S3 again.
+    lock_refused: Mutex<Option<(std::time::Instant, String, String)>>,
 }
+
+/// How often a writer waiting for the S3 lock asks S3 again.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Inner {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         lock(&self.conn)
+    }
+
+    /// Take the S3 writer lock, or [`StoreError::Locked`] naming its
+    /// holder (asking S3 at most every [`LOCK_POLL`] while refused).
+    fn take_remote_lock(&self, r: &Arc<Remote>) -> Result<RemoteLock> {
+        let mut last = lock(&self.lock_refused);
+        if let Some((t, store, holder)) = last.as_ref()
+            && t.elapsed() < LOCK_POLL
+        {
+            return Err(StoreError::Locked { store: store.clone(), holder: holder.clone() });
+        }
+        match RemoteLock::acquire(r) {
+            Err(StoreError::Locked { store, holder }) => {
+                *last = Some((std::time::Instant::now(), store.clone(), holder.clone()));
+                Err(StoreError::Locked { store, holder })
+            }
+            other => {
+                *last = None;
+                other
+            }
+        }
     }
 
     /// Close the catalog, run `f` (which may replace the file), reopen it.
@@ -255,12 +289,11 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<Flock<File>> {
             let _ = file.read_to_string(&mut s);
             let pid = s.trim();
             return Err(StoreError::Locked {
-                path: dir.to_path_buf(),
-                pid: if pid.is_empty() {
-                    "unknown".into()
-                } else {
-                    pid.into()
-                },
+                store: dir.display().to_string(),
+                holder: format!(
+                    "pid {}, from the lock file",
+                    if pid.is_empty() { "unknown" } else { pid }
+                ),
             });
         }
         Err((_, e)) => {
@@ -392,9 +425,16 @@ impl Store {
         }
         let store = Self::finish_open(cache, create, Some(remote.clone()))?;
         if fresh {
-            let conn = store.inner.conn();
-            remote.sync_up(&conn, &store.inner.catalog_path)?;
-            tracing::info!(store = url, "new store created on S3");
+            let created = {
+                let conn = store.inner.conn();
+                remote.create_catalog(&conn, &store.inner.catalog_path)?
+            };
+            if created {
+                tracing::info!(store = url, "new store created on S3");
+            } else {
+                tracing::info!(store = url, "another writer created the store on S3 meanwhile: using its catalog");
+                store.inner.with_catalog_closed(|| remote.prepare_cache().map(|_| ()))?;
+            }
         }
         drop(guard);
         Ok(store)
@@ -450,6 +490,7 @@ impl Store {
                 chunk_size,
                 conn: Mutex::new(conn),
                 remote,
+                lock_refused: Mutex::new(None),
             }),
         })
     }
@@ -797,7 +838,9 @@ impl Store {
     /// decompresses and hashes to its address; every generation's manifest
     /// is in the catalog. Pack files on disk that the catalog does not name
     /// (left by a crash or an abort) are listed as orphans: harmless, gc
-    /// may delete them. Returns `Err` only if the check itself cannot run.
+    /// may delete them. For an `s3://` store every pack is downloaded from
+    /// S3 and checked, and the orphans are the pack objects on S3 that the
+    /// catalog does not name. Returns `Err` only if the check itself cannot run.
     pub fn verify(&self) -> Result<VerifyReport> {
         let p = &self.inner.catalog_path;
         let (packs, mut by_pack, manifests) = {
@@ -868,10 +911,26 @@ impl Store {
                 (name, size, locs)
             })
             .collect();
-        let results: Vec<(u64, u64, Vec<String>)> = work
-            .par_iter()
-            .map(|(name, size, locs)| self.verify_pack(name, *size, locs))
-            .collect();
+        let results: Vec<(u64, u64, Vec<String>)> = match self.inner.remote.as_deref() {
+            // On S3: every pack downloaded whole (a few at a time) and
+            // checked like a local one.
+            Some(r) => {
+                let mut out = Vec::with_capacity(work.len());
+                for batch in work.chunks(remote::CONCURRENCY / 2) {
+                    let rels: Vec<String> = batch.iter().map(|w| Remote::pack_rel(&w.0)).collect();
+                    let got = r.get_many(&rels);
+                    out.par_extend(batch.par_iter().zip(got.into_par_iter()).map(|((name, size, locs), got)| match got {
+                        Ok(bytes) => self.verify_pack_bytes(name, *size, &bytes, locs),
+                        Err(e) => (0, 0, vec![format!("{e} ({} blobs){}", locs.len(), self.unsynced_note(name))]),
+                    }));
+                }
+                out
+            }
+            None => work
+                .par_iter()
+                .map(|(name, size, locs)| self.verify_pack(name, *size, locs))
+                .collect(),
+        };
         let mut report = VerifyReport {
             packs: work.len() as u64,
             ..Default::default()
@@ -880,6 +939,11 @@ impl Store {
             report.blobs += blobs;
             report.bytes += bytes;
             problems.extend(probs);
+        }
+        if self.inner.remote.is_some() {
+            report.orphan_packs = self.remote_orphan_packs()?.into_iter().map(|(n, _)| PathBuf::from(self.pack_location(&n))).collect();
+            report.problems = problems;
+            return Ok(report);
         }
         let named: HashSet<PathBuf> = work.iter().map(|w| self.pack_path(&w.0)).collect();
         if let Ok(dirs) = fs::read_dir(self.inner.root.join("packs")) {
@@ -898,36 +962,55 @@ impl Store {
         Ok(report)
     }
 
+    /// For a pack missing from S3 that the cache holds while its commits
+    /// are not uploaded: a note saying so (else empty).
+    pub(crate) fn unsynced_note(&self, name: &str) -> String {
+        if self.inner.remote.is_some() && remote::is_unsynced(&self.inner.root) && self.pack_path(name).exists() {
+            format!(
+                " (the local cache {} holds it: its last commits are not uploaded yet; the next writer on this host, a checkpoint or `ckpt gc`, uploads them)",
+                self.inner.root.display()
+            )
+        } else {
+            String::new()
+        }
+    }
+
     /// Verify one pack: returns (blobs checked, uncompressed bytes, problems).
     fn verify_pack(&self, name: &str, size: u64, locs: &[Loc]) -> (u64, u64, Vec<String>) {
         let path = self.pack_path(name);
-        let mut probs = Vec::new();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) => {
-                probs.push(format!(
+                return (0, 0, vec![format!(
                     "pack file {} ({} blobs) cannot be read: {e}",
                     path.display(),
                     locs.len()
-                ));
-                return (0, 0, probs);
+                )]);
             }
         };
+        self.verify_pack_bytes(name, size, &bytes, locs)
+    }
+
+    /// Verify the bytes of one pack (read from disk or S3): size, name,
+    /// trailer, every blob.
+    fn verify_pack_bytes(&self, name: &str, size: u64, bytes: &[u8], locs: &[Loc]) -> (u64, u64, Vec<String>) {
+        let remote = self.inner.remote.as_deref();
+        let (label, path) = match remote {
+            Some(_) => (format!("pack {}", self.pack_location(name)), PathBuf::from(self.pack_location(name))),
+            None => (format!("pack file {}", self.pack_path(name).display()), self.pack_path(name)),
+        };
+        let mut probs = Vec::new();
         if bytes.len() as u64 != size {
             probs.push(format!(
-                "pack file {} is {} bytes, the catalog says {size}",
-                path.display(),
+                "{label} is {} bytes, the catalog says {size}",
                 bytes.len()
             ));
         }
-        if blake3::hash(&bytes).to_hex().as_str() != name {
-            probs.push(format!(
-                "pack file {} does not hash to its name",
-                path.display()
-            ));
+        if blake3::hash(bytes).to_hex().as_str() != name {
+            probs.push(format!("{label} does not hash to its name"));
         }
-        match pack::parse_index(&bytes) {
-            Err(e) => probs.push(format!("pack file {}: {e}", path.display())),
+        match pack::parse_index(bytes) {
+            Err(e) => probs.push(format!("{label}: {e}")),
             Ok(entries) => {
                 let idx: std::collections::HashMap<Hash, pack::PackEntry> =
                     entries.into_iter().map(|e| (e.hash, e)).collect();
@@ -937,8 +1020,7 @@ impl Store {
                         .is_some_and(|e| (e.offset, e.clen, e.ulen) == (l.offset, l.clen, l.ulen));
                     if !agrees {
                         probs.push(format!(
-                            "pack file {}: trailer does not agree with the catalog about blob {}",
-                            path.display(),
+                            "{label}: trailer does not agree with the catalog about blob {}",
                             l.hash
                         ));
                     }
@@ -955,7 +1037,11 @@ impl Store {
                     reason: "pack file is truncated".into(),
                 })
             } else {
-                self.decode(l, &bytes[l.offset as usize..end as usize])
+                let stored = &bytes[l.offset as usize..end as usize];
+                match remote {
+                    Some(r) => self.decode_remote(r, l, stored),
+                    None => self.decode(l, stored),
+                }
             };
             match r {
                 Ok(_) => {
@@ -1085,6 +1171,8 @@ struct Pending {
 pub struct Writer {
     inner: Arc<Inner>,
     opts: WriterOptions,
+    /// The S3 writer lock of an `s3://` store (released before the flock).
+    remote_lock: Option<RemoteLock>,
     _lock: Flock<File>,
     known: RwLock<HashSet<Hash>>,
     pending: Mutex<Pending>,
@@ -1103,12 +1191,31 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     fn new(inner: Arc<Inner>, opts: WriterOptions) -> Result<Writer> {
         let lock = lock_dir(&inner.root)?;
-        if let Some(r) = inner.remote.as_deref() {
-            // Under the lock: first upload what an earlier commit could not,
-            // else pick up a catalog another host committed meanwhile.
-            if remote::is_unsynced(&inner.root) {
+        let remote_lock = match &inner.remote {
+            Some(r) => Some(inner.take_remote_lock(r)?),
+            None => None,
+        };
+        if let (Some(r), Some(rl)) = (inner.remote.as_deref(), remote_lock.as_ref()) {
+            // Under both locks: first upload what an earlier commit could
+            // not (unless another writer changed the remote since: then
+            // those unacknowledged local commits are dropped), else pick up
+            // a catalog another host committed meanwhile.
+            if remote::is_unsynced(&inner.root) && r.moved_since_sync()? {
+                let ids = |s: &Store| s.generations().map(|g| g.iter().map(|g| g.id).collect::<Vec<_>>());
+                let local = ids(&Store { inner: inner.clone() })?;
+                remote::clear_unsynced(&inner.root)?;
+                inner.with_catalog_closed(|| r.prepare_cache().map(|_| ()))?;
+                let now = ids(&Store { inner: inner.clone() })?;
+                let dropped: Vec<u64> = local.into_iter().filter(|g| !now.contains(g)).collect();
+                tracing::warn!(
+                    store = r.url(),
+                    cache = %inner.root.display(),
+                    dropped = %describe_ids(&dropped),
+                    "the local cache held commits that were never uploaded, and another writer has changed the store on S3 since: took the S3 catalog, dropped the local-only commits"
+                );
+            } else if remote::is_unsynced(&inner.root) {
                 let conn = inner.conn();
-                r.sync_up(&conn, &inner.catalog_path)?;
+                r.sync_up(&conn, &inner.catalog_path, rl)?;
             } else if r.remote_changed()? {
                 inner.with_catalog_closed(|| r.prepare_cache().map(|_| ()))?;
             }
@@ -1128,6 +1235,7 @@ impl Writer {
         Ok(Writer {
             inner,
             opts,
+            remote_lock,
             _lock: lock,
             known: RwLock::new(known),
             pending: Mutex::new(Pending::default()),
@@ -1391,7 +1499,8 @@ impl Writer {
         self.next_id.store(id + 1, Ordering::SeqCst);
         if let Some(r) = self.inner.remote.as_deref() {
             let conn = self.inner.conn();
-            r.upload_commit(&new_packs, &conn, &self.inner.catalog_path)
+            let rl = self.remote_lock.as_ref().expect("an S3 writer holds the S3 lock");
+            r.upload_commit(&new_packs, &conn, &self.inner.catalog_path, rl)
                 .map_err(|e| StoreError::NotUploaded {
                     id,
                     url: r.url().to_string(),
@@ -1408,7 +1517,9 @@ impl Writer {
     /// generations, blobs and packs). Commits if `f` returns `Ok`. Refused
     /// while blobs are pending (commit or abort first). Afterwards the
     /// in-memory known set and the next generation id are reloaded from the
-    /// catalog. Delete pack files only after this returns `Ok`.
+    /// catalog. Delete pack files only after this returns `Ok`. For an
+    /// `s3://` store the change is local to the cache until
+    /// [`Writer::upload_catalog`].
     pub fn with_transaction<R>(
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<R>,
@@ -1418,6 +1529,12 @@ impl Writer {
             return Err(StoreError::Invalid(
                 "catalog maintenance while blobs are pending: commit or abort first".into(),
             ));
+        }
+        if self.inner.remote.is_some() {
+            // The cache's catalog is about to differ from the one on S3
+            // until [`Writer::upload_catalog`]; a crash before then leaves
+            // the marker, and the next writer uploads it.
+            remote::mark_unsynced(&self.inner.root)?;
         }
         let path = &self.inner.catalog_path;
         let mut conn = self.inner.conn();

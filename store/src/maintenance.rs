@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::error::{IoCtx, SqlCtx};
 use crate::pack::{self, ENTRY_LEN, INDEX_MAGIC, OpenPack, PACK_MAGIC, TAIL_LEN};
+use crate::remote::Remote;
 use crate::{BlobKind, Hash, Loc, Result, Store, StoreError, VerifyReport, Writer, lock, now_ms, open_pack};
 
 /// One pack file as the catalog records it.
@@ -157,6 +158,41 @@ impl Store {
         Ok(out)
     }
 
+    /// For an `s3://` store: the packs on S3 (name, size) that the catalog
+    /// (as this cache has it) does not name. Empty for a local store.
+    pub fn remote_orphan_packs(&self) -> Result<Vec<(String, u64)>> {
+        let Some(r) = self.inner.remote.as_deref() else { return Ok(Vec::new()) };
+        let named: HashSet<String> = self.pack_rows()?.into_iter().map(|p| p.name).collect();
+        let mut v: Vec<(String, u64)> = r.list_packs()?.into_iter().filter(|(n, _)| !named.contains(n)).collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// The packs that exist (name → size): pack files on disk, or for an
+    /// `s3://` store the pack objects on S3 (one listing).
+    pub fn present_packs(&self) -> Result<HashMap<String, u64>> {
+        if let Some(r) = self.inner.remote.as_deref() {
+            return r.list_packs();
+        }
+        Ok(self
+            .pack_files()?
+            .into_iter()
+            .filter_map(|p| {
+                let name = p.file_stem()?.to_str()?.to_string();
+                let len = fs::metadata(&p).ok()?.len();
+                Some((name, len))
+            })
+            .collect())
+    }
+
+    /// Where pack `name` lives, for messages: its file, or its S3 URL.
+    pub fn pack_location(&self, name: &str) -> String {
+        match self.inner.remote.as_deref() {
+            Some(r) => r.object_url(&Remote::pack_rel(name)),
+            None => self.pack_path(name).display().to_string(),
+        }
+    }
+
     /// Pack files on disk that the catalog does not name, with their sizes.
     pub fn orphan_packs(&self) -> Result<Vec<(PathBuf, u64)>> {
         let named: HashSet<PathBuf> = self.pack_rows()?.iter().map(|r| self.pack_path(&r.name)).collect();
@@ -176,7 +212,9 @@ impl Store {
     /// Unlike [`Store::read_blobs`] it does not stop at the first problem:
     /// each one (a blob missing from the catalog, a missing or truncated
     /// pack, a corrupt blob) is a sentence in the report naming the pack
-    /// and the blob. `Err` only if the catalog cannot be queried.
+    /// and the blob. `Err` only if the catalog cannot be queried. For an
+    /// `s3://` store the blobs are read from S3 with ranged GETs (never
+    /// from the cache), so this checks what another host would restart.
     pub fn verify_blobs(&self, hashes: &[Hash]) -> Result<VerifyReport> {
         let mut uniq: Vec<Hash> = hashes.iter().copied().filter(|h| !h.is_zero_chunk()).collect();
         uniq.sort_unstable();
@@ -195,7 +233,35 @@ impl Store {
                 }
             }
         }
-        let results: Vec<(u64, u64, Vec<String>)> = groups
+        let results: Vec<(u64, u64, Vec<String>)> = if let Some(r) = self.inner.remote.as_deref() {
+            let mut all = Vec::new();
+            let groups: Vec<(String, Vec<Loc>)> = groups.into_iter().collect();
+            for batch in groups.chunks(crate::remote::CONCURRENCY) {
+                let work: Vec<(String, Vec<std::ops::Range<u64>>)> = batch
+                    .iter()
+                    .map(|(n, locs)| (Remote::pack_rel(n), locs.iter().map(|l| l.offset..l.offset + l.clen as u64).collect()))
+                    .collect();
+                let fetched = r.get_ranges_each(&work);
+                all.par_extend(batch.par_iter().zip(fetched.into_par_iter()).map(|((name, locs), got)| match got {
+                    Err(e) => (0, 0, vec![format!("{e} ({} blobs of this check live in it){}", locs.len(), self.unsynced_note(name))]),
+                    Ok(bufs) => {
+                        let (mut n, mut bytes, mut probs) = (0, 0, Vec::new());
+                        for (l, b) in locs.iter().zip(&bufs) {
+                            match self.decode_remote(r, l, b) {
+                                Ok(_) => {
+                                    n += 1;
+                                    bytes += l.ulen as u64;
+                                }
+                                Err(e) => probs.push(e.to_string()),
+                            }
+                        }
+                        (n, bytes, probs)
+                    }
+                }));
+            }
+            all
+        } else {
+            groups
             .into_par_iter()
             .map(|(name, mut locs)| {
                 locs.sort_unstable_by_key(|l| l.offset);
@@ -228,7 +294,8 @@ impl Store {
                 }
                 (n, bytes, probs)
             })
-            .collect();
+            .collect()
+        };
         let mut report = VerifyReport::default();
         for (n, bytes, probs) in results {
             report.packs += 1;
@@ -244,7 +311,9 @@ impl Store {
     /// every named pack exists with the recorded size and a trailer that
     /// agrees with the catalog about each of its blobs; every blob row points
     /// to a known pack; every generation's manifest is in the catalog.
-    /// Orphan pack files are listed (harmless).
+    /// Orphan pack files are listed (harmless). For an `s3://` store, one
+    /// listing of the packs on S3 is checked against the catalog (names and
+    /// sizes; trailers are not read).
     pub fn verify_metadata(&self) -> Result<VerifyReport> {
         let packs = self.pack_rows()?;
         let blobs = self.blob_rows()?;
@@ -285,22 +354,49 @@ impl Store {
             }
         }
         let mut report = VerifyReport { packs: packs.len() as u64, ..Default::default() };
-        let results: Vec<Vec<String>> = packs
-            .par_iter()
-            .map(|pk| {
-                let rows = by_pack.get(&pk.id).map(Vec::as_slice).unwrap_or(&[]);
-                self.check_trailer(pk, rows)
-            })
-            .collect();
-        for r in results {
-            problems.extend(r);
+        if self.inner.remote.is_some() {
+            // On S3: one listing; every named pack must be there with its
+            // size (no data is read, trailers included).
+            let present = self.present_packs()?;
+            for pk in &packs {
+                let n = by_pack.get(&pk.id).map_or(0, Vec::len);
+                match present.get(&pk.name) {
+                    None => problems.push(format!(
+                        "{} ({n} blobs) is missing from S3, though the catalog names it{}",
+                        self.pack_location(&pk.name),
+                        self.unsynced_note(&pk.name)
+                    )),
+                    Some(&len) if len != pk.size => problems.push(format!(
+                        "{} is {len} bytes on S3, the catalog says {}: the pack is damaged; push the store again from a good copy (`ckpt push`)",
+                        self.pack_location(&pk.name),
+                        pk.size
+                    )),
+                    Some(_) => {}
+                }
+            }
+            let named: HashSet<&str> = packs.iter().map(|p| p.name.as_str()).collect();
+            let mut orphans: Vec<PathBuf> =
+                present.keys().filter(|n| !named.contains(n.as_str())).map(|n| PathBuf::from(self.pack_location(n))).collect();
+            orphans.sort();
+            report.orphan_packs = orphans;
+        } else {
+            let results: Vec<Vec<String>> = packs
+                .par_iter()
+                .map(|pk| {
+                    let rows = by_pack.get(&pk.id).map(Vec::as_slice).unwrap_or(&[]);
+                    self.check_trailer(pk, rows)
+                })
+                .collect();
+            for r in results {
+                problems.extend(r);
+            }
+            report.orphan_packs = self.orphan_packs()?.into_iter().map(|o| o.0).collect();
         }
         for rows in by_pack.values() {
             report.blobs += rows.len() as u64;
             report.bytes += rows.iter().map(|r| r.ulen as u64).sum::<u64>();
         }
         report.problems = problems;
-        report.orphan_packs = self.orphan_packs()?.into_iter().map(|o| o.0).collect();
         Ok(report)
     }
 
@@ -549,7 +645,8 @@ impl Writer {
     /// Copy the live blobs of `packs` (their compressed bytes, each checked
     /// against its address on the way) into new pack files, durable before
     /// this returns; the catalog is not changed (see
-    /// [`Writer::repack_commit`]). A pack that cannot be read or holds a
+    /// [`Writer::repack_commit`]). For an `s3://` store, packs not in the
+    /// cache are read with ranged GETs of their live blobs. A pack that cannot be read or holds a
     /// corrupt live blob is an error: nothing is repacked then, and the new
     /// files are deleted.
     pub fn repack_write(&self, packs: &[PackRow]) -> Result<Repacked> {
@@ -594,17 +691,36 @@ impl Writer {
                 if locs.is_empty() {
                     continue;
                 }
-                let f = open_pack(&path, &locs[0].0.hash)?;
-                for (l, kind) in locs {
-                    let mut buf = vec![0u8; l.clen as usize];
-                    f.read_exact_at(&mut buf, l.offset).map_err(|e| {
-                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                            StoreError::Corrupt { pack: path.clone(), hash: l.hash, reason: "pack file is truncated".into() }
-                        } else {
-                            StoreError::io(format!("read pack file {}", path.display()), e)
+                let bufs: Vec<Vec<u8>> = match self.inner.remote.as_deref().filter(|_| !path.exists()) {
+                    // Not in the cache: the live blobs by ranged GETs.
+                    Some(r) => {
+                        let ranges: Vec<std::ops::Range<u64>> =
+                            locs.iter().map(|(l, _)| l.offset..l.offset + l.clen as u64).collect();
+                        let got = r.get_ranges(&Remote::pack_rel(&pk.name), &ranges)?;
+                        for ((l, _), b) in locs.iter().zip(&got) {
+                            store.decode_remote(r, l, b)?;
                         }
-                    })?;
-                    store.decode(l, &buf)?;
+                        got.into_iter().map(|b| b.to_vec()).collect()
+                    }
+                    None => {
+                        let f = open_pack(&path, &locs[0].0.hash)?;
+                        let mut v = Vec::with_capacity(locs.len());
+                        for (l, _) in locs {
+                            let mut buf = vec![0u8; l.clen as usize];
+                            f.read_exact_at(&mut buf, l.offset).map_err(|e| {
+                                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                                    StoreError::Corrupt { pack: path.clone(), hash: l.hash, reason: "pack file is truncated".into() }
+                                } else {
+                                    StoreError::io(format!("read pack file {}", path.display()), e)
+                                }
+                            })?;
+                            store.decode(l, &buf)?;
+                            v.push(buf);
+                        }
+                        v
+                    }
+                };
+                for ((l, kind), buf) in locs.iter().zip(bufs) {
                     if open.is_none() {
                         open = Some(OpenPack::create(&tmp).ctx(|| format!("create a pack file in {}", tmp.display()))?);
                     }
@@ -676,6 +792,74 @@ impl Writer {
             }
             Ok(r.old.iter().map(|o| pack::pack_path(&self.inner.root, &o.1)).collect())
         })
+    }
+
+    /// For an `s3://` store: upload the packs the cache's catalog names
+    /// that S3 lacks (after a repack, the new packs). Returns (packs,
+    /// bytes) sent; nothing for a local store.
+    pub fn upload_missing_packs(&self) -> Result<(u64, u64)> {
+        let Some(r) = self.inner.remote.as_deref() else { return Ok((0, 0)) };
+        let conn = self.inner.conn();
+        r.upload_missing_packs(&conn, &self.inner.catalog_path)
+    }
+
+    /// For an `s3://` store: upload the cache's catalog (after checking
+    /// that this writer still holds the S3 lock), making maintenance done
+    /// in the cache visible on S3. Upload the packs it names first
+    /// ([`Writer::upload_missing_packs`]). Nothing for a local store.
+    pub fn upload_catalog(&self) -> Result<()> {
+        let (Some(r), Some(rl)) = (self.inner.remote.as_deref(), self.remote_lock.as_ref()) else {
+            return Ok(());
+        };
+        let conn = self.inner.conn();
+        r.publish_catalog(&conn, &self.inner.catalog_path, rl)
+    }
+
+    /// For an `s3://` store: the packs on S3 (name, size) that its catalog
+    /// no longer names (dead packs of a sweep, old packs of a repack,
+    /// leftovers of a crashed writer). Refused while the cache holds
+    /// catalog changes not yet uploaded (S3's catalog may still name them).
+    pub fn remote_orphan_packs(&self) -> Result<Vec<(String, u64)>> {
+        let Some(r) = self.inner.remote.as_deref() else { return Ok(Vec::new()) };
+        if crate::remote::is_unsynced(&self.inner.root) {
+            return Err(StoreError::Invalid(format!(
+                "refusing to look for unreferenced packs on {}: the local cache {} holds catalog changes not uploaded yet (upload the catalog first)",
+                r.url(),
+                self.inner.root.display()
+            )));
+        }
+        self.store().remote_orphan_packs()
+    }
+
+    /// For an `s3://` store: delete these packs from S3 (from
+    /// [`Writer::remote_orphan_packs`]). Refused, deleting nothing, if the
+    /// catalog names one of them, if the cache holds changes not uploaded,
+    /// or if this writer lost the S3 lock. Returns the bytes freed.
+    pub fn remove_remote_packs(&self, packs: &[(String, u64)]) -> Result<u64> {
+        let (Some(r), Some(rl)) = (self.inner.remote.as_deref(), self.remote_lock.as_ref()) else {
+            return Ok(0);
+        };
+        if packs.is_empty() {
+            return Ok(0);
+        }
+        if crate::remote::is_unsynced(&self.inner.root) {
+            return Err(StoreError::Invalid(format!(
+                "refusing to delete packs from {}: the local cache holds catalog changes not uploaded yet",
+                r.url()
+            )));
+        }
+        let named: HashSet<String> = self.store().pack_rows()?.into_iter().map(|p| p.name).collect();
+        if let Some((n, _)) = packs.iter().find(|(n, _)| named.contains(n)) {
+            return Err(StoreError::Invalid(format!(
+                "refusing to delete {} from S3: the catalog still names it",
+                r.object_url(&Remote::pack_rel(n))
+            )));
+        }
+        rl.fence()?;
+        let rels: Vec<String> = packs.iter().map(|(n, _)| Remote::pack_rel(n)).collect();
+        r.delete_many(&rels)?;
+        tracing::debug!(store = r.url(), packs = packs.len(), "packs deleted from S3");
+        Ok(packs.iter().map(|p| p.1).sum())
     }
 
     /// A read handle on the same store.

@@ -38,8 +38,18 @@
 //! API with a private current-thread tokio runtime per [`Remote`].
 //!
 //! One writer at a time: the cache directory's `lock` keeps writers on one
-//! host apart; writers on different hosts must take turns (the second one
-//! would see the first one's catalog only at its next open).
+//! host apart, and the lock object `s3://BUCKET/PREFIX/lock` (a conditional
+//! PUT, see [`crate::remote_lock`]) keeps writers on different hosts apart.
+//! A writer first uploads what an earlier, interrupted write of its cache
+//! left unsynced, unless another writer changed the remote catalog since:
+//! then those local commits (never acknowledged as uploaded) are dropped
+//! and the remote catalog is taken, so a stale cache never overwrites
+//! someone else's generations.
+//!
+//! Maintenance (`ckpt gc`) works on the cache's catalog and then publishes
+//! it in the same order: new packs, then the catalog, and only then deletes
+//! the remote packs the uploaded catalog no longer names
+//! ([`crate::Writer::remove_remote_packs`]).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -54,10 +64,11 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
-use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig, WriteMultipart};
+use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart};
 use rusqlite::{Connection, OpenFlags};
 
 use crate::error::{IoCtx, Result, SqlCtx, StoreError};
+use crate::remote_lock::RemoteLock;
 
 /// Name of the catalog object under the prefix.
 pub const CATALOG_OBJECT: &str = "catalog.db";
@@ -163,6 +174,15 @@ pub enum RemoteError {
         /// Error text.
         detail: String,
     },
+}
+
+/// Outcome of [`Remote::put_if`].
+#[derive(Debug)]
+pub(crate) enum CondPut {
+    /// Written; the new ETag.
+    Written(String),
+    /// The condition failed: nothing was written.
+    Refused,
 }
 
 /// Size and ETag of a remote object.
@@ -473,6 +493,18 @@ impl Remote {
         &self,
         work: &[(String, Vec<Range<u64>>)],
     ) -> Result<Vec<Vec<Bytes>>> {
+        self.get_ranges_each(work)
+            .into_iter()
+            .map(|r| r.map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Like [`Remote::get_ranges_many`], with one result per object (a
+    /// missing or short object does not hide the others: for verify).
+    pub fn get_ranges_each(
+        &self,
+        work: &[(String, Vec<Range<u64>>)],
+    ) -> Vec<std::result::Result<Vec<Bytes>, RemoteError>> {
         // (object index, merged range)
         let mut fetches: Vec<(usize, Range<u64>)> = Vec::new();
         for (i, (_, ranges)) in work.iter().enumerate() {
@@ -508,8 +540,12 @@ impl Remote {
                 .await
         });
         let mut by_obj: Vec<Vec<(Range<u64>, Bytes)>> = vec![Vec::new(); work.len()];
+        let mut failed: Vec<Option<RemoteError>> = (0..work.len()).map(|_| None).collect();
         for (i, r, got) in results {
             let rel = &work[i].0;
+            if failed[i].is_some() {
+                continue;
+            }
             let truncated = |reason: String| RemoteError::CorruptObject {
                 object: self.object_url(rel),
                 reason,
@@ -518,25 +554,31 @@ impl Remote {
                 Ok(b) => b,
                 Err(e) => {
                     let t = e.to_string();
-                    if t.contains("Wanted range") || t.contains("416") || t.contains("InvalidRange") || t.contains("Range") && t.contains("length") {
-                        return Err(truncated(format!("truncated: {t}")).into());
-                    }
-                    return Err(self.classify("GET", rel, e).into());
+                    failed[i] = Some(if t.contains("Wanted range") || t.contains("416") || t.contains("InvalidRange") || t.contains("Range") && t.contains("length") {
+                        truncated(format!("truncated: {t}"))
+                    } else {
+                        self.classify("GET", rel, e)
+                    });
+                    continue;
                 }
             };
             if b.len() as u64 != r.end - r.start {
-                return Err(truncated(format!(
+                failed[i] = Some(truncated(format!(
                     "truncated: bytes {}..{} came back as {} bytes",
                     r.start,
                     r.end,
                     b.len()
-                ))
-                .into());
+                )));
+                continue;
             }
             by_obj[i].push((r, b));
         }
         let mut out = Vec::with_capacity(work.len());
         for (i, (_, ranges)) in work.iter().enumerate() {
+            if let Some(e) = failed[i].take() {
+                out.push(Err(e));
+                continue;
+            }
             let fetched = &mut by_obj[i];
             fetched.sort_by_key(|(mr, _)| mr.start);
             let mut v = Vec::with_capacity(ranges.len());
@@ -547,9 +589,53 @@ impl Remote {
                 debug_assert!(r.end <= mr.end);
                 v.push(b.slice((r.start - mr.start) as usize..(r.end - mr.start) as usize));
             }
-            out.push(v);
+            out.push(Ok(v));
         }
-        Ok(out)
+        out
+    }
+
+    /// Whole objects `rels`, fetched concurrently (one result each).
+    pub fn get_many(&self, rels: &[String]) -> Vec<std::result::Result<Bytes, RemoteError>> {
+        let s3 = &self.s3;
+        let mut got: Vec<(usize, std::result::Result<Bytes, RemoteError>)> = self.block_on(async {
+            futures::stream::iter(rels.iter().enumerate())
+                .map(|(i, rel)| {
+                    let key = self.key(rel);
+                    async move {
+                        let r = match s3.get(&key).await {
+                            Ok(res) => res.bytes().await,
+                            Err(e) => Err(e),
+                        };
+                        (i, r.map_err(|e| self.classify("GET", rel, e)))
+                    }
+                })
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await
+        });
+        got.sort_by_key(|g| g.0);
+        got.into_iter().map(|g| g.1).collect()
+    }
+
+    /// Delete the objects `rels` (concurrently; a missing one is fine).
+    pub fn delete_many(&self, rels: &[String]) -> Result<()> {
+        let s3 = &self.s3;
+        let results: Vec<std::result::Result<(), RemoteError>> = self.block_on(async {
+            futures::stream::iter(rels.iter())
+                .map(|rel| {
+                    let key = self.key(rel);
+                    async move {
+                        match s3.delete(&key).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                            Err(e) => Err(self.classify("DELETE", rel, e)),
+                        }
+                    }
+                })
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await
+        });
+        results.into_iter().try_for_each(|r| r.map_err(StoreError::from))
     }
 
     /// Download `rel` into `dest` (created or truncated, fsync'd); calls
@@ -678,6 +764,45 @@ impl Remote {
             }
         }
         Ok(out)
+    }
+
+    /// PUT `data` as `rel` under a condition (`PutMode::Create`: only if
+    /// absent; `PutMode::Update`: only if its ETag still matches).
+    /// [`CondPut::Refused`] when the server says the condition failed.
+    pub(crate) fn put_if(&self, rel: &str, data: Vec<u8>, mode: PutMode) -> Result<CondPut> {
+        let key = self.key(rel);
+        let opts = PutOptions { mode, ..Default::default() };
+        match self.block_on(self.s3.put_opts(&key, PutPayload::from(data), opts)) {
+            Ok(r) => match r.e_tag {
+                Some(e) => Ok(CondPut::Written(e)),
+                None => Err(RemoteError::Other {
+                    what: "conditional PUT".into(),
+                    object: self.object_url(rel),
+                    detail: "the server returned no ETag: it cannot hold ckpt's writer lock (it needs conditional writes: If-None-Match / If-Match)".into(),
+                }
+                .into()),
+            },
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                Ok(CondPut::Refused)
+            }
+            Err(e) => Err(self.classify("conditional PUT", rel, e).into()),
+        }
+    }
+
+    /// The bytes, ETag and last-modified time (ms) of the small object
+    /// `rel`, or `None` if it does not exist.
+    pub(crate) fn get_small(&self, rel: &str) -> Result<Option<(Bytes, String, i64)>> {
+        let key = self.key(rel);
+        let r: object_store::Result<(Bytes, object_store::ObjectMeta)> = self.block_on(async {
+            let res = self.s3.get(&key).await?;
+            let meta = res.meta.clone();
+            Ok((res.bytes().await?, meta))
+        });
+        match r {
+            Ok((b, m)) => Ok(Some((b, m.e_tag.unwrap_or_default(), m.last_modified.timestamp_millis()))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.classify("GET", rel, e).into()),
+        }
     }
 
     /// Delete `rel` (tests and maintenance).
@@ -906,7 +1031,7 @@ impl TransferProgress for NoProgress {
 /// lacks (by name and size), then a snapshot of the catalog. Refuses if the
 /// remote has generations `src` lacks. Safe to re-run after an interruption:
 /// packs already there are skipped. Holds the cache lock of the remote store
-/// (one writer per host).
+/// (one writer per host) and its S3 writer lock ([`crate::remote_lock`]).
 pub fn push(src: &crate::Store, dest_url: &str, progress: &dyn TransferProgress) -> Result<TransferReport> {
     if src.remote().is_some() {
         return Err(StoreError::Invalid(format!(
@@ -914,10 +1039,11 @@ pub fn push(src: &crate::Store, dest_url: &str, progress: &dyn TransferProgress)
             src.url()
         )));
     }
-    let remote = Remote::connect(dest_url)?;
+    let remote = Arc::new(Remote::connect(dest_url)?);
     fs::create_dir_all(remote.cache_dir())
         .ctx(|| format!("create cache directory {}", remote.cache_dir().display()))?;
     let _lock = crate::lock_dir(remote.cache_dir())?;
+    let s3_lock = RemoteLock::acquire(&remote)?;
     let tmp = src.root().join("tmp");
     fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
     // A consistent view of the source: its catalog snapshot decides what goes.
@@ -964,7 +1090,9 @@ pub fn push(src: &crate::Store, dest_url: &str, progress: &dyn TransferProgress)
     rep.packs_sent = n;
     rep.bytes_sent = b;
     rep.catalog_bytes = fs::metadata(&snap).map(|m| m.len()).unwrap_or(0);
+    s3_lock.fence()?;
     remote.upload_file(CATALOG_OBJECT, &snap, &|_| {})?;
+    drop(s3_lock);
     tracing::info!(dest = dest_url, packs = n, bytes = b, skipped = rep.packs_skipped, "push complete");
     Ok(rep)
 }
@@ -1096,6 +1224,15 @@ pub(crate) fn mark_unsynced(cache: &Path) -> Result<()> {
     fs::write(&p, b"local commits not yet uploaded\n").ctx(|| format!("write {}", p.display()))
 }
 
+/// Forget that the cache holds unsynced commits (they are being discarded).
+pub(crate) fn clear_unsynced(cache: &Path) -> Result<()> {
+    let u = unsynced_path(cache);
+    match fs::remove_file(&u) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(format!("remove {}", u.display()), e)),
+        _ => Ok(()),
+    }
+}
+
 /// Record that the local catalog equals the remote one with `etag`.
 pub(crate) fn mark_synced(cache: &Path, etag: Option<&str>) -> Result<()> {
     let p = synced_etag_path(cache);
@@ -1152,14 +1289,43 @@ impl Remote {
         Ok(CacheState::Current)
     }
 
-    /// Upload every pack of the cache the remote lacks, then the catalog
-    /// behind `conn`; clears the unsynced marker.
-    pub(crate) fn sync_up(&self, conn: &Connection, catalog: &Path) -> Result<()> {
+    /// Upload every pack of the cache's catalog that the remote lacks;
+    /// returns (packs, bytes) sent.
+    pub(crate) fn upload_missing_packs(&self, conn: &Connection, catalog: &Path) -> Result<(u64, u64)> {
         let packs = packs_of(conn, catalog)?;
         let have = self.list_packs()?;
-        self.upload_packs(&self.cache, &packs, &have, &|_, _| {})?;
+        self.upload_packs(&self.cache, &packs, &have, &|_, _| {})
+    }
+
+    /// Upload the catalog behind `conn` (after checking that `lock` is
+    /// still ours) and clear the unsynced marker.
+    pub(crate) fn publish_catalog(&self, conn: &Connection, catalog: &Path, lock: &RemoteLock) -> Result<()> {
+        lock.fence()?;
         let etag = self.upload_catalog(conn, catalog, &self.cache.join("tmp"))?;
         mark_synced(&self.cache, etag.as_deref())
+    }
+
+    /// Upload every pack of the cache the remote lacks, then the catalog
+    /// behind `conn`; clears the unsynced marker.
+    pub(crate) fn sync_up(&self, conn: &Connection, catalog: &Path, lock: &RemoteLock) -> Result<()> {
+        self.upload_missing_packs(conn, catalog)?;
+        self.publish_catalog(conn, catalog, lock)
+    }
+
+    /// A new store: upload the (empty) catalog behind `conn` only if no
+    /// catalog exists yet (`If-None-Match: *`). Returns false, changing
+    /// nothing, if another writer created the store meanwhile.
+    pub(crate) fn create_catalog(&self, conn: &Connection, catalog: &Path) -> Result<bool> {
+        let snap = snapshot_catalog(conn, catalog, &self.cache.join("tmp"))?;
+        let _rm = RemoveOnDrop(snap.clone());
+        let bytes = fs::read(&snap).ctx(|| format!("read {}", snap.display()))?;
+        match self.put_if(CATALOG_OBJECT, bytes, PutMode::Create)? {
+            CondPut::Written(etag) => {
+                mark_synced(&self.cache, Some(&etag))?;
+                Ok(true)
+            }
+            CondPut::Refused => Ok(false),
+        }
     }
 
     /// After a local commit that wrote `new_packs`: upload them, then the
@@ -1169,10 +1335,19 @@ impl Remote {
         new_packs: &[(String, u64)],
         conn: &Connection,
         catalog: &Path,
+        lock: &RemoteLock,
     ) -> Result<()> {
         self.upload_packs(&self.cache, new_packs, &HashMap::new(), &|_, _| {})?;
-        let etag = self.upload_catalog(conn, catalog, &self.cache.join("tmp"))?;
-        mark_synced(&self.cache, etag.as_deref())
+        self.publish_catalog(conn, catalog, lock)
+    }
+
+    /// Whether the remote catalog is not the one the cache last synced with
+    /// (another writer uploaded since). False if there is no remote catalog.
+    pub(crate) fn moved_since_sync(&self) -> Result<bool> {
+        Ok(match self.head(CATALOG_OBJECT)? {
+            Some(i) => i.etag.is_none() || i.etag != synced_etag(&self.cache),
+            None => false,
+        })
     }
 
     /// Whether the remote catalog changed since the cache last matched it.

@@ -44,7 +44,7 @@ fn moto() -> u16 {
     }
     let have = |c: &str| Command::new("sh").args(["-c", &format!("command -v {c}")]).output().map(|o| o.status.success()).unwrap_or(false);
     if !have("moto_server") {
-        let st = Command::new("python3").args(["-m", "pip", "install", "-q", "moto[server]"]).status().expect("python3 -m pip");
+        let st = Command::new("python3").args(["-m", "pip", "install", "-q", "moto[server]>=5.2,<6"]).status().expect("python3 -m pip");
         assert!(st.success(), "pip install 'moto[server]' failed: these tests need a real S3-compatible server");
     }
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -244,4 +244,91 @@ fn push_pull_resume() {
     commit(&pulled, 1000..1010);
     let e = remote::pull(&u, dest.to_str().unwrap(), &NoProgress).unwrap_err();
     assert!(e.to_string().contains("lacks"), "{e}");
+}
+
+/// A lock object as another host's writer would leave it.
+fn foreign_lock(host: &str, refreshed_ago_ms: i64, lease_secs: u64) -> Vec<u8> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    serde_json::to_vec(&ckpt_store::remote_lock::Holder {
+        host: host.into(),
+        pid: 4242,
+        command: "ckpt coordinator".into(),
+        acquired_ms: now - refreshed_ago_ms - 1000,
+        refreshed_ms: now - refreshed_ago_ms,
+        lease_secs,
+        token: "elsewhere".into(),
+    })
+    .unwrap()
+}
+
+/// Two caches of one prefix are two hosts: the S3 lock object keeps their
+/// writers apart (moto honours `If-None-Match: *`, else the second writer
+/// would get it), names the holder, and is gone once released.
+#[test]
+fn s3_writer_lock_keeps_two_hosts_apart() {
+    moto();
+    let d = tempfile::tempdir().unwrap();
+    let u = url("s3lock");
+    let a = Store::open_s3_at(&u, cache(d.path(), "a"), Some(4096)).unwrap();
+    let b = Store::open_s3_at(&u, cache(d.path(), "b"), None).unwrap();
+    let w = a.writer().unwrap();
+    let r = a.remote().unwrap();
+    assert!(r.head(ckpt_store::remote_lock::LOCK_OBJECT).unwrap().is_some(), "no lock object while a writer is open");
+    let e = b.writer().unwrap_err();
+    assert!(matches!(e, StoreError::Locked { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains(&format!("pid {}", std::process::id())) && msg.contains(&format!("{u}/lock")) && msg.contains("lease"), "{msg}");
+    drop(w);
+    assert!(r.head(ckpt_store::remote_lock::LOCK_OBJECT).unwrap().is_none(), "lock object left after release");
+    // Polls within half a second are answered from memory; then S3 is asked again.
+    std::thread::sleep(Duration::from_millis(600));
+    let (g, _) = commit(&b, 0..10);
+    assert_eq!(g, 1);
+}
+
+/// A fresh lock of another host is respected; a lock whose lease ran out
+/// is broken; a writer whose lock was taken away uploads no catalog.
+#[test]
+fn s3_stale_lock_is_broken_and_a_lost_lock_uploads_nothing() {
+    moto();
+    let d = tempfile::tempdir().unwrap();
+    let u = url("s3stale");
+    let a = Store::open_s3_at(&u, cache(d.path(), "a"), Some(4096)).unwrap();
+    let r = a.remote().unwrap();
+    let lock = ckpt_store::remote_lock::LOCK_OBJECT;
+    r.put_bytes(lock, foreign_lock("other-host", 0, 60)).unwrap();
+    let e = a.writer().unwrap_err();
+    assert!(e.to_string().contains("on host other-host") && e.to_string().contains("pid 4242"), "{e}");
+    // Its lease ran out: broken.
+    r.put_bytes(lock, foreign_lock("other-host", 5_000, 2)).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let (g1, _) = commit(&a, 0..10);
+    assert_eq!(g1, 1);
+    // Someone breaks our lock while we write (If-Match refreshes fail):
+    // the commit is not uploaded and S3's catalog stays at generation 1.
+    let w = a.writer().unwrap();
+    let before = r.head(remote::CATALOG_OBJECT).unwrap().unwrap().etag;
+    r.put_bytes(lock, foreign_lock("other-host", 0, 60)).unwrap();
+    let d1 = blob(999, 4096);
+    let h = Hash::of(&d1);
+    w.put(BlobKind::Chunk, h, &d1).unwrap();
+    let m = w.put_meta(b"manifest lost").unwrap();
+    let e = w
+        .commit(NewGeneration {
+            parent: Some(g1),
+            created_ms: 0,
+            duration_ms: 0,
+            nprocs: 1,
+            logical_bytes: 4096,
+            dirty_tracking: "test".into(),
+            manifest: m,
+            info: serde_json::Value::Null,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("lost the writer lock"), "{e}");
+    assert_eq!(r.head(remote::CATALOG_OBJECT).unwrap().unwrap().etag, before, "a writer without the lock uploaded a catalog");
+    drop(w);
+    // The foreign lock is left alone by our release.
+    assert!(r.head(lock).unwrap().is_some(), "our release deleted another writer's lock");
+    r.delete(lock).unwrap();
 }

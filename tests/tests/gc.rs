@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,23 +53,6 @@ fn launch_counter(s: &Session, opts: &[&str]) -> Proc {
     p.wait_prefix("READY", LINE_TIMEOUT);
     p.wait_ticks(2, LINE_TIMEOUT);
     p
-}
-
-/// Make older chunks die: the first time, rewrite the whole heap (the
-/// program does that once, printing CHURNED); later, let it run 5 ticks
-/// (it rewrites 64 heap pages per tick).
-fn churn(s: &Session, p: &mut Proc) {
-    let marker = s.path("CHURN.done");
-    if marker.exists() {
-        p.wait_ticks(5, LINE_TIMEOUT);
-        return;
-    }
-    let f = s.path("CHURN");
-    std::fs::write(&f, b"1").unwrap();
-    p.wait_line(|l| l.starts_with("CHURNED"), LINE_TIMEOUT);
-    std::fs::remove_file(&f).unwrap();
-    std::fs::write(&marker, b"").unwrap();
-    p.wait_ticks(1, LINE_TIMEOUT);
 }
 
 fn pack_files(s: &Session) -> Vec<std::path::PathBuf> {
@@ -165,31 +147,12 @@ fn gc_killed_at(s: &Session, phase: &str, args: &[&str]) -> bool {
     c.args(["--store", &s.store]).args(args).env("CKPT_GC_PAUSE_AT", phase);
     c.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let err = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in err.lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let deadline = Instant::now() + GC_TIMEOUT;
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) if l.contains(&format!("paused at {phase}")) => {
-                child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
-                return true;
-            }
-            Ok(l) => eprintln!("gc: {l}"),
-            Err(_) => {
-                if let Some(st) = child.try_wait().unwrap() {
-                    assert!(st.success(), "gc failed before reaching {phase}: {st}");
-                    return false;
-                }
-                assert!(Instant::now() < deadline, "gc did not reach {phase}");
-            }
-        }
+    if !wait_paused(&mut child, phase, GC_TIMEOUT) {
+        return false;
     }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    true
 }
 
 /// `kill -9` of gc after marking, after the sweep commit, after writing the

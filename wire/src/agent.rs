@@ -27,7 +27,7 @@ use crate::{ItimerVal, KernelSigaction, Pod};
 /// First word of every header.
 pub const MAGIC: u32 = 0x434b_5054; // "CKPT"
 /// Protocol version carried in [`Hello`].
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The signal the agent uses to stop threads (SIGRTMAX - 2). The
 /// application can neither handle nor block it.
 pub const CKPT_SIGNAL: i32 = 62;
@@ -94,7 +94,7 @@ impl Header {
 
 /// Agent → coordinator, first message on a connection.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub version: u32,
     pub pid: i32,
@@ -114,9 +114,62 @@ pub struct Hello {
     pub uffd_fd: i32,
     /// Requested backend ([`tracking`]).
     pub tracking: u32,
+    /// Inode of the process's PID namespace (`/proc/self/ns/pid`) and of
+    /// its network namespace; 0 if unknown (agents of version 1).
+    pub pidns: u64,
+    pub netns: u64,
+    /// The host's name (`gethostname`, NUL-padded).
+    pub host: [u8; 64],
+    /// The running kernel's boot id (`/proc/sys/kernel/random/boot_id`):
+    /// with `pidns` it tells whether the coordinator can reach the process
+    /// through its own `/proc`.
+    pub boot_id: [u8; 40],
 }
-// SAFETY: repr(C), fields laid out without padding (4*6 + 8*3 + 4*2).
+// SAFETY: repr(C), fields laid out without padding (4*6 + 8*3 + 4*2 + 8*2
+// + 64 + 40, all at their natural alignment).
 unsafe impl Pod for Hello {}
+
+impl Default for Hello {
+    fn default() -> Self {
+        Hello {
+            version: 0,
+            pid: 0,
+            ppid: 0,
+            ckpt_tid: 0,
+            agent_fd: 0,
+            signal: 0,
+            restored_gen: 0,
+            restart_word_addr: 0,
+            flags: 0,
+            uffd_fd: 0,
+            tracking: 0,
+            pidns: 0,
+            netns: 0,
+            host: [0; 64],
+            boot_id: [0; 40],
+        }
+    }
+}
+
+impl Hello {
+    /// A HELLO payload, also the shorter one of version-1 agents (restored
+    /// from old images): missing fields read as zero.
+    pub fn parse(payload: &[u8]) -> Option<Hello> {
+        let mut full = [0u8; core::mem::size_of::<Hello>()];
+        if payload.len() < 56 {
+            return None;
+        }
+        let n = payload.len().min(full.len());
+        full[..n].copy_from_slice(&payload[..n]);
+        Hello::read_from(&full)
+    }
+
+    /// The host name, or "" if the agent did not say.
+    pub fn host_name(&self) -> &str {
+        let end = self.host.iter().position(|&b| b == 0).unwrap_or(self.host.len());
+        core::str::from_utf8(&self.host[..end]).unwrap_or("")
+    }
+}
 
 /// Coordinator → agent, answer to [`Hello`].
 #[repr(C)]

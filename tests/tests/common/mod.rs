@@ -193,6 +193,51 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Make older chunks die, for counter_heap launched with `-c DIR/CHURN`
+/// (gc tests): the first time, rewrite the whole heap (the program does
+/// that once, printing CHURNED); later, let it run 5 ticks (it rewrites 64
+/// heap pages per tick).
+pub fn churn(s: &Session, p: &mut Proc) {
+    let marker = s.path("CHURN.done");
+    if marker.exists() {
+        p.wait_ticks(5, LINE_TIMEOUT);
+        return;
+    }
+    let f = s.path("CHURN");
+    std::fs::write(&f, b"1").unwrap();
+    p.wait_line(|l| l.starts_with("CHURNED"), LINE_TIMEOUT);
+    std::fs::remove_file(&f).unwrap();
+    std::fs::write(&marker, b"").unwrap();
+    p.wait_ticks(1, LINE_TIMEOUT);
+}
+
+/// Waits for `ckpt-gc: paused at PHASE` (gc's `CKPT_GC_PAUSE_AT` test hook)
+/// on the stderr of a `ckpt gc` spawned with it piped, echoing other lines;
+/// false if gc finished first (successfully), panics after `timeout`.
+pub fn wait_paused(child: &mut Child, phase: &str, timeout: Duration) -> bool {
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) if l.contains(&format!("paused at {phase}")) => return true,
+            Ok(l) => eprintln!("gc: {l}"),
+            Err(_) => {
+                if let Some(st) = child.try_wait().unwrap() {
+                    assert!(st.success(), "gc failed before reaching {phase}: {st}");
+                    return false;
+                }
+                assert!(Instant::now() < deadline, "gc did not reach {phase}");
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- session
 
 static SESSION_SEQ: AtomicUsize = AtomicUsize::new(0);

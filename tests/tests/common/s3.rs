@@ -34,7 +34,7 @@ fn moto_server_bin() -> PathBuf {
         return p;
     }
     let st = Command::new("python3")
-        .args(["-m", "pip", "install", "-q", "moto[server]"])
+        .args(["-m", "pip", "install", "-q", "moto[server]>=5.2,<6"])
         .status()
         .expect("cannot run python3 -m pip");
     assert!(st.success(), "pip install 'moto[server]' failed: the S3 tests need a real S3-compatible server");
@@ -122,5 +122,132 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A TCP proxy in front of the S3 server that can stall one upload half
+/// way: [`StallProxy::arm`] names a PUT (by a piece of its request line);
+/// the next such request gets its headers and half its body forwarded, and
+/// then nothing more, so the client waits for an answer with its upload
+/// under way, until the test kills it. This is how tests stop a ckpt
+/// process *during* an upload, deterministically: the process is known to
+/// be inside that PUT (the proxy saw its bytes) and cannot finish it.
+/// Everything else is passed through unchanged.
+pub struct StallProxy {
+    pub port: u16,
+    pub endpoint: String,
+    shared: std::sync::Arc<ProxyShared>,
+}
+
+struct ProxyShared {
+    upstream: u16,
+    armed: std::sync::Mutex<Option<String>>,
+    stalled: std::sync::Mutex<Option<String>>,
+    cv: std::sync::Condvar,
+}
+
+impl StallProxy {
+    pub fn start(upstream: u16) -> StallProxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let shared = std::sync::Arc::new(ProxyShared {
+            upstream,
+            armed: std::sync::Mutex::new(None),
+            stalled: std::sync::Mutex::new(None),
+            cv: std::sync::Condvar::new(),
+        });
+        let sh = shared.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let sh = sh.clone();
+                std::thread::spawn(move || proxy_conn(c, &sh));
+            }
+        });
+        StallProxy { port, endpoint: format!("http://127.0.0.1:{port}"), shared }
+    }
+
+    /// Stall the next PUT whose request line contains `needle`.
+    pub fn arm(&self, needle: &str) {
+        *self.shared.stalled.lock().unwrap() = None;
+        *self.shared.armed.lock().unwrap() = Some(needle.to_string());
+    }
+
+    /// Waits until an armed PUT is stalled; returns its request line.
+    pub fn wait_stalled(&self, timeout: Duration) -> Option<String> {
+        let g = self.shared.stalled.lock().unwrap();
+        let (g, _) = self.shared.cv.wait_timeout_while(g, timeout, |s| s.is_none()).unwrap();
+        g.clone()
+    }
+
+    /// The server's variables, pointing at this proxy, and a cache dir.
+    pub fn apply(&self, srv: &S3Server, c: &mut Command, cache: &std::path::Path) {
+        srv.apply(c, cache);
+        c.env("AWS_ENDPOINT_URL", &self.endpoint);
+    }
+}
+
+fn proxy_conn(client: TcpStream, sh: &ProxyShared) {
+    use std::io::BufRead;
+    let Ok(up) = TcpStream::connect(("127.0.0.1", sh.upstream)) else { return };
+    let (Ok(mut up_r), Ok(mut cl_w)) = (up.try_clone(), client.try_clone()) else { return };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut up_r, &mut cl_w);
+        let _ = cl_w.shutdown(std::net::Shutdown::Both);
+    });
+    let mut up_w = up;
+    let mut rd = std::io::BufReader::new(client);
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            if rd.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+                let _ = up_w.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            head.extend_from_slice(&line);
+            if line == b"\r\n" {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_string();
+        let request_line = text.lines().next().unwrap_or("").to_string();
+        let header = |name: &str| {
+            text.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let chunked = header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let stall = request_line.starts_with("PUT ") && {
+            let mut a = sh.armed.lock().unwrap();
+            let hit = a.as_deref().is_some_and(|n| request_line.contains(n));
+            if hit {
+                *a = None;
+            }
+            hit
+        };
+        if up_w.write_all(&head).is_err() {
+            return;
+        }
+        if chunked {
+            let _ = std::io::copy(&mut rd, &mut up_w);
+            return;
+        }
+        let mut body = vec![0u8; len];
+        let send = if stall { len / 2 } else { len };
+        if rd.read_exact(&mut body[..send]).is_err() || up_w.write_all(&body[..send]).is_err() {
+            return;
+        }
+        let _ = up_w.flush();
+        if stall {
+            *sh.stalled.lock().unwrap() = Some(request_line);
+            sh.cv.notify_all();
+            // Swallow whatever the client still sends, forward nothing: the
+            // server never gets a whole request. Ends when the client dies.
+            let _ = std::io::copy(&mut rd, &mut std::io::sink());
+            let _ = up_w.shutdown(std::net::Shutdown::Both);
+            return;
+        }
     }
 }

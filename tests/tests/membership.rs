@@ -1,0 +1,59 @@
+//! Who is in the computation: processes that die in the middle of a
+//! checkpoint, and processes that finish between checkpoints.
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+fn wait_file(path: &std::path::Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear within {timeout:?}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Three independent programs under one coordinator. One is killed with
+/// `-9` while the coordinator holds them all stopped in a checkpoint (a
+/// test hook makes that moment exact): the checkpoint fails naming it and
+/// commits nothing, the survivors run on, and the next checkpoint holds
+/// just them. One finishes normally between checkpoints and simply leaves.
+#[test]
+fn process_killed_mid_checkpoint_aborts_it_and_survivors_go_on() {
+    let s = Session::new("membership");
+    let hold = s.path("hold");
+    std::fs::create_dir_all(&hold).unwrap();
+    let holdv = hold.to_str().unwrap().to_string();
+    let env = [("CKPT_TEST_HOLD", holdv.as_str())];
+    let mut a = s.launch_env(&program("counter_heap"), &["-m", "8", "-t", "50"], &env);
+    let mut b = s.launch_env(&program("counter_heap"), &["-m", "8", "-t", "50"], &env);
+    let mut c = s.launch_env(&program("counter_heap"), &["-m", "8", "-t", "50", "-n", "40"], &env);
+    a.wait_ticks(2, LINE_TIMEOUT);
+    let g1 = s.checkpoint_bounded(&mut a);
+    assert_eq!(s.generations()[&g1.id].u64_field("nprocs"), 3);
+
+    // c finishes on its own: it leaves the computation.
+    c.wait_prefix("DONE", LINE_TIMEOUT);
+    assert!(c.wait_exit(CMD_TIMEOUT).success());
+
+    std::fs::write(hold.join("armed"), b"").unwrap();
+    let mut ck = Proc::spawn("checkpoint".into(), s.cmd("checkpoint"));
+    wait_file(&hold.join("held"), LINE_TIMEOUT);
+    let victim = b.pid;
+    b.kill9();
+    std::fs::write(hold.join("go"), b"").unwrap();
+    let st = ck.wait_exit(CMD_TIMEOUT);
+    assert!(!st.success(), "the checkpoint with a process killed in it succeeded");
+    assert!(ck.stderr().contains(&victim.to_string()), "the error does not name process {victim}: {}", ck.stderr());
+    assert_eq!(s.generations().keys().copied().collect::<Vec<_>>(), vec![g1.id], "a generation was committed");
+
+    // The survivor was resumed and checkpoints alone now.
+    a.wait_ticks(3, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut a);
+    assert_eq!(s.generations()[&g2.id].u64_field("nprocs"), 1, "the next generation should hold only the survivor");
+    let apid = a.pid;
+    a.kill9();
+    let mut r = s.restart_expect(&g2, apid, true);
+    r.wait_ticks(2, LINE_TIMEOUT);
+    r.kill9();
+}

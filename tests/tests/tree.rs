@@ -1,0 +1,137 @@
+//! Process trees: a parent with children in their own group, an exec'd
+//! child, a daemon adopted by init, a child sharing memory under a
+//! process-shared mutex (and a POSIX shared memory object), an unreaped zombie, and pipes full of bytes in
+//! flight between them (tests/programs/tree.c checks every record and
+//! every shared page itself). Checkpointed, killed, restarted as the same
+//! tree (PIDs, parents, groups, sessions), checkpointed again, run to the
+//! end, where the parent reaps the zombie's real status.
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// The PIDs of the processes registered with the coordinator.
+fn computation(s: &Session) -> Vec<i32> {
+    let out = s.run("status", &["--json"]);
+    assert!(out.status.success(), "ckpt status failed: {}", text(&out.stderr));
+    let j = Json::parse(&text(&out.stdout)).unwrap();
+    let mut v: Vec<i32> = j
+        .get("processes")
+        .and_then(Json::as_array)
+        .map(|a| a.iter().filter_map(|p| p.get("pid").and_then(Json::as_u64)).map(|p| p as i32).collect())
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+fn wait_computation(s: &Session, n: usize) -> Vec<i32> {
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    loop {
+        let v = computation(s);
+        if v.len() >= n || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// (ppid, pgid, sid) of a live process.
+fn tree_ids(pid: i32) -> (i32, i32, i32) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("process {pid}: {e}"));
+    let f: Vec<i32> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().skip(1).take(3).map(|x| x.parse().unwrap()).collect();
+    (f[0], f[1], f[2])
+}
+
+/// `ckpt kill`, then waits for `root` (our child) and every other process.
+fn kill_all(s: &Session, pids: &[i32], root: &mut Proc) {
+    let out = s.run("kill", &[]);
+    assert!(out.status.success(), "ckpt kill failed: {}", text(&out.stderr));
+    root.wait_exit(CMD_TIMEOUT);
+    for &pid in pids {
+        wait_gone(pid, Duration::from_secs(20));
+    }
+}
+
+#[test]
+fn process_tree_with_pipes_shared_memory_zombie_and_daemon() {
+    let s = Session::new("tree");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("tree"), &["-t", "100", "-z", "30", "-s", stop.to_str().unwrap()]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    // The parent, the producer, the exec'd producer, the daemon and the
+    // shared-memory writer (the zombie has no agent any more).
+    let pids = wait_computation(&s, 5);
+    assert_eq!(pids.len(), 5, "expected 5 processes in the computation, have {pids:?}\n{}", p.context());
+    for &pid in &pids {
+        s.track(pid);
+    }
+    let before: BTreeMap<i32, (i32, i32, i32)> = pids.iter().map(|&pid| (pid, tree_ids(pid))).collect();
+    let g1 = s.checkpoint_bounded(&mut p);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut p);
+    let gens = s.generations();
+    assert_eq!(gens[&g2.id].u64_field("nprocs"), 5, "generation {} does not hold the 5 processes", g2.id);
+
+    kill_all(&s, &pids, &mut p);
+    // As on a new host: the POSIX shared memory object is gone too; the
+    // restart makes it again from the image.
+    let shm = format!("/dev/shm/ckpt-tree-{}", p.pid);
+    std::fs::remove_file(&shm).unwrap_or_else(|e| panic!("{shm}: {e}"));
+
+    let mut r = s.restart_expect(&g2, p.pid, true);
+    for (&pid, ids) in &before {
+        assert!(pid_alive(pid), "process {pid} was not restored\n{}", r.context());
+        let mut now = tree_ids(pid);
+        if pid == p.pid {
+            now.0 = ids.0; // the root's parent is the restart command now
+        }
+        assert_eq!(now, *ids, "process {pid}: (ppid, pgid, sid) differ after the restart\n{}", r.context());
+    }
+    r.wait_ticks(3, LINE_TIMEOUT);
+    // The restored tree checkpoints again.
+    let g3 = s.checkpoint_bounded(&mut r);
+    assert!(g3.id > g2.id);
+    r.wait_line(|l| l.starts_with("REAPED"), LINE_TIMEOUT);
+    let t = r.last_tick.unwrap();
+    s.stop_at(t + 3);
+    r.wait_prefix("DONE", LINE_TIMEOUT);
+    let st = r.wait_exit(CMD_TIMEOUT);
+    assert!(st.success(), "the restored tree ended with {st}\n{}", r.context());
+
+    // An older generation restarts too, with its own zombie still there.
+    std::fs::remove_file(&stop).unwrap();
+    for &pid in &pids {
+        wait_gone(pid, Duration::from_secs(20));
+    }
+    let mut o = s.restart_expect(&g1, p.pid, false);
+    o.wait_ticks(3, LINE_TIMEOUT);
+    kill_all(&s, &pids, &mut o);
+}
+
+#[test]
+fn checkpoint_catches_short_lived_system_and_popen_children() {
+    let s = Session::new("tree_spawns");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("tree"), &["-t", "20", "-p", "-s", stop.to_str().unwrap()]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let mut last = None;
+    for _ in 0..6 {
+        let g = s.checkpoint_bounded(&mut p);
+        last = Some(g);
+    }
+    let pids = computation(&s);
+    for &pid in &pids {
+        s.track(pid);
+    }
+    kill_all(&s, &pids, &mut p);
+    let g = last.unwrap();
+    let mut r = s.restart_expect(&g, p.pid, true);
+    r.wait_ticks(12, LINE_TIMEOUT);
+    s.stop_at(r.last_tick.unwrap() + 2);
+    r.wait_prefix("DONE", LINE_TIMEOUT);
+    let st = r.wait_exit(CMD_TIMEOUT);
+    assert!(st.success(), "the restored tree ended with {st}\n{}", r.context());
+}
