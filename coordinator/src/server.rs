@@ -568,6 +568,9 @@ impl Coordinator {
             }
             work.last_mut().unwrap().prep = Some(prep);
         }
+        // Before RESUME: checks across processes (socket peers), and TCP
+        // connections leave repair mode.
+        round.finish().map_err(|e| e.to_string())?;
         Ok(())
     }
 

@@ -13,6 +13,12 @@ pub enum EngineError {
     #[error("process {pid}: fd {fd} is a {kind} ({target}), which ckpt cannot checkpoint yet; close it before checkpointing")]
     UnsupportedFd { pid: i32, fd: i32, kind: String, target: String },
 
+    #[error("process {pid}: fd {fd} is {what} connected to {peer}, which is outside the computation; run that program under ckpt too (same coordinator), or close the connection before checkpointing")]
+    SocketPeer { pid: i32, fd: i32, what: String, peer: String },
+
+    #[error("process {pid}: fd {fd}: {what}; checkpoint again in a moment")]
+    SocketBusy { pid: i32, fd: i32, what: String },
+
     #[error("process {pid}: {what}, which ckpt cannot checkpoint yet")]
     Unsupported { pid: i32, what: String },
 

@@ -194,6 +194,10 @@ pub enum FdKind {
         /// The bytes in flight (recorded once per pipe, on a read end).
         data: Option<Hash>,
     },
+    /// A unix socket (stream, datagram or seqpacket).
+    Unix(UnixSocketImage),
+    /// A TCP socket (IPv4 or IPv6): unconnected, listening or established.
+    Tcp(TcpSocketImage),
     /// The agent's connection to the coordinator: a new one is made.
     Agent,
     /// An eventfd with the counter it held.
@@ -271,6 +275,115 @@ pub struct Termios {
     pub cc: Vec<u8>,
     pub ispeed: u32,
     pub ospeed: u32,
+}
+
+/// Socket options kept across a restart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SockOpts {
+    /// `SO_RCVBUF`/`SO_SNDBUF` as `getsockopt` reports them, when the
+    /// program set them (not the defaults).
+    #[serde(default)]
+    pub rcvbuf: Option<i32>,
+    #[serde(default)]
+    pub sndbuf: Option<i32>,
+    #[serde(default)]
+    pub passcred: bool,
+    #[serde(default)]
+    pub reuseaddr: bool,
+    #[serde(default)]
+    pub keepalive: bool,
+    /// TCP_NODELAY.
+    #[serde(default)]
+    pub nodelay: bool,
+}
+
+/// A unix socket. Two sockets connected to each other (`peer` names the
+/// other's `ino`) are one connected pair again after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixSocketImage {
+    /// The network namespace it lived in (inode of `/proc/PID/ns/net`).
+    pub netns: u64,
+    pub ino: u64,
+    /// `SOCK_STREAM`, `SOCK_DGRAM` or `SOCK_SEQPACKET`.
+    pub ty: i32,
+    /// The `sun_path` bytes it was bound to (an abstract name starts with
+    /// a NUL).
+    pub name: Option<Vec<u8>>,
+    /// Listening, with this backlog.
+    pub listen_backlog: Option<u32>,
+    /// The socket it is connected to (0: none).
+    pub peer: u64,
+    /// The peer's name, if it had one.
+    pub peer_name: Option<Vec<u8>>,
+    /// A stream or seqpacket socket whose peer was closed already: reads
+    /// give what was in flight, then end of file.
+    pub peer_gone: bool,
+    /// The bytes in its receive queue, in order.
+    pub data: Option<Hash>,
+    /// Datagram and seqpacket sockets: the length of each message in
+    /// `data` (their boundaries are kept).
+    pub messages: Vec<u32>,
+    pub opts: SockOpts,
+}
+
+/// A TCP socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpSocketImage {
+    /// The network namespace it lived in (inode of `/proc/PID/ns/net`).
+    pub netns: u64,
+    pub ino: u64,
+    /// Its local address (port 0: not bound).
+    pub local: std::net::SocketAddr,
+    pub state: TcpState,
+    pub opts: SockOpts,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TcpState {
+    /// Not connected (maybe bound).
+    Closed,
+    /// Listening; connections not accepted yet are not kept.
+    Listen { backlog: u32 },
+    /// A connection, recreated with `TCP_REPAIR`.
+    Established(TcpConnImage),
+}
+
+/// An established connection as `TCP_REPAIR` reads and writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConnImage {
+    pub peer: std::net::SocketAddr,
+    /// Sequence number of the first byte of the send queue (the oldest
+    /// unacknowledged one).
+    pub send_seq: u32,
+    /// Sequence number of the first byte of the receive queue (the next
+    /// one the program reads).
+    pub recv_seq: u32,
+    /// Send queue: unacknowledged bytes, then `unsent` never sent ones.
+    pub send: Option<Hash>,
+    pub send_len: u32,
+    pub unsent: u32,
+    /// Receive queue: received, not read by the program.
+    pub recv: Option<Hash>,
+    pub recv_len: u32,
+    pub mss: u32,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    pub sack: bool,
+    pub timestamps: bool,
+    /// `TCP_TIMESTAMP`: the connection's timestamp clock.
+    pub tsval: u32,
+    pub window: TcpWindow,
+}
+
+/// `struct tcp_repair_window`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpWindow {
+    pub snd_wl1: u32,
+    pub snd_wnd: u32,
+    pub max_window: u32,
+    pub rcv_wnd: u32,
+    pub rcv_wup: u32,
 }
 
 /// One mapping of the address space.

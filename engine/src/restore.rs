@@ -401,7 +401,7 @@ pub fn restore_generation(
         });
         all_moves.push(moves);
     }
-    drop(opener);
+    opener.finish()?;
     // The driver's copies of every fd sit above every number a process
     // wants, so that placing one never overwrites another.
     let src_base = all_moves.iter().flatten().map(|m| m.dst).max().unwrap_or(2) + 1;

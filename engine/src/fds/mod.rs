@@ -18,8 +18,11 @@
 //!   file description once and hands the same one to every fd that had it.
 //!
 //! Live fds of a stopped process are borrowed with `pidfd_getfd`: the
-//! coordinator reads a pipe's buffer with `tee` (the bytes stay where they
-//! are, so nothing has to be written back when the program resumes).
+//! coordinator reads a pipe's buffer with `tee` and a socket's queues with
+//! `MSG_PEEK` (the bytes stay where they are, so nothing has to be written
+//! back when the program resumes). [`Round::finish`] runs the checks that
+//! need every process (socket peers) before the programs resume, and
+//! [`Opener::finish`] the steps that need every fd of a restart.
 
 pub mod epoll;
 pub mod eventfd;
@@ -29,6 +32,7 @@ pub mod pipe;
 pub mod pty;
 pub mod signalfd;
 pub mod timerfd;
+pub mod socket;
 
 use std::collections::HashMap;
 use std::fs;
@@ -161,11 +165,32 @@ pub struct Round<'w> {
     /// launch` records in each process's environment (e.g. the stdio of a
     /// `ckpt restart`).
     externals: Vec<(i32, String)>,
+    /// Sockets read so far; TCP connections held in repair mode.
+    sockets: socket::RoundSockets,
 }
 
 impl<'w> Round<'w> {
     pub fn new(writer: &'w Writer) -> Self {
-        Round { writer, seen: Vec::new(), next_ofd: 1, pidfds: HashMap::new(), pipes_read: HashMap::new(), ptys_read: HashMap::new(), externals: Vec::new() }
+        Round {
+            writer,
+            seen: Vec::new(),
+            next_ofd: 1,
+            pidfds: HashMap::new(),
+            pipes_read: HashMap::new(),
+            ptys_read: HashMap::new(),
+            externals: Vec::new(),
+            sockets: socket::RoundSockets::default(),
+        }
+    }
+
+    /// Call once every process of the round was captured, before the
+    /// programs resume: checks what needs the whole computation (every
+    /// socket's peer is in it; no TCP connection moved while the others
+    /// were read) and takes TCP sockets out of repair mode. An error means
+    /// the round must be aborted. (Dropping a round without calling this
+    /// also leaves repair mode.)
+    pub fn finish(&mut self) -> Result<()> {
+        self.sockets.finish()
     }
 
     /// Adds fds (number at the giver, `readlink` target) that came from
@@ -259,7 +284,7 @@ impl<'w> Round<'w> {
             } else if target.starts_with("pipe:") {
                 pipe::capture(self, &live)?
             } else if target.starts_with("socket:") {
-                return Err(live.unsupported("socket"));
+                socket::capture(self, &live)?
             } else if let Some(anon) = target.strip_prefix("anon_inode:") {
                 match anon.trim_matches(|c| c == '[' || c == ']') {
                     "eventfd" => eventfd::capture(&live)?,
@@ -286,6 +311,7 @@ pub struct Opener<'s> {
     made: HashMap<u64, OwnedFd>,
     pipes: pipe::Pipes,
     ptys: pty::Ptys,
+    sockets: socket::Sockets,
 }
 
 impl<'s> Opener<'s> {
@@ -293,7 +319,7 @@ impl<'s> Opener<'s> {
     /// several (a pipe's ends) are prepared from all of them.
     pub fn new(store: &'s Store, generation: u64, images: &[crate::image::ProcessImage]) -> Result<Self> {
         let pipes = pipe::Pipes::new(store, generation, images)?;
-        Ok(Opener { store, generation, made: HashMap::new(), pipes, ptys: pty::Ptys::new(images) })
+        Ok(Opener { store, generation, made: HashMap::new(), pipes, ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images) })
     }
 
     /// A new slave fd (not yet anyone's controlling terminal) of the
@@ -302,6 +328,13 @@ impl<'s> Opener<'s> {
     /// in the computation.
     pub fn ctty(&mut self, index: u32) -> Result<Option<OwnedFd>> {
         self.ptys.slave_for_ctty(self.store, self.generation, index)
+    }
+
+    /// Call once every fd of the restart was opened, before any process
+    /// runs: connects what needs its peer to exist and takes TCP
+    /// connections out of repair mode.
+    pub fn finish(self) -> Result<()> {
+        self.sockets.finish(self.generation)
     }
 
     pub fn err(&self, what: String) -> EngineError {
@@ -334,6 +367,7 @@ impl<'s> Opener<'s> {
             FdKind::Epoll { .. } => epoll::open(self.generation, pid, f)?,
             FdKind::Inotify { .. } => inotify::open(self.generation, pid, f)?,
             FdKind::PtyMaster(_) | FdKind::PtySlave { .. } => pty::open(self, pid, f)?,
+            FdKind::Unix(_) | FdKind::Tcp(_) => socket::open(&mut self.sockets, self.store, self.generation, pid, f)?,
         };
         if f.ofd != 0 {
             self.made.insert(f.ofd, dup(&fd)?);

@@ -1,0 +1,127 @@
+//! sockets: unix socketpairs (stream, datagram, seqpacket), named and
+//! abstract unix sockets, and a TCP connection on loopback, each with data
+//! in flight at every checkpoint, survive checkpoint, kill -9 and restart
+//! with nothing lost or repeated (the programs check every record's number
+//! and print DONE); a socket connected outside the computation is refused
+//! with an error that names it.
+mod common;
+use common::*;
+
+#[test]
+fn unix_sockets_checkpoint_restart_cycle() {
+    let c = Cycle::new(program("sockpair"), &["-t", "100"]);
+    standard_cycle("sockets_unix", &c);
+}
+
+#[test]
+fn tcp_loopback_checkpoint_restart_cycle() {
+    let c = Cycle::new(program("tcp_loop"), &["-t", "100"]);
+    let s = standard_cycle("sockets_tcp", &c);
+    drop(s);
+}
+
+#[test]
+fn unix_socket_to_an_outside_server_is_refused() {
+    let s = Session::new("sockets_outside");
+    let path = s.path("outside.sock");
+    let server = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("sockpair"), &["-t", "100", "-c", path.to_str().unwrap(), "-s", stop.to_str().unwrap()]);
+    let pid = p.pid;
+    let (_conn, _) = server.accept().unwrap();
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let out = s.try_checkpoint();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a checkpoint with a socket connected outside succeeded\n{err}");
+    assert!(err.contains(&format!("process {pid}")), "the error does not name process {pid}: {err}");
+    assert!(err.contains("fd 60"), "the error does not name fd 60: {err}");
+    assert!(err.contains("outside.sock") && err.contains("outside the computation"), "the error does not name the peer: {err}");
+    assert!(s.generations().is_empty(), "a generation was committed");
+    // The program goes on, its sockets untouched.
+    p.wait_ticks(3, LINE_TIMEOUT);
+    p.finish(&s, 2);
+}
+
+/// The PIDs of the processes registered with the coordinator.
+fn computation(s: &Session) -> Vec<i32> {
+    let out = s.run("status", &["--json"]);
+    assert!(out.status.success(), "ckpt status failed: {}", text(&out.stderr));
+    let j = Json::parse(&text(&out.stdout)).unwrap();
+    let mut v: Vec<i32> = j
+        .get("processes")
+        .and_then(Json::as_array)
+        .map(|a| a.iter().filter_map(|p| p.get("pid").and_then(Json::as_u64)).map(|p| p as i32).collect())
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+fn wait_computation(s: &Session, n: usize) -> Vec<i32> {
+    let deadline = std::time::Instant::now() + LINE_TIMEOUT;
+    loop {
+        let v = computation(s);
+        if v.len() >= n || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn kill_all(s: &Session, pids: &[i32], root: &mut Proc) {
+    let out = s.run("kill", &[]);
+    assert!(out.status.success(), "ckpt kill failed: {}", text(&out.stderr));
+    root.wait_exit(CMD_TIMEOUT);
+    for &pid in pids {
+        wait_gone(pid, std::time::Duration::from_secs(20));
+    }
+}
+
+/// Runs a restored tcp_fork to the end: every client got every echo.
+fn run_to_done(s: &Session, r: &mut Proc, clients: usize) {
+    s.stop_at(r.last_tick.unwrap() + 2);
+    r.wait_prefix("DONE", LINE_TIMEOUT);
+    let st = r.wait_exit(CMD_TIMEOUT);
+    assert!(st.success(), "the restored server ended with {st}\n{}", r.context());
+    let ok = r.lines.iter().filter(|l| l.starts_with("CLIENT ") && l.contains(" OK records ")).count();
+    assert_eq!(ok, clients, "not every client finished cleanly\n{}", r.context());
+}
+
+#[test]
+fn forking_tcp_server_and_clients_checkpoint_restart() {
+    let s = Session::new("sockets_fork");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("tcp_fork"), &["-t", "100", "-k", "2", "-s", stop.to_str().unwrap()]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    // The server, two clients, a handler per client.
+    let pids = wait_computation(&s, 5);
+    assert_eq!(pids.len(), 5, "expected 5 processes in the computation, have {pids:?}\n{}", p.context());
+    for &pid in &pids {
+        s.track(pid);
+    }
+    let g1 = s.checkpoint_bounded(&mut p);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut p);
+    assert_eq!(s.generations()[&g2.id].u64_field("nprocs"), 5);
+    kill_all(&s, &pids, &mut p);
+
+    let mut r = s.restart_expect(&g2, p.pid, true);
+    for &pid in &pids {
+        assert!(pid_alive(pid), "process {pid} was not restored\n{}", r.context());
+    }
+    r.wait_ticks(3, LINE_TIMEOUT);
+    let g3 = s.checkpoint_bounded(&mut r);
+    assert!(g3.id > g2.id);
+    r.wait_ticks(2, LINE_TIMEOUT);
+    run_to_done(&s, &mut r, 2);
+
+    // The oldest generation too, after everything of the last run is gone.
+    std::fs::remove_file(&stop).unwrap();
+    for &pid in &pids {
+        wait_gone(pid, std::time::Duration::from_secs(20));
+    }
+    let mut o = s.restart_expect(&g1, p.pid, false);
+    o.wait_ticks(3, LINE_TIMEOUT);
+    run_to_done(&s, &mut o, 2);
+}
