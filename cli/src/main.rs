@@ -471,6 +471,9 @@ fn utc(secs: i64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// How long the restart on one host waits for the restarts on the others.
+const RESTART_BARRIER_SECS: u64 = 120;
+
 fn parse_host_map(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((old, new)) if !old.is_empty() && !new.is_empty() => Ok((old.to_string(), new.to_string())),
@@ -486,7 +489,17 @@ fn this_host() -> String {
 fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool, here: &str, host_map: &[(String, String)]) -> Result<ExitCode> {
     let store = Store::open(url)?;
     let (info, _, images) = ckpt_engine::image::load_generation(&store, generation)?;
+    // The hosts the generation ran on, and those restarted here (by their
+    // recorded names, whatever --host-map says).
+    let names = |v: &[ckpt_engine::image::ProcessImage]| {
+        let mut h: Vec<String> = v.iter().map(|i| i.host.clone()).collect();
+        h.sort();
+        h.dedup();
+        h
+    };
+    let hosts = names(&images);
     let images = ckpt_engine::image::select_host(info.id, images, here, host_map)?;
+    let mine = names(&images);
     for img in &images {
         ckpt_engine::restore::check_ids_free(info.id, img)?;
     }
@@ -503,7 +516,17 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
             .map(|c| c.into_owned_fd())
             .map_err(|e| ckpt_engine::EngineError::io(format!("cannot connect to the coordinator at {addr}"), e))
     };
-    let restored = ckpt_engine::restore::restore_generation(&store, info.id, &images, &restorer, connect)?;
+    // A generation spread over hosts: the restarts on every host meet at the
+    // coordinator before their connections go live.
+    let before_live = || {
+        if hosts.len() > 1 {
+            let req = json!({"generation": info.id, "arrived": mine, "hosts": hosts});
+            client::request(addr, "restart_barrier", req, Duration::from_secs(RESTART_BARRIER_SECS + 10))
+                .map_err(|e| ckpt_engine::EngineError::Restore { generation: info.id, what: format!("waiting for the restarts on hosts {}: {e}", hosts.join(", ")) })?;
+        }
+        Ok(())
+    };
+    let restored = ckpt_engine::restore::restore_generation(&store, info.id, &images, &restorer, connect, before_live)?;
     for pid in &restored.all {
         client::request(addr, "wait_process", json!({"pid": pid}), Duration::from_secs(30))
             .with_context(|| format!("restored process {pid} did not come back to the coordinator"))?;

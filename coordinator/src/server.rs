@@ -35,6 +35,8 @@ pub struct Config {
 
 /// How long a checkpoint waits for another writer (`ckpt gc`) to finish.
 const WRITER_WAIT: Duration = Duration::from_secs(300);
+/// How long the restart on one host waits for the others'.
+const RESTART_BARRIER_SECS: u64 = 120;
 /// How long a new child may take to register with the coordinator.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a process may take to stop all its threads.
@@ -81,6 +83,9 @@ struct Coordinator {
     /// Fds given to the computation from outside by `ckpt restart` (its
     /// stdio): (fd, readlink target).
     externals: Mutex<Vec<(i32, String)>>,
+    /// Hosts whose restart of a generation reached the barrier.
+    /// (hosts arrived, when the barrier opened) per generation.
+    restarts: Mutex<HashMap<u64, (HashSet<String>, Option<Instant>)>>,
     started: Instant,
     host: String,
     /// This coordinator's PID namespace inode and boot id.
@@ -117,6 +122,7 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         next_conn: AtomicU64::new(1),
         last_error: Mutex::new(None),
         externals: Mutex::new(Vec::new()),
+        restarts: Mutex::new(HashMap::new()),
         started: Instant::now(),
         host: hostname(),
         pidns: std::fs::read_link("/proc/self/ns/pid")
@@ -269,6 +275,41 @@ impl Coordinator {
                     }
                 }
                 json!({"ok": true})
+            }
+            "restart_barrier" => {
+                // The restarts of one generation on several hosts: each
+                // names the hosts (as recorded) whose processes it brings
+                // back, and is answered once every host has arrived.
+                let generation = req.get("generation").and_then(Value::as_u64).unwrap_or(0);
+                let names = |k: &str| -> Vec<String> {
+                    req.get(k).and_then(Value::as_array).into_iter().flatten().filter_map(|h| h.as_str().map(str::to_string)).collect()
+                };
+                let (arrived, hosts) = (names("arrived"), names("hosts"));
+                {
+                    let mut all = self.restarts.lock().unwrap();
+                    let entry = all.entry(generation).or_default();
+                    // A barrier that opened a while ago belongs to an earlier
+                    // restart of this generation.
+                    if entry.1.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+                        *entry = Default::default();
+                    }
+                    entry.0.extend(arrived);
+                }
+                let deadline = Instant::now() + Duration::from_secs(RESTART_BARRIER_SECS);
+                loop {
+                    let mut all = self.restarts.lock().unwrap();
+                    let entry = all.entry(generation).or_default();
+                    let missing: Vec<&String> = hosts.iter().filter(|h| !entry.0.contains(*h)).collect();
+                    if missing.is_empty() {
+                        entry.1.get_or_insert_with(Instant::now);
+                        break json!({"ok": true});
+                    }
+                    drop(all);
+                    if Instant::now() >= deadline {
+                        break json!({"ok": false, "error": format!("no restart of generation {generation} arrived from host(s) {missing:?} within {RESTART_BARRIER_SECS} s: run `ckpt restart {generation} --host NAME` on each host of the generation")});
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             "wait_process" => {
                 let pid = req.get("pid").and_then(Value::as_i64).unwrap_or(0) as i32;

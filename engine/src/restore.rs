@@ -258,7 +258,9 @@ mod step {
 /// [`crate::image::load_generation`]) as it was: the same process tree,
 /// PIDs, TIDs, sessions and process groups, each fd's open file description
 /// shared as before, shared memory shared again. `connect` makes a fresh
-/// connection to the coordinator for each process's agent. Returns the PIDs
+/// connection to the coordinator for each process's agent; `before_live`
+/// runs once every fd exists, before connections go live (the caller waits
+/// there for the restarts on other hosts). Returns the PIDs
 /// of the processes that are children of the caller (the ones whose parent
 /// was outside the computation) and of all processes, once every thread of
 /// every process runs.
@@ -268,6 +270,7 @@ pub fn restore_generation(
     images: &[ProcessImage],
     restorer: &Path,
     mut connect: impl FnMut() -> Result<OwnedFd>,
+    before_live: impl FnOnce() -> Result<()>,
 ) -> Result<Restored> {
     let err = |what: String| EngineError::Restore { generation, what };
     // Start the thread pool now: threads created after the clones could take
@@ -401,6 +404,10 @@ pub fn restore_generation(
         });
         all_moves.push(moves);
     }
+    // Every socket exists here; peers on other hosts must exist too before
+    // a TCP connection leaves repair mode (else their kernel answers with a
+    // reset).
+    before_live()?;
     opener.finish()?;
     // The driver's copies of every fd sit above every number a process
     // wants, so that placing one never overwrites another.

@@ -16,6 +16,13 @@
  * 0 once the handler closed (printing "CLIENT i OK records N"); handlers
  * exit 0 at end of file. The main process reaps all of them and prints
  * DONE. Any error prints FAIL (from whichever process saw it).
+ *
+ * Across hosts, the two halves run as two programs:
+ *   tcp_fork -S PORT       listens on every address at PORT and forks a
+ *                          handler for the one client that connects;
+ *                          at the stop tick it waits for the handler to
+ *                          see the client's end of file;
+ *   tcp_fork -C IP:PORT    forks one client connecting there.
  */
 #include "common.h"
 #include <arpa/inet.h>
@@ -30,12 +37,18 @@
 #define MAXC 16
 
 static int nclients = 2;
+static int server_port = 0;
+static char *client_to = NULL;
 static volatile sig_atomic_t stopping = 0;
 
 static void opt(int c, const char *arg)
 {
     if (c == 'k')
         nclients = atoi(arg);
+    if (c == 'S')
+        server_port = atoi(arg);
+    if (c == 'C')
+        client_to = strdup(arg);
 }
 
 static void on_usr1(int sig)
@@ -132,15 +145,73 @@ static void in_child(void)
     ct_tid = ct_gettid();
 }
 
+/* One half of a pair across hosts (-S or -C): one child does the work,
+ * the main process ticks and, at the stop tick, ends it and reaps it. */
+static void half(void)
+{
+    pid_t child;
+    if (server_port) {
+        int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)server_port) };
+        setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(ls, (struct sockaddr *)&a, sizeof a) != 0 || listen(ls, 4) != 0)
+            ct_fail("listen on port %d: %s", server_port, strerror(errno));
+        printf("LISTENING %d\n", server_port);
+        int c = accept(ls, NULL, NULL);
+        if (c < 0)
+            ct_fail("accept: %s", strerror(errno));
+        child = fork();
+        if (child == 0) {
+            close(ls);
+            in_child();
+            handler(c);
+        }
+        close(c);
+    } else {
+        char host[64];
+        snprintf(host, sizeof host, "%s", client_to);
+        char *colon = strrchr(host, ':');
+        if (!colon)
+            ct_fail("-C wants IP:PORT");
+        *colon = 0;
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(colon + 1)) };
+        if (inet_pton(AF_INET, host, &a.sin_addr) != 1)
+            ct_fail("bad address %s", host);
+        child = fork();
+        if (child == 0) {
+            in_child();
+            client(0, &a);
+        }
+    }
+    printf("READY\n");
+    for (long tick = 1;; tick++) {
+        ct_check_ids();
+        int st;
+        if (waitpid(child, &st, WNOHANG) != 0)
+            ct_fail("child %d ended early with status %#x", (int)child, st);
+        printf("TICK %ld\n", tick);
+        if (ct_should_stop(tick)) {
+            if (!server_port)
+                kill(child, SIGUSR1);
+            if (waitpid(child, &st, 0) != child || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+                ct_fail("child %d ended with status %#x", (int)child, st);
+            ct_done();
+        }
+        ct_sleep_ms(ct_interval_ms);
+    }
+}
+
 int main(int argc, char **argv)
 {
-    ct_parse(argc, argv, "k:", opt);
+    ct_parse(argc, argv, "k:S:C:", opt);
     ct_setup();
     if (nclients < 1 || nclients > MAXC)
         ct_fail("bad -k");
     struct sigaction sa = { .sa_handler = on_usr1, .sa_flags = SA_RESTART };
     sigemptyset(&sa.sa_mask);
     sigaction(SIGUSR1, &sa, NULL);
+    if (server_port || client_to)
+        half();
     int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     socklen_t al = sizeof a;

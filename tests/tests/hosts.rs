@@ -64,105 +64,165 @@ impl Drop for Net {
     }
 }
 
-#[test]
-fn programs_on_two_hosts_checkpoint_together_and_restart_on_their_hosts() {
-    let s = Session::new("hosts");
-    let net = Net::new(77, &["a", "b", "c"]);
-    let coord = "tcp:10.77.0.1:47017";
-    let ckpt = s.ckpt.to_str().unwrap().to_string();
-    let log = std::fs::File::create(s.path("coordinator.log")).unwrap();
-    let st = Command::new(&ckpt)
-        .args(["coordinator", "--daemonize", "--coord", coord, "--store", &s.store])
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .status()
-        .unwrap();
-    assert!(st.success(), "starting the coordinator failed: see {}", s.path("coordinator.log").display());
-    let quit = || {
-        let _ = Command::new(&ckpt).args(["quit", "--coord", coord]).output();
-    };
-    struct Quit<F: Fn()>(F);
-    impl<F: Fn()> Drop for Quit<F> {
-        fn drop(&mut self) {
-            (self.0)()
-        }
-    }
-    let _quit = Quit(quit);
+/// A coordinator listening at `coord` (a bridge address) for the session's
+/// store; quit on drop.
+struct Coordinator {
+    ckpt: String,
+    coord: String,
+}
 
-    let stop = s.stop_file();
-    let prog = program("counter_heap");
-    let launch = |i: usize, host: &str| {
-        let mut c = net.on(i, host, &[&ckpt, "launch", "--coord", coord, "--store", &s.store, "--"]);
-        c.arg(&prog).args(["-m", "16", "-t", "50", "-s", stop.to_str().unwrap()]).current_dir(&s.dir);
-        let mut p = Proc::spawn(format!("counter_heap on {host}"), c);
+impl Coordinator {
+    fn start(s: &Session, coord: &str) -> Coordinator {
+        let log = std::fs::File::create(s.path("coordinator.log")).unwrap();
+        let ckpt = s.ckpt.to_str().unwrap().to_string();
+        let st = Command::new(&ckpt)
+            .args(["coordinator", "--daemonize", "--coord", coord, "--store", &s.store])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .status()
+            .unwrap();
+        assert!(st.success(), "starting the coordinator failed: see {}", s.path("coordinator.log").display());
+        Coordinator { ckpt, coord: coord.to_string() }
+    }
+
+    /// `ckpt ARGS...` (run to completion).
+    fn run(&self, s: &Session, args: &[&str]) -> std::process::Output {
+        let mut c = Command::new(&self.ckpt);
+        c.args(args).current_dir(&s.dir);
+        run_with_timeout(c, CMD_TIMEOUT)
+    }
+
+    /// `ckpt launch` of `prog ARGS` on host `i` named `host`.
+    fn launch(&self, s: &Session, net: &Net, i: usize, host: &str, prog: &std::path::Path, args: &[&str]) -> Proc {
+        let mut c = net.on(i, host, &[&self.ckpt, "launch", "--coord", &self.coord, "--store", &s.store, "--"]);
+        c.arg(prog).args(args).current_dir(&s.dir);
+        let mut p = Proc::spawn(format!("{} on {host}", prog.display()), c);
         let line = p.wait_prefix("PID ", LINE_TIMEOUT);
         p.pid = line[4..].trim().parse().unwrap();
         assert_eq!(p.pid, p.child_pid(), "the program on {host} does not have the launch's PID");
         s.track(p.pid);
         p
-    };
-    let mut a = launch(0, "hosta");
-    let mut b = launch(1, "hostb");
+    }
+
+    /// `ckpt restart ARGS` on host `i` named `host`, in the background.
+    fn restart(&self, s: &Session, net: &Net, i: usize, host: &str, pid: i32, extra: &[&str]) -> Proc {
+        let mut argv = vec![self.ckpt.as_str(), "restart", "--coord", &self.coord, "--store", &s.store];
+        argv.extend_from_slice(extra);
+        let mut c = net.on(i, host, &argv);
+        c.current_dir(&s.dir);
+        let mut p = Proc::spawn(format!("restart on {host}"), c);
+        p.pid = pid;
+        p
+    }
+
+    fn checkpoint(&self, s: &Session) -> u64 {
+        let out = self.run(s, &["checkpoint", "--coord", &self.coord]);
+        assert!(out.status.success(), "checkpoint failed: {}", text(&out.stderr));
+        text(&out.stdout).trim().lines().last().unwrap().trim().parse().unwrap()
+    }
+
+    fn kill(&self, s: &Session, procs: &mut [&mut Proc]) {
+        let out = self.run(s, &["kill", "--coord", &self.coord]);
+        assert!(out.status.success(), "ckpt kill: {}", text(&out.stderr));
+        for p in procs.iter_mut() {
+            p.wait_exit(CMD_TIMEOUT);
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.ckpt).args(["quit", "--coord", &self.coord]).output();
+    }
+}
+
+#[test]
+fn programs_on_two_hosts_checkpoint_together_and_restart_on_their_hosts() {
+    let s = Session::new("hosts");
+    let net = Net::new(77, &["a", "b", "c"]);
+    let co = Coordinator::start(&s, "tcp:10.77.0.1:47017");
+    let stop = s.stop_file();
+    let args = ["-m", "16", "-t", "50", "-s", stop.to_str().unwrap()];
+    let prog = program("counter_heap");
+    let mut a = co.launch(&s, &net, 0, "hosta", &prog, &args);
+    let mut b = co.launch(&s, &net, 1, "hostb", &prog, &args);
     a.wait_ticks(2, LINE_TIMEOUT);
     b.wait_ticks(2, LINE_TIMEOUT);
-
-    let run = |args: &[&str]| {
-        let mut c = Command::new(&ckpt);
-        c.args(args).current_dir(&s.dir);
-        run_with_timeout(c, CMD_TIMEOUT)
-    };
-    let out = run(&["checkpoint", "--coord", coord]);
-    assert!(out.status.success(), "checkpoint of two hosts failed: {}", text(&out.stderr));
-    let generation: u64 = text(&out.stdout).trim().lines().last().unwrap().trim().parse().unwrap();
-    let log = run(&["log", "--store", &s.store]);
-    let log = text(&log.stdout);
+    co.checkpoint(&s);
+    let log = text(&co.run(&s, &["log", "--store", &s.store]).stdout);
     for (p, host) in [(&a, "hosta"), (&b, "hostb")] {
         assert!(log.contains(&format!("{}@{host}", p.pid)), "`ckpt log` does not show process {} on {host}:\n{log}", p.pid);
     }
     a.wait_ticks(2, LINE_TIMEOUT);
     b.wait_ticks(2, LINE_TIMEOUT);
-    let last_a = a.last_tick.unwrap();
-    let last_b = b.last_tick.unwrap();
-    let out = run(&["kill", "--coord", coord]);
-    assert!(out.status.success());
-    a.wait_exit(CMD_TIMEOUT);
-    b.wait_exit(CMD_TIMEOUT);
+    let (last_a, last_b) = (a.last_tick.unwrap(), b.last_tick.unwrap());
+    co.kill(&s, &mut [&mut a, &mut b]);
 
     // From outside both hosts, a restart says which hosts to run it on.
-    let out = run(&["restart", "--coord", coord, "--store", &s.store]);
+    let out = co.run(&s, &["restart", "--coord", &co.coord, "--store", &s.store]);
     assert!(!out.status.success(), "a restart of a two-host generation on a third host succeeded");
     let err = text(&out.stderr);
     assert!(err.contains("hosta") && err.contains("hostb") && err.contains("--host"), "unclear error: {err}");
 
     // Host a's process on host a; host b's on host c.
-    let restart = |i: usize, host: &str, extra: &[&str]| {
-        let mut argv = vec![ckpt.as_str(), "restart", "--coord", coord, "--store", &s.store];
-        argv.extend_from_slice(extra);
-        let mut c = net.on(i, host, &argv);
-        c.current_dir(&s.dir);
-        Proc::spawn(format!("restart on {host}"), c)
-    };
-    let mut ra = restart(0, "hosta", &[]);
-    let mut rc = restart(2, "hostc", &["--host-map", "hostb=hostc"]);
-    ra.pid = a.pid;
-    rc.pid = b.pid;
-    let ta = ra.wait_ticks(2, RESTART_TIMEOUT);
-    let tc = rc.wait_ticks(2, RESTART_TIMEOUT);
-    assert!(ra.first_tick.unwrap() <= last_a + 1 && tc > 0 && ta > 0);
-    assert!(rc.first_tick.unwrap() <= last_b + 1);
-    let st = Command::new("cat").arg(format!("/proc/{}/net/dev", b.pid)).output().unwrap();
-    assert!(text(&st.stdout).contains(&format!("{}i2", net.tag)), "process {} does not run in host c's network namespace", b.pid);
+    let mut ra = co.restart(&s, &net, 0, "hosta", a.pid, &[]);
+    let mut rc = co.restart(&s, &net, 2, "hostc", b.pid, &["--host-map", "hostb=hostc"]);
+    ra.wait_ticks(2, RESTART_TIMEOUT);
+    rc.wait_ticks(2, RESTART_TIMEOUT);
+    assert!(ra.first_tick.unwrap() <= last_a + 1 && rc.first_tick.unwrap() <= last_b + 1);
+    let dev = std::fs::read_to_string(format!("/proc/{}/net/dev", b.pid)).unwrap();
+    assert!(dev.contains(&format!("{}i2", net.tag)), "process {} does not run in host c's network namespace", b.pid);
 
     // Both checkpoint again, from their new places.
-    let out = run(&["checkpoint", "--coord", coord]);
-    assert!(out.status.success(), "checkpoint after the restart failed: {}", text(&out.stderr));
-    let log = text(&run(&["log", "--store", &s.store]).stdout);
+    co.checkpoint(&s);
+    let log = text(&co.run(&s, &["log", "--store", &s.store]).stdout);
     assert!(log.contains(&format!("{}@hostc", b.pid)), "`ckpt log` does not show process {} on hostc:\n{log}", b.pid);
-    let _ = generation;
     s.stop_at(ra.last_tick.unwrap().max(rc.last_tick.unwrap()) + 3);
     ra.wait_prefix("DONE", LINE_TIMEOUT);
     rc.wait_prefix("DONE", LINE_TIMEOUT);
     assert!(ra.wait_exit(CMD_TIMEOUT).success());
     assert!(rc.wait_exit(CMD_TIMEOUT).success());
+}
+
+/// A TCP client on one host and its server on another (each a launch of its
+/// own, with a forked worker), records in flight both ways: checkpointed
+/// twice mid-stream, everything killed, then restarted on both hosts at
+/// once (the restarts meet at the coordinator before the connection goes
+/// live); both sides run to the end and every record is checked.
+#[test]
+fn tcp_connection_between_two_hosts_survives_kill_and_restart() {
+    let s = Session::new("hosts_tcp");
+    let net = Net::new(78, &["a", "b"]);
+    let co = Coordinator::start(&s, "tcp:10.78.0.1:47018");
+    let stop = s.stop_file();
+    let stop = stop.to_str().unwrap();
+    let prog = program("tcp_fork");
+    let mut server = co.launch(&s, &net, 1, "hostb", &prog, &["-S", "47100", "-t", "50", "-s", stop]);
+    server.wait_prefix("LISTENING", LINE_TIMEOUT);
+    let mut client = co.launch(&s, &net, 0, "hosta", &prog, &["-C", "10.78.0.3:47100", "-t", "50", "-s", stop]);
+    client.wait_ticks(3, LINE_TIMEOUT);
+    server.wait_ticks(3, LINE_TIMEOUT);
+    co.checkpoint(&s);
+    client.wait_ticks(2, LINE_TIMEOUT);
+    let g = co.checkpoint(&s);
+    let log = text(&co.run(&s, &["log", "--store", &s.store]).stdout);
+    assert!(
+        log.contains(&format!("{}@hosta", client.pid)) && log.contains(&format!("{}@hostb", server.pid)),
+        "`ckpt log` does not show the two hosts:\n{log}"
+    );
+    co.kill(&s, &mut [&mut client, &mut server]);
+
+    let mut rs = co.restart(&s, &net, 1, "hostb", server.pid, &[&g.to_string()]);
+    let mut rc = co.restart(&s, &net, 0, "hosta", client.pid, &[&g.to_string()]);
+    rc.wait_ticks(5, RESTART_TIMEOUT);
+    rs.wait_ticks(5, RESTART_TIMEOUT);
+    let t = rc.last_tick.unwrap().max(rs.last_tick.unwrap());
+    s.stop_at(t + 5);
+    let ok = rc.wait_prefix("CLIENT 0 OK", LINE_TIMEOUT);
+    rc.wait_prefix("DONE", LINE_TIMEOUT);
+    rs.wait_prefix("DONE", LINE_TIMEOUT);
+    assert!(rc.wait_exit(CMD_TIMEOUT).success(), "{}", rc.context());
+    assert!(rs.wait_exit(CMD_TIMEOUT).success(), "{}", rs.context());
+    eprintln!("client after the restart: {ok}");
 }

@@ -307,7 +307,12 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         assert_eq!(size_of::<Header>(), 16);
-        assert_eq!(size_of::<Hello>(), 56);
+        assert_eq!(size_of::<Hello>(), 176);
+        // A version-1 agent (restored from an older image) sends 56 bytes.
+        let old = Hello { version: 1, pid: 42, tracking: 3, ..Default::default() };
+        let h = Hello::parse(&old.as_bytes()[..56]).unwrap();
+        assert_eq!((h.pid, h.tracking, h.pidns, h.host_name()), (42, 3, 0, ""));
+        assert!(Hello::parse(&old.as_bytes()[..40]).is_none());
         assert_eq!(size_of::<ThreadState>(), 64);
         assert_eq!(size_of::<Suspended>(), 16 + 3 * 32 + 64 * 32);
         assert_eq!(size_of::<Failed>(), 248);
