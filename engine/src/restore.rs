@@ -867,7 +867,9 @@ fn build_plan(
             RegionKind::SharedFile | RegionKind::SharedAnon if region_fds.contains_key(&i) => {
                 let fd = region_fds[&i];
                 let flags = (libc::MAP_SHARED | libc::MAP_FIXED) as u64;
-                p.syscall(libc::SYS_mmap, &[r.start.into(), len.into(), (r.prot as u64).into(), flags.into(), (fd as u64).into(), r.offset.into()], Some(r.start), false, what);
+                // Writable until its content is in (protected at step 7).
+                let prot = if r.segments.is_empty() { r.prot } else { rw };
+                p.syscall(libc::SYS_mmap, &[r.start.into(), len.into(), (prot as u64).into(), flags.into(), (fd as u64).into(), r.offset.into()], Some(r.start), false, what);
             }
             kind => {
                 let mut flags = libc::MAP_FIXED | libc::MAP_ANONYMOUS;
