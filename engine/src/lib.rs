@@ -2,9 +2,11 @@
 //!
 //! Role: everything about a Linux process that a checkpoint records and a
 //! restart recreates: the `/proc` readers ([`procfs`]), the image manifest
-//! ([`image`]), taking an image of a stopped process ([`capture`]) and the
-//! restart driver that recreates a process through the freestanding
-//! restorer ([`restore`], [`plan`]). Memory is moved with
+//! ([`image`]), taking an image of a stopped process ([`capture`]), its open
+//! file descriptors one module per kind, shared across the processes of a
+//! computation ([`fds`]), and the restart driver that recreates a whole
+//! computation, process tree and all, through the freestanding restorer
+//! ([`restore`], [`plan`]). Memory is moved with
 //! `process_vm_readv`/`process_vm_writev` ([`remote`]).
 //!
 //! What it must never do: run inside the checkpointed program (that is the
