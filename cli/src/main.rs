@@ -301,11 +301,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             ensure_coordinator(&addr, &url, store.store.is_some(), interval)?;
             let preload = artifact("libckpt_preload.so", "CKPT_PRELOAD")?;
             let mut ld = preload.to_string_lossy().into_owned();
-            if let Ok(old) = std::env::var("LD_PRELOAD") {
-                if !old.is_empty() {
+            if let Ok(old) = std::env::var("LD_PRELOAD")
+                && !old.is_empty() {
                     ld = format!("{ld}:{old}");
                 }
-            }
             let err = std::process::Command::new(&prog[0]).args(&prog[1..]).env("LD_PRELOAD", ld)
                 .env(ckpt_wire::agent::ENV_COORD, addr.to_string())
                 .env(ckpt_engine::fds::ENV_EXTERNAL_FDS, ckpt_engine::fds::describe_external_fds())
@@ -430,7 +429,7 @@ fn log(url: &str, as_json: bool) -> Result<ExitCode> {
         println!("no generations in {url}");
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:>5}  {:<19}  {:>5}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {}", "GEN", "TIME (UTC)", "PROCS", "LOGICAL", "NEW", "STORED", "TOOK", "TRACKING", "PROCESSES");
+    println!("{:>5}  {:<19}  {:>5}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  PROCESSES", "GEN", "TIME (UTC)", "PROCS", "LOGICAL", "NEW", "STORED", "TOOK", "TRACKING");
     for g in gens {
         let secs = g.created_ms / 1000;
         // pid@host of each process, from the generation's details.

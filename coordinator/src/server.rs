@@ -83,9 +83,8 @@ struct Coordinator {
     /// Fds given to the computation from outside by `ckpt restart` (its
     /// stdio): (fd, readlink target).
     externals: Mutex<Vec<(i32, String)>>,
-    /// Hosts whose restart of a generation reached the barrier.
-    /// (hosts arrived, when the barrier opened) per generation.
-    restarts: Mutex<HashMap<u64, (HashSet<String>, Option<Instant>)>>,
+    /// Per generation, the restart barrier of its hosts.
+    restarts: Mutex<HashMap<u64, RestartBarrier>>,
     started: Instant,
     host: String,
     /// This coordinator's PID namespace inode and boot id.
@@ -268,11 +267,10 @@ impl Coordinator {
             "externals" => {
                 let mut ext = self.externals.lock().unwrap();
                 for item in req.get("fds").and_then(Value::as_array).into_iter().flatten() {
-                    if let (Some(fd), Some(target)) = (item.get("fd").and_then(Value::as_i64), item.get("target").and_then(Value::as_str)) {
-                        if !ext.iter().any(|(_, t)| t == target) {
+                    if let (Some(fd), Some(target)) = (item.get("fd").and_then(Value::as_i64), item.get("target").and_then(Value::as_str))
+                        && !ext.iter().any(|(_, t)| t == target) {
                             ext.push((fd as i32, target.to_string()));
                         }
-                    }
                 }
                 json!({"ok": true})
             }
@@ -425,11 +423,10 @@ impl Coordinator {
                 None => failure = Some(format!("process {} died or did not stop within {}s", p.hello.pid, SUSPEND_TIMEOUT.as_secs())),
             }
         }
-        if failure.is_none() {
-            if let Err(f) = self.stop_descendants(&req, &mut stopped) {
+        if failure.is_none()
+            && let Err(f) = self.stop_descendants(&req, &mut stopped) {
                 failure = Some(f);
             }
-        }
         if failure.is_none() {
             hold_for_tests();
         }
@@ -446,11 +443,10 @@ impl Coordinator {
         {
             let mut all = self.bases.lock().unwrap();
             for (p, _) in &stopped {
-                if let Some((conn, b)) = all.remove(&p.hello.pid) {
-                    if conn == p.conn_id {
+                if let Some((conn, b)) = all.remove(&p.hello.pid)
+                    && conn == p.conn_id {
                         bases.insert(p.hello.pid, b);
                     }
-                }
             }
         }
 
@@ -711,6 +707,10 @@ fn hold_for_tests() {
     let _ = std::fs::remove_file(dir.join("go"));
     let _ = std::fs::remove_file(dir.join("held"));
 }
+
+/// The hosts whose restart of a generation arrived, and when the barrier
+/// opened.
+type RestartBarrier = (HashSet<String>, Option<Instant>);
 
 /// One process's part of a checkpoint in progress.
 struct Work {

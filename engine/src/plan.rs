@@ -43,7 +43,7 @@ impl From<DataRef> for Arg {
 impl PlanBuilder {
     /// Appends bytes to the data area (8-byte aligned) and returns a reference.
     pub fn data(&mut self, bytes: &[u8]) -> DataRef {
-        while self.data.len() % 8 != 0 {
+        while !self.data.len().is_multiple_of(8) {
             self.data.push(0);
         }
         let off = self.data.len();

@@ -28,6 +28,10 @@ impl Mapping {
         self.end - self.start
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
     pub fn prot(&self) -> u32 {
         (if self.read { libc::PROT_READ } else { 0 } | if self.write { libc::PROT_WRITE } else { 0 } | if self.exec { libc::PROT_EXEC } else { 0 })
             as u32
@@ -174,7 +178,7 @@ pub fn rlimits(pid: i32) -> Result<Vec<Rlimit>> {
         if r != 0 {
             return Err(EngineError::Proc { pid, path: proc_path(pid, "limits"), source: std::io::Error::last_os_error() });
         }
-        out.push(Rlimit { resource: resource as u32, soft: old.rlim_cur, hard: old.rlim_max });
+        out.push(Rlimit { resource, soft: old.rlim_cur, hard: old.rlim_max });
     }
     Ok(out)
 }

@@ -227,6 +227,7 @@ pub unsafe extern "C" fn execvpe(file: *const libc::c_char, argv: *const *const 
     exec_with(&REAL_EXECVPE, c"execvpe", file, argv, envp)
 }
 
+#[allow(clippy::too_many_arguments)] // posix_spawn's six, plus which one
 fn spawn_with(
     slot: &AtomicUsize,
     name: &CStr,

@@ -20,14 +20,6 @@ fn lines(l: &str) -> u64 {
     l.rsplit("lines=").next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no lines= in {l:?}"))
 }
 
-fn kill_both(s: &Session, p: &mut Proc, child: i32) {
-    let out = s.run("kill", &[]);
-    assert!(out.status.success(), "ckpt kill failed: {}", text(&out.stderr));
-    p.wait_exit(CMD_TIMEOUT);
-    wait_gone(p.pid, Duration::from_secs(20));
-    wait_gone(child, Duration::from_secs(20));
-}
-
 #[test]
 fn program_under_a_pty_restarts_mid_stream_byte_for_byte() {
     let s = Session::new("pty");
@@ -54,7 +46,7 @@ fn program_under_a_pty_restarts_mid_stream_byte_for_byte() {
     p.wait_ticks(3, LINE_TIMEOUT);
     let g2 = s.checkpoint_bounded(&mut p);
     let seen = lines(p.lines.iter().rev().find(|l| l.starts_with("TICK")).unwrap());
-    kill_both(&s, &mut p, child);
+    s.kill_all(&[p.pid, child], &mut p);
 
     for (g, latest) in [(&g2, true), (&g1, false)] {
         let mut r = s.restart_expect(g, p.pid, latest);
@@ -75,7 +67,7 @@ fn program_under_a_pty_restarts_mid_stream_byte_for_byte() {
             wait_gone(child, Duration::from_secs(20));
             std::fs::remove_file(&stop).unwrap();
         } else {
-            kill_both(&s, &mut r, child);
+            s.kill_all(&[r.pid, child], &mut r);
         }
     }
 }

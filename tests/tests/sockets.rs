@@ -43,40 +43,6 @@ fn unix_socket_to_an_outside_server_is_refused() {
     p.finish(&s, 2);
 }
 
-/// The PIDs of the processes registered with the coordinator.
-fn computation(s: &Session) -> Vec<i32> {
-    let out = s.run("status", &["--json"]);
-    assert!(out.status.success(), "ckpt status failed: {}", text(&out.stderr));
-    let j = Json::parse(&text(&out.stdout)).unwrap();
-    let mut v: Vec<i32> = j
-        .get("processes")
-        .and_then(Json::as_array)
-        .map(|a| a.iter().filter_map(|p| p.get("pid").and_then(Json::as_u64)).map(|p| p as i32).collect())
-        .unwrap_or_default();
-    v.sort_unstable();
-    v
-}
-
-fn wait_computation(s: &Session, n: usize) -> Vec<i32> {
-    let deadline = std::time::Instant::now() + LINE_TIMEOUT;
-    loop {
-        let v = computation(s);
-        if v.len() >= n || std::time::Instant::now() > deadline {
-            return v;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-fn kill_all(s: &Session, pids: &[i32], root: &mut Proc) {
-    let out = s.run("kill", &[]);
-    assert!(out.status.success(), "ckpt kill failed: {}", text(&out.stderr));
-    root.wait_exit(CMD_TIMEOUT);
-    for &pid in pids {
-        wait_gone(pid, std::time::Duration::from_secs(20));
-    }
-}
-
 /// Runs a restored tcp_fork to the end: every client got every echo.
 fn run_to_done(s: &Session, r: &mut Proc, clients: usize) {
     s.stop_at(r.last_tick.unwrap() + 2);
@@ -95,7 +61,7 @@ fn forking_tcp_server_and_clients_checkpoint_restart() {
     p.wait_prefix("READY", LINE_TIMEOUT);
     p.wait_ticks(3, LINE_TIMEOUT);
     // The server, two clients, a handler per client.
-    let pids = wait_computation(&s, 5);
+    let pids = s.wait_computation(5);
     assert_eq!(pids.len(), 5, "expected 5 processes in the computation, have {pids:?}\n{}", p.context());
     for &pid in &pids {
         s.track(pid);
@@ -104,7 +70,7 @@ fn forking_tcp_server_and_clients_checkpoint_restart() {
     p.wait_ticks(3, LINE_TIMEOUT);
     let g2 = s.checkpoint_bounded(&mut p);
     assert_eq!(s.generations()[&g2.id].u64_field("nprocs"), 5);
-    kill_all(&s, &pids, &mut p);
+    s.kill_all(&pids, &mut p);
 
     let mut r = s.restart_expect(&g2, p.pid, true);
     for &pid in &pids {

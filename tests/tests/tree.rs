@@ -9,48 +9,13 @@ mod common;
 use common::*;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
-
-/// The PIDs of the processes registered with the coordinator.
-fn computation(s: &Session) -> Vec<i32> {
-    let out = s.run("status", &["--json"]);
-    assert!(out.status.success(), "ckpt status failed: {}", text(&out.stderr));
-    let j = Json::parse(&text(&out.stdout)).unwrap();
-    let mut v: Vec<i32> = j
-        .get("processes")
-        .and_then(Json::as_array)
-        .map(|a| a.iter().filter_map(|p| p.get("pid").and_then(Json::as_u64)).map(|p| p as i32).collect())
-        .unwrap_or_default();
-    v.sort_unstable();
-    v
-}
-
-fn wait_computation(s: &Session, n: usize) -> Vec<i32> {
-    let deadline = Instant::now() + LINE_TIMEOUT;
-    loop {
-        let v = computation(s);
-        if v.len() >= n || Instant::now() > deadline {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use std::time::Duration;
 
 /// (ppid, pgid, sid) of a live process.
 fn tree_ids(pid: i32) -> (i32, i32, i32) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("process {pid}: {e}"));
     let f: Vec<i32> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().skip(1).take(3).map(|x| x.parse().unwrap()).collect();
     (f[0], f[1], f[2])
-}
-
-/// `ckpt kill`, then waits for `root` (our child) and every other process.
-fn kill_all(s: &Session, pids: &[i32], root: &mut Proc) {
-    let out = s.run("kill", &[]);
-    assert!(out.status.success(), "ckpt kill failed: {}", text(&out.stderr));
-    root.wait_exit(CMD_TIMEOUT);
-    for &pid in pids {
-        wait_gone(pid, Duration::from_secs(20));
-    }
 }
 
 #[test]
@@ -62,7 +27,7 @@ fn process_tree_with_pipes_shared_memory_zombie_and_daemon() {
     p.wait_ticks(3, LINE_TIMEOUT);
     // The parent, the producer, the exec'd producer, the daemon and the
     // shared-memory writer (the zombie has no agent any more).
-    let pids = wait_computation(&s, 5);
+    let pids = s.wait_computation(5);
     assert_eq!(pids.len(), 5, "expected 5 processes in the computation, have {pids:?}\n{}", p.context());
     for &pid in &pids {
         s.track(pid);
@@ -74,7 +39,7 @@ fn process_tree_with_pipes_shared_memory_zombie_and_daemon() {
     let gens = s.generations();
     assert_eq!(gens[&g2.id].u64_field("nprocs"), 5, "generation {} does not hold the 5 processes", g2.id);
 
-    kill_all(&s, &pids, &mut p);
+    s.kill_all(&pids, &mut p);
     // As on a new host: the POSIX shared memory object is gone too; the
     // restart makes it again from the image.
     let shm = format!("/dev/shm/ckpt-tree-{}", p.pid);
@@ -107,7 +72,7 @@ fn process_tree_with_pipes_shared_memory_zombie_and_daemon() {
     }
     let mut o = s.restart_expect(&g1, p.pid, false);
     o.wait_ticks(3, LINE_TIMEOUT);
-    kill_all(&s, &pids, &mut o);
+    s.kill_all(&pids, &mut o);
 }
 
 #[test]
@@ -122,11 +87,11 @@ fn checkpoint_catches_short_lived_system_and_popen_children() {
         let g = s.checkpoint_bounded(&mut p);
         last = Some(g);
     }
-    let pids = computation(&s);
+    let pids = s.computation();
     for &pid in &pids {
         s.track(pid);
     }
-    kill_all(&s, &pids, &mut p);
+    s.kill_all(&pids, &mut p);
     let g = last.unwrap();
     let mut r = s.restart_expect(&g, p.pid, true);
     r.wait_ticks(12, LINE_TIMEOUT);

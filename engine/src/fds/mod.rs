@@ -209,14 +209,14 @@ impl<'w> Round<'w> {
     /// (same open file description).
     pub fn grab(&mut self, pid: i32, fd: i32) -> Result<OwnedFd> {
         let io = |what: &str, e| EngineError::io(format!("{what} (process {pid}, fd {fd}; needs Linux ≥ 5.6 and the right to ptrace it)"), e);
-        if !self.pidfds.contains_key(&pid) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.pidfds.entry(pid) {
             // SAFETY: pidfd_open returns a new fd or -1.
             let p = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
             if p < 0 {
                 return Err(io("pidfd_open", std::io::Error::last_os_error()));
             }
             // SAFETY: a new fd we own.
-            self.pidfds.insert(pid, unsafe { OwnedFd::from_raw_fd(p) });
+            e.insert(unsafe { OwnedFd::from_raw_fd(p) });
         }
         let pidfd = self.pidfds[&pid].as_raw_fd();
         // SAFETY: pidfd_getfd returns a new (close-on-exec) fd or -1.
@@ -345,11 +345,10 @@ impl<'s> Opener<'s> {
     /// `f` had, or None for fds the restart fills in otherwise (the
     /// agent's connection, stdio from the restart command).
     pub fn open(&mut self, pid: i32, f: &FdImage) -> Result<Option<OwnedFd>> {
-        if f.ofd != 0 {
-            if let Some(fd) = self.made.get(&f.ofd) {
+        if f.ofd != 0
+            && let Some(fd) = self.made.get(&f.ofd) {
                 return Ok(Some(dup(fd)?));
             }
-        }
         let fd = match &f.kind {
             FdKind::Agent => return Ok(None),
             FdKind::Inherited { from, .. } => match from.or((f.fd <= 2).then_some(f.fd)) {

@@ -444,6 +444,44 @@ impl Session {
         p
     }
 
+    /// The PIDs of the processes registered with the coordinator, sorted.
+    pub fn computation(&self) -> Vec<i32> {
+        let out = self.run("status", &["--json"]);
+        assert!(out.status.success(), "ckpt status failed: {}", text(&out.stderr));
+        let j = Json::parse(&text(&out.stdout)).unwrap();
+        let mut v: Vec<i32> = j
+            .get("processes")
+            .and_then(Json::as_array)
+            .map(|a| a.iter().filter_map(|p| p.get("pid").and_then(Json::as_u64)).map(|p| p as i32).collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    /// [`Session::computation`] once it has at least `n` processes (or
+    /// after [`LINE_TIMEOUT`]).
+    pub fn wait_computation(&self, n: usize) -> Vec<i32> {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        loop {
+            let v = self.computation();
+            if v.len() >= n || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `ckpt kill`, then waits for `root` (the command we spawned) and for
+    /// every process in `pids` to be gone.
+    pub fn kill_all(&self, pids: &[i32], root: &mut Proc) {
+        let out = self.run("kill", &[]);
+        assert!(out.status.success(), "ckpt kill failed: {}", text(&out.stderr));
+        root.wait_exit(CMD_TIMEOUT);
+        for &pid in pids {
+            wait_gone(pid, Duration::from_secs(20));
+        }
+    }
+
     pub fn log_json(&self) -> Json {
         let out = self.run("log", &["--json"]);
         assert!(

@@ -1,0 +1,122 @@
+//! Costs of whole computations: what joining the coordinator adds to `fork`
+//! and to `fork`+`exec` (each child registers before `fork` returns), next
+//! to the same loop run without ckpt in the same run; and how checkpoint
+//! downtime and time to commit grow with the number of processes (K idle
+//! processes of 16 MiB each), next to one process holding all the memory.
+//!
+//! Run: `cargo build --release --workspace && target/release/bench-trees [--forks 300] [--reps 3]`
+//! It prints a Markdown report (BENCHMARKS.md is made from it).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use serde_json::Value;
+
+struct Env {
+    ckpt: PathBuf,
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(ckpt: &Path, tag: &str) -> Env {
+        let dir = std::env::temp_dir().join(format!("ckpt-bench-trees-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Env { ckpt: ckpt.to_path_buf(), dir }
+    }
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.ckpt);
+        c.env("CKPT_STORE", self.dir.join("store")).env("CKPT_COORD", format!("unix:{}", self.dir.join("c.sock").display()));
+        c
+    }
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).stdin(Stdio::null()).output().expect("run ckpt");
+        assert!(out.status.success(), "ckpt {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("quit").stdin(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `prog args` (under `ckpt launch` when `env` is given) and returns
+/// its NS_PER_OP figure.
+fn ns_per_op(env: Option<&Env>, prog: &str, args: &[&str]) -> f64 {
+    let out = match env {
+        Some(e) => e.cmd().arg("launch").arg("--").arg(prog).args(args).stdin(Stdio::null()).output(),
+        None => Command::new(prog).args(args).stdin(Stdio::null()).output(),
+    }
+    .expect("run bench_fork");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|l| l.strip_prefix("NS_PER_OP ")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no figure in {text:?}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str, def: usize| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(def);
+    let forks = opt("--forks", 300).to_string();
+    let reps = opt("--reps", 3);
+    let ckpt = std::env::current_exe().unwrap().parent().unwrap().join("ckpt");
+    let prog = env!("CKPT_BENCH_FORK");
+
+    println!("## Process trees (bench-trees)\n");
+    println!("### Creating processes under ckpt (median of {reps} runs of {forks})\n");
+    println!("| operation | without ckpt | under ckpt | ratio |\n|---|---|---|---|");
+    let env = Env::new(&ckpt, "fork");
+    for mode in ["fork", "exec"] {
+        let raw = median((0..reps).map(|_| ns_per_op(None, prog, &[mode, &forks])).collect());
+        let under = median((0..reps).map(|_| ns_per_op(Some(&env), prog, &[mode, &forks])).collect());
+        let what = if mode == "fork" { "fork + exit + waitpid" } else { "fork + exec /bin/true + waitpid" };
+        println!("| {what} | {:.0} µs | {:.0} µs | {:.1}× |", raw / 1e3, under / 1e3, under / raw);
+    }
+    drop(env);
+
+    println!("\n### Checkpointing K processes of 16 MiB each (medians of {reps} checkpoints after the first)\n");
+    println!("| processes | memory | downtime | time to commit | commit per process |\n|---|---|---|---|---|");
+    for (k, mib) in [(1usize, 16usize), (1, 256), (4, 16), (16, 16)] {
+        let env = Env::new(&ckpt, &format!("tree{k}-{mib}"));
+        let mut child = env
+            .cmd()
+            .args(["launch", "--", prog, "tree", &k.to_string(), &mib.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert!(lines.any(|l| l.map(|l| l.starts_with("READY")).unwrap_or(false)), "no READY");
+        // Every process registered.
+        for _ in 0..200 {
+            let st: Value = serde_json::from_str(&env.run(&["status", "--json"])).unwrap();
+            if st["processes"].as_array().map(|a| a.len()).unwrap_or(0) >= k {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        env.run(&["checkpoint"]);
+        let (mut down, mut wall) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let t = Instant::now();
+            env.run(&["checkpoint"]);
+            wall.push(t.elapsed().as_secs_f64() * 1000.0);
+            let log: Value = serde_json::from_str(&env.run(&["log", "--json"])).unwrap();
+            let g = log.as_array().unwrap().last().unwrap().clone();
+            assert_eq!(g["nprocs"].as_u64(), Some(k as u64), "generation without all {k} processes");
+            down.push(g["info"]["downtime_ms"].as_f64().unwrap_or(0.0));
+        }
+        drop(child.stdin.take());
+        let _ = child.wait();
+        let (d, w) = (median(down), median(wall));
+        println!("| {k} | {} MiB | {d:.1} ms | {w:.0} ms | {:.0} ms |", k * mib, w / k as f64);
+    }
+}
