@@ -457,7 +457,10 @@ pub fn restore_generation(
 
     // The tree: roots and orphans from here, every other process from its
     // parent.
-    let mut guard = KillOnDrop(images.iter().map(|i| i.pid).collect(), Vec::new());
+    // On failure: the processes made so far are killed. (Their descendants
+    // that never said READY die on their own: their restorer reads the
+    // end of its control pipe when the driver's copy closes.)
+    let mut guard = KillOnDrop { children: Vec::new(), pidfds: Vec::new(), armed: true };
     let mut roots = Vec::new();
     for (i, image) in images.iter().enumerate() {
         match origins[i] {
@@ -471,7 +474,7 @@ pub fn restore_generation(
                 if pid < 0 {
                     return Err(clone_error(generation, image.pid));
                 }
-                guard.1.push(pid as i32);
+                guard.children.push(pid as i32);
                 roots.push(pid as i32);
             }
             Origin::Orphan => {
@@ -518,6 +521,12 @@ pub fn restore_generation(
         if first.kind != status::READY {
             return Err(err(format!("unexpected first message from the restorer of process {}: {first:?}", image.pid)));
         }
+        // SAFETY: pidfd_open returns a new fd or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, image.pid, 0) } as RawFd;
+        if pidfd >= 0 {
+            // SAFETY: a new fd we own.
+            guard.pidfds.push(unsafe { OwnedFd::from_raw_fd(pidfd) });
+        }
         let own_maps = procfs::maps(image.pid)?;
         let main = image.threads.iter().find(|t| t.tid == image.pid).expect("checked above");
         let (plan, descriptions) = build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.ctl_fd, c.status_fd)?;
@@ -559,8 +568,7 @@ pub fn restore_generation(
     }
     // Every restorer closed its pipes: the threads are being created and the
     // programs go on.
-    guard.0.clear();
-    guard.1.clear();
+    guard.armed = false;
     Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect() })
 }
 
@@ -733,17 +741,30 @@ impl Spawn<'_> {
 
 /// On a failed restart: every process made so far is killed (the PIDs of
 /// the image), and the driver's own children reaped.
-struct KillOnDrop(Vec<i32>, Vec<i32>);
+struct KillOnDrop {
+    /// Our children (unreaped, so their PIDs cannot be anyone else's).
+    children: Vec<i32>,
+    /// The other processes, once their restorer has said READY on its own
+    /// status pipe (so the pidfd is surely of a process of ours).
+    pidfds: Vec<OwnedFd>,
+    armed: bool,
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        for &pid in &self.0 {
-            // SAFETY: killing a process of the failed restart (its PID was
-            // checked free before the restart began).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        if !self.armed {
+            return;
         }
-        for &pid in &self.1 {
-            // SAFETY: reaping our own child.
-            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        for fd in &self.pidfds {
+            // SAFETY: pidfd_send_signal on a pidfd we own; no memory passed.
+            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32) };
+        }
+        for &pid in &self.children {
+            // SAFETY: killing and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
         }
     }
 }
