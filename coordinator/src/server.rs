@@ -35,6 +35,8 @@ pub struct Config {
 
 /// How long a checkpoint waits for another writer (`ckpt gc`) to finish.
 const WRITER_WAIT: Duration = Duration::from_secs(300);
+/// How many rounds a checkpoint tries when a round meets a moving target.
+const CHECKPOINT_ATTEMPTS: u32 = 4;
 /// How long the restart on one host waits for the others'.
 const RESTART_BARRIER_SECS: u64 = 120;
 /// How long a new child may take to register with the coordinator.
@@ -376,24 +378,42 @@ impl Coordinator {
     /// One checkpoint of every registered process: all or nothing.
     fn checkpoint(&self) -> Result<GenerationInfo, String> {
         let _one_at_a_time = self.ckpt_lock.lock().unwrap();
+        // A round that met a moving target (a TCP connection that received
+        // data while the computation was read, a connection not yet
+        // accepted) is tried again after the programs ran a moment.
+        let mut attempt = 1;
+        loop {
+            match self.checkpoint_once() {
+                Err((e, true)) if attempt < CHECKPOINT_ATTEMPTS => {
+                    tracing::info!(attempt, "checkpoint round refused ({e}); trying again");
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(100 * attempt as u64));
+                }
+                r => return r.map_err(|(e, _)| e),
+            }
+        }
+    }
+
+    /// One round; an error says whether trying again may succeed.
+    fn checkpoint_once(&self) -> Result<GenerationInfo, (String, bool)> {
         let t0 = Instant::now();
         let procs: Vec<Arc<Proc>> = self.procs.lock().unwrap().values().cloned().collect();
         if procs.is_empty() {
-            return Err("no processes to checkpoint: start one with `ckpt launch -- PROGRAM`".into());
+            return Err(("no processes to checkpoint: start one with `ckpt launch -- PROGRAM`".into(), false));
         }
         for p in &procs {
             if !self.reaches(&p.hello) {
-                return Err(format!(
+                return Err((format!(
                     "process {} on host {} runs on another machine or in another PID namespace than this coordinator: ckpt reads processes \
                      through /proc and process_vm_readv, so every process must share the coordinator's kernel and PID namespace \
                      (hosts made with network namespaces do; separate machines need a coordinator each)",
                     p.hello.pid, p.host
-                ));
+                ), false));
             }
         }
         // The store's writer lock is taken per checkpoint, so that `ckpt gc`
         // can work between checkpoints; wait for it if gc holds it now.
-        let writer = self.take_writer()?;
+        let writer = self.take_writer().map_err(|e| (e, false))?;
         let generation = writer.next_generation_id();
         let req = CheckpointRequest { generation, flags: 0 };
         // The programs are stopped from here until RESUME.
@@ -435,7 +455,7 @@ impl Coordinator {
             writer.abort();
             finish_round(&stopped, proto::OUTCOME_ABORTED, generation, &[]);
             tracing::warn!("checkpoint aborted: {f}");
-            return Err(f);
+            return Err((f, false));
         }
         // The tracking bases of these processes are consumed: on success they
         // are replaced, on failure tracking starts over with a full read.
@@ -454,11 +474,11 @@ impl Coordinator {
         let mut work: Vec<Work> = Vec::new();
         let phase_a = self.phase_a(&stopped, &bases, &writer, &mut work);
         let snapshots: Vec<i32> = work.iter().filter_map(|w| w.snapshot).collect();
-        if let Err(e) = phase_a {
+        if let Err((e, retry)) = phase_a {
             writer.abort();
             finish_round(&stopped, proto::OUTCOME_ABORTED, generation, &snapshots);
             tracing::warn!("checkpoint aborted: {e}");
-            return Err(e);
+            return Err((e, retry));
         }
         let resume = Resume { outcome: proto::OUTCOME_WRITTEN, _pad: 0, generation };
         for (p, _) in &stopped {
@@ -484,7 +504,7 @@ impl Coordinator {
             Err(e) => {
                 writer.abort();
                 tracing::warn!("checkpoint aborted: {e}");
-                Err(e)
+                Err((e, false))
             }
         }
     }
@@ -544,71 +564,118 @@ impl Coordinator {
         }
     }
 
-    fn phase_a(&self, stopped: &[(Arc<Proc>, AgentReport)], bases: &HashMap<i32, Base>, writer: &Writer, work: &mut Vec<Work>) -> Result<(), String> {
-        let chunk_size = self.store.chunk_size();
+    /// The stopped phase: the fds of every process, then the rest of each
+    /// process in a thread of its own (reading `/proc`, the dirty pages,
+    /// the tracking registration and the snapshot fork of one process do
+    /// not wait for the others).
+    fn phase_a(&self, stopped: &[(Arc<Proc>, AgentReport)], bases: &HashMap<i32, Base>, writer: &Writer, work: &mut Vec<Work>) -> Result<(), (String, bool)> {
+        let busy = |e: ckpt_engine::EngineError| {
+            let retry = matches!(e, ckpt_engine::EngineError::SocketBusy { .. });
+            (e.to_string(), retry)
+        };
         let externals = self.externals.lock().unwrap().clone();
         let mut round = ckpt_engine::fds::Round::new(writer).with_externals(&externals);
-        for (p, report) in stopped {
-            let pid = p.hello.pid;
-            let t = Instant::now();
-            let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
-            let backend = Backend::choose(p.hello.tracking, p.hello.uffd_fd);
-            let mut prep = prepare(report, backend, &p.host, chunk_size, &mut round).map_err(|e| e.to_string())?;
-            let prepare_ms = ms(t);
-            if backend == Backend::UffdWp && !prep.untracked.is_empty() {
-                let mut payload = RangeList { count: prep.untracked.len() as u32, _pad: 0 }.as_bytes().to_vec();
-                for (a, b) in &prep.untracked {
-                    payload.extend_from_slice(&a.to_le_bytes());
-                    payload.extend_from_slice(&b.to_le_bytes());
-                }
-                p.send(kind::REGISTER, &payload).map_err(|e| format!("process {pid}: {e}"))?;
-                match p.recv(SUSPEND_TIMEOUT) {
-                    Some((kind::REGISTERED, r)) => {
-                        let r = Registered::read_from(&r).unwrap_or_default();
-                        tracing::debug!(pid, registered = r.registered, failed = r.failed, "write tracking registered");
-                    }
-                    _ => return Err(format!("process {pid} did not answer the tracking registration")),
-                }
+        // The fds first, every process back to back: connections between
+        // processes are read within the shortest time (see fds::socket::tcp).
+        let mut fds = Vec::new();
+        for (p, _) in stopped {
+            fds.push(round.capture_process(p.hello.pid, &[p.hello.agent_fd, p.hello.uffd_fd]).map_err(busy)?);
+        }
+        let results: Vec<(Option<Work>, Result<(), String>)> = std::thread::scope(|s| {
+            let threads: Vec<_> =
+                stopped.iter().zip(fds).map(|((p, report), fds)| s.spawn(|| self.phase_a_one(p, report, fds, bases, writer))).collect();
+            threads.into_iter().map(|t| t.join().unwrap_or_else(|_| (None, Err("internal: a capture thread panicked".into())))).collect()
+        });
+        let mut first_err = None;
+        for (w, r) in results {
+            // Every snapshot forked goes into `work`, so that it is killed
+            // whatever happens next.
+            work.extend(w);
+            if let (Err(e), None) = (r, &first_err) {
+                first_err = Some(e);
             }
-            let register_ms = ms(t) - prepare_ms;
-            let base = bases.get(&pid);
-            let mut snapshot = None;
-            if self.cfg.fork && p.hello.flags & proto::HELLO_NO_FORK == 0 {
-                p.send(kind::FORK, &[]).map_err(|e| format!("process {pid}: {e}"))?;
-                match p.recv(SUSPEND_TIMEOUT) {
-                    Some((kind::FORKED, f)) => {
-                        let f = Forked::read_from(&f).unwrap_or_default();
-                        if f.pid > 0 {
-                            snapshot = Some(f.pid);
-                        } else {
-                            tracing::warn!(pid, errno = f.errno, "fork of the snapshot failed; reading the process while it is stopped");
-                        }
-                    }
-                    _ => return Err(format!("process {pid} did not answer the snapshot request")),
-                }
-            }
-            let fork_ms = ms(t) - prepare_ms - register_ms;
-            let timings = json!({"prepare_ms": prepare_ms, "register_ms": register_ms, "fork_ms": fork_ms});
-            match snapshot {
-                Some(child) => {
-                    work.push(Work { proc_: p.clone(), prep: None, snapshot: Some(child), timings });
-                    // Shared memory is not snapshotted by fork, and a region
-                    // marked MADV_DONTFORK is missing from the child: those
-                    // are read now, while the process is stopped.
-                    let child_starts: HashSet<u64> = procfs::maps(child).map_err(|e| e.to_string())?.iter().map(|m| m.start).collect();
-                    prep.store_memory(pid, |r| r.kind == RegionKind::SharedAnon || !child_starts.contains(&r.start), base, writer).map_err(|e| e.to_string())?;
-                }
-                None => {
-                    prep.store_memory(pid, |_| true, base, writer).map_err(|e| e.to_string())?;
-                    work.push(Work { proc_: p.clone(), prep: None, snapshot: None, timings });
-                }
-            }
-            work.last_mut().unwrap().prep = Some(prep);
+        }
+        if let Some(e) = first_err {
+            return Err((e, false));
         }
         // Before RESUME: checks across processes (socket peers), and TCP
         // connections leave repair mode.
-        round.finish().map_err(|e| e.to_string())?;
+        round.finish().map_err(busy)?;
         Ok(())
+    }
+
+    /// The stopped phase of one process: its metadata and dirty pages,
+    /// write tracking for new mappings, the snapshot, and the memory the
+    /// snapshot lacks. Returns its part of the work (with the snapshot, if
+    /// one was forked) even when a later step failed.
+    fn phase_a_one(
+        &self,
+        p: &Arc<Proc>,
+        report: &AgentReport,
+        fds: Vec<ckpt_engine::image::FdImage>,
+        bases: &HashMap<i32, Base>,
+        writer: &Writer,
+    ) -> (Option<Work>, Result<(), String>) {
+        let pid = p.hello.pid;
+        let t = Instant::now();
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+        let backend = Backend::choose(p.hello.tracking, p.hello.uffd_fd);
+        let mut prep = match prepare(report, backend, &p.host, self.store.chunk_size(), fds) {
+            Ok(prep) => prep,
+            Err(e) => return (None, Err(e.to_string())),
+        };
+        let prepare_ms = ms(t);
+        if backend == Backend::UffdWp && !prep.untracked.is_empty() {
+            let mut payload = RangeList { count: prep.untracked.len() as u32, _pad: 0 }.as_bytes().to_vec();
+            for (a, b) in &prep.untracked {
+                payload.extend_from_slice(&a.to_le_bytes());
+                payload.extend_from_slice(&b.to_le_bytes());
+            }
+            if let Err(e) = p.send(kind::REGISTER, &payload) {
+                return (None, Err(format!("process {pid}: {e}")));
+            }
+            match p.recv(SUSPEND_TIMEOUT) {
+                Some((kind::REGISTERED, r)) => {
+                    let r = Registered::read_from(&r).unwrap_or_default();
+                    tracing::debug!(pid, registered = r.registered, failed = r.failed, "write tracking registered");
+                }
+                _ => return (None, Err(format!("process {pid} did not answer the tracking registration"))),
+            }
+        }
+        let register_ms = ms(t) - prepare_ms;
+        let base = bases.get(&pid);
+        let mut snapshot = None;
+        if self.cfg.fork && p.hello.flags & proto::HELLO_NO_FORK == 0 {
+            if let Err(e) = p.send(kind::FORK, &[]) {
+                return (None, Err(format!("process {pid}: {e}")));
+            }
+            match p.recv(SUSPEND_TIMEOUT) {
+                Some((kind::FORKED, f)) => {
+                    let f = Forked::read_from(&f).unwrap_or_default();
+                    if f.pid > 0 {
+                        snapshot = Some(f.pid);
+                    } else {
+                        tracing::warn!(pid, errno = f.errno, "fork of the snapshot failed; reading the process while it is stopped");
+                    }
+                }
+                _ => return (None, Err(format!("process {pid} did not answer the snapshot request"))),
+            }
+        }
+        let fork_ms = ms(t) - prepare_ms - register_ms;
+        let timings = json!({"prepare_ms": prepare_ms, "register_ms": register_ms, "fork_ms": fork_ms});
+        let stored = match snapshot {
+            Some(child) => {
+                // Shared memory is not snapshotted by fork, and a region
+                // marked MADV_DONTFORK is missing from the child: those are
+                // read now, while the process is stopped.
+                procfs::maps(child).map_err(|e| e.to_string()).and_then(|m| {
+                    let child_starts: HashSet<u64> = m.iter().map(|m| m.start).collect();
+                    prep.store_memory(pid, |r| r.kind == RegionKind::SharedAnon || !child_starts.contains(&r.start), base, writer).map_err(|e| e.to_string())
+                })
+            }
+            None => prep.store_memory(pid, |_| true, base, writer).map_err(|e| e.to_string()),
+        };
+        (Some(Work { proc_: p.clone(), prep: Some(prep), snapshot, timings }), stored)
     }
 
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]

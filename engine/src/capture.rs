@@ -111,14 +111,15 @@ fn present_from(entries: &[u64]) -> Vec<bool> {
 
 /// Step 1, while the process is stopped: read its metadata, which pages
 /// exist and which were written, and start the next tracking interval.
-pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize, round: &mut crate::fds::Round) -> Result<Prepared> {
+/// `fds` are the process's fds, read beforehand for the whole round
+/// ([`crate::fds::Round::capture_process`]); the processes of a round may
+/// then be prepared in parallel.
+pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize, fds: Vec<FdImage>) -> Result<Prepared> {
     let pid = report.hello.pid;
     let timers = procfs::posix_timer_count(pid);
     if timers > 0 {
         return Err(EngineError::Unsupported { pid, what: format!("it holds {timers} POSIX timer(s) (timer_create)") });
     }
-    let own_fds = [report.hello.agent_fd, report.hello.uffd_fd];
-    let fds = round.capture_process(pid, &own_fds)?;
     let ids = procfs::tree_ids(pid)?;
     let zombies = procfs::children(pid)
         .into_iter()
