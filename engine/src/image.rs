@@ -198,6 +198,8 @@ pub enum FdKind {
     Unix(UnixSocketImage),
     /// A TCP socket (IPv4 or IPv6): unconnected, listening or established.
     Tcp(TcpSocketImage),
+    /// A UDP socket (IPv4 or IPv6), with the datagrams in its queue.
+    Udp(UdpSocketImage),
     /// The agent's connection to the coordinator: a new one is made.
     Agent,
     /// An eventfd with the counter it held.
@@ -323,6 +325,23 @@ pub struct UnixSocketImage {
     /// Datagram and seqpacket sockets: the length of each message in
     /// `data` (their boundaries are kept).
     pub messages: Vec<u32>,
+    pub opts: SockOpts,
+}
+
+/// A UDP socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpSocketImage {
+    /// The network namespace it lived in (inode of `/proc/PID/ns/net`).
+    pub netns: u64,
+    pub ino: u64,
+    /// Its local address (port 0: not bound).
+    pub local: std::net::SocketAddr,
+    /// The address it is connected to, if any.
+    pub peer: Option<std::net::SocketAddr>,
+    /// The datagrams in its receive queue, concatenated, and per datagram
+    /// its sender and length.
+    pub data: Option<Hash>,
+    pub messages: Vec<(std::net::SocketAddr, u32)>,
     pub opts: SockOpts,
 }
 

@@ -91,3 +91,37 @@ fn forking_tcp_server_and_clients_checkpoint_restart() {
     o.wait_ticks(3, LINE_TIMEOUT);
     run_to_done(&s, &mut o, 2);
 }
+
+/// UDP between a parent (unconnected socket) and its child (connected),
+/// datagrams always waiting in both queues: each comes back after the
+/// restart, from its sender's address, none lost or repeated (udp.c checks
+/// every one).
+#[test]
+fn udp_datagrams_in_flight_survive_kill_and_restart() {
+    let s = Session::new("sockets_udp");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("udp"), &["-t", "50", "-s", stop.to_str().unwrap()]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let pids = s.wait_computation(2);
+    assert_eq!(pids.len(), 2, "parent and child should be in the computation: {pids:?}");
+    let g1 = s.checkpoint_bounded(&mut p);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut p);
+    s.kill_all(&pids, &mut p);
+    for g in [&g2, &g1] {
+        let mut r = s.restart_expect(g, p.pid, g.id == g2.id);
+        r.wait_ticks(5, LINE_TIMEOUT);
+        if g.id == g2.id {
+            s.stop_at(r.last_tick.unwrap() + 3);
+            r.wait_prefix("DONE", LINE_TIMEOUT);
+            assert!(r.wait_exit(CMD_TIMEOUT).success(), "{}", r.context());
+            let _ = std::fs::remove_file(&stop);
+            for &pid in &pids {
+                wait_gone(pid, std::time::Duration::from_secs(20));
+            }
+        } else {
+            s.kill_all(&pids, &mut r);
+        }
+    }
+}

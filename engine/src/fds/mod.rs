@@ -366,7 +366,7 @@ impl<'s> Opener<'s> {
             FdKind::Epoll { .. } => epoll::open(self.generation, pid, f)?,
             FdKind::Inotify { .. } => inotify::open(self.generation, pid, f)?,
             FdKind::PtyMaster(_) | FdKind::PtySlave { .. } => pty::open(self, pid, f)?,
-            FdKind::Unix(_) | FdKind::Tcp(_) => socket::open(&mut self.sockets, self.store, self.generation, pid, f)?,
+            FdKind::Unix(_) | FdKind::Tcp(_) | FdKind::Udp(_) => socket::open(&mut self.sockets, self.store, self.generation, pid, f)?,
         };
         if f.ofd != 0 {
             self.made.insert(f.ofd, dup(&fd)?);

@@ -1,4 +1,4 @@
-//! Sockets: unix ([`unix`]) and TCP ([`tcp`]), captured from a stopped
+//! Sockets: unix ([`unix`]), TCP ([`tcp`]) and UDP ([`udp`]), captured from a stopped
 //! process and made again at restart.
 //!
 //! Capture borrows the program's socket (`pidfd_getfd`) and reads it from
@@ -22,6 +22,7 @@
 pub mod diag;
 pub mod sys;
 pub mod tcp;
+pub mod udp;
 pub mod unix;
 
 use std::collections::HashMap;
@@ -116,9 +117,12 @@ pub fn capture(round: &mut Round, live: &LiveFd) -> Result<FdKind> {
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_STREAM && protocol == libc::IPPROTO_TCP => {
             FdKind::Tcp(tcp::capture(round, live, fd, ino, netns)?)
         }
+        libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_DGRAM && protocol == libc::IPPROTO_UDP => {
+            FdKind::Udp(udp::capture(round, live, fd, ino, netns)?)
+        }
         libc::AF_INET | libc::AF_INET6 => {
             let what = match ty {
-                libc::SOCK_DGRAM => "UDP socket",
+                libc::SOCK_DGRAM => "UDP-Lite or ICMP socket",
                 libc::SOCK_RAW => "raw IP socket",
                 _ => "IP socket of another protocol",
             };
@@ -136,11 +140,12 @@ pub fn capture(round: &mut Round, live: &LiveFd) -> Result<FdKind> {
 pub struct Sockets {
     unix: unix::Restore,
     tcp: tcp::Restore,
+    udp: udp::Restore,
 }
 
 impl Sockets {
     pub fn new(images: &[ProcessImage]) -> Self {
-        Sockets { unix: unix::Restore::new(images), tcp: tcp::Restore::default() }
+        Sockets { unix: unix::Restore::new(images), tcp: tcp::Restore::default(), udp: udp::Restore::default() }
     }
 
     /// Once every fd of the restart was made, before any process runs:
@@ -149,6 +154,7 @@ impl Sockets {
     /// them is answered with a reset).
     pub fn finish(self, generation: u64) -> Result<()> {
         self.unix.finish(generation)?;
+        self.udp.finish(generation)?;
         self.tcp.finish(generation)
     }
 }
@@ -158,6 +164,7 @@ pub fn open(sockets: &mut Sockets, store: &Store, generation: u64, pid: i32, f: 
     let fd = match &f.kind {
         FdKind::Unix(u) => sockets.unix.open(store, generation, pid, f.fd, u)?,
         FdKind::Tcp(t) => sockets.tcp.open(store, generation, pid, f.fd, t)?,
+        FdKind::Udp(u) => sockets.udp.open(store, generation, pid, f.fd, u)?,
         other => unreachable!("socket::open of {other:?}"),
     };
     set_status_flags(&fd, f.flags);

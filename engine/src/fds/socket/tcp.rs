@@ -78,7 +78,7 @@ fn state_name(s: u8) -> &'static str {
         .unwrap_or("?")
 }
 
-fn get_addr(fd: &OwnedFd, peer: bool) -> io::Result<SocketAddr> {
+pub(super) fn get_addr(fd: &OwnedFd, peer: bool) -> io::Result<SocketAddr> {
     // SAFETY: an all-zero sockaddr_storage is valid.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -104,7 +104,7 @@ fn get_addr(fd: &OwnedFd, peer: bool) -> io::Result<SocketAddr> {
 }
 
 /// `a` as the kernel takes it.
-fn raw_addr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(super) fn raw_addr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: an all-zero sockaddr_storage is valid.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     match a {
@@ -133,11 +133,11 @@ fn raw_addr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     }
 }
 
-fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
+pub(super) fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
     get_addr(fd, false)
 }
 
-fn peer_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
+pub(super) fn peer_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
     get_addr(fd, true)
 }
 
@@ -332,7 +332,7 @@ pub(super) fn finish(held: &mut Vec<Held>) -> Result<()> {
     result
 }
 
-fn bind(fd: &OwnedFd, a: SocketAddr) -> io::Result<()> {
+pub(super) fn bind(fd: &OwnedFd, a: SocketAddr) -> io::Result<()> {
     let (ss, len) = raw_addr(a);
     // SAFETY: bind reads `len` bytes of `ss`.
     if unsafe { libc::bind(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
@@ -341,7 +341,7 @@ fn bind(fd: &OwnedFd, a: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
-fn connect(fd: &OwnedFd, a: SocketAddr) -> io::Result<()> {
+pub(super) fn connect(fd: &OwnedFd, a: SocketAddr) -> io::Result<()> {
     let (ss, len) = raw_addr(a);
     // SAFETY: connect reads `len` bytes of `ss`.
     if unsafe { libc::connect(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
