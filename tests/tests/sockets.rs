@@ -57,15 +57,8 @@ fn run_to_done(s: &Session, r: &mut Proc, clients: usize) {
 fn forking_tcp_server_and_clients_checkpoint_restart() {
     let s = Session::new("sockets_fork");
     let stop = s.stop_file();
-    let mut p = s.launch(&program("tcp_fork"), &["-t", "100", "-k", "2", "-s", stop.to_str().unwrap()]);
-    p.wait_prefix("READY", LINE_TIMEOUT);
-    p.wait_ticks(3, LINE_TIMEOUT);
     // The server, two clients, a handler per client.
-    let pids = s.wait_computation(5);
-    assert_eq!(pids.len(), 5, "expected 5 processes in the computation, have {pids:?}\n{}", p.context());
-    for &pid in &pids {
-        s.track(pid);
-    }
+    let (mut p, pids) = s.launch_computation(&program("tcp_fork"), &["-t", "100", "-k", "2", "-s", stop.to_str().unwrap()], 5);
     let g1 = s.checkpoint_bounded(&mut p);
     p.wait_ticks(3, LINE_TIMEOUT);
     let g2 = s.checkpoint_bounded(&mut p);
@@ -100,11 +93,7 @@ fn forking_tcp_server_and_clients_checkpoint_restart() {
 fn udp_datagrams_in_flight_survive_kill_and_restart() {
     let s = Session::new("sockets_udp");
     let stop = s.stop_file();
-    let mut p = s.launch(&program("udp"), &["-t", "50", "-s", stop.to_str().unwrap()]);
-    p.wait_prefix("READY", LINE_TIMEOUT);
-    p.wait_ticks(3, LINE_TIMEOUT);
-    let pids = s.wait_computation(2);
-    assert_eq!(pids.len(), 2, "parent and child should be in the computation: {pids:?}");
+    let (mut p, pids) = s.launch_computation(&program("udp"), &["-t", "50", "-s", stop.to_str().unwrap()], 2);
     let g1 = s.checkpoint_bounded(&mut p);
     p.wait_ticks(2, LINE_TIMEOUT);
     let g2 = s.checkpoint_bounded(&mut p);

@@ -22,16 +22,9 @@ fn tree_ids(pid: i32) -> (i32, i32, i32) {
 fn process_tree_with_pipes_shared_memory_zombie_and_daemon() {
     let s = Session::new("tree");
     let stop = s.stop_file();
-    let mut p = s.launch(&program("tree"), &["-t", "100", "-z", "30", "-s", stop.to_str().unwrap()]);
-    p.wait_prefix("READY", LINE_TIMEOUT);
-    p.wait_ticks(3, LINE_TIMEOUT);
     // The parent, the producer, the exec'd producer, the daemon and the
     // shared-memory writer (the zombie has no agent any more).
-    let pids = s.wait_computation(5);
-    assert_eq!(pids.len(), 5, "expected 5 processes in the computation, have {pids:?}\n{}", p.context());
-    for &pid in &pids {
-        s.track(pid);
-    }
+    let (mut p, pids) = s.launch_computation(&program("tree"), &["-t", "100", "-z", "30", "-s", stop.to_str().unwrap()], 5);
     let before: BTreeMap<i32, (i32, i32, i32)> = pids.iter().map(|&pid| (pid, tree_ids(pid))).collect();
     let g1 = s.checkpoint_bounded(&mut p);
     p.wait_ticks(3, LINE_TIMEOUT);

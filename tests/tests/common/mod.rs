@@ -471,6 +471,21 @@ impl Session {
         }
     }
 
+    /// Launches a program that starts a computation of `n` processes:
+    /// waits for its READY and three ticks, then for the `n` processes to
+    /// be registered (asserted), and tracks them all.
+    pub fn launch_computation(&self, prog: &Path, args: &[&str], n: usize) -> (Proc, Vec<i32>) {
+        let mut p = self.launch(prog, args);
+        p.wait_prefix("READY", LINE_TIMEOUT);
+        p.wait_ticks(3, LINE_TIMEOUT);
+        let pids = self.wait_computation(n);
+        assert_eq!(pids.len(), n, "expected {n} processes in the computation, have {pids:?}\n{}", p.context());
+        for &pid in &pids {
+            self.track(pid);
+        }
+        (p, pids)
+    }
+
     /// `ckpt kill`, then waits for `root` (the command we spawned) and for
     /// every process in `pids` to be gone.
     pub fn kill_all(&self, pids: &[i32], root: &mut Proc) {
