@@ -522,13 +522,18 @@ mod tests {
         let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut s, _) = l.accept().unwrap();
         c.write_all(b"client says hello").unwrap();
-        // More than the buffers take: some of it is never sent.
+        // More than the buffers take (tcp_wmem and tcp_rmem at most 4 and
+        // 6 MiB by default): some of it is never sent.
         s.set_nonblocking(true).unwrap();
-        let pattern: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+        let pattern: Vec<u8> = (0..32_000_000u32).map(|i| (i % 251) as u8).collect();
         let mut written = 0;
-        while let Ok(n) = s.write(&pattern[written..]) {
-            written += n;
+        while written < pattern.len() {
+            match s.write(&pattern[written..]) {
+                Ok(n) => written += n,
+                Err(_) => break,
+            }
         }
+        assert!(written < pattern.len(), "the buffers took all {written} bytes");
         std::thread::sleep(std::time::Duration::from_millis(50));
         let c_fd: OwnedFd = c.into();
         let s_fd: OwnedFd = s.into();
