@@ -223,7 +223,10 @@ int main(int argc, char **argv)
         setsid();
         if (fork() == 0) {
             close(p3[0]);
-            for (int i = 0; i < 500 && getppid() == mid; i++)
+            /* Adopted by init once the middle process is gone: only then
+             * are its ids the ones it keeps (under load that can take a
+             * while, so no time limit). */
+            while (getppid() == mid)
                 ct_sleep_ms(2);
             produce(p3[1], "daemon");
         }
