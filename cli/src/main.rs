@@ -164,6 +164,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve this machine's share of every checkpoint for a coordinator on
+    /// another machine (or in another PID namespace): run once per machine,
+    /// in the PID namespace of the programs, as root. Stops when the
+    /// coordinator goes away.
+    Host {
+        /// The coordinator's address, as given to `ckpt launch` on this machine (tcp:HOST:PORT).
+        #[arg(long, env = "CKPT_COORD")]
+        coord: String,
+        /// The name shown in the coordinator's log [default: the host name].
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Run a coordinator (normally started by `ckpt launch`).
     Coordinator {
         #[command(flatten)]
@@ -180,7 +192,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let is_coord = matches!(cli.cmd, Cmd::Coordinator { .. });
+    let is_coord = matches!(cli.cmd, Cmd::Coordinator { .. } | Cmd::Host { .. });
     let filter = std::env::var("CKPT_LOG").unwrap_or_else(|_| if is_coord { "info".into() } else { "warn".into() });
     tracing_subscriber::fmt().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).init();
     match run(cli.cmd) {
@@ -340,6 +352,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Verify { generation, all, metadata_only, store, json } => verify_cmd::verify(&store_url(&store), generation, all, metadata_only, json),
         Cmd::Show { generation, store, json } => show_cmd::show(&store_url(&store), generation, json),
         Cmd::Stats { store, json } => show_cmd::stats(&store_url(&store), json),
+        Cmd::Host { coord, name } => {
+            ckpt_coordinator::run_host(ckpt_coordinator::HostConfig { coord: coord.parse()?, name })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Coordinator { coord, store, interval, daemonize } => {
             let addr = coord_addr(&coord)?;
             if daemonize {

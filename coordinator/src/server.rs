@@ -9,16 +9,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::collections::{HashMap, HashSet};
 
-use ckpt_engine::capture::{AgentReport, Base, Prepared, prepare};
+use ckpt_engine::capture::{AgentReport, Base};
 use ckpt_engine::dirty::Backend;
-use ckpt_engine::image::RegionKind;
-use ckpt_engine::procfs;
-use ckpt_engine::image::{GenerationManifest, IMAGE_VERSION, ProcessEntry};
+use ckpt_engine::fds::TcpEnd;
+use ckpt_engine::image::{GenerationManifest, IMAGE_VERSION};
 use ckpt_store::{GenerationInfo, NewGeneration, Store, Writer};
 use ckpt_wire::Pod;
-use ckpt_wire::agent::{self as proto, CheckpointRequest, Failed, Forked, Header, Hello, RangeList, Registered, Resume, Suspended, ThreadState, Welcome, kind};
+use ckpt_wire::agent::{self as proto, CheckpointRequest, Failed, Header, Hello, Resume, Welcome, kind};
 use serde_json::{Value, json};
 
+use crate::host::remote::RemoteHost;
+use crate::machine::{self, AgentLink, Captured, RoundOpts, Stray, Target, Work, parse_suspended};
 use crate::{Address, CoordError, Stream};
 
 /// How the coordinator runs.
@@ -43,6 +44,12 @@ const RESTART_BARRIER_SECS: u64 = 120;
 const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a process may take to stop all its threads.
 const SUSPEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a capture helper may take for its share of a phase.
+const HOST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A registered process: its machine ([`machine::machine_key`], 0 for the
+/// coordinator's own) and its pid there.
+type Key = (u64, i32);
 
 enum AgentMsg {
     Frame(u32, Vec<u8>),
@@ -51,6 +58,9 @@ enum AgentMsg {
 
 struct Proc {
     conn_id: u64,
+    /// 0: read by the coordinator itself; else the key of the machine whose
+    /// capture helper reads it.
+    machine: u64,
     hello: Hello,
     host: String,
     writer: Mutex<Stream>,
@@ -76,9 +86,16 @@ impl Proc {
 struct Coordinator {
     cfg: Config,
     store: Store,
-    procs: Mutex<BTreeMap<i32, Arc<Proc>>>,
-    /// Per pid: (connection, what its last committed capture left).
+    procs: Mutex<BTreeMap<Key, Arc<Proc>>>,
+    /// Per pid of this machine: (connection, what its last committed
+    /// capture left). Capture helpers keep their machine's.
     bases: Mutex<HashMap<i32, (u64, Base)>>,
+    /// Capture helpers, by machine key.
+    hosts: Mutex<HashMap<u64, Arc<RemoteHost>>>,
+    /// Bumped whenever generations seen earlier are gone from the store
+    /// (gc): capture helpers then forget which blobs it holds.
+    epoch: AtomicU64,
+    seen_gens: Mutex<Vec<u64>>,
     ckpt_lock: Mutex<()>,
     next_conn: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -99,7 +116,7 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes.
     unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
@@ -119,6 +136,9 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         store,
         procs: Mutex::new(BTreeMap::new()),
         bases: Mutex::new(HashMap::new()),
+        hosts: Mutex::new(HashMap::new()),
+        epoch: AtomicU64::new(0),
+        seen_gens: Mutex::new(Vec::new()),
         ckpt_lock: Mutex::new(()),
         next_conn: AtomicU64::new(1),
         last_error: Mutex::new(None),
@@ -126,11 +146,8 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         restarts: Mutex::new(HashMap::new()),
         started: Instant::now(),
         host: hostname(),
-        pidns: std::fs::read_link("/proc/self/ns/pid")
-            .ok()
-            .and_then(|l| l.to_string_lossy().trim_start_matches("pid:[").trim_end_matches(']').parse().ok())
-            .unwrap_or(0),
-        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string(),
+        pidns: crate::host::pidns(),
+        boot_id: crate::host::boot_id(),
         quit: AtomicBool::new(false),
     });
     if let Some(every) = cfg.interval {
@@ -181,6 +198,8 @@ impl Coordinator {
         }
         if u32::from_le_bytes(first) == proto::MAGIC {
             self.serve_agent(stream, first, peer);
+        } else if u32::from_le_bytes(first) == crate::host::MAGIC {
+            self.serve_host(stream, first);
         } else {
             self.serve_client(stream, first);
         }
@@ -207,13 +226,15 @@ impl Coordinator {
             "" => peer,
             name => name.to_string(),
         };
-        let p = Arc::new(Proc { conn_id, hello, host, writer: Mutex::new(writer), rx: Mutex::new(rx), since_ms: now_ms() });
+        let machine = self.machine_of(&hello);
+        let key = (machine, hello.pid);
+        let p = Arc::new(Proc { conn_id, machine, hello, host, writer: Mutex::new(writer), rx: Mutex::new(rx), since_ms: now_ms() });
         let welcome = Welcome { ok: 1, _pad: 0, last_gen: 0 };
         if p.send(kind::WELCOME, welcome.as_bytes()).is_err() {
             return;
         }
         tracing::info!(pid = hello.pid, restored_from = hello.restored_gen, "process joined");
-        self.procs.lock().unwrap().insert(hello.pid, p);
+        self.procs.lock().unwrap().insert(key, p);
         loop {
             let mut hb = [0u8; 16];
             if stream.read_exact(&mut hb).is_err() {
@@ -233,8 +254,8 @@ impl Coordinator {
         }
         let _ = tx.send(AgentMsg::Closed);
         let mut procs = self.procs.lock().unwrap();
-        if procs.get(&hello.pid).map(|p| p.conn_id) == Some(conn_id) {
-            procs.remove(&hello.pid);
+        if procs.get(&key).map(|p| p.conn_id) == Some(conn_id) {
+            procs.remove(&key);
             tracing::info!(pid = hello.pid, "process left");
         }
     }
@@ -258,14 +279,7 @@ impl Coordinator {
                     json!({"ok": false, "error": e})
                 }
             },
-            "kill" => {
-                let procs: Vec<i32> = self.procs.lock().unwrap().keys().copied().collect();
-                for pid in &procs {
-                    // SAFETY: kill with a pid the agent registered.
-                    unsafe { libc::kill(*pid, libc::SIGKILL) };
-                }
-                json!({"ok": true, "killed": procs})
-            }
+            "kill" => self.kill_all(),
             "externals" => {
                 let mut ext = self.externals.lock().unwrap();
                 for item in req.get("fds").and_then(Value::as_array).into_iter().flatten() {
@@ -316,7 +330,7 @@ impl Coordinator {
                 let deadline = Instant::now() + Duration::from_secs(20);
                 let mut found = false;
                 while Instant::now() < deadline {
-                    if self.procs.lock().unwrap().contains_key(&pid) {
+                    if self.procs.lock().unwrap().keys().any(|(_, p)| *p == pid) {
                         found = true;
                         break;
                     }
@@ -357,7 +371,8 @@ impl Coordinator {
             .values()
             .map(|p| {
                 let pid = p.hello.pid;
-                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+                // Processes of other machines: their helper knows.
+                let comm = if p.machine == 0 { std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string() } else { String::new() };
                 json!({"pid": pid, "ppid": p.hello.ppid, "host": p.host, "comm": comm, "restored_from": p.hello.restored_gen, "since_ms": p.since_ms,
                        "dirty_tracking": Backend::choose(p.hello.tracking, p.hello.uffd_fd).name(),
                        "fork": self.cfg.fork && p.hello.flags & proto::HELLO_NO_FORK == 0})
@@ -401,19 +416,25 @@ impl Coordinator {
         if procs.is_empty() {
             return Err(("no processes to checkpoint: start one with `ckpt launch -- PROGRAM`".into(), false));
         }
-        for p in &procs {
-            if !self.reaches(&p.hello) {
-                return Err((format!(
-                    "process {} on host {} runs on another machine or in another PID namespace than this coordinator: ckpt reads processes \
-                     through /proc and process_vm_readv, so every process must share the coordinator's kernel and PID namespace \
-                     (hosts made with network namespaces do; separate machines need a coordinator each)",
-                    p.hello.pid, p.host
-                ), false));
+        let mut hosts: HashMap<u64, Arc<RemoteHost>> = HashMap::new();
+        for p in procs.iter().filter(|p| p.machine != 0) {
+            match self.hosts.lock().unwrap().get(&p.machine) {
+                Some(h) => {
+                    hosts.insert(p.machine, h.clone());
+                }
+                None => {
+                    return Err((format!(
+                        "process {} on host {} runs on another machine or in another PID namespace than this coordinator, and no capture \
+                         helper serves it: run `ckpt host --coord {}` on that host, in the processes' PID namespace",
+                        p.hello.pid, p.host, self.cfg.addr
+                    ), false));
+                }
             }
         }
         // The store's writer lock is taken per checkpoint, so that `ckpt gc`
         // can work between checkpoints; wait for it if gc holds it now.
-        let writer = self.take_writer().map_err(|e| (e, false))?;
+        let writer = Arc::new(self.take_writer().map_err(|e| (e, false))?);
+        let epoch = self.note_removals();
         let generation = writer.next_generation_id();
         let req = CheckpointRequest { generation, flags: 0 };
         // The programs are stopped from here until RESUME.
@@ -427,11 +448,11 @@ impl Coordinator {
             }
         }
         // Stop everyone; remember who is stopped.
-        let mut stopped: Vec<(Arc<Proc>, AgentReport)> = Vec::new();
+        let mut stopped: Vec<Stopped> = Vec::new();
         for p in &sent {
             match p.recv(SUSPEND_TIMEOUT) {
                 Some((kind::SUSPENDED, payload)) => match parse_suspended(&p.hello, &payload) {
-                    Some(r) => stopped.push((p.clone(), r)),
+                    Some(report) => stopped.push(Stopped { p: p.clone(), report, raw: payload }),
                     None => failure = Some(format!("process {} sent a malformed report", p.hello.pid)),
                 },
                 Some((kind::FAILED, payload)) => {
@@ -444,7 +465,7 @@ impl Coordinator {
             }
         }
         if failure.is_none()
-            && let Err(f) = self.stop_descendants(&req, &mut stopped) {
+            && let Err(f) = self.stop_descendants(&req, &mut stopped, &hosts) {
                 failure = Some(f);
             }
         if failure.is_none() {
@@ -457,263 +478,172 @@ impl Coordinator {
             tracing::warn!("checkpoint aborted: {f}");
             return Err((f, false));
         }
-        // The tracking bases of these processes are consumed: on success they
-        // are replaced, on failure tracking starts over with a full read.
+        // The tracking bases of this machine's processes are consumed: on
+        // success they are replaced, on failure tracking starts over with a
+        // full read. (Helpers do the same with theirs.)
         let mut bases: HashMap<i32, Base> = HashMap::new();
         {
             let mut all = self.bases.lock().unwrap();
-            for (p, _) in &stopped {
-                if let Some((conn, b)) = all.remove(&p.hello.pid)
-                    && conn == p.conn_id {
-                        bases.insert(p.hello.pid, b);
+            for s in stopped.iter().filter(|s| s.p.machine == 0) {
+                if let Some((conn, b)) = all.remove(&s.p.hello.pid)
+                    && conn == s.p.conn_id {
+                        bases.insert(s.p.hello.pid, b);
                     }
             }
         }
-
-        // Phase A, everyone stopped: metadata, dirty pages, snapshot.
-        let mut work: Vec<Work> = Vec::new();
-        let phase_a = self.phase_a(&stopped, &bases, &writer, &mut work);
-        let snapshots: Vec<i32> = work.iter().filter_map(|w| w.snapshot).collect();
-        if let Err((e, retry)) = phase_a {
+        let opts = RoundOpts { generation, fork: self.cfg.fork, chunk_size: self.store.chunk_size(), externals: self.externals.lock().unwrap().clone() };
+        for h in hosts.values() {
+            h.begin(writer.clone());
+        }
+        // Every machine's processes have ended their round (snapshots
+        // killed, helpers told) when this returns with an error.
+        let abort = |work: &[Work], e: String| {
             writer.abort();
+            let snapshots: Vec<i32> = work.iter().filter_map(|w| w.snapshot).collect();
+            self.end_hosts(&hosts, false);
             finish_round(&stopped, proto::OUTCOME_ABORTED, generation, &snapshots);
             tracing::warn!("checkpoint aborted: {e}");
-            return Err((e, retry));
+        };
+
+        // Phase A, everyone stopped: metadata, dirty pages, snapshot; every
+        // machine at once.
+        let local: Vec<(Target, AgentReport)> = stopped.iter().filter(|s| s.p.machine == 0).map(|s| (s.target(), s.report.clone())).collect();
+        let link = LocalLink(self);
+        let (mut work, results) = std::thread::scope(|sc| {
+            let remote: Vec<_> = hosts
+                .values()
+                .map(|h| {
+                    let targets: Vec<Target> = stopped.iter().filter(|s| s.p.machine == h.key).map(Stopped::target).collect();
+                    let opts = &opts;
+                    sc.spawn(move || remote_phase_a(h, targets, opts, epoch))
+                })
+                .collect();
+            let (work, local_result) = if local.is_empty() { (Vec::new(), Ok(Vec::new())) } else { machine::phase_a(&local, &bases, &*writer, &link, &opts) };
+            let mut results = vec![local_result];
+            results.extend(remote.into_iter().map(|t| t.join().unwrap_or_else(|_| Err(("internal: a helper thread panicked".into(), false)))));
+            (work, results)
+        });
+        let mut ends: Vec<TcpEnd> = Vec::new();
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(e) => ends.extend(e),
+                Err(e) => {
+                    // A retry only if every failure says so.
+                    first_err = match first_err {
+                        None => Some(e),
+                        Some((m, retry)) => Some((m, retry && e.1)),
+                    }
+                }
+            }
+        }
+        if first_err.is_none()
+            && let Err(e) = ckpt_engine::fds::check_tcp_ends(&ends) {
+                first_err = Some((e.to_string(), false));
+            }
+        if let Some(e) = first_err.or_else(|| hosts.values().find_map(|h| h.blob_error()).map(|e| (e, false))) {
+            abort(&work, e.0.clone());
+            return Err(e);
         }
         let resume = Resume { outcome: proto::OUTCOME_WRITTEN, _pad: 0, generation };
-        for (p, _) in &stopped {
-            let _ = p.send(kind::RESUME, resume.as_bytes());
+        for s in &stopped {
+            let _ = s.p.send(kind::RESUME, resume.as_bytes());
         }
         let downtime_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
 
-        // Phase B, the program running again: memory from the snapshots.
-        let result = self.phase_b(&writer, generation, &mut work, &bases, t0, downtime_ms, suspend_ms);
-        kill_snapshots(&snapshots);
-        for (p, _) in &stopped {
-            let _ = p.recv(Duration::from_secs(10));
+        // Phase B, the programs running again: memory from the snapshots,
+        // then the images, from every machine at once.
+        let (local_b, remote_b) = std::thread::scope(|sc| {
+            let remote: Vec<_> = hosts.values().map(|h| sc.spawn(move || remote_phase_b(h, generation))).collect();
+            let local = machine::phase_b(&mut work, &bases, &*writer, generation);
+            let remote: Vec<Result<Vec<Captured>, String>> =
+                remote.into_iter().map(|t| t.join().unwrap_or_else(|_| Err("internal: a helper thread panicked".into()))).collect();
+            (local, remote)
+        });
+        for s in &stopped {
+            let _ = s.p.recv(Duration::from_secs(10));
         }
+        let mut captured = Vec::new();
+        let mut new_bases = Vec::new();
+        let mut failed = None;
+        match local_b {
+            Ok(done) => {
+                for (c, b) in done {
+                    new_bases.push((c.entry.pid, c.conn, b));
+                    captured.push(c);
+                }
+            }
+            Err(e) => failed = Some(e),
+        }
+        for r in remote_b {
+            match r {
+                Ok(c) => captured.extend(c),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        let blob_errors: Vec<String> = hosts.values().filter_map(|h| h.end()).collect();
+        let result = match failed.or(blob_errors.into_iter().next()) {
+            Some(e) => Err(e),
+            None => self.commit(&writer, generation, captured, t0, downtime_ms, suspend_ms),
+        };
         match result {
-            Ok((g, new_bases)) => {
+            Ok(g) => {
+                self.end_hosts(&hosts, true);
                 let mut all = self.bases.lock().unwrap();
                 for (pid, conn, b) in new_bases {
                     all.insert(pid, (conn, b));
                 }
+                self.seen_gens.lock().unwrap().push(g.id);
                 tracing::info!(generation = g.id, ms = g.duration_ms, downtime_ms, new_bytes = g.new_bytes, "generation committed");
                 Ok(g)
             }
             Err(e) => {
                 writer.abort();
+                self.end_hosts(&hosts, false);
                 tracing::warn!("checkpoint aborted: {e}");
                 Err((e, false))
             }
         }
     }
 
-    /// Brings the children of the stopped processes into the round: a child
-    /// forked (or exec'd) since the round began registers within moments,
-    /// and is stopped too. A live child that never registers is outside the
-    /// agent's reach (a static program, or one started without the agent's
-    /// environment): the round fails, naming it. Exited, unreaped children
-    /// (zombies) are recorded in their parent's image instead.
-    fn stop_descendants(&self, req: &CheckpointRequest, stopped: &mut Vec<(Arc<Proc>, AgentReport)>) -> Result<(), String> {
-        loop {
-            let known: HashSet<i32> = stopped.iter().map(|(p, _)| p.hello.pid).collect();
-            let mut missing = Vec::new();
-            for (p, _) in stopped.iter() {
-                for c in procfs::children(p.hello.pid) {
-                    let zombie = procfs::tree_ids(c).map(|t| t.state == 'Z' || t.state == 'X').unwrap_or(true);
-                    if !known.contains(&c) && !zombie {
-                        missing.push((c, p.hello.pid));
-                    }
-                }
-            }
-            if missing.is_empty() {
-                return Ok(());
-            }
-            for (child, parent) in missing {
-                let deadline = Instant::now() + JOIN_TIMEOUT;
-                let proc_ = loop {
-                    if let Some(p) = self.procs.lock().unwrap().get(&child) {
-                        break Some(p.clone());
-                    }
-                    let alive = procfs::tree_ids(child).map(|t| t.state != 'Z' && t.state != 'X').unwrap_or(false);
-                    if !alive || Instant::now() >= deadline {
-                        break None;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                };
-                let Some(p) = proc_ else {
-                    if procfs::tree_ids(child).map(|t| t.state != 'Z' && t.state != 'X').unwrap_or(false) {
-                        let comm = procfs::comm(child).unwrap_or_default();
-                        return Err(format!(
-                            "process {child} ({comm}), a child of {parent}, is not under checkpoint control: it runs without the ckpt agent \
-                             (a statically linked program, or its environment lost LD_PRELOAD/CKPT_COORD); run it with the agent or let it finish before checkpointing"
-                        ));
-                    }
-                    continue; // it exited meanwhile: a zombie, seen next time round
-                };
-                p.send(kind::CHECKPOINT, req.as_bytes()).map_err(|e| format!("process {child} cannot be reached: {e}"))?;
-                match p.recv(SUSPEND_TIMEOUT) {
-                    Some((kind::SUSPENDED, payload)) => match parse_suspended(&p.hello, &payload) {
-                        Some(r) => stopped.push((p.clone(), r)),
-                        None => return Err(format!("process {child} sent a malformed report")),
-                    },
-                    _ => return Err(format!("process {child} (a child of {parent}) did not stop for the checkpoint")),
-                }
+    /// Tells every helper of the round how it ended (it installs its new
+    /// bases, or drops them, and kills its snapshots).
+    fn end_hosts(&self, hosts: &HashMap<u64, Arc<RemoteHost>>, committed: bool) {
+        for h in hosts.values() {
+            h.end();
+            if let Err(e) = h.call(json!({"op": "end", "committed": committed}), Duration::from_secs(30)) {
+                tracing::warn!("{e}");
             }
         }
     }
 
-    /// The stopped phase: the fds of every process, then the rest of each
-    /// process in a thread of its own (reading `/proc`, the dirty pages,
-    /// the tracking registration and the snapshot fork of one process do
-    /// not wait for the others).
-    fn phase_a(&self, stopped: &[(Arc<Proc>, AgentReport)], bases: &HashMap<i32, Base>, writer: &Writer, work: &mut Vec<Work>) -> Result<(), (String, bool)> {
-        let busy = |e: ckpt_engine::EngineError| {
-            let retry = matches!(e, ckpt_engine::EngineError::SocketBusy { .. });
-            (e.to_string(), retry)
-        };
-        let externals = self.externals.lock().unwrap().clone();
-        let mut round = ckpt_engine::fds::Round::new(writer).with_externals(&externals);
-        // The fds first, every process back to back: connections between
-        // processes are read within the shortest time (see fds::socket::tcp).
-        let mut fds = Vec::new();
-        for (p, _) in stopped {
-            fds.push(round.capture_process(p.hello.pid, &[p.hello.agent_fd, p.hello.uffd_fd]).map_err(busy)?);
+    /// The epoch helpers compare to know whether blobs may have left the
+    /// store since the last round: bumped when a generation seen before is
+    /// gone (gc ran).
+    fn note_removals(&self) -> u64 {
+        let now: HashSet<u64> = self.store.generations().map(|g| g.iter().map(|g| g.id).collect()).unwrap_or_default();
+        let mut seen = self.seen_gens.lock().unwrap();
+        if seen.iter().any(|g| !now.contains(g)) {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
         }
-        let results: Vec<(Option<Work>, Result<(), String>)> = std::thread::scope(|s| {
-            let threads: Vec<_> =
-                stopped.iter().zip(fds).map(|((p, report), fds)| s.spawn(|| self.phase_a_one(p, report, fds, bases, writer))).collect();
-            threads.into_iter().map(|t| t.join().unwrap_or_else(|_| (None, Err("internal: a capture thread panicked".into())))).collect()
-        });
-        let mut first_err = None;
-        for (w, r) in results {
-            // Every snapshot forked goes into `work`, so that it is killed
-            // whatever happens next.
-            work.extend(w);
-            if let (Err(e), None) = (r, &first_err) {
-                first_err = Some(e);
-            }
-        }
-        if let Some(e) = first_err {
-            return Err((e, false));
-        }
-        // Before RESUME: checks across processes (socket peers), and TCP
-        // connections leave repair mode.
-        round.finish().map_err(busy)?;
-        Ok(())
+        *seen = now.into_iter().collect();
+        self.epoch.load(Ordering::Acquire)
     }
 
-    /// The stopped phase of one process: its metadata and dirty pages,
-    /// write tracking for new mappings, the snapshot, and the memory the
-    /// snapshot lacks. Returns its part of the work (with the snapshot, if
-    /// one was forked) even when a later step failed.
-    fn phase_a_one(
-        &self,
-        p: &Arc<Proc>,
-        report: &AgentReport,
-        fds: Vec<ckpt_engine::image::FdImage>,
-        bases: &HashMap<i32, Base>,
-        writer: &Writer,
-    ) -> (Option<Work>, Result<(), String>) {
-        let pid = p.hello.pid;
-        let t = Instant::now();
-        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
-        let backend = Backend::choose(p.hello.tracking, p.hello.uffd_fd);
-        let mut prep = match prepare(report, backend, &p.host, self.store.chunk_size(), fds) {
-            Ok(prep) => prep,
-            Err(e) => return (None, Err(e.to_string())),
-        };
-        let prepare_ms = ms(t);
-        if backend == Backend::UffdWp && !prep.untracked.is_empty() {
-            let mut payload = RangeList { count: prep.untracked.len() as u32, _pad: 0 }.as_bytes().to_vec();
-            for (a, b) in &prep.untracked {
-                payload.extend_from_slice(&a.to_le_bytes());
-                payload.extend_from_slice(&b.to_le_bytes());
-            }
-            if let Err(e) = p.send(kind::REGISTER, &payload) {
-                return (None, Err(format!("process {pid}: {e}")));
-            }
-            match p.recv(SUSPEND_TIMEOUT) {
-                Some((kind::REGISTERED, r)) => {
-                    let r = Registered::read_from(&r).unwrap_or_default();
-                    tracing::debug!(pid, registered = r.registered, failed = r.failed, "write tracking registered");
-                }
-                _ => return (None, Err(format!("process {pid} did not answer the tracking registration"))),
-            }
-        }
-        let register_ms = ms(t) - prepare_ms;
-        let base = bases.get(&pid);
-        let mut snapshot = None;
-        if self.cfg.fork && p.hello.flags & proto::HELLO_NO_FORK == 0 {
-            if let Err(e) = p.send(kind::FORK, &[]) {
-                return (None, Err(format!("process {pid}: {e}")));
-            }
-            match p.recv(SUSPEND_TIMEOUT) {
-                Some((kind::FORKED, f)) => {
-                    let f = Forked::read_from(&f).unwrap_or_default();
-                    if f.pid > 0 {
-                        snapshot = Some(f.pid);
-                    } else {
-                        tracing::warn!(pid, errno = f.errno, "fork of the snapshot failed; reading the process while it is stopped");
-                    }
-                }
-                _ => return (None, Err(format!("process {pid} did not answer the snapshot request"))),
-            }
-        }
-        let fork_ms = ms(t) - prepare_ms - register_ms;
-        let timings = json!({"prepare_ms": prepare_ms, "register_ms": register_ms, "fork_ms": fork_ms});
-        let stored = match snapshot {
-            Some(child) => {
-                // Shared memory is not snapshotted by fork, and a region
-                // marked MADV_DONTFORK is missing from the child: those are
-                // read now, while the process is stopped.
-                procfs::maps(child).map_err(|e| e.to_string()).and_then(|m| {
-                    let child_starts: HashSet<u64> = m.iter().map(|m| m.start).collect();
-                    prep.store_memory(pid, |r| r.kind == RegionKind::SharedAnon || !child_starts.contains(&r.start), base, writer).map_err(|e| e.to_string())
-                })
-            }
-            None => prep.store_memory(pid, |_| true, base, writer).map_err(|e| e.to_string()),
-        };
-        (Some(Work { proc_: p.clone(), prep: Some(prep), snapshot, timings }), stored)
-    }
-
-    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
-    fn phase_b(
-        &self,
-        writer: &Writer,
-        generation: u64,
-        work: &mut [Work],
-        bases: &HashMap<i32, Base>,
-        t0: Instant,
-        downtime_ms: f64,
-        suspend_ms: f64,
-    ) -> Result<(GenerationInfo, Vec<(i32, u64, Base)>), String> {
-        let mut entries = Vec::new();
-        let mut logical = 0u64;
+    /// Writes the manifest of every machine's images and commits the generation.
+    fn commit(&self, writer: &Writer, generation: u64, captured: Vec<Captured>, t0: Instant, downtime_ms: f64, suspend_ms: f64) -> Result<GenerationInfo, String> {
+        let mut backends: Vec<String> = Vec::new();
+        let mut logical = 0;
         let mut summary = Vec::new();
-        let mut new_bases = Vec::new();
-        let mut backends = Vec::new();
-        for w in work.iter_mut() {
-            let pid = w.proc_.hello.pid;
-            let mut prep = w.prep.take().ok_or("internal: capture missing")?;
-            if let Some(child) = w.snapshot {
-                prep.store_memory(child, |_| true, bases.get(&pid), writer).map_err(|e| e.to_string())?;
-                kill_snapshots(&[child]);
+        let mut entries = Vec::new();
+        let nprocs = captured.len() as u32;
+        for c in captured {
+            logical += c.logical_bytes;
+            if !backends.contains(&c.backend) {
+                backends.push(c.backend.clone());
             }
-            let backend = prep.backend;
-            let (image, stats, base) = prep.finish(generation, writer).map_err(|e| e.to_string())?;
-            logical += stats.logical_bytes;
-            let bytes = serde_json::to_vec(&image).map_err(|e| e.to_string())?;
-            let hash = writer.put_meta(&bytes).map_err(|e| e.to_string())?;
-            summary.push(json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
-                                "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes, "dirty_tracking": backend.name(),
-                                "forked": w.snapshot.is_some(), "stopped_work": w.timings}));
-            if !backends.contains(&backend.name()) {
-                backends.push(backend.name());
-            }
-            entries.push(ProcessEntry { pid: image.pid, host: image.host.clone(), exe: image.exe.clone(), image: hash });
-            new_bases.push((pid, w.proc_.conn_id, base));
+            summary.push(c.summary);
+            entries.push(c.entry);
         }
         let manifest = GenerationManifest { version: IMAGE_VERSION, generation, processes: entries };
         let mbytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
@@ -724,7 +654,7 @@ impl Coordinator {
                 parent,
                 created_ms: now_ms(),
                 duration_ms: t0.elapsed().as_millis() as u64,
-                nprocs: work.len() as u32,
+                nprocs,
                 logical_bytes: logical,
                 dirty_tracking: backends.join(","),
                 manifest: mhash,
@@ -734,14 +664,185 @@ impl Coordinator {
         if g.id != generation {
             tracing::warn!(expected = generation, got = g.id, "generation number moved");
         }
-        Ok((g, new_bases))
+        Ok(g)
     }
 
-    /// Whether a process is reachable through this coordinator's `/proc`
-    /// (same kernel, same PID namespace). Agents that do not say are.
-    fn reaches(&self, h: &Hello) -> bool {
+    /// The live children of `parents` (all on machine `machine`) that are
+    /// not in `known`.
+    fn strays(&self, machine: u64, hosts: &HashMap<u64, Arc<RemoteHost>>, parents: &[i32], known: &HashSet<i32>) -> Result<Vec<Stray>, String> {
+        if machine == 0 {
+            return Ok(machine::strays(parents, known));
+        }
+        let h = hosts.get(&machine).ok_or("internal: no helper for a machine of the round")?;
+        let a = h.call(json!({"op": "children", "parents": parents, "known": known}), SUSPEND_TIMEOUT)?;
+        serde_json::from_value(a.get("strays").cloned().unwrap_or_default()).map_err(|e| format!("host {}: {e}", h.name))
+    }
+
+    fn alive(&self, machine: u64, hosts: &HashMap<u64, Arc<RemoteHost>>, pid: i32) -> bool {
+        if machine == 0 {
+            return machine::alive(pid);
+        }
+        hosts
+            .get(&machine)
+            .and_then(|h| h.call(json!({"op": "alive", "pid": pid}), SUSPEND_TIMEOUT).ok())
+            .and_then(|a| a.get("alive").and_then(Value::as_bool))
+            .unwrap_or(false)
+    }
+
+    /// Brings the children of the stopped processes into the round: a child
+    /// forked (or exec'd) since the round began registers within moments,
+    /// and is stopped too. A live child that never registers is outside the
+    /// agent's reach (a static program, or one started without the agent's
+    /// environment): the round fails, naming it. Exited, unreaped children
+    /// (zombies) are recorded in their parent's image instead.
+    fn stop_descendants(&self, req: &CheckpointRequest, stopped: &mut Vec<Stopped>, hosts: &HashMap<u64, Arc<RemoteHost>>) -> Result<(), String> {
+        loop {
+            let mut missing = Vec::new();
+            let machines: HashSet<u64> = stopped.iter().map(|s| s.p.machine).collect();
+            for m in machines {
+                let known: HashSet<i32> = stopped.iter().filter(|s| s.p.machine == m).map(|s| s.p.hello.pid).collect();
+                let parents: Vec<i32> = known.iter().copied().collect();
+                missing.extend(self.strays(m, hosts, &parents, &known)?.into_iter().map(|s| (m, s)));
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            for (m, Stray { child, parent, comm }) in missing {
+                let deadline = Instant::now() + JOIN_TIMEOUT;
+                let proc_ = loop {
+                    if let Some(p) = self.procs.lock().unwrap().get(&(m, child)) {
+                        break Some(p.clone());
+                    }
+                    if !self.alive(m, hosts, child) || Instant::now() >= deadline {
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                };
+                let Some(p) = proc_ else {
+                    if self.alive(m, hosts, child) {
+                        return Err(format!(
+                            "process {child} ({comm}), a child of {parent}, is not under checkpoint control: it runs without the ckpt agent \
+                             (a statically linked program, or its environment lost LD_PRELOAD/CKPT_COORD); run it with the agent or let it finish before checkpointing"
+                        ));
+                    }
+                    continue; // it exited meanwhile: a zombie, seen next time round
+                };
+                p.send(kind::CHECKPOINT, req.as_bytes()).map_err(|e| format!("process {child} cannot be reached: {e}"))?;
+                match p.recv(SUSPEND_TIMEOUT) {
+                    Some((kind::SUSPENDED, payload)) => match parse_suspended(&p.hello, &payload) {
+                        Some(report) => stopped.push(Stopped { p: p.clone(), report, raw: payload }),
+                        None => return Err(format!("process {child} sent a malformed report")),
+                    },
+                    _ => return Err(format!("process {child} (a child of {parent}) did not stop for the checkpoint")),
+                }
+            }
+        }
+    }
+
+    /// Sends a message to the agent of a stopped process and returns its answer.
+    fn agent_call(&self, machine: u64, pid: i32, k: u32, payload: &[u8]) -> Result<(u32, Vec<u8>), String> {
+        let p = self.procs.lock().unwrap().get(&(machine, pid)).cloned().ok_or_else(|| format!("process {pid} left the computation during the checkpoint"))?;
+        p.send(k, payload).map_err(|e| format!("process {pid}: {e}"))?;
+        p.recv(machine::AGENT_TIMEOUT).ok_or_else(|| format!("process {pid} did not answer during the checkpoint"))
+    }
+
+    /// Kills every process of the computation (`ckpt kill`), on every machine.
+    fn kill_all(&self) -> Value {
+        let procs: Vec<Key> = self.procs.lock().unwrap().keys().copied().collect();
+        let mut by_machine: HashMap<u64, Vec<i32>> = HashMap::new();
+        for (m, pid) in &procs {
+            by_machine.entry(*m).or_default().push(*pid);
+        }
+        let mut errors = Vec::new();
+        for (m, pids) in by_machine {
+            if m == 0 {
+                machine::kill_snapshots(&pids);
+            } else {
+                let h = self.hosts.lock().unwrap().get(&m).cloned();
+                match h {
+                    Some(h) => {
+                        if let Err(e) = h.call(json!({"op": "kill", "pids": pids}), Duration::from_secs(10)) {
+                            errors.push(e);
+                        }
+                    }
+                    None => errors.push(format!("processes {pids:?} are on a machine without a capture helper: kill them there")),
+                }
+            }
+        }
+        let killed: Vec<i32> = procs.iter().map(|(_, p)| *p).collect();
+        if errors.is_empty() { json!({"ok": true, "killed": killed}) } else { json!({"ok": false, "error": errors.join("; ")}) }
+    }
+
+    /// Serves a capture helper (`ckpt host`) until it goes away.
+    fn serve_host(self: Arc<Self>, mut stream: Stream, first: [u8; 4]) {
+        let Ok(hello) = crate::host::read_msg(&mut stream, Some(first)) else { return };
+        let Ok(writer) = stream.try_clone() else { return };
+        let name = hello.json.get("host").and_then(Value::as_str).unwrap_or("?").to_string();
+        let boot = hello.json.get("boot_id").and_then(Value::as_str).unwrap_or("").to_string();
+        let pidns = hello.json.get("pidns").and_then(Value::as_u64).unwrap_or(0);
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let h = Arc::new(RemoteHost::new(machine::machine_key(boot.as_bytes(), pidns), name.clone(), conn_id, writer));
+        let refuse = if hello.kind != crate::host::kind::HELLO {
+            Some("the first message must be HELLO".to_string())
+        } else if hello.json.get("version").and_then(Value::as_u64) != Some(crate::host::VERSION as u64) {
+            Some(format!("protocol version {} is not this coordinator's ({}): run the same ckpt on every host", hello.json["version"], crate::host::VERSION))
+        } else if boot.is_empty() || (boot == self.boot_id && pidns == self.pidns) {
+            Some("the coordinator reads the processes of its own machine and PID namespace itself: no helper is needed here".to_string())
+        } else {
+            None
+        };
+        let welcome = match &refuse {
+            Some(e) => json!({"ok": false, "error": e}),
+            None => json!({"ok": true}),
+        };
+        if h.send(crate::host::kind::WELCOME, &welcome, &[]).is_err() || refuse.is_some() {
+            return;
+        }
+        if let Some(old) = self.hosts.lock().unwrap().insert(h.key, h.clone()) {
+            tracing::warn!(host = %name, "a new capture helper replaces the one already connected for this machine");
+            old.close();
+        }
+        tracing::info!(host = %name, "capture helper joined");
+        loop {
+            let m = match crate::host::read_msg(&mut stream, None) {
+                Ok(m) => m,
+                Err(_) => break,
+            };
+            if m.kind == crate::host::kind::AGENT {
+                // An agent may take a while: answered from a thread of its own.
+                let (c, h) = (self.clone(), h.clone());
+                std::thread::spawn(move || {
+                    let pid = m.json.get("pid").and_then(Value::as_i64).unwrap_or(0) as i32;
+                    let k = m.json.get("kind").and_then(Value::as_u64).unwrap_or(0) as u32;
+                    let id = m.json.get("id").cloned().unwrap_or(Value::Null);
+                    let (json, data) = match c.agent_call(h.key, pid, k, &m.data) {
+                        Ok((k, data)) => (json!({"id": id, "ok": true, "kind": k}), data),
+                        Err(e) => (json!({"id": id, "ok": false, "error": e}), Vec::new()),
+                    };
+                    let _ = h.send(crate::host::kind::AGENT_REPLY, &json, &data);
+                });
+            } else {
+                h.on_message(m);
+            }
+        }
+        h.close();
+        let mut hosts = self.hosts.lock().unwrap();
+        if hosts.get(&h.key).is_some_and(|x| x.conn_id == conn_id) {
+            hosts.remove(&h.key);
+        }
+        tracing::info!(host = %name, "capture helper left");
+    }
+
+    /// 0 for a process the coordinator reaches through its own `/proc`
+    /// (same kernel, same PID namespace; agents that do not say are), else
+    /// the key of its machine.
+    fn machine_of(&self, h: &Hello) -> u64 {
         let boot = |b: &[u8]| b.iter().take_while(|&&c| c != 0 && c != b'\n').copied().collect::<Vec<u8>>();
-        (h.pidns == 0 || h.pidns == self.pidns) && (h.boot_id[0] == 0 || boot(&h.boot_id) == boot(self.boot_id.as_bytes()))
+        if (h.pidns == 0 || h.pidns == self.pidns) && (h.boot_id[0] == 0 || boot(&h.boot_id) == boot(self.boot_id.as_bytes())) {
+            0
+        } else {
+            machine::machine_key(&h.boot_id, h.pidns)
+        }
     }
 
     fn take_writer(&self) -> Result<Writer, String> {
@@ -754,7 +855,45 @@ impl Coordinator {
             }
         }
     }
+}
 
+/// A machine's share of phase A, done by its capture helper.
+fn remote_phase_a(h: &RemoteHost, targets: Vec<Target>, opts: &RoundOpts, epoch: u64) -> Result<Vec<TcpEnd>, (String, bool)> {
+    let a = h.request(json!({"op": "phase_a", "opts": opts, "targets": targets, "epoch": epoch}), HOST_TIMEOUT).map_err(|e| (e, false))?;
+    if a.get("ok").and_then(Value::as_bool) != Some(true) {
+        let e = a.get("error").and_then(Value::as_str).unwrap_or("refused without a reason");
+        return Err((format!("host {}: {e}", h.name), a.get("retry").and_then(Value::as_bool).unwrap_or(false)));
+    }
+    serde_json::from_value(a.get("ends").cloned().unwrap_or_default()).map_err(|e| (format!("host {}: {e}", h.name), false))
+}
+
+/// A machine's share of phase B, done by its capture helper.
+fn remote_phase_b(h: &RemoteHost, generation: u64) -> Result<Vec<Captured>, String> {
+    let a = h.call(json!({"op": "phase_b", "generation": generation}), HOST_TIMEOUT)?;
+    serde_json::from_value(a.get("captured").cloned().unwrap_or_default()).map_err(|e| format!("host {}: {e}", h.name))
+}
+
+/// Agents of this machine, asked directly.
+struct LocalLink<'a>(&'a Coordinator);
+
+impl AgentLink for LocalLink<'_> {
+    fn call(&self, pid: i32, k: u32, payload: &[u8]) -> Result<(u32, Vec<u8>), String> {
+        self.0.agent_call(0, pid, k, payload)
+    }
+}
+
+/// A process stopped for the round in progress.
+struct Stopped {
+    p: Arc<Proc>,
+    report: AgentReport,
+    /// The SUSPENDED payload, as received (for a capture helper).
+    raw: Vec<u8>,
+}
+
+impl Stopped {
+    fn target(&self) -> Target {
+        Target::new(self.p.hello.pid, self.p.conn_id, &self.p.host, &self.p.hello, &self.raw)
+    }
 }
 
 /// Fault injection for tests: when `$CKPT_TEST_HOLD/armed` exists once
@@ -779,41 +918,14 @@ fn hold_for_tests() {
 /// opened.
 type RestartBarrier = (HashSet<String>, Option<Instant>);
 
-/// One process's part of a checkpoint in progress.
-struct Work {
-    proc_: Arc<Proc>,
-    prep: Option<Prepared>,
-    snapshot: Option<i32>,
-    /// Where the stopped time went (phase A), for `ckpt log --json`.
-    timings: Value,
-}
-
-fn kill_snapshots(pids: &[i32]) {
-    for &pid in pids {
-        // SAFETY: the snapshot child's pid, reported by its parent's agent.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
 /// Ends a round that failed: snapshots killed, every process resumed.
-fn finish_round(stopped: &[(Arc<Proc>, AgentReport)], outcome: u32, generation: u64, snapshots: &[i32]) {
-    kill_snapshots(snapshots);
+fn finish_round(stopped: &[Stopped], outcome: u32, generation: u64, snapshots: &[i32]) {
+    machine::kill_snapshots(snapshots);
     let resume = Resume { outcome, _pad: 0, generation };
-    for (p, _) in stopped {
-        let _ = p.send(kind::RESUME, resume.as_bytes());
+    for s in stopped {
+        let _ = s.p.send(kind::RESUME, resume.as_bytes());
     }
-    for (p, _) in stopped {
-        let _ = p.recv(Duration::from_secs(10));
+    for s in stopped {
+        let _ = s.p.recv(Duration::from_secs(10));
     }
-}
-
-fn parse_suspended(hello: &Hello, payload: &[u8]) -> Option<AgentReport> {
-    let s = Suspended::read_from(payload)?;
-    let mut threads = Vec::with_capacity(s.nthreads as usize);
-    let base = std::mem::size_of::<Suspended>();
-    let ts = std::mem::size_of::<ThreadState>();
-    for i in 0..s.nthreads as usize {
-        threads.push(ThreadState::read_from(payload.get(base + i * ts..)?)?);
-    }
-    Some(AgentReport { hello: *hello, suspended: s, threads })
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fs::File;
 
 use ckpt_chunker::Hash;
-use ckpt_store::{BlobKind, Writer};
+use ckpt_store::{BlobKind, BlobSink};
 use ckpt_wire::agent::{Hello, Suspended, ThreadState};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
 use rayon::prelude::*;
@@ -208,7 +208,7 @@ impl Prepared {
     /// stored), reading from `source` (the process itself while stopped, or
     /// its forked snapshot). Chunks whose pages are all unwritten and
     /// present as before reuse `base`'s hashes without being read.
-    pub fn store_memory(&mut self, source: i32, which: impl Fn(&RegionImage) -> bool, base: Option<&Base>, writer: &Writer) -> Result<()> {
+    pub fn store_memory(&mut self, source: i32, which: impl Fn(&RegionImage) -> bool, base: Option<&Base>, writer: &dyn BlobSink) -> Result<()> {
         let chunk_size = self.image.chunk_size as usize;
         let mem_path = format!("/proc/{source}/mem");
         let mem = File::open(&mem_path).map_err(|e| EngineError::Proc { pid: source, path: mem_path.into(), source: e })?;
@@ -226,7 +226,7 @@ impl Prepared {
 
     /// Step 3: the finished image (segments stored) and the base for the
     /// next capture.
-    pub fn finish(mut self, generation: u64, writer: &Writer) -> Result<(ProcessImage, CaptureStats, Base)> {
+    pub fn finish(mut self, generation: u64, writer: &dyn BlobSink) -> Result<(ProcessImage, CaptureStats, Base)> {
         let mut base = Base { generation, regions: HashMap::new() };
         for st in self.regions {
             let r = &mut self.image.regions[st.index];
@@ -245,7 +245,7 @@ fn store_region(
     st: &RegionState,
     base: Option<&BaseRegion>,
     mem: &File,
-    writer: &Writer,
+    writer: &dyn BlobSink,
     chunk_size: usize,
     stats: &mut CaptureStats,
 ) -> Result<Vec<Hash>> {
@@ -254,6 +254,7 @@ fn store_region(
     let ppc = chunk_size / remote::PAGE as usize;
     let mut hashes = vec![Hash::ZERO_CHUNK; nchunks];
     // Decide per chunk: reuse the base's hash, zero (no page exists), or read.
+    let mut reuse = Vec::new();
     let mut to_read = Vec::new();
     for (c, h) in hashes.iter_mut().enumerate() {
         let p0 = c * ppc;
@@ -266,18 +267,30 @@ fn store_region(
             }
             _ => false,
         };
-        if reusable {
-            // Only a chunk the store still holds (gc may have pruned the
-            // generation the base came from).
-            if let Some(bh) = base.and_then(|b| b.hashes.get(c)).filter(|bh| **bh == Hash::ZERO_CHUNK || writer.known(bh)) {
-                *h = *bh;
+        if let Some(bh) = base.and_then(|b| b.hashes.get(c)).filter(|_| reusable) {
+            if *bh == Hash::ZERO_CHUNK {
                 continue;
             }
+            *h = *bh;
+            reuse.push(c);
+            continue;
         }
         if st.anonymous && !st.present[p0..p1].iter().any(|&x| x) {
             continue; // nothing there: zero
         }
         to_read.push(c);
+    }
+    // Only a chunk the store still holds (gc may have pruned the generation
+    // the base came from) is reused; the others are read again.
+    if !reuse.is_empty() {
+        let gone = writer.missing(&reuse.iter().map(|&c| hashes[c]).collect::<Vec<_>>())?;
+        for (&c, gone) in reuse.iter().zip(gone) {
+            if gone {
+                hashes[c] = Hash::ZERO_CHUNK;
+                to_read.push(c);
+            }
+        }
+        to_read.sort_unstable();
     }
     // Read runs of consecutive chunks, a window at a time.
     let max_run = (WINDOW / chunk_size).max(1);
@@ -296,8 +309,9 @@ fn store_region(
             .map_err(|e| EngineError::Memory { pid, addr: r.start + off as u64, source: e })?;
         let data = &buf[..];
         let wh = ckpt_chunker::hash_chunks(data, chunk_size);
-        wh.par_iter().enumerate().try_for_each(|(k, h)| -> Result<()> {
-            if *h != Hash::ZERO_CHUNK && !writer.known(h) {
+        let missing = writer.missing(&wh)?;
+        wh.par_iter().zip(missing).enumerate().try_for_each(|(k, (h, missing))| -> Result<()> {
+            if *h != Hash::ZERO_CHUNK && missing {
                 let s = k * chunk_size;
                 writer.put(BlobKind::Chunk, *h, &data[s..(s + chunk_size).min(rlen)])?;
             }

@@ -8,7 +8,7 @@
 //! with the change, not with the size of the process.
 
 use ckpt_chunker::Hash;
-use ckpt_store::{Store, Writer};
+use ckpt_store::{BlobSink, Store};
 
 use crate::error::{EngineError, Result};
 
@@ -22,7 +22,7 @@ fn node_bytes(hashes: &[Hash]) -> Vec<u8> {
 }
 
 /// Stores `chunks` as a tree; returns the top level and the inner depth.
-pub fn store(writer: &Writer, chunks: &[Hash]) -> Result<(Vec<Hash>, u32)> {
+pub fn store(writer: &dyn BlobSink, chunks: &[Hash]) -> Result<(Vec<Hash>, u32)> {
     let mut level: Vec<Hash> = chunks.chunks(FANOUT).map(|n| writer.put_meta(&node_bytes(n))).collect::<Result<_, _>>()?;
     let mut depth = 0;
     while level.len() > TOP_MAX {

@@ -1165,6 +1165,40 @@ struct Pending {
     stored_bytes: u64,
 }
 
+/// Where a capture puts its blobs: the store's [`Writer`] in the process
+/// that owns it, or a connection to that process from a capture helper on
+/// another host. `Sync`: captures put from many threads at once.
+pub trait BlobSink: Sync {
+    /// Whether blob `h` is surely in the store (or put in this round); a
+    /// false answer may be wrong the safe way (the blob is stored again).
+    fn known(&self, h: &Hash) -> bool;
+    /// For each hash, whether the store lacks it: [`BlobSink::known`] asked
+    /// in one go (one round trip for a remote sink).
+    fn missing(&self, hashes: &[Hash]) -> Result<Vec<bool>> {
+        Ok(hashes.iter().map(|h| !self.known(h)).collect())
+    }
+    /// Stores blob `data` whose BLAKE3 is `h`; false if it was known.
+    fn put(&self, kind: BlobKind, h: Hash, data: &[u8]) -> Result<bool>;
+    /// Hashes `data`, stores it as a [`BlobKind::Meta`] blob, returns its hash.
+    fn put_meta(&self, data: &[u8]) -> Result<Hash> {
+        let h = Hash::of(data);
+        self.put(BlobKind::Meta, h, data)?;
+        Ok(h)
+    }
+}
+
+impl BlobSink for Writer {
+    fn known(&self, h: &Hash) -> bool {
+        Writer::known(self, h)
+    }
+    fn put(&self, kind: BlobKind, h: Hash, data: &[u8]) -> Result<bool> {
+        Writer::put(self, kind, h, data)
+    }
+    fn put_meta(&self, data: &[u8]) -> Result<Hash> {
+        Writer::put_meta(self, data)
+    }
+}
+
 /// The one writer of a store (holds the exclusive lock on `<root>/lock`
 /// until dropped). `Send + Sync`: [`Writer::put`] may be called from many
 /// threads at once. Dropping a writer with uncommitted blobs aborts them.
@@ -1277,6 +1311,32 @@ impl Writer {
             ))
         })?;
         let compressed = ckpt_chunker::compress(data, self.opts.level);
+        self.append(kind, h, &compressed, ulen)
+    }
+
+    /// Store a blob that was compressed elsewhere (by a capture helper on
+    /// another host): `compressed` is the zstd frame of `ulen` bytes whose
+    /// BLAKE3 is `h`. The frame is decompressed and the hash checked before
+    /// anything is written, so a faulty sender cannot put wrong bytes under a
+    /// hash. Returns false if the blob is already known.
+    pub fn put_compressed(&self, kind: BlobKind, h: Hash, compressed: &[u8], ulen: u32) -> Result<bool> {
+        if self.known(&h) {
+            return Ok(false);
+        }
+        let data = ckpt_chunker::decompress(compressed, ulen as usize)
+            .map_err(|e| StoreError::Invalid(format!("blob {h} sent for storing does not decompress: {e}")))?;
+        if Hash::of(&data) != h {
+            return Err(StoreError::Invalid(format!(
+                "blob sent for storing as {h} has another hash ({}): the sender is faulty",
+                Hash::of(&data)
+            )));
+        }
+        self.append(kind, h, compressed, ulen)
+    }
+
+    /// Appends a compressed blob to the open pack (unless another thread
+    /// put it meanwhile).
+    fn append(&self, kind: BlobKind, h: Hash, compressed: &[u8], ulen: u32) -> Result<bool> {
         let mut p = lock(&self.pending);
         if self.known(&h) {
             return Ok(false); // another thread put it meanwhile
@@ -1289,7 +1349,7 @@ impl Writer {
             );
         }
         let open = p.open.as_mut().expect("open pack");
-        if let Err(e) = open.append(kind, h, &compressed, ulen) {
+        if let Err(e) = open.append(kind, h, compressed, ulen) {
             self.drop_open_pack(&mut p);
             return Err(StoreError::io(
                 format!("write pack file in {}", tmp.display()),

@@ -40,7 +40,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use ckpt_chunker::Hash;
-use ckpt_store::{Store, Writer};
+use ckpt_store::{BlobSink, Store};
+
+pub use socket::tcp::{TcpEnd, check_ends as check_tcp_ends};
 
 use crate::error::{EngineError, Result};
 use crate::image::{FdImage, FdKind};
@@ -153,7 +155,7 @@ struct Seen {
 
 /// The fds of every process of one checkpoint.
 pub struct Round<'w> {
-    writer: &'w Writer,
+    writer: &'w dyn BlobSink,
     seen: Vec<Seen>,
     next_ofd: u64,
     pidfds: HashMap<i32, OwnedFd>,
@@ -170,7 +172,7 @@ pub struct Round<'w> {
 }
 
 impl<'w> Round<'w> {
-    pub fn new(writer: &'w Writer) -> Self {
+    pub fn new(writer: &'w dyn BlobSink) -> Self {
         Round {
             writer,
             seen: Vec::new(),
@@ -189,7 +191,11 @@ impl<'w> Round<'w> {
     /// were read) and takes TCP sockets out of repair mode. An error means
     /// the round must be aborted. (Dropping a round without calling this
     /// also leaves repair mode.)
-    pub fn finish(&mut self) -> Result<()> {
+    ///
+    /// Returns the TCP connections whose other end was not in this round:
+    /// on one machine there must be none; with several machines the ends of
+    /// all rounds must pair up ([`check_tcp_ends`]).
+    pub fn finish(&mut self) -> Result<Vec<TcpEnd>> {
         self.sockets.finish()
     }
 

@@ -82,12 +82,15 @@ impl RoundSockets {
     /// Once every process of the round was captured, before the programs
     /// resume: checks that every connected socket's peer is in the
     /// computation and that no TCP connection changed while the others were
-    /// read, and takes every TCP socket out of repair mode.
-    pub fn finish(&mut self) -> Result<()> {
+    /// read, and takes every TCP socket out of repair mode. Returns the TCP
+    /// connections whose peer was not in the round, for
+    /// [`tcp::check_ends`] across machines.
+    pub fn finish(&mut self) -> Result<Vec<tcp::TcpEnd>> {
         let tcp_result = tcp::finish(&mut self.tcp);
         let unix_result = unix::finish(&self.unix, &self.netns);
         self.unix.clear();
-        tcp_result.and(unix_result)
+        let loose = tcp_result?;
+        unix_result.map(|()| loose)
     }
 }
 

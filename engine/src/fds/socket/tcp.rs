@@ -305,7 +305,7 @@ pub(super) fn release(held: &mut Vec<Held>) {
 }
 
 /// End of the round: checks, then [`release`] (always).
-pub(super) fn finish(held: &mut Vec<Held>) -> Result<()> {
+pub(super) fn finish(held: &mut Vec<Held>) -> Result<Vec<TcpEnd>> {
     let mut result = Ok(());
     for h in held.iter() {
         match queue_seq(&h.sock, TCP_RECV_QUEUE) {
@@ -323,13 +323,37 @@ pub(super) fn finish(held: &mut Vec<Held>) -> Result<()> {
                 break;
             }
         }
-        if !held.iter().any(|o| o.local == h.peer && o.peer == h.local) {
-            result = Err(EngineError::SocketPeer { pid: h.pid, fd: h.fd, what: format!("a TCP connection from {}", h.local), peer: h.peer.to_string() });
-            break;
+    }
+    // Connections whose other end is not in this round: it may be in the
+    // round of another machine (see [`check_ends`]).
+    let loose = held
+        .iter()
+        .filter(|h| !held.iter().any(|o| o.local == h.peer && o.peer == h.local))
+        .map(|h| TcpEnd { pid: h.pid, fd: h.fd, local: h.local.to_string(), peer: h.peer.to_string() })
+        .collect();
+    release(held);
+    result.map(|()| loose)
+}
+
+/// One end of a TCP connection whose other end was not in the same round.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TcpEnd {
+    pub pid: i32,
+    pub fd: i32,
+    pub local: String,
+    pub peer: String,
+}
+
+/// The ends left loose by the rounds of every machine of a checkpoint must
+/// pair up: a connection to a peer outside the computation cannot be
+/// restored (the peer would not take part in the repair).
+pub fn check_ends(ends: &[TcpEnd]) -> Result<()> {
+    for h in ends {
+        if !ends.iter().any(|o| o.local == h.peer && o.peer == h.local) {
+            return Err(EngineError::SocketPeer { pid: h.pid, fd: h.fd, what: format!("a TCP connection from {}", h.local), peer: h.peer.clone() });
         }
     }
-    release(held);
-    result
+    Ok(())
 }
 
 pub(super) fn bind(fd: &OwnedFd, a: SocketAddr) -> io::Result<()> {

@@ -1,0 +1,285 @@
+//! One machine's share of a checkpoint.
+//!
+//! Reading a stopped process needs its kernel: `/proc/PID`, `pidfd_getfd`,
+//! `process_vm_readv`, TCP repair. So the work of a round is cut by
+//! machine (a kernel and PID namespace): the coordinator does it for the
+//! processes it can reach itself, and a capture helper (`ckpt host`, see
+//! [`crate::host`]) does it on every other machine, with the same code: the
+//! functions here. What differs is behind two seams: where blobs go
+//! ([`BlobSink`]: the store's writer, or the connection to the coordinator
+//! that owns it) and how the agents are asked things ([`AgentLink`]: the
+//! agents talk to the coordinator only).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use ckpt_engine::capture::{AgentReport, Base, Prepared, prepare};
+use ckpt_engine::dirty::Backend;
+use ckpt_engine::fds::TcpEnd;
+use ckpt_engine::image::{FdImage, ProcessEntry, RegionKind};
+use ckpt_engine::procfs;
+use ckpt_store::BlobSink;
+use ckpt_wire::Pod;
+use ckpt_wire::agent::{self as proto, Forked, Hello, RangeList, Registered, Suspended, ThreadState, kind};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// How long an agent may take to answer a request while it is stopped.
+pub(crate) const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks the agent of a process something while the process is stopped.
+pub(crate) trait AgentLink: Sync {
+    /// Sends `kind` + `payload` to the agent of `pid`; its answer.
+    fn call(&self, pid: i32, kind: u32, payload: &[u8]) -> Result<(u32, Vec<u8>), String>;
+}
+
+/// A stopped process, as the coordinator hands it to a machine's capture.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Target {
+    pub pid: i32,
+    /// The coordinator's connection id of its agent: a base of an earlier
+    /// connection (the pid was reused) is not this process's.
+    pub conn: u64,
+    pub host: String,
+    /// The agent's HELLO and SUSPENDED payloads, as received (hex).
+    pub hello: String,
+    pub suspended: String,
+}
+
+impl Target {
+    pub fn new(pid: i32, conn: u64, host: &str, hello: &Hello, suspended: &[u8]) -> Target {
+        Target { pid, conn, host: host.to_string(), hello: hex::encode(hello.as_bytes()), suspended: hex::encode(suspended) }
+    }
+
+    pub fn report(&self) -> Result<AgentReport, String> {
+        let bad = || format!("process {}: malformed agent report", self.pid);
+        let hello = hex::decode(&self.hello).ok().and_then(|b| Hello::parse(&b)).ok_or_else(bad)?;
+        let payload = hex::decode(&self.suspended).map_err(|_| bad())?;
+        parse_suspended(&hello, &payload).ok_or_else(bad)
+    }
+}
+
+/// Settings of one round.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct RoundOpts {
+    pub generation: u64,
+    /// Fork a copy-on-write snapshot of each process (unless it asked not).
+    pub fork: bool,
+    pub chunk_size: usize,
+    /// Fds given to the computation from outside: (fd, readlink target).
+    pub externals: Vec<(i32, String)>,
+}
+
+/// One process's part of a round in progress.
+pub(crate) struct Work {
+    pub pid: i32,
+    pub conn: u64,
+    prep: Option<Prepared>,
+    pub snapshot: Option<i32>,
+    /// Where the stopped time went, for `ckpt log --json`.
+    timings: Value,
+}
+
+/// What a machine's round gives the commit, per process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Captured {
+    pub entry: ProcessEntry,
+    pub conn: u64,
+    pub logical_bytes: u64,
+    pub backend: String,
+    /// For the generation's info (`ckpt log --json`).
+    pub summary: Value,
+}
+
+/// The stopped phase of a machine's processes: the fds of all of them back
+/// to back (connections between them are read within the shortest time),
+/// then each process in a thread of its own (metadata, dirty pages, write
+/// tracking, snapshot, memory the snapshot lacks). TCP connections leave
+/// repair mode at the end. Returns the work begun (every snapshot forked is
+/// in it, to be killed whatever happens) and either the TCP ends whose peer
+/// was not among these processes or an error saying whether to try again.
+#[allow(clippy::type_complexity)]
+pub(crate) fn phase_a(
+    targets: &[(Target, AgentReport)],
+    bases: &HashMap<i32, Base>,
+    sink: &dyn BlobSink,
+    link: &dyn AgentLink,
+    opts: &RoundOpts,
+) -> (Vec<Work>, Result<Vec<TcpEnd>, (String, bool)>) {
+    let busy = |e: ckpt_engine::EngineError| {
+        let retry = matches!(e, ckpt_engine::EngineError::SocketBusy { .. });
+        (e.to_string(), retry)
+    };
+    let mut round = ckpt_engine::fds::Round::new(sink).with_externals(&opts.externals);
+    let mut fds = Vec::new();
+    for (_, r) in targets {
+        match round.capture_process(r.hello.pid, &[r.hello.agent_fd, r.hello.uffd_fd]) {
+            Ok(f) => fds.push(f),
+            Err(e) => return (Vec::new(), Err(busy(e))),
+        }
+    }
+    let results: Vec<(Option<Work>, Result<(), String>)> = std::thread::scope(|s| {
+        let threads: Vec<_> = targets.iter().zip(fds).map(|((t, r), fds)| s.spawn(|| one(t, r, fds, bases, sink, link, opts))).collect();
+        threads.into_iter().map(|t| t.join().unwrap_or_else(|_| (None, Err("internal: a capture thread panicked".into())))).collect()
+    });
+    let mut work = Vec::new();
+    let mut first_err = None;
+    for (w, r) in results {
+        work.extend(w);
+        if let (Err(e), None) = (r, &first_err) {
+            first_err = Some(e);
+        }
+    }
+    if let Some(e) = first_err {
+        return (work, Err((e, false)));
+    }
+    let ends = round.finish().map_err(busy);
+    (work, ends)
+}
+
+/// The stopped phase of one process. Returns its work (with the snapshot,
+/// if one was forked) even when a later step failed.
+fn one(
+    t: &Target,
+    report: &AgentReport,
+    fds: Vec<FdImage>,
+    bases: &HashMap<i32, Base>,
+    sink: &dyn BlobSink,
+    link: &dyn AgentLink,
+    opts: &RoundOpts,
+) -> (Option<Work>, Result<(), String>) {
+    let hello = &report.hello;
+    let pid = hello.pid;
+    let t0 = Instant::now();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    let backend = Backend::choose(hello.tracking, hello.uffd_fd);
+    let mut prep = match prepare(report, backend, &t.host, opts.chunk_size, fds) {
+        Ok(prep) => prep,
+        Err(e) => return (None, Err(e.to_string())),
+    };
+    let prepare_ms = ms(t0);
+    if backend == Backend::UffdWp && !prep.untracked.is_empty() {
+        let mut payload = RangeList { count: prep.untracked.len() as u32, _pad: 0 }.as_bytes().to_vec();
+        for (a, b) in &prep.untracked {
+            payload.extend_from_slice(&a.to_le_bytes());
+            payload.extend_from_slice(&b.to_le_bytes());
+        }
+        match link.call(pid, kind::REGISTER, &payload) {
+            Ok((kind::REGISTERED, r)) => {
+                let r = Registered::read_from(&r).unwrap_or_default();
+                tracing::debug!(pid, registered = r.registered, failed = r.failed, "write tracking registered");
+            }
+            Ok(_) => return (None, Err(format!("process {pid} did not answer the tracking registration"))),
+            Err(e) => return (None, Err(e)),
+        }
+    }
+    let register_ms = ms(t0) - prepare_ms;
+    let base = bases.get(&pid);
+    let mut snapshot = None;
+    if opts.fork && hello.flags & proto::HELLO_NO_FORK == 0 {
+        match link.call(pid, kind::FORK, &[]) {
+            Ok((kind::FORKED, f)) => {
+                let f = Forked::read_from(&f).unwrap_or_default();
+                if f.pid > 0 {
+                    snapshot = Some(f.pid);
+                } else {
+                    tracing::warn!(pid, errno = f.errno, "fork of the snapshot failed; reading the process while it is stopped");
+                }
+            }
+            Ok(_) => return (None, Err(format!("process {pid} did not answer the snapshot request"))),
+            Err(e) => return (None, Err(e)),
+        }
+    }
+    let fork_ms = ms(t0) - prepare_ms - register_ms;
+    let timings = json!({"prepare_ms": prepare_ms, "register_ms": register_ms, "fork_ms": fork_ms});
+    let stored = match snapshot {
+        Some(child) => {
+            // Shared memory is not snapshotted by fork, and a region marked
+            // MADV_DONTFORK is missing from the child: those are read now,
+            // while the process is stopped.
+            procfs::maps(child).map_err(|e| e.to_string()).and_then(|m| {
+                let child_starts: HashSet<u64> = m.iter().map(|m| m.start).collect();
+                prep.store_memory(pid, |r| r.kind == RegionKind::SharedAnon || !child_starts.contains(&r.start), base, sink).map_err(|e| e.to_string())
+            })
+        }
+        None => prep.store_memory(pid, |_| true, base, sink).map_err(|e| e.to_string()),
+    };
+    (Some(Work { pid, conn: t.conn, prep: Some(prep), snapshot, timings }), stored)
+}
+
+/// The running phase: memory from the snapshots, then each image. Returns,
+/// per process, what the commit needs and the base for its next capture.
+pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn BlobSink, generation: u64) -> Result<Vec<(Captured, Base)>, String> {
+    let mut out = Vec::new();
+    for w in work.iter_mut() {
+        let mut prep = w.prep.take().ok_or("internal: capture missing")?;
+        if let Some(child) = w.snapshot {
+            prep.store_memory(child, |_| true, bases.get(&w.pid), sink).map_err(|e| e.to_string())?;
+            kill_snapshots(&[child]);
+        }
+        let backend = prep.backend;
+        let (image, stats, base) = prep.finish(generation, sink).map_err(|e| e.to_string())?;
+        let bytes = serde_json::to_vec(&image).map_err(|e| e.to_string())?;
+        let hash = sink.put_meta(&bytes).map_err(|e| e.to_string())?;
+        let summary = json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
+                             "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes, "dirty_tracking": backend.name(),
+                             "forked": w.snapshot.is_some(), "stopped_work": w.timings});
+        let entry = ProcessEntry { pid: image.pid, host: image.host.clone(), exe: image.exe.clone(), image: hash };
+        out.push((Captured { entry, conn: w.conn, logical_bytes: stats.logical_bytes, backend: backend.name().to_string(), summary }, base));
+    }
+    Ok(out)
+}
+
+pub(crate) fn kill_snapshots(pids: &[i32]) {
+    for &pid in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// A live child of one of `parents` that is not in `known`: (child, parent, comm).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Stray {
+    pub child: i32,
+    pub parent: i32,
+    pub comm: String,
+}
+
+/// The live children of `parents` that are not in `known` (exited,
+/// unreaped children are recorded in their parent's image instead).
+pub(crate) fn strays(parents: &[i32], known: &HashSet<i32>) -> Vec<Stray> {
+    let mut out = Vec::new();
+    for &p in parents {
+        for c in procfs::children(p) {
+            if !known.contains(&c) && alive(c) {
+                out.push(Stray { child: c, parent: p, comm: procfs::comm(c).unwrap_or_default() });
+            }
+        }
+    }
+    out
+}
+
+/// Whether `pid` exists and has not exited.
+pub(crate) fn alive(pid: i32) -> bool {
+    procfs::tree_ids(pid).map(|t| t.state != 'Z' && t.state != 'X').unwrap_or(false)
+}
+
+pub(crate) fn parse_suspended(hello: &Hello, payload: &[u8]) -> Option<AgentReport> {
+    let s = Suspended::read_from(payload)?;
+    let mut threads = Vec::with_capacity(s.nthreads as usize);
+    let base = std::mem::size_of::<Suspended>();
+    let ts = std::mem::size_of::<ThreadState>();
+    for i in 0..s.nthreads as usize {
+        threads.push(ThreadState::read_from(payload.get(base + i * ts..)?)?);
+    }
+    Some(AgentReport { hello: *hello, suspended: s, threads })
+}
+
+/// A short key for a machine: its kernel's boot id and the PID namespace
+/// its processes are seen in.
+pub(crate) fn machine_key(boot_id: &[u8], pidns: u64) -> u64 {
+    let boot: Vec<u8> = boot_id.iter().take_while(|&&c| c != 0 && c != b'\n').copied().collect();
+    let mut bytes = boot;
+    bytes.extend_from_slice(&pidns.to_le_bytes());
+    let h = ckpt_chunker::Hash::of(&bytes);
+    u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes")).max(1)
+}
