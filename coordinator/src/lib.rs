@@ -5,7 +5,9 @@
 //! line, see [`client`]); run the checkpoint barrier (every process stopped
 //! → every image written → commit → every process resumed); own the store's
 //! writer, so a generation is committed only when every process's image is
-//! durable, all or nothing.
+//! durable, all or nothing. It reads the processes of its own machine
+//! itself; on other machines a capture helper (`ckpt host`, [`host`]) does
+//! that machine's share of each round with the same code ([`machine`]).
 //!
 //! What it must never do: commit a generation that lacks a process, leave a
 //! process stopped after a failed checkpoint, or run code inside the
