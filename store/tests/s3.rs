@@ -26,6 +26,36 @@ impl Drop for Moto {
     }
 }
 
+/// Spawns `c` so that the kernel kills it when this test binary ends: the
+/// server lives in a `static`, whose `Drop` never runs, and an interrupted
+/// or `kill -9`ed run runs none at all. `PR_SET_PDEATHSIG` fires when the
+/// *thread* that forked the child ends, and a test's thread ends with its
+/// test while the server serves the tests after it: a thread of its own
+/// forks the child and then parks for the rest of the process.
+fn spawn_tied(mut c: Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let parent = nix::unistd::getpid();
+        let hook = move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The parent may have died before the prctl.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("the test binary ended while moto_server was being started"));
+            }
+            Ok(())
+        };
+        // SAFETY: the hook runs in the forked child before exec and only
+        // makes two async-signal-safe system calls.
+        unsafe { c.pre_exec(hook) };
+        let _ = tx.send(c.spawn());
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().map_err(|_| std::io::Error::other("the thread spawning moto_server died"))?
+}
+
 fn http(port: u16, method: &str, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
@@ -48,13 +78,9 @@ fn moto() -> u16 {
         assert!(st.success(), "pip install 'moto[server]' failed: these tests need a real S3-compatible server");
     }
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto_server");
+    let mut c = Command::new("moto_server");
+    c.args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let child = spawn_tied(c).expect("start moto_server");
     let m = Moto { port, child };
     let deadline = Instant::now() + Duration::from_secs(30);
     while http(port, "GET", "/").is_none() {

@@ -166,6 +166,14 @@ static inline int ct_file_exists(const char *path)
     return stat(path, &st) == 0;
 }
 
+/* Whether a stop was asked for (the stop file exists), whatever tick it
+ * names. Two programs count their ticks each on its own: the one behind
+ * can see its partner stop before its own counter reaches the target. */
+static inline int ct_stop_requested(void)
+{
+    return ct_stopfile && ct_file_exists(ct_stopfile);
+}
+
 /* Handles -n/-t/-s; other options are passed to `other` (may be NULL)
  * with the option letter and its argument. */
 static inline void ct_parse(int argc, char **argv, const char *extra_opts,

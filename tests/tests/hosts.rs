@@ -191,7 +191,6 @@ fn programs_on_two_hosts_checkpoint_together_and_restart_on_their_hosts() {
 /// once (the restarts meet at the coordinator before the connection goes
 /// live); both sides run to the end and every record is checked.
 #[test]
-#[ignore = "flaky under CI load: once in six runs the restored handler saw end of file; run with --ignored while issue 4 investigates"]
 fn tcp_connection_between_two_hosts_survives_kill_and_restart() {
     let s = Session::new("hosts_tcp");
     let net = Net::new(78, &["a", "b"]);

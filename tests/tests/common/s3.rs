@@ -1,6 +1,7 @@
 //! A real S3-compatible server on loopback for the S3 tests: `moto_server`
 //! (PyPI `moto[server]`), installed with pip if missing, started on a free
-//! 127.0.0.1 port and killed on drop. No mock: the store talks HTTP to it.
+//! 127.0.0.1 port and killed on drop, or by the kernel when the test binary
+//! dies ([`spawn_tied`]). No mock: the store talks HTTP to it.
 //!
 //! Tests fail loudly if the server cannot be installed or started.
 #![allow(dead_code)]
@@ -21,6 +22,60 @@ pub struct S3Server {
     pub endpoint: String,
     child: Child,
     pub log: PathBuf,
+    /// Keeps the thread that started the server alive (see [`spawn_tied`]);
+    /// dropped after the server is killed.
+    _spawner: TiedThread,
+}
+
+// The harness has no dependencies (not even libc): the two calls it needs.
+unsafe extern "C" {
+    fn prctl(option: i32, ...) -> i32;
+    fn getppid() -> i32;
+}
+const PR_SET_PDEATHSIG: i32 = 1;
+const SIGKILL: i32 = 9;
+
+/// The thread that forked a [`spawn_tied`] child; it ends when this is
+/// dropped.
+pub struct TiedThread(std::sync::mpsc::Sender<()>);
+
+/// Spawns `c` so that the kernel kills it (SIGKILL) when the test binary
+/// dies, even by `kill -9` or an interrupted `cargo test`, where no `Drop`
+/// runs: `PR_SET_PDEATHSIG` in the child before the exec.
+///
+/// The parent-death signal fires when the *thread* that forked the child
+/// ends, not the process: a test's own thread ends with the test, which
+/// would kill a server that outlives it (a server in a `static`, shared by
+/// the tests). So a thread of its own forks the child and waits until the
+/// returned [`TiedThread`] is dropped (or the process ends).
+pub fn spawn_tied(mut c: Command) -> std::io::Result<(Child, TiedThread)> {
+    use std::os::unix::process::CommandExt;
+    let (child_tx, child_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let parent = std::process::id() as i32;
+        let hook = move || {
+            // SAFETY: prctl with an option that takes one integer argument.
+            if unsafe { prctl(PR_SET_PDEATHSIG, SIGKILL as std::ffi::c_ulong) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl.
+            // SAFETY: getppid has no arguments and cannot fail.
+            if unsafe { getppid() } != parent {
+                return Err(std::io::Error::other("the test binary ended while the server was being started"));
+            }
+            Ok(())
+        };
+        // SAFETY: the hook runs in the forked child before exec and only
+        // makes two async-signal-safe system calls (no allocation on the
+        // success path).
+        unsafe { c.pre_exec(hook) };
+        let _ = child_tx.send(c.spawn());
+        // Until the server is dropped (or the test binary ends).
+        let _ = stop_rx.recv();
+    });
+    let child = child_rx.recv().map_err(|_| std::io::Error::other("the thread spawning the server died"))??;
+    Ok((child, TiedThread(stop_tx)))
 }
 
 /// `moto_server`, installing `moto[server]` with pip if it is not there.
@@ -72,8 +127,8 @@ impl S3Server {
         if auth {
             c.env("INITIAL_NO_AUTH_ACTION_COUNT", "0");
         }
-        let child = c.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut srv = S3Server { port, endpoint: format!("http://127.0.0.1:{port}"), child, log };
+        let (child, spawner) = spawn_tied(c).unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut srv = S3Server { port, endpoint: format!("http://127.0.0.1:{port}"), child, log, _spawner: spawner };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if http(port, "GET", "/").is_some() {

@@ -1,7 +1,9 @@
 //! `NETLINK_SOCK_DIAG` queries: what the kernel knows about the sockets of
 //! a network namespace (a unix socket's peer, name, queue lengths and
-//! pending connections; a TCP listener's backlog). Read-only: it asks, it
-//! never changes a socket.
+//! pending connections; a TCP listener's backlog), and the TCP sockets
+//! holding one address pair. It changes no socket of a program: the one
+//! thing it destroys ([`destroy_tcp`]) is what a killed program left
+//! behind, on the restart's request.
 //!
 //! A diag socket answers for the network namespace it was made in, so one
 //! is made per namespace, in a short-lived thread that joined it (`setns`
@@ -9,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
@@ -69,7 +72,13 @@ fn new_socket() -> io::Result<OwnedFd> {
 
 /// Sends one dump request; returns the payload of every answer.
 fn dump(sock: &OwnedFd, body: &[u8]) -> io::Result<Vec<Vec<u8>>> {
-    let hdr = NlMsgHdr { len: (16 + body.len()) as u32, ty: SOCK_DIAG_BY_FAMILY, flags: NLM_F_REQUEST | NLM_F_DUMP, seq: 1, pid: 0 };
+    exchange(sock, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, body)
+}
+
+/// Sends one request; returns the payload of every answer up to the
+/// closing `NLMSG_DONE` or `NLMSG_ERROR` (an error if it carries one).
+fn exchange(sock: &OwnedFd, ty: u16, flags: u16, body: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+    let hdr = NlMsgHdr { len: (16 + body.len()) as u32, ty, flags, seq: 1, pid: 0 };
     let mut req = hdr.as_bytes().to_vec();
     req.extend_from_slice(body);
     // SAFETY: send of a buffer we own, to the kernel (nl_pid 0 by default).
@@ -169,6 +178,49 @@ pub fn tcp_listeners(sock: &OwnedFd) -> io::Result<HashMap<u64, (u32, u32)>> {
         }
     }
     Ok(out)
+}
+
+/// `a`'s address as `inet_diag_sockid` holds it (network byte order).
+fn diag_addr(a: &SocketAddr) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    match a {
+        SocketAddr::V4(v) => out[0] = u32::from_ne_bytes(v.ip().octets()),
+        SocketAddr::V6(v) => {
+            for (i, w) in v.ip().octets().chunks(4).enumerate() {
+                out[i] = u32::from_ne_bytes(w.try_into().unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Every TCP socket of the namespace, in any state but listening (a
+/// `TIME_WAIT` one included), whose local and peer addresses are `local`
+/// and `peer`.
+pub fn tcp_holders(sock: &OwnedFd, local: SocketAddr, peer: SocketAddr) -> io::Result<Vec<InetDiagMsg>> {
+    let family = if local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let req = InetDiagReqV2 { family: family as u8, protocol: libc::IPPROTO_TCP as u8, states: !(1u32 << TCP_LISTEN), ..Default::default() };
+    let (src, dst) = (diag_addr(&local), diag_addr(&peer));
+    let n = if local.is_ipv4() { 1 } else { 4 };
+    Ok(dump(sock, req.as_bytes())?
+        .iter()
+        .filter_map(|p| InetDiagMsg::read_from(p))
+        .filter(|m| {
+            u16::from_be(m.id.sport) == local.port()
+                && u16::from_be(m.id.dport) == peer.port()
+                && m.id.src[..n] == src[..n]
+                && m.id.dst[..n] == dst[..n]
+        })
+        .collect())
+}
+
+/// Destroys TCP socket `m` (as [`tcp_holders`] found it) with
+/// `SOCK_DESTROY`: no packet is sent, its address pair is free. Needs
+/// `CAP_NET_ADMIN` and a kernel built with `CONFIG_INET_DIAG_DESTROY`
+/// (else `EOPNOTSUPP`).
+pub fn destroy_tcp(sock: &OwnedFd, m: &InetDiagMsg) -> io::Result<()> {
+    let req = InetDiagReqV2 { family: m.family, protocol: libc::IPPROTO_TCP as u8, states: u32::MAX, id: m.id, ..Default::default() };
+    exchange(sock, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, req.as_bytes()).map(|_| ())
 }
 
 #[cfg(test)]

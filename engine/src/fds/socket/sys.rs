@@ -19,7 +19,9 @@ pub const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 
 pub const NETLINK_SOCK_DIAG: i32 = 4;
 pub const SOCK_DIAG_BY_FAMILY: u16 = 20;
+pub const SOCK_DESTROY: u16 = 21;
 pub const NLM_F_REQUEST: u16 = 0x1;
+pub const NLM_F_ACK: u16 = 0x4;
 pub const NLM_F_DUMP: u16 = 0x300;
 pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;

@@ -28,7 +28,10 @@
 //! (a delayed segment), the checkpoint is refused and can simply be tried
 //! again.
 //!
-//! Restart: a new socket in repair mode gets both sequence numbers, binds
+//! Restart: what the program's earlier life left on the address pair (the
+//! killed connection's `TIME_WAIT` or closing socket, owned by no process)
+//! is removed first ([`clear_leftovers`]); then a new socket in repair mode
+//! gets both sequence numbers, binds
 //! the old local address (repair mode may reuse it), connects (no SYN in
 //! repair mode: it is established at once), gets the options, the
 //! timestamp clock, the receive queue, the already-sent part of the send
@@ -404,10 +407,97 @@ fn send_all(fd: &OwnedFd, data: &[u8], grow_rcv: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// A socket that still holds a connection's address pair after
+/// [`clear_leftovers`]: its state, its inode (0: no process holds it) and
+/// why it could not be removed.
+struct Holder {
+    state: u8,
+    inode: u32,
+    why: Option<io::Error>,
+}
+
+/// Removes what the program's earlier life left on `local -> peer` in this
+/// network namespace, before the connection is made again there; returns
+/// the sockets that still hold the pair.
+///
+/// Killing a program does not make its connections vanish: the kernel
+/// closes them as TCP says, and what is left of each stays in the
+/// namespace, owned by no process: `TIME_WAIT` for a minute on the side
+/// that closed first; `FIN_WAIT1`, `CLOSING` or `LAST_ACK` until the peer
+/// answers (minutes of retransmissions if it never does). Such a leftover
+/// holds the address pair the restored connection needs. The kernel lets
+/// a new connection take over a `TIME_WAIT` only if the two sides had
+/// agreed on timestamps (`net.ipv4.tcp_timestamps`), and no other state
+/// at all: `connect` in repair mode then fails with `EADDRNOTAVAIL`. A
+/// leftover that retransmits also sends the old connection's segments,
+/// which the restored peer would take for its own (they fall in its
+/// window: the programs ran on after the checkpoint).
+///
+/// So every socket on the pair that no process holds (inode 0) is destroyed
+/// with `SOCK_DESTROY` (no packet is sent) before the new one is made;
+/// needs `CAP_NET_ADMIN` and `CONFIG_INET_DIAG_DESTROY`. A failure is a
+/// warning here and, if the pair is still taken, part of the error of the
+/// `connect` that follows. A socket some process holds is left alone. Each
+/// host's restart clears its own namespace before the restarts meet at the
+/// barrier, and no connection goes live before that; a leftover on one
+/// host can still reach the other host's new socket while it is in repair
+/// mode, before its own host's restart removed it (only a packet filter on
+/// the pair, CRIU's network lock, would close that window; with both ends
+/// killed together the kernel has ended the old connection with a reset
+/// long before a restart runs, as seen in the hosts test).
+fn clear_leftovers(local: SocketAddr, peer: SocketAddr) -> Vec<Holder> {
+    let found = super::diag::open_in_netns_of(0).and_then(|d| super::diag::tcp_holders(&d, local, peer).map(|h| (d, h)));
+    let (diag, holders) = match found {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(%local, %peer, "cannot list the TCP sockets on this address pair (sock_diag: {e}); sockets the program's earlier life left on it stay");
+            return Vec::new();
+        }
+    };
+    let mut left = Vec::new();
+    for m in holders {
+        if m.inode != 0 {
+            left.push(Holder { state: m.state, inode: m.inode, why: None });
+            continue;
+        }
+        match super::diag::destroy_tcp(&diag, &m) {
+            Ok(()) => tracing::debug!(%local, %peer, state = state_name(m.state), "removed a socket the program's earlier life left on the connection"),
+            Err(e) => {
+                tracing::warn!(%local, %peer, state = state_name(m.state), "cannot remove the socket the program's earlier life left on this connection (SOCK_DESTROY: {e}; needs CAP_NET_ADMIN and a kernel with CONFIG_INET_DIAG_DESTROY)");
+                left.push(Holder { state: m.state, inode: 0, why: Some(e) });
+            }
+        }
+    }
+    left
+}
+
+/// What `connect` failing with `EADDRNOTAVAIL` means, given the sockets
+/// [`clear_leftovers`] left on the pair.
+fn pair_taken(local: SocketAddr, peer: SocketAddr, left: &[Holder]) -> String {
+    let each: Vec<String> = left
+        .iter()
+        .map(|h| match &h.why {
+            None => format!("a socket in state {} that a process holds (inode {}): is the checkpointed program, or another one, still running with this connection?", state_name(h.state), h.inode),
+            Some(e) => format!(
+                "the old connection's socket in state {}, left by the program's earlier life, which could not be removed ({e}): it goes away by itself (TIME_WAIT within a minute); restart again then",
+                state_name(h.state)
+            ),
+        })
+        .collect();
+    if each.is_empty() {
+        format!("another socket holds {local} -> {peer} in this network namespace (see `ss -tan`)")
+    } else {
+        format!("{local} -> {peer} is held by {}", each.join("; and by "))
+    }
+}
+
 /// Makes a connection in repair mode from its image: what is left to do
-/// once its peer exists is [`leave_repair`] with the unsent bytes.
+/// once its peer exists is [`leave_repair`] with the unsent bytes. First
+/// removes what the program's earlier life left on the address pair
+/// ([`clear_leftovers`]).
 pub fn make_connection(local: SocketAddr, c: &TcpConnImage, opts: &SockOpts, send: &[u8], recv: &[u8]) -> io::Result<OwnedFd> {
     let family = if local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let left = clear_leftovers(local, c.peer);
     let s = new_socket(family, libc::SOCK_STREAM)?;
     let step = |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
     // Options first: SO_REUSEADDR would undo repair mode's forced reuse
@@ -420,7 +510,10 @@ pub fn make_connection(local: SocketAddr, c: &TcpConnImage, opts: &SockOpts, sen
     set_queue(&s, TCP_SEND_QUEUE)?;
     setsockopt_int(&s, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, c.send_seq as i32).map_err(step("TCP_QUEUE_SEQ (send)"))?;
     bind(&s, local).map_err(step("bind"))?;
-    connect(&s, c.peer).map_err(step("connect"))?;
+    connect(&s, c.peer).map_err(|e| match e.raw_os_error() {
+        Some(libc::EADDRNOTAVAIL) => io::Error::new(e.kind(), format!("connect: {e}: {}", pair_taken(local, c.peer, &left))),
+        _ => step("connect")(e),
+    })?;
     let mut o = vec![TcpRepairOpt { code: TCPOPT_MSS, val: c.mss }];
     if c.snd_wscale != 0 || c.rcv_wscale != 0 {
         o.push(TcpRepairOpt { code: TCPOPT_WINDOW, val: c.snd_wscale as u32 | (c.rcv_wscale as u32) << 16 });
@@ -531,6 +624,84 @@ mod tests {
 
     fn repair(fd: &OwnedFd, on: i32) {
         setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, on).unwrap();
+    }
+
+    /// In a network namespace of its own (a thread that unshared it) with
+    /// `net.ipv4.tcp_timestamps` off: a connection is captured, then closed
+    /// the way killing its programs closes it, which leaves the client's
+    /// side in TIME_WAIT. Without timestamps the kernel does not let a new
+    /// connection take that over; the restore removes it and the
+    /// connection carries on.
+    #[test]
+    fn connection_comes_back_over_its_own_time_wait() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: TCP_REPAIR and network namespaces need root");
+            return;
+        }
+        std::thread::spawn(|| {
+            // SAFETY: unshare of this thread's network namespace only.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare: {}", io::Error::last_os_error());
+            lo_up();
+            std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", "0").unwrap();
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            c.write_all(b"hello").unwrap();
+            let mut five = [0u8; 5];
+            s.read_exact(&mut five).unwrap();
+            let (c_fd, s_fd): (OwnedFd, OwnedFd) = (c.into(), s.into());
+            let (cl, sl) = (local_addr(&c_fd).unwrap(), local_addr(&s_fd).unwrap());
+            let mut images = Vec::new();
+            for (fd, peer) in [(&c_fd, sl), (&s_fd, cl)] {
+                repair(fd, TCP_REPAIR_ON);
+                let (img, send, recv) = read_connection(fd, peer).unwrap();
+                assert!(!img.timestamps && send.is_empty() && recv.is_empty());
+                repair(fd, TCP_REPAIR_OFF_NO_WP);
+                images.push(img);
+            }
+            // Client first, then server: FIN, FIN, and the client's side
+            // stays in TIME_WAIT, owned by nobody.
+            drop(c_fd);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(s_fd);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let diag = super::super::diag::open_in_netns_of(0).unwrap();
+            let held = super::super::diag::tcp_holders(&diag, cl, sl).unwrap();
+            assert!(held.iter().any(|m| m.state == 6 && m.inode == 0), "no TIME_WAIT left on {cl} -> {sl}: {held:?}");
+            let opts = SockOpts::default();
+            let c2 = make_connection(cl, &images[0], &opts, &[], &[]).unwrap();
+            let s2 = make_connection(sl, &images[1], &opts, &[], &[]).unwrap();
+            assert!(super::super::diag::tcp_holders(&diag, cl, sl).unwrap().iter().all(|m| m.state != 6), "the TIME_WAIT is still there");
+            leave_repair(&c2, b"again", false).unwrap();
+            leave_repair(&s2, b"back", false).unwrap();
+            let (mut c2, mut s2) = (TcpStream::from(c2), TcpStream::from(s2));
+            for t in [&c2, &s2] {
+                t.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+            }
+            s2.read_exact(&mut five).unwrap();
+            assert_eq!(&five, b"again");
+            let mut four = [0u8; 4];
+            c2.read_exact(&mut four).unwrap();
+            assert_eq!(&four, b"back");
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Brings up `lo` in the calling thread's network namespace.
+    fn lo_up() {
+        let s = new_socket(libc::AF_INET, libc::SOCK_DGRAM).unwrap();
+        // SAFETY: an all-zero ifreq is valid; "lo" fits in its name.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, b) in ifr.ifr_name.iter_mut().zip(b"lo") {
+            *d = *b as libc::c_char;
+        }
+        // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write the ifreq.
+        unsafe {
+            assert_eq!(libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr), 0);
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            assert_eq!(libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr), 0, "bringing lo up: {}", io::Error::last_os_error());
+        }
     }
 
     /// A loopback connection with bytes in flight both ways is read in
