@@ -366,7 +366,19 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                         0 => {
                             libc::setsid();
                         }
-                        _ => libc::_exit(0),
+                        _ => {
+                            // Return once the coordinator answers, so that
+                            // what the caller runs next can reach it.
+                            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                            while !client::is_up(&addr) {
+                                if std::time::Instant::now() >= deadline {
+                                    eprintln!("ckpt: the coordinator at {addr} did not come up within 10 s; see its log");
+                                    libc::_exit(1);
+                                }
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            libc::_exit(0)
+                        }
                     }
                 }
             }

@@ -138,22 +138,42 @@ fn wait_processes(s: &Session, n: usize) {
     }
 }
 
+/// A coordinator on the bridge of `m` (10.N.0.1), for a session whose
+/// commands go there.
+fn coordinator(n: u8, name: &str) -> Session {
+    let mut s = Session::new(name);
+    let coord = format!("tcp:10.{n}.0.1:470{n}");
+    s.coord = coord.clone(); // the session's commands (and its quit on drop) go there
+    let log = std::fs::File::create(s.path("coordinator.log")).unwrap();
+    let st = Command::new(&s.ckpt)
+        .args(["coordinator", "--daemonize", "--coord", &coord, "--store", &s.store])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap();
+    assert!(st.success(), "the coordinator did not start: see {}", s.path("coordinator.log").display());
+    s
+}
+
+/// Capture helpers on machines `which`, joined.
+fn helpers(s: &Session, m: &Machines, which: &[usize]) -> Vec<Proc> {
+    let helpers: Vec<Proc> = which.iter().map(|&i| on(s, m, i, "ckpt host", &["host", "--coord", &s.coord])).collect();
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while std::fs::read_to_string(s.path("coordinator.log")).unwrap_or_default().matches("capture helper joined").count() < which.len() {
+        let ctx: Vec<String> = helpers.iter().map(Proc::context).collect();
+        assert!(Instant::now() < deadline, "the capture helpers did not join:\n{}", ctx.join("\n"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    helpers
+}
+
 #[test]
 fn programs_on_separate_machines_checkpoint_through_their_helpers_and_restart_there() {
     // The machines go after the session (which quits the coordinator on
     // the bridge).
     let mut m = Machines::new(79, &["alpha", "beta", "gamma"]);
-    let mut s = Session::new("machines");
-    let coord = "tcp:10.79.0.1:47019";
-    s.coord = coord.to_string(); // the session's commands (and its quit on drop) go there
-    let log = std::fs::File::create(s.path("coordinator.log")).unwrap();
-    let st = Command::new(&s.ckpt)
-        .args(["coordinator", "--daemonize", "--coord", coord, "--store", &s.store])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let s = coordinator(79, "machines");
+    let coord = s.coord.as_str();
 
     // A program on a machine without a helper: the checkpoint says what to run.
     let mut lone = launch(&s, &m, 2, coord, &[program("counter_heap").to_str().unwrap(), "-m", "4", "-t", "50"]);
@@ -167,16 +187,10 @@ fn programs_on_separate_machines_checkpoint_through_their_helpers_and_restart_th
     lone.wait_exit(CMD_TIMEOUT);
     wait_processes(&s, 0);
 
-    let mut helpers: Vec<Proc> = (0..2).map(|i| on(&s, &m, i, "ckpt host", &["host", "--coord", coord])).collect();
+    let mut helpers = helpers(&s, &m, &[0, 1]);
     let stop = s.stop_file();
     let args = [program("counter_heap").to_str().unwrap().to_string(), "-m".into(), "16".into(), "-t".into(), "50".into(), "-s".into(), stop.to_str().unwrap().into()];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    // The helpers are up once the coordinator's log says so.
-    let deadline = Instant::now() + LINE_TIMEOUT;
-    while std::fs::read_to_string(s.path("coordinator.log")).unwrap_or_default().matches("capture helper joined").count() < 2 {
-        assert!(Instant::now() < deadline, "the capture helpers did not join: {}\n{}", helpers[0].context(), helpers[1].context());
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let mut a = launch(&s, &m, 0, coord, &args);
     let mut b = launch(&s, &m, 1, coord, &args);
     assert_eq!(a.pid, b.pid, "the test wants both machines' programs to have the same PID (fresh PID namespaces, same steps)");
@@ -228,6 +242,62 @@ fn programs_on_separate_machines_checkpoint_through_their_helpers_and_restart_th
     // Every generation is whole in the store.
     let out = s.run("verify", &["--all", "--store", &s.store]);
     assert!(out.status.success(), "verify: {}{}", text(&out.stdout), text(&out.stderr));
+    for h in helpers.iter_mut() {
+        assert!(!h.stderr().contains("ERROR"), "{}", h.context());
+    }
+}
+
+/// A TCP client on one machine and its server on another (each with a
+/// forked worker), records in flight both ways: checkpointed twice
+/// mid-stream through the two helpers (each holds one end of the
+/// connection; the coordinator pairs the ends up across machines), killed,
+/// restarted on both machines at once; both run to the end and every
+/// record is checked.
+#[test]
+fn tcp_connection_between_two_machines_survives_kill_and_restart() {
+    let m = Machines::new(80, &["alpha", "beta"]);
+    let s = coordinator(80, "machines_tcp");
+    let coord = s.coord.as_str();
+    let mut helpers = helpers(&s, &m, &[0, 1]);
+    let stop = s.stop_file();
+    let stop = stop.to_str().unwrap();
+    let prog = program("tcp_fork");
+    let prog = prog.to_str().unwrap();
+    let mut server = launch(&s, &m, 1, coord, &[prog, "-S", "47100", "-t", "50", "-s", stop]);
+    server.wait_prefix("LISTENING", LINE_TIMEOUT);
+    let mut client = launch(&s, &m, 0, coord, &[prog, "-C", "10.80.0.3:47100", "-t", "50", "-s", stop]);
+    client.wait_ticks(3, LINE_TIMEOUT);
+    server.wait_ticks(3, LINE_TIMEOUT);
+    wait_processes(&s, 4);
+    s.checkpoint();
+    client.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint();
+    let log = text(&s.run("log", &[]).stdout);
+    assert!(
+        log.contains(&format!("{}@alpha", client.pid)) && log.contains(&format!("{}@beta", server.pid)),
+        "`ckpt log` does not show the two machines:\n{log}"
+    );
+    let out = s.run("kill", &[]);
+    assert!(out.status.success(), "ckpt kill: {}", text(&out.stderr));
+    client.wait_exit(CMD_TIMEOUT);
+    server.wait_exit(CMD_TIMEOUT);
+    wait_processes(&s, 0);
+
+    let g = g.to_string();
+    let mut rs = on(&s, &m, 1, "restart", &["restart", &g, "--coord", coord, "--store", &s.store]);
+    let mut rc = on(&s, &m, 0, "restart", &["restart", &g, "--coord", coord, "--store", &s.store]);
+    rc.wait_ticks(5, RESTART_TIMEOUT);
+    rs.wait_ticks(5, RESTART_TIMEOUT);
+    // The restored pair checkpoints again, through the helpers.
+    wait_processes(&s, 4);
+    s.checkpoint();
+    let t = rc.last_tick.unwrap().max(rs.last_tick.unwrap());
+    s.stop_at(t + 5);
+    rc.wait_prefix("CLIENT 0 OK", LINE_TIMEOUT);
+    rc.wait_prefix("DONE", LINE_TIMEOUT);
+    rs.wait_prefix("DONE", LINE_TIMEOUT);
+    assert!(rc.wait_exit(CMD_TIMEOUT).success(), "{}", rc.context());
+    assert!(rs.wait_exit(CMD_TIMEOUT).success(), "{}", rs.context());
     for h in helpers.iter_mut() {
         assert!(!h.stderr().contains("ERROR"), "{}", h.context());
     }

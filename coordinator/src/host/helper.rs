@@ -32,6 +32,9 @@ pub struct HostConfig {
     pub name: Option<String>,
 }
 
+/// How long the helper waits for a coordinator that does not answer yet.
+const CONNECT_WAIT: Duration = Duration::from_secs(30);
+
 /// Most hashes the helper remembers as stored before it starts over.
 const MAX_KNOWN: usize = 4 << 20;
 
@@ -252,7 +255,17 @@ impl State {
 /// Runs the capture helper until the coordinator goes away.
 pub fn run_host(cfg: HostConfig) -> Result<(), CoordError> {
     let addr = cfg.coord.to_string();
-    let stream = cfg.coord.connect(Duration::from_secs(10)).map_err(|e| CoordError::Unreachable { addr: addr.clone(), source: e })?;
+    // A helper started before its coordinator (at boot, say) waits for it.
+    let deadline = std::time::Instant::now() + CONNECT_WAIT;
+    let stream = loop {
+        match cfg.coord.connect(Duration::from_secs(10)) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline && matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(CoordError::Unreachable { addr: addr.clone(), source: e }),
+        }
+    };
     stream.set_read_timeout(None).map_err(|e| CoordError::Protocol { addr: addr.clone(), source: e })?;
     let proto = |e: std::io::Error| CoordError::Protocol { addr: addr.clone(), source: e };
     let name = cfg.name.clone().unwrap_or_else(crate::server::hostname);
