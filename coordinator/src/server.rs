@@ -646,7 +646,14 @@ impl Coordinator {
         let base = bases.get(&pid);
         let mut snapshot = None;
         if self.cfg.fork && p.hello.flags & proto::HELLO_NO_FORK == 0 {
-            if let Err(e) = p.send(kind::FORK, &[]) {
+            // SysV attaches stay out of the snapshot (it would count as
+            // attached while it lives).
+            let mut payload = RangeList { count: prep.no_fork.len() as u32, _pad: 0 }.as_bytes().to_vec();
+            for (a, b) in &prep.no_fork {
+                payload.extend_from_slice(&a.to_le_bytes());
+                payload.extend_from_slice(&b.to_le_bytes());
+            }
+            if let Err(e) = p.send(kind::FORK, &payload) {
                 return (None, Err(format!("process {pid}: {e}")));
             }
             match p.recv(SUSPEND_TIMEOUT) {

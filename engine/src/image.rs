@@ -64,6 +64,9 @@ pub struct ProcessImage {
     pub itimers: Vec<Itimer>,
     pub fds: Vec<FdImage>,
     pub regions: Vec<RegionImage>,
+    /// The SysV shared memory segments it had attached (`shmat`).
+    #[serde(default)]
+    pub sysv_shm: Vec<SysvShm>,
     pub agent: AgentImage,
     pub chunk_size: u32,
 }
@@ -420,12 +423,51 @@ pub struct RegionImage {
     /// computation with the same one share their memory after a restart).
     #[serde(default)]
     pub shm: u64,
+    /// A mapping of a SysV segment (`shmat`): attached again with `shmat`
+    /// at the same address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sysv: Option<SysvAttach>,
     /// Top level of the chunk-list tree; empty when the region has no
     /// recorded content.
     pub segments: Vec<Hash>,
     /// Inner levels of the tree below `segments`.
     #[serde(default)]
     pub depth: u32,
+}
+
+/// How a region maps a SysV segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvAttach {
+    pub shmid: i32,
+    /// Attached with `SHM_RDONLY` (the mapping may never be made writable).
+    pub rdonly: bool,
+}
+
+/// A SysV shared memory segment, as `/proc/sysvipc/shm` shows it. Its
+/// content is in the regions that map it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvShm {
+    pub shmid: i32,
+    /// `IPC_PRIVATE` (0) for a private segment, and for one marked for
+    /// removal.
+    pub key: i32,
+    /// Permission bits, with `SHM_DEST` (removed with `IPC_RMID` while
+    /// attached) and `SHM_LOCKED`.
+    pub mode: u32,
+    pub size: u64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl SysvShm {
+    pub const SHM_DEST: u32 = 0o1000;
+    pub const SHM_LOCKED: u32 = 0o2000;
+
+    /// Marked for removal (`IPC_RMID`) while attached: removed again once
+    /// every process has attached it at restart.
+    pub fn removed(&self) -> bool {
+        self.mode & Self::SHM_DEST != 0
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,7 +4,8 @@
 //!    otherwise).
 //! 2. Make every open file description once ([`crate::fds::Opener`]): files
 //!    reopened, pipes made again with their bytes in flight; one memfd per
-//!    shared memory object; a fresh coordinator connection per agent.
+//!    shared memory object, SysV segments made again with their ids
+//!    ([`crate::sysv`]); a fresh coordinator connection per agent.
 //! 3. Recreate the process tree with `clone3` and `set_tid`: the driver
 //!    clones the processes whose parent was outside the computation (and,
 //!    through a short-lived middle process, the orphans that init had
@@ -296,10 +297,13 @@ pub fn restore_generation(
         .collect();
 
     let t0 = std::time::Instant::now();
+    // SysV segments: made again with their ids and content; the restorers
+    // attach them.
+    let sysv_segments = crate::sysv::Segments::make(store, generation, images)?;
     // Shared memory objects: one memfd each, big enough for every mapping.
     // POSIX shared memory (`shm_open`) comes back at its name.
     let mut shm_size: HashMap<u64, (u64, &str)> = HashMap::new();
-    for r in images.iter().flat_map(|i| &i.regions).filter(|r| r.kind == RegionKind::SharedAnon && r.shm != 0) {
+    for r in images.iter().flat_map(|i| &i.regions).filter(|r| r.kind == RegionKind::SharedAnon && r.shm != 0 && r.sysv.is_none()) {
         let e = shm_size.entry(r.shm).or_insert((0, &r.name));
         e.0 = e.0.max(r.offset + (r.end - r.start));
     }
@@ -319,7 +323,7 @@ pub fn restore_generation(
     for image in images {
         let chunk_size = image.chunk_size as u64;
         let mut dests: HashMap<Hash, Vec<(u64, usize)>> = HashMap::new();
-        for r in image.regions.iter().filter(|r| !r.segments.is_empty()) {
+        for r in image.regions.iter().filter(|r| !r.segments.is_empty() && r.sysv.is_none()) {
             let hashes = crate::chunklist::load(store, generation, &r.segments, r.depth)?;
             let n = (r.end - r.start).div_ceil(chunk_size) as usize;
             if hashes.len() != n {
@@ -387,7 +391,7 @@ pub fn restore_generation(
                     let f = std::fs::OpenOptions::new().read(true).write(write).open(&r.name).map_err(|e| err(format!("cannot reopen shared mapping of {}: {e}", r.name)))?;
                     f.into()
                 }
-                RegionKind::SharedAnon if r.shm != 0 => crate::fds::dup(&shm_fds[&r.shm])?,
+                RegionKind::SharedAnon if r.shm != 0 && r.sysv.is_none() => crate::fds::dup(&shm_fds[&r.shm])?,
                 _ => continue,
             };
             region_fds.insert(i, aux(fd, &mut moves));
@@ -538,6 +542,8 @@ pub fn restore_generation(
     for (i, c) in convs.iter_mut().enumerate() {
         expect_barrier(generation, &images[i], c, 1)?;
     }
+    // Every process has attached its SysV segments.
+    sysv_segments.remove_removed(generation)?;
     for (i, c) in convs.iter_mut().enumerate() {
         let t = std::time::Instant::now();
         fill_memory(store, images[i].pid, &c.dests)?;
@@ -569,6 +575,7 @@ pub fn restore_generation(
     // Every restorer closed its pipes: the threads are being created and the
     // programs go on.
     guard.armed = false;
+    sysv_segments.keep();
     Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect() })
 }
 
@@ -878,13 +885,16 @@ fn build_plan(
         }
     }
 
-    // 5. The image's regions.
+    // 5. The image's regions: SysV segments attached first (an attach maps
+    // the whole segment), then the others.
+    crate::sysv::plan_attaches(&mut p, image);
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
     for (i, r) in image.regions.iter().enumerate() {
         let len = r.end - r.start;
         let what = format!("map {:#x}-{:#x} {}", r.start, r.end, r.name);
         match r.kind {
             RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock => continue,
+            RegionKind::SharedAnon if r.sysv.is_some() => continue,
             RegionKind::SharedFile | RegionKind::SharedAnon if region_fds.contains_key(&i) => {
                 let fd = region_fds[&i];
                 let flags = (libc::MAP_SHARED | libc::MAP_FIXED) as u64;
@@ -912,7 +922,7 @@ fn build_plan(
     p.barrier(1, "wait for memory");
 
     // 7. Final protections, mm, signals, timers.
-    for r in image.regions.iter().filter(|r| !r.segments.is_empty() && r.prot != rw) {
+    for r in image.regions.iter().filter(|r| !r.segments.is_empty() && r.prot != rw && r.sysv.is_none()) {
         p.syscall(libc::SYS_mprotect, &[r.start.into(), (r.end - r.start).into(), (r.prot as u64).into()], None, false, format!("protect {:#x}-{:#x} {}", r.start, r.end, r.name));
     }
     let auxv_bytes: Vec<u8> = image.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
