@@ -197,6 +197,9 @@ pub enum FdKind {
         /// The bytes in flight (recorded once per pipe, on a read end).
         data: Option<Hash>,
     },
+    /// A named pipe (FIFO), opened again at its path (made again if it is
+    /// gone); ends with the same path are one pipe again after a restart.
+    Fifo(FifoImage),
     /// A unix socket (stream, datagram or seqpacket).
     Unix(UnixSocketImage),
     /// A TCP socket (IPv4 or IPv6): unconnected, listening or established.
@@ -221,6 +224,23 @@ pub enum FdKind {
     PtyMaster(PtyState),
     /// A slave side (`/dev/pts/N`, `index` = N).
     PtySlave { index: u32, path: String },
+}
+
+/// An fd open on a FIFO (`mkfifo`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FifoImage {
+    pub path: String,
+    /// Its inode (and device): fds with the same are one pipe.
+    pub ino: u64,
+    pub dev: u64,
+    /// Permission bits and owner, for making it again.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub capacity: u32,
+    /// The bytes in flight (recorded once per FIFO, from an fd that can
+    /// read it).
+    pub data: Option<Hash>,
 }
 
 /// A timerfd's settings (`timerfd_gettime`) and its unread expirations.
