@@ -220,10 +220,13 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states })
 }
 
+/// `[start, end)` of a mapping.
+type Range = (u64, u64);
+
 /// The SysV segments the regions map (from `/proc/sysvipc/shm`), which
 /// attaches are read-only, and the mappings a snapshot fork must leave out
 /// (a copy would count as an attach, which the program can see).
-fn sysv_segments(pid: i32, regions: &mut [RegionImage]) -> Result<(Vec<SysvShm>, Vec<(u64, u64)>)> {
+fn sysv_segments(pid: i32, regions: &mut [RegionImage]) -> Result<(Vec<SysvShm>, Vec<Range>)> {
     let starts: Vec<u64> = regions.iter().filter(|r| r.sysv.is_some()).map(|r| r.start).collect();
     if starts.is_empty() {
         return Ok((Vec::new(), Vec::new()));
