@@ -195,6 +195,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         pgid: ids.pgid,
         zombies,
         ctty_pts: ids.ctty_pts(),
+        tty_pgrp: if ids.ctty_pts().is_some() { ids.tpgid.max(0) } else { 0 },
         host: host.to_string(),
         exe: procfs::link(pid, "exe")?,
         comm: procfs::comm(pid)?,

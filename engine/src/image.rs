@@ -47,6 +47,10 @@ pub struct ProcessImage {
     /// (its pts number; the session leader takes it back at restart).
     #[serde(default)]
     pub ctty_pts: Option<u32>,
+    /// The foreground process group of that terminal (`tcgetpgrp`); 0:
+    /// none recorded.
+    #[serde(default)]
+    pub tty_pgrp: i32,
     pub host: String,
     pub exe: String,
     pub comm: String,

@@ -262,6 +262,8 @@ pub struct TreeIds {
     pub exit_status: i32,
     /// The controlling terminal's device number (0: none).
     pub tty_nr: i32,
+    /// The foreground process group of the controlling terminal (-1: none).
+    pub tpgid: i32,
 }
 
 impl TreeIds {
@@ -276,7 +278,7 @@ impl TreeIds {
 pub fn tree_ids(pid: i32) -> Result<TreeIds> {
     let f = stat_fields(pid)?;
     let num = |n: usize| f.get(n - 3).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0) as i32;
-    Ok(TreeIds { state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'), ppid: num(4), pgid: num(5), sid: num(6), exit_status: num(52), tty_nr: num(7) })
+    Ok(TreeIds { state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'), ppid: num(4), pgid: num(5), sid: num(6), exit_status: num(52), tty_nr: num(7), tpgid: num(8) })
 }
 
 /// The children of every thread of `pid`.

@@ -227,6 +227,9 @@ struct Conversation {
     status_fd: RawFd,
     exe_fd: Option<RawFd>,
     region_fds: HashMap<usize, RawFd>,
+    /// A slave of the controlling terminal and the foreground process
+    /// group to give it, once every group exists (session leaders).
+    tty_pgrp: Option<(RawFd, i32)>,
     dests: HashMap<Hash, Vec<(u64, usize)>>,
     descriptions: Vec<String>,
 }
@@ -396,6 +399,19 @@ pub fn restore_generation(
             };
             region_fds.insert(i, aux(fd, &mut moves));
         }
+        // The terminal's foreground group, when it is not the leader's own
+        // (which TIOCSCTTY makes the foreground): set by the leader's
+        // restorer once every process group exists.
+        let mut tty_pgrp = None;
+        if let (Some(index), true) = (image.ctty_pts, image.sid == image.pid && image.tty_pgrp > 0 && image.tty_pgrp != image.pgid) {
+            if images.iter().any(|o| o.pgid == image.tty_pgrp && o.sid == image.sid) {
+                if let Some(fd) = opener.ctty(index)? {
+                    tty_pgrp = Some((aux(fd, &mut moves), image.tty_pgrp));
+                }
+            } else {
+                tracing::warn!(pid = image.pid, "the foreground process group {} of the terminal of session {} is not in the generation; the session leader's group is the foreground one after the restart", image.tty_pgrp, image.sid);
+            }
+        }
         convs.push(Conversation {
             ctl: File::from(ctl_w),
             status: File::from(status_r),
@@ -403,6 +419,7 @@ pub fn restore_generation(
             status_fd,
             exe_fd,
             region_fds,
+            tty_pgrp,
             dests,
             descriptions: Vec::new(),
         });
@@ -533,7 +550,7 @@ pub fn restore_generation(
         }
         let own_maps = procfs::maps(image.pid)?;
         let main = image.threads.iter().find(|t| t.tid == image.pid).expect("checked above");
-        let (plan, descriptions) = build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.ctl_fd, c.status_fd)?;
+        let (plan, descriptions) = build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.tty_pgrp, c.ctl_fd, c.status_fd)?;
         c.descriptions = descriptions;
         c.ctl.write_all(&plan).map_err(|e| EngineError::io("sending the plan to the restorer", e))?;
     }
@@ -809,6 +826,7 @@ fn build_plan(
     restorer: &Path,
     exe_fd: Option<RawFd>,
     region_fds: &HashMap<usize, RawFd>,
+    tty_pgrp: Option<(RawFd, i32)>,
     ctl_fd: RawFd,
     status_fd: RawFd,
 ) -> Result<(Vec<u8>, Vec<String>)> {
@@ -920,6 +938,12 @@ fn build_plan(
 
     // 6. Memory is written by the driver.
     p.barrier(1, "wait for memory");
+    // Every process (and so every process group) exists now.
+    if let Some((fd, pgrp)) = tty_pgrp {
+        let pgrp_ref = p.data(&pgrp.to_ne_bytes());
+        p.syscall(libc::SYS_ioctl, &[(fd as u64).into(), libc::TIOCSPGRP.into(), pgrp_ref.into()], Some(0), false, format!("make process group {pgrp} the terminal's foreground group (tcsetpgrp)"));
+        p.syscall(libc::SYS_close, &[(fd as u64).into()], None, false, format!("close helper fd {fd}"));
+    }
 
     // 7. Final protections, mm, signals, timers.
     for r in image.regions.iter().filter(|r| !r.segments.is_empty() && r.prot != rw && r.sysv.is_none()) {
