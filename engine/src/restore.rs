@@ -989,7 +989,13 @@ fn build_plan(
         if t.is_zero() {
             continue;
         }
-        let v = ckpt_wire::ItimerVal { interval_sec: t.interval_sec, interval_usec: t.interval_usec, value_sec: t.value_sec, value_usec: t.value_usec };
+        let mut v = ckpt_wire::ItimerVal { interval_sec: t.interval_sec, interval_usec: t.interval_usec, value_sec: t.value_sec, value_usec: t.value_usec };
+        // A periodic timer that had expired, its signal not yet delivered
+        // (the program was stopped), reads 0 left; setitimer with 0 would
+        // disarm it, interval and all. It is due: 1 µs.
+        if (v.value_sec, v.value_usec) == (0, 0) {
+            v.value_usec = 1;
+        }
         let r = p.data_pod(&v);
         p.syscall(libc::SYS_setitimer, &[(which as u64).into(), r.into(), 0u64.into()], None, false, format!("restore interval timer {which}"));
     }
