@@ -177,7 +177,14 @@ fn one(
     let base = bases.get(&pid);
     let mut snapshot = None;
     if opts.fork && hello.flags & proto::HELLO_NO_FORK == 0 {
-        match link.call(pid, kind::FORK, &[]) {
+        // SysV attaches stay out of the snapshot (it would count as
+        // attached while it lives).
+        let mut payload = RangeList { count: prep.no_fork.len() as u32, _pad: 0 }.as_bytes().to_vec();
+        for (a, b) in &prep.no_fork {
+            payload.extend_from_slice(&a.to_le_bytes());
+            payload.extend_from_slice(&b.to_le_bytes());
+        }
+        match link.call(pid, kind::FORK, &payload) {
             Ok((kind::FORKED, f)) => {
                 let f = Forked::read_from(&f).unwrap_or_default();
                 if f.pid > 0 {

@@ -89,6 +89,8 @@ pub struct Prepared {
     pub stats: CaptureStats,
     /// Regions whose writes were not tracked (to register for uffd-wp).
     pub untracked: Vec<(u64, u64)>,
+    /// Mappings the snapshot fork must not copy (SysV attaches).
+    pub no_fork: Vec<(u64, u64)>,
     regions: Vec<RegionState>,
 }
 
@@ -164,8 +166,22 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             let written = if kind == RegionKind::SharedAnon { None } else { written };
             states.push(RegionState { index: regions.len(), anonymous: is_anonymous(m), present, written, hashes: None });
         }
-        regions.push(RegionImage { start: m.start, end: m.end, prot: m.prot(), kind, name: m.name.clone(), offset: m.offset, shm: if kind == RegionKind::SharedAnon { m.inode } else { 0 }, segments: Vec::new(), depth: 0 });
+        // A SysV segment's mapping: its inode number is the segment's id.
+        let sysv = (kind == RegionKind::SharedAnon && m.name.starts_with("/SYSV")).then_some(SysvAttach { shmid: m.inode as i32, rdonly: false });
+        regions.push(RegionImage {
+            start: m.start,
+            end: m.end,
+            prot: m.prot(),
+            kind,
+            name: m.name.clone(),
+            offset: m.offset,
+            shm: if kind == RegionKind::SharedAnon { m.inode } else { 0 },
+            sysv,
+            segments: Vec::new(),
+            depth: 0,
+        });
     }
+    let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;
     if backend == Backend::SoftDirty {
         dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
     }
@@ -179,6 +195,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         pgid: ids.pgid,
         zombies,
         ctty_pts: ids.ctty_pts(),
+        tty_pgrp: if ids.ctty_pts().is_some() { ids.tpgid.max(0) } else { 0 },
         host: host.to_string(),
         exe: procfs::link(pid, "exe")?,
         comm: procfs::comm(pid)?,
@@ -197,10 +214,45 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             .collect(),
         fds,
         regions,
+        sysv_shm,
         agent: AgentImage { fd: report.hello.agent_fd, restart_word_addr: report.hello.restart_word_addr, ckpt_tid: report.hello.ckpt_tid },
         chunk_size: chunk_size as u32,
     };
-    Ok(Prepared { image, backend, stats, untracked, regions: states })
+    Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states })
+}
+
+/// `[start, end)` of a mapping.
+type Range = (u64, u64);
+
+/// The SysV segments the regions map (from `/proc/sysvipc/shm`), which
+/// attaches are read-only, and the mappings a snapshot fork must leave out
+/// (a copy would count as an attach, which the program can see).
+fn sysv_segments(pid: i32, regions: &mut [RegionImage]) -> Result<(Vec<SysvShm>, Vec<Range>)> {
+    let starts: Vec<u64> = regions.iter().filter(|r| r.sysv.is_some()).map(|r| r.start).collect();
+    if starts.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let all = procfs::sysv_shm().map_err(|e| EngineError::Proc { pid, path: "/proc/sysvipc/shm".into(), source: e })?;
+    let flags = procfs::vm_flags(pid, &starts)?;
+    let mut out: Vec<SysvShm> = Vec::new();
+    let mut no_fork = Vec::new();
+    for r in regions.iter_mut() {
+        let Some(a) = r.sysv.as_mut() else { continue };
+        let has = |f: &str| flags.get(&r.start).is_some_and(|v| v.iter().any(|x| x == f));
+        a.rdonly = flags.contains_key(&r.start) && !has("mw");
+        if !has("dc") {
+            no_fork.push((r.start, r.end));
+        }
+        if out.iter().any(|s| s.shmid == a.shmid) {
+            continue;
+        }
+        let seg = all.get(&a.shmid).copied().ok_or_else(|| EngineError::Unsupported {
+            pid,
+            what: format!("its mapping {:#x}-{:#x} of SysV segment {} is not in /proc/sysvipc/shm (a segment of another IPC namespace?)", r.start, r.end, a.shmid),
+        })?;
+        out.push(seg);
+    }
+    Ok((out, no_fork))
 }
 
 impl Prepared {

@@ -47,6 +47,10 @@ pub struct ProcessImage {
     /// (its pts number; the session leader takes it back at restart).
     #[serde(default)]
     pub ctty_pts: Option<u32>,
+    /// The foreground process group of that terminal (`tcgetpgrp`); 0:
+    /// none recorded.
+    #[serde(default)]
+    pub tty_pgrp: i32,
     pub host: String,
     pub exe: String,
     pub comm: String,
@@ -64,6 +68,9 @@ pub struct ProcessImage {
     pub itimers: Vec<Itimer>,
     pub fds: Vec<FdImage>,
     pub regions: Vec<RegionImage>,
+    /// The SysV shared memory segments it had attached (`shmat`).
+    #[serde(default)]
+    pub sysv_shm: Vec<SysvShm>,
     pub agent: AgentImage,
     pub chunk_size: u32,
 }
@@ -194,6 +201,9 @@ pub enum FdKind {
         /// The bytes in flight (recorded once per pipe, on a read end).
         data: Option<Hash>,
     },
+    /// A named pipe (FIFO), opened again at its path (made again if it is
+    /// gone); ends with the same path are one pipe again after a restart.
+    Fifo(FifoImage),
     /// A unix socket (stream, datagram or seqpacket).
     Unix(UnixSocketImage),
     /// A TCP socket (IPv4 or IPv6): unconnected, listening or established.
@@ -218,6 +228,23 @@ pub enum FdKind {
     PtyMaster(PtyState),
     /// A slave side (`/dev/pts/N`, `index` = N).
     PtySlave { index: u32, path: String },
+}
+
+/// An fd open on a FIFO (`mkfifo`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FifoImage {
+    pub path: String,
+    /// Its inode (and device): fds with the same are one pipe.
+    pub ino: u64,
+    pub dev: u64,
+    /// Permission bits and owner, for making it again.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub capacity: u32,
+    /// The bytes in flight (recorded once per FIFO, from an fd that can
+    /// read it).
+    pub data: Option<Hash>,
 }
 
 /// A timerfd's settings (`timerfd_gettime`) and its unread expirations.
@@ -420,12 +447,51 @@ pub struct RegionImage {
     /// computation with the same one share their memory after a restart).
     #[serde(default)]
     pub shm: u64,
+    /// A mapping of a SysV segment (`shmat`): attached again with `shmat`
+    /// at the same address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sysv: Option<SysvAttach>,
     /// Top level of the chunk-list tree; empty when the region has no
     /// recorded content.
     pub segments: Vec<Hash>,
     /// Inner levels of the tree below `segments`.
     #[serde(default)]
     pub depth: u32,
+}
+
+/// How a region maps a SysV segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvAttach {
+    pub shmid: i32,
+    /// Attached with `SHM_RDONLY` (the mapping may never be made writable).
+    pub rdonly: bool,
+}
+
+/// A SysV shared memory segment, as `/proc/sysvipc/shm` shows it. Its
+/// content is in the regions that map it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvShm {
+    pub shmid: i32,
+    /// `IPC_PRIVATE` (0) for a private segment, and for one marked for
+    /// removal.
+    pub key: i32,
+    /// Permission bits, with `SHM_DEST` (removed with `IPC_RMID` while
+    /// attached) and `SHM_LOCKED`.
+    pub mode: u32,
+    pub size: u64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl SysvShm {
+    pub const SHM_DEST: u32 = 0o1000;
+    pub const SHM_LOCKED: u32 = 0o2000;
+
+    /// Marked for removal (`IPC_RMID`) while attached: removed again once
+    /// every process has attached it at restart.
+    pub fn removed(&self) -> bool {
+        self.mode & Self::SHM_DEST != 0
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,5 +23,6 @@ pub mod plan;
 pub mod procfs;
 pub mod remote;
 pub mod restore;
+pub mod sysv;
 
 pub use error::{EngineError, Result};

@@ -161,6 +161,57 @@ pub fn cmdline(pid: i32) -> Result<Vec<String>> {
     Ok(bytes.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
 }
 
+/// The SysV shared memory segments of the IPC namespace
+/// (`/proc/sysvipc/shm`), by id.
+pub fn sysv_shm() -> std::io::Result<std::collections::HashMap<i32, crate::image::SysvShm>> {
+    Ok(parse_sysv_shm(&fs::read_to_string("/proc/sysvipc/shm")?))
+}
+
+/// Parses `/proc/sysvipc/shm`: key shmid perms(octal) size cpid lpid
+/// nattch uid gid ...
+pub fn parse_sysv_shm(text: &str) -> std::collections::HashMap<i32, crate::image::SysvShm> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 9 {
+                return None;
+            }
+            Some(crate::image::SysvShm {
+                key: f[0].parse().ok()?,
+                shmid: f[1].parse().ok()?,
+                mode: u32::from_str_radix(f[2], 8).ok()?,
+                size: f[3].parse().ok()?,
+                uid: f[7].parse().ok()?,
+                gid: f[8].parse().ok()?,
+            })
+        })
+        .map(|s| (s.shmid, s))
+        .collect()
+}
+
+/// The `VmFlags` of each mapping of `pid` that starts at one of `starts`
+/// (`/proc/PID/smaps`): `mw` may be made writable, `dc` is not copied by
+/// fork, ...
+pub fn vm_flags(pid: i32, starts: &[u64]) -> Result<std::collections::HashMap<u64, Vec<String>>> {
+    let smaps = read_proc(pid, "smaps")?;
+    let mut out = std::collections::HashMap::new();
+    let mut current = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(start) = current.take() {
+                out.insert(start, flags.split_whitespace().map(str::to_string).collect());
+            }
+        } else if let Some((range, _)) = line.split_once(' ')
+            && let Some((s, e)) = range.split_once('-')
+            && let (Ok(start), Ok(_)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16))
+        {
+            current = starts.contains(&start).then_some(start);
+        }
+    }
+    Ok(out)
+}
+
 /// Number of POSIX timers (`timer_create`) the process holds.
 pub fn posix_timer_count(pid: i32) -> usize {
     fs::read_to_string(proc_path(pid, "timers")).map(|t| t.lines().filter(|l| l.starts_with("ID:")).count()).unwrap_or(0)
@@ -211,6 +262,8 @@ pub struct TreeIds {
     pub exit_status: i32,
     /// The controlling terminal's device number (0: none).
     pub tty_nr: i32,
+    /// The foreground process group of the controlling terminal (-1: none).
+    pub tpgid: i32,
 }
 
 impl TreeIds {
@@ -225,7 +278,7 @@ impl TreeIds {
 pub fn tree_ids(pid: i32) -> Result<TreeIds> {
     let f = stat_fields(pid)?;
     let num = |n: usize| f.get(n - 3).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0) as i32;
-    Ok(TreeIds { state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'), ppid: num(4), pgid: num(5), sid: num(6), exit_status: num(52), tty_nr: num(7) })
+    Ok(TreeIds { state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'), ppid: num(4), pgid: num(5), sid: num(6), exit_status: num(52), tty_nr: num(7), tpgid: num(8) })
 }
 
 /// The children of every thread of `pid`.
@@ -264,6 +317,21 @@ mod tests {
         assert_eq!(m[3].prot(), (libc::PROT_READ | libc::PROT_EXEC) as u32);
         assert_eq!(m[4].name, "");
         assert_eq!(m[4].prot(), 0);
+    }
+
+    #[test]
+    fn parses_sysvipc_shm() {
+        let text = "\
+       key      shmid perms                  size  cpid  lpid nattch   uid   gid  cuid  cgid      atime      dtime      ctime                   rss                  swap
+ 305441741          3   640                 12388  1672  1672      6  1000   100     0     0 1795560265          0 1795560265                 12288                     0
+         0          4  1600                  8192  1672  1672      2     0     0     0     0 1795560265          0 1795560265                     0                     0
+";
+        let m = parse_sysv_shm(text);
+        assert_eq!(m.len(), 2);
+        let k = m[&3];
+        assert_eq!((k.key, k.mode, k.size, k.uid, k.gid), (0x1234abcd, 0o640, 12388, 1000, 100));
+        assert!(!k.removed());
+        assert!(m[&4].removed() && m[&4].key == 0);
     }
 
     #[test]

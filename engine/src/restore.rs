@@ -4,7 +4,8 @@
 //!    otherwise).
 //! 2. Make every open file description once ([`crate::fds::Opener`]): files
 //!    reopened, pipes made again with their bytes in flight; one memfd per
-//!    shared memory object; a fresh coordinator connection per agent.
+//!    shared memory object, SysV segments made again with their ids
+//!    ([`crate::sysv`]); a fresh coordinator connection per agent.
 //! 3. Recreate the process tree with `clone3` and `set_tid`: the driver
 //!    clones the processes whose parent was outside the computation (and,
 //!    through a short-lived middle process, the orphans that init had
@@ -226,6 +227,9 @@ struct Conversation {
     status_fd: RawFd,
     exe_fd: Option<RawFd>,
     region_fds: HashMap<usize, RawFd>,
+    /// A slave of the controlling terminal and the foreground process
+    /// group to give it, once every group exists (session leaders).
+    tty_pgrp: Option<(RawFd, i32)>,
     dests: HashMap<Hash, Vec<(u64, usize)>>,
     descriptions: Vec<String>,
 }
@@ -296,10 +300,13 @@ pub fn restore_generation(
         .collect();
 
     let t0 = std::time::Instant::now();
+    // SysV segments: made again with their ids and content; the restorers
+    // attach them.
+    let sysv_segments = crate::sysv::Segments::make(store, generation, images)?;
     // Shared memory objects: one memfd each, big enough for every mapping.
     // POSIX shared memory (`shm_open`) comes back at its name.
     let mut shm_size: HashMap<u64, (u64, &str)> = HashMap::new();
-    for r in images.iter().flat_map(|i| &i.regions).filter(|r| r.kind == RegionKind::SharedAnon && r.shm != 0) {
+    for r in images.iter().flat_map(|i| &i.regions).filter(|r| r.kind == RegionKind::SharedAnon && r.shm != 0 && r.sysv.is_none()) {
         let e = shm_size.entry(r.shm).or_insert((0, &r.name));
         e.0 = e.0.max(r.offset + (r.end - r.start));
     }
@@ -319,7 +326,7 @@ pub fn restore_generation(
     for image in images {
         let chunk_size = image.chunk_size as u64;
         let mut dests: HashMap<Hash, Vec<(u64, usize)>> = HashMap::new();
-        for r in image.regions.iter().filter(|r| !r.segments.is_empty()) {
+        for r in image.regions.iter().filter(|r| !r.segments.is_empty() && r.sysv.is_none()) {
             let hashes = crate::chunklist::load(store, generation, &r.segments, r.depth)?;
             let n = (r.end - r.start).div_ceil(chunk_size) as usize;
             if hashes.len() != n {
@@ -387,10 +394,23 @@ pub fn restore_generation(
                     let f = std::fs::OpenOptions::new().read(true).write(write).open(&r.name).map_err(|e| err(format!("cannot reopen shared mapping of {}: {e}", r.name)))?;
                     f.into()
                 }
-                RegionKind::SharedAnon if r.shm != 0 => crate::fds::dup(&shm_fds[&r.shm])?,
+                RegionKind::SharedAnon if r.shm != 0 && r.sysv.is_none() => crate::fds::dup(&shm_fds[&r.shm])?,
                 _ => continue,
             };
             region_fds.insert(i, aux(fd, &mut moves));
+        }
+        // The terminal's foreground group, when it is not the leader's own
+        // (which TIOCSCTTY makes the foreground): set by the leader's
+        // restorer once every process group exists.
+        let mut tty_pgrp = None;
+        if let (Some(index), true) = (image.ctty_pts, image.sid == image.pid && image.tty_pgrp > 0 && image.tty_pgrp != image.pgid) {
+            if images.iter().any(|o| o.pgid == image.tty_pgrp && o.sid == image.sid) {
+                if let Some(fd) = opener.ctty(index)? {
+                    tty_pgrp = Some((aux(fd, &mut moves), image.tty_pgrp));
+                }
+            } else {
+                tracing::warn!(pid = image.pid, "the foreground process group {} of the terminal of session {} is not in the generation; the session leader's group is the foreground one after the restart", image.tty_pgrp, image.sid);
+            }
         }
         convs.push(Conversation {
             ctl: File::from(ctl_w),
@@ -399,6 +419,7 @@ pub fn restore_generation(
             status_fd,
             exe_fd,
             region_fds,
+            tty_pgrp,
             dests,
             descriptions: Vec::new(),
         });
@@ -529,7 +550,7 @@ pub fn restore_generation(
         }
         let own_maps = procfs::maps(image.pid)?;
         let main = image.threads.iter().find(|t| t.tid == image.pid).expect("checked above");
-        let (plan, descriptions) = build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.ctl_fd, c.status_fd)?;
+        let (plan, descriptions) = build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.tty_pgrp, c.ctl_fd, c.status_fd)?;
         c.descriptions = descriptions;
         c.ctl.write_all(&plan).map_err(|e| EngineError::io("sending the plan to the restorer", e))?;
     }
@@ -538,6 +559,8 @@ pub fn restore_generation(
     for (i, c) in convs.iter_mut().enumerate() {
         expect_barrier(generation, &images[i], c, 1)?;
     }
+    // Every process has attached its SysV segments.
+    sysv_segments.remove_removed(generation)?;
     for (i, c) in convs.iter_mut().enumerate() {
         let t = std::time::Instant::now();
         fill_memory(store, images[i].pid, &c.dests)?;
@@ -569,6 +592,7 @@ pub fn restore_generation(
     // Every restorer closed its pipes: the threads are being created and the
     // programs go on.
     guard.armed = false;
+    sysv_segments.keep();
     Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect() })
 }
 
@@ -802,6 +826,7 @@ fn build_plan(
     restorer: &Path,
     exe_fd: Option<RawFd>,
     region_fds: &HashMap<usize, RawFd>,
+    tty_pgrp: Option<(RawFd, i32)>,
     ctl_fd: RawFd,
     status_fd: RawFd,
 ) -> Result<(Vec<u8>, Vec<String>)> {
@@ -878,13 +903,16 @@ fn build_plan(
         }
     }
 
-    // 5. The image's regions.
+    // 5. The image's regions: SysV segments attached first (an attach maps
+    // the whole segment), then the others.
+    crate::sysv::plan_attaches(&mut p, image);
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
     for (i, r) in image.regions.iter().enumerate() {
         let len = r.end - r.start;
         let what = format!("map {:#x}-{:#x} {}", r.start, r.end, r.name);
         match r.kind {
             RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock => continue,
+            RegionKind::SharedAnon if r.sysv.is_some() => continue,
             RegionKind::SharedFile | RegionKind::SharedAnon if region_fds.contains_key(&i) => {
                 let fd = region_fds[&i];
                 let flags = (libc::MAP_SHARED | libc::MAP_FIXED) as u64;
@@ -910,9 +938,15 @@ fn build_plan(
 
     // 6. Memory is written by the driver.
     p.barrier(1, "wait for memory");
+    // Every process (and so every process group) exists now.
+    if let Some((fd, pgrp)) = tty_pgrp {
+        let pgrp_ref = p.data(&pgrp.to_ne_bytes());
+        p.syscall(libc::SYS_ioctl, &[(fd as u64).into(), libc::TIOCSPGRP.into(), pgrp_ref.into()], Some(0), false, format!("make process group {pgrp} the terminal's foreground group (tcsetpgrp)"));
+        p.syscall(libc::SYS_close, &[(fd as u64).into()], None, false, format!("close helper fd {fd}"));
+    }
 
     // 7. Final protections, mm, signals, timers.
-    for r in image.regions.iter().filter(|r| !r.segments.is_empty() && r.prot != rw) {
+    for r in image.regions.iter().filter(|r| !r.segments.is_empty() && r.prot != rw && r.sysv.is_none()) {
         p.syscall(libc::SYS_mprotect, &[r.start.into(), (r.end - r.start).into(), (r.prot as u64).into()], None, false, format!("protect {:#x}-{:#x} {}", r.start, r.end, r.name));
     }
     let auxv_bytes: Vec<u8> = image.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
@@ -955,7 +989,13 @@ fn build_plan(
         if t.is_zero() {
             continue;
         }
-        let v = ckpt_wire::ItimerVal { interval_sec: t.interval_sec, interval_usec: t.interval_usec, value_sec: t.value_sec, value_usec: t.value_usec };
+        let mut v = ckpt_wire::ItimerVal { interval_sec: t.interval_sec, interval_usec: t.interval_usec, value_sec: t.value_sec, value_usec: t.value_usec };
+        // A periodic timer that had expired, its signal not yet delivered
+        // (the program was stopped), reads 0 left; setitimer with 0 would
+        // disarm it, interval and all. It is due: 1 µs.
+        if (v.value_sec, v.value_usec) == (0, 0) {
+            v.value_usec = 1;
+        }
         let r = p.data_pod(&v);
         p.syscall(libc::SYS_setitimer, &[(which as u64).into(), r.into(), 0u64.into()], None, false, format!("restore interval timer {which}"));
     }

@@ -184,12 +184,7 @@ fn register_ranges(payload: &[u8]) -> Registered {
     use ckpt_wire::uapi::*;
     let mut r = Registered::default();
     let uffd = UFFD_FD.load(Ordering::Acquire);
-    let Some(list) = RangeList::read_from(payload) else { return r };
-    let n = (list.count as usize).min(MAX_RANGES).min((payload.len() - 8) / 16);
-    for i in 0..n {
-        let off = 8 + i * 16;
-        let start = u64::from_le_bytes(payload[off..off + 8].try_into().unwrap_or([0; 8]));
-        let end = u64::from_le_bytes(payload[off + 8..off + 16].try_into().unwrap_or([0; 8]));
+    for (start, end) in ranges(payload) {
         if uffd < 0 || end <= start {
             r.failed += 1;
             continue;
@@ -210,11 +205,38 @@ fn register_ranges(payload: &[u8]) -> Registered {
     r
 }
 
+/// The `[start, end)` pairs of a [`RangeList`] payload.
+fn ranges(payload: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let n = RangeList::read_from(payload).map(|l| l.count as usize).unwrap_or(0).min(MAX_RANGES).min(payload.len().saturating_sub(8) / 16);
+    (0..n).map(move |i| {
+        let off = 8 + i * 16;
+        let word = |o: usize| u64::from_le_bytes(payload[o..o + 8].try_into().unwrap_or([0; 8]));
+        (word(off), word(off + 8))
+    })
+}
+
 /// Forks the copy-on-write snapshot the coordinator reads while the
 /// program runs on. The child has exit signal 0, so the program's `wait`
 /// never sees it (only `__WALL` would); it closes every fd, blocks every
 /// signal and sleeps until the coordinator kills it (or 10 minutes pass).
-fn fork_snapshot() -> Forked {
+/// The mappings `payload` lists (a [`RangeList`]: SysV segments, which a
+/// copy would count as attached) are left out of the child
+/// (`MADV_DONTFORK` around the fork).
+fn fork_snapshot(payload: &[u8]) -> Forked {
+    let advise = |advice: i32| {
+        for (start, end) in ranges(payload) {
+            // SAFETY: madvise on whole mappings the coordinator named; it
+            // changes only whether fork copies them.
+            unsafe { libc::syscall(libc::SYS_madvise, start, end - start, advice) };
+        }
+    };
+    advise(libc::MADV_DONTFORK);
+    let f = clone_snapshot();
+    advise(libc::MADV_DOFORK);
+    f
+}
+
+fn clone_snapshot() -> Forked {
     // SAFETY: a fork-like raw clone (no CLONE_VM, exit signal 0); the child
     // only makes raw syscalls and never returns from this function.
     unsafe {
@@ -549,6 +571,8 @@ pub fn checkpoint_in_handler(own: ThreadState) {
     // SAFETY: only the checkpoint thread uses RANGES, never re-entrantly.
     let buf = unsafe { &mut (*core::ptr::addr_of_mut!(RANGES)).0 };
     loop {
+        // A message without a payload leaves an empty range list.
+        buf[..8].fill(0);
         match recv(buf) {
             Some(kind::REGISTER) => {
                 let r = register_ranges(buf);
@@ -557,7 +581,7 @@ pub fn checkpoint_in_handler(own: ThreadState) {
                 }
             }
             Some(kind::FORK) => {
-                let f = fork_snapshot();
+                let f = fork_snapshot(buf);
                 if !send(kind::FORKED, &[f.as_bytes()]) {
                     return;
                 }

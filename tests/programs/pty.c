@@ -11,6 +11,11 @@
  * started with. The parent reads whatever is there once per tick and checks
  * every byte: lines follow each other with no gap, repeat or change. Each
  * tick prints "TICK n lines=L". Prints "CHILD <pid>" at start.
+ * As a shell does with a foreground job, the child starts a grandchild in
+ * a process group of its own and makes it the terminal's foreground group
+ * (tcsetpgrp); the child (now in the background) and the grandchild check
+ * every time that it still is (tcgetpgrp). The child prints "FG <pid>".
+ * The grandchild exits when the child is gone.
  */
 #include "common.h"
 #include <poll.h>
@@ -42,6 +47,36 @@ static void child(const char *name)
     struct termios t0, t;
     if (tcgetattr(s, &t0) != 0)
         ct_fail("child: tcgetattr: %s", strerror(errno));
+    fflush(stdout);
+    pid_t fg = fork();
+    if (fg < 0)
+        ct_fail("child: fork: %s", strerror(errno));
+    if (fg == 0) {
+        pid_t g = getpid();
+        if (setpgid(0, 0) != 0)
+            ct_fail("grandchild: setpgid: %s", strerror(errno));
+        /* Until the child has given it the terminal. */
+        for (int i = 0; tcgetpgrp(s) != g; i++) {
+            if (i == 500)
+                ct_fail("grandchild: never became the foreground group");
+            ct_sleep_ms(10);
+        }
+        while (getppid() == me) {
+            if (getpid() != g || (pid_t)syscall(SYS_getpid) != g)
+                ct_fail("grandchild: pid changed from %d", (int)g);
+            pid_t now = tcgetpgrp(s);
+            if (now != g)
+                ct_fail("grandchild: the terminal's foreground group is %d, not mine (%d): %s", (int)now, (int)g, strerror(errno));
+            ct_sleep_ms(20);
+        }
+        _exit(0);
+    }
+    /* As a shell does: the group made from both sides, then given the
+     * terminal. */
+    setpgid(fg, fg);
+    if (tcsetpgrp(s, fg) != 0)
+        ct_fail("child: tcsetpgrp: %s", strerror(errno));
+    printf("FG %d\n", (int)fg);
     for (long seq = 1;; seq++) {
         char buf[128];
         int n = line_of(seq, buf, sizeof buf, "\n");
@@ -52,6 +87,8 @@ static void child(const char *name)
         struct winsize ws;
         if (getpid() != me || (pid_t)syscall(SYS_getpid) != me)
             ct_fail("child: pid changed from %d", (int)me);
+        if (tcgetpgrp(s) != fg)
+            ct_fail("child: the terminal's foreground group is %d, not %d: %s", (int)tcgetpgrp(s), (int)fg, strerror(errno));
         if (tcgetsid(s) != me)
             ct_fail("child: the slave is not my controlling terminal any more (tcgetsid %d: %s)", (int)tcgetsid(s), strerror(errno));
         int tty = open("/dev/tty", O_RDWR | O_NOCTTY | O_CLOEXEC);

@@ -220,13 +220,14 @@ int main(int argc, char **argv)
     }
     pid_t mid = fork();
     if (mid == 0) {
+        pid_t middle = getpid(); /* `mid` is 0 here */
         setsid();
         if (fork() == 0) {
             close(p3[0]);
             /* Adopted by init once the middle process is gone: only then
              * are its ids the ones it keeps (under load that can take a
              * while, so no time limit). */
-            while (getppid() == mid)
+            while (getppid() == middle)
                 ct_sleep_ms(2);
             produce(p3[1], "daemon");
         }

@@ -4,16 +4,27 @@
 //! mid-stream (bytes in flight in the terminal), both killed with -9,
 //! restarted: no byte lost, repeated or changed (no doubled `\r` either),
 //! the slave is the child's controlling terminal again, with its window
-//! size and settings.
+//! size and settings, and its foreground process group is the grandchild's
+//! again (a job the child put in the foreground with tcsetpgrp).
 mod common;
 use common::*;
 
 use std::time::{Duration, Instant};
 
-/// The controlling terminal's device number of `pid` (`/proc/PID/stat` field 7).
-fn tty_nr(pid: i32) -> i32 {
+/// Field `n` (3 and up) of `/proc/PID/stat`.
+fn stat_field(pid: i32, n: usize) -> i32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("process {pid}: {e}"));
-    stat[stat.rfind(')').unwrap() + 2..].split_whitespace().nth(4).unwrap().parse().unwrap()
+    stat[stat.rfind(')').unwrap() + 2..].split_whitespace().nth(n - 3).unwrap().parse().unwrap()
+}
+
+/// The controlling terminal's device number of `pid`.
+fn tty_nr(pid: i32) -> i32 {
+    stat_field(pid, 7)
+}
+
+/// The foreground process group of `pid`'s controlling terminal.
+fn tpgid(pid: i32) -> i32 {
+    stat_field(pid, 8)
 }
 
 fn lines(l: &str) -> u64 {
@@ -28,31 +39,33 @@ fn program_under_a_pty_restarts_mid_stream_byte_for_byte() {
     let child: i32 = p.wait_prefix("CHILD ", LINE_TIMEOUT)[6..].trim().parse().unwrap();
     s.track(child);
     p.wait_prefix("READY", LINE_TIMEOUT);
+    let fg: i32 = p.wait_prefix("FG ", LINE_TIMEOUT)[3..].trim().parse().unwrap();
+    s.track(fg);
     p.wait_ticks(3, LINE_TIMEOUT);
-    // The child is in the computation once it has registered.
+    // The child and grandchild are in the computation once they have registered.
     let deadline = Instant::now() + LINE_TIMEOUT;
-    loop {
-        let out = s.run("status", &["--json"]);
-        if text(&out.stdout).contains(&format!("\"pid\":{child}")) || text(&out.stdout).contains(&format!("\"pid\": {child}")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the child {child} never joined the computation: {}", text(&out.stdout));
+    while s.computation() != [p.pid, child, fg] {
+        assert!(Instant::now() < deadline, "the child {child} and grandchild {fg} never joined the computation: {:?}", s.computation());
         std::thread::sleep(Duration::from_millis(50));
     }
     let tty_before = tty_nr(child);
     assert!((136..144).contains(&((tty_before >> 8) & 0xfff)), "the child's controlling terminal {tty_before:#x} is not a pts");
+    assert_eq!(tpgid(child), fg, "the grandchild's group is not the terminal's foreground group");
 
     let g1 = s.checkpoint_bounded(&mut p);
     p.wait_ticks(3, LINE_TIMEOUT);
     let g2 = s.checkpoint_bounded(&mut p);
     let seen = lines(p.lines.iter().rev().find(|l| l.starts_with("TICK")).unwrap());
-    s.kill_all(&[p.pid, child], &mut p);
+    s.kill_all(&[p.pid, child, fg], &mut p);
 
     for (g, latest) in [(&g2, true), (&g1, false)] {
         let mut r = s.restart_expect(g, p.pid, latest);
         assert!(pid_alive(child), "the child {child} was not restored\n{}", r.context());
         let tty = tty_nr(child);
         assert!((136..144).contains(&((tty >> 8) & 0xfff)), "the restored child has no pts as controlling terminal ({tty:#x})\n{}", r.context());
+        assert!(pid_alive(fg), "the grandchild {fg} was not restored\n{}", r.context());
+        assert_eq!(tpgid(child), fg, "the terminal's foreground group is not the grandchild's after the restart\n{}", r.context());
+        assert_eq!(tpgid(fg), fg, "the grandchild does not see its group in the foreground\n{}", r.context());
         r.wait_ticks(5, LINE_TIMEOUT);
         let now = lines(r.lines.iter().rev().find(|l| l.starts_with("TICK")).unwrap());
         assert!(now > 0 && (!latest || now > seen), "no lines went through the restored pty ({now}, {seen} before)\n{}", r.context());
@@ -65,9 +78,10 @@ fn program_under_a_pty_restarts_mid_stream_byte_for_byte() {
             let st = r.wait_exit(CMD_TIMEOUT);
             assert!(st.success(), "the restored program ended with {st}\n{}", r.context());
             wait_gone(child, Duration::from_secs(20));
+            wait_gone(fg, Duration::from_secs(20));
             std::fs::remove_file(&stop).unwrap();
         } else {
-            s.kill_all(&[r.pid, child], &mut r);
+            s.kill_all(&[r.pid, child, fg], &mut r);
         }
     }
 }

@@ -53,7 +53,8 @@ pub mod kind {
     pub const REGISTER: u32 = 8;
     /// Agent → coordinator: [`super::Registered`].
     pub const REGISTERED: u32 = 9;
-    /// Coordinator → agent while stopped: fork a copy-on-write snapshot.
+    /// Coordinator → agent while stopped: fork a copy-on-write snapshot,
+    /// leaving out the mappings of its [`super::RangeList`] payload.
     pub const FORK: u32 = 10;
     /// Agent → coordinator: [`super::Forked`].
     pub const FORKED: u32 = 11;
@@ -264,7 +265,7 @@ pub struct Resume {
 // SAFETY: repr(C), no padding.
 unsafe impl Pod for Resume {}
 
-/// Header of a REGISTER payload, followed by `count` `[start, end)` pairs of u64.
+/// Header of a REGISTER or FORK payload, followed by `count` `[start, end)` pairs of u64.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RangeList {

@@ -21,8 +21,6 @@ pub fn capture(live: &LiveFd) -> Result<FdKind> {
         FdKind::Dir { path }
     } else if ft.is_char_device() {
         FdKind::Device { path }
-    } else if ft.is_fifo() {
-        return Err(live.unsupported("named pipe (FIFO)"));
     } else {
         return Err(live.unsupported("special file"));
     })

@@ -1,7 +1,7 @@
 //! Open file descriptors: how each kind is captured from a stopped process
 //! and opened again at restart.
 //!
-//! One module per kind ([`file`], [`pipe`], [`pty`], [`eventfd`],
+//! One module per kind ([`file`], [`pipe`], [`fifo`], [`pty`], [`eventfd`],
 //! [`timerfd`], [`signalfd`], [`epoll`], [`inotify`]), each with a `capture`
 //! that turns a live fd into a plain [`FdKind`] and an `open` that makes a
 //! new open file description from it in the restart driver. Adding a kind is
@@ -26,6 +26,7 @@
 
 pub mod epoll;
 pub mod eventfd;
+pub mod fifo;
 pub mod file;
 pub mod inotify;
 pub mod pipe;
@@ -161,6 +162,8 @@ pub struct Round<'w> {
     pidfds: HashMap<i32, OwnedFd>,
     /// Pipes whose buffered bytes were read already (by inode).
     pipes_read: HashMap<u64, Option<Hash>>,
+    /// FIFOs whose buffered bytes were read already (by device and inode).
+    fifos_read: HashMap<(u64, u64), Option<Hash>>,
     /// Pseudo-terminals whose bytes in flight were read already (by pts number).
     ptys_read: HashMap<u32, Option<Hash>>,
     /// Fds given to the computation from outside, besides the ones `ckpt
@@ -179,6 +182,7 @@ impl<'w> Round<'w> {
             next_ofd: 1,
             pidfds: HashMap::new(),
             pipes_read: HashMap::new(),
+            fifos_read: HashMap::new(),
             ptys_read: HashMap::new(),
             externals: Vec::new(),
             sockets: socket::RoundSockets::default(),
@@ -285,6 +289,8 @@ impl<'w> Round<'w> {
                 FdKind::Inherited { was: target.clone(), from: Some(fd) }
             } else if let Some(master) = pty::end_of(&meta) {
                 if master { pty::capture_master(self, &live)? } else { pty::capture_slave(&live)? }
+            } else if target.starts_with('/') && std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
+                fifo::capture(self, &live)?
             } else if target.starts_with('/') {
                 file::capture(&live)?
             } else if target.starts_with("pipe:") {
@@ -316,6 +322,7 @@ pub struct Opener<'s> {
     /// By `FdImage::ofd`.
     made: HashMap<u64, OwnedFd>,
     pipes: pipe::Pipes,
+    fifos: fifo::Fifos,
     ptys: pty::Ptys,
     sockets: socket::Sockets,
 }
@@ -325,7 +332,7 @@ impl<'s> Opener<'s> {
     /// several (a pipe's ends) are prepared from all of them.
     pub fn new(store: &'s Store, generation: u64, images: &[crate::image::ProcessImage]) -> Result<Self> {
         let pipes = pipe::Pipes::new(store, generation, images)?;
-        Ok(Opener { store, generation, made: HashMap::new(), pipes, ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images) })
+        Ok(Opener { store, generation, made: HashMap::new(), pipes, fifos: fifo::Fifos::new(images), ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images) })
     }
 
     /// A new slave fd (not yet anyone's controlling terminal) of the
@@ -366,6 +373,7 @@ impl<'s> Opener<'s> {
             },
             FdKind::File { .. } | FdKind::Dir { .. } | FdKind::Device { .. } => file::open(self, pid, f)?,
             FdKind::Pipe { .. } => pipe::open(&mut self.pipes, self.generation, pid, f)?,
+            FdKind::Fifo(_) => fifo::open(&mut self.fifos, self.store, self.generation, pid, f)?,
             FdKind::EventFd { .. } => eventfd::open(self.generation, pid, f)?,
             FdKind::TimerFd(_) => timerfd::open(self.generation, pid, f)?,
             FdKind::SignalFd { .. } => signalfd::open(self.generation, pid, f)?,

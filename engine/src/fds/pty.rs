@@ -16,12 +16,15 @@
 //! `TIOCGPTPEER` open. The pts number can differ (the kernel picks it): a
 //! program that kept the old `ptsname` sees a different name. A session
 //! leader whose controlling terminal was the slave takes it back
-//! ([`crate::restore`], `TIOCSCTTY` after `setsid`).
+//! ([`crate::restore`], `TIOCSCTTY` after `setsid`), and its restorer gives
+//! the terminal its foreground process group again (`TIOCSPGRP`, once every
+//! process group exists; recorded from `/proc/PID/stat`'s `tpgid`).
 //!
 //! Limits: bytes typed into the master but not yet read by the slave's
 //! reader (the slave's input queue) are not recorded (a warning gives
-//! their count); nor are packet mode, the foreground process group (the
-//! session leader's group after `TIOCSCTTY`) or flow-control stops. A slave
+//! their count); nor are packet mode or flow-control stops. A foreground
+//! group outside the generation is not made (the leader's group is the
+//! foreground one, with a warning). A slave
 //! whose master is outside the computation is reopened by its path.
 //!
 //! Never leave a program's terminal changed: every setting touched at

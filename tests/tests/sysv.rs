@@ -1,0 +1,112 @@
+//! SysV shared memory (shmget/shmat) across checkpoint, kill and restart:
+//! tests/programs/sysv.c keeps a keyed segment and a removed private one
+//! attached in a parent and its child, and checks every tick that
+//! `shmctl(IPC_STAT)` gives their key, size, mode and attach count, that
+//! they are mapped where they were (one attach read-only, one partly
+//! mprotected), that a new `shmat` of the id shows the same memory and
+//! `shmdt` works, and that each process sees the other's writes.
+//! The segment the killed program leaves behind is in the way of the
+//! restart, which must say so and name the `ipcrm` that removes it.
+mod common;
+use common::*;
+
+use std::process::Command;
+use std::time::Duration;
+
+/// A line of /proc/sysvipc/shm: (key, shmid, perms, size, nattch).
+fn sysv_segment(shmid: i32) -> Option<(i32, i32, u32, u64, u32)> {
+    let t = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
+    t.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let id: i32 = f[1].parse().ok()?;
+        (id == shmid).then(|| (f[0].parse().unwrap(), id, u32::from_str_radix(f[2], 8).unwrap(), f[3].parse().unwrap(), f[6].parse().unwrap()))
+    })
+}
+
+/// Removes the test's keyed segment however the test ends.
+struct RemoveKey(i32);
+
+impl Drop for RemoveKey {
+    fn drop(&mut self) {
+        let quiet = || std::process::Stdio::null();
+        let _ = Command::new("ipcrm").args(["-M", &self.0.to_string()]).stdout(quiet()).stderr(quiet()).status();
+    }
+}
+
+fn ipcrm(id: i32) {
+    let st = Command::new("ipcrm").args(["-m", &id.to_string()]).status().expect("ipcrm is not installed");
+    assert!(st.success(), "ipcrm -m {id} failed");
+}
+
+#[test]
+fn sysv_segments_come_back_with_their_ids_and_attaches() {
+    let s = Session::new("sysv");
+    let stop = s.stop_file();
+    let key = 0x5c00_0000 | (std::process::id() as i32 & 0xff_ffff);
+    let _cleanup = RemoveKey(key);
+    let hex = format!("{key:x}");
+    let mut p = s.launch(&program("sysv"), &["-t", "50", "-k", &hex, "-s", stop.to_str().unwrap()]);
+    let ready = p.wait_prefix("READY", LINE_TIMEOUT);
+    let field = |name: &str| -> i32 {
+        let w: Vec<&str> = ready.split_whitespace().collect();
+        let i = w.iter().position(|x| *x == name).unwrap_or_else(|| panic!("no {name} in {ready:?}"));
+        w[i + 1].parse().unwrap()
+    };
+    let (keyed, removed) = (field("keyed"), field("removed"));
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let pids = s.wait_computation(2);
+    assert_eq!(pids.len(), 2, "expected the parent and the child, have {pids:?}");
+    for &pid in &pids {
+        s.track(pid);
+    }
+    let before = sysv_segment(keyed).expect("the keyed segment is not in /proc/sysvipc/shm");
+    assert_eq!((before.0, before.2 & 0o777, before.3, before.4), (key, 0o640, 3 * 4096 + 100, 6));
+
+    let g1 = s.checkpoint_bounded(&mut p);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut p);
+    s.kill_all(&pids, &mut p);
+    // The removed segment went with its last attach; the keyed one stays.
+    assert!(sysv_segment(removed).is_none(), "the removed segment {removed} outlived the program");
+    assert_eq!(sysv_segment(keyed).map(|s| s.4), Some(0), "the keyed segment should stay, unattached");
+
+    // The leftover segment is in the way: the restart says so and names
+    // the fix, and leaves nothing behind.
+    let out = s.run("restart", &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the restart went on with segment {keyed} in the way\n{err}");
+    assert!(err.contains(&format!("ipcrm -m {keyed}")), "the error does not name the fix `ipcrm -m {keyed}`: {err}");
+    for &pid in &pids {
+        assert!(!pid_exists(pid), "the failed restart left process {pid}");
+    }
+    assert!(sysv_segment(removed).is_none(), "the failed restart left segment {removed}");
+    ipcrm(keyed);
+
+    let mut r = s.restart_expect(&g2, p.pid, true);
+    r.wait_ticks(5, LINE_TIMEOUT);
+    let after = sysv_segment(keyed).expect("the keyed segment was not made again");
+    assert_eq!((after.0, after.1, after.2, after.3), (before.0, before.1, before.2, before.3), "the keyed segment differs after the restart");
+    // 7 while the parent holds its short-lived third attach.
+    assert!((6..=7).contains(&after.4), "the keyed segment has {} attaches after the restart, expected 6", after.4);
+    let rm = sysv_segment(removed).expect("the removed segment was not made again (while attached)");
+    assert_eq!((rm.0, rm.2 & 0o1777, rm.3, rm.4), (0, 0o1600, 8192, 2), "the removed segment differs after the restart");
+    let g3 = s.checkpoint_bounded(&mut r);
+    assert!(g3.id > g2.id);
+    // The program detaches and removes everything at its end.
+    s.stop_at(r.last_tick.unwrap() + 3);
+    r.wait_prefix("DONE", LINE_TIMEOUT);
+    let st = r.wait_exit(CMD_TIMEOUT);
+    assert!(st.success(), "the restored program ended with {st}\n{}", r.context());
+    std::fs::remove_file(&stop).unwrap();
+    for &pid in &pids {
+        wait_gone(pid, Duration::from_secs(20));
+    }
+    assert!(sysv_segment(keyed).is_none(), "the program's IPC_RMID did not remove segment {keyed}");
+
+    // The oldest generation, with the segment gone (as on a new host).
+    let mut o = s.restart_expect(&g1, p.pid, false);
+    o.wait_ticks(5, LINE_TIMEOUT);
+    s.kill_all(&pids, &mut o);
+    assert!(sysv_segment(removed).is_none(), "the removed segment {removed} outlived the restored program");
+    ipcrm(keyed);
+}
