@@ -539,7 +539,11 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
         .collect();
     client::request(addr, "externals", json!({"fds": stdio}), Duration::from_secs(10)).context("telling the coordinator about this command's stdio")?;
     let connect = || {
+        // The connection becomes a restored agent's, which waits on it for
+        // as long as the computation runs: no read timeout (it would end
+        // the agent's membership after the first quiet spell).
         addr.connect(Duration::from_secs(10))
+            .and_then(|c| c.set_read_timeout(None).map(|()| c))
             .map(|c| c.into_owned_fd())
             .map_err(|e| ckpt_engine::EngineError::io(format!("cannot connect to the coordinator at {addr}"), e))
     };

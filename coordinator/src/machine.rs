@@ -159,12 +159,7 @@ fn one(
     };
     let prepare_ms = ms(t0);
     if backend == Backend::UffdWp && !prep.untracked.is_empty() {
-        let mut payload = RangeList { count: prep.untracked.len() as u32, _pad: 0 }.as_bytes().to_vec();
-        for (a, b) in &prep.untracked {
-            payload.extend_from_slice(&a.to_le_bytes());
-            payload.extend_from_slice(&b.to_le_bytes());
-        }
-        match link.call(pid, kind::REGISTER, &payload) {
+        match link.call(pid, kind::REGISTER, &range_list(&prep.untracked)) {
             Ok((kind::REGISTERED, r)) => {
                 let r = Registered::read_from(&r).unwrap_or_default();
                 tracing::debug!(pid, registered = r.registered, failed = r.failed, "write tracking registered");
@@ -179,12 +174,7 @@ fn one(
     if opts.fork && hello.flags & proto::HELLO_NO_FORK == 0 {
         // SysV attaches stay out of the snapshot (it would count as
         // attached while it lives).
-        let mut payload = RangeList { count: prep.no_fork.len() as u32, _pad: 0 }.as_bytes().to_vec();
-        for (a, b) in &prep.no_fork {
-            payload.extend_from_slice(&a.to_le_bytes());
-            payload.extend_from_slice(&b.to_le_bytes());
-        }
-        match link.call(pid, kind::FORK, &payload) {
+        match link.call(pid, kind::FORK, &range_list(&prep.no_fork)) {
             Ok((kind::FORKED, f)) => {
                 let f = Forked::read_from(&f).unwrap_or_default();
                 if f.pid > 0 {
@@ -214,6 +204,16 @@ fn one(
     (Some(Work { pid, conn: t.conn, prep: Some(prep), snapshot, timings }), stored)
 }
 
+/// A [`RangeList`] payload: the count, then each range's start and end.
+fn range_list(ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut payload = RangeList { count: ranges.len() as u32, _pad: 0 }.as_bytes().to_vec();
+    for (a, b) in ranges {
+        payload.extend_from_slice(&a.to_le_bytes());
+        payload.extend_from_slice(&b.to_le_bytes());
+    }
+    payload
+}
+
 /// The running phase: memory from the snapshots, then each image. Returns,
 /// per process, what the commit needs and the base for its next capture.
 pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn BlobSink, generation: u64) -> Result<Vec<(Captured, Base)>, String> {
@@ -222,7 +222,7 @@ pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn 
         let mut prep = w.prep.take().ok_or("internal: capture missing")?;
         if let Some(child) = w.snapshot {
             prep.store_memory(child, |_| true, bases.get(&w.pid), sink).map_err(|e| e.to_string())?;
-            kill_snapshots(&[child]);
+            kill_all(&[child]);
         }
         let backend = prep.backend;
         let (image, stats, base) = prep.finish(generation, sink).map_err(|e| e.to_string())?;
@@ -237,7 +237,8 @@ pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn 
     Ok(out)
 }
 
-pub(crate) fn kill_snapshots(pids: &[i32]) {
+/// SIGKILL to each of `pids`.
+pub(crate) fn kill_all(pids: &[i32]) {
     for &pid in pids {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }

@@ -746,30 +746,38 @@ impl Coordinator {
         p.recv(machine::AGENT_TIMEOUT).ok_or_else(|| format!("process {pid} did not answer during the checkpoint"))
     }
 
-    /// Kills every process of the computation (`ckpt kill`), on every machine.
+    /// Kills every process of the computation (`ckpt kill`), on every
+    /// machine. All are first held by their agents, as for a checkpoint, so
+    /// that none sees another die (a reset on a connection to a killed peer
+    /// on another machine) before it dies too.
     fn kill_all(&self) -> Value {
-        let procs: Vec<Key> = self.procs.lock().unwrap().keys().copied().collect();
+        let _no_checkpoint = self.ckpt_lock.lock().unwrap();
+        let procs: Vec<Arc<Proc>> = self.procs.lock().unwrap().values().cloned().collect();
+        let hold = CheckpointRequest { generation: 0, flags: 0 };
+        let held: Vec<&Arc<Proc>> = procs.iter().filter(|p| p.send(kind::CHECKPOINT, hold.as_bytes()).is_ok()).collect();
+        for p in held {
+            let _ = p.recv(Duration::from_secs(5));
+        }
         let mut by_machine: HashMap<u64, Vec<i32>> = HashMap::new();
-        for (m, pid) in &procs {
-            by_machine.entry(*m).or_default().push(*pid);
+        for p in &procs {
+            by_machine.entry(p.machine).or_default().push(p.hello.pid);
         }
         let mut errors = Vec::new();
-        for (m, pids) in by_machine {
-            if m == 0 {
-                machine::kill_snapshots(&pids);
-            } else {
-                let h = self.hosts.lock().unwrap().get(&m).cloned();
-                match h {
-                    Some(h) => {
-                        if let Err(e) = h.call(json!({"op": "kill", "pids": pids}), Duration::from_secs(10)) {
-                            errors.push(e);
-                        }
-                    }
-                    None => errors.push(format!("processes {pids:?} are on a machine without a capture helper: kill them there")),
-                }
+        for (m, pids) in &by_machine {
+            if *m == 0 {
+                machine::kill_all(pids);
+                continue;
+            }
+            let h = self.hosts.lock().unwrap().get(m).cloned();
+            let r = match h {
+                Some(h) => h.call(json!({"op": "kill", "pids": pids}), Duration::from_secs(10)).map(|_| ()),
+                None => Err(format!("processes {pids:?} are on a machine without a capture helper: kill them there")),
+            };
+            if let Err(e) = r {
+                errors.push(e);
             }
         }
-        let killed: Vec<i32> = procs.iter().map(|(_, p)| *p).collect();
+        let killed: Vec<i32> = procs.iter().map(|p| p.hello.pid).collect();
         if errors.is_empty() { json!({"ok": true, "killed": killed}) } else { json!({"ok": false, "error": errors.join("; ")}) }
     }
 
@@ -803,11 +811,7 @@ impl Coordinator {
             old.close();
         }
         tracing::info!(host = %name, "capture helper joined");
-        loop {
-            let m = match crate::host::read_msg(&mut stream, None) {
-                Ok(m) => m,
-                Err(_) => break,
-            };
+        while let Ok(m) = crate::host::read_msg(&mut stream, None) {
             if m.kind == crate::host::kind::AGENT {
                 // An agent may take a while: answered from a thread of its own.
                 let (c, h) = (self.clone(), h.clone());
@@ -920,7 +924,7 @@ type RestartBarrier = (HashSet<String>, Option<Instant>);
 
 /// Ends a round that failed: snapshots killed, every process resumed.
 fn finish_round(stopped: &[Stopped], outcome: u32, generation: u64, snapshots: &[i32]) {
-    machine::kill_snapshots(snapshots);
+    machine::kill_all(snapshots);
     let resume = Resume { outcome, _pad: 0, generation };
     for s in stopped {
         let _ = s.p.send(kind::RESUME, resume.as_bytes());

@@ -217,6 +217,7 @@ fn tcp_connection_between_two_hosts_survives_kill_and_restart() {
     let mut rc = co.restart(&s, &net, 0, "hosta", client.pid, &[&g.to_string()]);
     rc.wait_ticks(5, RESTART_TIMEOUT);
     rs.wait_ticks(5, RESTART_TIMEOUT);
+    if std::env::var_os("CK3").is_some() { co.checkpoint(&s); }
     let t = rc.last_tick.unwrap().max(rs.last_tick.unwrap());
     s.stop_at(t + 5);
     let ok = rc.wait_prefix("CLIENT 0 OK", LINE_TIMEOUT);

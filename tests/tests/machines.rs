@@ -16,6 +16,9 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {}: {}", args.join(" "), text(&out.stderr));
 }
 
+/// What a machine's init runs: it reaps every child, forever.
+const REAPER: &str = "import os, time\nwhile True:\n    try:\n        os.wait()\n    except ChildProcessError:\n        time.sleep(0.05)";
+
 /// A bridge at 10.N.0.1 and machines at 10.N.0.2, .3, ...; every process of
 /// a machine dies with it (its PID namespace's init is killed on drop).
 struct Machines {
@@ -44,17 +47,19 @@ impl Machines {
             ip(&["-n", &ns, "addr", "add", &format!("10.{n}.0.{}/24", i + 2), "dev", &inner]);
             ip(&["-n", &ns, "link", "set", &inner, "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
-            // The machine's init: PID 1 of a new PID namespace with its own /proc.
+            // The machine's init: PID 1 of a new PID namespace with its own
+            // /proc, reaping orphans as an init does (their PIDs are free
+            // again for the restart).
             let init = Command::new("ip")
                 .args(["netns", "exec", &ns, "unshare", "--pid", "--fork", "--mount-proc", "--uts", "sh", "-c"])
-                .arg(format!("hostname {name} && exec sleep 1000000"))
+                .arg(format!("hostname {name} && exec {} -c '{REAPER}'", python3().display()))
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("unshare (util-linux)");
             m.inits.push(init);
         }
-        // Wait until each init is the sleep, in its namespace.
+        // Wait until each init is the reaper, in its namespace.
         for i in 0..names.len() {
             let deadline = Instant::now() + Duration::from_secs(10);
             while m.init_pid(i).is_none() {
@@ -65,13 +70,13 @@ impl Machines {
         m
     }
 
-    /// The outer PID of machine `i`'s init (`sleep`, the child of `unshare`).
+    /// The outer PID of machine `i`'s init (the reaper, the child of `unshare`).
     fn init_pid(&self, i: usize) -> Option<i32> {
         let unshare = self.inits[i].id();
         let children = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).ok()?;
         let pid: i32 = children.split_whitespace().next()?.parse().ok()?;
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        (comm.trim() == "sleep").then_some(pid)
+        comm.trim().starts_with("python").then_some(pid)
     }
 
     /// A command run on machine `i`: in all of its namespaces.
@@ -229,6 +234,10 @@ fn programs_on_separate_machines_checkpoint_through_their_helpers_and_restart_th
     rb.wait_ticks(2, RESTART_TIMEOUT);
     assert!(ra.first_tick.unwrap() <= last_a + 1 && rb.first_tick.unwrap() <= last_b + 1);
     wait_processes(&s, 2);
+    // Restored agents stay members through a quiet spell (their connection,
+    // made by the restart, once had a 10 s read timeout).
+    std::thread::sleep(Duration::from_secs(11));
+    wait_processes(&s, 2);
 
     // And both checkpoint again from there.
     let g3 = s.checkpoint();
@@ -290,7 +299,7 @@ fn tcp_connection_between_two_machines_survives_kill_and_restart() {
     rs.wait_ticks(5, RESTART_TIMEOUT);
     // The restored pair checkpoints again, through the helpers.
     wait_processes(&s, 4);
-    s.checkpoint();
+    if std::env::var_os("NO3").is_none() { s.checkpoint(); }
     let t = rc.last_tick.unwrap().max(rs.last_tick.unwrap());
     s.stop_at(t + 5);
     rc.wait_prefix("CLIENT 0 OK", LINE_TIMEOUT);

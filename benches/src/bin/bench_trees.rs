@@ -2,7 +2,10 @@
 //! and to `fork`+`exec` (each child registers before `fork` returns), next
 //! to the same loop run without ckpt in the same run; and how checkpoint
 //! downtime and time to commit grow with the number of processes (K idle
-//! processes of 16 MiB each), next to one process holding all the memory.
+//! processes of 16 MiB each), next to one process holding all the memory;
+//! and what capturing through a capture helper (`ckpt host`, a process in
+//! another PID namespace) costs next to the coordinator's own capture of
+//! the same program.
 //!
 //! Run: `cargo build --release --workspace && target/release/bench-trees [--forks 300] [--reps 3]`
 //! It prints a Markdown report (BENCHMARKS.md is made from it).
@@ -118,5 +121,94 @@ fn main() {
         let _ = child.wait();
         let (d, w) = (median(down), median(wall));
         println!("| {k} | {} MiB | {d:.1} ms | {w:.0} ms | {:.0} ms |", k * mib, w / k as f64);
+    }
+
+    helper_vs_local(&ckpt, prog, reps);
+}
+
+/// One checkpoint's figures: (time to commit, downtime), in ms.
+fn timed_checkpoint(env: &Env) -> (f64, f64) {
+    let t = Instant::now();
+    env.run(&["checkpoint"]);
+    let wall = t.elapsed().as_secs_f64() * 1000.0;
+    let log: Value = serde_json::from_str(&env.run(&["log", "--json"])).unwrap();
+    let g = log.as_array().unwrap().last().unwrap().clone();
+    (wall, g["info"]["downtime_ms"].as_f64().unwrap_or(0.0))
+}
+
+/// A 256 MiB process (its pages all different) checkpointed by the
+/// coordinator itself, then the same program in a PID namespace of its own,
+/// read by a capture helper there: the first (full) checkpoint, and idle
+/// incremental ones.
+fn helper_vs_local(ckpt: &Path, prog: &str, reps: usize) {
+    println!("\n### Capture by a helper (`ckpt host` in another PID namespace) vs by the coordinator (256 MiB, medians of {reps})\n");
+    println!("| checkpoint | coordinator | helper | ratio |\n|---|---|---|---|");
+    let mut rows: Vec<[(f64, f64); 2]> = vec![[(0.0, 0.0); 2]; 2];
+    for (col, via_helper) in [(0, false), (1, true)] {
+        let env = Env::new(ckpt, if via_helper { "helper" } else { "local" });
+        // The helper's machine: PID 1 of a new PID namespace (with its own
+        // /proc), killed with everything in it at the end.
+        let mut init = None;
+        let in_ns = |c: &mut Command, init: Option<u32>| {
+            if let Some(pid) = init {
+                let mut n = Command::new("nsenter");
+                n.args(["-t", &pid.to_string(), "-p", "-m", "--"]).arg(&env.ckpt);
+                for (k, v) in c.get_envs() {
+                    if let Some(v) = v {
+                        n.env(k, v);
+                    }
+                }
+                n.args(c.get_args());
+                *c = n;
+            }
+        };
+        if via_helper {
+            env.run(&["status"]).len(); // nothing yet; the coordinator starts with the launch
+            let mut u = Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "sleep", "1000000"]).spawn().expect("unshare");
+            let mut pid = None;
+            for _ in 0..200 {
+                pid = std::fs::read_to_string(format!("/proc/{}/task/{}/children", u.id(), u.id())).ok().and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()));
+                if pid.is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            init = Some((u.id(), pid.expect("the namespace's init")));
+            let _ = &mut u;
+            std::mem::forget(u);
+        }
+        let mut launch = env.cmd();
+        launch.args(["launch", "--", prog, "tree", "1", "256"]);
+        in_ns(&mut launch, init.map(|i| i.1));
+        let mut child = launch.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert!(lines.any(|l| l.map(|l| l.starts_with("READY")).unwrap_or(false)), "no READY");
+        let mut helper = None;
+        if let Some((_, pid)) = init {
+            let mut h = env.cmd();
+            h.args(["host"]);
+            let coord = format!("unix:{}", env.dir.join("c.sock").display());
+            h.args(["--coord", &coord]);
+            in_ns(&mut h, Some(pid));
+            helper = Some(h.stdin(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        rows[0][col] = timed_checkpoint(&env);
+        let idle: Vec<(f64, f64)> = (0..reps).map(|_| timed_checkpoint(&env)).collect();
+        rows[1][col] = (median(idle.iter().map(|x| x.0).collect()), median(idle.iter().map(|x| x.1).collect()));
+        drop(child.stdin.take());
+        let _ = child.wait();
+        if let Some((unshare, pid)) = init {
+            let _ = Command::new("kill").args(["-9", &pid.to_string(), &unshare.to_string()]).status();
+        }
+        if let Some(mut h) = helper {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
+    for (i, what) in ["first (full, 256 MiB stored)", "idle (incremental)"].iter().enumerate() {
+        let [(lw, ld), (hw, hd)] = rows[i];
+        println!("| {what}: time to commit | {lw:.0} ms | {hw:.0} ms | {:.2}× |", hw / lw);
+        println!("| {what}: downtime | {ld:.1} ms | {hd:.1} ms | {:.2}× |", hd / ld);
     }
 }

@@ -152,7 +152,7 @@ struct State {
 
 impl State {
     fn drop_round(&mut self) {
-        machine::kill_snapshots(&self.work.iter().filter_map(|w| w.snapshot).collect::<Vec<_>>());
+        machine::kill_all(&self.work.iter().filter_map(|w| w.snapshot).collect::<Vec<_>>());
         self.work.clear();
         self.round_bases.clear();
         self.new_bases.clear();
@@ -187,7 +187,7 @@ impl State {
             }
             "kill" => {
                 let pids: Vec<i32> = req.get("pids").and_then(Value::as_array).into_iter().flatten().filter_map(|v| v.as_i64().map(|v| v as i32)).collect();
-                machine::kill_snapshots(&pids);
+                machine::kill_all(&pids);
                 json!({"ok": true})
             }
             other => json!({"ok": false, "error": format!("unknown request {other:?} (the coordinator is newer than this `ckpt host`)")}),
