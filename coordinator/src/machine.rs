@@ -98,6 +98,13 @@ pub(crate) struct Captured {
 /// repair mode at the end. Returns the work begun (every snapshot forked is
 /// in it, to be killed whatever happens) and either the TCP ends whose peer
 /// was not among these processes or an error saying whether to try again.
+///
+/// `gate` is called once this machine's processes are read, before its TCP
+/// connections leave repair mode: it returns when every machine of the
+/// round got there (true), or when one failed (false). A connection whose
+/// ends are on two machines is thus held on both until both are read: an
+/// end let go early would send (retransmit, flush) to the other end while
+/// that one is still being read, and the two images would disagree.
 #[allow(clippy::type_complexity)]
 pub(crate) fn phase_a(
     targets: &[(Target, AgentReport)],
@@ -105,6 +112,7 @@ pub(crate) fn phase_a(
     sink: &dyn BlobSink,
     link: &dyn AgentLink,
     opts: &RoundOpts,
+    gate: &dyn Fn() -> bool,
 ) -> (Vec<Work>, Result<Vec<TcpEnd>, (String, bool)>) {
     let busy = |e: ckpt_engine::EngineError| {
         let retry = matches!(e, ckpt_engine::EngineError::SocketBusy { .. });
@@ -133,8 +141,45 @@ pub(crate) fn phase_a(
     if let Some(e) = first_err {
         return (work, Err((e, false)));
     }
+    if !gate() {
+        return (work, Err(("the checkpoint failed on another machine".into(), false)));
+    }
     let ends = round.finish().map_err(busy);
     (work, ends)
+}
+
+/// Where the machines of a round wait for each other before their TCP
+/// connections leave repair mode (see [`phase_a`]).
+pub(crate) struct Gate {
+    state: std::sync::Mutex<(usize, bool)>,
+    cv: std::sync::Condvar,
+    machines: usize,
+}
+
+impl Gate {
+    pub fn new(machines: usize) -> Gate {
+        Gate { state: std::sync::Mutex::new((0, false)), cv: std::sync::Condvar::new(), machines }
+    }
+
+    /// A machine got there; true once all have, false if one failed.
+    pub fn arrive(&self) -> bool {
+        let mut s = self.state.lock().unwrap();
+        s.0 += 1;
+        self.cv.notify_all();
+        while s.0 < self.machines && !s.1 {
+            s = self.cv.wait(s).unwrap();
+        }
+        !s.1
+    }
+
+    /// A machine failed before it got there.
+    pub fn fail(&self) {
+        let mut s = self.state.lock().unwrap();
+        if s.0 < self.machines {
+            s.1 = true;
+        }
+        self.cv.notify_all();
+    }
 }
 
 /// The stopped phase of one process. Returns its work (with the snapshot,

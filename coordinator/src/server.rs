@@ -509,16 +509,31 @@ impl Coordinator {
         // machine at once.
         let local: Vec<(Target, AgentReport)> = stopped.iter().filter(|s| s.p.machine == 0).map(|s| (s.target(), s.report.clone())).collect();
         let link = LocalLink(self);
+        // Every machine's TCP connections stay in repair mode until every
+        // machine is read.
+        let gate = machine::Gate::new(hosts.len() + usize::from(!local.is_empty()));
         let (mut work, results) = std::thread::scope(|sc| {
             let remote: Vec<_> = hosts
                 .values()
                 .map(|h| {
                     let targets: Vec<Target> = stopped.iter().filter(|s| s.p.machine == h.key).map(Stopped::target).collect();
-                    let opts = &opts;
-                    sc.spawn(move || remote_phase_a(h, targets, opts, epoch))
+                    let (opts, gate) = (&opts, &gate);
+                    sc.spawn(move || remote_phase_a(h, targets, opts, epoch, gate))
                 })
                 .collect();
-            let (work, local_result) = if local.is_empty() { (Vec::new(), Ok(Vec::new())) } else { machine::phase_a(&local, &bases, &*writer, &link, &opts) };
+            let (work, local_result) = if local.is_empty() {
+                (Vec::new(), Ok(Vec::new()))
+            } else {
+                let arrived = std::cell::Cell::new(false);
+                let r = machine::phase_a(&local, &bases, &*writer, &link, &opts, &|| {
+                    arrived.set(true);
+                    gate.arrive()
+                });
+                if !arrived.get() {
+                    gate.fail();
+                }
+                r
+            };
             let mut results = vec![local_result];
             results.extend(remote.into_iter().map(|t| t.join().unwrap_or_else(|_| Err(("internal: a helper thread panicked".into(), false)))));
             (work, results)
@@ -539,7 +554,8 @@ impl Coordinator {
         }
         if first_err.is_none()
             && let Err(e) = ckpt_engine::fds::check_tcp_ends(&ends) {
-                first_err = Some((e.to_string(), false));
+                let retry = matches!(e, ckpt_engine::EngineError::SocketBusy { .. });
+                first_err = Some((e.to_string(), retry));
             }
         if let Some(e) = first_err.or_else(|| hosts.values().find_map(|h| h.blob_error()).map(|e| (e, false))) {
             abort(&work, e.0.clone());
@@ -862,8 +878,8 @@ impl Coordinator {
 }
 
 /// A machine's share of phase A, done by its capture helper.
-fn remote_phase_a(h: &RemoteHost, targets: Vec<Target>, opts: &RoundOpts, epoch: u64) -> Result<Vec<TcpEnd>, (String, bool)> {
-    let a = h.request(json!({"op": "phase_a", "opts": opts, "targets": targets, "epoch": epoch}), HOST_TIMEOUT).map_err(|e| (e, false))?;
+fn remote_phase_a(h: &RemoteHost, targets: Vec<Target>, opts: &RoundOpts, epoch: u64, gate: &machine::Gate) -> Result<Vec<TcpEnd>, (String, bool)> {
+    let a = h.phase_a(json!({"op": "phase_a", "opts": opts, "targets": targets, "epoch": epoch}), gate, HOST_TIMEOUT).map_err(|e| (e, false))?;
     if a.get("ok").and_then(Value::as_bool) != Some(true) {
         let e = a.get("error").and_then(Value::as_str).unwrap_or("refused without a reason");
         return Err((format!("host {}: {e}", h.name), a.get("retry").and_then(Value::as_bool).unwrap_or(false)));

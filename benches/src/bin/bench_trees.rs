@@ -148,7 +148,7 @@ fn helper_vs_local(ckpt: &Path, prog: &str, reps: usize) {
         let env = Env::new(ckpt, if via_helper { "helper" } else { "local" });
         // The helper's machine: PID 1 of a new PID namespace (with its own
         // /proc), killed with everything in it at the end.
-        let mut init = None;
+        let mut init: Option<(std::process::Child, u32)> = None;
         let in_ns = |c: &mut Command, init: Option<u32>| {
             if let Some(pid) = init {
                 let mut n = Command::new("nsenter");
@@ -163,28 +163,28 @@ fn helper_vs_local(ckpt: &Path, prog: &str, reps: usize) {
             }
         };
         if via_helper {
-            env.run(&["status"]).len(); // nothing yet; the coordinator starts with the launch
-            let mut u = Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "sleep", "1000000"]).spawn().expect("unshare");
+            let u = Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "sleep", "1000000"]).spawn().expect("unshare (util-linux)");
             let mut pid = None;
             for _ in 0..200 {
-                pid = std::fs::read_to_string(format!("/proc/{}/task/{}/children", u.id(), u.id())).ok().and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()));
+                pid = std::fs::read_to_string(format!("/proc/{}/task/{}/children", u.id(), u.id()))
+                    .ok()
+                    .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()));
                 if pid.is_some() {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            init = Some((u.id(), pid.expect("the namespace's init")));
-            let _ = &mut u;
-            std::mem::forget(u);
+            init = Some((u, pid.expect("the namespace's init")));
         }
         let mut launch = env.cmd();
         launch.args(["launch", "--", prog, "tree", "1", "256"]);
-        in_ns(&mut launch, init.map(|i| i.1));
+        in_ns(&mut launch, init.as_ref().map(|i| i.1));
         let mut child = launch.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         assert!(lines.any(|l| l.map(|l| l.starts_with("READY")).unwrap_or(false)), "no READY");
         let mut helper = None;
-        if let Some((_, pid)) = init {
+        if let Some((_, pid)) = &init {
+            let pid = *pid;
             let mut h = env.cmd();
             h.args(["host"]);
             let coord = format!("unix:{}", env.dir.join("c.sock").display());
@@ -198,8 +198,11 @@ fn helper_vs_local(ckpt: &Path, prog: &str, reps: usize) {
         rows[1][col] = (median(idle.iter().map(|x| x.0).collect()), median(idle.iter().map(|x| x.1).collect()));
         drop(child.stdin.take());
         let _ = child.wait();
-        if let Some((unshare, pid)) = init {
-            let _ = Command::new("kill").args(["-9", &pid.to_string(), &unshare.to_string()]).status();
+        if let Some((mut unshare, pid)) = init {
+            // The namespace's init: everything in it dies with it.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let _ = unshare.kill();
+            let _ = unshare.wait();
         }
         if let Some(mut h) = helper {
             let _ = h.kill();

@@ -224,7 +224,16 @@ impl State {
             }
         }
         let sink = RemoteSink { conn, stored: &self.stored, round: Mutex::new(HashSet::new()) };
-        let (work, result) = machine::phase_a(&reports, &self.round_bases, &sink, &RemoteLink(conn), &opts);
+        // The coordinator says when every machine is read.
+        let req_id = req.get("id").cloned().unwrap_or(Value::Null);
+        let gate = || match conn.call(kind::CAPTURED, json!({"req": req_id}), &[]) {
+            Ok(m) => m.json.get("go").and_then(Value::as_bool).unwrap_or(false),
+            Err(e) => {
+                tracing::warn!("{e}");
+                false
+            }
+        };
+        let (work, result) = machine::phase_a(&reports, &self.round_bases, &sink, &RemoteLink(conn), &opts, &gate);
         self.work = work;
         self.round_known = sink.round.into_inner().unwrap();
         match result {
@@ -308,7 +317,7 @@ pub fn run_host(cfg: HostConfig) -> Result<(), CoordError> {
                     break Ok(());
                 }
             }
-            kind::AGENT_REPLY | kind::MISSING_REPLY => {
+            kind::AGENT_REPLY | kind::MISSING_REPLY | kind::RELEASE => {
                 let id = m.json.get("id").and_then(Value::as_u64).unwrap_or(0);
                 if let Some(tx) = conn.pending.lock().unwrap().remove(&id) {
                     let _ = tx.send(m);

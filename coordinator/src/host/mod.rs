@@ -22,6 +22,8 @@
 //!   AGENT {id, pid, kind} + payload -------->                (asks an agent; answered by AGENT_REPLY)
 //!   MISSING {id} + hashes ------------------->                (answered by MISSING_REPLY: one byte per hash)
 //!   PUT {kind, hash, ulen} + zstd frame ----->                (no answer; a bad blob fails the round)
+//!   CAPTURED {id, req} ---------------------->                (phase_a: read, connections held)
+//!   <------------------------------- RELEASE {id, go}         (every machine is read, or one failed)
 //!   REPLY {id, ok, ...} --------------------->
 //! ```
 
@@ -51,6 +53,11 @@ pub(crate) mod kind {
     pub const MISSING: u32 = 7;
     pub const MISSING_REPLY: u32 = 8;
     pub const PUT: u32 = 9;
+    /// Helper → coordinator during phase_a: this machine is read; its TCP
+    /// connections wait in repair mode for RELEASE.
+    pub const CAPTURED: u32 = 10;
+    /// Coordinator → helper: every machine is read (go) or one failed.
+    pub const RELEASE: u32 = 11;
 }
 
 /// Largest message accepted (a PUT carries one compressed chunk, a REQUEST

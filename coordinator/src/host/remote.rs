@@ -73,6 +73,41 @@ impl RemoteHost {
         }
     }
 
+    /// Sends a phase_a request and waits for its answer; when the helper
+    /// says its machine is read (CAPTURED), waits at `gate` and tells it
+    /// whether to go on.
+    pub fn phase_a(&self, mut req: Value, gate: &crate::machine::Gate, timeout: Duration) -> Result<Value, String> {
+        let gone = || format!("the capture helper of host {} went away (is `ckpt host` still running there?)", self.name);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        req["id"] = json!(id);
+        let (tx, rx) = channel();
+        self.pending.lock().unwrap().insert(id, tx);
+        if self.closed.load(Ordering::Acquire) || self.send(kind::REQUEST, &req, &[]).is_err() {
+            self.pending.lock().unwrap().remove(&id);
+            return Err(gone());
+        }
+        let mut arrived = false;
+        let result = loop {
+            match rx.recv_timeout(timeout) {
+                Ok(m) if m.kind == kind::CAPTURED => {
+                    arrived = true;
+                    let go = gate.arrive();
+                    let _ = self.send(kind::RELEASE, &json!({"id": m.json.get("id"), "go": go}), &[]);
+                }
+                Ok(m) => break Ok(m.json),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    break Err(format!("the capture helper of host {} did not answer within {} s", self.name, timeout.as_secs()));
+                }
+                Err(_) => break Err(gone()),
+            }
+        };
+        self.pending.lock().unwrap().remove(&id);
+        if !arrived {
+            gate.fail();
+        }
+        result
+    }
+
     /// Sends `req` and turns an answer that is not ok into an error.
     pub fn call(&self, req: Value, timeout: Duration) -> Result<Value, String> {
         let a = self.request(req, timeout)?;
@@ -107,6 +142,19 @@ impl RemoteHost {
                 let id = m.json.get("id").and_then(Value::as_u64).unwrap_or(0);
                 if let Some(tx) = self.pending.lock().unwrap().remove(&id) {
                     let _ = tx.send(m);
+                }
+            }
+            kind::CAPTURED => {
+                // To the phase_a request it belongs to, which stays pending.
+                let req = m.json.get("req").and_then(Value::as_u64).unwrap_or(0);
+                let tx = self.pending.lock().unwrap().get(&req).cloned();
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.send(m);
+                    }
+                    None => {
+                        let _ = self.send(kind::RELEASE, &json!({"id": m.json.get("id"), "go": false}), &[]);
+                    }
                 }
             }
             kind::PUT => {

@@ -72,6 +72,9 @@ pub(super) struct Held {
     local: SocketAddr,
     peer: SocketAddr,
     rcv_nxt: u32,
+    /// First byte not yet acknowledged, and first byte never sent.
+    snd_una: u32,
+    snd_nxt: u32,
 }
 
 fn state_name(s: u8) -> &'static str {
@@ -189,7 +192,9 @@ pub(super) fn capture(round: &mut Round, live: &LiveFd, fd: OwnedFd, ino: u64, n
                 }
             };
             let rcv_nxt = conn.recv_seq.wrapping_add(conn.recv_len);
-            round.sockets.tcp.push(Held { pid, fd: n, sock: fd, local, peer, rcv_nxt });
+            let snd_una = conn.send_seq;
+            let snd_nxt = conn.send_seq.wrapping_add(conn.send_len - conn.unsent);
+            round.sockets.tcp.push(Held { pid, fd: n, sock: fd, local, peer, rcv_nxt, snd_una, snd_nxt });
             conn.send = if send.is_empty() { None } else { Some(round.put_blob(&send)?) };
             conn.recv = if recv.is_empty() { None } else { Some(round.put_blob(&recv)?) };
             tracing::debug!(pid, fd = n, %local, %peer, send = conn.send_len, unsent = conn.unsent, recv = conn.recv_len, "captured a TCP connection");
@@ -327,15 +332,42 @@ pub(super) fn finish(held: &mut Vec<Held>) -> Result<Vec<TcpEnd>> {
             }
         }
     }
+    let ends: Vec<TcpEnd> = held
+        .iter()
+        .map(|h| TcpEnd { pid: h.pid, fd: h.fd, local: h.local.to_string(), peer: h.peer.to_string(), rcv_nxt: h.rcv_nxt, snd_una: h.snd_una, snd_nxt: h.snd_nxt })
+        .collect();
+    if result.is_ok() {
+        result = pairs_agree(&ends);
+    }
     // Connections whose other end is not in this round: it may be in the
     // round of another machine (see [`check_ends`]).
-    let loose = held
-        .iter()
-        .filter(|h| !held.iter().any(|o| o.local == h.peer && o.peer == h.local))
-        .map(|h| TcpEnd { pid: h.pid, fd: h.fd, local: h.local.to_string(), peer: h.peer.to_string() })
-        .collect();
+    let loose = ends.iter().filter(|h| !ends.iter().any(|o| o.local == h.peer && o.peer == h.local)).cloned().collect();
     release(held);
     result.map(|()| loose)
+}
+
+/// The two ends of each connection among `ends` were read at moments that
+/// fit together: each end has received at least what the other had seen
+/// acknowledged, and no more than the other had sent. Otherwise one end
+/// moved (the kernel sent or acknowledged something) between the two
+/// reads, and the restored pair would discard each other's segments.
+fn pairs_agree(ends: &[TcpEnd]) -> Result<()> {
+    let within = |x: u32, lo: u32, hi: u32| x.wrapping_sub(lo) <= hi.wrapping_sub(lo);
+    for a in ends {
+        if let Some(b) = ends.iter().find(|b| b.local == a.peer && b.peer == a.local)
+            && !within(b.rcv_nxt, a.snd_una, a.snd_nxt)
+        {
+            return Err(EngineError::SocketBusy {
+                pid: a.pid,
+                fd: a.fd,
+                what: format!(
+                    "the TCP connection {} -> {} moved between the reads of its two ends (the peer has received up to {}, this end had sent {}..{})",
+                    a.local, a.peer, b.rcv_nxt, a.snd_una, a.snd_nxt
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One end of a TCP connection whose other end was not in the same round.
@@ -345,6 +377,11 @@ pub struct TcpEnd {
     pub fd: i32,
     pub local: String,
     pub peer: String,
+    /// Where this end was when it was read: next byte expected, first byte
+    /// unacknowledged, first byte never sent.
+    pub rcv_nxt: u32,
+    pub snd_una: u32,
+    pub snd_nxt: u32,
 }
 
 /// The ends left loose by the rounds of every machine of a checkpoint must
@@ -356,7 +393,7 @@ pub fn check_ends(ends: &[TcpEnd]) -> Result<()> {
             return Err(EngineError::SocketPeer { pid: h.pid, fd: h.fd, what: format!("a TCP connection from {}", h.local), peer: h.peer.clone() });
         }
     }
-    Ok(())
+    pairs_agree(ends)
 }
 
 pub(super) fn bind(fd: &OwnedFd, a: SocketAddr) -> io::Result<()> {
