@@ -56,10 +56,9 @@ impl Vms {
             }
         }
         let vms = Vms { script: ws.join("tests/vm/run-machines.sh"), work: s.path("vm"), env };
-        let mut c = vms.cmd("prepare");
         let t = Instant::now();
         // Bounds the installs and the kernel download too.
-        let out = run_with_timeout(c.stdin(std::process::Stdio::null()), Duration::from_secs(900));
+        let out = run_with_timeout(vms.cmd("prepare"), Duration::from_secs(900));
         assert!(out.status.success(), "run-machines.sh prepare failed ({}):\n{}{}", out.status, text(&out.stdout), text(&out.stderr));
         eprintln!("{}[vm_machines] VM prepared in {:.1} s", text(&out.stderr), t.elapsed().as_secs_f64());
         vms
@@ -210,14 +209,16 @@ fn a_vm_is_a_machine_of_the_computation_and_a_fresh_vm_restarts_it() {
         Ok(Json::Arr(a)) => a,
         other => panic!("ckpt log --json is not an array: {other:?}"),
     };
-    let gen = |id: u64| gens.iter().find(|g| g.get("id").and_then(Json::as_u64) == Some(id)).unwrap_or_else(|| panic!("no generation {id} in ckpt log --json"));
-    let (full, incr) = (gen(g1.id).u64_field("new_bytes"), gen(g2.id).u64_field("new_bytes"));
-    eprintln!("[vm_machines] generation {}: {full} new bytes; generation {}: {incr}", g1.id, g2.id);
-    assert!(full >= 8 << 20, "the first checkpoint stored only {full} new bytes of an 8 MiB heap");
-    assert!(incr * 3 < full, "the second checkpoint stored {incr} new bytes, the first {full}: not incremental");
+    let generation = |id: u64| gens.iter().find(|g| g.get("id").and_then(Json::as_u64) == Some(id)).unwrap_or_else(|| panic!("no generation {id} in ckpt log --json"));
+    let (full, incr) = (generation(g1.id).u64_field("new_bytes"), generation(g2.id).u64_field("new_bytes"));
+    let ms = |g: u64| generation(g).get("duration_ms").and_then(Json::as_f64).unwrap_or(-1.0);
+    eprintln!("[vm_machines] generation {}: {full} new bytes in {} ms; generation {}: {incr} in {} ms", g1.id, ms(g1.id), g2.id, ms(g2.id));
+    assert!(full >= 16 << 20, "the first checkpoint stored only {full} new bytes of a 16 MiB heap");
+    assert!(incr * 3 < full, "the second checkpoint stored {incr} new bytes, the first {full}: not incremental\n{:?}\n{:?}", generation(g1.id), generation(g2.id));
     // The guest's 6.1 kernel has no userfaultfd WP_ASYNC: soft-dirty bits.
     for g in [g1.id, g2.id] {
-        assert_eq!(trackings(gen(g)), ["soft-dirty"], "dirty tracking of generation {g} on the 6.1 guest");
+        let t = trackings(generation(g));
+        assert!(!t.is_empty() && t.iter().all(|t| t == "soft-dirty"), "dirty tracking of generation {g} on the 6.1 guest: {t:?}");
     }
     let out = ok(ckpt_s3(&s, &srv, &["log", "--store", &s.store]), "ckpt log");
     assert!(out.contains(&format!("{pid}@vm1")), "`ckpt log` does not show process {pid} on vm1:\n{out}");

@@ -10,9 +10,10 @@
 #   ckpt_map=OLD=NEW (restart)  ckpt_gen=N (restart: the generation to wait for)
 #
 # Both roles: network up, host name NAME, the disk (/dev/vda, minix, the
-# programs' working directory /work: it outlives the machine), `ckpt host`
+# programs' working directory /work: it outlives the machine, made by
+# run-machines.sh prepare), `ckpt host`
 # in the background.
-#   launch:  formats the disk; `ckpt launch ... -- counter_heap` in /work;
+#   launch:  `ckpt launch ... -- counter_heap` in /work;
 #            its output is relayed to the console; the host checkpoints it
 #            and kills this VM.
 #   restart: `ckpt restart --host-map OLD=NEW`; its output (the restored
@@ -62,15 +63,13 @@ ip link set lo up && ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 &&
     fail "cannot configure eth0"
 hostname "$NAME"
 mkdir -p /work
-if [ "$ROLE" = launch ]; then
-    mkfs.minix /dev/vda > /dev/null || fail "mkfs.minix /dev/vda"
-fi
 mount -t minix /dev/vda /work || fail "cannot mount /dev/vda on /work"
 cd /work || fail "cd /work"
 say "machine $(hostname) up: kernel $(uname -r), boot id $(cat /proc/sys/kernel/random/boot_id)"
 
 export AWS_ENDPOINT_URL="$(arg s3)" AWS_ACCESS_KEY_ID="$(arg key)" AWS_SECRET_ACCESS_KEY="$(arg secret)"
-export AWS_REGION=us-east-1 CKPT_S3_CACHE=/tmp/s3-cache
+# moto speaks plain HTTP; 10.0.2.2 is no loopback address to ckpt.
+export AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true CKPT_S3_CACHE=/tmp/s3-cache
 ckpt host --coord "$COORD" > /tmp/host.log 2>&1 &
 say "capture helper started"
 
@@ -88,7 +87,7 @@ relay() {
 
 case "$ROLE" in
 launch)
-    { ckpt launch --coord "$COORD" --store "$STORE" -- $PROG -m 8 -t 200 -s /work/stop < /dev/null 2> /tmp/prog.err; echo $? > /tmp/rc; } | relay &
+    { ckpt launch --coord "$COORD" --store "$STORE" -- $PROG -m 16 -t 500 -s /work/stop < /dev/null 2> /tmp/prog.err; echo $? > /tmp/rc; } | relay &
     # What the program wrote before its first tick is on the disk for the
     # next machine (it changes no file afterwards).
     i=0

@@ -5,7 +5,8 @@
 #   run-machines.sh prepare WORK
 #       installs what lacks (tests/vm/lib.sh), writes WORK/initramfs.cpio
 #       (ckpt, counter_heap, the e1000/virtio-blk/minix modules,
-#       tests/vm/guest-machines.sh as /guest.sh) and an empty WORK/disk.img.
+#       tests/vm/guest-machines.sh as /guest.sh) and WORK/disk.img, an
+#       empty minix file system.
 #   run-machines.sh boot WORK ckpt_KEY=VALUE...
 #       boots a guest in the foreground (it becomes qemu: same pid, killed
 #       with its parent): its serial console is stdout, the KEY=VALUEs go
@@ -31,6 +32,9 @@ case $op in
         vm_initramfs "$work/initramfs.cpio" "$vm_here/guest-machines.sh" "${mods[@]}"
         rm -f "$work/disk.img"
         truncate -s 32M "$work/disk.img"
+        # minix (util-linux; busybox has no mkfs for it): a file system the
+        # guest kernel needs one module for, with names up to 60 bytes.
+        mkfs.minix -3 "$work/disk.img" >/dev/null || die "mkfs.minix -3 $work/disk.img failed"
         ;;
     boot)
         [ -s "$work/initramfs.cpio" ] || die "no $work/initramfs.cpio: run $0 prepare $work first"
