@@ -90,7 +90,7 @@ launch)
     # The program's PID comes back with it: above any PID the next fresh
     # machine uses before its restart (a fresh boot's are low and alike).
     echo 4999 > /proc/sys/kernel/ns_last_pid || fail "cannot write /proc/sys/kernel/ns_last_pid"
-    { ckpt launch --coord "$COORD" --store "$STORE" -- $PROG -m 16 -t 500 -s /work/stop < /dev/null 2> /tmp/prog.err; echo $? > /tmp/rc; } | relay &
+    { ckpt launch --coord "$COORD" --store "$STORE" -- $PROG -m 16 -t 1000 -s /work/stop < /dev/null 2> /tmp/prog.err; echo $? > /tmp/rc; } | relay &
     # What the program wrote before its first tick is on the disk for the
     # next machine (it changes no file afterwards).
     i=0
