@@ -271,6 +271,23 @@ impl Inner {
     }
 }
 
+/// How long opening an S3 store waits for another process that fills a
+/// fresh cache (it downloads one catalog).
+const CACHE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// [`lock_dir`], waiting up to `limit` while another process holds it.
+fn lock_dir_wait(dir: &Path, limit: std::time::Duration) -> Result<Flock<File>> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match lock_dir(dir) {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Take the exclusive `flock` on `<dir>/lock` and write our pid into it;
 /// [`StoreError::Locked`] if another process holds it.
 pub(crate) fn lock_dir(dir: &Path) -> Result<Flock<File>> {
@@ -405,6 +422,11 @@ impl Store {
             .ctx(|| format!("create cache directory {} of {url}", cache.display()))?;
         let guard = match lock_dir(&cache) {
             Ok(g) => Some(g),
+            // Held by another process of this host: a writer, whose
+            // catalog is the newest; or, in a cache without a catalog yet
+            // (a fresh host), a reader downloading it: wait for that one
+            // (opening now would find no catalog file).
+            Err(StoreError::Locked { .. }) if !cache.join("catalog.db").exists() => Some(lock_dir_wait(&cache, CACHE_LOCK_WAIT)?),
             Err(StoreError::Locked { .. }) => None,
             Err(e) => return Err(e),
         };
