@@ -23,6 +23,12 @@ fn sysv_segment(shmid: i32) -> Option<(i32, i32, u32, u64, u32)> {
     })
 }
 
+/// The keyed segment's attach count seen from outside the running
+/// program: 6, 7 while the parent holds its short-lived third attach, 8
+/// while that attach is inside `shmat` (the kernel counts it twice for a
+/// moment, see check_all in sysv.c).
+const ATTACHED: std::ops::RangeInclusive<u32> = 6..=8;
+
 /// Removes the test's keyed segment however the test ends.
 struct RemoveKey(i32);
 
@@ -60,7 +66,8 @@ fn sysv_segments_come_back_with_their_ids_and_attaches() {
         s.track(pid);
     }
     let before = sysv_segment(keyed).expect("the keyed segment is not in /proc/sysvipc/shm");
-    assert_eq!((before.0, before.2 & 0o777, before.3, before.4), (key, 0o640, 3 * 4096 + 100, 6));
+    assert_eq!((before.0, before.2 & 0o777, before.3), (key, 0o640, 3 * 4096 + 100));
+    assert!(ATTACHED.contains(&before.4), "the keyed segment has {} attaches, expected 6", before.4);
 
     let g1 = s.checkpoint_bounded(&mut p);
     p.wait_ticks(3, LINE_TIMEOUT);
@@ -86,8 +93,7 @@ fn sysv_segments_come_back_with_their_ids_and_attaches() {
     r.wait_ticks(5, LINE_TIMEOUT);
     let after = sysv_segment(keyed).expect("the keyed segment was not made again");
     assert_eq!((after.0, after.1, after.2, after.3), (before.0, before.1, before.2, before.3), "the keyed segment differs after the restart");
-    // 7 while the parent holds its short-lived third attach.
-    assert!((6..=7).contains(&after.4), "the keyed segment has {} attaches after the restart, expected 6", after.4);
+    assert!(ATTACHED.contains(&after.4), "the keyed segment has {} attaches after the restart, expected 6", after.4);
     let rm = sysv_segment(removed).expect("the removed segment was not made again (while attached)");
     assert_eq!((rm.0, rm.2 & 0o1777, rm.3, rm.4), (0, 0o1600, 8192, 2), "the removed segment differs after the restart");
     let g3 = s.checkpoint_bounded(&mut r);
