@@ -8,7 +8,6 @@ mod common;
 use common::*;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::time::Duration;
 
 /// The records in flight that the last tick reported.
 fn inflight(p: &Proc) -> u64 {
@@ -40,13 +39,7 @@ fn fifo_with_records_in_flight_survives_kill_and_restart() {
     assert!(g3.id > g2.id);
     s.stop_at(r.last_tick.unwrap() + 3);
     r.wait_prefix("END", LINE_TIMEOUT);
-    r.wait_prefix("DONE", LINE_TIMEOUT);
-    let st = r.wait_exit(CMD_TIMEOUT);
-    assert!(st.success(), "the restored program ended with {st}\n{}", r.context());
-    std::fs::remove_file(&stop).unwrap();
-    for &pid in &pids {
-        wait_gone(pid, Duration::from_secs(20));
-    }
+    s.finish_computation(&pids, &mut r);
 
     // The oldest generation, with the FIFO file still there.
     let mut o = s.restart_expect(&g1, p.pid, false);

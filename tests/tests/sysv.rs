@@ -11,7 +11,6 @@ mod common;
 use common::*;
 
 use std::process::Command;
-use std::time::Duration;
 
 /// A line of /proc/sysvipc/shm: (key, shmid, perms, size, nattch).
 fn sysv_segment(shmid: i32) -> Option<(i32, i32, u32, u64, u32)> {
@@ -100,13 +99,7 @@ fn sysv_segments_come_back_with_their_ids_and_attaches() {
     assert!(g3.id > g2.id);
     // The program detaches and removes everything at its end.
     s.stop_at(r.last_tick.unwrap() + 3);
-    r.wait_prefix("DONE", LINE_TIMEOUT);
-    let st = r.wait_exit(CMD_TIMEOUT);
-    assert!(st.success(), "the restored program ended with {st}\n{}", r.context());
-    std::fs::remove_file(&stop).unwrap();
-    for &pid in &pids {
-        wait_gone(pid, Duration::from_secs(20));
-    }
+    s.finish_computation(&pids, &mut r);
     assert!(sysv_segment(keyed).is_none(), "the program's IPC_RMID did not remove segment {keyed}");
 
     // The oldest generation, with the segment gone (as on a new host).

@@ -497,6 +497,19 @@ impl Session {
         }
     }
 
+    /// Waits for the restored computation `root` to print DONE and exit 0,
+    /// then removes the stop file and waits for every process in `pids` to
+    /// be gone (so that an older generation can be restarted next).
+    pub fn finish_computation(&self, pids: &[i32], root: &mut Proc) {
+        root.wait_prefix("DONE", LINE_TIMEOUT);
+        let st = root.wait_exit(CMD_TIMEOUT);
+        assert!(st.success(), "the restored computation ended with {st}\n{}", root.context());
+        std::fs::remove_file(self.stop_file()).unwrap();
+        for &pid in pids {
+            wait_gone(pid, Duration::from_secs(20));
+        }
+    }
+
     pub fn log_json(&self) -> Json {
         let out = self.run("log", &["--json"]);
         assert!(
