@@ -53,57 +53,45 @@ impl RemoteHost {
 
     /// Sends request `req` (an object with "op") and waits up to `timeout`
     /// for the answer, whatever it says.
-    pub fn request(&self, mut req: Value, timeout: Duration) -> Result<Value, String> {
-        let gone = || format!("the capture helper of host {} went away (is `ckpt host` still running there?)", self.name);
-        if self.closed.load(Ordering::Acquire) {
-            return Err(gone());
-        }
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        req["id"] = json!(id);
-        let (tx, rx) = channel();
-        self.pending.lock().unwrap().insert(id, tx);
-        self.send(kind::REQUEST, &req, &[]).map_err(|_| gone())?;
-        match rx.recv_timeout(timeout) {
-            Ok(m) => Ok(m.json),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                self.pending.lock().unwrap().remove(&id);
-                Err(format!("the capture helper of host {} did not answer within {} s", self.name, timeout.as_secs()))
-            }
-            Err(_) => Err(gone()),
-        }
+    pub fn request(&self, req: Value, timeout: Duration) -> Result<Value, String> {
+        self.exchange(req, None, timeout)
     }
 
     /// Sends a phase_a request and waits for its answer; when the helper
     /// says its machine is read (CAPTURED), waits at `gate` and tells it
     /// whether to go on.
-    pub fn phase_a(&self, mut req: Value, gate: &crate::machine::Gate, timeout: Duration) -> Result<Value, String> {
+    pub fn phase_a(&self, req: Value, gate: &crate::machine::Gate, timeout: Duration) -> Result<Value, String> {
+        self.exchange(req, Some(gate), timeout)
+    }
+
+    fn exchange(&self, mut req: Value, gate: Option<&crate::machine::Gate>, timeout: Duration) -> Result<Value, String> {
         let gone = || format!("the capture helper of host {} went away (is `ckpt host` still running there?)", self.name);
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         req["id"] = json!(id);
         let (tx, rx) = channel();
         self.pending.lock().unwrap().insert(id, tx);
-        if self.closed.load(Ordering::Acquire) || self.send(kind::REQUEST, &req, &[]).is_err() {
-            self.pending.lock().unwrap().remove(&id);
-            return Err(gone());
-        }
         let mut arrived = false;
-        let result = loop {
-            match rx.recv_timeout(timeout) {
-                Ok(m) if m.kind == kind::CAPTURED => {
-                    arrived = true;
-                    let go = gate.arrive();
-                    let _ = self.send(kind::RELEASE, &json!({"id": m.json.get("id"), "go": go}), &[]);
+        let result = if self.closed.load(Ordering::Acquire) || self.send(kind::REQUEST, &req, &[]).is_err() {
+            Err(gone())
+        } else {
+            loop {
+                match rx.recv_timeout(timeout) {
+                    Ok(m) if m.kind == kind::CAPTURED => {
+                        arrived = true;
+                        let go = gate.is_some_and(|g| g.arrive());
+                        let _ = self.send(kind::RELEASE, &json!({"id": m.json.get("id"), "go": go}), &[]);
+                    }
+                    Ok(m) => break Ok(m.json),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        break Err(format!("the capture helper of host {} did not answer within {} s", self.name, timeout.as_secs()));
+                    }
+                    Err(_) => break Err(gone()),
                 }
-                Ok(m) => break Ok(m.json),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    break Err(format!("the capture helper of host {} did not answer within {} s", self.name, timeout.as_secs()));
-                }
-                Err(_) => break Err(gone()),
             }
         };
         self.pending.lock().unwrap().remove(&id);
-        if !arrived {
-            gate.fail();
+        if let (Some(g), false) = (gate, arrived) {
+            g.fail();
         }
         result
     }
