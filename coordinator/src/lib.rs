@@ -17,10 +17,12 @@ pub mod addr;
 pub mod client;
 pub mod host;
 mod machine;
+pub mod secret;
 mod server;
 
 pub use addr::{Address, Stream};
 pub use host::{HostConfig, run_host};
+pub use secret::Secret;
 pub use server::{Config, run};
 
 /// Errors of the coordinator and its client.

@@ -38,6 +38,12 @@ pub const MAX_THREADS: usize = 4096;
 pub const AGENT_FD_BASE: i32 = 800;
 /// Environment variable naming the coordinator (`unix:PATH` or `tcp:HOST:PORT`).
 pub const ENV_COORD: &str = "CKPT_COORD";
+/// Environment variable: the computation's membership key (64 hex digits),
+/// set by `ckpt launch`. An agent whose process runs as another user than
+/// the coordinator (a program that dropped privileges) proves with it that
+/// it belongs to the computation; over TCP it is the agent's pre-shared key.
+/// It is derived from the coordinator's secret and grants nothing else.
+pub const ENV_AGENT_KEY: &str = "CKPT_AGENT_KEY";
 
 /// Message kinds.
 pub mod kind {
