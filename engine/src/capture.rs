@@ -127,7 +127,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         .into_iter()
         .filter_map(|c| procfs::tree_ids(c).ok().filter(|t| t.state == 'Z').map(|t| Zombie { pid: c, status: t.exit_status }))
         .collect();
-    let tids: Vec<i32> = report.threads.iter().map(|t| t.tid).collect();
+    let tids: Vec<(i32, u32)> = report.threads.iter().map(|t| (t.tid, t.securebits)).collect();
     let creds = crate::creds::capture(pid, &tids)?;
     let maps = procfs::maps(pid)?;
     let mut mm = procfs::mm_fields(pid)?;

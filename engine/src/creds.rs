@@ -12,14 +12,15 @@
 //! program that sandboxes its main thread after the agent's thread exists
 //! has threads that differ: each thread is restored with its own.
 //!
-//! **Not kept: securebits.** `PR_GET_SECUREBITS` only answers for the
-//! calling thread and `/proc` does not show it; every restored thread gets
-//! securebits 0 (the kernel default). See the security notes.
+//! **Securebits** are not in `/proc` and `PR_GET_SECUREBITS` answers only
+//! for the calling thread: each thread's agent signal handler asks, and
+//! reports them with its state (`ThreadState::securebits`).
 //!
 //! **Restore order** (in each thread, by the restorer, as raw syscalls; see
 //! [`plan_thread`]): groups, gids, `PR_SET_KEEPCAPS`, uids, fs ids, a capset
 //! that keeps every capability the restorer has effective, bounding-set
-//! drops, ambient raises, securebits, the final capset, `no_new_privs`, and
+//! drops, ambient raises, securebits (after the raises, which
+//! `SECBIT_NO_CAP_AMBIENT_RAISE` would forbid), the final capset, `no_new_privs`, and
 //! the seccomp filters last, oldest first, as the last syscalls before
 //! `rt_sigreturn` (a filter may forbid what the restorer still needs).
 //!
@@ -66,6 +67,9 @@ pub struct ThreadCreds {
     pub cap_bounding: u64,
     pub cap_ambient: u64,
     pub no_new_privs: bool,
+    /// `PR_GET_SECUREBITS`, as the thread itself reported it.
+    #[serde(default)]
+    pub securebits: u32,
     /// In the order they were installed (oldest first).
     pub seccomp: Vec<SeccompFilter>,
 }
@@ -145,16 +149,17 @@ pub fn thread_status(pid: i32, tid: i32) -> Result<Status> {
 }
 
 /// Captures the credentials of threads `tids` of process `pid` (stopped by
-/// its agent). Fails, naming the process and thread, for what cannot be
+/// its agent), each with the securebits its handler reported. Fails, naming the process and thread, for what cannot be
 /// brought back: strict seccomp, or filters installed without
 /// `no_new_privs` by a thread that no longer holds `CAP_SYS_ADMIN` (the
 /// restorer could only install them before dropping its capabilities, and
 /// then the filters would judge the rest of the restore).
-pub fn capture(pid: i32, tids: &[i32]) -> Result<ProcessCreds> {
+pub fn capture(pid: i32, tids: &[(i32, u32)]) -> Result<ProcessCreds> {
     let mut threads = Vec::new();
-    for &tid in tids {
+    for &(tid, securebits) in tids {
         let st = thread_status(pid, tid)?;
         let mut c = st.creds;
+        c.securebits = securebits;
         match st.seccomp_mode {
             0 => {}
             1 => return Err(EngineError::Unsupported { pid, what: format!("thread {tid} runs in strict seccomp mode (SECCOMP_MODE_STRICT)") }),
@@ -336,7 +341,7 @@ pub fn plan_thread(p: &mut PlanBuilder, pid: i32, t: &ThreadCreds, held: Held, g
     for cap in (0..64).filter(|c| t.cap_ambient & (1u64 << c) != 0) {
         p.syscall(libc::SYS_prctl, &[v(libc::PR_CAP_AMBIENT as u64), v(libc::PR_CAP_AMBIENT_RAISE as u64), v(cap), v(0), v(0)], Some(0), false, format!("raise ambient capability {cap} of {who}"));
     }
-    p.syscall(libc::SYS_prctl, &[v(libc::PR_SET_SECUREBITS as u64), v(0)], Some(0), false, format!("clear the securebits of {who}"));
+    p.syscall(libc::SYS_prctl, &[v(libc::PR_SET_SECUREBITS as u64), v(t.securebits as u64)], Some(0), false, format!("set the securebits of {who} to {:#x}", t.securebits));
     capset(p, t.cap_effective, t.cap_permitted, t.cap_inheritable, format!("set the capabilities of {who} (effective {:#x}, permitted {:#x}, inheritable {:#x})", t.cap_effective, t.cap_permitted, t.cap_inheritable));
     if t.no_new_privs {
         p.syscall(libc::SYS_prctl, &[v(libc::PR_SET_NO_NEW_PRIVS as u64), v(1), v(0), v(0), v(0)], Some(0), false, format!("set no_new_privs of {who}"));

@@ -9,7 +9,8 @@
  * again; capabilities: CAP_SETPCAP effective to drop CAP_SYS_ADMIN,
  * CAP_SYS_PTRACE and CAP_MKNOD from the bounding set, then permitted
  * {NET_BIND_SERVICE, NET_RAW}, inheritable and effective
- * {NET_BIND_SERVICE}, ambient NET_BIND_SERVICE raised; no_new_privs; a
+ * {NET_BIND_SERVICE}, ambient NET_BIND_SERVICE raised, securebits NOROOT
+ * and NO_CAP_AMBIENT_RAISE; no_new_privs; a
  * seccomp filter that makes getppid fail with EPERM. Without -u: it stays
  * as it was started (root), unsandboxed.
  *
@@ -32,6 +33,7 @@
 #include <sys/fsuid.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <linux/securebits.h>
 
 static long opt_uid = -1, opt_gid = -1;
 static const char *opt_shm;
@@ -69,9 +71,11 @@ static void drop_and_sandbox(void)
     int drop[] = { CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_MKNOD };
     for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
         if (prctl(PR_CAPBSET_DROP, drop[i], 0, 0, 0) != 0) ct_fail("PR_CAPBSET_DROP %d: %s", drop[i], strerror(errno));
-    set_caps(BIT(CAP_NET_BIND_SERVICE), keep, BIT(CAP_NET_BIND_SERVICE));
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_BIND_SERVICE, 0, 0) != 0)
         ct_fail("PR_CAP_AMBIENT_RAISE: %s", strerror(errno));
+    if (prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NO_CAP_AMBIENT_RAISE, 0, 0, 0) != 0)
+        ct_fail("PR_SET_SECUREBITS: %s", strerror(errno));
+    set_caps(BIT(CAP_NET_BIND_SERVICE), keep, BIT(CAP_NET_BIND_SERVICE));
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) ct_fail("PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
     struct sock_filter f[] = {
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
