@@ -2,7 +2,7 @@
  * (after the ckpt agent has connected, which its constructor does), then
  * checks every tick that its credentials are exactly what they were.
  *
- *   creds [-u UID -g GID] [-m SHMNAME] [-n N] [-t MS] [-s STOPFILE]
+ *   creds [-u UID -g GID] [-m SHMNAME] [-f FILE] [-n N] [-t MS] [-s STOPFILE]
  *
  * With -u/-g (run as root): PR_SET_KEEPCAPS, setgroups {GID, 65534},
  * setresgid(GID, 65534, 65533), setresuid(UID, 65534, 65533), keep-caps off
@@ -13,6 +13,8 @@
  * and NO_CAP_AMBIENT_RAISE; no_new_privs; a
  * seccomp filter that makes getppid fail with EPERM. Without -u: it stays
  * as it was started (root), unsandboxed.
+ *
+ * With -f, FILE is kept open and its first line checked every tick.
  *
  * With -m, a POSIX shared memory object /SHMNAME (made after the drop, so
  * it is the process's own) holds a pattern checked every tick.
@@ -36,13 +38,14 @@
 #include <linux/securebits.h>
 
 static long opt_uid = -1, opt_gid = -1;
-static const char *opt_shm;
+static const char *opt_shm, *opt_file;
 
 static void other(int opt, const char *arg)
 {
     if (opt == 'u') opt_uid = strtol(arg, NULL, 10);
     if (opt == 'g') opt_gid = strtol(arg, NULL, 10);
     if (opt == 'm') opt_shm = arg;
+    if (opt == 'f') opt_file = arg;
 }
 
 static void set_caps(uint64_t eff, uint64_t prm, uint64_t inh)
@@ -122,7 +125,7 @@ static void state(char *out, size_t n)
 int main(int argc, char **argv)
 {
     ct_setup();
-    ct_parse(argc, argv, "u:g:m:", other);
+    ct_parse(argc, argv, "u:g:m:f:", other);
     int sandboxed = opt_uid >= 0;
     if (sandboxed)
         drop_and_sandbox();
@@ -134,6 +137,12 @@ int main(int argc, char **argv)
         shm = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (shm == MAP_FAILED) ct_fail("mmap: %s", strerror(errno));
         close(fd);
+    }
+    int file = -1;
+    char first[64] = {0};
+    if (opt_file) {
+        file = open(opt_file, O_RDONLY | O_CLOEXEC);
+        if (file < 0 || pread(file, first, sizeof first - 1, 0) <= 0) ct_fail("open/read %s: %s", opt_file, strerror(errno));
     }
     char before[2048], now[2048];
     state(before, sizeof before);
@@ -149,6 +158,11 @@ int main(int argc, char **argv)
             long pp = syscall(SYS_getppid);
             if (pp != -1 || errno != EPERM)
                 ct_fail("the seccomp filter no longer acts: getppid returned %ld (errno %d)", pp, errno);
+        }
+        if (file >= 0) {
+            char again[64] = {0};
+            if (pread(file, again, sizeof again - 1, 0) <= 0 || strcmp(again, first) != 0)
+                ct_fail("%s now reads %s", opt_file, again);
         }
         if (shm) {
             for (int i = 0; i < 512; i++)

@@ -18,6 +18,20 @@ fn creds_line(p: &mut Proc) -> String {
     p.wait_prefix("CREDS ", LINE_TIMEOUT)
 }
 
+/// The credential lines of every thread of a process, from outside.
+fn thread_creds(pid: i32) -> Vec<String> {
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap()).collect();
+    tids.sort();
+    let keys = ["Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:", "NoNewPrivs:", "Seccomp:", "Seccomp_filters:"];
+    tids.iter()
+        .map(|t| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap();
+            let lines: Vec<&str> = s.lines().filter(|l| keys.iter().any(|k| l.starts_with(k))).collect();
+            format!("{t}: {}", lines.join(" | "))
+        })
+        .collect()
+}
+
 /// `Uid:` and `Gid:` of a running process, from outside.
 fn ids_from_outside(pid: i32) -> (String, String) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -46,6 +60,10 @@ fn dropped_privileges_and_a_sandbox_come_back_exactly() {
     assert!(creds.contains(&format!("Uid: {uid} 65534 65533 65534")), "the program did not drop as asked: {creds}");
     let pid = p.pid;
     let expected_ids = ids_from_outside(pid);
+    // The agent's thread kept what the main thread dropped per thread
+    // (capabilities, no_new_privs, the filter): each comes back as it was.
+    let expected_threads = thread_creds(pid);
+    assert!(expected_threads.len() >= 2 && expected_threads.iter().collect::<std::collections::HashSet<_>>().len() >= 2, "expected threads with different credentials: {expected_threads:?}");
     p.wait_ticks(3, LINE_TIMEOUT);
     let g1 = s.checkpoint_bounded(&mut p);
     p.wait_ticks(3, LINE_TIMEOUT);
@@ -73,6 +91,8 @@ fn dropped_privileges_and_a_sandbox_come_back_exactly() {
     let mut r = s.restart_expect(&g2, pid, true);
     r.wait_ticks(3, RESTART_TIMEOUT);
     assert_eq!(ids_from_outside(pid), expected_ids, "the restored process runs with other ids");
+    let strip = |v: Vec<String>| -> Vec<String> { v.into_iter().map(|l| l.split_once(": ").unwrap().1.to_string()).collect() };
+    assert_eq!(strip(thread_creds(pid)), strip(expected_threads.clone()), "a thread came back with other credentials");
     let meta = std::fs::metadata(&shm_path).unwrap();
     assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o777), (65534, 65534, 0o600), "the shared memory object was not made as the process");
 
@@ -93,7 +113,11 @@ fn root_stays_root_and_a_user_cannot_restart_root() {
     let s = Session::new("creds-root");
     let user = users::other_user();
     let stop = s.stop_file();
-    let mut p = s.launch(&program("creds"), &["-t", "50", "-s", stop.to_str().unwrap()]);
+    let data = s.path("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("file"), "mine\n").unwrap();
+    let file = data.join("file");
+    let mut p = s.launch(&program("creds"), &["-t", "50", "-f", file.to_str().unwrap(), "-s", stop.to_str().unwrap()]);
     let creds = creds_line(&mut p);
     assert!(creds.contains("Uid: 0 0 0 0"), "not started as root: {creds}");
     let pid = p.pid;
@@ -122,6 +146,21 @@ fn root_stays_root_and_a_user_cannot_restart_root() {
     assert!(!pid_exists(pid), "the refused restart started process {pid}");
     assert!(!sock_dir.join("coord.sock").exists(), "the refused restart started a coordinator");
     let _ = std::fs::remove_dir_all(&copy);
+
+    // Someone swaps the file's directory for a symlink to a directory of
+    // theirs: root's restart does not follow it (the program never did).
+    let theirs = s.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("file"), "theirs\n").unwrap();
+    std::fs::rename(&data, s.path("data.moved")).unwrap();
+    std::os::unix::fs::symlink(&theirs, &data).unwrap();
+    let out = s.run("restart", &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the restart followed a symlink the program never followed\n{err}");
+    assert!(err.contains(file.to_str().unwrap()) && err.contains("symlink"), "the refusal does not name the file and the symlink: {err}");
+    assert!(!pid_exists(pid), "the refused restart left process {pid} behind");
+    std::fs::remove_file(&data).unwrap();
+    std::fs::rename(s.path("data.moved"), &data).unwrap();
 
     // Root's own restart: root again, every capability as before (the
     // program checks), and the coordinator still serves the computation.
