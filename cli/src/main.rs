@@ -527,6 +527,9 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     let hosts = names(&images);
     let images = ckpt_engine::image::select_host(info.id, images, here, host_map)?;
     let mine = names(&images);
+    // Whose processes these are: a non-root user restarts only its own,
+    // refused here before anything (even a coordinator) is started.
+    ckpt_engine::creds::check_may_restore(info.id, &images)?;
     for img in &images {
         ckpt_engine::restore::check_ids_free(info.id, img)?;
     }

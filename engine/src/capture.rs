@@ -127,6 +127,8 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         .into_iter()
         .filter_map(|c| procfs::tree_ids(c).ok().filter(|t| t.state == 'Z').map(|t| Zombie { pid: c, status: t.exit_status }))
         .collect();
+    let tids: Vec<(i32, u32)> = report.threads.iter().map(|t| (t.tid, t.securebits)).collect();
+    let creds = crate::creds::capture(pid, &tids)?;
     let maps = procfs::maps(pid)?;
     let mut mm = procfs::mm_fields(pid)?;
     mm.brk = report.suspended.brk;
@@ -217,6 +219,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         sysv_shm,
         agent: AgentImage { fd: report.hello.agent_fd, restart_word_addr: report.hello.restart_word_addr, ckpt_tid: report.hello.ckpt_tid },
         chunk_size: chunk_size as u32,
+        creds: Some(creds),
     };
     Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states })
 }

@@ -73,6 +73,11 @@ pub struct ProcessImage {
     pub sysv_shm: Vec<SysvShm>,
     pub agent: AgentImage,
     pub chunk_size: u32,
+    /// The credentials of every thread ([`crate::creds`]). None: an image
+    /// made before they were recorded; only root may restart it, and its
+    /// processes come back with the restarting user's credentials.
+    #[serde(default)]
+    pub creds: Option<crate::creds::ProcessCreds>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

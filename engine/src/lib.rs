@@ -15,6 +15,7 @@
 
 pub mod capture;
 pub mod chunklist;
+pub mod creds;
 pub mod dirty;
 pub mod error;
 pub mod fds;

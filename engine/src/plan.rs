@@ -100,6 +100,27 @@ impl PlanBuilder {
         self.push(Op { kind, nr: 0, a }, what.into());
     }
 
+    /// Like [`Self::thread`], the thread running the tail begun at `tail`
+    /// ([`Self::begin_tail`]) as its last steps.
+    pub fn thread_with_tail(&mut self, kind: u32, a: [u64; 10], tail: usize, what: impl Into<String>) {
+        self.push(Op { kind, nr: tail as u32, a }, what.into());
+    }
+
+    /// Starts a thread's tail ([`op::TAIL`]): the ops pushed until
+    /// [`Self::end_tail`] are skipped by the main sequence.
+    pub fn begin_tail(&mut self, what: impl Into<String>) -> usize {
+        self.push(Op { kind: op::TAIL, nr: 0, a: [0; 10] }, what.into())
+    }
+
+    pub fn end_tail(&mut self, tail: usize) {
+        self.ops[tail].a[0] = (self.ops.len() - tail - 1) as u64;
+    }
+
+    /// [`op::JOIN`].
+    pub fn join(&mut self, what: impl Into<String>) {
+        self.push(Op { kind: op::JOIN, nr: 0, a: [0; 10] }, what.into());
+    }
+
     /// The finished plan buffer.
     pub fn finish(mut self) -> (Vec<u8>, Vec<String>) {
         let hdr = std::mem::size_of::<PlanHeader>();

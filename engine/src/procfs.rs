@@ -227,11 +227,40 @@ pub fn rlimits(pid: i32) -> Result<Vec<Rlimit>> {
         // SAFETY: prlimit64 query (new limit null) writing one rlimit64.
         let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
         if r != 0 {
-            return Err(EngineError::Proc { pid, path: proc_path(pid, "limits"), source: std::io::Error::last_os_error() });
+            let e = std::io::Error::last_os_error();
+            // Another uid's process needs CAP_SYS_RESOURCE for prlimit,
+            // even to read: its /proc limits file says the same.
+            if e.raw_os_error() == Some(libc::EPERM) {
+                return rlimits_from_proc(pid);
+            }
+            return Err(EngineError::Proc { pid, path: proc_path(pid, "limits"), source: e });
         }
         out.push(Rlimit { resource, soft: old.rlim_cur, hard: old.rlim_max });
     }
     Ok(out)
+}
+
+/// The limits of `pid` from `/proc/PID/limits` (one line per resource, in
+/// resource order: a name in 25 columns, then soft and hard limit).
+fn rlimits_from_proc(pid: i32) -> Result<Vec<Rlimit>> {
+    let path = proc_path(pid, "limits");
+    let text = std::fs::read_to_string(&path).map_err(|e| EngineError::Proc { pid, path: path.clone(), source: e })?;
+    parse_limits(&text).ok_or_else(|| EngineError::Proc { pid, path, source: std::io::Error::other("unexpected format") })
+}
+
+pub fn parse_limits(text: &str) -> Option<Vec<Rlimit>> {
+    let value = |v: &str| if v == "unlimited" { Some(u64::MAX) } else { v.parse().ok() };
+    let out: Vec<Rlimit> = text
+        .lines()
+        .skip(1)
+        .take(RLIMIT_COUNT as usize)
+        .enumerate()
+        .map(|(i, l)| {
+            let mut f = l.get(25..)?.split_whitespace();
+            Some(Rlimit { resource: i as _, soft: value(f.next()?)?, hard: value(f.next()?)? })
+        })
+        .collect::<Option<_>>()?;
+    (out.len() == RLIMIT_COUNT as usize).then_some(out)
 }
 
 /// The TIDs of a process.
@@ -344,5 +373,17 @@ mod tests {
         assert!(!auxv(me).unwrap().is_empty());
         assert_eq!(rlimits(me).unwrap().len(), RLIMIT_COUNT as usize);
         assert!(tids(me).unwrap().contains(&me));
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    #[test]
+    fn own_limits_parse_as_prlimit_reads_them() {
+        let me = std::process::id() as i32;
+        let text = std::fs::read_to_string(format!("/proc/{me}/limits")).unwrap();
+        let parsed = super::parse_limits(&text).expect("parses");
+        let direct = super::rlimits(me).unwrap();
+        assert_eq!(parsed.iter().map(|r| (r.resource, r.soft, r.hard)).collect::<Vec<_>>(), direct.iter().map(|r| (r.resource, r.soft, r.hard)).collect::<Vec<_>>());
     }
 }

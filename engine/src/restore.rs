@@ -165,21 +165,41 @@ fn memfd(generation: u64, shm: u64, size: u64) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// A POSIX shared memory object at `path` (made if missing), at least
-/// `size` bytes long; the image's content is written into it.
-fn posix_shm(generation: u64, path: &str, size: u64) -> Result<OwnedFd> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| EngineError::Restore { generation, what: format!("cannot open or create the shared memory object {path}: {e}") })?;
+/// The POSIX shared memory object at `path` of process `pid`, at least
+/// `size` bytes long; the image's content is written into it later.
+///
+/// Made with `O_EXCL` as the process ([`crate::creds::open`]: its
+/// identity, no symlink followed). One that exists already is used only if
+/// it belongs to the process's fsuid (its own object, left behind when the
+/// program was killed): an object another user made before the restart
+/// would let that user read and write the program's shared memory, so the
+/// restart refuses it, naming it and its owner.
+fn posix_shm(generation: u64, pid: i32, path: &str, size: u64) -> Result<OwnedFd> {
+    let err = |what: String| EngineError::Restore { generation, what };
+    let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL;
+    let fd = match crate::creds::open(path, flags, 0o600) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            let fd = crate::creds::open(path, libc::O_RDWR, 0).map_err(|e| err(format!("cannot open the shared memory object {path} of process {pid}: {e}")))?;
+            let meta = File::from(crate::fds::dup(&fd)?).metadata().map_err(|e| err(format!("cannot stat the shared memory object {path}: {e}")))?;
+            let own = crate::creds::acting_uid();
+            use std::os::unix::fs::MetadataExt;
+            if !meta.file_type().is_file() || own.is_some_and(|u| u != meta.uid()) {
+                return Err(err(format!(
+                    "the shared memory object {path} of process {pid} exists and belongs to uid {} (mode {:o}), not to the process's uid {}: another user may have made it to read or write the program's shared memory; check who made it, remove it and restart",
+                    meta.uid(),
+                    meta.mode() & 0o7777,
+                    own.unwrap_or(0)
+                )));
+            }
+            fd
+        }
+        Err(e) => return Err(err(format!("cannot create the shared memory object {path} of process {pid}: {e}"))),
+    };
+    let f = File::from(fd);
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if len < size {
-        f.set_len(size).map_err(|e| EngineError::Restore { generation, what: format!("cannot size the shared memory object {path} to {size} bytes: {e}") })?;
+        f.set_len(size).map_err(|e| err(format!("cannot size the shared memory object {path} to {size} bytes: {e}")))?;
     }
     Ok(f.into())
 }
@@ -280,6 +300,7 @@ pub fn restore_generation(
     // Start the thread pool now: threads created after the clones could take
     // the TIDs the image's threads need.
     rayon::broadcast(|_| ());
+    crate::creds::check_may_restore(generation, images)?;
     for image in images {
         check_ids_free(generation, image)?;
         if image.regions.iter().any(|r| r.start < ZONE_END && r.end > ZONE_START) {
@@ -305,15 +326,17 @@ pub fn restore_generation(
     let sysv_segments = crate::sysv::Segments::make(store, generation, images)?;
     // Shared memory objects: one memfd each, big enough for every mapping.
     // POSIX shared memory (`shm_open`) comes back at its name.
-    let mut shm_size: HashMap<u64, (u64, &str)> = HashMap::new();
-    for r in images.iter().flat_map(|i| &i.regions).filter(|r| r.kind == RegionKind::SharedAnon && r.shm != 0 && r.sysv.is_none()) {
-        let e = shm_size.entry(r.shm).or_insert((0, &r.name));
-        e.0 = e.0.max(r.offset + (r.end - r.start));
+    let mut shm_size: HashMap<u64, (u64, &str, &ProcessImage)> = HashMap::new();
+    for image in images {
+        for r in image.regions.iter().filter(|r| r.kind == RegionKind::SharedAnon && r.shm != 0 && r.sysv.is_none()) {
+            let e = shm_size.entry(r.shm).or_insert((0, &r.name, image));
+            e.0 = e.0.max(r.offset + (r.end - r.start));
+        }
     }
     let mut shm_fds: HashMap<u64, OwnedFd> = HashMap::new();
-    for (&shm, &(size, name)) in &shm_size {
+    for (&shm, &(size, name, image)) in &shm_size {
         let fd = if name.starts_with("/dev/shm/") && !name.ends_with(" (deleted)") {
-            posix_shm(generation, name, size)?
+            crate::creds::acting_as(crate::creds::Identity::of(image), || posix_shm(generation, image.pid, name, size))?
         } else {
             memfd(generation, shm, size)?
         };
@@ -357,15 +380,16 @@ pub fn restore_generation(
         for f in &image.fds {
             let src = match f.kind {
                 FdKind::Agent => connect()?,
-                _ => match opener.open(image.pid, f)? {
+                _ => match crate::creds::acting_as(crate::creds::Identity::of(image), || opener.open(image.pid, f))? {
                     Some(fd) => fd,
                     None => continue,
                 },
             };
             moves.push(FdMove { src, dst: f.fd });
         }
+        let id = crate::creds::Identity::of(image);
         cttys.push(match image.ctty_pts {
-            Some(index) if image.sid == image.pid => opener.ctty(index)?,
+            Some(index) if image.sid == image.pid => crate::creds::acting_as(id.clone(), || opener.ctty(index))?,
             _ => None,
         });
         let mut next_aux = image.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
@@ -379,8 +403,8 @@ pub fn restore_generation(
         let (status_r, status_w) = pipe()?;
         let ctl_fd = aux(ctl_r, &mut moves);
         let status_fd = aux(status_w, &mut moves);
-        let exe_fd = match File::open(&image.exe) {
-            Ok(f) => Some(aux(f.into(), &mut moves)),
+        let exe_fd = match crate::creds::acting_as(id.clone(), || crate::creds::open(&image.exe, libc::O_RDONLY, 0)) {
+            Ok(f) => Some(aux(f, &mut moves)),
             Err(e) => {
                 tracing::warn!("cannot open {} ({e}); /proc/{}/exe will name the restorer", image.exe, image.pid);
                 None
@@ -391,8 +415,8 @@ pub fn restore_generation(
             let fd: OwnedFd = match r.kind {
                 RegionKind::SharedFile => {
                     let write = r.prot & libc::PROT_WRITE as u32 != 0;
-                    let f = std::fs::OpenOptions::new().read(true).write(write).open(&r.name).map_err(|e| err(format!("cannot reopen shared mapping of {}: {e}", r.name)))?;
-                    f.into()
+                    let mode = if write { libc::O_RDWR } else { libc::O_RDONLY };
+                    crate::creds::acting_as(id.clone(), || crate::creds::open(&r.name, mode, 0)).map_err(|e| err(format!("cannot reopen shared mapping of {} for process {}: {e}", r.name, image.pid)))?
                 }
                 RegionKind::SharedAnon if r.shm != 0 && r.sysv.is_none() => crate::fds::dup(&shm_fds[&r.shm])?,
                 _ => continue,
@@ -405,7 +429,7 @@ pub fn restore_generation(
         let mut tty_pgrp = None;
         if let (Some(index), true) = (image.ctty_pts, image.sid == image.pid && image.tty_pgrp > 0 && image.tty_pgrp != image.pgid) {
             if images.iter().any(|o| o.pgid == image.tty_pgrp && o.sid == image.sid) {
-                if let Some(fd) = opener.ctty(index)? {
+                if let Some(fd) = crate::creds::acting_as(id.clone(), || opener.ctty(index))? {
                     tty_pgrp = Some((aux(fd, &mut moves), image.tty_pgrp));
                 }
             } else {
@@ -549,8 +573,9 @@ pub fn restore_generation(
             guard.pidfds.push(unsafe { OwnedFd::from_raw_fd(pidfd) });
         }
         let own_maps = procfs::maps(image.pid)?;
+        let held = image.creds.is_some().then(|| crate::creds::Held::of(image.pid)).transpose()?;
         let main = image.threads.iter().find(|t| t.tid == image.pid).expect("checked above");
-        let (plan, descriptions) = build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.tty_pgrp, c.ctl_fd, c.status_fd)?;
+        let (plan, descriptions) = build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.tty_pgrp, c.ctl_fd, c.status_fd, held)?;
         c.descriptions = descriptions;
         c.ctl.write_all(&plan).map_err(|e| EngineError::io("sending the plan to the restorer", e))?;
     }
@@ -829,6 +854,7 @@ fn build_plan(
     tty_pgrp: Option<(RawFd, i32)>,
     ctl_fd: RawFd,
     status_fd: RawFd,
+    held: Option<crate::creds::Held>,
 ) -> Result<(Vec<u8>, Vec<String>)> {
     let err = |what: String| EngineError::Restore { generation, what };
     let mut p = PlanBuilder::default();
@@ -1007,17 +1033,42 @@ fn build_plan(
         p.syscall(libc::SYS_close, &[(*fd as u64).into()], None, false, format!("close helper fd {fd}"));
     }
     p.barrier(2, "wait for rlimits");
-    p.syscall(libc::SYS_close, &[(ctl_fd as u64).into()], None, false, "close the control pipe");
-    p.syscall(libc::SYS_close, &[(status_fd as u64).into()], None, true, "close the status pipe");
 
-    // 8. Threads, then the main thread.
+    // 8. Threads, each setting its own credentials and filters last
+    // (crate::creds); then the main thread's credentials, its filters at the
+    // very end.
+    let creds = image.creds.as_ref();
+    let thread_creds = |tid: i32| match creds {
+        Some(c) => c.thread(tid).map(Some).ok_or_else(|| EngineError::BadImage { generation, what: format!("thread {tid} of process {} has no recorded credentials", image.pid) }),
+        None => Ok(None),
+    };
     let targs = |t: &ThreadImage, stack: u64| {
         [t.tid as u64, t.fs_base, t.ucontext, t.clear_child_tid, t.robust_list, t.robust_len, t.rseq_addr, t.rseq_len as u64 | (t.rseq_sig as u64) << 32, stack, THREAD_STACK]
     };
     for (k, t) in others.iter().enumerate() {
-        p.thread(op::THREAD, targs(t, SCRATCH_ADDR + k as u64 * THREAD_STACK), format!("create thread {}", t.tid));
+        let mut tail = 0;
+        if let (Some(tc), Some(held)) = (thread_creds(t.tid)?, held) {
+            tail = p.begin_tail(format!("credentials of thread {}", t.tid));
+            crate::creds::plan_thread(&mut p, image.pid, tc, held, generation)?;
+            crate::creds::plan_filters(&mut p, image.pid, tc);
+            p.end_tail(tail);
+        }
+        p.thread_with_tail(op::THREAD, targs(t, SCRATCH_ADDR + k as u64 * THREAD_STACK), tail, format!("create thread {}", t.tid));
     }
-    p.thread(op::RESUME, targs(main, 0), "resume the main thread");
+    p.join("wait for every thread to set its credentials");
+    let main_creds = thread_creds(main.tid)?;
+    if let (Some(tc), Some(held)) = (main_creds, held) {
+        crate::creds::plan_thread(&mut p, image.pid, tc, held, generation)?;
+    }
+    p.syscall(libc::SYS_close, &[(ctl_fd as u64).into()], None, false, "close the control pipe");
+    p.syscall(libc::SYS_close, &[(status_fd as u64).into()], None, true, "close the status pipe");
+    let mut tail = 0;
+    if let Some(tc) = main_creds.filter(|tc| !tc.seccomp.is_empty()) {
+        tail = p.begin_tail("seccomp filters of the main thread");
+        crate::creds::plan_filters(&mut p, image.pid, tc);
+        p.end_tail(tail);
+    }
+    p.thread_with_tail(op::RESUME, targs(main, 0), tail, "resume the main thread");
 
     Ok(p.finish())
 }

@@ -54,6 +54,8 @@ pub static SLOTS: Slots = Slots(UnsafeCell::new(
         rseq_addr: 0,
         rseq_len: 0,
         rseq_sig: 0,
+        securebits: 0,
+        _pad: 0,
     }; MAX_THREADS],
 ));
 
@@ -92,6 +94,10 @@ pub fn capture_self(ucontext: *mut c_void, is_ckpt_thread: bool) -> ThreadState 
         rseq_addr,
         rseq_len,
         rseq_sig: if rseq_size == 0 { 0 } else { RSEQ_SIG },
+        // SAFETY: PR_GET_SECUREBITS takes no pointer; it answers for the
+        // calling thread, which is why each thread asks in its handler.
+        securebits: unsafe { libc::syscall(libc::SYS_prctl, libc::PR_GET_SECUREBITS, 0, 0, 0, 0) }.max(0) as u32,
+        _pad: 0,
     }
 }
 

@@ -33,7 +33,7 @@
 mod mem;
 mod sys;
 
-use core::sync::atomic::{AtomicI32, Ordering};
+use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 use ckpt_wire::Pod;
 use ckpt_wire::restore::{
@@ -67,6 +67,8 @@ pub mod exit {
 
 /// Status fd, also needed by THREAD children to report failures.
 static STATUS_FD: AtomicI32 = AtomicI32::new(-1);
+/// Threads created whose tail has not finished yet (see [`op::JOIN`]).
+static PENDING: AtomicU32 = AtomicU32::new(0);
 
 const HEADER_LEN: u64 = core::mem::size_of::<PlanHeader>() as u64;
 const OP_LEN: u64 = core::mem::size_of::<Op>() as u64;
@@ -187,11 +189,21 @@ extern "C" fn run(ctl: i32, st: i32) -> ! {
         sys::exit_group(exit::BAD_PLAN);
     }
     let nops = load_plan(ctl);
-    for i in 0..nops {
+    let mut i = 0;
+    while i < nops {
         // SAFETY: load_plan checked that all `nops` ops lie inside the
         // mapped plan; OPS_ADDR is 8-aligned and so is OP_LEN.
         let o = unsafe { ((OPS_ADDR + i as u64 * OP_LEN) as *const Op).read() };
+        if o.kind == op::TAIL {
+            // A thread's tail: run by that thread, skipped here.
+            if o.a[0] >= (nops - i) as u64 {
+                fail(i, -sys::EINVAL, exit::BAD_PLAN);
+            }
+            i += 1 + o.a[0] as u32;
+            continue;
+        }
         execute(ctl, i, &o);
+        i += 1;
     }
     fail(nops, -sys::EINVAL, exit::BAD_PLAN)
 }
@@ -270,6 +282,7 @@ fn execute(ctl: i32, i: u32, o: &Op) {
         }
         op::THREAD => {
             // Without a stack of its own the child would run on ours.
+            PENDING.fetch_add(1, Ordering::AcqRel);
             let r = if a[8] == 0 || a[9] == 0 {
                 -sys::EINVAL
             } else {
@@ -277,6 +290,12 @@ fn execute(ctl: i32, i: u32, o: &Op) {
             };
             if sys::is_err(r) {
                 fail(i, r, exit::SYSCALL_FAILED);
+            }
+        }
+        op::JOIN => {
+            while PENDING.load(Ordering::Acquire) != 0 {
+                // SAFETY: sched_yield takes no arguments.
+                unsafe { sys::syscall6(sys::SYS_SCHED_YIELD, 0, 0, 0, 0, 0, 0) };
             }
         }
         op::RESUME => {
@@ -288,7 +307,7 @@ fn execute(ctl: i32, i: u32, o: &Op) {
             }
             // SAFETY: the kernel only stores the address (used at exit).
             unsafe { sys::syscall6(sys::SYS_SET_TID_ADDRESS, a[3], 0, 0, 0, 0, 0) };
-            become_thread(i, a)
+            become_thread(i, o.nr, a, false)
         }
         kind => fail(i, kind as i64, exit::UNKNOWN_OP),
     }
@@ -333,12 +352,41 @@ extern "C" fn thread_child(op_addr: u64) -> ! {
     // SAFETY: the parent passed the address of a mapped op of the plan.
     let a = unsafe { (*(op_addr as *const Op)).a };
     let i = ((op_addr - OPS_ADDR) / OP_LEN) as u32;
-    become_thread(i, &a)
+    // SAFETY: as above.
+    let tail = unsafe { (*(op_addr as *const Op)).nr };
+    become_thread(i, tail, &a, true)
 }
 
-/// Common tail of THREAD children and RESUME: robust list, rseq, then
-/// `rt_sigreturn` into the saved context.
-fn become_thread(i: u32, a: &[u64; 10]) -> ! {
+/// Runs the tail whose TAIL op is at index `t` (0: none): SYSCALL ops only.
+fn run_tail(i: u32, t: u32) {
+    if t == 0 {
+        return;
+    }
+    // SAFETY: PLAN_ADDR holds the header load_plan checked.
+    let nops = unsafe { (*(PLAN_ADDR as *const PlanHeader)).nops };
+    if t >= nops {
+        fail(i, -sys::EINVAL, exit::BAD_PLAN);
+    }
+    // SAFETY: op `t` is inside the mapped plan (t < nops).
+    let head = unsafe { ((OPS_ADDR + t as u64 * OP_LEN) as *const Op).read() };
+    if head.kind != op::TAIL || head.a[0] >= (nops - t) as u64 {
+        fail(i, -sys::EINVAL, exit::BAD_PLAN);
+    }
+    for k in t + 1..=t + head.a[0] as u32 {
+        // SAFETY: k < nops, checked above.
+        let o = unsafe { ((OPS_ADDR + k as u64 * OP_LEN) as *const Op).read() };
+        if o.kind != op::SYSCALL {
+            fail(k, -sys::EINVAL, exit::BAD_PLAN);
+        }
+        // The control fd is not read by SYSCALL ops.
+        execute(-1, k, &o);
+    }
+}
+
+/// Common tail of THREAD children and RESUME: robust list, rseq, the
+/// thread's own tail (credentials, then seccomp filters: after those only
+/// `rt_sigreturn`), then `rt_sigreturn` into the saved context.
+fn become_thread(i: u32, tail: u32, a: &[u64; 10], child: bool) -> ! {
     if a[4] != 0 {
         // SAFETY: the kernel only records the address (used at exit).
         let r = unsafe { sys::syscall6(sys::SYS_SET_ROBUST_LIST, a[4], a[5], 0, 0, 0, 0) };
@@ -354,6 +402,10 @@ fn become_thread(i: u32, a: &[u64; 10]) -> ! {
         if sys::is_err(r) {
             fail(i, r, exit::THREAD_SETUP_FAILED);
         }
+    }
+    run_tail(i, tail);
+    if child {
+        PENDING.fetch_sub(1, Ordering::AcqRel);
     }
     // SAFETY: a[2] is the ucontext of the thread's saved signal frame.
     unsafe { sys::sigreturn(a[2]) }

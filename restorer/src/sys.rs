@@ -14,6 +14,7 @@ pub const SYS_MMAP: u64 = 9;
 pub const SYS_RT_SIGRETURN: u64 = 15;
 pub const SYS_ARCH_PRCTL: u64 = 158;
 pub const SYS_SET_TID_ADDRESS: u64 = 218;
+pub const SYS_SCHED_YIELD: u64 = 24;
 pub const SYS_EXIT_GROUP: u64 = 231;
 pub const SYS_SET_ROBUST_LIST: u64 = 273;
 pub const SYS_RSEQ: u64 = 334;

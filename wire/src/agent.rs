@@ -220,8 +220,11 @@ pub struct ThreadState {
     pub rseq_addr: u64,
     pub rseq_len: u32,
     pub rseq_sig: u32,
+    /// `PR_GET_SECUREBITS` of the thread (per thread, and not in `/proc`).
+    pub securebits: u32,
+    pub _pad: u32,
 }
-// SAFETY: repr(C), i32+u32 then u64s, u32+u32: no padding.
+// SAFETY: repr(C), i32+u32 then u64s, u32+u32, u32+u32: no padding.
 unsafe impl Pod for ThreadState {}
 
 /// Agent → coordinator: every thread is parked. Followed by `nthreads`
@@ -320,7 +323,7 @@ mod tests {
         let h = Hello::parse(&old.as_bytes()[..56]).unwrap();
         assert_eq!((h.pid, h.tracking, h.pidns, h.host_name()), (42, 3, 0, ""));
         assert!(Hello::parse(&old.as_bytes()[..40]).is_none());
-        assert_eq!(size_of::<ThreadState>(), 64);
+        assert_eq!(size_of::<ThreadState>(), 72);
         assert_eq!(size_of::<Suspended>(), 16 + 3 * 32 + 64 * 32);
         assert_eq!(size_of::<Failed>(), 248);
     }

@@ -32,7 +32,7 @@ pub const PLAN_ADDR: u64 = 0x2000_4000_0000;
 pub const SCRATCH_ADDR: u64 = 0x2000_8000_0000;
 
 pub const PLAN_MAGIC: u64 = 0x4e41_4c50_5450_4b43; // "CKPTPLAN"
-pub const PLAN_VERSION: u32 = 1;
+pub const PLAN_VERSION: u32 = 2;
 
 /// Start of the plan buffer. Ops follow at `size_of::<PlanHeader>()`,
 /// then the data area.
@@ -54,7 +54,9 @@ unsafe impl Pod for PlanHeader {}
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Op {
     pub kind: u32,
-    /// Syscall number for [`op::SYSCALL`].
+    /// Syscall number for [`op::SYSCALL`]; for [`op::THREAD`] and
+    /// [`op::RESUME`], the index of the [`op::TAIL`] the thread runs last
+    /// (0: none).
     pub nr: u32,
     pub a: [u64; 10],
 }
@@ -83,6 +85,14 @@ pub mod op {
     /// Resume the calling (main) thread, same arguments as [`THREAD`]
     /// (`a[8]`, `a[9]` unused). Never returns; must be the last op.
     pub const RESUME: u32 = 5;
+    /// `a[0]` = n: the next n ops (SYSCALLs only) are a thread's own last
+    /// steps (its credentials, its seccomp filters), run by the THREAD or
+    /// RESUME op whose `nr` names this op, after its robust list and rseq,
+    /// just before `rt_sigreturn`. The main sequence skips them.
+    pub const TAIL: u32 = 6;
+    /// Wait until every thread created so far has run its tail (so that a
+    /// failure there is reported while the status pipe is open).
+    pub const JOIN: u32 = 7;
 }
 
 /// Flags in `Op::a[6]` of a SYSCALL op.

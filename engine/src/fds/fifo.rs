@@ -24,7 +24,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use ckpt_store::Store;
 
-use super::{LiveFd, Round, set_status_flags, take_fd};
+use super::{LiveFd, Round, set_status_flags};
 use crate::error::{EngineError, Result};
 use crate::image::{FdImage, FdKind, FifoImage, ProcessImage};
 
@@ -75,9 +75,16 @@ impl Fifos {
     }
 }
 
+/// Opens the FIFO as the process, following no symlink, and checks it is
+/// one.
 fn open_path(path: &CString, flags: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: open with a NUL-terminated path; the fd is owned by take_fd.
-    unsafe { take_fd(libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) as libc::c_long) }
+    let p = path.to_str().map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"))?;
+    let fd = crate::creds::open(p, flags, 0)?;
+    let meta = std::fs::File::from(super::dup(&fd).map_err(std::io::Error::other)?).metadata()?;
+    if !meta.file_type().is_fifo() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{p} is not a FIFO any more")));
+    }
+    Ok(fd)
 }
 
 /// The FIFO at `x.path`, made if it is gone, held open `O_RDWR` with its
@@ -87,24 +94,36 @@ fn prepare(fifos: &mut Fifos, store: &Store, generation: u64, x: &FifoImage, err
         return Ok(());
     }
     let c = CString::new(x.path.as_bytes()).map_err(|_| err("its path holds a NUL".into()))?;
-    match std::fs::symlink_metadata(&x.path) {
-        Ok(m) if m.file_type().is_fifo() => {}
+    let made = match std::fs::symlink_metadata(&x.path) {
+        Ok(m) if m.file_type().is_fifo() => false,
         Ok(_) => return Err(err(format!("{} is not a FIFO any more; move it away so that the FIFO can be made again", x.path))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // SAFETY: mkfifo and chown with a NUL-terminated path.
-            unsafe {
-                if libc::mkfifo(c.as_ptr(), x.mode as libc::mode_t) != 0 {
-                    return Err(err(format!("cannot make it again (mkfifo): {} (does its directory exist?)", std::io::Error::last_os_error())));
+            // Made as the process (so it owns it); mkfifo never follows a
+            // symlink at the last component and fails if anything is there.
+            crate::creds::as_process(|| {
+                // SAFETY: mkfifo with a NUL-terminated path.
+                if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
-                // mkfifo applies the umask: the recorded mode, and owner.
-                libc::chmod(c.as_ptr(), x.mode as libc::mode_t);
-                libc::chown(c.as_ptr(), x.uid, x.gid);
-            }
+                Ok(())
+            })
+            .map_err(|e| err(format!("cannot make it again (mkfifo): {e} (does its directory exist?)")))?;
+            true
         }
         Err(e) => return Err(err(format!("cannot look at {}: {e}", x.path))),
-    }
+    };
     // A reader and a writer at once: never blocks.
     let held = open_path(&c, libc::O_RDWR | libc::O_NONBLOCK).map_err(|e| err(format!("cannot open it: {e}")))?;
+    if made {
+        // The recorded mode and owner, through the fd (never the path).
+        // SAFETY: fchmod/fchown on our fd.
+        unsafe {
+            libc::fchmod(held.as_raw_fd(), x.mode as libc::mode_t);
+            if libc::fchown(held.as_raw_fd(), x.uid, x.gid) != 0 {
+                tracing::warn!("FIFO {}: cannot give it back to uid {} gid {}: {}", x.path, x.uid, x.gid, std::io::Error::last_os_error());
+            }
+        }
+    }
     let (capacity, data) = fifos.wanted.get(&x.path).copied().unwrap_or((x.capacity, x.data));
     // SAFETY: F_GETPIPE_SZ/F_SETPIPE_SZ on our fd.
     unsafe {

@@ -1,8 +1,7 @@
 //! Regular files, directories and character devices: reopened by path, at
 //! the same offset, with the same status flags.
 
-use std::ffi::CString;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 
 use super::{LiveFd, Opener};
@@ -38,15 +37,9 @@ pub fn open(o: &Opener, pid: i32, f: &FdImage) -> Result<OwnedFd> {
         FdKind::Dir { path } => (path, libc::O_RDONLY | libc::O_DIRECTORY),
         other => return Err(o.err(format!("internal: {other:?} is not a file"))),
     };
-    let c = CString::new(path.as_bytes()).map_err(|_| o.err(format!("bad path {path:?}")))?;
-    // SAFETY: open with a NUL-terminated path; the result is owned below.
-    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(o.err(format!("cannot reopen {path} as fd {} of process {pid}: {e}", f.fd)));
-    }
-    // SAFETY: `fd` was just opened by us.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // As the process, following no symlink (crate::creds::open).
+    let owned = crate::creds::open(path, flags, 0).map_err(|e| o.err(format!("cannot reopen {path} as fd {} of process {pid}: {e}", f.fd)))?;
+    let fd = owned.as_raw_fd();
     if matches!(f.kind, FdKind::File { .. }) && f.pos > 0 {
         // SAFETY: lseek on our own fd.
         unsafe { libc::lseek(fd, f.pos, libc::SEEK_SET) };

@@ -255,9 +255,8 @@ impl Ptys {
             return Ok(kept.as_raw_fd());
         }
         let st = self.wanted.get(&index).ok_or_else(|| err("internal: no master in the image".into()))?;
-        let c = c"/dev/ptmx";
-        // SAFETY: open with a NUL-terminated path; its result is taken at once.
-        let master = unsafe { take_fd(libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC).into()) }.map_err(|e| err(format!("opening /dev/ptmx: {e}")))?;
+        // As the process: the new slave belongs to its fsuid.
+        let master = crate::creds::open("/dev/ptmx", libc::O_RDWR | libc::O_NOCTTY, 0).map_err(|e| err(format!("opening /dev/ptmx: {e}")))?;
         let m = master.as_raw_fd();
         let unlock: libc::c_int = 0;
         // SAFETY: TIOCSPTLCK reads one int.

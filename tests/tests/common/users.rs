@@ -26,12 +26,19 @@ impl User {
     /// groups only, `HOME` and `USER` set, no `XDG_RUNTIME_DIR`).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new(program);
-        c.uid(self.uid).gid(self.gid).env("HOME", &self.home).env("USER", &self.name).env("LOGNAME", &self.name).env_remove("XDG_RUNTIME_DIR");
-        let gid = self.gid;
-        // SAFETY: setgroups is async-signal-safe; it runs in the child
-        // before exec (Command::uid/gid do not drop supplementary groups).
+        c.env("HOME", &self.home).env("USER", &self.name).env("LOGNAME", &self.name).env_remove("XDG_RUNTIME_DIR");
+        let (uid, gid) = (self.uid, self.gid);
+        // SAFETY: setgroups, setresgid and setresuid are async-signal-safe;
+        // they run in the child before exec. (Command::uid/gid cannot be
+        // used with a setgroups here: std runs pre_exec closures after its
+        // setuid, when setgroups is no longer allowed.)
         unsafe {
-            c.pre_exec(move || if libc::setgroups(1, &gid) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+            c.pre_exec(move || {
+                if libc::setgroups(1, &gid) != 0 || libc::setresgid(gid, gid, gid) != 0 || libc::setresuid(uid, uid, uid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         c
     }

@@ -274,22 +274,30 @@ fn unlink_stale(name: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Binds as the process ([`crate::creds::as_process`]): a path name is
+/// made with its identity (bind fails if anything is at the path).
 fn bind(fd: &OwnedFd, name: &[u8]) -> io::Result<()> {
     let (a, l) = addr(name)?;
-    // SAFETY: bind reads the address we pass.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), l) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::creds::as_process(|| {
+        // SAFETY: bind reads the address we pass.
+        if unsafe { libc::bind(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), l) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    })
 }
 
+/// Connects as the process (the socket file's permissions are checked
+/// against its identity).
 fn connect(fd: &OwnedFd, name: &[u8]) -> io::Result<()> {
     let (a, l) = addr(name)?;
-    // SAFETY: connect reads the address we pass.
-    if unsafe { libc::connect(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), l) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::creds::as_process(|| {
+        // SAFETY: connect reads the address we pass.
+        if unsafe { libc::connect(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), l) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    })
 }
 
 fn socketpair(ty: i32) -> io::Result<(OwnedFd, OwnedFd)> {
