@@ -20,7 +20,7 @@ use ckpt_engine::image::{FdImage, ProcessEntry, RegionKind};
 use ckpt_engine::procfs;
 use ckpt_store::BlobSink;
 use ckpt_wire::Pod;
-use ckpt_wire::agent::{self as proto, Forked, Hello, RangeList, Registered, Suspended, ThreadState, kind};
+use ckpt_wire::agent::{self as proto, Forked, Hello, RangeList, Registered, kind};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -55,7 +55,10 @@ impl Target {
         let bad = || format!("process {}: malformed agent report", self.pid);
         let hello = hex::decode(&self.hello).ok().and_then(|b| Hello::parse(&b)).ok_or_else(bad)?;
         let payload = hex::decode(&self.suspended).map_err(|_| bad())?;
-        parse_suspended(&hello, &payload).ok_or_else(bad)
+        if hello.pid != self.pid {
+            return Err(format!("process {}: its report is of process {}", self.pid, hello.pid));
+        }
+        parse_suspended(&hello, &payload)
     }
 }
 
@@ -221,8 +224,13 @@ fn one(
         // attached while it lives).
         match link.call(pid, kind::FORK, &range_list(&prep.no_fork)) {
             Ok((kind::FORKED, f)) => {
-                let f = Forked::read_from(&f).unwrap_or_default();
-                if f.pid > 0 {
+                let Some(f) = Forked::read_from(&f).filter(|_| f.len() == std::mem::size_of::<Forked>()) else {
+                    return (None, Err(format!("process {pid} answered the snapshot request with {} bytes, not a FORKED", f.len())));
+                };
+                if f.pid != 0 {
+                    if let Err(e) = check_snapshot(pid, f.pid) {
+                        return (None, Err(e));
+                    }
                     snapshot = Some(f.pid);
                 } else {
                     tracing::warn!(pid, errno = f.errno, "fork of the snapshot failed; reading the process while it is stopped");
@@ -316,15 +324,25 @@ pub(crate) fn alive(pid: i32) -> bool {
     procfs::tree_ids(pid).map(|t| t.state != 'Z' && t.state != 'X').unwrap_or(false)
 }
 
-pub(crate) fn parse_suspended(hello: &Hello, payload: &[u8]) -> Option<AgentReport> {
-    let s = Suspended::read_from(payload)?;
-    let mut threads = Vec::with_capacity(s.nthreads as usize);
-    let base = std::mem::size_of::<Suspended>();
-    let ts = std::mem::size_of::<ThreadState>();
-    for i in 0..s.nthreads as usize {
-        threads.push(ThreadState::read_from(payload.get(base + i * ts..)?)?);
+/// Decodes the SUSPENDED report of the process that said `hello`; a
+/// malformed one is refused naming the process and what was wrong.
+pub(crate) fn parse_suspended(hello: &Hello, payload: &[u8]) -> Result<AgentReport, String> {
+    AgentReport::parse(hello, payload).map_err(|e| format!("process {} sent a malformed report: {e}", hello.pid))
+}
+
+/// Checks the snapshot an agent says it forked: the agent forks it from
+/// its own process, so it is a live child of `pid` (never some other
+/// process that the round would then read and kill).
+pub(crate) fn check_snapshot(pid: i32, snapshot: i32) -> Result<(), String> {
+    let refuse = |why: &str| Err(format!("process {pid} named process {snapshot} as its snapshot, which {why}: the checkpoint is refused"));
+    if snapshot <= 0 || snapshot == pid {
+        return refuse("is not a process it forked");
     }
-    Some(AgentReport { hello: *hello, suspended: s, threads })
+    match procfs::tree_ids(snapshot) {
+        Ok(t) if t.ppid == pid && t.state != 'Z' && t.state != 'X' => Ok(()),
+        Ok(_) => refuse("is not its live child"),
+        Err(_) => refuse("does not exist"),
+    }
 }
 
 /// A short key for a machine: its kernel's boot id and the PID namespace
