@@ -18,6 +18,7 @@ use ckpt_wire::Pod;
 use ckpt_wire::agent::{self as proto, CheckpointRequest, Failed, Header, Hello, Resume, Welcome, kind};
 use serde_json::{Value, json};
 
+use crate::host::Op;
 use crate::host::remote::RemoteHost;
 use crate::machine::{self, AgentLink, Captured, RoundOpts, Stray, Target, Work, parse_suspended};
 use crate::protocol::{self, CheckpointReply, CoordinatorStatus, Done, External, HelloReply, KillReply, ProcessStatus, Request, StatusReply};
@@ -676,7 +677,7 @@ impl Coordinator {
     fn end_hosts(&self, hosts: &HashMap<u64, Arc<RemoteHost>>, committed: bool) {
         for h in hosts.values() {
             h.end();
-            if let Err(e) = h.call(json!({"op": "end", "committed": committed}), Duration::from_secs(30)) {
+            if let Err(e) = h.call(Op::End { committed }, Duration::from_secs(30)) {
                 tracing::warn!("{e}");
             }
         }
@@ -739,7 +740,7 @@ impl Coordinator {
             return Ok(machine::strays(parents, known));
         }
         let h = hosts.get(&machine).ok_or("internal: no helper for a machine of the round")?;
-        let a = h.call(json!({"op": "children", "parents": parents, "known": known}), SUSPEND_TIMEOUT)?;
+        let a = h.call(Op::Children { parents: parents.to_vec(), known: known.iter().copied().collect() }, SUSPEND_TIMEOUT)?;
         serde_json::from_value(a.get("strays").cloned().unwrap_or_default()).map_err(|e| format!("host {}: {e}", h.name))
     }
 
@@ -749,7 +750,7 @@ impl Coordinator {
         }
         hosts
             .get(&machine)
-            .and_then(|h| h.call(json!({"op": "alive", "pid": pid}), SUSPEND_TIMEOUT).ok())
+            .and_then(|h| h.call(Op::Alive { pid }, SUSPEND_TIMEOUT).ok())
             .and_then(|a| a.get("alive").and_then(Value::as_bool))
             .unwrap_or(false)
     }
@@ -838,7 +839,7 @@ impl Coordinator {
             }
             let h = self.hosts.lock().unwrap().get(m).cloned();
             let r = match h {
-                Some(h) => h.call(json!({"op": "kill", "pids": pids}), Duration::from_secs(10)).map(|_| ()),
+                Some(h) => h.call(Op::Kill { pids: pids.clone() }, Duration::from_secs(10)).map(|_| ()),
                 None => Err(format!("processes {pids:?} are on a machine without a capture helper: kill them there")),
             };
             if let Err(e) = r {
@@ -931,7 +932,7 @@ impl Coordinator {
 
 /// A machine's share of phase A, done by its capture helper.
 fn remote_phase_a(h: &RemoteHost, targets: Vec<Target>, opts: &RoundOpts, epoch: u64, gate: &machine::Gate) -> Result<Vec<TcpEnd>, (String, bool)> {
-    let a = h.phase_a(json!({"op": "phase_a", "opts": opts, "targets": targets, "epoch": epoch}), gate, HOST_TIMEOUT).map_err(|e| (e, false))?;
+    let a = h.phase_a(Op::PhaseA { opts: opts.clone(), targets, epoch }, gate, HOST_TIMEOUT).map_err(|e| (e, false))?;
     if a.get("ok").and_then(Value::as_bool) != Some(true) {
         let e = a.get("error").and_then(Value::as_str).unwrap_or("refused without a reason");
         return Err((format!("host {}: {e}", h.name), a.get("retry").and_then(Value::as_bool).unwrap_or(false)));
@@ -941,7 +942,7 @@ fn remote_phase_a(h: &RemoteHost, targets: Vec<Target>, opts: &RoundOpts, epoch:
 
 /// A machine's share of phase B, done by its capture helper.
 fn remote_phase_b(h: &RemoteHost, generation: u64) -> Result<Vec<Captured>, String> {
-    let a = h.call(json!({"op": "phase_b", "generation": generation}), HOST_TIMEOUT)?;
+    let a = h.call(Op::PhaseB { generation }, HOST_TIMEOUT)?;
     serde_json::from_value(a.get("captured").cloned().unwrap_or_default()).map_err(|e| format!("host {}: {e}", h.name))
 }
 
