@@ -354,3 +354,96 @@ pub(crate) fn machine_key(boot_id: &[u8], pidns: u64) -> u64 {
     let h = ckpt_chunker::Hash::of(&bytes);
     u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes")).max(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ckpt_wire::agent::{MAX_PAYLOAD, MAX_THREADS, Suspended, ThreadState};
+    use proptest::prelude::*;
+
+    fn hello() -> Hello {
+        Hello { version: proto::VERSION, pid: 4242, ckpt_tid: 4243, ..Default::default() }
+    }
+
+    /// A SUSPENDED of `n` threads, the last the checkpoint thread.
+    fn suspended(n: usize) -> Vec<u8> {
+        let s = Suspended { nthreads: n as u32, _pad: 0, brk: 0x1000, itimers: Default::default(), sigactions: [Default::default(); 64] };
+        let mut v = s.as_bytes().to_vec();
+        for i in 0..n {
+            let t = ThreadState { tid: 4242 + i as i32, is_ckpt_thread: u32::from(i + 1 == n), ucontext: 0x7000 + i as u64, ..Default::default() };
+            v.extend_from_slice(t.as_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn reports_are_checked_before_use() {
+        assert_eq!(parse_suspended(&hello(), &suspended(3)).unwrap().threads.len(), 3);
+        assert_eq!(suspended(MAX_THREADS + 1).len(), MAX_PAYLOAD);
+        assert!(parse_suspended(&hello(), &suspended(MAX_THREADS + 1)).is_ok());
+        let mut huge = suspended(1);
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = parse_suspended(&hello(), &huge).unwrap_err();
+        assert!(e.contains("process 4242") && e.contains("4294967295 threads"), "{e}");
+        let e = parse_suspended(&hello(), &suspended(2)[..2160 + 64]).unwrap_err();
+        assert!(e.contains("counts 2 threads in 2224 bytes"), "{e}");
+        let e = parse_suspended(&hello(), &suspended(0)).unwrap_err();
+        assert!(e.contains("counts 0 threads"), "{e}");
+        let mut dup = suspended(2);
+        dup[2160 + 64..2160 + 68].copy_from_slice(&4242i32.to_le_bytes());
+        assert!(parse_suspended(&hello(), &dup).unwrap_err().contains("twice"));
+        let e = parse_suspended(&Hello { pid: -1, ..hello() }, &suspended(1)).unwrap_err();
+        assert!(e.contains("pid -1"), "{e}");
+    }
+
+    #[test]
+    fn a_snapshot_must_be_a_live_child() {
+        let me = std::process::id() as i32;
+        assert!(check_snapshot(me, 1).unwrap_err().contains("not its live child"));
+        assert!(check_snapshot(me, -1).is_err());
+        assert!(check_snapshot(me, me).is_err());
+        let mut child = std::process::Command::new("sleep").arg("10").spawn().unwrap();
+        assert_eq!(check_snapshot(me, child.id() as i32), Ok(()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn valid_reports_round_trip(n in 1..64usize) {
+            let r = parse_suspended(&hello(), &suspended(n)).unwrap();
+            prop_assert_eq!(r.threads.len(), n);
+            prop_assert_eq!(r.suspended.brk, 0x1000);
+        }
+
+        #[test]
+        fn arbitrary_reports_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..8192)) {
+            let _ = parse_suspended(&hello(), &bytes);
+            let _ = Hello::parse(&bytes);
+            let _ = Forked::read_from(&bytes);
+            let _ = Registered::read_from(&bytes);
+        }
+
+        #[test]
+        fn mutated_reports_never_panic(n in 1..16usize, at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+            let mut v = suspended(n);
+            let i = at.index(v.len());
+            v[i] = byte;
+            let v = &v[..cut.index(v.len() + 1)];
+            if let Ok(r) = parse_suspended(&hello(), v) {
+                prop_assert!(r.threads.len() <= MAX_THREADS + 1);
+                prop_assert_eq!(r.threads.len() * 64 + 2160, v.len());
+            }
+        }
+
+        #[test]
+        fn frame_headers_are_capped(h in any::<[u8; 16]>()) {
+            let h = proto::Header::read_from(&h).unwrap();
+            if let Ok(len) = h.payload_len(proto::MAGIC, MAX_PAYLOAD) {
+                prop_assert!(len <= MAX_PAYLOAD);
+            }
+        }
+    }
+}

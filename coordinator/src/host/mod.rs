@@ -237,3 +237,105 @@ pub(crate) fn pidns() -> u64 {
         .and_then(|l| l.to_string_lossy().trim_start_matches("pid:[").trim_end_matches(']').parse().ok())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn msg(k: u32, json: &Value, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_msg(&mut v, k, json, data).unwrap();
+        v
+    }
+
+    #[test]
+    fn message_parts_are_capped() {
+        let m = read_msg(&mut &msg(kind::PUT, &serde_json::json!({"hash": "x"}), b"abc")[..], None).unwrap();
+        assert_eq!((m.kind, m.data.as_slice()), (kind::PUT, &b"abc"[..]));
+        // A data part on a message that has none.
+        let e = read_msg(&mut &msg(kind::RELEASE, &serde_json::json!({}), b"abc")[..], None).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+        // A header claiming 4 GiB is refused before anything is read.
+        let mut h = Header::new(kind::PUT, u32::MAX as usize);
+        h.magic = MAGIC;
+        let e = read_msg(&mut std::io::Read::chain(h.as_bytes(), std::io::repeat(0)), None).unwrap_err();
+        assert!(e.to_string().contains("claiming 4294967295"), "{e}");
+        // A JSON length past the message's end.
+        let mut v = msg(kind::REPLY, &serde_json::json!({}), &[]);
+        v[16..20].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(read_msg(&mut &v[..], None).is_err());
+        let mut v = msg(kind::REPLY, &serde_json::json!({}), &[]);
+        v[4..8].copy_from_slice(&77u32.to_le_bytes());
+        assert!(read_msg(&mut &v[..], None).unwrap_err().to_string().contains("unknown message kind 77"));
+    }
+
+    #[test]
+    fn requests_are_typed_and_checked() {
+        let req: Request = serde_json::from_value(serde_json::json!({"id": 3, "op": "kill", "pids": [-1]})).unwrap();
+        assert!(req.op.validate().unwrap_err().contains("pid -1"));
+        let req: Request = serde_json::from_value(serde_json::json!({"id": 3, "op": "kill", "pids": [0, 5]})).unwrap();
+        assert!(req.op.validate().is_err());
+        assert!(serde_json::from_value::<Request>(serde_json::json!({"id": 3, "op": "phase_b"})).is_err(), "a missing generation must not default");
+        assert!(serde_json::from_value::<Request>(serde_json::json!({"op": "end", "committed": true})).is_err(), "a missing id must not default");
+        assert!(serde_json::from_value::<Request>(serde_json::json!({"id": 1, "op": "format"})).is_err());
+        let req: Request = serde_json::from_value(serde_json::json!({"id": 9, "op": "alive", "pid": 12})).unwrap();
+        assert!(matches!(req.op, Op::Alive { pid: 12 }) && req.id == 9);
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        let pids = || proptest::collection::vec(1..i32::MAX, 0..8);
+        prop_oneof![
+            (pids(), pids()).prop_map(|(parents, known)| Op::Children { parents, known }),
+            (1..i32::MAX).prop_map(|pid| Op::Alive { pid }),
+            any::<u64>().prop_map(|generation| Op::PhaseB { generation }),
+            any::<bool>().prop_map(|committed| Op::End { committed }),
+            pids().prop_map(|pids| Op::Kill { pids }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn valid_messages_round_trip(op in arb_op(), id in any::<u64>(), k in 1..=11u32, data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let json = serde_json::to_value(Request { id, op: op.clone() }).unwrap();
+            let data = if caps(k).unwrap().1 == 0 { Vec::new() } else { data };
+            let m = read_msg(&mut &msg(k, &json, &data)[..], None).unwrap();
+            prop_assert_eq!(m.kind, k);
+            prop_assert_eq!(&m.data, &data);
+            let back: Request = serde_json::from_value(m.json).unwrap();
+            prop_assert_eq!(back.id, id);
+            prop_assert!(back.op.validate().is_ok());
+            prop_assert_eq!(back.op.name(), op.name());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024), magic in any::<bool>()) {
+            let mut bytes = bytes;
+            if magic && bytes.len() >= 4 {
+                bytes[..4].copy_from_slice(&MAGIC.to_le_bytes());
+            }
+            if let Ok(m) = read_msg(&mut &bytes[..], None) {
+                prop_assert!(m.data.len() <= caps(m.kind).unwrap().1);
+                if let Ok(r) = serde_json::from_value::<Request>(m.json) {
+                    let _ = r.op.validate();
+                }
+            }
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(op in arb_op(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+            let mut v = msg(kind::REQUEST, &serde_json::to_value(Request { id: 1, op }).unwrap(), &[]);
+            let i = at.index(v.len());
+            v[i] = byte;
+            let v = &v[..cut.index(v.len() + 1)];
+            if let Ok(m) = read_msg(&mut &v[..], None) {
+                prop_assert!(m.data.len() <= caps(m.kind).unwrap().1);
+                if let Ok(r) = serde_json::from_value::<Request>(m.json) {
+                    let _ = r.op.validate();
+                }
+            }
+        }
+    }
+}
