@@ -197,3 +197,76 @@ fn malformed_agent_reports_fail_the_round_and_close_only_that_agent() {
     p.wait_prefix("DONE", LINE_TIMEOUT);
     assert!(p.wait_exit(CMD_TIMEOUT).success(), "{}", p.context());
 }
+
+const HOST_MAGIC: u32 = 0x484b_5043;
+
+fn host_send(c: &mut UnixStream, kind: u32, json: &str) {
+    let mut v: Vec<u8> = [HOST_MAGIC, kind, 4 + json.len() as u32, 0].iter().flat_map(|w| w.to_le_bytes()).collect();
+    v.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    v.extend_from_slice(json.as_bytes());
+    c.write_all(&v).unwrap();
+}
+
+/// The next message from the helper: its kind and JSON part.
+fn host_recv(c: &mut UnixStream) -> (u32, Json) {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).expect("the helper closed the connection");
+    let word = |i: usize| u32::from_le_bytes(h[i * 4..i * 4 + 4].try_into().unwrap());
+    assert_eq!(word(0), HOST_MAGIC);
+    let mut payload = vec![0u8; word(2) as usize];
+    c.read_exact(&mut payload).unwrap();
+    let jl = u32::from_le_bytes(payload[..4].try_into().unwrap()) as usize;
+    (word(1), Json::parse(&String::from_utf8_lossy(&payload[4..4 + jl])).unwrap())
+}
+
+/// A fake coordinator asks a real `ckpt host` to kill pid -1, a process
+/// outside any computation, and sends it a request missing a field: each
+/// is refused naming why, nothing is killed, and the helper goes on
+/// answering.
+#[test]
+fn a_capture_helper_kills_only_processes_it_serves() {
+    let s = Session::new("trust_proto_host");
+    let path = s.path("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut helper = Proc::spawn("ckpt host".into(), {
+        let mut c = std::process::Command::new(&s.ckpt);
+        c.args(["host", "--coord", &format!("unix:{}", path.display())]);
+        c
+    });
+    let (mut c, _) = listener.accept().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (kind, _) = host_recv(&mut c);
+    assert_eq!(kind, 1, "the helper did not say HELLO");
+    host_send(&mut c, 2, r#"{"ok":true}"#);
+    let mut bystander = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = bystander.id();
+
+    let ask = |c: &mut UnixStream, id: u64, req: &str| -> Json {
+        host_send(c, 3, req);
+        let (kind, j) = host_recv(c);
+        assert_eq!(kind, 4, "the helper's answer to {req} is not a REPLY");
+        assert_eq!(j.get("id").and_then(Json::as_u64), Some(id), "the answer to {req} has the wrong id");
+        j
+    };
+    let refused = |j: &Json, why: &str, req: &str| {
+        let e = j.get("error").and_then(Json::as_str).unwrap_or("");
+        assert!(matches!(j.get("ok"), Some(Json::Bool(false))) && e.contains(why), "{req} was not refused saying {why:?}: {j:?}");
+    };
+    let req = r#"{"id":1,"op":"kill","pids":[-1]}"#;
+    refused(&ask(&mut c, 1, req), "pid -1", req);
+    let req = format!(r#"{{"id":2,"op":"kill","pids":[{pid}]}}"#);
+    refused(&ask(&mut c, 2, &req), "does not run the ckpt agent", &req);
+    let req = r#"{"id":3,"op":"kill"}"#;
+    refused(&ask(&mut c, 3, req), "missing field `pids`", req);
+    let req = r#"{"id":4,"op":"alive","pid":0}"#;
+    refused(&ask(&mut c, 4, req), "pid 0", req);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(bystander.try_wait().unwrap().is_none(), "the helper killed a process outside the computation");
+    // Still serving.
+    let j = ask(&mut c, 5, &format!(r#"{{"id":5,"op":"alive","pid":{pid}}}"#));
+    assert!(matches!(j.get("alive"), Some(Json::Bool(true))), "{j:?}");
+    drop(c);
+    assert!(helper.wait_exit(CMD_TIMEOUT).success(), "{}", helper.context());
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
