@@ -885,10 +885,16 @@ impl Coordinator {
                 // An agent may take a while: answered from a thread of its own.
                 let (c, h) = (self.clone(), h.clone());
                 std::thread::spawn(move || {
-                    let pid = m.json.get("pid").and_then(Value::as_i64).unwrap_or(0) as i32;
-                    let k = m.json.get("kind").and_then(Value::as_u64).unwrap_or(0) as u32;
+                    let pid = m.json.get("pid").and_then(Value::as_i64).and_then(|p| i32::try_from(p).ok()).filter(|&p| p > 0);
+                    let k = m.json.get("kind").and_then(Value::as_u64).and_then(|k| u32::try_from(k).ok());
                     let id = m.json.get("id").cloned().unwrap_or(Value::Null);
-                    let (json, data) = match c.agent_call(h.key, pid, k, &m.data) {
+                    // A helper asks its machine's stopped agents only what a
+                    // round needs: write tracking and the snapshot.
+                    let call = match (pid, k) {
+                        (Some(pid), Some(k @ (kind::REGISTER | kind::FORK))) => c.agent_call(h.key, pid, k, &m.data),
+                        _ => Err(format!("host {}: a malformed agent request ({}): a helper asks agents only REGISTER or FORK of a process", h.name, m.json)),
+                    };
+                    let (json, data) = match call {
                         Ok((k, data)) => (json!({"id": id, "ok": true, "kind": k}), data),
                         Err(e) => (json!({"id": id, "ok": false, "error": e}), Vec::new()),
                     };
