@@ -53,6 +53,7 @@ fn vm_rss_kib(pid: i32) -> u64 {
 
 fn assert_rss_bounded(coord: i32, after: &str) {
     let rss = vm_rss_kib(coord);
+    eprintln!("coordinator VmRSS after {after}: {rss} KiB");
     assert!(rss < 200 << 10, "the coordinator's RSS is {rss} KiB after {after}");
 }
 
