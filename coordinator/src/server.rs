@@ -357,7 +357,7 @@ impl Coordinator {
         {
             let mut all = self.restarts.lock().unwrap();
             // Barriers that opened a while ago are done with.
-            all.retain(|g, b| *g == generation || !b.1.is_some_and(|t| t.elapsed() > Duration::from_secs(5)));
+            all.retain(|g, b| *g == generation || b.1.is_none_or(|t| t.elapsed() <= Duration::from_secs(5)));
             if !all.contains_key(&generation) && all.len() >= protocol::MAX_LIST {
                 return Err(format!("{} restart barriers are open already: let them finish (or time out) first", all.len()));
             }
