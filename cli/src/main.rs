@@ -11,10 +11,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ckpt_coordinator::protocol::External;
 use ckpt_coordinator::{Address, client};
 use ckpt_store::Store;
 use clap::{Parser, Subcommand};
-use serde_json::{Value, json};
+use serde_json::json;
 
 mod remote_cmd;
 mod gc_cmd;
@@ -253,9 +254,9 @@ fn log_path(addr: &Address) -> PathBuf {
 /// Makes sure a coordinator answers at `addr`, using `store` (started in
 /// the background if none runs).
 fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>) -> Result<()> {
-    match client::request(addr, "hello", json!({}), Duration::from_secs(2)) {
+    match client::hello(addr, Duration::from_secs(2)) {
         Ok(v) => {
-            let theirs = v.get("store").and_then(Value::as_str).unwrap_or("");
+            let theirs = v.store;
             if store_given && theirs != store {
                 bail!("the coordinator at {addr} uses store {theirs}, not {store}; quit it (`ckpt quit`) or choose another address with --coord");
             }
@@ -327,8 +328,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Checkpoint { coord } => {
             let addr = coord_addr(&coord)?;
-            let v = client::request(&addr, "checkpoint", json!({}), Duration::from_secs(3600))?;
-            println!("{}", v["generation"]);
+            let v = client::checkpoint(&addr, Duration::from_secs(3600))?;
+            println!("{}", v.generation);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { coord, json } => status(&coord_addr(&coord)?, json),
@@ -340,12 +341,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Push { dest, store, json } => remote_cmd::push(&store_url(&store), &dest, json),
         Cmd::Pull { src, store, json } => remote_cmd::pull(&src, &store_url(&store), json),
         Cmd::Kill { coord } => {
-            let v = client::request(&coord_addr(&coord)?, "kill", json!({}), Duration::from_secs(10))?;
-            eprintln!("killed {}", v["killed"]);
+            let v = client::kill(&coord_addr(&coord)?, Duration::from_secs(10))?;
+            eprintln!("killed {}", serde_json::to_string(&v.killed)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Quit { coord } => {
-            client::request(&coord_addr(&coord)?, "quit", json!({}), Duration::from_secs(10))?;
+            client::quit(&coord_addr(&coord)?, Duration::from_secs(10))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Gc { store, args } => gc_cmd::gc(&store_url(&store), args),
@@ -389,7 +390,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
 }
 
 fn status(addr: &Address, as_json: bool) -> Result<ExitCode> {
-    let v = match client::request(addr, "status", json!({}), Duration::from_secs(10)) {
+    let v = match client::status(addr, Duration::from_secs(10)) {
         Ok(v) => v,
         Err(ckpt_coordinator::CoordError::Unreachable { .. }) => {
             if as_json {
@@ -405,31 +406,29 @@ fn status(addr: &Address, as_json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let c = &v["coordinator"];
-    println!("coordinator: {} (pid {}, up {}s{})", c["addr"].as_str().unwrap_or(""), c["pid"], c["uptime_s"], match c["interval_s"].as_u64() {
+    let c = &v.coordinator;
+    println!("coordinator: {} (pid {}, up {}s{})", c.addr, c.pid, c.uptime_s, match c.interval_s {
         Some(i) => format!(", checkpoint every {i}s"),
         None => String::new(),
     });
-    println!("store:       {}", v["store"].as_str().unwrap_or(""));
-    let procs = v["processes"].as_array().cloned().unwrap_or_default();
-    println!("processes:   {}", procs.len());
-    for p in procs {
-        let restored = p["restored_from"].as_u64().unwrap_or(0);
+    println!("store:       {}", v.store);
+    println!("processes:   {}", v.processes.len());
+    for p in &v.processes {
         println!(
             "  pid {:>7}  {:<16} host {}  tracking {}{}{}",
-            p["pid"],
-            p["comm"].as_str().unwrap_or(""),
-            p["host"].as_str().unwrap_or(""),
-            p["dirty_tracking"].as_str().unwrap_or("?"),
-            if p["fork"].as_bool() == Some(true) { ", forked snapshots" } else { "" },
-            if restored > 0 { format!("  (restarted from generation {restored})") } else { String::new() }
+            p.pid,
+            p.comm,
+            p.host,
+            p.dirty_tracking,
+            if p.fork { ", forked snapshots" } else { "" },
+            if p.restored_from > 0 { format!("  (restarted from generation {})", p.restored_from) } else { String::new() }
         );
     }
-    match v["last_generation"].as_object() {
-        Some(g) => println!("last generation: {} ({} processes, {} new bytes)", g["id"], g["nprocs"], g["new_bytes"]),
+    match &v.last_generation {
+        Some(g) => println!("last generation: {} ({} processes, {} new bytes)", g.id, g.nprocs, g.new_bytes),
         None => println!("last generation: none"),
     }
-    if let Some(e) = v["last_error"].as_str() {
+    if let Some(e) = &v.last_error {
         println!("last error:  {e}");
     }
     Ok(ExitCode::SUCCESS)
@@ -537,10 +536,10 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     ensure_coordinator(addr, url, store_given, None)?;
     // The restarted processes get this command's stdin, stdout and stderr:
     // the coordinator must know them as the computation's outside.
-    let stdio: Vec<Value> = (0..3)
-        .filter_map(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok().map(|t| json!({"fd": fd, "target": t.to_string_lossy()})))
+    let stdio: Vec<External> = (0..3)
+        .filter_map(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok().map(|t| External { fd, target: t.to_string_lossy().into_owned() }))
         .collect();
-    client::request(addr, "externals", json!({"fds": stdio}), Duration::from_secs(10)).context("telling the coordinator about this command's stdio")?;
+    client::externals(addr, stdio, Duration::from_secs(10)).context("telling the coordinator about this command's stdio")?;
     let connect = || {
         // The connection becomes a restored agent's, which waits on it for
         // as long as the computation runs: no read timeout (it would end
@@ -554,15 +553,14 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     // coordinator before their connections go live.
     let before_live = || {
         if hosts.len() > 1 {
-            let req = json!({"generation": info.id, "arrived": mine, "hosts": hosts});
-            client::request(addr, "restart_barrier", req, Duration::from_secs(RESTART_BARRIER_SECS + 10))
+            client::restart_barrier(addr, info.id, mine.clone(), hosts.clone(), Duration::from_secs(RESTART_BARRIER_SECS + 10))
                 .map_err(|e| ckpt_engine::EngineError::Restore { generation: info.id, what: format!("waiting for the restarts on hosts {}: {e}", hosts.join(", ")) })?;
         }
         Ok(())
     };
     let restored = ckpt_engine::restore::restore_generation(&store, info.id, &images, &restorer, connect, before_live)?;
     for pid in &restored.all {
-        client::request(addr, "wait_process", json!({"pid": pid}), Duration::from_secs(30))
+        client::wait_process(addr, *pid, Duration::from_secs(30))
             .with_context(|| format!("restored process {pid} did not come back to the coordinator"))?;
     }
     let list = |v: &[i32]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");

@@ -1,39 +1,69 @@
-//! The CLI side of the coordinator protocol: one JSON request per line, one
-//! JSON answer per line, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
+//! The CLI side of the control protocol ([`crate::protocol`]): one typed
+//! request per connection, one typed answer.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde::de::DeserializeOwned;
 
+use crate::protocol::{self, CheckpointReply, Done, External, HelloReply, KillReply, Request, StatusReply};
 use crate::{Address, CoordError};
 
-/// Sends `cmd` (with extra fields) and returns the answer's fields. A
-/// refusal becomes [`CoordError::Refused`] carrying the coordinator's message.
-pub fn request(addr: &Address, cmd: &str, extra: Value, timeout: Duration) -> Result<Value, CoordError> {
+/// Sends `req` and decodes the answer as `T`. A refusal becomes
+/// [`CoordError::Refused`] carrying the coordinator's message.
+pub fn call<T: DeserializeOwned>(addr: &Address, req: &Request, timeout: Duration) -> Result<T, CoordError> {
     let mut s = addr.connect(timeout).map_err(|e| CoordError::Unreachable { addr: addr.to_string(), source: e })?;
-    let mut req = json!({ "cmd": cmd });
-    if let (Some(obj), Value::Object(more)) = (req.as_object_mut(), extra) {
-        obj.extend(more);
-    }
-    let mut line = serde_json::to_vec(&req).expect("json");
-    line.push(b'\n');
     let proto = |e: std::io::Error| CoordError::Protocol { addr: addr.to_string(), source: e };
-    s.write_all(&line).map_err(proto)?;
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).map_err(proto)?;
-    if answer.is_empty() {
-        return Err(proto(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no answer")));
-    }
-    let v: Value = serde_json::from_str(&answer).map_err(|e| proto(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-    if v.get("ok").and_then(Value::as_bool) == Some(true) {
-        Ok(v)
-    } else {
-        Err(CoordError::Refused(v.get("error").and_then(Value::as_str).unwrap_or("refused without a reason").to_string()))
-    }
+    let invalid = |e: protocol::ProtoError| proto(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+    s.write_all(&req.encode()).map_err(proto)?;
+    let answer = protocol::read_line(&mut s, &[], protocol::MAX_ANSWER).map_err(|e| match e {
+        protocol::ProtoError::Truncated => proto(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("no answer to {}", req.name()))),
+        e => invalid(e),
+    })?;
+    protocol::decode_answer(&answer).map_err(invalid)?.map_err(CoordError::Refused)
+}
+
+/// `hello`: the coordinator's store and address.
+pub fn hello(addr: &Address, timeout: Duration) -> Result<HelloReply, CoordError> {
+    call(addr, &Request::Hello {}, timeout)
+}
+
+/// `status`: the coordinator and its processes.
+pub fn status(addr: &Address, timeout: Duration) -> Result<StatusReply, CoordError> {
+    call(addr, &Request::Status {}, timeout)
+}
+
+/// `checkpoint`: the generation committed.
+pub fn checkpoint(addr: &Address, timeout: Duration) -> Result<CheckpointReply, CoordError> {
+    call(addr, &Request::Checkpoint {}, timeout)
+}
+
+/// `kill`: the processes killed.
+pub fn kill(addr: &Address, timeout: Duration) -> Result<KillReply, CoordError> {
+    call(addr, &Request::Kill {}, timeout)
+}
+
+/// `externals`: fds given to the computation from outside.
+pub fn externals(addr: &Address, fds: Vec<External>, timeout: Duration) -> Result<(), CoordError> {
+    call::<Done>(addr, &Request::Externals { fds }, timeout).map(drop)
+}
+
+/// `restart_barrier`: returns once every host of `hosts` arrived.
+pub fn restart_barrier(addr: &Address, generation: u64, arrived: Vec<String>, hosts: Vec<String>, timeout: Duration) -> Result<(), CoordError> {
+    call::<Done>(addr, &Request::RestartBarrier { generation, arrived, hosts }, timeout).map(drop)
+}
+
+/// `wait_process`: returns once `pid` registered.
+pub fn wait_process(addr: &Address, pid: i32, timeout: Duration) -> Result<(), CoordError> {
+    call::<Done>(addr, &Request::WaitProcess { pid }, timeout).map(drop)
+}
+
+/// `quit`: stops the coordinator.
+pub fn quit(addr: &Address, timeout: Duration) -> Result<(), CoordError> {
+    call::<Done>(addr, &Request::Quit {}, timeout).map(drop)
 }
 
 /// True if a coordinator answers at `addr`.
 pub fn is_up(addr: &Address) -> bool {
-    request(addr, "hello", json!({}), Duration::from_secs(2)).is_ok()
+    hello(addr, Duration::from_secs(2)).is_ok()
 }

@@ -2,7 +2,7 @@
 //!
 //! Role: accept the agents of the computation's processes (binary protocol
 //! of [`ckpt_wire::agent`]) and the CLI's requests (one JSON object per
-//! line, see [`client`]); run the checkpoint barrier (every process stopped
+//! line, typed in [`protocol`], sent by [`client`]); run the checkpoint barrier (every process stopped
 //! → every image written → commit → every process resumed); own the store's
 //! writer, so a generation is committed only when every process's image is
 //! durable, all or nothing. It reads the processes of its own machine
@@ -17,6 +17,7 @@ pub mod addr;
 pub mod client;
 pub mod host;
 mod machine;
+pub mod protocol;
 pub mod secret;
 mod server;
 

@@ -20,7 +20,7 @@ use ckpt_engine::image::{FdImage, ProcessEntry, RegionKind};
 use ckpt_engine::procfs;
 use ckpt_store::BlobSink;
 use ckpt_wire::Pod;
-use ckpt_wire::agent::{self as proto, Forked, Hello, RangeList, Registered, Suspended, ThreadState, kind};
+use ckpt_wire::agent::{self as proto, Forked, Hello, RangeList, Registered, kind};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -55,7 +55,10 @@ impl Target {
         let bad = || format!("process {}: malformed agent report", self.pid);
         let hello = hex::decode(&self.hello).ok().and_then(|b| Hello::parse(&b)).ok_or_else(bad)?;
         let payload = hex::decode(&self.suspended).map_err(|_| bad())?;
-        parse_suspended(&hello, &payload).ok_or_else(bad)
+        if hello.pid != self.pid {
+            return Err(format!("process {}: its report is of process {}", self.pid, hello.pid));
+        }
+        parse_suspended(&hello, &payload)
     }
 }
 
@@ -221,8 +224,13 @@ fn one(
         // attached while it lives).
         match link.call(pid, kind::FORK, &range_list(&prep.no_fork)) {
             Ok((kind::FORKED, f)) => {
-                let f = Forked::read_from(&f).unwrap_or_default();
-                if f.pid > 0 {
+                let Some(f) = Forked::read_from(&f).filter(|_| f.len() == std::mem::size_of::<Forked>()) else {
+                    return (None, Err(format!("process {pid} answered the snapshot request with {} bytes, not a FORKED", f.len())));
+                };
+                if f.pid != 0 {
+                    if let Err(e) = check_snapshot(pid, f.pid) {
+                        return (None, Err(e));
+                    }
                     snapshot = Some(f.pid);
                 } else {
                     tracing::warn!(pid, errno = f.errno, "fork of the snapshot failed; reading the process while it is stopped");
@@ -316,15 +324,25 @@ pub(crate) fn alive(pid: i32) -> bool {
     procfs::tree_ids(pid).map(|t| t.state != 'Z' && t.state != 'X').unwrap_or(false)
 }
 
-pub(crate) fn parse_suspended(hello: &Hello, payload: &[u8]) -> Option<AgentReport> {
-    let s = Suspended::read_from(payload)?;
-    let mut threads = Vec::with_capacity(s.nthreads as usize);
-    let base = std::mem::size_of::<Suspended>();
-    let ts = std::mem::size_of::<ThreadState>();
-    for i in 0..s.nthreads as usize {
-        threads.push(ThreadState::read_from(payload.get(base + i * ts..)?)?);
+/// Decodes the SUSPENDED report of the process that said `hello`; a
+/// malformed one is refused naming the process and what was wrong.
+pub(crate) fn parse_suspended(hello: &Hello, payload: &[u8]) -> Result<AgentReport, String> {
+    AgentReport::parse(hello, payload).map_err(|e| format!("process {} sent a malformed report: {e}", hello.pid))
+}
+
+/// Checks the snapshot an agent says it forked: the agent forks it from
+/// its own process, so it is a live child of `pid` (never some other
+/// process that the round would then read and kill).
+pub(crate) fn check_snapshot(pid: i32, snapshot: i32) -> Result<(), String> {
+    let refuse = |why: &str| Err(format!("process {pid} named process {snapshot} as its snapshot, which {why}: the checkpoint is refused"));
+    if snapshot <= 0 || snapshot == pid {
+        return refuse("is not a process it forked");
     }
-    Some(AgentReport { hello: *hello, suspended: s, threads })
+    match procfs::tree_ids(snapshot) {
+        Ok(t) if t.ppid == pid && t.state != 'Z' && t.state != 'X' => Ok(()),
+        Ok(_) => refuse("is not its live child"),
+        Err(_) => refuse("does not exist"),
+    }
 }
 
 /// A short key for a machine: its kernel's boot id and the PID namespace
@@ -335,4 +353,97 @@ pub(crate) fn machine_key(boot_id: &[u8], pidns: u64) -> u64 {
     bytes.extend_from_slice(&pidns.to_le_bytes());
     let h = ckpt_chunker::Hash::of(&bytes);
     u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes")).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ckpt_wire::agent::{MAX_PAYLOAD, MAX_THREADS, Suspended, ThreadState};
+    use proptest::prelude::*;
+
+    fn hello() -> Hello {
+        Hello { version: proto::VERSION, pid: 4242, ckpt_tid: 4243, ..Default::default() }
+    }
+
+    /// A SUSPENDED of `n` threads, the last the checkpoint thread.
+    fn suspended(n: usize) -> Vec<u8> {
+        let s = Suspended { nthreads: n as u32, _pad: 0, brk: 0x1000, itimers: Default::default(), sigactions: [Default::default(); 64] };
+        let mut v = s.as_bytes().to_vec();
+        for i in 0..n {
+            let t = ThreadState { tid: 4242 + i as i32, is_ckpt_thread: u32::from(i + 1 == n), ucontext: 0x7000 + i as u64, ..Default::default() };
+            v.extend_from_slice(t.as_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn reports_are_checked_before_use() {
+        assert_eq!(parse_suspended(&hello(), &suspended(3)).unwrap().threads.len(), 3);
+        assert_eq!(suspended(MAX_THREADS + 1).len(), MAX_PAYLOAD);
+        assert!(parse_suspended(&hello(), &suspended(MAX_THREADS + 1)).is_ok());
+        let mut huge = suspended(1);
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = parse_suspended(&hello(), &huge).unwrap_err();
+        assert!(e.contains("process 4242") && e.contains("4294967295 threads"), "{e}");
+        let e = parse_suspended(&hello(), &suspended(2)[..2160 + 64]).unwrap_err();
+        assert!(e.contains("counts 2 threads in 2224 bytes"), "{e}");
+        let e = parse_suspended(&hello(), &suspended(0)).unwrap_err();
+        assert!(e.contains("counts 0 threads"), "{e}");
+        let mut dup = suspended(2);
+        dup[2160 + 64..2160 + 68].copy_from_slice(&4242i32.to_le_bytes());
+        assert!(parse_suspended(&hello(), &dup).unwrap_err().contains("twice"));
+        let e = parse_suspended(&Hello { pid: -1, ..hello() }, &suspended(1)).unwrap_err();
+        assert!(e.contains("pid -1"), "{e}");
+    }
+
+    #[test]
+    fn a_snapshot_must_be_a_live_child() {
+        let me = std::process::id() as i32;
+        assert!(check_snapshot(me, 1).unwrap_err().contains("not its live child"));
+        assert!(check_snapshot(me, -1).is_err());
+        assert!(check_snapshot(me, me).is_err());
+        let mut child = std::process::Command::new("sleep").arg("10").spawn().unwrap();
+        assert_eq!(check_snapshot(me, child.id() as i32), Ok(()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn valid_reports_round_trip(n in 1..64usize) {
+            let r = parse_suspended(&hello(), &suspended(n)).unwrap();
+            prop_assert_eq!(r.threads.len(), n);
+            prop_assert_eq!(r.suspended.brk, 0x1000);
+        }
+
+        #[test]
+        fn arbitrary_reports_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..8192)) {
+            let _ = parse_suspended(&hello(), &bytes);
+            let _ = Hello::parse(&bytes);
+            let _ = Forked::read_from(&bytes);
+            let _ = Registered::read_from(&bytes);
+        }
+
+        #[test]
+        fn mutated_reports_never_panic(n in 1..16usize, at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+            let mut v = suspended(n);
+            let i = at.index(v.len());
+            v[i] = byte;
+            let v = &v[..cut.index(v.len() + 1)];
+            if let Ok(r) = parse_suspended(&hello(), v) {
+                prop_assert!(r.threads.len() <= MAX_THREADS + 1);
+                prop_assert_eq!(r.threads.len() * 64 + 2160, v.len());
+            }
+        }
+
+        #[test]
+        fn frame_headers_are_capped(h in any::<[u8; 16]>()) {
+            let h = proto::Header::read_from(&h).unwrap();
+            if let Ok(len) = h.payload_len(proto::MAGIC, MAX_PAYLOAD) {
+                prop_assert!(len <= MAX_PAYLOAD);
+            }
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The coordinator daemon.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -18,8 +18,10 @@ use ckpt_wire::Pod;
 use ckpt_wire::agent::{self as proto, CheckpointRequest, Failed, Header, Hello, Resume, Welcome, kind};
 use serde_json::{Value, json};
 
+use crate::host::Op;
 use crate::host::remote::RemoteHost;
 use crate::machine::{self, AgentLink, Captured, RoundOpts, Stray, Target, Work, parse_suspended};
+use crate::protocol::{self, CheckpointReply, CoordinatorStatus, Done, External, HelloReply, KillReply, ProcessStatus, Request, StatusReply};
 use crate::{Address, CoordError, Stream};
 
 /// How the coordinator runs.
@@ -66,6 +68,8 @@ struct Proc {
     writer: Mutex<Stream>,
     rx: Mutex<Receiver<AgentMsg>>,
     since_ms: i64,
+    /// Why the coordinator closed this agent's connection, if it did.
+    broken: Mutex<Option<String>>,
 }
 
 impl Proc {
@@ -79,6 +83,22 @@ impl Proc {
         match self.rx.lock().unwrap().recv_timeout(timeout) {
             Ok(AgentMsg::Frame(k, p)) => Some((k, p)),
             Ok(AgentMsg::Closed) | Err(RecvTimeoutError::Disconnected) | Err(RecvTimeoutError::Timeout) => None,
+        }
+    }
+
+    /// Ends this agent's membership: its connection is closed (the agent
+    /// resumes its threads on its own when it sees that).
+    fn close(&self, why: String) {
+        tracing::warn!(pid = self.hello.pid, "closing the agent's connection: {why}");
+        self.broken.lock().unwrap().get_or_insert(why);
+        self.writer.lock().unwrap().shutdown();
+    }
+
+    /// What a round says of an agent that did not answer.
+    fn silent(&self, what: String) -> String {
+        match &*self.broken.lock().unwrap() {
+            Some(why) => format!("process {}: {why}; its connection is closed", self.hello.pid),
+            None => what,
         }
     }
 }
@@ -213,7 +233,8 @@ impl Coordinator {
         let mut hb = first.to_vec();
         hb.extend_from_slice(&rest);
         let h = Header::read_from(&hb).unwrap_or_default();
-        let mut payload = vec![0u8; h.len as usize];
+        let Ok(len) = h.payload_len(proto::MAGIC, std::mem::size_of::<Hello>()) else { return };
+        let mut payload = vec![0u8; len];
         if h.kind != kind::HELLO || stream.read_exact(&mut payload).is_err() {
             return;
         }
@@ -228,23 +249,28 @@ impl Coordinator {
         };
         let machine = self.machine_of(&hello);
         let key = (machine, hello.pid);
-        let p = Arc::new(Proc { conn_id, machine, hello, host, writer: Mutex::new(writer), rx: Mutex::new(rx), since_ms: now_ms() });
+        let p = Arc::new(Proc { conn_id, machine, hello, host, writer: Mutex::new(writer), rx: Mutex::new(rx), since_ms: now_ms(), broken: Mutex::new(None) });
         let welcome = Welcome { ok: 1, _pad: 0, last_gen: 0 };
         if p.send(kind::WELCOME, welcome.as_bytes()).is_err() {
             return;
         }
         tracing::info!(pid = hello.pid, restored_from = hello.restored_gen, "process joined");
-        self.procs.lock().unwrap().insert(key, p);
+        self.procs.lock().unwrap().insert(key, p.clone());
         loop {
             let mut hb = [0u8; 16];
             if stream.read_exact(&mut hb).is_err() {
                 break;
             }
             let Some(h) = Header::read_from(&hb) else { break };
-            if h.magic != proto::MAGIC {
-                break;
-            }
-            let mut payload = vec![0u8; h.len as usize];
+            // Capped before anything is allocated for the payload.
+            let len = match h.payload_len(proto::MAGIC, proto::MAX_PAYLOAD) {
+                Ok(len) => len,
+                Err(e) => {
+                    p.close(format!("it sent {e}"));
+                    break;
+                }
+            };
+            let mut payload = vec![0u8; len];
             if stream.read_exact(&mut payload).is_err() {
                 break;
             }
@@ -260,85 +286,37 @@ impl Coordinator {
         }
     }
 
-    fn serve_client(self: Arc<Self>, stream: Stream, first: [u8; 4]) {
+    /// Serves one request of the CLI ([`crate::protocol`]): a bad one is
+    /// answered naming what was wrong, and only its connection closes.
+    fn serve_client(self: Arc<Self>, mut stream: Stream, first: [u8; 4]) {
         let Ok(mut out) = stream.try_clone() else { return };
-        let mut line = String::from_utf8_lossy(&first).into_owned();
-        let mut r = BufReader::new(stream);
-        if r.read_line(&mut line).is_err() {
-            return;
-        }
-        let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
-        let answer = match cmd {
-            "hello" => json!({"ok": true, "store": self.cfg.store_url, "addr": self.cfg.addr.to_string(), "pid": std::process::id()}),
-            "status" => self.status(),
-            "checkpoint" => match self.checkpoint() {
-                Ok(g) => json!({"ok": true, "generation": g.id, "info": g}),
+        let _ = stream.set_read_timeout(Some(protocol::REQUEST_TIMEOUT));
+        let req = match protocol::read_line(&mut stream, &first, protocol::MAX_LINE).and_then(|l| Request::decode(&l)) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("refused a client request: {e}");
+                let _ = out.write_all(&protocol::error_line(&e.to_string()));
+                return;
+            }
+        };
+        let answer = match req {
+            Request::Hello {} => Ok(protocol::ok_line(&self.hello())),
+            Request::Status {} => Ok(protocol::ok_line(&self.status())),
+            Request::Checkpoint {} => match self.checkpoint() {
+                Ok(g) => Ok(protocol::ok_line(&CheckpointReply { generation: g.id, info: g })),
                 Err(e) => {
                     *self.last_error.lock().unwrap() = Some(e.clone());
-                    json!({"ok": false, "error": e})
+                    Err(e)
                 }
             },
-            "kill" => self.kill_all(),
-            "externals" => {
-                let mut ext = self.externals.lock().unwrap();
-                for item in req.get("fds").and_then(Value::as_array).into_iter().flatten() {
-                    if let (Some(fd), Some(target)) = (item.get("fd").and_then(Value::as_i64), item.get("target").and_then(Value::as_str))
-                        && !ext.iter().any(|(_, t)| t == target) {
-                            ext.push((fd as i32, target.to_string()));
-                        }
-                }
-                json!({"ok": true})
+            Request::Kill {} => self.kill_all().map(|k| protocol::ok_line(&k)),
+            Request::Externals { fds } => {
+                self.add_externals(fds);
+                Ok(protocol::ok_line(&Done {}))
             }
-            "restart_barrier" => {
-                // The restarts of one generation on several hosts: each
-                // names the hosts (as recorded) whose processes it brings
-                // back, and is answered once every host has arrived.
-                let generation = req.get("generation").and_then(Value::as_u64).unwrap_or(0);
-                let names = |k: &str| -> Vec<String> {
-                    req.get(k).and_then(Value::as_array).into_iter().flatten().filter_map(|h| h.as_str().map(str::to_string)).collect()
-                };
-                let (arrived, hosts) = (names("arrived"), names("hosts"));
-                {
-                    let mut all = self.restarts.lock().unwrap();
-                    let entry = all.entry(generation).or_default();
-                    // A barrier that opened a while ago belongs to an earlier
-                    // restart of this generation.
-                    if entry.1.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
-                        *entry = Default::default();
-                    }
-                    entry.0.extend(arrived);
-                }
-                let deadline = Instant::now() + Duration::from_secs(RESTART_BARRIER_SECS);
-                loop {
-                    let mut all = self.restarts.lock().unwrap();
-                    let entry = all.entry(generation).or_default();
-                    let missing: Vec<&String> = hosts.iter().filter(|h| !entry.0.contains(*h)).collect();
-                    if missing.is_empty() {
-                        entry.1.get_or_insert_with(Instant::now);
-                        break json!({"ok": true});
-                    }
-                    drop(all);
-                    if Instant::now() >= deadline {
-                        break json!({"ok": false, "error": format!("no restart of generation {generation} arrived from host(s) {missing:?} within {RESTART_BARRIER_SECS} s: run `ckpt restart {generation} --host NAME` on each host of the generation")});
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-            "wait_process" => {
-                let pid = req.get("pid").and_then(Value::as_i64).unwrap_or(0) as i32;
-                let deadline = Instant::now() + Duration::from_secs(20);
-                let mut found = false;
-                while Instant::now() < deadline {
-                    if self.procs.lock().unwrap().keys().any(|(_, p)| *p == pid) {
-                        found = true;
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                if found { json!({"ok": true}) } else { json!({"ok": false, "error": format!("process {pid} did not register with the coordinator")}) }
-            }
-            "quit" => {
+            Request::RestartBarrier { generation, arrived, hosts } => self.restart_barrier(generation, arrived, hosts).map(|()| protocol::ok_line(&Done {})),
+            Request::WaitProcess { pid } => self.wait_process(pid).map(|()| protocol::ok_line(&Done {})),
+            Request::Quit {} => {
                 self.quit.store(true, Ordering::Release);
                 // No checkpoint may be half-way when we go; the catalog is
                 // left as one self-contained file before we answer.
@@ -347,24 +325,84 @@ impl Coordinator {
                     tracing::warn!("folding the catalog's WAL: {e}");
                 }
                 std::mem::forget(no_checkpoint);
-                json!({"ok": true})
+                let _ = out.write_all(&protocol::ok_line(&Done {}));
+                if let Address::Unix(p) = &self.cfg.addr {
+                    let _ = std::fs::remove_file(p);
+                }
+                tracing::info!("quit requested");
+                std::process::exit(0);
             }
-            other => json!({"ok": false, "error": format!("unknown command {other:?}")}),
         };
-        let mut bytes = serde_json::to_vec(&answer).unwrap_or_default();
-        bytes.push(b'\n');
-        let _ = out.write_all(&bytes);
-        if cmd == "quit" {
-            if let Address::Unix(p) = &self.cfg.addr {
-                let _ = std::fs::remove_file(p);
+        let _ = out.write_all(&answer.unwrap_or_else(|e| protocol::error_line(&e)));
+    }
+
+    fn hello(&self) -> HelloReply {
+        HelloReply { store: self.cfg.store_url.clone(), addr: self.cfg.addr.to_string(), pid: std::process::id() }
+    }
+
+    /// `ckpt restart`'s stdio, as fds of the computation's outside.
+    fn add_externals(&self, fds: Vec<External>) {
+        let mut ext = self.externals.lock().unwrap();
+        for External { fd, target } in fds {
+            if !ext.iter().any(|(_, t)| *t == target) {
+                ext.push((fd, target));
             }
-            tracing::info!("quit requested");
-            std::process::exit(0);
         }
     }
 
-    fn status(&self) -> Value {
-        let procs: Vec<Value> = self
+    /// The restarts of one generation on several hosts: each names the
+    /// hosts (as recorded) whose processes it brings back, and is answered
+    /// once every host has arrived.
+    fn restart_barrier(&self, generation: u64, arrived: Vec<String>, hosts: Vec<String>) -> Result<(), String> {
+        {
+            let mut all = self.restarts.lock().unwrap();
+            // Barriers that opened a while ago are done with.
+            all.retain(|g, b| *g == generation || b.1.is_none_or(|t| t.elapsed() <= Duration::from_secs(5)));
+            if !all.contains_key(&generation) && all.len() >= protocol::MAX_LIST {
+                return Err(format!("{} restart barriers are open already: let them finish (or time out) first", all.len()));
+            }
+            let entry = all.entry(generation).or_default();
+            // A barrier that opened a while ago belongs to an earlier
+            // restart of this generation.
+            if entry.1.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+                *entry = Default::default();
+            }
+            entry.0.extend(arrived);
+        }
+        let deadline = Instant::now() + Duration::from_secs(RESTART_BARRIER_SECS);
+        loop {
+            let mut all = self.restarts.lock().unwrap();
+            let entry = all.entry(generation).or_default();
+            let missing: Vec<&String> = hosts.iter().filter(|h| !entry.0.contains(*h)).collect();
+            if missing.is_empty() {
+                entry.1.get_or_insert_with(Instant::now);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let e = format!(
+                    "no restart of generation {generation} arrived from host(s) {missing:?} within {RESTART_BARRIER_SECS} s: run `ckpt restart {generation} --host NAME` on each host of the generation"
+                );
+                return Err(e);
+            }
+            drop(all);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Returns once process `pid` registered (a restored process).
+    fn wait_process(&self, pid: i32) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.procs.lock().unwrap().keys().any(|(_, p)| *p == pid) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(format!("process {pid} did not register with the coordinator"))
+    }
+
+    fn status(&self) -> StatusReply {
+        let processes = self
             .procs
             .lock()
             .unwrap()
@@ -373,21 +411,30 @@ impl Coordinator {
                 let pid = p.hello.pid;
                 // Processes of other machines: their helper knows.
                 let comm = if p.machine == 0 { std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string() } else { String::new() };
-                json!({"pid": pid, "ppid": p.hello.ppid, "host": p.host, "comm": comm, "restored_from": p.hello.restored_gen, "since_ms": p.since_ms,
-                       "dirty_tracking": Backend::choose(p.hello.tracking, p.hello.uffd_fd).name(),
-                       "fork": self.cfg.fork && p.hello.flags & proto::HELLO_NO_FORK == 0})
+                ProcessStatus {
+                    pid,
+                    ppid: p.hello.ppid,
+                    host: p.host.clone(),
+                    comm,
+                    restored_from: p.hello.restored_gen,
+                    since_ms: p.since_ms,
+                    dirty_tracking: Backend::choose(p.hello.tracking, p.hello.uffd_fd).name().to_string(),
+                    fork: self.cfg.fork && p.hello.flags & proto::HELLO_NO_FORK == 0,
+                }
             })
             .collect();
-        let last = self.store.latest().ok().flatten();
-        json!({
-            "ok": true,
-            "coordinator": {"pid": std::process::id(), "addr": self.cfg.addr.to_string(), "uptime_s": self.started.elapsed().as_secs(),
-                            "interval_s": self.cfg.interval.map(|d| d.as_secs())},
-            "store": self.cfg.store_url,
-            "processes": procs,
-            "last_generation": last,
-            "last_error": *self.last_error.lock().unwrap(),
-        })
+        StatusReply {
+            coordinator: CoordinatorStatus {
+                pid: std::process::id(),
+                addr: self.cfg.addr.to_string(),
+                uptime_s: self.started.elapsed().as_secs(),
+                interval_s: self.cfg.interval.map(|d| d.as_secs()),
+            },
+            store: self.cfg.store_url.clone(),
+            processes,
+            last_generation: self.store.latest().ok().flatten(),
+            last_error: self.last_error.lock().unwrap().clone(),
+        }
     }
 
     /// One checkpoint of every registered process: all or nothing.
@@ -452,8 +499,11 @@ impl Coordinator {
         for p in &sent {
             match p.recv(SUSPEND_TIMEOUT) {
                 Some((kind::SUSPENDED, payload)) => match parse_suspended(&p.hello, &payload) {
-                    Some(report) => stopped.push(Stopped { p: p.clone(), report, raw: payload }),
-                    None => failure = Some(format!("process {} sent a malformed report", p.hello.pid)),
+                    Ok(report) => stopped.push(Stopped { p: p.clone(), report, raw: payload }),
+                    Err(e) => {
+                        p.close(e.clone());
+                        failure = Some(e);
+                    }
                 },
                 Some((kind::FAILED, payload)) => {
                     let f = Failed::read_from(&payload);
@@ -461,7 +511,7 @@ impl Coordinator {
                     failure = Some(format!("process {} could not stop: {msg}", p.hello.pid));
                 }
                 Some((k, _)) => failure = Some(format!("process {} answered with message kind {k}", p.hello.pid)),
-                None => failure = Some(format!("process {} died or did not stop within {}s", p.hello.pid, SUSPEND_TIMEOUT.as_secs())),
+                None => failure = Some(p.silent(format!("process {} died or did not stop within {}s", p.hello.pid, SUSPEND_TIMEOUT.as_secs()))),
             }
         }
         if failure.is_none()
@@ -627,7 +677,7 @@ impl Coordinator {
     fn end_hosts(&self, hosts: &HashMap<u64, Arc<RemoteHost>>, committed: bool) {
         for h in hosts.values() {
             h.end();
-            if let Err(e) = h.call(json!({"op": "end", "committed": committed}), Duration::from_secs(30)) {
+            if let Err(e) = h.call(Op::End { committed }, Duration::from_secs(30)) {
                 tracing::warn!("{e}");
             }
         }
@@ -690,7 +740,7 @@ impl Coordinator {
             return Ok(machine::strays(parents, known));
         }
         let h = hosts.get(&machine).ok_or("internal: no helper for a machine of the round")?;
-        let a = h.call(json!({"op": "children", "parents": parents, "known": known}), SUSPEND_TIMEOUT)?;
+        let a = h.call(Op::Children { parents: parents.to_vec(), known: known.iter().copied().collect() }, SUSPEND_TIMEOUT)?;
         serde_json::from_value(a.get("strays").cloned().unwrap_or_default()).map_err(|e| format!("host {}: {e}", h.name))
     }
 
@@ -700,7 +750,7 @@ impl Coordinator {
         }
         hosts
             .get(&machine)
-            .and_then(|h| h.call(json!({"op": "alive", "pid": pid}), SUSPEND_TIMEOUT).ok())
+            .and_then(|h| h.call(Op::Alive { pid }, SUSPEND_TIMEOUT).ok())
             .and_then(|a| a.get("alive").and_then(Value::as_bool))
             .unwrap_or(false)
     }
@@ -746,10 +796,13 @@ impl Coordinator {
                 p.send(kind::CHECKPOINT, req.as_bytes()).map_err(|e| format!("process {child} cannot be reached: {e}"))?;
                 match p.recv(SUSPEND_TIMEOUT) {
                     Some((kind::SUSPENDED, payload)) => match parse_suspended(&p.hello, &payload) {
-                        Some(report) => stopped.push(Stopped { p: p.clone(), report, raw: payload }),
-                        None => return Err(format!("process {child} sent a malformed report")),
+                        Ok(report) => stopped.push(Stopped { p: p.clone(), report, raw: payload }),
+                        Err(e) => {
+                            p.close(e.clone());
+                            return Err(e);
+                        }
                     },
-                    _ => return Err(format!("process {child} (a child of {parent}) did not stop for the checkpoint")),
+                    _ => return Err(p.silent(format!("process {child} (a child of {parent}) did not stop for the checkpoint"))),
                 }
             }
         }
@@ -759,14 +812,14 @@ impl Coordinator {
     fn agent_call(&self, machine: u64, pid: i32, k: u32, payload: &[u8]) -> Result<(u32, Vec<u8>), String> {
         let p = self.procs.lock().unwrap().get(&(machine, pid)).cloned().ok_or_else(|| format!("process {pid} left the computation during the checkpoint"))?;
         p.send(k, payload).map_err(|e| format!("process {pid}: {e}"))?;
-        p.recv(machine::AGENT_TIMEOUT).ok_or_else(|| format!("process {pid} did not answer during the checkpoint"))
+        p.recv(machine::AGENT_TIMEOUT).ok_or_else(|| p.silent(format!("process {pid} did not answer during the checkpoint")))
     }
 
     /// Kills every process of the computation (`ckpt kill`), on every
     /// machine. All are first held by their agents, as for a checkpoint, so
     /// that none sees another die (a reset on a connection to a killed peer
     /// on another machine) before it dies too.
-    fn kill_all(&self) -> Value {
+    fn kill_all(&self) -> Result<KillReply, String> {
         let _no_checkpoint = self.ckpt_lock.lock().unwrap();
         let procs: Vec<Arc<Proc>> = self.procs.lock().unwrap().values().cloned().collect();
         let hold = CheckpointRequest { generation: 0, flags: 0 };
@@ -786,7 +839,7 @@ impl Coordinator {
             }
             let h = self.hosts.lock().unwrap().get(m).cloned();
             let r = match h {
-                Some(h) => h.call(json!({"op": "kill", "pids": pids}), Duration::from_secs(10)).map(|_| ()),
+                Some(h) => h.call(Op::Kill { pids: pids.clone() }, Duration::from_secs(10)).map(|_| ()),
                 None => Err(format!("processes {pids:?} are on a machine without a capture helper: kill them there")),
             };
             if let Err(e) = r {
@@ -794,7 +847,7 @@ impl Coordinator {
             }
         }
         let killed: Vec<i32> = procs.iter().map(|p| p.hello.pid).collect();
-        if errors.is_empty() { json!({"ok": true, "killed": killed}) } else { json!({"ok": false, "error": errors.join("; ")}) }
+        if errors.is_empty() { Ok(KillReply { killed }) } else { Err(errors.join("; ")) }
     }
 
     /// Serves a capture helper (`ckpt host`) until it goes away.
@@ -832,10 +885,16 @@ impl Coordinator {
                 // An agent may take a while: answered from a thread of its own.
                 let (c, h) = (self.clone(), h.clone());
                 std::thread::spawn(move || {
-                    let pid = m.json.get("pid").and_then(Value::as_i64).unwrap_or(0) as i32;
-                    let k = m.json.get("kind").and_then(Value::as_u64).unwrap_or(0) as u32;
+                    let pid = m.json.get("pid").and_then(Value::as_i64).and_then(|p| i32::try_from(p).ok()).filter(|&p| p > 0);
+                    let k = m.json.get("kind").and_then(Value::as_u64).and_then(|k| u32::try_from(k).ok());
                     let id = m.json.get("id").cloned().unwrap_or(Value::Null);
-                    let (json, data) = match c.agent_call(h.key, pid, k, &m.data) {
+                    // A helper asks its machine's stopped agents only what a
+                    // round needs: write tracking and the snapshot.
+                    let call = match (pid, k) {
+                        (Some(pid), Some(k @ (kind::REGISTER | kind::FORK))) => c.agent_call(h.key, pid, k, &m.data),
+                        _ => Err(format!("host {}: a malformed agent request ({}): a helper asks agents only REGISTER or FORK of a process", h.name, m.json)),
+                    };
+                    let (json, data) = match call {
                         Ok((k, data)) => (json!({"id": id, "ok": true, "kind": k}), data),
                         Err(e) => (json!({"id": id, "ok": false, "error": e}), Vec::new()),
                     };
@@ -879,7 +938,7 @@ impl Coordinator {
 
 /// A machine's share of phase A, done by its capture helper.
 fn remote_phase_a(h: &RemoteHost, targets: Vec<Target>, opts: &RoundOpts, epoch: u64, gate: &machine::Gate) -> Result<Vec<TcpEnd>, (String, bool)> {
-    let a = h.phase_a(json!({"op": "phase_a", "opts": opts, "targets": targets, "epoch": epoch}), gate, HOST_TIMEOUT).map_err(|e| (e, false))?;
+    let a = h.phase_a(Op::PhaseA { opts: opts.clone(), targets, epoch }, gate, HOST_TIMEOUT).map_err(|e| (e, false))?;
     if a.get("ok").and_then(Value::as_bool) != Some(true) {
         let e = a.get("error").and_then(Value::as_str).unwrap_or("refused without a reason");
         return Err((format!("host {}: {e}", h.name), a.get("retry").and_then(Value::as_bool).unwrap_or(false)));
@@ -889,7 +948,7 @@ fn remote_phase_a(h: &RemoteHost, targets: Vec<Target>, opts: &RoundOpts, epoch:
 
 /// A machine's share of phase B, done by its capture helper.
 fn remote_phase_b(h: &RemoteHost, generation: u64) -> Result<Vec<Captured>, String> {
-    let a = h.call(json!({"op": "phase_b", "generation": generation}), HOST_TIMEOUT)?;
+    let a = h.call(Op::PhaseB { generation }, HOST_TIMEOUT)?;
     serde_json::from_value(a.get("captured").cloned().unwrap_or_default()).map_err(|e| format!("host {}: {e}", h.name))
 }
 

@@ -10,7 +10,8 @@ use std::fs::File;
 
 use ckpt_chunker::Hash;
 use ckpt_store::{BlobKind, BlobSink};
-use ckpt_wire::agent::{Hello, Suspended, ThreadState};
+use ckpt_wire::Pod;
+use ckpt_wire::agent::{Hello, MAX_THREADS, Suspended, ThreadState};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
 use rayon::prelude::*;
 
@@ -28,6 +29,63 @@ pub struct AgentReport {
     pub hello: Hello,
     pub suspended: Suspended,
     pub threads: Vec<ThreadState>,
+}
+
+/// Why an agent's SUSPENDED report is refused (it comes from inside the
+/// checkpointed program: nothing in it is trusted before it is checked).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("its HELLO names pid {0}, not a process")]
+    BadPid(i32),
+    #[error("its SUSPENDED report is {len} bytes, shorter than the {min}-byte header")]
+    Short { len: usize, min: usize },
+    #[error("its SUSPENDED report counts {0} threads (1 to {max})", max = MAX_THREADS + 1)]
+    ThreadCount(u32),
+    #[error("its SUSPENDED report counts {nthreads} threads in {len} bytes (that count takes {want})")]
+    Size { nthreads: u32, len: usize, want: usize },
+    #[error("its SUSPENDED report gives thread {index} the id {tid}")]
+    BadTid { index: usize, tid: i32 },
+    #[error("its SUSPENDED report lists thread {0} twice")]
+    DuplicateTid(i32),
+    #[error("its SUSPENDED report marks {0} threads as the checkpoint thread (exactly one is)")]
+    CkptThreads(usize),
+}
+
+impl AgentReport {
+    /// Decodes a SUSPENDED payload: every count is checked against the
+    /// wire limits and the payload's actual size before anything is
+    /// allocated for it or read from it.
+    pub fn parse(hello: &Hello, payload: &[u8]) -> std::result::Result<AgentReport, ReportError> {
+        if hello.pid <= 0 {
+            return Err(ReportError::BadPid(hello.pid));
+        }
+        let base = size_of::<Suspended>();
+        let ts = size_of::<ThreadState>();
+        let s = Suspended::read_from(payload).ok_or(ReportError::Short { len: payload.len(), min: base })?;
+        let n = s.nthreads as usize;
+        if n == 0 || n > MAX_THREADS + 1 {
+            return Err(ReportError::ThreadCount(s.nthreads));
+        }
+        let want = base + n * ts;
+        if payload.len() != want {
+            return Err(ReportError::Size { nthreads: s.nthreads, len: payload.len(), want });
+        }
+        let threads: Vec<ThreadState> = payload[base..].chunks_exact(ts).filter_map(ThreadState::read_from).collect();
+        let mut tids = std::collections::HashSet::with_capacity(n);
+        for (index, t) in threads.iter().enumerate() {
+            if t.tid <= 0 {
+                return Err(ReportError::BadTid { index, tid: t.tid });
+            }
+            if !tids.insert(t.tid) {
+                return Err(ReportError::DuplicateTid(t.tid));
+            }
+        }
+        let ckpt = threads.iter().filter(|t| t.is_ckpt_thread != 0).count();
+        if ckpt != 1 {
+            return Err(ReportError::CkptThreads(ckpt));
+        }
+        Ok(AgentReport { hello: *hello, suspended: s, threads })
+    }
 }
 
 /// Byte counts of one capture.

@@ -55,7 +55,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use nix::fcntl::{Flock, FlockArg};
 use rayon::prelude::*;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use catalog::SCHEMA_VERSION;
 pub use ckpt_chunker::Hash;
@@ -102,7 +102,7 @@ impl BlobKind {
 }
 
 /// A committed generation (one row of the catalog).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GenerationInfo {
     /// Generation number (ascending, never reused).
     pub id: u64,

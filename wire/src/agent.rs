@@ -33,6 +33,13 @@ pub const VERSION: u32 = 2;
 pub const CKPT_SIGNAL: i32 = 62;
 /// Most threads one process can have at a checkpoint.
 pub const MAX_THREADS: usize = 4096;
+/// Largest payload of a frame an agent sends: a SUSPENDED with the
+/// checkpoint thread and [`MAX_THREADS`] parked threads. The coordinator
+/// refuses a longer frame before allocating anything for it.
+pub const MAX_PAYLOAD: usize = core::mem::size_of::<Suspended>() + (MAX_THREADS + 1) * core::mem::size_of::<ThreadState>();
+/// Largest payload the coordinator sends an agent: a REGISTER or FORK
+/// [`RangeList`] of [`MAX_RANGES`] ranges.
+pub const MAX_REQUEST_PAYLOAD: usize = core::mem::size_of::<RangeList>() + MAX_RANGES * 16;
 /// The agent moves its coordinator socket to the first free fd at or above
 /// this number, out of the program's way.
 pub const AGENT_FD_BASE: i32 = 800;
@@ -96,6 +103,37 @@ unsafe impl Pod for Header {}
 impl Header {
     pub fn new(kind: u32, len: usize) -> Self {
         Header { magic: MAGIC, kind, len: len as u32, _pad: 0 }
+    }
+
+    /// The payload length, once the magic is `magic` and the length at
+    /// most `max`: checked before anything is allocated for the payload.
+    pub fn payload_len(&self, magic: u32, max: usize) -> Result<usize, FrameError> {
+        if self.magic != magic {
+            return Err(FrameError::BadMagic(self.magic));
+        }
+        let len = self.len as usize;
+        if len > max {
+            return Err(FrameError::TooLong { kind: self.kind, len: self.len, max });
+        }
+        Ok(len)
+    }
+}
+
+/// Why a frame header is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// The first word is not this protocol's.
+    BadMagic(u32),
+    /// The payload would be longer than any legitimate message.
+    TooLong { kind: u32, len: u32, max: usize },
+}
+
+impl core::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FrameError::BadMagic(m) => write!(f, "a frame with magic {m:#010x}, not this protocol's"),
+            FrameError::TooLong { kind, len, max } => write!(f, "a frame of kind {kind} claiming {len} payload bytes (at most {max})"),
+        }
     }
 }
 
@@ -326,6 +364,16 @@ mod tests {
         assert_eq!(size_of::<ThreadState>(), 72);
         assert_eq!(size_of::<Suspended>(), 16 + 3 * 32 + 64 * 32);
         assert_eq!(size_of::<Failed>(), 248);
+        assert_eq!(MAX_PAYLOAD, 2160 + 4097 * 64);
+    }
+
+    #[test]
+    fn frame_lengths_are_capped() {
+        let h = Header::new(kind::SUSPENDED, MAX_PAYLOAD);
+        assert_eq!(h.payload_len(MAGIC, MAX_PAYLOAD), Ok(MAX_PAYLOAD));
+        let h = Header { len: u32::MAX, ..h };
+        assert_eq!(h.payload_len(MAGIC, MAX_PAYLOAD), Err(FrameError::TooLong { kind: kind::SUSPENDED, len: u32::MAX, max: MAX_PAYLOAD }));
+        assert_eq!(Header { magic: 7, ..h }.payload_len(MAGIC, MAX_PAYLOAD), Err(FrameError::BadMagic(7)));
     }
 
     #[test]

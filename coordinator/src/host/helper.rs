@@ -18,7 +18,7 @@ use ckpt_engine::capture::Base;
 use ckpt_store::{BlobKind, BlobSink};
 use serde_json::{Value, json};
 
-use super::{Msg, kind, read_msg, write_msg};
+use super::{Msg, Op, Request, kind, read_msg, write_msg};
 use crate::machine::{self, AgentLink, RoundOpts, Target, Work};
 use crate::{Address, CoordError, Stream};
 
@@ -68,7 +68,10 @@ impl AgentLink for RemoteLink<'_> {
     fn call(&self, pid: i32, k: u32, payload: &[u8]) -> Result<(u32, Vec<u8>), String> {
         let m = self.0.call(kind::AGENT, json!({"pid": pid, "kind": k}), payload)?;
         match m.json.get("ok").and_then(Value::as_bool) {
-            Some(true) => Ok((m.json.get("kind").and_then(Value::as_u64).unwrap_or(0) as u32, m.data)),
+            Some(true) => match m.json.get("kind").and_then(Value::as_u64).and_then(|k| u32::try_from(k).ok()) {
+                Some(k) => Ok((k, m.data)),
+                None => Err(format!("the coordinator relayed an answer of process {pid} without a message kind")),
+            },
             _ => Err(m.json.get("error").and_then(Value::as_str).unwrap_or("the agent did not answer").to_string()),
         }
     }
@@ -104,16 +107,19 @@ impl BlobSink for RemoteSink<'_> {
         if ask.is_empty() {
             return Ok(out);
         }
-        let bytes: Vec<u8> = ask.iter().flat_map(|&i| hashes[i].0).collect();
-        let m = self.conn.call(kind::MISSING, json!({}), &bytes).map_err(sink_err)?;
-        if m.data.len() != ask.len() {
-            return Err(sink_err("the coordinator answered a store lookup with the wrong count".into()));
-        }
-        let mut round = self.round.lock().unwrap();
-        for (&i, &gone) in ask.iter().zip(&m.data) {
-            out[i] = gone != 0;
-            if gone == 0 {
-                round.insert(hashes[i]);
+        // In batches the coordinator accepts (super::MAX_MISSING hashes).
+        for batch in ask.chunks(super::MAX_MISSING) {
+            let bytes: Vec<u8> = batch.iter().flat_map(|&i| hashes[i].0).collect();
+            let m = self.conn.call(kind::MISSING, json!({}), &bytes).map_err(sink_err)?;
+            if m.data.len() != batch.len() {
+                return Err(sink_err("the coordinator answered a store lookup with the wrong count".into()));
+            }
+            let mut round = self.round.lock().unwrap();
+            for (&i, &gone) in batch.iter().zip(&m.data) {
+                out[i] = gone != 0;
+                if gone == 0 {
+                    round.insert(hashes[i]);
+                }
             }
         }
         Ok(out)
@@ -148,6 +154,15 @@ struct State {
     round_known: HashSet<Hash>,
     /// The coordinator's count of times blobs may have left the store.
     epoch: u64,
+    /// Pidfds of the processes of the last round.
+    served: HashMap<i32, std::os::fd::OwnedFd>,
+}
+
+/// Whether `pid` has the ckpt agent loaded (a process of some computation).
+fn runs_agent(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|m| m.lines().any(|l| l.ends_with("/libckpt_preload.so") || l.ends_with("/libckpt_preload.so (deleted)")))
+        .unwrap_or(false)
 }
 
 impl State {
@@ -159,20 +174,21 @@ impl State {
         self.round_known.clear();
     }
 
-    fn handle(&mut self, conn: &Conn, req: &Value) -> Value {
-        let op = req.get("op").and_then(Value::as_str).unwrap_or("");
-        match op {
-            "children" => {
-                let ints = |k: &str| -> Vec<i32> { req.get(k).and_then(Value::as_array).into_iter().flatten().filter_map(|v| v.as_i64().map(|v| v as i32)).collect() };
-                let known: HashSet<i32> = ints("known").into_iter().collect();
-                json!({"ok": true, "strays": machine::strays(&ints("parents"), &known)})
+    fn handle(&mut self, conn: &Conn, req: &Request) -> Value {
+        if let Err(e) = req.op.validate() {
+            tracing::warn!("refused a malformed {} request from the coordinator: {e}", req.op.name());
+            return json!({"ok": false, "error": format!("malformed {} request: {e}", req.op.name())});
+        }
+        match &req.op {
+            Op::Children { parents, known } => {
+                let known: HashSet<i32> = known.iter().copied().collect();
+                json!({"ok": true, "strays": machine::strays(parents, &known)})
             }
-            "alive" => json!({"ok": true, "alive": machine::alive(req.get("pid").and_then(Value::as_i64).unwrap_or(0) as i32)}),
-            "phase_a" => self.phase_a(conn, req),
-            "phase_b" => self.phase_b(conn, req),
-            "end" => {
-                let committed = req.get("committed").and_then(Value::as_bool).unwrap_or(false);
-                if committed {
+            Op::Alive { pid } => json!({"ok": true, "alive": machine::alive(*pid)}),
+            Op::PhaseA { opts, targets, epoch } => self.phase_a(conn, req.id, opts, targets, *epoch),
+            Op::PhaseB { generation } => self.phase_b(conn, *generation),
+            Op::End { committed } => {
+                if *committed {
                     for (pid, c, b) in std::mem::take(&mut self.new_bases) {
                         self.bases.insert(pid, (c, b));
                     }
@@ -185,38 +201,63 @@ impl State {
                 self.drop_round();
                 json!({"ok": true})
             }
-            "kill" => {
-                let pids: Vec<i32> = req.get("pids").and_then(Value::as_array).into_iter().flatten().filter_map(|v| v.as_i64().map(|v| v as i32)).collect();
-                machine::kill_all(&pids);
-                json!({"ok": true})
+            Op::Kill { pids } => {
+                let refused: Vec<String> = pids.iter().filter_map(|&pid| self.kill(pid).err()).collect();
+                if refused.is_empty() { json!({"ok": true}) } else { json!({"ok": false, "error": refused.join("; ")}) }
             }
-            other => json!({"ok": false, "error": format!("unknown request {other:?} (the coordinator is newer than this `ckpt host`)")}),
         }
     }
 
-    fn phase_a(&mut self, conn: &Conn, req: &Value) -> Value {
-        self.drop_round();
-        let parsed = (|| -> Result<(RoundOpts, Vec<Target>, u64), String> {
-            let opts = serde_json::from_value(req.get("opts").cloned().unwrap_or_default()).map_err(|e| e.to_string())?;
-            let targets = serde_json::from_value(req.get("targets").cloned().unwrap_or_default()).map_err(|e| e.to_string())?;
-            Ok((opts, targets, req.get("epoch").and_then(Value::as_u64).unwrap_or(0)))
-        })();
-        let (opts, targets, epoch) = match parsed {
-            Ok(x) => x,
-            Err(e) => return json!({"ok": false, "error": format!("malformed phase_a request: {e}")}),
+    /// SIGKILL to `pid`, only if this helper serves it: a process named in
+    /// its last round (held by a pidfd since), or one that runs the ckpt
+    /// agent. Never any other process, never pid <= 0, never itself.
+    fn kill(&self, pid: i32) -> Result<(), String> {
+        let refuse = |why: &str| Err(format!("process {pid} {why}: this helper kills only the processes of the computation it serves"));
+        if pid <= 1 || pid as u32 == std::process::id() {
+            return refuse("is not a process of a computation");
+        }
+        let pidfd = match self.served.get(&pid) {
+            Some(fd) => fd.try_clone().map_err(|e| format!("process {pid}: {e}"))?,
+            None => {
+                let Some(p) = rustix::process::Pid::from_raw(pid) else { return refuse("is not a process") };
+                let fd = match rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
+                    Ok(fd) => fd,
+                    Err(rustix::io::Errno::SRCH) => return Ok(()), // gone already
+                    Err(e) => return Err(format!("process {pid}: pidfd_open: {e}")),
+                };
+                // The pidfd holds the process: what is checked now is what
+                // the signal reaches.
+                if !runs_agent(pid) {
+                    return refuse("does not run the ckpt agent");
+                }
+                fd
+            }
         };
+        match rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+            Err(e) => Err(format!("process {pid}: kill: {e}")),
+        }
+    }
+
+    fn phase_a(&mut self, conn: &Conn, req_id: u64, opts: &RoundOpts, targets: &[Target], epoch: u64) -> Value {
+        self.drop_round();
         if epoch != self.epoch {
             // Blobs may have left the store (gc): forget what it held.
             self.stored.write().unwrap().clear();
             self.epoch = epoch;
         }
+        // The processes of this round are the ones a kill may reach: held
+        // by pidfds from now on, so that a pid reused later is not.
+        self.served.clear();
         let mut reports = Vec::new();
         for t in targets {
             match t.report() {
-                Ok(r) => reports.push((t, r)),
+                Ok(r) => reports.push((t.clone(), r)),
                 Err(e) => return json!({"ok": false, "error": e}),
             }
-            let (t, _) = reports.last().expect("pushed");
+            if let Some(fd) = rustix::process::Pid::from_raw(t.pid).and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()) {
+                self.served.insert(t.pid, fd);
+            }
             if let Some((c, b)) = self.bases.remove(&t.pid)
                 && c == t.conn
             {
@@ -225,7 +266,6 @@ impl State {
         }
         let sink = RemoteSink { conn, stored: &self.stored, round: Mutex::new(HashSet::new()) };
         // The coordinator says when every machine is read.
-        let req_id = req.get("id").cloned().unwrap_or(Value::Null);
         let gate = || match conn.call(kind::CAPTURED, json!({"req": req_id}), &[]) {
             Ok(m) => m.json.get("go").and_then(Value::as_bool).unwrap_or(false),
             Err(e) => {
@@ -233,7 +273,7 @@ impl State {
                 false
             }
         };
-        let (work, result) = machine::phase_a(&reports, &self.round_bases, &sink, &RemoteLink(conn), &opts, &gate);
+        let (work, result) = machine::phase_a(&reports, &self.round_bases, &sink, &RemoteLink(conn), opts, &gate);
         self.work = work;
         self.round_known = sink.round.into_inner().unwrap();
         match result {
@@ -242,8 +282,7 @@ impl State {
         }
     }
 
-    fn phase_b(&mut self, conn: &Conn, req: &Value) -> Value {
-        let generation = req.get("generation").and_then(Value::as_u64).unwrap_or(0);
+    fn phase_b(&mut self, conn: &Conn, generation: u64) -> Value {
         let sink = RemoteSink { conn, stored: &self.stored, round: Mutex::new(std::mem::take(&mut self.round_known)) };
         let result = machine::phase_b(&mut self.work, &self.round_bases, &sink, generation);
         self.round_known = sink.round.into_inner().unwrap();
@@ -291,13 +330,13 @@ pub fn run_host(cfg: HostConfig) -> Result<(), CoordError> {
 
     // Requests are served one at a time, off the reading thread (which must
     // keep reading the answers a request in progress waits for).
-    let (req_tx, req_rx) = channel::<Value>();
+    let (req_tx, req_rx) = channel::<Request>();
     let worker_conn = conn.clone();
     let worker = std::thread::spawn(move || {
         let mut state = State::default();
         for req in req_rx {
             let mut answer = state.handle(&worker_conn, &req);
-            answer["id"] = req.get("id").cloned().unwrap_or(Value::Null);
+            answer["id"] = json!(req.id);
             if let Err(e) = worker_conn.send(kind::REPLY, &answer, &[]) {
                 tracing::warn!("{e}");
                 break;
@@ -312,11 +351,24 @@ pub fn run_host(cfg: HostConfig) -> Result<(), CoordError> {
             Err(e) => break Err(proto(e)),
         };
         match m.kind {
-            kind::REQUEST => {
-                if req_tx.send(m.json).is_err() {
-                    break Ok(());
+            kind::REQUEST => match serde_json::from_value::<Request>(m.json.clone()) {
+                Ok(req) => {
+                    if req_tx.send(req).is_err() {
+                        break Ok(());
+                    }
                 }
-            }
+                Err(e) => {
+                    // Answered at once (the coordinator would wait for it),
+                    // and the connection goes on.
+                    tracing::warn!("refused a malformed request from the coordinator: {e}");
+                    let id = m.json.get("id").and_then(Value::as_u64);
+                    let answer = json!({"id": id, "ok": false, "error": format!("malformed request ({e}): run the same ckpt on every host")});
+                    if let Err(e) = conn.send(kind::REPLY, &answer, &[]) {
+                        tracing::warn!("{e}");
+                        break Ok(());
+                    }
+                }
+            },
             kind::AGENT_REPLY | kind::MISSING_REPLY | kind::RELEASE => {
                 let id = m.json.get("id").and_then(Value::as_u64).unwrap_or(0);
                 if let Some(tx) = conn.pending.lock().unwrap().remove(&id) {

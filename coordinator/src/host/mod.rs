@@ -34,9 +34,12 @@ use std::io::{Read, Write};
 
 use ckpt_wire::Pod;
 use ckpt_wire::agent::Header;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use helper::{HostConfig, run_host};
+
+use crate::machine::{RoundOpts, Target};
 
 /// First word of every message of this protocol ("CKPH").
 pub const MAGIC: u32 = 0x484b_5043;
@@ -60,9 +63,36 @@ pub(crate) mod kind {
     pub const RELEASE: u32 = 11;
 }
 
-/// Largest message accepted (a PUT carries one compressed chunk, a REQUEST
-/// the reports of a machine's processes).
-const MAX_MESSAGE: usize = 256 << 20;
+/// Largest JSON part of a REQUEST or REPLY: a phase_a request carries the
+/// reports of a machine's processes (a SUSPENDED of 4096 threads is
+/// 530 KiB in hex; an ordinary process's a few KiB).
+pub(crate) const MAX_ROUND_JSON: usize = 64 << 20;
+/// Largest JSON part of the other messages (ids, a kind, a hash, an error).
+pub(crate) const MAX_SMALL_JSON: usize = 64 << 10;
+/// Most hashes in one MISSING lookup (the helper asks in batches).
+pub(crate) const MAX_MISSING: usize = 1 << 20;
+/// Largest blob a PUT carries, compressed or not (a chunk is at most
+/// [`ckpt_store::MAX_CHUNK_SIZE`]; a metadata blob, a chunk list or an
+/// image, may be larger).
+pub(crate) const MAX_BLOB: usize = 256 << 20;
+/// Most processes one request names.
+pub(crate) const MAX_PROCS: usize = 1 << 16;
+
+/// The largest JSON and data parts of a message of `kind`; None for a kind
+/// this protocol does not have.
+pub(crate) fn caps(k: u32) -> Option<(usize, usize)> {
+    use ckpt_wire::agent::{MAX_PAYLOAD, MAX_REQUEST_PAYLOAD};
+    Some(match k {
+        kind::HELLO | kind::WELCOME | kind::CAPTURED | kind::RELEASE => (MAX_SMALL_JSON, 0),
+        kind::REQUEST | kind::REPLY => (MAX_ROUND_JSON, 0),
+        kind::AGENT => (MAX_SMALL_JSON, MAX_REQUEST_PAYLOAD),
+        kind::AGENT_REPLY => (MAX_SMALL_JSON, MAX_PAYLOAD),
+        kind::MISSING => (MAX_SMALL_JSON, MAX_MISSING * 32),
+        kind::MISSING_REPLY => (MAX_SMALL_JSON, MAX_MISSING),
+        kind::PUT => (MAX_SMALL_JSON, MAX_BLOB),
+        _ => return None,
+    })
+}
 
 /// One message: its kind, JSON part and raw part.
 #[derive(Debug)]
@@ -70,6 +100,78 @@ pub(crate) struct Msg {
     pub kind: u32,
     pub json: Value,
     pub data: Vec<u8>,
+}
+
+/// What the coordinator asks a capture helper (a REQUEST's JSON part).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Request {
+    pub id: u64,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// The operations of a REQUEST.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum Op {
+    /// The live children of `parents` that are not in `known`.
+    Children { parents: Vec<i32>, known: Vec<i32> },
+    /// Whether `pid` lives.
+    Alive { pid: i32 },
+    /// The stopped phase of this machine's processes.
+    PhaseA { opts: RoundOpts, targets: Vec<Target>, epoch: u64 },
+    /// The running phase.
+    PhaseB { generation: u64 },
+    /// The round ended (committed or not).
+    End { committed: bool },
+    /// Kill these processes of the computation.
+    Kill { pids: Vec<i32> },
+}
+
+impl Op {
+    /// Checks the values a well-formed request may still get wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let pids = |what: &str, v: &[i32]| {
+            if v.len() > MAX_PROCS {
+                return Err(format!("{what} lists {} processes (at most {MAX_PROCS})", v.len()));
+            }
+            match v.iter().find(|&&p| p <= 0) {
+                Some(p) => Err(format!("{what} names pid {p}, not a process")),
+                None => Ok(()),
+            }
+        };
+        match self {
+            Op::Children { parents, known } => pids("parents", parents).and(pids("known", known)),
+            Op::Alive { pid } => pids("alive", &[*pid]),
+            Op::Kill { pids: p } => pids("kill", p),
+            Op::PhaseA { opts, targets, .. } => {
+                if targets.len() > MAX_PROCS {
+                    return Err(format!("phase_a names {} processes (at most {MAX_PROCS})", targets.len()));
+                }
+                pids("phase_a", &targets.iter().map(|t| t.pid).collect::<Vec<_>>())?;
+                if opts.chunk_size == 0 || !opts.chunk_size.is_multiple_of(4096) || opts.chunk_size > ckpt_store::MAX_CHUNK_SIZE {
+                    return Err(format!("phase_a asks for chunks of {} bytes", opts.chunk_size));
+                }
+                if opts.externals.len() > crate::protocol::MAX_LIST {
+                    return Err(format!("phase_a lists {} external fds", opts.externals.len()));
+                }
+                Ok(())
+            }
+            Op::PhaseB { .. } | Op::End { .. } => Ok(()),
+        }
+    }
+
+    /// The request's name, as in `"op"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Children { .. } => "children",
+            Op::Alive { .. } => "alive",
+            Op::PhaseA { .. } => "phase_a",
+            Op::PhaseB { .. } => "phase_b",
+            Op::End { .. } => "end",
+            Op::Kill { .. } => "kill",
+        }
+    }
 }
 
 pub(crate) fn write_msg(w: &mut impl Write, kind: u32, json: &Value, data: &[u8]) -> std::io::Result<()> {
@@ -86,9 +188,11 @@ pub(crate) fn write_msg(w: &mut impl Write, kind: u32, json: &Value, data: &[u8]
 }
 
 /// Reads a message whose header's first word (`first`) was read already,
-/// or a whole one when `first` is None.
+/// or a whole one when `first` is None. Its kind, then the length of its
+/// JSON and data parts are checked against [`caps`] before anything is
+/// allocated for them.
 pub(crate) fn read_msg(r: &mut impl Read, first: Option<[u8; 4]>) -> std::io::Result<Msg> {
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("capture helper protocol: {what}"));
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("capture helper protocol: {what}"));
     let mut hb = [0u8; 16];
     match first {
         Some(f) => {
@@ -97,22 +201,27 @@ pub(crate) fn read_msg(r: &mut impl Read, first: Option<[u8; 4]>) -> std::io::Re
         }
         None => r.read_exact(&mut hb)?,
     }
-    let h = Header::read_from(&hb).ok_or_else(|| bad("short header"))?;
-    if h.magic != MAGIC {
-        return Err(bad("bad magic"));
+    let h = Header::read_from(&hb).ok_or_else(|| bad("short header".into()))?;
+    let (max_json, max_data) = caps(h.kind).ok_or_else(|| bad(format!("unknown message kind {}", h.kind)))?;
+    let len = h.payload_len(MAGIC, 4 + max_json + max_data).map_err(|e| bad(e.to_string()))?;
+    if len < 4 {
+        return Err(bad(format!("a message of kind {} of {len} bytes", h.kind)));
     }
-    let len = h.len as usize;
-    if !(4..=MAX_MESSAGE).contains(&len) {
-        return Err(bad("bad length"));
+    let mut jl = [0u8; 4];
+    r.read_exact(&mut jl)?;
+    let jl = u32::from_le_bytes(jl) as usize;
+    if jl > max_json || jl > len - 4 {
+        return Err(bad(format!("a JSON part of {jl} bytes in a message of kind {} of {len} (at most {max_json})", h.kind)));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)?;
-    let jl = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
-    if 4 + jl > len {
-        return Err(bad("bad JSON length"));
+    let dl = len - 4 - jl;
+    if dl > max_data {
+        return Err(bad(format!("a data part of {dl} bytes in a message of kind {} (at most {max_data})", h.kind)));
     }
-    let json = serde_json::from_slice(&payload[4..4 + jl]).map_err(|_| bad("bad JSON"))?;
-    let data = payload[4 + jl..].to_vec();
+    let mut j = vec![0u8; jl];
+    r.read_exact(&mut j)?;
+    let json = serde_json::from_slice(&j).map_err(|e| bad(format!("bad JSON in a message of kind {}: {e}", h.kind)))?;
+    let mut data = vec![0u8; dl];
+    r.read_exact(&mut data)?;
     Ok(Msg { kind: h.kind, json, data })
 }
 
@@ -127,4 +236,106 @@ pub(crate) fn pidns() -> u64 {
         .ok()
         .and_then(|l| l.to_string_lossy().trim_start_matches("pid:[").trim_end_matches(']').parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn msg(k: u32, json: &Value, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_msg(&mut v, k, json, data).unwrap();
+        v
+    }
+
+    #[test]
+    fn message_parts_are_capped() {
+        let m = read_msg(&mut &msg(kind::PUT, &serde_json::json!({"hash": "x"}), b"abc")[..], None).unwrap();
+        assert_eq!((m.kind, m.data.as_slice()), (kind::PUT, &b"abc"[..]));
+        // A data part on a message that has none.
+        let e = read_msg(&mut &msg(kind::RELEASE, &serde_json::json!({}), b"abc")[..], None).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+        // A header claiming 4 GiB is refused before anything is read.
+        let mut h = Header::new(kind::PUT, u32::MAX as usize);
+        h.magic = MAGIC;
+        let e = read_msg(&mut std::io::Read::chain(h.as_bytes(), std::io::repeat(0)), None).unwrap_err();
+        assert!(e.to_string().contains("claiming 4294967295"), "{e}");
+        // A JSON length past the message's end.
+        let mut v = msg(kind::REPLY, &serde_json::json!({}), &[]);
+        v[16..20].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(read_msg(&mut &v[..], None).is_err());
+        let mut v = msg(kind::REPLY, &serde_json::json!({}), &[]);
+        v[4..8].copy_from_slice(&77u32.to_le_bytes());
+        assert!(read_msg(&mut &v[..], None).unwrap_err().to_string().contains("unknown message kind 77"));
+    }
+
+    #[test]
+    fn requests_are_typed_and_checked() {
+        let req: Request = serde_json::from_value(serde_json::json!({"id": 3, "op": "kill", "pids": [-1]})).unwrap();
+        assert!(req.op.validate().unwrap_err().contains("pid -1"));
+        let req: Request = serde_json::from_value(serde_json::json!({"id": 3, "op": "kill", "pids": [0, 5]})).unwrap();
+        assert!(req.op.validate().is_err());
+        assert!(serde_json::from_value::<Request>(serde_json::json!({"id": 3, "op": "phase_b"})).is_err(), "a missing generation must not default");
+        assert!(serde_json::from_value::<Request>(serde_json::json!({"op": "end", "committed": true})).is_err(), "a missing id must not default");
+        assert!(serde_json::from_value::<Request>(serde_json::json!({"id": 1, "op": "format"})).is_err());
+        let req: Request = serde_json::from_value(serde_json::json!({"id": 9, "op": "alive", "pid": 12})).unwrap();
+        assert!(matches!(req.op, Op::Alive { pid: 12 }) && req.id == 9);
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        let pids = || proptest::collection::vec(1..i32::MAX, 0..8);
+        prop_oneof![
+            (pids(), pids()).prop_map(|(parents, known)| Op::Children { parents, known }),
+            (1..i32::MAX).prop_map(|pid| Op::Alive { pid }),
+            any::<u64>().prop_map(|generation| Op::PhaseB { generation }),
+            any::<bool>().prop_map(|committed| Op::End { committed }),
+            pids().prop_map(|pids| Op::Kill { pids }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn valid_messages_round_trip(op in arb_op(), id in any::<u64>(), k in 1..=11u32, data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let json = serde_json::to_value(Request { id, op: op.clone() }).unwrap();
+            let data = if caps(k).unwrap().1 == 0 { Vec::new() } else { data };
+            let m = read_msg(&mut &msg(k, &json, &data)[..], None).unwrap();
+            prop_assert_eq!(m.kind, k);
+            prop_assert_eq!(&m.data, &data);
+            let back: Request = serde_json::from_value(m.json).unwrap();
+            prop_assert_eq!(back.id, id);
+            prop_assert!(back.op.validate().is_ok());
+            prop_assert_eq!(back.op.name(), op.name());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024), magic in any::<bool>()) {
+            let mut bytes = bytes;
+            if magic && bytes.len() >= 4 {
+                bytes[..4].copy_from_slice(&MAGIC.to_le_bytes());
+            }
+            if let Ok(m) = read_msg(&mut &bytes[..], None) {
+                prop_assert!(m.data.len() <= caps(m.kind).unwrap().1);
+                if let Ok(r) = serde_json::from_value::<Request>(m.json) {
+                    let _ = r.op.validate();
+                }
+            }
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(op in arb_op(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+            let mut v = msg(kind::REQUEST, &serde_json::to_value(Request { id: 1, op }).unwrap(), &[]);
+            let i = at.index(v.len());
+            v[i] = byte;
+            let v = &v[..cut.index(v.len() + 1)];
+            if let Ok(m) = read_msg(&mut &v[..], None) {
+                prop_assert!(m.data.len() <= caps(m.kind).unwrap().1);
+                if let Ok(r) = serde_json::from_value::<Request>(m.json) {
+                    let _ = r.op.validate();
+                }
+            }
+        }
+    }
 }

@@ -10,7 +10,7 @@ use ckpt_chunker::Hash;
 use ckpt_store::{BlobKind, Writer};
 use serde_json::{Value, json};
 
-use super::{Msg, kind, write_msg};
+use super::{MAX_BLOB, Msg, Op, Request, kind, write_msg};
 use crate::Stream;
 
 /// A connected capture helper: the machine it serves and the round it
@@ -51,23 +51,23 @@ impl RemoteHost {
         write_msg(&mut *self.w.lock().unwrap(), kind, json, data)
     }
 
-    /// Sends request `req` (an object with "op") and waits up to `timeout`
-    /// for the answer, whatever it says.
-    pub fn request(&self, req: Value, timeout: Duration) -> Result<Value, String> {
-        self.exchange(req, None, timeout)
+    /// Sends request `op` and waits up to `timeout` for the answer,
+    /// whatever it says.
+    pub fn request(&self, op: Op, timeout: Duration) -> Result<Value, String> {
+        self.exchange(op, None, timeout)
     }
 
     /// Sends a phase_a request and waits for its answer; when the helper
     /// says its machine is read (CAPTURED), waits at `gate` and tells it
     /// whether to go on.
-    pub fn phase_a(&self, req: Value, gate: &crate::machine::Gate, timeout: Duration) -> Result<Value, String> {
-        self.exchange(req, Some(gate), timeout)
+    pub fn phase_a(&self, op: Op, gate: &crate::machine::Gate, timeout: Duration) -> Result<Value, String> {
+        self.exchange(op, Some(gate), timeout)
     }
 
-    fn exchange(&self, mut req: Value, gate: Option<&crate::machine::Gate>, timeout: Duration) -> Result<Value, String> {
+    fn exchange(&self, op: Op, gate: Option<&crate::machine::Gate>, timeout: Duration) -> Result<Value, String> {
         let gone = || format!("the capture helper of host {} went away (is `ckpt host` still running there?)", self.name);
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        req["id"] = json!(id);
+        let req = serde_json::to_value(Request { id, op }).map_err(|e| format!("internal: a helper request does not serialize: {e}"))?;
         let (tx, rx) = channel();
         self.pending.lock().unwrap().insert(id, tx);
         let mut arrived = false;
@@ -97,8 +97,8 @@ impl RemoteHost {
     }
 
     /// Sends `req` and turns an answer that is not ok into an error.
-    pub fn call(&self, req: Value, timeout: Duration) -> Result<Value, String> {
-        let a = self.request(req, timeout)?;
+    pub fn call(&self, op: Op, timeout: Duration) -> Result<Value, String> {
+        let a = self.request(op, timeout)?;
         if a.get("ok").and_then(Value::as_bool) == Some(true) {
             Ok(a)
         } else {
@@ -152,7 +152,7 @@ impl RemoteHost {
                     Some(w) => {
                         let hash = m.json.get("hash").and_then(Value::as_str).and_then(|h| h.parse::<Hash>().ok());
                         let k = m.json.get("kind").and_then(Value::as_u64).and_then(|k| BlobKind::from_u8(k as u8));
-                        let ulen = m.json.get("ulen").and_then(Value::as_u64).and_then(|u| u32::try_from(u).ok());
+                        let ulen = m.json.get("ulen").and_then(Value::as_u64).filter(|&u| u <= MAX_BLOB as u64).map(|u| u as u32);
                         match (hash, k, ulen) {
                             (Some(h), Some(k), Some(ulen)) => w.put_compressed(k, h, &m.data, ulen).map(|_| ()).map_err(|e| e.to_string()),
                             _ => Err("a malformed blob".to_string()),
@@ -168,6 +168,10 @@ impl RemoteHost {
                 }
             }
             kind::MISSING => {
+                if !m.data.len().is_multiple_of(32) {
+                    tracing::warn!(host = %self.name, bytes = m.data.len(), "a store lookup that is not a list of hashes");
+                    self.put_error.lock().unwrap().get_or_insert_with(|| format!("host {}: a store lookup of {} bytes, not a list of hashes", self.name, m.data.len()));
+                }
                 let writer = self.round.lock().unwrap().clone();
                 let answer: Vec<u8> = m
                     .data
