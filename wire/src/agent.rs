@@ -364,7 +364,7 @@ mod tests {
         assert_eq!(size_of::<ThreadState>(), 72);
         assert_eq!(size_of::<Suspended>(), 16 + 3 * 32 + 64 * 32);
         assert_eq!(size_of::<Failed>(), 248);
-        assert_eq!(MAX_PAYLOAD, 2160 + 4097 * 64);
+        assert_eq!(MAX_PAYLOAD, 2160 + 4097 * 72);
     }
 
     #[test]
