@@ -434,7 +434,7 @@ mod tests {
             let v = &v[..cut.index(v.len() + 1)];
             if let Ok(r) = parse_suspended(&hello(), v) {
                 prop_assert!(r.threads.len() <= MAX_THREADS + 1);
-                prop_assert_eq!(r.threads.len() * 64 + 2160, v.len());
+                prop_assert_eq!(r.threads.len() * std::mem::size_of::<ThreadState>() + std::mem::size_of::<Suspended>(), v.len());
             }
         }
 
