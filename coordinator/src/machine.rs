@@ -385,12 +385,12 @@ mod tests {
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         let e = parse_suspended(&hello(), &huge).unwrap_err();
         assert!(e.contains("process 4242") && e.contains("4294967295 threads"), "{e}");
-        let e = parse_suspended(&hello(), &suspended(2)[..2160 + 64]).unwrap_err();
+        let e = parse_suspended(&hello(), &suspended(2)[..2160 + 72]).unwrap_err();
         assert!(e.contains("counts 2 threads in 2224 bytes"), "{e}");
         let e = parse_suspended(&hello(), &suspended(0)).unwrap_err();
         assert!(e.contains("counts 0 threads"), "{e}");
         let mut dup = suspended(2);
-        dup[2160 + 64..2160 + 68].copy_from_slice(&4242i32.to_le_bytes());
+        dup[2160 + 72..2160 + 76].copy_from_slice(&4242i32.to_le_bytes());
         assert!(parse_suspended(&hello(), &dup).unwrap_err().contains("twice"));
         let e = parse_suspended(&Hello { pid: -1, ..hello() }, &suspended(1)).unwrap_err();
         assert!(e.contains("pid -1"), "{e}");
