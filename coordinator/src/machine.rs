@@ -386,7 +386,7 @@ mod tests {
         let e = parse_suspended(&hello(), &huge).unwrap_err();
         assert!(e.contains("process 4242") && e.contains("4294967295 threads"), "{e}");
         let e = parse_suspended(&hello(), &suspended(2)[..2160 + 72]).unwrap_err();
-        assert!(e.contains("counts 2 threads in 2224 bytes"), "{e}");
+        assert!(e.contains("counts 2 threads in 2232 bytes"), "{e}");
         let e = parse_suspended(&hello(), &suspended(0)).unwrap_err();
         assert!(e.contains("counts 0 threads"), "{e}");
         let mut dup = suspended(2);
