@@ -11,7 +11,7 @@ use crate::{Address, CoordError};
 /// Sends `cmd` (with extra fields) and returns the answer's fields. A
 /// refusal becomes [`CoordError::Refused`] carrying the coordinator's message.
 pub fn request(addr: &Address, cmd: &str, extra: Value, timeout: Duration) -> Result<Value, CoordError> {
-    let mut s = addr.connect(timeout).map_err(|e| CoordError::Unreachable { addr: addr.to_string(), source: e })?;
+    let mut s = addr.connect(timeout).map_err(|e| connect_error(addr, e))?;
     let mut req = json!({ "cmd": cmd });
     if let (Some(obj), Value::Object(more)) = (req.as_object_mut(), extra) {
         obj.extend(more);
@@ -30,6 +30,16 @@ pub fn request(addr: &Address, cmd: &str, extra: Value, timeout: Duration) -> Re
         Ok(v)
     } else {
         Err(CoordError::Refused(v.get("error").and_then(Value::as_str).unwrap_or("refused without a reason").to_string()))
+    }
+}
+
+/// A failed connection: no coordinator there, or one that this machine
+/// and it do not trust each other (a failed secure handshake).
+pub fn connect_error(addr: &Address, e: std::io::Error) -> CoordError {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        CoordError::Untrusted(e.to_string())
+    } else {
+        CoordError::Unreachable { addr: addr.to_string(), source: e }
     }
 }
 
