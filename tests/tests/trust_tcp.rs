@@ -244,3 +244,76 @@ fn fake_coordinators_get_no_hello_and_no_memory() {
     assert!(!log.contains("capture helper joined") && !log.contains("process joined"), "the fake coordinator accepted a peer:\n{log}");
     assert_eq!(log.matches("failed the secure handshake").count(), 2, "the fake coordinator's log:\n{log}");
 }
+
+/// A forwarding proxy from a new port to `to`, recording every byte of
+/// both directions.
+fn recording_proxy(to: u16) -> (u16, Arc<Mutex<Vec<u8>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for a in l.incoming().flatten() {
+            let Ok(b) = TcpStream::connect(("127.0.0.1", to)) else { continue };
+            for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                let seen = s2.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || into.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn memory_never_crosses_the_wire_in_cleartext() {
+    let mut s = Session::new("trust_tcp_wire");
+    let port = free_port();
+    s.coord = format!("tcp:127.0.0.1:{port}");
+    let _co = Coord::start(&s, &s.coord, None, "coord");
+    s.store = format!("{}-coord", s.store);
+    let (pport, seen) = recording_proxy(port);
+    // Incompressible bytes in the program's memory (zstd stores them as
+    // they are): in cleartext they would be on the wire verbatim.
+    let marker: Vec<u8> = {
+        let mut m = vec![0u8; 1 << 20];
+        std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut m).unwrap();
+        m
+    };
+    std::fs::write(s.path("marker.bin"), &marker).unwrap();
+    let prog = s.path("hold.py");
+    std::fs::write(&prog, "import sys, time\ndata = bytearray(open(sys.argv[1], 'rb').read())\nprint('READY', flush=True)\nwhile True:\n    time.sleep(0.05)\n").unwrap();
+    // A machine of its own (a PID namespace) whose capture helper and
+    // program reach the coordinator through the proxy.
+    let via = format!("tcp:127.0.0.1:{pport}");
+    let script = format!(
+        "{ckpt} host --coord {via} & sleep 1; {ckpt} launch --coord {via} --store {store} -- {py} {prog} {marker} & wait",
+        ckpt = s.ckpt.display(),
+        store = s.store,
+        py = python3().display(),
+        prog = prog.display(),
+        marker = s.path("marker.bin").display()
+    );
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c", &script]).current_dir(&s.dir);
+    let mut p = Proc::spawn("machine with helper".into(), c);
+    p.pid = p.child_pid();
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    let t0 = Instant::now();
+    s.checkpoint();
+    eprintln!("helper checkpoint of 1 MiB through the channel: {:?}", t0.elapsed());
+    let wire = seen.lock().unwrap().clone();
+    assert!(wire.len() > marker.len(), "only {} bytes crossed the proxy: the image did not travel through it", wire.len());
+    for at in (0..marker.len() - 64).step_by(4096) {
+        assert!(!contains(&wire, &marker[at..at + 32]), "bytes of the program's memory crossed the wire in cleartext");
+    }
+    p.kill9();
+}
