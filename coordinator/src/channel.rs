@@ -408,6 +408,38 @@ mod tests {
         t2.join().unwrap();
     }
 
+    /// Throughput of the channel against plain TCP on loopback (run with
+    /// `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn throughput() {
+        const N: usize = 512 << 20;
+        let block = vec![0x5au8; 1 << 20];
+        let time = |mut w: Box<dyn Write + Send>, mut r: Box<dyn Read + Send>| {
+            let t0 = std::time::Instant::now();
+            let t = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = 0;
+                while got < N {
+                    got += r.read(&mut buf).unwrap();
+                }
+            });
+            for _ in 0..N / block.len() {
+                w.write_all(&block).unwrap();
+            }
+            t.join().unwrap();
+            N as f64 / t0.elapsed().as_secs_f64() / (1 << 20) as f64
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let plain = time(Box::new(c), Box::new(a));
+        let s = Secret::from_hex(&"11".repeat(32)).unwrap();
+        let (hs, srv, c) = pair(*s.bytes(), Role::Control, ServerKeys::new(&s));
+        let secure = time(Box::new(SecureStream::new(c, hs.unwrap()).unwrap()), Box::new(srv.unwrap().0));
+        eprintln!("loopback: plain TCP {plain:.0} MiB/s, secure channel {secure:.0} MiB/s (ratio {:.2})", secure / plain);
+    }
+
     #[test]
     fn wrong_key_or_role_refused() {
         let s = Secret::from_hex(&"11".repeat(32)).unwrap();
