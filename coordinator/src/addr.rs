@@ -216,7 +216,7 @@ impl Stream {
     pub fn into_owned_fd(self) -> std::os::fd::OwnedFd {
         match self {
             Stream::Unix(s) => s.into(),
-            Stream::Secure(s) => s.socket().try_clone().expect("dup of a connected socket").into(),
+            Stream::Secure(s) => s.into_socket().into(),
         }
     }
 }

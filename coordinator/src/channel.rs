@@ -262,6 +262,11 @@ impl SecureStream {
     pub fn socket(&self) -> &TcpStream {
         &self.sock
     }
+
+    /// The socket alone (its channel state is lost with the clone).
+    pub fn into_socket(self) -> TcpStream {
+        self.sock
+    }
 }
 
 fn bad(what: &str) -> std::io::Error {
