@@ -318,7 +318,15 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 && !old.is_empty() {
                     ld = format!("{ld}:{old}");
                 }
-            let err = std::process::Command::new(&prog[0]).args(&prog[1..]).env("LD_PRELOAD", ld)
+            let mut cmd = std::process::Command::new(&prog[0]);
+            // The computation's membership key: agents prove it to a TCP
+            // coordinator (the secret itself stays in its file).
+            if matches!(addr, Address::Tcp(_)) {
+                let path = ckpt_coordinator::Secret::default_path()?;
+                let secret = ckpt_coordinator::Secret::load(&path).context("loading the coordinator's secret for the program's agents")?;
+                cmd.env(ckpt_wire::agent::ENV_AGENT_KEY, secret.agent_key_hex());
+            }
+            let err = cmd.args(&prog[1..]).env("LD_PRELOAD", ld)
                 .env(ckpt_wire::agent::ENV_COORD, addr.to_string())
                 .env(ckpt_engine::fds::ENV_EXTERNAL_FDS, ckpt_engine::fds::describe_external_fds())
                 .env(ckpt_wire::agent::ENV_TRACKING, &dirty_tracking)
@@ -540,14 +548,30 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
         .filter_map(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok().map(|t| External { fd, target: t.to_string_lossy().into_owned() }))
         .collect();
     client::externals(addr, stdio, Duration::from_secs(10)).context("telling the coordinator about this command's stdio")?;
+    // Over TCP this command runs each restored agent's handshake and hands
+    // it the transport keys (see the preload's channel module).
+    let secret = match addr {
+        Address::Tcp(_) => Some(ckpt_coordinator::Secret::load(&ckpt_coordinator::Secret::default_path()?).context("loading the coordinator's secret")?),
+        Address::Unix(_) => None,
+    };
+    let generation = info.id;
     let connect = || {
         // The connection becomes a restored agent's, which waits on it for
         // as long as the computation runs: no read timeout (it would end
         // the agent's membership after the first quiet spell).
-        addr.connect(Duration::from_secs(10))
-            .and_then(|c| c.set_read_timeout(None).map(|()| c))
-            .map(|c| c.into_owned_fd())
-            .map_err(|e| ckpt_engine::EngineError::io(format!("cannot connect to the coordinator at {addr}"), e))
+        let io = |e| ckpt_engine::EngineError::io(format!("cannot connect to the coordinator at {addr}"), e);
+        match &secret {
+            None => addr.connect(Duration::from_secs(10)).and_then(|c| c.set_read_timeout(None).map(|()| (c.into_owned_fd(), Vec::new()))).map_err(io),
+            Some(secret) => {
+                let (fd, keys) = addr.connect_for_agent(Duration::from_secs(10), secret).map_err(io)?;
+                let mut block = generation.to_le_bytes().to_vec();
+                if let Some((tx, rx)) = keys {
+                    block.extend_from_slice(&tx);
+                    block.extend_from_slice(&rx);
+                }
+                Ok((fd, block))
+            }
+        }
     };
     // A generation spread over hosts: the restarts on every host meet at the
     // coordinator before their connections go live.

@@ -1,13 +1,18 @@
 //! Coordinator addresses (`unix:PATH` or `tcp:HOST:PORT`) and the stream
-//! type that serves both.
+//! type that serves both. Every TCP connection is a secure channel
+//! ([`crate::channel`]): [`Address::connect`] proves this machine's secret,
+//! [`Listener::accept`] hands out connections whose handshake
+//! ([`Accepted::establish`]) runs in the serving thread.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::CoordError;
+use crate::channel::{self, Role, SecureStream, ServerKeys};
+use crate::{CoordError, Secret};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
@@ -53,6 +58,10 @@ impl Address {
         Address::Unix(dir.join("coord.sock"))
     }
 
+    /// Connects as a `ckpt` command or capture helper. Over TCP this
+    /// proves the secret of [`Secret::default_path`] and checks the
+    /// coordinator's; a failed handshake is a `PermissionDenied` error
+    /// saying what to do.
     pub fn connect(&self, timeout: Duration) -> std::io::Result<Stream> {
         match self {
             Address::Unix(p) => {
@@ -61,13 +70,29 @@ impl Address {
                 Ok(Stream::Unix(s))
             }
             Address::Tcp(h) => {
-                let addr = std::net::ToSocketAddrs::to_socket_addrs(h)?
-                    .next()
-                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("cannot resolve {h}")))?;
-                let s = TcpStream::connect_timeout(&addr, timeout)?;
-                s.set_nodelay(true)?;
+                let mut s = tcp_connect(h, timeout)?;
+                let secret = channel::load_secret(&self.to_string())?;
+                let hs = channel::initiate(&mut s, &self.to_string(), Role::Control, secret.bytes(), &channel::secret_hint())?;
                 s.set_read_timeout(Some(timeout))?;
-                Ok(Stream::Tcp(s))
+                Ok(Stream::Secure(SecureStream::new(s, hs)?))
+            }
+        }
+    }
+
+    /// A connection for a restored agent, made by the restart driver
+    /// (`ckpt restart`): over TCP the driver runs the agent's handshake
+    /// with the membership key of `secret` and returns the transport keys
+    /// (initiator → coordinator, coordinator → initiator) for the restored
+    /// agent, which continues the channel at nonce 0 in both directions.
+    /// Over a Unix socket there are none.
+    pub fn connect_for_agent(&self, timeout: Duration, secret: &Secret) -> std::io::Result<(std::os::fd::OwnedFd, Option<([u8; 32], [u8; 32])>)> {
+        match self {
+            Address::Unix(_) => Ok((self.connect(timeout)?.into_owned_fd(), None)),
+            Address::Tcp(h) => {
+                let mut s = tcp_connect(h, timeout)?;
+                let mut hs = channel::initiate(&mut s, &self.to_string(), Role::Agent, &secret.agent_key(), &channel::secret_hint())?;
+                let keys = hs.dangerously_get_raw_split();
+                Ok((s.into(), Some(keys)))
             }
         }
     }
@@ -87,61 +112,111 @@ impl Address {
                 }
                 Ok(Listener::Unix(UnixListener::bind(p)?))
             }
-            Address::Tcp(h) => Ok(Listener::Tcp(TcpListener::bind(h)?)),
+            Address::Tcp(h) => {
+                // Every peer proves the secret (or the membership key
+                // derived from it): made here on the first TCP coordinator.
+                let path = Secret::default_path().map_err(std::io::Error::other)?;
+                let secret = Secret::load_or_create(&path).map_err(std::io::Error::other)?;
+                tracing::info!(secret = %path.display(), "TCP peers must prove the secret in this file (copy it, mode 0600, to the computation's other machines)");
+                Ok(Listener::Tcp(TcpListener::bind(h)?, Arc::new(ServerKeys::new(&secret))))
+            }
         }
     }
 }
 
+fn tcp_connect(h: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(h)?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("cannot resolve {h}")))?;
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
 pub enum Listener {
     Unix(UnixListener),
-    Tcp(TcpListener),
+    Tcp(TcpListener, Arc<ServerKeys>),
 }
 
 impl Listener {
-    pub fn accept(&self) -> std::io::Result<(Stream, String)> {
+    /// The next connection and its peer's name ("local" for a Unix one).
+    /// A TCP connection is not usable before [`Accepted::establish`].
+    pub fn accept(&self) -> std::io::Result<(Accepted, String)> {
         match self {
-            Listener::Unix(l) => Ok((Stream::Unix(l.accept()?.0), "local".into())),
-            Listener::Tcp(l) => {
+            Listener::Unix(l) => Ok((Accepted::Ready(Stream::Unix(l.accept()?.0)), "local".into())),
+            Listener::Tcp(l, keys) => {
                 let (s, a) = l.accept()?;
                 s.set_nodelay(true)?;
-                Ok((Stream::Tcp(s), a.ip().to_string()))
+                Ok((Accepted::Handshake(s, keys.clone()), a.ip().to_string()))
             }
+        }
+    }
+}
+
+/// An accepted connection whose handshake (if any) is still to run.
+pub enum Accepted {
+    Ready(Stream),
+    Handshake(TcpStream, Arc<ServerKeys>),
+}
+
+/// What a peer proved: it may act as a `ckpt` command or capture helper
+/// (local peers, and TCP peers holding the secret), or only as an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proved {
+    Control,
+    AgentOnly,
+}
+
+impl Accepted {
+    /// Runs the TCP handshake (a peer that fails it is closed here, and
+    /// logged by name, before any of its bytes is parsed).
+    pub fn establish(self, peer: &str) -> Option<(Stream, Proved)> {
+        match self {
+            Accepted::Ready(s) => Some((s, Proved::Control)),
+            Accepted::Handshake(s, keys) => match channel::respond(s, peer, &keys) {
+                Ok((s, role)) => Some((Stream::Secure(s), if role == Role::Control { Proved::Control } else { Proved::AgentOnly })),
+                Err(e) => {
+                    tracing::warn!(peer, "closed a TCP connection before reading it: {e}");
+                    None
+                }
+            },
         }
     }
 }
 
 pub enum Stream {
     Unix(UnixStream),
-    Tcp(TcpStream),
+    Secure(SecureStream),
 }
 
 impl Stream {
     pub fn try_clone(&self) -> std::io::Result<Stream> {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Secure(s) => Stream::Secure(s.try_clone()?),
         })
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Secure(s) => s.socket().set_read_timeout(t),
         }
     }
 
     pub fn shutdown(&self) {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Secure(s) => s.socket().shutdown(std::net::Shutdown::Both),
         };
     }
 
-    /// The underlying fd, for handing a connection to a restored process.
+    /// The underlying fd, for handing a Unix connection to a restored
+    /// process (a TCP one needs its keys too: [`Address::connect_for_agent`]).
     pub fn into_owned_fd(self) -> std::os::fd::OwnedFd {
         match self {
             Stream::Unix(s) => s.into(),
-            Stream::Tcp(s) => s.into(),
+            Stream::Secure(s) => s.into_socket().into(),
         }
     }
 }
@@ -150,7 +225,7 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
+            Stream::Secure(s) => s.read(buf),
         }
     }
 }
@@ -159,7 +234,7 @@ impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
+            Stream::Secure(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {

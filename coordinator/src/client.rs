@@ -12,7 +12,7 @@ use crate::{Address, CoordError};
 /// Sends `req` and decodes the answer as `T`. A refusal becomes
 /// [`CoordError::Refused`] carrying the coordinator's message.
 pub fn call<T: DeserializeOwned>(addr: &Address, req: &Request, timeout: Duration) -> Result<T, CoordError> {
-    let mut s = addr.connect(timeout).map_err(|e| CoordError::Unreachable { addr: addr.to_string(), source: e })?;
+    let mut s = addr.connect(timeout).map_err(|e| connect_error(addr, e))?;
     let proto = |e: std::io::Error| CoordError::Protocol { addr: addr.to_string(), source: e };
     let invalid = |e: protocol::ProtoError| proto(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
     s.write_all(&req.encode()).map_err(proto)?;
@@ -61,6 +61,16 @@ pub fn wait_process(addr: &Address, pid: i32, timeout: Duration) -> Result<(), C
 /// `quit`: stops the coordinator.
 pub fn quit(addr: &Address, timeout: Duration) -> Result<(), CoordError> {
     call::<Done>(addr, &Request::Quit {}, timeout).map(drop)
+}
+
+/// A failed connection: no coordinator there, or one that this machine
+/// and it do not trust each other (a failed secure handshake).
+pub fn connect_error(addr: &Address, e: std::io::Error) -> CoordError {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        CoordError::Untrusted(e.to_string())
+    } else {
+        CoordError::Unreachable { addr: addr.to_string(), source: e }
+    }
 }
 
 /// True if a coordinator answers at `addr`.

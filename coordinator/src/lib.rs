@@ -14,6 +14,7 @@
 //! checkpointed programs (the agent does that).
 
 pub mod addr;
+pub mod channel;
 pub mod client;
 pub mod host;
 mod machine;
@@ -35,6 +36,8 @@ pub enum CoordError {
     Unreachable { addr: String, #[source] source: std::io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, #[source] source: std::io::Error },
+    #[error("{0}")]
+    Untrusted(String),
     #[error("the coordinator at {addr} broke the connection: {source}")]
     Protocol { addr: String, #[source] source: std::io::Error },
     #[error("{0}")]

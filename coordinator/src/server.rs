@@ -186,7 +186,11 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
             break;
         }
         let c = c.clone();
-        std::thread::spawn(move || c.serve(stream, peer));
+        std::thread::spawn(move || {
+            if let Some((stream, proved)) = stream.establish(&peer) {
+                c.serve(stream, peer, proved)
+            }
+        });
     }
     if let Address::Unix(p) = &cfg.addr {
         let _ = std::fs::remove_file(p);
@@ -211,13 +215,16 @@ fn interval_loop(c: Arc<Coordinator>, every: Duration) {
 }
 
 impl Coordinator {
-    fn serve(self: Arc<Self>, mut stream: Stream, peer: String) {
+    fn serve(self: Arc<Self>, mut stream: Stream, peer: String, proved: crate::addr::Proved) {
         let mut first = [0u8; 4];
         if stream.read_exact(&mut first).is_err() {
             return;
         }
         if u32::from_le_bytes(first) == proto::MAGIC {
             self.serve_agent(stream, first, peer);
+        } else if proved == crate::addr::Proved::AgentOnly {
+            // The membership key makes a process a member, nothing more.
+            tracing::warn!(peer, "closed a connection that proved only the membership key but did not speak the agent protocol");
         } else if u32::from_le_bytes(first) == crate::host::MAGIC {
             self.serve_host(stream, first);
         } else {

@@ -252,6 +252,9 @@ struct Conversation {
     tty_pgrp: Option<(RawFd, i32)>,
     dests: HashMap<Hash, Vec<(u64, usize)>>,
     descriptions: Vec<String>,
+    /// What `connect` gave for the agent's restart block (its channel's
+    /// keys over TCP), written just after the restart word.
+    agent_block: Vec<u8>,
 }
 
 /// Failure codes of the pre-exec steps, reported as `op` of an ERROR status.
@@ -282,7 +285,9 @@ mod step {
 /// [`crate::image::load_generation`]) as it was: the same process tree,
 /// PIDs, TIDs, sessions and process groups, each fd's open file description
 /// shared as before, shared memory shared again. `connect` makes a fresh
-/// connection to the coordinator for each process's agent; `before_live`
+/// connection to the coordinator for each process's agent, and the bytes
+/// to write into the agent's restart block after its restart word (empty:
+/// none); `before_live`
 /// runs once every fd exists, before connections go live (the caller waits
 /// there for the restarts on other hosts). Returns the PIDs
 /// of the processes that are children of the caller (the ones whose parent
@@ -293,7 +298,7 @@ pub fn restore_generation(
     generation: u64,
     images: &[ProcessImage],
     restorer: &Path,
-    mut connect: impl FnMut() -> Result<OwnedFd>,
+    mut connect: impl FnMut() -> Result<(OwnedFd, Vec<u8>)>,
     before_live: impl FnOnce() -> Result<()>,
 ) -> Result<Restored> {
     let err = |what: String| EngineError::Restore { generation, what };
@@ -377,9 +382,14 @@ pub fn restore_generation(
     let mut cttys: Vec<Option<OwnedFd>> = Vec::new();
     for (image, dests) in images.iter().zip(all_dests) {
         let mut moves = Vec::new();
+        let mut agent_block = Vec::new();
         for f in &image.fds {
             let src = match f.kind {
-                FdKind::Agent => connect()?,
+                FdKind::Agent => {
+                    let (fd, block) = connect()?;
+                    agent_block = block;
+                    fd
+                }
                 _ => match crate::creds::acting_as(crate::creds::Identity::of(image), || opener.open(image.pid, f))? {
                     Some(fd) => fd,
                     None => continue,
@@ -446,6 +456,7 @@ pub fn restore_generation(
             tty_pgrp,
             dests,
             descriptions: Vec::new(),
+            agent_block,
         });
         all_moves.push(moves);
     }
@@ -590,6 +601,10 @@ pub fn restore_generation(
         let t = std::time::Instant::now();
         fill_memory(store, images[i].pid, &c.dests)?;
         tracing::debug!(pid = images[i].pid, ms = t.elapsed().as_millis() as u64, "memory written");
+        if !c.agent_block.is_empty() {
+            remote::write(images[i].pid, images[i].agent.restart_word_addr + 8, &c.agent_block)
+                .map_err(|e| err(format!("cannot hand its channel to the agent of process {}: {e}", images[i].pid)))?;
+        }
         remote::write(images[i].pid, images[i].agent.restart_word_addr, &generation.to_le_bytes())
             .map_err(|e| err(format!("cannot mark the agent's restart word in process {}: {e}", images[i].pid)))?;
     }

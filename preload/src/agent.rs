@@ -15,14 +15,16 @@ use ckpt_wire::{ItimerVal, KernelSigaction, Pod};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
 
 use crate::suspend::{self, CKPT_TID, NEXT_SLOT, PARKED, RELEASE, SLOTS, SUSPENDING};
+use crate::channel;
 use crate::sys;
 
 /// The coordinator connection (fd ≥ AGENT_FD_BASE, close-on-exec), or -1.
 static AGENT_FD: AtomicI32 = AtomicI32::new(-1);
-/// Written by the restart driver with the generation a process was
-/// restored from; unchanged across a plain checkpoint.
+/// Its word is written by the restart driver with the generation a process
+/// was restored from (unchanged across a plain checkpoint); after it, the
+/// keys of a TCP connection the driver placed ([`channel::RestartBlock`]).
 #[unsafe(no_mangle)]
-pub static CKPT_RESTART_WORD: AtomicU64 = AtomicU64::new(0);
+pub static CKPT_RESTART_WORD: channel::RestartBlock = channel::RestartBlock::new();
 /// Set once the checkpoint thread has registered (or given up).
 static REGISTERED: AtomicU32 = AtomicU32::new(0);
 /// Outcome of the last exchange (`OUTCOME_*`), set inside the handler.
@@ -126,10 +128,12 @@ fn join(addr: &str) {
 fn connect(addr: &str) -> std::io::Result<i32> {
     use std::os::fd::IntoRawFd;
     let raw = if let Some(path) = addr.strip_prefix("unix:") {
+        channel::off();
         std::os::unix::net::UnixStream::connect(path)?.into_raw_fd()
     } else if let Some(hp) = addr.strip_prefix("tcp:") {
-        let s = std::net::TcpStream::connect(hp)?;
+        let mut s = std::net::TcpStream::connect(hp)?;
         s.set_nodelay(true)?;
+        channel::handshake(&mut s, addr).map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
         s.into_raw_fd()
     } else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "address must be unix:PATH or tcp:HOST:PORT"));
@@ -331,6 +335,7 @@ extern "C" fn after_fork_in_child() {
     PARKED.store(0, Ordering::Release);
     NEXT_SLOT.store(0, Ordering::Release);
     SNAPSHOT_PID.store(0, Ordering::Release);
+    channel::off();
     if let Some(addr) = std::env::var_os(proto::ENV_COORD) {
         join(&addr.to_string_lossy());
     }
@@ -339,10 +344,7 @@ extern "C" fn after_fork_in_child() {
 fn send(kind: u32, parts: &[&[u8]]) -> bool {
     let fd = AGENT_FD.load(Ordering::Acquire);
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    if !sys::write_all(fd, Header::new(kind, len).as_bytes()) {
-        return false;
-    }
-    parts.iter().all(|p| sys::write_all(fd, p))
+    channel::write_parts(fd, Header::new(kind, len).as_bytes(), parts)
 }
 
 /// Reads one message; the payload goes to `buf` (truncated to its size,
@@ -350,7 +352,7 @@ fn send(kind: u32, parts: &[&[u8]]) -> bool {
 fn recv(buf: &mut [u8]) -> Option<u32> {
     let fd = AGENT_FD.load(Ordering::Acquire);
     let mut hb = [0u8; core::mem::size_of::<Header>()];
-    if !sys::read_exact(fd, &mut hb) {
+    if !channel::read_exact(fd, &mut hb) {
         return None;
     }
     let h = Header::read_from(&hb)?;
@@ -359,14 +361,14 @@ fn recv(buf: &mut [u8]) -> Option<u32> {
     }
     let mut left = h.len as usize;
     let take = left.min(buf.len());
-    if !sys::read_exact(fd, &mut buf[..take]) {
+    if !channel::read_exact(fd, &mut buf[..take]) {
         return None;
     }
     left -= take;
     let mut sink = [0u8; 256];
     while left > 0 {
         let n = left.min(sink.len());
-        if !sys::read_exact(fd, &mut sink[..n]) {
+        if !channel::read_exact(fd, &mut sink[..n]) {
             return None;
         }
         left -= n;
@@ -384,7 +386,7 @@ fn hello(restored_gen: u64) -> bool {
         agent_fd: AGENT_FD.load(Ordering::Relaxed),
         signal: CKPT_SIGNAL,
         restored_gen,
-        restart_word_addr: &CKPT_RESTART_WORD as *const AtomicU64 as u64,
+        restart_word_addr: &CKPT_RESTART_WORD.word as *const AtomicU64 as u64,
         flags: HELLO_FLAGS.load(Ordering::Relaxed),
         uffd_fd: UFFD_FD.load(Ordering::Relaxed),
         tracking: TRACKING.load(Ordering::Relaxed),
@@ -498,10 +500,10 @@ fn checkpoint(_generation: u64) {
         unsafe { libc::munmap(ZONE_START as *mut libc::c_void, (ZONE_END - ZONE_START) as usize) };
     }
 
-    let before = CKPT_RESTART_WORD.load(Ordering::Acquire);
+    let before = CKPT_RESTART_WORD.word.load(Ordering::Acquire);
     OUTCOME.store(proto::OUTCOME_ABORTED, Ordering::Release);
     sys::tgkill(me, CKPT_SIGNAL);
-    let after = CKPT_RESTART_WORD.load(Ordering::Acquire);
+    let after = CKPT_RESTART_WORD.word.load(Ordering::Acquire);
     if after != before {
         // We are a restarted process: the other threads already run (the
         // restorer resumed them from their frames). Reset the round and
@@ -515,6 +517,9 @@ fn checkpoint(_generation: u64) {
         // The old userfaultfd was not restored: a new one tracks from now.
         UFFD_FD.store(-1, Ordering::Release);
         open_uffd();
+        // A TCP connection comes with the keys of the handshake the
+        // driver ran for us (no allocation here).
+        channel::take_restart_keys(&CKPT_RESTART_WORD, after);
         if !hello(after) {
             close_agent();
         }

@@ -179,8 +179,14 @@ fn a_vm_is_a_machine_of_the_computation_and_a_fresh_vm_restarts_it() {
     srv.apply(&mut c, &s.path("s3-cache"));
     assert!(c.status().unwrap().success(), "ckpt coordinator: {}", std::fs::read_to_string(s.path("coordinator.log")).unwrap_or_default());
 
+    // The secret the coordinator made (this user's default file), carried
+    // into each VM as an administrator copies it to each machine.
+    let coordkey = std::fs::read_to_string(std::env::var_os("CKPT_SECRET_FILE").map(std::path::PathBuf::from).unwrap_or_else(|| "/root/.config/ckpt/coord.key".into()))
+        .expect("the coordinator's secret file");
+    let coordkey = coordkey.trim().to_string();
     let params = |role: &str, host: &str| -> Vec<(&'static str, String)> {
         vec![
+            ("coordkey", coordkey.clone()),
             ("role", role.to_string()),
             ("host", host.to_string()),
             ("coord", format!("tcp:10.0.2.2:{port}")),

@@ -70,6 +70,10 @@ say "machine $(hostname) up: kernel $(uname -r), boot id $(cat /proc/sys/kernel/
 export AWS_ENDPOINT_URL="$(arg s3)" AWS_ACCESS_KEY_ID="$(arg key)" AWS_SECRET_ACCESS_KEY="$(arg secret)"
 # moto speaks plain HTTP; 10.0.2.2 is no loopback address to ckpt.
 export AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true CKPT_S3_CACHE=/tmp/s3-cache
+# The coordinator's secret, as an administrator copies it to each machine
+# (mode 0600): the helper, launch and restart prove it over TCP.
+( umask 077; arg coordkey > /tmp/coord.key ) && [ -s /tmp/coord.key ] || fail "no ckpt_coordkey on the kernel command line"
+export CKPT_SECRET_FILE=/tmp/coord.key
 ckpt host --coord "$COORD" > /tmp/host.log 2>&1 &
 say "capture helper started"
 

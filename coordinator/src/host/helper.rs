@@ -311,7 +311,7 @@ pub fn run_host(cfg: HostConfig) -> Result<(), CoordError> {
             Err(e) if std::time::Instant::now() < deadline && matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) => {
                 std::thread::sleep(Duration::from_millis(200));
             }
-            Err(e) => return Err(CoordError::Unreachable { addr: addr.clone(), source: e }),
+            Err(e) => return Err(crate::client::connect_error(&cfg.coord, e)),
         }
     };
     stream.set_read_timeout(None).map_err(|e| CoordError::Protocol { addr: addr.clone(), source: e })?;
