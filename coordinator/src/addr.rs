@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -44,13 +45,34 @@ impl std::str::FromStr for Address {
 }
 
 impl Address {
-    /// The per-user default: a Unix socket in the runtime directory.
+    /// The per-user default: a Unix socket in the private runtime
+    /// directory ([`crate::rundir`]).
     pub fn default_for_user() -> Address {
-        let dir = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(|d| PathBuf::from(d).join("ckpt"))
-            // SAFETY: getuid cannot fail.
-            .unwrap_or_else(|| PathBuf::from(format!("/tmp/ckpt-{}", unsafe { libc::getuid() })));
-        Address::Unix(dir.join("coord.sock"))
+        Address::Unix(crate::rundir::default_dir().join("coord.sock"))
+    }
+
+    /// Makes sure the directory of a Unix socket is safe to use: the
+    /// default runtime directory is made private and checked; the directory
+    /// of an explicit path must be one no other user can change entries of.
+    /// For TCP, the runtime directory (where its coordinator log goes).
+    pub fn prepare_dir(&self) -> Result<(), crate::rundir::RunDirError> {
+        let default = crate::rundir::default_dir();
+        let dir = match self {
+            Address::Unix(p) => p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).to_path_buf(),
+            Address::Tcp(_) => default.clone(),
+        };
+        if dir == default {
+            crate::rundir::ensure_private_dir(&dir)
+        } else {
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .map_err(|source| crate::rundir::RunDirError::Io { path: dir.clone(), source })?;
+            }
+            crate::rundir::check_socket_dir(&dir)
+        }
     }
 
     pub fn connect(&self, timeout: Duration) -> std::io::Result<Stream> {
@@ -75,17 +97,36 @@ impl Address {
     pub fn listen(&self) -> std::io::Result<Listener> {
         match self {
             Address::Unix(p) => {
-                if let Some(dir) = p.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                if p.exists() {
-                    // A socket nobody answers on is stale.
-                    if UnixStream::connect(p).is_ok() {
-                        return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "a coordinator already answers there"));
+                self.prepare_dir().map_err(std::io::Error::other)?;
+                // lstat: only a stale socket of ours is ever removed.
+                match std::fs::symlink_metadata(p) {
+                    Ok(md) => {
+                        let me = nix::unistd::geteuid().as_raw();
+                        if !md.file_type().is_socket() || md.uid() != me {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::AlreadyExists,
+                                format!(
+                                    "{} exists and is not a socket of yours (owned by uid {}, mode {:o}): remove it or choose another --coord",
+                                    p.display(),
+                                    md.uid(),
+                                    md.mode() & 0o7777
+                                ),
+                            ));
+                        }
+                        // A socket nobody answers on is stale.
+                        if UnixStream::connect(p).is_ok() {
+                            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "a coordinator already answers there"));
+                        }
+                        std::fs::remove_file(p)?;
                     }
-                    std::fs::remove_file(p)?;
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
                 }
-                Ok(Listener::Unix(UnixListener::bind(p)?))
+                let l = UnixListener::bind(p)?;
+                // The gate is SO_PEERCRED; the mode keeps others from even
+                // connecting where the directory lets them reach the socket.
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))?;
+                Ok(Listener::Unix(l))
             }
             Address::Tcp(h) => Ok(Listener::Tcp(TcpListener::bind(h)?)),
         }
@@ -110,6 +151,14 @@ impl Listener {
     }
 }
 
+/// `SO_PEERCRED` of a Unix connection: the process that connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
@@ -121,6 +170,18 @@ impl Stream {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
         })
+    }
+
+    /// The kernel's credentials of the peer of a Unix connection (taken
+    /// at `connect`), None for TCP.
+    pub fn peer_cred(&self) -> Option<PeerCred> {
+        match self {
+            Stream::Unix(s) => {
+                let c = nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+                Some(PeerCred { pid: c.pid(), uid: c.uid(), gid: c.gid() })
+            }
+            Stream::Tcp(_) => None,
+        }
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {

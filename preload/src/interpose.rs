@@ -136,7 +136,7 @@ pub unsafe extern "C" fn pthread_sigmask(how: c_int, set: *const libc::sigset_t,
 static AGENT_ENV: std::sync::OnceLock<Vec<std::ffi::CString>> = std::sync::OnceLock::new();
 
 /// The variables that carry the agent across `exec`.
-const CARRIED: [&str; 5] = ["LD_PRELOAD", ckpt_wire::agent::ENV_COORD, ckpt_wire::agent::ENV_TRACKING, ckpt_wire::agent::ENV_NO_FORK, "CKPT_EXTERNAL_FDS"];
+const CARRIED: [&str; 6] = ["LD_PRELOAD", ckpt_wire::agent::ENV_COORD, ckpt_wire::agent::ENV_AGENT_KEY, ckpt_wire::agent::ENV_TRACKING, ckpt_wire::agent::ENV_NO_FORK, "CKPT_EXTERNAL_FDS"];
 
 /// Records the agent's environment entries (library constructor).
 pub fn remember_env() {
