@@ -31,7 +31,9 @@ impl User {
         // SAFETY: setgroups is async-signal-safe; it runs in the child
         // before exec (Command::uid/gid do not drop supplementary groups).
         unsafe {
-            c.pre_exec(move || if libc::setgroups(1, &gid) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+            // std runs this after its setuid, having already cleared the
+            // supplementary groups (setgroups(0)): nothing is left to do then.
+            c.pre_exec(move || if libc::geteuid() != 0 || libc::setgroups(1, &gid) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
         }
         c
     }
