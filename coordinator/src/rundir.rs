@@ -110,7 +110,13 @@ pub fn open_private_append(path: &Path) -> Result<File, RunDirError> {
             _ => RunDirError::Io { path: path.to_path_buf(), source },
         })?;
     let md = f.metadata().map_err(|source| RunDirError::Io { path: path.to_path_buf(), source })?;
-    if !md.is_file() || md.uid() != me() || md.mode() & 0o077 != 0 {
+    if md.is_file() && md.uid() == me() && md.mode() & 0o077 != 0 {
+        // Our own file from an older ckpt: made private through the fd.
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|source| RunDirError::Io { path: path.to_path_buf(), source })?;
+        return Ok(f);
+    }
+    if !md.is_file() || md.uid() != me() {
         return Err(RunDirError::BadFile { path: path.to_path_buf(), kind: kind_of(&md), owner: md.uid(), mode: md.mode() & 0o7777, me: me() });
     }
     Ok(f)

@@ -227,9 +227,36 @@ pub fn rlimits(pid: i32) -> Result<Vec<Rlimit>> {
         // SAFETY: prlimit64 query (new limit null) writing one rlimit64.
         let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
         if r != 0 {
-            return Err(EngineError::Proc { pid, path: proc_path(pid, "limits"), source: std::io::Error::last_os_error() });
+            let e = std::io::Error::last_os_error();
+            // prlimit on a process of another uid needs CAP_SYS_RESOURCE
+            // (a program that dropped privileges): /proc/PID/limits says
+            // the same without it.
+            if e.raw_os_error() == Some(libc::EPERM) {
+                return rlimits_from_text(pid);
+            }
+            return Err(EngineError::Proc { pid, path: proc_path(pid, "limits"), source: e });
         }
         out.push(Rlimit { resource, soft: old.rlim_cur, hard: old.rlim_max });
+    }
+    Ok(out)
+}
+
+/// [`rlimits`] from `/proc/PID/limits` (its lines are in resource order;
+/// columns: name (26 wide), soft, hard, units; `unlimited` is infinity).
+fn rlimits_from_text(pid: i32) -> Result<Vec<Rlimit>> {
+    let path = proc_path(pid, "limits");
+    let t = fs::read_to_string(&path).map_err(|e| EngineError::Proc { pid, path: path.clone(), source: e })?;
+    let bad = || EngineError::Proc { pid, path: path.clone(), source: std::io::Error::new(std::io::ErrorKind::InvalidData, "unexpected format") };
+    let value = |v: &str| if v == "unlimited" { Some(u64::MAX) } else { v.parse().ok() };
+    let mut out = Vec::new();
+    for (resource, line) in (0..RLIMIT_COUNT).zip(t.lines().skip(1)) {
+        let mut cols = line.get(26..).ok_or_else(bad)?.split_whitespace();
+        let soft = cols.next().and_then(value).ok_or_else(bad)?;
+        let hard = cols.next().and_then(value).ok_or_else(bad)?;
+        out.push(Rlimit { resource, soft, hard });
+    }
+    if out.len() != RLIMIT_COUNT as usize {
+        return Err(bad());
     }
     Ok(out)
 }
@@ -343,6 +370,7 @@ mod tests {
         assert!(mm.start_code < mm.end_code && mm.arg_start < mm.arg_end);
         assert!(!auxv(me).unwrap().is_empty());
         assert_eq!(rlimits(me).unwrap().len(), RLIMIT_COUNT as usize);
+        assert_eq!(rlimits_from_text(me).unwrap(), rlimits(me).unwrap());
         assert!(tids(me).unwrap().contains(&me));
     }
 }

@@ -354,6 +354,7 @@ extern "C" fn after_fork_in_child() {
     PARKED.store(0, Ordering::Release);
     NEXT_SLOT.store(0, Ordering::Release);
     SNAPSHOT_PID.store(0, Ordering::Release);
+    suspend::reset_mirror();
     if let Some(addr) = std::env::var_os(proto::ENV_COORD) {
         join(&addr.to_string_lossy());
     }

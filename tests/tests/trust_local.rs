@@ -121,3 +121,32 @@ fn premade_runtime_dir_with_symlinked_log_refused() {
     assert!(err.contains(&dir.display().to_string()) && err.contains("not a directory of yours"), "the error does not name {}: {err}", dir.display());
     assert!(!target.exists(), "ckpt wrote through the coord.log symlink");
 }
+
+/// `setpriv --reuid --regid --clear-groups PROG` under `ckpt launch` used
+/// to abort with SIGABRT: setpriv sets keepcaps and its capabilities on its
+/// own thread between setresuid and setresgid, glibc applies those to every
+/// thread, and the agent's thread (without the capabilities) failed
+/// setresgid. The agent now mirrors them onto its thread: PROG runs, as
+/// the user asked.
+#[test]
+fn setpriv_under_launch_runs_its_program() {
+    let s = Session::new("trust-setpriv");
+    let out = s.run("launch", &["--", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/id"]);
+    assert!(out.status.success(), "setpriv under ckpt launch failed ({}): {}", out.status, text(&out.stderr));
+    assert!(text(&out.stdout).contains("uid=65534"), "id did not run as 65534: {}", text(&out.stdout));
+}
+
+/// A program that drops privileges itself (groups, then gid, then uid, as
+/// a daemon does) stays in its computation and checkpoints.
+#[test]
+fn program_that_drops_privileges_checkpoints() {
+    let s = Session::new("trust-drop");
+    let script = "import os,sys,time\nprint('PID %d' % os.getpid(), flush=True)\nos.setgroups([]); os.setresgid(65534,65534,65534); os.setresuid(65534,65534,65534)\nn=0\nwhile True:\n n+=1; print('TICK %d' % n, flush=True); time.sleep(0.05)\n";
+    let mut p = s.launch(std::path::Path::new("/usr/bin/python3"), &["-c", script]);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid)).unwrap();
+    assert!(status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("65534")), "the program did not drop to 65534");
+    assert_eq!(registered(&s), vec![p.pid as i64], "the program left its computation");
+    s.checkpoint_bounded(&mut p);
+    p.wait_ticks(2, LINE_TIMEOUT);
+}
