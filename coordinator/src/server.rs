@@ -184,13 +184,16 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         if c.quit.load(Ordering::Acquire) {
             break;
         }
-        if c.pending.fetch_add(1, Ordering::AcqRel) >= MAX_UNAUTHENTICATED {
+        // The coordinator's own user and root are never turned away; others
+        // (and TCP peers, until their channel says who they are) share the cap.
+        let counted = !stream.peer_cred().is_some_and(|p| p.uid == 0 || p.uid == c.uid);
+        if counted && c.pending.fetch_add(1, Ordering::AcqRel) >= MAX_UNAUTHENTICATED {
             c.pending.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(peer = %peer, cred = ?stream.peer_cred(), "closed a connection: {MAX_UNAUTHENTICATED} others have not sent their first message yet");
             continue;
         }
         let c = c.clone();
-        std::thread::spawn(move || c.serve(stream, peer));
+        std::thread::spawn(move || c.serve(stream, peer, counted));
     }
     if let Address::Unix(p) = &cfg.addr {
         let _ = std::fs::remove_file(p);
@@ -219,21 +222,21 @@ impl Coordinator {
     /// (`SO_PEERCRED`): the coordinator's own user and root get every
     /// command; anyone else may only register as an agent holding the
     /// membership key. TCP peers are authenticated by their channel.
-    fn serve(self: Arc<Self>, mut stream: Stream, peer: String) {
+    fn serve(self: Arc<Self>, mut stream: Stream, peer: String, counted: bool) {
         let cred = stream.peer_cred();
         let trusted = cred.is_none_or(|c| c.uid == 0 || c.uid == self.uid);
         let mut first = [0u8; 4];
         let _ = stream.set_read_timeout(Some(FIRST_MESSAGE_TIMEOUT));
         let got = stream.read_exact(&mut first);
         if got.is_err() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.unpend(counted);
             return;
         }
         if u32::from_le_bytes(first) == proto::MAGIC {
-            self.serve_agent(stream, first, peer, cred, trusted);
+            self.serve_agent(stream, first, peer, cred, trusted, counted);
             return;
         }
-        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.unpend(counted);
         let _ = stream.set_read_timeout(None);
         if !trusted {
             let c = cred.unwrap_or(crate::PeerCred { pid: 0, uid: u32::MAX, gid: u32::MAX });
@@ -248,9 +251,18 @@ impl Coordinator {
         }
     }
 
-    fn serve_agent(self: Arc<Self>, mut stream: Stream, first: [u8; 4], peer: String, cred: Option<crate::PeerCred>, trusted: bool) {
+    /// A connection counted against [`MAX_UNAUTHENTICATED`] sent its first
+    /// message (or gave up).
+    fn unpend(&self, counted: bool) {
+        if counted {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn serve_agent(self: Arc<Self>, mut stream: Stream, first: [u8; 4], peer: String, cred: Option<crate::PeerCred>, trusted: bool, counted: bool) {
         let hello = self.read_hello(&mut stream, first);
-        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.unpend(counted);
         let Some(hello) = hello else { return };
         let _ = stream.set_read_timeout(None);
         if let Err(why) = self.admit(&hello, cred, trusted) {

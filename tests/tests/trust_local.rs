@@ -150,3 +150,33 @@ fn program_that_drops_privileges_checkpoints() {
     s.checkpoint_bounded(&mut p);
     p.wait_ticks(2, LINE_TIMEOUT);
 }
+
+/// 200 idle connections from another user neither hold 200 threads nor
+/// keep the owner out: the excess is closed at once, the rest after the
+/// first-message timeout, and a checkpoint succeeds meanwhile.
+#[test]
+fn idle_connections_are_capped_and_timed_out() {
+    let u = users::other_user();
+    let s = Session::new("trust-idle");
+    let mut p = s.launch(&program("counter_heap"), &["-m", "4", "-t", "50"]);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let sock = s.coord.strip_prefix("unix:").unwrap().to_string();
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let st = Json::parse(&text(&s.run("status", &["--json"]).stdout)).unwrap();
+    let coord_pid = st.get("coordinator").and_then(|c| c.get("pid")).and_then(Json::as_u64).unwrap();
+    let mut c = u.command("/usr/bin/python3");
+    c.args(["-c", &format!(
+        "import socket,sys,time\nss=[]\nfor i in range(200):\n s=socket.socket(socket.AF_UNIX); s.connect({sock:?}); s.settimeout(15); ss.append(s)\nprint('HELD', flush=True)\nsys.stdin.readline()\nt=time.time()\nfor s in ss:\n try: got=s.recv(1)\n except OSError: got=b''\n if got: sys.exit('a connection answered')\nprint('CLOSED %.1f' % (time.time()-t), flush=True)\n"
+    )]);
+    let mut idle = Proc::spawn("idle connections".into(), c);
+    idle.wait_prefix("HELD", LINE_TIMEOUT);
+    let threads = std::fs::read_to_string(format!("/proc/{coord_pid}/status")).unwrap().lines().find(|l| l.starts_with("Threads:")).map(|l| l[8..].trim().parse::<u32>().unwrap()).unwrap();
+    assert!(threads < 100, "the coordinator holds {threads} threads for 200 idle connections");
+    s.checkpoint_bounded(&mut p);
+    idle.close_stdin();
+    let line = idle.wait_prefix("CLOSED", Duration::from_secs(20));
+    assert!(idle.wait_exit(CMD_TIMEOUT).success(), "{line}");
+    assert!(pid_alive(p.pid));
+    p.wait_ticks(1, LINE_TIMEOUT);
+}
