@@ -243,11 +243,7 @@ fn artifact(name: &str, env: &str) -> Result<PathBuf> {
 fn log_path(addr: &Address) -> PathBuf {
     match addr {
         Address::Unix(p) => p.with_extension("log"),
-        Address::Tcp(h) => {
-            // SAFETY: getuid cannot fail.
-            let uid = unsafe { libc::getuid() };
-            PathBuf::from(format!("/tmp/ckpt-{uid}/coordinator-{}.log", h.replace([':', '/'], "_")))
-        }
+        Address::Tcp(h) => ckpt_coordinator::rundir::default_dir().join(format!("coordinator-{}.log", h.replace([':', '/'], "_"))),
     }
 }
 
@@ -271,10 +267,10 @@ fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: 
     // A bad store is reported here, not buried in the coordinator's log.
     Store::open_or_create(store, ckpt_store::DEFAULT_CHUNK_SIZE)?;
     let log = log_path(addr);
-    if let Some(d) = log.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).with_context(|| format!("opening {}", log.display()))?;
+    // The socket's (and log's) directory is checked before anything is
+    // made in it; the log is opened without following a symlink.
+    addr.prepare_dir()?;
+    let logf = ckpt_coordinator::rundir::open_private_append(&log)?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["coordinator", "--daemonize", "--coord", &addr.to_string(), "--store", store]);
@@ -311,6 +307,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             }
             let addr = coord_addr(&coord)?;
             let url = store_url(&store);
+            // The coordinator started below loads the same secret file.
+            let secret_file = ckpt_coordinator::Secret::default_path()?;
+            let secret = ckpt_coordinator::Secret::load_or_create(&secret_file)?;
+            // SAFETY: still single-threaded; the coordinator it starts and
+            // the program inherit it.
+            unsafe { std::env::set_var(ckpt_coordinator::secret::ENV_SECRET_FILE, &secret_file) };
             ensure_coordinator(&addr, &url, store.store.is_some(), interval)?;
             let preload = artifact("libckpt_preload.so", "CKPT_PRELOAD")?;
             let mut ld = preload.to_string_lossy().into_owned();
@@ -319,15 +321,13 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     ld = format!("{ld}:{old}");
                 }
             let mut cmd = std::process::Command::new(&prog[0]);
-            // The computation's membership key: agents prove it to a TCP
-            // coordinator (the secret itself stays in its file).
-            if matches!(addr, Address::Tcp(_)) {
-                let path = ckpt_coordinator::Secret::default_path()?;
-                let secret = ckpt_coordinator::Secret::load(&path).context("loading the coordinator's secret for the program's agents")?;
-                cmd.env(ckpt_wire::agent::ENV_AGENT_KEY, secret.agent_key_hex());
-            }
+            // The computation's membership key: agents prove it to the
+            // coordinator over TCP, and over Unix when they run as another
+            // user; the secret itself stays in its file.
             let err = cmd.args(&prog[1..]).env("LD_PRELOAD", ld)
                 .env(ckpt_wire::agent::ENV_COORD, addr.to_string())
+                .env(ckpt_wire::agent::ENV_AGENT_KEY, secret.agent_key_hex())
+                .env_remove(ckpt_coordinator::secret::ENV_SECRET_FILE)
                 .env(ckpt_engine::fds::ENV_EXTERNAL_FDS, ckpt_engine::fds::describe_external_fds())
                 .env(ckpt_wire::agent::ENV_TRACKING, &dirty_tracking)
                 .env(ckpt_wire::agent::ENV_NO_FORK, if no_fork_ckpt { "1" } else { "0" })

@@ -7,6 +7,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,13 +50,34 @@ impl std::str::FromStr for Address {
 }
 
 impl Address {
-    /// The per-user default: a Unix socket in the runtime directory.
+    /// The per-user default: a Unix socket in the private runtime
+    /// directory ([`crate::rundir`]).
     pub fn default_for_user() -> Address {
-        let dir = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(|d| PathBuf::from(d).join("ckpt"))
-            // SAFETY: getuid cannot fail.
-            .unwrap_or_else(|| PathBuf::from(format!("/tmp/ckpt-{}", unsafe { libc::getuid() })));
-        Address::Unix(dir.join("coord.sock"))
+        Address::Unix(crate::rundir::default_dir().join("coord.sock"))
+    }
+
+    /// Makes sure the directory of a Unix socket is safe to use: the
+    /// default runtime directory is made private and checked; the directory
+    /// of an explicit path must be one no other user can change entries of.
+    /// For TCP, the runtime directory (where its coordinator log goes).
+    pub fn prepare_dir(&self) -> Result<(), crate::rundir::RunDirError> {
+        let default = crate::rundir::default_dir();
+        let dir = match self {
+            Address::Unix(p) => p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).to_path_buf(),
+            Address::Tcp(_) => default.clone(),
+        };
+        if dir == default {
+            crate::rundir::ensure_private_dir(&dir)
+        } else {
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .map_err(|source| crate::rundir::RunDirError::Io { path: dir.clone(), source })?;
+            }
+            crate::rundir::check_socket_dir(&dir)
+        }
     }
 
     /// Connects as a `ckpt` command or capture helper. Over TCP this
@@ -100,17 +122,36 @@ impl Address {
     pub fn listen(&self) -> std::io::Result<Listener> {
         match self {
             Address::Unix(p) => {
-                if let Some(dir) = p.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                if p.exists() {
-                    // A socket nobody answers on is stale.
-                    if UnixStream::connect(p).is_ok() {
-                        return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "a coordinator already answers there"));
+                self.prepare_dir().map_err(std::io::Error::other)?;
+                // lstat: only a stale socket of ours is ever removed.
+                match std::fs::symlink_metadata(p) {
+                    Ok(md) => {
+                        let me = nix::unistd::geteuid().as_raw();
+                        if !md.file_type().is_socket() || md.uid() != me {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::AlreadyExists,
+                                format!(
+                                    "{} exists and is not a socket of yours (owned by uid {}, mode {:o}): remove it or choose another --coord",
+                                    p.display(),
+                                    md.uid(),
+                                    md.mode() & 0o7777
+                                ),
+                            ));
+                        }
+                        // A socket nobody answers on is stale.
+                        if UnixStream::connect(p).is_ok() {
+                            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "a coordinator already answers there"));
+                        }
+                        std::fs::remove_file(p)?;
                     }
-                    std::fs::remove_file(p)?;
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
                 }
-                Ok(Listener::Unix(UnixListener::bind(p)?))
+                let l = UnixListener::bind(p)?;
+                // The gate is SO_PEERCRED; the mode keeps others from even
+                // connecting where the directory lets them reach the socket.
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))?;
+                Ok(Listener::Unix(l))
             }
             Address::Tcp(h) => {
                 // Every peer proves the secret (or the membership key
@@ -168,6 +209,15 @@ pub enum Proved {
 }
 
 impl Accepted {
+    /// The kernel's credentials of a Unix peer; None for TCP (whose
+    /// handshake has not run yet).
+    pub fn peer_cred(&self) -> Option<PeerCred> {
+        match self {
+            Accepted::Ready(s) => s.peer_cred(),
+            Accepted::Handshake(..) => None,
+        }
+    }
+
     /// Runs the TCP handshake (a peer that fails it is closed here, and
     /// logged by name, before any of its bytes is parsed).
     pub fn establish(self, peer: &str) -> Option<(Stream, Proved)> {
@@ -184,6 +234,14 @@ impl Accepted {
     }
 }
 
+/// `SO_PEERCRED` of a Unix connection: the process that connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 pub enum Stream {
     Unix(UnixStream),
     Secure(SecureStream),
@@ -195,6 +253,18 @@ impl Stream {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Secure(s) => Stream::Secure(s.try_clone()?),
         })
+    }
+
+    /// The kernel's credentials of the peer of a Unix connection (taken
+    /// at `connect`), None for TCP.
+    pub fn peer_cred(&self) -> Option<PeerCred> {
+        match self {
+            Stream::Unix(s) => {
+                let c = nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+                Some(PeerCred { pid: c.pid(), uid: c.uid(), gid: c.gid() })
+            }
+            Stream::Secure(_) => None,
+        }
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {

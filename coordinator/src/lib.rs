@@ -19,10 +19,11 @@ pub mod client;
 pub mod host;
 mod machine;
 pub mod protocol;
+pub mod rundir;
 pub mod secret;
 mod server;
 
-pub use addr::{Address, Stream};
+pub use addr::{Address, PeerCred, Stream};
 pub use host::{HostConfig, run_host};
 pub use secret::Secret;
 pub use server::{Config, run};
@@ -42,6 +43,8 @@ pub enum CoordError {
     Protocol { addr: String, #[source] source: std::io::Error },
     #[error("{0}")]
     Refused(String),
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
     #[error(transparent)]
     Store(#[from] ckpt_store::StoreError),
 }

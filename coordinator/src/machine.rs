@@ -290,11 +290,36 @@ pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn 
     Ok(out)
 }
 
-/// SIGKILL to each of `pids`.
+/// SIGKILL to each of `pids`, each through a pidfd (never a pid ≤ 0,
+/// which `kill` reads as a process group or every process).
 pub(crate) fn kill_all(pids: &[i32]) {
-    for &pid in pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    for &pid in pids.iter().filter(|&&p| p > 0) {
+        if let Some(fd) = pidfd_open(pid) {
+            pidfd_kill(&fd);
+        }
     }
+}
+
+/// A pidfd on `pid` (`pidfd_open`), None if it is gone or `pid` ≤ 0.
+pub(crate) fn pidfd_open(pid: i32) -> Option<std::os::fd::OwnedFd> {
+    if pid <= 0 {
+        return None;
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the fd was just made and is owned by nobody else.
+    Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+}
+
+/// SIGKILL through a pidfd: it reaches the process the pidfd was opened
+/// on, or nothing if that one is gone (never a reuser of its pid).
+pub(crate) fn pidfd_kill(fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal on our own pidfd, no siginfo, no flags.
+    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32) };
 }
 
 /// A live child of one of `parents` that is not in `known`: (child, parent, comm).

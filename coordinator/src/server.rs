@@ -48,6 +48,11 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 const SUSPEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a capture helper may take for its share of a phase.
 const HOST_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a new connection may take to send its first message.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections that have not yet sent a whole first message (each
+/// holds a thread): more are closed at once.
+const MAX_UNAUTHENTICATED: usize = 64;
 
 /// A registered process: its machine ([`machine::machine_key`], 0 for the
 /// coordinator's own) and its pid there.
@@ -70,6 +75,9 @@ struct Proc {
     since_ms: i64,
     /// Why the coordinator closed this agent's connection, if it did.
     broken: Mutex<Option<String>>,
+    /// A pidfd on the registered process (this machine's processes only):
+    /// `ckpt kill` goes through it, never through a pid.
+    pidfd: Option<std::os::fd::OwnedFd>,
 }
 
 impl Proc {
@@ -130,6 +138,13 @@ struct Coordinator {
     pidns: u64,
     boot_id: String,
     quit: AtomicBool,
+    /// The coordinator's effective uid: its user (and root) may use every
+    /// command; other users' processes may only register as agents that
+    /// hold the membership key.
+    uid: u32,
+    agent_key: [u8; 32],
+    /// Connections that have not yet sent their first message.
+    pending: std::sync::atomic::AtomicUsize,
 }
 
 fn now_ms() -> i64 {
@@ -146,6 +161,7 @@ pub(crate) fn hostname() -> String {
 
 /// Runs the coordinator until `ckpt quit`.
 pub fn run(cfg: Config) -> Result<(), CoordError> {
+    let secret = crate::Secret::load_or_create(&crate::Secret::default_path()?)?;
     let store = Store::open_or_create(&cfg.store_url, ckpt_store::DEFAULT_CHUNK_SIZE)?;
     // Fail now, not at the first checkpoint, if another process owns it.
     drop(store.writer()?);
@@ -169,6 +185,9 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         pidns: crate::host::pidns(),
         boot_id: crate::host::boot_id(),
         quit: AtomicBool::new(false),
+        uid: nix::unistd::geteuid().as_raw(),
+        agent_key: secret.agent_key(),
+        pending: std::sync::atomic::AtomicUsize::new(0),
     });
     if let Some(every) = cfg.interval {
         let c = c.clone();
@@ -185,11 +204,18 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         if c.quit.load(Ordering::Acquire) {
             break;
         }
+        // The coordinator's own user and root are never turned away; others
+        // (and TCP peers, until their channel says who they are) share the cap.
+        let counted = !stream.peer_cred().is_some_and(|p| p.uid == 0 || p.uid == c.uid);
+        if counted && c.pending.fetch_add(1, Ordering::AcqRel) >= MAX_UNAUTHENTICATED {
+            c.pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(peer = %peer, cred = ?stream.peer_cred(), "closed a connection: {MAX_UNAUTHENTICATED} others have not sent their first message yet");
+            continue;
+        }
         let c = c.clone();
-        std::thread::spawn(move || {
-            if let Some((stream, proved)) = stream.establish(&peer) {
-                c.serve(stream, peer, proved)
-            }
+        std::thread::spawn(move || match stream.establish(&peer) {
+            Some((stream, proved)) => c.serve(stream, peer, proved, counted),
+            None => c.unpend(counted),
         });
     }
     if let Address::Unix(p) = &cfg.addr {
@@ -215,37 +241,71 @@ fn interval_loop(c: Arc<Coordinator>, every: Duration) {
 }
 
 impl Coordinator {
-    fn serve(self: Arc<Self>, mut stream: Stream, peer: String, proved: crate::addr::Proved) {
+    /// The gate. On a Unix connection the kernel says who connected
+    /// (`SO_PEERCRED`): the coordinator's own user and root get every
+    /// command; anyone else may only register as an agent holding the
+    /// membership key. TCP peers proved the secret (or only the membership
+    /// key, `proved`) in their channel's handshake.
+    fn serve(self: Arc<Self>, mut stream: Stream, peer: String, proved: crate::addr::Proved, counted: bool) {
+        let cred = stream.peer_cred();
+        let trusted = cred.is_none_or(|c| c.uid == 0 || c.uid == self.uid);
         let mut first = [0u8; 4];
-        if stream.read_exact(&mut first).is_err() {
+        let _ = stream.set_read_timeout(Some(FIRST_MESSAGE_TIMEOUT));
+        let got = stream.read_exact(&mut first);
+        if got.is_err() {
+            self.unpend(counted);
             return;
         }
         if u32::from_le_bytes(first) == proto::MAGIC {
-            self.serve_agent(stream, first, peer);
-        } else if proved == crate::addr::Proved::AgentOnly {
+            self.serve_agent(stream, first, peer, cred, trusted, counted);
+            return;
+        }
+        self.unpend(counted);
+        let _ = stream.set_read_timeout(None);
+        if proved == crate::addr::Proved::AgentOnly {
             // The membership key makes a process a member, nothing more.
             tracing::warn!(peer, "closed a connection that proved only the membership key but did not speak the agent protocol");
-        } else if u32::from_le_bytes(first) == crate::host::MAGIC {
+            stream.shutdown();
+            return;
+        }
+        if !trusted {
+            let c = cred.unwrap_or(crate::PeerCred { pid: 0, uid: u32::MAX, gid: u32::MAX });
+            tracing::warn!(uid = c.uid, pid = c.pid, "refused a command from another user: only uid {} and root may command this coordinator", self.uid);
+            stream.shutdown();
+            return;
+        }
+        if u32::from_le_bytes(first) == crate::host::MAGIC {
             self.serve_host(stream, first);
         } else {
             self.serve_client(stream, first);
         }
     }
 
-    fn serve_agent(self: Arc<Self>, mut stream: Stream, first: [u8; 4], peer: String) {
-        let mut rest = [0u8; 12];
-        if stream.read_exact(&mut rest).is_err() {
+    /// A connection counted against [`MAX_UNAUTHENTICATED`] sent its first
+    /// message (or gave up).
+    fn unpend(&self, counted: bool) {
+        if counted {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn serve_agent(self: Arc<Self>, mut stream: Stream, first: [u8; 4], peer: String, cred: Option<crate::PeerCred>, trusted: bool, counted: bool) {
+        let hello = self.read_hello(&mut stream, first);
+        self.unpend(counted);
+        let Some(hello) = hello else { return };
+        let _ = stream.set_read_timeout(None);
+        if let Err(why) = self.admit(&hello, cred, trusted) {
+            let c = cred.unwrap_or(crate::PeerCred { pid: 0, uid: u32::MAX, gid: u32::MAX });
+            tracing::warn!(uid = c.uid, pid = c.pid, claimed_pid = hello.pid, peer = %peer, "refused an agent: {why}");
+            stream.shutdown();
             return;
         }
-        let mut hb = first.to_vec();
-        hb.extend_from_slice(&rest);
-        let h = Header::read_from(&hb).unwrap_or_default();
-        let Ok(len) = h.payload_len(proto::MAGIC, std::mem::size_of::<Hello>()) else { return };
-        let mut payload = vec![0u8; len];
-        if h.kind != kind::HELLO || stream.read_exact(&mut payload).is_err() {
+        let pidfd = if self.machine_of(&hello) == 0 { machine::pidfd_open(hello.pid) } else { None };
+        if self.machine_of(&hello) == 0 && pidfd.is_none() {
+            tracing::warn!(claimed_pid = hello.pid, "refused an agent: its process is gone");
             return;
         }
-        let Some(hello) = Hello::parse(&payload) else { return };
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx): (Sender<AgentMsg>, Receiver<AgentMsg>) = channel();
         let Ok(writer) = stream.try_clone() else { return };
@@ -256,7 +316,7 @@ impl Coordinator {
         };
         let machine = self.machine_of(&hello);
         let key = (machine, hello.pid);
-        let p = Arc::new(Proc { conn_id, machine, hello, host, writer: Mutex::new(writer), rx: Mutex::new(rx), since_ms: now_ms(), broken: Mutex::new(None) });
+        let p = Arc::new(Proc { conn_id, machine, hello, host, writer: Mutex::new(writer), rx: Mutex::new(rx), since_ms: now_ms(), pidfd, broken: Mutex::new(None) });
         let welcome = Welcome { ok: 1, _pad: 0, last_gen: 0 };
         if p.send(kind::WELCOME, welcome.as_bytes()).is_err() {
             return;
@@ -291,6 +351,63 @@ impl Coordinator {
             procs.remove(&key);
             tracing::info!(pid = hello.pid, "process left");
         }
+    }
+
+    /// The HELLO that must open an agent's connection (header then
+    /// payload, at most a few hundred bytes), within the first-message
+    /// timeout.
+    fn read_hello(&self, stream: &mut Stream, first: [u8; 4]) -> Option<Hello> {
+        let mut rest = [0u8; 12];
+        stream.read_exact(&mut rest).ok()?;
+        let mut hb = first.to_vec();
+        hb.extend_from_slice(&rest);
+        let h = Header::read_from(&hb)?;
+        if h.kind != kind::HELLO || h.len as usize > 4 * std::mem::size_of::<Hello>() {
+            return None;
+        }
+        let mut payload = vec![0u8; h.len as usize];
+        stream.read_exact(&mut payload).ok()?;
+        Hello::parse(&payload)
+    }
+
+    /// Whether an agent may register. Its process must exist with a pid
+    /// the kernel vouches for: on a Unix connection the process that
+    /// connected, or (for the connections `ckpt restart` makes for the
+    /// processes it restores) a descendant of it. A process of another
+    /// user than the coordinator's must hold the membership key.
+    fn admit(&self, hello: &Hello, cred: Option<crate::PeerCred>, trusted: bool) -> Result<(), String> {
+        if hello.pid <= 0 {
+            return Err(format!("it claims pid {}", hello.pid));
+        }
+        if !trusted && !crate::secret::keys_equal(&hello.key, &self.agent_key) {
+            return Err("it runs as another user and lacks the computation's membership key (CKPT_AGENT_KEY, set by `ckpt launch`)".into());
+        }
+        let Some(c) = cred else { return Ok(()) };
+        if self.machine_of(hello) != 0 {
+            return Err("a local connection claims a process of another machine or PID namespace".into());
+        }
+        if c.pid == hello.pid {
+            return Ok(());
+        }
+        // A restored process speaks on a connection its restart driver
+        // made: it must be the driver's descendant.
+        let mut p = hello.pid;
+        for _ in 0..64 {
+            match ckpt_engine::procfs::tree_ids(p) {
+                Ok(t) if t.ppid == c.pid => return Ok(()),
+                Ok(t) if t.ppid > 1 => p = t.ppid,
+                _ => break,
+            }
+        }
+        // A restored daemon was reparented away from the driver: then the
+        // process must at least hold a socket where it says its
+        // connection is.
+        if trusted
+            && std::fs::read_link(format!("/proc/{}/fd/{}", hello.pid, hello.agent_fd)).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+        {
+            return Ok(());
+        }
+        Err(format!("it claims pid {}, but the connection was made by pid {}, which is neither that process nor its ancestor", hello.pid, c.pid))
     }
 
     /// Serves one request of the CLI ([`crate::protocol`]): a bad one is
@@ -836,14 +953,16 @@ impl Coordinator {
         }
         let mut by_machine: HashMap<u64, Vec<i32>> = HashMap::new();
         for p in &procs {
-            by_machine.entry(p.machine).or_default().push(p.hello.pid);
+            match &p.pidfd {
+                // This machine's processes: through the pidfd taken when
+                // each registered, never through a pid.
+                Some(fd) => machine::pidfd_kill(fd),
+                None if p.machine != 0 => by_machine.entry(p.machine).or_default().push(p.hello.pid),
+                None => {}
+            }
         }
         let mut errors = Vec::new();
         for (m, pids) in &by_machine {
-            if *m == 0 {
-                machine::kill_all(pids);
-                continue;
-            }
             let h = self.hosts.lock().unwrap().get(m).cloned();
             let r = match h {
                 Some(h) => h.call(Op::Kill { pids: pids.clone() }, Duration::from_secs(10)).map(|_| ()),

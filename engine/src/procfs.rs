@@ -372,6 +372,7 @@ mod tests {
         assert!(mm.start_code < mm.end_code && mm.arg_start < mm.arg_end);
         assert!(!auxv(me).unwrap().is_empty());
         assert_eq!(rlimits(me).unwrap().len(), RLIMIT_COUNT as usize);
+        assert_eq!(rlimits_from_proc(me).unwrap(), rlimits(me).unwrap());
         assert!(tids(me).unwrap().contains(&me));
     }
 }

@@ -39,6 +39,11 @@ static UFFD_FD: AtomicI32 = AtomicI32::new(-1);
 static TRACKING: AtomicU32 = AtomicU32::new(tracking::AUTO);
 /// `proto::HELLO_NO_FORK` if forked checkpointing is off for this process.
 static HELLO_FLAGS: AtomicU64 = AtomicU64::new(0);
+/// The computation's membership key from `CKPT_AGENT_KEY` (zero if none):
+/// sent in every HELLO. It lives in the process's memory, so a restored
+/// process has it again when it registers after a restart.
+static mut AGENT_KEY: [u8; 32] = [0; 32];
+
 /// PID of the snapshot child of the current checkpoint (0 if none).
 static SNAPSHOT_PID: AtomicI32 = AtomicI32::new(0);
 
@@ -66,6 +71,10 @@ pub fn start() {
     let Some(addr) = std::env::var_os(proto::ENV_COORD) else { return };
     let addr = addr.to_string_lossy().into_owned();
     crate::interpose::remember_env();
+    if let Some(key) = std::env::var(proto::ENV_AGENT_KEY).ok().and_then(|h| parse_key(h.trim())) {
+        // SAFETY: the constructor runs before the checkpoint thread exists.
+        unsafe { *core::ptr::addr_of_mut!(AGENT_KEY) = key };
+    }
     let mode = match std::env::var(proto::ENV_TRACKING).as_deref() {
         Ok("soft-dirty") => tracking::SOFT_DIRTY,
         Ok("uffd-wp") => tracking::UFFD_WP,
@@ -123,6 +132,20 @@ fn join(addr: &str) {
     while REGISTERED.load(Ordering::Acquire) == 0 && sys::now_ns() < deadline {
         sys::futex_wait(&REGISTERED, 0, 50_000_000);
     }
+}
+
+/// 64 hex digits → 32 bytes.
+fn parse_key(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut key = [0u8; 32];
+    for (i, k) in key.iter_mut().enumerate() {
+        *k = digit(b[2 * i])? << 4 | digit(b[2 * i + 1])?;
+    }
+    Some(key)
 }
 
 fn connect(addr: &str) -> std::io::Result<i32> {
@@ -336,6 +359,7 @@ extern "C" fn after_fork_in_child() {
     NEXT_SLOT.store(0, Ordering::Release);
     SNAPSHOT_PID.store(0, Ordering::Release);
     channel::off();
+    suspend::reset_mirror();
     if let Some(addr) = std::env::var_os(proto::ENV_COORD) {
         join(&addr.to_string_lossy());
     }
@@ -394,6 +418,8 @@ fn hello(restored_gen: u64) -> bool {
         netns: sys::ns_inode(c"/proc/self/ns/net"),
         host: [0; 64],
         boot_id: [0; 40],
+        // SAFETY: written only by the constructor, before this thread.
+        key: unsafe { *core::ptr::addr_of!(AGENT_KEY) },
     };
     sys::hostname(&mut h.host);
     sys::read_small_file(c"/proc/sys/kernel/random/boot_id", &mut h.boot_id[..36]);

@@ -128,6 +128,41 @@ pub unsafe extern "C" fn pthread_sigmask(how: c_int, set: *const libc::sigset_t,
     masked(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask", how, set, old)
 }
 
+// ------------------------------------------------- per-thread credentials
+
+/// # Safety
+/// Same contract as libc's `capset`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn capset(hdr: *mut libc::c_void, data: *const libc::c_void) -> c_int {
+    // SAFETY: raw capset with the caller's pointers.
+    let r = unsafe { libc::syscall(libc::SYS_capset, hdr, data) } as c_int;
+    if r == 0 && !hdr.is_null() {
+        // The same sets on the checkpoint thread (see
+        // `suspend::mirror_on_ckpt_thread`): a header naming this thread
+        // becomes one naming the thread that runs it (pid 0).
+        // SAFETY: `hdr` is a valid `struct __user_cap_header_struct`
+        // (version u32, pid i32) by the contract.
+        let mut own = unsafe { *(hdr as *const [u32; 2]) };
+        own[1] = 0;
+        crate::suspend::mirror_on_ckpt_thread(libc::SYS_capset, [&mut own as *mut [u32; 2] as u64, data as u64, 0, 0, 0]);
+    }
+    r
+}
+
+/// # Safety
+/// Same contract as libc's `prctl` (all five arguments are passed on; the
+/// unused ones are ignored by the kernel).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prctl(option: c_int, a2: libc::c_ulong, a3: libc::c_ulong, a4: libc::c_ulong, a5: libc::c_ulong) -> c_int {
+    // SAFETY: raw prctl with the caller's arguments.
+    let r = unsafe { libc::syscall(libc::SYS_prctl, option, a2, a3, a4, a5) } as c_int;
+    let per_thread_cred = matches!(option, libc::PR_SET_KEEPCAPS | libc::PR_CAPBSET_DROP | libc::PR_SET_SECUREBITS | libc::PR_SET_NO_NEW_PRIVS | libc::PR_CAP_AMBIENT);
+    if r >= 0 && per_thread_cred {
+        crate::suspend::mirror_on_ckpt_thread(libc::SYS_prctl, [option as u64, a2, a3, a4, a5]);
+    }
+    r
+}
+
 // ---------------------------------------------------------------- exec
 
 /// The agent's own environment entries (`NAME=value`), taken at start: an
@@ -136,7 +171,7 @@ pub unsafe extern "C" fn pthread_sigmask(how: c_int, set: *const libc::sigset_t,
 static AGENT_ENV: std::sync::OnceLock<Vec<std::ffi::CString>> = std::sync::OnceLock::new();
 
 /// The variables that carry the agent across `exec`.
-const CARRIED: [&str; 5] = ["LD_PRELOAD", ckpt_wire::agent::ENV_COORD, ckpt_wire::agent::ENV_TRACKING, ckpt_wire::agent::ENV_NO_FORK, "CKPT_EXTERNAL_FDS"];
+const CARRIED: [&str; 6] = ["LD_PRELOAD", ckpt_wire::agent::ENV_COORD, ckpt_wire::agent::ENV_AGENT_KEY, ckpt_wire::agent::ENV_TRACKING, ckpt_wire::agent::ENV_NO_FORK, "CKPT_EXTERNAL_FDS"];
 
 /// Records the agent's environment entries (library constructor).
 pub fn remember_env() {

@@ -101,10 +101,78 @@ pub fn capture_self(ucontext: *mut c_void, is_ckpt_thread: bool) -> ThreadState 
     }
 }
 
+// ------------------------------------------------- per-thread credentials
+//
+// Capabilities, keepcaps, securebits, the bounding and ambient sets and
+// no_new_privs belong to a thread, not a process. glibc makes `setuid` and
+// its kin act on every thread it knows (the checkpoint thread too) and
+// aborts the process when one thread's result differs from another's. A
+// program that calls `prctl(PR_SET_KEEPCAPS)` and `capset` on its own
+// thread between them (`setpriv --reuid=N --regid=N`: setresuid, capset to
+// keep CAP_SETGID, setresgid) would leave the checkpoint thread without
+// CAP_SETGID and abort with SIGABRT. So the interposed `capset` and the
+// per-thread `prctl`s are mirrored onto the checkpoint thread, which runs
+// the same syscall in its signal handler while the caller waits.
+
+/// Held by the thread whose call is being mirrored.
+static MIRROR_LOCK: AtomicU32 = AtomicU32::new(0);
+/// A mirror request is waiting for the checkpoint thread.
+static MIRROR_PENDING: AtomicBool = AtomicBool::new(false);
+/// Set by the checkpoint thread once it ran the request.
+static MIRROR_DONE: AtomicU32 = AtomicU32::new(0);
+static MIRROR_CALL: [core::sync::atomic::AtomicU64; 6] = [const { core::sync::atomic::AtomicU64::new(0) }; 6];
+
+/// Runs syscall `nr` with `args` on the checkpoint thread too (the caller
+/// already ran it on its own thread, successfully). Async-signal-safe.
+pub fn mirror_on_ckpt_thread(nr: i64, args: [u64; 5]) {
+    let ckpt = CKPT_TID.load(Ordering::Acquire);
+    if ckpt <= 0 || ckpt == sys::gettid() {
+        return;
+    }
+    while MIRROR_LOCK.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        sys::futex_wait(&MIRROR_LOCK, 1, 1_000_000);
+    }
+    MIRROR_CALL[0].store(nr as u64, Ordering::Relaxed);
+    for (slot, a) in MIRROR_CALL[1..].iter().zip(args) {
+        slot.store(a, Ordering::Relaxed);
+    }
+    MIRROR_DONE.store(0, Ordering::Release);
+    MIRROR_PENDING.store(true, Ordering::Release);
+    if sys::tgkill(ckpt, CKPT_SIGNAL) == 0 {
+        let deadline = sys::now_ns() + 5_000_000_000;
+        while MIRROR_DONE.load(Ordering::Acquire) == 0 && sys::now_ns() < deadline {
+            sys::futex_wait(&MIRROR_DONE, 0, 10_000_000);
+        }
+    }
+    MIRROR_PENDING.store(false, Ordering::Release);
+    MIRROR_LOCK.store(0, Ordering::Release);
+    sys::futex_wake_all(&MIRROR_LOCK);
+}
+
+/// After `fork`, in the child: no mirror is under way there.
+pub fn reset_mirror() {
+    MIRROR_PENDING.store(false, Ordering::Release);
+    MIRROR_LOCK.store(0, Ordering::Release);
+}
+
+fn run_mirror() {
+    let c: [u64; 6] = core::array::from_fn(|i| MIRROR_CALL[i].load(Ordering::Relaxed));
+    // SAFETY: the syscall and arguments another thread of this process
+    // ran itself a moment ago (capset, prctl); any pointer in them is to
+    // that thread's memory, which stays valid while it waits for us.
+    unsafe { libc::syscall(c[0] as libc::c_long, c[1], c[2], c[3], c[4], c[5]) };
+    MIRROR_DONE.store(1, Ordering::Release);
+    sys::futex_wake_all(&MIRROR_DONE);
+}
+
 /// The checkpoint signal handler.
 extern "C" fn handler(_sig: i32, _info: *mut libc::siginfo_t, ucontext: *mut c_void) {
     let saved_errno = sys::errno();
-    if SUSPENDING.load(Ordering::Acquire) {
+    if sys::gettid() == CKPT_TID.load(Ordering::Relaxed) && MIRROR_PENDING.swap(false, Ordering::AcqRel) {
+        // One signal, one deed: a checkpoint's own signal is queued apart
+        // (real-time signals queue) and handled next.
+        run_mirror();
+    } else if SUSPENDING.load(Ordering::Acquire) {
         if sys::gettid() == CKPT_TID.load(Ordering::Relaxed) {
             crate::agent::checkpoint_in_handler(capture_self(ucontext, true));
         } else {

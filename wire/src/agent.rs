@@ -27,7 +27,7 @@ use crate::{ItimerVal, KernelSigaction, Pod};
 /// First word of every header.
 pub const MAGIC: u32 = 0x434b_5054; // "CKPT"
 /// Protocol version carried in [`Hello`].
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The signal the agent uses to stop threads (SIGRTMAX - 2). The
 /// application can neither handle nor block it.
 pub const CKPT_SIGNAL: i32 = 62;
@@ -169,9 +169,13 @@ pub struct Hello {
     /// with `pidns` it tells whether the coordinator can reach the process
     /// through its own `/proc`.
     pub boot_id: [u8; 40],
+    /// The computation's membership key (`CKPT_AGENT_KEY`, from `ckpt
+    /// launch`): what lets a process of another user than the
+    /// coordinator's register. Zero if the agent has none (version < 3).
+    pub key: [u8; 32],
 }
 // SAFETY: repr(C), fields laid out without padding (4*6 + 8*3 + 4*2 + 8*2
-// + 64 + 40, all at their natural alignment).
+// + 64 + 40 + 32, all at their natural alignment).
 unsafe impl Pod for Hello {}
 
 impl Default for Hello {
@@ -192,6 +196,7 @@ impl Default for Hello {
             netns: 0,
             host: [0; 64],
             boot_id: [0; 40],
+            key: [0; 32],
         }
     }
 }
@@ -355,7 +360,7 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         assert_eq!(size_of::<Header>(), 16);
-        assert_eq!(size_of::<Hello>(), 176);
+        assert_eq!(size_of::<Hello>(), 208);
         // A version-1 agent (restored from an older image) sends 56 bytes.
         let old = Hello { version: 1, pid: 42, tracking: 3, ..Default::default() };
         let h = Hello::parse(&old.as_bytes()[..56]).unwrap();
