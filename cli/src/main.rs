@@ -327,6 +327,9 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             let err = cmd.args(&prog[1..]).env("LD_PRELOAD", ld)
                 .env(ckpt_wire::agent::ENV_COORD, addr.to_string())
                 .env(ckpt_wire::agent::ENV_AGENT_KEY, secret.agent_key_hex())
+                .env(ckpt_wire::agent::ENV_MEMBER_SOCK, addr.member_socket().unwrap_or_default())
+                // SAFETY: geteuid cannot fail.
+                .env(ckpt_wire::agent::ENV_COORD_UID, unsafe { libc::geteuid() }.to_string())
                 .env_remove(ckpt_coordinator::secret::ENV_SECRET_FILE)
                 .env(ckpt_engine::fds::ENV_EXTERNAL_FDS, ckpt_engine::fds::describe_external_fds())
                 .env(ckpt_wire::agent::ENV_TRACKING, &dirty_tracking)

@@ -80,6 +80,20 @@ impl Address {
         }
     }
 
+    /// The abstract Unix socket where processes of this coordinator's
+    /// computation that changed their uid join (see [`bind_member_socket`]):
+    /// named after the coordinator's user and socket path, None for TCP
+    /// (where every agent proves the membership key anyway).
+    pub fn member_socket(&self) -> Option<String> {
+        match self {
+            Address::Unix(p) => {
+                let h = blake3::hash(p.as_os_str().as_encoded_bytes());
+                Some(format!("ckpt-member-{}-{}", nix::unistd::geteuid().as_raw(), &h.to_hex()[..16]))
+            }
+            Address::Tcp(_) => None,
+        }
+    }
+
     /// Connects as a `ckpt` command or capture helper. Over TCP this
     /// proves the secret of [`Secret::default_path`] and checks the
     /// coordinator's; a failed handshake is a `PermissionDenied` error
@@ -309,5 +323,24 @@ impl Write for Stream {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Binds the member socket `name` in the abstract namespace (no file, so no
+/// directory keeps out a process whose uid changed). Anyone on the machine
+/// can connect to it; that is why its peers may speak only the agent
+/// protocol, other users must prove the membership key, and agents check
+/// that the listener runs as the coordinator's user
+/// ([`ckpt_wire::agent::ENV_COORD_UID`]) before they send anything. A name
+/// already bound is an error: someone else holds it.
+pub fn bind_member_socket(name: &str) -> std::io::Result<UnixListener> {
+    use std::os::linux::net::SocketAddrExt;
+    let a = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    UnixListener::bind_addr(&a)
+}
+
+impl From<Stream> for Accepted {
+    fn from(s: Stream) -> Accepted {
+        Accepted::Ready(s)
     }
 }

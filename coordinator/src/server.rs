@@ -193,6 +193,23 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         let c = c.clone();
         std::thread::spawn(move || interval_loop(c, every));
     }
+    // Processes of the computation that changed their uid cannot reach the
+    // private socket any more (a program that drops privileges, then execs
+    // or forks): they join through the member socket, which speaks only the
+    // agent protocol and admits other users only with the membership key.
+    if let Some(name) = cfg.addr.member_socket() {
+        let l = crate::addr::bind_member_socket(&name).map_err(|e| CoordError::Listen { addr: format!("the member socket @{name}"), source: e })?;
+        let c = c.clone();
+        std::thread::spawn(move || {
+            for stream in l.incoming() {
+                let Ok(stream) = stream else { continue };
+                if c.quit.load(Ordering::Acquire) {
+                    return;
+                }
+                c.clone().admit_connection(Stream::Unix(stream).into(), "local".into(), Some(crate::addr::Proved::AgentOnly));
+            }
+        });
+    }
     loop {
         let (stream, peer) = match listener.accept() {
             Ok(x) => x,
@@ -204,24 +221,33 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         if c.quit.load(Ordering::Acquire) {
             break;
         }
+        c.clone().admit_connection(stream, peer, None);
+    }
+    if let Address::Unix(p) = &cfg.addr {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+impl Coordinator {
+    /// Counts a new connection against [`MAX_UNAUTHENTICATED`] and serves it
+    /// in a thread of its own (after its TCP handshake, if any). `limit`
+    /// narrows what the peer may do whatever it proves.
+    fn admit_connection(self: Arc<Self>, stream: crate::addr::Accepted, peer: String, limit: Option<crate::addr::Proved>) {
+        let c = self;
         // The coordinator's own user and root are never turned away; others
         // (and TCP peers, until their channel says who they are) share the cap.
         let counted = !stream.peer_cred().is_some_and(|p| p.uid == 0 || p.uid == c.uid);
         if counted && c.pending.fetch_add(1, Ordering::AcqRel) >= MAX_UNAUTHENTICATED {
             c.pending.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(peer = %peer, cred = ?stream.peer_cred(), "closed a connection: {MAX_UNAUTHENTICATED} others have not sent their first message yet");
-            continue;
+            return;
         }
-        let c = c.clone();
         std::thread::spawn(move || match stream.establish(&peer) {
-            Some((stream, proved)) => c.serve(stream, peer, proved, counted),
+            Some((stream, proved)) => c.serve(stream, peer, limit.unwrap_or(proved), counted),
             None => c.unpend(counted),
         });
     }
-    if let Address::Unix(p) = &cfg.addr {
-        let _ = std::fs::remove_file(p);
-    }
-    Ok(())
 }
 
 fn interval_loop(c: Arc<Coordinator>, every: Duration) {

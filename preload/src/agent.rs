@@ -152,7 +152,13 @@ fn connect(addr: &str) -> std::io::Result<i32> {
     use std::os::fd::IntoRawFd;
     let raw = if let Some(path) = addr.strip_prefix("unix:") {
         channel::off();
-        std::os::unix::net::UnixStream::connect(path)?.into_raw_fd()
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => s.into_raw_fd(),
+            // The private socket is out of reach of a process that changed
+            // its uid: it joins through the member socket instead.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => connect_member().ok_or(e)??.into_raw_fd(),
+            Err(e) => return Err(e),
+        }
     } else if let Some(hp) = addr.strip_prefix("tcp:") {
         let mut s = std::net::TcpStream::connect(hp)?;
         s.set_nodelay(true)?;
@@ -166,6 +172,31 @@ fn connect(addr: &str) -> std::io::Result<i32> {
     // SAFETY: closing the original we own.
     unsafe { libc::close(raw) };
     if high < 0 { Err(std::io::Error::last_os_error()) } else { Ok(high) }
+}
+
+/// Connects to the coordinator's member socket ([`proto::ENV_MEMBER_SOCK`]),
+/// None if `ckpt launch` named none. The listener must run as the
+/// coordinator's user ([`proto::ENV_COORD_UID`]) or root: anyone may bind
+/// an abstract name, and nothing is sent to an impostor.
+fn connect_member() -> Option<std::io::Result<std::os::unix::net::UnixStream>> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = std::env::var(proto::ENV_MEMBER_SOCK).ok()?;
+    let uid: u32 = std::env::var(proto::ENV_COORD_UID).ok()?.parse().ok()?;
+    Some((|| {
+        let a = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        let s = std::os::unix::net::UnixStream::connect_addr(&a)?;
+        let mut cred: libc::ucred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
+        let mut len = core::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: SO_PEERCRED fills a ucred of `len` bytes on our own socket.
+        let r = unsafe { libc::getsockopt(std::os::fd::AsRawFd::as_raw_fd(&s), libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if cred.uid != uid && cred.uid != 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("the member socket @{name} is held by uid {}, not by the coordinator's user (uid {uid})", cred.uid)));
+        }
+        Ok(s)
+    })())
 }
 
 /// Creates the write-protect userfaultfd if the requested backend may use

@@ -171,7 +171,7 @@ pub unsafe extern "C" fn prctl(option: c_int, a2: libc::c_ulong, a3: libc::c_ulo
 static AGENT_ENV: std::sync::OnceLock<Vec<std::ffi::CString>> = std::sync::OnceLock::new();
 
 /// The variables that carry the agent across `exec`.
-const CARRIED: [&str; 6] = ["LD_PRELOAD", ckpt_wire::agent::ENV_COORD, ckpt_wire::agent::ENV_AGENT_KEY, ckpt_wire::agent::ENV_TRACKING, ckpt_wire::agent::ENV_NO_FORK, "CKPT_EXTERNAL_FDS"];
+const CARRIED: [&str; 8] = ["LD_PRELOAD", ckpt_wire::agent::ENV_COORD, ckpt_wire::agent::ENV_AGENT_KEY, ckpt_wire::agent::ENV_MEMBER_SOCK, ckpt_wire::agent::ENV_COORD_UID, ckpt_wire::agent::ENV_TRACKING, ckpt_wire::agent::ENV_NO_FORK, "CKPT_EXTERNAL_FDS"];
 
 /// Records the agent's environment entries (library constructor).
 pub fn remember_env() {

@@ -9,6 +9,7 @@ mod users;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
 use std::time::Duration;
 
 /// The pids `ckpt status --json` lists.
@@ -179,4 +180,66 @@ fn idle_connections_are_capped_and_timed_out() {
     assert!(idle.wait_exit(CMD_TIMEOUT).success(), "{line}");
     assert!(pid_alive(p.pid));
     p.wait_ticks(1, LINE_TIMEOUT);
+}
+
+/// A program started by `setpriv` (privileges dropped, then exec) cannot
+/// reach the coordinator's private socket as its new uid: it joins through
+/// the member socket with the membership key, checkpoints, and comes back
+/// from a restart as uid 65534, checked by the program itself every tick.
+#[test]
+fn setpriv_then_exec_stays_in_its_computation() {
+    let s = Session::new("trust-setpriv-exec");
+    let script = "import os,time\nprint('PID %d' % os.getpid(), flush=True)\nn=0\nwhile True:\n n+=1\n ids=os.getresuid()+os.getresgid()\n print(('TICK %d' % n) if ids==(65534,)*6 and os.getgroups()==[] else 'FAIL ids %r groups %r' % (ids, os.getgroups()), flush=True); time.sleep(0.05)\n";
+    let mut p = s.launch(std::path::Path::new("/usr/bin/setpriv"), &["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script]);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    assert_eq!(registered(&s), vec![p.pid as i64], "the program left its computation when it exec'd as uid 65534\n{}", p.context());
+    let g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+    let mut r = s.restart_expect(&g, p.pid, true);
+    r.wait_ticks(3, LINE_TIMEOUT);
+    assert_eq!(registered(&s), vec![p.pid as i64], "the restored program is not in its computation");
+    s.checkpoint_bounded(&mut r);
+    r.wait_ticks(2, LINE_TIMEOUT);
+}
+
+/// Nobody can pose as the coordinator on the member socket: an agent whose
+/// process changed uid talks only to a listener of the coordinator's user,
+/// so a member socket bound by another user gets nothing.
+#[test]
+fn an_impostor_member_socket_gets_nothing() {
+    let u = users::other_user();
+    let s = Session::new("trust-member-impostor");
+    // Start the coordinator, learn its member socket's name, quit it, and
+    // let the other user bind that name first.
+    let mut first = s.launch(&program("counter_heap"), &["-m", "1", "-t", "50"]);
+    first.wait_ticks(1, LINE_TIMEOUT);
+    let env = std::fs::read(format!("/proc/{}/environ", first.pid)).unwrap();
+    let name = env.split(|&b| b == 0).find_map(|e| e.strip_prefix(b"CKPT_MEMBER_SOCK=")).map(|v| String::from_utf8_lossy(v).into_owned()).expect("CKPT_MEMBER_SOCK in the program's environment");
+    first.kill9();
+    assert!(s.run("quit", &[]).status.success());
+    let mut c = u.command("/usr/bin/python3");
+    c.args(["-c", &format!(
+        "import socket\nl=socket.socket(socket.AF_UNIX); l.bind('\\0{name}'); l.listen(8); l.settimeout(20)\nprint('BOUND', flush=True)\ntry:\n c,_=l.accept(); c.settimeout(5); got=c.recv(4096)\nexcept OSError: got=b''\nprint('GOT %d' % len(got), flush=True)\n"
+    )]);
+    let mut impostor = Proc::spawn("impostor member socket".into(), c);
+    impostor.wait_prefix("BOUND", LINE_TIMEOUT);
+    // A coordinator on this address refuses to start: someone holds its
+    // member socket.
+    let out = s.run("launch", &["--", "/bin/true"]);
+    assert!(!out.status.success(), "a launch succeeded with the member socket taken");
+    // An agent that would join through the member socket sends nothing.
+    let coord = s.coord.clone();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/true"])
+        .env("LD_PRELOAD", ckpt_bin().with_file_name("libckpt_preload.so"))
+        .env("CKPT_COORD", &coord)
+        .env("CKPT_MEMBER_SOCK", &name)
+        .env("CKPT_COORD_UID", "0")
+        .env("CKPT_AGENT_KEY", "00".repeat(32))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("not by the coordinator's user"), "the agent did not refuse the impostor: {}", text(&out.stderr));
+    let got = impostor.wait_prefix("GOT", Duration::from_secs(30));
+    assert_eq!(got.trim(), "GOT 0", "the impostor received bytes from an agent");
 }

@@ -51,6 +51,15 @@ pub const ENV_COORD: &str = "CKPT_COORD";
 /// it belongs to the computation; over TCP it is the agent's pre-shared key.
 /// It is derived from the coordinator's secret and grants nothing else.
 pub const ENV_AGENT_KEY: &str = "CKPT_AGENT_KEY";
+/// Environment variable: the abstract Unix socket (name without the
+/// leading NUL) an agent joins through when the coordinator's private
+/// socket is out of its reach (its process changed uid), set by `ckpt
+/// launch` for Unix coordinators.
+pub const ENV_MEMBER_SOCK: &str = "CKPT_MEMBER_SOCK";
+/// Environment variable: the coordinator's uid. An agent joining through
+/// the member socket talks only to a listener of that uid or root
+/// (`SO_PEERCRED`), so nobody can pose as the coordinator there.
+pub const ENV_COORD_UID: &str = "CKPT_COORD_UID";
 
 /// Message kinds.
 pub mod kind {
