@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod private;
 pub mod pack;
 pub mod remote;
 pub mod remote_lock;
@@ -292,7 +293,7 @@ fn lock_dir_wait(dir: &Path, limit: std::time::Duration) -> Result<Flock<File>> 
 /// [`StoreError::Locked`] if another process holds it.
 pub(crate) fn lock_dir(dir: &Path) -> Result<Flock<File>> {
     let lock_path = dir.join("lock");
-    let file = fs::OpenOptions::new()
+    let file = private::file_options()
         .read(true)
         .write(true)
         .create(true)
@@ -418,7 +419,7 @@ impl Store {
     pub fn open_s3_at(url: &str, cache: Option<PathBuf>, create: Option<usize>) -> Result<Store> {
         let remote = Arc::new(Remote::connect_with_cache(url, cache)?);
         let cache = remote.cache_dir().to_path_buf();
-        fs::create_dir_all(&cache)
+        private::create_dir_all(&cache)
             .ctx(|| format!("create cache directory {} of {url}", cache.display()))?;
         let guard = match lock_dir(&cache) {
             Ok(g) => Some(g),
@@ -478,7 +479,7 @@ impl Store {
         }
         let root = parse_url(url)?;
         if !root.exists() {
-            fs::create_dir_all(&root)
+            private::create_dir_all(&root)
                 .ctx(|| format!("create store directory {}", root.display()))?;
         } else if !root.is_dir() || (!root.join("catalog.db").exists() && !dir_is_empty(&root)?) {
             return Err(StoreError::NotAStore { path: root });
@@ -497,11 +498,12 @@ impl Store {
 
     fn finish_open(root: PathBuf, create: Option<usize>, remote: Option<Arc<Remote>>) -> Result<Store> {
         let catalog_path = root.join("catalog.db");
+        private::tighten(&root)?;
         let (conn, chunk_size) = catalog::open(&catalog_path, create)?;
         for d in ["packs", "tmp"] {
             let p = root.join(d);
             if !p.is_dir() {
-                fs::create_dir_all(&p).ctx(|| format!("create {}", p.display()))?;
+                private::create_dir_all(&p).ctx(|| format!("create {}", p.display()))?;
             }
         }
         tracing::debug!(store = %root.display(), chunk_size, "store opened");
@@ -655,6 +657,10 @@ impl Store {
             hash: *h,
             path: self.inner.root.clone(),
         })
+        .and_then(|loc| {
+            private::check_pack_name(&loc.pack, &self.inner.catalog_path)?;
+            Ok(loc)
+        })
     }
 
     /// Decompress and verify one blob's stored bytes.
@@ -761,6 +767,7 @@ impl Store {
                         clen: r.get::<_, i64>(3).db(&self.inner.catalog_path)? as u32,
                         ulen: r.get::<_, i64>(4).db(&self.inner.catalog_path)? as u32,
                     };
+                    private::check_pack_name(&loc.pack, &self.inner.catalog_path)?;
                     groups.entry(loc.pack.clone()).or_default().push(loc);
                 }
                 if found < wanted.len() {
@@ -875,6 +882,9 @@ impl Store {
                 .db(p)?
                 .collect::<rusqlite::Result<_>>()
                 .db(p)?;
+            for (_, name, _) in &packs {
+                private::check_pack_name(name, p)?;
+            }
             let mut by_pack: BTreeMap<i64, Vec<Loc>> = BTreeMap::new();
             let mut st = conn
                 .prepare("SELECT hash, pack_id, offset, clen, ulen FROM blobs")
