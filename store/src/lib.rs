@@ -48,7 +48,7 @@ pub mod maintenance;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -326,6 +326,83 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<Flock<File>> {
         .and_then(|_| writeln!(lock, "{}", std::process::id()))
         .ctx(|| format!("write pid to lock file {}", lock_path.display()))?;
     Ok(lock)
+}
+
+/// The owner lock of a store: the one computation (coordinator) it
+/// serves, for that coordinator's whole life (see [`Store::claim_owner`]).
+/// Released when dropped or when the process dies, so a dead owner never
+/// blocks the next one.
+#[derive(Debug)]
+pub struct OwnerLock {
+    _lock: Flock<File>,
+    path: PathBuf,
+}
+
+impl OwnerLock {
+    /// The owner file (`<root>/owner`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// How long [`Store::claim_owner`] waits for an owner that is exiting
+/// (a `ckpt quit` just before a new coordinator starts).
+const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Store {
+    /// Claim the store for one computation: an exclusive `flock` on
+    /// `<root>/owner` (0600; for an S3 store, in its cache, so it guards one
+    /// host), which then names this process: `owner` (e.g. the
+    /// coordinator's address), pid, host and time. Held until the lock is
+    /// dropped or the process ends (no stale lock survives its holder).
+    /// [`StoreError::Owned`] naming the holder if another process has it
+    /// (after waiting a few seconds for one that is exiting). Independent
+    /// of the writer lock: `ckpt gc` still runs between checkpoints.
+    pub fn claim_owner(&self, owner: &str) -> Result<OwnerLock> {
+        let path = self.inner.root.join("owner");
+        let deadline = std::time::Instant::now() + OWNER_WAIT;
+        loop {
+            let file = private::file_options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(&path)
+                .ctx(|| format!("open the owner file {}", path.display()))?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(mut l) => {
+                    let desc = format!(
+                        "{owner}, pid {}, host {}, since {} ms after the epoch",
+                        std::process::id(),
+                        remote_lock::hostname(),
+                        now_ms()
+                    );
+                    l.set_len(0)
+                        .and_then(|_| l.rewind())
+                        .and_then(|_| writeln!(l, "{desc}"))
+                        .and_then(|_| l.sync_all())
+                        .ctx(|| format!("write the owner file {}", path.display()))?;
+                    tracing::debug!(store = %self.url(), owner = %desc, "store claimed");
+                    return Ok(OwnerLock { _lock: l, path });
+                }
+                Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                    if std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        continue;
+                    }
+                    let mut s = String::new();
+                    let _ = file.read_to_string(&mut s);
+                    let holder = s.trim().chars().take(512).collect::<String>();
+                    return Err(StoreError::Owned {
+                        store: self.url(),
+                        holder: if holder.is_empty() { format!("unnamed, see {}", path.display()) } else { holder },
+                    });
+                }
+                Err((_, e)) => return Err(StoreError::io(format!("lock {}", path.display()), std::io::Error::from(e))),
+            }
+        }
+    }
 }
 
 /// Where a blob lives.
