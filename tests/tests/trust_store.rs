@@ -159,9 +159,19 @@ fn second_coordinator_on_a_store_is_refused_naming_the_first() {
     sigkill(cpid);
     wait_gone(cpid, Duration::from_secs(10));
     let mut c = Command::new(&s.ckpt);
-    c.args(["coordinator", "--daemonize", "--coord", &other, "--store", &s.store]).current_dir(&s.dir);
-    let out = run_with_timeout(c, CMD_TIMEOUT);
-    assert!(out.status.success(), "a coordinator after the first died was refused: {}", text(&out.stderr));
+    // (the daemon keeps its stdio: a log file, not the test's pipes)
+    let log = std::fs::File::create(s.path("second-coordinator.log")).unwrap();
+    c.args(["coordinator", "--daemonize", "--coord", &other, "--store", &s.store])
+        .current_dir(&s.dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let st = c.status().unwrap();
+    assert!(
+        st.success(),
+        "a coordinator after the first died was refused: {}",
+        std::fs::read_to_string(s.path("second-coordinator.log")).unwrap_or_default()
+    );
     let mut q = Command::new(&s.ckpt);
     q.args(["quit", "--coord", &other]);
     let out = run_with_timeout(q, CMD_TIMEOUT);
