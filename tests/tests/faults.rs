@@ -364,11 +364,13 @@ fn kill9_coordinator_during_checkpoint() {
 /// The snapshot children of `pid` (the agent forks them; a live one holds
 /// the agent in its round).
 fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|c| c.parse().ok())
-        .collect()
+    // of any thread (the agent's own thread forks them)
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        out.extend(kids.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+    }
+    out
 }
 
 /// Issue 10: a store that fills up while the snapshot is read (phase B)
