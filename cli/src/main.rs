@@ -51,8 +51,8 @@ enum Cmd {
         coord: CoordArg,
         #[command(flatten)]
         store: StoreArg,
-        /// Checkpoint every SECS seconds.
-        #[arg(long, value_name = "SECS")]
+        /// Checkpoint every SECS seconds (at least 1).
+        #[arg(long, value_name = "SECS", value_parser = parse_interval)]
         interval: Option<u64>,
         /// Dirty-page tracking: auto, soft-dirty, uffd-wp or scan.
         #[arg(long, value_name = "MODE", default_value = "auto")]
@@ -183,7 +183,8 @@ enum Cmd {
         coord: CoordArg,
         #[command(flatten)]
         store: StoreArg,
-        #[arg(long, value_name = "SECS")]
+        /// Checkpoint every SECS seconds (at least 1).
+        #[arg(long, value_name = "SECS", value_parser = parse_interval)]
         interval: Option<u64>,
         /// Detach from the terminal and run in the background.
         #[arg(long)]
@@ -247,9 +248,59 @@ fn log_path(addr: &Address) -> PathBuf {
     }
 }
 
+/// Shortest accepted `--interval`: a checkpoint every second at most (0
+/// would checkpoint back to back forever).
+const MIN_INTERVAL_SECS: u64 = 1;
+
+fn parse_interval(s: &str) -> Result<u64, String> {
+    let v: u64 = s.parse().map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    if v < MIN_INTERVAL_SECS {
+        return Err(format!(
+            "{v} s is too short: the shortest interval is {MIN_INTERVAL_SECS} s (each checkpoint stops the programs and stores their changes; 0 would checkpoint back to back forever); without --interval, checkpoint on demand with `ckpt checkpoint`"
+        ));
+    }
+    Ok(v)
+}
+
+/// The executable `prog` runs as (a path, or looked up in `$PATH` like
+/// execvp does), if it exists and may be executed.
+fn find_program(prog: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let ok = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if prog.contains('/') {
+        let p = PathBuf::from(prog);
+        return ok(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path).map(|d| d.join(prog)).find(|p| ok(p))
+}
+
+/// Undo what a launch started when the program cannot run: the coordinator
+/// it started (asked to quit, waited for) and the store it created.
+fn undo_launch(addr: &Address, started: bool, new_store: Option<&Path>) {
+    if !started {
+        return;
+    }
+    if let Err(e) = client::quit(addr, Duration::from_secs(10)) {
+        tracing::warn!("could not stop the coordinator this launch started at {addr}: {e}");
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client::is_up(addr) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(dir) = new_store {
+        // Only a store with no generation: nothing of value is lost.
+        let empty = Store::open(&dir.to_string_lossy()).and_then(|s| s.generations()).is_ok_and(|g| g.is_empty());
+        if empty && let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!("could not remove the store {} this launch created: {e}", dir.display());
+        }
+    }
+}
+
 /// Makes sure a coordinator answers at `addr`, using `store` (started in
-/// the background if none runs).
-fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>) -> Result<()> {
+/// the background if none runs). True if this call started it.
+fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>) -> Result<bool> {
     match client::hello(addr, Duration::from_secs(2)) {
         Ok(v) => {
             let theirs = v.store;
@@ -259,7 +310,7 @@ fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: 
             if interval.is_some() {
                 tracing::warn!("a coordinator already runs at {addr}: --interval is ignored");
             }
-            return Ok(());
+            return Ok(false);
         }
         Err(ckpt_coordinator::CoordError::Unreachable { .. }) => {}
         Err(e) => return Err(e.into()),
@@ -285,7 +336,7 @@ fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: 
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if client::is_up(addr) {
-            return Ok(());
+            return Ok(true);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -307,13 +358,23 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             }
             let addr = coord_addr(&coord)?;
             let url = store_url(&store);
+            // Before anything is started: a program that cannot be found
+            // leaves no coordinator and no store behind.
+            if find_program(&prog[0]).is_none() {
+                bail!(
+                    "cannot run {:?}: no such executable{}; nothing was started",
+                    prog[0],
+                    if prog[0].contains('/') { String::new() } else { " in $PATH".to_string() }
+                );
+            }
             // The coordinator started below loads the same secret file.
             let secret_file = ckpt_coordinator::Secret::default_path()?;
             let secret = ckpt_coordinator::Secret::load_or_create(&secret_file)?;
             // SAFETY: still single-threaded; the coordinator it starts and
             // the program inherit it.
             unsafe { std::env::set_var(ckpt_coordinator::secret::ENV_SECRET_FILE, &secret_file) };
-            ensure_coordinator(&addr, &url, store.store.is_some(), interval)?;
+            let new_store = if ckpt_store::remote::is_s3_url(&url) { None } else { ckpt_store::parse_url(&url).ok().filter(|p| !p.exists()) };
+            let started = ensure_coordinator(&addr, &url, store.store.is_some(), interval)?;
             let preload = artifact("libckpt_preload.so", "CKPT_PRELOAD")?;
             let mut ld = preload.to_string_lossy().into_owned();
             if let Ok(old) = std::env::var("LD_PRELOAD")
@@ -335,7 +396,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 .env(ckpt_wire::agent::ENV_TRACKING, &dirty_tracking)
                 .env(ckpt_wire::agent::ENV_NO_FORK, if no_fork_ckpt { "1" } else { "0" })
                 .exec();
-            bail!("cannot run {}: {err}", prog[0])
+            undo_launch(&addr, started, new_store.as_deref());
+            bail!("cannot run {}: {err}{}", prog[0], if started { "; the coordinator this launch started was stopped" } else { "" })
         }
         Cmd::Checkpoint { coord } => {
             let addr = coord_addr(&coord)?;

@@ -271,16 +271,36 @@ fn range_list(ranges: &[(u64, u64)]) -> Vec<u8> {
 /// per process, what the commit needs and the base for its next capture.
 pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn BlobSink, generation: u64) -> Result<Vec<(Captured, Base)>, String> {
     let mut out = Vec::new();
-    for w in work.iter_mut() {
-        let mut prep = w.prep.take().ok_or("internal: capture missing")?;
-        if let Some(child) = w.snapshot {
-            prep.store_memory(child, |_| true, bases.get(&w.pid), sink).map_err(|e| e.to_string())?;
-            kill_all(&[child]);
-        }
+    for i in 0..work.len() {
+        // On a failure (a full store), the snapshots not read yet are
+        // killed too: a snapshot left alive holds its agent in its round.
+        let rest: Vec<i32> = work[i + 1..].iter().filter_map(|w| w.snapshot).collect();
+        let fail = |e: String| {
+            kill_all(&rest);
+            e
+        };
+        let w = &mut work[i];
+        let stored = match (w.prep.take(), w.snapshot) {
+            (None, child) => {
+                kill_all(child.as_slice());
+                Err("internal: capture missing".to_string())
+            }
+            (Some(mut prep), Some(child)) => {
+                let r = prep.store_memory(child, |_| true, bases.get(&w.pid), sink).map_err(|e| e.to_string());
+                kill_all(&[child]);
+                r.map(|_| prep)
+            }
+            (Some(prep), None) => Ok(prep),
+        };
+        let prep = match stored {
+            Ok(p) => p,
+            Err(e) => return Err(fail(e)),
+        };
+        let w = &work[i];
         let backend = prep.backend;
-        let (image, stats, base) = prep.finish(generation, sink).map_err(|e| e.to_string())?;
-        let bytes = serde_json::to_vec(&image).map_err(|e| e.to_string())?;
-        let hash = sink.put_meta(&bytes).map_err(|e| e.to_string())?;
+        let (image, stats, base) = prep.finish(generation, sink).map_err(|e| fail(e.to_string()))?;
+        let bytes = serde_json::to_vec(&image).map_err(|e| fail(e.to_string()))?;
+        let hash = sink.put_meta(&bytes).map_err(|e| fail(e.to_string()))?;
         let summary = json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
                              "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes, "dirty_tracking": backend.name(),
                              "forked": w.snapshot.is_some(), "stopped_work": w.timings});

@@ -163,7 +163,10 @@ pub(crate) fn hostname() -> String {
 pub fn run(cfg: Config) -> Result<(), CoordError> {
     let secret = crate::Secret::load_or_create(&crate::Secret::default_path()?)?;
     let store = Store::open_or_create(&cfg.store_url, ckpt_store::DEFAULT_CHUNK_SIZE)?;
-    // Fail now, not at the first checkpoint, if another process owns it.
+    // One store, one computation: held for the coordinator's whole life
+    // (the writer lock is only taken per checkpoint, so gc runs between).
+    let _owner = store.claim_owner(&format!("coordinator at {}", cfg.addr))?;
+    // Fail now, not at the first checkpoint, if another process writes it.
     drop(store.writer()?);
     let listener = cfg.addr.listen().map_err(|e| CoordError::Listen { addr: cfg.addr.to_string(), source: e })?;
     tracing::info!(addr = %cfg.addr, store = %cfg.store_url, "coordinator listening");

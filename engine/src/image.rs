@@ -558,10 +558,42 @@ pub fn load_generation(
         .processes
         .iter()
         .map(|p| {
-            serde_json::from_slice(&store.read_blob(&p.image)?).map_err(|e| bad(format!("the image of process {} is not readable ({e})", p.pid)))
+            let img: ProcessImage = serde_json::from_slice(&store.read_blob(&p.image)?)
+                .map_err(|e| bad(format!("the image of process {} is not readable ({e})", p.pid)))?;
+            check_names(&img).map_err(|what| bad(format!("process {}: {what}; the store may have been tampered with", img.pid)))?;
+            Ok(img)
         })
         .collect::<crate::Result<Vec<ProcessImage>>>()?;
     Ok((info, manifest, images))
+}
+
+/// Checks the names a restart turns into paths, right after decoding,
+/// before any process starts: a region backed by a file names an absolute
+/// path with no `.` or `..` component (and no NUL); one under `/dev/shm/`
+/// names exactly one component there (a POSIX shm object). Kernel names
+/// (`[heap]`, `[stack]`, ...) and anonymous regions (empty) pass.
+pub fn check_names(img: &ProcessImage) -> Result<(), String> {
+    for r in &img.regions {
+        let n = r.name.as_str();
+        let bad = |why: &str| Err(format!("region {:#x}-{:#x} names {n:?}, which {why}", r.start, r.end));
+        if n.contains('\0') {
+            return bad("holds a NUL byte");
+        }
+        if !n.starts_with('/') {
+            continue;
+        }
+        // The kernel appends " (deleted)" to a removed file's name.
+        let path = n.strip_suffix(" (deleted)").unwrap_or(n);
+        if path.split('/').any(|c| c == ".." || c == ".") {
+            return bad("has a . or .. component");
+        }
+        if let Some(obj) = path.strip_prefix("/dev/shm/")
+            && (obj.is_empty() || obj.contains('/'))
+        {
+            return bad("is not one object directly under /dev/shm");
+        }
+    }
+    Ok(())
 }
 
 /// The processes of a generation that restart on host `here`: those whose
@@ -588,4 +620,31 @@ pub fn select_host(generation: u64, images: Vec<ProcessImage>, here: &str, host_
         });
     }
     Ok(chosen)
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    fn with_region(name: &str) -> ProcessImage {
+        let mut img: ProcessImage = serde_json::from_value(serde_json::json!({
+            "version": 1, "pid": 1, "ppid": 0, "host": "h", "exe": "/bin/x", "comm": "x", "cmdline": [], "cwd": "/",
+            "umask": 18, "rlimits": [], "mm": MmFields::default(), "auxv": [], "threads": [], "sigactions": [], "itimers": [],
+            "fds": [], "regions": [], "agent": {"fd": 0, "restart_word_addr": 0, "ckpt_tid": 0}, "chunk_size": 4096
+        }))
+        .unwrap_or_else(|e| panic!("test image: {e}"));
+        img.regions.push(RegionImage { start: 0x1000, end: 0x2000, prot: 3, kind: RegionKind::SharedFile, name: name.into(), offset: 0, shm: 0, sysv: None, segments: vec![], depth: 0 });
+        img
+    }
+
+    #[test]
+    fn region_names() {
+        for ok in ["", "[heap]", "/usr/lib/libc.so.6", "/dev/shm/obj", "/dev/shm/obj (deleted)", "/memfd:x (deleted)"] {
+            assert!(check_names(&with_region(ok)).is_ok(), "{ok:?} refused");
+        }
+        for bad in ["/dev/shm/../../etc/passwd", "/dev/shm/a/b", "/dev/shm/", "/tmp/./x", "/a\0b"] {
+            let e = check_names(&with_region(bad)).expect_err(bad);
+            assert!(e.contains(bad.split('\0').next().unwrap_or("")), "{e}");
+        }
+    }
 }

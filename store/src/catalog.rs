@@ -91,6 +91,14 @@ fn check_version(path: &Path, found: u32) -> Result<()> {
 pub(crate) fn open(path: &Path, create: Option<usize>) -> Result<(Connection, usize)> {
     if path.exists() {
         check_version(path, header_version(path)?)?;
+    } else if create.is_some() {
+        // Made 0600 before SQLite sees it: SQLite gives the -wal and -shm
+        // files the mode of the database file.
+        crate::private::file_options()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| StoreError::io(format!("create catalog {}", path.display()), e))?;
     }
     let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     if create.is_some() {

@@ -120,6 +120,42 @@ pub enum StoreError {
         /// What check failed.
         reason: String,
     },
+    /// A name read from the catalog or from an S3 listing is not one ckpt
+    /// makes (a pack name is 64 lowercase hex digits): it is never used.
+    #[error(
+        "{what} name {name:?} in {origin} is not one ckpt makes (a pack is named by 64 lowercase hex digits): the store may have been tampered with; nothing was read or deleted by that name; run `ckpt verify` and restore the store from a copy you trust"
+    )]
+    BadName {
+        /// The catalog file, or the S3 URL of the listing.
+        origin: PathBuf,
+        /// What kind of name.
+        what: &'static str,
+        /// The name as found.
+        name: String,
+    },
+    /// A store entry is readable or writable by other users and this
+    /// process may not tighten it.
+    #[error(
+        "{path} (mode {mode:o}) in store {root} is open to other users, and it is not yours to fix: memory images hold secrets; have its owner run `chmod -R go= {root}`"
+    )]
+    NotPrivate {
+        /// The loose entry.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+        /// The store directory.
+        root: PathBuf,
+    },
+    /// Another coordinator owns the store.
+    #[error(
+        "store {store} already belongs to a running computation ({holder}): one store serves one computation; stop that one (`ckpt quit --coord ADDR`) or give this one another store (--store or $CKPT_STORE)"
+    )]
+    Owned {
+        /// The store.
+        store: String,
+        /// Who owns it: pid, host, address, since when.
+        holder: String,
+    },
     /// Invalid chunk size for a new store.
     #[error(
         "chunk size {size} is invalid: it must be a non-zero multiple of 4096 bytes, at most 64 MiB (default {default})"

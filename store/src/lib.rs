@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod private;
 pub mod pack;
 pub mod remote;
 pub mod remote_lock;
@@ -47,7 +48,7 @@ pub mod maintenance;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -292,7 +293,7 @@ fn lock_dir_wait(dir: &Path, limit: std::time::Duration) -> Result<Flock<File>> 
 /// [`StoreError::Locked`] if another process holds it.
 pub(crate) fn lock_dir(dir: &Path) -> Result<Flock<File>> {
     let lock_path = dir.join("lock");
-    let file = fs::OpenOptions::new()
+    let file = private::file_options()
         .read(true)
         .write(true)
         .create(true)
@@ -325,6 +326,83 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<Flock<File>> {
         .and_then(|_| writeln!(lock, "{}", std::process::id()))
         .ctx(|| format!("write pid to lock file {}", lock_path.display()))?;
     Ok(lock)
+}
+
+/// The owner lock of a store: the one computation (coordinator) it
+/// serves, for that coordinator's whole life (see [`Store::claim_owner`]).
+/// Released when dropped or when the process dies, so a dead owner never
+/// blocks the next one.
+#[derive(Debug)]
+pub struct OwnerLock {
+    _lock: Flock<File>,
+    path: PathBuf,
+}
+
+impl OwnerLock {
+    /// The owner file (`<root>/owner`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// How long [`Store::claim_owner`] waits for an owner that is exiting
+/// (a `ckpt quit` just before a new coordinator starts).
+const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Store {
+    /// Claim the store for one computation: an exclusive `flock` on
+    /// `<root>/owner` (0600; for an S3 store, in its cache, so it guards one
+    /// host), which then names this process: `owner` (e.g. the
+    /// coordinator's address), pid, host and time. Held until the lock is
+    /// dropped or the process ends (no stale lock survives its holder).
+    /// [`StoreError::Owned`] naming the holder if another process has it
+    /// (after waiting a few seconds for one that is exiting). Independent
+    /// of the writer lock: `ckpt gc` still runs between checkpoints.
+    pub fn claim_owner(&self, owner: &str) -> Result<OwnerLock> {
+        let path = self.inner.root.join("owner");
+        let deadline = std::time::Instant::now() + OWNER_WAIT;
+        loop {
+            let file = private::file_options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(&path)
+                .ctx(|| format!("open the owner file {}", path.display()))?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(mut l) => {
+                    let desc = format!(
+                        "{owner}, pid {}, host {}, since {} ms after the epoch",
+                        std::process::id(),
+                        remote_lock::hostname(),
+                        now_ms()
+                    );
+                    l.set_len(0)
+                        .and_then(|_| l.rewind())
+                        .and_then(|_| writeln!(l, "{desc}"))
+                        .and_then(|_| l.sync_all())
+                        .ctx(|| format!("write the owner file {}", path.display()))?;
+                    tracing::debug!(store = %self.url(), owner = %desc, "store claimed");
+                    return Ok(OwnerLock { _lock: l, path });
+                }
+                Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                    if std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        continue;
+                    }
+                    let mut s = String::new();
+                    let _ = file.read_to_string(&mut s);
+                    let holder = s.trim().chars().take(512).collect::<String>();
+                    return Err(StoreError::Owned {
+                        store: self.url(),
+                        holder: if holder.is_empty() { format!("unnamed, see {}", path.display()) } else { holder },
+                    });
+                }
+                Err((_, e)) => return Err(StoreError::io(format!("lock {}", path.display()), std::io::Error::from(e))),
+            }
+        }
+    }
 }
 
 /// Where a blob lives.
@@ -418,7 +496,7 @@ impl Store {
     pub fn open_s3_at(url: &str, cache: Option<PathBuf>, create: Option<usize>) -> Result<Store> {
         let remote = Arc::new(Remote::connect_with_cache(url, cache)?);
         let cache = remote.cache_dir().to_path_buf();
-        fs::create_dir_all(&cache)
+        private::create_dir_all(&cache)
             .ctx(|| format!("create cache directory {} of {url}", cache.display()))?;
         let guard = match lock_dir(&cache) {
             Ok(g) => Some(g),
@@ -478,7 +556,7 @@ impl Store {
         }
         let root = parse_url(url)?;
         if !root.exists() {
-            fs::create_dir_all(&root)
+            private::create_dir_all(&root)
                 .ctx(|| format!("create store directory {}", root.display()))?;
         } else if !root.is_dir() || (!root.join("catalog.db").exists() && !dir_is_empty(&root)?) {
             return Err(StoreError::NotAStore { path: root });
@@ -497,11 +575,12 @@ impl Store {
 
     fn finish_open(root: PathBuf, create: Option<usize>, remote: Option<Arc<Remote>>) -> Result<Store> {
         let catalog_path = root.join("catalog.db");
+        private::tighten(&root)?;
         let (conn, chunk_size) = catalog::open(&catalog_path, create)?;
         for d in ["packs", "tmp"] {
             let p = root.join(d);
             if !p.is_dir() {
-                fs::create_dir_all(&p).ctx(|| format!("create {}", p.display()))?;
+                private::create_dir_all(&p).ctx(|| format!("create {}", p.display()))?;
             }
         }
         tracing::debug!(store = %root.display(), chunk_size, "store opened");
@@ -655,6 +734,10 @@ impl Store {
             hash: *h,
             path: self.inner.root.clone(),
         })
+        .and_then(|loc| {
+            private::check_pack_name(&loc.pack, &self.inner.catalog_path)?;
+            Ok(loc)
+        })
     }
 
     /// Decompress and verify one blob's stored bytes.
@@ -761,6 +844,7 @@ impl Store {
                         clen: r.get::<_, i64>(3).db(&self.inner.catalog_path)? as u32,
                         ulen: r.get::<_, i64>(4).db(&self.inner.catalog_path)? as u32,
                     };
+                    private::check_pack_name(&loc.pack, &self.inner.catalog_path)?;
                     groups.entry(loc.pack.clone()).or_default().push(loc);
                 }
                 if found < wanted.len() {
@@ -875,6 +959,9 @@ impl Store {
                 .db(p)?
                 .collect::<rusqlite::Result<_>>()
                 .db(p)?;
+            for (_, name, _) in &packs {
+                private::check_pack_name(name, p)?;
+            }
             let mut by_pack: BTreeMap<i64, Vec<Loc>> = BTreeMap::new();
             let mut st = conn
                 .prepare("SELECT hash, pack_id, offset, clen, ulen FROM blobs")

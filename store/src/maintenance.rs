@@ -121,17 +121,22 @@ impl Store {
         let mut st = conn
             .prepare("SELECT id, name, size, nblobs FROM packs ORDER BY id")
             .db(p)?;
-        st.query_map([], |r| {
-            Ok(PackRow {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                size: r.get::<_, i64>(2)? as u64,
-                nblobs: r.get::<_, i64>(3)? as u64,
+        let rows: Vec<PackRow> = st
+            .query_map([], |r| {
+                Ok(PackRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    size: r.get::<_, i64>(2)? as u64,
+                    nblobs: r.get::<_, i64>(3)? as u64,
+                })
             })
-        })
-        .db(p)?
-        .collect::<rusqlite::Result<_>>()
-        .db(p)
+            .db(p)?
+            .collect::<rusqlite::Result<_>>()
+            .db(p)?;
+        for r in &rows {
+            crate::private::check_pack_name(&r.name, p)?;
+        }
+        Ok(rows)
     }
 
     /// Every blob row of the catalog.
@@ -148,8 +153,15 @@ impl Store {
             if let Ok(files) = fs::read_dir(d.path()) {
                 for f in files.flatten() {
                     let path = f.path();
-                    if path.extension().is_some_and(|e| e == "pack") {
+                    let named_like_a_pack = path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_suffix(".pack"))
+                        .is_some_and(|n| crate::private::is_pack_name(n) && path == pack::pack_path(&self.inner.root, n));
+                    if named_like_a_pack {
                         out.push(path);
+                    } else if path.extension().is_some_and(|e| e == "pack") {
+                        tracing::warn!(file = %path.display(), "ignoring a file in the store's packs/ that is not named like a ckpt pack");
                     }
                 }
             }
@@ -563,6 +575,7 @@ impl Writer {
                 .db(&path)?;
             let mut del = tx.prepare("DELETE FROM packs WHERE id = ?1").db(&path)?;
             for (id, name, size) in packs {
+                crate::private::check_pack_name(&name, &path)?;
                 if !live_per_pack.contains_key(&id) {
                     del.execute([id]).db(&path)?;
                     out.dead_packs.push(pack::pack_path(&root, &name));
@@ -586,6 +599,17 @@ impl Writer {
         let mut freed = 0;
         let mut dirs = HashSet::new();
         for p in paths {
+            // Whatever the catalog says: only `<root>/packs/hh/NAME.pack`.
+            let inside = p.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_suffix(".pack")).is_some_and(|n| {
+                crate::private::is_pack_name(n) && p == &pack::pack_path(&self.inner.root, n)
+            });
+            if !inside {
+                return Err(StoreError::BadName {
+                    origin: self.inner.catalog_path.clone(),
+                    what: "pack file",
+                    name: p.display().to_string(),
+                });
+            }
             if named.contains(p) {
                 return Err(StoreError::Invalid(format!(
                     "refusing to delete pack file {}: the catalog still names it",

@@ -126,7 +126,7 @@ impl OpenPack {
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed),
             crate::now_ms()
         ));
-        let file = fs::OpenOptions::new()
+        let file = crate::private::file_options()
             .write(true)
             .create_new(true)
             .open(&tmp_path)?;
@@ -208,7 +208,7 @@ impl OpenPack {
         let path = pack_path(root, &name);
         let dir = path.parent().expect("pack path has a parent");
         if !dir.exists() {
-            fs::create_dir_all(dir)?;
+            crate::private::create_dir_all(dir)?;
             sync_dir(&root.join("packs"))?;
         }
         fs::rename(&self.tmp_path, &path)?;

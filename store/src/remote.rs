@@ -648,7 +648,7 @@ impl Remote {
         progress: &dyn Fn(u64),
     ) -> Result<(ObjectInfo, String)> {
         let key = self.key(rel);
-        let mut f = File::create(dest).ctx(|| format!("create {}", dest.display()))?;
+        let mut f = crate::private::create_file(dest).ctx(|| format!("create {}", dest.display()))?;
         let mut hasher = blake3::Hasher::new();
         let r: std::result::Result<ObjectInfo, RemoteError> = self.block_on(async {
             let res = self
@@ -756,11 +756,13 @@ impl Remote {
         let mut out = HashMap::new();
         for m in metas {
             let name = m.location.filename().unwrap_or("");
-            if let Some(stem) = name.strip_suffix(".pack")
-                && stem.len() == 64
-                && stem.bytes().all(|b| b.is_ascii_hexdigit())
-            {
-                out.insert(stem.to_string(), m.size);
+            // Only names ckpt makes; anything else in the listing is
+            // never used as a name (nor as a path in the cache).
+            match name.strip_suffix(".pack") {
+                Some(stem) if crate::private::is_pack_name(stem) => {
+                    out.insert(stem.to_string(), m.size);
+                }
+                _ => tracing::warn!(object = %m.location, "ignoring an object under packs/ that is not named like a ckpt pack"),
             }
         }
         Ok(out)
@@ -931,6 +933,8 @@ pub(crate) fn snapshot_catalog(conn: &Connection, catalog: &Path, tmp_dir: &Path
     let s = snap
         .to_str()
         .ok_or_else(|| StoreError::Invalid(format!("non-UTF-8 path {}", snap.display())))?;
+    // VACUUM INTO accepts an empty file: made first, so the copy is 0600.
+    crate::private::create_file(&snap).ctx(|| format!("create {}", snap.display()))?;
     conn.execute("VACUUM INTO ?1", [s]).db(catalog)?;
     Ok(snap)
 }
@@ -960,7 +964,11 @@ pub(crate) fn packs_of(conn: &Connection, path: &Path) -> Result<Vec<(String, u6
     let rows = st
         .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
         .db(path)?;
-    rows.collect::<rusqlite::Result<Vec<_>>>().db(path)
+    let packs = rows.collect::<rusqlite::Result<Vec<_>>>().db(path)?;
+    for (name, _) in &packs {
+        crate::private::check_pack_name(name, path)?;
+    }
+    Ok(packs)
 }
 
 /// Refuse to overwrite `dest` generations that `src` does not have.
@@ -1040,12 +1048,12 @@ pub fn push(src: &crate::Store, dest_url: &str, progress: &dyn TransferProgress)
         )));
     }
     let remote = Arc::new(Remote::connect(dest_url)?);
-    fs::create_dir_all(remote.cache_dir())
+    crate::private::create_dir_all(remote.cache_dir())
         .ctx(|| format!("create cache directory {}", remote.cache_dir().display()))?;
     let _lock = crate::lock_dir(remote.cache_dir())?;
     let s3_lock = RemoteLock::acquire(&remote)?;
     let tmp = src.root().join("tmp");
-    fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+    crate::private::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
     // A consistent view of the source: its catalog snapshot decides what goes.
     let snap = src.snapshot_catalog(&tmp)?;
     let _rm = RemoveOnDrop(snap.clone());
@@ -1171,7 +1179,7 @@ pub fn pull(src_url: &str, dest_url: &str, progress: &dyn TransferProgress) -> R
                         }
                         let final_path = dest.pack_path(name);
                         let dir = final_path.parent().expect("pack dir");
-                        fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+                        crate::private::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
                         fs::rename(&part, &final_path)
                             .ctx(|| format!("rename {} into place", final_path.display()))?;
                         crate::pack::sync_dir(dir).ctx(|| format!("fsync {}", dir.display()))?;
@@ -1221,7 +1229,7 @@ pub(crate) fn is_unsynced(cache: &Path) -> bool {
 /// Mark the cache as ahead of the remote (before a local commit).
 pub(crate) fn mark_unsynced(cache: &Path) -> Result<()> {
     let p = unsynced_path(cache);
-    fs::write(&p, b"local commits not yet uploaded\n").ctx(|| format!("write {}", p.display()))
+    crate::private::write_file(&p, b"local commits not yet uploaded\n").ctx(|| format!("write {}", p.display()))
 }
 
 /// Forget that the cache holds unsynced commits (they are being discarded).
@@ -1236,7 +1244,7 @@ pub(crate) fn clear_unsynced(cache: &Path) -> Result<()> {
 /// Record that the local catalog equals the remote one with `etag`.
 pub(crate) fn mark_synced(cache: &Path, etag: Option<&str>) -> Result<()> {
     let p = synced_etag_path(cache);
-    fs::write(&p, etag.unwrap_or("")).ctx(|| format!("write {}", p.display()))?;
+    crate::private::write_file(&p, etag.unwrap_or("").as_bytes()).ctx(|| format!("write {}", p.display()))?;
     let u = unsynced_path(cache);
     if u.exists() {
         fs::remove_file(&u).ctx(|| format!("remove {}", u.display()))?;
@@ -1278,7 +1286,7 @@ impl Remote {
             return Ok(CacheState::Current);
         }
         let tmp = cache.join("tmp");
-        fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+        crate::private::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
         let dl = tmp.join(format!("catalog-download-{}.db", std::process::id()));
         let _rm = RemoveOnDrop(dl.clone());
         let (info, _) = self.download(CATALOG_OBJECT, &dl, &|_| {})?;

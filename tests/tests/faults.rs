@@ -360,3 +360,60 @@ fn kill9_coordinator_during_checkpoint() {
     r.wait_ticks(2, LINE_TIMEOUT);
     r.finish(&s, 2);
 }
+
+/// The snapshot children of `pid` (the agent forks them; a live one holds
+/// the agent in its round).
+fn children(pid: i32) -> Vec<i32> {
+    // of any thread (the agent's own thread forks them)
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        out.extend(kids.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+    }
+    out
+}
+
+/// Issue 10: a store that fills up while the snapshot is read (phase B)
+/// fails that checkpoint only: the snapshot is killed, the program runs on,
+/// and once there is room the next checkpoint succeeds.
+#[test]
+fn full_store_in_phase_b_kills_the_snapshot_and_the_next_checkpoint_succeeds() {
+    let s = Session::new("full_store_phase_b");
+    let small = s.path("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs"]).arg(&small).status().unwrap();
+    assert!(st.success(), "cannot mount a tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(small.clone());
+    let store = format!("file://{}", small.join("store").display());
+    let stop = s.stop_file();
+    let mut c = Command::new(&s.ckpt);
+    c.args(["launch", "--store", &store, "--coord", &s.coord, "--"]).current_dir(&s.dir).env("CKPT_COORD", &s.coord).env_remove("CKPT_STORE").arg(program("counter_heap")).args(["-t", "100", "-m", "64", "-s", stop.to_str().unwrap()]);
+    let mut p = Proc::spawn("launch on a small tmpfs".into(), c);
+    s.track(p.child_pid());
+    p.pid = p.child_pid();
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let out = s.try_checkpoint();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a checkpoint of 64 MiB into 2 MiB succeeded");
+    assert!(mentions_any(&err, &["space", "full"]), "the error does not say the store is full: {err}");
+    let t0 = std::time::Instant::now();
+    while !children(p.pid).is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(children(p.pid), Vec::<i32>::new(), "a snapshot of the failed checkpoint is still alive");
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let st = Command::new("mount").args(["-o", "remount,size=512m"]).arg(&small).status().unwrap();
+    assert!(st.success(), "cannot grow the tmpfs");
+    let out = s.try_checkpoint();
+    assert!(out.status.success(), "the checkpoint after freeing space failed: {}", text(&out.stderr));
+    assert_eq!(children(p.pid), Vec::<i32>::new(), "a snapshot is still alive after the checkpoint");
+    p.wait_ticks(2, LINE_TIMEOUT);
+    p.finish(&s, 2);
+}
