@@ -10,8 +10,9 @@
 //!   leaks no right to command the coordinator.
 //!
 //! The file is `$CKPT_SECRET_FILE`, else `~/.config/ckpt/coord.key` in the
-//! home directory of the password database (never `$HOME`, which may name
-//! another user's directory under sudo). It is made on first use with mode
+//! home directory of the password database (not `$HOME`, which may name
+//! another user's directory under sudo; `$HOME` only for a user the
+//! database does not know, as in a minimal container). It is made on first use with mode
 //! 0600 in a 0700 directory, opened without following symlinks, and refused
 //! if another user owns it or others may read it. To run a computation
 //! across machines, copy the file to each of them (as Slurm's munge key is).
@@ -60,7 +61,15 @@ impl Secret {
             return Ok(PathBuf::from(p));
         }
         let uid = nix::unistd::geteuid();
-        let home = nix::unistd::User::from_uid(uid).ok().flatten().map(|u| u.dir).ok_or(SecretError::NoHome(uid.as_raw()))?;
+        // `$HOME` only where the password database knows no such user (a
+        // minimal container or initramfs): the file must be this user's
+        // and private wherever it is, which `load` checks.
+        let home = nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map(|u| u.dir)
+            .or_else(|| std::env::var_os("HOME").map(PathBuf::from).filter(|h| h.is_absolute()))
+            .ok_or(SecretError::NoHome(uid.as_raw()))?;
         Ok(home.join(".config/ckpt/coord.key"))
     }
 

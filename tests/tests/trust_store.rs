@@ -222,3 +222,56 @@ fn launch_of_a_missing_program_leaves_nothing_behind() {
     let out = s.run("status", &[]);
     assert!(text(&out.stdout).contains("none running"), "launch of a non-executable left a coordinator: {}", text(&out.stdout));
 }
+
+/// A forged generation whose image names a region `/dev/shm/../../PATH`
+/// (a well-formed blob under its right hash, committed through the store's
+/// own writer, as anyone who can write the store could) is refused by
+/// `ckpt restart` before any process starts, and no file is made there.
+#[test]
+fn forged_region_name_is_refused_before_any_process_starts() {
+    let s = Session::new("trust-forged-region");
+    let mut p = launch_counter(&s);
+    let g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+    assert!(s.run("quit", &[]).status.success());
+
+    let target = s.dir.join("forged-by-the-image");
+    let store = ckpt_store::Store::open(&s.store).unwrap();
+    let info = store.generation(g.id).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&store.read_blob(&info.manifest).unwrap()).unwrap();
+    let entry = &mut manifest["processes"][0];
+    let image_hash: ckpt_store::Hash = serde_json::from_value(entry["image"].clone()).unwrap();
+    let mut image: serde_json::Value = serde_json::from_slice(&store.read_blob(&image_hash).unwrap()).unwrap();
+    let region = image["regions"].as_array_mut().unwrap().iter_mut().find(|r| r["name"].as_str().is_some_and(|n| n.starts_with('/'))).expect("a file-backed region");
+    let evil = format!("/dev/shm/../..{}", target.display());
+    region["name"] = serde_json::Value::String(evil.clone());
+    let w = store.writer().unwrap();
+    let forged_image = w.put_meta(&serde_json::to_vec(&image).unwrap()).unwrap();
+    entry["image"] = serde_json::Value::String(forged_image.to_hex());
+    let forged_manifest = w.put_meta(&serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let forged = w
+        .commit(ckpt_store::NewGeneration {
+            parent: Some(info.id),
+            created_ms: info.created_ms + 1,
+            duration_ms: 1,
+            nprocs: info.nprocs,
+            logical_bytes: info.logical_bytes,
+            dirty_tracking: info.dirty_tracking.clone(),
+            manifest: forged_manifest,
+            info: serde_json::json!({}),
+        })
+        .unwrap();
+    drop(w);
+    drop(store);
+
+    let out = s.run("restart", &[&forged.id.to_string()]);
+    assert!(!out.status.success(), "the forged generation restarted");
+    let err = text(&out.stderr);
+    assert!(err.contains(&evil) && err.contains("tampered"), "the refusal does not name the value and the tampering: {err}");
+    assert!(!pid_exists(p.pid), "a process was started for the forged generation");
+    assert!(!target.exists(), "the forged name made a file");
+    // The genuine generation still restarts.
+    let mut r = s.restart_expect(&g, p.pid, false);
+    r.wait_ticks(2, LINE_TIMEOUT);
+    r.kill9();
+}

@@ -106,9 +106,10 @@ fn raw_exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
     back
 }
 
-#[test]
-fn raw_clients_are_closed_before_anything_is_parsed() {
-    let mut s = Session::new("trust_tcp_raw");
+/// A session whose coordinator listens on a free loopback port, with a
+/// counter program launched under it and ticking.
+fn tcp_computation(name: &str) -> (Session, Coord, u16, Proc) {
+    let mut s = Session::new(name);
     let port = free_port();
     s.coord = format!("tcp:127.0.0.1:{port}");
     let co = Coord::start(&s, &s.coord, None, "coord");
@@ -117,6 +118,12 @@ fn raw_clients_are_closed_before_anything_is_parsed() {
     let stop = s.stop_file();
     let mut p = s.launch(&program("counter_heap"), &["-m", "4", "-t", "50", "-s", stop.to_str().unwrap()]);
     p.wait_ticks(2, LINE_TIMEOUT);
+    (s, co, port, p)
+}
+
+#[test]
+fn raw_clients_are_closed_before_anything_is_parsed() {
+    let (s, co, port, mut p) = tcp_computation("trust_tcp_raw");
 
     // An agent's HELLO as a plain agent would send it: the header magic
     // ("CKPT") and a HELLO claiming pid 1.
@@ -141,14 +148,7 @@ fn raw_clients_are_closed_before_anything_is_parsed() {
 
 #[test]
 fn a_client_with_another_secret_is_refused_and_told_what_to_do() {
-    let mut s = Session::new("trust_tcp_key");
-    let port = free_port();
-    s.coord = format!("tcp:127.0.0.1:{port}");
-    let co = Coord::start(&s, &s.coord, None, "coord");
-    s.store = format!("{}-coord", s.store);
-    let stop = s.stop_file();
-    let mut p = s.launch(&program("counter_heap"), &["-m", "4", "-t", "50", "-s", stop.to_str().unwrap()]);
-    p.wait_ticks(2, LINE_TIMEOUT);
+    let (s, co, _port, mut p) = tcp_computation("trust_tcp_key");
     let other = other_secret(&s);
     for sub in ["kill", "checkpoint", "status"] {
         let mut c = s.cmd(sub);

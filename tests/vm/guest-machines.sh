@@ -8,6 +8,7 @@
 #   ckpt_store=s3://BUCKET/PREFIX  ckpt_s3=http://10.0.2.2:PORT
 #   ckpt_key=ID  ckpt_secret=SECRET  ckpt_limit=SECONDS (then power off)
 #   ckpt_map=OLD=NEW (restart)  ckpt_gen=N (restart: the generation to wait for)
+#   ckpt_min_uptime=S (restart: wait until this machine has been up S seconds)
 #
 # Both roles: network up, host name NAME, the disk (/dev/vda, minix, the
 # programs' working directory /work: it outlives the machine, made by
@@ -121,6 +122,10 @@ restart)
         say "generation $GEN is in the store: stopping at tick $(( $(cat /tmp/last) + 3 ))"
         echo $(( $(cat /tmp/last) + 3 )) > /work/stop.new && mv /work/stop.new /work/stop
     ) &
+    # The program's CLOCK_MONOTONIC must not go backwards: this machine's
+    # clock must be past the one the checkpoints were taken on.
+    min="$(arg min_uptime)"
+    until [ "$(cut -d. -f1 /proc/uptime)" -ge "${min:-0}" ]; do sleep 0.2; done
     { ckpt restart --coord "$COORD" --store "$STORE" --host-map "$MAP" < /dev/null 2> /tmp/prog.err; echo $? > /tmp/rc; } | relay
     rc=$(cat /tmp/rc)
     [ "$rc" = 0 ] || fail "ckpt restart exited $rc"
