@@ -243,3 +243,70 @@ fn an_impostor_member_socket_gets_nothing() {
     let got = impostor.wait_prefix("GOT", Duration::from_secs(30));
     assert_eq!(got.trim(), "GOT 0", "the impostor received bytes from an agent");
 }
+
+/// An agent that names another process as its snapshot (a FORKED reply
+/// with the PID of a process it did not fork) gets that process neither
+/// read nor killed: the round fails naming the reply, and the coordinator
+/// goes on serving its computation. The fake agent is a real process
+/// speaking the agent protocol from Python, so the coordinator captures it
+/// for real up to the snapshot.
+#[test]
+fn a_forged_snapshot_pid_is_neither_read_nor_killed() {
+    let s = Session::new("trust-forked");
+    let mut p = s.launch(&program("counter_heap"), &["-m", "4", "-t", "50"]);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let victim = unrelated_process();
+    let sock = s.coord.strip_prefix("unix:").unwrap().to_string();
+    let script = format!(
+        r#"import os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX); s.connect({sock:?})
+pid = os.getpid()
+def frame(k, n): return struct.pack('<4I', 0x434b5054, k, n, 0)
+def recv():
+    h = b''
+    while len(h) < 16:
+        b = s.recv(16 - len(h))
+        if not b: sys.exit('the coordinator closed the connection')
+        h += b
+    _, k, n, _ = struct.unpack('<4I', h)
+    d = b''
+    while len(d) < n: d += s.recv(n - len(d))
+    return k
+hello = struct.pack('<6i', 3, pid, os.getppid(), pid, s.fileno(), 62) + bytes(24) + struct.pack('<iI', -1, 3) + bytes(16 + 64 + 40 + 32)
+s.sendall(frame(1, len(hello)) + hello)
+assert recv() == 2
+print('JOINED', flush=True)
+while True:
+    k = recv()
+    if k == 3:
+        rep = struct.pack('<IIQ', 1, 0, 0) + bytes(96 + 64 * 32) + struct.pack('<iIQ', pid, 1, 0) + bytes(72 - 16)
+        s.sendall(frame(4, len(rep)) + rep)
+    elif k == 10:
+        s.sendall(frame(11, 8) + struct.pack('<ii', {victim}, 0))
+        print('FORGED', flush=True)
+    elif k == 6:
+        s.sendall(frame(7, 0))
+        print('RESUMED', flush=True)
+"#
+    );
+    let mut c = Command::new("/usr/bin/python3");
+    c.args(["-c", &script]);
+    let mut fake = Proc::spawn("fake agent".into(), c);
+    fake.wait_prefix("JOINED", LINE_TIMEOUT);
+    let out = s.try_checkpoint();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a checkpoint with a forged snapshot succeeded");
+    fake.wait_prefix("FORGED", LINE_TIMEOUT);
+    assert!(err.contains(&format!("named process {victim} as its snapshot")), "the refusal does not name the forged snapshot: {err}");
+    fake.wait_prefix("RESUMED", LINE_TIMEOUT);
+    assert!(pid_alive(victim), "the process named as a snapshot was killed");
+    sigkill(fake.child_pid());
+    sigkill(victim);
+    // The computation is still served: the program resumed and checkpoints.
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while registered(&s).len() != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.checkpoint_bounded(&mut p);
+}
