@@ -133,7 +133,7 @@ impl Address {
         }
     }
 
-    pub fn listen(&self) -> std::io::Result<Listener> {
+    pub fn listen(&self, secret: &Secret) -> std::io::Result<Listener> {
         match self {
             Address::Unix(p) => {
                 self.prepare_dir().map_err(std::io::Error::other)?;
@@ -167,14 +167,9 @@ impl Address {
                 std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))?;
                 Ok(Listener::Unix(l))
             }
-            Address::Tcp(h) => {
-                // Every peer proves the secret (or the membership key
-                // derived from it): made here on the first TCP coordinator.
-                let path = Secret::default_path().map_err(std::io::Error::other)?;
-                let secret = Secret::load_or_create(&path).map_err(std::io::Error::other)?;
-                tracing::info!(secret = %path.display(), "TCP peers must prove the secret in this file (copy it, mode 0600, to the computation's other machines)");
-                Ok(Listener::Tcp(TcpListener::bind(h)?, Arc::new(ServerKeys::new(&secret))))
-            }
+            // Every peer proves `secret` (or the membership key derived
+            // from it).
+            Address::Tcp(h) => Ok(Listener::Tcp(TcpListener::bind(h)?, Arc::new(ServerKeys::new(secret)))),
         }
     }
 }

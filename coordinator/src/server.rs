@@ -161,14 +161,18 @@ pub(crate) fn hostname() -> String {
 
 /// Runs the coordinator until `ckpt quit`.
 pub fn run(cfg: Config) -> Result<(), CoordError> {
-    let secret = crate::Secret::load_or_create(&crate::Secret::default_path()?)?;
+    let secret_path = crate::Secret::default_path()?;
+    let secret = crate::Secret::load_or_create(&secret_path)?;
     let store = Store::open_or_create(&cfg.store_url, ckpt_store::DEFAULT_CHUNK_SIZE)?;
     // One store, one computation: held for the coordinator's whole life
     // (the writer lock is only taken per checkpoint, so gc runs between).
     let _owner = store.claim_owner(&format!("coordinator at {}", cfg.addr))?;
     // Fail now, not at the first checkpoint, if another process writes it.
     drop(store.writer()?);
-    let listener = cfg.addr.listen().map_err(|e| CoordError::Listen { addr: cfg.addr.to_string(), source: e })?;
+    let listener = cfg.addr.listen(&secret).map_err(|e| CoordError::Listen { addr: cfg.addr.to_string(), source: e })?;
+    if matches!(cfg.addr, Address::Tcp(_)) {
+        tracing::info!(secret = %secret_path.display(), "TCP peers must prove the secret in this file (copy it, mode 0600, to the computation's other machines)");
+    }
     tracing::info!(addr = %cfg.addr, store = %cfg.store_url, "coordinator listening");
     let c = Arc::new(Coordinator {
         cfg: cfg.clone(),
