@@ -395,10 +395,11 @@ impl Coordinator {
         let mut hb = first.to_vec();
         hb.extend_from_slice(&rest);
         let h = Header::read_from(&hb)?;
-        if h.kind != kind::HELLO || h.len as usize > 4 * std::mem::size_of::<Hello>() {
+        let len = h.payload_len(proto::MAGIC, 4 * std::mem::size_of::<Hello>()).ok()?;
+        if h.kind != kind::HELLO {
             return None;
         }
-        let mut payload = vec![0u8; h.len as usize];
+        let mut payload = vec![0u8; len];
         stream.read_exact(&mut payload).ok()?;
         Hello::parse(&payload)
     }
