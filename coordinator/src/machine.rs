@@ -211,6 +211,9 @@ fn one(
             Ok((kind::REGISTERED, r)) => {
                 let r = Registered::read_from(&r).unwrap_or_default();
                 tracing::debug!(pid, registered = r.registered, failed = r.failed, "write tracking registered");
+                if let Err(e) = ckpt_engine::dirty::protect_registered(pid, &prep.untracked) {
+                    return (None, Err(format!("cannot start write tracking of process {pid}: {e}")));
+                }
             }
             Ok(_) => return (None, Err(format!("process {pid} did not answer the tracking registration"))),
             Err(e) => return (None, Err(e)),

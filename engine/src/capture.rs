@@ -15,11 +15,10 @@ use ckpt_wire::agent::{Hello, MAX_THREADS, Suspended, ThreadState};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
 use rayon::prelude::*;
 
-use ckpt_wire::uapi::{PM_PRESENT, PM_SOFT_DIRTY, PM_SWAPPED};
-
 use crate::dirty::{self, Backend};
 use crate::error::{EngineError, Result};
 use crate::image::*;
+use crate::pages::{PageRuns, SparseChunks};
 use crate::procfs::{self, Mapping};
 use crate::remote;
 
@@ -135,8 +134,8 @@ pub struct Base {
 #[derive(Clone, Debug)]
 pub struct BaseRegion {
     pub end: u64,
-    pub hashes: Vec<Hash>,
-    pub present: Vec<bool>,
+    pub hashes: SparseChunks,
+    pub present: PageRuns,
 }
 
 /// A capture in progress: metadata taken and dirty pages known (while the
@@ -156,17 +155,11 @@ struct RegionState {
     /// Index into `image.regions`.
     index: usize,
     anonymous: bool,
-    present: Vec<bool>,
+    /// Pages that hold data (present or swapped).
+    present: PageRuns,
     /// Pages written since the last reset; None: unknown (all written).
-    written: Option<Vec<bool>>,
-    hashes: Option<Vec<Hash>>,
-}
-
-/// Which pages hold data: present in RAM, or swapped out. A write-protect
-/// marker on a never-touched page (userfaultfd) shows as a swap entry of
-/// the marker type: no data there.
-fn present_from(entries: &[u64]) -> Vec<bool> {
-    entries.iter().map(|&e| e & PM_PRESENT != 0 || (e & PM_SWAPPED != 0 && !dirty::is_pte_marker(e))).collect()
+    written: Option<PageRuns>,
+    hashes: Option<SparseChunks>,
 }
 
 /// Step 1, while the process is stopped: read its metadata, which pages
@@ -205,16 +198,17 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         if kind.has_content() {
             stats.logical_bytes += m.len();
             let mem_err = |e| EngineError::Memory { pid, addr: m.start, source: e };
+            // Costs what exists, not what is reserved: page runs, and
+            // PAGEMAP_SCAN walks page tables only where there are some.
             let (present, written) = match backend {
                 Backend::UffdWp => {
                     let written = dirty::uffd_written(&pagemap, m.start, m.end).map_err(mem_err)?;
-                    let entries = dirty::pagemap_entries(&pagemap, m.start, m.end).map_err(mem_err)?;
-                    (present_from(&entries), written)
+                    (dirty::present_runs(&pagemap, m.start, m.end).map_err(mem_err)?, written)
                 }
-                Backend::SoftDirty | Backend::Scan => {
-                    let entries = dirty::pagemap_entries(&pagemap, m.start, m.end).map_err(mem_err)?;
-                    let written = (backend == Backend::SoftDirty).then(|| entries.iter().map(|e| e & PM_SOFT_DIRTY != 0).collect());
-                    (present_from(&entries), written)
+                Backend::Scan => (dirty::present_runs(&pagemap, m.start, m.end).map_err(mem_err)?, None),
+                Backend::SoftDirty => {
+                    let (present, written) = dirty::pagemap_runs(&pagemap, m.start, m.end, true).map_err(mem_err)?;
+                    (present, Some(written))
                 }
             };
             if written.is_none() && backend == Backend::UffdWp {
@@ -239,8 +233,10 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             sysv,
             segments: Vec::new(),
             depth: 0,
+            noreserve: false,
         });
     }
+    noreserve(pid, &mut regions)?;
     let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;
     if backend == Backend::SoftDirty {
         dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
@@ -280,6 +276,20 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         creds: Some(creds),
     };
     Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states })
+}
+
+/// Marks the large private anonymous regions mapped `MAP_NORESERVE`.
+fn noreserve(pid: i32, regions: &mut [RegionImage]) -> Result<()> {
+    let large = |r: &RegionImage| r.kind == RegionKind::Private && r.name.is_empty() && r.end - r.start >= NORESERVE_MIN;
+    let starts: Vec<u64> = regions.iter().filter(|r| large(r)).map(|r| r.start).collect();
+    if starts.is_empty() {
+        return Ok(());
+    }
+    let flags = procfs::vm_flags(pid, &starts)?;
+    for r in regions.iter_mut().filter(|r| large(r)) {
+        r.noreserve = flags.get(&r.start).is_some_and(|v| v.iter().any(|f| f == "nr"));
+    }
+    Ok(())
 }
 
 /// `[start, end)` of a mapping.
@@ -344,7 +354,7 @@ impl Prepared {
         for st in self.regions {
             let r = &mut self.image.regions[st.index];
             let hashes = st.hashes.ok_or_else(|| EngineError::Unsupported { pid: self.image.pid, what: format!("region {:#x} was never stored", r.start) })?;
-            (r.segments, r.depth) = crate::chunklist::store(writer, &hashes)?;
+            (r.segments, r.depth) = crate::chunklist::store_sparse(writer, &hashes)?;
             base.regions.insert(r.start, BaseRegion { end: r.end, hashes, present: st.present });
         }
         Ok((self.image, self.stats, base))
@@ -361,34 +371,48 @@ fn store_region(
     writer: &dyn BlobSink,
     chunk_size: usize,
     stats: &mut CaptureStats,
-) -> Result<Vec<Hash>> {
+) -> Result<SparseChunks> {
     let len = (r.end - r.start) as usize;
-    let nchunks = len.div_ceil(chunk_size);
-    let ppc = chunk_size / remote::PAGE as usize;
-    let mut hashes = vec![Hash::ZERO_CHUNK; nchunks];
+    let nchunks = len.div_ceil(chunk_size) as u64;
+    let ppc = (chunk_size / remote::PAGE as usize) as u64;
+    let npages = (len as u64).div_ceil(remote::PAGE);
+    // Only chunks with a page that holds data, or that held data in the
+    // base, need a decision; every other chunk is zero. A file mapping has
+    // data in pages never touched (the file's): all of it is a candidate.
+    let mut candidates: Vec<u64> = if st.anonymous {
+        let mut c: Vec<u64> = st.present.runs().iter().flat_map(|&(lo, hi)| lo / ppc..hi.div_ceil(ppc)).collect();
+        if let Some(b) = base {
+            c.extend(b.hashes.indices_in(0, nchunks));
+        }
+        c.sort_unstable();
+        c.dedup();
+        c
+    } else {
+        (0..nchunks).collect()
+    };
+    candidates.retain(|&c| c < nchunks);
+    let mut hashes: Vec<(u64, Hash)> = Vec::with_capacity(candidates.len());
     // Decide per chunk: reuse the base's hash, zero (no page exists), or read.
     let mut reuse = Vec::new();
     let mut to_read = Vec::new();
-    for (c, h) in hashes.iter_mut().enumerate() {
-        let p0 = c * ppc;
-        let p1 = (p0 + ppc).min(st.present.len());
+    for &c in &candidates {
+        let (p0, p1) = (c * ppc, (c * ppc + ppc).min(npages));
         // The base's chunk must cover exactly the same bytes.
-        let cur_end = (c * chunk_size + chunk_size).min(len);
+        let cur_end = (c as usize * chunk_size + chunk_size).min(len);
         let reusable = match (base, &st.written) {
-            (Some(b), Some(w)) if cur_end == (c * chunk_size + chunk_size).min((b.end - r.start) as usize) => {
-                (p0..p1).all(|p| b.present.get(p) == Some(&st.present[p]) && !(st.present[p] && w[p]))
+            (Some(b), Some(w)) if cur_end == (c as usize * chunk_size + chunk_size).min((b.end - r.start) as usize) => {
+                b.present.same_in(&st.present, p0, p1) && !st.present.meets_in(w, p0, p1)
             }
             _ => false,
         };
-        if let Some(bh) = base.and_then(|b| b.hashes.get(c)).filter(|_| reusable) {
-            if *bh == Hash::ZERO_CHUNK {
-                continue;
+        if reusable {
+            let bh = base.map_or(Hash::ZERO_CHUNK, |b| b.hashes.get(c));
+            if bh != Hash::ZERO_CHUNK {
+                reuse.push((c, bh));
             }
-            *h = *bh;
-            reuse.push(c);
             continue;
         }
-        if st.anonymous && !st.present[p0..p1].iter().any(|&x| x) {
+        if st.anonymous && !st.present.any_in(p0, p1) {
             continue; // nothing there: zero
         }
         to_read.push(c);
@@ -396,11 +420,12 @@ fn store_region(
     // Only a chunk the store still holds (gc may have pruned the generation
     // the base came from) is reused; the others are read again.
     if !reuse.is_empty() {
-        let gone = writer.missing(&reuse.iter().map(|&c| hashes[c]).collect::<Vec<_>>())?;
-        for (&c, gone) in reuse.iter().zip(gone) {
+        let gone = writer.missing(&reuse.iter().map(|&(_, h)| h).collect::<Vec<_>>())?;
+        for (&(c, h), gone) in reuse.iter().zip(gone) {
             if gone {
-                hashes[c] = Hash::ZERO_CHUNK;
                 to_read.push(c);
+            } else {
+                hashes.push((c, h));
             }
         }
         to_read.sort_unstable();
@@ -415,8 +440,8 @@ fn store_region(
             j += 1;
         }
         let first = to_read[i];
-        let off = first * chunk_size;
-        let rlen = ((to_read[j - 1] + 1) * chunk_size).min(len) - off;
+        let off = first as usize * chunk_size;
+        let rlen = ((to_read[j - 1] as usize + 1) * chunk_size).min(len) - off;
         buf.resize(rlen, 0);
         stats.read_bytes += remote::read_tolerant(pid, Some(mem), r.start + off as u64, &mut buf)
             .map_err(|e| EngineError::Memory { pid, addr: r.start + off as u64, source: e })?;
@@ -430,11 +455,10 @@ fn store_region(
             }
             Ok(())
         })?;
-        for (k, h) in wh.into_iter().enumerate() {
-            hashes[first + k] = h;
-        }
+        hashes.extend(wh.into_iter().enumerate().filter(|(_, h)| *h != Hash::ZERO_CHUNK).map(|(k, h)| (first + k as u64, h)));
         i = j;
     }
-    Ok(hashes)
+    hashes.sort_unstable_by_key(|e| e.0);
+    Ok(SparseChunks { len: nchunks, entries: hashes })
 }
 

@@ -11,6 +11,7 @@ use ckpt_chunker::Hash;
 use ckpt_store::{BlobSink, Store};
 
 use crate::error::{EngineError, Result};
+use crate::pages::SparseChunks;
 
 /// Hashes per node.
 pub const FANOUT: usize = 32;
@@ -30,6 +31,130 @@ pub fn store(writer: &dyn BlobSink, chunks: &[Hash]) -> Result<(Vec<Hash>, u32)>
         depth += 1;
     }
     Ok((level, depth))
+}
+
+/// The hash of a full node over nothing but zero chunks, per height:
+/// `[0]` is [`Hash::ZERO_CHUNK`] itself (height 0: a chunk), `[h]` a node
+/// whose `FANOUT` children are all `[h - 1]`. Addresses are those
+/// [`BlobSink::put_meta`] gives (a plain BLAKE3 of the node's bytes).
+pub fn zero_nodes(height: usize) -> Vec<Hash> {
+    let mut z = vec![Hash::ZERO_CHUNK];
+    for h in 1..=height {
+        z.push(Hash::of(&node_bytes(&[z[h - 1]; FANOUT])));
+    }
+    z
+}
+
+/// Stores a sparse chunk list as the same tree [`store`] makes of its
+/// dense form, writing only the nodes above chunks that hold data (and one
+/// zero node per height).
+pub fn store_sparse(writer: &dyn BlobSink, chunks: &SparseChunks) -> Result<(Vec<Hash>, u32)> {
+    let mut zeros = vec![Hash::ZERO_CHUNK];
+    // The level below: its length, and its nodes that are not zero nodes.
+    let mut len = chunks.len;
+    let mut explicit: Vec<(u64, Hash)> = chunks.entries.clone();
+    let mut depth: u32 = 0;
+    loop {
+        let zero_child = *zeros.last().expect("zeros starts with one");
+        let zero_node_bytes = node_bytes(&[zero_child; FANOUT]);
+        let zero_node = Hash::of(&zero_node_bytes);
+        let mut zero_used = false;
+        let n = len.div_ceil(FANOUT as u64);
+        let mut up: Vec<(u64, Hash)> = Vec::new();
+        let mut k = 0;
+        let mut node = 0;
+        while node < n {
+            let lo = node * FANOUT as u64;
+            let hi = (lo + FANOUT as u64).min(len);
+            let first = k;
+            while k < explicit.len() && explicit[k].0 < hi {
+                k += 1;
+            }
+            if first == k && hi - lo == FANOUT as u64 {
+                // A full node over zero children: every such node is one blob.
+                zero_used = true;
+                // Skip ahead to the node of the next explicit child (or the last node).
+                let next = explicit.get(k).map_or(n - 1, |e| e.0 / FANOUT as u64);
+                node = next.max(node + 1);
+                continue;
+            }
+            let mut children = vec![zero_child; (hi - lo) as usize];
+            for &(i, h) in &explicit[first..k] {
+                children[(i - lo) as usize] = h;
+            }
+            up.push((node, writer.put_meta(&node_bytes(&children))?));
+            node += 1;
+        }
+        if zero_used {
+            writer.put_meta(&zero_node_bytes)?;
+        }
+        zeros.push(zero_node);
+        if n <= TOP_MAX as u64 {
+            let mut top = vec![zero_node; n as usize];
+            for (i, h) in up {
+                top[i as usize] = h;
+            }
+            return Ok((top, depth));
+        }
+        len = n;
+        explicit = up;
+        depth += 1;
+    }
+}
+
+/// The chunks of a region that hold data, reading only the nodes above
+/// them. `expect` is the region's number of chunks: a tree that names more,
+/// whose inner nodes are not full, or that is deeper than a region can be,
+/// is a damaged image.
+pub fn load_sparse(store: &Store, generation: u64, top: &[Hash], depth: u32, expect: u64) -> Result<SparseChunks> {
+    let mut seen = Vec::new();
+    load_sparse_from(&mut |n| expand(store, generation, &[*n], &mut seen), generation, top, depth, expect)
+}
+
+/// [`load_sparse`] with the children of a node from `children`.
+fn load_sparse_from(children_of: &mut dyn FnMut(&Hash) -> Result<Vec<Hash>>, generation: u64, top: &[Hash], depth: u32, expect: u64) -> Result<SparseChunks> {
+    let bad = |what: String| EngineError::BadImage { generation, what };
+    let height = depth as usize + 1;
+    let span = |h: usize| (FANOUT as u64).checked_pow(h as u32);
+    if top.len() > TOP_MAX || span(height).is_none_or(|s| s / FANOUT as u64 > expect) {
+        return Err(bad(format!("a chunk-list tree of depth {depth} and {} top nodes cannot describe {expect} chunks", top.len())));
+    }
+    let zeros = zero_nodes(height);
+    let top_span = span(height).unwrap_or(u64::MAX);
+    let mut cur: Vec<(u64, Hash)> = top.iter().enumerate().map(|(i, h)| (i as u64 * top_span, *h)).collect();
+    let mut len: Option<u64> = None;
+    for h in (1..=height).rev() {
+        let child_span = span(h - 1).unwrap_or(u64::MAX);
+        let last = cur.len().checked_sub(1);
+        let mut next = Vec::new();
+        for (idx, &(first, node)) in cur.iter().enumerate() {
+            let is_last = Some(idx) == last && len.is_none();
+            if node == zeros[h] {
+                if is_last {
+                    len = Some(first.saturating_add(child_span.saturating_mul(FANOUT as u64)));
+                }
+                continue;
+            }
+            let children = children_of(&node)?;
+            if children.is_empty() || (children.len() < FANOUT && !is_last) {
+                return Err(bad(format!("chunk-list node {node} has {} children and is not the last of its level", children.len())));
+            }
+            for (j, c) in children.iter().enumerate() {
+                let at = first + j as u64 * child_span;
+                if at >= expect {
+                    return Err(bad(format!("chunk-list node {node} names chunk {at} of a region of {expect}")));
+                }
+                if *c != zeros[h - 1] {
+                    next.push((at, *c));
+                }
+            }
+            if is_last && (h == 1 || children.last() == Some(&zeros[h - 1])) {
+                len = Some(first + children.len() as u64 * child_span);
+            }
+        }
+        cur = next;
+    }
+    Ok(SparseChunks { len: len.unwrap_or(0), entries: cur })
 }
 
 fn expand(store: &Store, generation: u64, nodes: &[Hash], seen: &mut Vec<Hash>) -> Result<Vec<Hash>> {
@@ -60,4 +185,89 @@ pub fn walk(store: &Store, generation: u64, top: &[Hash], depth: u32) -> Result<
     }
     let chunks = expand(store, generation, &cur, &mut nodes)?;
     Ok((nodes, chunks))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use ckpt_store::BlobKind;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Mem(Mutex<HashMap<Hash, Vec<u8>>>);
+
+    impl BlobSink for Mem {
+        fn known(&self, h: &Hash) -> bool {
+            self.0.lock().unwrap().contains_key(h)
+        }
+        fn put(&self, _: BlobKind, h: Hash, data: &[u8]) -> ckpt_store::Result<bool> {
+            Ok(self.0.lock().unwrap().insert(h, data.to_vec()).is_none())
+        }
+    }
+
+    impl Mem {
+        fn load(&self, top: &[Hash], depth: u32, expect: u64) -> Result<SparseChunks> {
+            let blobs = self.0.lock().unwrap().clone();
+            let mut read = |n: &Hash| -> Result<Vec<Hash>> {
+                let b = blobs.get(n).ok_or_else(|| EngineError::BadImage { generation: 1, what: format!("no node {n}") })?;
+                Ok(b.chunks_exact(32).map(|c| Hash(c.try_into().unwrap())).collect())
+            };
+            load_sparse_from(&mut read, 1, top, depth, expect)
+        }
+    }
+
+    fn dense(len: usize, data: &[usize]) -> Vec<Hash> {
+        let mut v = vec![Hash::ZERO_CHUNK; len];
+        for &i in data {
+            v[i] = Hash::of(&i.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn sparse_trees_are_the_dense_trees() {
+        let cases: &[(usize, &[usize])] = &[
+            (1, &[]),
+            (1, &[0]),
+            (31, &[3]),
+            (32, &[]),
+            (33, &[32]),
+            (64 * 32, &[0, 2047]),
+            (64 * 32 + 1, &[]),
+            (64 * 32 + 1, &[5]),
+            (100_000, &[0, 1, 31, 32, 999, 65_535, 99_999]),
+            (100_000, &[]),
+            (32 * 32 * 64 * 2, &[77_777]),
+        ];
+        for &(len, data) in cases {
+            let hashes = dense(len, data);
+            let (d, s) = (Mem::default(), Mem::default());
+            let want = store(&d, &hashes).unwrap();
+            let sparse = SparseChunks::from_dense(&hashes);
+            let got = store_sparse(&s, &sparse).unwrap();
+            assert_eq!(got, want, "len {len} data {data:?}");
+            // Every node the sparse tree needs is stored, and no other.
+            let (dk, sk): (std::collections::HashSet<_>, std::collections::HashSet<_>) =
+                (d.0.lock().unwrap().keys().copied().collect(), s.0.lock().unwrap().keys().copied().collect());
+            assert_eq!(sk, dk, "len {len} data {data:?}");
+            assert_eq!(s.load(&got.0, got.1, len as u64).unwrap(), sparse, "len {len} data {data:?}");
+        }
+    }
+
+    #[test]
+    fn a_terabyte_of_reservation_costs_its_data() {
+        // 2 TiB of 4 KiB chunks, 16 holding data.
+        let len = (2u64 << 40) / 4096;
+        let entries: Vec<(u64, Hash)> = (0..16u64).map(|i| (i * (len / 16) + 3, Hash::of(&i.to_le_bytes()))).collect();
+        let sparse = SparseChunks { len, entries };
+        let m = Mem::default();
+        let (top, depth) = store_sparse(&m, &sparse).unwrap();
+        assert!(m.0.lock().unwrap().len() < 200, "{} nodes", m.0.lock().unwrap().len());
+        assert_eq!(m.load(&top, depth, len).unwrap(), sparse);
+        // A region that is smaller than the tree says is refused.
+        assert!(m.load(&top, depth, len / 2).is_err());
+    }
 }

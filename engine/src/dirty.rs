@@ -28,6 +28,7 @@ use ckpt_wire::agent::tracking;
 use ckpt_wire::uapi::*;
 use serde::{Deserialize, Serialize};
 
+use crate::pages::PageRuns;
 use crate::remote::PAGE;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,19 +129,53 @@ pub fn pagemap_entries(pagemap: &File, start: u64, end: u64) -> std::io::Result<
     Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
 }
 
-/// Pages of `[start, end)` written since they were last protected, and
-/// protects them again (`PAGEMAP_SCAN` with `PM_SCAN_WP_MATCHING`, looping on
-/// `walk_end`). `None`: the range is not registered for tracking (`EPERM`
-/// under `PM_SCAN_CHECK_WPASYNC`).
-pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<Vec<bool>>> {
-    let n = ((end - start) / PAGE) as usize;
-    let mut out = vec![false; n];
-    let mut vec = vec![PageRegion::default(); 4096];
+/// Pages of pagemap read per window when no `PAGEMAP_SCAN` is at hand:
+/// memory stays bounded whatever the size of the mapping.
+const PAGEMAP_WINDOW: u64 = 1 << 16;
+
+/// Which pages of `[start, end)` hold data, and (for soft-dirty) which of
+/// them were written, from pagemap read a window at a time: costs time in
+/// the size of the range, memory in what is present.
+pub fn pagemap_runs(pagemap: &File, start: u64, end: u64, soft_dirty: bool) -> std::io::Result<(PageRuns, PageRuns)> {
+    let (mut present, mut written) = (PageRuns::new(), PageRuns::new());
+    let mut at = start;
+    while at < end {
+        let to = (at + PAGEMAP_WINDOW * PAGE).min(end);
+        let base = (at - start) / PAGE;
+        for (i, e) in pagemap_entries(pagemap, at, to)?.into_iter().enumerate() {
+            let p = base + i as u64;
+            if holds_data(e) {
+                present.push(p, p + 1);
+                if soft_dirty && e & PM_SOFT_DIRTY != 0 {
+                    written.push(p, p + 1);
+                }
+            }
+        }
+        at = to;
+    }
+    Ok((present, written))
+}
+
+/// A pagemap entry of a page that holds data: present in RAM, or swapped
+/// out. A write-protect marker on a never-touched page (userfaultfd) shows
+/// as a swap entry of the marker type: no data there.
+pub fn holds_data(e: u64) -> bool {
+    e & PM_PRESENT != 0 || (e & PM_SWAPPED != 0 && !is_pte_marker(e))
+}
+
+/// One `PAGEMAP_SCAN` walk over `[start, end)`: the page runs (relative to
+/// `start`) whose categories match, each with its categories. The kernel
+/// walks page tables, so holes cost nothing. `Ok(None)`: this kernel has
+/// no `PAGEMAP_SCAN` (before 6.7). `EPERM` under `PM_SCAN_CHECK_WPASYNC`
+/// (the range is not registered for tracking) is returned as an error.
+fn scan(pagemap: &File, start: u64, end: u64, flags: u64, required: u64, anyof: u64) -> std::io::Result<Option<Vec<(u64, u64, u64)>>> {
+    let mut out = Vec::new();
+    let mut vec = vec![PageRegion::default(); 1024];
     let mut cur = start;
     while cur < end {
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            flags,
             start: cur,
             end,
             walk_end: 0,
@@ -148,24 +183,25 @@ pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Opt
             vec_len: vec.len() as u64,
             max_pages: 0,
             category_inverted: 0,
-            category_mask: 0,
-            category_anyof_mask: PAGE_IS_WRITTEN,
-            return_mask: PAGE_IS_WRITTEN,
+            category_mask: required,
+            category_anyof_mask: anyof,
+            return_mask: required | anyof,
         };
         // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
         // page_regions into `vec`, which outlives the call.
         let r = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EPERM) {
-                return Ok(None);
-            }
-            return Err(e);
+            return match e.raw_os_error() {
+                Some(libc::ENOTTY | libc::EINVAL) if flags & PM_SCAN_WP_MATCHING == 0 => Ok(None),
+                _ => Err(e),
+            };
         }
         for reg in &vec[..r as usize] {
-            let a = ((reg.start.max(start) - start) / PAGE) as usize;
-            let b = ((reg.end.min(end) - start) / PAGE) as usize;
-            out[a..b].iter_mut().for_each(|x| *x = true);
+            let (a, b) = (reg.start.max(start), reg.end.min(end));
+            if a < b {
+                out.push(((a - start) / PAGE, (b - start) / PAGE, reg.categories));
+            }
         }
         if arg.walk_end <= cur {
             break;
@@ -173,6 +209,63 @@ pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Opt
         cur = arg.walk_end;
     }
     Ok(Some(out))
+}
+
+/// Which pages of `[start, end)` hold data (present or swapped, not a
+/// marker), at the cost of what exists: `PAGEMAP_SCAN` where the kernel
+/// has it, pagemap by windows where not.
+pub fn present_runs(pagemap: &File, start: u64, end: u64) -> std::io::Result<PageRuns> {
+    let Some(regions) = scan(pagemap, start, end, 0, 0, PAGE_IS_PRESENT | PAGE_IS_SWAPPED)? else {
+        return Ok(pagemap_runs(pagemap, start, end, false)?.0);
+    };
+    let mut out = PageRuns::new();
+    for (lo, hi, cat) in regions {
+        if cat & PAGE_IS_PRESENT != 0 {
+            out.push(lo, hi);
+            continue;
+        }
+        // Swapped out, or a marker: pagemap tells them apart (few pages).
+        let entries = pagemap_entries(pagemap, start + lo * PAGE, start + hi * PAGE)?;
+        for (i, e) in entries.into_iter().enumerate() {
+            if holds_data(e) {
+                out.push(lo + i as u64, lo + i as u64 + 1);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Pages of `[start, end)` holding data that were written since they were
+/// last protected, and protects them again (`PAGEMAP_SCAN` with
+/// `PM_SCAN_WP_MATCHING`, present pages then swapped ones). Never-touched
+/// pages are left alone: protecting a hole makes the kernel build page
+/// tables for it (a whole reservation's worth), and a first write to a hole
+/// shows as written anyway. `None`: the range is not registered for
+/// tracking (`EPERM` under `PM_SCAN_CHECK_WPASYNC`).
+pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<PageRuns>> {
+    let mut runs = Vec::new();
+    for required in [PAGE_IS_PRESENT, PAGE_IS_SWAPPED] {
+        match scan(pagemap, start, end, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, required, PAGE_IS_WRITTEN) {
+            Ok(Some(r)) => runs.extend(r.into_iter().map(|(lo, hi, _)| (lo, hi))),
+            Ok(None) => unreachable!("scan answers None only without PM_SCAN_WP_MATCHING"),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(PageRuns::from_unsorted(runs)))
+}
+
+/// Starts write tracking of ranges just registered with the process's
+/// userfaultfd: protects the pages that hold data (holes need nothing; see
+/// [`uffd_written`]). Runs while the process is stopped.
+pub fn protect_registered(pid: i32, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+    let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
+    for &(start, end) in ranges {
+        // A range the agent could not register stays untracked: it is
+        // captured whole again next time.
+        uffd_written(&pagemap, start, end)?;
+    }
+    Ok(())
 }
 
 /// Is this pagemap entry a PTE marker (a swap entry of the marker type,

@@ -462,7 +462,17 @@ pub struct RegionImage {
     /// Inner levels of the tree below `segments`.
     #[serde(default)]
     pub depth: u32,
+    /// Mapped with `MAP_NORESERVE` (VmFlags `nr`): a reservation of more
+    /// than the machine could commit, mapped again the same way. Recorded
+    /// for private anonymous mappings of [`NORESERVE_MIN`] and more.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub noreserve: bool,
 }
+
+/// Private anonymous mappings at least this large have their
+/// `MAP_NORESERVE` recorded (reading VmFlags costs a walk of `smaps`; below
+/// this size the flag changes only the kernel's commit accounting).
+pub const NORESERVE_MIN: u64 = 1 << 30;
 
 /// How a region maps a SysV segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -633,7 +643,7 @@ mod name_tests {
             "fds": [], "regions": [], "agent": {"fd": 0, "restart_word_addr": 0, "ckpt_tid": 0}, "chunk_size": 4096
         }))
         .unwrap_or_else(|e| panic!("test image: {e}"));
-        img.regions.push(RegionImage { start: 0x1000, end: 0x2000, prot: 3, kind: RegionKind::SharedFile, name: name.into(), offset: 0, shm: 0, sysv: None, segments: vec![], depth: 0 });
+        img.regions.push(RegionImage { start: 0x1000, end: 0x2000, prot: 3, kind: RegionKind::SharedFile, name: name.into(), offset: 0, shm: 0, sysv: None, segments: vec![], depth: 0, noreserve: false });
         img
     }
 

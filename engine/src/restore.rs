@@ -355,20 +355,19 @@ pub fn restore_generation(
         let chunk_size = image.chunk_size as u64;
         let mut dests: HashMap<Hash, Vec<(u64, usize)>> = HashMap::new();
         for r in image.regions.iter().filter(|r| !r.segments.is_empty() && r.sysv.is_none()) {
-            let hashes = crate::chunklist::load(store, generation, &r.segments, r.depth)?;
-            let n = (r.end - r.start).div_ceil(chunk_size) as usize;
-            if hashes.len() != n {
-                return Err(EngineError::BadImage { generation, what: format!("region {:#x}-{:#x} of process {} lists {} chunks, expected {n}", r.start, r.end, image.pid, hashes.len()) });
+            let n = (r.end - r.start).div_ceil(chunk_size);
+            let hashes = crate::chunklist::load_sparse(store, generation, &r.segments, r.depth, n)?;
+            if hashes.len != n {
+                return Err(EngineError::BadImage { generation, what: format!("region {:#x}-{:#x} of process {} lists {} chunks, expected {n}", r.start, r.end, image.pid, hashes.len) });
             }
-            for (i, h) in hashes.into_iter().enumerate() {
-                let off = i as u64 * chunk_size;
+            // Zero chunks are not in the list: a fresh mapping is zero already.
+            for (i, h) in hashes.entries {
+                let off = i * chunk_size;
                 if r.kind == RegionKind::SharedAnon && r.shm != 0 && !shm_written.insert((r.shm, r.offset + off)) {
                     continue;
                 }
-                if h != Hash::ZERO_CHUNK {
-                    let addr = r.start + off;
-                    dests.entry(h).or_default().push((addr, (r.end - addr).min(chunk_size) as usize));
-                }
+                let addr = r.start + off;
+                dests.entry(h).or_default().push((addr, (r.end - addr).min(chunk_size) as usize));
             }
         }
         all_dests.push(dests);
@@ -966,6 +965,9 @@ fn build_plan(
                 flags |= if kind == RegionKind::SharedAnon { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                 if kind == RegionKind::Stack {
                     flags |= libc::MAP_GROWSDOWN;
+                }
+                if r.noreserve {
+                    flags |= libc::MAP_NORESERVE;
                 }
                 let prot = if r.segments.is_empty() { r.prot } else { rw };
                 p.syscall(libc::SYS_mmap, &[r.start.into(), len.into(), (prot as u64).into(), (flags as u64).into(), u64::MAX.into(), 0u64.into()], Some(r.start), false, what);

@@ -247,13 +247,13 @@ fn register_ranges(payload: &[u8]) -> Registered {
             r.failed += 1;
             continue;
         }
+        // Registration only: the coordinator then protects the pages that
+        // hold data (PAGEMAP_SCAN). UFFDIO_WRITEPROTECT over the whole
+        // range would build page tables for every hole of it: a 2 TiB
+        // reservation would cost the program 4 GiB of them.
         let mut reg = UffdioRegister { start, len: end - start, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
-        let mut wp = UffdioWriteprotect { start, len: end - start, mode: UFFDIO_WRITEPROTECT_MODE_WP };
-        // SAFETY: ioctls on our userfaultfd with structs we own.
-        let ok = unsafe {
-            libc::syscall(libc::SYS_ioctl, uffd, UFFDIO_REGISTER, &mut reg as *mut UffdioRegister) == 0
-                && libc::syscall(libc::SYS_ioctl, uffd, UFFDIO_WRITEPROTECT, &mut wp as *mut UffdioWriteprotect) == 0
-        };
+        // SAFETY: an ioctl on our userfaultfd with a struct we own.
+        let ok = unsafe { libc::syscall(libc::SYS_ioctl, uffd, UFFDIO_REGISTER, &mut reg as *mut UffdioRegister) == 0 };
         if ok {
             r.registered += 1;
         } else {

@@ -843,6 +843,8 @@ pub struct Cycle<'a> {
     pub ticks_between: u64,
     /// Timeout for READY (programs that build big heaps take a while).
     pub ready_timeout: Duration,
+    /// Options of `ckpt launch` (e.g. `--dirty-tracking scan`).
+    pub launch_opts: Vec<String>,
 }
 
 impl<'a> Cycle<'a> {
@@ -853,6 +855,7 @@ impl<'a> Cycle<'a> {
             env: Vec::new(),
             ticks_between: 3,
             ready_timeout: Duration::from_secs(60),
+            launch_opts: Vec::new(),
         }
     }
 }
@@ -870,7 +873,8 @@ pub fn standard_cycle(name: &str, c: &Cycle) -> Session {
     let stop_s = stop.to_str().unwrap().to_string();
     args.push("-s");
     args.push(&stop_s);
-    let mut p = s.launch_env(&c.prog, &args, &c.env);
+    let opts: Vec<&str> = c.launch_opts.iter().map(|s| s.as_str()).collect();
+    let mut p = s.launch_opts(&opts, &c.prog, &args, &c.env);
     let pid = p.pid;
     p.wait_prefix("READY", c.ready_timeout);
     p.wait_ticks(c.ticks_between, LINE_TIMEOUT);
