@@ -154,7 +154,13 @@ pub struct Prepared {
 struct RegionState {
     /// Index into `image.regions`.
     index: usize,
-    anonymous: bool,
+    /// Only chunks with a page in `present` can hold data: anonymous
+    /// memory, or a file mapped again (the other pages are the file's). A
+    /// file mapping stored whole has data in pages never touched.
+    sparse: bool,
+    /// A chunk of zeros must be stored as data, not as
+    /// [`Hash::ZERO_CHUNK`] (which means "the file's page" there).
+    zero_is_data: bool,
     /// Pages that hold data (present or swapped).
     present: PageRuns,
     /// Pages written since the last reset; None: unknown (all written).
@@ -195,19 +201,24 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             continue;
         }
         let kind = region_kind(m);
+        // A private file mapping of a file we can name again is mapped
+        // again at restart; only the pages the process changed are kept.
+        let file = if kind == RegionKind::Private && !is_anonymous(m) { mapped_file(pid, m) } else { None };
         if kind.has_content() {
             stats.logical_bytes += m.len();
             let mem_err = |e| EngineError::Memory { pid, addr: m.start, source: e };
             // Costs what exists, not what is reserved: page runs, and
             // PAGEMAP_SCAN walks page tables only where there are some.
+            // Of a file mapped again, only its copy-on-write pages count.
+            let only_anon = file.is_some();
             let (present, written) = match backend {
                 Backend::UffdWp => {
                     let written = dirty::uffd_written(&pagemap, m.start, m.end).map_err(mem_err)?;
-                    (dirty::present_runs(&pagemap, m.start, m.end).map_err(mem_err)?, written)
+                    (dirty::present_runs(&pagemap, m.start, m.end, only_anon).map_err(mem_err)?, written)
                 }
-                Backend::Scan => (dirty::present_runs(&pagemap, m.start, m.end).map_err(mem_err)?, None),
+                Backend::Scan => (dirty::present_runs(&pagemap, m.start, m.end, only_anon).map_err(mem_err)?, None),
                 Backend::SoftDirty => {
-                    let (present, written) = dirty::pagemap_runs(&pagemap, m.start, m.end, true).map_err(mem_err)?;
+                    let (present, written) = dirty::pagemap_runs(&pagemap, m.start, m.end, true, only_anon).map_err(mem_err)?;
                     (present, Some(written))
                 }
             };
@@ -218,7 +229,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             // same shared memory leaves this one's entries clean. Shared
             // memory is read whole every time (dedup keeps what is unchanged).
             let written = if kind == RegionKind::SharedAnon { None } else { written };
-            states.push(RegionState { index: regions.len(), anonymous: is_anonymous(m), present, written, hashes: None });
+            states.push(RegionState { index: regions.len(), sparse: is_anonymous(m) || only_anon, zero_is_data: only_anon, present, written, hashes: None });
         }
         // A SysV segment's mapping: its inode number is the segment's id.
         let sysv = (kind == RegionKind::SharedAnon && m.name.starts_with("/SYSV")).then_some(SysvAttach { shmid: m.inode as i32, rdonly: false });
@@ -234,6 +245,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             segments: Vec::new(),
             depth: 0,
             noreserve: false,
+            file,
         });
     }
     noreserve(pid, &mut regions)?;
@@ -276,6 +288,49 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         creds: Some(creds),
     };
     Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states })
+}
+
+/// The identity of the file under a private mapping, if a restart can map
+/// it again: a regular file that the process's mount namespace still has
+/// at the mapping's path, with the inode the mapping shows. Otherwise
+/// (deleted, replaced, unreadable) the mapping is stored whole, as
+/// anonymous memory.
+fn mapped_file(pid: i32, m: &Mapping) -> Option<MappedFile> {
+    use std::os::unix::fs::MetadataExt;
+    if !m.name.starts_with('/') || m.name.ends_with(" (deleted)") {
+        return None;
+    }
+    let path = format!("/proc/{pid}/root{}", m.name);
+    let mut f = File::open(&path).ok()?;
+    let md = f.metadata().ok()?;
+    if !md.is_file() || md.ino() != m.inode {
+        return None;
+    }
+    identify(&mut f).ok()
+}
+
+/// The identity of an open regular file (the hash of its head is
+/// remembered per inode, size and mtime: a library mapped by every
+/// process of a computation is read once).
+pub fn identify(f: &mut File) -> std::io::Result<MappedFile> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let md = f.metadata()?;
+    let key = (md.dev(), md.ino(), md.size(), md.mtime(), md.mtime_nsec());
+    type Heads = HashMap<(u64, u64, u64, i64, i64), Hash>;
+    static HEADS: std::sync::Mutex<Option<Heads>> = std::sync::Mutex::new(None);
+    let cached = HEADS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashMap::new).get(&key).copied();
+    let head = match cached {
+        Some(h) => h,
+        None => {
+            let mut buf = Vec::new();
+            f.by_ref().take(MAPPED_FILE_HEAD).read_to_end(&mut buf)?;
+            let h = Hash::of(&buf);
+            HEADS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashMap::new).insert(key, h);
+            h
+        }
+    };
+    Ok(MappedFile { size: md.size(), mtime_sec: md.mtime(), mtime_nsec: md.mtime_nsec(), head })
 }
 
 /// Marks the large private anonymous regions mapped `MAP_NORESERVE`.
@@ -379,7 +434,7 @@ fn store_region(
     // Only chunks with a page that holds data, or that held data in the
     // base, need a decision; every other chunk is zero. A file mapping has
     // data in pages never touched (the file's): all of it is a candidate.
-    let mut candidates: Vec<u64> = if st.anonymous {
+    let mut candidates: Vec<u64> = if st.sparse {
         let mut c: Vec<u64> = st.present.runs().iter().flat_map(|&(lo, hi)| lo / ppc..hi.div_ceil(ppc)).collect();
         if let Some(b) = base {
             c.extend(b.hashes.indices_in(0, nchunks));
@@ -412,7 +467,7 @@ fn store_region(
             }
             continue;
         }
-        if st.anonymous && !st.present.any_in(p0, p1) {
+        if st.sparse && !st.present.any_in(p0, p1) {
             continue; // nothing there: zero
         }
         to_read.push(c);
@@ -446,7 +501,15 @@ fn store_region(
         stats.read_bytes += remote::read_tolerant(pid, Some(mem), r.start + off as u64, &mut buf)
             .map_err(|e| EngineError::Memory { pid, addr: r.start + off as u64, source: e })?;
         let data = &buf[..];
-        let wh = ckpt_chunker::hash_chunks(data, chunk_size);
+        let mut wh = ckpt_chunker::hash_chunks(data, chunk_size);
+        if st.zero_is_data {
+            // A changed page of a file mapping that is now all zeros: stored
+            // under its real address, since the sentinel means "the file's".
+            for (k, h) in wh.iter_mut().enumerate().filter(|(_, h)| **h == Hash::ZERO_CHUNK) {
+                let s = k * chunk_size;
+                *h = Hash::of(&data[s..(s + chunk_size).min(rlen)]);
+            }
+        }
         let missing = writer.missing(&wh)?;
         wh.par_iter().zip(missing).enumerate().try_for_each(|(k, (h, missing))| -> Result<()> {
             if *h != Hash::ZERO_CHUNK && missing {

@@ -136,7 +136,7 @@ const PAGEMAP_WINDOW: u64 = 1 << 16;
 /// Which pages of `[start, end)` hold data, and (for soft-dirty) which of
 /// them were written, from pagemap read a window at a time: costs time in
 /// the size of the range, memory in what is present.
-pub fn pagemap_runs(pagemap: &File, start: u64, end: u64, soft_dirty: bool) -> std::io::Result<(PageRuns, PageRuns)> {
+pub fn pagemap_runs(pagemap: &File, start: u64, end: u64, soft_dirty: bool, only_anon: bool) -> std::io::Result<(PageRuns, PageRuns)> {
     let (mut present, mut written) = (PageRuns::new(), PageRuns::new());
     let mut at = start;
     while at < end {
@@ -144,7 +144,7 @@ pub fn pagemap_runs(pagemap: &File, start: u64, end: u64, soft_dirty: bool) -> s
         let base = (at - start) / PAGE;
         for (i, e) in pagemap_entries(pagemap, at, to)?.into_iter().enumerate() {
             let p = base + i as u64;
-            if holds_data(e) {
+            if holds_data(e) && !(only_anon && e & PM_FILE != 0) {
                 present.push(p, p + 1);
                 if soft_dirty && e & PM_SOFT_DIRTY != 0 {
                     written.push(p, p + 1);
@@ -168,7 +168,7 @@ pub fn holds_data(e: u64) -> bool {
 /// walks page tables, so holes cost nothing. `Ok(None)`: this kernel has
 /// no `PAGEMAP_SCAN` (before 6.7). `EPERM` under `PM_SCAN_CHECK_WPASYNC`
 /// (the range is not registered for tracking) is returned as an error.
-fn scan(pagemap: &File, start: u64, end: u64, flags: u64, required: u64, anyof: u64) -> std::io::Result<Option<Vec<(u64, u64, u64)>>> {
+fn scan(pagemap: &File, start: u64, end: u64, flags: u64, inverted: u64, required: u64, anyof: u64) -> std::io::Result<Option<Vec<(u64, u64, u64)>>> {
     let mut out = Vec::new();
     let mut vec = vec![PageRegion::default(); 1024];
     let mut cur = start;
@@ -182,10 +182,10 @@ fn scan(pagemap: &File, start: u64, end: u64, flags: u64, required: u64, anyof: 
             vec: vec.as_mut_ptr() as u64,
             vec_len: vec.len() as u64,
             max_pages: 0,
-            category_inverted: 0,
+            category_inverted: inverted,
             category_mask: required,
             category_anyof_mask: anyof,
-            return_mask: required | anyof,
+            return_mask: (required & !inverted) | anyof,
         };
         // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
         // page_regions into `vec`, which outlives the call.
@@ -214,9 +214,13 @@ fn scan(pagemap: &File, start: u64, end: u64, flags: u64, required: u64, anyof: 
 /// Which pages of `[start, end)` hold data (present or swapped, not a
 /// marker), at the cost of what exists: `PAGEMAP_SCAN` where the kernel
 /// has it, pagemap by windows where not.
-pub fn present_runs(pagemap: &File, start: u64, end: u64) -> std::io::Result<PageRuns> {
-    let Some(regions) = scan(pagemap, start, end, 0, 0, PAGE_IS_PRESENT | PAGE_IS_SWAPPED)? else {
-        return Ok(pagemap_runs(pagemap, start, end, false)?.0);
+///
+/// `only_anon`: only the pages that are not the file's (the copy-on-write
+/// pages of a private file mapping).
+pub fn present_runs(pagemap: &File, start: u64, end: u64, only_anon: bool) -> std::io::Result<PageRuns> {
+    let (inverted, required) = if only_anon { (PAGE_IS_FILE, PAGE_IS_FILE) } else { (0, 0) };
+    let Some(regions) = scan(pagemap, start, end, 0, inverted, required, PAGE_IS_PRESENT | PAGE_IS_SWAPPED)? else {
+        return Ok(pagemap_runs(pagemap, start, end, false, only_anon)?.0);
     };
     let mut out = PageRuns::new();
     for (lo, hi, cat) in regions {
@@ -227,7 +231,7 @@ pub fn present_runs(pagemap: &File, start: u64, end: u64) -> std::io::Result<Pag
         // Swapped out, or a marker: pagemap tells them apart (few pages).
         let entries = pagemap_entries(pagemap, start + lo * PAGE, start + hi * PAGE)?;
         for (i, e) in entries.into_iter().enumerate() {
-            if holds_data(e) {
+            if holds_data(e) && !(only_anon && e & PM_FILE != 0) {
                 out.push(lo + i as u64, lo + i as u64 + 1);
             }
         }
@@ -245,7 +249,7 @@ pub fn present_runs(pagemap: &File, start: u64, end: u64) -> std::io::Result<Pag
 pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<PageRuns>> {
     let mut runs = Vec::new();
     for required in [PAGE_IS_PRESENT, PAGE_IS_SWAPPED] {
-        match scan(pagemap, start, end, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, required, PAGE_IS_WRITTEN) {
+        match scan(pagemap, start, end, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, 0, required, PAGE_IS_WRITTEN) {
             Ok(Some(r)) => runs.extend(r.into_iter().map(|(lo, hi, _)| (lo, hi))),
             Ok(None) => unreachable!("scan answers None only without PM_SCAN_WP_MATCHING"),
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok(None),

@@ -467,7 +467,31 @@ pub struct RegionImage {
     /// for private anonymous mappings of [`NORESERVE_MIN`] and more.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub noreserve: bool,
+    /// A private mapping of a file that is mapped again at restart: the
+    /// chunk list then holds only the pages the process changed (its
+    /// copy-on-write pages); a chunk it does not list is the file's.
+    /// `None`: every page is in the chunk list (anonymous memory, or a
+    /// file that could not be identified at the checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<MappedFile>,
 }
+
+/// What identifies the file under a private file mapping: a restart maps
+/// the file at the region's `name` again only if it is still this file.
+/// Inode numbers are left out on purpose: a restart on another machine
+/// with the same packages installed maps the same libraries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappedFile {
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: i64,
+    /// BLAKE3 of the file's first [`MAPPED_FILE_HEAD`] bytes (an ELF file's
+    /// headers and build id are there).
+    pub head: Hash,
+}
+
+/// How much of a mapped file its identity hashes.
+pub const MAPPED_FILE_HEAD: u64 = 64 << 10;
 
 /// Private anonymous mappings at least this large have their
 /// `MAP_NORESERVE` recorded (reading VmFlags costs a walk of `smaps`; below
@@ -643,7 +667,7 @@ mod name_tests {
             "fds": [], "regions": [], "agent": {"fd": 0, "restart_word_addr": 0, "ckpt_tid": 0}, "chunk_size": 4096
         }))
         .unwrap_or_else(|e| panic!("test image: {e}"));
-        img.regions.push(RegionImage { start: 0x1000, end: 0x2000, prot: 3, kind: RegionKind::SharedFile, name: name.into(), offset: 0, shm: 0, sysv: None, segments: vec![], depth: 0, noreserve: false });
+        img.regions.push(RegionImage { start: 0x1000, end: 0x2000, prot: 3, kind: RegionKind::SharedFile, name: name.into(), offset: 0, shm: 0, sysv: None, segments: vec![], depth: 0, noreserve: false, file: None });
         img
     }
 

@@ -428,6 +428,7 @@ pub fn restore_generation(
                     crate::creds::acting_as(id.clone(), || crate::creds::open(&r.name, mode, 0)).map_err(|e| err(format!("cannot reopen shared mapping of {} for process {}: {e}", r.name, image.pid)))?
                 }
                 RegionKind::SharedAnon if r.shm != 0 && r.sysv.is_none() => crate::fds::dup(&shm_fds[&r.shm])?,
+                RegionKind::Private if r.file.is_some() => mapped_file(generation, image, r, &id)?,
                 _ => continue,
             };
             region_fds.insert(i, aux(fd, &mut moves));
@@ -633,6 +634,27 @@ pub fn restore_generation(
     guard.armed = false;
     sysv_segments.keep();
     Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect() })
+}
+
+/// Opens the file under a private file mapping as the process, checked
+/// to be the file the checkpoint saw (its pages the process never changed
+/// are not in the image).
+fn mapped_file(generation: u64, image: &ProcessImage, r: &RegionImage, id: &Option<crate::creds::Identity>) -> Result<OwnedFd> {
+    let want = r.file.expect("called for file regions");
+    let err = |what: String| EngineError::Restore { generation, what };
+    let fd = crate::creds::acting_as(id.clone(), || crate::creds::open(&r.name, libc::O_RDONLY, 0))
+        .map_err(|e| err(format!("cannot open {}, mapped by process {} at {:#x}: {e} (the image keeps only the pages the process changed; the file must be there again)", r.name, image.pid, r.start)))?;
+    let mut f = File::from(fd);
+    let got = crate::capture::identify(&mut f).map_err(|e| err(format!("cannot read {} (mapped by process {}): {e}", r.name, image.pid)))?;
+    if got != want {
+        return Err(err(format!(
+            "{} changed since the checkpoint (size {} → {}, mtime {}.{:09} → {}.{:09}{}); process {} maps it at {:#x} and the image keeps only the pages it changed: put the checkpoint's version of the file back, or restart a generation taken after the change",
+            r.name, want.size, got.size, want.mtime_sec, want.mtime_nsec, got.mtime_sec, got.mtime_nsec,
+            if want.head != got.head { ", different content" } else { "" },
+            image.pid, r.start
+        )));
+    }
+    Ok(OwnedFd::from(f))
 }
 
 fn expect_barrier(generation: u64, image: &ProcessImage, c: &mut Conversation, n: i64) -> Result<()> {
@@ -957,6 +979,14 @@ fn build_plan(
                 let fd = region_fds[&i];
                 let flags = (libc::MAP_SHARED | libc::MAP_FIXED) as u64;
                 // Writable until its content is in (protected at step 7).
+                let prot = if r.segments.is_empty() { r.prot } else { rw };
+                p.syscall(libc::SYS_mmap, &[r.start.into(), len.into(), (prot as u64).into(), flags.into(), (fd as u64).into(), r.offset.into()], Some(r.start), false, what);
+            }
+            RegionKind::Private if region_fds.contains_key(&i) => {
+                // The file again; the pages the process changed are written
+                // over it (copy-on-write), then it is protected at step 7.
+                let fd = region_fds[&i];
+                let flags = (libc::MAP_PRIVATE | libc::MAP_FIXED) as u64;
                 let prot = if r.segments.is_empty() { r.prot } else { rw };
                 p.syscall(libc::SYS_mmap, &[r.start.into(), len.into(), (prot as u64).into(), flags.into(), (fd as u64).into(), r.offset.into()], Some(r.start), false, what);
             }

@@ -54,6 +54,7 @@ unsafe impl Pod for UffdioWriteprotect {}
 pub const PAGEMAP_SCAN: u64 = 0xC060_6610;
 pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
@@ -91,6 +92,8 @@ unsafe impl Pod for PmScanArg {}
 /// Bit 55 of a `/proc/PID/pagemap` entry: the page is soft-dirty.
 pub const PM_SOFT_DIRTY: u64 = 1 << 55;
 pub const PM_PRESENT: u64 = 1 << 63;
+/// Page is a file page or shared anonymous (pagemap bit 61).
+pub const PM_FILE: u64 = 1 << 61;
 pub const PM_SWAPPED: u64 = 1 << 62;
 
 #[cfg(test)]
