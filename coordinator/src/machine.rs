@@ -219,6 +219,18 @@ fn one(
             Err(e) => return (None, Err(e)),
         }
     }
+    // POSIX timers belong to the process: its agent reads them.
+    if let Some(req) = prep.timer_request() {
+        match link.call(pid, kind::TIMERS, &req) {
+            Ok((kind::TIMER_VALUES, v)) => {
+                if let Err(e) = prep.set_timer_values(&v) {
+                    return (None, Err(e.to_string()));
+                }
+            }
+            Ok(_) => return (None, Err(format!("process {pid} did not answer the POSIX timer request"))),
+            Err(e) => return (None, Err(e)),
+        }
+    }
     let register_ms = ms(t0) - prepare_ms;
     let base = bases.get(&pid);
     let mut snapshot = None;

@@ -1049,10 +1049,10 @@ impl Coordinator {
                     let k = m.json.get("kind").and_then(Value::as_u64).and_then(|k| u32::try_from(k).ok());
                     let id = m.json.get("id").cloned().unwrap_or(Value::Null);
                     // A helper asks its machine's stopped agents only what a
-                    // round needs: write tracking and the snapshot.
+                    // round needs: write tracking, the snapshot and POSIX timers.
                     let call = match (pid, k) {
-                        (Some(pid), Some(k @ (kind::REGISTER | kind::FORK))) => c.agent_call(h.key, pid, k, &m.data),
-                        _ => Err(format!("host {}: a malformed agent request ({}): a helper asks agents only REGISTER or FORK of a process", h.name, m.json)),
+                        (Some(pid), Some(k @ (kind::REGISTER | kind::FORK | kind::TIMERS))) => c.agent_call(h.key, pid, k, &m.data),
+                        _ => Err(format!("host {}: a malformed agent request ({}): a helper asks agents only REGISTER, FORK or TIMERS of a process", h.name, m.json)),
                     };
                     let (json, data) = match call {
                         Ok((k, data)) => (json!({"id": id, "ok": true, "kind": k}), data),

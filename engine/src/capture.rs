@@ -11,7 +11,7 @@ use std::fs::File;
 use ckpt_chunker::Hash;
 use ckpt_store::{BlobKind, BlobSink};
 use ckpt_wire::Pod;
-use ckpt_wire::agent::{Hello, MAX_THREADS, Suspended, ThreadState};
+use ckpt_wire::agent::{Hello, MAX_THREADS, MAX_TIMERS, Suspended, ThreadState, TimerValue};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
 use rayon::prelude::*;
 
@@ -175,9 +175,9 @@ struct RegionState {
 /// then be prepared in parallel.
 pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize, fds: Vec<FdImage>) -> Result<Prepared> {
     let pid = report.hello.pid;
-    let timers = procfs::posix_timer_count(pid);
-    if timers > 0 {
-        return Err(EngineError::Unsupported { pid, what: format!("it holds {timers} POSIX timer(s) (timer_create)") });
+    let posix_timers = procfs::posix_timers(pid)?;
+    if posix_timers.len() > MAX_TIMERS {
+        return Err(EngineError::Unsupported { pid, what: format!("it holds {} POSIX timers (timer_create), more than the {MAX_TIMERS} a checkpoint records", posix_timers.len()) });
     }
     let ids = procfs::tree_ids(pid)?;
     let zombies = procfs::children(pid)
@@ -280,6 +280,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             .iter()
             .map(|t| Itimer { interval_sec: t.interval_sec, interval_usec: t.interval_usec, value_sec: t.value_sec, value_usec: t.value_usec })
             .collect(),
+        posix_timers,
         fds,
         regions,
         sysv_shm,
@@ -345,6 +346,37 @@ fn noreserve(pid: i32, regions: &mut [RegionImage]) -> Result<()> {
         r.noreserve = flags.get(&r.start).is_some_and(|v| v.iter().any(|f| f == "nr"));
     }
     Ok(())
+}
+
+impl Prepared {
+    /// The TIMERS request for the agent (None: no POSIX timer).
+    pub fn timer_request(&self) -> Option<Vec<u8>> {
+        let t = &self.image.posix_timers;
+        if t.is_empty() {
+            return None;
+        }
+        let mut req = ckpt_wire::agent::TimerList { count: t.len() as u32, _pad: 0 }.as_bytes().to_vec();
+        req.extend(t.iter().flat_map(|t| t.id.to_le_bytes()));
+        Some(req)
+    }
+
+    /// Takes the agent's answer to [`Self::timer_request`].
+    pub fn set_timer_values(&mut self, answer: &[u8]) -> Result<()> {
+        let pid = self.image.pid;
+        let n = self.image.posix_timers.len();
+        let size = std::mem::size_of::<TimerValue>();
+        if answer.len() != n * size {
+            return Err(EngineError::Unsupported { pid, what: format!("its agent answered for {} bytes of POSIX timers, not {n} timers", answer.len()) });
+        }
+        for (t, v) in self.image.posix_timers.iter_mut().zip(answer.chunks_exact(size)) {
+            let v = TimerValue::read_from(v).ok_or_else(|| EngineError::Unsupported { pid, what: "a short POSIX timer answer".into() })?;
+            if v.id != t.id || v.errno != 0 {
+                return Err(EngineError::Unsupported { pid, what: format!("its POSIX timer {} cannot be read (timer_gettime: {})", t.id, std::io::Error::from_raw_os_error(v.errno)) });
+            }
+            (t.interval_sec, t.interval_nsec, t.left_sec, t.left_nsec, t.overrun) = (v.interval_sec, v.interval_nsec, v.value_sec, v.value_nsec, v.overrun);
+        }
+        Ok(())
+    }
 }
 
 /// `[start, end)` of a mapping.

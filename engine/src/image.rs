@@ -66,6 +66,9 @@ pub struct ProcessImage {
     pub sigactions: Vec<Sigaction>,
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
     pub itimers: Vec<Itimer>,
+    /// POSIX timers (`timer_create`), in `/proc/PID/timers` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub posix_timers: Vec<PosixTimer>,
     pub fds: Vec<FdImage>,
     pub regions: Vec<RegionImage>,
     /// The SysV shared memory segments it had attached (`shmat`).
@@ -155,6 +158,30 @@ pub struct Itimer {
     pub interval_usec: i64,
     pub value_sec: i64,
     pub value_usec: i64,
+}
+
+/// A POSIX timer: created again with the same id (Linux ≥ 6.17's
+/// `PR_TIMER_CREATE_RESTORE_IDS`), clock and notification, armed with the
+/// time it had left and its interval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    /// `SIGEV_SIGNAL`, `SIGEV_NONE` or `SIGEV_THREAD_ID` (glibc's
+    /// `SIGEV_THREAD` timers are `SIGEV_THREAD_ID` ones to its helper thread).
+    pub notify: i32,
+    pub signo: i32,
+    /// `sigev_value`, handed to the handler in `si_value`.
+    pub value: u64,
+    /// The thread a `SIGEV_THREAD_ID` timer signals.
+    pub tid: i32,
+    pub interval_sec: i64,
+    pub interval_nsec: i64,
+    /// Time left (relative); zero: disarmed.
+    pub left_sec: i64,
+    pub left_nsec: i64,
+    /// Overruns of the last expiry (`timer_getoverrun`); not restored.
+    pub overrun: i32,
 }
 
 impl Itimer {

@@ -212,9 +212,52 @@ pub fn vm_flags(pid: i32, starts: &[u64]) -> Result<std::collections::HashMap<u6
     Ok(out)
 }
 
-/// Number of POSIX timers (`timer_create`) the process holds.
-pub fn posix_timer_count(pid: i32) -> usize {
-    fs::read_to_string(proc_path(pid, "timers")).map(|t| t.lines().filter(|l| l.starts_with("ID:")).count()).unwrap_or(0)
+/// The POSIX timers (`timer_create`) the process holds, from
+/// `/proc/PID/timers`; their times are the agent's to read
+/// ([`crate::image::PosixTimer`]'s times are zero here).
+pub fn posix_timers(pid: i32) -> Result<Vec<crate::image::PosixTimer>> {
+    let text = read_proc(pid, "timers")?;
+    parse_timers(&text).map_err(|what| EngineError::Unsupported { pid, what: format!("its /proc/{pid}/timers reads oddly ({what})") })
+}
+
+fn parse_timers(text: &str) -> std::result::Result<Vec<crate::image::PosixTimer>, String> {
+    let mut out: Vec<crate::image::PosixTimer> = Vec::new();
+    for line in text.lines() {
+        let (key, val) = line.split_once(':').ok_or_else(|| format!("line {line:?}"))?;
+        let val = val.trim();
+        let bad = || format!("{key}: {val:?}");
+        if key == "ID" {
+            let id = val.parse().map_err(|_| bad())?;
+            out.push(crate::image::PosixTimer { id, clock: 0, notify: 0, signo: 0, value: 0, tid: 0, interval_sec: 0, interval_nsec: 0, left_sec: 0, left_nsec: 0, overrun: 0 });
+            continue;
+        }
+        let t = out.last_mut().ok_or_else(|| format!("{key} before any ID"))?;
+        match key {
+            // "signal: 14/00000000deadbeef": the signal and sigev_value.
+            "signal" => {
+                let (signo, value) = val.split_once('/').ok_or_else(bad)?;
+                t.signo = signo.parse().map_err(|_| bad())?;
+                t.value = u64::from_str_radix(value.trim_start_matches("0x"), 16).map_err(|_| bad())?;
+            }
+            // "notify: signal/pid.42", "signal/tid.43" (SIGEV_THREAD_ID), "none/pid.42".
+            "notify" => {
+                let (how, whom) = val.split_once('/').ok_or_else(bad)?;
+                let (kind, id) = whom.split_once('.').ok_or_else(bad)?;
+                t.notify = match (how, kind) {
+                    ("signal", "pid") => libc::SIGEV_SIGNAL,
+                    ("signal", "tid") => libc::SIGEV_THREAD_ID,
+                    ("none", _) => libc::SIGEV_NONE,
+                    _ => return Err(bad()),
+                };
+                if kind == "tid" {
+                    t.tid = id.parse().map_err(|_| bad())?;
+                }
+            }
+            "ClockID" => t.clock = val.parse().map_err(|_| bad())?,
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// RLIMIT_CPU ..= RLIMIT_RTTIME on Linux.
@@ -325,6 +368,13 @@ pub fn children(pid: i32) -> Vec<i32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn timers_parse() {
+        let t = super::parse_timers("ID: 7\nsignal: 10/00000000deadbeef\nnotify: signal/tid.43\nClockID: 1\nID: 12345\nsignal: 14/0000000000000000\nnotify: none/pid.42\nClockID: 0\n").unwrap();
+        assert_eq!((t[0].id, t[0].signo, t[0].value, t[0].notify, t[0].tid, t[0].clock), (7, 10, 0xdeadbeef, libc::SIGEV_THREAD_ID, 43, 1));
+        assert_eq!((t[1].id, t[1].notify, t[1].tid), (12345, libc::SIGEV_NONE, 0));
+        assert!(super::parse_timers("signal: 1/0\n").is_err());
+    }
     use super::*;
 
     #[test]

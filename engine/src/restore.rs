@@ -94,6 +94,9 @@ struct CloneArgs {
 }
 
 
+/// `prctl` option of Linux 6.17: `timer_create` takes the id `*timer_id`.
+const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+
 /// Fails if any PID or TID of the image is in use.
 pub fn check_ids_free(generation: u64, image: &ProcessImage) -> Result<()> {
     let mut ids: Vec<(i32, &str)> = vec![(image.pid, "PID")];
@@ -1103,6 +1106,30 @@ fn build_plan(
         p.thread_with_tail(op::THREAD, targs(t, SCRATCH_ADDR + k as u64 * THREAD_STACK), tail, format!("create thread {}", t.tid));
     }
     p.join("wait for every thread to set its credentials");
+    // POSIX timers, under their ids, once every thread a timer may signal
+    // exists.
+    if !image.posix_timers.is_empty() {
+        p.syscall(libc::SYS_prctl, &[PR_TIMER_CREATE_RESTORE_IDS.into(), 1u64.into(), 0u64.into(), 0u64.into(), 0u64.into()], Some(0), false, "let timer_create take the recorded timer ids (PR_TIMER_CREATE_RESTORE_IDS: Linux 6.17 or later)");
+        for t in &image.posix_timers {
+            let mut sev = [0u8; 64];
+            sev[0..8].copy_from_slice(&t.value.to_ne_bytes());
+            sev[8..12].copy_from_slice(&t.signo.to_ne_bytes());
+            sev[12..16].copy_from_slice(&t.notify.to_ne_bytes());
+            sev[16..20].copy_from_slice(&t.tid.to_ne_bytes());
+            let sev = p.data(&sev);
+            let id = p.data(&t.id.to_ne_bytes());
+            p.syscall(libc::SYS_timer_create, &[(t.clock as i64 as u64).into(), sev.into(), id.into()], Some(0), false, format!("create POSIX timer {} (clock {})", t.id, t.clock));
+            if (t.interval_sec, t.interval_nsec, t.left_sec, t.left_nsec) != (0, 0, 0, 0) {
+                // An expired periodic timer whose signal is still pending
+                // reads 0 left: it is due.
+                let left = if (t.left_sec, t.left_nsec) == (0, 0) { (0, 1) } else { (t.left_sec, t.left_nsec) };
+                let its = [t.interval_sec, t.interval_nsec, left.0, left.1];
+                let its = p.data(&its.iter().flat_map(|v| v.to_ne_bytes()).collect::<Vec<u8>>());
+                p.syscall(libc::SYS_timer_settime, &[(t.id as u64).into(), 0u64.into(), its.into(), 0u64.into()], Some(0), false, format!("arm POSIX timer {}", t.id));
+            }
+        }
+        p.syscall(libc::SYS_prctl, &[PR_TIMER_CREATE_RESTORE_IDS.into(), 0u64.into(), 0u64.into(), 0u64.into(), 0u64.into()], Some(0), false, "back to timer ids of the kernel's choosing");
+    }
     let main_creds = thread_creds(main.tid)?;
     if let (Some(tc), Some(held)) = (main_creds, held) {
         crate::creds::plan_thread(&mut p, image.pid, tc, held, generation)?;

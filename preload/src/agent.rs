@@ -8,8 +8,8 @@
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use ckpt_wire::agent::{
-    self as proto, CKPT_SIGNAL, CheckpointRequest, Failed, Forked, Header, Hello, MAX_RANGES, MAX_THREADS, RangeList, Registered, Resume, Suspended,
-    ThreadState, kind, tracking,
+    self as proto, CKPT_SIGNAL, CheckpointRequest, Failed, Forked, Header, Hello, MAX_RANGES, MAX_THREADS, MAX_TIMERS, RangeList, Registered, Resume,
+    Suspended, ThreadState, TimerList, TimerValue, kind, tracking,
 };
 use ckpt_wire::{ItimerVal, KernelSigaction, Pod};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
@@ -271,6 +271,40 @@ fn ranges(payload: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
         let word = |o: usize| u64::from_le_bytes(payload[o..o + 8].try_into().unwrap_or([0; 8]));
         (word(off), word(off + 8))
     })
+}
+
+/// Answers of a TIMERS request. Only the checkpoint thread uses it.
+struct TimerBuf([TimerValue; MAX_TIMERS]);
+static mut TIMER_VALUES: TimerBuf = TimerBuf([TimerValue { id: 0, errno: 0, overrun: 0, _pad: 0, interval_sec: 0, interval_nsec: 0, value_sec: 0, value_nsec: 0 }; MAX_TIMERS]);
+
+/// Reads the POSIX timers a [`TimerList`] payload names (the coordinator
+/// found their ids in `/proc/PID/timers`): time left, interval, overrun.
+/// Timer ids belong to the process, so only a thread of it can ask.
+/// Async-signal-safe: raw syscalls into a static buffer.
+fn read_timers(payload: &[u8]) -> &'static [u8] {
+    let n = TimerList::read_from(payload).map(|l| l.count as usize).unwrap_or(0).min(MAX_TIMERS).min(payload.len().saturating_sub(8) / 4);
+    // SAFETY: only the checkpoint thread uses TIMER_VALUES, never re-entrantly.
+    let out = unsafe { &mut (*core::ptr::addr_of_mut!(TIMER_VALUES)).0 };
+    for (i, v) in out.iter_mut().take(n).enumerate() {
+        let id = i32::from_le_bytes(payload[8 + 4 * i..12 + 4 * i].try_into().unwrap_or([0; 4]));
+        let mut its = [0i64; 4];
+        // SAFETY: timer_gettime writes one itimerspec (four i64) into `its`.
+        let r = unsafe { libc::syscall(libc::SYS_timer_gettime, id as libc::c_long, its.as_mut_ptr()) };
+        // SAFETY: timer_getoverrun takes no pointer.
+        let overrun = if r == 0 { unsafe { libc::syscall(libc::SYS_timer_getoverrun, id as libc::c_long) } } else { 0 };
+        *v = TimerValue {
+            id,
+            errno: if r == 0 { 0 } else { sys::errno() },
+            overrun: overrun.max(0) as i32,
+            _pad: 0,
+            interval_sec: its[0],
+            interval_nsec: its[1],
+            value_sec: its[2],
+            value_nsec: its[3],
+        };
+    }
+    // SAFETY: TimerValue is Pod; the first `n` entries as bytes.
+    unsafe { core::slice::from_raw_parts(out.as_ptr() as *const u8, n * core::mem::size_of::<TimerValue>()) }
 }
 
 /// Forks the copy-on-write snapshot the coordinator reads while the
@@ -645,6 +679,11 @@ pub fn checkpoint_in_handler(own: ThreadState) {
             Some(kind::FORK) => {
                 let f = fork_snapshot(buf);
                 if !send(kind::FORKED, &[f.as_bytes()]) {
+                    return;
+                }
+            }
+            Some(kind::TIMERS) => {
+                if !send(kind::TIMER_VALUES, &[read_timers(buf)]) {
                     return;
                 }
             }

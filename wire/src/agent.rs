@@ -80,6 +80,11 @@ pub mod kind {
     pub const FORK: u32 = 10;
     /// Agent → coordinator: [`super::Forked`].
     pub const FORKED: u32 = 11;
+    /// Coordinator → agent while stopped: read these POSIX timers
+    /// ([`super::TimerList`]: a count, then that many `i32` timer ids).
+    pub const TIMERS: u32 = 12;
+    /// Agent → coordinator: one [`super::TimerValue`] per id asked, in order.
+    pub const TIMER_VALUES: u32 = 13;
 }
 
 /// Environment variable: `auto`, `soft-dirty`, `uffd-wp` or `scan`.
@@ -358,6 +363,38 @@ pub struct Forked {
 // SAFETY: repr(C), two i32.
 unsafe impl Pod for Forked {}
 
+/// Most POSIX timers a checkpoint records per process.
+pub const MAX_TIMERS: usize = 4096;
+
+/// Header of a TIMERS request; `count` `i32` ids follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimerList {
+    pub count: u32,
+    pub _pad: u32,
+}
+// SAFETY: repr(C), two u32.
+unsafe impl Pod for TimerList {}
+
+/// One POSIX timer as the process sees it (`timer_gettime`,
+/// `timer_getoverrun`). `errno` is nonzero when the timer could not be read
+/// (the id is not the process's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimerValue {
+    pub id: i32,
+    pub errno: i32,
+    pub overrun: i32,
+    pub _pad: i32,
+    pub interval_sec: i64,
+    pub interval_nsec: i64,
+    /// Time left until it fires (relative), zero if disarmed.
+    pub value_sec: i64,
+    pub value_nsec: i64,
+}
+// SAFETY: repr(C), four i32 and four i64, no padding.
+unsafe impl Pod for TimerValue {}
+
 pub const OUTCOME_WRITTEN: u32 = 0;
 pub const OUTCOME_ABORTED: u32 = 1;
 
@@ -379,6 +416,10 @@ mod tests {
         assert_eq!(size_of::<Suspended>(), 16 + 3 * 32 + 64 * 32);
         assert_eq!(size_of::<Failed>(), 248);
         assert_eq!(MAX_PAYLOAD, 2160 + 4097 * 72);
+        assert_eq!(size_of::<TimerValue>(), 48);
+        // A TIMERS request and its answer fit the frames' caps.
+        assert!(size_of::<TimerList>() + MAX_TIMERS * 4 <= MAX_REQUEST_PAYLOAD);
+        assert!(MAX_TIMERS * size_of::<TimerValue>() <= MAX_PAYLOAD);
     }
 
     #[test]
