@@ -66,6 +66,10 @@ pub struct ProcessImage {
     pub sigactions: Vec<Sigaction>,
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
     pub itimers: Vec<Itimer>,
+    /// Each thread's scheduling: policy, priority, nice, CPU affinity and
+    /// I/O priority (empty in images from before they were recorded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sched: Vec<ThreadSched>,
     /// POSIX timers (`timer_create`), in `/proc/PID/timers` order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub posix_timers: Vec<PosixTimer>,
@@ -158,6 +162,20 @@ pub struct Itimer {
     pub interval_usec: i64,
     pub value_sec: i64,
     pub value_usec: i64,
+}
+
+/// A thread's scheduling attributes, set again by the thread itself at
+/// restart (before its credentials).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadSched {
+    pub tid: i32,
+    /// `sched_getattr`: `struct sched_attr` as the kernel wrote it (policy,
+    /// flags, nice, priority, deadline parameters, utilization clamps).
+    pub attr: Vec<u8>,
+    /// `sched_getaffinity`: the CPU mask.
+    pub affinity: Vec<u8>,
+    /// `ioprio_get(IOPRIO_WHO_PROCESS, tid)`.
+    pub ioprio: i32,
 }
 
 /// A POSIX timer: created again with the same id (Linux ≥ 6.17's

@@ -212,6 +212,31 @@ pub fn vm_flags(pid: i32, starts: &[u64]) -> Result<std::collections::HashMap<u6
     Ok(out)
 }
 
+/// A thread's scheduling attributes (any thread the caller may query).
+pub fn thread_sched(pid: i32, tid: i32) -> Result<crate::image::ThreadSched> {
+    let err = |what: &str| EngineError::Proc { pid, path: format!("{what} of thread {tid}").into(), source: std::io::Error::last_os_error() };
+    let mut attr = [0u8; SCHED_ATTR_SIZE];
+    // SAFETY: sched_getattr writes at most `size` bytes into `attr`.
+    if unsafe { libc::syscall(libc::SYS_sched_getattr, tid, attr.as_mut_ptr(), SCHED_ATTR_SIZE as u32, 0u32) } != 0 {
+        return Err(err("sched_getattr"));
+    }
+    let mut mask = [0u8; 128];
+    // SAFETY: sched_getaffinity writes at most `len` bytes into `mask`.
+    let n = unsafe { libc::syscall(libc::SYS_sched_getaffinity, tid, mask.len(), mask.as_mut_ptr()) };
+    if n < 0 {
+        return Err(err("sched_getaffinity"));
+    }
+    // SAFETY: ioprio_get takes no pointer. IOPRIO_WHO_PROCESS = 1.
+    let ioprio = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, tid) };
+    if ioprio < 0 {
+        return Err(err("ioprio_get"));
+    }
+    Ok(crate::image::ThreadSched { tid, attr: attr.to_vec(), affinity: mask[..n as usize].to_vec(), ioprio: ioprio as i32 })
+}
+
+/// `struct sched_attr` up to the utilization clamps (`SCHED_ATTR_SIZE_VER1`).
+pub const SCHED_ATTR_SIZE: usize = 56;
+
 /// The POSIX timers (`timer_create`) the process holds, from
 /// `/proc/PID/timers`; their times are the agent's to read
 /// ([`crate::image::PosixTimer`]'s times are zero here).

@@ -1097,10 +1097,20 @@ fn build_plan(
     };
     for (k, t) in others.iter().enumerate() {
         let mut tail = 0;
-        if let (Some(tc), Some(held)) = (thread_creds(t.tid)?, held) {
-            tail = p.begin_tail(format!("credentials of thread {}", t.tid));
-            crate::creds::plan_thread(&mut p, image.pid, tc, held, generation)?;
-            crate::creds::plan_filters(&mut p, image.pid, tc);
+        let sched = image.sched.iter().find(|s| s.tid == t.tid);
+        let creds = match (thread_creds(t.tid)?, held) {
+            (Some(tc), Some(held)) => Some((tc, held)),
+            _ => None,
+        };
+        if sched.is_some() || creds.is_some() {
+            tail = p.begin_tail(format!("scheduling and credentials of thread {}", t.tid));
+            if let Some(s) = sched {
+                plan_sched(&mut p, s);
+            }
+            if let Some((tc, held)) = creds {
+                crate::creds::plan_thread(&mut p, image.pid, tc, held, generation)?;
+                crate::creds::plan_filters(&mut p, image.pid, tc);
+            }
             p.end_tail(tail);
         }
         p.thread_with_tail(op::THREAD, targs(t, SCRATCH_ADDR + k as u64 * THREAD_STACK), tail, format!("create thread {}", t.tid));
@@ -1131,6 +1141,9 @@ fn build_plan(
         p.syscall(libc::SYS_prctl, &[PR_TIMER_CREATE_RESTORE_IDS.into(), 0u64.into(), 0u64.into(), 0u64.into(), 0u64.into()], Some(0), false, "back to timer ids of the kernel's choosing");
     }
     let main_creds = thread_creds(main.tid)?;
+    if let Some(s) = image.sched.iter().find(|s| s.tid == main.tid) {
+        plan_sched(&mut p, s);
+    }
     if let (Some(tc), Some(held)) = (main_creds, held) {
         crate::creds::plan_thread(&mut p, image.pid, tc, held, generation)?;
     }
@@ -1145,6 +1158,32 @@ fn build_plan(
     p.thread_with_tail(op::RESUME, targs(main, 0), tail, "resume the main thread");
 
     Ok(p.finish())
+}
+
+/// The calling thread's scheduling as recorded: policy and priority (or
+/// nice), then I/O priority, then CPU affinity. Run by the thread itself
+/// before its credentials, so with the rights of whoever runs the restart:
+/// it gives back what the restarter could give the process from outside
+/// (`renice`, `chrt`, `taskset`), nothing more. An
+/// affinity naming no CPU this machine has leaves the thread on every CPU
+/// (a restart on a smaller machine); policy and priorities the restart is
+/// not allowed to set fail it, naming them.
+fn plan_sched(p: &mut PlanBuilder, s: &ThreadSched) {
+    if s.attr.len() >= 8 {
+        let mut attr = s.attr.clone();
+        let size = attr.len() as u32;
+        attr[0..4].copy_from_slice(&size.to_ne_bytes());
+        let policy = u32::from_ne_bytes(attr[4..8].try_into().unwrap_or_default());
+        let nice = attr.get(16..20).map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap_or_default()));
+        let prio = attr.get(20..24).map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap_or_default()));
+        let a = p.data(&attr);
+        p.syscall(libc::SYS_sched_setattr, &[0u64.into(), a.into(), 0u64.into()], Some(0), false, format!("set the scheduling of thread {} (policy {policy}, priority {prio}, nice {nice}; a higher priority than the restart may give needs CAP_SYS_NICE or RLIMIT_RTPRIO/RLIMIT_NICE)", s.tid));
+    }
+    p.syscall(libc::SYS_ioprio_set, &[1u64.into(), 0u64.into(), (s.ioprio as u32 as u64).into()], Some(0), false, format!("set the I/O priority of thread {} ({:#x})", s.tid, s.ioprio));
+    if !s.affinity.is_empty() {
+        let m = p.data(&s.affinity);
+        p.syscall(libc::SYS_sched_setaffinity, &[0u64.into(), (s.affinity.len() as u64).into(), m.into()], None, true, format!("set the CPU affinity of thread {}", s.tid));
+    }
 }
 
 /// Waits for a restored process (a child of ours) and returns its exit code
