@@ -187,6 +187,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     let tids: Vec<(i32, u32)> = report.threads.iter().map(|t| (t.tid, t.securebits)).collect();
     let creds = crate::creds::capture(pid, &tids)?;
     let sched = report.threads.iter().map(|t| procfs::thread_sched(pid, t.tid)).collect::<Result<Vec<_>>>()?;
+    let pending = crate::signals::capture(pid, &report.threads.iter().map(|t| t.tid).collect::<Vec<_>>())?;
     let maps = procfs::maps(pid)?;
     let mut mm = procfs::mm_fields(pid)?;
     mm.brk = report.suspended.brk;
@@ -282,6 +283,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             .map(|t| Itimer { interval_sec: t.interval_sec, interval_usec: t.interval_usec, value_sec: t.value_sec, value_usec: t.value_usec })
             .collect(),
         sched,
+        pending,
         posix_timers,
         fds,
         regions,

@@ -70,6 +70,9 @@ pub struct ProcessImage {
     /// I/O priority (empty in images from before they were recorded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sched: Vec<ThreadSched>,
+    /// Signals pending for a thread or for the process, in queue order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PendingSignal>,
     /// POSIX timers (`timer_create`), in `/proc/PID/timers` order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub posix_timers: Vec<PosixTimer>,
@@ -162,6 +165,15 @@ pub struct Itimer {
     pub interval_usec: i64,
     pub value_sec: i64,
     pub value_usec: i64,
+}
+
+/// A pending signal: its `siginfo_t` as the kernel queued it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingSignal {
+    /// The thread it waits for; 0: the process (any thread may take it).
+    pub tid: i32,
+    /// The raw `siginfo_t` (128 bytes).
+    pub info: Vec<u8>,
 }
 
 /// A thread's scheduling attributes, set again by the thread itself at

@@ -25,6 +25,7 @@ pub mod plan;
 pub mod procfs;
 pub mod remote;
 pub mod restore;
+pub mod signals;
 pub mod sysv;
 
 pub use error::{EngineError, Result};

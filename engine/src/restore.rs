@@ -1140,6 +1140,21 @@ fn build_plan(
         }
         p.syscall(libc::SYS_prctl, &[PR_TIMER_CREATE_RESTORE_IDS.into(), 0u64.into(), 0u64.into(), 0u64.into(), 0u64.into()], Some(0), false, "back to timer ids of the kernel's choosing");
     }
+    // Pending signals, queued again in their order (every restorer thread
+    // blocks all signals until its rt_sigreturn, so none reaches restorer
+    // code). Queued to our own process, any si_code is accepted.
+    for s in &image.pending {
+        if s.info.len() != crate::signals::SIGINFO_SIZE {
+            return Err(EngineError::BadImage { generation, what: format!("a pending signal of process {} has a siginfo of {} bytes", image.pid, s.info.len()) });
+        }
+        let sig = crate::signals::signo(&s.info);
+        let info = p.data(&s.info);
+        if s.tid == 0 {
+            p.syscall(libc::SYS_rt_sigqueueinfo, &[(image.pid as u64).into(), (sig as u64).into(), info.into()], Some(0), false, format!("queue pending signal {sig} of the process again"));
+        } else {
+            p.syscall(libc::SYS_rt_tgsigqueueinfo, &[(image.pid as u64).into(), (s.tid as u64).into(), (sig as u64).into(), info.into()], Some(0), false, format!("queue pending signal {sig} of thread {} again", s.tid));
+        }
+    }
     let main_creds = thread_creds(main.tid)?;
     if let Some(s) = image.sched.iter().find(|s| s.tid == main.tid) {
         plan_sched(&mut p, s);
