@@ -159,7 +159,7 @@ pub(super) fn lift(all_moves: &mut [Vec<FdMove>], cttys: Vec<Option<OwnedFd>>) -
 /// Opens the file under a private file mapping as the process, checked
 /// to be the file the checkpoint saw (its pages the process never changed
 /// are not in the image).
-fn mapped_file(generation: u64, image: &ProcessImage, r: &RegionImage, id: &Option<crate::creds::Identity>) -> Result<OwnedFd> {
+pub(super) fn mapped_file(generation: u64, image: &ProcessImage, r: &RegionImage, id: &Option<crate::creds::Identity>) -> Result<OwnedFd> {
     let want = r.file.expect("called for file regions");
     let err = |what: String| EngineError::Restore { generation, what };
     let fd = crate::creds::acting_as(id.clone(), || crate::creds::open(&r.name, libc::O_RDONLY, 0))

@@ -30,8 +30,10 @@
 //! [`memory`] (where each chunk goes, writing it), [`fds`] (every fd
 //! opened, numbered and lifted), [`tree`] (the clones, sessions, groups,
 //! zombies, the exec of the restorer) and [`plan`] (what each restorer
-//! runs). [`Ctx`] carries what every step needs.
+//! runs). [`dry_run`] checks a generation would restore without starting
+//! anything. [`Ctx`] carries what every step needs.
 
+mod dry_run;
 mod fds;
 mod memory;
 mod plan;
@@ -53,6 +55,7 @@ use crate::image::*;
 use crate::procfs;
 use crate::remote;
 
+pub use dry_run::{check_tree, dry_run, problems};
 use memory::Dests;
 use tree::step;
 
