@@ -99,6 +99,10 @@ enum Cmd {
         /// Restart the processes of host OLD on host NEW (repeatable).
         #[arg(long, value_name = "OLD=NEW", value_parser = parse_host_map)]
         host_map: Vec<(String, String)>,
+        /// Start nothing: check that every path, file, id and PID the
+        /// restart needs is there, and say what would fail.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Kill every process of the computation.
     Kill {
@@ -407,8 +411,11 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Status { coord, json } => status(&coord_addr(&coord)?, json),
         Cmd::Log { store, json } => log(&store_url(&store), json),
-        Cmd::Restart { generation, coord, store, host, host_map } => {
+        Cmd::Restart { generation, coord, store, host, host_map, dry_run } => {
             let here = host.unwrap_or_else(this_host);
+            if dry_run {
+                return restart_dry_run(generation, &store_url(&store), &here, &host_map);
+            }
             restart(generation, &coord_addr(&coord)?, &store_url(&store), store.store.is_some(), &here, &host_map)
         }
         Cmd::Push { dest, store, json } => remote_cmd::push(&store_url(&store), &dest, json),
@@ -585,6 +592,24 @@ fn this_host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
 
+/// `ckpt restart --dry-run`: the restore plan's checks, nothing started.
+fn restart_dry_run(generation: Option<u64>, url: &str, here: &str, host_map: &[(String, String)]) -> Result<ExitCode> {
+    let store = Store::open(url)?;
+    let (info, _, images) = ckpt_engine::image::load_generation(&store, generation)?;
+    let images = ckpt_engine::image::select_host(info.id, images, here, host_map)?;
+    let problems = ckpt_engine::restore::dry_run(info.id, &images);
+    if problems.is_empty() {
+        let pids: Vec<String> = images.iter().map(|i| i.pid.to_string()).collect();
+        println!("generation {} would restart: {} processes (pid {})", info.id, images.len(), pids.join(", "));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("generation {} would not restart:", info.id);
+    for p in &problems {
+        println!("  {p}");
+    }
+    Ok(ExitCode::from(1))
+}
+
 fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool, here: &str, host_map: &[(String, String)]) -> Result<ExitCode> {
     let store = Store::open(url)?;
     let (info, _, images) = ckpt_engine::image::load_generation(&store, generation)?;
@@ -605,6 +630,7 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     for img in &images {
         ckpt_engine::restore::check_ids_free(info.id, img)?;
     }
+    ckpt_engine::restore::check_tree(info.id, &images)?;
     let restorer = artifact("ckpt-restorer", "CKPT_RESTORER")?;
     ensure_coordinator(addr, url, store_given, None)?;
     // The restarted processes get this command's stdin, stdout and stderr:

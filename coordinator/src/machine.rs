@@ -92,6 +92,10 @@ pub(crate) struct Captured {
     pub backend: String,
     /// For the generation's info (`ckpt log --json`).
     pub summary: Value,
+    /// The image, for the check before the commit (this machine's
+    /// processes; a helper's stay on its host).
+    #[serde(skip)]
+    pub image: Option<Box<ckpt_engine::image::ProcessImage>>,
 }
 
 /// The stopped phase of a machine's processes: the fds of all of them back
@@ -320,7 +324,7 @@ pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn 
                              "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes, "dirty_tracking": backend.name(),
                              "forked": w.snapshot.is_some(), "stopped_work": w.timings});
         let entry = ProcessEntry { pid: image.pid, host: image.host.clone(), exe: image.exe.clone(), image: hash };
-        out.push((Captured { entry, conn: w.conn, logical_bytes: stats.logical_bytes, backend: backend.name().to_string(), summary }, base));
+        out.push((Captured { entry, conn: w.conn, logical_bytes: stats.logical_bytes, backend: backend.name().to_string(), summary, image: Some(Box::new(image)) }, base));
     }
     Ok(out)
 }

@@ -855,12 +855,15 @@ impl Coordinator {
     }
 
     /// Writes the manifest of every machine's images and commits the generation.
-    fn commit(&self, writer: &Writer, generation: u64, captured: Vec<Captured>, t0: Instant, downtime_ms: f64, suspend_ms: f64) -> Result<GenerationInfo, String> {
+    fn commit(&self, writer: &Writer, generation: u64, mut captured: Vec<Captured>, t0: Instant, downtime_ms: f64, suspend_ms: f64) -> Result<GenerationInfo, String> {
         let mut backends: Vec<String> = Vec::new();
         let mut logical = 0;
         let mut summary = Vec::new();
         let mut entries = Vec::new();
         let nprocs = captured.len() as u32;
+        // A generation that could not restore is never committed.
+        let images: Vec<ckpt_engine::image::ProcessImage> = captured.iter_mut().filter_map(|c| c.image.take().map(|i| *i)).collect();
+        ckpt_engine::restore::check_tree(generation, &images).map_err(|e| e.to_string())?;
         for c in captured {
             logical += c.logical_bytes;
             if !backends.contains(&c.backend) {

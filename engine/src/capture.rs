@@ -179,6 +179,8 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     if posix_timers.len() > MAX_TIMERS {
         return Err(EngineError::Unsupported { pid, what: format!("it holds {} POSIX timers (timer_create), more than the {MAX_TIMERS} a checkpoint records", posix_timers.len()) });
     }
+    let cwd = procfs::link(pid, "cwd")?;
+    check_dirs_exist(pid, &cwd)?;
     let ids = procfs::tree_ids(pid)?;
     let zombies = procfs::children(pid)
         .into_iter()
@@ -270,7 +272,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         exe: procfs::link(pid, "exe")?,
         comm: procfs::comm(pid)?,
         cmdline: procfs::cmdline(pid)?,
-        cwd: procfs::link(pid, "cwd")?,
+        cwd,
         umask: procfs::umask(pid)?,
         rlimits: procfs::rlimits(pid)?,
         mm,
@@ -293,6 +295,23 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         creds: Some(creds),
     };
     Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states })
+}
+
+/// Refuses a process whose working directory or root directory was
+/// removed: a restart could not enter it, so the generation would never
+/// restore.
+fn check_dirs_exist(pid: i32, cwd: &str) -> Result<()> {
+    let root = procfs::link(pid, "root")?;
+    let mut problems = Vec::new();
+    for (what, path) in [("working directory", cwd), ("root directory", root.as_str())] {
+        if let Some(gone) = path.strip_suffix(" (deleted)") {
+            problems.push(crate::Problem {
+                pid,
+                what: format!("its {what} {gone} was removed, so a restart could not enter it; the program must change to a directory that exists (or be restarted in one) before it can be checkpointed"),
+            });
+        }
+    }
+    if problems.is_empty() { Ok(()) } else { Err(EngineError::Unrestorable { problems }) }
 }
 
 /// The identity of the file under a private mapping, if a restart can map

@@ -37,8 +37,27 @@ pub enum EngineError {
     #[error("cannot restart generation {generation}: {what}")]
     Restore { generation: u64, what: String },
 
+    /// A checkpoint (or a generation) that a restart could not bring back:
+    /// refused before anything is committed or started.
+    #[error("{}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    Unrestorable { problems: Vec<Problem> },
+
     #[error("{context}: {source}")]
     Io { context: String, #[source] source: std::io::Error },
+}
+
+/// One reason a process of a generation could not be restarted, with what
+/// to do about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub pid: i32,
+    pub what: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "process {} could not be restarted: {}", self.pid, self.what)
+    }
 }
 
 impl EngineError {

@@ -28,4 +28,4 @@ pub mod restore;
 pub mod signals;
 pub mod sysv;
 
-pub use error::{EngineError, Result};
+pub use error::{EngineError, Problem, Result};

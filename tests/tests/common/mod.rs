@@ -413,6 +413,25 @@ impl Session {
         Gen { id: generation, lo, hi }
     }
 
+    /// `ckpt restart --dry-run GEN`: the whole restore plan is checked
+    /// without starting a process; panics, with what would fail, unless the
+    /// generation would restart.
+    pub fn assert_restores(&self, generation: u64) {
+        let out = self.dry_run(generation);
+        assert!(
+            out.status.success() && text(&out.stdout).contains("would restart"),
+            "ckpt restart --dry-run {generation} says the generation would not restart ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+
+    /// `ckpt restart --dry-run GEN`, as it ran.
+    pub fn dry_run(&self, generation: u64) -> Output {
+        self.run("restart", &["--dry-run", &generation.to_string()])
+    }
+
     /// `ckpt restart [GEN]` in the background; the restored program is `pid`.
     pub fn restart(&self, generation: Option<u64>, pid: i32) -> Proc {
         let mut c = self.cmd("restart");
@@ -886,6 +905,8 @@ pub fn standard_cycle(name: &str, c: &Cycle) -> Session {
     p.wait_ticks(1, LINE_TIMEOUT);
     p.kill9();
     eprintln!("[{name}] original pid {pid} killed after tick {:?}", p.last_tick);
+    s.assert_restores(g1.id);
+    s.assert_restores(g2.id);
 
     // restart the latest, keep it running, checkpoint it
     let mut r = s.restart_expect(&g2, pid, true);

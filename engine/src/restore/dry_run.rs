@@ -1,0 +1,108 @@
+//! Whether a generation would restore, found without starting any process:
+//! the coordinator runs [`check_tree`] on a new generation before it
+//! commits it (so a generation that cannot restore is never committed), and
+//! `ckpt restart --dry-run` runs [`dry_run`], which adds what depends on the
+//! moment of the restart (PIDs free, the caller's rights).
+//!
+//! Checked, for every process: its ids are unique in the generation, it has
+//! a main thread and no memory where the restorer lives; as the process
+//! (its recorded file system identity), its working directory is there, the
+//! files, directories and devices its fds name can be opened, the files of
+//! its shared file mappings can be opened with the mapping's access, and the
+//! files under its private file mappings are the ones the checkpoint saw.
+
+use std::collections::HashMap;
+
+use ckpt_wire::restore::{ZONE_END, ZONE_START};
+
+use crate::error::{EngineError, Problem, Result};
+use crate::image::*;
+
+/// Every problem of `images` that a restart would meet whenever it ran
+/// (empty: the generation restores, PIDs and rights aside).
+pub fn problems(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut owner: HashMap<i32, i32> = HashMap::new();
+    for image in images {
+        let pid = image.pid;
+        let mut problem = |what: String| out.push(Problem { pid, what });
+        let ids = std::iter::once((pid, "PID"))
+            .chain(image.threads.iter().filter(|t| t.tid != pid).map(|t| (t.tid, "TID")))
+            .chain(image.zombies.iter().map(|z| (z.pid, "PID of an exited child")));
+        for (id, what) in ids {
+            if id <= 0 {
+                problem(format!("its image names {what} {id}; the store may have been tampered with"));
+            } else if let Some(other) = owner.insert(id, pid) {
+                problem(format!("its {what} {id} is also an id of process {other} in the image; the store may have been tampered with"));
+            }
+        }
+        if !image.threads.iter().any(|t| t.tid == pid) {
+            problem("its image has no main thread".into());
+        }
+        if let Some(r) = image.regions.iter().find(|r| r.start < ZONE_END && r.end > ZONE_START) {
+            problem(format!("it has memory at {:#x}-{:#x}, in [{ZONE_START:#x}, {ZONE_END:#x}) where the restorer lives", r.start, r.end));
+        }
+        let id = crate::creds::Identity::of(image);
+        let open = |path: &str, flags: i32| crate::creds::acting_as(id.clone(), || crate::creds::open(path, flags, 0));
+        if let Some(gone) = image.cwd.strip_suffix(" (deleted)") {
+            problem(format!("its working directory {gone} had been removed when it was checkpointed"));
+        } else if let Err(e) = open(&image.cwd, libc::O_PATH | libc::O_DIRECTORY) {
+            problem(format!("its working directory {} cannot be entered ({e}); make it again", image.cwd));
+        }
+        for f in &image.fds {
+            let (what, path) = match &f.kind {
+                FdKind::File { path } => ("file", path),
+                FdKind::Dir { path } => ("directory", path),
+                FdKind::Device { path } => ("device", path),
+                _ => continue,
+            };
+            if let Err(e) = open(path, libc::O_PATH) {
+                problem(format!("the {what} {path} of its fd {} cannot be opened ({e}); put it back", f.fd));
+            }
+        }
+        for r in &image.regions {
+            match r.kind {
+                RegionKind::SharedFile => {
+                    let mode = if r.prot & libc::PROT_WRITE as u32 != 0 { libc::O_RDWR } else { libc::O_RDONLY };
+                    if let Err(e) = open(&r.name, mode) {
+                        problem(format!("the file {} it maps shared at {:#x} cannot be opened ({e}); put it back", r.name, r.start));
+                    }
+                }
+                RegionKind::Private if r.file.is_some() => {
+                    if let Err(e) = super::fds::mapped_file(generation, image, r, &id) {
+                        let what = match e {
+                            EngineError::Restore { what, .. } => what,
+                            e => e.to_string(),
+                        };
+                        problem(what);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Fails, naming every problem, if `images` (of generation `generation`)
+/// would not restore (PIDs in use and rights aside).
+pub fn check_tree(generation: u64, images: &[ProcessImage]) -> Result<()> {
+    let problems = problems(generation, images);
+    if problems.is_empty() { Ok(()) } else { Err(EngineError::Unrestorable { problems }) }
+}
+
+/// Everything [`problems`] finds, and what would stop a restart right now:
+/// PIDs and TIDs in use, processes the caller may not restart.
+pub fn dry_run(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if let Err(e) = crate::creds::check_may_restore(generation, images) {
+        out.push(Problem { pid: images.first().map_or(0, |i| i.pid), what: e.to_string() });
+    }
+    for image in images {
+        if let Err(e) = super::check_ids_free(generation, image) {
+            out.push(Problem { pid: image.pid, what: e.to_string() });
+        }
+    }
+    out.extend(problems(generation, images));
+    out
+}
