@@ -4,9 +4,11 @@
 //! A plain signal makes `poll`, `epoll_wait`, `select`, `semop`, `msgrcv`,
 //! `nanosleep`, `sigtimedwait`… return `EINTR` (SA_RESTART does not cover
 //! them), and cannot reach a thread that blocks every signal. So the
-//! checkpoint thread forks a tracer (a raw clone with exit signal 0: the
-//! program's `wait` never sees it, and it sends no `SIGCHLD`). For each
-//! thread the tracer:
+//! checkpoint thread starts a tracer: a process of its own (ptrace refuses
+//! a thread of the tracee's group) that shares the program's memory
+//! (`CLONE_VM`: nothing is copied, no copy-on-write faults later) and runs
+//! on a static stack, with exit signal 0 (the program's `wait` never sees
+//! it, no `SIGCHLD`). For each thread the tracer:
 //!
 //! 1. `PTRACE_SEIZE`s and `PTRACE_INTERRUPT`s it (works whatever its mask);
 //! 2. unblocks [`CKPT_SIGNAL`] in its mask (`PTRACE_SETSIGMASK`), sends it
@@ -30,8 +32,8 @@
 //!
 //! A thread that cannot be traced (another tracer holds it: gdb, strace;
 //! or the process is not dumpable) falls back to the signal, as does every
-//! thread when `CKPT_STOP=signal`. The tracer runs only raw syscalls; it
-//! never returns from [`stop_threads`] in the child.
+//! thread when `CKPT_STOP=signal`. The tracer runs only raw syscalls (it
+//! shares the checkpoint thread's TLS, so nothing of libc's that uses it).
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -111,23 +113,21 @@ pub fn stop_threads(tids: &[i32]) {
         }
         return;
     }
-    let tgid = sys::getpid();
-    // SAFETY: a fork-like raw clone (no CLONE_VM, exit signal 0): the child
-    // has its own copy of `tids`, makes only raw syscalls and never returns.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, 0u64, 0u64, 0u64, 0u64, 0u64) };
-    if pid == 0 {
-        // SAFETY: raw syscalls only; the child dies through exit_group.
-        unsafe {
-            let all: u64 = !0;
-            libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all as *const u64, 0usize, 8usize);
-            for &tid in tids {
-                if !trace_one(tgid, tid) {
-                    libc::syscall(libc::SYS_tgkill, tgid, tid, CKPT_SIGNAL);
-                }
-            }
-            libc::syscall(libc::SYS_exit_group, 0);
-        }
-    }
+    let job = Job { tgid: sys::getpid(), tids: tids.as_ptr(), len: tids.len() };
+    // SAFETY: a process (not a thread: ptrace refuses its own thread group)
+    // sharing our memory, on a stack of its own that only it uses (the
+    // checkpoint thread, the only caller, waits for it to exit); exit
+    // signal 0, so the program never sees it. It reads `job` and `tids`,
+    // which outlive it, and makes raw syscalls only.
+    let pid = unsafe {
+        let stack = core::ptr::addr_of_mut!(TRACER_STACK.0) as *mut u8;
+        libc::clone(
+            tracer_main,
+            stack.add(TRACER_STACK_SIZE) as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_FS,
+            &job as *const Job as *mut libc::c_void,
+        )
+    };
     if pid < 0 {
         for &tid in tids {
             sys::tgkill(tid, CKPT_SIGNAL);
@@ -136,6 +136,34 @@ pub fn stop_threads(tids: &[i32]) {
     }
     // SAFETY: waiting for our own exit-signal-0 clone child.
     unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL, 0usize) };
+}
+
+struct Job {
+    tgid: i32,
+    tids: *const i32,
+    len: usize,
+}
+
+const TRACER_STACK_SIZE: usize = 64 * 1024;
+#[repr(C, align(16))]
+struct TracerStack([u8; TRACER_STACK_SIZE]);
+/// The tracer's stack; only the tracer (one at a time) touches it.
+static mut TRACER_STACK: TracerStack = TracerStack([0; TRACER_STACK_SIZE]);
+
+extern "C" fn tracer_main(arg: *mut libc::c_void) -> i32 {
+    // SAFETY: `arg` is the `Job` of `stop_threads`, alive until we exit.
+    unsafe {
+        let job = &*(arg as *const Job);
+        let tids = core::slice::from_raw_parts(job.tids, job.len);
+        let all: u64 = !0;
+        libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all as *const u64, 0usize, 8usize);
+        for &tid in tids {
+            if !trace_one(job.tgid, tid) {
+                libc::syscall(libc::SYS_tgkill, job.tgid, tid, CKPT_SIGNAL);
+            }
+        }
+    }
+    0
 }
 
 /// In the tracer: steps 1–4 for one thread. False if the thread could not
