@@ -28,3 +28,12 @@ fn eintr_live_checkpoints_keep_timeouts() {
     }
     p.finish(&s, 25);
 }
+
+/// `CKPT_STOP=signal` keeps the signal stop (for when ptrace is not
+/// permitted): programs that retry EINTR still go through the cycle.
+#[test]
+fn signal_stop_fallback_still_checkpoints() {
+    let mut c = Cycle::new(program("threads"), &["-t", "100", "-w", "4"]);
+    c.env.push(("CKPT_STOP", "signal"));
+    standard_cycle("threads-signal-stop", &c);
+}
