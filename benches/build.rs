@@ -3,7 +3,7 @@ use std::process::Command;
 
 fn main() {
     let out = std::env::var("OUT_DIR").unwrap();
-    for (name, var) in [("bench_heap", "CKPT_BENCH_HEAP"), ("bench_fork", "CKPT_BENCH_FORK")] {
+    for (name, var) in [("bench_heap", "CKPT_BENCH_HEAP"), ("bench_fork", "CKPT_BENCH_FORK"), ("bench_threads", "CKPT_BENCH_THREADS")] {
         let src = format!("programs/{name}.c");
         println!("cargo:rerun-if-changed={src}");
         let bin = format!("{out}/{name}");

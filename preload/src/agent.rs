@@ -16,6 +16,7 @@ use ckpt_wire::restore::{ZONE_END, ZONE_START};
 
 use crate::suspend::{self, CKPT_TID, NEXT_SLOT, PARKED, RELEASE, SLOTS, SUSPENDING};
 use crate::channel;
+use crate::stopper;
 use crate::sys;
 
 /// The coordinator connection (fd ≥ AGENT_FD_BASE, close-on-exec), or -1.
@@ -57,8 +58,10 @@ struct Scratch {
     dents: [u8; 16384],
     signaled: [i32; MAX_THREADS],
     nsignaled: usize,
+    /// Threads found in this pass, handed to the stopper together.
+    batch: [i32; MAX_THREADS],
 }
-static mut SCRATCH: Scratch = Scratch { dents: [0; 16384], signaled: [0; MAX_THREADS], nsignaled: 0 };
+static mut SCRATCH: Scratch = Scratch { dents: [0; 16384], signaled: [0; MAX_THREADS], nsignaled: 0, batch: [0; MAX_THREADS] };
 
 fn scratch() -> &'static mut Scratch {
     // SAFETY: only the checkpoint thread calls this, never re-entrantly.
@@ -86,6 +89,7 @@ pub fn start() {
         HELLO_FLAGS.store(proto::HELLO_NO_FORK, Ordering::Relaxed);
     }
     lookup_rseq();
+    stopper::configure();
     if !suspend::install() {
         eprintln!("ckpt: cannot install the checkpoint signal handler; this process runs without checkpoints");
         return;
@@ -558,18 +562,22 @@ fn checkpoint(_generation: u64) {
     while sys::now_ns() < deadline {
         let mut present = 0u32;
         let mut newly = false;
-        let (dents, signaled, nsignaled) = (&mut s.dents, &mut s.signaled, &mut s.nsignaled);
+        let (dents, signaled, nsignaled, batch) = (&mut s.dents, &mut s.signaled, &mut s.nsignaled, &mut s.batch);
+        let mut nbatch = 0usize;
         let listed = sys::for_each_task(dents, |tid| {
             if tid == me {
                 return;
             }
             present += 1;
-            if !signaled[..*nsignaled].contains(&tid) && *nsignaled < MAX_THREADS && sys::tgkill(tid, CKPT_SIGNAL) == 0 {
+            if !signaled[..*nsignaled].contains(&tid) && *nsignaled < MAX_THREADS {
                 signaled[*nsignaled] = tid;
                 *nsignaled += 1;
+                batch[nbatch] = tid;
+                nbatch += 1;
                 newly = true;
             }
         });
+        stopper::stop_threads(&batch[..nbatch]);
         if !listed {
             break;
         }
@@ -582,7 +590,7 @@ fn checkpoint(_generation: u64) {
     }
     if !stopped {
         release();
-        fail(libc::ETIMEDOUT, "not every thread stopped within 10 s for the checkpoint signal (a thread blocking signal 62 with raw syscalls, or in uninterruptible sleep)");
+        fail(libc::ETIMEDOUT, "not every thread stopped within 10 s (a thread in uninterruptible sleep, or one that blocks signal 62 while traced by another tracer or with CKPT_STOP=signal)");
         return;
     }
     if ZONE_MAPPED.swap(false, Ordering::AcqRel) {

@@ -20,6 +20,7 @@
 mod agent;
 mod channel;
 mod interpose;
+mod stopper;
 mod suspend;
 mod sys;
 

@@ -166,8 +166,10 @@ fn run_mirror() {
 }
 
 /// The checkpoint signal handler.
-extern "C" fn handler(_sig: i32, _info: *mut libc::siginfo_t, ucontext: *mut c_void) {
+extern "C" fn handler(_sig: i32, info: *mut libc::siginfo_t, ucontext: *mut c_void) {
     let saved_errno = sys::errno();
+    // SAFETY: our handler's own arguments.
+    unsafe { crate::stopper::fix_frame_mask(info, ucontext) };
     if sys::gettid() == CKPT_TID.load(Ordering::Relaxed) && MIRROR_PENDING.swap(false, Ordering::AcqRel) {
         // One signal, one deed: a checkpoint's own signal is queued apart
         // (real-time signals queue) and handled next.

@@ -9,3 +9,11 @@ fn posix_timers_come_back() {
     let c = Cycle::new(program("ptimers"), &["-t", "100"]);
     standard_cycle("ptimers", &c);
 }
+
+/// `-T` adds a SIGEV_THREAD timer: glibc's helper thread blocks every
+/// signal with raw rt_sigprocmask, so only the ptrace stopper stops it.
+#[test]
+fn posix_timers_with_sigev_thread_come_back() {
+    let c = Cycle::new(program("ptimers"), &["-t", "100", "-T"]);
+    standard_cycle("ptimers-T", &c);
+}

@@ -1,0 +1,276 @@
+//! The ptrace stopper: brings each thread into the checkpoint signal
+//! handler without the program ever seeing an interrupted call.
+//!
+//! A plain signal makes `poll`, `epoll_wait`, `select`, `semop`, `msgrcv`,
+//! `nanosleep`, `sigtimedwait`… return `EINTR` (SA_RESTART does not cover
+//! them), and cannot reach a thread that blocks every signal. So the
+//! checkpoint thread starts a tracer: a process of its own (ptrace refuses
+//! a thread of the tracee's group) that shares the program's memory
+//! (`CLONE_VM`: nothing is copied, no copy-on-write faults later) and runs
+//! on a static stack, with exit signal 0 (the program's `wait` never sees
+//! it, no `SIGCHLD`). For each thread the tracer:
+//!
+//! 1. `PTRACE_SEIZE`s and `PTRACE_INTERRUPT`s it (works whatever its mask);
+//! 2. unblocks [`CKPT_SIGNAL`] in its mask (`PTRACE_SETSIGMASK`), sends it
+//!    and lets it run to the signal-delivery stop;
+//! 3. there, if the thread was in a system call the signal interrupted
+//!    (`orig_rax >= 0` and `rax` one of the kernel's `-ERESTART*` codes, or
+//!    `-EINTR` from a call that never restarts), rewrites its registers to
+//!    re-execute that very call (`rax = orig_rax`, `rip -= 2`,
+//!    `orig_rax = -1` so the kernel adds no `EINTR` of its own);
+//! 4. puts the original mask back and `PTRACE_DETACH`es with the signal.
+//!
+//! The handler then builds its frame from those registers and parks as
+//! with the signal stop; on release (or after a restart, through
+//! `rt_sigreturn` on that frame) the thread enters its call again. Calls
+//! the kernel would resume through `restart_syscall` (relative sleeps,
+//! `poll`, timed futex waits) are entered again from their start:
+//! `nanosleep`/`clock_nanosleep` with the time left (the kernel wrote it to
+//! the caller's `rem`, which becomes the request), the others with their
+//! original timeout. `select`/`ppoll`/`pselect` get the time left from the
+//! kernel, which writes it back into the caller's timeout.
+//!
+//! A thread that cannot be traced (another tracer holds it: gdb, strace;
+//! or the process is not dumpable) falls back to the signal, as does every
+//! thread when `CKPT_STOP=signal`. The tracer runs only raw syscalls (it
+//! shares the checkpoint thread's TLS, so nothing of libc's that uses it).
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use ckpt_wire::agent::CKPT_SIGNAL;
+
+use crate::sys;
+
+/// False when `CKPT_STOP=signal`: every thread is stopped by the signal.
+pub static USE_PTRACE: AtomicBool = AtomicBool::new(true);
+
+const ERESTARTSYS: i64 = 512;
+const ERESTARTNOINTR: i64 = 513;
+const ERESTARTNOHAND: i64 = 514;
+const ERESTART_RESTARTBLOCK: i64 = 516;
+const PTRACE_EVENT_STOP: i32 = 128;
+const PTRACE_GETSIGMASK: i64 = 0x420a;
+const PTRACE_SETSIGMASK: i64 = 0x420b;
+
+/// Calls that return a plain `-EINTR` when a signal (or a ptrace stop)
+/// interrupts them, never an `-ERESTART*` code.
+const EINTR_CALLS: [i64; 9] = [
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_semop,
+    libc::SYS_semtimedop,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_msgrcv,
+    libc::SYS_msgsnd,
+    libc::SYS_io_getevents,
+];
+
+/// `si_errno` of a checkpoint signal whose siginfo carries, at offset 24,
+/// the thread's signal mask before the stopper unblocked our signal.
+const MASK_MARK: i32 = 0x636b_7074;
+
+/// In the checkpoint handler: if the stopper had to unblock our signal in
+/// the thread's mask, put the original mask into the frame, which is what
+/// the thread gets back on release or restart. Async-signal-safe.
+///
+/// # Safety
+/// `info` and `ucontext` are the handler's arguments for [`CKPT_SIGNAL`].
+pub unsafe fn fix_frame_mask(info: *const libc::siginfo_t, ucontext: *mut core::ffi::c_void) {
+    if info.is_null() || ucontext.is_null() {
+        return;
+    }
+    // SAFETY: the kernel's siginfo is 128 bytes; the ucontext is the frame
+    // the kernel built on this thread's stack for this very signal.
+    unsafe {
+        let raw = info as *const u8;
+        if core::ptr::read_unaligned(raw.add(4) as *const i32) != MASK_MARK {
+            return;
+        }
+        let mask = core::ptr::read_unaligned(raw.add(24) as *const u64);
+        let uc = ucontext as *mut libc::ucontext_t;
+        core::ptr::write_unaligned(core::ptr::addr_of_mut!((*uc).uc_sigmask) as *mut u64, mask);
+    }
+}
+
+/// Reads `CKPT_STOP` (constructor time).
+pub fn configure() {
+    if std::env::var("CKPT_STOP").as_deref() == Ok("signal") {
+        USE_PTRACE.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Brings every thread of `tids` into the checkpoint handler. Returns once
+/// each has been signalled (not necessarily parked yet). Runs on the
+/// checkpoint thread.
+pub fn stop_threads(tids: &[i32]) {
+    if tids.is_empty() {
+        return;
+    }
+    if !USE_PTRACE.load(Ordering::Relaxed) {
+        for &tid in tids {
+            sys::tgkill(tid, CKPT_SIGNAL);
+        }
+        return;
+    }
+    let job = Job { tgid: sys::getpid(), tids: tids.as_ptr(), len: tids.len() };
+    // SAFETY: a process (not a thread: ptrace refuses its own thread group)
+    // sharing our memory, on a stack of its own that only it uses (the
+    // checkpoint thread, the only caller, waits for it to exit); exit
+    // signal 0, so the program never sees it. It reads `job` and `tids`,
+    // which outlive it, and makes raw syscalls only.
+    let pid = unsafe {
+        let stack = core::ptr::addr_of_mut!(TRACER_STACK.0) as *mut u8;
+        libc::clone(
+            tracer_main,
+            stack.add(TRACER_STACK_SIZE) as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_FS,
+            &job as *const Job as *mut libc::c_void,
+        )
+    };
+    if pid < 0 {
+        for &tid in tids {
+            sys::tgkill(tid, CKPT_SIGNAL);
+        }
+        return;
+    }
+    // SAFETY: waiting for our own exit-signal-0 clone child.
+    unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL, 0usize) };
+}
+
+struct Job {
+    tgid: i32,
+    tids: *const i32,
+    len: usize,
+}
+
+const TRACER_STACK_SIZE: usize = 64 * 1024;
+#[repr(C, align(16))]
+struct TracerStack([u8; TRACER_STACK_SIZE]);
+/// The tracer's stack; only the tracer (one at a time) touches it.
+static mut TRACER_STACK: TracerStack = TracerStack([0; TRACER_STACK_SIZE]);
+
+extern "C" fn tracer_main(arg: *mut libc::c_void) -> i32 {
+    // SAFETY: `arg` is the `Job` of `stop_threads`, alive until we exit.
+    unsafe {
+        let job = &*(arg as *const Job);
+        let tids = core::slice::from_raw_parts(job.tids, job.len);
+        let all: u64 = !0;
+        libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all as *const u64, 0usize, 8usize);
+        for &tid in tids {
+            if !trace_one(job.tgid, tid) {
+                libc::syscall(libc::SYS_tgkill, job.tgid, tid, CKPT_SIGNAL);
+            }
+        }
+    }
+    0
+}
+
+/// In the tracer: steps 1–4 for one thread. False if the thread could not
+/// be seized (the caller signals it instead). Once seized, the thread
+/// always gets the signal (or is gone).
+///
+/// # Safety
+/// Only in the tracer child.
+unsafe fn trace_one(tgid: i32, tid: i32) -> bool {
+    // SAFETY: ptrace and wait4 on a thread of our parent; every pointer is
+    // to a local of this function.
+    unsafe {
+        if libc::syscall(libc::SYS_ptrace, libc::PTRACE_SEIZE, tid, 0usize, 0usize) != 0 {
+            return false;
+        }
+        if libc::syscall(libc::SYS_ptrace, libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) != 0 {
+            libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, tid, 0usize, 0usize);
+            return false;
+        }
+        let mut orig_mask: u64 = 0;
+        let mut sent = false;
+        // A signal of the program was delivered after ours was sent: the
+        // registers then belong to its handler, not to a call of ours.
+        let mut dirty = false;
+        for _ in 0..64 {
+            let mut status: i32 = 0;
+            let r = libc::syscall(libc::SYS_wait4, tid, &mut status as *mut i32, libc::__WALL, 0usize);
+            if r != tid as i64 || !libc::WIFSTOPPED(status) {
+                return true; // gone (exited or killed)
+            }
+            let sig = libc::WSTOPSIG(status);
+            let event = (status >> 16) & 0xff;
+
+            if event == PTRACE_EVENT_STOP || event != 0 {
+                if !sent {
+                    libc::syscall(libc::SYS_ptrace, PTRACE_GETSIGMASK, tid, 8usize, &mut orig_mask as *mut u64);
+                    let mask = orig_mask & !(1u64 << (CKPT_SIGNAL - 1));
+                    libc::syscall(libc::SYS_ptrace, PTRACE_SETSIGMASK, tid, 8usize, &mask as *const u64);
+                    libc::syscall(libc::SYS_tgkill, tgid, tid, CKPT_SIGNAL);
+                    sent = true;
+                }
+                libc::syscall(libc::SYS_ptrace, libc::PTRACE_CONT, tid, 0usize, 0usize);
+                continue;
+            }
+            if sig != CKPT_SIGNAL || !sent {
+                // The program's own signal: deliver it untouched.
+                dirty |= sent;
+                libc::syscall(libc::SYS_ptrace, libc::PTRACE_CONT, tid, 0usize, sig as usize);
+                continue;
+            }
+            if !dirty {
+                let mut regs: libc::user_regs_struct = core::mem::zeroed();
+                if libc::syscall(libc::SYS_ptrace, libc::PTRACE_GETREGS, tid, 0usize, &mut regs as *mut _) == 0
+                    && restart_in_place(&mut regs)
+                {
+                    libc::syscall(libc::SYS_ptrace, libc::PTRACE_SETREGS, tid, 0usize, &regs as *const _);
+                }
+            }
+            if orig_mask & (1u64 << (CKPT_SIGNAL - 1)) != 0 {
+                // The signal must stay unblocked to be delivered: the
+                // handler puts the original mask into its frame, handed
+                // over in the siginfo.
+                let mut info = [0u8; 128];
+                if libc::syscall(libc::SYS_ptrace, libc::PTRACE_GETSIGINFO, tid, 0usize, info.as_mut_ptr()) == 0 {
+                    info[4..8].copy_from_slice(&MASK_MARK.to_ne_bytes());
+                    info[24..32].copy_from_slice(&orig_mask.to_ne_bytes());
+                    libc::syscall(libc::SYS_ptrace, libc::PTRACE_SETSIGINFO, tid, 0usize, info.as_ptr());
+                }
+            }
+            libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, tid, 0usize, CKPT_SIGNAL as usize);
+            return true;
+        }
+        // Pathological signal storm: let it go with our signal pending.
+        libc::syscall(libc::SYS_ptrace, PTRACE_SETSIGMASK, tid, 8usize, &orig_mask as *const u64);
+        libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, tid, 0usize, 0usize);
+        true
+    }
+}
+
+/// Rewrites `regs` (a thread at the delivery of our signal) so that its
+/// interrupted system call is entered again. False if there is nothing to
+/// restart.
+fn restart_in_place(regs: &mut libc::user_regs_struct) -> bool {
+    let nr = regs.orig_rax as i64;
+    let ret = regs.rax as i64;
+    if nr < 0 {
+        return false;
+    }
+    let restart = match -ret {
+        ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => true,
+        ERESTART_RESTARTBLOCK => {
+            // Relative sleeps: the kernel stored the time left in `rem`.
+            if nr == libc::SYS_nanosleep && regs.rsi != 0 {
+                regs.rdi = regs.rsi;
+            } else if nr == libc::SYS_clock_nanosleep && regs.rsi & libc::TIMER_ABSTIME as u64 == 0 && regs.r10 != 0 {
+                regs.rdx = regs.r10;
+            }
+            true
+        }
+        e if e == libc::EINTR as i64 => EINTR_CALLS.contains(&nr),
+        _ => false,
+    };
+    if restart {
+        regs.rax = regs.orig_rax;
+        regs.rip -= 2;
+        regs.orig_rax = u64::MAX;
+    }
+    restart
+}
+
