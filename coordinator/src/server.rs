@@ -1051,8 +1051,11 @@ impl Coordinator {
         if no_checkpoint.is_some() {
             let hold = CheckpointRequest { generation: 0, flags: 0 };
             let held: Vec<&Arc<Proc>> = procs.iter().filter(|p| p.send(kind::CHECKPOINT, hold.as_bytes()).is_ok()).collect();
+            // One bound for all: a process that cannot answer (stopped by
+            // SIGSTOP) must not hold the others' kill up.
+            let until = Instant::now() + Duration::from_secs(3);
             for p in held {
-                let _ = p.recv(Duration::from_secs(5));
+                let _ = p.recv(until.saturating_duration_since(Instant::now()));
             }
         } else {
             tracing::warn!("killing the computation while a checkpoint round did not let go within {} s", CANCEL_WAIT.as_secs());

@@ -162,9 +162,9 @@ fn feed(slave: &OwnedFd, bytes: &[u8], real: &libc::termios) -> std::io::Result<
 /// read and cannot be made again, so it refuses the checkpoint first. A
 /// writer outside the computation that never stops makes this loop
 /// endless: the round's deadline ends it ([`Round::check`]).
-fn drain(round: &Round, master: RawFd, packet: bool, pid: i32, fdn: i32) -> Result<Vec<u8>> {
+/// What was read is in `out` even when this fails (to be put back).
+fn drain(round: &Round, master: RawFd, packet: bool, pid: i32, fdn: i32, out: &mut Vec<u8>) -> Result<()> {
     let io = |e| EngineError::io(format!("reading the bytes in flight (pseudo-terminal master, process {pid}, fd {fdn})"), e);
-    let mut out = Vec::new();
     let mut buf = vec![0u8; 16 * 1024 + 1];
     let header = usize::from(packet);
     loop {
@@ -190,7 +190,7 @@ fn drain(round: &Round, master: RawFd, packet: bool, pid: i32, fdn: i32) -> Resu
             // SAFETY: poll on one pollfd of ours.
             let r = unsafe { libc::poll(&mut p, 1, 50) };
             if r <= 0 || p.revents & libc::POLLIN == 0 || ioctl_int(master, libc::FIONREAD).map_err(io)? <= 0 {
-                return Ok(out);
+                return Ok(());
             }
             continue;
         }
@@ -199,7 +199,7 @@ fn drain(round: &Round, master: RawFd, packet: bool, pid: i32, fdn: i32) -> Resu
         // FIONREAD said they are there, so this does not block.
         let n = unsafe { libc::read(master, buf.as_mut_ptr() as *mut libc::c_void, want) };
         if n <= header as isize {
-            return Ok(out);
+            return Ok(());
         }
         if packet && buf[0] != 0 {
             return Err(EngineError::SocketBusy { pid, fd: fdn, what: format!("the pseudo-terminal master in packet mode gave control status {:#x} while its bytes in flight were read", buf[0]) });
@@ -240,7 +240,18 @@ fn capture_output(round: &Round, m: RawFd, packet: bool, real: &libc::termios, p
     if let Some(n) = slave.as_ref().and_then(|s| ioctl_int(s.as_raw_fd(), libc::FIONREAD).ok()).filter(|&n| n > 0) {
         tracing::warn!(pid, fd = fdn, "{n} bytes typed into the pseudo-terminal (process {pid}, fd {fdn}) were not read by the slave side yet; a restart of this checkpoint will not have them");
     }
-    let bytes = drain(round, m, packet, pid, fdn)?;
+    let mut bytes = Vec::new();
+    if let Err(e) = drain(round, m, packet, pid, fdn, &mut bytes) {
+        // The round fails: what was read goes back before the program resumes.
+        if bytes.is_empty() {
+            return Err(e);
+        }
+        return match slave.as_ref().map(|s| feed(s, &bytes, real)) {
+            Some(Ok(())) => Err(e),
+            Some(Err(f)) => Err(EngineError::io(format!("{e}; and putting back the {} bytes read meanwhile failed, the program lost them", bytes.len()), f)),
+            None => Err(EngineError::Unsupported { pid, what: format!("{e}; and the {} bytes read meanwhile cannot be put back (no slave can be opened)", bytes.len()) }),
+        };
+    }
     if bytes.is_empty() {
         return Ok(None);
     }
