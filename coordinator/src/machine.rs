@@ -71,6 +71,14 @@ pub(crate) struct RoundOpts {
     pub chunk_size: usize,
     /// Fds given to the computation from outside: (fd, readlink target).
     pub externals: Vec<(i32, String)>,
+    /// Seconds the stopped phase may take (0: no deadline); past it, the
+    /// step in progress fails naming itself and the round is abandoned.
+    #[serde(default)]
+    pub deadline_s: u64,
+    /// Set by `ckpt kill`/`quit` to end the round at once (this machine's
+    /// coordinator only).
+    #[serde(skip)]
+    pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One process's part of a round in progress.
@@ -126,6 +134,9 @@ pub(crate) fn phase_a(
         (e.to_string(), retry)
     };
     let mut round = ckpt_engine::fds::Round::new(sink).with_externals(&opts.externals);
+    if opts.deadline_s > 0 {
+        round = round.with_deadline(opts.deadline_s, opts.cancel.clone());
+    }
     let mut fds = Vec::new();
     for (_, r) in targets {
         match round.capture_process(r.hello.pid, &[r.hello.agent_fd, r.hello.uffd_fd]) {
@@ -335,6 +346,28 @@ pub(crate) fn kill_all(pids: &[i32]) {
     for &pid in pids.iter().filter(|&&p| p > 0) {
         if let Some(fd) = pidfd_open(pid) {
             pidfd_kill(&fd);
+        }
+    }
+}
+
+/// Waits (until `deadline`) for the process behind `fd` to be gone: its
+/// pidfd readable (it exited), then its pid free or a zombie (whose
+/// reaping is its parent's). False if it is still there at `deadline`.
+pub(crate) fn wait_gone(fd: &std::os::fd::OwnedFd, pid: i32, deadline: Instant) -> bool {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let left = deadline.saturating_duration_since(Instant::now()).as_millis().min(100) as i32;
+        // SAFETY: poll on one pollfd of ours.
+        let exited = unsafe { libc::poll(&mut p, 1, left) } > 0;
+        if exited {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()));
+            if matches!(state, None | Some('Z') | Some('X')) {
+                return true;
+            }
+        }
+        if Instant::now() >= deadline {
+            return false;
         }
     }
 }

@@ -50,6 +50,15 @@ const SUSPEND_TIMEOUT: Duration = Duration::from_secs(30);
 const HOST_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a new connection may take to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the stopped phase of a round may take by default (`$CKPT_ROUND_DEADLINE`
+/// seconds overrides it): past it the step in progress fails, naming itself
+/// and its process, and the processes resume.
+const ROUND_DEADLINE_S: u64 = 60;
+/// How long `ckpt kill`/`quit` wait for a cancelled round to let go of the
+/// processes; past it they go ahead anyway.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+/// How long `ckpt kill` waits for the killed processes to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(8);
 /// Most connections that have not yet sent a whole first message (each
 /// holds a thread): more are closed at once.
 const MAX_UNAUTHENTICATED: usize = 64;
@@ -145,6 +154,10 @@ struct Coordinator {
     agent_key: [u8; 32],
     /// Connections that have not yet sent their first message.
     pending: std::sync::atomic::AtomicUsize,
+    /// Set by `ckpt kill`/`quit`: the round in progress ends at once.
+    cancel: Arc<AtomicBool>,
+    /// Seconds the stopped phase of a round may take.
+    deadline_s: u64,
 }
 
 fn now_ms() -> i64 {
@@ -195,6 +208,8 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         uid: nix::unistd::geteuid().as_raw(),
         agent_key: secret.agent_key(),
         pending: std::sync::atomic::AtomicUsize::new(0),
+        cancel: Arc::new(AtomicBool::new(false)),
+        deadline_s: std::env::var("CKPT_ROUND_DEADLINE").ok().and_then(|v| v.parse().ok()).filter(|&s| s > 0).unwrap_or(ROUND_DEADLINE_S),
     });
     if let Some(every) = cfg.interval {
         let c = c.clone();
@@ -476,13 +491,18 @@ impl Coordinator {
             Request::WaitProcess { pid } => self.wait_process(pid).map(|()| protocol::ok_line(&Done {})),
             Request::Quit {} => {
                 self.quit.store(true, Ordering::Release);
-                // No checkpoint may be half-way when we go; the catalog is
-                // left as one self-contained file before we answer.
-                let no_checkpoint = self.ckpt_lock.lock().unwrap();
-                if let Err(e) = self.store.checkpoint_wal() {
-                    tracing::warn!("folding the catalog's WAL: {e}");
+                // No checkpoint may be half-way when we go: a round in
+                // progress is cancelled (its processes resume); the catalog
+                // is left as one self-contained file before we answer.
+                match self.cancel_round() {
+                    Some(no_checkpoint) => {
+                        if let Err(e) = self.store.checkpoint_wal() {
+                            tracing::warn!("folding the catalog's WAL: {e}");
+                        }
+                        std::mem::forget(no_checkpoint);
+                    }
+                    None => tracing::warn!("quitting while a checkpoint round did not let go within {} s (nothing of it is committed)", CANCEL_WAIT.as_secs()),
                 }
-                std::mem::forget(no_checkpoint);
                 let _ = out.write_all(&protocol::ok_line(&Done {}));
                 if let Address::Unix(p) = &self.cfg.addr {
                     let _ = std::fs::remove_file(p);
@@ -604,7 +624,7 @@ impl Coordinator {
         let mut attempt = 1;
         loop {
             match self.checkpoint_once() {
-                Err((e, true)) if attempt < CHECKPOINT_ATTEMPTS => {
+                Err((e, true)) if attempt < CHECKPOINT_ATTEMPTS && !self.cancel.load(Ordering::Acquire) => {
                     tracing::info!(attempt, "checkpoint round refused ({e}); trying again");
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(100 * attempt as u64));
@@ -655,7 +675,7 @@ impl Coordinator {
         // Stop everyone; remember who is stopped.
         let mut stopped: Vec<Stopped> = Vec::new();
         for p in &sent {
-            match p.recv(SUSPEND_TIMEOUT) {
+            match self.recv(p, SUSPEND_TIMEOUT) {
                 Some((kind::SUSPENDED, payload)) => match parse_suspended(&p.hello, &payload) {
                     Ok(report) => stopped.push(Stopped { p: p.clone(), report, raw: payload }),
                     Err(e) => {
@@ -669,6 +689,7 @@ impl Coordinator {
                     failure = Some(format!("process {} could not stop: {msg}", p.hello.pid));
                 }
                 Some((k, _)) => failure = Some(format!("process {} answered with message kind {k}", p.hello.pid)),
+                None if self.cancel.load(Ordering::Acquire) => failure = Some(format!("the checkpoint was cancelled (`ckpt kill` or `ckpt quit`) while process {} was stopping", p.hello.pid)),
                 None => failure = Some(p.silent(format!("process {} died or did not stop within {}s", p.hello.pid, SUSPEND_TIMEOUT.as_secs()))),
             }
         }
@@ -699,7 +720,14 @@ impl Coordinator {
                     }
             }
         }
-        let opts = RoundOpts { generation, fork: self.cfg.fork, chunk_size: self.store.chunk_size(), externals: self.externals.lock().unwrap().clone() };
+        let opts = RoundOpts {
+            generation,
+            fork: self.cfg.fork,
+            chunk_size: self.store.chunk_size(),
+            externals: self.externals.lock().unwrap().clone(),
+            deadline_s: self.deadline_s,
+            cancel: self.cancel.clone(),
+        };
         for h in hosts.values() {
             h.begin(writer.clone());
         }
@@ -955,7 +983,7 @@ impl Coordinator {
                     continue; // it exited meanwhile: a zombie, seen next time round
                 };
                 p.send(kind::CHECKPOINT, req.as_bytes()).map_err(|e| format!("process {child} cannot be reached: {e}"))?;
-                match p.recv(SUSPEND_TIMEOUT) {
+                match self.recv(&p, SUSPEND_TIMEOUT) {
                     Some((kind::SUSPENDED, payload)) => match parse_suspended(&p.hello, &payload) {
                         Ok(report) => stopped.push(Stopped { p: p.clone(), report, raw: payload }),
                         Err(e) => {
@@ -973,20 +1001,67 @@ impl Coordinator {
     fn agent_call(&self, machine: u64, pid: i32, k: u32, payload: &[u8]) -> Result<(u32, Vec<u8>), String> {
         let p = self.procs.lock().unwrap().get(&(machine, pid)).cloned().ok_or_else(|| format!("process {pid} left the computation during the checkpoint"))?;
         p.send(k, payload).map_err(|e| format!("process {pid}: {e}"))?;
-        p.recv(machine::AGENT_TIMEOUT).ok_or_else(|| p.silent(format!("process {pid} did not answer during the checkpoint")))
+        self.recv(&p, machine::AGENT_TIMEOUT).ok_or_else(|| p.silent(format!("process {pid} did not answer during the checkpoint")))
+    }
+
+    /// The agent's next message within `timeout`, or None at once when the
+    /// round is cancelled.
+    fn recv(&self, p: &Proc, timeout: Duration) -> Option<(u32, Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.cancel.load(Ordering::Acquire) {
+                return None;
+            }
+            let slice = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+            match p.rx.lock().unwrap().recv_timeout(slice) {
+                Ok(AgentMsg::Frame(k, payload)) => return Some((k, payload)),
+                Ok(AgentMsg::Closed) | Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => return None,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    /// Cancels the round in progress, if any, and takes the checkpoint
+    /// lock once it let go (its processes resumed): None if it did not
+    /// within [`CANCEL_WAIT`].
+    fn cancel_round(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.cancel.store(true, Ordering::Release);
+        let deadline = Instant::now() + CANCEL_WAIT;
+        let guard = loop {
+            match self.ckpt_lock.try_lock() {
+                Ok(g) => break Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Err(std::sync::TryLockError::WouldBlock) => break None,
+            }
+        };
+        self.cancel.store(false, Ordering::Release);
+        guard
     }
 
     /// Kills every process of the computation (`ckpt kill`), on every
     /// machine. All are first held by their agents, as for a checkpoint, so
     /// that none sees another die (a reset on a connection to a killed peer
     /// on another machine) before it dies too.
+    ///
+    /// A round in progress is cancelled first (its processes resume); kill
+    /// returns once every process killed here is gone (exited; a zombie is
+    /// its parent's to reap), or fails naming the ones that are not.
     fn kill_all(&self) -> Result<KillReply, String> {
-        let _no_checkpoint = self.ckpt_lock.lock().unwrap();
+        let no_checkpoint = self.cancel_round();
         let procs: Vec<Arc<Proc>> = self.procs.lock().unwrap().values().cloned().collect();
-        let hold = CheckpointRequest { generation: 0, flags: 0 };
-        let held: Vec<&Arc<Proc>> = procs.iter().filter(|p| p.send(kind::CHECKPOINT, hold.as_bytes()).is_ok()).collect();
-        for p in held {
-            let _ = p.recv(Duration::from_secs(5));
+        if no_checkpoint.is_some() {
+            let hold = CheckpointRequest { generation: 0, flags: 0 };
+            let held: Vec<&Arc<Proc>> = procs.iter().filter(|p| p.send(kind::CHECKPOINT, hold.as_bytes()).is_ok()).collect();
+            // One bound for all: a process that cannot answer (stopped by
+            // SIGSTOP) must not hold the others' kill up.
+            let until = Instant::now() + Duration::from_secs(3);
+            for p in held {
+                let _ = p.recv(until.saturating_duration_since(Instant::now()));
+            }
+        } else {
+            tracing::warn!("killing the computation while a checkpoint round did not let go within {} s", CANCEL_WAIT.as_secs());
         }
         let mut by_machine: HashMap<u64, Vec<i32>> = HashMap::new();
         for p in &procs {
@@ -1008,6 +1083,11 @@ impl Coordinator {
             if let Err(e) = r {
                 errors.push(e);
             }
+        }
+        let deadline = Instant::now() + KILL_WAIT;
+        let alive: Vec<i32> = procs.iter().filter_map(|p| p.pidfd.as_ref().filter(|fd| !machine::wait_gone(fd, p.hello.pid, deadline)).map(|_| p.hello.pid)).collect();
+        if !alive.is_empty() {
+            errors.push(format!("processes {alive:?} were sent SIGKILL but are still there after {} s (uninterruptible sleep?): look at /proc/PID/stack", KILL_WAIT.as_secs()));
         }
         let killed: Vec<i32> = procs.iter().map(|p| p.hello.pid).collect();
         if errors.is_empty() { Ok(KillReply { killed }) } else { Err(errors.join("; ")) }

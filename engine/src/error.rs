@@ -22,6 +22,12 @@ pub enum EngineError {
     #[error("process {pid}: {what}, which ckpt cannot checkpoint yet")]
     Unsupported { pid: i32, what: String },
 
+    #[error("process {pid}: {step} did not finish within the round's deadline of {secs} s{why}; the round was abandoned and the computation resumed")]
+    Deadline { pid: i32, step: String, secs: u64, why: String },
+
+    #[error("process {pid}: {step} was cancelled (`ckpt kill` or `ckpt quit` arrived during the checkpoint)")]
+    Cancelled { pid: i32, step: String },
+
     #[error("cannot read memory of process {pid} at {addr:#x}: {source}")]
     Memory { pid: i32, addr: u64, #[source] source: std::io::Error },
 

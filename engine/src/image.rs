@@ -353,6 +353,9 @@ pub struct PtyState {
     pub locked: bool,
     /// Output of the slave not yet read on the master side.
     pub data: Option<Hash>,
+    /// The master is in packet mode (`TIOCPKT`).
+    #[serde(default)]
+    pub packet: bool,
 }
 
 /// `struct termios` as `tcgetattr` gives it.

@@ -13,6 +13,14 @@
 //! address, so that `shm_nattch`, `shmdt` and `shmctl` behave as before.
 //! A segment that had been removed (`IPC_RMID`) while attached is removed
 //! again once every process has attached it.
+//!
+//! What a killed computation leaves: a keyed segment outlives its last
+//! detach. A segment in the way of the restart (same id or key) is
+//! replaced only if it is that leftover, recognized from what the kernel
+//! says of it in `/proc/sysvipc/shm`: the recorded id, key and size, no
+//! attach, and the last process that attached or detached it (or its
+//! creator) one of the generation's processes. Anything else is refused
+//! naming the `ipcrm` that removes it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -68,8 +76,10 @@ impl Segments {
         for s in images.iter().flat_map(|i| &i.sysv_shm) {
             segs.entry(s.shmid).or_insert(*s);
         }
+        let pids: std::collections::HashSet<i32> = images.iter().map(|i| i.pid).collect();
         let mut out = Segments { made: Vec::new(), armed: true };
         for seg in segs.values() {
+            remove_our_leftover(seg, &pids);
             make_one(generation, seg)?;
             out.made.push(*seg);
             fill(store, generation, seg, images)?;
@@ -91,6 +101,29 @@ impl Segments {
     /// The restart went through: the segments stay.
     pub fn keep(mut self) {
         self.armed = false;
+    }
+}
+
+/// Removes the segment the killed computation left where `seg` must be
+/// made again, if there is one (see the module's doc): same id, key and
+/// size, no attach, last used (or made) by one of `pids`.
+fn remove_our_leftover(seg: &SysvShm, pids: &std::collections::HashSet<i32>) {
+    let Ok(text) = std::fs::read_to_string("/proc/sysvipc/shm") else { return };
+    for l in text.lines().skip(1) {
+        // key shmid perms size cpid lpid nattch ...
+        let f: Vec<i64> = l.split_whitespace().take(7).map_while(|x| x.parse().ok()).collect();
+        let [key, shmid, _perms, size, cpid, lpid, nattch] = f[..] else { continue };
+        if shmid != seg.shmid as i64 || key != seg.key as i64 || size != seg.size as i64 || nattch != 0 {
+            continue;
+        }
+        if !pids.contains(&(lpid as i32)) && !pids.contains(&(cpid as i32)) {
+            continue;
+        }
+        if rmid(seg.shmid) {
+            tracing::info!(shmid = seg.shmid, key = seg.key, "removed the SysV segment the killed computation left (no attach, last used by its process {lpid}) to make it again");
+        } else {
+            tracing::warn!(shmid = seg.shmid, "cannot remove the SysV segment the killed computation left: {}", std::io::Error::last_os_error());
+        }
     }
 }
 

@@ -2,7 +2,7 @@
  * child, a session leader whose controlling terminal is the slave, writes
  * them through the slave.
  *
- *   pty [-n N] [-t MS] [-s STOPFILE] [-b LINES]
+ *   pty [-n N] [-t MS] [-s STOPFILE] [-b LINES] [-p]
  *
  * The child writes LINES lines (default 8) every 20 ms, each
  * "LINE <seq> <ct_mix64(seq)>\n" (the master reads "\r\n": ONLCR), and
@@ -16,6 +16,10 @@
  * (tcsetpgrp); the child (now in the background) and the grandchild check
  * every time that it still is (tcgetpgrp). The child prints "FG <pid>".
  * The grandchild exits when the child is gone.
+ * -p: the master is in packet mode (TIOCPKT): every read starts with a
+ * header byte, 0 before data (a control status byte alone is counted and
+ * skipped); the parent checks every tick that packet mode is still on
+ * (TIOCGPKT) and prints "PACKET on" at start.
  */
 #include "common.h"
 #include <poll.h>
@@ -25,10 +29,12 @@
 #include <termios.h>
 
 static int burst = 8;
+static int packet;
 
 static void opt(int c, const char *arg)
 {
     if (c == 'b') burst = atoi(arg);
+    if (c == 'p') packet = 1;
 }
 
 static int line_of(long seq, char *buf, size_t n, const char *nl)
@@ -106,7 +112,7 @@ static void child(const char *name)
 
 int main(int argc, char **argv)
 {
-    ct_parse(argc, argv, "b:", opt);
+    ct_parse(argc, argv, "b:p", opt);
     ct_setup();
     int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
     if (m < 0 || grantpt(m) != 0 || unlockpt(m) != 0)
@@ -127,6 +133,12 @@ int main(int argc, char **argv)
     }
     if (fcntl(m, F_SETFL, O_NONBLOCK) != 0)
         ct_fail("O_NONBLOCK: %s", strerror(errno));
+    if (packet) {
+        int on = 1;
+        if (ioctl(m, TIOCPKT, &on) != 0)
+            ct_fail("TIOCPKT: %s", strerror(errno));
+        printf("PACKET on\n");
+    }
     printf("CHILD %d\n", (int)c);
     printf("READY\n");
     static char pending[1 << 16];
@@ -134,8 +146,30 @@ int main(int argc, char **argv)
     long next = 1;
     for (long tick = 1;; tick++) {
         ct_check_ids();
+        if (packet) {
+            int on = 0;
+            if (ioctl(m, TIOCGPKT, &on) != 0 || !on)
+                ct_fail("the master is not in packet mode any more (TIOCGPKT %d: %s)", on, strerror(errno));
+        }
         for (;;) {
-            ssize_t n = read(m, pending + have, sizeof pending - have);
+            static char pkt[sizeof pending + 1];
+            ssize_t n;
+            if (packet) {
+                n = read(m, pkt, sizeof pending - have + 1);
+                if (n > 0 && pkt[0] != 0) {
+                    if (n != 1)
+                        ct_fail("a control status packet (%#x) of %zd bytes", pkt[0] & 0xff, n);
+                    continue; /* a status alone: no data */
+                }
+                if (n == 1)
+                    ct_fail("a data packet with no data");
+                if (n > 1) {
+                    memcpy(pending + have, pkt + 1, (size_t)n - 1);
+                    n--;
+                }
+            } else {
+                n = read(m, pending + have, sizeof pending - have);
+            }
             if (n < 0 && errno == EAGAIN)
                 break;
             if (n <= 0)

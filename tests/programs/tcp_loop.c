@@ -1,7 +1,7 @@
 /* tcp_loop: a TCP client and server on loopback inside one process, with
  * the connection saturated both ways, checked across restarts.
  *
- *   tcp_loop [-n N] [-t MS] [-s STOPFILE] [-r RECORDS]
+ *   tcp_loop [-n N] [-t MS] [-s STOPFILE] [-r RECORDS] [-R]
  *
  * Listens on 127.0.0.1 (a port the kernel picks, SO_REUSEADDR), connects,
  * accepts. Both sockets are O_NONBLOCK; the client has TCP_NODELAY. Every
@@ -15,6 +15,10 @@
  * restart (documented); it is then reported as "PROBE lost" and the
  * program goes on. At the stop tick, both sides read everything that is
  * left and print DONE.
+ * -R: the listener does not set SO_REUSEADDR (and checks every tick that
+ * it is still off): after a kill, what the connections of its earlier life
+ * left on its port (TIME_WAIT, closing sockets) would keep a plain bind
+ * off it for a minute.
  */
 #include "common.h"
 #include <arpa/inet.h>
@@ -37,11 +41,14 @@ struct dir {
 };
 
 static long per_tick = 400;
+static int reuse = 1;
 
 static void opt(int c, const char *arg)
 {
     if (c == 'r')
         per_tick = strtol(arg, NULL, 10);
+    if (c == 'R')
+        reuse = 0;
 }
 
 static void record(const struct dir *d, uint64_t seq, unsigned char *out)
@@ -138,12 +145,13 @@ static void probe(int ls, const struct sockaddr_in *a)
 
 int main(int argc, char **argv)
 {
-    ct_parse(argc, argv, "r:", opt);
+    ct_parse(argc, argv, "r:R", opt);
     ct_setup();
     int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     socklen_t al = sizeof a;
-    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (reuse)
+        setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (bind(ls, (struct sockaddr *)&a, sizeof a) != 0 || listen(ls, 16) != 0 || getsockname(ls, (struct sockaddr *)&a, &al) != 0)
         ct_fail("listen: %s", strerror(errno));
     int c = socket(AF_INET, SOCK_STREAM, 0);
@@ -170,6 +178,8 @@ int main(int argc, char **argv)
         pump(&down);
         if (!sockopt(c, IPPROTO_TCP, TCP_NODELAY) || sockopt(s, IPPROTO_TCP, TCP_NODELAY))
             ct_fail("TCP_NODELAY changed");
+        if (!sockopt(ls, SOL_SOCKET, SO_REUSEADDR) != !reuse)
+            ct_fail("the listener's SO_REUSEADDR is %d, not %d", sockopt(ls, SOL_SOCKET, SO_REUSEADDR), reuse);
         if (!(fcntl(c, F_GETFL) & O_NONBLOCK) || !(fcntl(s, F_GETFL) & O_NONBLOCK))
             ct_fail("O_NONBLOCK lost");
         probe(ls, &a);

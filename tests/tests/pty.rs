@@ -33,9 +33,25 @@ fn lines(l: &str) -> u64 {
 
 #[test]
 fn program_under_a_pty_restarts_mid_stream_byte_for_byte() {
-    let s = Session::new("pty");
+    mid_stream("pty", &[]);
+}
+
+/// The master in packet mode (`TIOCPKT`): every read starts with a header
+/// byte. The drain reads packets (before, a read sized to FIONREAD got the
+/// header alone, forever, with the computation stopped), and packet mode
+/// is on again after the restart (the program checks with TIOCGPKT, and
+/// that every data packet has its header).
+#[test]
+fn pty_in_packet_mode_checkpoints_and_restarts() {
+    mid_stream("pty_packet", &["-p"]);
+}
+
+fn mid_stream(name: &str, extra: &[&str]) {
+    let s = Session::new(name);
     let stop = s.stop_file();
-    let mut p = s.launch(&program("pty"), &["-t", "100", "-b", "8", "-s", stop.to_str().unwrap()]);
+    let mut args = vec!["-t", "100", "-b", "8", "-s", stop.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut p = s.launch(&program("pty"), &args);
     let child: i32 = p.wait_prefix("CHILD ", LINE_TIMEOUT)[6..].trim().parse().unwrap();
     s.track(child);
     p.wait_prefix("READY", LINE_TIMEOUT);

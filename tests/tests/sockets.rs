@@ -114,3 +114,32 @@ fn udp_datagrams_in_flight_survive_kill_and_restart() {
         }
     }
 }
+
+/// A TCP listener without SO_REUSEADDR, restarted right after `ckpt kill`,
+/// twice: the connections of its earlier life (the killed accepted
+/// connection, the probes' TIME_WAIT) still hold its port; the restart
+/// removes those leftovers (sockets no process holds) before binding, and
+/// the listener comes back with SO_REUSEADDR off, as the program set it
+/// (tcp_loop -R checks it every tick, and its probes connect through it).
+#[test]
+fn tcp_listener_restarts_right_after_kill_twice() {
+    let s = Session::new("sockets_relisten");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("tcp_loop"), &["-t", "100", "-R", "-s", stop.to_str().unwrap()]);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    s.kill_all(&[p.pid], &mut p);
+    for round in 0..2 {
+        // No pause: the port's leftovers are all still there.
+        let mut r = s.restart_expect(&g, p.pid, true);
+        r.wait_ticks(3, LINE_TIMEOUT);
+        if round == 1 {
+            s.stop_at(r.last_tick.unwrap() + 2);
+            r.wait_prefix("DONE", LINE_TIMEOUT);
+            let st = r.wait_exit(CMD_TIMEOUT);
+            assert!(st.success(), "the restored program ended with {st}\n{}", r.context());
+        } else {
+            s.kill_all(&[r.pid], &mut r);
+        }
+    }
+}

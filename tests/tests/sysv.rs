@@ -5,8 +5,10 @@
 //! they are mapped where they were (one attach read-only, one partly
 //! mprotected), that a new `shmat` of the id shows the same memory and
 //! `shmdt` works, and that each process sees the other's writes.
-//! The segment the killed program leaves behind is in the way of the
-//! restart, which must say so and name the `ipcrm` that removes it.
+//! The segment the killed program leaves behind is recognized as its own
+//! and replaced by a restart right after the kill (twice); a segment on
+//! the key that is not the computation's is in the way of the restart,
+//! which must say so and name the `ipcrm` that removes it.
 mod common;
 use common::*;
 
@@ -76,18 +78,15 @@ fn sysv_segments_come_back_with_their_ids_and_attaches() {
     assert!(sysv_segment(removed).is_none(), "the removed segment {removed} outlived the program");
     assert_eq!(sysv_segment(keyed).map(|s| s.4), Some(0), "the keyed segment should stay, unattached");
 
-    // The leftover segment is in the way: the restart says so and names
-    // the fix, and leaves nothing behind.
-    let out = s.run("restart", &[]);
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "the restart went on with segment {keyed} in the way\n{err}");
-    assert!(err.contains(&format!("ipcrm -m {keyed}")), "the error does not name the fix `ipcrm -m {keyed}`: {err}");
-    for &pid in &pids {
-        assert!(!pid_exists(pid), "the failed restart left process {pid}");
+    // The leftover segment is the killed computation's own (the recorded
+    // id, key and size, no attach, last detached by one of its processes):
+    // the restart replaces it, right after the kill, twice.
+    for _ in 0..2 {
+        let mut r = s.restart_expect(&g2, p.pid, true);
+        r.wait_ticks(3, LINE_TIMEOUT);
+        s.kill_all(&pids, &mut r);
+        assert_eq!(sysv_segment(keyed).map(|s| s.4), Some(0), "the restored program's keyed segment should stay, unattached");
     }
-    assert!(sysv_segment(removed).is_none(), "the failed restart left segment {removed}");
-    ipcrm(keyed);
-
     let mut r = s.restart_expect(&g2, p.pid, true);
     r.wait_ticks(5, LINE_TIMEOUT);
     let after = sysv_segment(keyed).expect("the keyed segment was not made again");
@@ -108,4 +107,20 @@ fn sysv_segments_come_back_with_their_ids_and_attaches() {
     s.kill_all(&pids, &mut o);
     assert!(sysv_segment(removed).is_none(), "the removed segment {removed} outlived the restored program");
     ipcrm(keyed);
+
+    // A segment with the key that is not the computation's (made by this
+    // test): in the way, refused, naming the fix; the restart leaves
+    // nothing behind and the segment is untouched.
+    // SAFETY: shmget takes no pointers.
+    let foreign = unsafe { libc::shmget(key, 4096, libc::IPC_CREAT | libc::IPC_EXCL | 0o600) };
+    assert!(foreign >= 0, "shmget: {}", std::io::Error::last_os_error());
+    let out = s.run("restart", &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the restart went on with a foreign segment {foreign} on its key\n{err}");
+    assert!(err.contains(&format!("ipcrm -m {foreign}")), "the error does not name the fix `ipcrm -m {foreign}`: {err}");
+    for &pid in &pids {
+        assert!(!pid_exists(pid), "the failed restart left process {pid}");
+    }
+    assert!(sysv_segment(foreign).is_some(), "the restart removed segment {foreign}, which was not the computation's");
+    ipcrm(foreign);
 }

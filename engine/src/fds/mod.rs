@@ -172,6 +172,11 @@ pub struct Round<'w> {
     externals: Vec<(i32, String)>,
     /// Sockets read so far; TCP connections held in repair mode.
     sockets: socket::RoundSockets,
+    /// When the stopped phase must be over, and a flag that cancels it
+    /// (`ckpt kill`/`quit`): loops that read what a program left in
+    /// flight check both ([`Round::check`]).
+    deadline: Option<(std::time::Instant, u64)>,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<'w> Round<'w> {
@@ -186,6 +191,28 @@ impl<'w> Round<'w> {
             ptys_read: HashMap::new(),
             externals: Vec::new(),
             sockets: socket::RoundSockets::default(),
+            deadline: None,
+            cancel: None,
+        }
+    }
+
+    /// Gives the round a deadline (`secs` from now) and a cancel flag.
+    pub fn with_deadline(mut self, secs: u64, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.deadline = Some((std::time::Instant::now() + std::time::Duration::from_secs(secs), secs));
+        self.cancel = Some(cancel);
+        self
+    }
+
+    /// Fails if the round is past its deadline or was cancelled: `step`
+    /// names what process `pid` was doing (and `why` may say why it never
+    /// ends).
+    pub fn check(&self, pid: i32, step: impl Fn() -> String, why: &str) -> Result<()> {
+        if self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Acquire)) {
+            return Err(EngineError::Cancelled { pid, step: step() });
+        }
+        match self.deadline {
+            Some((at, secs)) if std::time::Instant::now() >= at => Err(EngineError::Deadline { pid, step: step(), secs, why: why.to_string() }),
+            _ => Ok(()),
         }
     }
 

@@ -22,7 +22,10 @@
 //!
 //! Limits: bytes typed into the master but not yet read by the slave's
 //! reader (the slave's input queue) are not recorded (a warning gives
-//! their count); nor are packet mode or flow-control stops. A foreground
+//! their count); nor are flow-control stops. Packet mode (`TIOCPKT`) is
+//! recorded and set again; its data packets are drained header by header,
+//! and a control status the program has not read yet refuses the round (try
+//! again: it is gone once the program reads it). A foreground
 //! group outside the generation is not made (the leader's group is the
 //! foreground one, with a warning). A slave
 //! whose master is outside the computation is reopened by its path.
@@ -42,6 +45,8 @@ use crate::error::{EngineError, Result};
 use crate::image::{FdImage, FdKind, ProcessImage, PtyState, Termios};
 
 const TIOCGPTPEER: libc::c_ulong = 0x5441;
+/// `_IOR('T', 0x38, int)`: whether the master is in packet mode (Linux ≥ 3.8).
+const TIOCGPKT: libc::c_ulong = 0x8004_5438;
 
 /// Which end of a pseudo-terminal `meta` is: Some(true) for a master
 /// (the `ptmx` device, 5:2), Some(false) for a slave (majors 136-143).
@@ -150,29 +155,56 @@ fn feed(slave: &OwnedFd, bytes: &[u8], real: &libc::termios) -> std::io::Result<
 }
 
 /// Reads what the master side can read now (the slave's output), waiting
-/// a moment for bytes the kernel still moves into the read buffer.
-fn drain(master: RawFd) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
+/// a moment for bytes the kernel still moves into the read buffer. In
+/// packet mode (`TIOCPKT`) every read starts with a header byte: 0
+/// (`TIOCPKT_DATA`) before data, which is stripped; a pending control
+/// status (the kernel reports it with `POLLPRI`) would be consumed by the
+/// read and cannot be made again, so it refuses the checkpoint first. A
+/// writer outside the computation that never stops makes this loop
+/// endless: the round's deadline ends it ([`Round::check`]).
+/// What was read is in `out` even when this fails (to be put back).
+fn drain(round: &Round, master: RawFd, packet: bool, pid: i32, fdn: i32, out: &mut Vec<u8>) -> Result<()> {
+    let io = |e| EngineError::io(format!("reading the bytes in flight (pseudo-terminal master, process {pid}, fd {fdn})"), e);
+    let mut buf = vec![0u8; 16 * 1024 + 1];
+    let header = usize::from(packet);
     loop {
-        let avail = ioctl_int(master, libc::FIONREAD)?;
+        round.check(
+            pid,
+            || format!("reading the bytes in flight of the pseudo-terminal master at fd {fdn} ({} bytes so far)", out.len()),
+            " (a process outside the computation keeps writing into its slave: stop it, or checkpoint when it is quiet)",
+        )?;
+        if packet {
+            let mut p = libc::pollfd { fd: master, events: libc::POLLPRI, revents: 0 };
+            // SAFETY: poll on one pollfd of ours, no wait.
+            if unsafe { libc::poll(&mut p, 1, 0) } > 0 && p.revents & libc::POLLPRI != 0 {
+                return Err(EngineError::SocketBusy {
+                    pid,
+                    fd: fdn,
+                    what: "the pseudo-terminal master in packet mode has a control status (flush, stop or start) its program has not read yet".into(),
+                });
+            }
+        }
+        let avail = ioctl_int(master, libc::FIONREAD).map_err(io)?;
         if avail <= 0 {
             let mut p = libc::pollfd { fd: master, events: libc::POLLIN, revents: 0 };
             // SAFETY: poll on one pollfd of ours.
             let r = unsafe { libc::poll(&mut p, 1, 50) };
-            if r <= 0 || p.revents & libc::POLLIN == 0 || ioctl_int(master, libc::FIONREAD)? <= 0 {
-                return Ok(out);
+            if r <= 0 || p.revents & libc::POLLIN == 0 || ioctl_int(master, libc::FIONREAD).map_err(io)? <= 0 {
+                return Ok(());
             }
             continue;
         }
-        let want = (avail as usize).min(buf.len());
+        let want = (avail as usize).min(buf.len() - header) + header;
         // SAFETY: reading at most `want` ≤ buf.len() bytes into `buf`;
         // FIONREAD said they are there, so this does not block.
         let n = unsafe { libc::read(master, buf.as_mut_ptr() as *mut libc::c_void, want) };
-        if n <= 0 {
-            return Ok(out);
+        if n <= header as isize {
+            return Ok(());
         }
-        out.extend_from_slice(&buf[..n as usize]);
+        if packet && buf[0] != 0 {
+            return Err(EngineError::SocketBusy { pid, fd: fdn, what: format!("the pseudo-terminal master in packet mode gave control status {:#x} while its bytes in flight were read", buf[0]) });
+        }
+        out.extend_from_slice(&buf[header..n as usize]);
     }
 }
 
@@ -189,25 +221,37 @@ pub fn capture_master(round: &mut Round, live: &LiveFd) -> Result<FdKind> {
     if unsafe { libc::ioctl(m, libc::TIOCGWINSZ, &mut ws) } != 0 {
         return Err(io("TIOCGWINSZ", std::io::Error::last_os_error()));
     }
+    let packet = ioctl_int(m, TIOCGPKT).map_err(|e| io("TIOCGPKT", e))? != 0;
     let data = if let Some(d) = round.ptys_read.get(&index) {
         *d
     } else {
-        let d = if locked { None } else { capture_output(round, m, &real, pid, fdn)? };
+        let d = if locked { None } else { capture_output(round, m, packet, &real, pid, fdn)? };
         round.ptys_read.insert(index, d);
         d
     };
     let winsize = [ws.ws_row, ws.ws_col, ws.ws_xpixel, ws.ws_ypixel];
-    Ok(FdKind::PtyMaster(PtyState { index, termios: to_image(&real), winsize, locked, data }))
+    Ok(FdKind::PtyMaster(PtyState { index, termios: to_image(&real), winsize, locked, data, packet }))
 }
 
 /// The slave's unread output, read out and put back unchanged.
-fn capture_output(round: &Round, m: RawFd, real: &libc::termios, pid: i32, fdn: i32) -> Result<Option<Hash>> {
+fn capture_output(round: &Round, m: RawFd, packet: bool, real: &libc::termios, pid: i32, fdn: i32) -> Result<Option<Hash>> {
     let io = |what: &str, e| EngineError::io(format!("{what} (pseudo-terminal master, process {pid}, fd {fdn})"), e);
     let slave = open_peer(m, libc::O_RDWR | libc::O_NONBLOCK).ok();
     if let Some(n) = slave.as_ref().and_then(|s| ioctl_int(s.as_raw_fd(), libc::FIONREAD).ok()).filter(|&n| n > 0) {
         tracing::warn!(pid, fd = fdn, "{n} bytes typed into the pseudo-terminal (process {pid}, fd {fdn}) were not read by the slave side yet; a restart of this checkpoint will not have them");
     }
-    let bytes = drain(m).map_err(|e| io("reading the bytes in flight", e))?;
+    let mut bytes = Vec::new();
+    if let Err(e) = drain(round, m, packet, pid, fdn, &mut bytes) {
+        // The round fails: what was read goes back before the program resumes.
+        if bytes.is_empty() {
+            return Err(e);
+        }
+        return match slave.as_ref().map(|s| feed(s, &bytes, real)) {
+            Some(Ok(())) => Err(e),
+            Some(Err(f)) => Err(EngineError::io(format!("{e}; and putting back the {} bytes read meanwhile failed, the program lost them", bytes.len()), f)),
+            None => Err(EngineError::Unsupported { pid, what: format!("{e}; and the {} bytes read meanwhile cannot be put back (no slave can be opened)", bytes.len()) }),
+        };
+    }
     if bytes.is_empty() {
         return Ok(None);
     }
@@ -278,6 +322,13 @@ impl Ptys {
             None => set_termios(slave.as_raw_fd(), &real).map_err(|e| err(format!("TCSETS: {e}")))?,
         }
         drop(slave);
+        if st.packet {
+            let on: libc::c_int = 1;
+            // SAFETY: TIOCPKT reads one int.
+            if unsafe { libc::ioctl(m, libc::TIOCPKT, &on) } != 0 {
+                return Err(err(format!("TIOCPKT (packet mode): {}", std::io::Error::last_os_error())));
+            }
+        }
         if st.locked {
             let lock: libc::c_int = 1;
             // SAFETY: TIOCSPTLCK reads one int.
