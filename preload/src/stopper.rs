@@ -35,7 +35,7 @@
 //! thread when `CKPT_STOP=signal`. The tracer runs only raw syscalls (it
 //! shares the checkpoint thread's TLS, so nothing of libc's that uses it).
 
-use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 
 use ckpt_wire::agent::{CKPT_SIGNAL, MAX_THREADS};
 
@@ -97,12 +97,18 @@ pub unsafe fn fix_frame_mask(info: *const libc::siginfo_t, ucontext: *mut core::
     }
 }
 
-/// Reads `CKPT_STOP` (constructor time).
+/// Reads `CKPT_STOP` and Yama's ptrace scope (constructor time).
 pub fn configure() {
     if std::env::var("CKPT_STOP").as_deref() == Ok("signal") {
         USE_PTRACE.store(false, Ordering::Relaxed);
     }
+    let mut scope = [0u8; 8];
+    let one = sys::read_small_file(c"/proc/sys/kernel/yama/ptrace_scope", &mut scope) > 0 && scope[0] == b'1';
+    YAMA_SCOPE_1.store(one, Ordering::Relaxed);
 }
+
+/// Yama's `ptrace_scope` is 1 (read once, at start).
+static YAMA_SCOPE_1: AtomicBool = AtomicBool::new(false);
 
 /// Brings every thread of `tids` into the checkpoint handler. Returns once
 /// each has been signalled (not necessarily parked yet). Runs on the
@@ -117,6 +123,7 @@ pub fn stop_threads(tids: &[i32]) {
         }
         return;
     }
+    TRACER_GO.store(0, Ordering::Release);
     let job = Job { tgid: sys::getpid(), tids: tids.as_ptr(), len: tids.len() };
     // SAFETY: a process (not a thread: ptrace refuses its own thread group)
     // sharing our memory, on a stack of its own that only it uses (the
@@ -133,14 +140,32 @@ pub fn stop_threads(tids: &[i32]) {
         )
     };
     if pid < 0 {
+        TRACER_GO.store(1, Ordering::Release);
         for &tid in tids {
             sys::tgkill(tid, CKPT_SIGNAL);
         }
         return;
     }
+    // Yama's ptrace_scope 1 lets a process trace only its descendants:
+    // name the tracer (our child) as ours for the time of the stop.
+    let yama = YAMA_SCOPE_1.load(Ordering::Relaxed);
+    if yama {
+        // SAFETY: PR_SET_PTRACER takes a pid, no pointer.
+        unsafe { libc::syscall(libc::SYS_prctl, libc::PR_SET_PTRACER, pid as u64, 0usize, 0usize, 0usize) };
+    }
+    TRACER_GO.store(1, Ordering::Release);
+    sys::futex_wake_all(&TRACER_GO);
     // SAFETY: waiting for our own exit-signal-0 clone child.
     unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL, 0usize) };
+    if yama {
+        // SAFETY: as above. This forgets a tracer the program named
+        // itself (the kernel cannot be asked for it).
+        unsafe { libc::syscall(libc::SYS_prctl, libc::PR_SET_PTRACER, 0usize, 0usize, 0usize, 0usize) };
+    }
 }
+
+/// Moved to 1 once the tracer may start (after `PR_SET_PTRACER`).
+static TRACER_GO: AtomicU32 = AtomicU32::new(0);
 
 struct Job {
     tgid: i32,
@@ -183,6 +208,9 @@ extern "C" fn tracer_main(arg: *mut libc::c_void) -> i32 {
         let t = &mut *core::ptr::addr_of_mut!(TRACK);
         let all: u64 = !0;
         libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all as *const u64, 0usize, 8usize);
+        while TRACER_GO.load(Ordering::Acquire) == 0 {
+            sys::futex_wait(&TRACER_GO, 0, 1_000_000);
+        }
         // 1. Seize and interrupt them all at once: their stops overlap.
         let mut pending = 0usize;
         for (i, &tid) in tids.iter().enumerate() {
