@@ -73,3 +73,45 @@ fn signal(pid: i32, sig: &str) {
     let st = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
     assert!(st.success(), "kill {sig} {pid} failed");
 }
+
+/// A thread already traced by someone else (strace here) cannot be
+/// seized: it is stopped by the signal instead, and the checkpoint
+/// succeeds while the other tracer stays attached.
+#[test]
+fn thread_traced_by_strace_falls_back_to_the_signal() {
+    if std::process::Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("strace not installed: skipped");
+        return;
+    }
+    let s = Session::new("eintr-strace");
+    let stop = s.stop_file();
+    let stop_s = stop.to_str().unwrap().to_string();
+    let mut p = s.launch(&program("threads"), &["-t", "100", "-w", "4", "-s", &stop_s]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{}/task", p.pid))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort();
+    let victim = *tids.last().unwrap();
+    let mut strace = std::process::Command::new("strace")
+        .args(["-qq", "-o", "/dev/null", "-p", &victim.to_string()])
+        .spawn()
+        .unwrap();
+    // Wait until strace is attached.
+    for _ in 0..100 {
+        let st = std::fs::read_to_string(format!("/proc/{}/task/{victim}/status", p.pid)).unwrap_or_default();
+        if st.lines().any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.wait_ticks(2, LINE_TIMEOUT);
+    s.checkpoint_bounded(&mut p);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let _ = strace.kill();
+    let _ = strace.wait();
+    p.wait_ticks(3, LINE_TIMEOUT);
+    p.finish(&s, 5);
+}
