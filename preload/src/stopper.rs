@@ -52,8 +52,24 @@ const PTRACE_GETSIGMASK: i64 = 0x420a;
 const PTRACE_SETSIGMASK: i64 = 0x420b;
 
 /// Calls that return a plain `-EINTR` when a signal (or a ptrace stop)
-/// interrupts them, never an `-ERESTART*` code.
-const EINTR_CALLS: [i64; 9] = [
+/// interrupts them, never an `-ERESTART*` code: IPC and epoll waits, and
+/// socket I/O under `SO_RCVTIMEO`/`SO_SNDTIMEO` (the kernel's
+/// `sock_intr_errno`). Each has done nothing when it fails so (a partial
+/// transfer returns its count), so entering it again is safe. `connect` is
+/// not here: a second attempt would answer `EALREADY`.
+const EINTR_CALLS: [i64; 21] = [
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_recvmmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_sendmmsg,
+    libc::SYS_accept,
+    libc::SYS_accept4,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_pwait2,

@@ -10,12 +10,12 @@
  * return of theirs is a FAIL (EINTR or an early return).
  * Threads in calls with a 2 s timeout, in a loop: ppoll, select (with a
  * timeout), clock_nanosleep relative and TIMER_ABSTIME, nanosleep,
- * sigtimedwait. Each must return its timeout result (0 / EAGAIN), never
+ * sigtimedwait, recv on a datagram socketpair with SO_RCVTIMEO. Each must return its timeout result (0 / EAGAIN), never
  * EINTR, and not before its timeout (FAIL "early"). A call that lasts more
  * than its timeout + 700 ms prints "LATE" (it was restarted from scratch);
  * with -L that is a FAIL (for runs with live checkpoints only: a restart
- * after a kill adds the downtime), except for sigtimedwait, which a
- * checkpoint enters again with its whole timeout.
+ * after a kill adds the downtime), except for sigtimedwait and recv, which
+ * a checkpoint enters again with their whole timeout.
  * A thread that blocks every signal with raw rt_sigprocmask and loops on
  * raw syscalls (getppid, a 1 ms nanosleep); it checks its mask stays full.
  * Main checks every tick that every timed thread and the blocker make
@@ -31,6 +31,7 @@
 #include <sys/msg.h>
 #include <sys/select.h>
 #include <sys/sem.h>
+#include <sys/socket.h>
 
 static int strict_late = 0;
 static int pipe_fd[2];
@@ -119,9 +120,10 @@ static void *t_futex(void *a)
 }
 
 /* Timed calls. */
-enum { T_PPOLL, T_SELECT, T_CNREL, T_CNABS, T_NANOSLEEP, T_SIGTIMED, NTIMED };
+enum { T_PPOLL, T_SELECT, T_CNREL, T_CNABS, T_NANOSLEEP, T_SIGTIMED, T_RCVTIMEO, NTIMED };
 static const char *timed_name[NTIMED] = { "ppoll", "select", "clock_nanosleep", "clock_nanosleep(ABSTIME)",
-                                          "nanosleep", "sigtimedwait" };
+                                          "nanosleep", "sigtimedwait", "recv(SO_RCVTIMEO)" };
+static int dgram[2];
 static volatile uint64_t timed_done[NTIMED];
 
 static void *t_timed(void *a)
@@ -180,6 +182,15 @@ static void *t_timed(void *a)
             ok = r == 0;
             break;
         }
+        case T_RCVTIMEO: {
+            struct timeval tv = { TIMEOUT_MS / 1000, (TIMEOUT_MS % 1000) * 1000 };
+            if (setsockopt(dgram[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0)
+                ct_fail("SO_RCVTIMEO: %s", strerror(errno));
+            char b[16];
+            r = recv(dgram[0], b, sizeof b, 0);
+            ok = r < 0 && errno == EAGAIN;
+            break;
+        }
         default: {
             sigset_t s;
             sigemptyset(&s);
@@ -196,9 +207,9 @@ static void *t_timed(void *a)
         if (ms < TIMEOUT_MS - 2)
             ct_fail("%s returned early, after %lld ms of %d", name, (long long)ms, TIMEOUT_MS);
         if (ms > TIMEOUT_MS + LATE_MS) {
-            /* sigtimedwait is entered again with its whole timeout (the
-             * kernel keeps no time left for it): only LATE for it. */
-            if (strict_late && k != T_SIGTIMED)
+            /* sigtimedwait and a socket timeout start again at a
+             * checkpoint (the kernel keeps no time left): only LATE. */
+            if (strict_late && k != T_SIGTIMED && k != T_RCVTIMEO)
                 ct_fail("%s lasted %lld ms for a %d ms timeout (restarted from scratch?)", name, (long long)ms,
                         TIMEOUT_MS);
             printf("LATE %s %lld ms\n", name, (long long)ms);
@@ -247,6 +258,8 @@ int main(int argc, char **argv)
     struct epoll_event ev = { .events = EPOLLIN, .data.u64 = 7 };
     if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, pipe_fd[0], &ev) != 0)
         ct_fail("epoll: %s", strerror(errno));
+    if (socketpair(AF_UNIX, SOCK_DGRAM, 0, dgram) != 0)
+        ct_fail("socketpair: %s", strerror(errno));
     semid = semget(IPC_PRIVATE, 1, IPC_CREAT | 0600);
     msqid = msgget(IPC_PRIVATE, IPC_CREAT | 0600);
     if (semid < 0 || msqid < 0)
