@@ -18,8 +18,10 @@
  * a checkpoint enters again with their whole timeout.
  * A thread that blocks every signal with raw rt_sigprocmask and loops on
  * raw syscalls (getppid, a 1 ms nanosleep); it checks its mask stays full.
- * Main checks every tick that every timed thread and the blocker make
- * progress.
+ * A thread creates and joins short-lived threads (5 ms in poll each) all
+ * the time: threads appear and vanish while a checkpoint stops them.
+ * Main checks every tick that every timed thread, the blocker and the
+ * churn make progress.
  */
 #include "common.h"
 #include <linux/futex.h>
@@ -218,6 +220,33 @@ static void *t_timed(void *a)
     }
 }
 
+/* Creates and joins short-lived threads all the time (threads appear and
+ * vanish during the stop); each sleeps 5 ms in poll. */
+static volatile uint64_t churn_loops;
+static void *churn_child(void *a)
+{
+    (void)a;
+    int64_t t0 = ct_now_ns(CLOCK_MONOTONIC);
+    int r = poll(NULL, 0, 5);
+    if (r != 0)
+        ct_fail("churn child: poll returned %d (%s)", r, strerror(errno));
+    if (ct_now_ns(CLOCK_MONOTONIC) - t0 < 4 * 1000000LL)
+        ct_fail("churn child: poll returned early");
+    return NULL;
+}
+static void *t_churn(void *a)
+{
+    (void)a;
+    for (;;) {
+        pthread_t c;
+        int e = pthread_create(&c, NULL, churn_child, NULL);
+        if (e != 0)
+            ct_fail("churn: pthread_create: %s", strerror(e));
+        pthread_join(c, NULL);
+        churn_loops++;
+    }
+}
+
 /* Blocks every signal with the raw syscall and loops on raw syscalls. */
 static volatile uint64_t blocker_loops;
 static void *t_blocker(void *a)
@@ -278,10 +307,13 @@ int main(int argc, char **argv)
             ct_fail("pthread_create");
     if (pthread_create(&th, NULL, t_blocker, NULL) != 0)
         ct_fail("pthread_create");
+    if (pthread_create(&th, NULL, t_churn, NULL) != 0)
+        ct_fail("pthread_create");
 
     printf("READY\n");
-    uint64_t last[NTIMED] = { 0 }, last_blocker = 0;
+    uint64_t last[NTIMED] = { 0 }, last_blocker = 0, last_churn = 0;
     int64_t last_change[NTIMED], last_blocker_change = ct_now_ns(CLOCK_MONOTONIC);
+    int64_t last_churn_change = last_blocker_change;
     for (int k = 0; k < NTIMED; k++)
         last_change[k] = last_blocker_change;
     for (long tick = 1;; tick++) {
@@ -300,6 +332,12 @@ int main(int argc, char **argv)
             last_blocker_change = now;
         } else if (now - last_blocker_change > 20LL * 1000000000LL) {
             ct_fail("blocker thread made no progress for 20 s");
+        }
+        if (churn_loops != last_churn) {
+            last_churn = churn_loops;
+            last_churn_change = now;
+        } else if (now - last_churn_change > 20LL * 1000000000LL) {
+            ct_fail("thread churn made no progress for 20 s");
         }
         printf("TICK %ld ppoll=%llu blocker=%llu\n", tick, (unsigned long long)timed_done[T_PPOLL],
                (unsigned long long)blocker_loops);
