@@ -104,7 +104,11 @@ pub unsafe fn fix_frame_mask(info: *const libc::siginfo_t, ucontext: *mut core::
     // the kernel built on this thread's stack for this very signal.
     unsafe {
         let raw = info as *const u8;
-        if core::ptr::read_unaligned(raw.add(4) as *const i32) != MASK_MARK {
+        // A tgkill (SI_TKILL: rt_tgsigqueueinfo cannot forge it) whose
+        // siginfo a tracer rewrote to carry our mark.
+        if core::ptr::read_unaligned(raw.add(4) as *const i32) != MASK_MARK
+            || core::ptr::read_unaligned(raw.add(8) as *const i32) != libc::SI_TKILL
+        {
             return;
         }
         let mask = core::ptr::read_unaligned(raw.add(24) as *const u64);
