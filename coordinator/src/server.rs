@@ -656,6 +656,17 @@ impl Coordinator {
                 }
             }
         }
+        // A process stopped by job control cannot answer (its checkpoint
+        // thread is stopped too): refuse at once, naming it.
+        for p in procs.iter().filter(|p| p.machine == 0) {
+            if job_stopped(p.hello.pid) {
+                return Err((format!(
+                    "process {} is stopped by job control (SIGSTOP/SIGTSTP); stopped processes cannot be checkpointed yet: \
+                     resume it with `kill -CONT {}` and checkpoint again",
+                    p.hello.pid, p.hello.pid
+                ), false));
+            }
+        }
         // The store's writer lock is taken per checkpoint, so that `ckpt gc`
         // can work between checkpoints; wait for it if gc holds it now.
         let writer = Arc::new(self.take_writer().map_err(|e| (e, false))?);
@@ -1250,4 +1261,13 @@ fn finish_round(stopped: &[Stopped], outcome: u32, generation: u64, snapshots: &
     for s in stopped {
         let _ = s.p.recv(Duration::from_secs(10));
     }
+}
+
+/// Whether process `pid` (of this machine) is in a job-control stop
+/// (state `T` in `/proc/PID/stat`; `t`, traced, is not ours to judge).
+fn job_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+        .unwrap_or(false)
 }

@@ -559,6 +559,7 @@ fn checkpoint(_generation: u64) {
 
     let deadline = sys::now_ns() + 10_000_000_000;
     let mut stopped = false;
+    stopper::JOB_STOPPED.store(0, Ordering::Release);
     while sys::now_ns() < deadline {
         let mut present = 0u32;
         let mut newly = false;
@@ -578,6 +579,9 @@ fn checkpoint(_generation: u64) {
             }
         });
         stopper::stop_threads(&batch[..nbatch]);
+        if stopper::JOB_STOPPED.load(Ordering::Acquire) != 0 {
+            break;
+        }
         if !listed {
             break;
         }
@@ -587,6 +591,15 @@ fn checkpoint(_generation: u64) {
             break;
         }
         sys::futex_wait(&PARKED, parked, 200_000);
+    }
+    let job_sig = stopper::JOB_STOPPED.load(Ordering::Acquire);
+    if job_sig != 0 {
+        release();
+        fail(
+            libc::EAGAIN,
+            "the process is stopped by job control (SIGSTOP/SIGTSTP/SIGTTIN/SIGTTOU); stopped processes cannot be checkpointed yet: send it SIGCONT and checkpoint again",
+        );
+        return;
     }
     if !stopped {
         release();

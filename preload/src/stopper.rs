@@ -35,9 +35,9 @@
 //! thread when `CKPT_STOP=signal`. The tracer runs only raw syscalls (it
 //! shares the checkpoint thread's TLS, so nothing of libc's that uses it).
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 
-use ckpt_wire::agent::CKPT_SIGNAL;
+use ckpt_wire::agent::{CKPT_SIGNAL, MAX_THREADS};
 
 use crate::sys;
 
@@ -48,13 +48,28 @@ const ERESTARTSYS: i64 = 512;
 const ERESTARTNOINTR: i64 = 513;
 const ERESTARTNOHAND: i64 = 514;
 const ERESTART_RESTARTBLOCK: i64 = 516;
-const PTRACE_EVENT_STOP: i32 = 128;
 const PTRACE_GETSIGMASK: i64 = 0x420a;
 const PTRACE_SETSIGMASK: i64 = 0x420b;
 
 /// Calls that return a plain `-EINTR` when a signal (or a ptrace stop)
-/// interrupts them, never an `-ERESTART*` code.
-const EINTR_CALLS: [i64; 9] = [
+/// interrupts them, never an `-ERESTART*` code: IPC and epoll waits, and
+/// socket I/O under `SO_RCVTIMEO`/`SO_SNDTIMEO` (the kernel's
+/// `sock_intr_errno`). Each has done nothing when it fails so (a partial
+/// transfer returns its count), so entering it again is safe. `connect` is
+/// not here: a second attempt would answer `EALREADY`.
+const EINTR_CALLS: [i64; 21] = [
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_recvmmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_sendmmsg,
+    libc::SYS_accept,
+    libc::SYS_accept4,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_pwait2,
@@ -65,6 +80,11 @@ const EINTR_CALLS: [i64; 9] = [
     libc::SYS_msgsnd,
     libc::SYS_io_getevents,
 ];
+
+/// Set by the tracer to the stop signal when a thread is in a job-control
+/// stop: the checkpoint is refused (stopped processes are not supported
+/// yet) instead of resuming it.
+pub static JOB_STOPPED: AtomicI32 = AtomicI32::new(0);
 
 /// `si_errno` of a checkpoint signal whose siginfo carries, at offset 24,
 /// the thread's signal mask before the stopper unblocked our signal.
@@ -84,7 +104,11 @@ pub unsafe fn fix_frame_mask(info: *const libc::siginfo_t, ucontext: *mut core::
     // the kernel built on this thread's stack for this very signal.
     unsafe {
         let raw = info as *const u8;
-        if core::ptr::read_unaligned(raw.add(4) as *const i32) != MASK_MARK {
+        // A tgkill (SI_TKILL: rt_tgsigqueueinfo cannot forge it) whose
+        // siginfo a tracer rewrote to carry our mark.
+        if core::ptr::read_unaligned(raw.add(4) as *const i32) != MASK_MARK
+            || core::ptr::read_unaligned(raw.add(8) as *const i32) != libc::SI_TKILL
+        {
             return;
         }
         let mask = core::ptr::read_unaligned(raw.add(24) as *const u64);
@@ -93,12 +117,18 @@ pub unsafe fn fix_frame_mask(info: *const libc::siginfo_t, ucontext: *mut core::
     }
 }
 
-/// Reads `CKPT_STOP` (constructor time).
+/// Reads `CKPT_STOP` and Yama's ptrace scope (constructor time).
 pub fn configure() {
     if std::env::var("CKPT_STOP").as_deref() == Ok("signal") {
         USE_PTRACE.store(false, Ordering::Relaxed);
     }
+    let mut scope = [0u8; 8];
+    let one = sys::read_small_file(c"/proc/sys/kernel/yama/ptrace_scope", &mut scope) > 0 && scope[0] == b'1';
+    YAMA_SCOPE_1.store(one, Ordering::Relaxed);
 }
+
+/// Yama's `ptrace_scope` is 1 (read once, at start).
+static YAMA_SCOPE_1: AtomicBool = AtomicBool::new(false);
 
 /// Brings every thread of `tids` into the checkpoint handler. Returns once
 /// each has been signalled (not necessarily parked yet). Runs on the
@@ -113,6 +143,7 @@ pub fn stop_threads(tids: &[i32]) {
         }
         return;
     }
+    TRACER_GO.store(0, Ordering::Release);
     let job = Job { tgid: sys::getpid(), tids: tids.as_ptr(), len: tids.len() };
     // SAFETY: a process (not a thread: ptrace refuses its own thread group)
     // sharing our memory, on a stack of its own that only it uses (the
@@ -129,14 +160,32 @@ pub fn stop_threads(tids: &[i32]) {
         )
     };
     if pid < 0 {
+        TRACER_GO.store(1, Ordering::Release);
         for &tid in tids {
             sys::tgkill(tid, CKPT_SIGNAL);
         }
         return;
     }
+    // Yama's ptrace_scope 1 lets a process trace only its descendants:
+    // name the tracer (our child) as ours for the time of the stop.
+    let yama = YAMA_SCOPE_1.load(Ordering::Relaxed);
+    if yama {
+        // SAFETY: PR_SET_PTRACER takes a pid, no pointer.
+        unsafe { libc::syscall(libc::SYS_prctl, libc::PR_SET_PTRACER, pid as u64, 0usize, 0usize, 0usize) };
+    }
+    TRACER_GO.store(1, Ordering::Release);
+    sys::futex_wake_all(&TRACER_GO);
     // SAFETY: waiting for our own exit-signal-0 clone child.
     unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL, 0usize) };
+    if yama {
+        // SAFETY: as above. This forgets a tracer the program named
+        // itself (the kernel cannot be asked for it).
+        unsafe { libc::syscall(libc::SYS_prctl, libc::PR_SET_PTRACER, 0usize, 0usize, 0usize, 0usize) };
+    }
 }
+
+/// Moved to 1 once the tracer may start (after `PR_SET_PTRACER`).
+static TRACER_GO: AtomicU32 = AtomicU32::new(0);
 
 struct Job {
     tgid: i32,
@@ -150,15 +199,93 @@ struct TracerStack([u8; TRACER_STACK_SIZE]);
 /// The tracer's stack; only the tracer (one at a time) touches it.
 static mut TRACER_STACK: TracerStack = TracerStack([0; TRACER_STACK_SIZE]);
 
+/// Per-thread progress of the tracer (static: the tracer's stack is small).
+struct Track {
+    state: [u8; MAX_THREADS],
+    dirty: [bool; MAX_THREADS],
+    orig_mask: [u64; MAX_THREADS],
+}
+static mut TRACK: Track = Track { state: [0; MAX_THREADS], dirty: [false; MAX_THREADS], orig_mask: [0; MAX_THREADS] };
+
+/// Seized and interrupted, waiting for the interrupt stop.
+const SEIZED: u8 = 1;
+/// Our signal sent, waiting for its delivery stop.
+const SENT: u8 = 2;
+/// Detached (or gone, or given up).
+const DONE: u8 = 3;
+
+/// How long the tracer waits for all its threads to reach their stops (a
+/// thread in uninterruptible sleep or in `vfork` never does: it is left
+/// to the signal, and the agent's own deadline names it).
+const TRACER_DEADLINE_NS: u64 = 3_000_000_000;
+
 extern "C" fn tracer_main(arg: *mut libc::c_void) -> i32 {
-    // SAFETY: `arg` is the `Job` of `stop_threads`, alive until we exit.
+    // SAFETY: `arg` is the `Job` of `stop_threads`, alive until we exit;
+    // TRACK is used by the tracer alone, one tracer at a time.
     unsafe {
         let job = &*(arg as *const Job);
-        let tids = core::slice::from_raw_parts(job.tids, job.len);
+        let tids = core::slice::from_raw_parts(job.tids, job.len.min(MAX_THREADS));
+        let t = &mut *core::ptr::addr_of_mut!(TRACK);
         let all: u64 = !0;
         libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all as *const u64, 0usize, 8usize);
-        for &tid in tids {
-            if !trace_one(job.tgid, tid) {
+        while TRACER_GO.load(Ordering::Acquire) == 0 {
+            sys::futex_wait(&TRACER_GO, 0, 1_000_000);
+        }
+        // 1. Seize and interrupt them all at once: their stops overlap.
+        let mut pending = 0usize;
+        for (i, &tid) in tids.iter().enumerate() {
+            t.dirty[i] = false;
+            t.state[i] = DONE;
+            if libc::syscall(libc::SYS_ptrace, libc::PTRACE_SEIZE, tid, 0usize, 0usize) != 0 {
+                // Traced by someone else (gdb, strace) or not permitted.
+                libc::syscall(libc::SYS_tgkill, job.tgid, tid, CKPT_SIGNAL);
+                continue;
+            }
+            if libc::syscall(libc::SYS_ptrace, libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) != 0 {
+                libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, tid, 0usize, 0usize);
+                libc::syscall(libc::SYS_tgkill, job.tgid, tid, CKPT_SIGNAL);
+                continue;
+            }
+            t.state[i] = SEIZED;
+            pending += 1;
+        }
+        // 2.–4. Serve the stops as they come.
+        let deadline = sys::now_ns() + TRACER_DEADLINE_NS;
+        let mut idle = 0u32;
+        while pending > 0 {
+            let mut status: i32 = 0;
+            let r = libc::syscall(libc::SYS_wait4, -1, &mut status as *mut i32, libc::__WALL | libc::WNOHANG, 0usize) as i32;
+            if r <= 0 {
+                if r < 0 || sys::now_ns() > deadline {
+                    break;
+                }
+                idle += 1;
+                if idle < 64 {
+                    libc::syscall(libc::SYS_sched_yield);
+                } else {
+                    let ts = libc::timespec { tv_sec: 0, tv_nsec: 50_000 };
+                    libc::syscall(libc::SYS_nanosleep, &ts as *const libc::timespec, 0usize);
+                }
+                continue;
+            }
+            idle = 0;
+            let Some(i) = tids.iter().position(|&x| x == r) else { continue };
+            if t.state[i] == DONE {
+                continue;
+            }
+            if !libc::WIFSTOPPED(status) {
+                t.state[i] = DONE; // exited or killed
+                pending -= 1;
+                continue;
+            }
+            if serve_stop(job.tgid, r, status, &mut t.state[i], &mut t.dirty[i], &mut t.orig_mask[i]) {
+                pending -= 1;
+            }
+        }
+        // Threads that never reached their stops: our exit detaches them;
+        // the signal is what is left (the agent's deadline names them).
+        for (i, &tid) in tids.iter().enumerate() {
+            if t.state[i] != DONE {
                 libc::syscall(libc::SYS_tgkill, job.tgid, tid, CKPT_SIGNAL);
             }
         }
@@ -166,79 +293,67 @@ extern "C" fn tracer_main(arg: *mut libc::c_void) -> i32 {
     0
 }
 
-/// In the tracer: steps 1–4 for one thread. False if the thread could not
-/// be seized (the caller signals it instead). Once seized, the thread
-/// always gets the signal (or is gone).
+/// In the tracer: one stop of thread `tid`. True once the thread is
+/// detached with our signal on its way.
 ///
 /// # Safety
-/// Only in the tracer child.
-unsafe fn trace_one(tgid: i32, tid: i32) -> bool {
-    // SAFETY: ptrace and wait4 on a thread of our parent; every pointer is
-    // to a local of this function.
+/// Only in the tracer, for a thread it seized.
+unsafe fn serve_stop(tgid: i32, tid: i32, status: i32, state: &mut u8, dirty: &mut bool, orig_mask: &mut u64) -> bool {
+    // SAFETY: ptrace requests on our tracee; every pointer is to a local
+    // or to the caller's slots.
     unsafe {
-        if libc::syscall(libc::SYS_ptrace, libc::PTRACE_SEIZE, tid, 0usize, 0usize) != 0 {
-            return false;
-        }
-        if libc::syscall(libc::SYS_ptrace, libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) != 0 {
+        let sig = libc::WSTOPSIG(status);
+        let event = (status >> 16) & 0xff;
+        if event != 0 && sig != libc::SIGTRAP && *state == SEIZED {
+            // A group stop (SIGSTOP, SIGTSTP…): the process is stopped by
+            // job control. Leave it stopped (the detach keeps it in its
+            // group stop) and let the agent refuse the checkpoint.
+            JOB_STOPPED.store(sig, Ordering::Release);
             libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, tid, 0usize, 0usize);
-            return false;
-        }
-        let mut orig_mask: u64 = 0;
-        let mut sent = false;
-        // A signal of the program was delivered after ours was sent: the
-        // registers then belong to its handler, not to a call of ours.
-        let mut dirty = false;
-        for _ in 0..64 {
-            let mut status: i32 = 0;
-            let r = libc::syscall(libc::SYS_wait4, tid, &mut status as *mut i32, libc::__WALL, 0usize);
-            if r != tid as i64 || !libc::WIFSTOPPED(status) {
-                return true; // gone (exited or killed)
-            }
-            let sig = libc::WSTOPSIG(status);
-            let event = (status >> 16) & 0xff;
-
-            if event == PTRACE_EVENT_STOP || event != 0 {
-                if !sent {
-                    libc::syscall(libc::SYS_ptrace, PTRACE_GETSIGMASK, tid, 8usize, &mut orig_mask as *mut u64);
-                    let mask = orig_mask & !(1u64 << (CKPT_SIGNAL - 1));
-                    libc::syscall(libc::SYS_ptrace, PTRACE_SETSIGMASK, tid, 8usize, &mask as *const u64);
-                    libc::syscall(libc::SYS_tgkill, tgid, tid, CKPT_SIGNAL);
-                    sent = true;
-                }
-                libc::syscall(libc::SYS_ptrace, libc::PTRACE_CONT, tid, 0usize, 0usize);
-                continue;
-            }
-            if sig != CKPT_SIGNAL || !sent {
-                // The program's own signal: deliver it untouched.
-                dirty |= sent;
-                libc::syscall(libc::SYS_ptrace, libc::PTRACE_CONT, tid, 0usize, sig as usize);
-                continue;
-            }
-            if !dirty {
-                let mut regs: libc::user_regs_struct = core::mem::zeroed();
-                if libc::syscall(libc::SYS_ptrace, libc::PTRACE_GETREGS, tid, 0usize, &mut regs as *mut _) == 0
-                    && restart_in_place(&mut regs)
-                {
-                    libc::syscall(libc::SYS_ptrace, libc::PTRACE_SETREGS, tid, 0usize, &regs as *const _);
-                }
-            }
-            if orig_mask & (1u64 << (CKPT_SIGNAL - 1)) != 0 {
-                // The signal must stay unblocked to be delivered: the
-                // handler puts the original mask into its frame, handed
-                // over in the siginfo.
-                let mut info = [0u8; 128];
-                if libc::syscall(libc::SYS_ptrace, libc::PTRACE_GETSIGINFO, tid, 0usize, info.as_mut_ptr()) == 0 {
-                    info[4..8].copy_from_slice(&MASK_MARK.to_ne_bytes());
-                    info[24..32].copy_from_slice(&orig_mask.to_ne_bytes());
-                    libc::syscall(libc::SYS_ptrace, libc::PTRACE_SETSIGINFO, tid, 0usize, info.as_ptr());
-                }
-            }
-            libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, tid, 0usize, CKPT_SIGNAL as usize);
+            *state = DONE;
             return true;
         }
-        // Pathological signal storm: let it go with our signal pending.
-        libc::syscall(libc::SYS_ptrace, PTRACE_SETSIGMASK, tid, 8usize, &orig_mask as *const u64);
-        libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, tid, 0usize, 0usize);
+        if event != 0 {
+            // The interrupt stop (PTRACE_EVENT_STOP): open the mask to our
+            // signal and send it.
+            if *state == SEIZED {
+                libc::syscall(libc::SYS_ptrace, PTRACE_GETSIGMASK, tid, 8usize, orig_mask as *mut u64);
+                let mask = *orig_mask & !(1u64 << (CKPT_SIGNAL - 1));
+                libc::syscall(libc::SYS_ptrace, PTRACE_SETSIGMASK, tid, 8usize, &mask as *const u64);
+                libc::syscall(libc::SYS_tgkill, tgid, tid, CKPT_SIGNAL);
+                *state = SENT;
+            }
+            libc::syscall(libc::SYS_ptrace, libc::PTRACE_CONT, tid, 0usize, 0usize);
+            return false;
+        }
+        if sig != CKPT_SIGNAL || *state != SENT {
+            // The program's own signal: deliver it untouched. Its handler
+            // frame now holds the registers: nothing of ours to restart.
+            *dirty |= *state == SENT;
+            libc::syscall(libc::SYS_ptrace, libc::PTRACE_CONT, tid, 0usize, sig as usize);
+            return false;
+        }
+        if !*dirty {
+            let mut regs: libc::user_regs_struct = core::mem::zeroed();
+            if libc::syscall(libc::SYS_ptrace, libc::PTRACE_GETREGS, tid, 0usize, &mut regs as *mut _) == 0
+                && restart_in_place(&mut regs)
+            {
+                libc::syscall(libc::SYS_ptrace, libc::PTRACE_SETREGS, tid, 0usize, &regs as *const _);
+            }
+        }
+        if *orig_mask & (1u64 << (CKPT_SIGNAL - 1)) != 0 {
+            // The signal must stay unblocked to be delivered: the handler
+            // puts the original mask into its frame, handed over in the
+            // siginfo.
+            let mut info = [0u8; 128];
+            if libc::syscall(libc::SYS_ptrace, libc::PTRACE_GETSIGINFO, tid, 0usize, info.as_mut_ptr()) == 0 {
+                info[4..8].copy_from_slice(&MASK_MARK.to_ne_bytes());
+                info[24..32].copy_from_slice(&orig_mask.to_ne_bytes());
+                libc::syscall(libc::SYS_ptrace, libc::PTRACE_SETSIGINFO, tid, 0usize, info.as_ptr());
+            }
+        }
+        libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, tid, 0usize, CKPT_SIGNAL as usize);
+        *state = DONE;
         true
     }
 }

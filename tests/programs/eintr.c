@@ -10,16 +10,18 @@
  * return of theirs is a FAIL (EINTR or an early return).
  * Threads in calls with a 2 s timeout, in a loop: ppoll, select (with a
  * timeout), clock_nanosleep relative and TIMER_ABSTIME, nanosleep,
- * sigtimedwait. Each must return its timeout result (0 / EAGAIN), never
+ * sigtimedwait, recv on a datagram socketpair with SO_RCVTIMEO. Each must return its timeout result (0 / EAGAIN), never
  * EINTR, and not before its timeout (FAIL "early"). A call that lasts more
  * than its timeout + 700 ms prints "LATE" (it was restarted from scratch);
  * with -L that is a FAIL (for runs with live checkpoints only: a restart
- * after a kill adds the downtime), except for sigtimedwait, which a
- * checkpoint enters again with its whole timeout.
+ * after a kill adds the downtime), except for sigtimedwait and recv, which
+ * a checkpoint enters again with their whole timeout.
  * A thread that blocks every signal with raw rt_sigprocmask and loops on
  * raw syscalls (getppid, a 1 ms nanosleep); it checks its mask stays full.
- * Main checks every tick that every timed thread and the blocker make
- * progress.
+ * A thread creates and joins short-lived threads (5 ms in poll each) all
+ * the time: threads appear and vanish while a checkpoint stops them.
+ * Main checks every tick that every timed thread, the blocker and the
+ * churn make progress.
  */
 #include "common.h"
 #include <linux/futex.h>
@@ -31,6 +33,7 @@
 #include <sys/msg.h>
 #include <sys/select.h>
 #include <sys/sem.h>
+#include <sys/socket.h>
 
 static int strict_late = 0;
 static int pipe_fd[2];
@@ -119,9 +122,10 @@ static void *t_futex(void *a)
 }
 
 /* Timed calls. */
-enum { T_PPOLL, T_SELECT, T_CNREL, T_CNABS, T_NANOSLEEP, T_SIGTIMED, NTIMED };
+enum { T_PPOLL, T_SELECT, T_CNREL, T_CNABS, T_NANOSLEEP, T_SIGTIMED, T_RCVTIMEO, NTIMED };
 static const char *timed_name[NTIMED] = { "ppoll", "select", "clock_nanosleep", "clock_nanosleep(ABSTIME)",
-                                          "nanosleep", "sigtimedwait" };
+                                          "nanosleep", "sigtimedwait", "recv(SO_RCVTIMEO)" };
+static int dgram[2];
 static volatile uint64_t timed_done[NTIMED];
 
 static void *t_timed(void *a)
@@ -180,6 +184,15 @@ static void *t_timed(void *a)
             ok = r == 0;
             break;
         }
+        case T_RCVTIMEO: {
+            struct timeval tv = { TIMEOUT_MS / 1000, (TIMEOUT_MS % 1000) * 1000 };
+            if (setsockopt(dgram[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0)
+                ct_fail("SO_RCVTIMEO: %s", strerror(errno));
+            char b[16];
+            r = recv(dgram[0], b, sizeof b, 0);
+            ok = r < 0 && errno == EAGAIN;
+            break;
+        }
         default: {
             sigset_t s;
             sigemptyset(&s);
@@ -196,14 +209,41 @@ static void *t_timed(void *a)
         if (ms < TIMEOUT_MS - 2)
             ct_fail("%s returned early, after %lld ms of %d", name, (long long)ms, TIMEOUT_MS);
         if (ms > TIMEOUT_MS + LATE_MS) {
-            /* sigtimedwait is entered again with its whole timeout (the
-             * kernel keeps no time left for it): only LATE for it. */
-            if (strict_late && k != T_SIGTIMED)
+            /* sigtimedwait and a socket timeout start again at a
+             * checkpoint (the kernel keeps no time left): only LATE. */
+            if (strict_late && k != T_SIGTIMED && k != T_RCVTIMEO)
                 ct_fail("%s lasted %lld ms for a %d ms timeout (restarted from scratch?)", name, (long long)ms,
                         TIMEOUT_MS);
             printf("LATE %s %lld ms\n", name, (long long)ms);
         }
         timed_done[k]++;
+    }
+}
+
+/* Creates and joins short-lived threads all the time (threads appear and
+ * vanish during the stop); each sleeps 5 ms in poll. */
+static volatile uint64_t churn_loops;
+static void *churn_child(void *a)
+{
+    (void)a;
+    int64_t t0 = ct_now_ns(CLOCK_MONOTONIC);
+    int r = poll(NULL, 0, 5);
+    if (r != 0)
+        ct_fail("churn child: poll returned %d (%s)", r, strerror(errno));
+    if (ct_now_ns(CLOCK_MONOTONIC) - t0 < 4 * 1000000LL)
+        ct_fail("churn child: poll returned early");
+    return NULL;
+}
+static void *t_churn(void *a)
+{
+    (void)a;
+    for (;;) {
+        pthread_t c;
+        int e = pthread_create(&c, NULL, churn_child, NULL);
+        if (e != 0)
+            ct_fail("churn: pthread_create: %s", strerror(e));
+        pthread_join(c, NULL);
+        churn_loops++;
     }
 }
 
@@ -247,6 +287,8 @@ int main(int argc, char **argv)
     struct epoll_event ev = { .events = EPOLLIN, .data.u64 = 7 };
     if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, pipe_fd[0], &ev) != 0)
         ct_fail("epoll: %s", strerror(errno));
+    if (socketpair(AF_UNIX, SOCK_DGRAM, 0, dgram) != 0)
+        ct_fail("socketpair: %s", strerror(errno));
     semid = semget(IPC_PRIVATE, 1, IPC_CREAT | 0600);
     msqid = msgget(IPC_PRIVATE, IPC_CREAT | 0600);
     if (semid < 0 || msqid < 0)
@@ -265,10 +307,13 @@ int main(int argc, char **argv)
             ct_fail("pthread_create");
     if (pthread_create(&th, NULL, t_blocker, NULL) != 0)
         ct_fail("pthread_create");
+    if (pthread_create(&th, NULL, t_churn, NULL) != 0)
+        ct_fail("pthread_create");
 
     printf("READY\n");
-    uint64_t last[NTIMED] = { 0 }, last_blocker = 0;
+    uint64_t last[NTIMED] = { 0 }, last_blocker = 0, last_churn = 0;
     int64_t last_change[NTIMED], last_blocker_change = ct_now_ns(CLOCK_MONOTONIC);
+    int64_t last_churn_change = last_blocker_change;
     for (int k = 0; k < NTIMED; k++)
         last_change[k] = last_blocker_change;
     for (long tick = 1;; tick++) {
@@ -287,6 +332,12 @@ int main(int argc, char **argv)
             last_blocker_change = now;
         } else if (now - last_blocker_change > 20LL * 1000000000LL) {
             ct_fail("blocker thread made no progress for 20 s");
+        }
+        if (churn_loops != last_churn) {
+            last_churn = churn_loops;
+            last_churn_change = now;
+        } else if (now - last_churn_change > 20LL * 1000000000LL) {
+            ct_fail("thread churn made no progress for 20 s");
         }
         printf("TICK %ld ppoll=%llu blocker=%llu\n", tick, (unsigned long long)timed_done[T_PPOLL],
                (unsigned long long)blocker_loops);

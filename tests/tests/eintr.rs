@@ -5,6 +5,7 @@
 //! blocks every signal with raw rt_sigprocmask is stopped too.
 mod common;
 use common::*;
+use std::time::Duration;
 
 #[test]
 fn eintr_checkpoint_restart_cycle() {
@@ -36,4 +37,81 @@ fn signal_stop_fallback_still_checkpoints() {
     let mut c = Cycle::new(program("threads"), &["-t", "100", "-w", "4"]);
     c.env.push(("CKPT_STOP", "signal"));
     standard_cycle("threads-signal-stop", &c);
+}
+
+/// A process stopped by job control is refused at once, naming the fix
+/// (not a 30 s timeout, and it is not resumed behind the user's back);
+/// after SIGCONT it checkpoints and runs on.
+#[test]
+fn stopped_process_is_refused_clearly() {
+    let s = Session::new("eintr-stopped");
+    let stop = s.stop_file();
+    let stop_s = stop.to_str().unwrap().to_string();
+    // Not `eintr`: SIGSTOP/SIGCONT themselves make epoll_wait, semop and
+    // sigtimedwait fail with EINTR (the kernel's doing, signal(7)).
+    let mut p = s.launch(&program("threads"), &["-t", "100", "-w", "4", "-s", &stop_s]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    signal(p.pid, "-STOP");
+    std::thread::sleep(Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    let out = s.try_checkpoint();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a stopped process was checkpointed");
+    assert!(err.contains("stopped by job control") && err.contains("kill -CONT"), "unclear refusal: {err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "the refusal took {:?}", t.elapsed());
+    let st = std::fs::read_to_string(format!("/proc/{}/stat", p.pid)).unwrap();
+    assert!(st.rsplit_once(')').unwrap().1.trim_start().starts_with('T'), "the refused checkpoint resumed the process: {st}");
+    signal(p.pid, "-CONT");
+    p.wait_ticks(2, LINE_TIMEOUT);
+    s.checkpoint_bounded(&mut p);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    p.finish(&s, 5);
+}
+
+fn signal(pid: i32, sig: &str) {
+    let st = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(st.success(), "kill {sig} {pid} failed");
+}
+
+/// A thread already traced by someone else (strace here) cannot be
+/// seized: it is stopped by the signal instead, and the checkpoint
+/// succeeds while the other tracer stays attached.
+#[test]
+fn thread_traced_by_strace_falls_back_to_the_signal() {
+    if std::process::Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("strace not installed: skipped");
+        return;
+    }
+    let s = Session::new("eintr-strace");
+    let stop = s.stop_file();
+    let stop_s = stop.to_str().unwrap().to_string();
+    let mut p = s.launch(&program("threads"), &["-t", "100", "-w", "4", "-s", &stop_s]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{}/task", p.pid))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort();
+    let victim = *tids.last().unwrap();
+    let mut strace = std::process::Command::new("strace")
+        .args(["-qq", "-o", "/dev/null", "-p", &victim.to_string()])
+        .spawn()
+        .unwrap();
+    // Wait until strace is attached.
+    for _ in 0..100 {
+        let st = std::fs::read_to_string(format!("/proc/{}/task/{victim}/status", p.pid)).unwrap_or_default();
+        if st.lines().any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.wait_ticks(2, LINE_TIMEOUT);
+    s.checkpoint_bounded(&mut p);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let _ = strace.kill();
+    let _ = strace.wait();
+    p.wait_ticks(3, LINE_TIMEOUT);
+    p.finish(&s, 5);
 }
