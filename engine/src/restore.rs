@@ -332,6 +332,7 @@ pub fn restore_generation(
     // SysV segments: made again with their ids and content; the restorers
     // attach them.
     let sysv_segments = crate::sysv::Segments::make(store, generation, images)?;
+    let mut opener = crate::fds::Opener::new(store, generation, images)?; // before shm: deleted files are mapped
     // Shared memory objects: one memfd each, big enough for every mapping.
     // POSIX shared memory (`shm_open`) comes back at its name.
     let mut shm_size: HashMap<u64, (u64, &str, &ProcessImage)> = HashMap::new();
@@ -343,7 +344,9 @@ pub fn restore_generation(
     }
     let mut shm_fds: HashMap<u64, OwnedFd> = HashMap::new();
     for (&shm, &(size, name, image)) in &shm_size {
-        let fd = if name.starts_with("/dev/shm/") && !name.ends_with(" (deleted)") {
+        let fd = if let Some(fd) = opener.deleted_for_mapping(shm, name) {
+            crate::fds::dup(fd)?
+        } else if name.starts_with("/dev/shm/") && !name.ends_with(" (deleted)") {
             crate::creds::acting_as(crate::creds::Identity::of(image), || posix_shm(generation, image.pid, name, size))?
         } else {
             memfd(generation, shm, size)?
@@ -378,7 +381,6 @@ pub fn restore_generation(
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "chunk lists loaded");
 
     // The fds of every process, then the restorer's own above them.
-    let mut opener = crate::fds::Opener::new(store, generation, images)?;
     let mut all_moves: Vec<Vec<FdMove>> = Vec::new();
     let mut convs: Vec<Conversation> = Vec::new();
     let mut cttys: Vec<Option<OwnedFd>> = Vec::new();

@@ -24,6 +24,7 @@
 //! need every process (socket peers) before the programs resume, and
 //! [`Opener::finish`] the steps that need every fd of a restart.
 
+pub mod deleted;
 pub mod epoll;
 pub mod eventfd;
 pub mod fifo;
@@ -172,6 +173,8 @@ pub struct Round<'w> {
     externals: Vec<(i32, String)>,
     /// Sockets read so far; TCP connections held in repair mode.
     sockets: socket::RoundSockets,
+    /// Deleted files read already (by device and inode).
+    deleted_read: HashMap<(u64, u64), crate::image::DeletedFileImage>,
 }
 
 impl<'w> Round<'w> {
@@ -186,6 +189,7 @@ impl<'w> Round<'w> {
             ptys_read: HashMap::new(),
             externals: Vec::new(),
             sockets: socket::RoundSockets::default(),
+            deleted_read: HashMap::new(),
         }
     }
 
@@ -291,6 +295,8 @@ impl<'w> Round<'w> {
                 if master { pty::capture_master(self, &live)? } else { pty::capture_slave(&live)? }
             } else if target.starts_with('/') && std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
                 fifo::capture(self, &live)?
+            } else if deleted::is_deleted(&target) {
+                deleted::capture(self, &live)?
             } else if target.starts_with('/') {
                 file::capture(&live)?
             } else if target.starts_with("pipe:") {
@@ -325,6 +331,7 @@ pub struct Opener<'s> {
     fifos: fifo::Fifos,
     ptys: pty::Ptys,
     sockets: socket::Sockets,
+    deleted: deleted::Files,
 }
 
 impl<'s> Opener<'s> {
@@ -332,7 +339,15 @@ impl<'s> Opener<'s> {
     /// several (a pipe's ends) are prepared from all of them.
     pub fn new(store: &'s Store, generation: u64, images: &[crate::image::ProcessImage]) -> Result<Self> {
         let pipes = pipe::Pipes::new(store, generation, images)?;
-        Ok(Opener { store, generation, made: HashMap::new(), pipes, fifos: fifo::Fifos::new(images), ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images) })
+        let deleted = deleted::Files::new(store, generation, images)?;
+        Ok(Opener { store, generation, made: HashMap::new(), pipes, fifos: fifo::Fifos::new(images), ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images), deleted })
+    }
+
+    /// The file a shared mapping (inode `ino`, kernel name `name`) of a
+    /// deleted file or memfd maps, when an fd of the restart has it too:
+    /// the mapping and the fds share one file again.
+    pub fn deleted_for_mapping(&self, ino: u64, name: &str) -> Option<&OwnedFd> {
+        self.deleted.for_mapping(ino, name)
     }
 
     /// A new slave fd (not yet anyone's controlling terminal) of the
@@ -378,7 +393,8 @@ impl<'s> Opener<'s> {
             FdKind::TimerFd(_) => timerfd::open(self.generation, pid, f)?,
             FdKind::SignalFd { .. } => signalfd::open(self.generation, pid, f)?,
             FdKind::Epoll { .. } => epoll::open(self.generation, pid, f)?,
-            FdKind::Inotify { .. } => inotify::open(self.generation, pid, f)?,
+            FdKind::Inotify { .. } => inotify::open(&self.deleted, self.generation, pid, f)?,
+            FdKind::Deleted(_) => deleted::open(&self.deleted, self.generation, pid, f)?,
             FdKind::PtyMaster(_) | FdKind::PtySlave { .. } => pty::open(self, pid, f)?,
             FdKind::Unix(_) | FdKind::Tcp(_) | FdKind::Udp(_) => socket::open(&mut self.sockets, self.store, self.generation, pid, f)?,
         };
