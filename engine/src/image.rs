@@ -294,6 +294,28 @@ pub enum FdKind {
     /// after open) or a memfd: made again, unlinked, with its contents
     /// (engine/src/fds/deleted.rs).
     Deleted(DeletedFileImage),
+    /// A POSIX message queue (`mq_open`) with its messages
+    /// (engine/src/fds/mqueue.rs).
+    Mqueue(MqueueImage),
+}
+
+/// A POSIX message queue. Fds with the same `ino` are one queue again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MqueueImage {
+    /// Its name (`/name`).
+    pub name: String,
+    /// `mq_unlink`ed already: made again under a scratch name, unlinked.
+    pub unlinked: bool,
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub maxmsg: i64,
+    pub msgsize: i64,
+    /// The messages in the order `mq_receive` gives them: priority and
+    /// length of each; their bytes, concatenated, in `data`.
+    pub messages: Vec<(u32, u32)>,
+    pub data: Option<Hash>,
 }
 
 /// The file behind [`FdKind::Deleted`] (also a deleted file an inotify
@@ -329,6 +351,7 @@ impl FdKind {
         match self {
             FdKind::Pipe { data: Some(h), .. } => meta.push(*h),
             FdKind::Fifo(f) => meta.extend(f.data),
+            FdKind::Mqueue(q) => meta.extend(q.data),
             FdKind::PtyMaster(p) => meta.extend(p.data),
             FdKind::Unix(u) => meta.extend(u.data),
             FdKind::Udp(u) => meta.extend(u.data),

@@ -247,7 +247,12 @@ pub fn open(files: &Files, generation: u64, pid: i32, f: &FdImage) -> Result<Own
 
 /// Opens the file behind `fd` again (a new open file description).
 pub fn reopen(fd: &OwnedFd, flags: i32) -> std::io::Result<OwnedFd> {
-    let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(std::io::Error::other)?;
+    reopen_path(&format!("/proc/self/fd/{}", fd.as_raw_fd()), flags)
+}
+
+/// Opens `path` (a `/proc` fd link: followed), close-on-exec.
+pub fn reopen_path(path: &str, flags: i32) -> std::io::Result<OwnedFd> {
+    let path = CString::new(path).map_err(std::io::Error::other)?;
     // SAFETY: open with a NUL-terminated path; taken at once.
     unsafe { take_fd(libc::open(path.as_ptr(), flags | libc::O_CLOEXEC).into()) }
 }

@@ -1,8 +1,9 @@
 //! Open file descriptors: how each kind is captured from a stopped process
 //! and opened again at restart.
 //!
-//! One module per kind ([`file`], [`pipe`], [`fifo`], [`pty`], [`eventfd`],
-//! [`timerfd`], [`signalfd`], [`epoll`], [`inotify`]), each with a `capture`
+//! One module per kind ([`file`], [`deleted`], [`mqueue`], [`pipe`],
+//! [`fifo`], [`pty`], [`eventfd`], [`timerfd`], [`signalfd`], [`epoll`],
+//! [`inotify`]), each with a `capture`
 //! that turns a live fd into a plain [`FdKind`] and an `open` that makes a
 //! new open file description from it in the restart driver. Adding a kind is
 //! adding a module and one arm in [`Round::capture_process`] and
@@ -30,6 +31,7 @@ pub mod eventfd;
 pub mod fifo;
 pub mod file;
 pub mod inotify;
+pub mod mqueue;
 pub mod pipe;
 pub mod pty;
 pub mod signalfd;
@@ -175,6 +177,8 @@ pub struct Round<'w> {
     sockets: socket::RoundSockets,
     /// Deleted files read already (by device and inode).
     deleted_read: HashMap<(u64, u64), crate::image::DeletedFileImage>,
+    /// Message queues read already (by inode).
+    mqueues_read: HashMap<u64, crate::image::MqueueImage>,
 }
 
 impl<'w> Round<'w> {
@@ -190,6 +194,7 @@ impl<'w> Round<'w> {
             externals: Vec::new(),
             sockets: socket::RoundSockets::default(),
             deleted_read: HashMap::new(),
+            mqueues_read: HashMap::new(),
         }
     }
 
@@ -295,6 +300,8 @@ impl<'w> Round<'w> {
                 if master { pty::capture_master(self, &live)? } else { pty::capture_slave(&live)? }
             } else if target.starts_with('/') && std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
                 fifo::capture(self, &live)?
+            } else if target.starts_with('/') && mqueue::is_mqueue(pid, fd) {
+                mqueue::capture(self, &live)?
             } else if deleted::is_deleted(&target) {
                 deleted::capture(self, &live)?
             } else if target.starts_with('/') {
@@ -332,6 +339,7 @@ pub struct Opener<'s> {
     ptys: pty::Ptys,
     sockets: socket::Sockets,
     deleted: deleted::Files,
+    mqueues: mqueue::Queues,
 }
 
 impl<'s> Opener<'s> {
@@ -340,7 +348,7 @@ impl<'s> Opener<'s> {
     pub fn new(store: &'s Store, generation: u64, images: &[crate::image::ProcessImage]) -> Result<Self> {
         let pipes = pipe::Pipes::new(store, generation, images)?;
         let deleted = deleted::Files::new(store, generation, images)?;
-        Ok(Opener { store, generation, made: HashMap::new(), pipes, fifos: fifo::Fifos::new(images), ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images), deleted })
+        Ok(Opener { store, generation, made: HashMap::new(), pipes, fifos: fifo::Fifos::new(images), ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images), deleted, mqueues: mqueue::Queues::new(images) })
     }
 
     /// The file a shared mapping (inode `ino`, kernel name `name`) of a
@@ -395,6 +403,7 @@ impl<'s> Opener<'s> {
             FdKind::Epoll { .. } => epoll::open(self.generation, pid, f)?,
             FdKind::Inotify { .. } => inotify::open(&self.deleted, self.generation, pid, f)?,
             FdKind::Deleted(_) => deleted::open(&self.deleted, self.generation, pid, f)?,
+            FdKind::Mqueue(_) => mqueue::open(&mut self.mqueues, self.store, self.generation, pid, f)?,
             FdKind::PtyMaster(_) | FdKind::PtySlave { .. } => pty::open(self, pid, f)?,
             FdKind::Unix(_) | FdKind::Tcp(_) | FdKind::Udp(_) => socket::open(&mut self.sockets, self.store, self.generation, pid, f)?,
         };
