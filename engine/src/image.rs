@@ -297,6 +297,10 @@ pub enum FdKind {
     /// A POSIX message queue (`mq_open`) with its messages
     /// (engine/src/fds/mqueue.rs).
     Mqueue(MqueueImage),
+    /// A file or directory under `/proc/PID/` (`/proc/self/stat`,
+    /// `/proc/self/fd`): opened again by the restored process itself once
+    /// the processes exist (engine/src/fds/procfile.rs).
+    ProcFile { path: String, dir: bool },
 }
 
 /// A POSIX message queue. Fds with the same `ino` are one queue again.

@@ -1,7 +1,7 @@
 //! Open file descriptors: how each kind is captured from a stopped process
 //! and opened again at restart.
 //!
-//! One module per kind ([`file`], [`deleted`], [`mqueue`], [`pipe`],
+//! One module per kind ([`file`], [`deleted`], [`mqueue`], [`procfile`], [`pipe`],
 //! [`fifo`], [`pty`], [`eventfd`], [`timerfd`], [`signalfd`], [`epoll`],
 //! [`inotify`]), each with a `capture`
 //! that turns a live fd into a plain [`FdKind`] and an `open` that makes a
@@ -33,6 +33,7 @@ pub mod file;
 pub mod inotify;
 pub mod mqueue;
 pub mod pipe;
+pub mod procfile;
 pub mod pty;
 pub mod signalfd;
 pub mod timerfd;
@@ -302,6 +303,8 @@ impl<'w> Round<'w> {
                 fifo::capture(self, &live)?
             } else if target.starts_with('/') && mqueue::is_mqueue(pid, fd) {
                 mqueue::capture(self, &live)?
+            } else if procfile::is_procfile(&target) {
+                procfile::capture(&live)?
             } else if deleted::is_deleted(&target) {
                 deleted::capture(self, &live)?
             } else if target.starts_with('/') {
@@ -387,6 +390,7 @@ impl<'s> Opener<'s> {
             }
         let fd = match &f.kind {
             FdKind::Agent => return Ok(None),
+            FdKind::ProcFile { .. } => return Ok(None), // opened by the restored process (procfile::plan)
             FdKind::Inherited { from, .. } => match from.or((f.fd <= 2).then_some(f.fd)) {
                 Some(n) => return Ok(Some(dup_raw(n).or_else(|_| file::dev_null())?)),
                 None => {
