@@ -13,8 +13,10 @@
  *    /proc/self/fd/N read-only (its own offset): a write through the
  *    shared mapping is seen by pread and the other way round; the private
  *    mapping keeps its own page 0.
- * D: a memfd with F_SEAL_SHRINK | F_SEAL_GROW, open, not mapped: seals,
+ * D: a memfd with F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL, open, not mapped: seals,
  *    contents, ftruncate refused.
+ * F: a memfd open and mapped shared: a write through the mapping is seen
+ *    by pread on the fd and the other way round.
  * E: a file unlinked after open and watched with inotify (IN_MODIFY): a
  *    write through the fd gives an event with the watch's wd.
  * Every file: st_nlink 0.
@@ -103,8 +105,16 @@ int main(int argc, char **argv)
         dbuf[i] = (unsigned char)(i * 7 + 3);
     if (write(d, dbuf, sizeof dbuf) != (ssize_t)sizeof dbuf)
         ct_fail("write d: %s", strerror(errno));
-    if (fcntl(d, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0)
+    if (fcntl(d, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
         ct_fail("F_ADD_SEALS: %s", strerror(errno));
+
+    /* F */
+    int fm = memfd_create("ckpt-test-mapped", MFD_CLOEXEC);
+    if (fm < 0 || ftruncate(fm, 4 * PG) != 0)
+        ct_fail("memfd F: %s", strerror(errno));
+    unsigned char *fmap = mmap(NULL, 4 * PG, PROT_READ | PROT_WRITE, MAP_SHARED, fm, 0);
+    if (fmap == MAP_FAILED)
+        ct_fail("mmap memfd F: %s", strerror(errno));
 
     /* E */
     snprintf(path, sizeof path, "%s/ckpt-watched-%d", dir, (int)getpid());
@@ -194,8 +204,10 @@ int main(int argc, char **argv)
         /* D */
         check_unlinked(d, "memfd", tick);
         int seals = fcntl(d, F_GET_SEALS);
-        if (seals != (F_SEAL_SHRINK | F_SEAL_GROW))
+        if (seals != (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL))
             ct_fail("tick %ld: memfd seals %#x", tick, seals);
+        if (fcntl(fm, F_GET_SEALS) != F_SEAL_SEAL)
+            ct_fail("tick %ld: the memfd made without MFD_ALLOW_SEALING has seals %#x", tick, fcntl(fm, F_GET_SEALS));
         if (ftruncate(d, 5) == 0 || errno != EPERM)
             ct_fail("tick %ld: the sealed memfd could be shrunk", tick);
         unsigned char got[sizeof dbuf];
@@ -210,6 +222,22 @@ int main(int argc, char **argv)
         name[nl > 0 ? nl : 0] = 0;
         if (strcmp(name, "/memfd:ckpt-test-memfd (deleted)") != 0)
             ct_fail("tick %ld: memfd is %s", tick, name);
+
+        /* F */
+        {
+            int64_t m, f;
+            memcpy(&m, fmap + PG, 8);
+            rd(fm, &f, 8, PG, "mapped memfd", tick);
+            if (m != tick - 1 || f != tick - 1)
+                ct_fail("tick %ld: mapped memfd: mapping %ld, fd %ld, not %ld", tick, (long)m, (long)f, tick - 1);
+            memcpy(&m, fmap + 2 * PG, 8);
+            if (m != (tick - 1) * 5)
+                ct_fail("tick %ld: mapped memfd: a write through its fd is not in the mapping (%ld)", tick, (long)m);
+            m = tick;
+            memcpy(fmap + PG, &m, 8);
+            f = tick * 5;
+            pwrite(fm, &f, 8, 2 * PG);
+        }
 
         /* E */
         check_unlinked(e, "watched file", tick);

@@ -184,7 +184,7 @@ fn make(store: &Store, generation: u64, pid: i32, d: &DeletedFileImage) -> Resul
     let name = d.path.strip_suffix(" (deleted)").unwrap_or(&d.path);
     let fd = if let Some(memfd) = name.strip_prefix("/memfd:") {
         let c = CString::new(memfd.as_bytes()).map_err(|_| err("a NUL in its name".into()))?;
-        let flags = libc::MFD_CLOEXEC | if d.memfd_seals.is_some_and(|s| s & 1 == 0) { libc::MFD_ALLOW_SEALING } else { 0 };
+        let flags = libc::MFD_CLOEXEC | if d.memfd_seals.is_some_and(|s| s & SEALS_KNOWN != 1) { libc::MFD_ALLOW_SEALING } else { 0 };
         // SAFETY: memfd_create with a NUL-terminated name; taken at once.
         unsafe { take_fd(libc::memfd_create(c.as_ptr(), flags).into()) }.map_err(|e| err(format!("memfd_create: {e}")))?
     } else {
@@ -221,7 +221,8 @@ fn make(store: &Store, generation: u64, pid: i32, d: &DeletedFileImage) -> Resul
             tracing::warn!(pid, "deleted file {}: owner {}:{} cannot be set back ({})", d.path, d.uid, d.gid, std::io::Error::last_os_error());
         }
     }
-    if let Some(seals) = d.memfd_seals.map(|s| s & SEALS_KNOWN).filter(|s| *s != 0) {
+    // A memfd made without MFD_ALLOW_SEALING has F_SEAL_SEAL (1) and nothing else already.
+    if let Some(seals) = d.memfd_seals.map(|s| s & SEALS_KNOWN).filter(|s| *s != 0 && *s != 1) {
         // SAFETY: F_ADD_SEALS with an int argument on our memfd.
         if unsafe { libc::fcntl(fd.as_raw_fd(), F_ADD_SEALS, seals as libc::c_int) } != 0 {
             return Err(err(format!("F_ADD_SEALS {seals:#x}: {}", std::io::Error::last_os_error())));
