@@ -108,7 +108,7 @@ pub fn region_kind(m: &Mapping) -> RegionKind {
         "[vvar]" => RegionKind::Vvar,
         "[vvar_vclock]" => RegionKind::VvarVclock,
         name if m.shared => {
-            if name.is_empty() || name.starts_with("/dev/zero") || name.starts_with("/SYSV") || name.starts_with("/memfd:") || name.starts_with('[') || name.starts_with("/dev/shm/") {
+            if name.is_empty() || name.starts_with("/dev/zero") || name.starts_with("/SYSV") || name.starts_with("/memfd:") || name.starts_with('[') || name.starts_with("/dev/shm/") || name.ends_with(" (deleted)") {
                 RegionKind::SharedAnon
             } else {
                 RegionKind::SharedFile

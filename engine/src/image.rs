@@ -290,6 +290,82 @@ pub enum FdKind {
     PtyMaster(PtyState),
     /// A slave side (`/dev/pts/N`, `index` = N).
     PtySlave { index: u32, path: String },
+    /// A file open after it was unlinked (`tmpfile`, `O_TMPFILE`, unlink
+    /// after open) or a memfd: made again, unlinked, with its contents
+    /// (engine/src/fds/deleted.rs).
+    Deleted(DeletedFileImage),
+    /// A POSIX message queue (`mq_open`) with its messages
+    /// (engine/src/fds/mqueue.rs).
+    Mqueue(MqueueImage),
+    /// A file or directory under `/proc/PID/` (`/proc/self/stat`,
+    /// `/proc/self/fd`): opened again by the restored process itself once
+    /// the processes exist (engine/src/fds/procfile.rs).
+    ProcFile { path: String, dir: bool },
+}
+
+/// A POSIX message queue. Fds with the same `ino` are one queue again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MqueueImage {
+    /// Its name (`/name`).
+    pub name: String,
+    /// `mq_unlink`ed already: made again under a scratch name, unlinked.
+    pub unlinked: bool,
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub maxmsg: i64,
+    pub msgsize: i64,
+    /// The messages in the order `mq_receive` gives them: priority and
+    /// length of each; their bytes, concatenated, in `data`.
+    pub messages: Vec<(u32, u32)>,
+    pub data: Option<Hash>,
+}
+
+/// The file behind [`FdKind::Deleted`] (also a deleted file an inotify
+/// watch holds). Fds and mappings with the same `dev`/`ino` share one file
+/// again after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletedFileImage {
+    /// The kernel's name for it (`/tmp/x (deleted)`, `/memfd:name (deleted)`).
+    pub path: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    /// Permission bits, owner.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// A memfd: its seals (`F_GET_SEALS`); None: a file of a file system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memfd_seals: Option<u32>,
+    /// The contents: a chunk-list tree ([`crate::chunklist`]) of
+    /// `chunk_size` chunks; holes and zero chunks are not stored.
+    pub chunk_size: u32,
+    pub segments: Vec<Hash>,
+    pub depth: u32,
+}
+
+impl FdKind {
+    /// The blobs this fd's data needs in the store, for gc and verify:
+    /// metadata blobs, and chunk-list trees (top level, depth).
+    pub fn data_blobs(&self) -> (Vec<Hash>, Vec<(&[Hash], u32)>) {
+        let mut meta = Vec::new();
+        let mut trees = Vec::new();
+        match self {
+            FdKind::Pipe { data: Some(h), .. } => meta.push(*h),
+            FdKind::Fifo(f) => meta.extend(f.data),
+            FdKind::Mqueue(q) => meta.extend(q.data),
+            FdKind::PtyMaster(p) => meta.extend(p.data),
+            FdKind::Unix(u) => meta.extend(u.data),
+            FdKind::Udp(u) => meta.extend(u.data),
+            FdKind::Tcp(TcpSocketImage { state: TcpState::Established(c), .. }) => meta.extend(c.send.iter().chain(&c.recv)),
+            FdKind::Deleted(d) => trees.push((d.segments.as_slice(), d.depth)),
+            FdKind::Inotify { watches } => trees.extend(watches.iter().filter_map(|w| w.deleted.as_ref()).map(|d| (d.segments.as_slice(), d.depth))),
+            _ => {}
+        }
+        (meta, trees)
+    }
 }
 
 /// An fd open on a FIFO (`mkfifo`).
@@ -341,6 +417,9 @@ pub struct InotifyWatch {
     pub mask: u32,
     /// The watched inode's path, found from its file handle at checkpoint.
     pub path: String,
+    /// A watch on a deleted file: the file, made again at restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<DeletedFileImage>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

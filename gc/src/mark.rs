@@ -2,7 +2,8 @@
 //!
 //! A generation needs its manifest blob, each process's image blob, every
 //! node of each region's chunk-list tree ([`ckpt_engine::chunklist`]) and
-//! every chunk those trees name (except [`Hash::ZERO_CHUNK`], which is never
+//! every chunk those trees name, the bytes its fds held in flight and the
+//! chunk lists of its deleted files (except [`Hash::ZERO_CHUNK`], which is never
 //! stored). Nodes are content-addressed, so a node already marked (at the
 //! same height in a tree) has its whole subtree marked: marking many
 //! generations that share most of their memory reads each distinct node
@@ -59,6 +60,14 @@ impl Marker {
             })?;
             for r in &image.regions {
                 frontier.entry(r.depth).or_default().extend(r.segments.iter().copied());
+            }
+            // Fd data: bytes in flight (metadata blobs), deleted files' chunk lists.
+            for f in &image.fds {
+                let (meta, trees) = f.kind.data_blobs();
+                self.meta.extend(meta);
+                for (top, depth) in trees {
+                    frontier.entry(depth).or_default().extend(top.iter().copied());
+                }
             }
         }
         self.expand(store, g.id, frontier)

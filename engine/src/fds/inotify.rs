@@ -50,7 +50,13 @@ fn parse_line(l: &str) -> Option<Line> {
 
 /// A path of the inode a handle names, on the filesystem `sdev` (the
 /// kernel's dev_t: major << 20 | minor).
+#[cfg(test)]
 fn path_of(sdev: u32, handle_type: i32, handle: &[u8]) -> std::io::Result<String> {
+    Ok(inode_of(sdev, handle_type, handle)?.0)
+}
+
+/// [`path_of`], and an `O_PATH` fd of the inode.
+fn inode_of(sdev: u32, handle_type: i32, handle: &[u8]) -> std::io::Result<(String, OwnedFd)> {
     let want = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mount = mountinfo
@@ -72,7 +78,7 @@ fn path_of(sdev: u32, handle_type: i32, handle: &[u8]) -> std::io::Result<String
     fh.extend_from_slice(handle);
     // SAFETY: open_by_handle_at reads the handle from `fh`; its result is taken at once.
     let fd = unsafe { take_fd(libc::syscall(libc::SYS_open_by_handle_at, mfd.as_raw_fd(), fh.as_ptr(), libc::O_PATH | libc::O_CLOEXEC)) }?;
-    Ok(std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.to_string_lossy().into_owned())
+    Ok((std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.to_string_lossy().into_owned(), fd))
 }
 
 pub fn capture(round: &mut Round, live: &LiveFd) -> Result<FdKind> {
@@ -82,12 +88,20 @@ pub fn capture(round: &mut Round, live: &LiveFd) -> Result<FdKind> {
         if w.handle.is_empty() {
             return Err(live.unsupported(&format!("inotify watch {} on an inode without a file handle (device {:#x})", w.wd, w.sdev)));
         }
-        let path = path_of(w.sdev, w.handle_type, &w.handle)
+        let (path, inode) = inode_of(w.sdev, w.handle_type, &w.handle)
             .map_err(|e| live.unsupported(&format!("inotify watch {} whose path cannot be found ({e})", w.wd)))?;
-        if path.ends_with(" (deleted)") {
-            return Err(live.unsupported(&format!("inotify watch {} on a deleted file ({path})", w.wd)));
-        }
-        watches.push(InotifyWatch { wd: w.wd, mask: w.mask & !(IN_MASK_ADD | IN_MASK_CREATE), path });
+        // A deleted file: its contents are kept and it is made again.
+        let deleted = if path.ends_with(" (deleted)") {
+            let src = format!("/proc/self/fd/{}", inode.as_raw_fd());
+            let meta = std::fs::metadata(&src).map_err(|e| live.unsupported(&format!("inotify watch {} on a deleted file ({path}) that cannot be read ({e})", w.wd)))?;
+            if !meta.is_file() {
+                return Err(live.unsupported(&format!("inotify watch {} on a deleted directory or special file ({path})", w.wd)));
+            }
+            Some(super::deleted::capture_file(round, &src, &path, &meta).map_err(|e| live.unsupported(&format!("inotify watch {} on a deleted file ({path}) that cannot be read ({e})", w.wd)))?)
+        } else {
+            None
+        };
+        watches.push(InotifyWatch { wd: w.wd, mask: w.mask & !(IN_MASK_ADD | IN_MASK_CREATE), path, deleted });
     }
     watches.sort_by_key(|w| w.wd);
     let fd = round.grab(live.pid, live.fd)?;
@@ -137,7 +151,7 @@ impl Drop for Scratch {
     }
 }
 
-pub fn open(generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
+pub fn open(deleted: &super::deleted::Files, generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
     let FdKind::Inotify { watches } = &f.kind else { unreachable!("inotify::open of another kind") };
     let err = |what: String| EngineError::Restore { generation, what: format!("inotify (fd {} of process {pid}): {what}", f.fd) };
     // SAFETY: inotify_init1 returns a new fd or -1.
@@ -156,7 +170,13 @@ pub fn open(generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
             fillers.push(add_watch(&fd, &p, libc::IN_DELETE_SELF).map_err(|e| err(format!("scratch watch {p}: {e}")))?);
             next_wd += 1;
         }
-        let wd = add_watch(&fd, &w.path, w.mask).map_err(|e| err(format!("watching {} (wd {}): {e}", w.path, w.wd)))?;
+        // A deleted file is watched through its fd's /proc link (followed to the inode).
+        let path = match &w.deleted {
+            Some(d) => format!("/proc/self/fd/{}", deleted.file(generation, d)?.as_raw_fd()),
+            None => w.path.clone(),
+        };
+        let mask = if w.deleted.is_some() { w.mask & !libc::IN_DONT_FOLLOW } else { w.mask };
+        let wd = add_watch(&fd, &path, mask).map_err(|e| err(format!("watching {} (wd {}): {e}", w.path, w.wd)))?;
         if wd != w.wd {
             tracing::warn!(pid, fd = f.fd, "inotify watch on {} is wd {wd} after the restart (was {})", w.path, w.wd);
         }

@@ -1,8 +1,9 @@
 //! Open file descriptors: how each kind is captured from a stopped process
 //! and opened again at restart.
 //!
-//! One module per kind ([`file`], [`pipe`], [`fifo`], [`pty`], [`eventfd`],
-//! [`timerfd`], [`signalfd`], [`epoll`], [`inotify`]), each with a `capture`
+//! One module per kind ([`file`], [`deleted`], [`mqueue`], [`procfile`], [`pipe`],
+//! [`fifo`], [`pty`], [`eventfd`], [`timerfd`], [`signalfd`], [`epoll`],
+//! [`inotify`]), each with a `capture`
 //! that turns a live fd into a plain [`FdKind`] and an `open` that makes a
 //! new open file description from it in the restart driver. Adding a kind is
 //! adding a module and one arm in [`Round::capture_process`] and
@@ -24,12 +25,15 @@
 //! need every process (socket peers) before the programs resume, and
 //! [`Opener::finish`] the steps that need every fd of a restart.
 
+pub mod deleted;
 pub mod epoll;
 pub mod eventfd;
 pub mod fifo;
 pub mod file;
 pub mod inotify;
+pub mod mqueue;
 pub mod pipe;
+pub mod procfile;
 pub mod pty;
 pub mod signalfd;
 pub mod timerfd;
@@ -177,6 +181,10 @@ pub struct Round<'w> {
     /// flight check both ([`Round::check`]).
     deadline: Option<(std::time::Instant, u64)>,
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Deleted files read already (by device and inode).
+    deleted_read: HashMap<(u64, u64), crate::image::DeletedFileImage>,
+    /// Message queues read already (by inode).
+    mqueues_read: HashMap<u64, crate::image::MqueueImage>,
 }
 
 impl<'w> Round<'w> {
@@ -193,6 +201,8 @@ impl<'w> Round<'w> {
             sockets: socket::RoundSockets::default(),
             deadline: None,
             cancel: None,
+            deleted_read: HashMap::new(),
+            mqueues_read: HashMap::new(),
         }
     }
 
@@ -318,6 +328,12 @@ impl<'w> Round<'w> {
                 if master { pty::capture_master(self, &live)? } else { pty::capture_slave(&live)? }
             } else if target.starts_with('/') && std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
                 fifo::capture(self, &live)?
+            } else if target.starts_with('/') && mqueue::is_mqueue(pid, fd) {
+                mqueue::capture(self, &live)?
+            } else if procfile::is_procfile(&target) {
+                procfile::capture(&live)?
+            } else if deleted::is_deleted(&target) {
+                deleted::capture(self, &live)?
             } else if target.starts_with('/') {
                 file::capture(&live)?
             } else if target.starts_with("pipe:") {
@@ -352,6 +368,8 @@ pub struct Opener<'s> {
     fifos: fifo::Fifos,
     ptys: pty::Ptys,
     sockets: socket::Sockets,
+    deleted: deleted::Files,
+    mqueues: mqueue::Queues,
 }
 
 impl<'s> Opener<'s> {
@@ -359,7 +377,15 @@ impl<'s> Opener<'s> {
     /// several (a pipe's ends) are prepared from all of them.
     pub fn new(store: &'s Store, generation: u64, images: &[crate::image::ProcessImage]) -> Result<Self> {
         let pipes = pipe::Pipes::new(store, generation, images)?;
-        Ok(Opener { store, generation, made: HashMap::new(), pipes, fifos: fifo::Fifos::new(images), ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images) })
+        let deleted = deleted::Files::new(store, generation, images)?;
+        Ok(Opener { store, generation, made: HashMap::new(), pipes, fifos: fifo::Fifos::new(images), ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images), deleted, mqueues: mqueue::Queues::new(images) })
+    }
+
+    /// The file a shared mapping (inode `ino`, kernel name `name`) of a
+    /// deleted file or memfd maps, when an fd of the restart has it too:
+    /// the mapping and the fds share one file again.
+    pub fn deleted_for_mapping(&self, ino: u64, name: &str) -> Option<&OwnedFd> {
+        self.deleted.for_mapping(ino, name)
     }
 
     /// A new slave fd (not yet anyone's controlling terminal) of the
@@ -391,6 +417,7 @@ impl<'s> Opener<'s> {
             }
         let fd = match &f.kind {
             FdKind::Agent => return Ok(None),
+            FdKind::ProcFile { .. } => return Ok(None), // opened by the restored process (procfile::plan)
             FdKind::Inherited { from, .. } => match from.or((f.fd <= 2).then_some(f.fd)) {
                 Some(n) => return Ok(Some(dup_raw(n).or_else(|_| file::dev_null())?)),
                 None => {
@@ -405,7 +432,9 @@ impl<'s> Opener<'s> {
             FdKind::TimerFd(_) => timerfd::open(self.generation, pid, f)?,
             FdKind::SignalFd { .. } => signalfd::open(self.generation, pid, f)?,
             FdKind::Epoll { .. } => epoll::open(self.generation, pid, f)?,
-            FdKind::Inotify { .. } => inotify::open(self.generation, pid, f)?,
+            FdKind::Inotify { .. } => inotify::open(&self.deleted, self.generation, pid, f)?,
+            FdKind::Deleted(_) => deleted::open(&self.deleted, self.generation, pid, f)?,
+            FdKind::Mqueue(_) => mqueue::open(&mut self.mqueues, self.store, self.generation, pid, f)?,
             FdKind::PtyMaster(_) | FdKind::PtySlave { .. } => pty::open(self, pid, f)?,
             FdKind::Unix(_) | FdKind::Tcp(_) | FdKind::Udp(_) => socket::open(&mut self.sockets, self.store, self.generation, pid, f)?,
         };

@@ -155,12 +155,14 @@ pub fn restore_generation(
     // SysV segments: made again with their ids and content; the restorers
     // attach them.
     let sysv_segments = crate::sysv::Segments::make(store, generation, images)?;
-    let shm_fds = shm::objects(&ctx)?;
+    // Deleted files are made before shared memory: a shared mapping of one
+    // is that file again.
+    let mut opener = crate::fds::Opener::new(store, generation, images)?;
+    let shm_fds = shm::objects(&ctx, &opener)?;
     let all_dests = memory::destinations(&ctx)?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "chunk lists loaded");
 
     // The fds of every process, then the restorer's own above them.
-    let mut opener = crate::fds::Opener::new(store, generation, images)?;
     let (mut all_moves, mut convs, cttys) = fds::prepare(&ctx, &mut opener, &shm_fds, all_dests, &mut connect)?;
     // Every socket exists here; peers on other hosts must exist too before
     // a TCP connection leaves repair mode (else their kernel answers with a

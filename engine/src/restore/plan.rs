@@ -243,6 +243,7 @@ pub(super) fn build_plan(
         let r = p.data_pod(&v);
         p.syscall(libc::SYS_setitimer, &[(which as u64).into(), r.into(), 0u64.into()], None, false, format!("restore interval timer {which}"));
     }
+    crate::fds::procfile::plan(&mut p, generation, image)?; // /proc/PID files: the processes exist now
     for f in image.fds.iter().filter(|f| f.cloexec || matches!(f.kind, FdKind::Agent)) {
         let fd = f.fd as u64;
         p.syscall(libc::SYS_fcntl, &[fd.into(), (libc::F_SETFD as u64).into(), (libc::FD_CLOEXEC as u64).into()], None, false, format!("mark fd {fd} close-on-exec"));

@@ -14,7 +14,7 @@ use super::Ctx;
 
 /// Makes every shared memory object of the generation (SysV segments
 /// aside), by the image's shm id.
-pub(super) fn objects(ctx: &Ctx) -> Result<HashMap<u64, OwnedFd>> {
+pub(super) fn objects(ctx: &Ctx, opener: &crate::fds::Opener<'_>) -> Result<HashMap<u64, OwnedFd>> {
     let Ctx { generation, images, .. } = *ctx;
     // Shared memory objects: one memfd each, big enough for every mapping.
     // POSIX shared memory (`shm_open`) comes back at its name.
@@ -27,7 +27,9 @@ pub(super) fn objects(ctx: &Ctx) -> Result<HashMap<u64, OwnedFd>> {
     }
     let mut shm_fds: HashMap<u64, OwnedFd> = HashMap::new();
     for (&shm, &(size, name, image)) in &shm_size {
-        let fd = if name.starts_with("/dev/shm/") && !name.ends_with(" (deleted)") {
+        let fd = if let Some(fd) = opener.deleted_for_mapping(shm, name) {
+            crate::fds::dup(fd)?
+        } else if name.starts_with("/dev/shm/") && !name.ends_with(" (deleted)") {
             crate::creds::acting_as(crate::creds::Identity::of(image), || posix_shm(generation, image.pid, name, size))?
         } else {
             memfd(generation, shm, size)?
