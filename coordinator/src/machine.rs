@@ -124,7 +124,7 @@ pub(crate) fn phase_a(
     let mut round = ckpt_engine::fds::Round::new(sink).with_externals(&opts.externals);
     let mut fds = Vec::new();
     for (_, r) in targets {
-        match round.capture_process(r.hello.pid, &[r.hello.agent_fd, r.hello.uffd_fd]) {
+        match round.capture_process(r.hello.pid, &r.agent_fds()) {
             Ok(f) => fds.push(f),
             Err(e) => return (Vec::new(), Err(busy(e))),
         }
@@ -200,7 +200,7 @@ fn one(
     let pid = hello.pid;
     let t0 = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
-    let backend = Backend::choose(hello.tracking, hello.uffd_fd);
+    let backend = Backend::choose(hello.tracking, report.suspended.uffd_fd);
     let mut prep = match prepare(report, backend, &t.host, opts.chunk_size, fds) {
         Ok(prep) => prep,
         Err(e) => return (None, Err(e.to_string())),
@@ -427,7 +427,7 @@ mod tests {
 
     /// A SUSPENDED of `n` threads, the last the checkpoint thread.
     fn suspended(n: usize) -> Vec<u8> {
-        let s = Suspended { nthreads: n as u32, _pad: 0, brk: 0x1000, itimers: Default::default(), sigactions: [Default::default(); 64] };
+        let s = Suspended { nthreads: n as u32, _pad: 0, brk: 0x1000, itimers: Default::default(), sigactions: [Default::default(); 64], agent_fd: 800, uffd_fd: -1 };
         let mut v = s.as_bytes().to_vec();
         for i in 0..n {
             let t = ThreadState { tid: 4242 + i as i32, is_ckpt_thread: u32::from(i + 1 == n), ucontext: 0x7000 + i as u64, ..Default::default() };

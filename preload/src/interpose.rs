@@ -4,6 +4,10 @@
 //! without it (`execve`, `execvpe`, `posix_spawn`, `posix_spawnp`; the other
 //! exec functions pass `environ`, which has it).
 //!
+//! The agent's own fds are out of the program's reach: `dup`, `dup2`,
+//! `dup3`, `fcntl`, `close`, `close_range` and `closefrom` never touch
+//! them (see [`crate::agentfds`]).
+//!
 //! Each wrapper forwards to the next definition of the symbol
 //! (`dlsym(RTLD_NEXT, ..)`) after taking the checkpoint signal out of any
 //! mask the application passes. The real functions are resolved by the
@@ -51,6 +55,12 @@ pub fn resolve_all() {
     resolve(&REAL_EXECVPE, c"execvpe");
     resolve(&REAL_POSIX_SPAWN, c"posix_spawn");
     resolve(&REAL_POSIX_SPAWNP, c"posix_spawnp");
+    resolve(&REAL_DUP, c"dup");
+    resolve(&REAL_DUP2, c"dup2");
+    resolve(&REAL_DUP3, c"dup3");
+    resolve(&REAL_FCNTL, c"fcntl");
+    resolve(&REAL_FCNTL64, c"fcntl64");
+    resolve(&REAL_CLOSE, c"close");
 }
 
 /// The real `sigaction`, for the agent's own use.
@@ -310,4 +320,165 @@ pub unsafe extern "C" fn posix_spawnp(
     envp: *const *mut libc::c_char,
 ) -> c_int {
     spawn_with(&REAL_POSIX_SPAWNP, c"posix_spawnp", pid, file, actions, attr, argv, envp)
+}
+
+// ------------------------------------------------------ the agent's fds
+
+static REAL_DUP: AtomicUsize = AtomicUsize::new(0);
+static REAL_DUP2: AtomicUsize = AtomicUsize::new(0);
+static REAL_DUP3: AtomicUsize = AtomicUsize::new(0);
+static REAL_FCNTL: AtomicUsize = AtomicUsize::new(0);
+static REAL_FCNTL64: AtomicUsize = AtomicUsize::new(0);
+static REAL_CLOSE: AtomicUsize = AtomicUsize::new(0);
+
+type DupFn = unsafe extern "C" fn(c_int) -> c_int;
+type Dup3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
+type FcntlFn = unsafe extern "C" fn(c_int, c_int, libc::c_ulong) -> c_int;
+
+use crate::agentfds;
+
+fn ebadf() -> c_int {
+    crate::sys::set_errno(libc::EBADF);
+    -1
+}
+
+fn emfile() -> c_int {
+    crate::sys::set_errno(libc::EMFILE);
+    -1
+}
+
+/// # Safety
+/// Same contract as libc's `dup`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    if agentfds::is_agent(fd) {
+        return ebadf();
+    }
+    let f = resolve(&REAL_DUP, c"dup");
+    // SAFETY: libc's dup.
+    let r = unsafe { core::mem::transmute::<usize, DupFn>(f)(fd) };
+    // The lowest free number in the program's view may be the agent's.
+    agentfds::lowest(r, 0, false)
+}
+
+/// # Safety
+/// Same contract as libc's `dup2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    if agentfds::is_agent(old) {
+        return ebadf();
+    }
+    if !agentfds::make_room(new) {
+        return emfile();
+    }
+    let f = resolve(&REAL_DUP2, c"dup2");
+    // SAFETY: libc's dup2 (same signature as dup3 minus flags: cast back).
+    unsafe { core::mem::transmute::<usize, unsafe extern "C" fn(c_int, c_int) -> c_int>(f)(old, new) }
+}
+
+/// # Safety
+/// Same contract as libc's `dup3`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    if agentfds::is_agent(old) {
+        return ebadf();
+    }
+    if !agentfds::make_room(new) {
+        return emfile();
+    }
+    let f = resolve(&REAL_DUP3, c"dup3");
+    // SAFETY: libc's dup3.
+    unsafe { core::mem::transmute::<usize, Dup3Fn>(f)(old, new, flags) }
+}
+
+/// `fcntl`'s variadic third argument arrives in a register like a fixed
+/// one (x86-64 System V): taking it as `c_ulong` and passing it on is
+/// exact for every command (ints and pointers alike).
+fn fcntl_with(slot: &AtomicUsize, name: &CStr, fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    if agentfds::is_agent(fd) {
+        return ebadf();
+    }
+    let f = resolve(slot, name);
+    // SAFETY: libc's fcntl/fcntl64 with the caller's arguments.
+    let r = unsafe { core::mem::transmute::<usize, FcntlFn>(f)(fd, cmd, arg) };
+    if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
+        // The lowest free number at or above `arg` in the program's view
+        // may be the agent's.
+        return agentfds::lowest(r, arg as c_int, cmd == libc::F_DUPFD_CLOEXEC);
+    }
+    r
+}
+
+/// # Safety
+/// Same contract as libc's `fcntl` (declared here with a fixed third
+/// argument; see [`fcntl_with`]).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    fcntl_with(&REAL_FCNTL, c"fcntl", fd, cmd, arg)
+}
+
+/// # Safety
+/// Same contract as glibc's `fcntl64` (what `fcntl` is with 64-bit offsets).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    fcntl_with(&REAL_FCNTL64, c"fcntl64", fd, cmd, arg)
+}
+
+/// # Safety
+/// Same contract as libc's `close`. The agent's fds are not open in the
+/// program's view: closing one fails with `EBADF` (what the program would
+/// get without the agent) and leaves it alone.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if agentfds::is_agent(fd) {
+        return ebadf();
+    }
+    let f = resolve(&REAL_CLOSE, c"close");
+    // SAFETY: libc's close.
+    unsafe { core::mem::transmute::<usize, DupFn>(f)(fd) }
+}
+
+/// `close_range(first, last, flags)` over the program's fds only: the
+/// range is cut around the agent's fds (raw syscalls; `CLOSE_RANGE_UNSHARE`
+/// applies to the first piece, which unshares the table for the rest).
+fn close_range_around(first: u32, last: u32, flags: c_int) -> c_int {
+    if first > last {
+        crate::sys::set_errno(libc::EINVAL);
+        return -1;
+    }
+    let mut ours = [agentfds::CONN.get(), agentfds::UFFD.get()];
+    ours.sort_unstable();
+    let mut from = first as u64;
+    for fd in ours.into_iter().filter(|&fd| fd >= 0).map(|fd| fd as u64) {
+        if fd < from || fd > last as u64 {
+            continue;
+        }
+        if fd > from {
+            // SAFETY: close_range takes no pointer.
+            let r = unsafe { libc::syscall(libc::SYS_close_range, from as u32, (fd - 1) as u32, flags) };
+            if r < 0 {
+                return -1;
+            }
+        }
+        from = fd + 1;
+    }
+    if from <= last as u64 {
+        // SAFETY: as above.
+        return unsafe { libc::syscall(libc::SYS_close_range, from as u32, last, flags) } as c_int;
+    }
+    0
+}
+
+/// # Safety
+/// Same contract as glibc's `close_range`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int {
+    close_range_around(first, last, flags)
+}
+
+/// # Safety
+/// Same contract as glibc's `closefrom`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    close_range_around(low.max(0) as u32, u32::MAX, 0);
 }
