@@ -445,12 +445,19 @@ mod tests {
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         let e = parse_suspended(&hello(), &huge).unwrap_err();
         assert!(e.contains("process 4242") && e.contains("4294967295 threads"), "{e}");
-        let e = parse_suspended(&hello(), &suspended(2)[..2160 + 72]).unwrap_err();
-        assert!(e.contains("counts 2 threads in 2232 bytes"), "{e}");
+        let e = parse_suspended(&hello(), &suspended(2)[..2168 + 72]).unwrap_err();
+        assert!(e.contains("counts 2 threads in 2240 bytes"), "{e}");
+        // The agent names its fds; an older agent's shorter report takes
+        // those of its HELLO.
+        assert_eq!(parse_suspended(&hello(), &suspended(2)).unwrap().agent_fds(), [800, -1]);
+        let old: Vec<u8> = suspended(2).iter().enumerate().filter(|(i, _)| !(2160..2168).contains(i)).map(|(_, b)| *b).collect();
+        let h = Hello { agent_fd: 803, uffd_fd: 804, ..hello() };
+        let r = parse_suspended(&h, &old).unwrap();
+        assert_eq!((r.agent_fds(), r.threads.len(), r.threads[1].tid), ([803, 804], 2, 4243));
         let e = parse_suspended(&hello(), &suspended(0)).unwrap_err();
         assert!(e.contains("counts 0 threads"), "{e}");
         let mut dup = suspended(2);
-        dup[2160 + 72..2160 + 76].copy_from_slice(&4242i32.to_le_bytes());
+        dup[2168 + 72..2168 + 76].copy_from_slice(&4242i32.to_le_bytes());
         assert!(parse_suspended(&hello(), &dup).unwrap_err().contains("twice"));
         let e = parse_suspended(&Hello { pid: -1, ..hello() }, &suspended(1)).unwrap_err();
         assert!(e.contains("pid -1"), "{e}");
@@ -494,7 +501,8 @@ mod tests {
             let v = &v[..cut.index(v.len() + 1)];
             if let Ok(r) = parse_suspended(&hello(), v) {
                 prop_assert!(r.threads.len() <= MAX_THREADS + 1);
-                prop_assert_eq!(r.threads.len() * std::mem::size_of::<ThreadState>() + std::mem::size_of::<Suspended>(), v.len());
+                let head = v.len() - r.threads.len() * std::mem::size_of::<ThreadState>();
+                prop_assert!(head == std::mem::size_of::<Suspended>() || head == proto::SUSPENDED_V1_LEN);
             }
         }
 

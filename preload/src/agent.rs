@@ -505,6 +505,10 @@ extern "C" fn thread_main(_: *mut libc::c_void) -> *mut libc::c_void {
     }
     let mut buf = [0u8; 256];
     loop {
+        if !wait_readable() {
+            close_agent();
+            return core::ptr::null_mut();
+        }
         match recv(&mut buf) {
             None => {
                 // The coordinator went away: the program goes on unmanaged.
@@ -516,6 +520,32 @@ extern "C" fn thread_main(_: *mut libc::c_void) -> *mut libc::c_void {
                 checkpoint(req.generation);
             }
             Some(_) => {}
+        }
+    }
+}
+
+/// Waits until the connection has a message to read. The program may
+/// move the connection to another number meanwhile (it took its number,
+/// see [`agentfds`]): the wait is a poll of at most a second at a time on
+/// the current number, never a read blocked on an old one (whose message
+/// would then be read through the number the program reused).
+fn wait_readable() -> bool {
+    loop {
+        let fd = agentfds::CONN.get();
+        if fd < 0 {
+            return false;
+        }
+        if channel::buffered() {
+            return true;
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll of one pollfd we own.
+        let r = unsafe { libc::poll(&mut pfd, 1, 1000) };
+        if r > 0 && pfd.revents & libc::POLLNVAL == 0 {
+            return true;
+        }
+        if r < 0 && sys::errno() != libc::EINTR {
+            return false;
         }
     }
 }

@@ -19,7 +19,7 @@
 //! program thread moving that number and reusing it in between (a few
 //! instructions) would make the agent read the program's file once.
 
-use core::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use ckpt_wire::agent::AGENT_FD_BASE;
 
@@ -28,11 +28,13 @@ pub struct Slot {
     fd: AtomicI32,
     dev: AtomicU64,
     ino: AtomicU64,
+    /// A wrapper found the number holding another file (and forgot it).
+    lost: AtomicBool,
 }
 
 impl Slot {
     const fn new() -> Slot {
-        Slot { fd: AtomicI32::new(-1), dev: AtomicU64::new(0), ino: AtomicU64::new(0) }
+        Slot { fd: AtomicI32::new(-1), dev: AtomicU64::new(0), ino: AtomicU64::new(0), lost: AtomicBool::new(false) }
     }
 
     /// The fd's number, or -1.
@@ -58,6 +60,31 @@ impl Slot {
         let fd = self.get();
         fd < 0 || identity(fd) == Some((self.dev.load(Ordering::Relaxed), self.ino.load(Ordering::Relaxed)))
     }
+
+    /// Whether `fd` is this slot's and still holds the agent's file. One
+    /// that holds another file now (a raw syscall of the program replaced
+    /// it) is forgotten on the spot: the number is the program's.
+    fn holds(&self, fd: i32) -> bool {
+        if fd < 0 || self.get() != fd {
+            return false;
+        }
+        if self.intact() {
+            return true;
+        }
+        self.lost.store(true, Ordering::Release);
+        self.fd.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Acquire).ok();
+        false
+    }
+
+    /// Whether the slot's fd was replaced behind the agent's back since the
+    /// last call (the slot is cleared then).
+    fn replaced(&self) -> bool {
+        let lost = self.lost.swap(false, Ordering::AcqRel) || !self.intact();
+        if lost {
+            self.take();
+        }
+        lost
+    }
 }
 
 /// The coordinator connection.
@@ -78,8 +105,9 @@ fn identity(fd: i32) -> Option<(u64, u64)> {
 }
 
 /// Whether `fd` is one of the agent's (the program does not own it).
+/// Costs one `fstat` when `fd` is an agent number, nothing otherwise.
 pub fn is_agent(fd: i32) -> bool {
-    fd >= 0 && SLOTS.iter().any(|s| s.get() == fd)
+    fd >= 0 && SLOTS.iter().any(|s| s.holds(fd))
 }
 
 /// Moves `fd` to a new number at or above [`AGENT_FD_BASE`] (close-on-exec)
@@ -93,12 +121,17 @@ pub fn move_high(fd: i32, at_least: i32) -> i32 {
     }
 }
 
+/// The agent's fds now (each checked by identity; -1 for none).
+pub fn current() -> [i32; 2] {
+    SLOTS.map(|s| if is_agent(s.get()) { s.get() } else { -1 })
+}
+
 /// Frees number `fd` for the program if an agent fd holds it: that fd
 /// moves to the first free number above. Returns false if it could not
 /// (the program's call then fails with `EMFILE`, as if the table were full).
 pub fn make_room(fd: i32) -> bool {
     for s in SLOTS {
-        if fd >= 0 && s.get() == fd {
+        if s.holds(fd) {
             // SAFETY: raw fcntl on our own fd; the new number holds the same file.
             let high = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, fd + 1) } as i32;
             if high < 0 {
@@ -122,7 +155,7 @@ pub fn lowest(r: i32, min: i32, cloexec: bool) -> i32 {
     if r < 0 {
         return r;
     }
-    let Some(a) = SLOTS.iter().map(|s| s.get()).filter(|&a| a >= min.max(0) && a < r).min() else { return r };
+    let Some(a) = SLOTS.iter().map(|s| s.get()).filter(|&a| a >= min.max(0) && a < r && is_agent(a)).min() else { return r };
     if !make_room(a) {
         return r;
     }
@@ -150,15 +183,7 @@ pub struct Verified {
 /// holds something else is forgotten, never closed: that fd is the
 /// program's. Raw syscalls only.
 pub fn verify() -> Verified {
-    let conn_lost = !CONN.intact();
-    if conn_lost {
-        CONN.take();
-    }
-    let uffd_lost = !UFFD.intact();
-    if uffd_lost {
-        UFFD.take();
-    }
-    Verified { conn_lost, uffd_lost }
+    Verified { conn_lost: CONN.replaced(), uffd_lost: UFFD.replaced() }
 }
 
 /// Writes `msg` to stderr (raw, no allocation).

@@ -446,7 +446,7 @@ fn close_range_around(first: u32, last: u32, flags: c_int) -> c_int {
         crate::sys::set_errno(libc::EINVAL);
         return -1;
     }
-    let mut ours = [agentfds::CONN.get(), agentfds::UFFD.get()];
+    let mut ours = agentfds::current();
     ours.sort_unstable();
     let mut from = first as u64;
     for fd in ours.into_iter().filter(|&fd| fd >= 0).map(|fd| fd as u64) {
