@@ -69,6 +69,7 @@ pub fn start() {
     let Some(addr) = std::env::var_os(proto::ENV_COORD) else { return };
     let addr = addr.to_string_lossy().into_owned();
     crate::interpose::remember_env();
+    crate::interpose::remember_own_path();
     if let Some(key) = std::env::var(proto::ENV_AGENT_KEY).ok().and_then(|h| parse_key(h.trim())) {
         // SAFETY: the constructor runs before the checkpoint thread exists.
         unsafe { *core::ptr::addr_of_mut!(AGENT_KEY) = key };

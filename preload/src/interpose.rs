@@ -1,8 +1,10 @@
 //! The libc calls the agent must see: the application may neither handle nor
 //! block the checkpoint signal ([`ckpt_wire::agent::CKPT_SIGNAL`]), and a
 //! program it execs or spawns keeps the agent even when given an environment
-//! without it (`execve`, `execvpe`, `posix_spawn`, `posix_spawnp`; the other
-//! exec functions pass `environ`, which has it).
+//! without it, or with an `LD_PRELOAD` of its own (the agent goes first in
+//! it): `execve`, `execv`, `execvp`, `execvpe`, `posix_spawn`,
+//! `posix_spawnp`. The `execl*` functions (variadic) are not wrapped: they
+//! keep the agent unless the program changed `LD_PRELOAD` in `environ`.
 //!
 //! The agent's own fds are out of the program's reach: `dup`, `dup2`,
 //! `dup3`, `fcntl`, `close`, `close_range` and `closefrom` never touch
@@ -199,12 +201,55 @@ pub fn remember_env() {
     let _ = AGENT_ENV.set(v);
 }
 
-/// `envp` plus whichever agent entries it lacks, or None when it has them
-/// all. Allocates (exec is not async-signal-safe either).
+/// The path this library was loaded from (`dladdr`), taken at start.
+static OWN_PATH: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// Records where the agent's library is (library constructor).
+pub fn remember_own_path() {
+    // SAFETY: dladdr of one of our own functions into a Dl_info we own; the
+    // name it points to lives as long as the library.
+    let name = unsafe {
+        let mut info: libc::Dl_info = core::mem::zeroed();
+        if libc::dladdr(remember_own_path as *const libc::c_void, &mut info) == 0 || info.dli_fname.is_null() {
+            return;
+        }
+        CStr::from_ptr(info.dli_fname).to_bytes().to_vec()
+    };
+    let _ = OWN_PATH.set(name);
+}
+
+/// An environment for exec: pointers, and the strings we made for it.
+struct Env {
+    ptrs: Vec<*const libc::c_char>,
+    _made: Option<std::ffi::CString>,
+}
+
+/// `LD_PRELOAD=<agent>:<theirs>` if the program's own `LD_PRELOAD` entry
+/// `e` lacks the agent (a program that sets `LD_PRELOAD` for a child);
+/// None if it has it. A library of theirs that fails to load costs only
+/// itself: the loader warns and goes on with the rest of the list.
+fn preload_entry(e: &[u8]) -> Option<std::ffi::CString> {
+    let own = OWN_PATH.get()?;
+    let list = e.strip_prefix(b"LD_PRELOAD=")?;
+    if list.split(|&b| b == b':' || b == b' ').any(|lib| lib == own.as_slice()) {
+        return None;
+    }
+    let mut v = b"LD_PRELOAD=".to_vec();
+    v.extend_from_slice(own);
+    if !list.is_empty() {
+        v.push(b':');
+        v.extend_from_slice(list);
+    }
+    std::ffi::CString::new(v).ok()
+}
+
+/// `envp` plus whichever agent entries it lacks, with the agent first in
+/// its `LD_PRELOAD`; None when it needs nothing. Allocates (exec is not
+/// async-signal-safe either).
 ///
 /// # Safety
 /// `envp` is null or a null-terminated array of C strings.
-unsafe fn with_agent_env(envp: *const *const libc::c_char) -> Option<Vec<*const libc::c_char>> {
+unsafe fn with_agent_env(envp: *const *const libc::c_char) -> Option<Env> {
     let ours = AGENT_ENV.get()?;
     let mut have: Vec<*const libc::c_char> = Vec::new();
     if !envp.is_null() {
@@ -220,13 +265,21 @@ unsafe fn with_agent_env(envp: *const *const libc::c_char) -> Option<Vec<*const 
     let name_of = |e: &[u8]| e.iter().position(|&b| b == b'=').map(|i| e[..=i].to_vec()).unwrap_or_default();
     // SAFETY: every entry is a C string.
     let present: Vec<Vec<u8>> = have.iter().map(|&e| name_of(unsafe { CStr::from_ptr(e) }.to_bytes())).collect();
+    let mut made = None;
+    if let Some(i) = present.iter().position(|n| n == b"LD_PRELOAD=") {
+        // SAFETY: as above.
+        made = preload_entry(unsafe { CStr::from_ptr(have[i]) }.to_bytes());
+        if let Some(m) = &made {
+            have[i] = m.as_ptr();
+        }
+    }
     let missing: Vec<*const libc::c_char> = ours.iter().filter(|o| !present.contains(&name_of(o.to_bytes()))).map(|o| o.as_ptr()).collect();
-    if missing.is_empty() {
+    if missing.is_empty() && made.is_none() {
         return None;
     }
     have.extend(missing);
     have.push(core::ptr::null());
-    Some(have)
+    Some(Env { ptrs: have, _made: made })
 }
 
 static REAL_EXECVE: AtomicUsize = AtomicUsize::new(0);
@@ -252,7 +305,7 @@ fn exec_with(slot: &AtomicUsize, name: &CStr, path: *const libc::c_char, argv: *
     unsafe {
         let real = core::mem::transmute::<usize, ExecFn>(f);
         match with_agent_env(envp) {
-            Some(env) => real(path, argv, env.as_ptr()),
+            Some(env) => real(path, argv, env.ptrs.as_ptr()),
             None => real(path, argv, envp),
         }
     }
@@ -263,6 +316,27 @@ fn exec_with(slot: &AtomicUsize, name: &CStr, path: *const libc::c_char, argv: *
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execve(path: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int {
     exec_with(&REAL_EXECVE, c"execve", path, argv, envp)
+}
+
+unsafe extern "C" {
+    static environ: *const *const libc::c_char;
+}
+
+/// # Safety
+/// Same contract as libc's `execv` (glibc's calls its internal `execve`,
+/// which the wrapper above would not see).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execv(path: *const libc::c_char, argv: *const *const libc::c_char) -> c_int {
+    // SAFETY: reading libc's `environ` pointer.
+    exec_with(&REAL_EXECVE, c"execve", path, argv, unsafe { environ })
+}
+
+/// # Safety
+/// Same contract as libc's `execvp`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvp(file: *const libc::c_char, argv: *const *const libc::c_char) -> c_int {
+    // SAFETY: reading libc's `environ` pointer.
+    exec_with(&REAL_EXECVPE, c"execvpe", file, argv, unsafe { environ })
 }
 
 /// # Safety
@@ -288,7 +362,7 @@ fn spawn_with(
     unsafe {
         let real = core::mem::transmute::<usize, SpawnFn>(f);
         match with_agent_env(envp as *const *const libc::c_char) {
-            Some(env) => real(pid, path, actions, attr, argv, env.as_ptr() as *const *mut libc::c_char),
+            Some(env) => real(pid, path, actions, attr, argv, env.ptrs.as_ptr() as *const *mut libc::c_char),
             None => real(pid, path, actions, attr, argv, envp),
         }
     }
