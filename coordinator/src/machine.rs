@@ -259,12 +259,13 @@ fn one(
     let timings = json!({"prepare_ms": prepare_ms, "register_ms": register_ms, "fork_ms": fork_ms});
     let stored = match snapshot {
         Some(child) => {
-            // Shared memory is not snapshotted by fork, and a region marked
-            // MADV_DONTFORK is missing from the child: those are read now,
-            // while the process is stopped.
+            // Shared memory is not snapshotted by fork, a region marked
+            // MADV_DONTFORK is missing from the child and one marked
+            // MADV_WIPEONFORK reads zeros there: those are read now, while
+            // the process is stopped.
             procfs::maps(child).map_err(|e| e.to_string()).and_then(|m| {
                 let child_starts: HashSet<u64> = m.iter().map(|m| m.start).collect();
-                prep.store_memory(pid, |r| r.kind == RegionKind::SharedAnon || !child_starts.contains(&r.start), base, sink).map_err(|e| e.to_string())
+                prep.store_memory(pid, |r| r.kind == RegionKind::SharedAnon || !child_starts.contains(&r.start) || ckpt_engine::memattrs::wiped_on_fork(r), base, sink).map_err(|e| e.to_string())
             })
         }
         None => prep.store_memory(pid, |_| true, base, sink).map_err(|e| e.to_string()),

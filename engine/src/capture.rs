@@ -265,9 +265,11 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             depth: 0,
             noreserve: false,
             file,
+            attrs: Vec::new(),
         });
     }
     noreserve(pid, &mut regions)?;
+    crate::memattrs::capture(pid, &mut regions)?;
     let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;
     if backend == Backend::SoftDirty {
         dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
