@@ -635,6 +635,15 @@ fn checkpoint(_generation: u64) {
         // tracks from now.
         agentfds::CONN.set(agentfds::CONN.get());
         agentfds::UFFD.take();
+        // mlockall(MCL_FUTURE) is not in /proc, so not in the image: the
+        // program's last mlockall is made again (raw; its own rights).
+        let lock = crate::interpose::MLOCKALL_FLAGS.load(Ordering::Acquire);
+        if lock != 0 {
+            // SAFETY: mlockall takes no pointer.
+            if unsafe { libc::syscall(libc::SYS_mlockall, lock) } != 0 {
+                agentfds::warn(b"ckpt: the restored process cannot mlockall() again as it had (RLIMIT_MEMLOCK?); its memory is not locked\n");
+            }
+        }
         open_uffd();
         // A TCP connection comes with the keys of the handshake the
         // driver ran for us (no allocation here).

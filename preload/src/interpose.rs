@@ -556,3 +556,34 @@ pub unsafe extern "C" fn close_range(first: libc::c_uint, last: libc::c_uint, fl
 pub unsafe extern "C" fn closefrom(low: c_int) {
     close_range_around(low.max(0) as u32, u32::MAX, 0);
 }
+
+// ------------------------------------------------------------- mlockall
+
+/// The flags of the program's last successful `mlockall` (0: none or
+/// `munlockall`). `MCL_FUTURE` lives in the kernel's `mm->def_flags`,
+/// which `/proc` does not show: the agent sets it again after a restart.
+pub static MLOCKALL_FLAGS: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
+
+/// # Safety
+/// Same contract as libc's `mlockall`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mlockall(flags: c_int) -> c_int {
+    // SAFETY: mlockall takes no pointer.
+    let r = unsafe { libc::syscall(libc::SYS_mlockall, flags) } as c_int;
+    if r == 0 {
+        MLOCKALL_FLAGS.store(flags, Ordering::Release);
+    }
+    r
+}
+
+/// # Safety
+/// Same contract as libc's `munlockall`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn munlockall() -> c_int {
+    // SAFETY: munlockall takes no argument.
+    let r = unsafe { libc::syscall(libc::SYS_munlockall) } as c_int;
+    if r == 0 {
+        MLOCKALL_FLAGS.store(0, Ordering::Release);
+    }
+    r
+}

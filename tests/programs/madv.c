@@ -7,6 +7,7 @@
  * each tick: the rest keep their start pattern), DONTFORK (4 pages),
  * HUGEPAGE (4 MiB), NOHUGEPAGE, DONTDUMP, MERGEABLE (checked only if the
  * kernel takes it) and mlock'ed (4 pages; /proc/self/status VmLck too).
+ * After READY, mlockall(MCL_FUTURE): each tick a new mapping must be locked.
  * Every page of every region holds a pattern of (region, page, version).
  */
 #include "common.h"
@@ -128,6 +129,9 @@ int main(int argc, char **argv)
             ct_fail("%s: %s", r->name, strerror(errno));
         r->on = 1;
     }
+    /* Mappings made from now on are locked (mm->def_flags, not in /proc). */
+    if (mlockall(MCL_FUTURE) != 0)
+        ct_fail("mlockall(MCL_FUTURE): %s", strerror(errno));
     printf("READY\n");
     for (long tick = 1;; tick++) {
         ct_check_ids();
@@ -142,6 +146,14 @@ int main(int argc, char **argv)
             if (!has_flag(flags, r->flag))
                 ct_fail("tick %ld: %s region at %p lacks VmFlags %s: %s", tick, r->name, (void *)r->addr, r->flag, flags);
         }
+        char *fresh = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (fresh == MAP_FAILED)
+            ct_fail("tick %ld: mmap: %s", tick, strerror(errno));
+        char ff[512];
+        vm_flags(fresh, ff, sizeof ff);
+        if (!has_flag(ff, "lo"))
+            ct_fail("tick %ld: a new mapping is not locked: mlockall(MCL_FUTURE) was lost (VmFlags %s)", tick, ff);
+        munmap(fresh, PAGE);
         long lck = vmlck_kb();
         if (lck < (long)(regs[6].pages * PAGE / 1024))
             ct_fail("tick %ld: VmLck is %ld kB, under the %zu kB locked", tick, lck, regs[6].pages * PAGE / 1024);
