@@ -139,7 +139,7 @@ pub(crate) fn phase_a(
     }
     let mut fds = Vec::new();
     for (_, r) in targets {
-        match round.capture_process(r.hello.pid, &[r.hello.agent_fd, r.hello.uffd_fd]) {
+        match round.capture_process(r.hello.pid, &r.agent_fds()) {
             Ok(f) => fds.push(f),
             Err(e) => return (Vec::new(), Err(busy(e))),
         }
@@ -215,7 +215,7 @@ fn one(
     let pid = hello.pid;
     let t0 = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
-    let backend = Backend::choose(hello.tracking, hello.uffd_fd);
+    let backend = Backend::choose(hello.tracking, report.suspended.uffd_fd);
     let mut prep = match prepare(report, backend, &t.host, opts.chunk_size, fds) {
         Ok(prep) => prep,
         Err(e) => return (None, Err(e.to_string())),
@@ -274,12 +274,13 @@ fn one(
     let timings = json!({"prepare_ms": prepare_ms, "register_ms": register_ms, "fork_ms": fork_ms});
     let stored = match snapshot {
         Some(child) => {
-            // Shared memory is not snapshotted by fork, and a region marked
-            // MADV_DONTFORK is missing from the child: those are read now,
-            // while the process is stopped.
+            // Shared memory is not snapshotted by fork, a region marked
+            // MADV_DONTFORK is missing from the child and one marked
+            // MADV_WIPEONFORK reads zeros there: those are read now, while
+            // the process is stopped.
             procfs::maps(child).map_err(|e| e.to_string()).and_then(|m| {
                 let child_starts: HashSet<u64> = m.iter().map(|m| m.start).collect();
-                prep.store_memory(pid, |r| r.kind == RegionKind::SharedAnon || !child_starts.contains(&r.start), base, sink).map_err(|e| e.to_string())
+                prep.store_memory(pid, |r| r.kind == RegionKind::SharedAnon || !child_starts.contains(&r.start) || ckpt_engine::memattrs::wiped_on_fork(r), base, sink).map_err(|e| e.to_string())
             })
         }
         None => prep.store_memory(pid, |_| true, base, sink).map_err(|e| e.to_string()),
@@ -464,7 +465,7 @@ mod tests {
 
     /// A SUSPENDED of `n` threads, the last the checkpoint thread.
     fn suspended(n: usize) -> Vec<u8> {
-        let s = Suspended { nthreads: n as u32, _pad: 0, brk: 0x1000, itimers: Default::default(), sigactions: [Default::default(); 64] };
+        let s = Suspended { nthreads: n as u32, _pad: 0, brk: 0x1000, itimers: Default::default(), sigactions: [Default::default(); 64], agent_fd: 800, uffd_fd: -1 };
         let mut v = s.as_bytes().to_vec();
         for i in 0..n {
             let t = ThreadState { tid: 4242 + i as i32, is_ckpt_thread: u32::from(i + 1 == n), ucontext: 0x7000 + i as u64, ..Default::default() };
@@ -482,12 +483,19 @@ mod tests {
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         let e = parse_suspended(&hello(), &huge).unwrap_err();
         assert!(e.contains("process 4242") && e.contains("4294967295 threads"), "{e}");
-        let e = parse_suspended(&hello(), &suspended(2)[..2160 + 72]).unwrap_err();
-        assert!(e.contains("counts 2 threads in 2232 bytes"), "{e}");
+        let e = parse_suspended(&hello(), &suspended(2)[..2168 + 72]).unwrap_err();
+        assert!(e.contains("counts 2 threads in 2240 bytes"), "{e}");
+        // The agent names its fds; an older agent's shorter report takes
+        // those of its HELLO.
+        assert_eq!(parse_suspended(&hello(), &suspended(2)).unwrap().agent_fds(), [800, -1]);
+        let old: Vec<u8> = suspended(2).iter().enumerate().filter(|(i, _)| !(2160..2168).contains(i)).map(|(_, b)| *b).collect();
+        let h = Hello { agent_fd: 803, uffd_fd: 804, ..hello() };
+        let r = parse_suspended(&h, &old).unwrap();
+        assert_eq!((r.agent_fds(), r.threads.len(), r.threads[1].tid), ([803, 804], 2, 4243));
         let e = parse_suspended(&hello(), &suspended(0)).unwrap_err();
         assert!(e.contains("counts 0 threads"), "{e}");
         let mut dup = suspended(2);
-        dup[2160 + 72..2160 + 76].copy_from_slice(&4242i32.to_le_bytes());
+        dup[2168 + 72..2168 + 76].copy_from_slice(&4242i32.to_le_bytes());
         assert!(parse_suspended(&hello(), &dup).unwrap_err().contains("twice"));
         let e = parse_suspended(&Hello { pid: -1, ..hello() }, &suspended(1)).unwrap_err();
         assert!(e.contains("pid -1"), "{e}");
@@ -531,7 +539,8 @@ mod tests {
             let v = &v[..cut.index(v.len() + 1)];
             if let Ok(r) = parse_suspended(&hello(), v) {
                 prop_assert!(r.threads.len() <= MAX_THREADS + 1);
-                prop_assert_eq!(r.threads.len() * std::mem::size_of::<ThreadState>() + std::mem::size_of::<Suspended>(), v.len());
+                let head = v.len() - r.threads.len() * std::mem::size_of::<ThreadState>();
+                prop_assert!(head == std::mem::size_of::<Suspended>() || head == proto::SUSPENDED_V1_LEN);
             }
         }
 

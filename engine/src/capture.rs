@@ -58,16 +58,26 @@ impl AgentReport {
         if hello.pid <= 0 {
             return Err(ReportError::BadPid(hello.pid));
         }
-        let base = size_of::<Suspended>();
         let ts = size_of::<ThreadState>();
-        let s = Suspended::read_from(payload).ok_or(ReportError::Short { len: payload.len(), min: base })?;
-        let n = s.nthreads as usize;
+        let v1 = ckpt_wire::agent::SUSPENDED_V1_LEN;
+        // The thread count comes first in both layouts.
+        let nthreads = payload.get(..4).map(|b| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))).ok_or(ReportError::Short { len: payload.len(), min: v1 })?;
+        let n = nthreads as usize;
         if n == 0 || n > MAX_THREADS + 1 {
-            return Err(ReportError::ThreadCount(s.nthreads));
+            return Err(ReportError::ThreadCount(nthreads));
         }
+        // An agent restored from an older image sends the shorter header,
+        // without its fds: those of its HELLO then hold.
+        let base = if payload.len() == v1 + n * ts { v1 } else { size_of::<Suspended>() };
         let want = base + n * ts;
         if payload.len() != want {
-            return Err(ReportError::Size { nthreads: s.nthreads, len: payload.len(), want });
+            return Err(ReportError::Size { nthreads, len: payload.len(), want });
+        }
+        let mut head = [0u8; size_of::<Suspended>()];
+        head[..base].copy_from_slice(&payload[..base]);
+        let mut s = Suspended::read_from(&head).ok_or(ReportError::Short { len: payload.len(), min: base })?;
+        if base == v1 {
+            (s.agent_fd, s.uffd_fd) = (hello.agent_fd, hello.uffd_fd);
         }
         let threads: Vec<ThreadState> = payload[base..].chunks_exact(ts).filter_map(ThreadState::read_from).collect();
         let mut tids = std::collections::HashSet::with_capacity(n);
@@ -84,6 +94,13 @@ impl AgentReport {
             return Err(ReportError::CkptThreads(ckpt));
         }
         Ok(AgentReport { hello: *hello, suspended: s, threads })
+    }
+
+    /// The agent's own fds at this checkpoint (its connection first, then
+    /// its userfaultfd or -1): not the program's. They may have moved
+    /// since HELLO (the program took their numbers).
+    pub fn agent_fds(&self) -> [i32; 2] {
+        [self.suspended.agent_fd, self.suspended.uffd_fd]
     }
 }
 
@@ -250,9 +267,11 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             depth: 0,
             noreserve: false,
             file,
+            attrs: Vec::new(),
         });
     }
     noreserve(pid, &mut regions)?;
+    crate::memattrs::capture(pid, &mut regions)?;
     let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;
     if backend == Backend::SoftDirty {
         dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
@@ -290,7 +309,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         fds,
         regions,
         sysv_shm,
-        agent: AgentImage { fd: report.hello.agent_fd, restart_word_addr: report.hello.restart_word_addr, ckpt_tid: report.hello.ckpt_tid },
+        agent: AgentImage { fd: report.suspended.agent_fd, restart_word_addr: report.hello.restart_word_addr, ckpt_tid: report.hello.ckpt_tid },
         chunk_size: chunk_size as u32,
         creds: Some(creds),
     };

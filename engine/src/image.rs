@@ -613,6 +613,10 @@ pub struct RegionImage {
     /// file that could not be identified at the checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<MappedFile>,
+    /// The `VmFlags` of `madvise`/`mlock` it had (`dc`, `wf`, `hg`, `nh`,
+    /// `dd`, `mg`, `lo`), set again at restart ([`crate::memattrs`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attrs: Vec<String>,
 }
 
 /// What identifies the file under a private file mapping: a restart maps
@@ -806,7 +810,7 @@ mod name_tests {
             "fds": [], "regions": [], "agent": {"fd": 0, "restart_word_addr": 0, "ckpt_tid": 0}, "chunk_size": 4096
         }))
         .unwrap_or_else(|e| panic!("test image: {e}"));
-        img.regions.push(RegionImage { start: 0x1000, end: 0x2000, prot: 3, kind: RegionKind::SharedFile, name: name.into(), offset: 0, shm: 0, sysv: None, segments: vec![], depth: 0, noreserve: false, file: None });
+        img.regions.push(RegionImage { start: 0x1000, end: 0x2000, prot: 3, kind: RegionKind::SharedFile, name: name.into(), offset: 0, shm: 0, sysv: None, segments: vec![], depth: 0, noreserve: false, file: None, attrs: vec![] });
         img
     }
 

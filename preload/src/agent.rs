@@ -7,6 +7,8 @@
 
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
+use crate::agentfds;
+
 use ckpt_wire::agent::{
     self as proto, CKPT_SIGNAL, CheckpointRequest, Failed, Forked, Header, Hello, MAX_RANGES, MAX_THREADS, MAX_TIMERS, RangeList, Registered, Resume,
     Suspended, ThreadState, TimerList, TimerValue, kind, tracking,
@@ -19,8 +21,6 @@ use crate::channel;
 use crate::stopper;
 use crate::sys;
 
-/// The coordinator connection (fd ≥ AGENT_FD_BASE, close-on-exec), or -1.
-static AGENT_FD: AtomicI32 = AtomicI32::new(-1);
 /// Its word is written by the restart driver with the generation a process
 /// was restored from (unchanged across a plain checkpoint); after it, the
 /// keys of a TCP connection the driver placed ([`channel::RestartBlock`]).
@@ -34,8 +34,6 @@ static OUTCOME: AtomicU32 = AtomicU32::new(proto::OUTCOME_ABORTED);
 /// checkpoint: by then no thread can be running restorer code).
 static ZONE_MAPPED: AtomicBool = AtomicBool::new(false);
 
-/// The userfaultfd used for write-protect dirty tracking, or -1.
-static UFFD_FD: AtomicI32 = AtomicI32::new(-1);
 /// Requested tracking backend (`proto::tracking`).
 static TRACKING: AtomicU32 = AtomicU32::new(tracking::AUTO);
 /// `proto::HELLO_NO_FORK` if forked checkpointing is off for this process.
@@ -74,6 +72,7 @@ pub fn start() {
     let Some(addr) = std::env::var_os(proto::ENV_COORD) else { return };
     let addr = addr.to_string_lossy().into_owned();
     crate::interpose::remember_env();
+    crate::interpose::remember_own_path();
     if let Some(key) = std::env::var(proto::ENV_AGENT_KEY).ok().and_then(|h| parse_key(h.trim())) {
         // SAFETY: the constructor runs before the checkpoint thread exists.
         unsafe { *core::ptr::addr_of_mut!(AGENT_KEY) = key };
@@ -111,7 +110,7 @@ fn join(addr: &str) {
             return;
         }
     };
-    AGENT_FD.store(fd, Ordering::Release);
+    agentfds::CONN.set(fd);
     open_uffd();
     // SAFETY: pthread_create with a valid start routine and default attrs
     // but a fixed stack size.
@@ -171,10 +170,7 @@ fn connect(addr: &str) -> std::io::Result<i32> {
     } else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "address must be unix:PATH or tcp:HOST:PORT"));
     };
-    // SAFETY: moving our own fd to a high number; F_DUPFD_CLOEXEC.
-    let high = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, proto::AGENT_FD_BASE) };
-    // SAFETY: closing the original we own.
-    unsafe { libc::close(raw) };
+    let high = agentfds::move_high(raw, proto::AGENT_FD_BASE);
     if high < 0 { Err(std::io::Error::last_os_error()) } else { Ok(high) }
 }
 
@@ -233,10 +229,9 @@ fn open_uffd() {
             libc::syscall(libc::SYS_close, fd);
             return;
         }
-        let high = libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, proto::AGENT_FD_BASE) as i32;
-        libc::syscall(libc::SYS_close, fd);
+        let high = agentfds::move_high(fd, proto::AGENT_FD_BASE);
         if high >= 0 {
-            UFFD_FD.store(high, Ordering::Release);
+            agentfds::UFFD.set(high);
         }
     }
 }
@@ -245,7 +240,7 @@ fn open_uffd() {
 fn register_ranges(payload: &[u8]) -> Registered {
     use ckpt_wire::uapi::*;
     let mut r = Registered::default();
-    let uffd = UFFD_FD.load(Ordering::Acquire);
+    let uffd = agentfds::UFFD.get();
     for (start, end) in ranges(payload) {
         if uffd < 0 || end <= start {
             r.failed += 1;
@@ -362,7 +357,7 @@ fn reap_snapshot() {
     if pid <= 0 {
         return;
     }
-    let fd = AGENT_FD.load(Ordering::Acquire);
+    let fd = agentfds::CONN.get();
     loop {
         // SAFETY: non-blocking wait for our own clone child (__WALL finds
         // exit-signal-0 children).
@@ -400,10 +395,10 @@ fn lookup_rseq() {
 }
 
 fn close_agent() {
-    let fd = AGENT_FD.swap(-1, Ordering::AcqRel);
+    let fd = agentfds::CONN.take();
     if fd >= 0 {
-        // SAFETY: closing our own fd.
-        unsafe { libc::close(fd) };
+        // SAFETY: closing our own fd (raw: the `close` wrapper is ours too).
+        unsafe { libc::syscall(libc::SYS_close, fd) };
     }
     REGISTERED.store(1, Ordering::Release);
     sys::futex_wake_all(&REGISTERED);
@@ -415,10 +410,10 @@ fn close_agent() {
 /// returns. Runs in the child right after `fork` (glibc has reset its locks:
 /// allocation and thread creation are allowed there).
 extern "C" fn after_fork_in_child() {
-    for fd in [AGENT_FD.swap(-1, Ordering::AcqRel), UFFD_FD.swap(-1, Ordering::AcqRel)] {
+    for fd in [agentfds::CONN.take(), agentfds::UFFD.take()] {
         if fd >= 0 {
             // SAFETY: closing the inherited copies of our own fds.
-            unsafe { libc::close(fd) };
+            unsafe { libc::syscall(libc::SYS_close, fd) };
         }
     }
     CKPT_TID.store(0, Ordering::Release);
@@ -435,7 +430,7 @@ extern "C" fn after_fork_in_child() {
 }
 
 fn send(kind: u32, parts: &[&[u8]]) -> bool {
-    let fd = AGENT_FD.load(Ordering::Acquire);
+    let fd = agentfds::CONN.get();
     let len: usize = parts.iter().map(|p| p.len()).sum();
     channel::write_parts(fd, Header::new(kind, len).as_bytes(), parts)
 }
@@ -443,7 +438,7 @@ fn send(kind: u32, parts: &[&[u8]]) -> bool {
 /// Reads one message; the payload goes to `buf` (truncated to its size,
 /// the rest skipped). Returns the kind, or None on EOF/error.
 fn recv(buf: &mut [u8]) -> Option<u32> {
-    let fd = AGENT_FD.load(Ordering::Acquire);
+    let fd = agentfds::CONN.get();
     let mut hb = [0u8; core::mem::size_of::<Header>()];
     if !channel::read_exact(fd, &mut hb) {
         return None;
@@ -476,12 +471,12 @@ fn hello(restored_gen: u64) -> bool {
         // SAFETY: getppid cannot fail.
         ppid: unsafe { libc::getppid() },
         ckpt_tid: CKPT_TID.load(Ordering::Relaxed),
-        agent_fd: AGENT_FD.load(Ordering::Relaxed),
+        agent_fd: agentfds::CONN.get(),
         signal: CKPT_SIGNAL,
         restored_gen,
         restart_word_addr: &CKPT_RESTART_WORD.word as *const AtomicU64 as u64,
         flags: HELLO_FLAGS.load(Ordering::Relaxed),
-        uffd_fd: UFFD_FD.load(Ordering::Relaxed),
+        uffd_fd: agentfds::UFFD.get(),
         tracking: TRACKING.load(Ordering::Relaxed),
         pidns: sys::ns_inode(c"/proc/self/ns/pid"),
         netns: sys::ns_inode(c"/proc/self/ns/net"),
@@ -515,6 +510,10 @@ extern "C" fn thread_main(_: *mut libc::c_void) -> *mut libc::c_void {
     }
     let mut buf = [0u8; 256];
     loop {
+        if !wait_readable() {
+            close_agent();
+            return core::ptr::null_mut();
+        }
         match recv(&mut buf) {
             None => {
                 // The coordinator went away: the program goes on unmanaged.
@@ -526,6 +525,32 @@ extern "C" fn thread_main(_: *mut libc::c_void) -> *mut libc::c_void {
                 checkpoint(req.generation);
             }
             Some(_) => {}
+        }
+    }
+}
+
+/// Waits until the connection has a message to read. The program may
+/// move the connection to another number meanwhile (it took its number,
+/// see [`agentfds`]): the wait is a poll of at most a second at a time on
+/// the current number, never a read blocked on an old one (whose message
+/// would then be read through the number the program reused).
+fn wait_readable() -> bool {
+    loop {
+        let fd = agentfds::CONN.get();
+        if fd < 0 {
+            return false;
+        }
+        if channel::buffered() {
+            return true;
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll of one pollfd we own.
+        let r = unsafe { libc::poll(&mut pfd, 1, 1000) };
+        if r > 0 && pfd.revents & libc::POLLNVAL == 0 {
+            return true;
+        }
+        if r < 0 && sys::errno() != libc::EINTR {
+            return false;
         }
     }
 }
@@ -626,8 +651,20 @@ fn checkpoint(_generation: u64) {
         NEXT_SLOT.store(0, Ordering::Release);
         ZONE_MAPPED.store(true, Ordering::Release);
         SNAPSHOT_PID.store(0, Ordering::Release);
-        // The old userfaultfd was not restored: a new one tracks from now.
-        UFFD_FD.store(-1, Ordering::Release);
+        // The driver placed a new connection at our number: remember
+        // its identity. The old userfaultfd was not restored: a new one
+        // tracks from now.
+        agentfds::CONN.set(agentfds::CONN.get());
+        agentfds::UFFD.take();
+        // mlockall(MCL_FUTURE) is not in /proc, so not in the image: the
+        // program's last mlockall is made again (raw; its own rights).
+        let lock = crate::interpose::MLOCKALL_FLAGS.load(Ordering::Acquire);
+        if lock != 0 {
+            // SAFETY: mlockall takes no pointer.
+            if unsafe { libc::syscall(libc::SYS_mlockall, lock) } != 0 {
+                agentfds::warn(b"ckpt: the restored process cannot mlockall() again as it had (RLIMIT_MEMLOCK?); its memory is not locked\n");
+            }
+        }
         open_uffd();
         // A TCP connection comes with the keys of the handshake the
         // driver ran for us (no allocation here).
@@ -651,6 +688,19 @@ fn release() {
 /// Runs in the checkpoint thread's own signal handler with every other
 /// thread parked: report, then wait for the coordinator to finish reading.
 pub fn checkpoint_in_handler(own: ThreadState) {
+    // With every thread stopped, nothing moves the agent's fds: check that
+    // they are still its own (a raw dup2/close of the program is not seen
+    // by the wrappers).
+    let v = agentfds::verify();
+    if v.conn_lost {
+        agentfds::warn(b"ckpt: the program replaced the agent's coordinator connection (a raw dup2/close onto it); this process runs without checkpoints from now\n");
+        return;
+    }
+    if v.uffd_lost {
+        // The number is the program's now. A new userfaultfd starts write
+        // tracking over: every region reads as untracked and is stored whole.
+        open_uffd();
+    }
     let n = (NEXT_SLOT.load(Ordering::Acquire) as usize).min(MAX_THREADS);
     let mut msg = Suspended {
         nthreads: n as u32 + 1,
@@ -658,6 +708,8 @@ pub fn checkpoint_in_handler(own: ThreadState) {
         brk: sys::brk_now(),
         itimers: [ItimerVal::default(); 3],
         sigactions: [KernelSigaction::default(); 64],
+        agent_fd: agentfds::CONN.get(),
+        uffd_fd: agentfds::UFFD.get(),
     };
     for (which, slot) in msg.itimers.iter_mut().enumerate() {
         // SAFETY: getitimer writes one itimerval, whose layout ItimerVal mirrors.

@@ -230,6 +230,13 @@ pub fn write_parts(fd: i32, head: &[u8], parts: &[&[u8]]) -> bool {
 /// Reads exactly `buf.len()` bytes of the peer's stream (opening frames
 /// when the channel is on). False on EOF, error or a frame that fails
 /// authentication (the connection is then useless). Allocation-free.
+/// Whether decrypted bytes wait in the receive buffer (a poll of the
+/// socket would not show them).
+pub fn buffered() -> bool {
+    let s = state();
+    s.on && s.rx_pos < s.rx_len
+}
+
 pub fn read_exact(fd: i32, buf: &mut [u8]) -> bool {
     let s = state();
     if !s.on {

@@ -1,8 +1,14 @@
 //! The libc calls the agent must see: the application may neither handle nor
 //! block the checkpoint signal ([`ckpt_wire::agent::CKPT_SIGNAL`]), and a
 //! program it execs or spawns keeps the agent even when given an environment
-//! without it (`execve`, `execvpe`, `posix_spawn`, `posix_spawnp`; the other
-//! exec functions pass `environ`, which has it).
+//! without it, or with an `LD_PRELOAD` of its own (the agent goes first in
+//! it): `execve`, `execv`, `execvp`, `execvpe`, `posix_spawn`,
+//! `posix_spawnp`. The `execl*` functions (variadic) are not wrapped: they
+//! keep the agent unless the program changed `LD_PRELOAD` in `environ`.
+//!
+//! The agent's own fds are out of the program's reach: `dup`, `dup2`,
+//! `dup3`, `fcntl`, `close`, `close_range` and `closefrom` never touch
+//! them (see [`crate::agentfds`]).
 //!
 //! Each wrapper forwards to the next definition of the symbol
 //! (`dlsym(RTLD_NEXT, ..)`) after taking the checkpoint signal out of any
@@ -51,6 +57,12 @@ pub fn resolve_all() {
     resolve(&REAL_EXECVPE, c"execvpe");
     resolve(&REAL_POSIX_SPAWN, c"posix_spawn");
     resolve(&REAL_POSIX_SPAWNP, c"posix_spawnp");
+    resolve(&REAL_DUP, c"dup");
+    resolve(&REAL_DUP2, c"dup2");
+    resolve(&REAL_DUP3, c"dup3");
+    resolve(&REAL_FCNTL, c"fcntl");
+    resolve(&REAL_FCNTL64, c"fcntl64");
+    resolve(&REAL_CLOSE, c"close");
 }
 
 /// The real `sigaction`, for the agent's own use.
@@ -189,12 +201,55 @@ pub fn remember_env() {
     let _ = AGENT_ENV.set(v);
 }
 
-/// `envp` plus whichever agent entries it lacks, or None when it has them
-/// all. Allocates (exec is not async-signal-safe either).
+/// The path this library was loaded from (`dladdr`), taken at start.
+static OWN_PATH: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// Records where the agent's library is (library constructor).
+pub fn remember_own_path() {
+    // SAFETY: dladdr of one of our own functions into a Dl_info we own; the
+    // name it points to lives as long as the library.
+    let name = unsafe {
+        let mut info: libc::Dl_info = core::mem::zeroed();
+        if libc::dladdr(remember_own_path as *const libc::c_void, &mut info) == 0 || info.dli_fname.is_null() {
+            return;
+        }
+        CStr::from_ptr(info.dli_fname).to_bytes().to_vec()
+    };
+    let _ = OWN_PATH.set(name);
+}
+
+/// An environment for exec: pointers, and the strings we made for it.
+struct Env {
+    ptrs: Vec<*const libc::c_char>,
+    _made: Option<std::ffi::CString>,
+}
+
+/// `LD_PRELOAD=<agent>:<theirs>` if the program's own `LD_PRELOAD` entry
+/// `e` lacks the agent (a program that sets `LD_PRELOAD` for a child);
+/// None if it has it. A library of theirs that fails to load costs only
+/// itself: the loader warns and goes on with the rest of the list.
+fn preload_entry(e: &[u8]) -> Option<std::ffi::CString> {
+    let own = OWN_PATH.get()?;
+    let list = e.strip_prefix(b"LD_PRELOAD=")?;
+    if list.split(|&b| b == b':' || b == b' ').any(|lib| lib == own.as_slice()) {
+        return None;
+    }
+    let mut v = b"LD_PRELOAD=".to_vec();
+    v.extend_from_slice(own);
+    if !list.is_empty() {
+        v.push(b':');
+        v.extend_from_slice(list);
+    }
+    std::ffi::CString::new(v).ok()
+}
+
+/// `envp` plus whichever agent entries it lacks, with the agent first in
+/// its `LD_PRELOAD`; None when it needs nothing. Allocates (exec is not
+/// async-signal-safe either).
 ///
 /// # Safety
 /// `envp` is null or a null-terminated array of C strings.
-unsafe fn with_agent_env(envp: *const *const libc::c_char) -> Option<Vec<*const libc::c_char>> {
+unsafe fn with_agent_env(envp: *const *const libc::c_char) -> Option<Env> {
     let ours = AGENT_ENV.get()?;
     let mut have: Vec<*const libc::c_char> = Vec::new();
     if !envp.is_null() {
@@ -210,13 +265,21 @@ unsafe fn with_agent_env(envp: *const *const libc::c_char) -> Option<Vec<*const 
     let name_of = |e: &[u8]| e.iter().position(|&b| b == b'=').map(|i| e[..=i].to_vec()).unwrap_or_default();
     // SAFETY: every entry is a C string.
     let present: Vec<Vec<u8>> = have.iter().map(|&e| name_of(unsafe { CStr::from_ptr(e) }.to_bytes())).collect();
+    let mut made = None;
+    if let Some(i) = present.iter().position(|n| n == b"LD_PRELOAD=") {
+        // SAFETY: as above.
+        made = preload_entry(unsafe { CStr::from_ptr(have[i]) }.to_bytes());
+        if let Some(m) = &made {
+            have[i] = m.as_ptr();
+        }
+    }
     let missing: Vec<*const libc::c_char> = ours.iter().filter(|o| !present.contains(&name_of(o.to_bytes()))).map(|o| o.as_ptr()).collect();
-    if missing.is_empty() {
+    if missing.is_empty() && made.is_none() {
         return None;
     }
     have.extend(missing);
     have.push(core::ptr::null());
-    Some(have)
+    Some(Env { ptrs: have, _made: made })
 }
 
 static REAL_EXECVE: AtomicUsize = AtomicUsize::new(0);
@@ -242,7 +305,7 @@ fn exec_with(slot: &AtomicUsize, name: &CStr, path: *const libc::c_char, argv: *
     unsafe {
         let real = core::mem::transmute::<usize, ExecFn>(f);
         match with_agent_env(envp) {
-            Some(env) => real(path, argv, env.as_ptr()),
+            Some(env) => real(path, argv, env.ptrs.as_ptr()),
             None => real(path, argv, envp),
         }
     }
@@ -253,6 +316,27 @@ fn exec_with(slot: &AtomicUsize, name: &CStr, path: *const libc::c_char, argv: *
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execve(path: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int {
     exec_with(&REAL_EXECVE, c"execve", path, argv, envp)
+}
+
+unsafe extern "C" {
+    static environ: *const *const libc::c_char;
+}
+
+/// # Safety
+/// Same contract as libc's `execv` (glibc's calls its internal `execve`,
+/// which the wrapper above would not see).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execv(path: *const libc::c_char, argv: *const *const libc::c_char) -> c_int {
+    // SAFETY: reading libc's `environ` pointer.
+    exec_with(&REAL_EXECVE, c"execve", path, argv, unsafe { environ })
+}
+
+/// # Safety
+/// Same contract as libc's `execvp`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvp(file: *const libc::c_char, argv: *const *const libc::c_char) -> c_int {
+    // SAFETY: reading libc's `environ` pointer.
+    exec_with(&REAL_EXECVPE, c"execvpe", file, argv, unsafe { environ })
 }
 
 /// # Safety
@@ -278,7 +362,7 @@ fn spawn_with(
     unsafe {
         let real = core::mem::transmute::<usize, SpawnFn>(f);
         match with_agent_env(envp as *const *const libc::c_char) {
-            Some(env) => real(pid, path, actions, attr, argv, env.as_ptr() as *const *mut libc::c_char),
+            Some(env) => real(pid, path, actions, attr, argv, env.ptrs.as_ptr() as *const *mut libc::c_char),
             None => real(pid, path, actions, attr, argv, envp),
         }
     }
@@ -310,4 +394,196 @@ pub unsafe extern "C" fn posix_spawnp(
     envp: *const *mut libc::c_char,
 ) -> c_int {
     spawn_with(&REAL_POSIX_SPAWNP, c"posix_spawnp", pid, file, actions, attr, argv, envp)
+}
+
+// ------------------------------------------------------ the agent's fds
+
+static REAL_DUP: AtomicUsize = AtomicUsize::new(0);
+static REAL_DUP2: AtomicUsize = AtomicUsize::new(0);
+static REAL_DUP3: AtomicUsize = AtomicUsize::new(0);
+static REAL_FCNTL: AtomicUsize = AtomicUsize::new(0);
+static REAL_FCNTL64: AtomicUsize = AtomicUsize::new(0);
+static REAL_CLOSE: AtomicUsize = AtomicUsize::new(0);
+
+type DupFn = unsafe extern "C" fn(c_int) -> c_int;
+type Dup3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
+type FcntlFn = unsafe extern "C" fn(c_int, c_int, libc::c_ulong) -> c_int;
+
+use crate::agentfds;
+
+fn ebadf() -> c_int {
+    crate::sys::set_errno(libc::EBADF);
+    -1
+}
+
+fn emfile() -> c_int {
+    crate::sys::set_errno(libc::EMFILE);
+    -1
+}
+
+/// # Safety
+/// Same contract as libc's `dup`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    if agentfds::is_agent(fd) {
+        return ebadf();
+    }
+    let f = resolve(&REAL_DUP, c"dup");
+    // SAFETY: libc's dup.
+    let r = unsafe { core::mem::transmute::<usize, DupFn>(f)(fd) };
+    // The lowest free number in the program's view may be the agent's.
+    agentfds::lowest(r, 0, false)
+}
+
+/// # Safety
+/// Same contract as libc's `dup2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    if agentfds::is_agent(old) {
+        return ebadf();
+    }
+    if !agentfds::make_room(new) {
+        return emfile();
+    }
+    let f = resolve(&REAL_DUP2, c"dup2");
+    // SAFETY: libc's dup2 (same signature as dup3 minus flags: cast back).
+    unsafe { core::mem::transmute::<usize, unsafe extern "C" fn(c_int, c_int) -> c_int>(f)(old, new) }
+}
+
+/// # Safety
+/// Same contract as libc's `dup3`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    if agentfds::is_agent(old) {
+        return ebadf();
+    }
+    if !agentfds::make_room(new) {
+        return emfile();
+    }
+    let f = resolve(&REAL_DUP3, c"dup3");
+    // SAFETY: libc's dup3.
+    unsafe { core::mem::transmute::<usize, Dup3Fn>(f)(old, new, flags) }
+}
+
+/// `fcntl`'s variadic third argument arrives in a register like a fixed
+/// one (x86-64 System V): taking it as `c_ulong` and passing it on is
+/// exact for every command (ints and pointers alike).
+fn fcntl_with(slot: &AtomicUsize, name: &CStr, fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    if agentfds::is_agent(fd) {
+        return ebadf();
+    }
+    let f = resolve(slot, name);
+    // SAFETY: libc's fcntl/fcntl64 with the caller's arguments.
+    let r = unsafe { core::mem::transmute::<usize, FcntlFn>(f)(fd, cmd, arg) };
+    if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
+        // The lowest free number at or above `arg` in the program's view
+        // may be the agent's.
+        return agentfds::lowest(r, arg as c_int, cmd == libc::F_DUPFD_CLOEXEC);
+    }
+    r
+}
+
+/// # Safety
+/// Same contract as libc's `fcntl` (declared here with a fixed third
+/// argument; see [`fcntl_with`]).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    fcntl_with(&REAL_FCNTL, c"fcntl", fd, cmd, arg)
+}
+
+/// # Safety
+/// Same contract as glibc's `fcntl64` (what `fcntl` is with 64-bit offsets).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    fcntl_with(&REAL_FCNTL64, c"fcntl64", fd, cmd, arg)
+}
+
+/// # Safety
+/// Same contract as libc's `close`. The agent's fds are not open in the
+/// program's view: closing one fails with `EBADF` (what the program would
+/// get without the agent) and leaves it alone.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if agentfds::is_agent(fd) {
+        return ebadf();
+    }
+    let f = resolve(&REAL_CLOSE, c"close");
+    // SAFETY: libc's close.
+    unsafe { core::mem::transmute::<usize, DupFn>(f)(fd) }
+}
+
+/// `close_range(first, last, flags)` over the program's fds only: the
+/// range is cut around the agent's fds (raw syscalls; `CLOSE_RANGE_UNSHARE`
+/// applies to the first piece, which unshares the table for the rest).
+fn close_range_around(first: u32, last: u32, flags: c_int) -> c_int {
+    if first > last {
+        crate::sys::set_errno(libc::EINVAL);
+        return -1;
+    }
+    let mut ours = agentfds::current();
+    ours.sort_unstable();
+    let mut from = first as u64;
+    for fd in ours.into_iter().filter(|&fd| fd >= 0).map(|fd| fd as u64) {
+        if fd < from || fd > last as u64 {
+            continue;
+        }
+        if fd > from {
+            // SAFETY: close_range takes no pointer.
+            let r = unsafe { libc::syscall(libc::SYS_close_range, from as u32, (fd - 1) as u32, flags) };
+            if r < 0 {
+                return -1;
+            }
+        }
+        from = fd + 1;
+    }
+    if from <= last as u64 {
+        // SAFETY: as above.
+        return unsafe { libc::syscall(libc::SYS_close_range, from as u32, last, flags) } as c_int;
+    }
+    0
+}
+
+/// # Safety
+/// Same contract as glibc's `close_range`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int {
+    close_range_around(first, last, flags)
+}
+
+/// # Safety
+/// Same contract as glibc's `closefrom`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    close_range_around(low.max(0) as u32, u32::MAX, 0);
+}
+
+// ------------------------------------------------------------- mlockall
+
+/// The flags of the program's last successful `mlockall` (0: none or
+/// `munlockall`). `MCL_FUTURE` lives in the kernel's `mm->def_flags`,
+/// which `/proc` does not show: the agent sets it again after a restart.
+pub static MLOCKALL_FLAGS: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
+
+/// # Safety
+/// Same contract as libc's `mlockall`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mlockall(flags: c_int) -> c_int {
+    // SAFETY: mlockall takes no pointer.
+    let r = unsafe { libc::syscall(libc::SYS_mlockall, flags) } as c_int;
+    if r == 0 {
+        MLOCKALL_FLAGS.store(flags, Ordering::Release);
+    }
+    r
+}
+
+/// # Safety
+/// Same contract as libc's `munlockall`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn munlockall() -> c_int {
+    // SAFETY: munlockall takes no argument.
+    let r = unsafe { libc::syscall(libc::SYS_munlockall) } as c_int;
+    if r == 0 {
+        MLOCKALL_FLAGS.store(0, Ordering::Release);
+    }
+    r
 }

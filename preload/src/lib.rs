@@ -18,6 +18,7 @@
 //! ([`agent::checkpoint`]) uses only raw syscalls and static storage.
 
 mod agent;
+mod agentfds;
 mod channel;
 mod interpose;
 mod stopper;

@@ -17,7 +17,7 @@ const WELCOME: u32 = 2;
 const CHECKPOINT: u32 = 3;
 const SUSPENDED: u32 = 4;
 /// `size_of::<Suspended>()` in ckpt-wire.
-const SUSPENDED_LEN: usize = 2160;
+const SUSPENDED_LEN: usize = 2168;
 
 fn sock(s: &Session) -> UnixStream {
     let path = s.coord.strip_prefix("unix:").unwrap();

@@ -297,9 +297,18 @@ pub struct Suspended {
     pub itimers: [ItimerVal; 3],
     /// `sigactions[i]` is the action of signal `i + 1` (SIGKILL/SIGSTOP zero).
     pub sigactions: [KernelSigaction; 64],
+    /// The agent's own fds now (they move when the program takes their
+    /// numbers): its connection and its userfaultfd (-1 if none). None of
+    /// the program's. Agents of images older than this field send
+    /// [`SUSPENDED_V1_LEN`] bytes before the threads.
+    pub agent_fd: i32,
+    pub uffd_fd: i32,
 }
-// SAFETY: repr(C), u32+u32, u64, arrays of Pod: no padding.
+// SAFETY: repr(C), u32+u32, u64, arrays of Pod, two i32: no padding.
 unsafe impl Pod for Suspended {}
+
+/// Size of a [`Suspended`] without `agent_fd`/`uffd_fd` (older agents).
+pub const SUSPENDED_V1_LEN: usize = core::mem::size_of::<Suspended>() - 8;
 
 /// Agent → coordinator: the checkpoint could not be taken here.
 #[repr(C)]
@@ -413,9 +422,9 @@ mod tests {
         assert_eq!((h.pid, h.tracking, h.pidns, h.host_name()), (42, 3, 0, ""));
         assert!(Hello::parse(&old.as_bytes()[..40]).is_none());
         assert_eq!(size_of::<ThreadState>(), 72);
-        assert_eq!(size_of::<Suspended>(), 16 + 3 * 32 + 64 * 32);
+        assert_eq!(size_of::<Suspended>(), 16 + 3 * 32 + 64 * 32 + 8);
         assert_eq!(size_of::<Failed>(), 248);
-        assert_eq!(MAX_PAYLOAD, 2160 + 4097 * 72);
+        assert_eq!(MAX_PAYLOAD, 2168 + 4097 * 72);
         assert_eq!(size_of::<TimerValue>(), 48);
         // A TIMERS request and its answer fit the frames' caps.
         assert!(size_of::<TimerList>() + MAX_TIMERS * 4 <= MAX_REQUEST_PAYLOAD);

@@ -193,6 +193,7 @@ pub(super) fn build_plan(
     for r in image.regions.iter().filter(|r| !r.segments.is_empty() && r.prot != rw && r.sysv.is_none()) {
         p.syscall(libc::SYS_mprotect, &[r.start.into(), (r.end - r.start).into(), (r.prot as u64).into()], None, false, format!("protect {:#x}-{:#x} {}", r.start, r.end, r.name));
     }
+    crate::memattrs::plan(&mut p, &image.regions);
     let auxv_bytes: Vec<u8> = image.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
     let auxv_ref = p.data(&auxv_bytes);
     let mm = &image.mm;
