@@ -95,6 +95,11 @@ pub struct Zombie {
     pub pid: i32,
     /// The status `wait` reports (exit code << 8, or the signal).
     pub status: i32,
+    /// Its process group and session (0: not recorded, its parent's).
+    #[serde(default)]
+    pub pgid: i32,
+    #[serde(default)]
+    pub sid: i32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

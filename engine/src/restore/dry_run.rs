@@ -103,6 +103,18 @@ pub fn dry_run(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
             out.push(Problem { pid: image.pid, what: e.to_string() });
         }
     }
+    // Orphans of a session whose leader exited are made by a process that
+    // takes the leader's PID: it must be free too.
+    let pids: std::collections::HashSet<i32> = images.iter().map(|i| i.pid).collect();
+    let mut sids: Vec<(i32, i32)> = images.iter().filter(|i| i.ppid == 1 && i.sid > 0 && i.sid != i.pid && !pids.contains(&i.sid)).map(|i| (i.sid, i.pid)).collect();
+    sids.sort_unstable();
+    sids.dedup_by_key(|s| s.0);
+    for (sid, pid) in sids {
+        if std::path::Path::new(&format!("/proc/{sid}")).exists() {
+            let comm = crate::procfs::comm(sid).unwrap_or_default();
+            out.push(Problem { pid, what: format!("the id {sid} of its session, whose leader had exited, is the PID of `{comm}` now (a restart makes the session with that PID)") });
+        }
+    }
     out.extend(problems(generation, images));
     out
 }
