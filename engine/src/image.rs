@@ -338,6 +338,11 @@ pub struct EpollItem {
     /// `EPOLLEXCLUSIVE`, ...) included.
     pub events: u32,
     pub data: u64,
+    /// When fd `fd` was closed (or reused) after the item was added, the
+    /// fd of the same process that holds the watched file now: the item is
+    /// added through it, put at number `fd` for the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<i32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -77,8 +77,9 @@ struct Launch {
     /// The driver's end of the status pipe (for errors before the exec).
     status_src: RawFd,
     /// `epoll_ctl(EPOLL_CTL_ADD)` calls made once the fds have their
-    /// numbers: (epoll fd, target fd, event).
-    epoll_adds: Vec<(RawFd, RawFd, libc::epoll_event)>,
+    /// numbers: (epoll fd, target fd, event, fd holding the target's file
+    /// now or -1; see [`crate::fds::epoll::additions`]).
+    epoll_adds: Vec<(RawFd, RawFd, libc::epoll_event, RawFd)>,
     /// A slave of the pseudo-terminal that was the session's controlling
     /// terminal (a driver fd above every program fd), or -1.
     ctty_src: RawFd,
@@ -433,9 +434,31 @@ impl Spawn<'_> {
             // Epoll items are keyed by (file, fd number): added now that
             // the fds have their numbers. A second process sharing the
             // epoll finds them there already.
-            for &(epfd, tfd, ev) in &l.epoll_adds {
+            for &(epfd, tfd, ev, via) in &l.epoll_adds {
                 let mut ev = ev;
-                if libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, tfd, &mut ev) != 0 && *libc::__errno_location() != libc::EEXIST {
+                if via < 0 {
+                    if libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, tfd, &mut ev) != 0 && *libc::__errno_location() != libc::EEXIST {
+                        report(step::EPOLL);
+                    }
+                    continue;
+                }
+                // Registered through fd `tfd`, closed or reused since: the
+                // file at `via` goes at number `tfd` for the call, then what
+                // was there (nothing, or another file) is put back.
+                let saved = libc::fcntl(tfd, libc::F_DUPFD_CLOEXEC, 0);
+                if libc::dup2(via, tfd) < 0 {
+                    report(step::EPOLL);
+                }
+                let r = libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, tfd, &mut ev);
+                let e = *libc::__errno_location();
+                if saved >= 0 {
+                    libc::dup2(saved, tfd);
+                    libc::close(saved);
+                } else {
+                    libc::close(tfd);
+                }
+                if r != 0 && e != libc::EEXIST {
+                    *libc::__errno_location() = e;
                     report(step::EPOLL);
                 }
             }
