@@ -5,9 +5,9 @@
 //! moment of the restart (PIDs free, the caller's rights).
 //!
 //! Checked, for every process: its ids are unique in the generation, it has
-//! a main thread and no memory where the restorer lives; as the process
-//! (its recorded file system identity), its working directory is there, the
-//! files, directories and devices its fds name can be opened, the files of
+//! a main thread and no memory where the restorer lives; its working
+//! directory is there; as the process (its recorded file system identity,
+//! as the restart opens them), the files, directories and devices its fds name can be opened, the files of
 //! its shared file mappings can be opened with the mapping's access, and the
 //! files under its private file mappings are the ones the checkpoint saw.
 
@@ -46,7 +46,9 @@ pub fn problems(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
         let open = |path: &str, flags: i32| crate::creds::acting_as(id.clone(), || crate::creds::open(path, flags, 0));
         if let Some(gone) = image.cwd.strip_suffix(" (deleted)") {
             problem(format!("its working directory {gone} had been removed when it was checkpointed"));
-        } else if let Err(e) = open(&image.cwd, libc::O_PATH | libc::O_DIRECTORY) {
+        } else if let Err(e) = crate::creds::open(&image.cwd, libc::O_PATH | libc::O_DIRECTORY, 0) {
+            // (Entered by the restart's clone child, before any identity
+            // is taken: checked as the caller.)
             problem(format!("its working directory {} cannot be entered ({e}); make it again", image.cwd));
         }
         for f in &image.fds {
