@@ -201,7 +201,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     let ids = procfs::tree_ids(pid)?;
     let zombies = procfs::children(pid)
         .into_iter()
-        .filter_map(|c| procfs::tree_ids(c).ok().filter(|t| t.state == 'Z').map(|t| Zombie { pid: c, status: t.exit_status }))
+        .filter_map(|c| procfs::tree_ids(c).ok().filter(|t| t.state == 'Z').map(|t| Zombie { pid: c, status: t.exit_status, pgid: t.pgid, sid: t.sid }))
         .collect();
     let tids: Vec<(i32, u32)> = report.threads.iter().map(|t| (t.tid, t.securebits)).collect();
     let creds = crate::creds::capture(pid, &tids)?;

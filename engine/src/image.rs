@@ -95,6 +95,11 @@ pub struct Zombie {
     pub pid: i32,
     /// The status `wait` reports (exit code << 8, or the signal).
     pub status: i32,
+    /// Its process group and session (0: not recorded, its parent's).
+    #[serde(default)]
+    pub pgid: i32,
+    #[serde(default)]
+    pub sid: i32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -409,6 +414,11 @@ pub struct EpollItem {
     /// `EPOLLEXCLUSIVE`, ...) included.
     pub events: u32,
     pub data: u64,
+    /// When fd `fd` was closed (or reused) after the item was added, the
+    /// fd of the same process that holds the watched file now: the item is
+    /// added through it, put at number `fd` for the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<i32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,8 +7,11 @@
 //! restored process adds the items whose targets it holds, right after its
 //! fds have their numbers ([`crate::restore`]; `EEXIST` from a second
 //! process sharing the epoll is fine). At checkpoint each item is checked
-//! with `kcmp(KCMP_EPOLL_TFD)`: a process whose fd `tfd` is no longer the
-//! target (closed, or reused for another file) does not add it.
+//! with `kcmp(KCMP_EPOLL_TFD)`. When the process's fd `tfd` is no longer
+//! the target (closed, or reused for another file) but another of its fds
+//! holds the watched file, the item records that fd (`via`): at restart the
+//! process puts it at number `tfd` for the `epoll_ctl` and puts back what
+//! was there. A watched file no fd of the process holds is not added back.
 //!
 //! Readiness is not recorded: the kernel computes it again when an item is
 //! added. An `EPOLLET` item whose target is ready reports one edge after a
@@ -44,7 +47,7 @@ pub fn parse_items(text: &str) -> Vec<EpollItem> {
             let fd = w.next()?.parse().ok()?;
             let events = (w.next()? == "events:").then(|| w.next()).flatten().and_then(|v| u32::from_str_radix(v, 16).ok())?;
             let data = (w.next()? == "data:").then(|| w.next()).flatten().and_then(|v| u64::from_str_radix(v, 16).ok())?;
-            Some(EpollItem { fd, events, data })
+            Some(EpollItem { fd, events, data, via: None })
         })
         .collect()
 }
@@ -66,19 +69,33 @@ pub fn capture(live: &LiveFd) -> Result<FdKind> {
                 pid: live.pid,
                 what: format!("epoll fd {}: cannot tell which file its item for fd {} watches (kcmp KCMP_EPOLL_TFD: {errno}; needs a kernel with CONFIG_KCMP and CONFIG_CHECKPOINT_RESTORE)", live.fd, item.fd),
             });
+        } else if let Some(via) = holder(live.pid, item.fd, &slot) {
+            // Registered through an fd closed (or reused) since: the file
+            // is at `via` now.
+            items.push(EpollItem { via: Some(via), ..*item });
         } else {
             tracing::warn!(
                 pid = live.pid,
                 epoll = live.fd,
                 tfd = item.fd,
-                "the epoll item for fd {} is not fd {} of process {} any more (closed or reused); this process will not add it back at restart",
-                item.fd,
+                "the epoll item for fd {} watches a file that no fd of process {} holds (closed or reused; held elsewhere); it is not added back at restart",
                 item.fd,
                 live.pid
             );
         }
     }
     Ok(FdKind::Epoll { items })
+}
+
+/// The fd of `pid` (other than `tfd`) that holds the file the epoll item
+/// `slot` watches, if any.
+fn holder(pid: i32, tfd: i32, slot: &KcmpEpollSlot) -> Option<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    fds.sort_unstable();
+    fds.into_iter().filter(|&o| o != tfd).find(|&o| {
+        // SAFETY: as in `capture`: kcmp only reads `slot`.
+        unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_EPOLL_TFD, o, slot as *const KcmpEpollSlot) == 0 }
+    })
 }
 
 pub fn open(generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
@@ -90,20 +107,25 @@ pub fn open(generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
 }
 
 /// The `epoll_ctl(EPOLL_CTL_ADD)` calls process `image` makes once its fds
-/// have their numbers: (epoll fd, target fd, event). Items whose target fd
-/// the image lacks are left out, with a warning.
-pub fn additions(image: &crate::image::ProcessImage) -> Vec<(i32, i32, libc::epoll_event)> {
+/// have their numbers: (epoll fd, target fd, event, fd holding the target's
+/// file now or -1). Items through a closed or reused fd come last: fd
+/// `via` is put at the target's number for the call, and what was there is
+/// put back. Items whose file the image lacks are left out, with a warning.
+pub fn additions(image: &crate::image::ProcessImage) -> Vec<(i32, i32, libc::epoll_event, i32)> {
     let mut out = Vec::new();
     for f in &image.fds {
         let FdKind::Epoll { items } = &f.kind else { continue };
         for it in items {
-            if image.fds.iter().any(|t| t.fd == it.fd) {
-                out.push((f.fd, it.fd, libc::epoll_event { events: it.events, u64: it.data }));
-            } else {
-                tracing::warn!(pid = image.pid, epoll = f.fd, tfd = it.fd, "epoll fd {} of process {} watched fd {}, which the image does not hold; the item is dropped", f.fd, image.pid, it.fd);
+            let holds = |fd: i32| image.fds.iter().any(|t| t.fd == fd);
+            let ev = libc::epoll_event { events: it.events, u64: it.data };
+            match it.via {
+                None if holds(it.fd) => out.push((f.fd, it.fd, ev, -1)),
+                Some(via) if holds(via) && via != it.fd => out.push((f.fd, it.fd, ev, via)),
+                _ => tracing::warn!(pid = image.pid, epoll = f.fd, tfd = it.fd, "epoll fd {} of process {} watched fd {}, whose file the image does not hold; the item is dropped", f.fd, image.pid, it.fd),
             }
         }
     }
+    out.sort_by_key(|a| a.3 >= 0);
     out
 }
 
@@ -115,6 +137,6 @@ mod tests {
     fn parses_tfd_lines() {
         let text = "pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\ntfd:        5 events:       19 data:       deadbeef0005  pos:0 ino:3a sdev:d\ntfd:       12 events: 80000001 data:                7  pos:0 ino:3b sdev:d\n";
         let items = parse_items(text);
-        assert_eq!(items, vec![EpollItem { fd: 5, events: 0x19, data: 0xdeadbeef0005 }, EpollItem { fd: 12, events: 0x8000_0001, data: 7 }]);
+        assert_eq!(items, vec![EpollItem { fd: 5, events: 0x19, data: 0xdeadbeef0005, via: None }, EpollItem { fd: 12, events: 0x8000_0001, data: 7, via: None }]);
     }
 }

@@ -5,9 +5,9 @@
 //! moment of the restart (PIDs free, the caller's rights).
 //!
 //! Checked, for every process: its ids are unique in the generation, it has
-//! a main thread and no memory where the restorer lives; as the process
-//! (its recorded file system identity), its working directory is there, the
-//! files, directories and devices its fds name can be opened, the files of
+//! a main thread and no memory where the restorer lives; its working
+//! directory is there; as the process (its recorded file system identity,
+//! as the restart opens them), the files, directories and devices its fds name can be opened, the files of
 //! its shared file mappings can be opened with the mapping's access, and the
 //! files under its private file mappings are the ones the checkpoint saw.
 
@@ -46,7 +46,9 @@ pub fn problems(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
         let open = |path: &str, flags: i32| crate::creds::acting_as(id.clone(), || crate::creds::open(path, flags, 0));
         if let Some(gone) = image.cwd.strip_suffix(" (deleted)") {
             problem(format!("its working directory {gone} had been removed when it was checkpointed"));
-        } else if let Err(e) = open(&image.cwd, libc::O_PATH | libc::O_DIRECTORY) {
+        } else if let Err(e) = crate::creds::open(&image.cwd, libc::O_PATH | libc::O_DIRECTORY, 0) {
+            // (Entered by the restart's clone child, before any identity
+            // is taken: checked as the caller.)
             problem(format!("its working directory {} cannot be entered ({e}); make it again", image.cwd));
         }
         for f in &image.fds {
@@ -101,6 +103,18 @@ pub fn dry_run(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
     for image in images {
         if let Err(e) = super::check_ids_free(generation, image) {
             out.push(Problem { pid: image.pid, what: e.to_string() });
+        }
+    }
+    // Orphans of a session whose leader exited are made by a process that
+    // takes the leader's PID: it must be free too.
+    let pids: std::collections::HashSet<i32> = images.iter().map(|i| i.pid).collect();
+    let mut sids: Vec<(i32, i32)> = images.iter().filter(|i| i.ppid == 1 && i.sid > 0 && i.sid != i.pid && !pids.contains(&i.sid)).map(|i| (i.sid, i.pid)).collect();
+    sids.sort_unstable();
+    sids.dedup_by_key(|s| s.0);
+    for (sid, pid) in sids {
+        if std::path::Path::new(&format!("/proc/{sid}")).exists() {
+            let comm = crate::procfs::comm(sid).unwrap_or_default();
+            out.push(Problem { pid, what: format!("the id {sid} of its session, whose leader had exited, is the PID of `{comm}` now (a restart makes the session with that PID)") });
         }
     }
     out.extend(problems(generation, images));

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -76,8 +77,9 @@ struct Launch {
     /// The driver's end of the status pipe (for errors before the exec).
     status_src: RawFd,
     /// `epoll_ctl(EPOLL_CTL_ADD)` calls made once the fds have their
-    /// numbers: (epoll fd, target fd, event).
-    epoll_adds: Vec<(RawFd, RawFd, libc::epoll_event)>,
+    /// numbers: (epoll fd, target fd, event, fd holding the target's file
+    /// now or -1; see [`crate::fds::epoll::additions`]).
+    epoll_adds: Vec<(RawFd, RawFd, libc::epoll_event, RawFd)>,
     /// A slave of the pseudo-terminal that was the session's controlling
     /// terminal (a driver fd above every program fd), or -1.
     ctty_src: RawFd,
@@ -182,32 +184,23 @@ pub(super) fn spawn(
             }
             Origin::Orphan => {
                 // The middle process exits at once, so that init adopts the
-                // orphan again. When the orphan's session leader is gone
-                // (a daemon's double fork), the middle process takes the
-                // leader's PID and makes the session first.
-                let lost_session = image.sid != image.pid && image.sid > 0 && !index.contains_key(&image.sid);
-                let mid = if lost_session {
-                    clone_with_pid(image.sid, libc::SIGCHLD) as libc::pid_t
+                // orphans again. When their session leader is gone (a
+                // daemon's double fork), one middle process takes the
+                // leader's PID, makes the session and then every orphan of
+                // that session (group leaders first).
+                let lost = |im: &ProcessImage| im.sid != im.pid && im.sid > 0 && !index.contains_key(&im.sid);
+                let members: Vec<usize> = if lost(image) {
+                    if (0..i).any(|j| origins[j] == Origin::Orphan && lost(&images[j]) && images[j].sid == image.sid) {
+                        continue;
+                    }
+                    let mut m: Vec<usize> = (i..images.len()).filter(|&j| origins[j] == Origin::Orphan && lost(&images[j]) && images[j].sid == image.sid).collect();
+                    m.sort_by_key(|&j| (images[j].pgid != images[j].pid, images[j].pid));
+                    m
                 } else {
-                    // SAFETY: a fork whose child only clones and exits.
-                    unsafe { libc::fork() }
+                    vec![i]
                 };
-                if mid == 0 {
-                    if lost_session {
-                        // SAFETY: setsid in the middle process.
-                        unsafe { libc::setsid() };
-                    }
-                    let pid = clone_with_pid(image.pid, libc::SIGCHLD);
-                    if pid == 0 {
-                        // SAFETY: in the clone child; never returns.
-                        unsafe { spawn.become_process(i) };
-                    }
-                    // SAFETY: leaving the intermediate process.
-                    unsafe { libc::_exit(if pid < 0 { 1 } else { 0 }) };
-                }
-                if mid < 0 || wait_exit(mid) != 0 {
-                    return Err(clone_error(generation, image.pid));
-                }
+                let session = lost(image).then_some(image.sid);
+                make_orphans(&spawn, generation, images, session, &members)?;
             }
         }
     }
@@ -222,6 +215,60 @@ fn clone_error(generation: u64, pid: i32) -> EngineError {
         return EngineError::IdTaken { generation, what: format!("PID {pid}") };
     }
     EngineError::Restore { generation, what: format!("clone3 with PID {pid} failed: {e} (restoring PIDs needs root or CAP_CHECKPOINT_RESTORE)") }
+}
+
+/// Makes `members` (orphans of the generation) through a middle process
+/// that exits at once, so that init adopts them: the middle process is the
+/// lost leader of `session` (its PID, a new session) when given, else a
+/// plain fork. A clone that fails is named with its errno.
+fn make_orphans(spawn: &Spawn, generation: u64, images: &[ProcessImage], session: Option<i32>, members: &[usize]) -> Result<()> {
+    let (report_r, report_w) = super::fds::pipe()?;
+    let mid = match session {
+        Some(sid) => clone_with_pid(sid, libc::SIGCHLD) as libc::pid_t,
+        // SAFETY: a fork whose child only clones and exits.
+        None => unsafe { libc::fork() },
+    };
+    if mid == 0 {
+        // SAFETY: in the middle process: plain syscalls on prepared data.
+        unsafe {
+            if session.is_some() {
+                libc::setsid();
+            }
+            for &j in members {
+                let child = &spawn.launches[j];
+                let pid = clone_with_pid(child.pid, libc::SIGCHLD);
+                if pid == 0 {
+                    spawn.become_process(j);
+                }
+                if pid < 0 {
+                    let msg = [child.pid, *libc::__errno_location()];
+                    libc::write(report_w.as_raw_fd(), msg.as_ptr() as *const libc::c_void, 8);
+                    libc::_exit(1);
+                }
+                if child.sid != child.pid && child.pgid > 0 {
+                    libc::setpgid(pid as libc::pid_t, child.pgid);
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    if mid < 0 {
+        return Err(clone_error(generation, session.unwrap_or(images[members[0]].pid)));
+    }
+    drop(report_w);
+    if wait_exit(mid) == 0 {
+        return Ok(());
+    }
+    let mut msg = [0u8; 8];
+    let got = std::fs::File::from(report_r).read_exact(&mut msg);
+    let (pid, errno) = match got {
+        Ok(()) => (i32::from_ne_bytes(msg[..4].try_into().unwrap()), i32::from_ne_bytes(msg[4..].try_into().unwrap())),
+        Err(_) => (images[members[0]].pid, 0),
+    };
+    if errno == libc::EEXIST {
+        return Err(EngineError::IdTaken { generation, what: format!("PID {pid}") });
+    }
+    Err(EngineError::Restore { generation, what: format!("clone3 with PID {pid} failed: {} (restoring PIDs needs root or CAP_CHECKPOINT_RESTORE)", std::io::Error::from_raw_os_error(errno)) })
 }
 
 /// A fork-like `clone3` whose child gets PID `pid`. Returns as `fork` does.
@@ -257,6 +304,65 @@ impl Spawn<'_> {
         }
     }
 
+    /// Makes zombie `z` of process `i`: a child with its PID that takes its
+    /// session and group, dies as it died, and stays unreaped.
+    ///
+    /// # Safety
+    /// As [`Spawn::become_process`].
+    unsafe fn make_zombie(&self, i: usize, z: &Zombie) {
+        // SAFETY: plain syscalls on prepared data, in a clone child.
+        unsafe {
+            let pid = clone_with_pid(z.pid, libc::SIGCHLD);
+            if pid == 0 {
+                if z.sid == z.pid {
+                    libc::setsid();
+                } else if z.pgid == z.pid {
+                    libc::setpgid(0, 0);
+                } else if z.pgid > 0 && libc::getpgid(0) != z.pgid {
+                    libc::setpgid(0, z.pgid);
+                }
+                if libc::WIFSIGNALED(z.status) {
+                    let sig = libc::WTERMSIG(z.status);
+                    libc::signal(sig, libc::SIG_DFL);
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                    libc::kill(libc::getpid(), sig);
+                }
+                libc::_exit(libc::WEXITSTATUS(z.status));
+            }
+            if pid < 0 {
+                self.fail(i, step::CLONE);
+            }
+            // Dead before we go on (still a zombie: WNOWAIT).
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT);
+        }
+    }
+
+    /// Makes child `c` of process `i` (which becomes process `c`).
+    ///
+    /// # Safety
+    /// As [`Spawn::become_process`].
+    unsafe fn make_child(&self, i: usize, c: usize) {
+        let child = &self.launches[c];
+        // SAFETY: plain syscalls on prepared data, in a clone child.
+        unsafe {
+            let pid = clone_with_pid(child.pid, libc::SIGCHLD);
+            if pid == 0 {
+                self.become_process(c);
+            }
+            if pid < 0 {
+                self.fail(i, step::CLONE);
+            }
+            // As a shell does: the parent sets the child's group too, so
+            // that later siblings find the group already there.
+            if child.sid != child.pid && child.pgid > 0 {
+                libc::setpgid(pid as libc::pid_t, child.pgid);
+            }
+        }
+    }
+
     /// Turns the calling clone child into process `i`: session and group,
     /// its zombies and children, its fds, then the restorer.
     ///
@@ -267,6 +373,23 @@ impl Spawn<'_> {
         let l = &self.launches[i];
         // SAFETY: plain syscalls on prepared data (see the function's contract).
         unsafe {
+            // A child or zombie that kept the session this process leaves
+            // (forked before its setsid) is made first, in that session.
+            let new_leader = l.sid == l.pid && libc::getsid(0) != l.pid;
+            // (A child that leads a session of its own makes it itself, after.)
+            let kept_old = |pid: i32, sid: i32| new_leader && sid > 0 && sid != l.pid && sid != pid;
+            // A zombie leading its own group (or in ours) first, so that
+            // children joining its group find it; one in a child's group
+            // once the children exist.
+            let early_zombie = |z: &Zombie| z.pgid <= 0 || z.pgid == z.pid || z.pgid == l.pgid;
+            if new_leader {
+                for z in l.zombies.iter().filter(|z| kept_old(z.pid, z.sid)) {
+                    self.make_zombie(i, z);
+                }
+                for &c in l.children.iter().filter(|&&c| kept_old(self.launches[c].pid, self.launches[c].sid)) {
+                    self.make_child(i, c);
+                }
+            }
             if l.sid == l.pid {
                 if libc::setsid() < 0 {
                     self.fail(i, step::SETSID);
@@ -280,40 +403,14 @@ impl Spawn<'_> {
             } else if l.pgid > 0 && libc::getpgid(0) != l.pgid {
                 libc::setpgid(0, l.pgid);
             }
-            for z in &l.zombies {
-                let pid = clone_with_pid(z.pid, libc::SIGCHLD);
-                if pid == 0 {
-                    if libc::WIFSIGNALED(z.status) {
-                        let sig = libc::WTERMSIG(z.status);
-                        libc::signal(sig, libc::SIG_DFL);
-                        let mut set: libc::sigset_t = std::mem::zeroed();
-                        libc::sigemptyset(&mut set);
-                        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-                        libc::kill(libc::getpid(), sig);
-                    }
-                    libc::_exit(libc::WEXITSTATUS(z.status));
-                }
-                if pid < 0 {
-                    self.fail(i, step::CLONE);
-                }
-                // Dead before we go on (still a zombie: WNOWAIT).
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT);
+            for z in l.zombies.iter().filter(|z| !kept_old(z.pid, z.sid) && early_zombie(z)) {
+                self.make_zombie(i, z);
             }
-            for &c in &l.children {
-                let child = &self.launches[c];
-                let pid = clone_with_pid(child.pid, libc::SIGCHLD);
-                if pid == 0 {
-                    self.become_process(c);
-                }
-                if pid < 0 {
-                    self.fail(i, step::CLONE);
-                }
-                // As a shell does: the parent sets the child's group too, so
-                // that later siblings find the group already there.
-                if child.sid != child.pid && child.pgid > 0 {
-                    libc::setpgid(pid as libc::pid_t, child.pgid);
-                }
+            for &c in l.children.iter().filter(|&&c| !kept_old(self.launches[c].pid, self.launches[c].sid)) {
+                self.make_child(i, c);
+            }
+            for z in l.zombies.iter().filter(|z| !kept_old(z.pid, z.sid) && !early_zombie(z)) {
+                self.make_zombie(i, z);
             }
             for &(src, dst) in &l.pairs {
                 if libc::dup2(src, dst) < 0 {
@@ -337,9 +434,31 @@ impl Spawn<'_> {
             // Epoll items are keyed by (file, fd number): added now that
             // the fds have their numbers. A second process sharing the
             // epoll finds them there already.
-            for &(epfd, tfd, ev) in &l.epoll_adds {
+            for &(epfd, tfd, ev, via) in &l.epoll_adds {
                 let mut ev = ev;
-                if libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, tfd, &mut ev) != 0 && *libc::__errno_location() != libc::EEXIST {
+                if via < 0 {
+                    if libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, tfd, &mut ev) != 0 && *libc::__errno_location() != libc::EEXIST {
+                        report(step::EPOLL);
+                    }
+                    continue;
+                }
+                // Registered through fd `tfd`, closed or reused since: the
+                // file at `via` goes at number `tfd` for the call, then what
+                // was there (nothing, or another file) is put back.
+                let saved = libc::fcntl(tfd, libc::F_DUPFD_CLOEXEC, 0);
+                if libc::dup2(via, tfd) < 0 {
+                    report(step::EPOLL);
+                }
+                let r = libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, tfd, &mut ev);
+                let e = *libc::__errno_location();
+                if saved >= 0 {
+                    libc::dup2(saved, tfd);
+                    libc::close(saved);
+                } else {
+                    libc::close(tfd);
+                }
+                if r != 0 && e != libc::EEXIST {
+                    *libc::__errno_location() = e;
                     report(step::EPOLL);
                 }
             }
