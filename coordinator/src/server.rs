@@ -1050,7 +1050,9 @@ impl Coordinator {
         let procs: Vec<Arc<Proc>> = self.procs.lock().unwrap().values().cloned().collect();
         if no_checkpoint.is_some() {
             let hold = CheckpointRequest { generation: 0, flags: 0 };
-            let held: Vec<&Arc<Proc>> = procs.iter().filter(|p| p.send(kind::CHECKPOINT, hold.as_bytes()).is_ok()).collect();
+            // A process stopped by a signal cannot answer: it is not held.
+            let held: Vec<&Arc<Proc>> =
+                procs.iter().filter(|p| !(p.machine == 0 && job_stopped(p.hello.pid)) && p.send(kind::CHECKPOINT, hold.as_bytes()).is_ok()).collect();
             // One bound for all: a process that cannot answer (stopped by
             // SIGSTOP) must not hold the others' kill up.
             let until = Instant::now() + Duration::from_secs(3);
@@ -1231,6 +1233,11 @@ fn hold_for_tests() {
     }
     let _ = std::fs::remove_file(dir.join("go"));
     let _ = std::fs::remove_file(dir.join("held"));
+}
+
+/// Whether `pid` (of this machine) is stopped by a signal (`T`) or a tracer (`t`).
+fn job_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next())).is_some_and(|c| c == 'T' || c == 't')
 }
 
 /// The hosts whose restart of a generation arrived, and when the barrier
