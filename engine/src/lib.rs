@@ -20,6 +20,7 @@ pub mod dirty;
 pub mod error;
 pub mod fds;
 pub mod image;
+pub mod leftovers;
 pub mod pages;
 pub mod plan;
 pub mod procfs;
