@@ -1062,7 +1062,16 @@ impl Coordinator {
         } else {
             tracing::warn!("killing the computation while a checkpoint round did not let go within {} s", CANCEL_WAIT.as_secs());
         }
+        // Children without an agent (a snapshot a round still reads, a
+        // program started without the agent) are the computation's too:
+        // pidfds taken before their parents die and they move away.
+        let local: Vec<i32> = procs.iter().filter(|p| p.machine == 0).map(|p| p.hello.pid).collect();
+        let known: HashSet<i32> = local.iter().copied().collect();
+        let strays: Vec<(i32, std::os::fd::OwnedFd)> = machine::strays(&local, &known).into_iter().filter_map(|s| machine::pidfd_open(s.child).map(|fd| (s.child, fd))).collect();
         let mut by_machine: HashMap<u64, Vec<i32>> = HashMap::new();
+        for (_, fd) in &strays {
+            machine::pidfd_kill(fd);
+        }
         for p in &procs {
             match &p.pidfd {
                 // This machine's processes: through the pidfd taken when
@@ -1084,7 +1093,8 @@ impl Coordinator {
             }
         }
         let deadline = Instant::now() + KILL_WAIT;
-        let alive: Vec<i32> = procs.iter().filter_map(|p| p.pidfd.as_ref().filter(|fd| !machine::wait_gone(fd, p.hello.pid, deadline)).map(|_| p.hello.pid)).collect();
+        let mut alive: Vec<i32> = procs.iter().filter_map(|p| p.pidfd.as_ref().filter(|fd| !machine::wait_gone(fd, p.hello.pid, deadline)).map(|_| p.hello.pid)).collect();
+        alive.extend(strays.iter().filter(|(pid, fd)| !machine::wait_gone(fd, *pid, deadline)).map(|(pid, _)| *pid));
         if !alive.is_empty() {
             errors.push(format!("processes {alive:?} were sent SIGKILL but are still there after {} s (uninterruptible sleep?): look at /proc/PID/stack", KILL_WAIT.as_secs()));
         }
