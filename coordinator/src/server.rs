@@ -1064,7 +1064,9 @@ impl Coordinator {
         let procs: Vec<Arc<Proc>> = self.procs.lock().unwrap().values().cloned().collect();
         if no_checkpoint.is_some() {
             let hold = CheckpointRequest { generation: 0, flags: 0 };
-            let held: Vec<&Arc<Proc>> = procs.iter().filter(|p| p.send(kind::CHECKPOINT, hold.as_bytes()).is_ok()).collect();
+            // A process stopped by a signal cannot answer: it is not held.
+            let held: Vec<&Arc<Proc>> =
+                procs.iter().filter(|p| !(p.machine == 0 && stopped_or_traced(p.hello.pid)) && p.send(kind::CHECKPOINT, hold.as_bytes()).is_ok()).collect();
             // One bound for all: a process that cannot answer (stopped by
             // SIGSTOP) must not hold the others' kill up.
             let until = Instant::now() + Duration::from_secs(3);
@@ -1074,7 +1076,16 @@ impl Coordinator {
         } else {
             tracing::warn!("killing the computation while a checkpoint round did not let go within {} s", CANCEL_WAIT.as_secs());
         }
+        // Children without an agent (a snapshot a round still reads, a
+        // program started without the agent) are the computation's too:
+        // pidfds taken before their parents die and they move away.
+        let local: Vec<i32> = procs.iter().filter(|p| p.machine == 0).map(|p| p.hello.pid).collect();
+        let known: HashSet<i32> = local.iter().copied().collect();
+        let strays: Vec<(i32, std::os::fd::OwnedFd)> = machine::strays(&local, &known).into_iter().filter_map(|s| machine::pidfd_open(s.child).map(|fd| (s.child, fd))).collect();
         let mut by_machine: HashMap<u64, Vec<i32>> = HashMap::new();
+        for (_, fd) in &strays {
+            machine::pidfd_kill(fd);
+        }
         for p in &procs {
             match &p.pidfd {
                 // This machine's processes: through the pidfd taken when
@@ -1096,7 +1107,8 @@ impl Coordinator {
             }
         }
         let deadline = Instant::now() + KILL_WAIT;
-        let alive: Vec<i32> = procs.iter().filter_map(|p| p.pidfd.as_ref().filter(|fd| !machine::wait_gone(fd, p.hello.pid, deadline)).map(|_| p.hello.pid)).collect();
+        let mut alive: Vec<i32> = procs.iter().filter_map(|p| p.pidfd.as_ref().filter(|fd| !machine::wait_gone(fd, p.hello.pid, deadline)).map(|_| p.hello.pid)).collect();
+        alive.extend(strays.iter().filter(|(pid, fd)| !machine::wait_gone(fd, *pid, deadline)).map(|(pid, _)| *pid));
         if !alive.is_empty() {
             errors.push(format!("processes {alive:?} were sent SIGKILL but are still there after {} s (uninterruptible sleep?): look at /proc/PID/stack", KILL_WAIT.as_secs()));
         }
@@ -1245,6 +1257,11 @@ fn hold_for_tests() {
     }
     let _ = std::fs::remove_file(dir.join("go"));
     let _ = std::fs::remove_file(dir.join("held"));
+}
+
+/// Whether `pid` (of this machine) is stopped by a signal (`T`) or a tracer (`t`).
+fn stopped_or_traced(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next())).is_some_and(|c| c == 'T' || c == 't')
 }
 
 /// The hosts whose restart of a generation arrived, and when the barrier

@@ -18,7 +18,8 @@
  * -R: the listener does not set SO_REUSEADDR (and checks every tick that
  * it is still off): after a kill, what the connections of its earlier life
  * left on its port (TIME_WAIT, closing sockets) would keep a plain bind
- * off it for a minute.
+ * off it for a minute; its probes close the server side first, so each
+ * leaves a TIME_WAIT on the listener's port.
  */
 #include "common.h"
 #include <arpa/inet.h>
@@ -139,6 +140,12 @@ static void probe(int ls, const struct sockaddr_in *a)
     char b = 'p';
     if (s < 0 || write(c, &b, 1) != 1 || read(s, &b, 1) != 1 || b != 'p' || write(s, &b, 1) != 1 || read(c, &b, 1) != 1)
         ct_fail("probe: %s", strerror(errno));
+    if (!reuse) {
+        /* -R: the server side closes first, so the probe's TIME_WAIT is
+         * on the listener's port */
+        close(s);
+        ct_sleep_ms(1);
+    }
     close(c);
     close(s);
 }

@@ -126,11 +126,16 @@ fn tcp_listener_restarts_right_after_kill_twice() {
     let s = Session::new("sockets_relisten");
     let stop = s.stop_file();
     let mut p = s.launch(&program("tcp_loop"), &["-t", "100", "-R", "-s", stop.to_str().unwrap()]);
+    let port: u16 = p.wait_prefix("PORT ", LINE_TIMEOUT)[5..].trim().parse().unwrap();
     p.wait_ticks(3, LINE_TIMEOUT);
     let g = s.checkpoint_bounded(&mut p);
     s.kill_all(&[p.pid], &mut p);
     for round in 0..2 {
-        // No pause: the port's leftovers are all still there.
+        // No pause: the port's leftovers are all still there (the test's
+        // premise: without them it would prove nothing).
+        let left = leftovers_on(port);
+        assert!(!left.is_empty(), "round {round}: nothing of the killed program's connections is left on port {port}");
+        eprintln!("[sockets_relisten] round {round}: states left on port {port}: {left:?}");
         let mut r = s.restart_expect(&g, p.pid, true);
         r.wait_ticks(3, LINE_TIMEOUT);
         if round == 1 {
@@ -142,4 +147,18 @@ fn tcp_listener_restarts_right_after_kill_twice() {
             s.kill_all(&[r.pid], &mut r);
         }
     }
+}
+
+/// The TCP states (hex, /proc/net/tcp) of sockets other than listeners
+/// whose local port is `port`.
+fn leftovers_on(port: u16) -> Vec<String> {
+    let t = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    t.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            (local_port == port && f[3] != "0A").then(|| f[3].to_string())
+        })
+        .collect()
 }

@@ -55,10 +55,29 @@ fn process_tree_with_pipes_shared_memory_zombie_and_daemon() {
     s.stop_at(t + 3);
     s.finish_computation(&pids, &mut r);
 
-    // An older generation restarts too, with its own zombie still there.
-    let mut o = s.restart_expect(&g1, p.pid, false);
-    o.wait_ticks(3, LINE_TIMEOUT);
-    s.kill_all(&pids, &mut o);
+    // An older generation restarts too, with its own zombie still there;
+    // right after the kill again: the POSIX object the killed tree left is
+    // its own (the one a restart made for it, marked) and is used again.
+    for _ in 0..2 {
+        let mut o = s.restart_expect(&g1, p.pid, false);
+        o.wait_ticks(3, LINE_TIMEOUT);
+        s.kill_all(&pids, &mut o);
+        assert!(std::path::Path::new(&shm).exists(), "the killed tree left no {shm}");
+    }
+
+    // An object at the name that is not the computation's (another
+    // program's, same user): refused, naming the fix; left alone.
+    std::fs::remove_file(&shm).unwrap();
+    std::fs::write(&shm, vec![7u8; 4096]).unwrap();
+    let out = s.run("restart", &[&g1.id.to_string()]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the restart used a foreign {shm}\n{err}");
+    assert!(err.contains(&format!("rm {shm}")), "the error does not name the fix `rm {shm}`: {err}");
+    for &pid in &pids {
+        assert!(!pid_exists(pid), "the failed restart left process {pid}");
+    }
+    assert_eq!(std::fs::read(&shm).unwrap(), vec![7u8; 4096], "the restart changed the foreign {shm}");
+    std::fs::remove_file(&shm).unwrap();
 }
 
 #[test]

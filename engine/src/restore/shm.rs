@@ -30,7 +30,7 @@ pub(super) fn objects(ctx: &Ctx, opener: &crate::fds::Opener<'_>) -> Result<Hash
         let fd = if let Some(fd) = opener.deleted_for_mapping(shm, name) {
             crate::fds::dup(fd)?
         } else if name.starts_with("/dev/shm/") && !name.ends_with(" (deleted)") {
-            crate::creds::acting_as(crate::creds::Identity::of(image), || posix_shm(generation, image.pid, name, size))?
+            crate::creds::acting_as(crate::creds::Identity::of(image), || posix_shm(generation, image.pid, name, size, shm))?
         } else {
             memfd(generation, shm, size)?
         };
@@ -65,12 +65,17 @@ fn memfd(generation: u64, shm: u64, size: u64) -> Result<OwnedFd> {
 /// it belongs to the process's fsuid (its own object, left behind when the
 /// program was killed): an object another user made before the restart
 /// would let that user read and write the program's shared memory, so the
-/// restart refuses it, naming it and its owner.
-fn posix_shm(generation: u64, pid: i32, path: &str, size: u64) -> Result<OwnedFd> {
+/// restart refuses it, naming it and its owner; so is one of the process's
+/// uid that is not the computation's own ([`crate::leftovers`]; `recorded`:
+/// the inode the checkpoint saw).
+fn posix_shm(generation: u64, pid: i32, path: &str, size: u64, recorded: u64) -> Result<OwnedFd> {
     let err = |what: String| EngineError::Restore { generation, what };
     let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL;
     let fd = match crate::creds::open(path, flags, 0o600) {
-        Ok(fd) => fd,
+        Ok(fd) => {
+            crate::leftovers::mark_posix_shm(&fd, path, recorded);
+            fd
+        }
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
             let fd = crate::creds::open(path, libc::O_RDWR, 0).map_err(|e| err(format!("cannot open the shared memory object {path} of process {pid}: {e}")))?;
             let meta = File::from(crate::fds::dup(&fd)?).metadata().map_err(|e| err(format!("cannot stat the shared memory object {path}: {e}")))?;
@@ -82,6 +87,12 @@ fn posix_shm(generation: u64, pid: i32, path: &str, size: u64) -> Result<OwnedFd
                     meta.uid(),
                     meta.mode() & 0o7777,
                     own.unwrap_or(0)
+                )));
+            }
+            if !crate::leftovers::posix_shm_is_ours(&fd, meta.ino(), recorded) {
+                return Err(err(format!(
+                    "the shared memory object {path} of process {pid} exists but is not the one the checkpointed computation left (inode {}, not {recorded}, and no ckpt mark): another program may use it; if not, remove it (`rm {path}`) and restart",
+                    meta.ino()
                 )));
             }
             fd

@@ -214,6 +214,21 @@ pub fn tcp_holders(sock: &OwnedFd, local: SocketAddr, peer: SocketAddr) -> io::R
         .collect())
 }
 
+/// The TCP sockets other than listeners on local address `local` (any
+/// local address when `local`'s is unspecified), whatever their peer.
+pub fn tcp_port_holders(sock: &OwnedFd, local: SocketAddr) -> io::Result<Vec<InetDiagMsg>> {
+    let family = if local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let req = InetDiagReqV2 { family: family as u8, protocol: libc::IPPROTO_TCP as u8, states: !(1u32 << TCP_LISTEN), ..Default::default() };
+    let src = diag_addr(&local);
+    let n = if local.is_ipv4() { 1 } else { 4 };
+    let any = local.ip().is_unspecified();
+    Ok(dump(sock, req.as_bytes())?
+        .iter()
+        .filter_map(|p| InetDiagMsg::read_from(p))
+        .filter(|m| u16::from_be(m.id.sport) == local.port() && (any || m.id.src[..n] == src[..n]))
+        .collect())
+}
+
 /// Destroys TCP socket `m` (as [`tcp_holders`] found it) with
 /// `SOCK_DESTROY`: no packet is sent, its address pair is free. Needs
 /// `CAP_NET_ADMIN` and a kernel built with `CONFIG_INET_DIAG_DESTROY`

@@ -39,8 +39,9 @@
 //! restart exists, leaves repair mode (a window probe tells the peer we are
 //! back) and sends the never-sent rest normally.
 //!
-//! Listening sockets are bound again (with `SO_REUSEADDR`, then the
-//! program's own setting) and listen with the same backlog; connections
+//! Listening sockets are bound again (the leftovers of their earlier
+//! connections on the port removed first, [`clear_port_leftovers`]; with
+//! `SO_REUSEADDR`, then the program's own setting) and listen with the same backlog; connections
 //! that were waiting to be accepted are not kept (their clients see a
 //! reset). A connection whose other end is not in the computation, and one
 //! being opened or closed (not ESTABLISHED), is refused with an error.
@@ -508,6 +509,26 @@ fn clear_leftovers(local: SocketAddr, peer: SocketAddr) -> Vec<Holder> {
     left
 }
 
+/// Removes what the connections of a listener's earlier life left on its
+/// port (sockets no process holds: `TIME_WAIT`, `FIN_WAIT*`, `LAST_ACK`
+/// ...) before it is bound again. `SO_REUSEADDR` on the new socket is not
+/// enough: the kernel lets a bind share a port with such a socket only if
+/// that one had `SO_REUSEADDR` too (its listener's setting), so a program
+/// that did not set it could not restart for a minute after `ckpt kill`.
+/// A socket some process holds is left alone (the bind then fails, named).
+fn clear_port_leftovers(local: SocketAddr) {
+    let found = super::diag::open_in_netns_of(0).and_then(|d| super::diag::tcp_port_holders(&d, local).map(|h| (d, h)));
+    let Ok((diag, holders)) = found.inspect_err(|e| tracing::warn!(%local, "cannot list the TCP sockets on this port (sock_diag: {e}); what the listener's earlier connections left stays")) else {
+        return;
+    };
+    for m in holders.iter().filter(|m| m.inode == 0) {
+        match super::diag::destroy_tcp(&diag, m) {
+            Ok(()) => tracing::debug!(%local, state = state_name(m.state), "removed a socket the listener's earlier connections left on its port"),
+            Err(e) => tracing::warn!(%local, state = state_name(m.state), "cannot remove a socket the listener's earlier connections left on its port (SOCK_DESTROY: {e}; needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY)"),
+        }
+    }
+}
+
 /// What `connect` failing with `EADDRNOTAVAIL` means, given the sockets
 /// [`clear_leftovers`] left on the pair.
 fn pair_taken(local: SocketAddr, peer: SocketAddr, left: &[Holder]) -> String {
@@ -618,6 +639,7 @@ impl Restore {
                 let s = new_socket(family, libc::SOCK_STREAM).map_err(|e| err(format!("socket: {e}")))?;
                 apply_opts(&s, &t.opts, true).map_err(|e| err(format!("options: {e}")))?;
                 setsockopt_int(&s, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(|e| err(format!("SO_REUSEADDR: {e}")))?;
+                clear_port_leftovers(t.local);
                 bind(&s, t.local).map_err(|e| {
                     err(format!("bind: {e} (if the program did not set SO_REUSEADDR, connections of its earlier life may hold the port for a minute; try again later)"))
                 })?;
