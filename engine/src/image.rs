@@ -81,6 +81,12 @@ pub struct ProcessImage {
     /// The SysV shared memory segments it had attached (`shmat`).
     #[serde(default)]
     pub sysv_shm: Vec<SysvShm>,
+    /// The SysV semaphore sets and message queues it used last
+    /// ([`crate::sysvipc`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sysv_sem: Vec<crate::sysvipc::SysvSem>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sysv_msq: Vec<crate::sysvipc::SysvMsq>,
     pub agent: AgentImage,
     pub chunk_size: u32,
     /// The credentials of every thread ([`crate::creds`]). None: an image

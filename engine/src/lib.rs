@@ -27,5 +27,6 @@ pub mod remote;
 pub mod restore;
 pub mod signals;
 pub mod sysv;
+pub mod sysvipc;
 
 pub use error::{EngineError, Result};

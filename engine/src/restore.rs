@@ -332,6 +332,7 @@ pub fn restore_generation(
     // SysV segments: made again with their ids and content; the restorers
     // attach them.
     let sysv_segments = crate::sysv::Segments::make(store, generation, images)?;
+    let sysv_objects = crate::sysvipc::Objects::make(generation, images)?;
     // Shared memory objects: one memfd each, big enough for every mapping.
     // POSIX shared memory (`shm_open`) comes back at its name.
     let mut shm_size: HashMap<u64, (u64, &str, &ProcessImage)> = HashMap::new();
@@ -636,6 +637,7 @@ pub fn restore_generation(
     // programs go on.
     guard.armed = false;
     sysv_segments.keep();
+    sysv_objects.keep();
     Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect() })
 }
 
@@ -971,6 +973,7 @@ fn build_plan(
     // 5. The image's regions: SysV segments attached first (an attach maps
     // the whole segment), then the others.
     crate::sysv::plan_attaches(&mut p, image);
+    crate::sysvipc::plan(&mut p, image);
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
     for (i, r) in image.regions.iter().enumerate() {
         let len = r.end - r.start;
