@@ -131,3 +131,28 @@ fn sysv_semaphores_and_queues_come_back_with_their_values_and_messages() {
 
 /// Ticks after a restart that take every message the image brought back.
 const LAG_TICKS: u64 = 12;
+
+/// A process with SEM_UNDO adjustments (which Linux shows nowhere) is
+/// refused at checkpoint, naming them, and goes on unharmed.
+#[test]
+fn sem_undo_is_refused_naming_it() {
+    let s = Session::new("sysvipc_undo");
+    let stop = s.stop_file();
+    let key = 0x5e00_0000 | ((std::process::id() as i32 & 0xffff) << 4);
+    let _cleanup = RemoveKeys(key);
+    let mut p = s.launch(&program("sysvipc"), &["-t", "50", "-u", "-k", &format!("{key:x}"), "-s", stop.to_str().unwrap()]);
+    let child = field(&p.wait_prefix("READY", LINE_TIMEOUT), "child");
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let pids = s.wait_computation(2);
+    let out = s.try_checkpoint();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a checkpoint with a SEM_UNDO adjustment succeeded");
+    assert!(err.contains("SEM_UNDO") && err.contains(&format!("process {child}")), "the refusal does not name SEM_UNDO and the child {child}: {err}");
+    p.wait_ticks(3, LINE_TIMEOUT);
+    s.stop_at(p.last_tick.unwrap() + 2);
+    p.wait_prefix("DONE", LINE_TIMEOUT);
+    assert!(p.wait_exit(CMD_TIMEOUT).success(), "the program did not end well\n{}", p.context());
+    for &pid in &pids {
+        wait_gone(pid, std::time::Duration::from_secs(20));
+    }
+}
