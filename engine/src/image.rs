@@ -421,6 +421,18 @@ pub struct UnixSocketImage {
     /// `data` (their boundaries are kept).
     pub messages: Vec<u32>,
     pub opts: SockOpts,
+    /// The socket file of a path name: mode (permission bits) and owner,
+    /// made again after the bind at restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<SocketFile>,
+}
+
+/// Mode and owner of a bound unix socket's file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketFile {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A UDP socket.

@@ -17,6 +17,8 @@
  *   - listening stream sockets on a path (ls.<pid>) and on an abstract
  *     name (@ckpt-sockpair-<pid>): each tick a client connects, the
  *     connection is accepted and one byte crosses it.
+ * The listener's socket file is made mode 0604 (chmod) at the start, and
+ * checked every tick (stat: a socket, mode 0604, owned by the process).
  * It checks every record's number and content, that one end of the stream
  * pair stays O_NONBLOCK, that SO_PASSCRED and a SO_RCVBUF set at start
  * keep their values, and that the listeners keep their names.
@@ -25,6 +27,7 @@
 #include <poll.h>
 #include <stddef.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 
 #define LAG 4   /* records left unread per direction, per channel */
@@ -207,6 +210,9 @@ int main(int argc, char **argv)
     if (bind(dsrv, (struct sockaddr *)&a, al) != 0 || connect(dcli, (struct sockaddr *)&a, al) != 0)
         ct_fail("named datagram socket: %s", strerror(errno));
     int ls = listener(lsname, 0), las = listener(absname, 1);
+    /* The listener's socket file keeps a mode of its own. */
+    if (chmod(lsname, 0604) != 0)
+        ct_fail("chmod %s: %s", lsname, strerror(errno));
 
     struct chan ch[] = {
         { "stream a->b", SOCK_STREAM, sp[0], sp[1], 0, 0, {0}, 0 },
@@ -229,6 +235,9 @@ int main(int argc, char **argv)
             ct_fail("SO_PASSCRED changed");
         if (sockopt(sp[0], SOL_SOCKET, SO_RCVBUF) != rcv_set)
             ct_fail("SO_RCVBUF changed: %d, was %d", sockopt(sp[0], SOL_SOCKET, SO_RCVBUF), rcv_set);
+        struct stat lst;
+        if (stat(lsname, &lst) != 0 || !S_ISSOCK(lst.st_mode) || (lst.st_mode & 07777) != 0604 || lst.st_uid != getuid())
+            ct_fail("the socket file %s is not a socket of mode 0604 owned by uid %d (mode %o uid %d)", lsname, (int)getuid(), (unsigned)lst.st_mode, (int)lst.st_uid);
         probe(ls, lsname, 0);
         probe(las, absname, 1);
         printf("TICK %ld records %llu\n", tick, (unsigned long long)ch[0].got);

@@ -14,7 +14,10 @@
 //! stay). Names are bound again (a stale socket file at the path is
 //! unlinked first), listeners listen again with their backlog, datagram
 //! sockets get their queued messages from a temporary sender and are
-//! connected again to their named peer once every socket exists.
+//! connected again to their named peer once every socket exists. The
+//! socket file of a path name gets its recorded mode and owner back after
+//! the bind (a relative name is looked up in the process's cwd at
+//! capture).
 //!
 //! Not kept: the names of a connected stream/seqpacket pair (the new pair
 //! is unnamed; datagram pairs are bound to their names again: `getsockname`/`getpeername` return an empty address), the
@@ -100,7 +103,40 @@ pub(super) fn capture(round: &mut Round, live: &LiveFd, fd: OwnedFd, ino: u64, t
         data,
         messages,
         opts,
+        file: info.name.as_deref().and_then(|n| socket_file(pid, n)),
     })
+}
+
+/// The mode and owner of the socket file of a path name, seen from the
+/// process (its root for an absolute name, its cwd for a relative one:
+/// where the name was bound, unless the process changed directory since).
+fn socket_file(pid: i32, name: &[u8]) -> Option<crate::image::SocketFile> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if name.first().is_none_or(|&b| b == 0) {
+        return None;
+    }
+    let path = std::ffi::OsStr::from_bytes(name.split(|&b| b == 0).next().unwrap_or_default());
+    let base = if path.as_bytes().starts_with(b"/") { format!("/proc/{pid}/root") } else { format!("/proc/{pid}/cwd/") };
+    let mut full = std::ffi::OsString::from(base);
+    full.push(path);
+    let m = std::fs::symlink_metadata(&full).ok().filter(|m| m.file_type().is_socket())?;
+    Some(crate::image::SocketFile { mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid() })
+}
+
+/// Gives the socket file just bound at `name` its recorded mode and owner.
+fn restore_file(name: &[u8], f: &crate::image::SocketFile) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(name.split(|&b| b == 0).next().unwrap_or_default()));
+    let m = std::fs::symlink_metadata(path)?;
+    if (m.uid(), m.gid()) != (f.uid, f.gid) {
+        std::os::unix::fs::lchown(path, Some(f.uid), Some(f.gid))?;
+    }
+    if m.mode() & 0o7777 != f.mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(f.mode))?;
+    }
+    Ok(())
 }
 
 /// The messages in the receive queue of `fd`, left in place. A stream
@@ -424,6 +460,9 @@ impl Restore {
         if let Some(name) = &u.name {
             unlink_stale(name).map_err(|e| err(format!("cannot free {}: {e}", show_name(name))))?;
             bind(&s, name).map_err(|e| err(format!("bind {}: {e}", show_name(name))))?;
+            if let Some(f) = &u.file {
+                restore_file(name, f).map_err(|e| err(format!("cannot give the socket file {} its mode {:o} and owner {}:{}: {e}", show_name(name), f.mode, f.uid, f.gid)))?;
+            }
         }
         if let Some(backlog) = u.listen_backlog {
             // SAFETY: listen on our own socket.
