@@ -425,6 +425,13 @@ pub struct UnixSocketImage {
     /// made again after the bind at restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<SocketFile>,
+    /// `shutdown()` state (`sk_shutdown`: 1 reads, 2 writes shut down).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shutdown: u8,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 /// Mode and owner of a bound unix socket's file.

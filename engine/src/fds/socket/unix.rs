@@ -17,7 +17,8 @@
 //! connected again to their named peer once every socket exists. The
 //! socket file of a path name gets its recorded mode and owner back after
 //! the bind (a relative name is looked up in the process's cwd at
-//! capture).
+//! capture). A pair's ends are shut down again (`sk_shutdown` from
+//! sock_diag) once their bytes are refilled.
 //!
 //! Not kept: the names of a connected stream/seqpacket pair (the new pair
 //! is unnamed; datagram pairs are bound to their names again: `getsockname`/`getpeername` return an empty address), the
@@ -104,6 +105,7 @@ pub(super) fn capture(round: &mut Round, live: &LiveFd, fd: OwnedFd, ino: u64, t
         messages,
         opts,
         file: info.name.as_deref().and_then(|n| socket_file(pid, n)),
+        shutdown: info.shutdown & 3,
     })
 }
 
@@ -122,6 +124,21 @@ fn socket_file(pid: i32, name: &[u8]) -> Option<crate::image::SocketFile> {
     full.push(path);
     let m = std::fs::symlink_metadata(&full).ok().filter(|m| m.file_type().is_socket())?;
     Some(crate::image::SocketFile { mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid() })
+}
+
+/// `shutdown()` as `sk_shutdown` bits say (1: reads, 2: writes).
+fn shut(s: &OwnedFd, bits: u8) -> io::Result<()> {
+    let how = match bits & 3 {
+        0 => return Ok(()),
+        1 => libc::SHUT_RD,
+        2 => libc::SHUT_WR,
+        _ => libc::SHUT_RDWR,
+    };
+    // SAFETY: shutdown of our own socket.
+    if unsafe { libc::shutdown(s.as_raw_fd(), how) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Gives the socket file just bound at `name` its recorded mode and owner.
@@ -441,6 +458,11 @@ impl Restore {
             }
             refill(&b, None, &split(u, &data), stream).map_err(|e| err(format!("refilling {} bytes: {e}", data.len())))?;
             refill(&a, None, &split(&p, &pdata), stream).map_err(|e| err(format!("refilling its peer's {} bytes: {e}", pdata.len())))?;
+            // Once the bytes are in: each end's shutdown() (which the
+            // other end sees as well).
+            for (s, how) in [(&a, u.shutdown), (&b, p.shutdown)] {
+                shut(s, how).map_err(|e| err(format!("shutdown: {e}")))?;
+            }
             self.pending.insert(p.ino, b);
             return Ok(a);
         }
