@@ -359,6 +359,9 @@ pub struct PtyState {
     pub locked: bool,
     /// Output of the slave not yet read on the master side.
     pub data: Option<Hash>,
+    /// The slave's mode (permission bits) and owner (`/dev/pts/N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slave_file: Option<SocketFile>,
 }
 
 /// `struct termios` as `tcgetattr` gives it.

@@ -18,6 +18,7 @@
  * The grandchild exits when the child is gone.
  */
 #include "common.h"
+#include <sys/stat.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/ioctl.h>
@@ -111,6 +112,11 @@ int main(int argc, char **argv)
     int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
     if (m < 0 || grantpt(m) != 0 || unlockpt(m) != 0)
         ct_fail("posix_openpt: %s", strerror(errno));
+    /* The slave's mode: 0640, not what devpts gives (0600 or 0620), checked every tick
+     * on a slave fd the parent keeps (read-only, never read). */
+    int sf = ioctl(m, TIOCGPTPEER, O_RDONLY | O_NOCTTY | O_CLOEXEC);
+    if (sf < 0 || fchmod(sf, 0640) != 0)
+        ct_fail("fchmod of the slave: %s", strerror(errno));
     struct winsize ws = { .ws_row = 33, .ws_col = 101 };
     if (ioctl(m, TIOCSWINSZ, &ws) != 0)
         ct_fail("TIOCSWINSZ: %s", strerror(errno));
@@ -156,6 +162,9 @@ int main(int argc, char **argv)
         int st;
         if (waitpid(c, &st, WNOHANG) != 0)
             ct_fail("the child ended (status %x)", st);
+        struct stat sst;
+        if (fstat(sf, &sst) != 0 || (sst.st_mode & 07777) != 0640 || sst.st_uid != getuid())
+            ct_fail("the slave is not mode 0640 owned by uid %d (mode %o uid %d): %s", (int)getuid(), (unsigned)sst.st_mode, (int)sst.st_uid, strerror(errno));
         printf("TICK %ld lines=%ld\n", tick, next - 1);
         if (ct_should_stop(tick)) {
             kill(c, SIGKILL);
