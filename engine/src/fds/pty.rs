@@ -18,7 +18,10 @@
 //! program that kept the old `ptsname` sees a different name. A session
 //! leader whose controlling terminal was the slave takes it back
 //! ([`crate::restore`], `TIOCSCTTY` after `setsid`), and its restorer gives
-//! the terminal its foreground process group again (`TIOCSPGRP`, once every
+//! the terminal its foreground process group again. A `/dev/tty` fd of a
+//! process whose controlling terminal is the slave is a new slave fd of
+//! the pair ([`super::Opener::open`]): the restart command's own terminal
+//! is never handed out (`TIOCSPGRP`, once every
 //! process group exists; recorded from `/proc/PID/stat`'s `tpgid`).
 //!
 //! Limits: bytes typed into the master but not yet read by the slave's
