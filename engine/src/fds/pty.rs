@@ -18,11 +18,11 @@
 //! program that kept the old `ptsname` sees a different name. A session
 //! leader whose controlling terminal was the slave takes it back
 //! ([`crate::restore`], `TIOCSCTTY` after `setsid`), and its restorer gives
-//! the terminal its foreground process group again. A `/dev/tty` fd of a
-//! process whose controlling terminal is the slave is a new slave fd of
-//! the pair ([`super::Opener::open`]): the restart command's own terminal
-//! is never handed out (`TIOCSPGRP`, once every
-//! process group exists; recorded from `/proc/PID/stat`'s `tpgid`).
+//! the terminal its foreground process group again (`TIOCSPGRP`, once every
+//! process group exists; recorded from `/proc/PID/stat`'s `tpgid`). A
+//! `/dev/tty` fd of a process whose controlling terminal is the slave is a
+//! new slave fd of the pair ([`super::Opener::open`]): the restart
+//! command's own terminal is never handed out.
 //!
 //! Limits: bytes typed into the master but not yet read by the slave's
 //! reader (the slave's input queue) are not recorded (a warning gives
