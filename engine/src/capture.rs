@@ -273,6 +273,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     noreserve(pid, &mut regions)?;
     crate::memattrs::capture(pid, &mut regions)?;
     let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;
+    let (sysv_sem, sysv_msq) = crate::sysvipc::capture(pid)?;
     if backend == Backend::SoftDirty {
         dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
     }
@@ -309,6 +310,8 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         fds,
         regions,
         sysv_shm,
+        sysv_sem,
+        sysv_msq,
         agent: AgentImage { fd: report.suspended.agent_fd, restart_word_addr: report.hello.restart_word_addr, ckpt_tid: report.hello.ckpt_tid },
         chunk_size: chunk_size as u32,
         creds: Some(creds),

@@ -81,6 +81,12 @@ pub struct ProcessImage {
     /// The SysV shared memory segments it had attached (`shmat`).
     #[serde(default)]
     pub sysv_shm: Vec<SysvShm>,
+    /// The SysV semaphore sets and message queues it used last
+    /// ([`crate::sysvipc`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sysv_sem: Vec<crate::sysvipc::SysvSem>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sysv_msq: Vec<crate::sysvipc::SysvMsq>,
     pub agent: AgentImage,
     pub chunk_size: u32,
     /// The credentials of every thread ([`crate::creds`]). None: an image
@@ -445,6 +451,9 @@ pub struct PtyState {
     /// The master is in packet mode (`TIOCPKT`).
     #[serde(default)]
     pub packet: bool,
+    /// The slave's mode (permission bits) and owner (`/dev/pts/N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slave_file: Option<SocketFile>,
 }
 
 /// `struct termios` as `tcgetattr` gives it.
@@ -507,6 +516,25 @@ pub struct UnixSocketImage {
     /// `data` (their boundaries are kept).
     pub messages: Vec<u32>,
     pub opts: SockOpts,
+    /// The socket file of a path name: mode (permission bits) and owner,
+    /// made again after the bind at restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<SocketFile>,
+    /// `shutdown()` state (`sk_shutdown`: 1 reads, 2 writes shut down).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shutdown: u8,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
+}
+
+/// Mode and owner of a bound unix socket's file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketFile {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A UDP socket.

@@ -29,5 +29,6 @@ pub mod remote;
 pub mod restore;
 pub mod signals;
 pub mod sysv;
+pub mod sysvipc;
 
 pub use error::{EngineError, Problem, Result};

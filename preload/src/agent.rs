@@ -410,6 +410,7 @@ fn close_agent() {
 /// returns. Runs in the child right after `fork` (glibc has reset its locks:
 /// allocation and thread creation are allowed there).
 extern "C" fn after_fork_in_child() {
+    crate::interpose::forget_sem_undo();
     for fd in [agentfds::CONN.take(), agentfds::UFFD.take()] {
         if fd >= 0 {
             // SAFETY: closing the inherited copies of our own fds.
@@ -568,6 +569,10 @@ fn fail(errno: i32, msg: &str) {
 /// handler ([`checkpoint_in_handler`]), so the thread's saved frame is the
 /// point it returns to after a restart.
 fn checkpoint(_generation: u64) {
+    if crate::interpose::sem_undo_used() {
+        fail(libc::EOPNOTSUPP, "it has SysV semaphore undo adjustments (a semop with SEM_UNDO), which Linux keeps per process and shows nowhere, so ckpt cannot restore them: use semop without SEM_UNDO");
+        return;
+    }
     // Threads of the previous round must have left the handler.
     loop {
         let p = PARKED.load(Ordering::Acquire);

@@ -587,3 +587,53 @@ pub unsafe extern "C" fn munlockall() -> c_int {
     }
     r
 }
+
+// ------------------------------------------------- SysV semaphore undo
+
+/// Set once a `semop`/`semtimedop` with `SEM_UNDO` succeeded in this
+/// process: the kernel then keeps undo adjustments for it, which it shows
+/// nowhere, so a checkpoint is refused naming them ([`sem_undo_used`]).
+/// A fork child starts without adjustments ([`forget_sem_undo`]).
+static SEM_UNDO_USED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// This process has SysV semaphore undo adjustments.
+pub fn sem_undo_used() -> bool {
+    SEM_UNDO_USED.load(Ordering::Acquire)
+}
+
+/// In a fork child: the kernel gave it no undo adjustments.
+pub fn forget_sem_undo() {
+    SEM_UNDO_USED.store(false, Ordering::Release);
+}
+
+fn note_sem_undo(r: c_int, sops: *const libc::sembuf, nsops: libc::size_t) {
+    if r != 0 || sops.is_null() {
+        return;
+    }
+    // SAFETY: the kernel just read `nsops` entries of `sops` successfully.
+    let ops = unsafe { core::slice::from_raw_parts(sops, nsops) };
+    if ops.iter().any(|o| o.sem_flg as c_int & libc::SEM_UNDO != 0) {
+        SEM_UNDO_USED.store(true, Ordering::Release);
+    }
+}
+
+/// # Safety
+/// Same contract as libc's `semop`. Async-signal-safe (a raw syscall and
+/// an atomic store).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn semop(semid: c_int, sops: *mut libc::sembuf, nsops: libc::size_t) -> c_int {
+    // SAFETY: raw semtimedop (no timeout) with the caller's arguments.
+    let r = unsafe { libc::syscall(libc::SYS_semtimedop, semid, sops, nsops, core::ptr::null::<libc::timespec>()) } as c_int;
+    note_sem_undo(r, sops, nsops);
+    r
+}
+
+/// # Safety
+/// Same contract as glibc's `semtimedop`. Async-signal-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn semtimedop(semid: c_int, sops: *mut libc::sembuf, nsops: libc::size_t, timeout: *const libc::timespec) -> c_int {
+    // SAFETY: raw semtimedop with the caller's arguments.
+    let r = unsafe { libc::syscall(libc::SYS_semtimedop, semid, sops, nsops, timeout) } as c_int;
+    note_sem_undo(r, sops, nsops);
+    r
+}

@@ -22,6 +22,7 @@
  * (TIOCGPKT) and prints "PACKET on" at start.
  */
 #include "common.h"
+#include <sys/stat.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/ioctl.h>
@@ -83,10 +84,15 @@ static void child(const char *name)
     if (tcsetpgrp(s, fg) != 0)
         ct_fail("child: tcsetpgrp: %s", strerror(errno));
     printf("FG %d\n", (int)fg);
+    /* Its controlling terminal opened as /dev/tty, kept: every other line
+     * goes through it. */
+    int devtty = open("/dev/tty", O_WRONLY | O_NOCTTY);
+    if (devtty < 0)
+        ct_fail("child: /dev/tty: %s", strerror(errno));
     for (long seq = 1;; seq++) {
         char buf[128];
         int n = line_of(seq, buf, sizeof buf, "\n");
-        if (write(s, buf, (size_t)n) != n)
+        if (write(seq % 2 ? s : devtty, buf, (size_t)n) != n)
             ct_fail("child: write line %ld: %s", seq, strerror(errno));
         if (seq % burst)
             continue;
@@ -117,6 +123,11 @@ int main(int argc, char **argv)
     int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
     if (m < 0 || grantpt(m) != 0 || unlockpt(m) != 0)
         ct_fail("posix_openpt: %s", strerror(errno));
+    /* The slave's mode: 0640, not what devpts gives (0600 or 0620), checked every tick
+     * on a slave fd the parent keeps (read-only, never read). */
+    int sf = ioctl(m, TIOCGPTPEER, O_RDONLY | O_NOCTTY | O_CLOEXEC);
+    if (sf < 0 || fchmod(sf, 0640) != 0)
+        ct_fail("fchmod of the slave: %s", strerror(errno));
     struct winsize ws = { .ws_row = 33, .ws_col = 101 };
     if (ioctl(m, TIOCSWINSZ, &ws) != 0)
         ct_fail("TIOCSWINSZ: %s", strerror(errno));
@@ -190,6 +201,9 @@ int main(int argc, char **argv)
         int st;
         if (waitpid(c, &st, WNOHANG) != 0)
             ct_fail("the child ended (status %x)", st);
+        struct stat sst;
+        if (fstat(sf, &sst) != 0 || (sst.st_mode & 07777) != 0640 || sst.st_uid != getuid())
+            ct_fail("the slave is not mode 0640 owned by uid %d (mode %o uid %d): %s", (int)getuid(), (unsigned)sst.st_mode, (int)sst.st_uid, strerror(errno));
         printf("TICK %ld lines=%ld\n", tick, next - 1);
         if (ct_should_stop(tick)) {
             kill(c, SIGKILL);

@@ -17,6 +17,11 @@
  *   - listening stream sockets on a path (ls.<pid>) and on an abstract
  *     name (@ckpt-sockpair-<pid>): each tick a client connects, the
  *     connection is accepted and one byte crosses it.
+ * A stream pair shut down for writing on one end (shutdown SHUT_WR) after
+ * 5 bytes: they stay in flight, a write there fails with EPIPE, the other
+ * direction works, and at the end the reader gets them, then end of file.
+ * The listener's socket file is made mode 0604 (chmod) at the start, and
+ * checked every tick (stat: a socket, mode 0604, owned by the process).
  * It checks every record's number and content, that one end of the stream
  * pair stays O_NONBLOCK, that SO_PASSCRED and a SO_RCVBUF set at start
  * keep their values, and that the listeners keep their names.
@@ -25,6 +30,7 @@
 #include <poll.h>
 #include <stddef.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 
 #define LAG 4   /* records left unread per direction, per channel */
@@ -195,6 +201,11 @@ int main(int argc, char **argv)
     setsockopt(dp[0], SOL_SOCKET, SO_PASSCRED, &one, sizeof one);
     setsockopt(sp[0], SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
     int rcv_set = sockopt(sp[0], SOL_SOCKET, SO_RCVBUF);
+    /* A stream pair half shut down: 5 bytes, then end of file, from hp[0]
+     * to hp[1]; hp[1] can still write to hp[0]. */
+    int hp[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, hp) != 0 || write(hp[0], "hello", 5) != 5 || shutdown(hp[0], SHUT_WR) != 0)
+        ct_fail("half shut down pair: %s", strerror(errno));
 
     char dgname[64], lsname[64], absname[64];
     snprintf(dgname, sizeof dgname, "dg.%d", (int)ct_pid);
@@ -207,6 +218,9 @@ int main(int argc, char **argv)
     if (bind(dsrv, (struct sockaddr *)&a, al) != 0 || connect(dcli, (struct sockaddr *)&a, al) != 0)
         ct_fail("named datagram socket: %s", strerror(errno));
     int ls = listener(lsname, 0), las = listener(absname, 1);
+    /* The listener's socket file keeps a mode of its own. */
+    if (chmod(lsname, 0604) != 0)
+        ct_fail("chmod %s: %s", lsname, strerror(errno));
 
     struct chan ch[] = {
         { "stream a->b", SOCK_STREAM, sp[0], sp[1], 0, 0, {0}, 0 },
@@ -229,6 +243,16 @@ int main(int argc, char **argv)
             ct_fail("SO_PASSCRED changed");
         if (sockopt(sp[0], SOL_SOCKET, SO_RCVBUF) != rcv_set)
             ct_fail("SO_RCVBUF changed: %d, was %d", sockopt(sp[0], SOL_SOCKET, SO_RCVBUF), rcv_set);
+        char hb[8];
+        if (recv(hp[1], hb, sizeof hb, MSG_PEEK | MSG_DONTWAIT) != 5 || memcmp(hb, "hello", 5) != 0)
+            ct_fail("the half shut down pair lost its 5 bytes in flight");
+        if (send(hp[0], "x", 1, MSG_NOSIGNAL | MSG_DONTWAIT) != -1 || errno != EPIPE)
+            ct_fail("a write to the end shut down for writing did not fail with EPIPE");
+        if (send(hp[1], "y", 1, MSG_NOSIGNAL) != 1 || recv(hp[0], hb, 1, 0) != 1 || hb[0] != 'y')
+            ct_fail("the other direction of the half shut down pair does not work: %s", strerror(errno));
+        struct stat lst;
+        if (stat(lsname, &lst) != 0 || !S_ISSOCK(lst.st_mode) || (lst.st_mode & 07777) != 0604 || lst.st_uid != getuid())
+            ct_fail("the socket file %s is not a socket of mode 0604 owned by uid %d (mode %o uid %d)", lsname, (int)getuid(), (unsigned)lst.st_mode, (int)lst.st_uid);
         probe(ls, lsname, 0);
         probe(las, absname, 1);
         printf("TICK %ld records %llu\n", tick, (unsigned long long)ch[0].got);
@@ -237,6 +261,9 @@ int main(int argc, char **argv)
             for (size_t i = 0; i < nch; i++)
                 while (ch[i].got < ch[i].sent)
                     recv_one(&ch[i]);
+            char hb2[8];
+            if (recv(hp[1], hb2, sizeof hb2, MSG_DONTWAIT) != 5 || recv(hp[1], hb2, sizeof hb2, MSG_DONTWAIT) != 0)
+                ct_fail("the half shut down pair does not give its 5 bytes, then end of file");
             ct_done();
         }
         ct_sleep_ms(ct_interval_ms);

@@ -370,6 +370,9 @@ pub struct Opener<'s> {
     sockets: socket::Sockets,
     deleted: deleted::Files,
     mqueues: mqueue::Queues,
+    /// Each process's controlling terminal (a pts of the image), for its
+    /// `/dev/tty` fds.
+    ctty: HashMap<i32, u32>,
 }
 
 impl<'s> Opener<'s> {
@@ -377,8 +380,9 @@ impl<'s> Opener<'s> {
     /// several (a pipe's ends) are prepared from all of them.
     pub fn new(store: &'s Store, generation: u64, images: &[crate::image::ProcessImage]) -> Result<Self> {
         let pipes = pipe::Pipes::new(store, generation, images)?;
+        let ctty = images.iter().filter_map(|i| Some((i.pid, i.ctty_pts?))).collect();
         let deleted = deleted::Files::new(store, generation, images)?;
-        Ok(Opener { store, generation, made: HashMap::new(), pipes, fifos: fifo::Fifos::new(images), ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images), deleted, mqueues: mqueue::Queues::new(images) })
+        Ok(Opener { store, generation, made: HashMap::new(), pipes, fifos: fifo::Fifos::new(images), ptys: pty::Ptys::new(images), sockets: socket::Sockets::new(images), deleted, mqueues: mqueue::Queues::new(images), ctty })
     }
 
     /// The file a shared mapping (inode `ino`, kernel name `name`) of a
@@ -425,6 +429,19 @@ impl<'s> Opener<'s> {
                     file::dev_null()?
                 }
             },
+            // Its controlling terminal, a pty of the image: a slave of the
+            // new pair (not the restart command's terminal).
+            FdKind::Device { path } if path == "/dev/tty" && self.ctty.contains_key(&pid) => {
+                let index = self.ctty[&pid];
+                let fd = self.ptys.slave_for_ctty(self.store, self.generation, index)?;
+                match fd {
+                    Some(fd) => {
+                        set_status_flags(&fd, f.flags);
+                        fd
+                    }
+                    None => file::open(self, pid, f)?,
+                }
+            }
             FdKind::File { .. } | FdKind::Dir { .. } | FdKind::Device { .. } => file::open(self, pid, f)?,
             FdKind::Pipe { .. } => pipe::open(&mut self.pipes, self.generation, pid, f)?,
             FdKind::Fifo(_) => fifo::open(&mut self.fifos, self.store, self.generation, pid, f)?,

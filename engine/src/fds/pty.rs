@@ -3,7 +3,8 @@
 //!
 //! Capture (from the master, with a duplicate of it): the pts number
 //! (`TIOCGPTN`), the slave's terminal settings and window size (which the
-//! master's `TCGETS`/`TIOCGWINSZ` report), the lock, and the slave's output
+//! master's `TCGETS`/`TIOCGWINSZ` report), the slave's mode and owner (an
+//! `fstat` of a slave opened with `TIOCGPTPEER`), the lock, and the slave's output
 //! not yet read on the master side. A terminal cannot be read without
 //! consuming, so those bytes are read out and written straight back
 //! through a slave opened with `TIOCGPTPEER`, with output processing
@@ -18,7 +19,10 @@
 //! leader whose controlling terminal was the slave takes it back
 //! ([`crate::restore`], `TIOCSCTTY` after `setsid`), and its restorer gives
 //! the terminal its foreground process group again (`TIOCSPGRP`, once every
-//! process group exists; recorded from `/proc/PID/stat`'s `tpgid`).
+//! process group exists; recorded from `/proc/PID/stat`'s `tpgid`). A
+//! `/dev/tty` fd of a process whose controlling terminal is the slave is a
+//! new slave fd of the pair ([`super::Opener::open`]): the restart
+//! command's own terminal is never handed out.
 //!
 //! Limits: bytes typed into the master but not yet read by the slave's
 //! reader (the slave's input queue) are not recorded (a warning gives
@@ -230,7 +234,28 @@ pub fn capture_master(round: &mut Round, live: &LiveFd) -> Result<FdKind> {
         d
     };
     let winsize = [ws.ws_row, ws.ws_col, ws.ws_xpixel, ws.ws_ypixel];
-    Ok(FdKind::PtyMaster(PtyState { index, termios: to_image(&real), winsize, locked, data, packet }))
+    let slave_file = if locked { None } else { slave_file(m) };
+    Ok(FdKind::PtyMaster(PtyState { index, termios: to_image(&real), winsize, locked, data, packet, slave_file }))
+}
+
+/// The slave's mode and owner, through a slave opened from the master
+/// (`TIOCGPTPEER`, `O_NOCTTY`: it never becomes a controlling terminal).
+fn slave_file(m: RawFd) -> Option<crate::image::SocketFile> {
+    use std::os::unix::fs::MetadataExt;
+    let s = open_peer(m, libc::O_RDONLY | libc::O_NONBLOCK).ok()?;
+    let md = std::fs::File::from(s).metadata().ok()?;
+    Some(crate::image::SocketFile { mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid() })
+}
+
+/// Gives a new slave the recorded mode and owner.
+fn set_slave_file(slave: &OwnedFd, f: &crate::image::SocketFile) -> std::io::Result<()> {
+    // SAFETY: fchown/fchmod of our own fd.
+    unsafe {
+        if libc::fchown(slave.as_raw_fd(), f.uid, f.gid) != 0 || libc::fchmod(slave.as_raw_fd(), f.mode) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The slave's unread output, read out and put back unchanged.
@@ -320,6 +345,9 @@ impl Ptys {
                 feed(&slave, &bytes, &real).map_err(|e| err(format!("writing back {} bytes in flight: {e}", bytes.len())))?;
             }
             None => set_termios(slave.as_raw_fd(), &real).map_err(|e| err(format!("TCSETS: {e}")))?,
+        }
+        if let Some(f) = &st.slave_file {
+            set_slave_file(&slave, f).map_err(|e| err(format!("giving the slave its mode {:o} and owner {}:{}: {e}", f.mode, f.uid, f.gid)))?;
         }
         drop(slave);
         if st.packet {

@@ -155,6 +155,7 @@ pub fn restore_generation(
     // SysV segments: made again with their ids and content; the restorers
     // attach them.
     let sysv_segments = crate::sysv::Segments::make(store, generation, images)?;
+    let sysv_objects = crate::sysvipc::Objects::make(generation, images)?;
     // Deleted files are made before shared memory: a shared mapping of one
     // is that file again.
     let mut opener = crate::fds::Opener::new(store, generation, images)?;
@@ -239,6 +240,7 @@ pub fn restore_generation(
     // programs go on.
     guard.armed = false;
     sysv_segments.keep();
+    sysv_objects.keep();
     Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect() })
 }
 

@@ -139,6 +139,7 @@ pub(super) fn build_plan(
     // 5. The image's regions: SysV segments attached first (an attach maps
     // the whole segment), then the others.
     crate::sysv::plan_attaches(&mut p, image);
+    crate::sysvipc::plan(&mut p, image);
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
     for (i, r) in image.regions.iter().enumerate() {
         let len = r.end - r.start;

@@ -14,7 +14,11 @@
 //! stay). Names are bound again (a stale socket file at the path is
 //! unlinked first), listeners listen again with their backlog, datagram
 //! sockets get their queued messages from a temporary sender and are
-//! connected again to their named peer once every socket exists.
+//! connected again to their named peer once every socket exists. The
+//! socket file of a path name gets its recorded mode and owner back after
+//! the bind (a relative name is looked up in the process's cwd at
+//! capture). A pair's ends are shut down again (`sk_shutdown` from
+//! sock_diag) once their bytes are refilled.
 //!
 //! Not kept: the names of a connected stream/seqpacket pair (the new pair
 //! is unnamed; datagram pairs are bound to their names again: `getsockname`/`getpeername` return an empty address), the
@@ -100,7 +104,56 @@ pub(super) fn capture(round: &mut Round, live: &LiveFd, fd: OwnedFd, ino: u64, t
         data,
         messages,
         opts,
+        file: info.name.as_deref().and_then(|n| socket_file(pid, n)),
+        shutdown: info.shutdown & 3,
     })
+}
+
+/// The mode and owner of the socket file of a path name, seen from the
+/// process (its root for an absolute name, its cwd for a relative one:
+/// where the name was bound, unless the process changed directory since).
+fn socket_file(pid: i32, name: &[u8]) -> Option<crate::image::SocketFile> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if name.first().is_none_or(|&b| b == 0) {
+        return None;
+    }
+    let path = std::ffi::OsStr::from_bytes(name.split(|&b| b == 0).next().unwrap_or_default());
+    let base = if path.as_bytes().starts_with(b"/") { format!("/proc/{pid}/root") } else { format!("/proc/{pid}/cwd/") };
+    let mut full = std::ffi::OsString::from(base);
+    full.push(path);
+    let m = std::fs::symlink_metadata(&full).ok().filter(|m| m.file_type().is_socket())?;
+    Some(crate::image::SocketFile { mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid() })
+}
+
+/// `shutdown()` as `sk_shutdown` bits say (1: reads, 2: writes).
+fn shut(s: &OwnedFd, bits: u8) -> io::Result<()> {
+    let how = match bits & 3 {
+        0 => return Ok(()),
+        1 => libc::SHUT_RD,
+        2 => libc::SHUT_WR,
+        _ => libc::SHUT_RDWR,
+    };
+    // SAFETY: shutdown of our own socket.
+    if unsafe { libc::shutdown(s.as_raw_fd(), how) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Gives the socket file just bound at `name` its recorded mode and owner.
+fn restore_file(name: &[u8], f: &crate::image::SocketFile) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(name.split(|&b| b == 0).next().unwrap_or_default()));
+    let m = std::fs::symlink_metadata(path)?;
+    if (m.uid(), m.gid()) != (f.uid, f.gid) {
+        std::os::unix::fs::lchown(path, Some(f.uid), Some(f.gid))?;
+    }
+    if m.mode() & 0o7777 != f.mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(f.mode))?;
+    }
+    Ok(())
 }
 
 /// The messages in the receive queue of `fd`, left in place. A stream
@@ -405,6 +458,11 @@ impl Restore {
             }
             refill(&b, None, &split(u, &data), stream).map_err(|e| err(format!("refilling {} bytes: {e}", data.len())))?;
             refill(&a, None, &split(&p, &pdata), stream).map_err(|e| err(format!("refilling its peer's {} bytes: {e}", pdata.len())))?;
+            // Once the bytes are in: each end's shutdown() (which the
+            // other end sees as well).
+            for (s, how) in [(&a, u.shutdown), (&b, p.shutdown)] {
+                shut(s, how).map_err(|e| err(format!("shutdown: {e}")))?;
+            }
             self.pending.insert(p.ino, b);
             return Ok(a);
         }
@@ -424,6 +482,9 @@ impl Restore {
         if let Some(name) = &u.name {
             unlink_stale(name).map_err(|e| err(format!("cannot free {}: {e}", show_name(name))))?;
             bind(&s, name).map_err(|e| err(format!("bind {}: {e}", show_name(name))))?;
+            if let Some(f) = &u.file {
+                restore_file(name, f).map_err(|e| err(format!("cannot give the socket file {} its mode {:o} and owner {}:{}: {e}", show_name(name), f.mode, f.uid, f.gid)))?;
+            }
         }
         if let Some(backlog) = u.listen_backlog {
             // SAFETY: listen on our own socket.
