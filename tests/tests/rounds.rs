@@ -8,8 +8,8 @@
 //!   resumes with every byte (it counts them; the test compares with what
 //!   it wrote). Once the writer stops, the same program checkpoints,
 //!   restarts twice and checks its stream.
-//! * `ckpt kill` while a round waits for a process that cannot answer
-//!   (stopped with SIGSTOP): the round is cancelled and kill returns at
+//! * `ckpt kill` while a round is busy (the same never-ending drain, with
+//!   the default deadline): the round is cancelled and kill returns at
 //!   once, with every process gone. Before, kill waited for the round's
 //!   lock (30 s) and the CLI gave up, leaving the processes running.
 //! * `ckpt quit` in the same state: the coordinator exits at once; the
@@ -107,21 +107,33 @@ fn a_drain_that_never_ends_misses_the_deadline_and_resumes_the_program() {
     }
 }
 
-/// `ckpt checkpoint` in the background, waiting on `p` (stopped with
-/// SIGSTOP, so its agent cannot answer).
-fn busy_round(s: &Session, p: &Proc) -> std::process::Child {
-    signal(p.pid, libc::SIGSTOP);
+/// A writer outside the computation into the slave `pts`: one byte every
+/// 10 ms until `quiet` is set (or the pty is gone).
+fn feed(pts: &str) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let quiet = Arc::new(AtomicBool::new(false));
+    let mut slave = std::fs::OpenOptions::new().write(true).open(pts).unwrap_or_else(|e| panic!("{pts}: {e}"));
+    let q = quiet.clone();
+    let writer = std::thread::spawn(move || {
+        while !q.load(Ordering::Acquire) && slave.write_all(b"x").is_ok() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    (quiet, writer)
+}
+
+/// `stuck` launched and a round made busy for good: `ckpt checkpoint` in
+/// the background, draining a pty that a writer outside keeps feeding (the
+/// round's deadline is the default 60 s, far beyond the test).
+fn busy_round(s: &Session) -> (Proc, std::process::Child, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let mut p = s.launch(&program("stuck"), &["-t", "50"]);
+    let pts = p.wait_prefix("PTS ", LINE_TIMEOUT)[4..].trim().to_string();
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let (quiet, writer) = feed(&pts);
     let mut c = s.cmd("checkpoint");
     c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let child = c.spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    child
-}
-
-/// A signal to a process this test started.
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill(2) on a positive pid of ours; no memory involved.
-    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to {pid}");
+    std::thread::sleep(Duration::from_millis(1500));
+    (p, child, quiet, writer)
 }
 
 fn round_result(c: std::process::Child) -> (bool, String) {
@@ -132,9 +144,7 @@ fn round_result(c: std::process::Child) -> (bool, String) {
 #[test]
 fn kill_during_a_busy_round_cancels_it_and_returns_with_every_process_gone() {
     let s = Session::new("rounds_kill");
-    let mut p = s.launch(&program("stuck"), &["-t", "50"]);
-    p.wait_ticks(3, LINE_TIMEOUT);
-    let round = busy_round(&s, &p);
+    let (mut p, round, quiet, writer) = busy_round(&s);
     let t0 = Instant::now();
     let out = s.run("kill", &[]);
     let took = t0.elapsed();
@@ -146,15 +156,15 @@ fn kill_during_a_busy_round_cancels_it_and_returns_with_every_process_gone() {
     let (ok, err) = round_result(round);
     assert!(!ok && err.contains("cancelled"), "the busy round did not end as cancelled: {err}");
     p.wait_exit(CMD_TIMEOUT);
+    quiet.store(true, Ordering::Release);
+    writer.join().unwrap();
     eprintln!("[rounds] kill during a busy round took {took:?}");
 }
 
 #[test]
 fn quit_during_a_busy_round_exits_and_the_program_runs_on() {
     let s = Session::new("rounds_quit");
-    let mut p = s.launch(&program("stuck"), &["-t", "50"]);
-    p.wait_ticks(3, LINE_TIMEOUT);
-    let round = busy_round(&s, &p);
+    let (mut p, round, quiet, writer) = busy_round(&s);
     let t0 = Instant::now();
     let out = s.run("quit", &[]);
     let took = t0.elapsed();
@@ -164,10 +174,11 @@ fn quit_during_a_busy_round_exits_and_the_program_runs_on() {
     assert!(!ok, "the busy round succeeded");
     let st = Command::new(&s.ckpt).args(["status", "--coord", &s.coord]).output().unwrap();
     assert!(text(&st.stdout).contains("none running"), "the coordinator still answers after quit: {}", text(&st.stdout));
-    // Continued, the program runs on, out of any computation.
-    signal(p.pid, libc::SIGCONT);
+    // Released, the program runs on, out of any computation.
     p.drain();
     p.wait_ticks(5, LINE_TIMEOUT);
+    quiet.store(true, Ordering::Release);
+    writer.join().unwrap();
     p.kill9();
     eprintln!("[rounds] quit during a busy round took {took:?}");
 }
