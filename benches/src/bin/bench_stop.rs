@@ -7,41 +7,12 @@
 //! It prints a Markdown table (BENCHMARKS.md is made from it).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 
 use serde_json::Value;
 
-struct Env {
-    ckpt: PathBuf,
-    dir: PathBuf,
-}
-
-impl Env {
-    fn new(ckpt: &Path, tag: &str) -> Env {
-        let dir = std::env::temp_dir().join(format!("ckpt-bench-stop-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Env { ckpt: ckpt.to_path_buf(), dir }
-    }
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(&self.ckpt);
-        c.env("CKPT_STORE", self.dir.join("store")).env("CKPT_COORD", format!("unix:{}", self.dir.join("c.sock").display()));
-        c
-    }
-    fn run(&self, args: &[&str]) -> String {
-        let out = self.cmd().args(args).stdin(Stdio::null()).output().expect("run ckpt");
-        assert!(out.status.success(), "ckpt {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.cmd().arg("quit").stdin(Stdio::null()).stderr(Stdio::null()).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use ckpt_benches::Env;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -50,7 +21,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Median downtime (ms) of `reps` checkpoints after the first.
 fn downtime(ckpt: &Path, prog: &str, threads: usize, stop: &str, reps: usize) -> f64 {
-    let env = Env::new(ckpt, &format!("{stop}-{threads}"));
+    let env = Env::new(ckpt, "stop", &format!("{stop}-{threads}"));
     let mut child = env
         .cmd()
         .args(["launch", "--", prog, &threads.to_string(), "16"])

@@ -11,42 +11,13 @@
 //! It prints a Markdown report (BENCHMARKS.md is made from it).
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use serde_json::Value;
 
-struct Env {
-    ckpt: PathBuf,
-    dir: PathBuf,
-}
-
-impl Env {
-    fn new(ckpt: &Path, tag: &str) -> Env {
-        let dir = std::env::temp_dir().join(format!("ckpt-bench-trees-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Env { ckpt: ckpt.to_path_buf(), dir }
-    }
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(&self.ckpt);
-        c.env("CKPT_STORE", self.dir.join("store")).env("CKPT_COORD", format!("unix:{}", self.dir.join("c.sock").display()));
-        c
-    }
-    fn run(&self, args: &[&str]) -> String {
-        let out = self.cmd().args(args).stdin(Stdio::null()).output().expect("run ckpt");
-        assert!(out.status.success(), "ckpt {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.cmd().arg("quit").stdin(Stdio::null()).stderr(Stdio::null()).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use ckpt_benches::Env;
 
 /// Runs `prog args` (under `ckpt launch` when `env` is given) and returns
 /// its NS_PER_OP figure.
@@ -76,7 +47,7 @@ fn main() {
     println!("## Process trees (bench-trees)\n");
     println!("### Creating processes under ckpt (median of {reps} runs of {forks})\n");
     println!("| operation | without ckpt | under ckpt | ratio |\n|---|---|---|---|");
-    let env = Env::new(&ckpt, "fork");
+    let env = Env::new(&ckpt, "trees", "fork");
     for mode in ["fork", "exec"] {
         let raw = median((0..reps).map(|_| ns_per_op(None, prog, &[mode, &forks])).collect());
         let under = median((0..reps).map(|_| ns_per_op(Some(&env), prog, &[mode, &forks])).collect());
@@ -88,7 +59,7 @@ fn main() {
     println!("\n### Checkpointing K processes of 16 MiB each (medians of {reps} checkpoints after the first)\n");
     println!("| processes | memory | downtime | time to commit | commit per process |\n|---|---|---|---|---|");
     for (k, mib) in [(1usize, 16usize), (1, 256), (4, 16), (16, 16)] {
-        let env = Env::new(&ckpt, &format!("tree{k}-{mib}"));
+        let env = Env::new(&ckpt, "trees", &format!("tree{k}-{mib}"));
         let mut child = env
             .cmd()
             .args(["launch", "--", prog, "tree", &k.to_string(), &mib.to_string()])
@@ -147,7 +118,7 @@ fn helper_vs_local(ckpt: &Path, prog: &str, reps: usize) {
     println!("| checkpoint | coordinator | helper | ratio |\n|---|---|---|---|");
     let mut rows: Vec<[(f64, f64); 2]> = vec![[(0.0, 0.0); 2]; 2];
     for (col, via_helper) in [(0, false), (1, true)] {
-        let env = Env::new(ckpt, if via_helper { "helper" } else { "local" });
+        let env = Env::new(ckpt, "trees", if via_helper { "helper" } else { "local" });
         // The helper's machine: PID 1 of a new PID namespace (with its own
         // /proc), killed with everything in it at the end.
         let mut init: Option<(std::process::Child, u32)> = None;
