@@ -273,7 +273,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     noreserve(pid, &mut regions)?;
     crate::memattrs::capture(pid, &mut regions)?;
     let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;
-    let (sysv_sem, sysv_msq) = crate::sysvipc::capture(pid)?;
+    let (sysv_sem, sysv_msq) = crate::sysvipc::capture(pid, report.hello.restart_word_addr)?;
     if backend == Backend::SoftDirty {
         dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
     }

@@ -60,6 +60,56 @@ pub struct SysvSem {
     /// The semaphores this process changed last (`GETPID`).
     #[serde(default)]
     pub last: Vec<u16>,
+    /// This process's `SEM_UNDO` adjustments on the set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undo: Vec<SemAdj>,
+}
+
+/// An undo adjustment: what the kernel adds to semaphore `sem` when the
+/// process exits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SemAdj {
+    pub sem: u16,
+    pub adj: i32,
+}
+
+/// A set's `sem_ctime`, or None if it is gone.
+fn sem_ctime(semid: i32) -> Option<i64> {
+    // SAFETY: a zeroed semid_ds filled by IPC_STAT.
+    unsafe {
+        let mut ds: libc::semid_ds = std::mem::zeroed();
+        (libc::semctl(semid, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds) == 0).then_some(ds.sem_ctime)
+    }
+}
+
+/// The undo adjustments the agent of `pid` recorded
+/// (`ckpt_wire::agent::SemUndoTable`, read from the stopped process):
+/// (set, semaphore) to adjustment, without those a later `SETVAL`/`SETALL`
+/// cleared (the set's `sem_ctime` moved past the adjustment's) or whose
+/// set is gone.
+fn undo_table(pid: i32, restart_word_addr: u64) -> Result<BTreeMap<(i32, u16), i32>> {
+    use ckpt_wire::Pod;
+    let mut t = ckpt_wire::agent::SemUndoTable::default();
+    // SAFETY: SemUndoTable is Pod: any bytes are a value.
+    let buf = unsafe { std::slice::from_raw_parts_mut(&mut t as *mut _ as *mut u8, std::mem::size_of_val(&t)) };
+    let addr = restart_word_addr + ckpt_wire::agent::SEM_UNDO_OFFSET;
+    let n = crate::remote::read(pid, addr, buf).map_err(|e| EngineError::Unsupported { pid, what: format!("cannot read its SysV semaphore undo table at {addr:#x}: {e}") })?;
+    if n != t.as_bytes().len() {
+        return Err(EngineError::Unsupported { pid, what: format!("its SysV semaphore undo table at {addr:#x} is short ({n} bytes)") });
+    }
+    if t.overflow != 0 {
+        return Err(EngineError::Unsupported { pid, what: format!("it holds SysV semaphore undo adjustments on more than {} semaphores, more than ckpt records", ckpt_wire::agent::SEM_UNDO_MAX) });
+    }
+    let mut out: BTreeMap<(i32, u16), i32> = BTreeMap::new();
+    for s in t.slots.iter().filter(|s| s.used != 0 && s.adj != 0) {
+        let Ok(sem) = u16::try_from(s.semnum) else { continue };
+        match sem_ctime(s.semid) {
+            Some(c) if c <= s.ctime => *out.entry((s.semid, sem)).or_default() += s.adj,
+            _ => tracing::debug!(pid, semid = s.semid, sem, "undo adjustment cleared since (SETVAL/SETALL) or set gone"),
+        }
+    }
+    out.retain(|_, a| *a != 0);
+    Ok(out)
 }
 
 /// A message queue and its messages.
@@ -105,10 +155,11 @@ fn table(path: &str) -> std::io::Result<Vec<Vec<String>>> {
 }
 
 /// The semaphore sets and message queues of the IPC namespace that `pid`
-/// used last, with their contents; refuses a process with `SEM_UNDO`
-/// adjustments.
-pub fn capture(pid: i32) -> Result<(Vec<SysvSem>, Vec<SysvMsq>)> {
+/// used last or holds `SEM_UNDO` adjustments on, with their contents and
+/// its adjustments.
+pub fn capture(pid: i32, restart_word_addr: u64) -> Result<(Vec<SysvSem>, Vec<SysvMsq>)> {
     let proc_err = |path: &str, e| EngineError::Proc { pid, path: path.into(), source: e };
+    let undo = if restart_word_addr != 0 { undo_table(pid, restart_word_addr)? } else { BTreeMap::new() };
     let mut sems = Vec::new();
     for f in table("/proc/sysvipc/sem").map_err(|e| proc_err("/proc/sysvipc/sem", e))? {
         // key semid perms nsems uid gid cuid cgid otime ctime
@@ -119,7 +170,8 @@ pub fn capture(pid: i32) -> Result<(Vec<SysvSem>, Vec<SysvMsq>)> {
         }
         // SAFETY: GETPID takes no buffer.
         let last: Vec<u16> = (0..nsems).filter(|&i| unsafe { libc::semctl(semid, i as i32, libc::GETPID) } == pid).map(|i| i as u16).collect();
-        if last.is_empty() {
+        let adj: Vec<SemAdj> = undo.range((semid, 0)..=(semid, u16::MAX)).filter(|(k, _)| (k.1 as usize) < nsems).map(|(k, &adj)| SemAdj { sem: k.1, adj }).collect();
+        if last.is_empty() && adj.is_empty() {
             continue;
         }
         let mut values = vec![0u16; nsems];
@@ -127,7 +179,7 @@ pub fn capture(pid: i32) -> Result<(Vec<SysvSem>, Vec<SysvMsq>)> {
         if unsafe { libc::semctl(semid, 0, libc::GETALL, values.as_mut_ptr()) } != 0 {
             return Err(EngineError::Unsupported { pid, what: format!("cannot read the values of its SysV semaphore set {semid} (GETALL): {}", std::io::Error::last_os_error()) });
         }
-        sems.push(SysvSem { semid, key, mode: mode & 0o777, uid, gid, values, last });
+        sems.push(SysvSem { semid, key, mode: mode & 0o777, uid, gid, values, last, undo: adj });
     }
     let mut msqs = Vec::new();
     for f in table("/proc/sysvipc/msg").map_err(|e| proc_err("/proc/sysvipc/msg", e))? {
@@ -258,6 +310,10 @@ impl Objects {
         let mut sems: BTreeMap<i32, &SysvSem> = BTreeMap::new();
         let mut msqs: BTreeMap<i32, &SysvMsq> = BTreeMap::new();
         for i in images {
+            let n: usize = i.sysv_sem.iter().map(|s| s.undo.len()).sum();
+            if n > ckpt_wire::agent::SEM_UNDO_MAX {
+                return Err(bad(generation, format!("process {} holds {n} SysV semaphore undo adjustments (at most {})", i.pid, ckpt_wire::agent::SEM_UNDO_MAX)));
+            }
             for s in &i.sysv_sem {
                 check_sem(generation, s)?;
                 sems.entry(s.semid).or_insert(s);
@@ -308,8 +364,15 @@ fn bad(generation: u64, what: String) -> EngineError {
 }
 
 fn check_sem(generation: u64, s: &SysvSem) -> Result<()> {
-    if s.values.is_empty() || s.values.len() > MAX_SEMS || s.values.iter().any(|&v| v > i16::MAX as u16) || s.last.iter().any(|&i| i as usize >= s.values.len()) {
+    if s.values.is_empty() || s.values.len() > MAX_SEMS || s.values.iter().any(|&v| v > i16::MAX as u16) || s.last.iter().any(|&i| i as usize >= s.values.len()) || s.undo.iter().any(|u| u.sem as usize >= s.values.len()) {
         return Err(bad(generation, format!("SysV semaphore set {} has {} semaphores (values up to 32767, at most {MAX_SEMS})", s.semid, s.values.len())));
+    }
+    for u in &s.undo {
+        // The adjustment is made again by raising the value by |adj| for
+        // a moment: it must fit under SEMVMX.
+        if u.adj == 0 || u.adj.unsigned_abs() + s.values[u.sem as usize] as u32 > i16::MAX as u32 {
+            return Err(EngineError::Restore { generation, what: format!("SysV semaphore set {} semaphore {}: its undo adjustment {} cannot be made again (value {} plus {} would exceed SEMVMX 32767)", s.semid, u.sem, u.adj, s.values[u.sem as usize], u.adj.unsigned_abs()) });
+        }
     }
     Ok(())
 }
@@ -433,6 +496,19 @@ fn send(generation: u64, msqid: i32, m: &SysvMessage) -> Result<()> {
     Ok(())
 }
 
+/// The agent's undo table as the restarted process must hold it: the
+/// image's adjustments, stamped with the remade sets' `sem_ctime` (written
+/// over the restored memory at `SEM_UNDO_OFFSET` after the restart word).
+pub fn undo_table_bytes(image: &ProcessImage) -> Vec<u8> {
+    use ckpt_wire::Pod;
+    let mut t = ckpt_wire::agent::SemUndoTable::default();
+    let all = image.sysv_sem.iter().flat_map(|s| s.undo.iter().map(move |u| (s.semid, u)));
+    for (slot, (semid, u)) in t.slots.iter_mut().zip(all) {
+        *slot = ckpt_wire::agent::SemUndoSlot { semid, semnum: u.sem as i32, adj: u.adj, used: 1, ctime: sem_ctime(semid).unwrap_or(0) };
+    }
+    t.as_bytes().to_vec()
+}
+
 /// Plan steps of one process: a net-zero `semop` on each semaphore it had
 /// changed last (so `GETPID` names it again), and the messages of each
 /// queue it had sent to last, in order.
@@ -451,6 +527,25 @@ pub fn plan(p: &mut PlanBuilder, image: &ProcessImage) {
             }
             let d = p.data(&ops);
             p.syscall(libc::SYS_semop, &[(s.semid as u64).into(), d.into(), 2u64.into()], Some(0), false, format!("touch semaphore {n} of SysV set {}", s.semid));
+        }
+    }
+    // Each undo adjustment A again, by two semops of the process itself,
+    // the raise first so neither blocks: A > 0: +A, then -A with SEM_UNDO;
+    // A < 0: +|A| with SEM_UNDO, then -|A|. The value is unchanged, the
+    // kernel's semadj is A.
+    for s in &image.sysv_sem {
+        for u in &s.undo {
+            let m = u.adj.unsigned_abs() as i16;
+            let undo = libc::SEM_UNDO as i16;
+            let (first, second) = if u.adj > 0 { (0, undo) } else { (undo, 0) };
+            for (op, flg, what) in [(m, first, "raise"), (-m, second, "lower")] {
+                let mut b = Vec::new();
+                b.extend_from_slice(&u.sem.to_ne_bytes());
+                b.extend_from_slice(&op.to_ne_bytes());
+                b.extend_from_slice(&(flg | libc::IPC_NOWAIT as i16).to_ne_bytes());
+                let d = p.data(&b);
+                p.syscall(libc::SYS_semop, &[(s.semid as u64).into(), d.into(), 1u64.into()], Some(0), false, format!("{what} semaphore {} of SysV set {} to make its undo adjustment {} again", u.sem, s.semid, u.adj));
+            }
         }
     }
     for q in image.sysv_msq.iter().filter(|q| q.sender) {

@@ -569,8 +569,8 @@ fn fail(errno: i32, msg: &str) {
 /// handler ([`checkpoint_in_handler`]), so the thread's saved frame is the
 /// point it returns to after a restart.
 fn checkpoint(_generation: u64) {
-    if crate::interpose::sem_undo_used() {
-        fail(libc::EOPNOTSUPP, "it has SysV semaphore undo adjustments (a semop with SEM_UNDO), which Linux keeps per process and shows nowhere, so ckpt cannot restore them: use semop without SEM_UNDO");
+    if crate::interpose::sem_undo_overflowed() {
+        fail(libc::EOPNOTSUPP, "it holds SysV semaphore undo adjustments (semop with SEM_UNDO) on more than 64 semaphores, more than ckpt's table records: use fewer semaphores with SEM_UNDO");
         return;
     }
     // Threads of the previous round must have left the handler.

@@ -590,41 +590,126 @@ pub unsafe extern "C" fn munlockall() -> c_int {
 
 // ------------------------------------------------- SysV semaphore undo
 
-/// Set once a `semop`/`semtimedop` with `SEM_UNDO` succeeded in this
-/// process: the kernel then keeps undo adjustments for it, which it shows
-/// nowhere, so a checkpoint is refused naming them ([`sem_undo_used`]).
-/// A fork child starts without adjustments ([`forget_sem_undo`]).
-static SEM_UNDO_USED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+/// The kernel keeps, per process, an undo adjustment per (set, semaphore)
+/// a `semop` with `SEM_UNDO` touched, and shows it nowhere: the wrappers
+/// below keep the same numbers in `CKPT_RESTART_WORD.sem_undo` (a fixed
+/// table in static memory, so it comes back with the process's memory),
+/// which the coordinator reads at checkpoint. Updates run with every
+/// signal blocked under a spinlock (async-signal-safe, no allocation).
+static SEM_UNDO_LOCK: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// This process has SysV semaphore undo adjustments.
-pub fn sem_undo_used() -> bool {
-    SEM_UNDO_USED.load(Ordering::Acquire)
+/// Runs `f` on the table with signals blocked and the lock held.
+fn with_sem_undo(f: impl FnOnce(&mut ckpt_wire::agent::SemUndoTable)) {
+    let all: u64 = !0;
+    let mut old: u64 = 0;
+    // SAFETY: rt_sigprocmask with 8-byte masks we own.
+    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all as *const u64, &mut old as *mut u64, 8usize) };
+    while SEM_UNDO_LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        core::hint::spin_loop();
+    }
+    // SAFETY: the lock is held and this thread's signals are blocked: no
+    // other reference to the table exists.
+    f(unsafe { &mut *crate::agent::CKPT_RESTART_WORD.sem_undo.get() });
+    SEM_UNDO_LOCK.store(false, Ordering::Release);
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &old as *const u64, 0usize, 8usize) };
+}
+
+/// An adjustment did not fit the table: the checkpoint is refused.
+pub fn sem_undo_overflowed() -> bool {
+    // SAFETY: a plain read of a u32 the wrappers set (read at checkpoint,
+    // while the other threads are stopped).
+    unsafe { core::ptr::read_volatile(&(*crate::agent::CKPT_RESTART_WORD.sem_undo.get()).overflow) != 0 }
 }
 
 /// In a fork child: the kernel gave it no undo adjustments.
 pub fn forget_sem_undo() {
-    SEM_UNDO_USED.store(false, Ordering::Release);
+    // A thread of the parent may have held the lock at `fork`.
+    SEM_UNDO_LOCK.store(false, Ordering::Release);
+    with_sem_undo(|t| *t = ckpt_wire::agent::SemUndoTable::default());
 }
 
-fn note_sem_undo(r: c_int, sops: *const libc::sembuf, nsops: libc::size_t) {
-    if r != 0 || sops.is_null() {
+/// The set's `sem_ctime`, or 0.
+fn sem_ctime(semid: c_int) -> i64 {
+    // SAFETY: a zeroed semid_ds filled by IPC_STAT (raw syscall).
+    unsafe {
+        let mut ds: libc::semid_ds = core::mem::zeroed();
+        if libc::syscall(libc::SYS_semctl, semid, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds) != 0 {
+            return 0;
+        }
+        ds.sem_ctime
+    }
+}
+
+fn note_sem_undo(semid: c_int, r: c_int, sops: *const libc::sembuf, nsops: libc::size_t) {
+    if r != 0 || sops.is_null() || nsops == 0 {
         return;
     }
     // SAFETY: the kernel just read `nsops` entries of `sops` successfully.
     let ops = unsafe { core::slice::from_raw_parts(sops, nsops) };
-    if ops.iter().any(|o| o.sem_flg as c_int & libc::SEM_UNDO != 0) {
-        SEM_UNDO_USED.store(true, Ordering::Release);
+    if !ops.iter().any(|o| o.sem_flg as c_int & libc::SEM_UNDO != 0 && o.sem_op != 0) {
+        return;
     }
+    let ctime = sem_ctime(semid);
+    with_sem_undo(|t| {
+        for o in ops.iter().filter(|o| o.sem_flg as c_int & libc::SEM_UNDO != 0 && o.sem_op != 0) {
+            let n = o.sem_num as i32;
+            let slot = match t.slots.iter().position(|s| s.used != 0 && s.semid == semid && s.semnum == n) {
+                Some(i) => Some(i),
+                None => t.slots.iter().position(|s| s.used == 0),
+            };
+            let Some(i) = slot else {
+                t.overflow = 1;
+                continue;
+            };
+            let s = &mut t.slots[i];
+            if s.used == 0 {
+                *s = ckpt_wire::agent::SemUndoSlot { semid, semnum: n, adj: 0, used: 1, ctime };
+            }
+            s.adj -= o.sem_op as i32;
+            s.ctime = ctime;
+            if s.adj == 0 {
+                s.used = 0;
+            }
+        }
+    });
+}
+
+/// `SETVAL`/`SETALL` clear the semaphore's adjustments in every process,
+/// `IPC_RMID` drops the set: this process's entries go.
+fn clear_sem_undo(semid: c_int, semnum: Option<c_int>) {
+    with_sem_undo(|t| {
+        for s in t.slots.iter_mut().filter(|s| s.used != 0 && s.semid == semid && semnum.is_none_or(|n| s.semnum == n)) {
+            s.used = 0;
+        }
+    });
 }
 
 /// # Safety
-/// Same contract as libc's `semop`. Async-signal-safe (a raw syscall and
-/// an atomic store).
+/// Same contract as libc's `semctl` (x86-64: the variadic fourth argument
+/// is passed in a register like a fixed one). Async-signal-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn semctl(semid: c_int, semnum: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    // SAFETY: raw semctl with the caller's arguments.
+    let r = unsafe { libc::syscall(libc::SYS_semctl, semid, semnum, cmd, arg) } as c_int;
+    if r >= 0 {
+        match cmd & !0x100 {
+            libc::SETVAL => clear_sem_undo(semid, Some(semnum)),
+            libc::SETALL | libc::IPC_RMID => clear_sem_undo(semid, None),
+            _ => {}
+        }
+    }
+    r
+}
+
+/// # Safety
+/// Same contract as libc's `semop`. Async-signal-safe (raw syscalls and
+/// a table update with signals blocked).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn semop(semid: c_int, sops: *mut libc::sembuf, nsops: libc::size_t) -> c_int {
     // SAFETY: raw semtimedop (no timeout) with the caller's arguments.
     let r = unsafe { libc::syscall(libc::SYS_semtimedop, semid, sops, nsops, core::ptr::null::<libc::timespec>()) } as c_int;
-    note_sem_undo(r, sops, nsops);
+    note_sem_undo(semid, r, sops, nsops);
     r
 }
 
@@ -634,6 +719,6 @@ pub unsafe extern "C" fn semop(semid: c_int, sops: *mut libc::sembuf, nsops: lib
 pub unsafe extern "C" fn semtimedop(semid: c_int, sops: *mut libc::sembuf, nsops: libc::size_t, timeout: *const libc::timespec) -> c_int {
     // SAFETY: raw semtimedop with the caller's arguments.
     let r = unsafe { libc::syscall(libc::SYS_semtimedop, semid, sops, nsops, timeout) } as c_int;
-    note_sem_undo(r, sops, nsops);
+    note_sem_undo(semid, r, sops, nsops);
     r
 }

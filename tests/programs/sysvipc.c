@@ -19,8 +19,13 @@
  * about 30 messages of three types are always in the queue. IPC_STAT
  * gives the key, mode and the number of messages the parent expects.
  *
- * -u: the child takes semaphore 1 once with SEM_UNDO at its start (and
- * gives it back without), leaving an undo adjustment (ckpt refuses it).
+ * -u: undo adjustments. A second set (KEY+2, 2 semaphores: a lock at 1,
+ * a count at 5). The child takes the lock with SEM_UNDO and holds it for
+ * ever (its adjustment +1) and adds 2 to the count with SEM_UNDO (-2); a
+ * third process (the "exiter") takes 3 from the count with SEM_UNDO
+ * (+3). Every tick the parent checks the lock is 0 and the count 4. At
+ * the stop tick it kills the exiter, and the kernel's undo must bring the
+ * count to 7; then the child, and the lock must be 1 and the count 5.
  *
  * At the stop tick the parent stops the child, removes both and prints
  * DONE.
@@ -36,7 +41,7 @@
 
 static key_t key;
 static int undo;
-static int semid, msqid;
+static int semid, msqid, usemid = -1;
 
 struct msg {
     long mtype;
@@ -50,18 +55,34 @@ static void opt(int c, const char *arg)
     (void)arg;
 }
 
-static void sem(int n, int op, int flags, const char *who)
+static void semon(int id, int n, int op, int flags, const char *who)
 {
     struct sembuf b = { .sem_num = (unsigned short)n, .sem_op = (short)op, .sem_flg = (short)flags };
     for (int tries = 0;; tries++) {
-        if (semop(semid, &b, 1) == 0)
+        if (semop(id, &b, 1) == 0)
             return;
         if (errno != EAGAIN && errno != EINTR)
-            ct_fail("%s: semop(%d, sem %d, %+d): %s", who, semid, n, op, strerror(errno));
+            ct_fail("%s: semop(%d, sem %d, %+d): %s", who, id, n, op, strerror(errno));
         if (tries > 20000)
             ct_fail("%s: semaphore %d stayed taken for 20 s", who, n);
         usleep(1000);
     }
+}
+
+static void sem(int n, int op, int flags, const char *who)
+{
+    semon(semid, n, op, flags, who);
+}
+
+/* Waits until the undo set's values are (lock, count). */
+static void wait_undo(int lock, int count, const char *what)
+{
+    for (int i = 0; i < 20000; i++) {
+        if (semctl(usemid, 0, GETVAL) == lock && semctl(usemid, 1, GETVAL) == count)
+            return;
+        usleep(1000);
+    }
+    ct_fail("%s: the undo set is lock %d count %d, expected %d %d", what, semctl(usemid, 0, GETVAL), semctl(usemid, 1, GETVAL), lock, count);
 }
 
 static void fill(struct msg *m, long type, long tick)
@@ -116,6 +137,13 @@ int main(int argc, char **argv)
     unsigned short init[3] = { 0, 1, 0 };
     if (semctl(semid, 0, SETALL, init) != 0)
         ct_fail("SETALL: %s", strerror(errno));
+    pid_t exiter = -1;
+    if (undo) {
+        usemid = semget(key + 2, 2, IPC_CREAT | IPC_EXCL | 0600);
+        unsigned short u[2] = { 1, 5 };
+        if (usemid < 0 || semctl(usemid, 0, SETALL, u) != 0)
+            ct_fail("undo set %#x: %s", (unsigned)key + 2, strerror(errno));
+    }
     int fds[2];
     if (pipe(fds) != 0)
         ct_fail("pipe: %s", strerror(errno));
@@ -126,8 +154,8 @@ int main(int argc, char **argv)
         ct_tid = ct_gettid();
         close(fds[0]);
         if (undo) {
-            sem(1, -1, SEM_UNDO, "child");
-            sem(1, 1, 0, "child");
+            semon(usemid, 0, -1, SEM_UNDO | IPC_NOWAIT, "child");
+            semon(usemid, 1, 2, SEM_UNDO | IPC_NOWAIT, "child");
         }
         long next = 1, turns = 0;
         for (;;) {
@@ -146,6 +174,20 @@ int main(int argc, char **argv)
     }
     close(fds[1]);
     fcntl(fds[0], F_SETFL, O_NONBLOCK);
+    if (undo) {
+        wait_undo(0, 7, "after the child's SEM_UNDO");
+        exiter = fork();
+        if (exiter == 0) {
+            ct_pid = getpid();
+            ct_tid = ct_gettid();
+            semon(usemid, 1, -3, SEM_UNDO | IPC_NOWAIT, "exiter");
+            for (;;) {
+                ct_check_ids();
+                ct_sleep_ms(ct_interval_ms);
+            }
+        }
+        wait_undo(0, 4, "after the exiter's SEM_UNDO");
+    }
     printf("READY child %d sem %d msq %d\n", (int)child, semid, msqid);
     long turns = 0, child_turns = 0;
     for (long tick = 1;; tick++) {
@@ -153,6 +195,11 @@ int main(int argc, char **argv)
         int st;
         if (waitpid(child, &st, WNOHANG) != 0)
             ct_fail("the child ended (status %#x)", st);
+        if (undo) {
+            int l = semctl(usemid, 0, GETVAL), c = semctl(usemid, 1, GETVAL);
+            if (l != 0 || c != 4)
+                ct_fail("the undo set is lock %d count %d, expected 0 4", l, c);
+        }
         /* The count of ticks. */
         int v = semctl(semid, 0, GETVAL);
         if (v != tick - 1)
@@ -185,6 +232,17 @@ int main(int argc, char **argv)
         check_stat(3 * (tick < LAG ? tick : LAG), "parent");
         printf("TICK %ld sem %ld child %ld\n", tick, tick, child_turns);
         if (ct_should_stop(tick)) {
+            if (undo) {
+                /* The kernel's undo of each process at its exit. */
+                kill(exiter, SIGKILL);
+                waitpid(exiter, &st, 0);
+                wait_undo(0, 7, "after the exiter's exit (its undo +3)");
+                kill(child, SIGKILL);
+                waitpid(child, &st, 0);
+                wait_undo(1, 5, "after the child's exit (its undo +1, -2)");
+                if (semctl(usemid, 0, IPC_RMID) != 0)
+                    ct_fail("IPC_RMID undo set: %s", strerror(errno));
+            }
             kill(child, SIGKILL);
             waitpid(child, &st, 0);
             if (semctl(semid, 0, IPC_RMID) != 0 || msgctl(msqid, IPC_RMID, NULL) != 0)

@@ -132,27 +132,40 @@ fn sysv_semaphores_and_queues_come_back_with_their_values_and_messages() {
 /// Ticks after a restart that take every message the image brought back.
 const LAG_TICKS: u64 = 12;
 
-/// A process with SEM_UNDO adjustments (which Linux shows nowhere) is
-/// refused at checkpoint, naming them, and goes on unharmed.
+/// SEM_UNDO adjustments (which Linux shows nowhere) come back: a child
+/// holds a lock taken with SEM_UNDO and an "exiter" holds a count it took
+/// from with SEM_UNDO, across two checkpoints and two kill-restarts; the
+/// program checks GETVAL every tick and, at its stop after the second
+/// restart, that the kernel's undo at each process's exit puts the values
+/// back (FAIL otherwise).
 #[test]
-fn sem_undo_is_refused_naming_it() {
+fn sem_undo_adjustments_come_back() {
     let s = Session::new("sysvipc_undo");
     let stop = s.stop_file();
     let key = 0x5e00_0000 | ((std::process::id() as i32 & 0xffff) << 4);
     let _cleanup = RemoveKeys(key);
+    let _cleanup2 = RemoveKeys(key + 2);
     let mut p = s.launch(&program("sysvipc"), &["-t", "50", "-u", "-k", &format!("{key:x}"), "-s", stop.to_str().unwrap()]);
-    let child = field(&p.wait_prefix("READY", LINE_TIMEOUT), "child");
+    p.wait_prefix("READY", LINE_TIMEOUT);
     p.wait_ticks(3, LINE_TIMEOUT);
-    let pids = s.wait_computation(2);
-    let out = s.try_checkpoint();
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "a checkpoint with a SEM_UNDO adjustment succeeded");
-    assert!(err.contains("SEM_UNDO") && err.contains(&format!("process {child}")), "the refusal does not name SEM_UNDO and the child {child}: {err}");
-    p.wait_ticks(3, LINE_TIMEOUT);
-    s.stop_at(p.last_tick.unwrap() + 2);
-    p.wait_prefix("DONE", LINE_TIMEOUT);
-    assert!(p.wait_exit(CMD_TIMEOUT).success(), "the program did not end well\n{}", p.context());
+    let pids = s.wait_computation(3);
+    assert_eq!(pids.len(), 3, "expected the parent, the child and the exiter, have {pids:?}");
     for &pid in &pids {
-        wait_gone(pid, std::time::Duration::from_secs(20));
+        s.track(pid);
     }
+    let g1 = s.checkpoint_bounded(&mut p);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    s.kill_all(&pids, &mut p);
+    // The kill ran each process's undo: the values the image holds are
+    // not those left behind; the restart replaces the set.
+    let mut r = s.restart_expect(&g1, p.pid, true);
+    r.wait_ticks(4, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut r);
+    r.wait_ticks(2, LINE_TIMEOUT);
+    s.kill_all(&pids, &mut r);
+    let mut r2 = s.restart_expect(&g2, p.pid, true);
+    r2.wait_ticks(4, LINE_TIMEOUT);
+    s.stop_at(r2.last_tick.unwrap() + 2);
+    s.finish_computation(&pids, &mut r2);
+    assert!(ids_with_key("sem", key + 2).is_empty(), "the program did not remove its undo set");
 }

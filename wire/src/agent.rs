@@ -447,3 +447,48 @@ mod tests {
         assert_eq!(ThreadState::read_from(&t.as_bytes()[1..]), None);
     }
 }
+
+// ------------------------------------------------- SysV semaphore undo
+
+/// Where the agent's SysV semaphore undo table ([`SemUndoTable`]) lives:
+/// this many bytes after the restart word (`Hello::restart_word_addr`), in
+/// the preload's static memory. The coordinator reads it from the stopped
+/// process (`process_vm_readv`) and, at restart, writes it back.
+pub const SEM_UNDO_OFFSET: u64 = 80;
+/// Most (set, semaphore) pairs a process may hold undo adjustments on.
+pub const SEM_UNDO_MAX: usize = 64;
+
+/// One undo adjustment the process holds: what the kernel will add to
+/// semaphore `semnum` of set `semid` when the process exits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SemUndoSlot {
+    pub semid: i32,
+    pub semnum: i32,
+    pub adj: i32,
+    /// 1 if the slot is in use.
+    pub used: u32,
+    /// The set's `sem_ctime` when the adjustment was last changed: a later
+    /// one means a `SETVAL`/`SETALL` cleared it.
+    pub ctime: i64,
+}
+// SAFETY: repr(C), 4*4 + 8 bytes, no padding.
+unsafe impl Pod for SemUndoSlot {}
+
+/// The agent's undo adjustments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SemUndoTable {
+    /// Nonzero once an adjustment did not fit: the checkpoint is refused.
+    pub overflow: u32,
+    pub _pad: u32,
+    pub slots: [SemUndoSlot; SEM_UNDO_MAX],
+}
+// SAFETY: repr(C), 8 bytes then 24-byte slots, no padding.
+unsafe impl Pod for SemUndoTable {}
+
+impl Default for SemUndoTable {
+    fn default() -> Self {
+        SemUndoTable { overflow: 0, _pad: 0, slots: [SemUndoSlot { semid: 0, semnum: 0, adj: 0, used: 0, ctime: 0 }; SEM_UNDO_MAX] }
+    }
+}

@@ -208,6 +208,11 @@ pub fn restore_generation(
         let t = std::time::Instant::now();
         memory::fill_memory(store, images[i].pid, &c.dests)?;
         tracing::debug!(pid = images[i].pid, ms = t.elapsed().as_millis() as u64, "memory written");
+        if images[i].agent.restart_word_addr != 0 {
+            let addr = images[i].agent.restart_word_addr + ckpt_wire::agent::SEM_UNDO_OFFSET;
+            remote::write(images[i].pid, addr, &crate::sysvipc::undo_table_bytes(&images[i]))
+                .map_err(|e| err(format!("cannot hand its SysV semaphore undo table to the agent of process {}: {e}", images[i].pid)))?;
+        }
         if !c.agent_block.is_empty() {
             remote::write(images[i].pid, images[i].agent.restart_word_addr + 8, &c.agent_block)
                 .map_err(|e| err(format!("cannot hand its channel to the agent of process {}: {e}", images[i].pid)))?;
