@@ -114,7 +114,13 @@ fn on(s: &Session, m: &Machines, i: usize, what: &str, args: &[&str]) -> Proc {
     let mut argv = vec![s.ckpt.to_str().unwrap()];
     argv.extend_from_slice(args);
     let mut c = m.on(i, &argv);
-    c.current_dir(&s.dir);
+    // Each machine works in a directory of its own, as separate machines
+    // would: programs name files by their PID, and the machines' programs
+    // have the same PIDs (counter_heap.5.map written by both at once is a
+    // file truncated under the other's mapping: SIGBUS).
+    let dir = s.path(&m.names[i]);
+    std::fs::create_dir_all(&dir).unwrap();
+    c.current_dir(&dir);
     Proc::spawn(format!("{what} on {}", m.names[i]), c)
 }
 
