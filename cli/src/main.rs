@@ -19,6 +19,7 @@ use serde_json::json;
 
 mod remote_cmd;
 mod gc_cmd;
+mod nsinit;
 mod show_cmd;
 mod verify_cmd;
 
@@ -61,6 +62,16 @@ enum Cmd {
         /// resuming it once a copy-on-write snapshot is forked.
         #[arg(long)]
         no_fork_ckpt: bool,
+        /// Run the computation in PID, mount and IPC namespaces of its own
+        /// (always for users other than root, who also get a user namespace),
+        /// so that every restart can make its PIDs again.
+        #[arg(long)]
+        pid_namespace: bool,
+        /// `private`: a network namespace of the computation's own, loopback
+        /// only (TCP connections among its processes can then be restored
+        /// without root); `host`: the machine's network.
+        #[arg(long, value_name = "host|private", default_value = "host", value_parser = ["host", "private"])]
+        net: String,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         prog: Vec<String>,
@@ -180,6 +191,13 @@ enum Cmd {
         /// The name shown in the coordinator's log [default: the host name].
         #[arg(long)]
         name: Option<String>,
+    },
+    /// ckpt's init in namespaces of a computation's own (started by
+    /// `ckpt launch` and `ckpt restart`; see `nsinit.rs`).
+    #[command(hide = true)]
+    Nsinit {
+        #[command(flatten)]
+        args: nsinit::NsinitArgs,
     },
     /// Run a coordinator (normally started by `ckpt launch`).
     Coordinator {
@@ -347,9 +365,50 @@ fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: 
     bail!("the coordinator at {addr} did not come up; see {}", log.display())
 }
 
+/// What `ckpt launch` runs, and where its agent reports.
+pub(crate) struct Launch {
+    pub addr: Address,
+    pub dirty_tracking: String,
+    pub no_fork_ckpt: bool,
+    pub prog: Vec<String>,
+}
+
+/// The program of a launch, with its agent preloaded and told where the
+/// coordinator is (run in place by `ckpt launch`, or by ckpt's init in the
+/// computation's namespaces).
+pub(crate) fn program_command(l: &Launch) -> Result<std::process::Command> {
+    let secret_file = std::env::var_os(ckpt_coordinator::secret::ENV_SECRET_FILE).map(PathBuf::from).map_or_else(ckpt_coordinator::Secret::default_path, Ok)?;
+    let secret = ckpt_coordinator::Secret::load(&secret_file).context("loading the coordinator's secret")?;
+    let preload = artifact("libckpt_preload.so", "CKPT_PRELOAD")?;
+    let mut ld = preload.to_string_lossy().into_owned();
+    if let Ok(old) = std::env::var("LD_PRELOAD")
+        && !old.is_empty() {
+            ld = format!("{ld}:{old}");
+        }
+    // The fds the program gets from outside the computation: named where
+    // `ckpt launch` ran (ckpt's init passes the list on, its own fds are
+    // not the program's).
+    let external = std::env::var(ckpt_engine::fds::ENV_EXTERNAL_FDS).unwrap_or_else(|_| ckpt_engine::fds::describe_external_fds());
+    let mut cmd = std::process::Command::new(&l.prog[0]);
+    // The computation's membership key: agents prove it to the
+    // coordinator over TCP, and over Unix when they run as another
+    // user; the secret itself stays in its file.
+    cmd.args(&l.prog[1..]).env("LD_PRELOAD", ld)
+        .env(ckpt_wire::agent::ENV_COORD, l.addr.to_string())
+        .env(ckpt_wire::agent::ENV_AGENT_KEY, secret.agent_key_hex())
+        .env(ckpt_wire::agent::ENV_MEMBER_SOCK, l.addr.member_socket().unwrap_or_default())
+        // SAFETY: geteuid cannot fail.
+        .env(ckpt_wire::agent::ENV_COORD_UID, unsafe { libc::geteuid() }.to_string())
+        .env_remove(ckpt_coordinator::secret::ENV_SECRET_FILE)
+        .env(ckpt_engine::fds::ENV_EXTERNAL_FDS, external)
+        .env(ckpt_wire::agent::ENV_TRACKING, &l.dirty_tracking)
+        .env(ckpt_wire::agent::ENV_NO_FORK, if l.no_fork_ckpt { "1" } else { "0" });
+    Ok(cmd)
+}
+
 fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Launch { coord, store, interval, dirty_tracking, no_fork_ckpt, prog } => {
+        Cmd::Launch { coord, store, interval, dirty_tracking, no_fork_ckpt, pid_namespace, net, prog } => {
             use ckpt_engine::dirty;
             if dirty::parse_request(&dirty_tracking).is_none() {
                 bail!("--dirty-tracking {dirty_tracking:?}: use auto, soft-dirty, uffd-wp or scan");
@@ -361,6 +420,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 bail!("--dirty-tracking uffd-wp: this kernel has no userfaultfd write-protect with WP_ASYNC (Linux 6.7+), or userfaultfd is not allowed here; use soft-dirty, scan or auto");
             }
             let addr = coord_addr(&coord)?;
+            let ns = nsinit::for_launch(pid_namespace, net == "private", &addr)?;
             let url = store_url(&store);
             // Before anything is started: a program that cannot be found
             // leaves no coordinator and no store behind.
@@ -373,35 +433,22 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             }
             // The coordinator started below loads the same secret file.
             let secret_file = ckpt_coordinator::Secret::default_path()?;
-            let secret = ckpt_coordinator::Secret::load_or_create(&secret_file)?;
+            ckpt_coordinator::Secret::load_or_create(&secret_file)?;
             // SAFETY: still single-threaded; the coordinator it starts and
             // the program inherit it.
             unsafe { std::env::set_var(ckpt_coordinator::secret::ENV_SECRET_FILE, &secret_file) };
             let new_store = if ckpt_store::remote::is_s3_url(&url) { None } else { ckpt_store::parse_url(&url).ok().filter(|p| !p.exists()) };
             let started = ensure_coordinator(&addr, &url, store.store.is_some(), interval)?;
-            let preload = artifact("libckpt_preload.so", "CKPT_PRELOAD")?;
-            let mut ld = preload.to_string_lossy().into_owned();
-            if let Ok(old) = std::env::var("LD_PRELOAD")
-                && !old.is_empty() {
-                    ld = format!("{ld}:{old}");
-                }
-            let mut cmd = std::process::Command::new(&prog[0]);
-            // The computation's membership key: agents prove it to the
-            // coordinator over TCP, and over Unix when they run as another
-            // user; the secret itself stays in its file.
-            let err = cmd.args(&prog[1..]).env("LD_PRELOAD", ld)
-                .env(ckpt_wire::agent::ENV_COORD, addr.to_string())
-                .env(ckpt_wire::agent::ENV_AGENT_KEY, secret.agent_key_hex())
-                .env(ckpt_wire::agent::ENV_MEMBER_SOCK, addr.member_socket().unwrap_or_default())
-                // SAFETY: geteuid cannot fail.
-                .env(ckpt_wire::agent::ENV_COORD_UID, unsafe { libc::geteuid() }.to_string())
-                .env_remove(ckpt_coordinator::secret::ENV_SECRET_FILE)
-                .env(ckpt_engine::fds::ENV_EXTERNAL_FDS, ckpt_engine::fds::describe_external_fds())
-                .env(ckpt_wire::agent::ENV_TRACKING, &dirty_tracking)
-                .env(ckpt_wire::agent::ENV_NO_FORK, if no_fork_ckpt { "1" } else { "0" })
-                .exec();
+            let launch = Launch { addr: addr.clone(), dirty_tracking, no_fork_ckpt, prog };
+            let err = match ns {
+                Some(ns) => nsinit::exec_launch(ns, &launch),
+                None => match program_command(&launch) {
+                    Ok(mut cmd) => cmd.exec().into(),
+                    Err(e) => e,
+                },
+            };
             undo_launch(&addr, started, new_store.as_deref());
-            bail!("cannot run {}: {err}{}", prog[0], if started { "; the coordinator this launch started was stopped" } else { "" })
+            bail!("cannot run {}: {err:#}{}", launch.prog[0], if started { "; the coordinator this launch started was stopped" } else { "" })
         }
         Cmd::Checkpoint { coord } => {
             let addr = coord_addr(&coord)?;
@@ -434,9 +481,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Show { generation, store, json } => show_cmd::show(&store_url(&store), generation, json),
         Cmd::Stats { store, json } => show_cmd::stats(&store_url(&store), json),
         Cmd::Host { coord, name } => {
-            ckpt_coordinator::run_host(ckpt_coordinator::HostConfig { coord: coord.parse()?, name })?;
+            ckpt_coordinator::run_host(ckpt_coordinator::HostConfig { coord: coord.parse()?, name, ready: None })?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Nsinit { args } => nsinit::run(args),
         Cmd::Coordinator { coord, store, interval, daemonize } => {
             let addr = coord_addr(&coord)?;
             if daemonize {
@@ -610,28 +658,27 @@ fn restart_dry_run(generation: Option<u64>, url: &str, here: &str, host_map: &[(
     Ok(ExitCode::from(1))
 }
 
+/// The hosts a generation's processes ran on (by their recorded names).
+fn host_names(v: &[ckpt_engine::image::ProcessImage]) -> Vec<String> {
+    let mut h: Vec<String> = v.iter().map(|i| i.host.clone()).collect();
+    h.sort();
+    h.dedup();
+    h
+}
+
 fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool, here: &str, host_map: &[(String, String)]) -> Result<ExitCode> {
     let store = Store::open(url)?;
     let (info, _, images) = ckpt_engine::image::load_generation(&store, generation)?;
-    // The hosts the generation ran on, and those restarted here (by their
-    // recorded names, whatever --host-map says).
-    let names = |v: &[ckpt_engine::image::ProcessImage]| {
-        let mut h: Vec<String> = v.iter().map(|i| i.host.clone()).collect();
-        h.sort();
-        h.dedup();
-        h
-    };
-    let hosts = names(&images);
+    let hosts = host_names(&images);
     let images = ckpt_engine::image::select_host(info.id, images, here, host_map)?;
-    let mine = names(&images);
     // Whose processes these are: a non-root user restarts only its own,
     // refused here before anything (even a coordinator) is started.
     ckpt_engine::creds::check_may_restore(info.id, &images)?;
-    for img in &images {
-        ckpt_engine::restore::check_ids_free(info.id, img)?;
-    }
+    // In namespaces of its own (the computation's PIDs are always free
+    // there), or in place.
+    let ns = nsinit::for_restart(info.id, &images)?;
     ckpt_engine::restore::check_tree(info.id, &images)?;
-    let restorer = artifact("ckpt-restorer", "CKPT_RESTORER")?;
+    artifact("ckpt-restorer", "CKPT_RESTORER")?;
     ensure_coordinator(addr, url, store_given, None)?;
     // The restarted processes get this command's stdin, stdout and stderr:
     // the coordinator must know them as the computation's outside.
@@ -639,13 +686,34 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
         .filter_map(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok().map(|t| External { fd, target: t.to_string_lossy().into_owned() }))
         .collect();
     client::externals(addr, stdio, Duration::from_secs(10)).context("telling the coordinator about this command's stdio")?;
+    if let Some(ns) = ns {
+        drop(store);
+        return Err(nsinit::exec_restart(ns, info.id, &images, addr, url, here, host_map));
+    }
+    let restored = bring_back(&store, info.id, &images, &hosts, addr)?;
+    drop(store);
+    let mut code = 0;
+    for (i, pid) in restored.roots.iter().enumerate() {
+        let c = ckpt_engine::restore::wait_exit(*pid);
+        if i == 0 {
+            code = c;
+        }
+    }
+    Ok(ExitCode::from(code as u8))
+}
+
+/// Recreates the processes of `images` (those of this host, of a
+/// generation that ran on `hosts`) and waits until each is back at the
+/// coordinator.
+pub(crate) fn bring_back(store: &Store, generation: u64, images: &[ckpt_engine::image::ProcessImage], hosts: &[String], addr: &Address) -> Result<ckpt_engine::restore::Restored> {
+    let mine = host_names(images);
+    let restorer = artifact("ckpt-restorer", "CKPT_RESTORER")?;
     // Over TCP this command runs each restored agent's handshake and hands
     // it the transport keys (see the preload's channel module).
     let secret = match addr {
         Address::Tcp(_) => Some(ckpt_coordinator::Secret::load(&ckpt_coordinator::Secret::default_path()?).context("loading the coordinator's secret")?),
         Address::Unix(_) => None,
     };
-    let generation = info.id;
     let connect = || {
         // The connection becomes a restored agent's, which waits on it for
         // as long as the computation runs: no read timeout (it would end
@@ -668,25 +736,17 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     // coordinator before their connections go live.
     let before_live = || {
         if hosts.len() > 1 {
-            client::restart_barrier(addr, info.id, mine.clone(), hosts.clone(), Duration::from_secs(RESTART_BARRIER_SECS + 10))
-                .map_err(|e| ckpt_engine::EngineError::Restore { generation: info.id, what: format!("waiting for the restarts on hosts {}: {e}", hosts.join(", ")) })?;
+            client::restart_barrier(addr, generation, mine.clone(), hosts.to_vec(), Duration::from_secs(RESTART_BARRIER_SECS + 10))
+                .map_err(|e| ckpt_engine::EngineError::Restore { generation, what: format!("waiting for the restarts on hosts {}: {e}", hosts.join(", ")) })?;
         }
         Ok(())
     };
-    let restored = ckpt_engine::restore::restore_generation(&store, info.id, &images, &restorer, connect, before_live)?;
+    let restored = ckpt_engine::restore::restore_generation(store, generation, images, &restorer, connect, before_live)?;
     for pid in &restored.all {
         client::wait_process(addr, *pid, Duration::from_secs(30))
             .with_context(|| format!("restored process {pid} did not come back to the coordinator"))?;
     }
     let list = |v: &[i32]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
-    eprintln!("ckpt: restarted generation {} (pid {})", info.id, list(&restored.all));
-    drop(store);
-    let mut code = 0;
-    for (i, pid) in restored.roots.iter().enumerate() {
-        let c = ckpt_engine::restore::wait_exit(*pid);
-        if i == 0 {
-            code = c;
-        }
-    }
-    Ok(ExitCode::from(code as u8))
+    eprintln!("ckpt: restarted generation {generation} (pid {})", list(&restored.all));
+    Ok(restored)
 }

@@ -272,6 +272,15 @@ impl Coordinator {
     }
 }
 
+/// The PID namespace of process `pid` (ours) and its PID there.
+fn ns_view(pid: i32) -> Option<(u64, i32)> {
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()?;
+    let ns = ns.to_str()?.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let inner = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?.split_whitespace().last()?.parse().ok()?;
+    Some((ns, inner))
+}
+
 fn interval_loop(c: Arc<Coordinator>, every: Duration) {
     loop {
         std::thread::sleep(every);
@@ -433,7 +442,14 @@ impl Coordinator {
         }
         let Some(c) = cred else { return Ok(()) };
         if self.machine_of(hello) != 0 {
-            return Err("a local connection claims a process of another machine or PID namespace".into());
+            // A process in a PID namespace below ours (one ckpt made for its
+            // computation): the connection was made by it (the kernel
+            // gives us its PID here and its PID there) or by that
+            // namespace's init (ckpt's, restarting it), and by our user.
+            return match ns_view(c.pid) {
+                Some((ns, inner)) if trusted && ns == hello.pidns && (inner == hello.pid || inner == 1) => Ok(()),
+                _ => Err(format!("a local connection (pid {}) claims pid {} of another PID namespace, which it is not in", c.pid, hello.pid)),
+            };
         }
         if c.pid == hello.pid {
             return Ok(());

@@ -315,6 +315,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         agent: AgentImage { fd: report.suspended.agent_fd, restart_word_addr: report.hello.restart_word_addr, ckpt_tid: report.hello.ckpt_tid },
         chunk_size: chunk_size as u32,
         creds: Some(creds),
+        namespaces: crate::ns::current(),
     };
     Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states })
 }

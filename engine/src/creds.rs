@@ -269,7 +269,10 @@ pub fn check_may_restore(generation: u64, images: &[ProcessImage]) -> Result<()>
         if root {
             continue;
         }
-        let my_gids: Vec<u32> = me.gid.iter().chain(&me.groups).copied().collect();
+        // Groups that a user namespace did not map show as the overflow
+        // gid: they were this user's, whatever they are.
+        let overflow = crate::ns::overflow_gid();
+        let my_gids: Vec<u32> = me.gid.iter().chain(&me.groups).copied().chain(image.namespaces.filter(|n| n.user).map(|_| overflow)).collect();
         for t in &creds.threads {
             if let Some(u) = t.uid.iter().find(|&&u| u != me.uid[0]) {
                 return Err(refuse(format!("process {} (thread {}) ran as uid {u}, and only root may restart another user's processes (you are uid {})", image.pid, t.tid, me.uid[0])));
@@ -319,9 +322,24 @@ pub fn plan_thread(p: &mut PlanBuilder, pid: i32, t: &ThreadCreds, held: Held, g
         return Err(lack("bounding-set", t.cap_bounding & !held.bounding));
     }
     let v = |x: u64| Arg::Val(x);
-    let groups: Vec<u8> = t.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    let gref = p.data(&groups);
-    p.syscall(libc::SYS_setgroups, &[v(t.groups.len() as u64), gref.into()], Some(0), false, format!("set the groups of {who} to {:?}", t.groups));
+    if crate::ns::setgroups_denied() {
+        // In a user namespace of ckpt's own the groups are the user's and
+        // stay so: they must be what the thread had.
+        if !groups_are_own(&t.groups) {
+            return Err(EngineError::Restore {
+                generation,
+                what: format!(
+                    "{who} had the supplementary groups {:?}; in the restart's user namespace groups cannot be changed, and yours are {:?} (restart as the same user with the same groups, or as root)",
+                    t.groups,
+                    own_groups().unwrap_or_default()
+                ),
+            });
+        }
+    } else {
+        let groups: Vec<u8> = t.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+        let gref = p.data(&groups);
+        p.syscall(libc::SYS_setgroups, &[v(t.groups.len() as u64), gref.into()], Some(0), false, format!("set the groups of {who} to {:?}", t.groups));
+    }
     let [rg, eg, sg, fg] = t.gid.map(u64::from);
     p.syscall(libc::SYS_setresgid, &[v(rg), v(eg), v(sg)], Some(0), false, format!("set the gids of {who} to {rg}/{eg}/{sg}"));
     p.syscall(libc::SYS_prctl, &[v(libc::PR_SET_KEEPCAPS as u64), v(1)], Some(0), false, format!("keep the capabilities of {who} across its uid change"));
@@ -450,7 +468,40 @@ fn own_groups() -> std::io::Result<Vec<u32>> {
     Ok(g)
 }
 
+/// The gids of `groups` as this user namespace shows them: those it maps
+/// as they are, the others as the overflow gid.
+fn as_seen_here(groups: &[u32]) -> Vec<u32> {
+    let map: Vec<(u32, u32)> = std::fs::read_to_string("/proc/self/gid_map")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace().map(|x| x.parse::<u32>().ok());
+            Some((w.next()??, w.nth(1)??))
+        })
+        .collect();
+    let overflow = crate::ns::overflow_gid();
+    let mut v: Vec<u32> = groups.iter().map(|&g| if map.iter().any(|&(first, n)| g >= first && g - first < n) { g } else { overflow }).collect();
+    v.sort_unstable();
+    v
+}
+
+/// Whether `groups` are (as this namespace shows them) the calling
+/// thread's own.
+fn groups_are_own(groups: &[u32]) -> bool {
+    let mut own = own_groups().unwrap_or_default();
+    own.sort_unstable();
+    as_seen_here(groups) == own
+}
+
 fn set_groups(g: &[u32]) -> std::io::Result<()> {
+    if crate::ns::setgroups_denied() {
+        // Kept, never set, in ckpt's user namespace (see plan_thread).
+        return if groups_are_own(g) {
+            Ok(())
+        } else {
+            Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("the groups {g:?} are not this user's, and a user namespace cannot change them")))
+        };
+    }
     // SAFETY: the raw syscall (per thread, unlike glibc's) reads `g`.
     if unsafe { libc::syscall(libc::SYS_setgroups, g.len(), g.as_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());

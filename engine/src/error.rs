@@ -48,6 +48,9 @@ pub enum EngineError {
     #[error("{}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
     Unrestorable { problems: Vec<Problem> },
 
+    #[error("{what}")]
+    Namespace { what: String },
+
     #[error("{context}: {source}")]
     Io { context: String, #[source] source: std::io::Error },
 }

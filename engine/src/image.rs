@@ -94,6 +94,10 @@ pub struct ProcessImage {
     /// processes come back with the restarting user's credentials.
     #[serde(default)]
     pub creds: Option<crate::creds::ProcessCreds>,
+    /// The namespaces ckpt made for its computation ([`crate::ns`]); None:
+    /// the machine's own (or a machine's whose `ckpt host` reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<crate::ns::Namespaces>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,6 +21,7 @@ pub mod error;
 pub mod fds;
 pub mod image;
 pub mod memattrs;
+pub mod ns;
 pub mod leftovers;
 pub mod pages;
 pub mod plan;

@@ -30,6 +30,9 @@ pub struct HostConfig {
     /// The name this machine's processes give as their host (default: the
     /// host name); only shown in logs.
     pub name: Option<String>,
+    /// Told once the coordinator has welcomed the helper (ckpt's namespace
+    /// init starts the program only then).
+    pub ready: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// How long the helper waits for a coordinator that does not answer yet.
@@ -327,6 +330,9 @@ pub fn run_host(cfg: HostConfig) -> Result<(), CoordError> {
         return Err(CoordError::Refused(format!("the coordinator at {addr} refused this capture helper: {why}")));
     }
     tracing::info!(coordinator = %addr, host = %name, "capture helper serving this machine's processes");
+    if let Some(ready) = &cfg.ready {
+        let _ = ready.send(());
+    }
 
     // Requests are served one at a time, off the reading thread (which must
     // keep reading the answers a request in progress waits for).
