@@ -80,10 +80,12 @@ impl Machines {
     }
 
     /// A command run on machine `i`: in all of its namespaces.
-    fn on(&self, i: usize, argv: &[&str]) -> Command {
+    /// `argv` run on machine `i`, in directory `wd` (entering a mount
+    /// namespace sets the working directory to its root otherwise).
+    fn on(&self, i: usize, wd: &std::path::Path, argv: &[&str]) -> Command {
         let init = self.init_pid(i).expect("machine up").to_string();
         let mut c = Command::new("nsenter");
-        c.args(["-t", &init, "-p", "-m", "-u", "-n", "--"]).args(argv);
+        c.args(["-t", &init, "-p", "-m", "-u", "-n"]).arg(format!("--wd={}", wd.display())).arg("--").args(argv);
         c
     }
 
@@ -113,14 +115,13 @@ impl Drop for Machines {
 fn on(s: &Session, m: &Machines, i: usize, what: &str, args: &[&str]) -> Proc {
     let mut argv = vec![s.ckpt.to_str().unwrap()];
     argv.extend_from_slice(args);
-    let mut c = m.on(i, &argv);
     // Each machine works in a directory of its own, as separate machines
     // would: programs name files by their PID, and the machines' programs
     // have the same PIDs (counter_heap.5.map written by both at once is a
     // file truncated under the other's mapping: SIGBUS).
     let dir = s.path(&m.names[i]);
     std::fs::create_dir_all(&dir).unwrap();
-    c.current_dir(&dir);
+    let c = m.on(i, &dir, &argv);
     Proc::spawn(format!("{what} on {}", m.names[i]), c)
 }
 
