@@ -24,6 +24,7 @@ pub mod memattrs;
 pub mod leftovers;
 pub mod pages;
 pub mod plan;
+pub mod probe;
 pub mod procfs;
 pub mod remote;
 pub mod restore;
