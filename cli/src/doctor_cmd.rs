@@ -51,7 +51,7 @@ const CAP_CHECKPOINT_RESTORE: u32 = 40;
 /// Runs every check and prints them; exit 1 when something is missing.
 pub fn run(store_url: &str, coord: &Address, as_json: bool) -> Result<ExitCode> {
     let root = nix_euid() == 0;
-    let mut items = vec![dirty_tracking(root), stopper(root), capture(), restart(root), capabilities(), network(root), store(store_url)];
+    let mut items = vec![dirty_tracking(root), stopper(root), capture(root), restart(root), capabilities(), network(root), store(store_url)];
     items.extend(coordinator(coord));
     if as_json {
         let v: Vec<_> = items.iter().map(|i| json!({"item": i.item, "status": i.status.name(), "detail": i.detail, "fix": i.fix})).collect();
@@ -145,16 +145,18 @@ fn stopper(root: bool) -> Item {
     }
 }
 
-/// Capture reads the programs' memory from an ancestor (`process_vm_readv`).
-fn capture() -> Item {
-    match probe::read_descendant_memory() {
-        Ok(()) => item("capture", Status::Ok, "memory of the computation's processes can be read (process_vm_readv)", None),
+/// Capture reads the programs' memory from an ancestor (`process_vm_readv`;
+/// for a non-root computation its init, in the computation's user namespace).
+fn capture(root: bool) -> Item {
+    match probe::read_descendant_memory(!root) {
+        Ok(()) => item("capture", Status::Ok, format!("memory of the computation's processes can be read (process_vm_readv{})", if root { "" } else { " from its init, in its user namespace" }), None),
         Err(e) if sysctl_is("kernel.yama.ptrace_scope", "3") => item(
             "capture",
             Status::Missing,
             format!("Yama ptrace_scope 3 refuses reading any process's memory, so no checkpoint can be taken ({e})"),
             Some("set kernel.yama.ptrace_scope=1 in /etc/sysctl.d and reboot (3 cannot be lowered while running)".into()),
         ),
+        Err(e) if e.step == "unshare" || e.step.contains("/proc/self") => item("capture", Status::Missing, format!("the computation's user namespace cannot be made: {e}"), Some(explain_namespaces(&e))),
         Err(e) => item("capture", Status::Missing, format!("cannot read a child's memory: {e}"), Some("check the LSM (SELinux, AppArmor) ptrace rules for ckpt".into())),
     }
 }

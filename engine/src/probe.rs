@@ -94,6 +94,7 @@ const NOT_PID1: u32 = 7;
 const MOUNT_PROC: u32 = 8;
 const SEIZE: u32 = 9;
 const FORK: u32 = 10;
+const READ_MEM: u32 = 11;
 
 /// Child side: sends (step, errno) and exits. Async-signal-safe.
 fn report(fd: i32, step: u32, errno: i32) -> ! {
@@ -214,15 +215,7 @@ pub fn namespaces(user: bool, net: bool) -> Result<(), ProbeError> {
                 report(fd, UNSHARE, errno());
             }
             if user {
-                if !write_file(b"/proc/self/setgroups\0", b"deny") {
-                    report(fd, SETGROUPS, errno());
-                }
-                if !write_file(b"/proc/self/uid_map\0", &uid_map) {
-                    report(fd, UID_MAP, errno());
-                }
-                if !write_file(b"/proc/self/gid_map\0", &gid_map) {
-                    report(fd, GID_MAP, errno());
-                }
+                enter_mapped(fd, &uid_map, &gid_map);
             }
             if libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
                 report(fd, MAKE_PRIVATE, errno());
@@ -286,47 +279,70 @@ pub fn ptrace_stopper() -> Result<(), ProbeError> {
     })
 }
 
-/// Can memory be read from a descendant with `process_vm_readv` (as the
-/// capture helper reads the programs below it)? Yama's `ptrace_scope` 3
-/// refuses it to everyone.
-pub fn read_descendant_memory() -> Result<(), ProbeError> {
+/// Can memory be read from a descendant with `process_vm_readv`, as the
+/// capture helper reads the programs below it? With `userns`, from inside
+/// a user namespace of our own as a non-root computation's init does (its
+/// capabilities there count for Yama's `ptrace_scope` 2). Yama's 3 refuses
+/// it to everyone.
+pub fn read_descendant_memory(userns: bool) -> Result<(), ProbeError> {
     static WORD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x636b_7074);
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 fills our array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(ProbeError { step: "pipe", source: std::io::Error::last_os_error() });
-    }
-    // SAFETY: the child only blocks in read on the pipe and exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let mut b = 0u8;
-        // SAFETY: raw read into our byte, then _exit.
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let uid_map = format!("{uid} {uid} 1\n").into_bytes();
+    let gid_map = format!("{gid} {gid} 1\n").into_bytes();
+    in_child(move |fd| {
+        // SAFETY: raw calls of the freshly forked child on buffers made
+        // before the fork; the grandchild only blocks on the pipe and
+        // exits; every path ends in `report` (_exit).
         unsafe {
-            libc::close(fds[1]);
-            libc::read(fds[0], (&mut b as *mut u8).cast(), 1);
-            libc::_exit(0);
-        }
-    }
-    let result = if pid < 0 {
-        Err(ProbeError { step: STEPS[FORK as usize], source: std::io::Error::last_os_error() })
-    } else {
-        let mut buf = [0u8; 8];
-        match crate::remote::read(pid, WORD.as_ptr() as u64, &mut buf) {
-            Ok(8) if u64::from_ne_bytes(buf) == WORD.load(std::sync::atomic::Ordering::Relaxed) => Ok(()),
-            Ok(_) => Err(ProbeError { step: STEPS[11], source: std::io::Error::other("read short or wrong") }),
-            Err(source) => Err(ProbeError { step: STEPS[11], source }),
-        }
-    };
-    // SAFETY: closing the write end lets the child exit; then it is reaped.
-    unsafe {
-        libc::close(fds[1]);
-        libc::close(fds[0]);
-        if pid > 0 {
+            if userns {
+                if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                    report(fd, UNSHARE, errno());
+                }
+                enter_mapped(fd, &uid_map, &gid_map);
+            }
+            let mut hold = [0i32; 2];
+            if libc::pipe(hold.as_mut_ptr()) != 0 {
+                report(fd, FORK, errno());
+            }
+            let pid = libc::fork();
+            if pid < 0 {
+                report(fd, FORK, errno());
+            }
+            if pid == 0 {
+                libc::close(hold[1]);
+                let mut b = 0u8;
+                libc::read(hold[0], (&mut b as *mut u8).cast(), 1);
+                libc::_exit(0);
+            }
+            let mut buf = 0u64;
+            let local = libc::iovec { iov_base: (&mut buf as *mut u64).cast(), iov_len: 8 };
+            let remote = libc::iovec { iov_base: WORD.as_ptr().cast(), iov_len: 8 };
+            let n = libc::process_vm_readv(pid, &local, 1, &remote, 1, 0);
+            let e = errno();
+            libc::close(hold[1]);
             let mut st = 0;
             while libc::waitpid(pid, &mut st, 0) < 0 && errno() == libc::EINTR {}
+            if n != 8 {
+                report(fd, READ_MEM, if n < 0 { e } else { libc::EIO });
+            }
+            report(fd, OK, 0);
         }
+    })
+}
+
+/// Child side, after `unshare(CLONE_NEWUSER)`: `setgroups` denied, uid and
+/// gid mapped to themselves. Async-signal-safe; reports and exits on failure.
+fn enter_mapped(fd: i32, uid_map: &[u8], gid_map: &[u8]) {
+    if !write_file(b"/proc/self/setgroups\0", b"deny") {
+        report(fd, SETGROUPS, errno());
     }
-    result
+    if !write_file(b"/proc/self/uid_map\0", uid_map) {
+        report(fd, UID_MAP, errno());
+    }
+    if !write_file(b"/proc/self/gid_map\0", gid_map) {
+        report(fd, GID_MAP, errno());
+    }
 }
 
 /// Can this process create a write-protect userfaultfd as the agent does
