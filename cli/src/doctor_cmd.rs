@@ -50,7 +50,7 @@ const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 /// Runs every check and prints them; exit 1 when something is missing.
 pub fn run(store_url: &str, coord: &Address, as_json: bool) -> Result<ExitCode> {
-    let root = nix_euid() == 0;
+    let root = probe::euid() == 0;
     let mut items = vec![dirty_tracking(root), stopper(root), capture(root), restart(root), capabilities(), network(root), store(store_url)];
     items.extend(coordinator(coord));
     if as_json {
@@ -70,10 +70,6 @@ pub fn run(store_url: &str, coord: &Address, as_json: bool) -> Result<ExitCode> 
     }
     eprintln!("ckpt doctor: missing: {}", missing.join(", "));
     Ok(ExitCode::from(1))
-}
-
-fn nix_euid() -> u32 {
-    probe::euid()
 }
 
 fn sysctl_is(name: &str, v: &str) -> bool {
@@ -250,7 +246,7 @@ fn store(url: &str) -> Item {
     };
     match std::fs::symlink_metadata(&path) {
         Ok(md) if !md.is_dir() => item("store", Status::Missing, format!("{} is not a directory", path.display()), Some("remove it or choose another store (--store or CKPT_STORE)".into())),
-        Ok(md) if md.uid() != nix_euid() && nix_euid() != 0 => item(
+        Ok(md) if md.uid() != probe::euid() && probe::euid() != 0 => item(
             "store",
             Status::Missing,
             format!("{} belongs to uid {}, not to you", path.display(), md.uid()),
