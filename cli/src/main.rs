@@ -17,6 +17,7 @@ use ckpt_store::Store;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+mod doctor_cmd;
 mod remote_cmd;
 mod gc_cmd;
 mod nsinit;
@@ -198,6 +199,17 @@ enum Cmd {
     Nsinit {
         #[command(flatten)]
         args: nsinit::NsinitArgs,
+    },
+    /// Say what ckpt will do for this user on this machine (dirty tracking,
+    /// thread stop, restart mode, networking, store) and what is missing,
+    /// with the fix; exit 1 when launch, checkpoint or restart would fail.
+    Doctor {
+        #[command(flatten)]
+        coord: CoordArg,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
     },
     /// Run a coordinator (normally started by `ckpt launch`).
     Coordinator {
@@ -480,6 +492,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Verify { generation, all, metadata_only, store, json } => verify_cmd::verify(&store_url(&store), generation, all, metadata_only, json),
         Cmd::Show { generation, store, json } => show_cmd::show(&store_url(&store), generation, json),
         Cmd::Stats { store, json } => show_cmd::stats(&store_url(&store), json),
+        Cmd::Doctor { coord, store, json } => doctor_cmd::run(&store_url(&store), &coord_addr(&coord)?, json),
         Cmd::Host { coord, name } => {
             ckpt_coordinator::run_host(ckpt_coordinator::HostConfig { coord: coord.parse()?, name, ready: None })?;
             Ok(ExitCode::SUCCESS)

@@ -25,6 +25,7 @@ pub mod ns;
 pub mod leftovers;
 pub mod pages;
 pub mod plan;
+pub mod probe;
 pub mod procfs;
 pub mod remote;
 pub mod restore;
