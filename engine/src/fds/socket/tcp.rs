@@ -182,8 +182,20 @@ pub(super) fn capture(round: &mut Round, live: &LiveFd, fd: OwnedFd, ino: u64, n
         }
         TCP_ESTABLISHED => {
             let peer = peer_addr(&fd).map_err(|e| io_err("getpeername", e))?;
-            setsockopt_int(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_ON)
-                .map_err(|e| io_err("TCP_REPAIR (needs CAP_NET_ADMIN in the socket's network namespace)", e))?;
+            if let Err(e) = setsockopt_int(&fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_ON) {
+                if e.raw_os_error() == Some(libc::EPERM) {
+                    // The machine's network namespace, for a computation of
+                    // a user who is not root (crate::ns).
+                    return Err(EngineError::Namespace {
+                        what: format!(
+                            "process {pid}: fd {n} is the TCP connection {local} -> {peer}, in a network namespace where ckpt holds no CAP_NET_ADMIN, so it cannot be repaired \
+                             (TCP_REPAIR: {e}); launch the computation with `--net private` (a network namespace of its own, where connections among its processes \
+                             are repaired), or as root; a connection to a peer outside the computation must be closed before checkpointing, or reopened by the program after a restart"
+                        ),
+                    });
+                }
+                return Err(io_err("TCP_REPAIR", e));
+            }
             let read = read_connection(&fd, peer);
             let (mut conn, send, recv) = match read {
                 Ok(r) => r,
