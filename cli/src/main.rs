@@ -473,7 +473,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Restart { generation, coord, store, host, host_map, dry_run } => {
             let here = host.unwrap_or_else(this_host);
             if dry_run {
-                return restart_dry_run(generation, &store_url(&store), &here, &host_map);
+                return restart_dry_run(generation, &coord_addr(&coord)?, &store_url(&store), &here, &host_map);
             }
             restart(generation, &coord_addr(&coord)?, &store_url(&store), store.store.is_some(), &here, &host_map)
         }
@@ -654,11 +654,20 @@ fn this_host() -> String {
 }
 
 /// `ckpt restart --dry-run`: the restore plan's checks, nothing started.
-fn restart_dry_run(generation: Option<u64>, url: &str, here: &str, host_map: &[(String, String)]) -> Result<ExitCode> {
+fn restart_dry_run(generation: Option<u64>, addr: &Address, url: &str, here: &str, host_map: &[(String, String)]) -> Result<ExitCode> {
     let store = Store::open(url)?;
     let (info, _, images) = ckpt_engine::image::load_generation(&store, generation)?;
     let images = ckpt_engine::image::select_host(info.id, images, here, host_map)?;
-    let problems = ckpt_engine::restore::dry_run(info.id, &images);
+    let mut problems = Vec::new();
+    if let Err(e) = still_running(info.id, &images, addr) {
+        problems.push(ckpt_engine::Problem { pid: images.first().map_or(0, |i| i.pid), what: format!("{e:#}") });
+    }
+    // Where the restart would run: in namespaces of its own, PIDs are free.
+    let in_namespaces = match nsinit::for_restart(info.id, &images) {
+        Ok(ns) => ns.is_some(),
+        Err(_) => false,
+    };
+    problems.extend(ckpt_engine::restore::dry_run(info.id, &images, in_namespaces));
     if problems.is_empty() {
         let pids: Vec<String> = images.iter().map(|i| i.pid.to_string()).collect();
         println!("generation {} would restart: {} processes (pid {})", info.id, images.len(), pids.join(", "));
@@ -669,6 +678,25 @@ fn restart_dry_run(generation: Option<u64>, url: &str, here: &str, host_map: &[(
         println!("  {p}");
     }
     Ok(ExitCode::from(1))
+}
+
+/// Never a second copy of a computation that still runs: in namespaces
+/// of its own, its PIDs would be free for one.
+fn still_running(generation: u64, images: &[ckpt_engine::image::ProcessImage], addr: &Address) -> Result<()> {
+    match client::status(addr, Duration::from_secs(10)) {
+        Ok(st) => {
+            if let Some(img) = images.iter().find(|i| st.processes.iter().any(|p| p.pid == i.pid && p.host == i.host)) {
+                bail!(
+                    "cannot restart generation {generation}: its process {} (PID {}) still runs in the computation (`ckpt status` lists it); `ckpt kill` it first, or wait for it to exit",
+                    img.pid,
+                    img.pid
+                );
+            }
+            Ok(())
+        }
+        Err(ckpt_coordinator::CoordError::Unreachable { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The hosts a generation's processes ran on (by their recorded names).
@@ -687,6 +715,7 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     // Whose processes these are: a non-root user restarts only its own,
     // refused here before anything (even a coordinator) is started.
     ckpt_engine::creds::check_may_restore(info.id, &images)?;
+    still_running(info.id, &images, addr)?;
     // In namespaces of its own (the computation's PIDs are always free
     // there), or in place.
     let ns = nsinit::for_restart(info.id, &images)?;

@@ -97,6 +97,7 @@ pub fn for_restart(generation: u64, images: &[ProcessImage]) -> Result<Option<Na
     for img in images {
         match ckpt_engine::restore::check_ids_free(generation, img) {
             Ok(()) => {}
+            Err(e @ ckpt_engine::EngineError::IdTaken { .. }) if holds_original(img) => return Err(e.into()),
             Err(ckpt_engine::EngineError::IdTaken { what, .. }) => {
                 eprintln!("ckpt: {what} is taken by another process: generation {generation} restarts in PID, mount and IPC namespaces of its own");
                 return Ok(Some(Namespaces { user: false, net: false }));
@@ -105,6 +106,13 @@ pub fn for_restart(generation: u64, images: &[ProcessImage]) -> Result<Option<Na
         }
     }
     Ok(None)
+}
+
+/// Whether the process that holds the PID of `img` runs the same
+/// executable: the original, most likely, outside any coordinator (a
+/// restart would be a second copy of it).
+fn holds_original(img: &ProcessImage) -> bool {
+    std::fs::read_link(format!("/proc/{}/exe", img.pid)).is_ok_and(|e| e.to_string_lossy() == img.exe)
 }
 
 fn nsinit_command(ns: Namespaces, addr: &Address) -> Result<std::process::Command> {

@@ -94,13 +94,15 @@ pub fn check_tree(generation: u64, images: &[ProcessImage]) -> Result<()> {
 }
 
 /// Everything [`problems`] finds, and what would stop a restart right now:
-/// PIDs and TIDs in use, processes the caller may not restart.
-pub fn dry_run(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
+/// PIDs and TIDs in use (unless `in_namespaces`: a restart in namespaces
+/// of its own, [`crate::ns`], finds them all free), processes the caller
+/// may not restart.
+pub fn dry_run(generation: u64, images: &[ProcessImage], in_namespaces: bool) -> Vec<Problem> {
     let mut out = Vec::new();
     if let Err(e) = crate::creds::check_may_restore(generation, images) {
         out.push(Problem { pid: images.first().map_or(0, |i| i.pid), what: e.to_string() });
     }
-    for image in images {
+    for image in images.iter().filter(|_| !in_namespaces) {
         if let Err(e) = super::check_ids_free(generation, image) {
             out.push(Problem { pid: image.pid, what: e.to_string() });
         }
@@ -111,7 +113,7 @@ pub fn dry_run(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
     let mut sids: Vec<(i32, i32)> = images.iter().filter(|i| i.ppid == 1 && i.sid > 0 && i.sid != i.pid && !pids.contains(&i.sid)).map(|i| (i.sid, i.pid)).collect();
     sids.sort_unstable();
     sids.dedup_by_key(|s| s.0);
-    for (sid, pid) in sids {
+    for (sid, pid) in sids.into_iter().filter(|_| !in_namespaces) {
         if std::path::Path::new(&format!("/proc/{sid}")).exists() {
             let comm = crate::procfs::comm(sid).unwrap_or_default();
             out.push(Problem { pid, what: format!("the id {sid} of its session, whose leader had exited, is the PID of `{comm}` now (a restart makes the session with that PID)") });
