@@ -165,7 +165,18 @@ pub fn exec_restart(ns: Namespaces, generation: u64, images: &[ProcessImage], ad
 /// `ckpt nsinit`: see the module doc.
 pub fn run(a: NsinitArgs) -> Result<ExitCode> {
     let ns = Namespaces { user: a.user, net: a.net };
-    ns::unshare(ns)?;
+    if let Err(e) = ns::unshare(ns) {
+        if a.restart.is_some() || !a.user || a.net {
+            return Err(e.into());
+        }
+        // A launch by a user where user namespaces are not allowed: the
+        // program runs in the machine's namespaces, and is checkpointed as
+        // well; only its restart needs what is missing.
+        eprintln!("ckpt: warning: {e}; the program runs in the machine's namespaces: checkpoints work, but restarting them needs root, or the fix above");
+        let launch = Launch { addr: a.coord.parse()?, dirty_tracking: a.dirty_tracking, no_fork_ckpt: a.no_fork_ckpt, prog: a.prog };
+        let err = program_command(&launch)?.exec();
+        bail!("cannot run {}: {err}", launch.prog[0]);
+    }
     match ns::fork_init()? {
         ns::Forked::Outside(init) => return Ok(ExitCode::from(ns::wait_outside(init) as u8)),
         ns::Forked::Init => {}
