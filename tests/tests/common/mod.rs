@@ -1041,7 +1041,12 @@ impl<'a> Cycle<'a> {
 /// DONE with exit status 0. Every restored run must keep printing TICKs
 /// without FAIL. Returns the session for further checks.
 pub fn standard_cycle(name: &str, c: &Cycle) -> Session {
-    let s = Session::new(name);
+    standard_cycle_in(Session::new(name), c)
+}
+
+/// [`standard_cycle`] in a session of the caller's (e.g. [`Session::as_user`]).
+pub fn standard_cycle_in(s: Session, c: &Cycle) -> Session {
+    let name = s.name.clone();
     let stop = s.stop_file();
     let mut args: Vec<&str> = c.args.iter().map(|s| s.as_str()).collect();
     let stop_s = stop.to_str().unwrap().to_string();
