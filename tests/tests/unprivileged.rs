@@ -218,7 +218,7 @@ fn root_coordinator_and_store_refuse_the_user() {
         let mut c = s.user_command(&s.ckpt);
         c.args(&args);
         let out = run_with_timeout(c, CMD_TIMEOUT);
-        failed(&out, &format!("ckpt {} on root's store as {TEST_USER}", args[0]), &[store, "ermission denied"]);
+        failed(&out, &format!("ckpt {} on root's store as {TEST_USER}", args[0]), &[store, "not readable by you", "uid 0"]);
     }
     assert!(pid_alive(rp.pid), "root's program died");
     rp.wait_ticks(2, LINE_TIMEOUT);
