@@ -196,6 +196,41 @@ fn push_and_pull_as_an_ordinary_user() {
     assert_private(&s, &cache);
 }
 
+/// A coordinator of the user's on TCP (`ckpt coordinator --coord tcp:`):
+/// the secret it makes (`~/.config/ckpt/coord.key`) and its directory are
+/// the user's and private; a launch and a checkpoint through it commit.
+#[test]
+fn tcp_coordinator_key_files_are_private() {
+    let s = Session::as_user(TEST_USER, "nr_tcp_key");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    let mut c = s.user_command(&s.ckpt);
+    c.args(["coordinator", "--coord", &tcp, "--store", &s.store]);
+    let mut co = Proc::spawn(format!("coordinator on {tcp}"), c);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the user's coordinator on {tcp} did not come up\n{}", co.context());
+        std::thread::sleep(Duration::from_millis(50)); // polling a server that is starting
+    }
+    assert_eq!(status_field(co.child_pid(), "Uid:"), s.user.as_ref().unwrap().uid.to_string(), "the coordinator does not run as the user");
+    let stop = s.stop_file();
+    let mut p = s.launch_opts(&["--coord", &tcp], &program("counter_heap"), &["-m", "4", "-t", "50", "-s", stop.to_str().unwrap()], &[]);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let out = ok(&s.run("checkpoint", &["--coord", &tcp]), "ckpt checkpoint over TCP");
+    let g: u64 = out.trim().lines().last().unwrap().trim().parse().unwrap();
+    assert!(s.generations().contains_key(&g), "generation {g} is not in the store");
+    let key_dir = s.user.as_ref().unwrap().home.join(".config/ckpt");
+    assert!(key_dir.join("coord.key").is_file(), "no secret at {}", key_dir.display());
+    assert_private(&s, &key_dir);
+    assert_private(&s, &s.store_dir);
+    assert_private(&s, &s.user.as_ref().unwrap().runtime_dir);
+    ok(&s.run("kill", &["--coord", &tcp]), "ckpt kill over TCP");
+    assert!(p.wait_exit(CMD_TIMEOUT).code().is_none(), "the program was not killed\n{}", p.context());
+    wait_gone(p.pid, Duration::from_secs(20));
+    ok(&s.run("quit", &["--coord", &tcp]), "ckpt quit over TCP");
+    co.wait_exit(CMD_TIMEOUT);
+}
+
 /// A root computation running at the same time: its coordinator socket and
 /// its store refuse the user, with an error naming them; the root program
 /// is untouched and nothing is committed to root's store.
