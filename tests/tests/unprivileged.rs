@@ -196,6 +196,31 @@ fn push_and_pull_as_an_ordinary_user() {
     assert_private(&s, &cache);
 }
 
+/// No `--store`, no `--coord`: the user's defaults (`$XDG_DATA_HOME/ckpt`,
+/// `$XDG_RUNTIME_DIR/ckpt/coord.sock`) are made private and used.
+#[test]
+fn default_store_and_socket_are_the_users_and_private() {
+    let s = Session::as_user(TEST_USER, "nr_defaults");
+    let data = s.path("data");
+    let mut c = s.user_command(&s.ckpt);
+    c.args(["launch", "--", program("counter_heap").to_str().unwrap(), "-m", "4", "-t", "50"]).env("XDG_DATA_HOME", &data);
+    let mut p = Proc::spawn("launch with the defaults".into(), c);
+    s.track(p.child_pid());
+    p.pid = p.child_pid();
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let mut c = s.user_command(&s.ckpt);
+    c.arg("checkpoint");
+    ok(&run_with_timeout(c, CMD_TIMEOUT), "ckpt checkpoint at the default socket");
+    let store = data.join("ckpt");
+    assert!(store.join("catalog.db").is_file(), "no store at the default {}", store.display());
+    assert!(assert_private(&s, &store) > 4, "the default store holds too little");
+    assert_private(&s, &s.user.as_ref().unwrap().runtime_dir);
+    let mut c = s.user_command(&s.ckpt);
+    c.arg("kill");
+    ok(&run_with_timeout(c, CMD_TIMEOUT), "ckpt kill");
+    assert!(p.wait_exit(CMD_TIMEOUT).code().is_none(), "the program was not killed\n{}", p.context());
+}
+
 /// A coordinator of the user's on TCP (`ckpt coordinator --coord tcp:`):
 /// the secret it makes (`~/.config/ckpt/coord.key`) and its directory are
 /// the user's and private; a launch and a checkpoint through it commit.

@@ -711,6 +711,9 @@ impl Session {
         use std::os::unix::fs::PermissionsExt;
         let (uid, gid, home) = ordinary_account(user);
         let mut s = Session::new(name);
+        let base = s.dir.parent().unwrap();
+        let mode = std::fs::metadata(base).unwrap().permissions().mode();
+        assert!(mode & 0o001 != 0, "{} (mode {mode:o}) cannot be entered by {user}: chmod o+x it or set CKPT_TEST_TMP", base.display());
         let runtime_dir = s.dir.join("run");
         std::fs::create_dir(&runtime_dir).unwrap();
         for d in [&s.dir, &runtime_dir] {
