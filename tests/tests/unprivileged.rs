@@ -196,6 +196,49 @@ fn push_and_pull_as_an_ordinary_user() {
     assert_private(&s, &cache);
 }
 
+/// The harness's cleanup: dropping a user session kills that session's
+/// processes (its program and the coordinator `launch` started) and none of
+/// the user's others.
+#[test]
+fn dropping_a_user_session_kills_its_processes_only() {
+    let (uid, gid, _) = ordinary_account(TEST_USER);
+    let mut other = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .args(["--init-groups", "--", "sleep", "300"])
+        .current_dir("/")
+        .spawn()
+        .unwrap();
+    let pids = {
+        let s = Session::as_user(TEST_USER, "nr_drop");
+        let mut p = s.launch(&program("counter_heap"), &["-m", "4", "-t", "50"]);
+        p.wait_ticks(2, LINE_TIMEOUT);
+        let sock = s.coord.strip_prefix("unix:").unwrap().to_string();
+        let st = Json::parse(&ok(&s.run("status", &["--json"]), "ckpt status --json")).unwrap();
+        let coord = st.get("coordinator").and_then(|c| c.get("pid")).and_then(Json::as_u64).unwrap_or_else(|| panic!("no coordinator pid in {st:?} ({sock})")) as i32;
+        assert_eq!(status_field(coord, "Uid:"), uid.to_string(), "the coordinator does not run as the user");
+        std::mem::forget(p); // left running on purpose: the session's drop must kill it
+        // Two processes nothing tracks: one in the session's dir, one
+        // elsewhere but started with the session's environment.
+        let in_dir = s.user_command("sleep").arg("300").spawn().unwrap();
+        let marked = s.user_command("sleep").arg("300").current_dir("/").spawn().unwrap();
+        let pids = (s.computation()[0], coord, in_dir.id() as i32, marked.id() as i32);
+        std::mem::forget((in_dir, marked));
+        pids
+    };
+    let (prog, coord, in_dir, marked) = pids;
+    for pid in [prog, coord, in_dir, marked] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pid_alive(pid) {
+            assert!(Instant::now() < deadline, "process {pid} of the dropped session still runs");
+            std::thread::sleep(Duration::from_millis(20)); // polling the kernel's reaping
+        }
+    }
+    assert!(other.try_wait().unwrap().is_none(), "the user's process outside the session was killed");
+    other.kill().unwrap();
+    other.wait().unwrap();
+}
+
 /// No `--store`, no `--coord`: the user's defaults (`$XDG_DATA_HOME/ckpt`,
 /// `$XDG_RUNTIME_DIR/ckpt/coord.sock`) are made private and used.
 #[test]
