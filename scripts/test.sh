@@ -17,5 +17,8 @@ moto_ok() {
 }
 moto_ok || python3 -m pip install -q 'moto[server]>=5.2,<6'
 moto_ok || { echo "moto_server >= 5.2 is not installed: the S3 tests need it (pip install 'moto[server]>=5.2,<6')" >&2; exit 1; }
+# The ordinary-user tests (tests/tests/unprivileged.rs) run ckpt as a real
+# second account, made here: no sudo, no capabilities, no extra groups.
+id ckpt-user >/dev/null 2>&1 || useradd -m -s /bin/bash ckpt-user
 cargo build --release --workspace
 cargo test --release --workspace --no-fail-fast

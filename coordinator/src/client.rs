@@ -66,7 +66,14 @@ pub fn quit(addr: &Address, timeout: Duration) -> Result<(), CoordError> {
 /// A failed connection: no coordinator there, or one that this machine
 /// and it do not trust each other (a failed secure handshake).
 pub fn connect_error(addr: &Address, e: std::io::Error) -> CoordError {
-    if e.kind() == std::io::ErrorKind::PermissionDenied {
+    if matches!(addr, Address::Unix(_)) && e.raw_os_error() == Some(libc::EACCES) {
+        // The socket (or its directory) is another user's: each user has a
+        // coordinator of their own.
+        CoordError::Untrusted(format!(
+            "cannot connect to the coordinator at {addr}: {e}; the socket belongs to another user (every user runs a coordinator of their own: drop --coord to use yours, {})",
+            Address::default_for_user()
+        ))
+    } else if e.kind() == std::io::ErrorKind::PermissionDenied {
         CoordError::Untrusted(e.to_string())
     } else {
         CoordError::Unreachable { addr: addr.to_string(), source: e }

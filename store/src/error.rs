@@ -33,6 +33,21 @@ pub enum StoreError {
         /// The directory.
         path: PathBuf,
     },
+    /// The store's directory cannot be read by this user (another user's:
+    /// stores are private, 0700).
+    #[error(
+        "store {path} is not readable by you (uid {me}; the directory is uid {owner}'s, mode {mode:o}): a store is private to the user who made it; use a store of your own (drop --store for the default, or pull a copy)"
+    )]
+    NotReadable {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Its mode bits.
+        mode: u32,
+        /// The effective uid of this process.
+        me: u32,
+    },
     /// The catalog was written by a newer ckpt.
     #[error(
         "catalog at {path} has schema version {found}, newer than this ckpt supports ({supported}): upgrade ckpt"

@@ -459,6 +459,27 @@ pub fn parse_url(url: &str) -> Result<PathBuf> {
     std::path::absolute(&path).ctx(|| format!("resolve store path {}", path.display()))
 }
 
+/// Refuses a store directory (or one on its path) this user may not read:
+/// without this, another user's private store looked like "not a store".
+fn check_readable(root: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let denied = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
+    let probe = match fs::metadata(root) {
+        Ok(md) if md.is_dir() => fs::read_dir(root).err(),
+        Ok(_) => None,
+        Err(e) => Some(e),
+    };
+    match probe {
+        Some(e) if denied(&e) => {
+            // The directory itself, or the nearest ancestor this user can
+            // see (the one that keeps it out), names the owner.
+            let (owner, mode) = root.ancestors().find_map(|a| fs::metadata(a).ok()).map(|m| (m.uid(), m.mode() & 0o7777)).unwrap_or((u32::MAX, 0));
+            Err(StoreError::NotReadable { path: root.to_path_buf(), owner, mode, me: nix::unistd::geteuid().as_raw() })
+        }
+        _ => Ok(()),
+    }
+}
+
 fn dir_is_empty(p: &Path) -> Result<bool> {
     Ok(fs::read_dir(p)
         .ctx(|| format!("list {}", p.display()))?
@@ -473,6 +494,7 @@ impl Store {
             return Self::open_s3(url, None);
         }
         let root = parse_url(url)?;
+        check_readable(&root)?;
         if !root.exists() {
             return Err(StoreError::NoSuchStore { path: root });
         }
@@ -555,6 +577,7 @@ impl Store {
             return Self::open_s3(url, Some(chunk_size));
         }
         let root = parse_url(url)?;
+        check_readable(&root)?;
         if !root.exists() {
             private::create_dir_all(&root)
                 .ctx(|| format!("create store directory {}", root.display()))?;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """python_heap: an unmodified python3 holding >=100 MB of pure-Python objects.
 
-    python3 python_heap.py [-n N] [-t MS] [-s STOPFILE] [-m MB]
+    python3 python_heap.py [-n N] [-t MS] [-s STOPFILE] [-m MB] [-w THREADS]
 
 Builds a list of [key, value, text] records (text derived from value) and a
 dict indexing them, about MB megabytes in all (default 120, measured with
@@ -10,6 +10,12 @@ changes 2000 random records, keeps a running checksum updated incrementally,
 and verifies it: a slice of the records every tick, all of them every 8
 ticks and after a pause (a restart).  Same output protocol as the C
 programs: PID, READY, TICK n ..., DONE, or FAIL <reason> and exit 1.
+
+-w THREADS: as many worker threads besides, each changing records of its
+own (a dict under its own lock, with a running checksum) all the time; every
+tick the main thread checks each worker's checksum against its records and
+that the worker made progress since the last tick, and each worker checks
+its own thread id stays the same.
 """
 import argparse
 import os
@@ -35,12 +41,47 @@ def contrib(k, v):
     return (k * 1000003 + v * 2654435761) & MASK
 
 
+class Worker:
+    """A thread changing records of its own, under its lock."""
+
+    def __init__(self, w):
+        self.w = w
+        self.lock = threading.Lock()
+        self.recs = {i: i * 7 + w for i in range(20000)}
+        self.sum = sum(contrib(i, v) for i, v in self.recs.items()) & MASK
+        self.changes = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        rng = random.Random(self.w)
+        tid = threading.get_native_id()
+        while True:
+            with self.lock:
+                for _ in range(500):
+                    i = rng.randrange(20000)
+                    v = rng.getrandbits(40)
+                    self.sum = (self.sum - contrib(i, self.recs[i]) + contrib(i, v)) & MASK
+                    self.recs[i] = v
+                    self.changes += 1
+            if threading.get_native_id() != tid:
+                fail("worker %d tid changed from %d to %d" % (self.w, tid, threading.get_native_id()))
+            time.sleep(0.005)
+
+    def check(self):
+        with self.lock:
+            got = sum(contrib(i, v) for i, v in self.recs.items()) & MASK
+            if got != self.sum:
+                fail("worker %d checksum recomputed %d != running %d" % (self.w, got, self.sum))
+            return self.changes
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=1000000)
     ap.add_argument("-t", type=int, default=200)
     ap.add_argument("-s", default=None)
     ap.add_argument("-m", type=int, default=120)
+    ap.add_argument("-w", type=int, default=0)
     a = ap.parse_args()
 
     sys.stdout.reconfigure(line_buffering=True)
@@ -81,6 +122,11 @@ def main():
             s = (s + contrib(i, r[1])) & MASK
         return s
 
+    workers = [Worker(w) for w in range(a.w)]
+    for wk in workers:
+        wk.thread.start()
+    seen = [-1] * len(workers)
+
     full = verify_range(0, n)
     if full != checksum:
         fail("initial checksum mismatch")
@@ -101,6 +147,11 @@ def main():
             r[1] = v
             r[2] = text_of(v)
             mutations += 1
+        for w, wk in enumerate(workers):
+            done = wk.check()
+            if done <= seen[w] and tick > 2:
+                fail("worker %d made no progress (%d changes)" % (w, done))
+            seen[w] = done
         now = time.monotonic()
         resumed = now - prev > 3 * a.t / 1000.0 + 0.5
         if tick % 8 == 0 or resumed:

@@ -251,6 +251,8 @@ pub struct Session {
     pub ckpt: PathBuf,
     /// Program pids this session started (killed on drop if still alive).
     pids: Mutex<Vec<i32>>,
+    /// The ordinary account the session's commands run as (`as_user`).
+    pub user: Option<RunAs>,
 }
 
 impl Session {
@@ -273,6 +275,7 @@ impl Session {
             store_dir,
             ckpt: ckpt_bin(),
             pids: Mutex::new(Vec::new()),
+            user: None,
         }
     }
 
@@ -295,6 +298,9 @@ impl Session {
     /// A `ckpt SUB` command with this session's store and coordinator (as
     /// options when the contract lists them for SUB, and in the environment).
     pub fn cmd(&self, sub: &str) -> Command {
+        if let Some(u) = &self.user {
+            return u.ckpt_cmd(self, sub);
+        }
         let mut c = Command::new(&self.ckpt);
         c.arg(sub);
         match sub {
@@ -564,6 +570,9 @@ impl Drop for Session {
                 let _ = child.wait();
             }
         }
+        if let Some(u) = &self.user {
+            u.kill_leftovers(self);
+        }
         if std::thread::panicking() {
             eprintln!("[{}] test failed; its files are kept in {}", self.name, self.dir.display());
         } else if std::env::var_os("CKPT_TEST_KEEP").is_none() {
@@ -578,6 +587,155 @@ pub struct Gen {
     pub id: u64,
     pub lo: u64,
     pub hi: u64,
+}
+
+// ---------------------------------------------------------------- ordinary user
+//
+// Sessions whose commands run as a real second account (issue 12), not as
+// root with capabilities dropped: `setpriv --reuid --regid --init-groups`
+// with that user's own environment (HOME, USER, LOGNAME, SHELL, PATH and a
+// private XDG_RUNTIME_DIR per session), none of root's. The account is made
+// with `useradd` if missing (scripts/test.sh makes it too). Everything else
+// (`launch`, `checkpoint_bounded`, `restart_expect`, `Proc`, `Cycle`) is the
+// ordinary harness: only `Session::cmd` differs.
+
+/// The account ordinary-user sessions run as.
+pub const TEST_USER: &str = "ckpt-user";
+
+/// Marks every process of an ordinary-user session (its environment holds
+/// `CKPT_TEST_SESSION=<session dir>`), so that cleanup kills the session's
+/// processes only, never the user's others.
+pub const SESSION_ENV: &str = "CKPT_TEST_SESSION";
+
+/// The account a [`Session::as_user`] runs its commands as.
+#[derive(Clone, Debug)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+    /// The session's `XDG_RUNTIME_DIR` (`<dir>/run`, 0700, the user's): the
+    /// user's default coordinator socket is `ckpt/coord.sock` in it.
+    pub runtime_dir: PathBuf,
+}
+
+static MAKING_USER: Mutex<()> = Mutex::new(());
+
+/// `getent passwd NAME`: (uid, gid, home).
+fn passwd_entry(name: &str) -> Option<(u32, u32, PathBuf)> {
+    let out = Command::new("getent").args(["passwd", name]).output().ok()?;
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let f: Vec<&str> = line.split(':').collect();
+    (out.status.success() && f.len() >= 7).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?, PathBuf::from(f[5]))))?
+}
+
+/// The ordinary account `name`, made (`useradd -m -s /bin/bash`, no other
+/// group, no sudo) if missing. Needs root.
+pub fn ordinary_account(name: &str) -> (u32, u32, PathBuf) {
+    let _one = MAKING_USER.lock().unwrap_or_else(|e| e.into_inner());
+    if passwd_entry(name).is_none() {
+        let out = Command::new("useradd").args(["-m", "-s", "/bin/bash", name]).output().expect("cannot run useradd (the ordinary-user tests need root)");
+        // 9: the name is taken (another test binary made it meanwhile).
+        assert!(out.status.success() || out.status.code() == Some(9), "useradd {name}: {}", text(&out.stderr));
+    }
+    let e = passwd_entry(name).unwrap_or_else(|| panic!("user {name} missing after useradd"));
+    assert!(e.0 != 0, "{name} is uid 0, not an ordinary user");
+    e
+}
+
+impl RunAs {
+    /// `program` run as this user in the session's environment (and its dir).
+    pub fn command(&self, s: &Session, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={}", self.uid)).arg(format!("--regid={}", self.gid)).args(["--init-groups", "--"]).arg(program);
+        c.env_clear()
+            .env("HOME", &self.home)
+            .env("USER", &self.name)
+            .env("LOGNAME", &self.name)
+            .env("SHELL", "/bin/bash")
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("XDG_RUNTIME_DIR", &self.runtime_dir)
+            .env(SESSION_ENV, &s.dir)
+            .current_dir(&s.dir);
+        for k in ["RUST_LOG", "RUST_BACKTRACE", "TERM"] {
+            if let Some(v) = std::env::var_os(k) {
+                c.env(k, v);
+            }
+        }
+        c
+    }
+
+    /// `ckpt SUB` as this user: the session's store (options and
+    /// `CKPT_STORE`), the user's default coordinator (no `--coord`).
+    fn ckpt_cmd(&self, s: &Session, sub: &str) -> Command {
+        let mut c = self.command(s, &s.ckpt);
+        c.arg(sub);
+        if matches!(sub, "launch" | "restart" | "log") {
+            c.args(["--store", &s.store]);
+        }
+        c.env("CKPT_STORE", &s.store);
+        c
+    }
+
+    /// SIGKILLs this user's processes that belong to session `s` (cwd in
+    /// its dir, or `CKPT_TEST_SESSION` naming it), then waits for them.
+    fn kill_leftovers(&self, s: &Session) {
+        let marker = format!("{SESSION_ENV}={}", s.dir.display()).into_bytes();
+        let mine = |pid: i32| -> bool {
+            let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|st| st.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|u| u.parse::<u32>().ok()));
+            uid == Some(self.uid)
+                && (std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c.starts_with(&s.dir))
+                    || std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|e| e.split(|b| *b == 0).any(|v| v == marker.as_slice())))
+        };
+        let left: Vec<i32> = std::fs::read_dir("/proc")
+            .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|&p| mine(p)).collect())
+            .unwrap_or_default();
+        for &pid in &left {
+            sigkill(pid);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while left.iter().any(|&p| pid_alive(p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20)); // polling the kernel's reaping
+        }
+    }
+}
+
+impl Session {
+    /// A session whose commands run as the ordinary account `user` (made if
+    /// missing): its dir under `/tmp/ckpt-tests` is the user's (0700), its
+    /// store `<dir>/store`, its coordinator the user's default socket
+    /// (`$XDG_RUNTIME_DIR/ckpt/coord.sock`, `XDG_RUNTIME_DIR` = `<dir>/run`).
+    pub fn as_user(user: &str, name: &str) -> Session {
+        use std::os::unix::fs::PermissionsExt;
+        let (uid, gid, home) = ordinary_account(user);
+        let mut s = Session::new(name);
+        let base = s.dir.parent().unwrap();
+        let mode = std::fs::metadata(base).unwrap().permissions().mode();
+        assert!(mode & 0o001 != 0, "{} (mode {mode:o}) cannot be entered by {user}: chmod o+x it or set CKPT_TEST_TMP", base.display());
+        let runtime_dir = s.dir.join("run");
+        std::fs::create_dir(&runtime_dir).unwrap();
+        for d in [&s.dir, &runtime_dir] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
+        }
+        s.coord = format!("unix:{}", runtime_dir.join("ckpt/coord.sock").display());
+        s.user = Some(RunAs { name: user.to_string(), uid, gid, home, runtime_dir });
+        s
+    }
+
+    /// `program` run as the session's user (as root for a root session).
+    pub fn user_command(&self, program: impl AsRef<OsStr>) -> Command {
+        match &self.user {
+            Some(u) => u.command(self, program),
+            None => {
+                let mut c = Command::new(program);
+                c.current_dir(&self.dir);
+                c
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- Proc
@@ -886,7 +1044,12 @@ impl<'a> Cycle<'a> {
 /// DONE with exit status 0. Every restored run must keep printing TICKs
 /// without FAIL. Returns the session for further checks.
 pub fn standard_cycle(name: &str, c: &Cycle) -> Session {
-    let s = Session::new(name);
+    standard_cycle_in(Session::new(name), c)
+}
+
+/// [`standard_cycle`] in a session of the caller's (e.g. [`Session::as_user`]).
+pub fn standard_cycle_in(s: Session, c: &Cycle) -> Session {
+    let name = s.name.clone();
     let stop = s.stop_file();
     let mut args: Vec<&str> = c.args.iter().map(|s| s.as_str()).collect();
     let stop_s = stop.to_str().unwrap().to_string();
