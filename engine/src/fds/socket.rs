@@ -282,9 +282,25 @@ fn apply_opts(fd: &OwnedFd, o: &SockOpts, tcp: bool) -> io::Result<()> {
 /// Makes room for `len` more bytes in the send buffer of `fd` (root may go
 /// past `wmem_max`), so that a refill never blocks.
 fn grow_sndbuf(fd: &OwnedFd, len: usize) -> io::Result<()> {
-    let cur = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?.max(0) as usize;
+    grow_buf(fd, libc::SO_SNDBUF, sys::SO_SNDBUFFORCE, len)
+}
+
+/// Makes room for `len` more bytes in the receive buffer of `fd`.
+fn grow_rcvbuf(fd: &OwnedFd, len: usize) -> io::Result<()> {
+    grow_buf(fd, libc::SO_RCVBUF, sys::SO_RCVBUFFORCE, len)
+}
+
+/// Grows buffer `opt` of `fd` by about `len`: past `wmem_max`/`rmem_max`
+/// with `force` where the kernel allows it (`CAP_NET_ADMIN` over the
+/// machine, i.e. root), else up to them (a computation of a user other
+/// than root, in its own user namespace: [`crate::ns`]).
+fn grow_buf(fd: &OwnedFd, opt: i32, force: i32, len: usize) -> io::Result<()> {
+    let cur = getsockopt_int(fd, libc::SOL_SOCKET, opt)?.max(0) as usize;
     let want = (cur + 2 * len + 65536).min(i32::MAX as usize / 2) as i32;
-    setsockopt_int(fd, libc::SOL_SOCKET, sys::SO_SNDBUFFORCE, want)
+    match setsockopt_int(fd, libc::SOL_SOCKET, force, want) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => setsockopt_int(fd, libc::SOL_SOCKET, opt, want),
+        r => r,
+    }
 }
 
 fn new_socket(domain: i32, ty: i32) -> io::Result<OwnedFd> {

@@ -364,12 +364,17 @@ impl Session {
         self.track(p.child_pid());
         let line = p.wait_prefix("PID ", LINE_TIMEOUT);
         let pid: i32 = line[4..].trim().parse().unwrap();
-        assert_eq!(
-            pid,
-            p.child_pid(),
-            "the launched program's pid is not the pid of `ckpt launch` (contract: launch execs)"
-        );
         p.pid = pid;
+        // In place, launch execs the program; in namespaces of its own
+        // (issue 12) the program has its pid there, below ckpt's init.
+        if pid != p.child_pid() {
+            let deadline = Instant::now() + LINE_TIMEOUT;
+            while host_pid_below(p.child_pid(), pid).is_none() {
+                assert!(Instant::now() < deadline, "the launched program's pid {pid} is neither the pid of `ckpt launch` (in place, launch execs) nor its pid in namespaces below launch\n{}", p.context());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            p.host_pid();
+        }
         p
     }
 
@@ -464,7 +469,7 @@ impl Session {
             g.hi,
             p.context()
         );
-        assert!(pid_alive(pid), "restored program is not pid {pid}\n{}", p.context());
+        assert!(p.alive(), "restored program is not pid {pid}\n{}", p.context());
         let _ = t;
         p
     }
@@ -505,10 +510,47 @@ impl Session {
         p.wait_ticks(3, LINE_TIMEOUT);
         let pids = self.wait_computation(n);
         assert_eq!(pids.len(), n, "expected {n} processes in the computation, have {pids:?}\n{}", p.context());
-        for &pid in &pids {
-            self.track(pid);
+        if !self.in_namespaces() {
+            for &pid in &pids {
+                self.track(pid);
+            }
         }
         (p, pids)
+    }
+
+    /// Whether this session's computations run in namespaces of their own
+    /// (issue 12: every computation of a user other than root): their pids
+    /// are not the host's, and when the command waiting outside (launch or
+    /// restart) has exited, every process of the computation is gone.
+    pub fn in_namespaces(&self) -> bool {
+        self.user.is_some()
+    }
+
+    /// The host pid of the session's process that has pid `pid` in its
+    /// namespaces ([`Session::in_namespaces`]; else `pid` itself).
+    pub fn host_pid(&self, pid: i32) -> i32 {
+        if !self.in_namespaces() {
+            return pid;
+        }
+        // The PID namespaces of the session's processes (marked by their
+        // environment), then the process with that pid in one of them (a
+        // zombie has no environment left, but its namespace).
+        let marker = format!("{SESSION_ENV}={}", self.dir.display()).into_bytes();
+        let inner = |h: i32| -> Option<i32> {
+            let st = std::fs::read_to_string(format!("/proc/{h}/status")).ok()?;
+            let ns: Vec<i32> = st.lines().find_map(|l| l.strip_prefix("NSpid:"))?.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            (ns.len() >= 2).then(|| ns.last().copied())?
+        };
+        let pidns = |h: i32| std::fs::read_link(format!("/proc/{h}/ns/pid")).ok();
+        let all: Vec<i32> = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).collect();
+        let ours: Vec<_> = all
+            .iter()
+            .filter(|&&h| inner(h).is_some() && std::fs::read(format!("/proc/{h}/environ")).is_ok_and(|e| e.split(|b| *b == 0).any(|v| v == marker.as_slice())))
+            .filter_map(|&h| pidns(h))
+            .collect();
+        all.into_iter()
+            .find(|&h| inner(h) == Some(pid) && pidns(h).is_some_and(|n| ours.contains(&n)))
+            .unwrap_or_else(|| panic!("no process of session {} has pid {pid} in its namespaces", self.name))
     }
 
     /// `ckpt kill`, then waits for `root` (the command we spawned) and for
@@ -517,7 +559,7 @@ impl Session {
         let out = self.run("kill", &[]);
         assert!(out.status.success(), "ckpt kill failed: {}", text(&out.stderr));
         root.wait_exit(CMD_TIMEOUT);
-        for &pid in pids {
+        for &pid in pids.iter().filter(|_| !self.in_namespaces()) {
             wait_gone(pid, Duration::from_secs(20));
         }
     }
@@ -530,7 +572,7 @@ impl Session {
         let st = root.wait_exit(CMD_TIMEOUT);
         assert!(st.success(), "the restored computation ended with {st}\n{}", root.context());
         std::fs::remove_file(self.stop_file()).unwrap();
-        for &pid in pids {
+        for &pid in pids.iter().filter(|_| !self.in_namespaces()) {
             wait_gone(pid, Duration::from_secs(20));
         }
     }
@@ -557,8 +599,10 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        // Only processes of this session: a tracked pid may be a pid in
+        // namespaces of the computation's own, another process's here.
         for pid in self.pids.lock().unwrap().iter() {
-            if pid_alive(*pid) {
+            if pid_alive(*pid) && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c.starts_with(&self.dir)) {
                 sigkill(*pid);
             }
         }
@@ -754,8 +798,12 @@ pub struct Proc {
     stderr_done: Receiver<()>,
     /// Kept open so programs reading stdin block instead of seeing EOF.
     stdin: Option<ChildStdin>,
-    /// The program's pid (the launched process, or the restored one).
+    /// The program's pid (the launched process, or the restored one), as
+    /// the program sees it: in namespaces of its own (issue 12) that is not
+    /// its pid on the host, see [`Proc::host_pid`].
     pub pid: i32,
+    /// Its pid on the host, once known.
+    host: Option<i32>,
     pub lines: Vec<String>,
     pub first_tick: Option<u64>,
     pub last_tick: Option<u64>,
@@ -807,12 +855,36 @@ impl Proc {
             stderr: err,
             stderr_done: err_done,
             pid: 0,
+            host: None,
             lines: Vec::new(),
             first_tick: None,
             last_tick: None,
             eof: false,
             done: false,
         }
+    }
+
+    /// The program's pid on the host: [`Proc::pid`] when it runs in the
+    /// host's PID namespace, else the descendant of this command (`ckpt
+    /// launch` or `ckpt restart`, waiting outside ckpt's init) that has
+    /// that pid in its own namespace.
+    pub fn host_pid(&mut self) -> i32 {
+        if let Some(h) = self.host {
+            return h;
+        }
+        match host_pid_below(self.child_pid(), self.pid) {
+            Some(h) => {
+                self.host = Some(h);
+                h
+            }
+            None => self.pid,
+        }
+    }
+
+    /// Whether the program runs (with its pid, in its namespace if any).
+    pub fn alive(&mut self) -> bool {
+        let h = self.host_pid();
+        h > 0 && pid_alive(h)
     }
 
     pub fn child_pid(&self) -> i32 {
@@ -945,12 +1017,13 @@ impl Proc {
     /// we spawned (`ckpt launch` / `ckpt restart`) has exited.
     pub fn kill9(&mut self) {
         assert!(self.pid > 0);
-        assert!(pid_alive(self.pid), "{} is not running before kill\n{}", self.what, self.context());
-        sigkill(self.pid);
+        let host = self.host_pid();
+        assert!(pid_alive(host), "{} is not running before kill\n{}", self.what, self.context());
+        sigkill(host);
         if wait_child(&mut self.child, Duration::from_secs(30)).is_none() {
             panic!("{} did not exit 30 s after its program was SIGKILLed\n{}", self.what, self.context());
         }
-        wait_gone(self.pid, Duration::from_secs(30));
+        wait_gone(host, Duration::from_secs(30));
         // what is left of the output (no FAIL allowed there either)
         self.drain_for(Duration::from_millis(500));
     }
@@ -989,7 +1062,8 @@ impl Proc {
         assert!(self.last_tick.unwrap() >= target, "DONE before the stop tick\n{}", self.context());
         let st = self.wait_exit(LINE_TIMEOUT);
         assert!(st.success(), "{} exited with {st} after DONE\n{}", self.what, self.context());
-        wait_gone(self.pid, Duration::from_secs(10));
+        let host = self.host_pid();
+        wait_gone(host, Duration::from_secs(10));
     }
 
     pub fn close_stdin(&mut self) {
@@ -1000,8 +1074,9 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
-            if self.pid > 0 && pid_alive(self.pid) {
-                sigkill(self.pid);
+            let host = if self.pid > 0 { self.host_pid() } else { 0 };
+            if host > 0 && pid_alive(host) {
+                sigkill(host);
             }
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -1309,6 +1384,36 @@ pub fn os(s: &str) -> &OsStr {
 /// Makes the kernel hand out `pid` to the next process we spawn (root,
 /// `/proc/sys/kernel/ns_last_pid`), retrying a few times against other
 /// processes being created meanwhile. Returns the child holding the pid.
+/// The descendant of `ancestor` that has pid `inner` in a PID namespace
+/// below the host's (ckpt's namespaces, issue 12): its host pid.
+pub fn host_pid_below(ancestor: i32, inner: i32) -> Option<i32> {
+    let mut parent = std::collections::HashMap::new();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        let field = |k: &str| st.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.split_whitespace().filter_map(|x| x.parse::<i32>().ok()).collect::<Vec<_>>());
+        if let Some(pp) = field("PPid:").and_then(|v| v.first().copied()) {
+            parent.insert(pid, pp);
+        }
+        if let Some(ns) = field("NSpid:")
+            && ns.len() >= 2 && ns.last() == Some(&inner) {
+                found.push(pid);
+            }
+    }
+    found.into_iter().find(|&p| {
+        let mut q = p;
+        for _ in 0..64 {
+            match parent.get(&q) {
+                Some(&pp) if pp == ancestor => return true,
+                Some(&pp) if pp > 1 => q = pp,
+                _ => return false,
+            }
+        }
+        false
+    })
+}
+
 pub fn occupy_pid(pid: i32) -> Option<Child> {
     for _ in 0..50 {
         if std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).is_err() {

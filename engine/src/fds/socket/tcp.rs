@@ -60,7 +60,7 @@ use ckpt_store::Store;
 use ckpt_wire::Pod;
 
 use super::sys::*;
-use super::{apply_opts, getsockopt_int, getsockopt_raw, grow_sndbuf, ioctl_int, new_socket, read_blob, read_opts, setsockopt_int, setsockopt_raw};
+use super::{apply_opts, getsockopt_int, getsockopt_raw, grow_rcvbuf, grow_sndbuf, ioctl_int, new_socket, read_blob, read_opts, setsockopt_int, setsockopt_raw};
 use crate::error::{EngineError, Result};
 use crate::fds::{LiveFd, Round};
 use crate::image::{SockOpts, TcpConnImage, TcpSocketImage, TcpState, TcpWindow};
@@ -444,12 +444,17 @@ fn send_all(fd: &OwnedFd, data: &[u8], grow_rcv: bool) -> io::Result<()> {
         let e = if n == 0 { io::Error::from(io::ErrorKind::WouldBlock) } else { io::Error::last_os_error() };
         let full = matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::OutOfMemory) || e.raw_os_error() == Some(libc::ENOMEM);
         if !full || stuck >= 3 {
+            if full {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{} bytes do not fit in the socket's buffer ({e}); without root the buffer cannot grow past net.core.wmem_max and rmem_max: raise them (as root, `sysctl -w net.core.wmem_max=N net.core.rmem_max=N`)", rest.len()),
+                ));
+            }
             return Err(e);
         }
         stuck += 1;
         if grow_rcv {
-            let cur = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)?.max(0) as usize;
-            setsockopt_int(fd, libc::SOL_SOCKET, SO_RCVBUFFORCE, (cur + 2 * rest.len() + 65536).min(i32::MAX as usize / 2) as i32)?;
+            grow_rcvbuf(fd, rest.len())?;
         } else {
             grow_sndbuf(fd, rest.len())?;
         }
@@ -619,11 +624,12 @@ pub fn make_connection(local: SocketAddr, c: &TcpConnImage, opts: &SockOpts, sen
 /// where it is) and sends the bytes that had never been sent.
 /// Leaving repair mode clears `SO_REUSEADDR`: `reuseaddr` sets it again.
 pub fn leave_repair(s: &OwnedFd, unsent: &[u8], reuseaddr: bool) -> io::Result<()> {
-    setsockopt_int(s, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_OFF)?;
+    let step = |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    setsockopt_int(s, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_OFF).map_err(step("TCP_REPAIR off"))?;
     if reuseaddr {
-        setsockopt_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        setsockopt_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(step("SO_REUSEADDR"))?;
     }
-    send_all(s, unsent, false)
+    send_all(s, unsent, false).map_err(step("sending the bytes never sent"))
 }
 
 /// The TCP sockets of one restart.
