@@ -1439,3 +1439,33 @@ pub fn occupy_pid(pid: i32) -> Option<Child> {
     }
     None
 }
+
+/// Runs the VM test script `tests/vm/SCRIPT` (it boots Debian's 6.1
+/// kernel under qemu, installing what it needs) with this run's binaries
+/// and programs, and asserts its verdict line says PASS. `CKPT_SKIP_VM=1`
+/// skips it.
+pub fn run_vm_test(script: &str, what: &str) {
+    if std::env::var_os("CKPT_SKIP_VM").is_some_and(|v| v == "1") {
+        eprintln!("CKPT_SKIP_VM=1: {what} VM test skipped");
+        return;
+    }
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    // The binaries this test run uses (same lookup as the other tests) and
+    // the programs built with it.
+    let bin_dir = ckpt_bin().parent().unwrap().to_path_buf();
+    let mut cmd = Command::new("bash");
+    cmd.arg(ws.join("tests/vm").join(script)).env("CKPT_VM_BIN_DIR", &bin_dir).env("CKPT_VM_PROGRAMS", ckpt_tests::PROGRAMS_DIR);
+    // The kernel cache and console log go next to the binaries' target dir.
+    if std::env::var_os("CKPT_VM_TARGET").is_none()
+        && let Some(target) = bin_dir.parent() {
+            cmd.env("CKPT_VM_TARGET", target);
+        }
+    // The script times the VM out itself (300 s); this bounds installs too.
+    let out = run_with_timeout(cmd, Duration::from_secs(900));
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    eprintln!("{stderr}");
+    let verdict = stdout.lines().rev().find(|l| l.starts_with("CKPT-VM-VERDICT:")).unwrap_or("");
+    assert_eq!(verdict, "CKPT-VM-VERDICT: PASS", "{what} VM test failed (script exit {}):\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert!(out.status.success(), "script printed PASS but exited {}", out.status);
+}
