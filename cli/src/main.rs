@@ -783,11 +783,13 @@ pub(crate) fn bring_back(store: &Store, generation: u64, images: &[ckpt_engine::
         }
         Ok(())
     };
-    let restored = ckpt_engine::restore::restore_generation(store, generation, images, &restorer, connect, before_live)?;
+    let mut restored = ckpt_engine::restore::restore_generation(store, generation, images, &restorer, connect, before_live)?;
     for pid in &restored.all {
         client::wait_process(addr, *pid, Duration::from_secs(30))
             .with_context(|| format!("restored process {pid} did not come back to the coordinator"))?;
     }
+    // Processes stopped by job control at the checkpoint come back stopped.
+    restored.stop_held().context("bringing back stopped processes stopped")?;
     let list = |v: &[i32]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
     eprintln!("ckpt: restarted generation {generation} (pid {})", list(&restored.all));
     Ok(restored)

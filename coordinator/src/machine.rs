@@ -409,12 +409,25 @@ pub(crate) fn strays(parents: &[i32], known: &HashSet<i32>) -> Vec<Stray> {
     let mut out = Vec::new();
     for &p in parents {
         for c in procfs::children(p) {
-            if !known.contains(&c) && alive(c) {
+            if !known.contains(&c) && alive(c) && !traces(c, p) {
                 out.push(Stray { child: c, parent: p, comm: procfs::comm(c).unwrap_or_default() });
             }
         }
     }
     out
+}
+
+/// Whether `child` traces a thread of `parent`: the agent's stopper, which
+/// holds the threads of a job-stopped process for a round (a process of
+/// ours sharing the program's memory, not a child of the program's).
+fn traces(child: i32, parent: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else { return false };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("status"))
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse::<i32>().ok()))
+            == Some(child)
+    })
 }
 
 /// Whether `pid` exists and has not exited.
@@ -465,7 +478,7 @@ mod tests {
 
     /// A SUSPENDED of `n` threads, the last the checkpoint thread.
     fn suspended(n: usize) -> Vec<u8> {
-        let s = Suspended { nthreads: n as u32, _pad: 0, brk: 0x1000, itimers: Default::default(), sigactions: [Default::default(); 64], agent_fd: 800, uffd_fd: -1 };
+        let s = Suspended { nthreads: n as u32, job_stop: 0, brk: 0x1000, itimers: Default::default(), sigactions: [Default::default(); 64], agent_fd: 800, uffd_fd: -1 };
         let mut v = s.as_bytes().to_vec();
         for i in 0..n {
             let t = ThreadState { tid: 4242 + i as i32, is_ckpt_thread: u32::from(i + 1 == n), ucontext: 0x7000 + i as u64, ..Default::default() };

@@ -673,14 +673,24 @@ impl Coordinator {
             }
         }
         // A process stopped by job control cannot answer (its checkpoint
-        // thread is stopped too): refuse at once, naming it.
-        for p in procs.iter().filter(|p| p.machine == 0) {
-            if job_stopped(p.hello.pid) {
-                return Err((format!(
-                    "process {} is stopped by job control (SIGSTOP/SIGTSTP); stopped processes cannot be checkpointed yet: \
-                     resume it with `kill -CONT {}` and checkpoint again",
-                    p.hello.pid, p.hello.pid
-                ), false));
+        // thread is stopped too): that one thread is kept running for the
+        // round, by ptrace, here or by the helper of its machine; the rest
+        // stays stopped (ckpt_engine::jobstop). Dropped at the round's end.
+        let mut _wakers = Vec::new();
+        let mut remote_wake: HashMap<u64, Vec<[i32; 2]>> = HashMap::new();
+        for p in &procs {
+            if p.machine != 0 {
+                remote_wake.entry(p.machine).or_default().push([p.hello.pid, p.hello.ckpt_tid]);
+            } else if ckpt_engine::jobstop::is_stopped(p.hello.pid) {
+                _wakers.push(ckpt_engine::jobstop::Waker::start(p.hello.pid, p.hello.ckpt_tid).map_err(|e| (e, false))?);
+            }
+        }
+        let mut _remote_wakers = Vec::new();
+        for (machine, targets) in remote_wake {
+            let h = hosts[&machine].clone();
+            let a = h.call(Op::Wake { targets }, SUSPEND_TIMEOUT).map_err(|e| (e, false))?;
+            if a.get("woken").and_then(Value::as_u64).unwrap_or(0) > 0 {
+                _remote_wakers.push(RemoteWakers(h));
             }
         }
         // The store's writer lock is taken per checkpoint, so that `ckpt gc`
@@ -1296,11 +1306,14 @@ fn finish_round(stopped: &[Stopped], outcome: u32, generation: u64, snapshots: &
     }
 }
 
-/// Whether process `pid` (of this machine) is in a job-control stop
-/// (state `T` in `/proc/PID/stat`; `t`, traced, is not ours to judge).
-fn job_stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
-        .unwrap_or(false)
+/// A helper's wakers of job-stopped processes for one round: dropped, it
+/// tells the helper to let them stop again.
+struct RemoteWakers(Arc<RemoteHost>);
+
+impl Drop for RemoteWakers {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.call(Op::Wake { targets: Vec::new() }, SUSPEND_TIMEOUT) {
+            tracing::warn!("{e}");
+        }
+    }
 }

@@ -316,6 +316,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         chunk_size: chunk_size as u32,
         creds: Some(creds),
         namespaces: crate::ns::current(),
+        job_stop: report.suspended.job_stop,
     };
     Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states })
 }

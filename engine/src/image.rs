@@ -98,6 +98,10 @@ pub struct ProcessImage {
     /// the machine's own (or a machine's whose `ckpt host` reads it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespaces: Option<crate::ns::Namespaces>,
+    /// The stop signal when the process was stopped by job control at the
+    /// checkpoint ([`crate::jobstop`]): it comes back stopped. 0: running.
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    pub job_stop: i32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -748,6 +752,10 @@ pub struct AgentImage {
     pub fd: i32,
     pub restart_word_addr: u64,
     pub ckpt_tid: i32,
+}
+
+fn is_zero_i32(v: &i32) -> bool {
+    *v == 0
 }
 
 impl ProcessImage {

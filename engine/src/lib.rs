@@ -20,6 +20,7 @@ pub mod dirty;
 pub mod error;
 pub mod fds;
 pub mod image;
+pub mod jobstop;
 pub mod memattrs;
 pub mod ns;
 pub mod leftovers;

@@ -341,8 +341,14 @@ pub fn reap_all(main: &[i32]) -> i32 {
     loop {
         loop {
             let mut status = 0;
-            // SAFETY: reaps any child; nothing else of the init waits.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG | libc::__WALL) };
+            // Only this thread's children (__WNOTHREAD): the init's main
+            // thread starts the program (or the restored roots) and
+            // inherits the orphans; a thread of the capture helper that
+            // ptraces a job-stopped process's checkpoint thread
+            // (`jobstop::Waker`) must get that thread's stops itself, and a
+            // wait of any thread of ours would take them.
+            // SAFETY: reaps a child of this thread.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG | libc::__WALL | libc::__WNOTHREAD) };
             if pid > 0 {
                 if code.is_none() && main.contains(&pid) {
                     code = Some(exit_code(status));

@@ -609,9 +609,6 @@ fn checkpoint(_generation: u64) {
             }
         });
         stopper::stop_threads(&batch[..nbatch]);
-        if stopper::JOB_STOPPED.load(Ordering::Acquire) != 0 {
-            break;
-        }
         if !listed {
             break;
         }
@@ -622,17 +619,8 @@ fn checkpoint(_generation: u64) {
         }
         sys::futex_wait(&PARKED, parked, 200_000);
     }
-    let job_sig = stopper::JOB_STOPPED.load(Ordering::Acquire);
-    if job_sig != 0 {
-        release();
-        fail(
-            libc::EAGAIN,
-            "the process is stopped by job control (SIGSTOP/SIGTSTP/SIGTTIN/SIGTTOU); stopped processes cannot be checkpointed yet: send it SIGCONT and checkpoint again",
-        );
-        return;
-    }
     if !stopped {
-        release();
+        stopper::finish_round(release);
         fail(libc::ETIMEDOUT, "not every thread stopped within 10 s (a thread in uninterruptible sleep, or one that blocks signal 62 while traced by another tracer or with CKPT_STOP=signal)");
         return;
     }
@@ -654,6 +642,7 @@ fn checkpoint(_generation: u64) {
         SUSPENDING.store(false, Ordering::Release);
         PARKED.store(0, Ordering::Release);
         NEXT_SLOT.store(0, Ordering::Release);
+        stopper::forget();
         ZONE_MAPPED.store(true, Ordering::Release);
         SNAPSHOT_PID.store(0, Ordering::Release);
         // The driver placed a new connection at our number: remember
@@ -679,7 +668,7 @@ fn checkpoint(_generation: u64) {
         }
         return;
     }
-    release();
+    stopper::finish_round(release);
     reap_snapshot();
     send(kind::RESUMED, &[]);
 }
@@ -709,7 +698,7 @@ pub fn checkpoint_in_handler(own: ThreadState) {
     let n = (NEXT_SLOT.load(Ordering::Acquire) as usize).min(MAX_THREADS);
     let mut msg = Suspended {
         nthreads: n as u32 + 1,
-        _pad: 0,
+        job_stop: stopper::JOB_STOPPED.load(Ordering::Acquire),
         brk: sys::brk_now(),
         itimers: [ItimerVal::default(); 3],
         sigactions: [KernelSigaction::default(); 64],

@@ -32,7 +32,21 @@
 //!
 //! A thread that cannot be traced (another tracer holds it: gdb, strace;
 //! or the process is not dumpable) falls back to the signal, as does every
-//! thread when `CKPT_STOP=signal`. The tracer runs only raw syscalls (it
+//! thread when `CKPT_STOP=signal`.
+//!
+//! **A process stopped by job control** (SIGSTOP, SIGTSTP, SIGTTIN,
+//! SIGTTOU) is checkpointed where it stands. Its checkpoint thread is kept
+//! running for the round by the coordinator's ptrace; the tracer finds the
+//! other threads in their group stop, which ptrace lets it resume: each is
+//! brought into the handler as above (an `EINTR` the stop itself caused is
+//! left alone: the program gets it after `SIGCONT`, as it would have), but
+//! stays traced, since a detach would stop it again before the handler
+//! runs. At the end of the round ([`finish_round`]) the tracer follows each
+//! thread out of the handler with syscall stops and detaches it at the
+//! exit of its `rt_sigreturn`, on the program's own instruction: the
+//! group stop, still in effect, takes it there. The program never runs a
+//! single instruction while it is stopped, and after `SIGCONT` goes on
+//! from where it was. The tracer runs only raw syscalls (it
 //! shares the checkpoint thread's TLS, so nothing of libc's that uses it).
 
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
@@ -82,9 +96,20 @@ const EINTR_CALLS: [i64; 21] = [
 ];
 
 /// Set by the tracer to the stop signal when a thread is in a job-control
-/// stop: the checkpoint is refused (stopped processes are not supported
-/// yet) instead of resuming it.
+/// stop (reported in SUSPENDED: the image comes back stopped).
 pub static JOB_STOPPED: AtomicI32 = AtomicI32::new(0);
+
+/// A tracer holds threads of a job-stopped process for this round
+/// (its pid); 0 when none does.
+static HOLDER: AtomicI32 = AtomicI32::new(0);
+/// Tracer to checkpoint thread: every thread is in the handler (1).
+static SERVED: AtomicU32 = AtomicU32::new(0);
+/// Checkpoint thread to tracer: 1 = follow the held threads out of the
+/// handler; tracer: 2 = they are being followed, release them.
+static LET_GO: AtomicU32 = AtomicU32::new(0);
+const PTRACE_GET_SYSCALL_INFO: i64 = 0x420e;
+const PTRACE_SYSCALL_INFO_ENTRY: u8 = 1;
+const PTRACE_SYSCALL_INFO_EXIT: u8 = 2;
 
 /// `si_errno` of a checkpoint signal whose siginfo carries, at offset 24,
 /// the thread's signal mask before the stopper unblocked our signal.
@@ -137,13 +162,17 @@ pub fn stop_threads(tids: &[i32]) {
     if tids.is_empty() {
         return;
     }
-    if !USE_PTRACE.load(Ordering::Relaxed) {
+    if !USE_PTRACE.load(Ordering::Relaxed) || HOLDER.load(Ordering::Acquire) != 0 {
+        // (A tracer holding a stopped process's threads owns the one
+        // tracer stack; a thread that appears after that gets the signal.)
         for &tid in tids {
             sys::tgkill(tid, CKPT_SIGNAL);
         }
         return;
     }
     TRACER_GO.store(0, Ordering::Release);
+    SERVED.store(0, Ordering::Release);
+    LET_GO.store(0, Ordering::Release);
     let job = Job { tgid: sys::getpid(), tids: tids.as_ptr(), len: tids.len() };
     // SAFETY: a process (not a thread: ptrace refuses its own thread group)
     // sharing our memory, on a stack of its own that only it uses (the
@@ -175,13 +204,57 @@ pub fn stop_threads(tids: &[i32]) {
     }
     TRACER_GO.store(1, Ordering::Release);
     sys::futex_wake_all(&TRACER_GO);
-    // SAFETY: waiting for our own exit-signal-0 clone child.
-    unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL, 0usize) };
+    // The tracer exits when it is done, or stays to hold the threads of a
+    // job-stopped process until `finish_round`.
+    loop {
+        // SAFETY: waiting for our own exit-signal-0 clone child.
+        if unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL | libc::WNOHANG, 0usize) } != 0 {
+            break;
+        }
+        if SERVED.load(Ordering::Acquire) != 0 {
+            HOLDER.store(pid, Ordering::Release);
+            break;
+        }
+        sys::futex_wait(&SERVED, 0, 1_000_000);
+    }
     if yama {
         // SAFETY: as above. This forgets a tracer the program named
         // itself (the kernel cannot be asked for it).
         unsafe { libc::syscall(libc::SYS_prctl, libc::PR_SET_PTRACER, 0usize, 0usize, 0usize, 0usize) };
     }
+}
+
+/// Ends the stop: lets the parked threads go (`release`). Threads a tracer
+/// holds (a job-stopped process) are followed out of the handler and left
+/// in their group stop at the program's own instruction first. Runs on the
+/// checkpoint thread.
+pub fn finish_round(release: impl Fn()) {
+    let pid = HOLDER.load(Ordering::Acquire);
+    if pid == 0 {
+        release();
+        return;
+    }
+    LET_GO.store(1, Ordering::Release);
+    sys::futex_wake_all(&LET_GO);
+    while LET_GO.load(Ordering::Acquire) == 1 {
+        // SAFETY: our own clone child; a tracer that died leaves nothing to wait for.
+        if unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL | libc::WNOHANG, 0usize) } != 0 {
+            HOLDER.store(0, Ordering::Release);
+            release();
+            return;
+        }
+        sys::futex_wait(&LET_GO, 1, 1_000_000);
+    }
+    release();
+    // SAFETY: waiting for our own exit-signal-0 clone child.
+    unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL, 0usize) };
+    HOLDER.store(0, Ordering::Release);
+}
+
+/// After a restart: the tracer of the checkpointed life is not ours.
+pub fn forget() {
+    HOLDER.store(0, Ordering::Release);
+    JOB_STOPPED.store(0, Ordering::Release);
 }
 
 /// Moved to 1 once the tracer may start (after `PR_SET_PTRACER`).
@@ -204,8 +277,18 @@ struct Track {
     state: [u8; MAX_THREADS],
     dirty: [bool; MAX_THREADS],
     orig_mask: [u64; MAX_THREADS],
+    /// Found in a group stop (job control): held, not detached.
+    group: [bool; MAX_THREADS],
+    /// Inside `rt_sigreturn` (its entry stop seen), while followed out.
+    returning: [bool; MAX_THREADS],
 }
-static mut TRACK: Track = Track { state: [0; MAX_THREADS], dirty: [false; MAX_THREADS], orig_mask: [0; MAX_THREADS] };
+static mut TRACK: Track = Track {
+    state: [0; MAX_THREADS],
+    dirty: [false; MAX_THREADS],
+    orig_mask: [0; MAX_THREADS],
+    group: [false; MAX_THREADS],
+    returning: [false; MAX_THREADS],
+};
 
 /// Seized and interrupted, waiting for the interrupt stop.
 const SEIZED: u8 = 1;
@@ -213,6 +296,8 @@ const SEIZED: u8 = 1;
 const SENT: u8 = 2;
 /// Detached (or gone, or given up).
 const DONE: u8 = 3;
+/// In the handler with our signal, still traced (a job-stopped process).
+const HELD: u8 = 4;
 
 /// How long the tracer waits for all its threads to reach their stops (a
 /// thread in uninterruptible sleep or in `vfork` never does: it is left
@@ -235,8 +320,10 @@ extern "C" fn tracer_main(arg: *mut libc::c_void) -> i32 {
         let mut pending = 0usize;
         for (i, &tid) in tids.iter().enumerate() {
             t.dirty[i] = false;
+            t.group[i] = false;
+            t.returning[i] = false;
             t.state[i] = DONE;
-            if libc::syscall(libc::SYS_ptrace, libc::PTRACE_SEIZE, tid, 0usize, 0usize) != 0 {
+            if libc::syscall(libc::SYS_ptrace, libc::PTRACE_SEIZE, tid, 0usize, libc::PTRACE_O_TRACESYSGOOD as usize) != 0 {
                 // Traced by someone else (gdb, strace) or not permitted.
                 libc::syscall(libc::SYS_tgkill, job.tgid, tid, CKPT_SIGNAL);
                 continue;
@@ -278,16 +365,19 @@ extern "C" fn tracer_main(arg: *mut libc::c_void) -> i32 {
                 pending -= 1;
                 continue;
             }
-            if serve_stop(job.tgid, r, status, &mut t.state[i], &mut t.dirty[i], &mut t.orig_mask[i]) {
+            if serve_stop(job.tgid, r, status, &mut t.state[i], &mut t.dirty[i], &mut t.orig_mask[i], &mut t.group[i]) {
                 pending -= 1;
             }
         }
         // Threads that never reached their stops: our exit detaches them;
         // the signal is what is left (the agent's deadline names them).
         for (i, &tid) in tids.iter().enumerate() {
-            if t.state[i] != DONE {
+            if t.state[i] != DONE && t.state[i] != HELD {
                 libc::syscall(libc::SYS_tgkill, job.tgid, tid, CKPT_SIGNAL);
             }
+        }
+        if t.state[..tids.len()].contains(&HELD) {
+            hold(tids, t);
         }
     }
     0
@@ -298,7 +388,8 @@ extern "C" fn tracer_main(arg: *mut libc::c_void) -> i32 {
 ///
 /// # Safety
 /// Only in the tracer, for a thread it seized.
-unsafe fn serve_stop(tgid: i32, tid: i32, status: i32, state: &mut u8, dirty: &mut bool, orig_mask: &mut u64) -> bool {
+#[allow(clippy::too_many_arguments)]
+unsafe fn serve_stop(tgid: i32, tid: i32, status: i32, state: &mut u8, dirty: &mut bool, orig_mask: &mut u64, group: &mut bool) -> bool {
     // SAFETY: ptrace requests on our tracee; every pointer is to a local
     // or to the caller's slots.
     unsafe {
@@ -306,12 +397,10 @@ unsafe fn serve_stop(tgid: i32, tid: i32, status: i32, state: &mut u8, dirty: &m
         let event = (status >> 16) & 0xff;
         if event != 0 && sig != libc::SIGTRAP && *state == SEIZED {
             // A group stop (SIGSTOP, SIGTSTP…): the process is stopped by
-            // job control. Leave it stopped (the detach keeps it in its
-            // group stop) and let the agent refuse the checkpoint.
+            // job control. ptrace may resume it: bring it into the handler
+            // like the others, but hold it (see the module's doc).
             JOB_STOPPED.store(sig, Ordering::Release);
-            libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, tid, 0usize, 0usize);
-            *state = DONE;
-            return true;
+            *group = true;
         }
         if event != 0 {
             // The interrupt stop (PTRACE_EVENT_STOP): open the mask to our
@@ -336,7 +425,7 @@ unsafe fn serve_stop(tgid: i32, tid: i32, status: i32, state: &mut u8, dirty: &m
         if !*dirty {
             let mut regs: libc::user_regs_struct = core::mem::zeroed();
             if libc::syscall(libc::SYS_ptrace, libc::PTRACE_GETREGS, tid, 0usize, &mut regs as *mut _) == 0
-                && restart_in_place(&mut regs)
+                && restart_in_place(&mut regs, !*group)
             {
                 libc::syscall(libc::SYS_ptrace, libc::PTRACE_SETREGS, tid, 0usize, &regs as *const _);
             }
@@ -352,16 +441,104 @@ unsafe fn serve_stop(tgid: i32, tid: i32, status: i32, state: &mut u8, dirty: &m
                 libc::syscall(libc::SYS_ptrace, libc::PTRACE_SETSIGINFO, tid, 0usize, info.as_ptr());
             }
         }
+        if *group {
+            // Detached now, it would enter its group stop again before the
+            // handler ran: it runs on traced.
+            libc::syscall(libc::SYS_ptrace, libc::PTRACE_CONT, tid, 0usize, CKPT_SIGNAL as usize);
+            *state = HELD;
+            return true;
+        }
         libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, tid, 0usize, CKPT_SIGNAL as usize);
         *state = DONE;
         true
     }
 }
 
+/// In the tracer, for a job-stopped process: keeps the held threads
+/// running (their own signals wait, blocked by the handler) until the
+/// checkpoint thread lets go, then follows each out of the handler and
+/// detaches it at the exit of its `rt_sigreturn`, where its group stop
+/// takes it before it runs an instruction of the program. The other
+/// threads were detached already; our exit detaches whatever is left.
+///
+/// # Safety
+/// Only in the tracer, after serving the stops of `tids`.
+unsafe fn hold(tids: &[i32], t: &mut Track) {
+    // SAFETY: ptrace and wait4 on our own tracees, pointers to locals.
+    unsafe {
+        SERVED.store(1, Ordering::Release);
+        sys::futex_wake_all(&SERVED);
+        let mut held = t.state[..tids.len()].iter().filter(|&&s| s == HELD).count();
+        let mut following = false;
+        while held > 0 {
+            if !following && LET_GO.load(Ordering::Acquire) == 1 {
+                // Into a stop where syscall tracing can begin.
+                for (i, &tid) in tids.iter().enumerate() {
+                    if t.state[i] == HELD {
+                        libc::syscall(libc::SYS_ptrace, libc::PTRACE_INTERRUPT, tid, 0usize, 0usize);
+                    }
+                }
+                following = true;
+                LET_GO.store(2, Ordering::Release);
+                sys::futex_wake_all(&LET_GO);
+            }
+            let mut status: i32 = 0;
+            let r = libc::syscall(libc::SYS_wait4, -1, &mut status as *mut i32, libc::__WALL | libc::WNOHANG, 0usize) as i32;
+            if r < 0 {
+                return;
+            }
+            if r == 0 {
+                if following {
+                    libc::syscall(libc::SYS_sched_yield);
+                } else {
+                    sys::futex_wait(&LET_GO, 0, 1_000_000);
+                }
+                continue;
+            }
+            let Some(i) = tids.iter().position(|&x| x == r) else { continue };
+            if t.state[i] != HELD {
+                continue;
+            }
+            if !libc::WIFSTOPPED(status) {
+                t.state[i] = DONE;
+                held -= 1;
+                continue;
+            }
+            let sig = libc::WSTOPSIG(status);
+            let event = (status >> 16) & 0xff;
+            let resume = if following { libc::PTRACE_SYSCALL } else { libc::PTRACE_CONT };
+            if sig == libc::SIGTRAP | 0x80 {
+                // A syscall stop: the entry of `rt_sigreturn`, then its exit
+                // (every other call of the way out passes).
+                let mut info = [0u8; 88];
+                let n = libc::syscall(libc::SYS_ptrace, PTRACE_GET_SYSCALL_INFO, r, info.len(), info.as_mut_ptr());
+                let op = if n > 0 { info[0] } else { 0 };
+                let nr = u64::from_ne_bytes(info[24..32].try_into().unwrap_or([0; 8])) as i64;
+                if op == PTRACE_SYSCALL_INFO_ENTRY {
+                    t.returning[i] = nr == libc::SYS_rt_sigreturn;
+                } else if op == PTRACE_SYSCALL_INFO_EXIT && t.returning[i] {
+                    libc::syscall(libc::SYS_ptrace, libc::PTRACE_DETACH, r, 0usize, 0usize);
+                    t.state[i] = DONE;
+                    held -= 1;
+                    continue;
+                }
+                libc::syscall(libc::SYS_ptrace, resume, r, 0usize, 0usize);
+            } else if event != 0 || sig == libc::SIGTRAP {
+                // Our interrupt, or another group stop: on it goes.
+                libc::syscall(libc::SYS_ptrace, resume, r, 0usize, 0usize);
+            } else {
+                libc::syscall(libc::SYS_ptrace, resume, r, 0usize, sig as usize);
+            }
+        }
+    }
+}
+
 /// Rewrites `regs` (a thread at the delivery of our signal) so that its
 /// interrupted system call is entered again. False if there is nothing to
 /// restart.
-fn restart_in_place(regs: &mut libc::user_regs_struct) -> bool {
+/// `eintr`: a plain `-EINTR` of the calls in [`EINTR_CALLS`] is ours to
+/// undo (not when a job-control stop caused it: the program gets it).
+fn restart_in_place(regs: &mut libc::user_regs_struct, eintr: bool) -> bool {
     let nr = regs.orig_rax as i64;
     let ret = regs.rax as i64;
     if nr < 0 {
@@ -378,7 +555,7 @@ fn restart_in_place(regs: &mut libc::user_regs_struct) -> bool {
             }
             true
         }
-        e if e == libc::EINTR as i64 => EINTR_CALLS.contains(&nr),
+        e if e == libc::EINTR as i64 => eintr && EINTR_CALLS.contains(&nr),
         _ => false,
     };
     if restart {

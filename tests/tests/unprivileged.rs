@@ -353,6 +353,14 @@ fn restart_counter_heap_as_an_ordinary_user() {
     assert_private(&s, &s.store_dir);
 }
 
+/// A process of the user's stopped by job control checkpoints where it
+/// stands and comes back stopped (its checkpoint thread is woken by the
+/// capture helper in ckpt's init, an ancestor: Yama's scope 1 allows it).
+#[test]
+fn stopped_process_as_an_ordinary_user() {
+    job_stop_cycle(Session::as_user(TEST_USER, "nr_stopped"));
+}
+
 /// A python3 the user may run: the system's (the test's own may be under
 /// root's home, e.g. pyenv in /root).
 fn user_python3() -> PathBuf {

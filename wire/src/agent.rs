@@ -290,7 +290,10 @@ unsafe impl Pod for ThreadState {}
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Suspended {
     pub nthreads: u32,
-    pub _pad: u32,
+    /// The stop signal if the process was in a job-control stop
+    /// (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU) when the checkpoint began and
+    /// stays in it; 0 if it was running.
+    pub job_stop: i32,
     /// Current program break (`brk(0)`).
     pub brk: u64,
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
@@ -304,7 +307,7 @@ pub struct Suspended {
     pub agent_fd: i32,
     pub uffd_fd: i32,
 }
-// SAFETY: repr(C), u32+u32, u64, arrays of Pod, two i32: no padding.
+// SAFETY: repr(C), u32+i32, u64, arrays of Pod, two i32: no padding.
 unsafe impl Pod for Suspended {}
 
 /// Size of a [`Suspended`] without `agent_fd`/`uffd_fd` (older agents).

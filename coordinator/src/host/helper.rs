@@ -159,6 +159,9 @@ struct State {
     epoch: u64,
     /// Pidfds of the processes of the last round.
     served: HashMap<i32, std::os::fd::OwnedFd>,
+    /// Checkpoint threads of job-stopped processes kept running this round
+    /// (from Wake to End: phase A starts a round's state afresh, not these).
+    wakers: Vec<ckpt_engine::jobstop::Waker>,
 }
 
 /// Whether `pid` has the ckpt agent loaded (a process of some computation).
@@ -202,7 +205,32 @@ impl State {
                     stored.extend(self.round_known.drain());
                 }
                 self.drop_round();
+                self.wakers.clear();
                 json!({"ok": true})
+            }
+            Op::Wake { targets } => {
+                self.wakers.clear();
+                let mut refused = Vec::new();
+                for &[pid, tid] in targets {
+                    if !ckpt_engine::jobstop::is_stopped(pid) {
+                        continue;
+                    }
+                    // Only a thread of a process of a computation.
+                    if !runs_agent(pid) || !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() {
+                        refused.push(format!("process {pid} (thread {tid}) is not a process of a computation this helper serves"));
+                        continue;
+                    }
+                    match ckpt_engine::jobstop::Waker::start(pid, tid) {
+                        Ok(w) => self.wakers.push(w),
+                        Err(e) => refused.push(e),
+                    }
+                }
+                if refused.is_empty() {
+                    json!({"ok": true, "woken": self.wakers.len()})
+                } else {
+                    self.wakers.clear();
+                    json!({"ok": false, "error": refused.join("; ")})
+                }
             }
             Op::Kill { pids } => {
                 let refused: Vec<String> = pids.iter().filter_map(|&pid| self.kill(pid).err()).collect();
@@ -349,6 +377,7 @@ pub fn run_host(cfg: HostConfig) -> Result<(), CoordError> {
             }
         }
         state.drop_round();
+        state.wakers.clear();
     });
     let result = loop {
         let m = match read_msg(&mut reader, None) {

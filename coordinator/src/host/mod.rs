@@ -126,6 +126,10 @@ pub(crate) enum Op {
     End { committed: bool },
     /// Kill these processes of the computation.
     Kill { pids: Vec<i32> },
+    /// For this round, keep the checkpoint thread (`[pid, tid]`) of those
+    /// of these processes that are stopped by job control running; an
+    /// empty list lets the last ones stop again.
+    Wake { targets: Vec<[i32; 2]> },
 }
 
 impl Op {
@@ -144,6 +148,7 @@ impl Op {
             Op::Children { parents, known } => pids("parents", parents).and(pids("known", known)),
             Op::Alive { pid } => pids("alive", &[*pid]),
             Op::Kill { pids: p } => pids("kill", p),
+            Op::Wake { targets } => pids("wake", &targets.iter().flatten().copied().collect::<Vec<_>>()),
             Op::PhaseA { opts, targets, .. } => {
                 if targets.len() > MAX_PROCS {
                     return Err(format!("phase_a names {} processes (at most {MAX_PROCS})", targets.len()));
@@ -170,6 +175,7 @@ impl Op {
             Op::PhaseB { .. } => "phase_b",
             Op::End { .. } => "end",
             Op::Kill { .. } => "kill",
+            Op::Wake { .. } => "wake",
         }
     }
 }

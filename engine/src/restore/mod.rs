@@ -233,6 +233,14 @@ pub fn restore_generation(
             }
         }
     }
+    // Processes stopped by job control at the checkpoint are held at their
+    // first instruction, to be stopped once their agents have registered.
+    let stopped: Vec<crate::jobstop::Held> = images
+        .iter()
+        .filter(|im| im.job_stop != 0)
+        .map(|im| crate::jobstop::Held { pid: im.pid, ckpt_tid: im.agent.ckpt_tid, threads: im.threads.len() })
+        .collect();
+    let holder = if stopped.is_empty() { None } else { Some(crate::jobstop::Holder::start(stopped).map_err(err)?) };
     for c in convs.iter_mut() {
         c.ctl.write_all(b"G").map_err(|e| EngineError::io("restorer control pipe", e))?;
     }
@@ -246,7 +254,7 @@ pub fn restore_generation(
     guard.armed = false;
     sysv_segments.keep();
     sysv_objects.keep();
-    Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect() })
+    Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect(), stopped: holder })
 }
 
 fn expect_barrier(generation: u64, image: &ProcessImage, c: &mut Conversation, n: i64) -> Result<()> {
@@ -272,6 +280,20 @@ pub struct Restored {
     pub roots: Vec<i32>,
     /// Every process restored.
     pub all: Vec<i32>,
+    /// Processes that were stopped by job control, held at their first
+    /// instruction: [`Restored::stop_held`] once their agents registered.
+    pub stopped: Option<crate::jobstop::Holder>,
+}
+
+impl Restored {
+    /// Puts the processes that were stopped by job control into their stop
+    /// again (`SIGSTOP`), before they run an instruction of their own.
+    pub fn stop_held(&mut self) -> Result<()> {
+        match self.stopped.take() {
+            Some(h) => h.stop().map_err(|what| EngineError::Restore { generation: 0, what }),
+            None => Ok(()),
+        }
+    }
 }
 
 fn read_status(f: &mut File) -> Option<StatusMsg> {

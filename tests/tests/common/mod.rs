@@ -1469,3 +1469,80 @@ pub fn run_vm_test(script: &str, what: &str) {
     assert_eq!(verdict, "CKPT-VM-VERDICT: PASS", "{what} VM test failed (script exit {}):\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
     assert!(out.status.success(), "script printed PASS but exited {}", out.status);
 }
+
+/// A process stopped by job control (`kill -STOP`) is checkpointed where it
+/// stands: through two checkpoints it stays stopped and prints nothing (no
+/// SIGCONT behind the user's back); after SIGCONT it runs on; stopped again,
+/// checkpointed, killed and restarted, it comes back stopped (state T, not a
+/// line), checkpoints so, and after SIGCONT its own per-tick checks of its
+/// worker threads pass to the end.
+pub fn job_stop_cycle(s: Session) {
+    let stop = s.stop_file();
+    let stop_s = stop.to_str().unwrap().to_string();
+    // `threads`, not `eintr`: SIGSTOP/SIGCONT themselves make epoll_wait,
+    // semop and sigtimedwait fail with EINTR (the kernel's doing, signal(7)).
+    let mut p = s.launch(&program("threads"), &["-t", "100", "-w", "4", "-s", &stop_s]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let (pid, host) = (p.pid, p.host_pid());
+    stop_and_quiet(&mut p, host);
+    for _ in 0..2 {
+        let t = Instant::now();
+        s.checkpoint();
+        assert!(t.elapsed() < Duration::from_secs(10), "the checkpoint of a stopped process took {:?}", t.elapsed());
+        assert_quiet_and_stopped(&mut p, host, "after a checkpoint");
+    }
+    kill_sig(host, "-CONT");
+    p.wait_ticks(3, LINE_TIMEOUT);
+    stop_and_quiet(&mut p, host);
+    let g = s.checkpoint();
+    assert_quiet_and_stopped(&mut p, host, "after the third checkpoint");
+    p.kill9();
+    let mut q = s.restart(Some(g), pid);
+    let until = Instant::now() + RESTART_TIMEOUT;
+    let host = loop {
+        let h = q.host_pid();
+        if h > 0 && job_stopped(h) {
+            break h;
+        }
+        assert!(Instant::now() < until, "the restored process is not stopped\n{}", q.context());
+        if let Ok(Some(l)) = q.try_next_line(Duration::from_millis(20)) {
+            panic!("the restored process ran while it should be stopped: {l}\n{}", q.context());
+        }
+    };
+    assert_quiet_and_stopped(&mut q, host, "after the restart");
+    s.checkpoint();
+    assert_quiet_and_stopped(&mut q, host, "after a checkpoint of the restored process");
+    kill_sig(host, "-CONT");
+    q.wait_ticks(3, LINE_TIMEOUT);
+    s.checkpoint_bounded(&mut q);
+    q.finish(&s, 5);
+}
+
+/// Whether `pid` (of the host) is in a job-control stop.
+pub fn job_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|st| st.rsplit_once(')').unwrap().1.trim_start().starts_with('T'))
+        .unwrap_or(false)
+}
+
+fn kill_sig(pid: i32, sig: &str) {
+    let st = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(st.success(), "kill {sig} {pid} failed");
+}
+
+/// SIGSTOP, then read what it printed before the stop took it.
+fn stop_and_quiet(p: &mut Proc, host: i32) {
+    kill_sig(host, "-STOP");
+    while !job_stopped(host) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    while let Ok(Some(_)) = p.try_next_line(Duration::from_millis(300)) {}
+}
+
+fn assert_quiet_and_stopped(p: &mut Proc, host: i32, when: &str) {
+    if let Ok(Some(l)) = p.try_next_line(Duration::from_millis(700)) {
+        panic!("the stopped process ran {when}: it printed {l}\n{}", p.context());
+    }
+    assert!(job_stopped(host), "the process is not stopped {when}\n{}", p.context());
+}
