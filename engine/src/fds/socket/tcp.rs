@@ -430,6 +430,12 @@ pub(super) fn connect(fd: &OwnedFd, a: SocketAddr) -> io::Result<()> {
 /// Sends all of `data` (repair queues included), never blocking: grows
 /// the buffer that is in the way when the kernel says it is full.
 fn send_all(fd: &OwnedFd, data: &[u8], grow_rcv: bool) -> io::Result<()> {
+    send_all_until(fd, data, grow_rcv, None)
+}
+
+/// [`send_all`] on a live connection: once the buffer cannot grow, waits
+/// (until `deadline`) for the peer to acknowledge what is in flight.
+fn send_all_until(fd: &OwnedFd, data: &[u8], grow_rcv: bool, deadline: Option<std::time::Instant>) -> io::Result<()> {
     let mut sent = 0;
     let mut stuck = 0;
     while sent < data.len() {
@@ -443,6 +449,12 @@ fn send_all(fd: &OwnedFd, data: &[u8], grow_rcv: bool) -> io::Result<()> {
         }
         let e = if n == 0 { io::Error::from(io::ErrorKind::WouldBlock) } else { io::Error::last_os_error() };
         let full = matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::OutOfMemory) || e.raw_os_error() == Some(libc::ENOMEM);
+        if full && stuck >= 3 && deadline.is_some_and(|d| std::time::Instant::now() < d) {
+            let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+            // SAFETY: poll of one pollfd on the stack.
+            unsafe { libc::poll(&mut p, 1, 50) };
+            continue;
+        }
         if !full || stuck >= 3 {
             if full {
                 return Err(io::Error::new(
@@ -624,12 +636,30 @@ pub fn make_connection(local: SocketAddr, c: &TcpConnImage, opts: &SockOpts, sen
 /// where it is) and sends the bytes that had never been sent.
 /// Leaving repair mode clears `SO_REUSEADDR`: `reuseaddr` sets it again.
 pub fn leave_repair(s: &OwnedFd, unsent: &[u8], reuseaddr: bool) -> io::Result<()> {
-    let step = |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    repair_off(s, reuseaddr)?;
+    send_unsent(s, unsent)
+}
+
+fn step(what: &'static str) -> impl Fn(io::Error) -> io::Error {
+    move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn repair_off(s: &OwnedFd, reuseaddr: bool) -> io::Result<()> {
     setsockopt_int(s, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_OFF).map_err(step("TCP_REPAIR off"))?;
     if reuseaddr {
         setsockopt_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(step("SO_REUSEADDR"))?;
     }
-    send_all(s, unsent, false).map_err(step("sending the bytes never sent"))
+    Ok(())
+}
+
+/// The bytes that had never been sent, on a connection out of repair mode.
+/// Where the buffer cannot grow enough (an ordinary user's computation:
+/// `SO_SNDBUF` stops at `net.core.wmem_max`, while the kernel's own
+/// autotuning had let the queue grow to `tcp_wmem`'s maximum), they wait
+/// for the peer to acknowledge what is in flight: up to 10 s.
+fn send_unsent(s: &OwnedFd, unsent: &[u8]) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    send_all_until(s, unsent, false, Some(deadline)).map_err(step("sending the bytes never sent"))
 }
 
 /// The TCP sockets of one restart.
@@ -683,11 +713,17 @@ impl Restore {
     }
 
     pub fn finish(self, generation: u64) -> Result<()> {
-        for (s, unsent, reuseaddr, pid, fd) in &self.repairing {
-            leave_repair(s, unsent, *reuseaddr).map_err(|e| EngineError::Restore {
-                generation,
-                what: format!("the TCP connection at fd {fd} of process {pid}: leaving repair mode: {e}"),
-            })?;
+        let failed = |pid: &i32, fd: &i32, e: io::Error| EngineError::Restore {
+            generation,
+            what: format!("the TCP connection at fd {fd} of process {pid}: leaving repair mode: {e}"),
+        };
+        // Every end out of repair mode first: a peer in repair mode
+        // acknowledges nothing, and bytes that wait for room wait for it.
+        for (s, _, reuseaddr, pid, fd) in &self.repairing {
+            repair_off(s, *reuseaddr).map_err(|e| failed(pid, fd, e))?;
+        }
+        for (s, unsent, _, pid, fd) in &self.repairing {
+            send_unsent(s, unsent).map_err(|e| failed(pid, fd, e))?;
         }
         Ok(())
     }
