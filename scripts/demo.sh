@@ -4,8 +4,14 @@
 # on, then restart the older generation too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --workspace --quiet
-CKPT="$PWD/target/release/ckpt"
+# CKPT_BIN: a ckpt built already (the test suite runs this demo as an
+# ordinary user, who may have no cargo); else build it here.
+if [ -n "${CKPT_BIN:-}" ]; then
+  CKPT="$CKPT_BIN"
+else
+  cargo build --release --workspace --quiet
+  CKPT="$PWD/target/release/ckpt"
+fi
 WORK=$(mktemp -d /tmp/ckpt-demo.XXXXXX)
 export CKPT_STORE="$WORK/store" CKPT_COORD="unix:$WORK/coord.sock"
 PY=$(python3 -c 'import sys; print(sys.executable)')

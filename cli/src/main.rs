@@ -683,19 +683,25 @@ fn restart_dry_run(generation: Option<u64>, addr: &Address, url: &str, here: &st
 /// Never a second copy of a computation that still runs: in namespaces
 /// of its own, its PIDs would be free for one.
 fn still_running(generation: u64, images: &[ckpt_engine::image::ProcessImage], addr: &Address) -> Result<()> {
-    match client::status(addr, Duration::from_secs(10)) {
-        Ok(st) => {
-            if let Some(img) = images.iter().find(|i| st.processes.iter().any(|p| p.pid == i.pid && p.host == i.host)) {
-                bail!(
-                    "cannot restart generation {generation}: its process {} (PID {}) still runs in the computation (`ckpt status` lists it); `ckpt kill` it first, or wait for it to exit",
-                    img.pid,
-                    img.pid
-                );
+    // A process killed a moment ago is listed until the coordinator sees
+    // its connection close: give it a few seconds to.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match client::status(addr, Duration::from_secs(10)) {
+            Ok(st) => {
+                let Some(img) = images.iter().find(|i| st.processes.iter().any(|p| p.pid == i.pid && p.host == i.host)) else { return Ok(()) };
+                if std::time::Instant::now() >= until {
+                    bail!(
+                        "cannot restart generation {generation}: its process {} (PID {}) still runs in the computation (`ckpt status` lists it); `ckpt kill` it first, or wait for it to exit",
+                        img.pid,
+                        img.pid
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            Ok(())
+            Err(ckpt_coordinator::CoordError::Unreachable { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
         }
-        Err(ckpt_coordinator::CoordError::Unreachable { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
     }
 }
 

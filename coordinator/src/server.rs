@@ -50,6 +50,11 @@ const SUSPEND_TIMEOUT: Duration = Duration::from_secs(30);
 const HOST_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a new connection may take to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same for a connection of our own user or root, or a TCP peer that
+/// proved a key: `ckpt restart` opens each restored agent's connection
+/// before it writes the memory, and the agent speaks first only once its
+/// process runs (seconds later for a big image on a loaded machine).
+const TRUSTED_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the stopped phase of a round may take by default (`$CKPT_ROUND_DEADLINE`
 /// seconds overrides it): past it the step in progress fails, naming itself
 /// and its process, and the processes resume.
@@ -307,7 +312,8 @@ impl Coordinator {
         let cred = stream.peer_cred();
         let trusted = cred.is_none_or(|c| c.uid == 0 || c.uid == self.uid);
         let mut first = [0u8; 4];
-        let _ = stream.set_read_timeout(Some(FIRST_MESSAGE_TIMEOUT));
+        let known = !counted || cred.is_none();
+        let _ = stream.set_read_timeout(Some(if known { TRUSTED_FIRST_MESSAGE_TIMEOUT } else { FIRST_MESSAGE_TIMEOUT }));
         let got = stream.read_exact(&mut first);
         if got.is_err() {
             self.unpend(counted);

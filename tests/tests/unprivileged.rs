@@ -361,6 +361,23 @@ fn stopped_process_as_an_ordinary_user() {
     job_stop_cycle(Session::as_user(TEST_USER, "nr_stopped"));
 }
 
+/// The demo of the README (scripts/demo.sh), as the ordinary user: launch,
+/// two checkpoints, kill, restart of the latest and of the older
+/// generation; its program checks its own state after each restart
+/// ("checksum ok").
+#[test]
+fn the_demo_as_an_ordinary_user() {
+    let s = Session::as_user(TEST_USER, "nr_demo");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo.sh");
+    let mut c = s.user_command("bash");
+    c.arg(&demo).env("CKPT_BIN", &s.ckpt);
+    let out = run_with_timeout(c, Duration::from_secs(240));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "the demo failed as {TEST_USER}:\n{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.matches("checksum ok").count() >= 2, "the restarted programs did not check their state:\n{stdout}");
+    assert!(stdout.contains("demo finished"), "{stdout}");
+}
+
 /// A python3 the user may run: the system's (the test's own may be under
 /// root's home, e.g. pyenv in /root).
 fn user_python3() -> PathBuf {
