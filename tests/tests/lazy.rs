@@ -149,3 +149,57 @@ fn lazy_restart_whose_store_goes_away_kills_the_program_and_says_why() {
     assert!(!pid_alive(pid), "the program still runs without its memory\n{}", r.context());
     eprintln!("lazy restart without its store ended after {:?}: {}", t.elapsed(), err.lines().filter(|l| l.contains("lazy restart")).collect::<Vec<_>>().join(" | "));
 }
+
+/// Five processes (`tree`: pipes full of records, shared memory, a zombie,
+/// a daemon) restart lazily, each with its own userfaultfd on the one page
+/// server; they check their data, are checkpointed again and run to DONE.
+#[test]
+fn lazy_restart_of_a_process_tree() {
+    let s = Session::new("lazy_tree");
+    let stop = s.stop_file();
+    let (mut p, pids) = s.launch_computation(&program("tree"), &["-t", "100", "-z", "30", "-s", stop.to_str().unwrap()], 5);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    s.kill_all(&pids, &mut p);
+    let mut r = restart_lazy(&s, None, p.pid, None);
+    r.wait_ticks(1, RESTART_TIMEOUT);
+    let first = r.first_tick.unwrap();
+    assert!(first >= g.lo && first <= g.hi, "lazy restart continued at tick {first}, expected {}..={}\n{}", g.lo, g.hi, r.context());
+    wait_lazy_notice(&mut r);
+    r.wait_ticks(3, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut r);
+    assert_eq!(s.generations()[&g2.id].u64_field("nprocs"), 5);
+    r.wait_line(|l| l.starts_with("REAPED"), LINE_TIMEOUT);
+    s.stop_at(r.last_tick.unwrap() + 3);
+    s.finish_computation(&pids, &mut r);
+}
+
+/// An ordinary user's restart cannot have a userfaultfd that serves the
+/// kernel's accesses (vm.unprivileged_userfaultfd=0 here): `--lazy` says
+/// so, naming the setting, and the restart writes all memory first; the
+/// program checks its heap and runs to DONE.
+#[test]
+fn lazy_restart_as_an_ordinary_user_falls_back_to_eager_and_says_why() {
+    let unpriv = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    if unpriv.trim() == "1" {
+        eprintln!("vm.unprivileged_userfaultfd=1 here: an ordinary user's lazy restart is lazy; nothing to check");
+        return;
+    }
+    let s = Session::as_user(TEST_USER, "lazy_user");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("counter_heap"), &["-t", "100", "-m", "32", "-s", stop.to_str().unwrap()]);
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+    let mut r = restart_lazy(&s, None, pid, None);
+    r.wait_ticks(1, RESTART_TIMEOUT);
+    let first = r.first_tick.unwrap();
+    assert!(first >= g.lo && first <= g.hi, "restart continued at tick {first}, expected {}..={}\n{}", g.lo, g.hi, r.context());
+    assert!(r.alive(), "restored program is not pid {pid}\n{}", r.context());
+    let err = r.stderr();
+    assert!(err.contains("not lazily") && err.contains("vm.unprivileged_userfaultfd"), "the fallback is not explained:\n{err}");
+    r.wait_ticks(2, LINE_TIMEOUT);
+    r.finish(&s, 3);
+}
