@@ -481,7 +481,12 @@ impl Server {
                 // SAFETY: the kernel installed this fd in our table for us.
                 let uffd = unsafe { OwnedFd::from_raw_fd(msg.arg[0] as u32 as RawFd) };
                 let p = &self.spaces[i];
-                let child = Space { pid: 0, origin: p.origin, uffd, pending: p.pending.clone(), want: p.want.clone(), word: 0 };
+                // Which child: the parent's one we do not know yet (the
+                // event does not say; several forks at once come as several
+                // events, in order: the lowest PID first). Its lazy word is
+                // the parent's, cleared with the others at the end.
+                let pid = if p.pid > 0 { self.new_child_of(p.pid) } else { 0 };
+                let child = Space { pid, origin: p.origin, uffd, pending: p.pending.clone(), want: p.want.clone(), word: if pid > 0 { p.word } else { 0 } };
                 self.spaces.push(child);
             }
             UFFD_EVENT_REMAP => {
@@ -519,6 +524,17 @@ impl Server {
             _ => {}
         }
         Ok(())
+    }
+
+    /// A child of `parent` that no space has yet (the lowest), or 0.
+    fn new_child_of(&self, parent: i32) -> i32 {
+        let mut kids: Vec<i32> = Vec::new();
+        for t in std::fs::read_dir(format!("/proc/{parent}/task")).into_iter().flatten().flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                kids.extend(c.split_whitespace().filter_map(|w| w.parse::<i32>().ok()));
+            }
+        }
+        kids.into_iter().filter(|k| !self.spaces.iter().any(|s| s.pid == *k) && !self.all_pids.contains(k)).min().unwrap_or(0)
     }
 
     fn read(&self, i: usize, addr: u64, h: &Hash) -> Result<Vec<u8>> {
