@@ -600,7 +600,8 @@ impl Server {
 
     /// Kills the computation and says why.
     fn die(&self, why: String) -> EngineError {
-        for &pid in &self.all_pids {
+        // The restored processes and the children they forked since.
+        for pid in self.all_pids.iter().copied().chain(self.spaces.iter().map(|s| s.pid).filter(|&p| p > 0)) {
             // SAFETY: kill takes no pointer.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
