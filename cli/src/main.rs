@@ -115,6 +115,13 @@ enum Cmd {
         /// restart needs is there, and say what would fail.
         #[arg(long)]
         dry_run: bool,
+        /// Run the program as soon as its threads' state is back; the rest
+        /// of its private memory is served on first touch and filled in the
+        /// background by this command, which stays until all of it is in
+        /// (needs root, or vm.unprivileged_userfaultfd=1; otherwise the
+        /// restart writes all memory first, with a warning).
+        #[arg(long)]
+        lazy: bool,
     },
     /// Kill every process of the computation.
     Kill {
@@ -470,12 +477,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Status { coord, json } => status(&coord_addr(&coord)?, json),
         Cmd::Log { store, json } => log(&store_url(&store), json),
-        Cmd::Restart { generation, coord, store, host, host_map, dry_run } => {
+        Cmd::Restart { generation, coord, store, host, host_map, dry_run, lazy } => {
             let here = host.unwrap_or_else(this_host);
             if dry_run {
                 return restart_dry_run(generation, &coord_addr(&coord)?, &store_url(&store), &here, &host_map);
             }
-            restart(generation, &coord_addr(&coord)?, &store_url(&store), store.store.is_some(), &here, &host_map)
+            restart(generation, &coord_addr(&coord)?, &store_url(&store), store.store.is_some(), &here, &host_map, lazy)
         }
         Cmd::Push { dest, store, json } => remote_cmd::push(&store_url(&store), &dest, json),
         Cmd::Pull { src, store, json } => remote_cmd::pull(&src, &store_url(&store), json),
@@ -713,7 +720,7 @@ fn host_names(v: &[ckpt_engine::image::ProcessImage]) -> Vec<String> {
     h
 }
 
-fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool, here: &str, host_map: &[(String, String)]) -> Result<ExitCode> {
+fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool, here: &str, host_map: &[(String, String)], lazy: bool) -> Result<ExitCode> {
     let store = Store::open(url)?;
     let (info, _, images) = ckpt_engine::image::load_generation(&store, generation)?;
     let hosts = host_names(&images);
@@ -736,15 +743,23 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     client::externals(addr, stdio, Duration::from_secs(10)).context("telling the coordinator about this command's stdio")?;
     if let Some(ns) = ns {
         drop(store);
-        return Err(nsinit::exec_restart(ns, info.id, &images, addr, url, here, host_map));
+        return Err(nsinit::exec_restart(ns, info.id, &images, addr, url, here, host_map, lazy));
     }
-    let restored = bring_back(&store, info.id, &images, &hosts, addr)?;
+    let mut restored = bring_back(&store, info.id, &images, &hosts, addr, lazy)?;
     drop(store);
+    let server = restored.server.take();
     let mut code = 0;
     for (i, pid) in restored.roots.iter().enumerate() {
         let c = ckpt_engine::restore::wait_exit(*pid);
         if i == 0 {
             code = c;
+        }
+    }
+    // A lazy restart: its page server serves the processes that are left
+    // until their memory is all in (they may outlive the roots).
+    if let Some(server) = server {
+        if let Err(e) = server.wait() {
+            tracing::debug!("page server: {e}");
         }
     }
     Ok(ExitCode::from(code as u8))
@@ -753,7 +768,7 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
 /// Recreates the processes of `images` (those of this host, of a
 /// generation that ran on `hosts`) and waits until each is back at the
 /// coordinator.
-pub(crate) fn bring_back(store: &Store, generation: u64, images: &[ckpt_engine::image::ProcessImage], hosts: &[String], addr: &Address) -> Result<ckpt_engine::restore::Restored> {
+pub(crate) fn bring_back(store: &Store, generation: u64, images: &[ckpt_engine::image::ProcessImage], hosts: &[String], addr: &Address, lazy: bool) -> Result<ckpt_engine::restore::Restored> {
     let mine = host_names(images);
     let restorer = artifact("ckpt-restorer", "CKPT_RESTORER")?;
     // Over TCP this command runs each restored agent's handshake and hands
@@ -789,7 +804,8 @@ pub(crate) fn bring_back(store: &Store, generation: u64, images: &[ckpt_engine::
         }
         Ok(())
     };
-    let mut restored = ckpt_engine::restore::restore_generation(store, generation, images, &restorer, connect, before_live)?;
+    let opts = ckpt_engine::restore::Options { lazy };
+    let mut restored = ckpt_engine::restore::restore_generation_with(store, generation, images, &restorer, connect, before_live, opts)?;
     for pid in &restored.all {
         client::wait_process(addr, *pid, Duration::from_secs(30))
             .with_context(|| format!("restored process {pid} did not come back to the coordinator"))?;
@@ -798,5 +814,8 @@ pub(crate) fn bring_back(store: &Store, generation: u64, images: &[ckpt_engine::
     restored.stop_held().context("bringing back stopped processes stopped")?;
     let list = |v: &[i32]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
     eprintln!("ckpt: restarted generation {generation} (pid {})", list(&restored.all));
+    if let Some(s) = &restored.server {
+        eprintln!("ckpt: lazy restart: {:.1} MiB of memory come on first touch and in the background; this command serves them until all are in", s.bytes as f64 / 1048576.0);
+    }
     Ok(restored)
 }

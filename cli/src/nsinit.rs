@@ -58,6 +58,9 @@ pub struct NsinitArgs {
     host_map: Vec<(String, String)>,
     #[arg(long, default_value = "auto")]
     dirty_tracking: String,
+    /// A lazy restart (`ckpt restart --lazy`).
+    #[arg(long)]
+    lazy: bool,
     #[arg(long)]
     no_fork_ckpt: bool,
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -150,7 +153,8 @@ pub fn exec_launch(ns: Namespaces, l: &Launch) -> anyhow::Error {
 
 /// Replaces `ckpt restart` by `ckpt nsinit` restoring `generation` in
 /// `ns`; returns only if that cannot be run.
-pub fn exec_restart(ns: Namespaces, generation: u64, images: &[ProcessImage], addr: &Address, url: &str, here: &str, host_map: &[(String, String)]) -> anyhow::Error {
+#[allow(clippy::too_many_arguments)]
+pub fn exec_restart(ns: Namespaces, generation: u64, images: &[ProcessImage], addr: &Address, url: &str, here: &str, host_map: &[(String, String)], lazy: bool) -> anyhow::Error {
     let mut cmd = match nsinit_command(ns, addr) {
         Ok(c) => c,
         Err(e) => return e,
@@ -158,6 +162,9 @@ pub fn exec_restart(ns: Namespaces, generation: u64, images: &[ProcessImage], ad
     cmd.args(["--restart", &generation.to_string(), "--store", url, "--host", here, "--keep-pids", &ns::highest_id(images).to_string()]);
     for (old, new) in host_map {
         cmd.args(["--host-map", &format!("{old}={new}")]);
+    }
+    if lazy {
+        cmd.arg("--lazy");
     }
     anyhow!(cmd.exec()).context(format!("cannot start ckpt's init for {} namespaces", ns.describe()))
 }
@@ -199,6 +206,9 @@ pub fn run(a: NsinitArgs) -> Result<ExitCode> {
     welcomed
         .recv_timeout(Duration::from_secs(30))
         .map_err(|_| anyhow!("the coordinator at {addr} did not take the capture helper of the computation's namespaces; see the coordinator's log"))?;
+    // A lazy restart's page server lives here (the init outlives every
+    // process of the computation) until all memory is in.
+    let mut server = None;
     let main = match a.restart {
         Some(generation) => {
             let url = a.store.context("nsinit --restart needs --store")?;
@@ -210,7 +220,9 @@ pub fn run(a: NsinitArgs) -> Result<ExitCode> {
             for img in &images {
                 ckpt_engine::restore::check_ids_free(info.id, img)?;
             }
-            bring_back(&store, info.id, &images, &hosts, &addr)?.roots
+            let mut restored = bring_back(&store, info.id, &images, &hosts, &addr, a.lazy)?;
+            server = restored.server.take();
+            restored.roots
         }
         None => {
             if a.prog.is_empty() {
@@ -223,5 +235,7 @@ pub fn run(a: NsinitArgs) -> Result<ExitCode> {
             vec![child.id() as i32]
         }
     };
-    Ok(ExitCode::from(ns::reap_all(&main) as u8))
+    let code = ns::reap_all(&main);
+    drop(server);
+    Ok(ExitCode::from(code as u8))
 }

@@ -88,6 +88,16 @@ impl PlanBuilder {
         self.push(o, what.into());
     }
 
+    /// Like [`Self::syscall`] for a call that returns a new fd, which the
+    /// restorer moves to `fd` ([`flags::MOVE_FD`]).
+    pub fn syscall_to_fd(&mut self, nr: i64, args: &[u64], fd: i32, allow_fail: bool, what: impl Into<String>) {
+        let mut o = Op { kind: op::SYSCALL, nr: nr as u32, a: [0; 10] };
+        o.a[..args.len().min(6)].copy_from_slice(&args[..args.len().min(6)]);
+        o.a[6] = flags::MOVE_FD | if allow_fail { flags::ALLOW_FAIL } else { 0 };
+        o.a[8] = fd as u64;
+        self.push(o, what.into());
+    }
+
     pub fn copy(&mut self, dst: u64, src: u64, len: u64, what: impl Into<String>) {
         self.push(Op { kind: op::COPY, nr: 0, a: [dst, src, len, 0, 0, 0, 0, 0, 0, 0] }, what.into());
     }

@@ -51,6 +51,41 @@ pub fn write(pid: i32, addr: u64, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The most iovecs one `process_vm_writev` takes (the kernel's `UIO_MAXIOV`).
+pub const IOV_MAX: usize = 1024;
+
+/// Writes each `(addr, bytes)` of `items` into `pid`, as few
+/// `process_vm_writev` calls as the kernel allows (up to [`IOV_MAX`] pieces
+/// each); a call that stops short goes on from where it stopped.
+pub fn write_many(pid: i32, items: &[(u64, &[u8])]) -> std::io::Result<()> {
+    let mut i = 0usize;
+    while i < items.len() {
+        let part = &items[i..(i + IOV_MAX).min(items.len())];
+        let local: Vec<libc::iovec> = part.iter().map(|(_, d)| libc::iovec { iov_base: d.as_ptr() as *mut libc::c_void, iov_len: d.len() }).collect();
+        let remote: Vec<libc::iovec> = part.iter().map(|(a, d)| libc::iovec { iov_base: *a as *mut libc::c_void, iov_len: d.len() }).collect();
+        // SAFETY: every local iovec covers a slice we borrow, only read by
+        // the kernel; the remote ranges belong to a process we restore.
+        let n = unsafe { libc::process_vm_writev(pid, local.as_ptr(), local.len() as _, remote.as_ptr(), remote.len() as _, 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Skip what was written whole; finish a piece written in part.
+        let mut left = n as usize;
+        let mut k = 0;
+        while k < part.len() && left >= part[k].1.len() {
+            left -= part[k].1.len();
+            k += 1;
+        }
+        if k < part.len() {
+            let (a, d) = part[k];
+            write(pid, a + left as u64, &d[left..])?;
+            k += 1;
+        }
+        i += k;
+    }
+    Ok(())
+}
+
 /// Fills `buf` from `addr`, page by page where a page faults; pages that
 /// cannot be read at all (beyond the end of a mapped file) read as zero.
 /// `mem` is `/proc/PID/mem`, which can also read non-readable mappings.
@@ -89,5 +124,11 @@ mod tests {
         let target = vec![0u8; 100];
         write(me, target.as_ptr() as u64, &[1u8; 100]).unwrap();
         assert_eq!(std::hint::black_box(&target), &vec![1u8; 100]);
+        let many = vec![0u8; 3000];
+        let pieces: Vec<(u64, Vec<u8>)> = (0..1500u64).map(|k| (many.as_ptr() as u64 + 2 * k, vec![k as u8, 0xee])).collect();
+        let refs: Vec<(u64, &[u8])> = pieces.iter().map(|(a, d)| (*a, &d[..])).collect();
+        write_many(me, &refs).unwrap();
+        let many = std::hint::black_box(&many);
+        assert!((0..1500).all(|k| many[2 * k] == k as u8 && many[2 * k + 1] == 0xee));
     }
 }

@@ -569,6 +569,18 @@ fn fail(errno: i32, msg: &str) {
 /// handler ([`checkpoint_in_handler`]), so the thread's saved frame is the
 /// point it returns to after a restart.
 fn checkpoint(_generation: u64) {
+    // A lazy restart still bringing memory in: a snapshot now would miss the
+    // pages still to come. Wait for the page server to finish.
+    let until = sys::now_ns() + ckpt_wire::agent::LAZY_WAIT_SECS * 1_000_000_000;
+    while CKPT_RESTART_WORD.lazy.load(Ordering::Acquire) != 0 {
+        if sys::now_ns() > until {
+            fail(libc::EBUSY, "its lazy restart (ckpt restart --lazy) has not brought all of its memory in yet: checkpoint again once that restart's fill is done");
+            return;
+        }
+        // A word nobody wakes: a 2 ms nap.
+        static NAP: AtomicU32 = AtomicU32::new(0);
+        sys::futex_wait(&NAP, 0, 2_000_000);
+    }
     if crate::interpose::sem_undo_overflowed() {
         fail(libc::EOPNOTSUPP, "it holds SysV semaphore undo adjustments (semop with SEM_UNDO) on more than 64 semaphores, more than ckpt's table records: use fewer semaphores with SEM_UNDO");
         return;

@@ -54,8 +54,12 @@ pub struct RestartBlock {
     /// The SysV semaphore undo adjustments of this process
     /// (`crate::interpose`), at `ckpt_wire::agent::SEM_UNDO_OFFSET`.
     pub sem_undo: UnsafeCell<ckpt_wire::agent::SemUndoTable>,
+    /// Nonzero while a lazy restart still fills this process's memory
+    /// (`ckpt_wire::agent::LAZY_OFFSET`): written by the restart driver.
+    pub lazy: AtomicU64,
 }
 const _: () = assert!(core::mem::offset_of!(RestartBlock, sem_undo) == ckpt_wire::agent::SEM_UNDO_OFFSET as usize);
+const _: () = assert!(core::mem::offset_of!(RestartBlock, lazy) == ckpt_wire::agent::LAZY_OFFSET as usize);
 
 // SAFETY: `keys` is written only by the restart driver (from outside,
 // while the process does not run agent code) and read and wiped only by the
@@ -65,7 +69,7 @@ unsafe impl Sync for RestartBlock {}
 
 impl RestartBlock {
     pub const fn new() -> RestartBlock {
-        RestartBlock { word: AtomicU64::new(0), chan_gen: AtomicU64::new(0), keys: UnsafeCell::new([0; 64]), sem_undo: UnsafeCell::new(ckpt_wire::agent::SemUndoTable { overflow: 0, _pad: 0, slots: [ckpt_wire::agent::SemUndoSlot { semid: 0, semnum: 0, adj: 0, used: 0, ctime: 0 }; ckpt_wire::agent::SEM_UNDO_MAX] }) }
+        RestartBlock { word: AtomicU64::new(0), chan_gen: AtomicU64::new(0), keys: UnsafeCell::new([0; 64]), sem_undo: UnsafeCell::new(ckpt_wire::agent::SemUndoTable { overflow: 0, _pad: 0, slots: [ckpt_wire::agent::SemUndoSlot { semid: 0, semnum: 0, adj: 0, used: 0, ctime: 0 }; ckpt_wire::agent::SEM_UNDO_MAX] }), lazy: AtomicU64::new(0) }
     }
 }
 

@@ -263,6 +263,15 @@ fn execute(ctl: i32, i: u32, o: &Op) {
             if !ok && a[6] & flags::ALLOW_FAIL == 0 {
                 fail(i, r, exit::SYSCALL_FAILED);
             }
+            if ok && a[6] & flags::MOVE_FD != 0 && r as u64 != a[8] {
+                // SAFETY: dup3 and close of the fd this syscall just made.
+                let d = unsafe { sys::syscall6(sys::SYS_DUP3, r as u64, a[8], sys::O_CLOEXEC, 0, 0, 0) };
+                // SAFETY: as above.
+                unsafe { sys::syscall6(sys::SYS_CLOSE, r as u64, 0, 0, 0, 0, 0) };
+                if sys::is_err(d) && a[6] & flags::ALLOW_FAIL == 0 {
+                    fail(i, d, exit::SYSCALL_FAILED);
+                }
+            }
         }
         op::COPY => {
             // SAFETY: the plan vouches that both ranges are mapped

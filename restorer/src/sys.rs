@@ -19,6 +19,9 @@ pub const SYS_EXIT_GROUP: u64 = 231;
 pub const SYS_SET_ROBUST_LIST: u64 = 273;
 pub const SYS_RSEQ: u64 = 334;
 pub const SYS_CLONE3: u64 = 435;
+pub const SYS_CLOSE: u64 = 3;
+pub const SYS_DUP3: u64 = 292;
+pub const O_CLOEXEC: u64 = 0o2000000;
 
 // mmap.
 pub const PROT_READ: u64 = 0x1;

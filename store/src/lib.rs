@@ -44,6 +44,8 @@ pub mod remote_lock;
 
 mod catalog;
 pub mod maintenance;
+mod read_many;
+pub use read_many::{BATCH_BLOBS, BlobReader};
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};

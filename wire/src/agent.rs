@@ -458,6 +458,14 @@ mod tests {
 /// the preload's static memory. The coordinator reads it from the stopped
 /// process (`process_vm_readv`) and, at restart, writes it back.
 pub const SEM_UNDO_OFFSET: u64 = 80;
+/// Where the lazy-restart word lives: this many bytes after the restart
+/// word, after the undo table. A lazy restart (`ckpt restart --lazy`)
+/// writes a nonzero token there before the process runs and zero once the
+/// last of its memory is in (the page server is done): until then a
+/// checkpoint waits (a snapshot fork would not see the pages still to come).
+pub const LAZY_OFFSET: u64 = SEM_UNDO_OFFSET + core::mem::size_of::<SemUndoTable>() as u64;
+/// How long a checkpoint waits for a lazy restart's fill before it fails.
+pub const LAZY_WAIT_SECS: u64 = 120;
 /// Most (set, semaphore) pairs a process may hold undo adjustments on.
 pub const SEM_UNDO_MAX: usize = 64;
 

@@ -101,6 +101,10 @@ pub mod flags {
     pub const ALLOW_FAIL: u64 = 1;
     /// The result must equal `a[7]` (e.g. `mmap` with `MAP_FIXED`).
     pub const CHECK_EQ: u64 = 2;
+    /// The result is a new fd: move it to fd `a[8]` (`dup3` with
+    /// `O_CLOEXEC`, then `close` of the first number), so that the driver
+    /// knows where it is (the userfaultfd of a lazy restart).
+    pub const MOVE_FD: u64 = 4;
 }
 
 /// Restorer → driver, 16 bytes each on the status fd.

@@ -107,3 +107,61 @@ mod tests {
         assert_eq!((super::UFFDIO_WRITEPROTECT >> 16) & 0x3fff, size_of::<super::UffdioWriteprotect>() as u64);
     }
 }
+
+// ------------------------------------------- userfaultfd MISSING (lazy restart)
+
+pub const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// `_IOWR(0xAA, 0x03, struct uffdio_copy)`.
+pub const UFFDIO_COPY: u64 = 0xC028_AA03;
+/// `_IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
+pub const UFFDIO_ZEROPAGE: u64 = 0xC020_AA04;
+/// `_IOR(0xAA, 0x02, struct uffdio_range)`.
+pub const UFFDIO_WAKE: u64 = 0x8010_AA02;
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+pub const UFFD_EVENT_FORK: u8 = 0x13;
+pub const UFFD_EVENT_REMAP: u8 = 0x14;
+pub const UFFD_EVENT_REMOVE: u8 = 0x15;
+pub const UFFD_EVENT_UNMAP: u8 = 0x16;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UffdioCopy {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    /// Bytes copied, or a negated errno.
+    pub copy: i64,
+}
+// SAFETY: repr(C), five 8-byte fields.
+unsafe impl Pod for UffdioCopy {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UffdioZeropage {
+    pub start: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub zeropage: i64,
+}
+// SAFETY: repr(C), four 8-byte fields.
+unsafe impl Pod for UffdioZeropage {}
+
+/// `struct uffd_msg`: the event, then 24 bytes whose meaning it gives
+/// (pagefault: flags, address, ptid; fork: the new uffd; remap: from, to,
+/// len; remove/unmap: start, end).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UffdMsg {
+    pub event: u8,
+    pub _reserved1: u8,
+    pub _reserved2: u16,
+    pub _reserved3: u32,
+    pub arg: [u64; 3],
+}
+// SAFETY: repr(C), 8 bytes of header then three u64: 32 bytes, no padding.
+unsafe impl Pod for UffdMsg {}

@@ -46,20 +46,27 @@ pub(super) fn destinations(ctx: &Ctx) -> Result<Vec<Dests>> {
     Ok(all_dests)
 }
 
-pub(super) fn fill_memory(store: &Store, pid: i32, dests: &HashMap<Hash, Vec<(u64, usize)>>) -> Result<()> {
+/// Writes every chunk of `dests` into process `pid`: chunks read,
+/// decompressed and verified in parallel batches
+/// ([`Store::read_blobs_batched`]), each batch written with one vectored
+/// `process_vm_writev` (a chunk once per place it goes).
+pub(super) fn fill_memory(store: &Store, pid: i32, dests: &Dests) -> Result<()> {
     let hashes: Vec<Hash> = dests.keys().copied().collect();
-    store.read_blobs(&hashes, |h, data| {
-        for &(addr, len) in dests.get(h).map(|v| v.as_slice()).unwrap_or(&[]) {
-            if data.len() != len {
-                let e = std::io::Error::other(format!("chunk {h} is {} bytes, the image needs {len} at {addr:#x}", data.len()));
-                return Err(ckpt_store::StoreError::Callback(Box::new(e)));
+    store.read_blobs_batched(&hashes, |batch| {
+        let mut items: Vec<(u64, &[u8])> = Vec::with_capacity(batch.len());
+        for (h, data) in batch {
+            for &(addr, len) in dests.get(h).map(|v| v.as_slice()).unwrap_or(&[]) {
+                if data.len() != len {
+                    let e = std::io::Error::other(format!("chunk {h} is {} bytes, the image needs {len} at {addr:#x}", data.len()));
+                    return Err(ckpt_store::StoreError::Callback(Box::new(e)));
+                }
+                items.push((addr, data));
             }
-            remote::write(pid, addr, data).map_err(|e| {
-                let e = std::io::Error::other(format!("writing {len} bytes at {addr:#x} into the restored process: {e}"));
-                ckpt_store::StoreError::Callback(Box::new(e))
-            })?;
         }
-        Ok(())
+        remote::write_many(pid, &items).map_err(|e| {
+            let e = std::io::Error::other(format!("writing {} chunks into the restored process {pid}: {e}", items.len()));
+            ckpt_store::StoreError::Callback(Box::new(e))
+        })
     })?;
     Ok(())
 }

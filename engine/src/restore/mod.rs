@@ -35,6 +35,7 @@
 
 mod dry_run;
 mod fds;
+pub mod lazy;
 mod memory;
 mod plan;
 mod shm;
@@ -130,13 +131,36 @@ pub fn restore_generation(
     generation: u64,
     images: &[ProcessImage],
     restorer: &Path,
+    connect: impl FnMut() -> Result<(OwnedFd, Vec<u8>)>,
+    before_live: impl FnOnce() -> Result<()>,
+) -> Result<Restored> {
+    restore_generation_with(store, generation, images, restorer, connect, before_live, Options::default())
+}
+
+/// How a restart brings memory back.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Private anonymous memory (but the threads' stacks and state) is
+    /// served on fault and filled in the background ([`lazy`]); the
+    /// returned [`Restored::server`] runs until it is all in.
+    pub lazy: bool,
+}
+
+/// [`restore_generation`] with [`Options`].
+pub fn restore_generation_with(
+    store: &Store,
+    generation: u64,
+    images: &[ProcessImage],
+    restorer: &Path,
     mut connect: impl FnMut() -> Result<(OwnedFd, Vec<u8>)>,
     before_live: impl FnOnce() -> Result<()>,
+    opts: Options,
 ) -> Result<Restored> {
     let err = |what: String| EngineError::Restore { generation, what };
     // Start the thread pool now: threads created after the clones could take
     // the TIDs the image's threads need.
     rayon::broadcast(|_| ());
+    let lazy_threads = if opts.lazy { Some(lazy::Threads::start()?) } else { None };
     crate::creds::check_may_restore(generation, images)?;
     for image in images {
         check_ids_free(generation, image)?;
@@ -175,6 +199,7 @@ pub fn restore_generation(
     let (mut guard, roots) = tree::spawn(&ctx, &origins, &index, all_moves, cttys, src_base, &convs, restorer)?;
 
     // The restorers, each through its own pipes, all in step.
+    let mut lazy_parts: Vec<(Option<i32>, lazy::LazyPart)> = images.iter().map(|_| (None, lazy::LazyPart::default())).collect();
     for (i, c) in convs.iter_mut().enumerate() {
         let image = &images[i];
         let first = read_status(&mut c.status).ok_or_else(|| err(format!("the restorer of process {} ({}) exited before it started", image.pid, restorer.display())))?;
@@ -193,7 +218,17 @@ pub fn restore_generation(
         let own_maps = procfs::maps(image.pid)?;
         let held = image.creds.is_some().then(|| crate::creds::Held::of(image.pid)).transpose()?;
         let main = image.threads.iter().find(|t| t.tid == image.pid).expect("checked above");
-        let (plan, descriptions) = plan::build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.tty_pgrp, c.ctl_fd, c.status_fd, held)?;
+        let uffd_fd = if opts.lazy {
+            let (eager, part) = lazy::split(image, &c.region_fds, std::mem::take(&mut c.dests));
+            c.dests = eager;
+            let held = [c.ctl_fd, c.status_fd].into_iter().chain(c.exe_fd).chain(c.region_fds.values().copied()).chain(c.tty_pgrp.map(|t| t.0));
+            let fd = (!part.ranges.is_empty()).then(|| lazy::uffd_number(image, held));
+            lazy_parts[i] = (fd, part);
+            fd
+        } else {
+            None
+        };
+        let (plan, descriptions) = plan::build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.tty_pgrp, c.ctl_fd, c.status_fd, held, uffd_fd)?;
         c.descriptions = descriptions;
         c.ctl.write_all(&plan).map_err(|e| EngineError::io("sending the plan to the restorer", e))?;
     }
@@ -204,6 +239,32 @@ pub fn restore_generation(
     }
     // Every process has attached its SysV segments.
     sysv_segments.remove_removed(generation)?;
+    // A lazy restart: each restorer made its userfaultfd; take them and
+    // register the lazy regions (a process that cannot be served lazily is
+    // written whole below).
+    let mut attached = Vec::new();
+    let mut lazy_dests: Vec<Dests> = images.iter().map(|_| Dests::new()).collect();
+    let mut lazy_words: Vec<u64> = vec![0; images.len()];
+    for (i, (fd, part)) in lazy_parts.into_iter().enumerate() {
+        let Some(fd) = fd else { continue };
+        let word = match images[i].agent.restart_word_addr {
+            0 => 0,
+            a => a + ckpt_wire::agent::LAZY_OFFSET,
+        };
+        match lazy::attach(images[i].pid, i, fd, &part, word) {
+            Ok(a) => {
+                attached.push(a);
+                lazy_dests[i] = part.dests;
+                lazy_words[i] = word;
+            }
+            Err(why) => {
+                tracing::warn!("process {} restarts with all of its memory written first (not lazily): {why}", images[i].pid);
+                for (h, v) in part.dests {
+                    convs[i].dests.entry(h).or_default().extend(v);
+                }
+            }
+        }
+    }
     for (i, c) in convs.iter_mut().enumerate() {
         let t = std::time::Instant::now();
         memory::fill_memory(store, images[i].pid, &c.dests)?;
@@ -217,9 +278,21 @@ pub fn restore_generation(
             remote::write(images[i].pid, images[i].agent.restart_word_addr + 8, &c.agent_block)
                 .map_err(|e| err(format!("cannot hand its channel to the agent of process {}: {e}", images[i].pid)))?;
         }
+        if lazy_words[i] != 0 {
+            remote::write(images[i].pid, lazy_words[i], &generation.max(1).to_le_bytes())
+                .map_err(|e| err(format!("cannot mark the agent's lazy word in process {}: {e}", images[i].pid)))?;
+        }
         remote::write(images[i].pid, images[i].agent.restart_word_addr, &generation.to_le_bytes())
             .map_err(|e| err(format!("cannot mark the agent's restart word in process {}: {e}", images[i].pid)))?;
     }
+    // The page server runs before any process does.
+    let server = match lazy_threads {
+        Some(threads) if !attached.is_empty() => {
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "page server starts");
+            Some(lazy::serve(threads, store, generation, attached, lazy_dests, images.iter().map(|i| i.pid).collect())?)
+        }
+        _ => None,
+    };
     for c in convs.iter_mut() {
         c.ctl.write_all(b"G").map_err(|e| EngineError::io("restorer control pipe", e))?;
     }
@@ -254,7 +327,7 @@ pub fn restore_generation(
     guard.armed = false;
     sysv_segments.keep();
     sysv_objects.keep();
-    Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect(), stopped: holder })
+    Ok(Restored { roots, all: images.iter().map(|i| i.pid).collect(), stopped: holder, server })
 }
 
 fn expect_barrier(generation: u64, image: &ProcessImage, c: &mut Conversation, n: i64) -> Result<()> {
@@ -283,6 +356,10 @@ pub struct Restored {
     /// Processes that were stopped by job control, held at their first
     /// instruction: [`Restored::stop_held`] once their agents registered.
     pub stopped: Option<crate::jobstop::Holder>,
+    /// The page server of a lazy restart: keep it (the process that holds
+    /// it) alive until [`lazy::PageServer::wait`] returns, or the pages not
+    /// yet in are lost with it.
+    pub server: Option<lazy::PageServer>,
 }
 
 impl Restored {

@@ -62,6 +62,7 @@ pub(super) fn build_plan(
     ctl_fd: RawFd,
     status_fd: RawFd,
     held: Option<crate::creds::Held>,
+    uffd_fd: Option<RawFd>,
 ) -> Result<(Vec<u8>, Vec<String>)> {
     let err = |what: String| EngineError::Restore { generation, what };
     let mut p = PlanBuilder::default();
@@ -181,8 +182,19 @@ pub(super) fn build_plan(
     let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
     p.syscall(libc::SYS_mmap, &[SCRATCH_ADDR.into(), stacks.into(), (rw as u64).into(), anon.into(), u64::MAX.into(), 0u64.into()], Some(SCRATCH_ADDR), false, "map thread start stacks");
 
+    // A lazy restart's userfaultfd, taken by the driver at the barrier
+    // (allowed to fail: the driver then writes all memory first). Not
+    // UFFD_USER_MODE_ONLY: the kernel's own accesses must be served too.
+    if let Some(fd) = uffd_fd {
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        p.syscall_to_fd(ckpt_wire::uapi::SYS_USERFAULTFD, &[flags], fd, true, format!("make the userfaultfd of the lazy restart (fd {fd})"));
+    }
+
     // 6. Memory is written by the driver.
     p.barrier(1, "wait for memory");
+    if let Some(fd) = uffd_fd {
+        p.syscall(libc::SYS_close, &[(fd as u64).into()], None, true, format!("close the lazy restart's userfaultfd (fd {fd}): the driver holds it"));
+    }
     // Every process (and so every process group) exists now.
     if let Some((fd, pgrp)) = tty_pgrp {
         let pgrp_ref = p.data(&pgrp.to_ne_bytes());

@@ -1,0 +1,289 @@
+//! Restart to first output (issue 13): a `bench_heap` of `--mib` MiB is
+//! checkpointed once, killed, and restarted from the local store, warm (the
+//! packs in the page cache) and cold (`drop_caches` first: needs root), eager
+//! and with `--lazy`. Printed next to the ceilings of the same run: reading
+//! the store's packs from disk (cold) and from the page cache, zstd
+//! decompression of the same kind of data on all cores, BLAKE3 (the
+//! verification of every chunk) on all cores, memcpy. The restart's own
+//! steps come from its `CKPT_LOG=ckpt_engine=debug` lines.
+//!
+//! `target/release/bench-restart --mib 1024 [--reps 3] [--lazy-mib 4096]`
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use ckpt_benches::Env;
+use rayon::prelude::*;
+
+const PAGE: usize = 4096;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The same page contents as benches/programs/bench_heap.c.
+fn fill_page(rng: &mut Rng, p: &mut [u8], salt: u64) {
+    for w in p.chunks_exact_mut(8) {
+        let r = rng.next() ^ salt;
+        let v = match r & 7 {
+            0..=2 => 0,
+            3 | 4 => r >> 56,
+            5 | 6 => 0x0000_7f00_0000_0000 | ((r >> 20) & 0xffffff8),
+            _ => r,
+        };
+        w.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+struct Ceilings {
+    memcpy: f64,
+    blake3_all: f64,
+    unzstd_all: f64,
+}
+
+fn ceilings() -> Ceilings {
+    let len = 256 << 20;
+    let mut buf = vec![0u8; len];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for (i, p) in buf.chunks_exact_mut(PAGE).enumerate() {
+        fill_page(&mut rng, p, i as u64);
+    }
+    let mut dst = vec![0u8; len];
+    dst.copy_from_slice(&buf); // fault the destination in first
+    let t = Instant::now();
+    dst.copy_from_slice(&buf);
+    std::hint::black_box(&dst);
+    let memcpy = gbps(len as u64, t.elapsed());
+    let t = Instant::now();
+    let n: usize = buf.par_chunks(PAGE).map(|c| blake3::hash(c).as_bytes()[0] as usize).sum();
+    std::hint::black_box(n);
+    let blake3_all = gbps(len as u64, t.elapsed());
+    let comp: Vec<Vec<u8>> = buf.par_chunks(PAGE).map(|c| zstd::bulk::compress(c, 1).unwrap()).collect();
+    let t = Instant::now();
+    let n: usize = comp
+        .par_iter()
+        .map_init(|| zstd::bulk::Decompressor::new().unwrap(), |d, z| d.decompress(z, PAGE).unwrap().len())
+        .sum();
+    std::hint::black_box(n);
+    let unzstd_all = gbps(len as u64, t.elapsed());
+    Ceilings { memcpy, blake3_all, unzstd_all }
+}
+
+fn reader(out: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for(rx: &Receiver<String>, prefix: &str, timeout: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match rx.recv_timeout(left) {
+            Ok(l) if l.starts_with(prefix) => return Some(Instant::now()),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    if std::fs::write("/proc/sys/vm/drop_caches", "3").is_err() {
+        eprintln!("cannot drop the page cache (not root?): the cold figures are warm");
+    }
+}
+
+fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "pack") {
+            out.push(p);
+        }
+    }
+}
+
+/// Reads every pack file of the store once (2 threads): bytes, time.
+fn read_packs(store: &Path) -> (u64, Duration) {
+    let mut packs = Vec::new();
+    files(store, &mut packs);
+    let t = Instant::now();
+    let bytes: u64 = packs
+        .par_iter()
+        .map(|p| {
+            let mut f = std::fs::File::open(p).unwrap();
+            let mut buf = vec![0u8; 4 << 20];
+            let mut n = 0u64;
+            loop {
+                let k = f.read(&mut buf).unwrap();
+                if k == 0 {
+                    break n;
+                }
+                n += k as u64;
+            }
+        })
+        .sum();
+    (bytes, t.elapsed())
+}
+
+struct Sample {
+    first_ms: f64,
+    steps: Vec<(String, f64)>,
+}
+
+/// One restart to its first `BEAT`; the engine's timed steps from its log.
+/// A restart refused at once (the coordinator still lists the process just
+/// killed) is tried again.
+fn restart(env: &Env, lazy: bool) -> Sample {
+    for _ in 0..20 {
+        let s = restart_once(env, lazy);
+        if !s.first_ms.is_nan() {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Sample { first_ms: f64::NAN, steps: Vec::new() }
+}
+
+fn restart_once(env: &Env, lazy: bool) -> Sample {
+    let t = Instant::now();
+    let mut rc = env.cmd();
+    rc.arg("restart");
+    if lazy {
+        rc.arg("--lazy");
+    }
+    rc.env("CKPT_LOG", "ckpt_engine=debug").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = rc.spawn().unwrap();
+    let out = reader(child.stdout.take().unwrap());
+    let err = reader(child.stderr.take().unwrap());
+    let first = wait_for(&out, "BEAT", Duration::from_secs(300)).map(|at| at.duration_since(t).as_secs_f64() * 1000.0);
+    let _ = env.cmd().arg("kill").output();
+    let _ = child.wait();
+    let mut steps = Vec::new();
+    while let Ok(l) = err.try_recv() {
+        // `... DEBUG ckpt_engine::restore: step ms=12 what`
+        if let Some(i) = l.find(" ms=") {
+            let rest = &l[i + 4..];
+            let (num, what) = rest.split_once(' ').unwrap_or((rest, ""));
+            if let Ok(ms) = num.parse::<f64>() {
+                let name = l[..i].rsplit(": ").next().unwrap_or("").trim().to_string();
+                let name = if what.is_empty() { name } else { format!("{name} {what}") };
+                steps.push((name, ms));
+            }
+        }
+    }
+    Sample { first_ms: first.unwrap_or(f64::NAN), steps }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Launches a heap of `mib` MiB, checkpoints it, kills it.
+fn prepare(ckpt: &Path, mib: usize) -> (Env, u64) {
+    let env = Env::new(ckpt, "restart", &mib.to_string());
+    let mut c = env.cmd();
+    c.arg("launch").args(["--", env!("CKPT_BENCH_HEAP"), "-m", &mib.to_string()]).stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let lines = reader(child.stdout.take().unwrap());
+    wait_for(&lines, "READY", Duration::from_secs(300)).expect("READY");
+    env.run(&["checkpoint"]);
+    env.run(&["kill"]);
+    let _ = child.wait();
+    let mut packs = Vec::new();
+    files(&env.dir.join("store"), &mut packs);
+    let bytes = packs.iter().map(|p| p.metadata().map(|m| m.len()).unwrap_or(0)).sum();
+    (env, bytes)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str, def: usize| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(def);
+    let mib = opt("--mib", 1024);
+    let reps = opt("--reps", 3);
+    let lazy_mib = opt("--lazy-mib", 0);
+    let ckpt = std::env::current_exe().unwrap().parent().unwrap().join("ckpt");
+    eprintln!("ceilings ...");
+    let c = ceilings();
+    eprintln!("checkpoint of {mib} MiB ...");
+    let (env, pack_bytes) = prepare(&ckpt, mib);
+    let image = (mib as u64) << 20;
+    drop_caches();
+    let (_, cold_read) = read_packs(&env.dir.join("store"));
+    let (_, warm_read) = read_packs(&env.dir.join("store"));
+    let modes: &[(&str, bool, bool)] = &[("eager, warm", false, false), ("eager, cold", false, true), ("lazy, warm", true, false), ("lazy, cold", true, true)];
+    let mut rows = Vec::new();
+    for &(name, lazy, cold) in modes {
+        eprintln!("restart {name} ...");
+        let mut samples = Vec::new();
+        for _ in 0..reps {
+            if cold {
+                drop_caches();
+            }
+            samples.push(restart(&env, lazy));
+        }
+        let first = median(samples.iter().map(|s| s.first_ms).collect());
+        rows.push((name, first, samples.pop().unwrap().steps));
+    }
+    drop(env);
+    let mut big = None;
+    if lazy_mib > 0 {
+        eprintln!("checkpoint of {lazy_mib} MiB ...");
+        let (env, _) = prepare(&ckpt, lazy_mib);
+        let lazy: Vec<f64> = (0..reps).map(|_| restart(&env, true).first_ms).collect();
+        let eager = restart(&env, false).first_ms;
+        big = Some((median(lazy), eager));
+    }
+
+    let date = Command::new("date").args(["-u", "+%Y-%m-%d"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    println!("## Restart (issue 13, {date})\n");
+    println!("`target/release/bench-restart --mib {mib} --reps {reps}{}`; Linux {kernel}, {} cores. Image: {mib} MiB `bench_heap`, {:.1} MiB of packs.\n", if lazy_mib > 0 { format!(" --lazy-mib {lazy_mib}") } else { String::new() }, rayon::current_num_threads(), pack_bytes as f64 / 1048576.0);
+    println!("### Ceilings, same run\n");
+    println!("| operation | GB/s | time for this image |\n|---|---|---|");
+    let ms = |gbps: f64, bytes: u64| bytes as f64 / gbps / 1e6;
+    let cold = gbps(pack_bytes, cold_read);
+    let warm = gbps(pack_bytes, warm_read);
+    println!("| read the packs, cold (disk) | {cold:.2} | {:.0} ms |", cold_read.as_secs_f64() * 1000.0);
+    println!("| read the packs, page cache | {warm:.2} | {:.0} ms |", warm_read.as_secs_f64() * 1000.0);
+    println!("| zstd decompress, all cores (of the image) | {:.2} | {:.0} ms |", c.unzstd_all, ms(c.unzstd_all, image));
+    println!("| BLAKE3, all cores (of the image) | {:.2} | {:.0} ms |", c.blake3_all, ms(c.blake3_all, image));
+    println!("| memcpy (of the image) | {:.2} | {:.0} ms |", c.memcpy, ms(c.memcpy, image));
+    let floor_warm = ms(c.unzstd_all, image) + ms(c.blake3_all, image);
+    println!("\n### Restart to first output\n");
+    println!("| mode | first output ms (median of {reps}) | vs ceiling |\n|---|---|---|");
+    for (name, first, _) in &rows {
+        let (ceil, what) = if name.contains("cold") { (cold_read.as_secs_f64() * 1000.0, "cold pack read") } else { (floor_warm, "decompress + verify, all cores") };
+        println!("| {name} | {first:.0} | {:.2}× the {what} ({ceil:.0} ms) |", first / ceil);
+    }
+    if let Some((lazy, eager)) = big {
+        println!("| lazy, warm, {lazy_mib} MiB | {lazy:.0} | eager restart of the same image: {eager:.0} ms ({:.3}×) |", lazy / eager);
+    }
+    println!("\n### Steps of the last restart of each mode (the engine's debug log)\n");
+    for (name, _, steps) in &rows {
+        let s: Vec<String> = steps.iter().map(|(n, ms)| format!("{n}: {ms:.0} ms")).collect();
+        println!("- {name}: {}", s.join("; "));
+    }
+}

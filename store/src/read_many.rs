@@ -1,0 +1,211 @@
+//! Batched reads of many blobs (a restart's memory): [`Store::read_blobs_batched`].
+//!
+//! [`Store::read_blobs`] hands each blob to its sink in a `Vec` of its own;
+//! a restart of 1 GiB at 4 KiB chunks is 262 144 blobs, and the per-blob
+//! costs (an allocation, a call, one `process_vm_writev` each on the
+//! caller's side) add up. Here a run of blobs of one pack (in file order) is
+//! decompressed into one reused buffer, each verified, and the whole batch
+//! handed over at once, so the caller can write it with one vectored call.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+
+use crate::error::SqlCtx;
+use crate::{Hash, Loc, Remote, Result, Store, StoreError, open_pack, private, remote};
+
+/// Blobs per batch: a batch is at most this many blobs (and, at 4 KiB
+/// chunks, 1 MiB), under the kernel's `IOV_MAX` (1024) for one vectored
+/// write.
+pub const BATCH_BLOBS: usize = 256;
+
+thread_local! {
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Store {
+    /// Reads the distinct blobs of `hashes` in parallel and hands them to
+    /// `sink` in batches (from rayon threads, in no particular order): each
+    /// batch is a list of `(hash, bytes)`, the bytes decompressed and
+    /// verified, at most [`BATCH_BLOBS`] of them, all of one pack.
+    /// [`Hash::ZERO_CHUNK`] comes as `chunk_size` zero bytes in a batch of
+    /// its own. Every blob is located before any is read (a blob missing
+    /// from the catalog is reported first). Stops at the first error of the
+    /// store or of `sink`.
+    pub fn read_blobs_batched(&self, hashes: &[Hash], sink: impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync) -> Result<()> {
+        let mut uniq: Vec<Hash> = hashes.to_vec();
+        uniq.sort_unstable();
+        uniq.dedup();
+        let has_zero = uniq.first().is_some_and(|h| h.is_zero_chunk());
+        let mut groups = self.locate_all(&uniq)?;
+        if has_zero {
+            sink(&[(Hash::ZERO_CHUNK, &vec![0u8; self.inner.chunk_size])])?;
+        }
+        if let Some(r) = self.inner.remote.as_deref() {
+            let names: Vec<String> = groups.keys().filter(|n| !self.pack_path(n).exists()).cloned().collect();
+            let far: Vec<(String, Vec<Loc>)> = names.into_iter().map(|n| (n.clone(), groups.remove(&n).unwrap_or_default())).collect();
+            for batch in far.chunks(remote::CONCURRENCY) {
+                let work: Vec<(String, Vec<std::ops::Range<u64>>)> =
+                    batch.iter().map(|(n, locs)| (Remote::pack_rel(n), locs.iter().map(|l| l.offset..l.offset + l.clen as u64).collect())).collect();
+                let fetched = r.get_ranges_many(&work)?;
+                batch.par_iter().zip(fetched.par_iter()).try_for_each(|((name, locs), bufs)| {
+                    let url = PathBuf::from(r.object_url(&Remote::pack_rel(name)));
+                    let idx: Vec<usize> = (0..locs.len()).collect();
+                    idx.par_chunks(BATCH_BLOBS).try_for_each(|ix| {
+                        let part: Vec<(&Loc, &[u8])> = ix.iter().map(|&i| (&locs[i], &bufs[i][..])).collect();
+                        decode_batch(&url, &part, &sink)
+                    })
+                })?;
+            }
+        }
+        groups.into_par_iter().try_for_each(|(name, mut locs)| {
+            locs.sort_unstable_by_key(|l| l.offset);
+            let path = self.pack_path(&name);
+            let f = open_pack(&path, &locs[0].hash)?;
+            #[allow(unsafe_code)]
+            // SAFETY: pack files are immutable once renamed into place (see
+            // `read_blobs`); the map is only read, every blob is verified.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| StoreError::io(format!("map pack file {}", path.display()), e))?;
+            // Read ahead: the blobs of a restart are most of the pack.
+            let _ = map.advise(memmap2::Advice::WillNeed);
+            locs.par_chunks(BATCH_BLOBS).try_for_each(|part| {
+                let mut refs = Vec::with_capacity(part.len());
+                for loc in part {
+                    let end = loc.offset + loc.clen as u64;
+                    if end > map.len() as u64 {
+                        return Err(StoreError::Corrupt { pack: path.clone(), hash: loc.hash, reason: "pack file is truncated".into() });
+                    }
+                    refs.push((loc, &map[loc.offset as usize..end as usize]));
+                }
+                decode_batch(&path, &refs, &sink)
+            })
+        })
+    }
+
+    /// Where each of `uniq` (sorted, distinct) is stored, by pack.
+    fn locate_all(&self, uniq: &[Hash]) -> Result<BTreeMap<String, Vec<Loc>>> {
+        let mut groups: BTreeMap<String, Vec<Loc>> = BTreeMap::new();
+        let conn = self.inner.conn();
+        let cat = &self.inner.catalog_path;
+        if uniq.len() > crate::BULK_LOCATE {
+            // One pass over the index beats a lookup per blob.
+            let wanted: HashSet<Hash> = uniq.iter().filter(|h| !h.is_zero_chunk()).copied().collect();
+            let mut found = HashSet::with_capacity(wanted.len());
+            let mut st = conn.prepare("SELECT b.hash, p.name, b.offset, b.clen, b.ulen FROM blobs b JOIN packs p ON p.id = b.pack_id").db(cat)?;
+            let mut rows = st.query([]).db(cat)?;
+            while let Some(r) = rows.next().db(cat)? {
+                let raw: Vec<u8> = r.get(0).db(cat)?;
+                let Some(hash) = Hash::from_slice(&raw) else { continue };
+                if !wanted.contains(&hash) || !found.insert(hash) {
+                    continue;
+                }
+                let loc = Loc { hash, pack: r.get(1).db(cat)?, offset: r.get::<_, i64>(2).db(cat)? as u64, clen: r.get::<_, i64>(3).db(cat)? as u32, ulen: r.get::<_, i64>(4).db(cat)? as u32 };
+                private::check_pack_name(&loc.pack, cat)?;
+                groups.entry(loc.pack.clone()).or_default().push(loc);
+            }
+            if let Some(missing) = wanted.iter().find(|h| !found.contains(*h)) {
+                return Err(StoreError::BlobNotFound { hash: *missing, path: self.inner.root.clone() });
+            }
+        } else {
+            for h in uniq.iter().filter(|h| !h.is_zero_chunk()) {
+                let loc = self.locate(&conn, h)?;
+                groups.entry(loc.pack.clone()).or_default().push(loc);
+            }
+        }
+        Ok(groups)
+    }
+}
+
+/// Decompresses and verifies `part` (each blob's location and stored
+/// bytes) into this thread's buffer and hands the batch to `sink`.
+fn decode_batch(pack: &PathBuf, part: &[(&Loc, &[u8])], sink: &(impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync)) -> Result<()> {
+    let corrupt = |loc: &Loc, reason: String| StoreError::Corrupt { pack: pack.clone(), hash: loc.hash, reason };
+    let total: usize = part.iter().map(|(l, _)| l.ulen as usize).sum();
+    // The buffer is taken out of its slot while the sink runs: a sink that
+    // reads again on this thread gets a buffer of its own.
+    let mut buf = BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    if buf.len() < total {
+        buf.resize(total, 0);
+    }
+    let mut spans = Vec::with_capacity(part.len());
+    let mut off = 0usize;
+    let res = DECOMPRESSOR.with(|d| -> Result<()> {
+        let mut slot = d.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| StoreError::io("create a zstd decompressor", e))?);
+        }
+        let d = slot.as_mut().expect("just created");
+        for (loc, stored) in part {
+            let n = loc.ulen as usize;
+            let out = &mut buf[off..off + n];
+            let got = d.decompress_to_buffer(stored, out).map_err(|e| corrupt(loc, format!("zstd: {e}")))?;
+            if got != n {
+                return Err(corrupt(loc, format!("decompresses to {got} bytes, the catalog says {n}")));
+            }
+            let actual = Hash::of(out);
+            if actual != loc.hash {
+                return Err(corrupt(loc, format!("its bytes hash to {actual}")));
+            }
+            spans.push((loc.hash, off..off + n));
+            off += n;
+        }
+        Ok(())
+    });
+    let res = res.and_then(|()| {
+        let refs: Vec<(Hash, &[u8])> = spans.iter().map(|(h, r)| (*h, &buf[r.clone()])).collect();
+        sink(&refs)
+    });
+    BUFFER.with(|b| *b.borrow_mut() = buf);
+    res
+}
+
+/// Reads single blobs on a catalog connection of its own, so that it never
+/// waits for the store's connection (busy with a long
+/// [`Store::read_blobs_batched`] in another thread): a lazy restart's page
+/// faults are served with it while the background fill runs.
+pub struct BlobReader {
+    store: Store,
+    conn: std::sync::Mutex<rusqlite::Connection>,
+}
+
+impl Store {
+    /// A [`BlobReader`] on this store.
+    pub fn blob_reader(&self) -> Result<BlobReader> {
+        let (conn, _) = crate::catalog::open(&self.inner.catalog_path, None)?;
+        Ok(BlobReader { store: self.clone(), conn: std::sync::Mutex::new(conn) })
+    }
+}
+
+impl BlobReader {
+    /// One blob, decompressed and verified ([`Store::read_blob`]).
+    pub fn read(&self, h: &Hash) -> Result<Vec<u8>> {
+        let s = &self.store;
+        if h.is_zero_chunk() {
+            return Ok(vec![0; s.inner.chunk_size]);
+        }
+        let loc = {
+            let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+            s.locate(&conn, h)?
+        };
+        let path = s.pack_path(&loc.pack);
+        if let Some(r) = s.inner.remote.as_deref().filter(|_| !path.exists()) {
+            let rel = Remote::pack_rel(&loc.pack);
+            let range = loc.offset..loc.offset + loc.clen as u64;
+            let got = r.get_ranges(&rel, std::slice::from_ref(&range))?;
+            return s.decode_remote(r, &loc, &got[0]);
+        }
+        let f = open_pack(&path, h)?;
+        let mut buf = vec![0u8; loc.clen as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, loc.offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                StoreError::Corrupt { pack: path.clone(), hash: *h, reason: "pack file is truncated".into() }
+            } else {
+                StoreError::io(format!("read pack file {}", path.display()), e)
+            }
+        })?;
+        s.decode(&loc, &buf)
+    }
+}

@@ -1,0 +1,205 @@
+//! Lazy restart (`ckpt restart --lazy`, issue 13): the program runs before
+//! its memory is all in; the rest is served on fault and in the background
+//! by the restart command. Proof of each restart is the program's own
+//! check: counter_heap verifies every page of its heap, its sparse
+//! mapping and its file mapping every tick.
+mod common;
+#[path = "common/s3.rs"]
+mod s3srv;
+use common::*;
+use s3srv::S3Server;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const BUCKET: &str = "ckpt-lazy";
+
+/// `ckpt restart --lazy [GEN]` in the background; the restored program is `pid`.
+fn restart_lazy(s: &Session, generation: Option<u64>, pid: i32, s3: Option<(&S3Server, &Path)>) -> Proc {
+    let mut c = s.cmd("restart");
+    c.arg("--lazy");
+    if let Some(g) = generation {
+        c.arg(g.to_string());
+    }
+    if let Some((srv, cache)) = s3 {
+        srv.apply(&mut c, cache);
+    }
+    let mut p = Proc::spawn(format!("restart --lazy {generation:?}"), c);
+    p.pid = pid;
+    s.track(pid);
+    p
+}
+
+/// Waits until the restart command said the restart is lazy.
+fn wait_lazy_notice(p: &mut Proc) {
+    let deadline = Instant::now() + RESTART_TIMEOUT;
+    while Instant::now() < deadline {
+        if p.stderr().contains("ckpt: lazy restart:") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20)); // polling another process's stderr
+    }
+    panic!("the restart did not say it is lazy\n{}", p.context());
+}
+
+/// A 256 MiB checked heap restarts lazily, runs, checks all of its memory
+/// every tick (each page served on its first touch or by the background
+/// fill), is checkpointed again (the checkpoint waits for the fill) and
+/// that generation restarts eagerly with the same content.
+#[test]
+fn lazy_restart_of_a_checked_heap_then_checkpoint_and_restart_again() {
+    let s = Session::new("lazy_heap");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("counter_heap"), &["-t", "100", "-m", "256", "-s", stop.to_str().unwrap()]);
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g1 = s.checkpoint_bounded(&mut p);
+    p.kill9();
+
+    let mut r = restart_lazy(&s, None, pid, None);
+    r.wait_ticks(1, RESTART_TIMEOUT);
+    let first = r.first_tick.unwrap();
+    assert!(first >= g1.lo && first <= g1.hi, "lazy restart continued at tick {first}, expected {}..={}\n{}", g1.lo, g1.hi, r.context());
+    wait_lazy_notice(&mut r);
+    assert!(!r.stderr().contains("not lazily"), "the restart fell back to an eager one\n{}", r.context());
+    r.wait_ticks(3, LINE_TIMEOUT);
+
+    // The next checkpoint sees all of the memory (it waits for the fill).
+    let g2 = s.checkpoint_bounded(&mut r);
+    r.wait_ticks(2, LINE_TIMEOUT);
+    r.kill9();
+    let mut e = s.restart_expect(&g2, pid, true);
+    e.wait_ticks(3, LINE_TIMEOUT);
+    e.finish(&s, 3);
+}
+
+/// The same program from an S3 store on a fresh host: the restart fetches
+/// chunks by ranged reads (no whole pack), on fault and in the background.
+#[test]
+fn lazy_restart_from_s3_on_a_fresh_host() {
+    let srv = S3Server::start();
+    srv.create_bucket(BUCKET);
+    let mut s = Session::new("lazy_s3");
+    s.store = format!("s3://{BUCKET}/lazy");
+    let cache_a = s.path("cache-a");
+    let stop = s.stop_file();
+    let mut c = s.cmd("launch");
+    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", "64", "-s", stop.to_str().unwrap()]);
+    srv.apply(&mut c, &cache_a);
+    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
+    s.track(p.child_pid());
+    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
+    p.pid = line[4..].trim().parse().unwrap();
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+    let _ = s.run("quit", &[]);
+
+    let cache_b = s.path("cache-b");
+    let mut r = restart_lazy(&s, None, pid, Some((&srv, &cache_b)));
+    r.wait_ticks(1, RESTART_TIMEOUT);
+    let first = r.first_tick.unwrap();
+    assert!(first >= g.lo && first <= g.hi, "lazy restart continued at tick {first}, expected {}..={}\n{}", g.lo, g.hi, r.context());
+    wait_lazy_notice(&mut r);
+    r.wait_ticks(5, LINE_TIMEOUT);
+    r.finish(&s, 3);
+    let whole: Vec<_> = std::fs::read_dir(cache_b.join("packs")).into_iter().flatten().flatten().flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten()).collect();
+    assert!(whole.is_empty(), "the lazy restart downloaded whole packs: {:?}", whole.iter().map(|e| e.path()).collect::<Vec<_>>());
+}
+
+/// The store goes away while a lazy restart still fills the program: the
+/// restart fails loudly, naming the cause, and the program is killed, in
+/// bounded time (no fault waits for ever).
+#[test]
+fn lazy_restart_whose_store_goes_away_kills_the_program_and_says_why() {
+    let srv = S3Server::start();
+    srv.create_bucket(BUCKET);
+    let mut s = Session::new("lazy_gone");
+    s.store = format!("s3://{BUCKET}/gone");
+    let cache_a = s.path("cache-a");
+    let stop = s.stop_file();
+    let mut c = s.cmd("launch");
+    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", "512", "-s", stop.to_str().unwrap()]);
+    srv.apply(&mut c, &cache_a);
+    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
+    s.track(p.child_pid());
+    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
+    p.pid = line[4..].trim().parse().unwrap();
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(1, LINE_TIMEOUT);
+    let _g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+    let _ = s.run("quit", &[]);
+
+    let cache_b = s.path("cache-b");
+    let mut r = restart_lazy(&s, None, pid, Some((&srv, &cache_b)));
+    wait_lazy_notice(&mut r);
+    // The program may or may not have printed a tick yet: the fill of
+    // 512 MiB over ranged GETs is far from done. The store goes away.
+    drop(srv);
+    let t = Instant::now();
+    let st = r.wait_exit(Duration::from_secs(120));
+    let err = r.stderr();
+    assert!(!st.success(), "the restart ended well without its store\n{}", r.context());
+    assert!(err.contains("cannot read") && err.contains("killed"), "the failure does not name its cause and the kill:\n{err}");
+    assert!(!pid_alive(pid), "the program still runs without its memory\n{}", r.context());
+    eprintln!("lazy restart without its store ended after {:?}: {}", t.elapsed(), err.lines().filter(|l| l.contains("lazy restart")).collect::<Vec<_>>().join(" | "));
+}
+
+/// Five processes (`tree`: pipes full of records, shared memory, a zombie,
+/// a daemon) restart lazily, each with its own userfaultfd on the one page
+/// server; they check their data, are checkpointed again and run to DONE.
+#[test]
+fn lazy_restart_of_a_process_tree() {
+    let s = Session::new("lazy_tree");
+    let stop = s.stop_file();
+    let (mut p, pids) = s.launch_computation(&program("tree"), &["-t", "100", "-z", "30", "-s", stop.to_str().unwrap()], 5);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    s.kill_all(&pids, &mut p);
+    let mut r = restart_lazy(&s, None, p.pid, None);
+    r.wait_ticks(1, RESTART_TIMEOUT);
+    let first = r.first_tick.unwrap();
+    assert!(first >= g.lo && first <= g.hi, "lazy restart continued at tick {first}, expected {}..={}\n{}", g.lo, g.hi, r.context());
+    wait_lazy_notice(&mut r);
+    r.wait_ticks(3, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut r);
+    assert_eq!(s.generations()[&g2.id].u64_field("nprocs"), 5);
+    r.wait_line(|l| l.starts_with("REAPED"), LINE_TIMEOUT);
+    s.stop_at(r.last_tick.unwrap() + 3);
+    s.finish_computation(&pids, &mut r);
+}
+
+/// An ordinary user's restart cannot have a userfaultfd that serves the
+/// kernel's accesses (vm.unprivileged_userfaultfd=0 here): `--lazy` says
+/// so, naming the setting, and the restart writes all memory first; the
+/// program checks its heap and runs to DONE.
+#[test]
+fn lazy_restart_as_an_ordinary_user_falls_back_to_eager_and_says_why() {
+    let unpriv = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    if unpriv.trim() == "1" {
+        eprintln!("vm.unprivileged_userfaultfd=1 here: an ordinary user's lazy restart is lazy; nothing to check");
+        return;
+    }
+    let s = Session::as_user(TEST_USER, "lazy_user");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("counter_heap"), &["-t", "100", "-m", "32", "-s", stop.to_str().unwrap()]);
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+    let mut r = restart_lazy(&s, None, pid, None);
+    r.wait_ticks(1, RESTART_TIMEOUT);
+    let first = r.first_tick.unwrap();
+    assert!(first >= g.lo && first <= g.hi, "restart continued at tick {first}, expected {}..={}\n{}", g.lo, g.hi, r.context());
+    assert!(r.alive(), "restored program is not pid {pid}\n{}", r.context());
+    let err = r.stderr();
+    assert!(err.contains("not lazily") && err.contains("vm.unprivileged_userfaultfd"), "the fallback is not explained:\n{err}");
+    r.wait_ticks(2, LINE_TIMEOUT);
+    r.finish(&s, 3);
+}
