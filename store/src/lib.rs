@@ -65,7 +65,7 @@ pub use error::{Result, StoreError};
 pub use rusqlite;
 
 use error::{IoCtx, SqlCtx};
-use pack::{FinishedPack, OpenPack};
+use pack::{FinishedPack, OpenPack, PackEntry};
 use remote::Remote;
 use remote_lock::RemoteLock;
 
@@ -770,13 +770,7 @@ impl Store {
             hash: loc.hash,
             reason,
         };
-        let data = ckpt_chunker::decompress(stored, loc.ulen as usize)
-            .map_err(|e| corrupt(e.to_string()))?;
-        let actual = Hash::of(&data);
-        if actual != loc.hash {
-            return Err(corrupt(format!("its bytes hash to {actual}")));
-        }
-        Ok(data)
+        ckpt_chunker::decode(stored, loc.ulen as usize, &loc.hash).map_err(|e| corrupt(e.to_string()))
     }
 
     /// Like `decode`, naming the S3 object in errors.
@@ -1291,6 +1285,9 @@ fn describe_ids(ids: &[u64]) -> String {
 #[derive(Default)]
 struct Pending {
     open: Option<OpenPack>,
+    /// Packs written whole, being made durable in a thread each
+    /// ([`pack::SealedPack::persist`]); [`Writer::commit`] waits for them.
+    sealing: Vec<(Vec<PackEntry>, std::thread::JoinHandle<std::io::Result<FinishedPack>>)>,
     finished: Vec<FinishedPack>,
     hashes: Vec<Hash>,
     new_bytes: u64,
@@ -1442,8 +1439,8 @@ impl Writer {
                 data.len()
             ))
         })?;
-        let compressed = ckpt_chunker::compress(data, self.opts.level);
-        self.append(kind, h, &compressed, ulen)
+        let stored = ckpt_chunker::encode(data, self.opts.level);
+        self.append(kind, h, stored.bytes(), ulen)
     }
 
     /// Store a blob that was compressed elsewhere (by a capture helper on
@@ -1455,14 +1452,9 @@ impl Writer {
         if self.known(&h) {
             return Ok(false);
         }
-        let data = ckpt_chunker::decompress(compressed, ulen as usize)
-            .map_err(|e| StoreError::Invalid(format!("blob {h} sent for storing does not decompress: {e}")))?;
-        if Hash::of(&data) != h {
-            return Err(StoreError::Invalid(format!(
-                "blob sent for storing as {h} has another hash ({}): the sender is faulty",
-                Hash::of(&data)
-            )));
-        }
+        ckpt_chunker::decode(compressed, ulen as usize, &h).map_err(|e| {
+            StoreError::Invalid(format!("blob sent for storing as {h} is not its bytes ({e}): the sender is faulty"))
+        })?;
         self.append(kind, h, compressed, ulen)
     }
 
@@ -1531,36 +1523,62 @@ impl Writer {
         }
     }
 
-    /// Finish the open pack (fsync, rename into place).
+    /// Seal the open pack (trailer written, no fsync) and make it durable
+    /// and put it in place in a thread of its own, so that puts go on
+    /// while the disk writes: [`Writer::settle`] collects the result.
     fn close_pack(&self, p: &mut Pending) -> Result<()> {
         let Some(open) = p.open.take() else {
             return Ok(());
         };
         let entries = open.entries.clone();
-        match open.finish(&self.inner.root) {
-            Ok(f) => {
-                tracing::debug!(pack = %f.path.display(), blobs = f.entries.len(), size = f.size, "pack written");
-                p.finished.push(f);
-                Ok(())
-            }
+        let sealed = match open.seal() {
+            Ok(s) => s,
             Err(e) => {
-                let lost: HashSet<Hash> = entries.iter().map(|e| e.hash).collect();
-                let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
-                for e in &entries {
-                    known.remove(&e.hash);
-                    p.new_bytes -= e.ulen as u64;
-                    p.stored_bytes -= e.clen as u64;
-                }
-                p.hashes.retain(|h| !lost.contains(h));
-                Err(StoreError::io(
-                    format!(
-                        "finish a pack file in {}",
-                        self.inner.root.join("packs").display()
-                    ),
-                    e,
-                ))
+                self.forget(p, &entries);
+                return Err(StoreError::io(format!("finish a pack file in {}", self.inner.root.join("tmp").display()), e));
+            }
+        };
+        let root = self.inner.root.clone();
+        match std::thread::Builder::new().name("ckpt-pack-sync".into()).spawn(move || sealed.persist(&root)) {
+            Ok(h) => p.sealing.push((entries, h)),
+            Err(e) => {
+                self.forget(p, &entries);
+                return Err(StoreError::io("start a thread to write a pack file".to_string(), e));
             }
         }
+        Ok(())
+    }
+
+    /// The blobs of a pack that was lost are not stored after all.
+    fn forget(&self, p: &mut Pending, entries: &[PackEntry]) {
+        let lost: HashSet<Hash> = entries.iter().map(|e| e.hash).collect();
+        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        for e in entries {
+            known.remove(&e.hash);
+            p.new_bytes -= e.ulen as u64;
+            p.stored_bytes -= e.clen as u64;
+        }
+        p.hashes.retain(|h| !lost.contains(h));
+    }
+
+    /// Wait for the packs being made durable: each is then finished, or
+    /// forgotten (its blobs no longer pending) with the first error.
+    fn settle(&self, p: &mut Pending) -> Result<()> {
+        let mut first = None;
+        for (entries, h) in std::mem::take(&mut p.sealing) {
+            let r = h.join().unwrap_or_else(|_| Err(std::io::Error::other("the thread writing it panicked")));
+            match r {
+                Ok(f) => {
+                    tracing::debug!(pack = %f.path.display(), blobs = f.entries.len(), size = f.size, "pack written");
+                    p.finished.push(f);
+                }
+                Err(e) => {
+                    self.forget(p, &entries);
+                    first.get_or_insert(StoreError::io(format!("finish a pack file in {}", self.inner.root.join("packs").display()), e));
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// Make everything put since the last commit durable and visible, as
@@ -1578,6 +1596,7 @@ impl Writer {
             )));
         }
         self.close_pack(&mut p)?;
+        self.settle(&mut p)?;
         if self.inner.remote.is_some() {
             remote::mark_unsynced(&self.inner.root)?;
         }
@@ -1626,23 +1645,29 @@ impl Writer {
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     )
                     .db(path)?;
+                // Rows in hash order: the blob index is a B-tree keyed by
+                // hash, and random-order inserts touched a page each
+                // (docs/design.md, "The catalog at scale").
+                let mut rows: Vec<(&PackEntry, i64)> = Vec::with_capacity(p.finished.iter().map(|f| f.entries.len()).sum());
                 for f in &p.finished {
                     ins_pack
                         .execute(params![f.name, f.size as i64, f.entries.len() as i64, now])
                         .db(path)?;
                     let pack_id = tx.last_insert_rowid();
-                    for e in &f.entries {
-                        ins_blob
-                            .execute(params![
-                                &e.hash.0[..],
-                                pack_id,
-                                e.offset as i64,
-                                e.clen as i64,
-                                e.ulen as i64,
-                                e.kind as u8 as i64
-                            ])
-                            .db(path)?;
-                    }
+                    rows.extend(f.entries.iter().map(|e| (e, pack_id)));
+                }
+                rows.sort_unstable_by_key(|(e, _)| e.hash);
+                for (e, pack_id) in rows {
+                    ins_blob
+                        .execute(params![
+                            &e.hash.0[..],
+                            pack_id,
+                            e.offset as i64,
+                            e.clen as i64,
+                            e.ulen as i64,
+                            e.kind as u8 as i64
+                        ])
+                        .db(path)?;
                 }
             }
             let info_json = if info.info.is_null() {
@@ -1766,9 +1791,14 @@ impl Writer {
     /// the known set and delete the pack files written for them.
     pub fn abort(&self) {
         let mut p = lock(&self.pending);
-        let p = std::mem::take(&mut *p);
-        if let Some(open) = p.open {
+        let mut p = std::mem::take(&mut *p);
+        if let Some(open) = p.open.take() {
             open.discard();
+        }
+        for (_, h) in std::mem::take(&mut p.sealing) {
+            if let Ok(Ok(f)) = h.join() {
+                p.finished.push(f);
+            }
         }
         for f in &p.finished {
             if let Err(e) = fs::remove_file(&f.path) {
