@@ -1,6 +1,7 @@
 /* Benchmark workload for ckpt: a heap of -m MiB filled with data that
  * compresses like a typical memory image (runs of zeros, small integers,
- * pointers, and random bytes). Commands on stdin, one per line:
+ * pointers, and random bytes), or with -k hash of random words (hash-like
+ * data that zstd cannot shrink). Commands on stdin, one per line:
  *   mutate PERCENT random|sequential   -> changes that share of pages, prints "MUTATED n"
  *   quit                               -> exits
  * A heartbeat line "BEAT n" is printed every 20 ms, so a restart's first
@@ -18,8 +19,14 @@
 static uint64_t rng = 0x9e3779b97f4a7c15ULL;
 static uint64_t next(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
 
+static int hashlike; /* -k hash: every word random (zstd cannot shrink it) */
+
 static void fill_page(unsigned char *p, uint64_t salt) {
     uint64_t *w = (uint64_t *)p;
+    if (hashlike) {
+        for (int i = 0; i < PAGE / 8; i++) w[i] = next() ^ salt;
+        return;
+    }
     for (int i = 0; i < PAGE / 8; i++) {
         uint64_t r = next() ^ salt;
         switch (r & 7) {
@@ -44,8 +51,10 @@ static void *beat(void *arg) {
 int main(int argc, char **argv) {
     size_t mib = 1024;
     int opt;
-    while ((opt = getopt(argc, argv, "m:")) != -1)
+    while ((opt = getopt(argc, argv, "m:k:")) != -1) {
         if (opt == 'm') mib = strtoul(optarg, NULL, 10);
+        if (opt == 'k') hashlike = strcmp(optarg, "hash") == 0;
+    }
     setvbuf(stdout, NULL, _IOLBF, 0);
     size_t pages = mib * 1024 * 1024 / PAGE;
     unsigned char *heap = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

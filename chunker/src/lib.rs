@@ -52,6 +52,14 @@ pub enum ChunkError {
         /// Length actually produced.
         actual: usize,
     },
+    /// The blob's bytes do not hash to its address.
+    #[error("its bytes hash to {actual}, not to its address {expected}")]
+    HashMismatch {
+        /// The address.
+        expected: Hash,
+        /// What the bytes hash to.
+        actual: Hash,
+    },
     /// A string is not a 64-digit hex BLAKE3 hash.
     #[error("invalid hash {input:?}: expected 64 hex digits ({reason})")]
     InvalidHash {
@@ -238,6 +246,55 @@ pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
     }
 }
 
+/// How a blob is kept in a pack: a zstd frame, or its bytes as they are
+/// when zstd cannot make them smaller (hash-like or already compressed
+/// data). A stored blob as long as its uncompressed length is raw: a zstd
+/// frame of such data is never written (see [`decode`]).
+#[derive(Debug)]
+pub enum Encoded<'a> {
+    /// One zstd frame, shorter than the data.
+    Zstd(Vec<u8>),
+    /// The data itself.
+    Raw(&'a [u8]),
+}
+
+impl Encoded<'_> {
+    /// The bytes to store.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Encoded::Zstd(v) => v,
+            Encoded::Raw(d) => d,
+        }
+    }
+}
+
+/// Encode `data` for storing: one zstd frame at `level`, or the data raw
+/// if zstd does not make it shorter. (zstd gives up on incompressible
+/// input about as fast as a one-pass entropy estimate of it runs:
+/// 0.50 vs 0.45 GB/s on hash-like words, BENCHMARKS.md "bench-full"; so
+/// no estimate is made first.)
+pub fn encode(data: &[u8], level: i32) -> Encoded<'_> {
+    let z = compress(data, level);
+    if z.len() >= data.len() { Encoded::Raw(data) } else { Encoded::Zstd(z) }
+}
+
+/// The blob whose stored bytes are `stored` and whose address is `hash`
+/// ([`encode`]'s output): raw if it is `expected_len` bytes long and hashes
+/// to `hash`, else a zstd frame (stores written before raw blobs existed
+/// may hold a frame exactly as long as its data). The result is checked
+/// against `hash` either way.
+pub fn decode(stored: &[u8], expected_len: usize, hash: &Hash) -> Result<Vec<u8>, ChunkError> {
+    if stored.len() == expected_len && Hash::of(stored) == *hash {
+        return Ok(stored.to_vec());
+    }
+    let data = decompress(stored, expected_len)?;
+    let actual = Hash::of(&data);
+    if actual != *hash {
+        return Err(ChunkError::HashMismatch { expected: *hash, actual });
+    }
+    Ok(data)
+}
+
 /// Decompress one zstd frame that must yield exactly `expected_len` bytes.
 pub fn decompress(data: &[u8], expected_len: usize) -> Result<Vec<u8>, ChunkError> {
     let out = DECOMPRESSOR.with(|c| {
@@ -336,6 +393,33 @@ mod tests {
         assert_eq!(hs[0], hs[2]);
         assert_eq!(hs[1], hs[3]);
         assert_ne!(hs[0], hs[1]);
+    }
+
+    #[test]
+    fn raw_and_zstd_encodings() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..4096 / 8)
+            .flat_map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng.to_le_bytes()
+            })
+            .collect();
+        let e = encode(&random, DEFAULT_LEVEL);
+        assert!(matches!(e, Encoded::Raw(_)));
+        let h = Hash::of(&random);
+        assert_eq!(decode(e.bytes(), random.len(), &h).unwrap(), random);
+        // Memory-image-like data is compressed.
+        let text: Vec<u8> = (0..4096u32).map(|i| (i % 17) as u8).collect();
+        let e = encode(&text, DEFAULT_LEVEL);
+        assert!(matches!(e, Encoded::Zstd(_)));
+        assert_eq!(decode(e.bytes(), text.len(), &Hash::of(&text)).unwrap(), text);
+        // Wrong bytes are refused either way.
+        let mut bad = random.clone();
+        bad[7] ^= 1;
+        assert!(decode(&bad, random.len(), &h).is_err());
+        assert!(decode(e.bytes(), text.len(), &h).is_err());
     }
 
     #[test]

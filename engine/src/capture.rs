@@ -113,8 +113,9 @@ pub struct CaptureStats {
     pub read_bytes: u64,
 }
 
-/// Bytes read and hashed at a time.
-const WINDOW: usize = 64 << 20;
+/// Bytes read and hashed at a time (two windows are in flight: one being
+/// read from the process, one being hashed and stored).
+const WINDOW: usize = 16 << 20;
 
 /// Classifies a mapping.
 pub fn region_kind(m: &Mapping) -> RegionKind {
@@ -564,42 +565,75 @@ fn store_region(
         }
         to_read.sort_unstable();
     }
-    // Read runs of consecutive chunks, a window at a time.
+    // Read runs of consecutive chunks, a window at a time, in a thread of
+    // its own: the next window is read from the process while this one is
+    // hashed, looked up and compressed (two buffers in flight).
     let max_run = (WINDOW / chunk_size).max(1);
-    let mut buf = Vec::new();
+    let mut runs: Vec<(u64, usize, usize)> = Vec::new(); // (first chunk, offset, length)
     let mut i = 0;
     while i < to_read.len() {
         let mut j = i + 1;
         while j < to_read.len() && to_read[j] == to_read[j - 1] + 1 && j - i < max_run {
             j += 1;
         }
-        let first = to_read[i];
-        let off = first as usize * chunk_size;
-        let rlen = ((to_read[j - 1] as usize + 1) * chunk_size).min(len) - off;
-        buf.resize(rlen, 0);
-        stats.read_bytes += remote::read_tolerant(pid, Some(mem), r.start + off as u64, &mut buf)
-            .map_err(|e| EngineError::Memory { pid, addr: r.start + off as u64, source: e })?;
-        let data = &buf[..];
-        let mut wh = ckpt_chunker::hash_chunks(data, chunk_size);
-        if st.zero_is_data {
-            // A changed page of a file mapping that is now all zeros: stored
-            // under its real address, since the sentinel means "the file's".
-            for (k, h) in wh.iter_mut().enumerate().filter(|(_, h)| **h == Hash::ZERO_CHUNK) {
-                let s = k * chunk_size;
-                *h = Hash::of(&data[s..(s + chunk_size).min(rlen)]);
-            }
-        }
-        let missing = writer.missing(&wh)?;
-        wh.par_iter().zip(missing).enumerate().try_for_each(|(k, (h, missing))| -> Result<()> {
-            if *h != Hash::ZERO_CHUNK && missing {
-                let s = k * chunk_size;
-                writer.put(BlobKind::Chunk, *h, &data[s..(s + chunk_size).min(rlen)])?;
-            }
-            Ok(())
-        })?;
-        hashes.extend(wh.into_iter().enumerate().filter(|(_, h)| *h != Hash::ZERO_CHUNK).map(|(k, h)| (first + k as u64, h)));
+        let off = to_read[i] as usize * chunk_size;
+        runs.push((to_read[i], off, ((to_read[j - 1] as usize + 1) * chunk_size).min(len) - off));
         i = j;
     }
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<u8>)>>(1);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..2 {
+        let _ = free_tx.send(Vec::new());
+    }
+    let start = r.start;
+    let read_bytes = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| -> Result<()> {
+        // Owned here, so that an early return ends the reading thread.
+        let (full_rx, free_tx) = (full_rx, free_tx);
+        let read_bytes = &read_bytes;
+        s.spawn(move || {
+            for &(first, off, rlen) in &runs {
+                let Ok(mut buf) = free_rx.recv() else { return };
+                buf.resize(rlen, 0);
+                let r = remote::read_tolerant(pid, Some(mem), start + off as u64, &mut buf)
+                    .map(|n| {
+                        read_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        (first, buf)
+                    })
+                    .map_err(|e| EngineError::Memory { pid, addr: start + off as u64, source: e });
+                let failed = r.is_err();
+                if full_tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for got in full_rx.iter() {
+            let (first, buf) = got?;
+            let rlen = buf.len();
+            let data = &buf[..];
+            let mut wh = ckpt_chunker::hash_chunks(data, chunk_size);
+            if st.zero_is_data {
+                // A changed page of a file mapping that is now all zeros: stored
+                // under its real address, since the sentinel means "the file's".
+                for (k, h) in wh.iter_mut().enumerate().filter(|(_, h)| **h == Hash::ZERO_CHUNK) {
+                    let s = k * chunk_size;
+                    *h = Hash::of(&data[s..(s + chunk_size).min(rlen)]);
+                }
+            }
+            let missing = writer.missing(&wh)?;
+            wh.par_iter().zip(missing).enumerate().try_for_each(|(k, (h, missing))| -> Result<()> {
+                if *h != Hash::ZERO_CHUNK && missing {
+                    let s = k * chunk_size;
+                    writer.put(BlobKind::Chunk, *h, &data[s..(s + chunk_size).min(rlen)])?;
+                }
+                Ok(())
+            })?;
+            hashes.extend(wh.into_iter().enumerate().filter(|(_, h)| *h != Hash::ZERO_CHUNK).map(|(k, h)| (first + k as u64, h)));
+            let _ = free_tx.send(buf);
+        }
+        Ok(())
+    })?;
+    stats.read_bytes += read_bytes.into_inner();
     hashes.sort_unstable_by_key(|e| e.0);
     Ok(SparseChunks { len: nchunks, entries: hashes })
 }

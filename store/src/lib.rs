@@ -67,7 +67,7 @@ pub use error::{Result, StoreError};
 pub use rusqlite;
 
 use error::{IoCtx, SqlCtx};
-use pack::{FinishedPack, OpenPack};
+use pack::{FinishedPack, OpenPack, PackEntry};
 use remote::Remote;
 use remote_lock::RemoteLock;
 
@@ -772,13 +772,7 @@ impl Store {
             hash: loc.hash,
             reason,
         };
-        let data = ckpt_chunker::decompress(stored, loc.ulen as usize)
-            .map_err(|e| corrupt(e.to_string()))?;
-        let actual = Hash::of(&data);
-        if actual != loc.hash {
-            return Err(corrupt(format!("its bytes hash to {actual}")));
-        }
-        Ok(data)
+        ckpt_chunker::decode(stored, loc.ulen as usize, &loc.hash).map_err(|e| corrupt(e.to_string()))
     }
 
     /// Like `decode`, naming the S3 object in errors.
@@ -1289,10 +1283,56 @@ fn describe_ids(ids: &[u64]) -> String {
     format!("generations {}", parts.join(", "))
 }
 
+/// The hashes a writer knows. A BLAKE3 address is uniformly distributed
+/// already: a word of it, mixed with a per-process secret (so that a
+/// program cannot choose pages that collide in the table), is the
+/// hash-table key. With SipHash over all 32 bytes a lookup took 1.5 µs at
+/// 10 M blobs (BENCHMARKS.md, bench-catalog; this hasher's figure is not
+/// measured yet).
+type KnownSet = HashSet<Hash, KnownHash>;
+
+/// The [`std::hash::BuildHasher`] of a [`KnownSet`].
+#[derive(Clone)]
+struct KnownHash(u64);
+
+impl Default for KnownHash {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        KnownHash(std::collections::hash_map::RandomState::new().hash_one(0x636b_7074u64) | 1)
+    }
+}
+
+impl std::hash::BuildHasher for KnownHash {
+    type Hasher = PrefixHasher;
+    fn build_hasher(&self) -> PrefixHasher {
+        PrefixHasher(self.0, 0)
+    }
+}
+
+/// [`std::hash::Hasher`] of a [`Hash`]: its words folded, then keyed.
+struct PrefixHasher(u64, u64);
+
+impl std::hash::Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        (self.1 ^ self.0).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29) ^ self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // `Hash` hashes as its [u8; 32]: a length prefix, then the bytes.
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.1 = self.1.rotate_left(5) ^ u64::from_le_bytes(w);
+        }
+    }
+}
+
 /// Blobs written since the last commit.
 #[derive(Default)]
 struct Pending {
     open: Option<OpenPack>,
+    /// Packs written whole, being made durable in a thread each
+    /// ([`pack::SealedPack::persist`]); [`Writer::commit`] waits for them.
+    sealing: Vec<(Vec<PackEntry>, std::thread::JoinHandle<std::io::Result<FinishedPack>>)>,
     finished: Vec<FinishedPack>,
     hashes: Vec<Hash>,
     new_bytes: u64,
@@ -1342,7 +1382,7 @@ pub struct Writer {
     /// The S3 writer lock of an `s3://` store (released before the flock).
     remote_lock: Option<RemoteLock>,
     _lock: Flock<File>,
-    known: RwLock<HashSet<Hash>>,
+    known: RwLock<KnownSet>,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
 }
@@ -1444,8 +1484,8 @@ impl Writer {
                 data.len()
             ))
         })?;
-        let compressed = ckpt_chunker::compress(data, self.opts.level);
-        self.append(kind, h, &compressed, ulen)
+        let stored = ckpt_chunker::encode(data, self.opts.level);
+        self.append(kind, h, stored.bytes(), ulen)
     }
 
     /// Store a blob that was compressed elsewhere (by a capture helper on
@@ -1457,14 +1497,9 @@ impl Writer {
         if self.known(&h) {
             return Ok(false);
         }
-        let data = ckpt_chunker::decompress(compressed, ulen as usize)
-            .map_err(|e| StoreError::Invalid(format!("blob {h} sent for storing does not decompress: {e}")))?;
-        if Hash::of(&data) != h {
-            return Err(StoreError::Invalid(format!(
-                "blob sent for storing as {h} has another hash ({}): the sender is faulty",
-                Hash::of(&data)
-            )));
-        }
+        ckpt_chunker::decode(compressed, ulen as usize, &h).map_err(|e| {
+            StoreError::Invalid(format!("blob sent for storing as {h} is not its bytes ({e}): the sender is faulty"))
+        })?;
         self.append(kind, h, compressed, ulen)
     }
 
@@ -1533,36 +1568,62 @@ impl Writer {
         }
     }
 
-    /// Finish the open pack (fsync, rename into place).
+    /// Seal the open pack (trailer written, no fsync) and make it durable
+    /// and put it in place in a thread of its own, so that puts go on
+    /// while the disk writes: [`Writer::settle`] collects the result.
     fn close_pack(&self, p: &mut Pending) -> Result<()> {
         let Some(open) = p.open.take() else {
             return Ok(());
         };
         let entries = open.entries.clone();
-        match open.finish(&self.inner.root) {
-            Ok(f) => {
-                tracing::debug!(pack = %f.path.display(), blobs = f.entries.len(), size = f.size, "pack written");
-                p.finished.push(f);
-                Ok(())
-            }
+        let sealed = match open.seal() {
+            Ok(s) => s,
             Err(e) => {
-                let lost: HashSet<Hash> = entries.iter().map(|e| e.hash).collect();
-                let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
-                for e in &entries {
-                    known.remove(&e.hash);
-                    p.new_bytes -= e.ulen as u64;
-                    p.stored_bytes -= e.clen as u64;
-                }
-                p.hashes.retain(|h| !lost.contains(h));
-                Err(StoreError::io(
-                    format!(
-                        "finish a pack file in {}",
-                        self.inner.root.join("packs").display()
-                    ),
-                    e,
-                ))
+                self.forget(p, &entries);
+                return Err(StoreError::io(format!("finish a pack file in {}", self.inner.root.join("tmp").display()), e));
+            }
+        };
+        let root = self.inner.root.clone();
+        match std::thread::Builder::new().name("ckpt-pack-sync".into()).spawn(move || sealed.persist(&root)) {
+            Ok(h) => p.sealing.push((entries, h)),
+            Err(e) => {
+                self.forget(p, &entries);
+                return Err(StoreError::io("start a thread to write a pack file".to_string(), e));
             }
         }
+        Ok(())
+    }
+
+    /// The blobs of a pack that was lost are not stored after all.
+    fn forget(&self, p: &mut Pending, entries: &[PackEntry]) {
+        let lost: HashSet<Hash> = entries.iter().map(|e| e.hash).collect();
+        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        for e in entries {
+            known.remove(&e.hash);
+            p.new_bytes -= e.ulen as u64;
+            p.stored_bytes -= e.clen as u64;
+        }
+        p.hashes.retain(|h| !lost.contains(h));
+    }
+
+    /// Wait for the packs being made durable: each is then finished, or
+    /// forgotten (its blobs no longer pending) with the first error.
+    fn settle(&self, p: &mut Pending) -> Result<()> {
+        let mut first = None;
+        for (entries, h) in std::mem::take(&mut p.sealing) {
+            let r = h.join().unwrap_or_else(|_| Err(std::io::Error::other("the thread writing it panicked")));
+            match r {
+                Ok(f) => {
+                    tracing::debug!(pack = %f.path.display(), blobs = f.entries.len(), size = f.size, "pack written");
+                    p.finished.push(f);
+                }
+                Err(e) => {
+                    self.forget(p, &entries);
+                    first.get_or_insert(StoreError::io(format!("finish a pack file in {}", self.inner.root.join("packs").display()), e));
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// Make everything put since the last commit durable and visible, as
@@ -1580,6 +1641,7 @@ impl Writer {
             )));
         }
         self.close_pack(&mut p)?;
+        self.settle(&mut p)?;
         if self.inner.remote.is_some() {
             remote::mark_unsynced(&self.inner.root)?;
         }
@@ -1628,23 +1690,29 @@ impl Writer {
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     )
                     .db(path)?;
+                // Rows in hash order: the blob index is a B-tree keyed by
+                // hash, and random-order inserts touched a page each
+                // (docs/design.md, "The catalog at scale").
+                let mut rows: Vec<(&PackEntry, i64)> = Vec::with_capacity(p.finished.iter().map(|f| f.entries.len()).sum());
                 for f in &p.finished {
                     ins_pack
                         .execute(params![f.name, f.size as i64, f.entries.len() as i64, now])
                         .db(path)?;
                     let pack_id = tx.last_insert_rowid();
-                    for e in &f.entries {
-                        ins_blob
-                            .execute(params![
-                                &e.hash.0[..],
-                                pack_id,
-                                e.offset as i64,
-                                e.clen as i64,
-                                e.ulen as i64,
-                                e.kind as u8 as i64
-                            ])
-                            .db(path)?;
-                    }
+                    rows.extend(f.entries.iter().map(|e| (e, pack_id)));
+                }
+                rows.sort_unstable_by_key(|(e, _)| e.hash);
+                for (e, pack_id) in rows {
+                    ins_blob
+                        .execute(params![
+                            &e.hash.0[..],
+                            pack_id,
+                            e.offset as i64,
+                            e.clen as i64,
+                            e.ulen as i64,
+                            e.kind as u8 as i64
+                        ])
+                        .db(path)?;
                 }
             }
             let info_json = if info.info.is_null() {
@@ -1768,9 +1836,14 @@ impl Writer {
     /// the known set and delete the pack files written for them.
     pub fn abort(&self) {
         let mut p = lock(&self.pending);
-        let p = std::mem::take(&mut *p);
-        if let Some(open) = p.open {
+        let mut p = std::mem::take(&mut *p);
+        if let Some(open) = p.open.take() {
             open.discard();
+        }
+        for (_, h) in std::mem::take(&mut p.sealing) {
+            if let Ok(Ok(f)) = h.join() {
+                p.finished.push(f);
+            }
         }
         for f in &p.finished {
             if let Err(e) = fs::remove_file(&f.path) {
@@ -1798,13 +1871,15 @@ impl Drop for Writer {
 }
 
 /// All committed blob hashes and the next generation id.
-fn load_known(conn: &Connection, p: &Path) -> Result<(HashSet<Hash>, u64)> {
-    let mut known = HashSet::new();
+fn load_known(conn: &Connection, p: &Path) -> Result<(KnownSet, u64)> {
+    let n: i64 = conn.query_row("SELECT count(*) FROM blobs", [], |r| r.get(0)).db(p)?;
+    let mut known = KnownSet::with_capacity_and_hasher(n.max(0) as usize, Default::default());
     let mut st = conn.prepare("SELECT hash FROM blobs").db(p)?;
     let mut rows = st.query([]).db(p)?;
     while let Some(r) = rows.next().db(p)? {
-        let b: Vec<u8> = r.get(0).db(p)?;
-        if let Some(h) = Hash::from_slice(&b) {
+        if let Ok(b) = r.get_ref(0).db(p)?.as_blob()
+            && let Some(h) = Hash::from_slice(b)
+        {
             known.insert(h);
         }
     }

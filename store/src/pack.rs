@@ -106,6 +106,42 @@ pub(crate) struct FinishedPack {
     pub entries: Vec<PackEntry>,
 }
 
+/// A pack whose bytes are all written in `<root>/tmp/`, not yet fsync'd
+/// nor renamed into place.
+#[derive(Debug)]
+pub(crate) struct SealedPack {
+    tmp_path: PathBuf,
+    file: File,
+    pub name: String,
+    pub size: u64,
+    pub entries: Vec<PackEntry>,
+}
+
+impl SealedPack {
+    /// fsync, rename into `<root>/packs/hh/NAME.pack` and fsync the
+    /// directories. On error the temporary file is removed.
+    pub fn persist(self, root: &Path) -> std::io::Result<FinishedPack> {
+        let r = self.persist_inner(root);
+        if r.is_err() {
+            let _ = fs::remove_file(&self.tmp_path);
+        }
+        r.map(|path| FinishedPack { name: self.name, path, size: self.size, entries: self.entries })
+    }
+
+    fn persist_inner(&self, root: &Path) -> std::io::Result<PathBuf> {
+        self.file.sync_all()?;
+        let path = pack_path(root, &self.name);
+        let dir = path.parent().expect("pack path has a parent");
+        if !dir.exists() {
+            crate::private::create_dir_all(dir)?;
+            sync_dir(&root.join("packs"))?;
+        }
+        fs::rename(&self.tmp_path, &path)?;
+        sync_dir(dir)?;
+        Ok(path)
+    }
+}
+
 /// A pack being written in `<root>/tmp/`.
 pub(crate) struct OpenPack {
     tmp_path: PathBuf,
@@ -177,15 +213,24 @@ impl OpenPack {
 
     /// Write the trailer, fsync, rename into `<root>/packs/hh/NAME.pack` and
     /// fsync the directories. On error the temporary file is removed.
-    pub fn finish(mut self, root: &Path) -> std::io::Result<FinishedPack> {
-        let r = self.finish_inner(root);
+    pub fn finish(self, root: &Path) -> std::io::Result<FinishedPack> {
+        self.seal()?.persist(root)
+    }
+
+    /// Write the trailer and hand the file to the kernel (no fsync yet):
+    /// the pack is complete in `tmp/` and named, not yet durable nor in
+    /// place ([`SealedPack::persist`], which a writer runs in a thread of
+    /// its own so that compression goes on while the disk writes). On
+    /// error the temporary file is removed.
+    pub fn seal(mut self) -> std::io::Result<SealedPack> {
+        let r = self.seal_inner();
         if r.is_err() {
             let _ = fs::remove_file(&self.tmp_path);
         }
         r
     }
 
-    fn finish_inner(&mut self, root: &Path) -> std::io::Result<FinishedPack> {
+    fn seal_inner(&mut self) -> std::io::Result<SealedPack> {
         let mut trailer = Vec::with_capacity(self.entries.len() * ENTRY_LEN + TAIL_LEN);
         for e in &self.entries {
             trailer.extend_from_slice(&e.hash.0);
@@ -203,19 +248,11 @@ impl OpenPack {
         trailer.extend_from_slice(INDEX_MAGIC);
         self.write(&trailer)?;
         self.out.flush()?;
-        self.out.get_ref().sync_all()?;
-        let name = self.hasher.finalize().to_hex().to_string();
-        let path = pack_path(root, &name);
-        let dir = path.parent().expect("pack path has a parent");
-        if !dir.exists() {
-            crate::private::create_dir_all(dir)?;
-            sync_dir(&root.join("packs"))?;
-        }
-        fs::rename(&self.tmp_path, &path)?;
-        sync_dir(dir)?;
-        Ok(FinishedPack {
-            name,
-            path,
+        let file = self.out.get_ref().try_clone()?;
+        Ok(SealedPack {
+            tmp_path: self.tmp_path.clone(),
+            file,
+            name: self.hasher.finalize().to_hex().to_string(),
             size: self.len,
             entries: std::mem::take(&mut self.entries),
         })

@@ -245,6 +245,11 @@ fn commit_abort_and_listing() {
     for (h, b) in &aborted {
         assert!(w.put(BlobKind::Chunk, *h, b).unwrap());
     }
+    // Full packs are made durable and put in place by a thread of their own.
+    let t0 = std::time::Instant::now();
+    while pack_files(dir.path()).len() <= packs_before.len() && t0.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert!(
         pack_files(dir.path()).len() > packs_before.len(),
         "some packs rolled"
@@ -633,4 +638,39 @@ fn maintenance_transaction() {
     assert_eq!(w.commit(gen_for(m, None)).unwrap().id, 2);
     let e = store.generation(1).unwrap_err();
     assert!(e.to_string().contains("it has generations 2"), "{e}");
+}
+
+#[test]
+fn incompressible_blobs_are_stored_raw_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(&url(dir.path()), 4096).unwrap();
+    let w = store.writer().unwrap();
+    // Hash-like words: zstd cannot shrink them.
+    let random: Vec<u8> = (0..4096u64 / 32).flat_map(|i| *Hash::of(&i.to_le_bytes()).as_bytes()).collect();
+    let text = blob(7, 4096);
+    let (hr, ht) = (Hash::of(&random), Hash::of(&text));
+    assert!(w.put(BlobKind::Chunk, hr, &random).unwrap());
+    assert!(w.put(BlobKind::Chunk, ht, &text).unwrap());
+    let m = w.put_meta(b"manifest").unwrap();
+    w.commit(gen_for(m, None)).unwrap();
+    drop(w);
+    let packs = pack_files(dir.path());
+    let entries: Vec<PackEntry> = packs.iter().flat_map(|p| pack::parse_index(&std::fs::read(p).unwrap()).unwrap()).collect();
+    let e = entries.iter().find(|e| e.hash == hr).unwrap();
+    assert_eq!(e.clen, e.ulen, "an incompressible chunk is stored as it is");
+    assert!(entries.iter().find(|e| e.hash == ht).unwrap().clen < 4096, "a compressible one is compressed");
+    assert_eq!(store.read_blob(&hr).unwrap(), random);
+    assert_eq!(store.read_blob(&ht).unwrap(), text);
+    assert!(store.verify().unwrap().is_ok());
+    // A damaged raw blob is named, never returned.
+    let (p, e) = packs
+        .iter()
+        .find_map(|p| pack::parse_index(&std::fs::read(p).unwrap()).unwrap().into_iter().find(|e| e.hash == hr).map(|e| (p, e)))
+        .unwrap();
+    let mut bytes = std::fs::read(p).unwrap();
+    bytes[e.offset as usize + 100] ^= 0xff;
+    std::fs::write(p, &bytes).unwrap();
+    let err = store.read_blob(&hr).unwrap_err();
+    assert!(err.to_string().contains(&hr.to_string()), "{err}");
+    assert!(!store.verify().unwrap().is_ok());
 }
