@@ -372,7 +372,7 @@ pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn 
         let hash = sink.put_meta(&bytes).map_err(|e| fail(e.to_string()))?;
         let summary = json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
                              "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes, "dirty_tracking": backend.name(),
-                             "forked": w.snapshot.is_some(), "stopped_work": w.timings});
+                             "forked": w.snapshot.is_some(), "copied": w.copied, "stopped_work": w.timings});
         let entry = ProcessEntry { pid: image.pid, host: image.host.clone(), exe: image.exe.clone(), image: hash };
         out.push((Captured { entry, conn: w.conn, logical_bytes: stats.logical_bytes, backend: backend.name().to_string(), summary, image: Some(Box::new(image)) }, base));
     }
