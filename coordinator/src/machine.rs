@@ -24,6 +24,16 @@ use ckpt_wire::agent::{self as proto, Forked, Hello, RangeList, Registered, kind
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+/// The most memory a round copies out of a process while it is stopped
+/// instead of forking a snapshot (a bound on the coordinator's buffers).
+const COPY_MAX_BYTES: u64 = 256 << 20;
+
+/// A process is copied out rather than forked while the pages to read are
+/// at most one per this many present pages: copying a page out while
+/// stopped costs about as much as a snapshot fork's copy of this many
+/// page-table entries (bench-stop; docs/design.md, "Checkpoint, step by step").
+const PAGES_PER_READ: u64 = 32;
+
 /// How long an agent may take to answer a request while it is stopped.
 pub(crate) const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -87,6 +97,9 @@ pub(crate) struct Work {
     pub conn: u64,
     prep: Option<Prepared>,
     pub snapshot: Option<i32>,
+    /// Its memory to store was copied out while it was stopped
+    /// ([`Prepared::copy_out`]); its `VmFlags` are read after the resume.
+    copied: bool,
     /// Where the stopped time went, for `ckpt log --json`.
     timings: Value,
 }
@@ -248,8 +261,26 @@ fn one(
     }
     let register_ms = ms(t0) - prepare_ms;
     let base = bases.get(&pid);
+    let forking = opts.fork && hello.flags & proto::HELLO_NO_FORK == 0;
+    // Few pages to read: copy them now and resume, no snapshot fork (its
+    // page-table copy costs more than the copy; see `copy_out`).
+    let copied = if forking {
+        match prep.copy_out(pid, base, COPY_MAX_BYTES, PAGES_PER_READ) {
+            Ok(c) => c,
+            Err(e) => return (None, Err(e.to_string())),
+        }
+    } else {
+        None
+    };
+    let copy_ms = ms(t0) - prepare_ms - register_ms;
+    if copied.is_none()
+        && let Err(e) = prep.read_vm_flags(pid, None)
+    {
+        return (None, Err(e.to_string()));
+    }
+    let flags_ms = ms(t0) - prepare_ms - register_ms - copy_ms;
     let mut snapshot = None;
-    if opts.fork && hello.flags & proto::HELLO_NO_FORK == 0 {
+    if forking && copied.is_none() {
         // SysV attaches stay out of the snapshot (it would count as
         // attached while it lives).
         match link.call(pid, kind::FORK, &range_list(&prep.no_fork)) {
@@ -270,9 +301,11 @@ fn one(
             Err(e) => return (None, Err(e)),
         }
     }
-    let fork_ms = ms(t0) - prepare_ms - register_ms;
-    let timings = json!({"prepare_ms": prepare_ms, "register_ms": register_ms, "fork_ms": fork_ms});
+    let fork_ms = ms(t0) - prepare_ms - register_ms - copy_ms - flags_ms;
+    let mut timings = json!({"prepare_ms": prepare_ms, "meta_ms": prep.stats.meta_ms, "scan_ms": prep.stats.scan_ms, "register_ms": register_ms,
+                             "copy_ms": copy_ms, "copied_bytes": copied.unwrap_or(0), "vm_flags_ms": flags_ms, "fork_ms": fork_ms});
     let stored = match snapshot {
+        _ if copied.is_some() => Ok(()),
         Some(child) => {
             // Shared memory is not snapshotted by fork, a region marked
             // MADV_DONTFORK is missing from the child and one marked
@@ -285,7 +318,8 @@ fn one(
         }
         None => prep.store_memory(pid, |_| true, base, sink).map_err(|e| e.to_string()),
     };
-    (Some(Work { pid, conn: t.conn, prep: Some(prep), snapshot, timings }), stored)
+    timings["stopped_read_ms"] = json!(ms(t0) - prepare_ms - register_ms - copy_ms - flags_ms - fork_ms);
+    (Some(Work { pid, conn: t.conn, prep: Some(prep), snapshot, copied: copied.is_some(), timings }), stored)
 }
 
 /// A [`RangeList`] payload: the count, then each range's start and end.
@@ -316,6 +350,10 @@ pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn 
                 kill_all(child.as_slice());
                 Err("internal: capture missing".to_string())
             }
+            (Some(mut prep), None) if w.copied => {
+                let r = prep.store_copied(bases.get(&w.pid), sink).and_then(|_| prep.read_vm_flags(w.pid, bases.get(&w.pid))).map_err(|e| e.to_string());
+                r.map(|_| prep)
+            }
             (Some(mut prep), Some(child)) => {
                 let r = prep.store_memory(child, |_| true, bases.get(&w.pid), sink).map_err(|e| e.to_string());
                 kill_all(&[child]);
@@ -334,7 +372,7 @@ pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn 
         let hash = sink.put_meta(&bytes).map_err(|e| fail(e.to_string()))?;
         let summary = json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
                              "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes, "dirty_tracking": backend.name(),
-                             "forked": w.snapshot.is_some(), "stopped_work": w.timings});
+                             "forked": w.snapshot.is_some(), "copied": w.copied, "stopped_work": w.timings});
         let entry = ProcessEntry { pid: image.pid, host: image.host.clone(), exe: image.exe.clone(), image: hash };
         out.push((Captured { entry, conn: w.conn, logical_bytes: stats.logical_bytes, backend: backend.name().to_string(), summary, image: Some(Box::new(image)) }, base));
     }

@@ -111,6 +111,11 @@ pub struct CaptureStats {
     pub logical_bytes: u64,
     /// Bytes read from the process.
     pub read_bytes: u64,
+    /// Milliseconds [`prepare`] spent in the page scans (presence and
+    /// dirtiness), part of the stopped time.
+    pub scan_ms: f64,
+    /// Milliseconds [`prepare`] spent on everything else (metadata).
+    pub meta_ms: f64,
 }
 
 /// Bytes read and hashed at a time (two windows are in flight: one being
@@ -154,6 +159,9 @@ pub struct BaseRegion {
     pub end: u64,
     pub hashes: SparseChunks,
     pub present: PageRuns,
+    /// Its `MAP_NORESERVE` and attributes then ([`Prepared::read_vm_flags`]).
+    pub noreserve: bool,
+    pub attrs: Vec<String>,
 }
 
 /// A capture in progress: metadata taken and dirty pages known (while the
@@ -167,6 +175,8 @@ pub struct Prepared {
     /// Mappings the snapshot fork must not copy (SysV attaches).
     pub no_fork: Vec<(u64, u64)>,
     regions: Vec<RegionState>,
+    /// [`Prepared::read_vm_flags`] ran.
+    flags_read: bool,
 }
 
 struct RegionState {
@@ -184,6 +194,18 @@ struct RegionState {
     /// Pages written since the last reset; None: unknown (all written).
     written: Option<PageRuns>,
     hashes: Option<SparseChunks>,
+    /// What [`Prepared::copy_out`] read while the process was stopped.
+    copied: Option<Copied>,
+}
+
+/// A region's share of a copy made while the process was stopped: the
+/// base's chunks to reuse, and the chunks read (their bytes one after
+/// another in `data`).
+struct Copied {
+    /// The chunks the base cannot give (see [`reusable`]); None: no base.
+    reuse: Option<PageRuns>,
+    chunks: Vec<u64>,
+    data: Vec<u8>,
 }
 
 /// Step 1, while the process is stopped: read its metadata, which pages
@@ -193,6 +215,8 @@ struct RegionState {
 /// then be prepared in parallel.
 pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize, fds: Vec<FdImage>) -> Result<Prepared> {
     let pid = report.hello.pid;
+    let t0 = std::time::Instant::now();
+    let mut scan_time = std::time::Duration::ZERO;
     let posix_timers = procfs::posix_timers(pid)?;
     if posix_timers.len() > MAX_TIMERS {
         return Err(EngineError::Unsupported { pid, what: format!("it holds {} POSIX timers (timer_create), more than the {MAX_TIMERS} a checkpoint records", posix_timers.len()) });
@@ -233,6 +257,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             // PAGEMAP_SCAN walks page tables only where there are some.
             // Of a file mapped again, only its copy-on-write pages count.
             let only_anon = file.is_some();
+            let ts = std::time::Instant::now();
             let (present, written) = match backend {
                 Backend::UffdWp => {
                     let written = dirty::uffd_written(&pagemap, m.start, m.end).map_err(mem_err)?;
@@ -244,6 +269,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
                     (present, Some(written))
                 }
             };
+            scan_time += ts.elapsed();
             if written.is_none() && backend == Backend::UffdWp {
                 untracked.push((m.start, m.end));
             }
@@ -251,7 +277,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             // same shared memory leaves this one's entries clean. Shared
             // memory is read whole every time (dedup keeps what is unchanged).
             let written = if kind == RegionKind::SharedAnon { None } else { written };
-            states.push(RegionState { index: regions.len(), sparse: is_anonymous(m) || only_anon, zero_is_data: only_anon, present, written, hashes: None });
+            states.push(RegionState { index: regions.len(), sparse: is_anonymous(m) || only_anon, zero_is_data: only_anon, present, written, hashes: None, copied: None });
         }
         // A SysV segment's mapping: its inode number is the segment's id.
         let sysv = (kind == RegionKind::SharedAnon && m.name.starts_with("/SYSV")).then_some(SysvAttach { shmid: m.inode as i32, rdonly: false });
@@ -271,8 +297,6 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             attrs: Vec::new(),
         });
     }
-    noreserve(pid, &mut regions)?;
-    crate::memattrs::capture(pid, &mut regions)?;
     let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;
     let (sysv_sem, sysv_msq) = crate::sysvipc::capture(pid, report.hello.restart_word_addr)?;
     if backend == Backend::SoftDirty {
@@ -319,7 +343,9 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         namespaces: crate::ns::current(),
         job_stop: report.suspended.job_stop,
     };
-    Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states })
+    stats.scan_ms = scan_time.as_secs_f64() * 1000.0;
+    stats.meta_ms = t0.elapsed().as_secs_f64() * 1000.0 - stats.scan_ms;
+    Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states, flags_read: false })
 }
 
 /// Refuses a process whose working directory or root directory was
@@ -383,20 +409,48 @@ pub fn identify(f: &mut File) -> std::io::Result<MappedFile> {
 }
 
 /// Marks the large private anonymous regions mapped `MAP_NORESERVE`.
-fn noreserve(pid: i32, regions: &mut [RegionImage]) -> Result<()> {
+fn noreserve(regions: &mut [RegionImage], flags: &HashMap<u64, Vec<String>>) {
     let large = |r: &RegionImage| r.kind == RegionKind::Private && r.name.is_empty() && r.end - r.start >= NORESERVE_MIN;
-    let starts: Vec<u64> = regions.iter().filter(|r| large(r)).map(|r| r.start).collect();
-    if starts.is_empty() {
-        return Ok(());
-    }
-    let flags = procfs::vm_flags(pid, &starts)?;
     for r in regions.iter_mut().filter(|r| large(r)) {
         r.noreserve = flags.get(&r.start).is_some_and(|v| v.iter().any(|f| f == "nr"));
     }
-    Ok(())
 }
 
 impl Prepared {
+    /// Records each region's `VmFlags` (`MAP_NORESERVE`, the `madvise` and
+    /// `mlock` attributes) from one read of `/proc/PID/smaps`. That read
+    /// walks every page table of the process (tens of ms per GiB), so a
+    /// round whose memory was copied out while stopped does it after
+    /// the resume; a round that forks needs `MADV_WIPEONFORK` before the
+    /// fork and does it while stopped.
+    ///
+    /// After the resume, a region the program unmapped meanwhile (or all of
+    /// them, if it exited) keeps the flags `previous` (the last round's
+    /// base) recorded for the same range.
+    pub fn read_vm_flags(&mut self, pid: i32, previous: Option<&Base>) -> Result<()> {
+        let starts: Vec<u64> = self.image.regions.iter().map(|r| r.start).collect();
+        let mut flags = match (procfs::vm_flags(pid, &starts), previous) {
+            (Ok(f), _) => f,
+            (Err(_), Some(_)) => HashMap::new(),
+            (Err(e), None) => return Err(e),
+        };
+        if let Some(b) = previous {
+            for r in &self.image.regions {
+                if let (false, Some(br)) = (flags.contains_key(&r.start), b.regions.get(&r.start).filter(|br| br.end == r.end)) {
+                    let mut v = br.attrs.clone();
+                    if br.noreserve {
+                        v.push("nr".into());
+                    }
+                    flags.insert(r.start, v);
+                }
+            }
+        }
+        noreserve(&mut self.image.regions, &flags);
+        crate::memattrs::apply(&mut self.image.regions, &flags);
+        self.flags_read = true;
+        Ok(())
+    }
+
     /// The TIMERS request for the agent (None: no POSIX timer).
     pub fn timer_request(&self) -> Option<Vec<u8>> {
         let t = &self.image.posix_timers;
@@ -482,18 +536,197 @@ impl Prepared {
         Ok(())
     }
 
+    /// While the process is stopped: if the chunks that must be read (of
+    /// the regions not stored yet) are few, reads them now into buffers
+    /// of ours, and returns their size; the process may then resume at
+    /// once and [`Self::store_copied`] stores them. "Few": at most
+    /// `max_bytes`, and at most one page read per `pages_per_read`
+    /// present pages (a page read costs about that many page-table entries
+    /// copied by a snapshot fork; measured in bench-stop). Otherwise reads
+    /// nothing and returns None.
+    pub fn copy_out(&mut self, pid: i32, base: Option<&Base>, max_bytes: u64, pages_per_read: u64) -> Result<Option<u64>> {
+        let chunk_size = self.image.chunk_size as usize;
+        let mut plans = Vec::new();
+        let (mut bytes, mut present) = (0u64, 0u64);
+        for (k, st) in self.regions.iter().enumerate().filter(|(_, st)| st.hashes.is_none()) {
+            let r = &self.image.regions[st.index];
+            let b = base.and_then(|b| b.regions.get(&r.start));
+            let (fresh, to_read) = plan_reads(r, st, b, chunk_size);
+            let reuse = fresh;
+            let len = r.end - r.start;
+            bytes += to_read.iter().map(|&c| (c * chunk_size as u64 + chunk_size as u64).min(len) - c * chunk_size as u64).sum::<u64>();
+            present += if st.sparse { st.present.count() } else { len / remote::PAGE };
+            plans.push((k, reuse, to_read));
+        }
+        if bytes > max_bytes || bytes / remote::PAGE * pages_per_read > present {
+            return Ok(None);
+        }
+        let mem_path = format!("/proc/{pid}/mem");
+        let mem = File::open(&mem_path).map_err(|e| EngineError::Proc { pid, path: mem_path.into(), source: e })?;
+        for (k, reuse, chunks) in plans {
+            let st = &mut self.regions[k];
+            let r = &self.image.regions[st.index];
+            let len = r.end - r.start;
+            let cs = chunk_size as u64;
+            // Runs of consecutive chunks, one range each.
+            let mut ranges: Vec<(u64, usize)> = Vec::new();
+            for &c in &chunks {
+                let (off, end) = (c * cs, (c * cs + cs).min(len));
+                match ranges.last_mut() {
+                    Some(last) if last.0 + last.1 as u64 == r.start + off => last.1 += (end - off) as usize,
+                    _ => ranges.push((r.start + off, (end - off) as usize)),
+                }
+            }
+            let mut data = vec![0u8; ranges.iter().map(|r| r.1).sum()];
+            self.stats.read_bytes += remote::read_scattered(pid, Some(&mem), &ranges, &mut data).map_err(|e| EngineError::Memory { pid, addr: r.start, source: e })?;
+            st.copied = Some(Copied { reuse, chunks, data });
+        }
+        Ok(Some(bytes))
+    }
+
+    /// After [`Self::copy_out`], the process running again: hashes and
+    /// stores what was copied. A chunk of the base that the store no
+    /// longer holds (gc removed its generation meanwhile) cannot be read
+    /// again as it was: [`EngineError::BaseGone`] (the round is abandoned;
+    /// its bases are dropped, so the next round reads the process whole).
+    /// `base` is the one [`Self::copy_out`] was given.
+    pub fn store_copied(&mut self, base: Option<&Base>, writer: &dyn BlobSink) -> Result<()> {
+        let chunk_size = self.image.chunk_size as usize;
+        let pid = self.image.pid;
+        for st in self.regions.iter_mut().filter(|st| st.hashes.is_none()) {
+            let r = &self.image.regions[st.index];
+            let Some(c) = st.copied.take() else {
+                return Err(EngineError::Unsupported { pid, what: format!("internal: region {:#x} was neither copied nor stored while stopped", r.start) });
+            };
+            let b = base.and_then(|b| b.regions.get(&r.start));
+            let mut hashes = reusable(r, b, c.reuse.as_ref(), chunk_size);
+            let gone = writer.missing(&hashes.iter().map(|&(_, h)| h).collect::<Vec<_>>())?;
+            if gone.iter().any(|&g| g) {
+                return Err(EngineError::BaseGone { pid });
+            }
+            let len = (r.end - r.start) as usize;
+            let mut at = 0usize;
+            let mut i = 0;
+            // Runs of consecutive chunks, as they were copied.
+            while i < c.chunks.len() {
+                let mut j = i + 1;
+                while j < c.chunks.len() && c.chunks[j] == c.chunks[j - 1] + 1 {
+                    j += 1;
+                }
+                let off = c.chunks[i] as usize * chunk_size;
+                let rlen = ((c.chunks[j - 1] as usize + 1) * chunk_size).min(len) - off;
+                hashes.extend(store_chunks(&c.data[at..at + rlen], c.chunks[i], st.zero_is_data, chunk_size, writer)?);
+                at += rlen;
+                i = j;
+            }
+            hashes.sort_unstable_by_key(|e| e.0);
+            st.hashes = Some(SparseChunks { len: len.div_ceil(chunk_size) as u64, entries: hashes });
+        }
+        Ok(())
+    }
+
     /// Step 3: the finished image (segments stored) and the base for the
     /// next capture.
     pub fn finish(mut self, generation: u64, writer: &dyn BlobSink) -> Result<(ProcessImage, CaptureStats, Base)> {
+        if !self.flags_read {
+            let pid = self.image.pid;
+            return Err(EngineError::Unsupported { pid, what: "internal: its mappings' VmFlags were never read".into() });
+        }
         let mut base = Base { generation, regions: HashMap::new() };
         for st in self.regions {
             let r = &mut self.image.regions[st.index];
             let hashes = st.hashes.ok_or_else(|| EngineError::Unsupported { pid: self.image.pid, what: format!("region {:#x} was never stored", r.start) })?;
             (r.segments, r.depth) = crate::chunklist::store_sparse(writer, &hashes)?;
-            base.regions.insert(r.start, BaseRegion { end: r.end, hashes, present: st.present });
+            base.regions.insert(r.start, BaseRegion { end: r.end, hashes, present: st.present, noreserve: r.noreserve, attrs: r.attrs.clone() });
         }
         Ok((self.image, self.stats, base))
     }
+}
+
+/// Which chunks of a region a capture must read, and which it takes from
+/// the base unread: `(reuse, to_read)`. Chunks whose pages are all
+/// unwritten and present as before reuse the base's hash (if the store
+/// still holds it); chunks with no page are zero and in neither list.
+/// Computed on page runs: the cost follows what changed and what the base
+/// holds, never the region's size (it runs while the process is stopped).
+fn plan_region(r: &RegionImage, st: &RegionState, base: Option<&BaseRegion>, chunk_size: usize) -> (Vec<(u64, Hash)>, Vec<u64>) {
+    let (fresh, to_read) = plan_reads(r, st, base, chunk_size);
+    (reusable(r, base, fresh.as_ref(), chunk_size), to_read)
+}
+
+/// The base's chunks that [`plan_reads`] left unread (`fresh`: the chunks
+/// that cannot be reused; None: none can). One pass over the base's list.
+fn reusable(r: &RegionImage, base: Option<&BaseRegion>, fresh: Option<&PageRuns>, chunk_size: usize) -> Vec<(u64, Hash)> {
+    let nchunks = (r.end - r.start).div_ceil(chunk_size as u64);
+    let (Some(f), Some(b)) = (fresh, base) else { return Vec::new() };
+    let mut runs = f.runs().iter().peekable();
+    b.hashes
+        .entries
+        .iter()
+        .filter(|&&(c, _)| {
+            while runs.peek().is_some_and(|r| r.1 <= c) {
+                runs.next();
+            }
+            c < nchunks && !runs.peek().is_some_and(|r| r.0 <= c)
+        })
+        .copied()
+        .collect()
+}
+
+/// The chunks of a region a capture must read, and the chunks whose base
+/// hash cannot be reused (None: no base to reuse).
+fn plan_reads(r: &RegionImage, st: &RegionState, base: Option<&BaseRegion>, chunk_size: usize) -> (Option<PageRuns>, Vec<u64>) {
+    let len = (r.end - r.start) as usize;
+    let nchunks = len.div_ceil(chunk_size) as u64;
+    let ppc = (chunk_size / remote::PAGE as usize) as u64;
+    // The chunks whose base hash cannot be reused: a page written, or
+    // present now and not then (or the reverse), or a chunk that does not
+    // cover the same bytes as the base's (the region changed size).
+    let fresh = match (base, &st.written) {
+        (Some(b), Some(w)) => {
+            let mut f = st.present.intersect(w).union(&st.present.sym_diff(&b.present)).groups(ppc);
+            let blen = (b.end - r.start) as usize;
+            if blen != len {
+                let from = (len.min(blen) / chunk_size) as u64;
+                f = f.union(&PageRuns::from_unsorted(vec![(from, nchunks.max(from + 1))]));
+            }
+            Some(f)
+        }
+        _ => None,
+    };
+    // Of the others, those with a page that holds data (a file mapping
+    // stored whole has data in pages never touched: every chunk).
+    let to_read: Vec<u64> = match (&fresh, st.sparse) {
+        (None, true) => st.present.groups(ppc).iter().filter(|&c| c < nchunks).collect(),
+        (None, false) => (0..nchunks).collect(),
+        (Some(f), sparse) => f.iter().filter(|&c| c < nchunks && (!sparse || st.present.any_in(c * ppc, c * ppc + ppc))).collect(),
+    };
+    (fresh, to_read)
+}
+
+/// Hashes the chunks of `data` (consecutive, the first of index `first`),
+/// stores those the store lacks, and returns the hashes of those that are
+/// not zero.
+fn store_chunks(data: &[u8], first: u64, zero_is_data: bool, chunk_size: usize, writer: &dyn BlobSink) -> Result<Vec<(u64, Hash)>> {
+    let rlen = data.len();
+    let mut wh = ckpt_chunker::hash_chunks(data, chunk_size);
+    if zero_is_data {
+        // A changed page of a file mapping that is now all zeros: stored
+        // under its real address, since the sentinel means "the file's".
+        for (k, h) in wh.iter_mut().enumerate().filter(|(_, h)| **h == Hash::ZERO_CHUNK) {
+            let s = k * chunk_size;
+            *h = Hash::of(&data[s..(s + chunk_size).min(rlen)]);
+        }
+    }
+    let missing = writer.missing(&wh)?;
+    wh.par_iter().zip(missing).enumerate().try_for_each(|(k, (h, missing))| -> Result<()> {
+        if *h != Hash::ZERO_CHUNK && missing {
+            let s = k * chunk_size;
+            writer.put(BlobKind::Chunk, *h, &data[s..(s + chunk_size).min(rlen)])?;
+        }
+        Ok(())
+    })?;
+    Ok(wh.into_iter().enumerate().filter(|(_, h)| *h != Hash::ZERO_CHUNK).map(|(k, h)| (first + k as u64, h)).collect())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -509,49 +742,8 @@ fn store_region(
 ) -> Result<SparseChunks> {
     let len = (r.end - r.start) as usize;
     let nchunks = len.div_ceil(chunk_size) as u64;
-    let ppc = (chunk_size / remote::PAGE as usize) as u64;
-    let npages = (len as u64).div_ceil(remote::PAGE);
-    // Only chunks with a page that holds data, or that held data in the
-    // base, need a decision; every other chunk is zero. A file mapping has
-    // data in pages never touched (the file's): all of it is a candidate.
-    let mut candidates: Vec<u64> = if st.sparse {
-        let mut c: Vec<u64> = st.present.runs().iter().flat_map(|&(lo, hi)| lo / ppc..hi.div_ceil(ppc)).collect();
-        if let Some(b) = base {
-            c.extend(b.hashes.indices_in(0, nchunks));
-        }
-        c.sort_unstable();
-        c.dedup();
-        c
-    } else {
-        (0..nchunks).collect()
-    };
-    candidates.retain(|&c| c < nchunks);
-    let mut hashes: Vec<(u64, Hash)> = Vec::with_capacity(candidates.len());
-    // Decide per chunk: reuse the base's hash, zero (no page exists), or read.
-    let mut reuse = Vec::new();
-    let mut to_read = Vec::new();
-    for &c in &candidates {
-        let (p0, p1) = (c * ppc, (c * ppc + ppc).min(npages));
-        // The base's chunk must cover exactly the same bytes.
-        let cur_end = (c as usize * chunk_size + chunk_size).min(len);
-        let reusable = match (base, &st.written) {
-            (Some(b), Some(w)) if cur_end == (c as usize * chunk_size + chunk_size).min((b.end - r.start) as usize) => {
-                b.present.same_in(&st.present, p0, p1) && !st.present.meets_in(w, p0, p1)
-            }
-            _ => false,
-        };
-        if reusable {
-            let bh = base.map_or(Hash::ZERO_CHUNK, |b| b.hashes.get(c));
-            if bh != Hash::ZERO_CHUNK {
-                reuse.push((c, bh));
-            }
-            continue;
-        }
-        if st.sparse && !st.present.any_in(p0, p1) {
-            continue; // nothing there: zero
-        }
-        to_read.push(c);
-    }
+    let (reuse, mut to_read) = plan_region(r, st, base, chunk_size);
+    let mut hashes: Vec<(u64, Hash)> = Vec::with_capacity(reuse.len() + to_read.len());
     // Only a chunk the store still holds (gc may have pruned the generation
     // the base came from) is reused; the others are read again.
     if !reuse.is_empty() {
@@ -609,26 +801,7 @@ fn store_region(
         });
         for got in full_rx.iter() {
             let (first, buf) = got?;
-            let rlen = buf.len();
-            let data = &buf[..];
-            let mut wh = ckpt_chunker::hash_chunks(data, chunk_size);
-            if st.zero_is_data {
-                // A changed page of a file mapping that is now all zeros: stored
-                // under its real address, since the sentinel means "the file's".
-                for (k, h) in wh.iter_mut().enumerate().filter(|(_, h)| **h == Hash::ZERO_CHUNK) {
-                    let s = k * chunk_size;
-                    *h = Hash::of(&data[s..(s + chunk_size).min(rlen)]);
-                }
-            }
-            let missing = writer.missing(&wh)?;
-            wh.par_iter().zip(missing).enumerate().try_for_each(|(k, (h, missing))| -> Result<()> {
-                if *h != Hash::ZERO_CHUNK && missing {
-                    let s = k * chunk_size;
-                    writer.put(BlobKind::Chunk, *h, &data[s..(s + chunk_size).min(rlen)])?;
-                }
-                Ok(())
-            })?;
-            hashes.extend(wh.into_iter().enumerate().filter(|(_, h)| *h != Hash::ZERO_CHUNK).map(|(k, h)| (first + k as u64, h)));
+            hashes.extend(store_chunks(&buf, first, st.zero_is_data, chunk_size, writer)?);
             let _ = free_tx.send(buf);
         }
         Ok(())
@@ -637,4 +810,3 @@ fn store_region(
     hashes.sort_unstable_by_key(|e| e.0);
     Ok(SparseChunks { len: nchunks, entries: hashes })
 }
-

@@ -28,6 +28,9 @@ pub enum EngineError {
     #[error("process {pid}: {step} was cancelled (`ckpt kill` or `ckpt quit` arrived during the checkpoint)")]
     Cancelled { pid: i32, step: String },
 
+    #[error("process {pid}: chunks of its previous generation left the store during the checkpoint (`ckpt gc`?), so its unchanged pages cannot be taken from there and this checkpoint was abandoned; checkpoint again: the next one reads the process whole")]
+    BaseGone { pid: i32 },
+
     #[error("cannot read memory of process {pid} at {addr:#x}: {source}")]
     Memory { pid: i32, addr: u64, #[source] source: std::io::Error },
 

@@ -39,14 +39,19 @@ fn ours(r: &RegionImage) -> bool {
 /// Records each region's attributes (`RegionImage::attrs`) from `smaps`.
 pub fn capture(pid: i32, regions: &mut [RegionImage]) -> Result<()> {
     let starts: Vec<u64> = regions.iter().filter(|r| ours(r)).map(|r| r.start).collect();
-    let flags = procfs::vm_flags(pid, &starts)?;
+    apply(regions, &procfs::vm_flags(pid, &starts)?);
+    Ok(())
+}
+
+/// Records each region's attributes from `VmFlags` already read
+/// ([`procfs::vm_flags`], by region start; a region missing there gets none).
+pub fn apply(regions: &mut [RegionImage], flags: &std::collections::HashMap<u64, Vec<String>>) {
     for r in regions.iter_mut().filter(|r| ours(r)) {
         r.attrs = flags
             .get(&r.start)
             .map(|v| ATTRS.iter().filter(|(f, ..)| v.iter().any(|x| x == f)).map(|(f, ..)| f.to_string()).collect())
             .unwrap_or_default();
     }
-    Ok(())
 }
 
 /// Whether the region is wiped in a forked child (`MADV_WIPEONFORK`): a

@@ -83,6 +83,69 @@ impl PageRuns {
         self.clip(lo, hi).eq(other.clip(lo, hi))
     }
 
+    /// The pages in both sets.
+    pub fn intersect(&self, other: &PageRuns) -> PageRuns {
+        let mut out = PageRuns::new();
+        let (mut i, mut j) = (0, 0);
+        while i < self.0.len() && j < other.0.len() {
+            let (a, b) = (self.0[i], other.0[j]);
+            out.push(a.0.max(b.0), a.1.min(b.1));
+            if a.1 <= b.1 {
+                i += 1;
+            } else {
+                j += 1;
+            }
+        }
+        out
+    }
+
+    /// The pages in either set.
+    pub fn union(&self, other: &PageRuns) -> PageRuns {
+        PageRuns::from_unsorted(self.0.iter().chain(&other.0).copied().collect())
+    }
+
+    /// The pages in exactly one of the sets.
+    pub fn sym_diff(&self, other: &PageRuns) -> PageRuns {
+        // Boundaries of both, in order: inside exactly one between two.
+        let mut edges: Vec<u64> = self.0.iter().chain(&other.0).flat_map(|r| [r.0, r.1]).collect();
+        edges.sort_unstable();
+        let mut out = PageRuns::new();
+        let (mut depth, mut from) = (0usize, 0u64);
+        edges.dedup();
+        for x in edges {
+            let inside = |set: &PageRuns| set.any_in(x, x + 1);
+            let d = usize::from(inside(self)) + usize::from(inside(other));
+            if depth == 1 && d != 1 {
+                out.push(from, x);
+            }
+            if d == 1 && depth != 1 {
+                from = x;
+            }
+            depth = d;
+        }
+        out
+    }
+
+    /// The groups of `per` pages (chunks) that hold a page of the set, as
+    /// runs of group indices.
+    pub fn groups(&self, per: u64) -> PageRuns {
+        let mut out = PageRuns::new();
+        for &(lo, hi) in &self.0 {
+            out.push(lo / per, hi.div_ceil(per));
+        }
+        out
+    }
+
+    /// The members of the set, one by one.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().flat_map(|&(lo, hi)| lo..hi)
+    }
+
+    /// Is `x` in the set?
+    pub fn contains(&self, x: u64) -> bool {
+        self.any_in(x, x + 1)
+    }
+
     /// Is some page of `[lo, hi)` in both sets?
     pub fn meets_in(&self, other: &PageRuns, lo: u64, hi: u64) -> bool {
         let (mut a, mut b) = (self.clip(lo, hi).peekable(), other.clip(lo, hi).peekable());
@@ -148,6 +211,20 @@ mod tests {
         assert!(r.any_in(3, 5) && !r.any_in(4, 10) && r.any_in(14, 100) && !r.any_in(15, 100));
         assert_eq!(r.clip(1, 11).collect::<Vec<_>>(), vec![(1, 4), (10, 11)]);
         assert_eq!(PageRuns::from_flags([false, true, true, false, true]).runs(), &[(1, 3), (4, 5)]);
+    }
+
+    #[test]
+    fn set_operations_agree_with_flags() {
+        let a = PageRuns::from_unsorted(vec![(0, 4), (8, 9), (20, 30)]);
+        let b = PageRuns::from_unsorted(vec![(2, 10), (25, 26), (29, 31)]);
+        let flags = |r: &PageRuns| (0..40).map(|i| r.contains(i)).collect::<Vec<bool>>();
+        let (fa, fb) = (flags(&a), flags(&b));
+        let want = |f: &dyn Fn(bool, bool) -> bool| PageRuns::from_flags(fa.iter().zip(&fb).map(|(&x, &y)| f(x, y)));
+        assert_eq!(a.intersect(&b), want(&|x, y| x && y));
+        assert_eq!(a.union(&b), want(&|x, y| x || y));
+        assert_eq!(a.sym_diff(&b), want(&|x, y| x != y));
+        assert_eq!(a.groups(4).runs(), &[(0, 1), (2, 3), (5, 8)]);
+        assert_eq!(a.iter().take(5).collect::<Vec<_>>(), vec![0, 1, 2, 3, 8]);
     }
 
     #[test]

@@ -109,6 +109,41 @@ pub fn read_tolerant(pid: i32, mem: Option<&File>, addr: u64, buf: &mut [u8]) ->
     Ok(read_bytes)
 }
 
+/// Reads each of `ranges` (address, length) of `pid` into `buf`, one
+/// after another, with as few `process_vm_readv` calls as the kernel's
+/// iovec limit allows (a scattered set of dirty pages costs a few calls,
+/// not one per page). A range that faults is read again with
+/// [`read_tolerant`]. Returns the bytes read.
+pub fn read_scattered(pid: i32, mem: Option<&File>, ranges: &[(u64, usize)], buf: &mut [u8]) -> std::io::Result<u64> {
+    const BATCH: usize = 1024; // IOV_MAX
+    assert_eq!(ranges.iter().map(|r| r.1).sum::<usize>(), buf.len(), "read_scattered: the ranges fill the buffer");
+    let mut read_bytes = 0u64;
+    let mut at = 0usize;
+    for batch in ranges.chunks(BATCH) {
+        let want: usize = batch.iter().map(|r| r.1).sum();
+        let local = libc::iovec { iov_base: buf[at..].as_mut_ptr() as *mut libc::c_void, iov_len: want };
+        let remote: Vec<libc::iovec> = batch.iter().map(|&(a, l)| libc::iovec { iov_base: a as *mut libc::c_void, iov_len: l }).collect();
+        // SAFETY: `local` covers `want` bytes of `buf` from `at`, which we
+        // own; the remote ranges are only read by the kernel.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, remote.as_ptr(), remote.len() as libc::c_ulong, 0) };
+        let n = if n < 0 { 0 } else { n as usize };
+        read_bytes += n as u64;
+        if n < want {
+            // The first range that did not come whole, and all after it.
+            let mut off = 0usize;
+            for &(a, l) in batch {
+                if off + l > n {
+                    let skip = n.saturating_sub(off);
+                    read_bytes += read_tolerant(pid, mem, a + skip as u64, &mut buf[at + off + skip..at + off + l])?;
+                }
+                off += l;
+            }
+        }
+        at += want;
+    }
+    Ok(read_bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +165,29 @@ mod tests {
         write_many(me, &refs).unwrap();
         let many = std::hint::black_box(&many);
         assert!((0..1500).all(|k| many[2 * k] == k as u8 && many[2 * k + 1] == 0xee));
+    }
+
+    #[test]
+    fn scattered_reads_fill_in_order_and_survive_a_hole() {
+        let me = std::process::id() as i32;
+        let len = 8 * PAGE as usize;
+        // SAFETY: a private anonymous mapping of ours, unmapped below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+        for i in 0..8 {
+            // SAFETY: inside the mapping.
+            unsafe { p.add(i * PAGE as usize).write_bytes(i as u8 + 1, PAGE as usize) };
+        }
+        // Page 5 unreadable: read as zeros, the others still read.
+        // SAFETY: protecting a page of our own mapping.
+        unsafe { libc::mprotect(p.add(5 * PAGE as usize) as *mut libc::c_void, PAGE as usize, libc::PROT_NONE) };
+        let a = p as u64;
+        let ranges: Vec<(u64, usize)> = [6u64, 1, 5, 2].iter().map(|&i| (a + i * PAGE, PAGE as usize)).collect();
+        let mut buf = vec![0xffu8; 4 * PAGE as usize];
+        let got = read_scattered(me, None, &ranges, &mut buf).unwrap();
+        let firsts: Vec<u8> = buf.chunks(PAGE as usize).map(|c| c[0]).collect();
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(p as *mut libc::c_void, len) };
+        assert_eq!(firsts, vec![7, 2, 0, 3]);
+        assert_eq!(got, 3 * PAGE);
     }
 }

@@ -159,6 +159,8 @@ struct State {
     epoch: u64,
     /// Pidfds of the processes of the last round.
     served: HashMap<i32, std::os::fd::OwnedFd>,
+    /// Processes a Kill request names, killed once it is answered.
+    kills: Vec<(i32, std::os::fd::OwnedFd)>,
     /// Checkpoint threads of job-stopped processes kept running this round
     /// (from Wake to End: phase A starts a round's state afresh, not these).
     wakers: Vec<ckpt_engine::jobstop::Waker>,
@@ -242,7 +244,7 @@ impl State {
     /// SIGKILL to `pid`, only if this helper serves it: a process named in
     /// its last round (held by a pidfd since), or one that runs the ckpt
     /// agent. Never any other process, never pid <= 0, never itself.
-    fn kill(&self, pid: i32) -> Result<(), String> {
+    fn kill(&mut self, pid: i32) -> Result<(), String> {
         let refuse = |why: &str| Err(format!("process {pid} {why}: this helper kills only the processes of the computation it serves"));
         if pid <= 1 || pid as u32 == std::process::id() {
             return refuse("is not a process of a computation");
@@ -264,9 +266,20 @@ impl State {
                 fd
             }
         };
-        match rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
-            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
-            Err(e) => Err(format!("process {pid}: kill: {e}")),
+        // Sent once the answer is out (`send_kills`): a helper in ckpt's
+        // init ends with the last process of its namespaces, and its
+        // answer must not end with it.
+        self.kills.push((pid, pidfd));
+        Ok(())
+    }
+
+    /// SIGKILL to every process a Kill request named (after its answer).
+    fn send_kills(&mut self) {
+        for (pid, pidfd) in self.kills.drain(..) {
+            match rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
+                Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+                Err(e) => tracing::warn!("process {pid}: kill: {e}"),
+            }
         }
     }
 
@@ -371,7 +384,9 @@ pub fn run_host(cfg: HostConfig) -> Result<(), CoordError> {
         for req in req_rx {
             let mut answer = state.handle(&worker_conn, &req);
             answer["id"] = json!(req.id);
-            if let Err(e) = worker_conn.send(kind::REPLY, &answer, &[]) {
+            let sent = worker_conn.send(kind::REPLY, &answer, &[]);
+            state.send_kills();
+            if let Err(e) = sent {
                 tracing::warn!("{e}");
                 break;
             }
