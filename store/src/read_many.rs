@@ -141,6 +141,14 @@ fn decode_batch(pack: &PathBuf, part: &[(&Loc, &[u8])], sink: &(impl Fn(&[(Hash,
         for (loc, stored) in part {
             let n = loc.ulen as usize;
             let out = &mut buf[off..off + n];
+            // Raw (incompressible data, stored as it is) or one zstd frame:
+            // the rule of `ckpt_chunker::decode`.
+            if stored.len() == n && Hash::of(stored) == loc.hash {
+                out.copy_from_slice(stored);
+                spans.push((loc.hash, off..off + n));
+                off += n;
+                continue;
+            }
             let got = d.decompress_to_buffer(stored, out).map_err(|e| corrupt(loc, format!("zstd: {e}")))?;
             if got != n {
                 return Err(corrupt(loc, format!("decompresses to {got} bytes, the catalog says {n}")));
