@@ -146,8 +146,10 @@ fn check_agent_is_installed(s: &Session, prefix: &Path) {
     assert!(maps.lines().any(|l| l.ends_with(agent.to_str().unwrap())), "the launched program does not map the installed agent {}:\n{maps}", agent.display());
     let out = s.run("kill", &[]);
     ok(&out, "ckpt kill");
-    wait_gone(pid, Duration::from_secs(20));
+    // In place the program is `ckpt launch` itself (reaped here); in
+    // namespaces launch ends once the program is gone.
     let _ = p.wait_exit(Duration::from_secs(20));
+    wait_gone(pid, Duration::from_secs(20));
 }
 
 /// `--uninstall PREFIX` removes every installed file and keeps the rest.
