@@ -136,7 +136,7 @@ COMP_WORDS=(ckpt launch --dirty-t); COMP_CWORD=2; COMP_LINE='ckpt launch --dirty
 }
 
 /// The agent in the launched program is the installed one: launch, look
-/// at the program's maps, kill it.
+/// at the program's maps, SIGKILL it.
 fn check_agent_is_installed(s: &Session, prefix: &Path) {
     let mut p = s.launch(&program("counter_heap"), &["-t", "100", "-m", "8"]);
     p.wait_prefix("READY", LINE_TIMEOUT);
@@ -144,12 +144,7 @@ fn check_agent_is_installed(s: &Session, prefix: &Path) {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let agent = prefix.join("lib/ckpt/libckpt_preload.so");
     assert!(maps.lines().any(|l| l.ends_with(agent.to_str().unwrap())), "the launched program does not map the installed agent {}:\n{maps}", agent.display());
-    let out = s.run("kill", &[]);
-    ok(&out, "ckpt kill");
-    // In place the program is `ckpt launch` itself (reaped here); in
-    // namespaces launch ends once the program is gone.
-    let _ = p.wait_exit(Duration::from_secs(20));
-    wait_gone(pid, Duration::from_secs(20));
+    p.kill9();
 }
 
 /// `--uninstall PREFIX` removes every installed file and keeps the rest.
@@ -198,7 +193,10 @@ fn root_install_into_a_prefix_runs_a_cycle() {
 
     let s = s.with_ckpt(prefix.join("bin/ckpt"));
     check_agent_is_installed(&s, &prefix);
-    let s = standard_cycle_in(s, &counter_cycle());
+    // The cycle in a session (and coordinator) of its own, as every other
+    // standard cycle runs.
+    let cycle = standard_cycle_in(Session::new("install_root_cycle").with_ckpt(prefix.join("bin/ckpt")), &counter_cycle());
+    drop(cycle);
     check_uninstall(&prefix, run);
     drop(s);
 }
@@ -220,6 +218,9 @@ fn user_install_into_home_local_runs_a_cycle() {
 
     let s = s.with_ckpt(prefix.join("bin/ckpt"));
     check_agent_is_installed(&s, &prefix);
-    let s = standard_cycle_in(s, &counter_cycle());
+    // The cycle in a session of its own (the user's prefix stays readable
+    // to it: the session dirs are the user's).
+    let cycle = standard_cycle_in(Session::as_user(TEST_USER, "install_user_cycle").with_ckpt(prefix.join("bin/ckpt")), &counter_cycle());
+    drop(cycle);
     check_uninstall(&prefix, |args| install_sh(s.user_command("bash"), &home, args));
 }
