@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 need=()
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 command -v python3 >/dev/null || need+=(python3)
+# tests/tests/install.rs renders the installed man pages (`man -l`).
+command -v man >/dev/null || need+=(man-db)
+command -v nroff >/dev/null || need+=(groff-base)
 if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}"; fi
 # The S3 tests run against a real S3-compatible server on loopback (moto).
 # 5.2 or later: the S3 writer lock needs conditional writes (PUT with

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 mod doctor_cmd;
+mod generate_cmd;
 mod remote_cmd;
 mod gc_cmd;
 mod nsinit;
@@ -218,6 +219,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the man pages or print a shell's completions, made from this
+    /// command's definition (run by `scripts/install.sh`).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: generate_cmd::GenerateCmd,
+    },
     /// Run a coordinator (normally started by `ckpt launch`).
     Coordinator {
         #[command(flatten)]
@@ -269,17 +277,33 @@ fn store_url(s: &StoreArg) -> String {
     format!("file://{}", abs.display())
 }
 
-/// A file shipped beside the `ckpt` binary (or named by `env`).
+/// A file ckpt ships (the agent, the restorer), found without any setting:
+/// `$ENV` if set, else beside the `ckpt` binary (the build tree,
+/// `target/release/`), else in `../lib/ckpt/` from it (the installed
+/// layout of `scripts/install.sh`: `PREFIX/bin/ckpt`,
+/// `PREFIX/lib/ckpt/NAME`). The binary's path is the kernel's
+/// (`/proc/self/exe`), so a symlink to `ckpt` elsewhere finds them too.
 fn artifact(name: &str, env: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().context("locating the ckpt binary")?;
-    let p = exe.parent().map(|d| d.join(name)).unwrap_or_default();
-    if p.exists() {
-        return Ok(p);
+    let candidates = artifact_candidates(&exe, name);
+    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(p.clone());
     }
-    bail!("cannot find {name} next to {}; build the whole workspace (`cargo build --release`) or set {env}", exe.display())
+    let looked = candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ");
+    bail!("cannot find {name} (looked at {looked}); install ckpt whole (`scripts/install.sh PREFIX`), build the whole workspace (`cargo build --release`), or set {env}")
+}
+
+/// Where [`artifact`] looks for `name`, in order, for the binary `exe`.
+fn artifact_candidates(exe: &Path, name: &str) -> Vec<PathBuf> {
+    let Some(bin) = exe.parent() else { return Vec::new() };
+    let mut v = vec![bin.join(name)];
+    if let Some(prefix) = bin.parent() {
+        v.push(prefix.join("lib/ckpt").join(name));
+    }
+    v
 }
 
 fn log_path(addr: &Address) -> PathBuf {
@@ -505,6 +529,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Nsinit { args } => nsinit::run(args),
+        Cmd::Generate { what } => {
+            generate_cmd::run(what, <Cli as clap::CommandFactory>::command())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Coordinator { coord, store, interval, daemonize } => {
             let addr = coord_addr(&coord)?;
             if daemonize {

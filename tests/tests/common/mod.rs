@@ -253,6 +253,9 @@ pub struct Session {
     pids: Mutex<Vec<i32>>,
     /// The ordinary account the session's commands run as (`as_user`).
     pub user: Option<RunAs>,
+    /// `ckpt` is not the build tree's ([`Session::with_ckpt`]): it must
+    /// find its agent and restorer by itself.
+    own_artifacts: bool,
 }
 
 impl Session {
@@ -276,7 +279,18 @@ impl Session {
             ckpt: ckpt_bin(),
             pids: Mutex::new(Vec::new()),
             user: None,
+            own_artifacts: false,
         }
+    }
+
+    /// This session's commands run `bin` (e.g. an installed
+    /// `PREFIX/bin/ckpt`) instead of the build tree's `ckpt`, with
+    /// `CKPT_PRELOAD` and `CKPT_RESTORER` removed from their environment:
+    /// it must find its agent and restorer by itself.
+    pub fn with_ckpt(mut self, bin: PathBuf) -> Session {
+        self.ckpt = bin;
+        self.own_artifacts = true;
+        self
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -303,6 +317,9 @@ impl Session {
         }
         let mut c = Command::new(&self.ckpt);
         c.arg(sub);
+        if self.own_artifacts {
+            c.env_remove("CKPT_PRELOAD").env_remove("CKPT_RESTORER");
+        }
         match sub {
             "launch" | "restart" => {
                 c.args(["--store", &self.store, "--coord", &self.coord]);
