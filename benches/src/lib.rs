@@ -6,6 +6,48 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The page size of the machines ckpt runs on.
+pub const PAGE: usize = 4096;
+
+/// xorshift64: the benchmark programs' and the ceilings' page contents.
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The page contents of benches/programs/bench_heap.c: image-like words
+/// (zeros, small numbers, pointers), or with `hash` hash-like ones (its
+/// `-k hash`, little that zstd can shrink).
+pub fn fill_page(rng: &mut Rng, p: &mut [u8], salt: u64, hash: bool) {
+    for w in p.chunks_exact_mut(8) {
+        let r = rng.next() ^ salt;
+        let v = if hash {
+            r
+        } else {
+            match r & 7 {
+                0..=2 => 0,
+                3 | 4 => r >> 56,
+                5 | 6 => 0x0000_7f00_0000_0000 | ((r >> 20) & 0xffffff8),
+                _ => r,
+            }
+        };
+        w.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// GB/s of `bytes` in `d`.
+pub fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
 
 /// A store and a coordinator socket of one benchmark run, in a temporary
 /// directory of their own; the coordinator is told to quit and the

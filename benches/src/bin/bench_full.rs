@@ -13,44 +13,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use ckpt_benches::Env;
+use ckpt_benches::{Env, PAGE, Rng, fill_page, gbps};
 use rayon::prelude::*;
-
-const PAGE: usize = 4096;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// The page contents of benches/programs/bench_heap.c (`hash`: -k hash).
-fn fill_page(rng: &mut Rng, p: &mut [u8], salt: u64, hash: bool) {
-    for w in p.chunks_exact_mut(8) {
-        let r = rng.next() ^ salt;
-        let v = if hash {
-            r
-        } else {
-            match r & 7 {
-                0..=2 => 0,
-                3 | 4 => r >> 56,
-                5 | 6 => 0x0000_7f00_0000_0000 | ((r >> 20) & 0xffffff8),
-                _ => r,
-            }
-        };
-        w.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn gbps(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
-}
 
 struct Ceil {
     memcpy: f64,
@@ -71,23 +37,23 @@ fn ceilings(hash: bool) -> Ceil {
     let t = Instant::now();
     dst.copy_from_slice(&buf);
     std::hint::black_box(&dst);
-    let memcpy = gbps(len, t.elapsed());
+    let memcpy = gbps(len as u64, t.elapsed());
     let t = Instant::now();
     std::hint::black_box(ckpt_chunker::hash_chunks(&buf, PAGE));
-    let blake3 = gbps(len, t.elapsed());
+    let blake3 = gbps(len as u64, t.elapsed());
     let t = Instant::now();
     let enc: Vec<Vec<u8>> = buf.par_chunks(PAGE).map(|c| ckpt_chunker::encode(c, ckpt_chunker::DEFAULT_LEVEL).bytes().to_vec()).collect();
-    let encode = gbps(len, t.elapsed());
+    let encode = gbps(len as u64, t.elapsed());
     let t = Instant::now();
     let n: usize = buf.par_chunks(PAGE).map(|c| ckpt_chunker::compress(c, ckpt_chunker::DEFAULT_LEVEL).len()).sum();
     std::hint::black_box(n);
-    let zstd_raw = gbps(len, t.elapsed());
+    let zstd_raw = gbps(len as u64, t.elapsed());
     let hashes = ckpt_chunker::hash_chunks(&buf, PAGE);
     let t = Instant::now();
     enc.par_iter().zip(hashes.par_iter()).for_each(|(e, h)| {
         std::hint::black_box(ckpt_chunker::decode(e, PAGE, h).unwrap());
     });
-    let decode = gbps(len, t.elapsed());
+    let decode = gbps(len as u64, t.elapsed());
     Ceil { memcpy, blake3, encode, zstd_raw, decode }
 }
 
@@ -102,7 +68,7 @@ fn disk(dir: &Path, mib: usize) -> (f64, f64) {
         f.write_all(&block).unwrap();
     }
     f.sync_all().unwrap();
-    let w = gbps(mib << 20, t.elapsed());
+    let w = gbps((mib << 20) as u64, t.elapsed());
     drop(f);
     // O_DIRECT reads bypass the page cache the write filled.
     let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc_o_direct()).open(&path).unwrap();
@@ -116,7 +82,7 @@ fn disk(dir: &Path, mib: usize) -> (f64, f64) {
         }
         total += n;
     }
-    let r = gbps(total, t.elapsed());
+    let r = gbps(total as u64, t.elapsed());
     let _ = std::fs::remove_file(&path);
     (w, r)
 }

@@ -14,37 +14,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
+use ckpt_benches::{PAGE, Rng, fill_page, gbps};
 use serde_json::Value;
-
-const PAGE: usize = 4096;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// The same page contents as benches/programs/bench_heap.c.
-fn fill_page(rng: &mut Rng, p: &mut [u8], salt: u64) {
-    for w in p.chunks_exact_mut(8) {
-        let r = rng.next() ^ salt;
-        let v = match r & 7 {
-            0..=2 => 0,
-            3 | 4 => r >> 56,
-            5 | 6 => 0x0000_7f00_0000_0000 | ((r >> 20) & 0xffffff8),
-            _ => r,
-        };
-        w.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn gbps(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
-}
 
 struct Raw {
     memcpy: f64,
@@ -61,21 +32,21 @@ fn raw_speeds(chunk: usize) -> Raw {
     let mut buf = vec![0u8; len];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for (i, p) in buf.chunks_exact_mut(PAGE).enumerate() {
-        fill_page(&mut rng, p, i as u64);
+        fill_page(&mut rng, p, i as u64, false);
     }
     let mut dst = vec![0u8; len];
     let t = Instant::now();
     dst.copy_from_slice(&buf);
     std::hint::black_box(&dst);
-    let memcpy = gbps(len, t.elapsed());
+    let memcpy = gbps(len as u64, t.elapsed());
     let t = Instant::now();
     for c in buf.chunks(chunk) {
         std::hint::black_box(blake3::hash(c));
     }
-    let blake3_1 = gbps(len, t.elapsed());
+    let blake3_1 = gbps(len as u64, t.elapsed());
     let t = Instant::now();
     std::hint::black_box(ckpt_chunker::hash_chunks(&buf, chunk));
-    let blake3_all = gbps(len, t.elapsed());
+    let blake3_all = gbps(len as u64, t.elapsed());
     let sample = &buf[..64 << 20];
     let t = Instant::now();
     let mut csize = 0;
@@ -85,17 +56,17 @@ fn raw_speeds(chunk: usize) -> Raw {
         csize += z.len();
         comp.push(z);
     }
-    let zstd_1 = gbps(sample.len(), t.elapsed());
+    let zstd_1 = gbps((sample.len()) as u64, t.elapsed());
     use rayon::prelude::*;
     let t = Instant::now();
     let n: usize = buf.par_chunks(chunk).map(|c| zstd::bulk::compress(c, 1).unwrap().len()).sum();
     std::hint::black_box(n);
-    let zstd_all = gbps(len, t.elapsed());
+    let zstd_all = gbps(len as u64, t.elapsed());
     let t = Instant::now();
     for z in &comp {
         std::hint::black_box(zstd::bulk::decompress(z, chunk).unwrap());
     }
-    let unzstd_1 = gbps(sample.len(), t.elapsed());
+    let unzstd_1 = gbps((sample.len()) as u64, t.elapsed());
     Raw { memcpy, blake3_1, blake3_all, zstd_1, zstd_all, unzstd_1, ratio: csize as f64 / sample.len() as f64 }
 }
 

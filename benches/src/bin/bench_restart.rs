@@ -15,38 +15,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use ckpt_benches::Env;
+use ckpt_benches::{Env, PAGE, Rng, fill_page, gbps};
 use rayon::prelude::*;
-
-const PAGE: usize = 4096;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// The same page contents as benches/programs/bench_heap.c.
-fn fill_page(rng: &mut Rng, p: &mut [u8], salt: u64) {
-    for w in p.chunks_exact_mut(8) {
-        let r = rng.next() ^ salt;
-        let v = match r & 7 {
-            0..=2 => 0,
-            3 | 4 => r >> 56,
-            5 | 6 => 0x0000_7f00_0000_0000 | ((r >> 20) & 0xffffff8),
-            _ => r,
-        };
-        w.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn gbps(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
-}
 
 struct Ceilings {
     memcpy: f64,
@@ -59,7 +29,7 @@ fn ceilings() -> Ceilings {
     let mut buf = vec![0u8; len];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for (i, p) in buf.chunks_exact_mut(PAGE).enumerate() {
-        fill_page(&mut rng, p, i as u64);
+        fill_page(&mut rng, p, i as u64, false);
     }
     let mut dst = vec![0u8; len];
     dst.copy_from_slice(&buf); // fault the destination in first
