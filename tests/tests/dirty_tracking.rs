@@ -207,6 +207,31 @@ fn uffd_wp_later_generations_read_less() {
     assert_incremental(&s, &after);
 }
 
+/// A large heap with a few pages changed between checkpoints: the changed
+/// pages are copied out while the program is stopped (no snapshot fork),
+/// and a restart of such a generation passes the program's own check of
+/// its whole heap, every tick to the end.
+#[test]
+fn copied_out_generations_restart() {
+    let s = Session::new("dirty_copied");
+    let stop = s.stop_file();
+    let mut p = s.launch_opts(&["--dirty-tracking", "uffd-wp"], &program("counter_heap"), &["-m", "128", "-t", "200", "-s", stop.to_str().unwrap()], &[]);
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let gens: Vec<Gen> = (0..4).map(|_| s.checkpoint_bounded(&mut p)).collect();
+    let copied: Vec<bool> = gens.iter().map(|g| gen_info(&s, g.id).copied).collect();
+    assert!(!copied[0], "the first generation reads everything: it cannot be copied out");
+    // The later rounds change a few pages of 32768 (at most 1 in 32 is copied).
+    let Some(k) = (1..gens.len()).rev().find(|&k| copied[k]) else {
+        panic!("no incremental generation of a 128 MiB heap with a few pages changed was copied out: {copied:?}")
+    };
+    p.kill9();
+    let mut r = s.restart_expect(&gens[k], pid, k == gens.len() - 1);
+    r.wait_ticks(3, LINE_TIMEOUT);
+    r.finish(&s, 3);
+}
+
 #[test]
 fn scan_chain_every_generation_restarts() {
     chain("dirty_scan", "scan", &["--dirty-tracking", "scan"]);
