@@ -150,6 +150,45 @@ fn lazy_restart_whose_store_goes_away_kills_the_program_and_says_why() {
     eprintln!("lazy restart without its store ended after {:?}: {}", t.elapsed(), err.lines().filter(|l| l.contains("lazy restart")).collect::<Vec<_>>().join(" | "));
 }
 
+/// `ckpt restart --lazy` itself is SIGKILLed while it still fills the
+/// program: its watchdog kills the program (which would otherwise get the
+/// missing pages as zeros from the kernel: its own check of every page
+/// would print FAIL) and says why, in bounded time.
+#[test]
+fn lazy_restart_whose_server_dies_kills_the_program() {
+    let srv = S3Server::start();
+    srv.create_bucket(BUCKET);
+    let mut s = Session::new("lazy_watchdog");
+    s.store = format!("s3://{BUCKET}/watchdog");
+    let cache_a = s.path("cache-a");
+    let stop = s.stop_file();
+    let mut c = s.cmd("launch");
+    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", "512", "-s", stop.to_str().unwrap()]);
+    srv.apply(&mut c, &cache_a);
+    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
+    s.track(p.child_pid());
+    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
+    p.pid = line[4..].trim().parse().unwrap();
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(1, LINE_TIMEOUT);
+    let _g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+
+    let cache_b = s.path("cache-b");
+    let mut r = restart_lazy(&s, None, pid, Some((&srv, &cache_b)));
+    wait_lazy_notice(&mut r);
+    // The fill of 512 MiB over ranged GETs is far from done: the server dies.
+    sigkill(r.child_pid());
+    let t = Instant::now();
+    while pid_alive(pid) {
+        assert!(t.elapsed() < Duration::from_secs(20), "the program still runs 20 s after its page server died\n{}", r.context());
+        std::thread::sleep(Duration::from_millis(20)); // polling the kernel's reaping
+    }
+    r.drain_for(Duration::from_secs(2));
+    assert!(r.stderr().contains("page server died"), "the watchdog did not say why it killed the program\n{}", r.context());
+}
+
 /// Five processes (`tree`: pipes full of records, shared memory, a zombie,
 /// a daemon) restart lazily, each with its own userfaultfd on the one page
 /// server; they check their data, are checkpointed again and run to DONE.
