@@ -50,11 +50,6 @@ fn stopped_process_checkpoints_and_comes_back_stopped() {
     job_stop_cycle(Session::new("eintr-stopped"));
 }
 
-fn signal(pid: i32, sig: &str) {
-    let st = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
-    assert!(st.success(), "kill {sig} {pid} failed");
-}
-
 /// A thread already traced by someone else (strace here) cannot be
 /// seized: it is stopped by the signal instead, and the checkpoint
 /// succeeds while the other tracer stays attached.
