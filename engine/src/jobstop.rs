@@ -29,13 +29,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Whether process `pid` is in a job-control stop (state `T` in
-/// `/proc/PID/stat`; `t`, traced, is not a job-control stop).
+/// Whether process `pid` is in a job-control stop (state `T`; `t`,
+/// traced, is not a job-control stop).
 pub fn is_stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
-        .unwrap_or(false)
+    crate::procfs::tree_ids(pid).is_ok_and(|t| t.state == 'T')
 }
 
 /// Whether thread `tid` of `pid` is in a job-control stop.
