@@ -141,8 +141,13 @@ pub fn region_kind(m: &Mapping) -> RegionKind {
     }
 }
 
+/// Private memory of no file: a page no page table holds reads zero.
+/// Never a shared mapping: presence is per page table, so another process
+/// may have written a page this one never touched; and a SysV segment's
+/// mapping shows its id as the inode, which is 0 for the first segment of
+/// an IPC namespace.
 fn is_anonymous(m: &Mapping) -> bool {
-    m.inode == 0
+    m.inode == 0 && !m.shared
 }
 
 /// What a previous capture of the same process left for the next one:

@@ -52,6 +52,14 @@ fn sysv_segments_come_back_with_their_ids_and_attaches() {
     let key = 0x5c00_0000 | (std::process::id() as i32 & 0xff_ffff);
     let _cleanup = RemoveKey(key);
     let hex = format!("{key:x}");
+    // The keyed segment gets id 0, as the first segment of an IPC
+    // namespace does (a fresh machine, an ordinary user's namespaces): its
+    // mappings then show inode 0, like anonymous memory, which they are
+    // not. The kernel takes the id asked for in shm_next_id if it is free.
+    let id0_free = sysv_segment(0).is_none();
+    if id0_free {
+        std::fs::write("/proc/sys/kernel/shm_next_id", "0").expect("cannot write /proc/sys/kernel/shm_next_id (root?)");
+    }
     let mut p = s.launch(&program("sysv"), &["-t", "50", "-k", &hex, "-s", stop.to_str().unwrap()]);
     let ready = p.wait_prefix("READY", LINE_TIMEOUT);
     let field = |name: &str| -> i32 {
@@ -60,6 +68,7 @@ fn sysv_segments_come_back_with_their_ids_and_attaches() {
         w[i + 1].parse().unwrap()
     };
     let (keyed, removed) = (field("keyed"), field("removed"));
+    assert!(!id0_free || keyed == 0, "the keyed segment got id {keyed}, not the 0 asked for in shm_next_id");
     p.wait_ticks(3, LINE_TIMEOUT);
     let pids = s.wait_computation(2);
     assert_eq!(pids.len(), 2, "expected the parent and the child, have {pids:?}");
