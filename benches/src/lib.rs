@@ -4,6 +4,8 @@
 //! Results are collected in BENCHMARKS.md. Performance is measured here,
 //! never in timed tests.
 
+pub mod ceilings;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;

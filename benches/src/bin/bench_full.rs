@@ -15,8 +15,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Instant;
 
-use ckpt_benches::{Env, PAGE, Rng, fill_page, gbps};
-use rayon::prelude::*;
+use ckpt_benches::ceilings::Sample;
+use ckpt_benches::{Env, PAGE, gbps};
 
 struct Ceil {
     memcpy: f64,
@@ -27,34 +27,9 @@ struct Ceil {
 }
 
 fn ceilings(hash: bool) -> Ceil {
-    let len = 256 << 20;
-    let mut buf = vec![0u8; len];
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for (i, p) in buf.chunks_exact_mut(PAGE).enumerate() {
-        fill_page(&mut rng, p, i as u64, hash);
-    }
-    let mut dst = vec![0u8; len];
-    let t = Instant::now();
-    dst.copy_from_slice(&buf);
-    std::hint::black_box(&dst);
-    let memcpy = gbps(len as u64, t.elapsed());
-    let t = Instant::now();
-    std::hint::black_box(ckpt_chunker::hash_chunks(&buf, PAGE));
-    let blake3 = gbps(len as u64, t.elapsed());
-    let t = Instant::now();
-    let enc: Vec<Vec<u8>> = buf.par_chunks(PAGE).map(|c| ckpt_chunker::encode(c, ckpt_chunker::DEFAULT_LEVEL).bytes().to_vec()).collect();
-    let encode = gbps(len as u64, t.elapsed());
-    let t = Instant::now();
-    let n: usize = buf.par_chunks(PAGE).map(|c| ckpt_chunker::compress(c, ckpt_chunker::DEFAULT_LEVEL).len()).sum();
-    std::hint::black_box(n);
-    let zstd_raw = gbps(len as u64, t.elapsed());
-    let hashes = ckpt_chunker::hash_chunks(&buf, PAGE);
-    let t = Instant::now();
-    enc.par_iter().zip(hashes.par_iter()).for_each(|(e, h)| {
-        std::hint::black_box(ckpt_chunker::decode(e, PAGE, h).unwrap());
-    });
-    let decode = gbps(len as u64, t.elapsed());
-    Ceil { memcpy, blake3, encode, zstd_raw, decode }
+    let s = Sample::new(hash);
+    let (encode, decode) = s.encode_decode();
+    Ceil { memcpy: s.memcpy(), blake3: s.blake3_all(PAGE), encode, zstd_raw: s.zstd_all(PAGE, ckpt_chunker::DEFAULT_LEVEL), decode }
 }
 
 /// Write `mib` MiB to a new file in `dir` and fsync it; read it back

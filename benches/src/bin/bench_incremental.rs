@@ -14,7 +14,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use ckpt_benches::{PAGE, Rng, fill_page, gbps};
+use ckpt_benches::ceilings::Sample;
+use ckpt_benches::PAGE;
 use serde_json::Value;
 
 struct Raw {
@@ -28,46 +29,17 @@ struct Raw {
 }
 
 fn raw_speeds(chunk: usize) -> Raw {
-    let len = 256 << 20;
-    let mut buf = vec![0u8; len];
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for (i, p) in buf.chunks_exact_mut(PAGE).enumerate() {
-        fill_page(&mut rng, p, i as u64, false);
+    let s = Sample::new(false);
+    let (zstd_1, ratio) = s.zstd_1(chunk, 1);
+    Raw {
+        memcpy: s.memcpy(),
+        blake3_1: s.blake3_1(chunk),
+        blake3_all: s.blake3_all(chunk),
+        zstd_1,
+        zstd_all: s.zstd_all(chunk, 1),
+        unzstd_1: s.unzstd(chunk, 1, false),
+        ratio,
     }
-    let mut dst = vec![0u8; len];
-    let t = Instant::now();
-    dst.copy_from_slice(&buf);
-    std::hint::black_box(&dst);
-    let memcpy = gbps(len as u64, t.elapsed());
-    let t = Instant::now();
-    for c in buf.chunks(chunk) {
-        std::hint::black_box(blake3::hash(c));
-    }
-    let blake3_1 = gbps(len as u64, t.elapsed());
-    let t = Instant::now();
-    std::hint::black_box(ckpt_chunker::hash_chunks(&buf, chunk));
-    let blake3_all = gbps(len as u64, t.elapsed());
-    let sample = &buf[..64 << 20];
-    let t = Instant::now();
-    let mut csize = 0;
-    let mut comp = Vec::new();
-    for c in sample.chunks(chunk) {
-        let z = zstd::bulk::compress(c, 1).unwrap();
-        csize += z.len();
-        comp.push(z);
-    }
-    let zstd_1 = gbps((sample.len()) as u64, t.elapsed());
-    use rayon::prelude::*;
-    let t = Instant::now();
-    let n: usize = buf.par_chunks(chunk).map(|c| zstd::bulk::compress(c, 1).unwrap().len()).sum();
-    std::hint::black_box(n);
-    let zstd_all = gbps(len as u64, t.elapsed());
-    let t = Instant::now();
-    for z in &comp {
-        std::hint::black_box(zstd::bulk::decompress(z, chunk).unwrap());
-    }
-    let unzstd_1 = gbps((sample.len()) as u64, t.elapsed());
-    Raw { memcpy, blake3_1, blake3_all, zstd_1, zstd_all, unzstd_1, ratio: csize as f64 / sample.len() as f64 }
 }
 
 struct Running {

@@ -15,7 +15,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use ckpt_benches::{Env, PAGE, Rng, fill_page, gbps};
+use ckpt_benches::ceilings;
+use ckpt_benches::{Env, PAGE, gbps};
 use rayon::prelude::*;
 
 struct Ceilings {
@@ -25,31 +26,8 @@ struct Ceilings {
 }
 
 fn ceilings() -> Ceilings {
-    let len = 256 << 20;
-    let mut buf = vec![0u8; len];
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for (i, p) in buf.chunks_exact_mut(PAGE).enumerate() {
-        fill_page(&mut rng, p, i as u64, false);
-    }
-    let mut dst = vec![0u8; len];
-    dst.copy_from_slice(&buf); // fault the destination in first
-    let t = Instant::now();
-    dst.copy_from_slice(&buf);
-    std::hint::black_box(&dst);
-    let memcpy = gbps(len as u64, t.elapsed());
-    let t = Instant::now();
-    let n: usize = buf.par_chunks(PAGE).map(|c| blake3::hash(c).as_bytes()[0] as usize).sum();
-    std::hint::black_box(n);
-    let blake3_all = gbps(len as u64, t.elapsed());
-    let comp: Vec<Vec<u8>> = buf.par_chunks(PAGE).map(|c| zstd::bulk::compress(c, 1).unwrap()).collect();
-    let t = Instant::now();
-    let n: usize = comp
-        .par_iter()
-        .map_init(|| zstd::bulk::Decompressor::new().unwrap(), |d, z| d.decompress(z, PAGE).unwrap().len())
-        .sum();
-    std::hint::black_box(n);
-    let unzstd_all = gbps(len as u64, t.elapsed());
-    Ceilings { memcpy, blake3_all, unzstd_all }
+    let s = ceilings::Sample::new(false);
+    Ceilings { memcpy: s.memcpy(), blake3_all: s.blake3_all(PAGE), unzstd_all: s.unzstd(PAGE, 1, true) }
 }
 
 fn reader(out: impl Read + Send + 'static) -> Receiver<String> {

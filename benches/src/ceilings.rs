@@ -1,0 +1,118 @@
+//! The raw speeds a benchmark's figures are compared with, measured in the
+//! same run on the same kind of data: memcpy, BLAKE3, zstd and the store's
+//! chunk encoding, one thread or all cores.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::{PAGE, Rng, fill_page, gbps};
+
+/// Bytes of data the ceilings are measured on: big enough to leave the
+/// caches, small enough to take a second or two.
+pub const SAMPLE: usize = 256 << 20;
+
+/// A buffer of the benchmark programs' page contents (see [`fill_page`]).
+pub struct Sample {
+    data: Vec<u8>,
+}
+
+/// GB/s of `f` over `bytes`.
+fn rate(bytes: usize, f: impl FnOnce()) -> f64 {
+    let t = Instant::now();
+    f();
+    gbps(bytes as u64, t.elapsed())
+}
+
+impl Sample {
+    /// [`SAMPLE`] bytes of image-like pages, or hash-like ones with `hash`.
+    pub fn new(hash: bool) -> Sample {
+        let mut data = vec![0u8; SAMPLE];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for (i, p) in data.chunks_exact_mut(PAGE).enumerate() {
+            fill_page(&mut rng, p, i as u64, hash);
+        }
+        Sample { data }
+    }
+
+    /// memcpy into memory already faulted in (the copy a restart or a
+    /// capture makes lands in pages that exist).
+    pub fn memcpy(&self) -> f64 {
+        let mut dst = vec![0u8; self.data.len()];
+        dst.copy_from_slice(&self.data);
+        rate(self.data.len(), || {
+            dst.copy_from_slice(&self.data);
+            std::hint::black_box(&dst);
+        })
+    }
+
+    /// BLAKE3 of every `chunk` bytes on one thread.
+    pub fn blake3_1(&self, chunk: usize) -> f64 {
+        rate(self.data.len(), || {
+            for c in self.data.chunks(chunk) {
+                std::hint::black_box(blake3::hash(c));
+            }
+        })
+    }
+
+    /// BLAKE3 of every `chunk` bytes on all cores, as ckpt's chunker does.
+    pub fn blake3_all(&self, chunk: usize) -> f64 {
+        rate(self.data.len(), || {
+            std::hint::black_box(ckpt_chunker::hash_chunks(&self.data, chunk));
+        })
+    }
+
+    /// zstd at `level` of every `chunk` bytes of the first 64 MiB on one
+    /// thread, and the compressed size over the input size.
+    pub fn zstd_1(&self, chunk: usize, level: i32) -> (f64, f64) {
+        let part = &self.data[..64 << 20];
+        let mut csize = 0;
+        let r = rate(part.len(), || {
+            for c in part.chunks(chunk) {
+                csize += zstd::bulk::compress(c, level).unwrap().len();
+            }
+        });
+        (r, csize as f64 / part.len() as f64)
+    }
+
+    /// zstd at `level` of every `chunk` bytes on all cores.
+    pub fn zstd_all(&self, chunk: usize, level: i32) -> f64 {
+        rate(self.data.len(), || {
+            let n: usize = self.data.par_chunks(chunk).map(|c| zstd::bulk::compress(c, level).unwrap().len()).sum();
+            std::hint::black_box(n);
+        })
+    }
+
+    /// zstd decompression of every `chunk` bytes (compressed at `level`),
+    /// of the first 64 MiB on one thread, or of all of it on all cores.
+    pub fn unzstd(&self, chunk: usize, level: i32, all_cores: bool) -> f64 {
+        let part = if all_cores { &self.data[..] } else { &self.data[..64 << 20] };
+        let comp: Vec<Vec<u8>> = part.par_chunks(chunk).map(|c| zstd::bulk::compress(c, level).unwrap()).collect();
+        rate(part.len(), || {
+            let n: usize = if all_cores {
+                comp.par_iter().map_init(|| zstd::bulk::Decompressor::new().unwrap(), |d, z| d.decompress(z, chunk).unwrap().len()).sum()
+            } else {
+                let mut d = zstd::bulk::Decompressor::new().unwrap();
+                comp.iter().map(|z| d.decompress(z, chunk).unwrap().len()).sum()
+            };
+            std::hint::black_box(n);
+        })
+    }
+
+    /// The store's chunk encoding (zstd at its level, or raw when zstd
+    /// does not shrink a chunk) and decoding (with the check of each
+    /// chunk's address) of every page, on all cores.
+    pub fn encode_decode(&self) -> (f64, f64) {
+        let mut enc = Vec::new();
+        let encode = rate(self.data.len(), || {
+            enc = self.data.par_chunks(PAGE).map(|c| ckpt_chunker::encode(c, ckpt_chunker::DEFAULT_LEVEL).bytes().to_vec()).collect();
+        });
+        let hashes = ckpt_chunker::hash_chunks(&self.data, PAGE);
+        let decode = rate(self.data.len(), || {
+            enc.par_iter().zip(hashes.par_iter()).for_each(|(e, h)| {
+                std::hint::black_box(ckpt_chunker::decode(e, PAGE, h).unwrap());
+            });
+        });
+        (encode, decode)
+    }
+}
