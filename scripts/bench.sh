@@ -3,7 +3,12 @@
 # figures next to the ceilings it measured in the same run (memcpy, disk
 # write with fsync and read, BLAKE3, zstd at the level used, decompression).
 # Output goes to stdout and to bench-results/DATE.txt; the sections of
-# BENCHMARKS.md are made from it. Run it on a quiet machine: the figures
+# BENCHMARKS.md are made from it. The headline figures (issue 13's targets)
+# also go to bench-results/DATE.figures.jsonl, and the run ends with a table
+# of each next to its ceiling, its target and the same figure of the run
+# BENCHMARKS.md shows (benches/baseline.jsonl). To make this run the one
+# BENCHMARKS.md shows: paste its sections there and
+#   cp bench-results/DATE.figures.jsonl benches/baseline.jsonl Run it on a quiet machine: the figures
 # are ratios to ceilings of the same run, and a loaded machine moves them.
 #
 #   scripts/bench.sh            # 1 GiB, as the issue's targets
@@ -14,7 +19,9 @@ MIB=${MIB:-1024}
 BLOBS=${BLOBS:-10000000}
 cargo build --release --workspace --quiet
 mkdir -p bench-results
-out="bench-results/$(date -u +%Y-%m-%dT%H%M%SZ).txt"
+stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
+out="bench-results/$stamp.txt"
+export CKPT_BENCH_FIGURES="$PWD/bench-results/$stamp.figures.jsonl"
 run() {
   echo "== $*" | tee -a "$out"
   "target/release/$@" 2>&1 | tee -a "$out"
@@ -25,4 +32,6 @@ run bench-stop --mib "$MIB"                 # downtime: stopping threads, one la
 run bench-trees                             # many processes: downtime and cost per process
 run bench-restart --mib "$MIB" --lazy-mib $((MIB * 4))   # restart, eager and lazy
 run bench-catalog --blobs "$BLOBS"          # the catalog at scale
-echo "results in $out"
+echo "== figures vs the previous run (benches/baseline.jsonl)" | tee -a "$out"
+target/release/bench-compare benches/baseline.jsonl "$CKPT_BENCH_FIGURES" | tee -a "$out"
+echo "results in $out, figures in $CKPT_BENCH_FIGURES"

@@ -1,6 +1,8 @@
 //! Benchmarks of ckpt (binaries in `src/bin/`): incremental checkpoints per
 //! dirty-tracking backend, downtime, restart time, and the raw speed of
-//! memcpy, BLAKE3 and zstd measured in the same run as their ceiling.
+//! memcpy, BLAKE3 and zstd measured in the same run as their ceiling
+//! ([`ceilings`]), and the headline figures of a run ([`figure`]) that
+//! `bench-compare` sets against the previous run.
 //! Results are collected in BENCHMARKS.md. Performance is measured here,
 //! never in timed tests.
 
@@ -44,6 +46,18 @@ pub fn fill_page(rng: &mut Rng, p: &mut [u8], salt: u64, hash: bool) {
         };
         w.copy_from_slice(&v.to_le_bytes());
     }
+}
+
+/// One headline figure of a run (issue 13's targets), appended as a JSON
+/// line to the file `$CKPT_BENCH_FIGURES` names (scripts/bench.sh sets it;
+/// `bench-compare` sets each against the previous run's). `ceiling`: the
+/// figure's bound measured in the same run, in the same unit; `target`:
+/// the figure to reach. Lower is better for every figure.
+pub fn figure(name: &str, value: f64, unit: &str, ceiling: Option<f64>, target: Option<f64>) {
+    let Some(path) = std::env::var_os("CKPT_BENCH_FIGURES") else { return };
+    let line = serde_json::json!({ "name": name, "value": value, "unit": unit, "ceiling": ceiling, "target": target });
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap_or_else(|e| panic!("{}: {e}", Path::new(&path).display()));
+    std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()).unwrap();
 }
 
 /// GB/s of `bytes` in `d`.

@@ -137,4 +137,8 @@ fn main() {
     println!("| dedup lookup in SQLite (Store::contains) | {contains_us:.1} µs |");
     println!("| read_blobs, per blob of 100,000 random | {read_us:.1} µs |");
     println!("| gc sweep of one generation ({} dead blobs, {} live) | {sweep:.2} s |", swept.blobs, live.len());
+    ckpt_benches::figure(&format!("catalog at {next} blobs: commit of a 1% incremental"), small_commits[1], "ms", None, None);
+    ckpt_benches::figure(&format!("catalog at {next} blobs: open a writer"), open_writer, "s", None, None);
+    ckpt_benches::figure(&format!("catalog at {next} blobs: dedup lookup in SQLite"), contains_us, "µs", None, None);
+    ckpt_benches::figure(&format!("catalog at {next} blobs: gc sweep of one generation"), sweep, "s", None, None);
 }

@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::time::Instant;
 
 use ckpt_benches::ceilings::Sample;
-use ckpt_benches::{Env, PAGE, gbps};
+use ckpt_benches::{Env, PAGE, figure, gbps};
 
 struct Ceil {
     memcpy: f64,
@@ -155,6 +155,7 @@ fn main() {
         let (w, r) = (med(dw), med(dr));
         let bound = (present as f64 / 1e9 / c.encode).max(stored as f64 / 1e9 / w);
         let wall = med(walls);
+        let (idle, one) = (med(idle), med(one));
         println!(
             "| {kind} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {w:.2} | {r:.2} | {bound:.2} | {wall:.2} | {:.2} | {:.0} | {:.0} |",
             c.memcpy,
@@ -164,8 +165,12 @@ fn main() {
             c.decode,
             stored as f64 / present.max(1) as f64,
             wall / bound,
-            med(idle),
-            med(one)
+            idle,
+            one
         );
+        let data = if kind == "hash" { "hash-like" } else { "image-like" };
+        figure(&format!("full checkpoint, {heap_mib} MiB {data}"), wall, "s", Some(bound), (heap_mib == 1024).then_some(1.5));
+        figure(&format!("incremental, idle, {heap_mib} MiB {data}"), idle, "ms", None, (heap_mib == 1024).then_some(50.0));
+        figure(&format!("incremental, 1% changed, {heap_mib} MiB {data}"), one, "ms", None, (heap_mib == 1024).then_some(150.0));
     }
 }

@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use ckpt_benches::ceilings;
-use ckpt_benches::{Env, PAGE, gbps};
+use ckpt_benches::{Env, PAGE, figure, gbps};
 use rayon::prelude::*;
 
 struct Ceilings {
@@ -225,9 +225,17 @@ fn main() {
     for (name, first, _) in &rows {
         let (ceil, what) = if name.contains("cold") { (cold_read.as_secs_f64() * 1000.0, "cold pack read") } else { (floor_warm, "decompress + verify, all cores") };
         println!("| {name} | {first:.0} | {:.2}× the {what} ({ceil:.0} ms) |", first / ceil);
+        let target = match (*name, mib == 1024) {
+            ("eager, warm", true) => Some(500.0),
+            ("eager, cold", true) => Some(ceil),
+            (n, _) if n.starts_with("lazy") => Some(50.0),
+            _ => None,
+        };
+        figure(&format!("restart to first output, {name}, {mib} MiB"), *first, "ms", Some(ceil), target);
     }
     if let Some((lazy, eager)) = big {
         println!("| lazy, warm, {lazy_mib} MiB | {lazy:.0} | eager restart of the same image: {eager:.0} ms ({:.3}×) |", lazy / eager);
+        figure(&format!("restart to first output, lazy, warm, {lazy_mib} MiB"), lazy, "ms", None, Some(50.0));
     }
     println!("\n### Steps of the last restart of each mode (the engine's debug log)\n");
     for (name, _, steps) in &rows {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use ckpt_benches::Env;
+use ckpt_benches::{Env, figure};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -213,7 +213,9 @@ fn memory_downtime(ckpt: &Path, heap: &str, mib: usize, pcts: &[f64], reps: usiz
         runs.sort_by(|a, b| a.downtime.partial_cmp(&b.downtime).unwrap());
         let m = runs.swap_remove(runs.len() / 2);
         let pages = ((mib << 20) / 4096) as f64 * pct / 100.0;
-        row(format!("{pct}%"), &m, raw_copy_ms(mib, pages as usize));
+        let copy = raw_copy_ms(mib, pages as usize);
+        row(format!("{pct}%"), &m, copy);
+        figure(&format!("downtime, {mib} MiB, {pct}% changed"), m.downtime, "ms", (copy > 0.0).then_some(copy), (mib == 1024 && pct == 1.0).then_some(5.0));
     }
     writeln!(stdin, "quit").ok();
     drop(stdin);

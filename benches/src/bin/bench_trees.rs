@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use ckpt_benches::Env;
+use ckpt_benches::{Env, figure};
 
 /// Runs `prog args` (under `ckpt launch` when `env` is given) and returns
 /// its NS_PER_OP figure.
@@ -58,6 +58,7 @@ fn main() {
 
     println!("\n### Checkpointing K processes of 16 MiB each (medians of {reps} checkpoints after the first)\n");
     println!("| processes | memory | downtime | time to commit | commit per process |\n|---|---|---|---|---|");
+    let mut one_256 = None;
     for (k, mib) in [(1usize, 16usize), (1, 256), (4, 16), (16, 16)] {
         let env = Env::new(&ckpt, "trees", &format!("tree{k}-{mib}"));
         let mut child = env
@@ -92,6 +93,12 @@ fn main() {
         let _ = child.wait();
         let (d, w) = (median(down), median(wall));
         println!("| {k} | {} MiB | {d:.1} ms | {w:.0} ms | {:.0} ms |", k * mib, w / k as f64);
+        // The baseline of 16 processes of 16 MiB: one process of 256 MiB.
+        match (k, mib) {
+            (1, 256) => one_256 = Some(d),
+            (16, 16) => figure("downtime, 16 processes of 16 MiB", d, "ms", one_256, one_256.map(|b| 2.0 * b)),
+            _ => {}
+        }
     }
 
     helper_vs_local(&ckpt, env!("CKPT_BENCH_HEAP"), reps);
