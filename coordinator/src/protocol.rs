@@ -49,6 +49,10 @@ pub enum Request {
     RestartBarrier { generation: u64, arrived: Vec<String>, hosts: Vec<String> },
     /// Answered once process `pid` has registered.
     WaitProcess { pid: i32 },
+    /// Use these command hooks (and hook timeout) from now on, and store
+    /// them with every generation (`ckpt launch --hook` with a coordinator
+    /// already running, `ckpt restart`).
+    SetHooks { hooks: crate::hooks::Hooks },
     /// Stop the coordinator.
     Quit {},
 }
@@ -155,6 +159,7 @@ impl Request {
                 Ok(())
             }
             Request::WaitProcess { pid } if *pid <= 0 => bad(format!("pid {pid} is not a process")),
+            Request::SetHooks { hooks } => hooks.validate().map_err(ProtoError::Invalid),
             _ => Ok(()),
         }
     }
@@ -169,6 +174,7 @@ impl Request {
             Request::Externals { .. } => "externals",
             Request::RestartBarrier { .. } => "restart_barrier",
             Request::WaitProcess { .. } => "wait_process",
+            Request::SetHooks { .. } => "set_hooks",
             Request::Quit {} => "quit",
         }
     }
