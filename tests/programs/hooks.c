@@ -34,6 +34,8 @@ static unsigned long long last_gen;
 static const char *fail_file, *hang_file;
 static long now_tick = -1;
 static volatile long ticks_seen;
+/* The main thread is in ckpt_checkpoint_now (so it cannot tick). */
+static volatile int asking;
 
 static void opt(int c, const char *arg)
 {
@@ -52,11 +54,12 @@ static int on_pre(int event, unsigned long long gen, void *arg)
         ct_fail("pre-checkpoint callback %ld, but only %ld post-checkpoint callbacks so far", pre_calls + 1, post_calls);
     long n = ++pre_calls;
     pthread_mutex_unlock(&mu);
-    /* The program's other threads run meanwhile: the main thread ticks. */
+    /* The program's other threads run meanwhile: the main thread ticks
+     * (unless it is the one waiting for this checkpoint). */
     long t0 = ticks_seen;
-    for (int i = 0; i < 100 && ticks_seen == t0; i++)
+    for (int i = 0; i < 100 && ticks_seen == t0 && !asking; i++)
         ct_sleep_ms(ct_interval_ms / 10 + 1);
-    if (ticks_seen == t0)
+    if (ticks_seen == t0 && !asking)
         ct_fail("the main thread did not tick while the pre-checkpoint callback ran");
     printf("HOOK pre %ld\n", n);
     return 0;
@@ -134,7 +137,7 @@ int main(int argc, char **argv)
     } else {
         if (ckpt_register_hook(CKPT_PRE_CHECKPOINT, "count_pre", on_pre, &pre_calls) != CKPT_OK
             || (fail_file && ckpt_register_hook(CKPT_PRE_CHECKPOINT, "fail_if_file", fail_if_file, NULL) != CKPT_OK)
-            || (hang_file && ckpt_register_hook(CKPT_PRE_CHECKPOINT, NULL, hang_if_file, NULL) != CKPT_OK)
+            || (hang_file && ckpt_register_hook(CKPT_PRE_CHECKPOINT, "hang_if_file", hang_if_file, NULL) != CKPT_OK)
             || ckpt_register_hook(CKPT_POST_CHECKPOINT, "count_post", on_post, &post_calls) != CKPT_OK
             || ckpt_register_hook(CKPT_POST_RESTART, "count_restart", on_restart, &restarts) != CKPT_OK)
             ct_fail("ckpt_register_hook failed");
@@ -144,12 +147,12 @@ int main(int argc, char **argv)
     printf("READY\n");
     for (long tick = 1;; tick++) {
         ct_check_ids();
-        if (ct_should_stop(tick))
-            break;
         if (tick == now_tick) {
             char err[256] = "";
             unsigned long long g = 0;
+            asking = 1;
             int rc = ckpt_checkpoint_now(&g, err, sizeof err);
+            asking = 0;
             if (rc == CKPT_CHECKPOINTED && g > 0)
                 printf("NOW checkpointed %llu\n", g);
             else if (rc == CKPT_RESTARTED && g == ckpt_restored_generation() && g > 0)
@@ -163,6 +166,8 @@ int main(int argc, char **argv)
         printf("TICK %ld pre=%ld post=%ld restarts=%ld\n", tick, pre_calls, post_calls, restarts);
         pthread_mutex_unlock(&mu);
         ticks_seen = tick;
+        if (ct_should_stop(tick))
+            break;
         ct_sleep_ms(ct_interval_ms);
     }
     ct_done();
