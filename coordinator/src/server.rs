@@ -707,10 +707,30 @@ impl Coordinator {
         let msg = Prepare { timeout_ms: timeout.as_millis() as u64, _reserved: 0 };
         let mut asked = Vec::new();
         let mut failure = None;
+        // Processes stopped by job control cannot run callbacks (nor
+        // answer): their machine's helper says which they are.
+        let mut stopped: HashSet<Key> = HashSet::new();
+        let mut by_machine: HashMap<u64, Vec<i32>> = HashMap::new();
+        for p in procs.iter().filter(|p| p.hello.version >= 4) {
+            if p.machine == 0 {
+                if ckpt_engine::jobstop::is_stopped(p.hello.pid) {
+                    stopped.insert((0, p.hello.pid));
+                }
+            } else {
+                by_machine.entry(p.machine).or_default().push(p.hello.pid);
+            }
+        }
+        for (m, pids) in by_machine {
+            let Some(h) = self.hosts.lock().unwrap().get(&m).cloned() else { continue };
+            match h.call(Op::Stopped { pids }, SUSPEND_TIMEOUT) {
+                Ok(a) => stopped.extend(a.get("stopped").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_i64).map(|p| (m, p as i32))),
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
         for p in procs {
             // Agents older than the hooks, and processes stopped by job
-            // control (their callbacks could not run), are not asked.
-            if p.hello.version < 4 || (p.machine == 0 && ckpt_engine::jobstop::is_stopped(p.hello.pid)) {
+            // control, are not asked.
+            if p.hello.version < 4 || stopped.contains(&(p.machine, p.hello.pid)) {
                 continue;
             }
             // Answers of an earlier PREPARE that came too late.
