@@ -286,3 +286,43 @@ fn command_hooks_succeed_fail_hang_and_survive_a_restart() {
     assert!(read_log().ends_with(&format!("pre {pid}\npost {g3} committed\n")), "{}", read_log());
     r.finish(&s, 3);
 }
+
+/// An ordinary user's computation (in namespaces of its own, restarted
+/// through ckpt's init): the callbacks and the command hooks run as that
+/// user, and the post-restart command, run by the init, names the
+/// program's pid as the program sees it.
+#[test]
+fn hooks_as_an_ordinary_user() {
+    let s = Session::as_user(TEST_USER, "hooks_user");
+    let (uid, _, _) = ordinary_account(TEST_USER);
+    let d = s.dir.display().to_string();
+    let log = s.path("hooks.log");
+    let stop = s.stop_file();
+    let hooks = [
+        "--hook".to_string(),
+        format!("pre-checkpoint=echo \"pre $(id -u)\" >> {d}/hooks.log"),
+        "--hook".into(),
+        format!("post-restart=echo \"restart $CKPT_GENERATION $CKPT_PIDS $(id -u)\" >> {d}/hooks.log"),
+    ];
+    let opts: Vec<&str> = hooks.iter().map(String::as_str).collect();
+    let mut p = s.launch_opts(&opts, &program("hooks"), &["-t", "100", "-s", stop.to_str().unwrap()], &[]);
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint();
+    p.wait_line(|l| *l == format!("HOOK post 1 gen {g}"), LINE_TIMEOUT);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), format!("pre {uid}\n"));
+    p.wait_ticks(1, LINE_TIMEOUT);
+    p.kill9();
+    let mut r = s.restart(None, pid);
+    r.wait_line(|l| *l == format!("HOOK restart 1 gen {g}"), RESTART_TIMEOUT);
+    // Its pid outside the namespaces, found while it runs.
+    assert!(r.alive(), "the restored program is not pid {pid}\n{}", r.context());
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while !std::fs::read_to_string(&log).unwrap().contains("restart") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), format!("pre {uid}\nrestart {g} {pid} {uid}\n"));
+    r.wait_ticks(2, LINE_TIMEOUT);
+    r.finish(&s, 3);
+}
