@@ -554,7 +554,7 @@ extern "C" fn thread_main(_: *mut libc::c_void) -> *mut libc::c_void {
             }
             Some(kind::ROUND_DONE) => {
                 let r = Resume::read_from(&buf).unwrap_or_default();
-                hooks::post(hooks::EV_POST_CHECKPOINT, if r.outcome == proto::OUTCOME_WRITTEN { r.generation } else { 0 });
+                hooks::round_done(if r.outcome == proto::OUTCOME_WRITTEN { r.generation } else { 0 });
             }
             Some(kind::NOW_DONE) => hooks::now_done(&buf),
             Some(_) => {}

@@ -107,6 +107,16 @@ static RUN_CODE: AtomicI32 = AtomicI32::new(0);
 /// TID of the hook thread while it runs (a callback may not wait for a
 /// checkpoint: that checkpoint waits for it).
 static HOOK_TID: AtomicI32 = AtomicI32::new(0);
+/// The callbacks of an event to run once the running ones end (a
+/// post-checkpoint after a hung pre-checkpoint), and its generation;
+/// RUN_LOCK orders them with the end of a run.
+static PENDING_EVENT: AtomicI32 = AtomicI32::new(0);
+static PENDING_GEN: AtomicU64 = AtomicU64::new(0);
+static RUN_LOCK: Lock = Lock::new();
+/// The pre-checkpoint step of the current round ran (or had nothing to
+/// run): its ROUND_DONE runs the post-checkpoint callbacks. Not when the
+/// step was refused because an earlier callback still ran.
+static ARMED: AtomicBool = AtomicBool::new(false);
 
 /// The program's checkpoint request (`ckpt_checkpoint_now`).
 const NOW_IDLE: u32 = 0;
@@ -153,6 +163,9 @@ pub fn after_fork_in_child() {
     SEND_LOCK.reset();
     REG_LOCK.reset();
     NOW_LOCK.reset();
+    RUN_LOCK.reset();
+    PENDING_EVENT.store(0, Ordering::Release);
+    ARMED.store(false, Ordering::Release);
     NOW_STATE.store(NOW_IDLE, Ordering::Release);
     RUN_STATE.store(IDLE, Ordering::Release);
     RUN_THREAD.store(0, Ordering::Release);
@@ -164,8 +177,30 @@ pub fn after_fork_in_child() {
 
 extern "C" fn hook_main(_: *mut c_void) -> *mut c_void {
     HOOK_TID.store(sys::gettid(), Ordering::Release);
-    let event = RUN_EVENT.load(Ordering::Acquire);
-    let generation = RUN_GEN.load(Ordering::Acquire);
+    let mut event = RUN_EVENT.load(Ordering::Acquire);
+    let mut generation = RUN_GEN.load(Ordering::Acquire);
+    loop {
+        let state = run_event(event, generation);
+        // What came to run while these ran is run now, in this thread.
+        RUN_LOCK.lock();
+        let next = PENDING_EVENT.swap(0, Ordering::AcqRel);
+        if next == 0 {
+            HOOK_TID.store(0, Ordering::Release);
+            RUN_STATE.store(state, Ordering::Release);
+            RUN_LOCK.unlock();
+            sys::futex_wake_all(&RUN_STATE);
+            return core::ptr::null_mut();
+        }
+        RUN_LOCK.unlock();
+        event = next;
+        generation = PENDING_GEN.load(Ordering::Acquire);
+        RUN_EVENT.store(event, Ordering::Release);
+    }
+}
+
+/// Runs the callbacks of `event` in order; FAILED at the first
+/// pre-checkpoint one that returns non-zero.
+fn run_event(event: i32, generation: u64) -> u32 {
     // A copy: a callback may register more callbacks.
     REG_LOCK.lock();
     let n = NHOOKS.load(Ordering::Acquire);
@@ -189,10 +224,7 @@ extern "C" fn hook_main(_: *mut c_void) -> *mut c_void {
             agent_warn(&format!("ckpt: the {} callback {} returned {rc}\n", event_name(event), hook_name(h)));
         }
     }
-    HOOK_TID.store(0, Ordering::Release);
-    RUN_STATE.store(state, Ordering::Release);
-    sys::futex_wake_all(&RUN_STATE);
-    core::ptr::null_mut()
+    state
 }
 
 fn agent_warn(s: &str) {
@@ -277,7 +309,10 @@ fn start(event: i32, generation: u64, timeout_ns: u64) -> Result<bool, String> {
 pub fn prepare(timeout_ms: u64) -> Result<(), String> {
     let timeout_ns = timeout_ms.saturating_mul(1_000_000);
     let t0 = sys::now_ns();
-    if !start(EV_PRE_CHECKPOINT, 0, timeout_ns)? {
+    ARMED.store(false, Ordering::Release);
+    let started = start(EV_PRE_CHECKPOINT, 0, timeout_ns)?;
+    ARMED.store(true, Ordering::Release);
+    if !started {
         return Ok(());
     }
     let secs = timeout_ms as f64 / 1000.0;
@@ -293,10 +328,27 @@ pub fn prepare(timeout_ms: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// ROUND_DONE or a restart: the callbacks of `event`, not waited for
-/// (the next PREPARE waits for them).
-pub fn post(event: i32, generation: u64) {
-    if let Err(e) = start(event, generation, 1_000_000_000) {
+/// ROUND_DONE: the post-checkpoint callbacks, if this round's
+/// pre-checkpoint step ran.
+pub fn round_done(generation: u64) {
+    if ARMED.swap(false, Ordering::AcqRel) {
+        post(EV_POST_CHECKPOINT, generation);
+    }
+}
+
+/// The callbacks of `event`, not waited for (the next PREPARE waits for
+/// them); after the running ones if some still run (a hung callback).
+fn post(event: i32, generation: u64) {
+    RUN_LOCK.lock();
+    if RUN_STATE.load(Ordering::Acquire) == RUNNING {
+        PENDING_GEN.store(generation, Ordering::Release);
+        PENDING_EVENT.store(event, Ordering::Release);
+        RUN_LOCK.unlock();
+        return;
+    }
+    RUN_LOCK.unlock();
+    // Nothing runs: start() joins the last run at once.
+    if let Err(e) = start(event, generation, 0) {
         agent_warn(&format!("ckpt: no {} callbacks this time: {e}\n", event_name(event)));
     }
 }

@@ -175,8 +175,10 @@ fn failing_and_hanging_c_callbacks_refuse_the_checkpoint() {
     let took = t0.elapsed();
     assert_refused(&out, &[&format!("process {pid} (hooks)"), "pre-checkpoint callback \"hang_if_file\" is still running after 2 s"]);
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(20), "the hung callback's checkpoint took {took:?}");
-    // The program goes on (the main thread ticks) while the callback hangs.
-    p.wait_ticks(3, LINE_TIMEOUT);
+    // The program goes on (the main thread ticks) while the callback
+    // hangs, and the failed round's post-checkpoint callback waits for it.
+    p.wait_ticks(20, LINE_TIMEOUT);
+    assert!(!p.lines.iter().any(|l| l.starts_with("HOOK post 3")), "a post-checkpoint callback ran while the pre-checkpoint one hung\n{}", p.context());
     std::fs::remove_file(&hangf).unwrap();
     // Once it returns, the failed round's post-checkpoint callback runs.
     p.wait_line(|l| l == "HOOK post 3 gen 0", LINE_TIMEOUT);
