@@ -442,7 +442,7 @@ pub unsafe extern "C" fn ckpt_agent_register_hook(event: i32, name: *const c_cha
             let at = func.map_or(core::ptr::null(), |f| f as *const c_void);
             // Only the function's own symbol: dladdr gives the nearest one
             // below a function that has none (a static one).
-            if libc::dladdr(at, &mut info) != 0 && !info.dli_sname.is_null() && info.dli_saddr as *const c_void == at {
+            if libc::dladdr(at, &mut info) != 0 && !info.dli_sname.is_null() && core::ptr::eq(info.dli_saddr as *const c_void, at) {
                 Some(core::ffi::CStr::from_ptr(info.dli_sname).to_string_lossy().into_owned())
             } else {
                 None
