@@ -787,7 +787,9 @@ impl Coordinator {
         if procs.is_empty() {
             return Err("no processes to checkpoint: start one with `ckpt launch -- PROGRAM`".into());
         }
+        let t_prepare = Instant::now();
         let (asked, prepared) = self.prepare(&hooks, &procs);
+        tracing::debug!(ms = t_prepare.elapsed().as_secs_f64() * 1000.0, asked = asked.as_ref().map_or(0, Vec::len), "pre-checkpoint step");
         let result = match prepared {
             Ok(()) => self.checkpoint_rounds(),
             Err(e) => {
