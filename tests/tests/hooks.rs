@@ -328,3 +328,50 @@ fn hooks_as_an_ordinary_user() {
     r.wait_ticks(2, LINE_TIMEOUT);
     r.finish(&s, 3);
 }
+
+/// A post-restart command that fails, then one that hangs (given to `ckpt
+/// restart`, over the stored one): each is reported on the restart's
+/// stderr, and the restored program goes on.
+#[test]
+fn failing_and_hanging_post_restart_commands_are_reported() {
+    let s = Session::new("hooks_restart_cmd");
+    let stop = s.stop_file();
+    let d = s.dir.display().to_string();
+    let stored = format!("post-restart=echo stored >> {d}/hooks.log");
+    let mut p = s.launch_opts(&["--hook", &stored], &program("counter_heap"), &["-t", "100", "-m", "16", "-s", stop.to_str().unwrap()], &[]);
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint();
+    p.wait_ticks(1, LINE_TIMEOUT);
+    p.kill9();
+    let restart = |extra: &[&str]| {
+        let mut c = s.cmd("restart");
+        c.args(extra).arg(g.to_string());
+        let mut r = Proc::spawn(format!("restart {g} {}", extra.join(" ")), c);
+        r.pid = pid;
+        s.track(pid);
+        r
+    };
+    let mut r = restart(&["--hook", "post-restart=exit 5"]);
+    r.wait_ticks(3, RESTART_TIMEOUT);
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while !r.stderr().contains("post-restart hook") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(r.stderr().contains("warning: the post-restart hook `exit 5` exited with status 5"), "{}", r.context());
+    assert!(!s.path("hooks.log").exists(), "the stored post-restart hook ran although the restart gave its own");
+    r.kill9();
+
+    let t0 = Instant::now();
+    let mut r = restart(&["--hook", "post-restart=sleep 60", "--hook-timeout", "1"]);
+    r.wait_ticks(3, RESTART_TIMEOUT);
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while !r.stderr().contains("post-restart hook") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(r.stderr().contains("warning: the post-restart hook `sleep 60` did not finish within 1 s and was killed"), "{}", r.context());
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    r.wait_ticks(2, LINE_TIMEOUT);
+    r.finish(&s, 3);
+}
