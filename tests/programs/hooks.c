@@ -57,7 +57,7 @@ static int on_pre(int event, unsigned long long gen, void *arg)
     /* The program's other threads run meanwhile: the main thread ticks
      * (unless it is the one waiting for this checkpoint). */
     long t0 = ticks_seen;
-    for (int i = 0; i < 100 && ticks_seen == t0 && !asking; i++)
+    for (int i = 0; i < 500 && ticks_seen == t0 && !asking; i++)
         ct_sleep_ms(ct_interval_ms / 10 + 1);
     if (ticks_seen == t0 && !asking)
         ct_fail("the main thread did not tick while the pre-checkpoint callback ran");

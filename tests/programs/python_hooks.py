@@ -43,7 +43,8 @@ def on_pre(generation):
         state["pre"] += 1
         n = state["pre"]
     t0 = state["ticks"]
-    for _ in range(100):
+    # Up to about 5 s: the main thread ticks every -t ms.
+    for _ in range(500):
         if state["ticks"] != t0 or state["asking"]:
             break
         time.sleep(args.t / 10000.0 + 0.001)
