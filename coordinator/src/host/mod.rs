@@ -43,8 +43,8 @@ use crate::machine::{RoundOpts, Target};
 
 /// First word of every message of this protocol ("CKPH").
 pub const MAGIC: u32 = 0x484b_5043;
-/// Version of this protocol, carried in HELLO.
-pub const VERSION: u32 = 1;
+/// Version of this protocol, carried in HELLO (2: the `stopped` op).
+pub const VERSION: u32 = 2;
 
 pub(crate) mod kind {
     pub const HELLO: u32 = 1;
