@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs ckpt: the command, its agent and its restorer, the man pages and
-# the bash, zsh and fish completions.
+# Installs ckpt: the command, its agent and its restorer, the man pages,
+# the bash, zsh and fish completions, and the API for programs that know
+# they are checkpointed (C header and library, Python module).
 #
 #   scripts/install.sh [--no-build] [PREFIX]     install (PREFIX: /usr/local as root, else ~/.local)
 #   scripts/install.sh --uninstall [PREFIX]      remove what an install put there
@@ -13,8 +14,13 @@
 #   PREFIX/share/bash-completion/completions/ckpt
 #   PREFIX/share/zsh/site-functions/_ckpt
 #   PREFIX/share/fish/vendor_completions.d/ckpt.fish
+#   PREFIX/include/ckpt.h, PREFIX/lib/libckpt.so   the C API (cc ... -lckpt)
+#   PREFIX/lib/ckpt/python/ckpt.py                the Python module (PYTHONPATH)
 #
-# Files are installed 0755 (0644 for pages and completions), owned by the
+# libckpt.so is compiled here with $CC (default cc) from libckpt/ckpt.c,
+# with --no-build too; without a C compiler the C API and the Python module
+# are left out, with a warning.
+# Files are installed 0755 (0644 for pages, completions, header, module), owned by the
 # installing user, never writable by anyone else: the agent runs inside
 # every program ckpt launches. --no-build installs what `cargo build
 # --release` already built (in $CARGO_TARGET_DIR or target/), e.g. for an
@@ -28,7 +34,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) build=0 ;;
     --uninstall) uninstall=1 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "$0: unknown option $1" >&2; usage ;;
     *) [ -z "$prefix" ] || usage; prefix=$1 ;;
   esac
@@ -45,11 +51,16 @@ man1=$prefix/share/man/man1
 bashc=$prefix/share/bash-completion/completions
 zshc=$prefix/share/zsh/site-functions
 fishc=$prefix/share/fish/vendor_completions.d
+inc=$prefix/include
+pylib=$lib/python
 
 if [ "$uninstall" -eq 1 ]; then
   # The man pages an install wrote are named by its ckpt: ckpt.1 and ckpt-*.1.
   rm -f "$bin/ckpt" "$lib/libckpt_preload.so" "$lib/ckpt-restorer" \
-        "$man1"/ckpt.1 "$man1"/ckpt-*.1 "$bashc/ckpt" "$zshc/_ckpt" "$fishc/ckpt.fish"
+        "$man1"/ckpt.1 "$man1"/ckpt-*.1 "$bashc/ckpt" "$zshc/_ckpt" "$fishc/ckpt.fish" \
+        "$inc/ckpt.h" "$prefix/lib/libckpt.so" "$pylib/ckpt.py"
+  rm -rf "$pylib/__pycache__"
+  rmdir "$pylib" 2>/dev/null || true
   rmdir "$lib" 2>/dev/null || true
   echo "ckpt removed from $prefix"
   exit 0
@@ -89,5 +100,22 @@ for page in "$gen"/*.1; do put "$page" "$man1/$(basename "$page")" 0644; done
 "$bin/ckpt" generate completion zsh > "$gen/zsh" && put "$gen/zsh" "$zshc/_ckpt" 0644
 "$bin/ckpt" generate completion fish > "$gen/fish" && put "$gen/fish" "$fishc/ckpt.fish" 0644
 
-echo "ckpt installed in $prefix: $bin/ckpt, agent and restorer in $lib, man pages in $man1"
+# The API for programs that know they are checkpointed: libckpt.so finds
+# the agent at run time and does nothing without it.
+cc=${CC:-cc}
+api=
+if command -v "$cc" >/dev/null; then
+  "$cc" -O2 -fPIC -shared -Wall -o "$gen/libckpt.so" "$root/libckpt/ckpt.c" -ldl
+  install -d -m 0755 "$inc" "$pylib"
+  put "$gen/libckpt.so" "$prefix/lib/libckpt.so" 0755
+  put "$root/libckpt/ckpt.h" "$inc/ckpt.h" 0644
+  put "$root/python/ckpt.py" "$pylib/ckpt.py" 0644
+  # The loader's cache knows the new library (root, system prefixes).
+  if [ "$(id -u)" -eq 0 ] && command -v ldconfig >/dev/null; then ldconfig 2>/dev/null || true; fi
+  api=", C API in $inc and $prefix/lib, Python module in $pylib"
+else
+  echo "warning: no C compiler ($cc): the C API (ckpt.h, libckpt.so) and the Python module are not installed; install gcc and run this again" >&2
+fi
+
+echo "ckpt installed in $prefix: $bin/ckpt, agent and restorer in $lib, man pages in $man1$api"
 case ":$PATH:" in *":$bin:"*) ;; *) echo "note: $bin is not in PATH; add it (export PATH=\"$bin:\$PATH\")" ;; esac

@@ -39,6 +39,40 @@ struct CoordArg {
     coord: Option<String>,
 }
 
+/// Command hooks (`--hook KIND=CMD`, `--hook-timeout SECS`).
+#[derive(clap::Args, Clone, Default)]
+struct HookArgs {
+    /// Run CMD (with /bin/sh) around checkpoints: KIND is pre-checkpoint
+    /// (before the programs are stopped; failing refuses the checkpoint),
+    /// post-checkpoint (after each checkpoint, committed or not) or
+    /// post-restart (once `ckpt restart` has every process back).
+    /// Repeatable; stored with every generation, so a restart runs them again.
+    #[arg(long, value_name = "KIND=CMD", value_parser = ckpt_coordinator::hooks::Hooks::parse_arg)]
+    hook: Vec<(String, String)>,
+    /// Seconds a hook (a command, or a program's callbacks of one event)
+    /// may take before it fails [default: 60].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    hook_timeout: Option<u64>,
+}
+
+impl HookArgs {
+    fn hooks(&self) -> ckpt_coordinator::hooks::Hooks {
+        let mut h = ckpt_coordinator::hooks::Hooks { timeout_s: self.hook_timeout, ..Default::default() };
+        for (k, c) in &self.hook {
+            h.set(k, c.clone());
+        }
+        h
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.hook.iter().flat_map(|(k, c)| ["--hook".to_string(), format!("{k}={c}")]).collect();
+        if let Some(t) = self.hook_timeout {
+            v.extend(["--hook-timeout".to_string(), t.to_string()]);
+        }
+        v
+    }
+}
+
 #[derive(clap::Args, Clone)]
 struct StoreArg {
     /// Image store: file:///PATH, a path, or s3://BUCKET/PREFIX [default: $XDG_DATA_HOME/ckpt or ~/.local/share/ckpt]
@@ -74,6 +108,8 @@ enum Cmd {
         /// without root); `host`: the machine's network.
         #[arg(long, value_name = "host|private", default_value = "host", value_parser = ["host", "private"])]
         net: String,
+        #[command(flatten)]
+        hooks: HookArgs,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         prog: Vec<String>,
@@ -123,6 +159,9 @@ enum Cmd {
         /// restart writes all memory first, with a warning).
         #[arg(long)]
         lazy: bool,
+        /// Hooks over those stored with the generation (same syntax as `ckpt launch --hook`).
+        #[command(flatten)]
+        hooks: HookArgs,
     },
     /// Kill every process of the computation.
     Kill {
@@ -238,6 +277,8 @@ enum Cmd {
         /// Detach from the terminal and run in the background.
         #[arg(long)]
         daemonize: bool,
+        #[command(flatten)]
+        hooks: HookArgs,
     },
 }
 
@@ -365,7 +406,7 @@ fn undo_launch(addr: &Address, started: bool, new_store: Option<&Path>) {
 
 /// Makes sure a coordinator answers at `addr`, using `store` (started in
 /// the background if none runs). True if this call started it.
-fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>) -> Result<bool> {
+fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>, hooks: &HookArgs) -> Result<bool> {
     match client::hello(addr, Duration::from_secs(2)) {
         Ok(v) => {
             let theirs = v.store;
@@ -374,6 +415,10 @@ fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: 
             }
             if interval.is_some() {
                 tracing::warn!("a coordinator already runs at {addr}: --interval is ignored");
+            }
+            let h = hooks.hooks();
+            if !h.is_empty() {
+                client::set_hooks(addr, h, Duration::from_secs(10)).context("giving the coordinator this computation's hooks")?;
             }
             return Ok(false);
         }
@@ -393,6 +438,7 @@ fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: 
     if let Some(i) = interval {
         cmd.args(["--interval", &i.to_string()]);
     }
+    cmd.args(hooks.args());
     cmd.env_remove("LD_PRELOAD").stdin(std::process::Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
     let status = cmd.status().context("starting the coordinator")?;
     if !status.success() {
@@ -451,7 +497,7 @@ pub(crate) fn program_command(l: &Launch) -> Result<std::process::Command> {
 
 fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Launch { coord, store, interval, dirty_tracking, no_fork_ckpt, pid_namespace, net, prog } => {
+        Cmd::Launch { coord, store, interval, dirty_tracking, no_fork_ckpt, pid_namespace, net, hooks, prog } => {
             use ckpt_engine::dirty;
             if dirty::parse_request(&dirty_tracking).is_none() {
                 bail!("--dirty-tracking {dirty_tracking:?}: use auto, soft-dirty, uffd-wp or scan");
@@ -481,7 +527,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             // the program inherit it.
             unsafe { std::env::set_var(ckpt_coordinator::secret::ENV_SECRET_FILE, &secret_file) };
             let new_store = if ckpt_store::remote::is_s3_url(&url) { None } else { ckpt_store::parse_url(&url).ok().filter(|p| !p.exists()) };
-            let started = ensure_coordinator(&addr, &url, store.store.is_some(), interval)?;
+            let started = ensure_coordinator(&addr, &url, store.store.is_some(), interval, &hooks)?;
             let launch = Launch { addr: addr.clone(), dirty_tracking, no_fork_ckpt, prog };
             let err = match ns {
                 Some(ns) => nsinit::exec_launch(ns, &launch),
@@ -501,12 +547,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Status { coord, json } => status(&coord_addr(&coord)?, json),
         Cmd::Log { store, json } => log(&store_url(&store), json),
-        Cmd::Restart { generation, coord, store, host, host_map, dry_run, lazy } => {
+        Cmd::Restart { generation, coord, store, host, host_map, dry_run, lazy, hooks } => {
             let here = host.unwrap_or_else(this_host);
             if dry_run {
                 return restart_dry_run(generation, &coord_addr(&coord)?, &store_url(&store), &here, &host_map);
             }
-            restart(generation, &coord_addr(&coord)?, &store_url(&store), store.store.is_some(), &here, &host_map, lazy)
+            restart(generation, &coord_addr(&coord)?, &store_url(&store), store.store.is_some(), &here, &host_map, lazy, &hooks)
         }
         Cmd::Push { dest, store, json } => remote_cmd::push(&store_url(&store), &dest, json),
         Cmd::Pull { src, store, json } => remote_cmd::pull(&src, &store_url(&store), json),
@@ -533,7 +579,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             generate_cmd::run(what, <Cli as clap::CommandFactory>::command())?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Coordinator { coord, store, interval, daemonize } => {
+        Cmd::Coordinator { coord, store, interval, daemonize, hooks } => {
             let addr = coord_addr(&coord)?;
             if daemonize {
                 // SAFETY: still single-threaded here; the parent exits at once.
@@ -559,7 +605,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     }
                 }
             }
-            ckpt_coordinator::run(ckpt_coordinator::Config { addr, store_url: store_url(&store), interval: interval.map(Duration::from_secs), fork: true })?;
+            ckpt_coordinator::run(ckpt_coordinator::Config { addr, store_url: store_url(&store), interval: interval.map(Duration::from_secs), fork: true, hooks: hooks.hooks() })?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -748,9 +794,12 @@ fn host_names(v: &[ckpt_engine::image::ProcessImage]) -> Vec<String> {
     h
 }
 
-fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool, here: &str, host_map: &[(String, String)], lazy: bool) -> Result<ExitCode> {
+#[allow(clippy::too_many_arguments)]
+fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool, here: &str, host_map: &[(String, String)], lazy: bool, hook_args: &HookArgs) -> Result<ExitCode> {
     let store = Store::open(url)?;
     let (info, _, images) = ckpt_engine::image::load_generation(&store, generation)?;
+    // The hooks stored with the generation, under this command's own.
+    let hooks = stored_hooks(&info)?.merged(&hook_args.hooks());
     let hosts = host_names(&images);
     let images = ckpt_engine::image::select_host(info.id, images, here, host_map)?;
     // Whose processes these are: a non-root user restarts only its own,
@@ -762,7 +811,10 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     let ns = nsinit::for_restart(info.id, &images)?;
     ckpt_engine::restore::check_tree(info.id, &images)?;
     artifact("ckpt-restorer", "CKPT_RESTORER")?;
-    ensure_coordinator(addr, url, store_given, None)?;
+    ensure_coordinator(addr, url, store_given, None, &HookArgs::default())?;
+    if !hooks.is_empty() {
+        client::set_hooks(addr, hooks.clone(), Duration::from_secs(10)).context("giving the coordinator the computation's hooks")?;
+    }
     // The restarted processes get this command's stdin, stdout and stderr:
     // the coordinator must know them as the computation's outside.
     let stdio: Vec<External> = (0..3)
@@ -771,9 +823,9 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     client::externals(addr, stdio, Duration::from_secs(10)).context("telling the coordinator about this command's stdio")?;
     if let Some(ns) = ns {
         drop(store);
-        return Err(nsinit::exec_restart(ns, info.id, &images, addr, url, here, host_map, lazy));
+        return Err(nsinit::exec_restart(ns, info.id, &images, addr, url, here, host_map, lazy, &hooks));
     }
-    let mut restored = bring_back(&store, info.id, &images, &hosts, addr, lazy)?;
+    let mut restored = bring_back(&store, info.id, &images, &hosts, addr, lazy, &hooks)?;
     drop(store);
     let server = restored.server.take();
     let mut code = 0;
@@ -793,10 +845,32 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     Ok(ExitCode::from(code as u8))
 }
 
+/// The command hooks stored with a generation (`info.hooks`; none in
+/// generations older than hooks).
+fn stored_hooks(info: &ckpt_store::GenerationInfo) -> Result<ckpt_coordinator::hooks::Hooks> {
+    match info.info.get("hooks") {
+        None => Ok(Default::default()),
+        Some(v) => {
+            let h: ckpt_coordinator::hooks::Hooks = serde_json::from_value(v.clone()).with_context(|| format!("generation {}: its stored hooks", info.id))?;
+            h.validate().map_err(|e| anyhow::anyhow!("generation {}: its stored hooks: {e}", info.id))?;
+            Ok(h)
+        }
+    }
+}
+
 /// Recreates the processes of `images` (those of this host, of a
 /// generation that ran on `hosts`) and waits until each is back at the
-/// coordinator.
-pub(crate) fn bring_back(store: &Store, generation: u64, images: &[ckpt_engine::image::ProcessImage], hosts: &[String], addr: &Address, lazy: bool) -> Result<ckpt_engine::restore::Restored> {
+/// coordinator; then runs the post-restart command hook, if any.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bring_back(
+    store: &Store,
+    generation: u64,
+    images: &[ckpt_engine::image::ProcessImage],
+    hosts: &[String],
+    addr: &Address,
+    lazy: bool,
+    hooks: &ckpt_coordinator::hooks::Hooks,
+) -> Result<ckpt_engine::restore::Restored> {
     let mine = host_names(images);
     let restorer = artifact("ckpt-restorer", "CKPT_RESTORER")?;
     // Over TCP this command runs each restored agent's handshake and hands
@@ -844,6 +918,13 @@ pub(crate) fn bring_back(store: &Store, generation: u64, images: &[ckpt_engine::
     eprintln!("ckpt: restarted generation {generation} (pid {})", list(&restored.all));
     if let Some(s) = &restored.server {
         eprintln!("ckpt: lazy restart: {:.1} MiB of memory come on first touch and in the background; this command serves them until all are in", s.bytes as f64 / 1048576.0);
+    }
+    if let Some(cmd) = &hooks.post_restart {
+        let env = ckpt_coordinator::hooks::HookEnv { store: store.url().to_string(), coord: addr.to_string(), pids: restored.all.clone(), generation, ..Default::default() };
+        // The programs run again: a failed hook is reported, not undone.
+        if let Err(e) = ckpt_coordinator::hooks::run("post-restart", cmd, hooks.timeout(), &env) {
+            eprintln!("ckpt: warning: {e}");
+        }
     }
     Ok(restored)
 }

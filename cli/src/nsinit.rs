@@ -63,6 +63,9 @@ pub struct NsinitArgs {
     lazy: bool,
     #[arg(long)]
     no_fork_ckpt: bool,
+    /// The computation's command hooks (JSON), for the post-restart one.
+    #[arg(long)]
+    hooks: Option<String>,
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     prog: Vec<String>,
 }
@@ -154,7 +157,17 @@ pub fn exec_launch(ns: Namespaces, l: &Launch) -> anyhow::Error {
 /// Replaces `ckpt restart` by `ckpt nsinit` restoring `generation` in
 /// `ns`; returns only if that cannot be run.
 #[allow(clippy::too_many_arguments)]
-pub fn exec_restart(ns: Namespaces, generation: u64, images: &[ProcessImage], addr: &Address, url: &str, here: &str, host_map: &[(String, String)], lazy: bool) -> anyhow::Error {
+pub fn exec_restart(
+    ns: Namespaces,
+    generation: u64,
+    images: &[ProcessImage],
+    addr: &Address,
+    url: &str,
+    here: &str,
+    host_map: &[(String, String)],
+    lazy: bool,
+    hooks: &ckpt_coordinator::hooks::Hooks,
+) -> anyhow::Error {
     let mut cmd = match nsinit_command(ns, addr) {
         Ok(c) => c,
         Err(e) => return e,
@@ -165,6 +178,14 @@ pub fn exec_restart(ns: Namespaces, generation: u64, images: &[ProcessImage], ad
     }
     if lazy {
         cmd.arg("--lazy");
+    }
+    if !hooks.is_empty() {
+        match serde_json::to_string(hooks) {
+            Ok(j) => {
+                cmd.args(["--hooks", &j]);
+            }
+            Err(e) => return e.into(),
+        }
     }
     anyhow!(cmd.exec()).context(format!("cannot start ckpt's init for {} namespaces", ns.describe()))
 }
@@ -220,7 +241,11 @@ pub fn run(a: NsinitArgs) -> Result<ExitCode> {
             for img in &images {
                 ckpt_engine::restore::check_ids_free(info.id, img)?;
             }
-            let mut restored = bring_back(&store, info.id, &images, &hosts, &addr, a.lazy)?;
+            let hooks: ckpt_coordinator::hooks::Hooks = match &a.hooks {
+                Some(j) => serde_json::from_str(j).context("nsinit --hooks")?,
+                None => Default::default(),
+            };
+            let mut restored = bring_back(&store, info.id, &images, &hosts, &addr, a.lazy, &hooks)?;
             server = restored.server.take();
             restored.roots
         }

@@ -58,6 +58,11 @@ pub fn wait_process(addr: &Address, pid: i32, timeout: Duration) -> Result<(), C
     call::<Done>(addr, &Request::WaitProcess { pid }, timeout).map(drop)
 }
 
+/// `set_hooks`: the computation's command hooks from now on.
+pub fn set_hooks(addr: &Address, hooks: crate::hooks::Hooks, timeout: Duration) -> Result<(), CoordError> {
+    call::<Done>(addr, &Request::SetHooks { hooks }, timeout).map(drop)
+}
+
 /// `quit`: stops the coordinator.
 pub fn quit(addr: &Address, timeout: Duration) -> Result<(), CoordError> {
     call::<Done>(addr, &Request::Quit {}, timeout).map(drop)

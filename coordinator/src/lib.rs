@@ -16,6 +16,7 @@
 pub mod addr;
 pub mod channel;
 pub mod client;
+pub mod hooks;
 pub mod host;
 mod machine;
 pub mod protocol;

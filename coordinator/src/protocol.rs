@@ -49,6 +49,10 @@ pub enum Request {
     RestartBarrier { generation: u64, arrived: Vec<String>, hosts: Vec<String> },
     /// Answered once process `pid` has registered.
     WaitProcess { pid: i32 },
+    /// Use these command hooks (and hook timeout) from now on, and store
+    /// them with every generation (`ckpt launch --hook` with a coordinator
+    /// already running, `ckpt restart`).
+    SetHooks { hooks: crate::hooks::Hooks },
     /// Stop the coordinator.
     Quit {},
 }
@@ -155,6 +159,7 @@ impl Request {
                 Ok(())
             }
             Request::WaitProcess { pid } if *pid <= 0 => bad(format!("pid {pid} is not a process")),
+            Request::SetHooks { hooks } => hooks.validate().map_err(ProtoError::Invalid),
             _ => Ok(()),
         }
     }
@@ -169,6 +174,7 @@ impl Request {
             Request::Externals { .. } => "externals",
             Request::RestartBarrier { .. } => "restart_barrier",
             Request::WaitProcess { .. } => "wait_process",
+            Request::SetHooks { .. } => "set_hooks",
             Request::Quit {} => "quit",
         }
     }
@@ -287,6 +293,11 @@ mod tests {
         assert!(e.contains("invalid type"), "{e}");
         assert!(decode(r#"{"cmd":"wait_process","pid":-1}"#).unwrap_err().contains("pid -1 is not a process"));
         assert!(decode(r#"{"pid":1}"#).is_err());
+        // Command hooks: known kinds only, no NUL, a timeout of 1 s to a day.
+        assert!(decode(r#"{"cmd":"set_hooks","hooks":{"pre-checkpoint":"sync","timeout_s":5}}"#).is_ok());
+        assert!(decode(r#"{"cmd":"set_hooks","hooks":{"pre-suspend":"x"}}"#).unwrap_err().contains("unknown field `pre-suspend`"));
+        assert!(decode(r#"{"cmd":"set_hooks","hooks":{"post-restart":"a\u0000b"}}"#).unwrap_err().contains("NUL"));
+        assert!(decode(r#"{"cmd":"set_hooks","hooks":{"timeout_s":0}}"#).unwrap_err().contains("timeout of 0 s"));
         assert!(decode("[]").is_err());
         assert!(decode("").is_err());
         let many = format!(r#"{{"cmd":"restart_barrier","generation":1,"arrived":[],"hosts":[{}]}}"#, vec!["\"h\""; MAX_LIST + 1].join(","));
@@ -333,6 +344,9 @@ mod tests {
             (any::<u64>(), proptest::collection::vec(arb_string(), 0..8), proptest::collection::vec(arb_string(), 0..8))
                 .prop_map(|(generation, arrived, hosts)| Request::RestartBarrier { generation, arrived, hosts }),
             (1..i32::MAX).prop_map(|pid| Request::WaitProcess { pid }),
+            (proptest::option::of(arb_string()), proptest::option::of(arb_string()), proptest::option::of(1..86_400u64)).prop_map(|(pre, restart, timeout_s)| {
+                Request::SetHooks { hooks: crate::hooks::Hooks { pre_checkpoint: pre, post_checkpoint: None, post_restart: restart, timeout_s } }
+            }),
         ]
     }
 

@@ -15,7 +15,7 @@ use ckpt_engine::fds::TcpEnd;
 use ckpt_engine::image::{GenerationManifest, IMAGE_VERSION};
 use ckpt_store::{GenerationInfo, NewGeneration, Store, Writer};
 use ckpt_wire::Pod;
-use ckpt_wire::agent::{self as proto, CheckpointRequest, Failed, Header, Hello, Resume, Welcome, kind};
+use ckpt_wire::agent::{self as proto, CheckpointRequest, Failed, Header, Hello, NowDone, Prepare, Resume, Welcome, kind};
 use serde_json::{Value, json};
 
 use crate::host::Op;
@@ -34,6 +34,8 @@ pub struct Config {
     /// Forked checkpointing: the program resumes once a copy-on-write
     /// snapshot is taken, and the snapshot is stored while it runs.
     pub fork: bool,
+    /// Command hooks and the hook timeout (`--hook`, `--hook-timeout`).
+    pub hooks: crate::hooks::Hooks,
 }
 
 /// How long a checkpoint waits for another writer (`ckpt gc`) to finish.
@@ -92,6 +94,8 @@ struct Proc {
     /// A pidfd on the registered process (this machine's processes only):
     /// `ckpt kill` goes through it, never through a pid.
     pidfd: Option<std::os::fd::OwnedFd>,
+    /// A checkpoint this process asked for (CHECKPOINT_NOW) is in progress.
+    asking: Arc<AtomicBool>,
 }
 
 impl Proc {
@@ -163,6 +167,8 @@ struct Coordinator {
     cancel: Arc<AtomicBool>,
     /// Seconds the stopped phase of a round may take.
     deadline_s: u64,
+    /// The computation's command hooks and hook timeout.
+    hooks: Mutex<crate::hooks::Hooks>,
 }
 
 fn now_ms() -> i64 {
@@ -214,6 +220,7 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         agent_key: secret.agent_key(),
         pending: std::sync::atomic::AtomicUsize::new(0),
         cancel: Arc::new(AtomicBool::new(false)),
+        hooks: Mutex::new(cfg.hooks.clone()),
         deadline_s: std::env::var("CKPT_ROUND_DEADLINE").ok().and_then(|v| v.parse().ok()).filter(|&s| s > 0).unwrap_or(ROUND_DEADLINE_S),
     });
     if let Some(every) = cfg.interval {
@@ -379,7 +386,18 @@ impl Coordinator {
         };
         let machine = self.machine_of(&hello);
         let key = (machine, hello.pid);
-        let p = Arc::new(Proc { conn_id, machine, hello, host, writer: Mutex::new(writer), rx: Mutex::new(rx), since_ms: now_ms(), pidfd, broken: Mutex::new(None) });
+        let p = Arc::new(Proc {
+            conn_id,
+            machine,
+            hello,
+            host,
+            writer: Mutex::new(writer),
+            rx: Mutex::new(rx),
+            since_ms: now_ms(),
+            pidfd,
+            broken: Mutex::new(None),
+            asking: Arc::new(AtomicBool::new(false)),
+        });
         let welcome = Welcome { ok: 1, _pad: 0, last_gen: 0 };
         if p.send(kind::WELCOME, welcome.as_bytes()).is_err() {
             return;
@@ -403,6 +421,10 @@ impl Coordinator {
             let mut payload = vec![0u8; len];
             if stream.read_exact(&mut payload).is_err() {
                 break;
+            }
+            if h.kind == kind::CHECKPOINT_NOW {
+                self.clone().checkpoint_for(p.clone());
+                continue;
             }
             if tx.send(AgentMsg::Frame(h.kind, payload)).is_err() {
                 break;
@@ -511,6 +533,11 @@ impl Coordinator {
             }
             Request::RestartBarrier { generation, arrived, hosts } => self.restart_barrier(generation, arrived, hosts).map(|()| protocol::ok_line(&Done {})),
             Request::WaitProcess { pid } => self.wait_process(pid).map(|()| protocol::ok_line(&Done {})),
+            Request::SetHooks { hooks } => {
+                tracing::info!(?hooks, "command hooks set");
+                *self.hooks.lock().unwrap() = hooks;
+                Ok(protocol::ok_line(&Done {}))
+            }
             Request::Quit {} => {
                 self.quit.store(true, Ordering::Release);
                 // No checkpoint may be half-way when we go: a round in
@@ -637,9 +664,150 @@ impl Coordinator {
         }
     }
 
-    /// One checkpoint of every registered process: all or nothing.
+    /// A checkpoint the program asked for (`ckpt_checkpoint_now`), in a
+    /// thread of its own: answered with NOW_DONE once it ended. One at a
+    /// time per process.
+    fn checkpoint_for(self: Arc<Self>, p: Arc<Proc>) {
+        if p.asking.swap(true, Ordering::AcqRel) {
+            let d = NowDone::new(None, "a checkpoint this process asked for is in progress already");
+            let _ = p.send(kind::NOW_DONE, d.as_bytes());
+            return;
+        }
+        std::thread::spawn(move || {
+            tracing::info!(pid = p.hello.pid, "checkpoint asked for by the program");
+            let d = match self.checkpoint() {
+                Ok(g) => NowDone::new(Some(g.id), ""),
+                Err(e) => {
+                    *self.last_error.lock().unwrap() = Some(e.clone());
+                    NowDone::new(None, &e)
+                }
+            };
+            p.asking.store(false, Ordering::Release);
+            let _ = p.send(kind::NOW_DONE, d.as_bytes());
+        });
+    }
+
+    /// What a command hook is told.
+    fn hook_env(&self, procs: &[Arc<Proc>]) -> crate::hooks::HookEnv {
+        crate::hooks::HookEnv { store: self.cfg.store_url.clone(), coord: self.cfg.addr.to_string(), pids: procs.iter().map(|p| p.hello.pid).collect(), ..Default::default() }
+    }
+
+    /// The first step of a checkpoint, every program running: the
+    /// pre-checkpoint command hook, then PREPARE to every agent (each runs
+    /// its program's pre-checkpoint callbacks), all within the hook
+    /// timeout. Returns the agents that were asked (they get ROUND_DONE
+    /// whatever happens next; None if the pre-checkpoint command failed),
+    /// and the error that refuses the round.
+    fn prepare(&self, hooks: &crate::hooks::Hooks, procs: &[Arc<Proc>]) -> (Option<Vec<Arc<Proc>>>, Result<(), String>) {
+        if let Some(cmd) = &hooks.pre_checkpoint
+            && let Err(e) = crate::hooks::run("pre-checkpoint", cmd, hooks.timeout(), &self.hook_env(procs)) {
+                return (None, Err(e));
+            }
+        let timeout = hooks.timeout();
+        let msg = Prepare { timeout_ms: timeout.as_millis() as u64, _reserved: 0 };
+        let mut asked = Vec::new();
+        let mut failure = None;
+        // Processes stopped by job control cannot run callbacks (nor
+        // answer): their machine's helper says which they are.
+        let mut stopped: HashSet<Key> = HashSet::new();
+        let mut by_machine: HashMap<u64, Vec<i32>> = HashMap::new();
+        for p in procs.iter().filter(|p| p.hello.version >= 4) {
+            if p.machine == 0 {
+                if ckpt_engine::jobstop::is_stopped(p.hello.pid) {
+                    stopped.insert((0, p.hello.pid));
+                }
+            } else {
+                by_machine.entry(p.machine).or_default().push(p.hello.pid);
+            }
+        }
+        for (m, pids) in by_machine {
+            let Some(h) = self.hosts.lock().unwrap().get(&m).cloned() else { continue };
+            match h.call(Op::Stopped { pids }, SUSPEND_TIMEOUT) {
+                Ok(a) => stopped.extend(a.get("stopped").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_i64).map(|p| (m, p as i32))),
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        for p in procs {
+            // Agents older than the hooks, and processes stopped by job
+            // control, are not asked.
+            if p.hello.version < 4 || stopped.contains(&(p.machine, p.hello.pid)) {
+                continue;
+            }
+            // Answers of an earlier PREPARE that came too late.
+            while let Ok(AgentMsg::Frame(..)) = p.rx.lock().unwrap().try_recv() {}
+            match p.send(kind::PREPARE, msg.as_bytes()) {
+                Ok(()) => asked.push(p.clone()),
+                Err(e) => failure = failure.or(Some(format!("process {} cannot be reached: {e}", p.hello.pid))),
+            }
+        }
+        // The agent keeps to the timeout itself; a margin for the answer.
+        let deadline = Instant::now() + timeout + Duration::from_secs(5);
+        for p in &asked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let what = match self.recv(p, left) {
+                Some((kind::PREPARED, _)) => continue,
+                Some((kind::FAILED, payload)) => Failed::read_from(&payload).map(|f| String::from_utf8_lossy(f.message()).into_owned()).unwrap_or_default(),
+                Some((k, _)) => format!("it answered PREPARE with message kind {k}"),
+                None => p.silent(format!("its pre-checkpoint callbacks did not return within {} s", timeout.as_secs())),
+            };
+            let comm = if p.machine == 0 { std::fs::read_to_string(format!("/proc/{}/comm", p.hello.pid)).unwrap_or_default().trim().to_string() } else { p.host.clone() };
+            failure = failure.or(Some(format!("process {} ({comm}): {what}", p.hello.pid)));
+        }
+        (Some(asked), failure.map_or(Ok(()), Err))
+    }
+
+    /// The last step of a checkpoint whose first step ran: ROUND_DONE to
+    /// every agent asked to prepare, then the post-checkpoint command hook.
+    fn after_round(&self, hooks: &crate::hooks::Hooks, asked: &[Arc<Proc>], procs: &[Arc<Proc>], result: &Result<GenerationInfo, String>) {
+        let generation = result.as_ref().map_or(0, |g| g.id);
+        let done = Resume { outcome: if result.is_ok() { proto::OUTCOME_WRITTEN } else { proto::OUTCOME_ABORTED }, _pad: 0, generation };
+        for p in asked {
+            let _ = p.send(kind::ROUND_DONE, done.as_bytes());
+        }
+        if let Some(cmd) = &hooks.post_checkpoint {
+            let env = crate::hooks::HookEnv {
+                generation,
+                outcome: Some(if result.is_ok() { "committed" } else { "failed" }),
+                error: result.as_ref().err().cloned(),
+                ..self.hook_env(procs)
+            };
+            if let Err(e) = crate::hooks::run("post-checkpoint", cmd, hooks.timeout(), &env) {
+                tracing::warn!("{e}");
+                *self.last_error.lock().unwrap() = Some(e);
+            }
+        }
+    }
+
+    /// One checkpoint of every registered process: all or nothing, between
+    /// the hooks' first and last steps ([`Self::prepare`], [`Self::after_round`]).
     fn checkpoint(&self) -> Result<GenerationInfo, String> {
         let _one_at_a_time = self.ckpt_lock.lock().unwrap();
+        let hooks = self.hooks.lock().unwrap().clone();
+        let procs: Vec<Arc<Proc>> = self.procs.lock().unwrap().values().cloned().collect();
+        if procs.is_empty() {
+            return Err("no processes to checkpoint: start one with `ckpt launch -- PROGRAM`".into());
+        }
+        let t_prepare = Instant::now();
+        let (asked, prepared) = self.prepare(&hooks, &procs);
+        tracing::debug!(ms = t_prepare.elapsed().as_secs_f64() * 1000.0, asked = asked.as_ref().map_or(0, Vec::len), "pre-checkpoint step");
+        let result = match prepared {
+            Ok(()) => self.checkpoint_rounds(),
+            Err(e) => {
+                let e = format!("checkpoint refused: {e}; no generation was written, and the programs go on");
+                tracing::warn!("{e}");
+                Err(e)
+            }
+        };
+        // The last step runs whenever the pre-checkpoint command (if any)
+        // succeeded: what it or a callback closed may be opened again.
+        if let Some(asked) = asked {
+            self.after_round(&hooks, &asked, &procs, &result);
+        }
+        result
+    }
+
+    /// The rounds of one checkpoint (tried again on a moving target).
+    fn checkpoint_rounds(&self) -> Result<GenerationInfo, String> {
         // A round that met a moving target (a TCP connection that received
         // data while the computation was read, a connection not yet
         // accepted) is tried again after the programs ran a moment.
@@ -956,7 +1124,16 @@ impl Coordinator {
                 logical_bytes: logical,
                 dirty_tracking: backends.join(","),
                 manifest: mhash,
-                info: json!({"processes": summary, "downtime_ms": downtime_ms, "suspend_ms": suspend_ms}),
+                info: {
+                    let mut info = json!({"processes": summary, "downtime_ms": downtime_ms, "suspend_ms": suspend_ms});
+                    // Stored with the computation: `ckpt restart` runs
+                    // them again.
+                    let hooks = self.hooks.lock().unwrap().clone();
+                    if !hooks.is_empty() {
+                        info["hooks"] = serde_json::to_value(&hooks).map_err(|e| e.to_string())?;
+                    }
+                    info
+                },
             })
             .map_err(|e| e.to_string())?;
         if g.id != generation {

@@ -10,12 +10,13 @@ use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use crate::agentfds;
 
 use ckpt_wire::agent::{
-    self as proto, CKPT_SIGNAL, CheckpointRequest, Failed, Forked, Header, Hello, MAX_RANGES, MAX_THREADS, MAX_TIMERS, RangeList, Registered, Resume,
+    self as proto, CKPT_SIGNAL, CheckpointRequest, Failed, Forked, Header, Hello, MAX_RANGES, MAX_THREADS, MAX_TIMERS, Prepare, RangeList, Registered, Resume,
     Suspended, ThreadState, TimerList, TimerValue, kind, tracking,
 };
 use ckpt_wire::{ItimerVal, KernelSigaction, Pod};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
 
+use crate::hooks::{self, SEND_LOCK};
 use crate::suspend::{self, CKPT_TID, NEXT_SLOT, PARKED, RELEASE, SLOTS, SUSPENDING};
 use crate::channel;
 use crate::stopper;
@@ -402,6 +403,7 @@ fn close_agent() {
     }
     REGISTERED.store(1, Ordering::Release);
     sys::futex_wake_all(&REGISTERED);
+    hooks::coordinator_gone();
 }
 
 /// A forked child is a process of the computation of its own: it drops the
@@ -411,6 +413,7 @@ fn close_agent() {
 /// allocation and thread creation are allowed there).
 extern "C" fn after_fork_in_child() {
     crate::interpose::forget_sem_undo();
+    hooks::after_fork_in_child();
     for fd in [agentfds::CONN.take(), agentfds::UFFD.take()] {
         if fd >= 0 {
             // SAFETY: closing the inherited copies of our own fds.
@@ -428,6 +431,11 @@ extern "C" fn after_fork_in_child() {
     if let Some(addr) = std::env::var_os(proto::ENV_COORD) {
         join(&addr.to_string_lossy());
     }
+}
+
+/// The program's CHECKPOINT_NOW (the caller holds [`SEND_LOCK`]).
+pub fn send_now_request() -> bool {
+    send(kind::CHECKPOINT_NOW, &[])
 }
 
 fn send(kind: u32, parts: &[&[u8]]) -> bool {
@@ -502,7 +510,10 @@ extern "C" fn thread_main(_: *mut libc::c_void) -> *mut libc::c_void {
         libc::sigdelset(&mut set, CKPT_SIGNAL);
         libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &set as *const libc::sigset_t, 0usize, 8usize);
     }
+    SEND_LOCK.lock();
     let ok = hello(0);
+    SEND_LOCK.unlock();
+    hooks::MEMBER.store(ok, Ordering::Release);
     REGISTERED.store(1, Ordering::Release);
     sys::futex_wake_all(&REGISTERED);
     if !ok {
@@ -523,8 +534,29 @@ extern "C" fn thread_main(_: *mut libc::c_void) -> *mut libc::c_void {
             }
             Some(kind::CHECKPOINT) => {
                 let req = CheckpointRequest::read_from(&buf).unwrap_or_default();
+                // Held for the whole round: no program thread is parked
+                // while it holds the lock (see hooks::SEND_LOCK).
+                SEND_LOCK.lock();
                 checkpoint(req.generation);
+                SEND_LOCK.unlock();
             }
+            Some(kind::PREPARE) => {
+                let p = Prepare::read_from(&buf).unwrap_or_default();
+                let r = hooks::prepare(p.timeout_ms);
+                SEND_LOCK.lock();
+                match r {
+                    Ok(()) => {
+                        send(kind::PREPARED, &[]);
+                    }
+                    Err(e) => fail(libc::ECANCELED, &e),
+                }
+                SEND_LOCK.unlock();
+            }
+            Some(kind::ROUND_DONE) => {
+                let r = Resume::read_from(&buf).unwrap_or_default();
+                hooks::round_done(if r.outcome == proto::OUTCOME_WRITTEN { r.generation } else { 0 });
+            }
+            Some(kind::NOW_DONE) => hooks::now_done(&buf),
             Some(_) => {}
         }
     }
@@ -677,6 +709,8 @@ fn checkpoint(_generation: u64) {
         channel::take_restart_keys(&CKPT_RESTART_WORD, after);
         if !hello(after) {
             close_agent();
+        } else {
+            hooks::restarted(after);
         }
         return;
     }
@@ -766,6 +800,9 @@ pub fn checkpoint_in_handler(own: ThreadState) {
                     return;
                 }
             }
+            // The answer to the program's own request, sent once the
+            // round that request made ended: it may come during the next.
+            Some(kind::NOW_DONE) => hooks::now_done(buf),
             Some(kind::RESUME) => {
                 let r = Resume::read_from(buf).unwrap_or_default();
                 OUTCOME.store(r.outcome, Ordering::Release);

@@ -13,6 +13,10 @@
 //! happen in the coordinator); keep any fd in the program's way (its one
 //! socket sits at a high fd number with `O_CLOEXEC`).
 //!
+//! It also exports the entry points of ckpt's C API (`libckpt/ckpt.h`,
+//! found by `libckpt.so` at run time): callbacks around checkpoints and
+//! the program's own checkpoint requests ([`hooks`]).
+//!
 //! Everything here runs inside the user's process. The code reachable from
 //! the signal handler ([`suspend`]) and from the checkpoint exchange
 //! ([`agent::checkpoint`]) uses only raw syscalls and static storage.
@@ -20,6 +24,7 @@
 mod agent;
 mod agentfds;
 mod channel;
+mod hooks;
 mod interpose;
 mod stopper;
 mod suspend;

@@ -14,3 +14,7 @@
 pub const PROGRAMS_DIR: &str = env!("CKPT_TEST_PROGRAMS");
 /// Directory holding the program sources (and the Python programs).
 pub const SOURCES_DIR: &str = env!("CKPT_TEST_SOURCES");
+/// ckpt's C API library, built from `libckpt/ckpt.c` by `build.rs`.
+pub const LIBCKPT: &str = env!("CKPT_TEST_LIBCKPT");
+/// The directory of ckpt's Python module (`python/ckpt.py`).
+pub const PYTHON_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../python");

@@ -44,6 +44,9 @@ const INSTALLED: &[(&str, u32)] = &[
     ("share/bash-completion/completions/ckpt", 0o644),
     ("share/zsh/site-functions/_ckpt", 0o644),
     ("share/fish/vendor_completions.d/ckpt.fish", 0o644),
+    ("include/ckpt.h", 0o644),
+    ("lib/libckpt.so", 0o755),
+    ("lib/ckpt/python/ckpt.py", 0o644),
 ];
 
 /// The subcommands a user sees (hidden ones, `nsinit` and `generate`,
@@ -147,6 +150,35 @@ fn check_agent_is_installed(s: &Session, prefix: &Path) {
     p.kill9();
 }
 
+/// The installed API works for a program built against it: hooks.c
+/// compiled with the installed header and library, launched by the
+/// installed ckpt, runs its callbacks around a checkpoint; the installed
+/// Python module finds the installed libckpt.so by itself.
+fn check_api(s: &Session, prefix: &Path) {
+    let exe = s.path("hooks-installed");
+    let mut c = Command::new("gcc");
+    c.args(["-O2", "-pthread", "-Wall", "-Werror"])
+        .arg(format!("-I{}", prefix.join("include").display()))
+        .arg(format!("-I{}", ckpt_tests::SOURCES_DIR))
+        .arg(format!("-L{}", prefix.join("lib").display()))
+        .arg(format!("-Wl,-rpath,{}", prefix.join("lib").display()))
+        .arg("-o")
+        .arg(&exe)
+        .arg(source("hooks.c"))
+        .arg("-lckpt");
+    ok(&run_with_timeout(c, CMD_TIMEOUT), "gcc hooks.c against the installed ckpt.h and libckpt.so");
+    let mut p = s.launch(&exe, &["-t", "100"]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    let g = s.checkpoint();
+    p.wait_line(|l| *l == format!("HOOK post 1 gen {g}"), LINE_TIMEOUT);
+    p.kill9();
+    let mut c = Command::new(python3());
+    c.args(["-c", "import ckpt; print(ckpt.__file__, ckpt._lib._name, ckpt.is_enabled())"]).env("PYTHONPATH", prefix.join("lib/ckpt/python")).env_remove("CKPT_LIBCKPT");
+    let said = ok(&run_with_timeout(c, CMD_TIMEOUT), "import ckpt from the install");
+    let want = format!("{} {} False", prefix.join("lib/ckpt/python/ckpt.py").display(), prefix.join("lib/libckpt.so").display());
+    assert_eq!(said.trim(), want);
+}
+
 /// `--uninstall PREFIX` removes every installed file and keeps the rest.
 fn check_uninstall(prefix: &Path, run: impl Fn(&[&str]) -> Output) {
     let other = prefix.join("bin/not-ckpt");
@@ -193,6 +225,7 @@ fn root_install_into_a_prefix_runs_a_cycle() {
 
     let s = s.with_ckpt(prefix.join("bin/ckpt"));
     check_agent_is_installed(&s, &prefix);
+    check_api(&s, &prefix);
     // The cycle in a session (and coordinator) of its own, as every other
     // standard cycle runs.
     let cycle = standard_cycle_in(Session::new("install_root_cycle").with_ckpt(prefix.join("bin/ckpt")), &counter_cycle());

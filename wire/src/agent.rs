@@ -27,7 +27,8 @@ use crate::{ItimerVal, KernelSigaction, Pod};
 /// First word of every header.
 pub const MAGIC: u32 = 0x434b_5054; // "CKPT"
 /// Protocol version carried in [`Hello`].
-pub const VERSION: u32 = 3;
+/// 4: PREPARE/PREPARED, ROUND_DONE, CHECKPOINT_NOW/NOW_DONE (hooks).
+pub const VERSION: u32 = 4;
 /// The signal the agent uses to stop threads (SIGRTMAX - 2). The
 /// application can neither handle nor block it.
 pub const CKPT_SIGNAL: i32 = 62;
@@ -85,6 +86,23 @@ pub mod kind {
     pub const TIMERS: u32 = 12;
     /// Agent → coordinator: one [`super::TimerValue`] per id asked, in order.
     pub const TIMER_VALUES: u32 = 13;
+    /// Coordinator → agent, the program running, before CHECKPOINT: run
+    /// the pre-checkpoint callbacks ([`super::Prepare`]). Sent only to
+    /// agents of version 4 or later.
+    pub const PREPARE: u32 = 14;
+    /// Agent → coordinator: the callbacks returned 0 (no payload); FAILED
+    /// (with the hook's name) otherwise.
+    pub const PREPARED: u32 = 15;
+    /// Coordinator → agent, after a round whose PREPARE this agent
+    /// answered: committed or not ([`super::Resume`] layout). The agent runs
+    /// its post-checkpoint callbacks, its threads running.
+    pub const ROUND_DONE: u32 = 16;
+    /// Agent → coordinator, any time outside a round: the program asks for
+    /// a checkpoint of the computation (`ckpt_checkpoint_now`); no payload.
+    pub const CHECKPOINT_NOW: u32 = 17;
+    /// Coordinator → agent: the answer to CHECKPOINT_NOW ([`super::NowDone`]),
+    /// once the generation is committed or the round failed.
+    pub const NOW_DONE: u32 = 18;
 }
 
 /// Environment variable: `auto`, `soft-dirty`, `uffd-wp` or `scan`.
@@ -407,6 +425,49 @@ pub struct TimerValue {
 // SAFETY: repr(C), four i32 and four i64, no padding.
 unsafe impl Pod for TimerValue {}
 
+/// Coordinator → agent: run the pre-checkpoint callbacks, each within
+/// `timeout_ms` (the program's threads all run meanwhile).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Prepare {
+    pub timeout_ms: u64,
+    pub _reserved: u64,
+}
+// SAFETY: repr(C), two u64.
+unsafe impl Pod for Prepare {}
+
+/// Coordinator → agent: how a checkpoint the program asked for ended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NowDone {
+    /// 1: committed as `generation`; 0: failed, `text` says why.
+    pub ok: u32,
+    pub len: u32,
+    pub generation: u64,
+    pub text: [u8; 240],
+}
+// SAFETY: repr(C), u32+u32, u64, bytes: no padding.
+unsafe impl Pod for NowDone {}
+
+impl NowDone {
+    /// An answer; `text` is cut at 240 bytes (on a character boundary).
+    pub fn new(generation: Option<u64>, text: &str) -> NowDone {
+        let mut d = NowDone { ok: generation.is_some() as u32, len: 0, generation: generation.unwrap_or(0), text: [0; 240] };
+        let mut n = text.len().min(d.text.len());
+        while !text.is_char_boundary(n) {
+            n -= 1;
+        }
+        d.text[..n].copy_from_slice(&text.as_bytes()[..n]);
+        d.len = n as u32;
+        d
+    }
+
+    /// The message text.
+    pub fn message(&self) -> &[u8] {
+        &self.text[..(self.len as usize).min(self.text.len())]
+    }
+}
+
 pub const OUTCOME_WRITTEN: u32 = 0;
 pub const OUTCOME_ABORTED: u32 = 1;
 
@@ -429,6 +490,12 @@ mod tests {
         assert_eq!(size_of::<Failed>(), 248);
         assert_eq!(MAX_PAYLOAD, 2168 + 4097 * 72);
         assert_eq!(size_of::<TimerValue>(), 48);
+        assert_eq!(size_of::<Prepare>(), 16);
+        // The agent reads messages outside a round into 256 bytes.
+        assert_eq!(size_of::<NowDone>(), 256);
+        let d = NowDone::new(None, &"é".repeat(200));
+        assert_eq!((d.ok, d.len), (0, 240));
+        assert!(core::str::from_utf8(d.message()).is_ok());
         // A TIMERS request and its answer fit the frames' caps.
         assert!(size_of::<TimerList>() + MAX_TIMERS * 4 <= MAX_REQUEST_PAYLOAD);
         assert!(MAX_TIMERS * size_of::<TimerValue>() <= MAX_PAYLOAD);

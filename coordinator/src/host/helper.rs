@@ -193,6 +193,7 @@ impl State {
                 json!({"ok": true, "strays": machine::strays(parents, &known)})
             }
             Op::Alive { pid } => json!({"ok": true, "alive": machine::alive(*pid)}),
+            Op::Stopped { pids } => json!({"ok": true, "stopped": pids.iter().copied().filter(|&p| ckpt_engine::jobstop::is_stopped(p)).collect::<Vec<i32>>()}),
             Op::PhaseA { opts, targets, epoch } => self.phase_a(conn, req.id, opts, targets, *epoch),
             Op::PhaseB { generation } => self.phase_b(conn, *generation),
             Op::End { committed } => {

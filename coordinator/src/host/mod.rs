@@ -43,8 +43,8 @@ use crate::machine::{RoundOpts, Target};
 
 /// First word of every message of this protocol ("CKPH").
 pub const MAGIC: u32 = 0x484b_5043;
-/// Version of this protocol, carried in HELLO.
-pub const VERSION: u32 = 1;
+/// Version of this protocol, carried in HELLO (2: the `stopped` op).
+pub const VERSION: u32 = 2;
 
 pub(crate) mod kind {
     pub const HELLO: u32 = 1;
@@ -118,6 +118,9 @@ pub(crate) enum Op {
     Children { parents: Vec<i32>, known: Vec<i32> },
     /// Whether `pid` lives.
     Alive { pid: i32 },
+    /// Which of `pids` are stopped by job control (they are not asked to
+    /// run their pre-checkpoint callbacks).
+    Stopped { pids: Vec<i32> },
     /// The stopped phase of this machine's processes.
     PhaseA { opts: RoundOpts, targets: Vec<Target>, epoch: u64 },
     /// The running phase.
@@ -147,6 +150,7 @@ impl Op {
         match self {
             Op::Children { parents, known } => pids("parents", parents).and(pids("known", known)),
             Op::Alive { pid } => pids("alive", &[*pid]),
+            Op::Stopped { pids: p } => pids("stopped", p),
             Op::Kill { pids: p } => pids("kill", p),
             Op::Wake { targets } => pids("wake", &targets.iter().flatten().copied().collect::<Vec<_>>()),
             Op::PhaseA { opts, targets, .. } => {
@@ -171,6 +175,7 @@ impl Op {
         match self {
             Op::Children { .. } => "children",
             Op::Alive { .. } => "alive",
+            Op::Stopped { .. } => "stopped",
             Op::PhaseA { .. } => "phase_a",
             Op::PhaseB { .. } => "phase_b",
             Op::End { .. } => "end",
