@@ -185,7 +185,7 @@ fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>)
                 .db(path)?;
             let id = random_hex();
             m.execute(params!["store_id", id]).db(path)?;
-            if create.is_some() {
+            if create.is_some() && !crate::seal::unsealed_requested() {
                 // The key exists (outside the store) before the catalog
                 // that says the store is sealed.
                 let keys = crate::seal::create_key(&id)?;

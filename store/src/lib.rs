@@ -267,7 +267,7 @@ impl Inner {
     /// A generation row checked against its MAC (in a sealed store).
     fn checked(&self, row: GenRow) -> Result<GenerationInfo> {
         if let Some((k, _)) = &self.keys {
-            let want = k.generation_mac(&row.info);
+            let want = k.generation_mac(&row.info, row.info_text.as_deref());
             if row.mac.as_deref() != Some(&want[..]) {
                 return Err(self.tampered(gen_row_problem(&row)));
             }
@@ -278,23 +278,30 @@ impl Inner {
     /// Replay check of a sealed store against the head record beside its
     /// key, which then names the newest generation seen.
     fn check_head(&self) -> Result<()> {
-        let Some((k, key_file)) = &self.keys else { return Ok(()) };
-        let newest = {
-            let conn = self.conn();
-            let mut st = conn.prepare_cached(&format!("{GEN_SELECT} ORDER BY id DESC LIMIT 1")).db(&self.catalog_path)?;
-            st.query_row([], row_to_gen).optional().db(&self.catalog_path)?
-        };
-        let newest = newest.map(|r| self.checked(r)).transpose()?;
+        let Some((_, key_file)) = &self.keys else { return Ok(()) };
+        let newest = self.newest_authentic()?;
         let head = seal::read_head(key_file)?;
-        let found = newest.as_ref().map_or(0, |g| g.id);
+        let found = newest.as_ref().map_or(0, |g| g.0.id);
         if let Some((hid, hmac)) = head {
             if found < hid {
+                // Rows at or above the head that fail their MAC: tampering
+                // (refused wherever they are read, named by verify), not
+                // a replay; the head stays.
+                let conn = self.conn();
+                let tampered_above = conn
+                    .prepare_cached("SELECT 1 FROM generations WHERE id >= ?1")
+                    .db(&self.catalog_path)?
+                    .exists([hid as i64])
+                    .db(&self.catalog_path)?;
+                if tampered_above {
+                    return Ok(());
+                }
                 return Err(StoreError::Replayed { store: self.url(), found, head: hid, head_path: seal::head_path(key_file) });
             }
-            if let Some(g) = &newest
+            if let Some((g, mac)) = &newest
                 && g.id == hid
             {
-                if k.generation_mac(g) != hmac {
+                if *mac != hmac {
                     return Err(self.tampered(format!("generation {hid} is not the one committed or seen on this machine (its MAC differs from the head record {})", seal::head_path(key_file).display())));
                 }
                 return Ok(());
@@ -303,19 +310,28 @@ impl Inner {
         self.write_head()
     }
 
+    /// The newest generation whose row is authentic (rows that are not are
+    /// refused wherever they are read, and named by verify).
+    fn newest_authentic(&self) -> Result<Option<(GenerationInfo, [u8; 32])>> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(&format!("{GEN_SELECT} ORDER BY id DESC")).db(&self.catalog_path)?;
+        let mut rows = st.query([]).db(&self.catalog_path)?;
+        while let Some(r) = rows.next().db(&self.catalog_path)? {
+            if let Ok(row) = row_to_gen(r) {
+                let mac = row.mac.as_deref().and_then(|m| <[u8; 32]>::try_from(m).ok()).unwrap_or_default();
+                if let Ok(g) = self.checked(row) {
+                    return Ok(Some((g, mac)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Record the newest generation in the head record (sealed stores).
     fn write_head(&self) -> Result<()> {
-        let Some((k, key_file)) = &self.keys else { return Ok(()) };
-        let newest = {
-            let conn = self.conn();
-            let mut st = conn.prepare_cached(&format!("{GEN_SELECT} ORDER BY id DESC LIMIT 1")).db(&self.catalog_path)?;
-            st.query_row([], row_to_gen).optional().db(&self.catalog_path)?
-        };
-        match newest {
-            Some(r) => {
-                let g = self.checked(r)?;
-                seal::write_head(key_file, g.id, &k.generation_mac(&g))
-            }
+        let Some((_, key_file)) = &self.keys else { return Ok(()) };
+        match self.newest_authentic()? {
+            Some((g, mac)) => seal::write_head(key_file, g.id, &mac),
             None => Ok(()),
         }
     }
@@ -792,6 +808,28 @@ impl Store {
         let rows = st.query_map([], row_to_gen).db(&self.inner.catalog_path)?;
         let rows = rows.collect::<rusqlite::Result<Vec<_>>>().db(&self.inner.catalog_path)?;
         rows.into_iter().map(|r| self.inner.checked(r)).collect()
+    }
+
+    /// The generations whose rows are authentic, ascending by id, and one
+    /// sentence for each row that is not (edited, forged: see
+    /// [`Store::generations`], which refuses the lot for one such row).
+    pub fn authentic_generations(&self) -> Result<(Vec<GenerationInfo>, Vec<String>)> {
+        let conn = self.inner.conn();
+        let p = &self.inner.catalog_path;
+        let mut st = conn.prepare_cached(&format!("{GEN_SELECT} ORDER BY id")).db(p)?;
+        let mut rows = st.query([]).db(p)?;
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        while let Some(r) = rows.next().db(p)? {
+            match row_to_gen(r) {
+                Ok(row) => match self.inner.checked(row) {
+                    Ok(g) => good.push(g),
+                    Err(StoreError::Tampered { what, .. }) => bad.push(what),
+                    Err(e) => bad.push(e.to_string()),
+                },
+                Err(e) => bad.push(format!("generation {}: its catalog row cannot be read ({e}): altered", r.get::<_, i64>(0).unwrap_or(-1))),
+            }
+        }
+        Ok((good, bad))
     }
 
     /// Folds the write-ahead log into the catalog file (for a clean
@@ -1395,6 +1433,8 @@ const GEN_SELECT: &str = "SELECT id, parent, created_ms, duration_ms, nprocs, lo
 /// A generation row as read, with its MAC (not yet checked).
 struct GenRow {
     info: GenerationInfo,
+    /// `info` exactly as the catalog holds it (the MAC covers this text).
+    info_text: Option<String>,
     mac: Option<Vec<u8>>,
 }
 
@@ -1468,9 +1508,9 @@ fn row_to_gen(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenRow> {
             "manifest hash is not 32 bytes".into(),
         )
     })?;
-    let info: Option<String> = r.get(10)?;
-    let info = match info {
-        Some(s) => serde_json::from_str(&s).map_err(|e| {
+    let info_text: Option<String> = r.get(10)?;
+    let info = match &info_text {
+        Some(s) => serde_json::from_str(s).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, e.into())
         })?,
         None => serde_json::Value::Null,
@@ -1488,7 +1528,7 @@ fn row_to_gen(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenRow> {
         manifest,
         info,
     };
-    Ok(GenRow { info, mac: r.get(11)? })
+    Ok(GenRow { info, info_text, mac: r.get(11)? })
 }
 
 /// "generations 1-3, 5" / "no generations (the store is empty)".
@@ -1901,6 +1941,7 @@ impl Writer {
             remote::mark_unsynced(&self.inner.root)?;
         }
         let id = self.next_generation_id();
+        let row_mac;
         let info = GenerationInfo {
             id,
             parent: g.parent,
@@ -1971,7 +2012,8 @@ impl Writer {
                 }
             }
             let info_json = seal::info_text(&info.info);
-            let mac = self.inner.keys.as_ref().map(|(k, _)| k.generation_mac(&info).to_vec());
+            let mac = self.inner.keys.as_ref().map(|(k, _)| k.generation_mac(&info, info_json.as_deref()));
+            row_mac = mac;
             tx.execute(
                 "INSERT INTO generations(id, parent, created_ms, duration_ms, nprocs, \
                  logical_bytes, new_bytes, stored_bytes, dirty_tracking, manifest, info, mac) \
@@ -1988,7 +2030,7 @@ impl Writer {
                     info.dirty_tracking,
                     &info.manifest.0[..],
                     info_json,
-                    mac
+                    mac.map(|m| m.to_vec())
                 ],
             )
             .db(path)?;
@@ -2026,8 +2068,8 @@ impl Writer {
         }
         // After the upload: the head record never names a generation S3
         // does not have.
-        if let Some((k, key_file)) = &self.inner.keys {
-            seal::write_head(key_file, id, &k.generation_mac(&info))?;
+        if let (Some((_, key_file)), Some(mac)) = (&self.inner.keys, row_mac) {
+            seal::write_head(key_file, id, &mac)?;
         }
         Ok(info)
     }
