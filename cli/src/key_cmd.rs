@@ -42,7 +42,7 @@ pub fn run(cmd: KeyCmd) -> Result<()> {
 fn export(url: &str, file: &str) -> Result<()> {
     let store = Store::open(url)?;
     let Some(mut text) = store.export_key() else {
-        bail!("store {url} is not sealed: it has no key to export (run `ckpt store seal --store {url}` to seal it)");
+        bail!("store {url} is not sealed: it has no key to export (it was made before ckpt sealed stores, or with CKPT_UNSEALED=1; checkpoint into a new store to have a sealed one)");
     };
     let id = store.store_id()?;
     if let Some((g, mac)) = seal::read_head(&seal::key_path(&id))? {

@@ -95,6 +95,11 @@ fn check_version(path: &Path, found: u32) -> Result<()> {
 /// Open (and, if `create` is set and the catalog is new, initialise) the
 /// catalog at `path`. Returns the connection and the store's chunk size.
 pub(crate) fn open(path: &Path, create: Option<usize>) -> Result<(Connection, usize)> {
+    open_with(path, create, !crate::seal::unsealed_requested())
+}
+
+/// [`open`]; a new catalog is of a sealed store if `sealed`.
+pub(crate) fn open_with(path: &Path, create: Option<usize>, sealed: bool) -> Result<(Connection, usize)> {
     if path.exists() {
         check_version(path, header_version(path)?)?;
     } else if create.is_some() {
@@ -142,7 +147,7 @@ pub(crate) fn open(path: &Path, create: Option<usize>) -> Result<(Connection, us
                     reason: "catalog was never initialised (interrupted creation?)".into(),
                 });
             }
-            _ => migrate(&mut conn, path, v, create)?,
+            _ => migrate(&mut conn, path, v, create, sealed)?,
         }
     }
     let cs: Option<String> = conn
@@ -161,7 +166,7 @@ pub(crate) fn open(path: &Path, create: Option<usize>) -> Result<(Connection, us
     Ok((conn, chunk_size))
 }
 
-fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>) -> Result<()> {
+fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>, sealed: bool) -> Result<()> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .db(path)?;
@@ -185,7 +190,7 @@ fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>)
                 .db(path)?;
             let id = random_hex();
             m.execute(params!["store_id", id]).db(path)?;
-            if create.is_some() && !crate::seal::unsealed_requested() {
+            if create.is_some() && sealed {
                 // The key exists (outside the store) before the catalog
                 // that says the store is sealed.
                 let keys = crate::seal::create_key(&id)?;

@@ -668,6 +668,14 @@ impl Store {
     /// [`DEFAULT_CHUNK_SIZE`]) applies to a new store only: an existing store
     /// keeps its own (see [`Store::chunk_size`]).
     pub fn open_or_create(url: &str, chunk_size: usize) -> Result<Store> {
+        Self::open_or_create_with(url, chunk_size, !seal::unsealed_requested())
+    }
+
+    /// [`Store::open_or_create`]; a new local store is sealed if `sealed`
+    /// (the default is sealed unless `CKPT_UNSEALED=1`; an unsealed store
+    /// is neither encrypted nor authenticated: for measuring, see
+    /// BENCHMARKS.md). An `s3://` store follows the default.
+    pub fn open_or_create_with(url: &str, chunk_size: usize, sealed: bool) -> Result<Store> {
         if chunk_size == 0 || !chunk_size.is_multiple_of(4096) || chunk_size > MAX_CHUNK_SIZE {
             return Err(StoreError::InvalidChunkSize {
                 size: chunk_size,
@@ -685,7 +693,7 @@ impl Store {
         } else if !root.is_dir() || (!root.join("catalog.db").exists() && !dir_is_empty(&root)?) {
             return Err(StoreError::NotAStore { path: root });
         }
-        let store = Self::finish_open(root, Some(chunk_size), None)?;
+        let store = Self::finish_open_with(root, Some(chunk_size), None, sealed)?;
         if store.inner.chunk_size != chunk_size {
             tracing::debug!(
                 store = %store.inner.root.display(),
@@ -698,9 +706,13 @@ impl Store {
     }
 
     fn finish_open(root: PathBuf, create: Option<usize>, remote: Option<Arc<Remote>>) -> Result<Store> {
+        Self::finish_open_with(root, create, remote, !seal::unsealed_requested())
+    }
+
+    fn finish_open_with(root: PathBuf, create: Option<usize>, remote: Option<Arc<Remote>>, sealed: bool) -> Result<Store> {
         let catalog_path = root.join("catalog.db");
         private::tighten(&root)?;
-        let (conn, chunk_size) = catalog::open(&catalog_path, create)?;
+        let (conn, chunk_size) = catalog::open_with(&catalog_path, create, sealed)?;
         for d in ["packs", "tmp"] {
             let p = root.join(d);
             if !p.is_dir() {
@@ -1469,7 +1481,7 @@ fn load_keys(conn: &Connection, p: &Path, url: &str) -> Result<Option<(Arc<seal:
     let file = seal::read_key_file(&path)?;
     let scheme = match (scheme, &file) {
         (None, None) => {
-            tracing::warn!(store = url, "store is not sealed (made before ckpt sealed stores): anyone who can read it reads the programs' memory, and anyone who can write it can forge an image; run `ckpt store seal --store {url}` to seal it");
+            tracing::warn!(store = url, "store is not sealed (made before ckpt sealed stores, or with CKPT_UNSEALED=1): anyone who can read it reads the programs' memory, and anyone who can write it can forge an image. This ckpt cannot seal a store in place yet: restart the computation with `--store` naming a new store (new stores are sealed), checkpoint it there, and delete this one");
             return Ok(None);
         }
         // A key for this store id exists: the store was sealed, and a
