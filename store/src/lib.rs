@@ -328,8 +328,14 @@ impl Inner {
     }
 
     /// Record the newest generation in the head record (sealed stores).
+    /// Not from an S3 store's cache that holds commits S3 lacks: they may
+    /// yet be dropped (another writer moved on), and the head must never
+    /// name a generation S3 does not have.
     fn write_head(&self) -> Result<()> {
         let Some((_, key_file)) = &self.keys else { return Ok(()) };
+        if self.remote.is_some() && remote::is_unsynced(&self.root) {
+            return Ok(());
+        }
         match self.newest_authentic()? {
             Some((g, mac)) => seal::write_head(key_file, g.id, &mac),
             None => Ok(()),
