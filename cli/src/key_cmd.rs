@@ -31,6 +31,42 @@ pub enum KeyCmd {
     },
 }
 
+/// `ckpt store ...`
+#[derive(Subcommand)]
+pub enum StoreCmd {
+    /// Seal a store made before stores were sealed: rewrite its packs encrypted and authenticated with a new key (kept outside the store), crash-safe at every step.
+    Seal {
+        #[command(flatten)]
+        store: crate::StoreArg,
+    },
+}
+
+/// Run a `ckpt store` subcommand.
+pub fn run_store(cmd: StoreCmd) -> Result<()> {
+    match cmd {
+        StoreCmd::Seal { store } => {
+            let url = crate::store_url(&store);
+            let s = Store::open(&url)?;
+            if s.is_sealed() {
+                eprintln!("store {url} is sealed already");
+                return Ok(());
+            }
+            let done = s.writer()?.seal_store()?;
+            drop(s);
+            let check = Store::open(&url)?;
+            anyhow::ensure!(check.is_sealed(), "store {url} does not open as sealed after sealing");
+            eprintln!(
+                "store {url} sealed: {} blobs in {} packs, {} generations; its key is {} (back it up; `ckpt key export` takes it to another machine)",
+                done.blobs,
+                done.packs,
+                done.generations,
+                done.key_file.display()
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Run a `ckpt key` subcommand.
 pub fn run(cmd: KeyCmd) -> Result<()> {
     match cmd {
@@ -42,7 +78,7 @@ pub fn run(cmd: KeyCmd) -> Result<()> {
 fn export(url: &str, file: &str) -> Result<()> {
     let store = Store::open(url)?;
     let Some(mut text) = store.export_key() else {
-        bail!("store {url} is not sealed: it has no key to export (it was made before ckpt sealed stores, or with CKPT_UNSEALED=1; checkpoint into a new store to have a sealed one)");
+        bail!("store {url} is not sealed: it has no key to export (seal it first: `ckpt store seal --store {url}`)");
     };
     let id = store.store_id()?;
     if let Some((g, mac)) = seal::read_head(&seal::key_path(&id))? {

@@ -45,6 +45,7 @@ pub mod remote_lock;
 
 mod catalog;
 pub mod maintenance;
+pub mod migrate;
 mod read_many;
 pub use read_many::{BATCH_BLOBS, BlobReader};
 
@@ -1487,7 +1488,7 @@ fn load_keys(conn: &Connection, p: &Path, url: &str) -> Result<Option<(Arc<seal:
     let file = seal::read_key_file(&path)?;
     let scheme = match (scheme, &file) {
         (None, None) => {
-            tracing::warn!(store = url, "store is not sealed (made before ckpt sealed stores, or with CKPT_UNSEALED=1): anyone who can read it reads the programs' memory, and anyone who can write it can forge an image. This ckpt cannot seal a store in place yet: restart the computation with `--store` naming a new store (new stores are sealed), checkpoint it there, and delete this one");
+            tracing::warn!(store = url, "store is not sealed (made before ckpt sealed stores, or with CKPT_UNSEALED=1): anyone who can read it reads the programs' memory, and anyone who can write it can forge an image; seal it with `ckpt store seal --store {url}`");
             return Ok(None);
         }
         // A key for this store id exists: the store was sealed, and a
@@ -1504,8 +1505,20 @@ fn load_keys(conn: &Connection, p: &Path, url: &str) -> Result<Option<(Arc<seal:
     if scheme != seal::SCHEME {
         return Err(StoreError::BadCatalog { path: p.to_path_buf(), reason: format!("sealed with {scheme:?}, which this ckpt does not know (it knows {})", seal::SCHEME) });
     }
-    let Some((fid, master)) = file else {
-        return Err(StoreError::NoKey { store: url.to_string(), id, path });
+    let (fid, master) = match file {
+        Some(f) => f,
+        None => {
+            // A seal interrupted after its catalog commit: its key is
+            // still beside its place (see [`migrate`]).
+            let pending = migrate::pending_path(&path);
+            match seal::read_key_file(&pending)? {
+                Some((pid, m)) if pid == id => {
+                    fs::rename(&pending, &path).ctx(|| format!("move the key {} to {}", pending.display(), path.display()))?;
+                    (pid, m)
+                }
+                _ => return Err(StoreError::NoKey { store: url.to_string(), id, path }),
+            }
+        }
     };
     if fid != id {
         return Err(StoreError::WrongKey { store: url.to_string(), id, path });

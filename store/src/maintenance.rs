@@ -486,7 +486,7 @@ fn blob_rows(conn: &rusqlite::Connection, p: &std::path::Path) -> Result<Vec<Blo
 }
 
 impl Writer {
-    fn no_pending(&self) -> Result<()> {
+    pub(crate) fn no_pending(&self) -> Result<()> {
         if !lock(&self.pending).hashes.is_empty() {
             return Err(StoreError::Invalid(
                 "store maintenance while blobs are pending: commit or abort first".into(),

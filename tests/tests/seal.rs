@@ -376,3 +376,44 @@ fn exported_text_with_other_key(t: &str) -> String {
         .join("\n")
         + "\n"
 }
+
+#[test]
+fn old_unsealed_store_is_sealed_in_place_and_restarts() {
+    let s = Session::new("seal_migrate");
+    let (secret, secret_file) = secret(&s);
+    let stop = s.stop_file();
+    let mut p = s.launch_env(&program("counter_heap"), &["-t", "100", "-m", "8", "-s", stop.to_str().unwrap(), "-S", secret_file.to_str().unwrap()], &[("CKPT_UNSEALED", "1")]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g1 = s.checkpoint_bounded(&mut p);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut p);
+    let pid = p.pid;
+    p.kill9();
+    quit(&s);
+    // The control: the unsealed store holds the secret; ckpt says it is
+    // not sealed and names the command.
+    assert!(!files_holding(&s.store_dir, secret.as_bytes()).is_empty(), "the unsealed store does not hold the secret: the check below proves nothing");
+    let out = s.run("log", &[]);
+    let err = text(&out.stderr);
+    assert!(out.status.success() && err.contains("not sealed") && err.contains("ckpt store seal"), "log of an unsealed store: {err}");
+
+    let out = s.run("store", &["seal", "--store", &s.store]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "ckpt store seal failed: {err}");
+    assert!(err.contains("sealed:") && err.contains("2 generations"), "{err}");
+    let found = files_holding(&s.store_dir, secret.as_bytes());
+    assert!(found.is_empty(), "the sealed store still holds the secret: {found:?}");
+    let out = s.run("log", &[]);
+    assert!(out.status.success() && !text(&out.stderr).contains("not sealed"), "{}", text(&out.stderr));
+    let log = text(&out.stdout);
+    assert!(log.contains(&g1.id.to_string()) && log.contains(&g2.id.to_string()), "a generation was lost: {log}");
+    ok(&s.run("verify", &[]), "verify after sealing");
+    // Sealing again is a no-op.
+    ok(&s.run("store", &["seal", "--store", &s.store]), "second ckpt store seal");
+
+    let mut r = s.restart_expect(&g2, pid, true);
+    r.wait_ticks(2, LINE_TIMEOUT);
+    r.finish(&s, 2);
+    quit(&s);
+}
