@@ -29,6 +29,19 @@ use crate::pack::{self, FinishedPack, OpenPack};
 use crate::seal::{self, Keys};
 use crate::{BlobKind, Hash, Loc, Result, StoreError, Writer, now_ms, open_pack};
 
+/// Test hook: `CKPT_SEAL_PAUSE_AT=PHASE` makes the seal print `ckpt-seal:
+/// paused at PHASE` on stderr and sleep for an hour there (`after-key`,
+/// `after-packs`, `after-commit`, `after-key-move`), so that a test can
+/// `kill -9` it at every step.
+pub const ENV_PAUSE_AT: &str = "CKPT_SEAL_PAUSE_AT";
+
+fn pause(phase: &str) {
+    if std::env::var(ENV_PAUSE_AT).is_ok_and(|p| p == phase) {
+        eprintln!("ckpt-seal: paused at {phase}");
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 /// What [`Writer::seal_store`] did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Sealed {
@@ -77,6 +90,7 @@ impl Writer {
                 k
             }
         };
+        pause("after-key");
         // 2. Every blob, pack by pack, into new sealed packs.
         let cat = self.inner.catalog_path.clone();
         let rows: Vec<(String, Vec<(Loc, BlobKind)>)> = {
@@ -147,6 +161,7 @@ impl Writer {
             }
             return Err(e);
         }
+        pause("after-packs");
         // 3. One transaction.
         let old: Vec<PathBuf> = rows.iter().map(|(n, _)| store.pack_path(n)).collect();
         let ngens = self.with_transaction(|tx| {
@@ -182,8 +197,10 @@ impl Writer {
             m.execute(params!["key_check", keys.check_value()]).db(&cat)?;
             Ok(macs.len() as u64)
         })?;
+        pause("after-commit");
         // 4. The key in its place.
         fs::rename(&pending, &key_file).ctx(|| format!("move the key {} to {}", pending.display(), key_file.display()))?;
+        pause("after-key-move");
         // 5. The old packs (none is named by the catalog any more).
         for p in old {
             if let Err(e) = fs::remove_file(&p) {

@@ -417,3 +417,59 @@ fn old_unsealed_store_is_sealed_in_place_and_restarts() {
     r.finish(&s, 2);
     quit(&s);
 }
+
+/// `kill -9` of `ckpt store seal` after writing the key, after writing the
+/// sealed packs, after the catalog commit and after moving the key: each
+/// time the store opens with both generations, a second seal completes,
+/// `verify` is clean; the last one restarts. Each copy of the store has a
+/// key file of its own (`CKPT_KEY_FILE`): the copies share a store id.
+#[test]
+fn store_seal_killed_at_every_step_loses_no_generation() {
+    let mut s = Session::new("seal_kill9");
+    let stop = s.stop_file();
+    let mut p = s.launch_env(&program("counter_heap"), &["-t", "100", "-m", "8", "-s", stop.to_str().unwrap()], &[("CKPT_UNSEALED", "1")]);
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g1 = s.checkpoint_bounded(&mut p);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut p);
+    let pid = p.pid;
+    p.kill9();
+    quit(&s);
+    let template = s.store_dir.clone();
+    for phase in ["after-key", "after-packs", "after-commit", "after-key-move"] {
+        let copy = s.path(&format!("store-{phase}"));
+        copy_store(&template, &copy);
+        s.store = format!("file://{}", copy.display());
+        let key = s.path(&format!("key-{phase}"));
+        let env = [("CKPT_KEY_FILE", key.to_str().unwrap())];
+        let mut c = s.cmd("store");
+        c.args(["seal", "--store", &s.store]).envs(env).env("CKPT_SEAL_PAUSE_AT", phase);
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        assert!(wait_paused(&mut child, phase, CMD_TIMEOUT), "the seal finished without reaching {phase}");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let log = ok(&run_env(&s, None, Path::new("/"), &env, "log", &[]), &format!("log after a seal killed {phase}"));
+        assert!(log.contains(&g1.id.to_string()) && log.contains(&g2.id.to_string()), "killed {phase}: a generation was lost: {log}");
+        ok(&run_env(&s, None, Path::new("/"), &env, "verify", &[]), &format!("verify after a seal killed {phase}"));
+        let out = run_env(&s, None, Path::new("/"), &env, "store", &["seal", "--store", &s.store]);
+        ok(&out, &format!("seal again after one killed {phase}"));
+        ok(&run_env(&s, None, Path::new("/"), &env, "verify", &[]), &format!("verify after sealing again ({phase})"));
+        let out = run_env(&s, None, Path::new("/"), &env, "log", &[]);
+        assert!(out.status.success() && !text(&out.stderr).contains("not sealed"), "killed {phase}, sealed again: {}", text(&out.stderr));
+        if phase == "after-key-move" {
+            let mut c = s.cmd("restart");
+            c.envs(env);
+            let mut r = Proc::spawn(format!("restart after a seal killed {phase}"), c);
+            r.pid = pid;
+            s.track(pid);
+            r.wait_ticks(1, RESTART_TIMEOUT);
+            let first = r.first_tick.unwrap();
+            assert!(first >= g2.lo && first <= g2.hi, "restart continued at tick {first}, expected {}..={}\n{}", g2.lo, g2.hi, r.context());
+            r.wait_ticks(2, LINE_TIMEOUT);
+            r.finish(&s, 2);
+            quit(&s);
+        }
+    }
+}
