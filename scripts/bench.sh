@@ -32,6 +32,7 @@ run bench-stop --mib "$MIB"                 # downtime: stopping threads, one la
 run bench-trees                             # many processes: downtime and cost per process
 run bench-restart --mib "$MIB" --lazy-mib $((MIB * 4))   # restart, eager and lazy
 run bench-catalog --blobs "$BLOBS"          # the catalog at scale
+run bench-seal --mib "$MIB"                 # sealed vs unsealed store, same run (issue 14)
 echo "== figures vs the previous run (benches/baseline.jsonl)" | tee -a "$out"
 target/release/bench-compare benches/baseline.jsonl "$CKPT_BENCH_FIGURES" | tee -a "$out"
 echo "results in $out, figures in $CKPT_BENCH_FIGURES"

@@ -21,6 +21,7 @@ mod doctor_cmd;
 mod generate_cmd;
 mod remote_cmd;
 mod gc_cmd;
+mod key_cmd;
 mod nsinit;
 mod show_cmd;
 mod verify_cmd;
@@ -212,6 +213,16 @@ enum Cmd {
         store: StoreArg,
         #[arg(long)]
         json: bool,
+    },
+    /// Store maintenance: `ckpt store seal` seals a store made before stores were sealed.
+    Store {
+        #[command(subcommand)]
+        cmd: key_cmd::StoreCmd,
+    },
+    /// Move a sealed store's key to another machine (the key never enters the store).
+    Key {
+        #[command(subcommand)]
+        cmd: key_cmd::KeyCmd,
     },
     /// Show a generation (default: the latest): processes, threads, regions, parent, bytes.
     Show {
@@ -567,6 +578,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Gc { store, args } => gc_cmd::gc(&store_url(&store), args),
         Cmd::Verify { generation, all, metadata_only, store, json } => verify_cmd::verify(&store_url(&store), generation, all, metadata_only, json),
+        Cmd::Key { cmd } => key_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
+        Cmd::Store { cmd } => key_cmd::run_store(cmd).map(|()| ExitCode::SUCCESS),
         Cmd::Show { generation, store, json } => show_cmd::show(&store_url(&store), generation, json),
         Cmd::Stats { store, json } => show_cmd::stats(&store_url(&store), json),
         Cmd::Doctor { coord, store, json } => doctor_cmd::run(&store_url(&store), &coord_addr(&coord)?, json),

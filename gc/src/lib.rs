@@ -268,6 +268,8 @@ fn local_orphans(store: &Store) -> Result<Vec<(String, u64)>> {
 /// Fill in the dry-run figures: what a sweep and repack would free.
 fn estimate(store: &Store, live: &HashSet<Hash>, packs: &[PackRow], orphans: &[(String, u64)], threshold: f64, report: &mut GcReport) -> Result<()> {
     let mut live_bytes: HashMap<i64, (u64, u64)> = HashMap::new(); // clen, count
+    // The catalog's rows are by stored address.
+    let live: HashSet<Hash> = live.iter().map(|h| store.address(h)).collect();
     for b in store.blob_rows()? {
         if live.contains(&b.hash) {
             let e = live_bytes.entry(b.pack_id).or_default();

@@ -81,7 +81,7 @@ pub fn verify(store: &Store, gens: &[GenerationInfo], all: bool, metadata_only: 
         needed.sort_unstable();
         for h in needed {
             let user = first_user.get(h).map(|g| format!("generation {g}: ")).unwrap_or_default();
-            match present.get(h) {
+            match present.get(&store.address(h)) {
                 None => problems.push(format!("{user}blob {h} is not in the catalog")),
                 Some(pid) => match packs.get(pid) {
                     None => problems.push(format!("{user}blob {h} points to pack id {pid}, which the catalog does not have")),

@@ -12,7 +12,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use crate::error::{Result, SqlCtx, StoreError};
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// SQLite page cache of a catalog connection, in KiB (negative: a size,
 /// not a page count).
@@ -54,6 +54,8 @@ CREATE TABLE IF NOT EXISTS generations(
     manifest       BLOB NOT NULL,
     info           TEXT
 );
+"#, r#"
+ALTER TABLE generations ADD COLUMN mac BLOB;
 "#];
 
 /// Read `user_version` straight from the SQLite file header (offset 60,
@@ -93,6 +95,11 @@ fn check_version(path: &Path, found: u32) -> Result<()> {
 /// Open (and, if `create` is set and the catalog is new, initialise) the
 /// catalog at `path`. Returns the connection and the store's chunk size.
 pub(crate) fn open(path: &Path, create: Option<usize>) -> Result<(Connection, usize)> {
+    open_with(path, create, !crate::seal::unsealed_requested())
+}
+
+/// [`open`]; a new catalog is of a sealed store if `sealed`.
+pub(crate) fn open_with(path: &Path, create: Option<usize>, sealed: bool) -> Result<(Connection, usize)> {
     if path.exists() {
         check_version(path, header_version(path)?)?;
     } else if create.is_some() {
@@ -140,7 +147,7 @@ pub(crate) fn open(path: &Path, create: Option<usize>) -> Result<(Connection, us
                     reason: "catalog was never initialised (interrupted creation?)".into(),
                 });
             }
-            _ => migrate(&mut conn, path, v, create)?,
+            _ => migrate(&mut conn, path, v, create, sealed)?,
         }
     }
     let cs: Option<String> = conn
@@ -159,7 +166,7 @@ pub(crate) fn open(path: &Path, create: Option<usize>) -> Result<(Connection, us
     Ok((conn, chunk_size))
 }
 
-fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>) -> Result<()> {
+fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>, sealed: bool) -> Result<()> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .db(path)?;
@@ -181,7 +188,15 @@ fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>)
                 .db(path)?;
             m.execute(params!["chunk_size", chunk_size.to_string()])
                 .db(path)?;
-            m.execute(params!["store_id", random_hex()]).db(path)?;
+            let id = random_hex();
+            m.execute(params!["store_id", id]).db(path)?;
+            if create.is_some() && sealed {
+                // The key exists (outside the store) before the catalog
+                // that says the store is sealed.
+                let keys = crate::seal::create_key(&id)?;
+                m.execute(params!["sealed", crate::seal::SCHEME]).db(path)?;
+                m.execute(params!["key_check", keys.check_value()]).db(path)?;
+            }
             m.execute(params!["created", crate::now_ms().to_string()])
                 .db(path)?;
             m.execute(params!["last_generation_id", "0"]).db(path)?;

@@ -221,6 +221,62 @@ pub enum StoreError {
         #[source]
         source: Box<StoreError>,
     },
+    /// A sealed store opened on a machine that has no key for it.
+    #[error(
+        "store {store} is sealed (store id {id}) and this machine has no key for it (looked in {path}): on the machine that made it run `ckpt key export --store {store} FILE`, copy FILE here privately, then `ckpt key import FILE` (or point $CKPT_KEY_FILE at it)"
+    )]
+    NoKey {
+        /// The store's URL.
+        store: String,
+        /// Its store id.
+        id: String,
+        /// Where the key was looked for.
+        path: PathBuf,
+    },
+    /// A key file that is not this store's key.
+    #[error(
+        "the key in {path} is not the key of store {store} (store id {id}): import the right one with `ckpt key import FILE`, or unset $CKPT_KEY_FILE"
+    )]
+    WrongKey {
+        /// The store's URL.
+        store: String,
+        /// Its store id.
+        id: String,
+        /// The key file.
+        path: PathBuf,
+    },
+    /// A key file or head record that cannot be used.
+    #[error("key file {path} cannot be used: {reason}")]
+    BadKeyFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Something the catalog says fails its authentication with the key.
+    #[error(
+        "store {store} has been tampered with: {what}; nothing was restarted or changed; run `ckpt verify --store {store}` to see everything altered, and restore the store from a copy you trust"
+    )]
+    Tampered {
+        /// The store's URL.
+        store: String,
+        /// What was altered (naming the generation row, pack or blob).
+        what: String,
+    },
+    /// The catalog is older than the newest generation this machine saw.
+    #[error(
+        "store {store} holds an older catalog than this machine last saw: its newest generation is {found}, but generation {head} was committed or seen here (head record {head_path}): someone replayed an old copy of the catalog; restore the newest copy. If you rolled the store back yourself on purpose, delete {head_path} to accept it"
+    )]
+    Replayed {
+        /// The store's URL.
+        store: String,
+        /// Newest generation in the catalog (0: none).
+        found: u64,
+        /// The head record's generation.
+        head: u64,
+        /// The head record file.
+        head_path: PathBuf,
+    },
     /// Error returned by a caller's callback (e.g. the sink of `read_blobs`).
     #[error("{0}")]
     Callback(#[source] Box<dyn std::error::Error + Send + Sync>),

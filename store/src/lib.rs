@@ -38,12 +38,14 @@
 
 pub mod error;
 pub mod private;
+pub mod seal;
 pub mod pack;
 pub mod remote;
 pub mod remote_lock;
 
 mod catalog;
 pub mod maintenance;
+pub mod migrate;
 mod read_many;
 pub use read_many::{BATCH_BLOBS, BlobReader};
 
@@ -228,6 +230,8 @@ struct Inner {
     conn: Mutex<Connection>,
     /// The S3 side of an `s3://` store (`root` is then its cache).
     remote: Option<Arc<Remote>>,
+    /// The keys of a sealed store (see [`seal`]), and the key file.
+    keys: Option<(Arc<seal::Keys>, PathBuf)>,
     /// The last refusal of the S3 writer lock (when, store, holder): polls
     /// within [`LOCK_POLL`] of it are answered without asking S3 again.
     lock_refused: Mutex<Option<(std::time::Instant, String, String)>>,
@@ -239,6 +243,104 @@ const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 impl Inner {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         lock(&self.conn)
+    }
+
+    /// The stored address of the blob whose BLAKE3 is `h` (itself in an
+    /// unsealed store; [`Hash::ZERO_CHUNK`] stays itself).
+    fn addr(&self, h: &Hash) -> Hash {
+        match &self.keys {
+            Some((k, _)) if !h.is_zero_chunk() => k.address(h),
+            _ => *h,
+        }
+    }
+
+    fn url(&self) -> String {
+        match &self.remote {
+            Some(r) => r.url().to_string(),
+            None => format!("file://{}", self.root.display()),
+        }
+    }
+
+    fn tampered(&self, what: String) -> StoreError {
+        StoreError::Tampered { store: self.url(), what }
+    }
+
+    /// A generation row checked against its MAC (in a sealed store).
+    fn checked(&self, row: GenRow) -> Result<GenerationInfo> {
+        if let Some((k, _)) = &self.keys {
+            let want = k.generation_mac(&row.info, row.info_text.as_deref());
+            if row.mac.as_deref() != Some(&want[..]) {
+                return Err(self.tampered(gen_row_problem(&row)));
+            }
+        }
+        Ok(row.info)
+    }
+
+    /// Replay check of a sealed store against the head record beside its
+    /// key, which then names the newest generation seen.
+    fn check_head(&self) -> Result<()> {
+        let Some((_, key_file)) = &self.keys else { return Ok(()) };
+        let newest = self.newest_authentic()?;
+        let head = seal::read_head(key_file)?;
+        let found = newest.as_ref().map_or(0, |g| g.0.id);
+        if let Some((hid, hmac)) = head {
+            if found < hid {
+                // Rows at or above the head that fail their MAC: tampering
+                // (refused wherever they are read, named by verify), not
+                // a replay; the head stays.
+                let conn = self.conn();
+                let tampered_above = conn
+                    .prepare_cached("SELECT 1 FROM generations WHERE id >= ?1")
+                    .db(&self.catalog_path)?
+                    .exists([hid as i64])
+                    .db(&self.catalog_path)?;
+                if tampered_above {
+                    return Ok(());
+                }
+                return Err(StoreError::Replayed { store: self.url(), found, head: hid, head_path: seal::head_path(key_file) });
+            }
+            if let Some((g, mac)) = &newest
+                && g.id == hid
+            {
+                if *mac != hmac {
+                    return Err(self.tampered(format!("generation {hid} is not the one committed or seen on this machine (its MAC differs from the head record {})", seal::head_path(key_file).display())));
+                }
+                return Ok(());
+            }
+        }
+        self.write_head()
+    }
+
+    /// The newest generation whose row is authentic (rows that are not are
+    /// refused wherever they are read, and named by verify).
+    fn newest_authentic(&self) -> Result<Option<(GenerationInfo, [u8; 32])>> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(&format!("{GEN_SELECT} ORDER BY id DESC")).db(&self.catalog_path)?;
+        let mut rows = st.query([]).db(&self.catalog_path)?;
+        while let Some(r) = rows.next().db(&self.catalog_path)? {
+            if let Ok(row) = row_to_gen(r) {
+                let mac = row.mac.as_deref().and_then(|m| <[u8; 32]>::try_from(m).ok()).unwrap_or_default();
+                if let Ok(g) = self.checked(row) {
+                    return Ok(Some((g, mac)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Record the newest generation in the head record (sealed stores).
+    /// Not from an S3 store's cache that holds commits S3 lacks: they may
+    /// yet be dropped (another writer moved on), and the head must never
+    /// name a generation S3 does not have.
+    fn write_head(&self) -> Result<()> {
+        let Some((_, key_file)) = &self.keys else { return Ok(()) };
+        if self.remote.is_some() && remote::is_unsynced(&self.root) {
+            return Ok(());
+        }
+        match self.newest_authentic()? {
+            Some((g, mac)) => seal::write_head(key_file, g.id, &mac),
+            None => Ok(()),
+        }
     }
 
     /// Take the S3 writer lock, or [`StoreError::Locked`] naming its
@@ -410,7 +512,11 @@ impl Store {
 /// Where a blob lives.
 #[derive(Clone, Debug)]
 struct Loc {
+    /// The blob's BLAKE3 if the reader knows it (then checked after
+    /// opening), else its stored address.
     hash: Hash,
+    /// Its stored address (the catalog's and the trailer's).
+    addr: Hash,
     pack: String,
     offset: u64,
     clen: u32,
@@ -569,6 +675,14 @@ impl Store {
     /// [`DEFAULT_CHUNK_SIZE`]) applies to a new store only: an existing store
     /// keeps its own (see [`Store::chunk_size`]).
     pub fn open_or_create(url: &str, chunk_size: usize) -> Result<Store> {
+        Self::open_or_create_with(url, chunk_size, !seal::unsealed_requested())
+    }
+
+    /// [`Store::open_or_create`]; a new local store is sealed if `sealed`
+    /// (the default is sealed unless `CKPT_UNSEALED=1`; an unsealed store
+    /// is neither encrypted nor authenticated: for measuring, see
+    /// BENCHMARKS.md). An `s3://` store follows the default.
+    pub fn open_or_create_with(url: &str, chunk_size: usize, sealed: bool) -> Result<Store> {
         if chunk_size == 0 || !chunk_size.is_multiple_of(4096) || chunk_size > MAX_CHUNK_SIZE {
             return Err(StoreError::InvalidChunkSize {
                 size: chunk_size,
@@ -586,7 +700,7 @@ impl Store {
         } else if !root.is_dir() || (!root.join("catalog.db").exists() && !dir_is_empty(&root)?) {
             return Err(StoreError::NotAStore { path: root });
         }
-        let store = Self::finish_open(root, Some(chunk_size), None)?;
+        let store = Self::finish_open_with(root, Some(chunk_size), None, sealed)?;
         if store.inner.chunk_size != chunk_size {
             tracing::debug!(
                 store = %store.inner.root.display(),
@@ -599,26 +713,68 @@ impl Store {
     }
 
     fn finish_open(root: PathBuf, create: Option<usize>, remote: Option<Arc<Remote>>) -> Result<Store> {
+        Self::finish_open_with(root, create, remote, !seal::unsealed_requested())
+    }
+
+    fn finish_open_with(root: PathBuf, create: Option<usize>, remote: Option<Arc<Remote>>, sealed: bool) -> Result<Store> {
         let catalog_path = root.join("catalog.db");
         private::tighten(&root)?;
-        let (conn, chunk_size) = catalog::open(&catalog_path, create)?;
+        let (conn, chunk_size) = catalog::open_with(&catalog_path, create, sealed)?;
         for d in ["packs", "tmp"] {
             let p = root.join(d);
             if !p.is_dir() {
                 private::create_dir_all(&p).ctx(|| format!("create {}", p.display()))?;
             }
         }
-        tracing::debug!(store = %root.display(), chunk_size, "store opened");
-        Ok(Store {
+        let url = match &remote {
+            Some(r) => r.url().to_string(),
+            None => format!("file://{}", root.display()),
+        };
+        let keys = load_keys(&conn, &catalog_path, &url)?;
+        tracing::debug!(store = %root.display(), chunk_size, sealed = keys.is_some(), "store opened");
+        let store = Store {
             inner: Arc::new(Inner {
                 root,
                 catalog_path,
                 chunk_size,
                 conn: Mutex::new(conn),
                 remote,
+                keys,
                 lock_refused: Mutex::new(None),
             }),
-        })
+        };
+        store.inner.check_head()?;
+        Ok(store)
+    }
+
+    pub(crate) fn keys(&self) -> Option<&seal::Keys> {
+        self.inner.keys.as_ref().map(|(k, _)| &**k)
+    }
+
+    /// Whether the store is sealed (its blobs encrypted and its catalog
+    /// authenticated with a key kept outside it, see [`seal`]).
+    pub fn is_sealed(&self) -> bool {
+        self.inner.keys.is_some()
+    }
+
+    /// The stored address of the blob whose BLAKE3 is `h` (the address the
+    /// catalog's blob rows and [`Store::blob_rows`] use; `h` itself in an
+    /// unsealed store).
+    pub fn address(&self, h: &Hash) -> Hash {
+        self.inner.addr(h)
+    }
+
+    /// The store's key as the text of a key file (`ckpt key export`);
+    /// `None` for an unsealed store.
+    pub fn export_key(&self) -> Option<String> {
+        self.inner.keys.as_ref().map(|(k, _)| seal::export_text(k))
+    }
+
+    /// The store id (the catalog's `meta.store_id`).
+    pub fn store_id(&self) -> Result<String> {
+        let conn = self.inner.conn();
+        catalog_meta(&conn, &self.inner.catalog_path, "store_id")?
+            .ok_or_else(|| StoreError::BadCatalog { path: self.inner.catalog_path.clone(), reason: "meta.store_id missing".into() })
     }
 
     /// The store's directory (for an S3 store, its local cache).
@@ -669,8 +825,30 @@ impl Store {
             .prepare_cached(&format!("{GEN_SELECT} ORDER BY id"))
             .db(&self.inner.catalog_path)?;
         let rows = st.query_map([], row_to_gen).db(&self.inner.catalog_path)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .db(&self.inner.catalog_path)
+        let rows = rows.collect::<rusqlite::Result<Vec<_>>>().db(&self.inner.catalog_path)?;
+        rows.into_iter().map(|r| self.inner.checked(r)).collect()
+    }
+
+    /// The generations whose rows are authentic, ascending by id, and one
+    /// sentence for each row that is not (edited, forged: see
+    /// [`Store::generations`], which refuses the lot for one such row).
+    pub fn authentic_generations(&self) -> Result<(Vec<GenerationInfo>, Vec<String>)> {
+        let conn = self.inner.conn();
+        let p = &self.inner.catalog_path;
+        let mut st = conn.prepare_cached(&format!("{GEN_SELECT} ORDER BY id")).db(p)?;
+        let mut rows = st.query([]).db(p)?;
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        while let Some(r) = rows.next().db(p)? {
+            match row_to_gen(r) {
+                Ok(row) => match self.inner.checked(row) {
+                    Ok(g) => good.push(g),
+                    Err(StoreError::Tampered { what, .. }) => bad.push(what),
+                    Err(e) => bad.push(e.to_string()),
+                },
+                Err(e) => bad.push(format!("generation {}: its catalog row cannot be read ({e}): altered", r.get::<_, i64>(0).unwrap_or(-1))),
+            }
+        }
+        Ok((good, bad))
     }
 
     /// Folds the write-ahead log into the catalog file (for a clean
@@ -701,7 +879,7 @@ impl Store {
                 .db(&self.inner.catalog_path)?
         };
         match found {
-            Some(g) => Ok(g),
+            Some(g) => self.inner.checked(g),
             None => {
                 let ids: Vec<u64> = self.generations()?.iter().map(|g| g.id).collect();
                 Err(StoreError::GenerationNotFound {
@@ -719,9 +897,10 @@ impl Store {
         let mut st = conn
             .prepare_cached(&format!("{GEN_SELECT} ORDER BY id DESC LIMIT 1"))
             .db(&self.inner.catalog_path)?;
-        st.query_row([], row_to_gen)
-            .optional()
-            .db(&self.inner.catalog_path)
+        let row = st.query_row([], row_to_gen).optional().db(&self.inner.catalog_path)?;
+        drop(st);
+        drop(conn);
+        row.map(|r| self.inner.checked(r)).transpose()
     }
 
     /// Whether the catalog holds blob `h` (always true for
@@ -734,7 +913,7 @@ impl Store {
         let mut st = conn
             .prepare_cached("SELECT 1 FROM blobs WHERE hash = ?1")
             .db(&self.inner.catalog_path)?;
-        st.exists([&h.0[..]]).db(&self.inner.catalog_path)
+        st.exists([&self.inner.addr(h).0[..]]).db(&self.inner.catalog_path)
     }
 
     fn locate(&self, conn: &Connection, h: &Hash) -> Result<Loc> {
@@ -744,9 +923,11 @@ impl Store {
                  JOIN packs p ON p.id = b.pack_id WHERE b.hash = ?1",
             )
             .db(&self.inner.catalog_path)?;
-        st.query_row([&h.0[..]], |r| {
+        let addr = self.inner.addr(h);
+        st.query_row([&addr.0[..]], |r| {
             Ok(Loc {
                 hash: *h,
+                addr,
                 pack: r.get(0)?,
                 offset: r.get::<_, i64>(1)? as u64,
                 clen: r.get::<_, i64>(2)? as u32,
@@ -772,7 +953,27 @@ impl Store {
             hash: loc.hash,
             reason,
         };
-        ckpt_chunker::decode(stored, loc.ulen as usize, &loc.hash).map_err(|e| corrupt(e.to_string()))
+        let Some((k, _)) = &self.inner.keys else {
+            return ckpt_chunker::decode(stored, loc.ulen as usize, &loc.hash).map_err(|e| corrupt(e.to_string()));
+        };
+        let mut plain = Vec::with_capacity(stored.len());
+        let raw = k.open_into(&loc.addr, stored, &mut plain).map_err(corrupt)?;
+        let data = if raw {
+            plain.remove(0);
+            if plain.len() != loc.ulen as usize {
+                return Err(corrupt(format!("it is {} bytes, the catalog says {}", plain.len(), loc.ulen)));
+            }
+            plain
+        } else {
+            ckpt_chunker::decompress(&plain[1..], loc.ulen as usize).map_err(|e| corrupt(e.to_string()))?
+        };
+        if loc.hash != loc.addr {
+            let actual = Hash::of(&data);
+            if actual != loc.hash {
+                return Err(corrupt(format!("its bytes hash to {actual}, not to its address")));
+            }
+        }
+        Ok(data)
     }
 
     /// Like `decode`, naming the S3 object in errors.
@@ -843,7 +1044,8 @@ impl Store {
             if uniq.len() > BULK_LOCATE {
                 // Many blobs (a restart): one pass over the index beats a
                 // lookup per blob.
-                let wanted: std::collections::HashSet<Hash> = uniq.iter().filter(|h| !h.is_zero_chunk()).copied().collect();
+                let wanted: std::collections::HashMap<Hash, Hash> =
+                    uniq.iter().filter(|h| !h.is_zero_chunk()).map(|h| (self.inner.addr(h), *h)).collect();
                 let mut found = 0usize;
                 let mut st = conn
                     .prepare("SELECT b.hash, p.name, b.offset, b.clen, b.ulen FROM blobs b JOIN packs p ON p.id = b.pack_id")
@@ -851,13 +1053,14 @@ impl Store {
                 let mut rows = st.query([]).db(&self.inner.catalog_path)?;
                 while let Some(r) = rows.next().db(&self.inner.catalog_path)? {
                     let raw: Vec<u8> = r.get(0).db(&self.inner.catalog_path)?;
-                    let Some(hash) = Hash::from_slice(&raw) else { continue };
-                    if !wanted.contains(&hash) {
+                    let Some(addr) = Hash::from_slice(&raw) else { continue };
+                    let Some(&hash) = wanted.get(&addr) else {
                         continue;
-                    }
+                    };
                     found += 1;
                     let loc = Loc {
                         hash,
+                        addr,
                         pack: r.get(1).db(&self.inner.catalog_path)?,
                         offset: r.get::<_, i64>(2).db(&self.inner.catalog_path)? as u64,
                         clen: r.get::<_, i64>(3).db(&self.inner.catalog_path)? as u32,
@@ -868,7 +1071,7 @@ impl Store {
                 }
                 if found < wanted.len() {
                     let located: std::collections::HashSet<Hash> = groups.values().flatten().map(|l| l.hash).collect();
-                    let missing = wanted.iter().find(|h| !located.contains(h)).copied().unwrap_or_default();
+                    let missing = wanted.values().find(|h| !located.contains(h)).copied().unwrap_or_default();
                     return Err(StoreError::BlobNotFound { hash: missing, path: self.inner.root.clone() });
                 }
             } else {
@@ -991,34 +1194,17 @@ impl Store {
                 let hash = Hash::from_slice(&hb).unwrap_or(Hash::ZERO_CHUNK);
                 by_pack.entry(r.get(1).db(p)?).or_default().push(Loc {
                     hash,
+                    addr: hash,
                     pack: String::new(),
                     offset: r.get::<_, i64>(2).db(p)? as u64,
                     clen: r.get::<_, i64>(3).db(p)? as u32,
                     ulen: r.get::<_, i64>(4).db(p)? as u32,
                 });
             }
-            let mut st = conn
-                .prepare(
-                    "SELECT g.id, g.manifest FROM generations g \
-                     WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = g.manifest)",
-                )
-                .db(p)?;
-            let manifests: Vec<(i64, Vec<u8>)> = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .db(p)?
-                .collect::<rusqlite::Result<_>>()
-                .db(p)?;
+            let manifests = self.generation_problems(&conn)?;
             (packs, by_pack, manifests)
         };
-        let mut problems: Vec<String> = Vec::new();
-        for (gid, m) in manifests {
-            problems.push(format!(
-                "generation {gid}: manifest blob {} is not in the catalog",
-                Hash::from_slice(&m)
-                    .map(|h| h.to_string())
-                    .unwrap_or_else(|| hex::encode(&m))
-            ));
-        }
+        let mut problems: Vec<String> = manifests;
         let known_ids: HashSet<i64> = packs.iter().map(|x| x.0).collect();
         for (id, locs) in &by_pack {
             if !known_ids.contains(id) {
@@ -1088,6 +1274,39 @@ impl Store {
         report.orphan_packs.sort();
         report.problems = problems;
         Ok(report)
+    }
+
+    /// Every generation row checked: its MAC (in a sealed store) and that
+    /// its manifest is in the catalog; one sentence per problem.
+    pub(crate) fn generation_problems(&self, conn: &Connection) -> Result<Vec<String>> {
+        let p = &self.inner.catalog_path;
+        let mut st = conn.prepare(&format!("{GEN_SELECT} ORDER BY id")).db(p)?;
+        let mut rows = st.query([]).db(p)?;
+        let mut has = conn.prepare("SELECT 1 FROM blobs WHERE hash = ?1").db(p)?;
+        let mut problems = Vec::new();
+        while let Some(r) = rows.next().db(p)? {
+            let row = match row_to_gen(r) {
+                Ok(row) => row,
+                Err(e) => {
+                    let id: i64 = r.get(0).unwrap_or(-1);
+                    problems.push(format!("generation {id}: its catalog row cannot be read ({e}): altered"));
+                    continue;
+                }
+            };
+            let id = row.info.id;
+            let manifest = row.info.manifest;
+            if let Err(e) = self.inner.checked(row) {
+                problems.push(match e {
+                    StoreError::Tampered { what, .. } => what,
+                    e => e.to_string(),
+                });
+                continue;
+            }
+            if !has.exists([&self.inner.addr(&manifest).0[..]]).db(p)? {
+                problems.push(format!("generation {id}: manifest blob {manifest} is not in the catalog"));
+            }
+        }
+        Ok(problems)
     }
 
     /// For a pack missing from S3 that the cache holds while its commits
@@ -1228,9 +1447,90 @@ fn open_pack(path: &Path, h: &Hash) -> Result<File> {
 }
 
 const GEN_SELECT: &str = "SELECT id, parent, created_ms, duration_ms, nprocs, logical_bytes, \
-     new_bytes, stored_bytes, dirty_tracking, manifest, info FROM generations";
+     new_bytes, stored_bytes, dirty_tracking, manifest, info, mac FROM generations";
 
-fn row_to_gen(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenerationInfo> {
+/// A generation row as read, with its MAC (not yet checked).
+struct GenRow {
+    info: GenerationInfo,
+    /// `info` exactly as the catalog holds it (the MAC covers this text).
+    info_text: Option<String>,
+    mac: Option<Vec<u8>>,
+}
+
+/// What is wrong with a generation row whose MAC does not match.
+fn gen_row_problem(row: &GenRow) -> String {
+    match &row.mac {
+        None => format!("generation {}: its catalog row has no MAC: it was forged (or written without the key)", row.info.id),
+        Some(_) => format!(
+            "generation {}: its catalog row does not match its MAC: it was edited, swapped or re-parented (manifest {}, parent {})",
+            row.info.id,
+            row.info.manifest,
+            row.info.parent.map_or("none".to_string(), |p| p.to_string())
+        ),
+    }
+}
+
+/// A `meta` value.
+fn catalog_meta(conn: &Connection, p: &Path, key: &str) -> Result<Option<String>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().db(p)
+}
+
+/// The keys of the store whose catalog is `conn`: `None` if it is not
+/// sealed, else from its key file (refused if missing or not its key).
+fn load_keys(conn: &Connection, p: &Path, url: &str) -> Result<Option<(Arc<seal::Keys>, PathBuf)>> {
+    let id = catalog_meta(conn, p, "store_id")?
+        .ok_or_else(|| StoreError::BadCatalog { path: p.to_path_buf(), reason: "meta.store_id missing".into() })?;
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(StoreError::BadCatalog { path: p.to_path_buf(), reason: format!("meta.store_id {id:?} is not a store id") });
+    }
+    let scheme = catalog_meta(conn, p, "sealed")?;
+    let path = seal::key_path(&id);
+    let file = seal::read_key_file(&path)?;
+    let scheme = match (scheme, &file) {
+        (None, None) => {
+            tracing::warn!(store = url, "store is not sealed (made before ckpt sealed stores, or with CKPT_UNSEALED=1): anyone who can read it reads the programs' memory, and anyone who can write it can forge an image; seal it with `ckpt store seal --store {url}`");
+            return Ok(None);
+        }
+        // A key for this store id exists: the store was sealed, and a
+        // catalog that says otherwise was altered (a downgrade).
+        (None, Some((fid, _))) if *fid == id => {
+            return Err(StoreError::Tampered {
+                store: url.to_string(),
+                what: format!("the catalog says the store is not sealed, but this machine holds its key ({}): its sealing was removed", path.display()),
+            });
+        }
+        (None, Some(_)) => return Ok(None),
+        (Some(s), _) => s,
+    };
+    if scheme != seal::SCHEME {
+        return Err(StoreError::BadCatalog { path: p.to_path_buf(), reason: format!("sealed with {scheme:?}, which this ckpt does not know (it knows {})", seal::SCHEME) });
+    }
+    let (fid, master) = match file {
+        Some(f) => f,
+        None => {
+            // A seal interrupted after its catalog commit: its key is
+            // still beside its place (see [`migrate`]).
+            let pending = migrate::pending_path(&path);
+            match seal::read_key_file(&pending)? {
+                Some((pid, m)) if pid == id => {
+                    fs::rename(&pending, &path).ctx(|| format!("move the key {} to {}", pending.display(), path.display()))?;
+                    (pid, m)
+                }
+                _ => return Err(StoreError::NoKey { store: url.to_string(), id, path }),
+            }
+        }
+    };
+    if fid != id {
+        return Err(StoreError::WrongKey { store: url.to_string(), id, path });
+    }
+    let keys = seal::Keys::from_master(&id, master)?;
+    if catalog_meta(conn, p, "key_check")?.as_deref() != Some(keys.check_value().as_str()) {
+        return Err(StoreError::WrongKey { store: url.to_string(), id, path });
+    }
+    Ok(Some((Arc::new(keys), path)))
+}
+
+fn row_to_gen(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenRow> {
     let manifest: Vec<u8> = r.get(9)?;
     let manifest = Hash::from_slice(&manifest).ok_or_else(|| {
         rusqlite::Error::FromSqlConversionFailure(
@@ -1239,14 +1539,14 @@ fn row_to_gen(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenerationInfo> {
             "manifest hash is not 32 bytes".into(),
         )
     })?;
-    let info: Option<String> = r.get(10)?;
-    let info = match info {
-        Some(s) => serde_json::from_str(&s).map_err(|e| {
+    let info_text: Option<String> = r.get(10)?;
+    let info = match &info_text {
+        Some(s) => serde_json::from_str(s).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, e.into())
         })?,
         None => serde_json::Value::Null,
     };
-    Ok(GenerationInfo {
+    let info = GenerationInfo {
         id: r.get::<_, i64>(0)? as u64,
         parent: r.get::<_, Option<i64>>(1)?.map(|p| p as u64),
         created_ms: r.get(2)?,
@@ -1258,7 +1558,8 @@ fn row_to_gen(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenerationInfo> {
         dirty_tracking: r.get(8)?,
         manifest,
         info,
-    })
+    };
+    Ok(GenRow { info, info_text, mac: r.get(11)? })
 }
 
 /// "generations 1-3, 5" / "no generations (the store is empty)".
@@ -1427,6 +1728,7 @@ impl Writer {
             } else if r.remote_changed()? {
                 inner.with_catalog_closed(|| r.prepare_cache().map(|_| ()))?;
             }
+            inner.check_head()?;
         }
 
         // Leftovers of a crashed writer: nothing references them.
@@ -1460,12 +1762,21 @@ impl Writer {
     /// Whether blob `h` is in the store or was put since the last commit
     /// (true for [`Hash::ZERO_CHUNK`]). Answered from memory.
     pub fn known(&self, h: &Hash) -> bool {
-        h.is_zero_chunk()
-            || self
-                .known
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(h)
+        h.is_zero_chunk() || self.known_addr(&self.inner.addr(h))
+    }
+
+    /// Whether the blob stored at address `a` is known.
+    fn known_addr(&self, a: &Hash) -> bool {
+        self.known.read().unwrap_or_else(|e| e.into_inner()).contains(a)
+    }
+
+    /// `bytes` (raw, or a zstd frame) as stored at `addr`: sealed in a
+    /// sealed store, as they are otherwise.
+    fn stored_form<'a>(&self, addr: &Hash, raw: bool, bytes: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        match &self.inner.keys {
+            Some((k, _)) => std::borrow::Cow::Owned(k.seal(addr, raw, bytes)),
+            None => std::borrow::Cow::Borrowed(bytes),
+        }
     }
 
     /// Store blob `data` whose BLAKE3 is `h` (the caller computed it).
@@ -1474,7 +1785,11 @@ impl Writer {
     /// appends it to the open pack and returns true. Blobs become visible to
     /// readers at [`Writer::commit`].
     pub fn put(&self, kind: BlobKind, h: Hash, data: &[u8]) -> Result<bool> {
-        if self.known(&h) {
+        if h.is_zero_chunk() {
+            return Ok(false);
+        }
+        let a = self.inner.addr(&h);
+        if self.known_addr(&a) {
             return Ok(false);
         }
         debug_assert_eq!(h, Hash::of(data), "put: hash does not match data");
@@ -1485,7 +1800,9 @@ impl Writer {
             ))
         })?;
         let stored = ckpt_chunker::encode(data, self.opts.level);
-        self.append(kind, h, stored.bytes(), ulen)
+        let raw = matches!(stored, ckpt_chunker::Encoded::Raw(_));
+        let sealed = self.stored_form(&a, raw, stored.bytes());
+        self.append(kind, a, &sealed, ulen)
     }
 
     /// Store a blob that was compressed elsewhere (by a capture helper on
@@ -1494,20 +1811,29 @@ impl Writer {
     /// anything is written, so a faulty sender cannot put wrong bytes under a
     /// hash. Returns false if the blob is already known.
     pub fn put_compressed(&self, kind: BlobKind, h: Hash, compressed: &[u8], ulen: u32) -> Result<bool> {
-        if self.known(&h) {
+        if h.is_zero_chunk() {
+            return Ok(false);
+        }
+        let a = self.inner.addr(&h);
+        if self.known_addr(&a) {
             return Ok(false);
         }
         ckpt_chunker::decode(compressed, ulen as usize, &h).map_err(|e| {
             StoreError::Invalid(format!("blob sent for storing as {h} is not its bytes ({e}): the sender is faulty"))
         })?;
-        self.append(kind, h, compressed, ulen)
+        // The rule of `ckpt_chunker::decode`: raw if as long as the data
+        // and its hash.
+        let raw = compressed.len() == ulen as usize && Hash::of(compressed) == h;
+        let sealed = self.stored_form(&a, raw, compressed);
+        self.append(kind, a, &sealed, ulen)
     }
 
-    /// Appends a compressed blob to the open pack (unless another thread
-    /// put it meanwhile).
+    /// Appends a stored blob (compressed, and sealed in a sealed store) at
+    /// address `h` to the open pack (unless another thread put it
+    /// meanwhile).
     fn append(&self, kind: BlobKind, h: Hash, compressed: &[u8], ulen: u32) -> Result<bool> {
         let mut p = lock(&self.pending);
-        if self.known(&h) {
+        if self.known_addr(&h) {
             return Ok(false); // another thread put it meanwhile
         }
         let tmp = self.inner.root.join("tmp");
@@ -1646,6 +1972,7 @@ impl Writer {
             remote::mark_unsynced(&self.inner.root)?;
         }
         let id = self.next_generation_id();
+        let row_mac;
         let info = GenerationInfo {
             id,
             parent: g.parent,
@@ -1715,15 +2042,13 @@ impl Writer {
                         .db(path)?;
                 }
             }
-            let info_json = if info.info.is_null() {
-                None
-            } else {
-                Some(info.info.to_string())
-            };
+            let info_json = seal::info_text(&info.info);
+            let mac = self.inner.keys.as_ref().map(|(k, _)| k.generation_mac(&info, info_json.as_deref()));
+            row_mac = mac;
             tx.execute(
                 "INSERT INTO generations(id, parent, created_ms, duration_ms, nprocs, \
-                 logical_bytes, new_bytes, stored_bytes, dirty_tracking, manifest, info) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 logical_bytes, new_bytes, stored_bytes, dirty_tracking, manifest, info, mac) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     id as i64,
                     info.parent.map(|x| x as i64),
@@ -1735,7 +2060,8 @@ impl Writer {
                     info.stored_bytes as i64,
                     info.dirty_tracking,
                     &info.manifest.0[..],
-                    info_json
+                    info_json,
+                    mac.map(|m| m.to_vec())
                 ],
             )
             .db(path)?;
@@ -1770,6 +2096,11 @@ impl Writer {
                     source: Box::new(e),
                 })?;
             tracing::info!(store = r.url(), generation = id, packs = new_packs.len(), "generation uploaded");
+        }
+        // After the upload: the head record never names a generation S3
+        // does not have.
+        if let (Some((_, key_file)), Some(mac)) = (&self.inner.keys, row_mac) {
+            seal::write_head(key_file, id, &mac)?;
         }
         Ok(info)
     }
@@ -1808,7 +2139,10 @@ impl Writer {
         let (known, next) = load_known(&conn, path)?;
         *self.known.write().unwrap_or_else(|e| e.into_inner()) = known;
         self.next_id.store(next, Ordering::SeqCst);
+        drop(conn);
         drop(p);
+        // gc may have deleted the newest generation: the head follows.
+        self.inner.write_head()?;
         Ok(r)
     }
 

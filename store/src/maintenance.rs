@@ -332,24 +332,7 @@ impl Store {
         let mut problems = Vec::new();
         {
             let conn = self.inner.conn();
-            let p = &self.inner.catalog_path;
-            let mut st = conn
-                .prepare(
-                    "SELECT g.id, g.manifest FROM generations g \
-                     WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = g.manifest)",
-                )
-                .db(p)?;
-            let missing: Vec<(i64, Vec<u8>)> = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .db(p)?
-                .collect::<rusqlite::Result<_>>()
-                .db(p)?;
-            for (gid, m) in missing {
-                problems.push(format!(
-                    "generation {gid}: manifest blob {} is not in the catalog",
-                    hex::encode(m)
-                ));
-            }
+            problems.extend(self.generation_problems(&conn)?);
         }
         let mut by_pack: HashMap<i64, Vec<BlobRow>> = HashMap::new();
         for b in blobs {
@@ -503,7 +486,7 @@ fn blob_rows(conn: &rusqlite::Connection, p: &std::path::Path) -> Result<Vec<Blo
 }
 
 impl Writer {
-    fn no_pending(&self) -> Result<()> {
+    pub(crate) fn no_pending(&self) -> Result<()> {
         if !lock(&self.pending).hashes.is_empty() {
             return Err(StoreError::Invalid(
                 "store maintenance while blobs are pending: commit or abort first".into(),
@@ -519,8 +502,11 @@ impl Writer {
     /// `live` must be everything the remaining generations need. Pack files
     /// are not touched: delete [`Swept::dead_packs`] with
     /// [`Writer::remove_pack_files`] afterwards.
-    pub fn sweep(&self, drop: &[u64], live: &HashSet<Hash>) -> Result<Swept> {
+    pub fn sweep(&self, drop: &[u64], live_blobs: &HashSet<Hash>) -> Result<Swept> {
         self.no_pending()?;
+        // The catalog's rows are by stored address.
+        let live: HashSet<Hash> = live_blobs.iter().map(|h| self.inner.addr(h)).collect();
+        let live = &live;
         let root = self.inner.root.clone();
         let path = self.inner.catalog_path.clone();
         self.with_transaction(|tx| {
@@ -539,7 +525,7 @@ impl Writer {
                     .collect::<rusqlite::Result<_>>()
                     .db(&path)?;
                 for (id, m) in rows {
-                    if !Hash::from_slice(&m).is_some_and(|h| live.contains(&h)) {
+                    if !Hash::from_slice(&m).is_some_and(|h| live_blobs.contains(&h)) {
                         return Err(StoreError::Invalid(format!(
                             "sweep refused: generation {id} stays but its manifest is not among the live blobs (gc bug); nothing was deleted"
                         )));
@@ -548,7 +534,7 @@ impl Writer {
             }
             let rows = blob_rows(tx, &path)?;
             let present: HashSet<Hash> = rows.iter().map(|r| r.hash).collect();
-            if let Some(h) = live.iter().find(|h| !h.is_zero_chunk() && !present.contains(h)) {
+            if let Some(h) = live_blobs.iter().find(|h| !h.is_zero_chunk() && !present.contains(&self.inner.addr(h))) {
                 return Err(StoreError::Invalid(format!(
                     "sweep refused: live blob {h} is not in the catalog (the store is damaged: run `ckpt verify --all`); nothing was deleted"
                 )));
@@ -692,8 +678,10 @@ impl Writer {
                 let locs = rows
                     .into_iter()
                     .filter_map(|(h, off, c, u, k)| {
+                        let addr = Hash::from_slice(&h)?;
                         let loc = Loc {
-                            hash: Hash::from_slice(&h)?,
+                            hash: addr,
+                            addr,
                             pack: pk.name.clone(),
                             offset: off as u64,
                             clen: c as u32,

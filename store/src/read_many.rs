@@ -8,12 +8,13 @@
 //! handed over at once, so the caller can write it with one vectored call.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use rayon::prelude::*;
 
 use crate::error::SqlCtx;
+use crate::seal::Keys;
 use crate::{Hash, Loc, Remote, Result, Store, StoreError, open_pack, private, remote};
 
 /// Blobs per batch: a batch is at most this many blobs (and, at 4 KiB
@@ -24,6 +25,7 @@ pub const BATCH_BLOBS: usize = 256;
 thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static OPENED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Store {
@@ -56,7 +58,7 @@ impl Store {
                     let idx: Vec<usize> = (0..locs.len()).collect();
                     idx.par_chunks(BATCH_BLOBS).try_for_each(|ix| {
                         let part: Vec<(&Loc, &[u8])> = ix.iter().map(|&i| (&locs[i], &bufs[i][..])).collect();
-                        decode_batch(&url, &part, &sink)
+                        decode_batch(self.keys(), &url, &part, &sink)
                     })
                 })?;
             }
@@ -80,7 +82,7 @@ impl Store {
                     }
                     refs.push((loc, &map[loc.offset as usize..end as usize]));
                 }
-                decode_batch(&path, &refs, &sink)
+                decode_batch(self.keys(), &path, &refs, &sink)
             })
         })
     }
@@ -92,21 +94,22 @@ impl Store {
         let cat = &self.inner.catalog_path;
         if uniq.len() > crate::BULK_LOCATE {
             // One pass over the index beats a lookup per blob.
-            let wanted: HashSet<Hash> = uniq.iter().filter(|h| !h.is_zero_chunk()).copied().collect();
+            let wanted: HashMap<Hash, Hash> = uniq.iter().filter(|h| !h.is_zero_chunk()).map(|h| (self.inner.addr(h), *h)).collect();
             let mut found = HashSet::with_capacity(wanted.len());
             let mut st = conn.prepare("SELECT b.hash, p.name, b.offset, b.clen, b.ulen FROM blobs b JOIN packs p ON p.id = b.pack_id").db(cat)?;
             let mut rows = st.query([]).db(cat)?;
             while let Some(r) = rows.next().db(cat)? {
                 let raw: Vec<u8> = r.get(0).db(cat)?;
-                let Some(hash) = Hash::from_slice(&raw) else { continue };
-                if !wanted.contains(&hash) || !found.insert(hash) {
+                let Some(addr) = Hash::from_slice(&raw) else { continue };
+                let Some(&hash) = wanted.get(&addr) else { continue };
+                if !found.insert(hash) {
                     continue;
                 }
-                let loc = Loc { hash, pack: r.get(1).db(cat)?, offset: r.get::<_, i64>(2).db(cat)? as u64, clen: r.get::<_, i64>(3).db(cat)? as u32, ulen: r.get::<_, i64>(4).db(cat)? as u32 };
+                let loc = Loc { hash, addr, pack: r.get(1).db(cat)?, offset: r.get::<_, i64>(2).db(cat)? as u64, clen: r.get::<_, i64>(3).db(cat)? as u32, ulen: r.get::<_, i64>(4).db(cat)? as u32 };
                 private::check_pack_name(&loc.pack, cat)?;
                 groups.entry(loc.pack.clone()).or_default().push(loc);
             }
-            if let Some(missing) = wanted.iter().find(|h| !found.contains(*h)) {
+            if let Some(missing) = wanted.values().find(|h| !found.contains(*h)) {
                 return Err(StoreError::BlobNotFound { hash: *missing, path: self.inner.root.clone() });
             }
         } else {
@@ -121,7 +124,7 @@ impl Store {
 
 /// Decompresses and verifies `part` (each blob's location and stored
 /// bytes) into this thread's buffer and hands the batch to `sink`.
-fn decode_batch(pack: &PathBuf, part: &[(&Loc, &[u8])], sink: &(impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync)) -> Result<()> {
+fn decode_batch(keys: Option<&Keys>, pack: &PathBuf, part: &[(&Loc, &[u8])], sink: &(impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync)) -> Result<()> {
     let corrupt = |loc: &Loc, reason: String| StoreError::Corrupt { pack: pack.clone(), hash: loc.hash, reason };
     let total: usize = part.iter().map(|(l, _)| l.ulen as usize).sum();
     // The buffer is taken out of its slot while the sink runs: a sink that
@@ -138,17 +141,41 @@ fn decode_batch(pack: &PathBuf, part: &[(&Loc, &[u8])], sink: &(impl Fn(&[(Hash,
             *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| StoreError::io("create a zstd decompressor", e))?);
         }
         let d = slot.as_mut().expect("just created");
+        let mut opened = OPENED.with(|b| std::mem::take(&mut *b.borrow_mut()));
         for (loc, stored) in part {
             let n = loc.ulen as usize;
             let out = &mut buf[off..off + n];
-            // Raw (incompressible data, stored as it is) or one zstd frame:
-            // the rule of `ckpt_chunker::decode`.
-            if stored.len() == n && Hash::of(stored) == loc.hash {
-                out.copy_from_slice(stored);
-                spans.push((loc.hash, off..off + n));
-                off += n;
-                continue;
-            }
+            // A sealed blob is opened first (its encoding is then known);
+            // else raw (incompressible data, stored as it is) or one zstd
+            // frame: the rule of `ckpt_chunker::decode`.
+            let stored: &[u8] = match keys {
+                Some(k) => {
+                    let raw = k.open_into(&loc.addr, stored, &mut opened).map_err(|e| corrupt(loc, e))?;
+                    if raw {
+                        if opened.len() - 1 != n {
+                            return Err(corrupt(loc, format!("it is {} bytes, the catalog says {n}", opened.len() - 1)));
+                        }
+                        out.copy_from_slice(&opened[1..]);
+                        let actual = Hash::of(out);
+                        if actual != loc.hash {
+                            return Err(corrupt(loc, format!("its bytes hash to {actual}")));
+                        }
+                        spans.push((loc.hash, off..off + n));
+                        off += n;
+                        continue;
+                    }
+                    &opened[1..]
+                }
+                None => {
+                    if stored.len() == n && Hash::of(stored) == loc.hash {
+                        out.copy_from_slice(stored);
+                        spans.push((loc.hash, off..off + n));
+                        off += n;
+                        continue;
+                    }
+                    stored
+                }
+            };
             let got = d.decompress_to_buffer(stored, out).map_err(|e| corrupt(loc, format!("zstd: {e}")))?;
             if got != n {
                 return Err(corrupt(loc, format!("decompresses to {got} bytes, the catalog says {n}")));
@@ -160,6 +187,7 @@ fn decode_batch(pack: &PathBuf, part: &[(&Loc, &[u8])], sink: &(impl Fn(&[(Hash,
             spans.push((loc.hash, off..off + n));
             off += n;
         }
+        OPENED.with(|b| *b.borrow_mut() = opened);
         Ok(())
     });
     let res = res.and_then(|()| {

@@ -337,7 +337,7 @@ fn truncated_pack_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let (store, blobs) = committed_store(dir.path());
     let (path, entries) = only_pack(dir.path());
-    let last = entries.iter().find(|e| e.hash == blobs[7].0).unwrap();
+    let last = entries.iter().find(|e| e.hash == store.address(&blobs[7].0)).unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(last.offset + last.clen as u64 / 2).unwrap();
     drop(f);
@@ -371,7 +371,7 @@ fn bit_flipped_pack_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let (store, blobs) = committed_store(dir.path());
     let (path, entries) = only_pack(dir.path());
-    let target = entries.iter().find(|e| e.hash == blobs[3].0).unwrap();
+    let target = entries.iter().find(|e| e.hash == store.address(&blobs[3].0)).unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[(target.offset + target.clen as u64 / 2) as usize] ^= 0x10;
     std::fs::write(&path, &bytes).unwrap();
@@ -439,7 +439,7 @@ fn newer_schema_refused_without_modification() {
                 e,
                 StoreError::NewerSchema {
                     found: 99,
-                    supported: 1,
+                    supported: ckpt_store::SCHEMA_VERSION,
                     ..
                 }
             ),
@@ -656,16 +656,16 @@ fn incompressible_blobs_are_stored_raw_and_read_back() {
     drop(w);
     let packs = pack_files(dir.path());
     let entries: Vec<PackEntry> = packs.iter().flat_map(|p| pack::parse_index(&std::fs::read(p).unwrap()).unwrap()).collect();
-    let e = entries.iter().find(|e| e.hash == hr).unwrap();
-    assert_eq!(e.clen, e.ulen, "an incompressible chunk is stored as it is");
-    assert!(entries.iter().find(|e| e.hash == ht).unwrap().clen < 4096, "a compressible one is compressed");
+    let e = entries.iter().find(|e| e.hash == store.address(&hr)).unwrap();
+    assert_eq!(e.clen as usize, e.ulen as usize + ckpt_store::seal::OVERHEAD, "an incompressible chunk is stored as it is (sealed)");
+    assert!(entries.iter().find(|e| e.hash == store.address(&ht)).unwrap().clen < 4096, "a compressible one is compressed");
     assert_eq!(store.read_blob(&hr).unwrap(), random);
     assert_eq!(store.read_blob(&ht).unwrap(), text);
     assert!(store.verify().unwrap().is_ok());
     // A damaged raw blob is named, never returned.
     let (p, e) = packs
         .iter()
-        .find_map(|p| pack::parse_index(&std::fs::read(p).unwrap()).unwrap().into_iter().find(|e| e.hash == hr).map(|e| (p, e)))
+        .find_map(|p| pack::parse_index(&std::fs::read(p).unwrap()).unwrap().into_iter().find(|e| e.hash == store.address(&hr)).map(|e| (p, e)))
         .unwrap();
     let mut bytes = std::fs::read(p).unwrap();
     bytes[e.offset as usize + 100] ^= 0xff;

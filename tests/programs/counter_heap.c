@@ -1,6 +1,6 @@
 /* counter_heap: a single-threaded counter over a large heap.
  *
- *   counter_heap [-n N] [-t MS] [-s STOPFILE] [-m MiB] [-i] [-c CHURNFILE]
+ *   counter_heap [-n N] [-t MS] [-s STOPFILE] [-m MiB] [-i] [-c CHURNFILE] [-S SECRETFILE]
  *
  * Memory it holds and verifies every tick:
  *   - a malloc'd heap of -m MiB (default 256) whose every 4 KiB page has
@@ -15,6 +15,9 @@
  * Every tick uses clock_gettime (vDSO) and compares it with the syscall.
  * -i (idle): no memory is modified between ticks (only read to verify).
  * -c FILE: when FILE exists, rewrite every heap page once (prints CHURNED).
+ * -S FILE: read a secret (one line, up to 255 bytes) from FILE at start and
+ *     hold it in 8 pages of otherwise incompressible bytes (so an unsealed
+ *     store would keep it verbatim), checked every tick.
  */
 #include "common.h"
 #include <sys/mman.h>
@@ -25,6 +28,11 @@
 static size_t heap_mib = 256;
 static int idle = 0;
 static const char *churnfile = NULL;
+static const char *secretfile = NULL;
+#define SECRET_PAGES 8
+static char secret[256];
+static size_t secret_len;
+static unsigned char *secret_mem;
 
 static uint64_t *heap;
 static size_t npages;
@@ -60,6 +68,7 @@ static void opt(int c, const char *arg)
     case 'm': heap_mib = strtoul(arg, NULL, 10); break;
     case 'i': idle = 1; break;
     case 'c': churnfile = arg; break;
+    case 'S': secretfile = arg; break;
     }
 }
 
@@ -196,7 +205,7 @@ static void full_check(long tick)
 
 int main(int argc, char **argv)
 {
-    ct_parse(argc, argv, "m:ic:", opt);
+    ct_parse(argc, argv, "m:ic:S:", opt);
     ct_setup();
     seed = ct_mix64((uint64_t)ct_pid);
 
@@ -249,6 +258,22 @@ int main(int argc, char **argv)
         fver[p]++;
         for (size_t k = 0; k < PAGE; k++)
             fmap[p * PAGE + k] = file_byte(p, fver[p], k);
+    }
+
+    if (secretfile) {
+        FILE *f = fopen(secretfile, "r");
+        if (!f || !fgets(secret, sizeof secret, f))
+            ct_fail("cannot read the secret from %s", secretfile);
+        fclose(f);
+        secret_len = strcspn(secret, "\n");
+        secret[secret_len] = 0;
+        secret_mem = malloc(SECRET_PAGES * PAGE);
+        if (!secret_mem || secret_len == 0)
+            ct_fail("secret: empty or no memory");
+        for (size_t k = 0; k < SECRET_PAGES * PAGE; k++)
+            secret_mem[k] = (unsigned char)(ct_mix64(k ^ 0x5ec) >> 11);
+        for (size_t p = 0; p < SECRET_PAGES; p++)
+            memcpy(secret_mem + p * PAGE + 64 * (p + 1), secret, secret_len);
     }
 
     last_mono = ct_now_ns(CLOCK_MONOTONIC);
@@ -328,6 +353,9 @@ int main(int argc, char **argv)
         }
         small_check();
         sparse_check(tick);
+        for (size_t p = 0; secret_mem && p < SECRET_PAGES; p++)
+            if (memcmp(secret_mem + p * PAGE + 64 * (p + 1), secret, secret_len) != 0)
+                ct_fail("secret page %zu does not hold the secret", p);
         if (ct_hash_bytes(ro, RO_PAGES * PAGE, 7) != ro_sum)
             ct_fail("read-only mapping checksum changed");
         file_check(tick);

@@ -1,0 +1,148 @@
+//! The cost of sealing (issue 14): the store's side of a full checkpoint,
+//! of a 1% incremental one and of a restart's reads, into a sealed store
+//! (keyed addresses, XChaCha20-Poly1305 per blob, MAC'd generation rows)
+//! and into an unsealed one, alternating in the same run on the same data
+//! (image-like pages, as benches/programs/bench_heap.c writes them).
+//! Capture (reading the program's memory, hashing) is the same for both
+//! and is not in these figures: they are the part sealing can slow down.
+//!
+//! - full: a writer on a new store, every page put from all cores (zstd,
+//!   then sealing), the manifest put, commit (packs fsync'd);
+//! - incremental: 1% of the pages changed, put and committed on top;
+//! - restart read: a new `Store::open` and `read_blobs_batched` of every
+//!   page of the incremental generation (opening, decompressing,
+//!   checking each blob's BLAKE3).
+//!
+//! Run: `cargo build --release -p ckpt-benches && target/release/bench-seal [--mib 256] [--reps 3]`.
+//! Prints Markdown.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use ckpt_benches::{PAGE, Rng, fill_page};
+use ckpt_store::{BlobKind, Hash, NewGeneration, Store};
+use rayon::prelude::*;
+
+fn gen_of(manifest: Hash, parent: Option<u64>, bytes: u64) -> NewGeneration {
+    NewGeneration { parent, created_ms: 0, duration_ms: 0, nprocs: 1, logical_bytes: bytes, dirty_tracking: "bench".into(), manifest, info: serde_json::json!({"bench": "seal", "downtime_ms": 0.1}) }
+}
+
+/// (full ms, incremental ms, restart read ms, stored bytes)
+fn run(sealed: bool, mem: &[u8], changed: &[(usize, Vec<u8>)], rep: usize) -> (f64, f64, f64, u64) {
+    let dir = std::env::temp_dir().join(format!("ckpt-bench-seal-{}-{rep}-{sealed}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let url = dir.to_str().unwrap().to_string();
+    let store = Store::open_or_create_with(&url, PAGE, sealed).unwrap();
+    assert_eq!(store.is_sealed(), sealed);
+    let w = store.writer().unwrap();
+    let t = Instant::now();
+    let hashes = ckpt_chunker::hash_chunks(mem, PAGE);
+    let hash_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    mem.par_chunks(PAGE).zip(hashes.par_iter()).for_each(|(c, h)| {
+        w.put(BlobKind::Chunk, *h, c).unwrap();
+    });
+    let m = w.put_meta(format!("manifest {rep} full").as_bytes()).unwrap();
+    let g1 = w.commit(gen_of(m, None, mem.len() as u64)).unwrap();
+    let full = t.elapsed().as_secs_f64() * 1e3;
+    let mut hashes2 = hashes.clone();
+    let t = Instant::now();
+    let new: Vec<Hash> = changed.par_iter().map(|(_, p)| {
+        let h = Hash::of(p);
+        w.put(BlobKind::Chunk, h, p).unwrap();
+        h
+    }).collect();
+    let m = w.put_meta(format!("manifest {rep} incremental").as_bytes()).unwrap();
+    let g2 = w.commit(gen_of(m, Some(g1.id), mem.len() as u64)).unwrap();
+    let incr = t.elapsed().as_secs_f64() * 1e3;
+    for ((i, _), h) in changed.iter().zip(new) {
+        hashes2[*i] = h;
+    }
+    drop(w);
+    let stored = store.stats().unwrap().pack_bytes;
+    let id = store.store_id().unwrap();
+    drop(store);
+    let t = Instant::now();
+    let store = Store::open(&url).unwrap();
+    let _ = store.generation(g2.id).unwrap();
+    let n = AtomicU64::new(0);
+    store.read_blobs_batched(&hashes2, |batch| {
+        n.fetch_add(batch.iter().map(|(_, b)| b.len() as u64).sum(), Ordering::Relaxed);
+        Ok(())
+    }).unwrap();
+    let read = t.elapsed().as_secs_f64() * 1e3;
+    assert!(n.load(Ordering::Relaxed) > 0);
+    eprintln!("rep {rep} {}: hash {hash_ms:.0} ms (not counted), full {full:.0} ms, incremental {incr:.0} ms, restart read {read:.0} ms", if sealed { "sealed" } else { "unsealed" });
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    if sealed {
+        let k = ckpt_store::seal::key_path(&id);
+        let _ = std::fs::remove_file(ckpt_store::seal::head_path(&k));
+        let _ = std::fs::remove_file(k);
+    }
+    (full, incr, read, stored)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str, def: usize| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(def);
+    let mib = opt("--mib", 256);
+    let reps = opt("--reps", 3);
+    let mut mem = vec![0u8; mib << 20];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for (i, p) in mem.chunks_exact_mut(PAGE).enumerate() {
+        fill_page(&mut rng, p, i as u64, false);
+    }
+    let npages = mem.len() / PAGE;
+    let changed: Vec<(usize, Vec<u8>)> = (0..npages / 100)
+        .map(|k| {
+            let i = (rng.next() as usize) % npages;
+            let mut p = vec![0u8; PAGE];
+            fill_page(&mut rng, &mut p, (npages + k) as u64, false);
+            (i, p)
+        })
+        .collect();
+    // Ceilings, same run, same data, all cores: zstd (the store's
+    // encoder), XChaCha20-Poly1305 sealing and opening of 4 KiB blobs.
+    let keys = ckpt_store::seal::Keys::generate("bench").unwrap();
+    let a = Hash::of(b"address");
+    let t = Instant::now();
+    let n: usize = mem.par_chunks(PAGE).map(|c| ckpt_chunker::encode(c, ckpt_chunker::DEFAULT_LEVEL).bytes().len()).sum();
+    std::hint::black_box(n);
+    let zstd = ckpt_benches::gbps(mem.len() as u64, t.elapsed());
+    let t = Instant::now();
+    let sealed: Vec<Vec<u8>> = mem.par_chunks(PAGE).map(|c| keys.seal(&a, true, c)).collect();
+    let seal = ckpt_benches::gbps(mem.len() as u64, t.elapsed());
+    let t = Instant::now();
+    sealed.par_iter().for_each_init(Vec::new, |buf, b| {
+        keys.open_into(&a, b, buf).unwrap();
+    });
+    let open = ckpt_benches::gbps(mem.len() as u64, t.elapsed());
+    drop(sealed);
+    let mut res: [Vec<(f64, f64, f64, u64)>; 2] = [Vec::new(), Vec::new()];
+    for rep in 0..reps {
+        // Alternate which goes first, so neither always runs on a warmer machine.
+        let order = if rep % 2 == 0 { [false, true] } else { [true, false] };
+        for sealed in order {
+            res[sealed as usize].push(run(sealed, &mem, &changed, rep));
+        }
+    }
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("{} cores, Linux {}, {mib} MiB of image-like pages, 4 KiB chunks, zstd level {}; medians of {reps} runs each, sealed and unsealed alternating in one run.\n", rayon::current_num_threads(), kernel.trim(), ckpt_chunker::DEFAULT_LEVEL);
+    println!("Ceilings, all cores, same data: zstd -1 encode {zstd:.2} GB/s; XChaCha20-Poly1305 seal {seal:.2} GB/s, open {open:.2} GB/s (4 KiB blobs).\n");
+    println!("| store side of | unsealed ms | sealed ms | sealed / unsealed |");
+    println!("|---|---|---|---|");
+    let names = ["full checkpoint (put + commit)", "1% incremental (put + commit)", "restart read (open + read every page)"];
+    for (k, name) in names.iter().enumerate() {
+        let pick = |v: &Vec<(f64, f64, f64, u64)>| median(v.iter().map(|r| [r.0, r.1, r.2][k]).collect());
+        let (u, s) = (pick(&res[0]), pick(&res[1]));
+        println!("| {name} | {u:.0} | {s:.0} | {:.3} |", s / u);
+    }
+    let (u, s) = (res[0][0].3 as f64, res[1][0].3 as f64);
+    println!("| stored bytes (MiB) | {:.1} | {:.1} | {:.3} |", u / 1048576.0, s / 1048576.0, s / u);
+}
