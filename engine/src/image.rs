@@ -495,6 +495,11 @@ pub struct SockOpts {
     /// TCP_NODELAY.
     #[serde(default)]
     pub nodelay: bool,
+    /// `IPV6_V6ONLY` of an IPv6 socket (None for other families): set
+    /// before the bind, since a dual-stack `[::]:P` and `0.0.0.0:P` of the
+    /// same program (Open MPI's TCP BTL) cannot both be bound without it.
+    #[serde(default)]
+    pub v6only: Option<bool>,
 }
 
 /// A unix socket. Two sockets connected to each other (`peer` names the

@@ -1,0 +1,211 @@
+//! MPI jobs (issue 15): `ckpt launch -- mpirun -np 4 mpi_ring` with
+//! Debian's Open MPI 4.1 (`mpirun.openmpi`: the launcher and its four
+//! ranks, talking through vader's shared-memory segments in /dev/shm and
+//! CMA for large messages, plus the PMIx/OOB sockets to mpirun) and MPICH
+//! 4.0 (`mpiexec.hydra`: the launcher, its `hydra_pmi_proxy` and four
+//! ranks, nemesis shared memory in /dev/shm, PMI over sockets).
+//! tests/programs/mpi/mpi_ring.c checks every message, an `MPI_Allreduce`
+//! and its running sum against their closed forms, and its own memory,
+//! every tick on every rank; any mismatch is a FAIL.
+//!
+//! Each job runs to the end without ckpt first (so a failure below is
+//! ckpt's), then: checkpointed twice while it runs, killed, its
+//! shared-memory files removed as on a fresh host, restarted from the
+//! latest generation, checkpointed again, killed, restarted right away
+//! (the killed job's files still there), and run to DONE, where rank 0's
+//! answer must be the closed form for the tick it stopped at.
+//!
+//! The MPI libraries are installed by scripts/test.sh; tests/build.rs
+//! builds `mpi_ring-openmpi` and `mpi_ring-mpich` with `mpicc.openmpi` and
+//! `mpicc.mpich` (never the `mpicc` alternative). On a machine without
+//! one, its tests print why and return.
+mod common;
+use common::*;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+const RANKS: usize = 4;
+
+#[derive(Clone, Copy)]
+enum Lib {
+    OpenMpi,
+    Mpich,
+}
+
+impl Lib {
+    fn name(self) -> &'static str {
+        match self {
+            Lib::OpenMpi => "openmpi",
+            Lib::Mpich => "mpich",
+        }
+    }
+
+    /// The test program built for this library, or None (with the reason
+    /// printed) when the library is not installed here.
+    fn program(self) -> Option<PathBuf> {
+        let p = program(&format!("mpi_ring-{}", self.name()));
+        if p.is_file() {
+            Some(p)
+        } else {
+            let pkgs = match self {
+                Lib::OpenMpi => "openmpi-bin libopenmpi-dev",
+                Lib::Mpich => "mpich libmpich-dev",
+            };
+            eprintln!("SKIP: {} was not built: its MPI library is not installed (apt-get install {pkgs}; scripts/test.sh does)", p.display());
+            None
+        }
+    }
+
+    /// The launcher and its options for `-np RANKS`.
+    fn launcher(self) -> Vec<String> {
+        let v: &[&str] = match self {
+            // Four ranks on two cores: oversubscribed; no binding to cores.
+            Lib::OpenMpi => &["mpirun.openmpi", "--oversubscribe", "--bind-to", "none", "-np"],
+            Lib::Mpich => &["mpiexec.hydra", "-np"],
+        };
+        let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+        v.push(RANKS.to_string());
+        v
+    }
+
+    /// Environment the launcher needs: Open MPI refuses to run as root
+    /// unless told it may.
+    fn env(self) -> Vec<(&'static str, &'static str)> {
+        match self {
+            Lib::OpenMpi => vec![("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")],
+            Lib::Mpich => vec![],
+        }
+    }
+
+    /// Processes of the job: the launcher (and hydra's proxy) and the ranks.
+    fn nprocs(self) -> usize {
+        match self {
+            Lib::OpenMpi => 1 + RANKS,
+            Lib::Mpich => 2 + RANKS,
+        }
+    }
+}
+
+/// mpi_ring's options: a tick every 150 ms, a 1 MiB ring message (the
+/// CMA / large-message path), 8 MiB of checked heap per rank.
+fn ring_args(stop: &std::path::Path) -> Vec<String> {
+    ["-t", "150", "-b", "1024", "-m", "8", "-s", stop.to_str().unwrap()].iter().map(|s| s.to_string()).collect()
+}
+
+/// Rank 0's `ANSWER ticks=T acc=A`: A must be n(n+1)/2 * T(T+1)/2.
+fn check_answer(p: &mut Proc) -> u64 {
+    let line = p.wait_prefix("ANSWER ", LINE_TIMEOUT);
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("bad ANSWER line {line:?}\n{}", p.context()))
+    };
+    let (t, acc) = (field("ticks="), field("acc="));
+    let n = RANKS as u64;
+    assert_eq!(acc, n * (n + 1) / 2 * (t * (t + 1) / 2), "rank 0's answer after {t} ticks is wrong\n{}", p.context());
+    t
+}
+
+/// Shared-memory files the job keeps in /dev/shm (the ones its
+/// processes map), from the launcher's and ranks' maps.
+fn shm_files(pids: &[i32]) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = pids
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/maps")).ok())
+        .flat_map(|m| m.lines().filter_map(|l| l.split_whitespace().nth(5).map(str::to_string)).collect::<Vec<_>>())
+        .filter(|f| f.starts_with("/dev/shm/"))
+        .map(PathBuf::from)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+#[test]
+fn mpi_ring_runs_without_ckpt() {
+    for lib in [Lib::OpenMpi, Lib::Mpich] {
+        let Some(prog) = lib.program() else { continue };
+        let dir = std::env::temp_dir().join(format!("ckpt-standalone-mpi-{}-{}", lib.name(), std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let l = lib.launcher();
+        let mut c = Command::new(&l[0]);
+        c.args(&l[1..]).arg(&prog).args(["-n", "12", "-t", "50"]).current_dir(&dir).envs(lib.env());
+        let mut p = Proc::spawn(format!("{} {}", l.join(" "), prog.display()), c);
+        p.wait_prefix("READY size=4", Duration::from_secs(60));
+        assert_eq!(check_answer(&mut p), 12);
+        p.wait_line(|l| l == "DONE", LINE_TIMEOUT);
+        let st = p.wait_exit(LINE_TIMEOUT);
+        assert!(st.success(), "{} exited with {st}\n{}", p.what, p.context());
+        assert_eq!((p.first_tick, p.last_tick), (Some(1), Some(12)), "{}", p.context());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// `ckpt launch -- LAUNCHER -np 4 mpi_ring ...`; the launcher is the
+/// program (launch execs it), rank 0 prints the ticks through it.
+fn launch_job(s: &Session, lib: Lib, prog: &std::path::Path) -> (Proc, Vec<i32>) {
+    let l = lib.launcher();
+    let mut c = s.cmd("launch");
+    c.arg("--").args(&l).arg(prog).args(ring_args(&s.stop_file())).envs(lib.env());
+    let mut p = Proc::spawn(format!("launch {} {}", l.join(" "), prog.display()), c);
+    p.pid = p.child_pid();
+    s.track(p.pid);
+    p.wait_prefix("READY size=4", LINE_TIMEOUT);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let pids = s.wait_computation(lib.nprocs());
+    assert_eq!(pids.len(), lib.nprocs(), "expected the launcher and {RANKS} ranks in the computation, have {pids:?}\n{}", p.context());
+    assert!(pids.contains(&p.pid), "the launcher {} is not in the computation {pids:?}", p.pid);
+    for &pid in &pids {
+        s.track(pid);
+    }
+    (p, pids)
+}
+
+fn checkpoint_kill_restart(lib: Lib) {
+    let Some(prog) = lib.program() else { return };
+    let s = Session::new(&format!("mpi_{}", lib.name()));
+    let (mut p, pids) = launch_job(&s, lib, &prog);
+    let shm = shm_files(&pids);
+    eprintln!("[{}] processes {pids:?}, shared memory {shm:?}", s.name);
+
+    s.checkpoint_bounded(&mut p);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    let g2 = s.checkpoint_bounded(&mut p);
+    assert_eq!(s.generations()[&g2.id].u64_field("nprocs"), lib.nprocs() as u64, "generation {} does not hold the whole job", g2.id);
+    s.kill_all(&pids, &mut p);
+    // As on a fresh host: the job's shared-memory files are gone too.
+    for f in &shm {
+        let _ = std::fs::remove_file(f);
+    }
+
+    let mut r = s.restart_expect(&g2, p.pid, true);
+    for &pid in &pids {
+        assert!(pid_alive(pid), "process {pid} of the job was not restored\n{}", r.context());
+    }
+    r.wait_ticks(5, LINE_TIMEOUT);
+    let g3 = s.checkpoint_bounded(&mut r);
+    s.kill_all(&pids, &mut r);
+
+    // Right after the kill: the files the killed job left are used again.
+    let mut r = s.restart_expect(&g3, p.pid, true);
+    r.wait_ticks(5, LINE_TIMEOUT);
+    let stop = r.last_tick.unwrap() + 3;
+    s.stop_at(stop);
+    let t = check_answer(&mut r);
+    assert_eq!(t, stop, "the job stopped at tick {t}, not at {stop}\n{}", r.context());
+    s.finish_computation(&pids, &mut r);
+}
+
+#[test]
+fn open_mpi_job_checkpoint_kill_restart() {
+    checkpoint_kill_restart(Lib::OpenMpi);
+}
+
+#[test]
+fn mpich_job_checkpoint_kill_restart() {
+    checkpoint_kill_restart(Lib::Mpich);
+}
