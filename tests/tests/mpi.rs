@@ -165,12 +165,26 @@ fn launch_job(s: &Session, lib: Lib, prog: &std::path::Path) -> (Proc, Vec<i32>)
     (p, pids)
 }
 
+/// Open MPI's session directory of the job (`/tmp/ompi.HOST.UID/pid.N`,
+/// N the pid of mpirun): where its PMIx data store files, which every
+/// process maps shared, and hwloc's topology file are.
+fn session_dir(launcher: i32) -> Option<PathBuf> {
+    let maps = std::fs::read_to_string(format!("/proc/{launcher}/maps")).ok()?;
+    let key = format!("/pid.{launcher}/");
+    maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find_map(|f| f.find(&key).map(|i| PathBuf::from(&f[..i + key.len() - 1])))
+}
+
 fn checkpoint_kill_restart(lib: Lib) {
     let Some(prog) = lib.program() else { return };
     let s = Session::new(&format!("mpi_{}", lib.name()));
     let (mut p, pids) = launch_job(&s, lib, &prog);
     let shm = shm_files(&pids);
     eprintln!("[{}] processes {pids:?}, shared memory {shm:?}", s.name);
+    assert!(!shm.is_empty(), "the job maps no shared memory in /dev/shm: not the transport this test is about");
+    let session = match lib {
+        Lib::OpenMpi => Some(session_dir(p.pid).unwrap_or_else(|| panic!("mpirun {} maps nothing in a session directory /tmp/ompi.*/pid.{}", p.pid, p.pid))),
+        Lib::Mpich => None,
+    };
 
     s.checkpoint_bounded(&mut p);
     p.wait_ticks(3, LINE_TIMEOUT);
@@ -180,6 +194,24 @@ fn checkpoint_kill_restart(lib: Lib) {
     // As on a fresh host: the job's shared-memory files are gone too.
     for f in &shm {
         let _ = std::fs::remove_file(f);
+    }
+
+    // Files the job maps shared are not in the image (the file is the
+    // content): with Open MPI's session directory gone the restart is
+    // refused, naming them, and starts nothing; with it back it works.
+    if let Some(dir) = &session {
+        let aside = dir.with_file_name(format!("aside-{}", dir.file_name().unwrap().to_str().unwrap()));
+        std::fs::rename(dir, &aside).unwrap();
+        let out = s.dry_run(g2.id);
+        let err = text(&out.stderr) + &text(&out.stdout);
+        assert!(!out.status.success(), "the dry run passed without {}\n{err}", dir.display());
+        assert!(err.contains(dir.to_str().unwrap()) && err.contains("put it back"), "the dry run does not name the missing {} and the fix\n{err}", dir.display());
+        let out = s.run("restart", &[]);
+        assert!(!out.status.success(), "the restart ran without {}", dir.display());
+        for &pid in &pids {
+            assert!(!pid_exists(pid), "the refused restart left process {pid}");
+        }
+        std::fs::rename(&aside, dir).unwrap();
     }
 
     let mut r = s.restart_expect(&g2, p.pid, true);
