@@ -146,21 +146,29 @@ fn mpi_ring_runs_without_ckpt() {
 }
 
 /// `ckpt launch -- LAUNCHER -np 4 mpi_ring ...`; the launcher is the
-/// program (launch execs it), rank 0 prints the ticks through it.
+/// program (launch execs it), rank 0 prints the ticks through it. As an
+/// ordinary user the job runs in namespaces of its own with `--net
+/// private` (its TCP connections among ranks and launcher are repaired
+/// there); the launcher is then the computation's first process.
 fn launch_job(s: &Session, lib: Lib, prog: &std::path::Path) -> (Proc, Vec<i32>) {
     let l = lib.launcher();
     let mut c = s.cmd("launch");
+    if s.in_namespaces() {
+        c.args(["--net", "private"]);
+    }
     c.arg("--").args(&l).arg(prog).args(ring_args(&s.stop_file())).envs(lib.env());
     let mut p = Proc::spawn(format!("launch {} {}", l.join(" "), prog.display()), c);
-    p.pid = p.child_pid();
-    s.track(p.pid);
+    s.track(p.child_pid());
     p.wait_prefix("READY size=4", LINE_TIMEOUT);
     p.wait_ticks(3, LINE_TIMEOUT);
     let pids = s.wait_computation(lib.nprocs());
     assert_eq!(pids.len(), lib.nprocs(), "expected the launcher and {RANKS} ranks in the computation, have {pids:?}\n{}", p.context());
+    p.pid = if s.in_namespaces() { pids[0] } else { p.child_pid() };
     assert!(pids.contains(&p.pid), "the launcher {} is not in the computation {pids:?}", p.pid);
-    for &pid in &pids {
-        s.track(pid);
+    if !s.in_namespaces() {
+        for &pid in &pids {
+            s.track(pid);
+        }
     }
     (p, pids)
 }
@@ -168,21 +176,20 @@ fn launch_job(s: &Session, lib: Lib, prog: &std::path::Path) -> (Proc, Vec<i32>)
 /// Open MPI's session directory of the job (`/tmp/ompi.HOST.UID/pid.N`,
 /// N the pid of mpirun): where its PMIx data store files, which every
 /// process maps shared, and hwloc's topology file are.
-fn session_dir(launcher: i32) -> Option<PathBuf> {
-    let maps = std::fs::read_to_string(format!("/proc/{launcher}/maps")).ok()?;
+fn session_dir(s: &Session, launcher: i32) -> Option<PathBuf> {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", s.host_pid(launcher))).ok()?;
     let key = format!("/pid.{launcher}/");
     maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find_map(|f| f.find(&key).map(|i| PathBuf::from(&f[..i + key.len() - 1])))
 }
 
-fn checkpoint_kill_restart(lib: Lib) {
-    let Some(prog) = lib.program() else { return };
-    let s = Session::new(&format!("mpi_{}", lib.name()));
-    let (mut p, pids) = launch_job(&s, lib, &prog);
-    let shm = shm_files(&pids);
+fn checkpoint_kill_restart(s: Session, lib: Lib, prog: &std::path::Path) {
+    let (mut p, pids) = launch_job(&s, lib, prog);
+    let host_pids: Vec<i32> = pids.iter().map(|&pid| s.host_pid(pid)).collect();
+    let shm = shm_files(&host_pids);
     eprintln!("[{}] processes {pids:?}, shared memory {shm:?}", s.name);
     assert!(!shm.is_empty(), "the job maps no shared memory in /dev/shm: not the transport this test is about");
     let session = match lib {
-        Lib::OpenMpi => Some(session_dir(p.pid).unwrap_or_else(|| panic!("mpirun {} maps nothing in a session directory /tmp/ompi.*/pid.{}", p.pid, p.pid))),
+        Lib::OpenMpi => Some(session_dir(&s, p.pid).unwrap_or_else(|| panic!("mpirun {} maps nothing in a session directory /tmp/ompi.*/pid.{}", p.pid, p.pid))),
         Lib::Mpich => None,
     };
 
@@ -208,15 +215,16 @@ fn checkpoint_kill_restart(lib: Lib) {
         assert!(err.contains(dir.to_str().unwrap()) && err.contains("put it back"), "the dry run does not name the missing {} and the fix\n{err}", dir.display());
         let out = s.run("restart", &[]);
         assert!(!out.status.success(), "the restart ran without {}", dir.display());
-        for &pid in &pids {
-            assert!(!pid_exists(pid), "the refused restart left process {pid}");
+        for &pid in &host_pids {
+            assert!(!pid_alive(pid), "the refused restart left process {pid}");
         }
         std::fs::rename(&aside, dir).unwrap();
     }
 
     let mut r = s.restart_expect(&g2, p.pid, true);
     for &pid in &pids {
-        assert!(pid_alive(pid), "process {pid} of the job was not restored\n{}", r.context());
+        // In namespaces of its own, host_pid finds it there or panics.
+        assert!(pid_alive(s.host_pid(pid)), "process {pid} of the job was not restored\n{}", r.context());
     }
     r.wait_ticks(5, LINE_TIMEOUT);
     let g3 = s.checkpoint_bounded(&mut r);
@@ -234,10 +242,30 @@ fn checkpoint_kill_restart(lib: Lib) {
 
 #[test]
 fn open_mpi_job_checkpoint_kill_restart() {
-    checkpoint_kill_restart(Lib::OpenMpi);
+    let Some(prog) = Lib::OpenMpi.program() else { return };
+    checkpoint_kill_restart(Session::new("mpi_openmpi"), Lib::OpenMpi, &prog);
 }
 
 #[test]
 fn mpich_job_checkpoint_kill_restart() {
-    checkpoint_kill_restart(Lib::Mpich);
+    let Some(prog) = Lib::Mpich.program() else { return };
+    checkpoint_kill_restart(Session::new("mpi_mpich"), Lib::Mpich, &prog);
+}
+
+/// The same as the ordinary user `ckpt-user` (tests/tests/unprivileged.rs):
+/// the job in user, PID, mount, IPC and network namespaces of ckpt's own.
+/// Only one Open MPI job of the user at a time (docs/computations.md,
+/// "MPI": in a PID namespace of its own mpirun has the same PID in every
+/// job, and Open MPI names its /dev/shm segments and session directory by
+/// it).
+#[test]
+fn open_mpi_job_as_an_ordinary_user() {
+    let Some(prog) = Lib::OpenMpi.program() else { return };
+    checkpoint_kill_restart(Session::as_user(TEST_USER, "mpi_nr_openmpi"), Lib::OpenMpi, &prog);
+}
+
+#[test]
+fn mpich_job_as_an_ordinary_user() {
+    let Some(prog) = Lib::Mpich.program() else { return };
+    checkpoint_kill_restart(Session::as_user(TEST_USER, "mpi_nr_mpich"), Lib::Mpich, &prog);
 }
