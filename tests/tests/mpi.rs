@@ -254,10 +254,6 @@ fn mpich_job_checkpoint_kill_restart() {
 
 /// The same as the ordinary user `ckpt-user` (tests/tests/unprivileged.rs):
 /// the job in user, PID, mount, IPC and network namespaces of ckpt's own.
-/// Only one Open MPI job of the user at a time (docs/computations.md,
-/// "MPI": in a PID namespace of its own mpirun has the same PID in every
-/// job, and Open MPI names its /dev/shm segments and session directory by
-/// it).
 #[test]
 fn open_mpi_job_as_an_ordinary_user() {
     let Some(prog) = Lib::OpenMpi.program() else { return };
@@ -268,4 +264,33 @@ fn open_mpi_job_as_an_ordinary_user() {
 fn mpich_job_as_an_ordinary_user() {
     let Some(prog) = Lib::Mpich.program() else { return };
     checkpoint_kill_restart(Session::as_user(TEST_USER, "mpi_nr_mpich"), Lib::Mpich, &prog);
+}
+
+/// Two Open MPI jobs of one user at once, each in namespaces of its own.
+/// Open MPI names its /dev/shm segments and its session directory by
+/// mpirun's PID; when every namespace numbered its processes from 2, both
+/// mpiruns had the same PID, the second job opened the first one's
+/// segments and both crashed (SIGSEGV in vader). A launch's PIDs now start
+/// after its init's PID on the machine (`ns::start_pids_near`).
+#[test]
+fn two_open_mpi_jobs_of_one_user_at_once() {
+    let Some(prog) = Lib::OpenMpi.program() else { return };
+    let a = Session::as_user(TEST_USER, "mpi_nr_two_a");
+    let b = Session::as_user(TEST_USER, "mpi_nr_two_b");
+    let (mut pa, pids_a) = launch_job(&a, Lib::OpenMpi, &prog);
+    let (mut pb, pids_b) = launch_job(&b, Lib::OpenMpi, &prog);
+    assert_ne!(pa.pid, pb.pid, "both mpiruns have PID {} in their namespaces", pa.pid);
+    pa.wait_ticks(3, LINE_TIMEOUT);
+    pb.wait_ticks(3, LINE_TIMEOUT);
+    a.checkpoint_bounded(&mut pa);
+    b.checkpoint_bounded(&mut pb);
+    for (s, p, pids) in [(&a, &mut pa, &pids_a), (&b, &mut pb, &pids_b)] {
+        // Its queued lines first: it ran on while the other was handled.
+        p.drain();
+        p.wait_ticks(1, LINE_TIMEOUT);
+        let stop = p.last_tick.unwrap() + 3;
+        s.stop_at(stop);
+        assert_eq!(check_answer(p), stop, "{}", p.context());
+        s.finish_computation(pids, p);
+    }
 }
