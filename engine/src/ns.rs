@@ -16,7 +16,9 @@
 //!   groups stay what the user's login gave: the restart checks they match.
 //! * a **PID** namespace, fresh at every restart, where every PID but 1 is
 //!   free; PID 1 is ckpt's own init (see `ckpt`'s `nsinit`), never the
-//!   program.
+//!   program. A launch's PIDs start after the init's PID on the machine
+//!   ([`start_pids_near`]), so two computations do not number their
+//!   processes alike.
 //! * a **mount** namespace, only to mount a `/proc` that shows that PID
 //!   namespace (the program's `/proc/PID` then names its own processes);
 //!   nothing else is mounted or hidden.
