@@ -141,6 +141,16 @@ pub fn region_kind(m: &Mapping) -> RegionKind {
     }
 }
 
+/// The size of the POSIX shared memory object `m` maps (through
+/// `/proc/PID/map_files`, the mapped file itself, not whatever has its
+/// name now); None for other mappings or when it cannot be read.
+fn posix_shm_size(pid: i32, m: &Mapping, kind: RegionKind) -> Option<u64> {
+    if kind != RegionKind::SharedAnon || !m.name.starts_with("/dev/shm/") || m.name.ends_with(" (deleted)") {
+        return None;
+    }
+    std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)).ok().map(|md| md.len())
+}
+
 fn is_anonymous(m: &Mapping) -> bool {
     m.inode == 0
 }
@@ -295,6 +305,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             noreserve: false,
             file,
             attrs: Vec::new(),
+            shm_size: posix_shm_size(pid, m, kind),
         });
     }
     let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;
