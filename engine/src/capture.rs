@@ -141,14 +141,20 @@ pub fn region_kind(m: &Mapping) -> RegionKind {
     }
 }
 
-/// The size of the POSIX shared memory object `m` maps (through
-/// `/proc/PID/map_files`, the mapped file itself, not whatever has its
-/// name now); None for other mappings or when it cannot be read.
+/// The size of the POSIX shared memory object `m` maps: through
+/// `/proc/PID/map_files` (the mapped file itself; needs
+/// `CAP_CHECKPOINT_RESTORE` over the machine), else through its name if
+/// the file there is still the mapped inode. None for other mappings or
+/// when neither answers.
 fn posix_shm_size(pid: i32, m: &Mapping, kind: RegionKind) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
     if kind != RegionKind::SharedAnon || !m.name.starts_with("/dev/shm/") || m.name.ends_with(" (deleted)") {
         return None;
     }
-    std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)).ok().map(|md| md.len())
+    if let Ok(md) = std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)) {
+        return Some(md.len());
+    }
+    std::fs::metadata(&m.name).ok().filter(|md| md.ino() == m.inode).map(|md| md.len())
 }
 
 fn is_anonymous(m: &Mapping) -> bool {

@@ -167,8 +167,10 @@ static uint64_t shm_check(struct shm *s, uint64_t *pages, uint64_t last)
             if (posix_pages[p * 512] != page_word(r, SHM_PAGES + p, 0))
                 ct_fail("POSIX shared memory page %zu is not of round %llu", p, (unsigned long long)r);
     struct stat pst;
-    if (stat(posix_path, &pst) != 0 || pst.st_size != POSIX_SIZE)
-        ct_fail("POSIX shared memory object %s: size %ld, not %ld (%s)", posix_path, (long)pst.st_size, POSIX_SIZE, strerror(errno));
+    if (stat(posix_path, &pst) != 0)
+        ct_fail("POSIX shared memory object %s: %s", posix_path, strerror(errno));
+    if (pst.st_size != POSIX_SIZE)
+        ct_fail("POSIX shared memory object %s: size %ld, not %ld", posix_path, (long)pst.st_size, POSIX_SIZE);
     pthread_mutex_unlock(&s->lock);
     return r;
 }

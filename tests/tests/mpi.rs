@@ -109,19 +109,20 @@ fn check_answer(p: &mut Proc) -> u64 {
     t
 }
 
-/// Shared-memory files the job keeps in /dev/shm (the ones its
-/// processes map), from the launcher's and ranks' maps.
-fn shm_files(pids: &[i32]) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = pids
+/// Files in /dev/shm the job's processes map (from their maps): those
+/// still there (Open MPI's), and how many are unlinked already (MPICH
+/// unlinks its segments once every rank has mapped them).
+fn shm_files(pids: &[i32]) -> (Vec<PathBuf>, usize) {
+    let mut v: Vec<String> = pids
         .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/maps")).ok())
-        .flat_map(|m| m.lines().filter_map(|l| l.split_whitespace().nth(5).map(str::to_string)).collect::<Vec<_>>())
+        .flat_map(|m| m.lines().filter_map(|l| l.splitn(6, char::is_whitespace).nth(5).map(|f| f.trim().to_string())).collect::<Vec<_>>())
         .filter(|f| f.starts_with("/dev/shm/"))
-        .map(PathBuf::from)
         .collect();
     v.sort();
     v.dedup();
-    v
+    let deleted = v.iter().filter(|f| f.ends_with(" (deleted)")).count();
+    (v.into_iter().filter(|f| !f.ends_with(" (deleted)")).map(PathBuf::from).collect(), deleted)
 }
 
 #[test]
@@ -185,9 +186,10 @@ fn session_dir(s: &Session, launcher: i32) -> Option<PathBuf> {
 fn checkpoint_kill_restart(s: Session, lib: Lib, prog: &std::path::Path) {
     let (mut p, pids) = launch_job(&s, lib, prog);
     let host_pids: Vec<i32> = pids.iter().map(|&pid| s.host_pid(pid)).collect();
-    let shm = shm_files(&host_pids);
-    eprintln!("[{}] processes {pids:?}, shared memory {shm:?}", s.name);
-    assert!(!shm.is_empty(), "the job maps no shared memory in /dev/shm: not the transport this test is about");
+    let (shm, unlinked) = shm_files(&host_pids);
+    eprintln!("[{}] processes {pids:?}, shared memory {shm:?} and {unlinked} unlinked", s.name);
+    assert!(!shm.is_empty() || unlinked > 0, "the job maps no shared memory in /dev/shm: not the transport this test is about");
+    let sizes: Vec<u64> = shm.iter().map(|f| std::fs::metadata(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())).len()).collect();
     let session = match lib {
         Lib::OpenMpi => Some(session_dir(&s, p.pid).unwrap_or_else(|| panic!("mpirun {} maps nothing in a session directory /tmp/ompi.*/pid.{}", p.pid, p.pid))),
         Lib::Mpich => None,
@@ -227,6 +229,12 @@ fn checkpoint_kill_restart(s: Session, lib: Lib, prog: &std::path::Path) {
         assert!(pid_alive(s.host_pid(pid)), "process {pid} of the job was not restored\n{}", r.context());
     }
     r.wait_ticks(5, LINE_TIMEOUT);
+    // Made again from the image, each with the size it had (Open MPI's
+    // are not whole pages).
+    for (f, &len) in shm.iter().zip(&sizes) {
+        let now = std::fs::metadata(f).unwrap_or_else(|e| panic!("{} was not made again: {e}\n{}", f.display(), r.context())).len();
+        assert_eq!(now, len, "{} is {now} bytes after the restart, not {len}", f.display());
+    }
     let g3 = s.checkpoint_bounded(&mut r);
     s.kill_all(&pids, &mut r);
 
