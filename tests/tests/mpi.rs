@@ -10,10 +10,14 @@
 //!
 //! Each job runs to the end without ckpt first (so a failure below is
 //! ckpt's), then: checkpointed twice while it runs, killed, its
-//! shared-memory files removed as on a fresh host, restarted from the
-//! latest generation, checkpointed again, killed, restarted right away
-//! (the killed job's files still there), and run to DONE, where rank 0's
-//! answer must be the closed form for the tick it stopped at.
+//! shared-memory files removed as on a fresh host (Open MPI's session
+//! directory moved away first: the restart is refused, naming its files,
+//! and starts nothing; then put back), restarted from the latest
+//! generation (the segments made again with their sizes), checkpointed
+//! again, killed, restarted right away (the killed job's files still
+//! there), and run to DONE, where rank 0's answer must be the closed form
+//! for the tick it stopped at. The same as the ordinary user, and two Open
+//! MPI jobs of that user at once.
 //!
 //! The MPI libraries are installed by scripts/test.sh; tests/build.rs
 //! builds `mpi_ring-openmpi` and `mpi_ring-mpich` with `mpicc.openmpi` and
