@@ -61,6 +61,30 @@ fn main() {
     if churn.is_file() && !try_build(&cc, &churn, &out.join("mem_churn-static"), &["-static"], false) {
         println!("cargo:warning=mem_churn-static not built ({cc} -static failed: no static libc?)");
     }
+    // The MPI programs (programs/mpi/), once per MPI library, with that
+    // library's own compiler wrapper (never the `mpicc` alternative):
+    // `NAME-openmpi`, `NAME-mpich`. scripts/test.sh installs both; on a
+    // machine without one, its tests say so and skip.
+    let mpi_dir = src_dir.join("mpi");
+    for (lib, wrapper) in [("openmpi", "mpicc.openmpi"), ("mpich", "mpicc.mpich")] {
+        // (A path that does not exist would rerun this script every build.)
+        if Path::new("/usr/bin").join(wrapper).exists() {
+            println!("cargo:rerun-if-changed=/usr/bin/{wrapper}");
+        }
+        for src in std::fs::read_dir(&mpi_dir).into_iter().flatten().flatten().map(|e| e.path()) {
+            if src.extension().is_none_or(|e| e != "c") {
+                continue;
+            }
+            let stem = src.file_stem().unwrap().to_str().unwrap();
+            let exe = out.join(format!("{stem}-{lib}"));
+            let _ = std::fs::remove_file(&exe);
+            if Command::new(wrapper).arg("-showme").output().is_err() && Command::new(wrapper).arg("-show").output().is_err() {
+                println!("cargo:warning={wrapper} not found: {} not built (apt-get install {})", exe.display(), if lib == "openmpi" { "openmpi-bin libopenmpi-dev" } else { "mpich libmpich-dev" });
+                continue;
+            }
+            build(wrapper, &src, &exe, &["-fPIE", "-pie"]);
+        }
+    }
     println!("cargo:rustc-env=CKPT_TEST_PROGRAMS={}", out.display());
     println!("cargo:rustc-env=CKPT_TEST_SOURCES={}", src_dir.display());
 }

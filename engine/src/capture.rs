@@ -141,6 +141,22 @@ pub fn region_kind(m: &Mapping) -> RegionKind {
     }
 }
 
+/// The size of the POSIX shared memory object `m` maps: through
+/// `/proc/PID/map_files` (the mapped file itself; needs
+/// `CAP_CHECKPOINT_RESTORE` over the machine), else through its name if
+/// the file there is still the mapped inode. None for other mappings or
+/// when neither answers.
+fn posix_shm_size(pid: i32, m: &Mapping, kind: RegionKind) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    if kind != RegionKind::SharedAnon || !m.name.starts_with("/dev/shm/") || m.name.ends_with(" (deleted)") {
+        return None;
+    }
+    if let Ok(md) = std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)) {
+        return Some(md.len());
+    }
+    std::fs::metadata(&m.name).ok().filter(|md| md.ino() == m.inode).map(|md| md.len())
+}
+
 /// Private memory of no file: a page no page table holds reads zero.
 /// Never a shared mapping: presence is per page table, so another process
 /// may have written a page this one never touched; and a SysV segment's
@@ -300,6 +316,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             noreserve: false,
             file,
             attrs: Vec::new(),
+            shm_size: posix_shm_size(pid, m, kind),
         });
     }
     let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;

@@ -143,6 +143,11 @@ fn load_sparse_from(children_of: &mut dyn FnMut(&Hash) -> Result<Vec<Hash>>, pre
     let bad = |what: String| EngineError::BadImage { generation, what };
     let height = depth as usize + 1;
     let span = |h: usize| (FANOUT as u64).checked_pow(h as u32);
+    // Nothing to describe (an empty deleted file or memfd): the tree
+    // store_sparse makes of it is no node at all.
+    if expect == 0 && depth == 0 && top.is_empty() {
+        return Ok(SparseChunks { len: 0, entries: Vec::new() });
+    }
     if top.len() > TOP_MAX || span(height).is_none_or(|s| s / FANOUT as u64 > expect) {
         return Err(bad(format!("a chunk-list tree of depth {depth} and {} top nodes cannot describe {expect} chunks", top.len())));
     }
@@ -224,6 +229,18 @@ mod tests {
     use ckpt_store::BlobKind;
 
     use super::*;
+
+    #[test]
+    fn an_empty_list_round_trips() {
+        let m = Mem::default();
+        let (top, depth) = store_sparse(&m, &SparseChunks { len: 0, entries: Vec::new() }).unwrap();
+        assert!(top.is_empty());
+        let back = m.load(&top, depth, 0).unwrap();
+        assert_eq!((back.len, back.entries.len()), (0, 0));
+        // A tree that names chunks is still refused for an empty object.
+        let (top, depth) = store_sparse(&m, &SparseChunks { len: 3, entries: vec![(1, Hash::of(b"x"))] }).unwrap();
+        assert!(m.load(&top, depth, 0).is_err());
+    }
 
     #[derive(Default)]
     struct Mem(Mutex<HashMap<Hash, Vec<u8>>>);

@@ -495,6 +495,11 @@ pub struct SockOpts {
     /// TCP_NODELAY.
     #[serde(default)]
     pub nodelay: bool,
+    /// `IPV6_V6ONLY` of an IPv6 socket (None for other families): set
+    /// before the bind, since a dual-stack `[::]:P` and `0.0.0.0:P` of the
+    /// same program (Open MPI's TCP BTL) cannot both be bound without it.
+    #[serde(default)]
+    pub v6only: Option<bool>,
 }
 
 /// A unix socket. Two sockets connected to each other (`peer` names the
@@ -663,6 +668,12 @@ pub struct RegionImage {
     /// `dd`, `mg`, `lo`), set again at restart ([`crate::memattrs`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attrs: Vec<String>,
+    /// A POSIX shared memory object's size (`st_size`) at the checkpoint,
+    /// which need not be a whole number of pages (Open MPI's vader
+    /// segments are 4 MiB + 8 bytes): the restart gives the object that
+    /// size again rather than the end of its last mapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<u64>,
 }
 
 /// What identifies the file under a private file mapping: a restart maps
@@ -860,7 +871,7 @@ mod name_tests {
             "fds": [], "regions": [], "agent": {"fd": 0, "restart_word_addr": 0, "ckpt_tid": 0}, "chunk_size": 4096
         }))
         .unwrap_or_else(|e| panic!("test image: {e}"));
-        img.regions.push(RegionImage { start: 0x1000, end: 0x2000, prot: 3, kind: RegionKind::SharedFile, name: name.into(), offset: 0, shm: 0, sysv: None, segments: vec![], depth: 0, noreserve: false, file: None, attrs: vec![] });
+        img.regions.push(RegionImage { start: 0x1000, end: 0x2000, prot: 3, kind: RegionKind::SharedFile, name: name.into(), offset: 0, shm: 0, sysv: None, segments: vec![], depth: 0, noreserve: false, file: None, attrs: vec![], shm_size: None });
         img
     }
 

@@ -16,7 +16,9 @@
 //!   groups stay what the user's login gave: the restart checks they match.
 //! * a **PID** namespace, fresh at every restart, where every PID but 1 is
 //!   free; PID 1 is ckpt's own init (see `ckpt`'s `nsinit`), never the
-//!   program.
+//!   program. A launch's PIDs start after the init's PID on the machine
+//!   ([`start_pids_near`]), so two computations do not number their
+//!   processes alike.
 //! * a **mount** namespace, only to mount a `/proc` that shows that PID
 //!   namespace (the program's `/proc/PID` then names its own processes);
 //!   nothing else is mounted or hidden.
@@ -381,6 +383,24 @@ pub fn keep_pids_up_to(highest: i32) -> Result<()> {
         return Ok(());
     }
     write_proc("/proc/sys/kernel/ns_last_pid", &highest.to_string())
+}
+
+/// In the init of a launch's fresh PID namespace, whose PID on the
+/// machine is `host_pid`: the computation's PIDs start after it rather
+/// than at 2. Every computation's namespace would otherwise number its
+/// processes the same way (the launched program always 2 or so), and
+/// programs that name files in places shared with other computations by
+/// their PID collide: two Open MPI jobs of one user in namespaces of their
+/// own opened each other's /dev/shm segments (mpirun's PID names them) and
+/// crashed. Two live inits have different PIDs on the machine, and each
+/// process of a namespace gets a PID no higher there than on the machine,
+/// so a computation launched after another one starts above every PID the
+/// other had at that moment. A restart makes the recorded PIDs again.
+pub fn start_pids_near(host_pid: i32) -> Result<()> {
+    if host_pid <= 2 {
+        return Ok(());
+    }
+    write_proc("/proc/sys/kernel/ns_last_pid", &(host_pid - 1).to_string())
 }
 
 /// The highest PID or TID `images` needs.

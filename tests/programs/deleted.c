@@ -19,6 +19,8 @@
  *    by pread on the fd and the other way round.
  * E: a file unlinked after open and watched with inotify (IN_MODIFY): a
  *    write through the fd gives an event with the watch's wd.
+ * G: an empty file in DIR unlinked after open and never written (as Open
+ *    MPI keeps /dev/shm/open_mpi.0000): size 0, read gives end of file.
  * Every file: st_nlink 0.
  */
 #include "common.h"
@@ -61,6 +63,13 @@ int main(int argc, char **argv)
     if (!fa)
         ct_fail("tmpfile: %s", strerror(errno));
     int a = fileno(fa);
+
+    /* G */
+    char gpath[4200];
+    snprintf(gpath, sizeof gpath, "%s/ckpt-deleted-empty-%d", dir, (int)getpid());
+    int g = open(gpath, O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (g < 0 || unlink(gpath) != 0)
+        ct_fail("empty file %s: %s", gpath, strerror(errno));
 
     /* B */
     int b = open(dir, O_TMPFILE | O_RDWR, 0640);
@@ -133,6 +142,13 @@ int main(int argc, char **argv)
     for (long tick = 1;; tick++) {
         ct_check_ids();
         ct_sleep_ms(ct_interval_ms);
+
+        /* G */
+        check_unlinked(g, "empty file", tick);
+        struct stat gst;
+        char gb;
+        if (fstat(g, &gst) != 0 || gst.st_size != 0 || pread(g, &gb, 1, 0) != 0)
+            ct_fail("tick %ld: the empty unlinked file is not empty", tick);
 
         /* A */
         check_unlinked(a, "tmpfile", tick);

@@ -1,7 +1,7 @@
 /* tcp_loop: a TCP client and server on loopback inside one process, with
  * the connection saturated both ways, checked across restarts.
  *
- *   tcp_loop [-n N] [-t MS] [-s STOPFILE] [-r RECORDS] [-R]
+ *   tcp_loop [-n N] [-t MS] [-s STOPFILE] [-r RECORDS] [-R] [-6]
  *
  * Listens on 127.0.0.1 (a port the kernel picks, SO_REUSEADDR), connects,
  * accepts. Both sockets are O_NONBLOCK; the client has TCP_NODELAY. Every
@@ -20,6 +20,10 @@
  * left on its port (TIME_WAIT, closing sockets) would keep a plain bind
  * off it for a minute; its probes close the server side first, so each
  * leaves a TIME_WAIT on the listener's port.
+ * -6: a second listener on [::] at the same port, with IPV6_V6ONLY (as
+ * Open MPI's TCP BTL listens): without it the two binds conflict. Every
+ * tick it must still be IPV6_V6ONLY, on [::] at that port, and a probe
+ * connects through it from [::1].
  */
 #include "common.h"
 #include <arpa/inet.h>
@@ -43,6 +47,7 @@ struct dir {
 
 static long per_tick = 400;
 static int reuse = 1;
+static int dual = 0;
 
 static void opt(int c, const char *arg)
 {
@@ -50,6 +55,8 @@ static void opt(int c, const char *arg)
         per_tick = strtol(arg, NULL, 10);
     if (c == 'R')
         reuse = 0;
+    if (c == '6')
+        dual = 1;
 }
 
 static void record(const struct dir *d, uint64_t seq, unsigned char *out)
@@ -152,7 +159,7 @@ static void probe(int ls, const struct sockaddr_in *a)
 
 int main(int argc, char **argv)
 {
-    ct_parse(argc, argv, "r:R", opt);
+    ct_parse(argc, argv, "r:R6", opt);
     ct_setup();
     int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
@@ -171,6 +178,17 @@ int main(int argc, char **argv)
     fcntl(c, F_SETFL, O_NONBLOCK);
     fcntl(s, F_SETFL, O_NONBLOCK);
     printf("PORT %d\n", ntohs(a.sin_port));
+    int ls6 = -1;
+    struct sockaddr_in6 a6 = { .sin6_family = AF_INET6, .sin6_addr = IN6ADDR_ANY_INIT, .sin6_port = a.sin_port };
+    if (dual) {
+        ls6 = socket(AF_INET6, SOCK_STREAM, 0);
+        if (ls6 < 0 || setsockopt(ls6, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) != 0)
+            ct_fail("IPv6 listener: %s", strerror(errno));
+        if (reuse)
+            setsockopt(ls6, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(ls6, (struct sockaddr *)&a6, sizeof a6) != 0 || listen(ls6, 16) != 0)
+            ct_fail("IPv6 listener on [::]:%d: %s", ntohs(a.sin_port), strerror(errno));
+    }
 
     struct dir up = { .name = "client->server", .tx = c, .rx = s };
     struct dir down = { .name = "server->client", .tx = s, .rx = c };
@@ -190,6 +208,25 @@ int main(int argc, char **argv)
         if (!(fcntl(c, F_GETFL) & O_NONBLOCK) || !(fcntl(s, F_GETFL) & O_NONBLOCK))
             ct_fail("O_NONBLOCK lost");
         probe(ls, &a);
+        if (dual) {
+            struct sockaddr_in6 now;
+            socklen_t nl = sizeof now;
+            if (!sockopt(ls6, IPPROTO_IPV6, IPV6_V6ONLY))
+                ct_fail("the IPv6 listener lost IPV6_V6ONLY");
+            if (getsockname(ls6, (struct sockaddr *)&now, &nl) != 0 || now.sin6_port != a.sin_port ||
+                memcmp(&now.sin6_addr, &in6addr_any, sizeof now.sin6_addr) != 0)
+                ct_fail("the IPv6 listener is not on [::]:%d", ntohs(a.sin_port));
+            int pc = socket(AF_INET6, SOCK_STREAM, 0);
+            struct sockaddr_in6 to = { .sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT, .sin6_port = a.sin_port };
+            if (pc < 0 || connect(pc, (struct sockaddr *)&to, sizeof to) != 0)
+                ct_fail("connect to [::1]:%d: %s", ntohs(a.sin_port), strerror(errno));
+            int ps = accept(ls6, NULL, NULL);
+            char b = '6';
+            if (ps < 0 || write(pc, &b, 1) != 1 || read(ps, &b, 1) != 1 || b != '6')
+                ct_fail("IPv6 probe: %s", strerror(errno));
+            close(pc);
+            close(ps);
+        }
         printf("TICK %ld up %llu/%llu down %llu/%llu\n", tick, (unsigned long long)up.got, (unsigned long long)up.sent,
                (unsigned long long)down.got, (unsigned long long)down.sent);
         if (ct_should_stop(tick)) {

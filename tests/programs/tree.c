@@ -11,7 +11,7 @@
  *   - D, a daemon (fork, setsid, fork; the middle process exits) producing
  *     on pipe 3: its parent is init, not us;
  *   - S, a child that rewrites a 4 MiB MAP_SHARED anonymous region and a
- *     256 KiB POSIX shared memory object (shm_open) under a process-shared
+ *     256 KiB - 8 bytes POSIX shared memory object (shm_open; its size checked) under a process-shared
  *     mutex, one round after the other;
  *   - Z, a child that exits with status 7 at once and stays a zombie until
  *     the parent reaps it at tick -z (after a restart, in the tests).
@@ -35,6 +35,10 @@
 #define PER_TICK 64
 #define SHM_PAGES 1024
 #define POSIX_PAGES 64
+/* Not a whole number of pages (as Open MPI's vader segments): the object's
+ * size must come back as it was, not rounded up to its mapping. */
+#define POSIX_SIZE (POSIX_PAGES * 4096L - 8)
+static char posix_path[96];
 
 static uint64_t *posix_pages;
 
@@ -162,6 +166,11 @@ static uint64_t shm_check(struct shm *s, uint64_t *pages, uint64_t last)
         for (size_t p = 0; p < POSIX_PAGES; p++)
             if (posix_pages[p * 512] != page_word(r, SHM_PAGES + p, 0))
                 ct_fail("POSIX shared memory page %zu is not of round %llu", p, (unsigned long long)r);
+    struct stat pst;
+    if (stat(posix_path, &pst) != 0)
+        ct_fail("POSIX shared memory object %s: %s", posix_path, strerror(errno));
+    if (pst.st_size != POSIX_SIZE)
+        ct_fail("POSIX shared memory object %s: size %ld, not %ld", posix_path, (long)pst.st_size, POSIX_SIZE);
     pthread_mutex_unlock(&s->lock);
     return r;
 }
@@ -189,7 +198,8 @@ int main(int argc, char **argv)
     char shmname[64];
     snprintf(shmname, sizeof shmname, "/ckpt-tree-%d", (int)getpid());
     int sfd = shm_open(shmname, O_CREAT | O_RDWR, 0600);
-    if (sfd < 0 || ftruncate(sfd, POSIX_PAGES * 4096L) != 0)
+    snprintf(posix_path, sizeof posix_path, "/dev/shm%s", shmname);
+    if (sfd < 0 || ftruncate(sfd, POSIX_SIZE) != 0)
         ct_fail("shm_open %s: %s", shmname, strerror(errno));
     posix_pages = mmap(NULL, POSIX_PAGES * 4096L, PROT_READ | PROT_WRITE, MAP_SHARED, sfd, 0);
     if (posix_pages == MAP_FAILED)

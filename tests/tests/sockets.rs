@@ -115,6 +115,16 @@ fn udp_datagrams_in_flight_survive_kill_and_restart() {
     }
 }
 
+/// `tcp_loop -6`: an IPv6 listener with IPV6_V6ONLY on the port of an IPv4
+/// one (as each Open MPI rank listens). The option is set again before the
+/// bind, else the IPv6 bind fails with EADDRINUSE and the restart with it;
+/// the program checks it, the address and a probe through it every tick.
+#[test]
+fn ipv6_only_listener_beside_an_ipv4_one() {
+    let c = Cycle::new(program("tcp_loop"), &["-t", "100", "-6"]);
+    standard_cycle("sockets_v6only", &c);
+}
+
 /// A TCP listener without SO_REUSEADDR, restarted right after `ckpt kill`,
 /// twice: the connections of its earlier life (the killed accepted
 /// connection, the probes' TIME_WAIT) still hold its port; the restart

@@ -252,6 +252,8 @@ fn read_opts(fd: &OwnedFd, defaults: (i32, i32), tcp: bool) -> SockOpts {
         reuseaddr: flag(libc::SOL_SOCKET, libc::SO_REUSEADDR),
         keepalive: flag(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
         nodelay: tcp && flag(libc::IPPROTO_TCP, libc::TCP_NODELAY),
+        // Only an IPv6 socket answers for IPV6_V6ONLY.
+        v6only: getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).ok().map(|v| v != 0),
     }
 }
 
@@ -275,6 +277,11 @@ fn apply_opts(fd: &OwnedFd, o: &SockOpts, tcp: bool) -> io::Result<()> {
     }
     if tcp && o.nodelay {
         setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    }
+    // Explicitly either way: the restart's `net.ipv6.bindv6only` may not
+    // be the checkpoint's.
+    if let Some(v) = o.v6only {
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v as i32)?;
     }
     Ok(())
 }

@@ -18,19 +18,26 @@ pub(super) fn objects(ctx: &Ctx, opener: &crate::fds::Opener<'_>) -> Result<Hash
     let Ctx { generation, images, .. } = *ctx;
     // Shared memory objects: one memfd each, big enough for every mapping.
     // POSIX shared memory (`shm_open`) comes back at its name.
-    let mut shm_size: HashMap<u64, (u64, &str, &ProcessImage)> = HashMap::new();
+    let mut shm_size: HashMap<u64, (u64, &str, &ProcessImage, Option<u64>)> = HashMap::new();
     for image in images {
         for r in image.regions.iter().filter(|r| r.kind == RegionKind::SharedAnon && r.shm != 0 && r.sysv.is_none()) {
-            let e = shm_size.entry(r.shm).or_insert((0, &r.name, image));
+            let e = shm_size.entry(r.shm).or_insert((0, &r.name, image, None));
             e.0 = e.0.max(r.offset + (r.end - r.start));
+            e.3 = e.3.or(r.shm_size);
         }
     }
     let mut shm_fds: HashMap<u64, OwnedFd> = HashMap::new();
-    for (&shm, &(size, name, image)) in &shm_size {
+    for (&shm, &(extent, name, image, recorded)) in &shm_size {
+        // The recorded size when every mapped page is within it (the last
+        // page may end past it, as at the checkpoint); else the mappings'
+        // extent, so that no page the image fills is past the end.
+        let page = crate::remote::PAGE;
+        let exact = recorded.filter(|&s| s.div_ceil(page) * page >= extent);
+        let size = exact.unwrap_or(extent);
         let fd = if let Some(fd) = opener.deleted_for_mapping(shm, name) {
             crate::fds::dup(fd)?
         } else if name.starts_with("/dev/shm/") && !name.ends_with(" (deleted)") {
-            crate::creds::acting_as(crate::creds::Identity::of(image), || posix_shm(generation, image.pid, name, size, shm))?
+            crate::creds::acting_as(crate::creds::Identity::of(image), || posix_shm(generation, image.pid, name, size, exact.is_some(), shm))?
         } else {
             memfd(generation, shm, size)?
         };
@@ -58,7 +65,9 @@ fn memfd(generation: u64, shm: u64, size: u64) -> Result<OwnedFd> {
 }
 
 /// The POSIX shared memory object at `path` of process `pid`, at least
-/// `size` bytes long; the image's content is written into it later.
+/// `size` bytes long, or exactly (`exact`: the checkpoint's size; a
+/// leftover of another length is sized again); the image's content is
+/// written into it later.
 ///
 /// Made with `O_EXCL` as the process ([`crate::creds::open`]: its
 /// identity, no symlink followed). One that exists already is used only if
@@ -68,7 +77,7 @@ fn memfd(generation: u64, shm: u64, size: u64) -> Result<OwnedFd> {
 /// restart refuses it, naming it and its owner; so is one of the process's
 /// uid that is not the computation's own ([`crate::leftovers`]; `recorded`:
 /// the inode the checkpoint saw).
-fn posix_shm(generation: u64, pid: i32, path: &str, size: u64, recorded: u64) -> Result<OwnedFd> {
+fn posix_shm(generation: u64, pid: i32, path: &str, size: u64, exact: bool, recorded: u64) -> Result<OwnedFd> {
     let err = |what: String| EngineError::Restore { generation, what };
     let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL;
     let fd = match crate::creds::open(path, flags, 0o600) {
@@ -101,7 +110,7 @@ fn posix_shm(generation: u64, pid: i32, path: &str, size: u64, recorded: u64) ->
     };
     let f = File::from(fd);
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len < size {
+    if len < size || (exact && len != size) {
         f.set_len(size).map_err(|e| err(format!("cannot size the shared memory object {path} to {size} bytes: {e}")))?;
     }
     Ok(f.into())
