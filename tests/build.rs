@@ -82,7 +82,7 @@ fn main() {
                 println!("cargo:warning={wrapper} not found: {} not built (apt-get install {})", exe.display(), if lib == "openmpi" { "openmpi-bin libopenmpi-dev" } else { "mpich libmpich-dev" });
                 continue;
             }
-            build(wrapper, &src, &exe, &["-fPIE", "-pie"]);
+            build(wrapper, &src, &exe, &["-fPIE", "-pie"], false);
         }
     }
     println!("cargo:rustc-env=CKPT_TEST_PROGRAMS={}", out.display());
