@@ -20,6 +20,7 @@ use serde_json::json;
 mod doctor_cmd;
 mod generate_cmd;
 mod remote_cmd;
+mod run_cmd;
 mod gc_cmd;
 mod nsinit;
 mod show_cmd;
@@ -77,6 +78,13 @@ enum Cmd {
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         prog: Vec<String>,
+    },
+    /// Launch PROG the first time, restart the latest generation of NAME
+    /// every later time, in the foreground (for batch jobs): SIGUSR1
+    /// checkpoints and goes on, SIGTERM/SIGINT checkpoint and stop.
+    Run {
+        #[command(flatten)]
+        args: run_cmd::RunArgs,
     },
     /// Checkpoint every process of the computation; prints the generation number once it is durable.
     Checkpoint {
@@ -493,6 +501,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             undo_launch(&addr, started, new_store.as_deref());
             bail!("cannot run {}: {err:#}{}", launch.prog[0], if started { "; the coordinator this launch started was stopped" } else { "" })
         }
+        Cmd::Run { args } => run_cmd::run(args),
         Cmd::Checkpoint { coord } => {
             let addr = coord_addr(&coord)?;
             let v = client::checkpoint(&addr, Duration::from_secs(3600))?;
