@@ -372,8 +372,9 @@ fn undo_launch(addr: &Address, started: bool, new_store: Option<&Path>) {
 }
 
 /// Makes sure a coordinator answers at `addr`, using `store` (started in
-/// the background if none runs). True if this call started it.
-fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>) -> Result<bool> {
+/// the background if none runs). True if this call started it. `unblock`:
+/// signals the caller blocks that the coordinator must not inherit blocked.
+fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>, unblock: &'static [libc::c_int]) -> Result<bool> {
     match client::hello(addr, Duration::from_secs(2)) {
         Ok(v) => {
             let theirs = v.store;
@@ -401,6 +402,7 @@ fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: 
     if let Some(i) = interval {
         cmd.args(["--interval", &i.to_string()]);
     }
+    ckpt_engine::ns::unblock_in(&mut cmd, unblock);
     cmd.env_remove("LD_PRELOAD").stdin(std::process::Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
     let status = cmd.status().context("starting the coordinator")?;
     if !status.success() {
@@ -489,7 +491,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             // the program inherit it.
             unsafe { std::env::set_var(ckpt_coordinator::secret::ENV_SECRET_FILE, &secret_file) };
             let new_store = if ckpt_store::remote::is_s3_url(&url) { None } else { ckpt_store::parse_url(&url).ok().filter(|p| !p.exists()) };
-            let started = ensure_coordinator(&addr, &url, store.store.is_some(), interval)?;
+            let started = ensure_coordinator(&addr, &url, store.store.is_some(), interval, &[])?;
             let launch = Launch { addr: addr.clone(), dirty_tracking, no_fork_ckpt, prog };
             let err = match ns {
                 Some(ns) => nsinit::exec_launch(ns, &launch),
@@ -771,7 +773,7 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     let ns = nsinit::for_restart(info.id, &images)?;
     ckpt_engine::restore::check_tree(info.id, &images)?;
     artifact("ckpt-restorer", "CKPT_RESTORER")?;
-    ensure_coordinator(addr, url, store_given, None)?;
+    ensure_coordinator(addr, url, store_given, None, &[])?;
     // The restarted processes get this command's stdin, stdout and stderr:
     // the coordinator must know them as the computation's outside.
     let stdio: Vec<External> = (0..3)

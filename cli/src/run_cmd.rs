@@ -88,18 +88,20 @@ fn named_store(base: &str, name: &str) -> String {
 }
 
 /// The signals this command acts on.
+const HANDLED: [libc::c_int; 3] = [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT];
+
 fn handled() -> SigSet {
     let mut set = SigSet::empty();
-    for s in [Signal::SIGUSR1, Signal::SIGTERM, Signal::SIGINT] {
-        set.add(s);
+    for s in HANDLED {
+        set.add(Signal::try_from(s).expect("a valid signal"));
     }
     set
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     // Blocked before any thread starts (all inherit the mask) and taken by
-    // the signal thread with sigwait; children get an empty mask again
-    // (the standard library resets it before exec).
+    // the signal thread with sigwait; the child gets them unblocked again
+    // (a mask survives exec: the program would inherit it).
     handled().thread_block().context("blocking SIGUSR1, SIGTERM and SIGINT")?;
     let url = named_store(&crate::store_url(&args.store), &args.name);
     let addr: Address = match &args.coord {
@@ -132,9 +134,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let store = Store::open_or_create(&url, ckpt_store::DEFAULT_CHUNK_SIZE)?;
         store.generations()?.last().map(|g| g.id)
     };
-    let started = crate::ensure_coordinator(&addr, &url, true, args.interval)?;
+    let started = crate::ensure_coordinator(&addr, &url, true, args.interval, &HANDLED)?;
     let exe = std::env::current_exe().context("locating the ckpt binary")?;
     let mut cmd = Command::new(exe);
+    ckpt_engine::ns::unblock_in(&mut cmd, &HANDLED);
     match latest {
         None => {
             eprintln!("ckpt: {}: no generation in {url} yet: launching {}", args.name, args.prog[0]);
