@@ -158,9 +158,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     // The signal that asked to stop (0: none).
     let stop = Arc::new(AtomicI32::new(0));
     {
-        let (stop, addr, name) = (stop.clone(), addr.clone(), args.name.clone());
+        let (stop, addr, name, url) = (stop.clone(), addr.clone(), args.name.clone(), url.clone());
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        std::thread::spawn(move || signal_loop(&addr, &name, &stop, pid));
+        std::thread::spawn(move || signal_loop(&addr, &name, &url, &stop, pid));
     }
     let status = child.wait().context("waiting for the program")?;
     stop_coordinator(&addr, started);
@@ -190,7 +190,7 @@ fn exit_code(status: ExitStatus) -> u8 {
 /// `child` is the `ckpt launch` (the program itself, once it execs) or
 /// `ckpt restart` this command waits for (not reaped before this thread's
 /// last use of it: the main thread reaps it).
-fn signal_loop(addr: &Address, name: &str, stop: &AtomicI32, child: nix::unistd::Pid) {
+fn signal_loop(addr: &Address, name: &str, url: &str, stop: &AtomicI32, child: nix::unistd::Pid) {
     let set = handled();
     loop {
         let sig = match set.wait() {
@@ -211,7 +211,11 @@ fn signal_loop(addr: &Address, name: &str, stop: &AtomicI32, child: nix::unistd:
                     continue;
                 }
                 if let Err(e) = checkpoint(addr, name, sig) {
-                    eprintln!("ckpt: {name}: {e:#}; a later run restarts the latest generation committed before");
+                    let latest = Store::open(url).and_then(|s| s.generations()).ok().and_then(|g| g.last().map(|g| g.id));
+                    match latest {
+                        Some(g) => eprintln!("ckpt: {name}: {e:#}; the next `ckpt run --name {name}` restarts generation {g}, the latest"),
+                        None => eprintln!("ckpt: {name}: {e:#}; no generation was committed: the next `ckpt run --name {name}` launches the program afresh"),
+                    }
                 }
                 eprintln!("ckpt: {name}: stopping the program ({sig})");
                 if let Err(e) = client::kill(addr, Duration::from_secs(30)) {
@@ -228,11 +232,24 @@ fn signal_loop(addr: &Address, name: &str, stop: &AtomicI32, child: nix::unistd:
 /// One checkpoint of the computation, asked for by `sig`.
 fn checkpoint(addr: &Address, name: &str, sig: Signal) -> Result<()> {
     let t = Instant::now();
+    // A batch system that signals every process of the job (Slurm at a
+    // requeue, preemption or time limit) ends a program that does not
+    // handle the signal at once: nothing is left to checkpoint.
+    let gone = || format!("{sig}: no checkpoint: the program is gone (it ended, or the same signal killed it: Slurm sends SIGTERM to every process of the job; checkpoint before, with --signal=B:USR1@SECS or --interval)");
     let st = client::status(addr, Duration::from_secs(10)).context("cannot checkpoint")?;
     if st.processes.is_empty() {
-        bail!("{sig}: no process to checkpoint (the program ended, or was killed by the same signal: a batch system that signals every process of the job kills a program that does not handle it)");
+        bail!(gone());
     }
-    let v = client::checkpoint(addr, Duration::from_secs(3600)).with_context(|| format!("{sig}: the checkpoint failed"))?;
+    let v = match client::checkpoint(addr, Duration::from_secs(3600)) {
+        Ok(v) => v,
+        Err(e) => {
+            let left = client::status(addr, Duration::from_secs(10)).map(|s| s.processes.len()).unwrap_or(0);
+            if left == 0 {
+                bail!(gone());
+            }
+            return Err(anyhow::Error::new(e).context(format!("{sig}: the checkpoint failed")));
+        }
+    };
     eprintln!("ckpt: {name}: {sig}: checkpointed generation {} in {} ms", v.generation, t.elapsed().as_millis());
     Ok(())
 }
