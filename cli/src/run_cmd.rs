@@ -23,7 +23,7 @@
 
 use std::process::{Command, ExitCode, ExitStatus};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -90,6 +90,14 @@ fn named_store(base: &str, name: &str) -> String {
 /// The signals this command acts on.
 const HANDLED: [libc::c_int; 3] = [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT];
 
+/// Of those, the ones the coordinator this command starts gets unblocked.
+/// It keeps `SIGTERM` and `SIGINT` blocked: Slurm sends `SIGTERM` to every
+/// process of the job (the coordinator is one: `slurmstepd` adopts it),
+/// and the coordinator must outlive it to take the checkpoint this command
+/// asks for then, and to be quit by it. A `SIGKILL` (Slurm's, once
+/// `KillWait` is over) still ends it.
+const COORD_UNBLOCKED: [libc::c_int; 1] = [libc::SIGUSR1];
+
 fn handled() -> SigSet {
     let mut set = SigSet::empty();
     for s in HANDLED {
@@ -134,7 +142,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let store = Store::open_or_create(&url, ckpt_store::DEFAULT_CHUNK_SIZE)?;
         store.generations()?.last().map(|g| g.id)
     };
-    let started = crate::ensure_coordinator(&addr, &url, true, args.interval, &HANDLED)?;
+    let started = crate::ensure_coordinator(&addr, &url, true, args.interval, &COORD_UNBLOCKED)?;
     let exe = std::env::current_exe().context("locating the ckpt binary")?;
     let mut cmd = Command::new(exe);
     ckpt_engine::ns::unblock_in(&mut cmd, &HANDLED);
@@ -155,16 +163,23 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             return Err(anyhow::Error::new(e).context("starting ckpt launch/restart"));
         }
     };
-    // The signal that asked to stop (0: none).
-    let stop = Arc::new(AtomicI32::new(0));
+    let shared = Arc::new(Shared { stop: AtomicI32::new(0), ended: Mutex::new(false) });
     {
-        let (stop, addr, name, url) = (stop.clone(), addr.clone(), args.name.clone(), url.clone());
+        let (shared, addr, name, url) = (shared.clone(), addr.clone(), args.name.clone(), url.clone());
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        std::thread::spawn(move || signal_loop(&addr, &name, &url, &stop, pid));
+        std::thread::spawn(move || signal_loop(&addr, &name, &url, &shared, pid));
     }
+    // Waits for the child's end without reaping it (its pid stays its own
+    // while the signal thread may still signal it); a signal being acted
+    // on (a checkpoint, a stop) is finished before the coordinator goes,
+    // one that comes later finds the run ended.
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    while let Err(nix::errno::Errno::EINTR) = waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {}
+    *shared.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
     let status = child.wait().context("waiting for the program")?;
     stop_coordinator(&addr, started);
-    let sig = stop.load(Ordering::SeqCst);
+    let sig = shared.stop.load(Ordering::SeqCst);
     if sig != 0 {
         return Ok(ExitCode::from((128 + sig) as u8));
     }
@@ -186,11 +201,19 @@ fn exit_code(status: ExitStatus) -> u8 {
     }
 }
 
+/// What the signal thread and the waiting main thread share.
+struct Shared {
+    /// The signal that asked to stop (0: none).
+    stop: AtomicI32,
+    /// The program has ended: held while a signal is acted on.
+    ended: Mutex<bool>,
+}
+
 /// Takes the handled signals one by one, for as long as the command runs.
 /// `child` is the `ckpt launch` (the program itself, once it execs) or
 /// `ckpt restart` this command waits for (not reaped before this thread's
 /// last use of it: the main thread reaps it).
-fn signal_loop(addr: &Address, name: &str, url: &str, stop: &AtomicI32, child: nix::unistd::Pid) {
+fn signal_loop(addr: &Address, name: &str, url: &str, shared: &Shared, child: nix::unistd::Pid) {
     let set = handled();
     loop {
         let sig = match set.wait() {
@@ -200,6 +223,10 @@ fn signal_loop(addr: &Address, name: &str, url: &str, stop: &AtomicI32, child: n
                 return;
             }
         };
+        let ended = shared.ended.lock().unwrap_or_else(|e| e.into_inner());
+        if *ended {
+            return;
+        }
         match sig {
             Signal::SIGUSR1 => {
                 if let Err(e) = checkpoint(addr, name, sig) {
@@ -207,7 +234,7 @@ fn signal_loop(addr: &Address, name: &str, url: &str, stop: &AtomicI32, child: n
                 }
             }
             _ => {
-                if stop.swap(sig as i32, Ordering::SeqCst) != 0 {
+                if shared.stop.swap(sig as i32, Ordering::SeqCst) != 0 {
                     continue;
                 }
                 if let Err(e) = checkpoint(addr, name, sig) {

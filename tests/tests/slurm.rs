@@ -52,7 +52,7 @@ fn job_name(test: &str) -> String {
 
 fn submit(slurm: &Slurm, s: &Session, name: &str, script: &Path) -> (u32, PathBuf) {
     let out = s.path(&format!("{name}.out"));
-    let job = slurm.sbatch(&["-J", name, "-o", &out.to_string_lossy()], script);
+    let job = slurm.sbatch(&["-J", name, "-o", &out.to_string_lossy(), "-D", &s.dir.to_string_lossy()], script);
     (job, out)
 }
 
