@@ -182,6 +182,34 @@ fn requeued_twice_restarts_from_interval_checkpoints() {
     assert!(generations(&s, &name) >= 3, "--interval 1 made fewer than 3 generations");
 }
 
+/// `scancel --batch --signal=TERM`: checkpoint and stop (exit 143); the
+/// same script submitted again under the same name restarts there.
+#[test]
+fn term_checkpoints_and_stops_then_a_new_job_restarts() {
+    let s = Session::new("slurm-term");
+    let slurm = Slurm::start(&s.dir);
+    let name = job_name("term");
+    let ticks = 50;
+    let script = job_script(&s, &name, "", ticks);
+    let (job, out) = submit(&slurm, &s, &name, &script);
+    let (i, t) = wait_tick(&slurm, &out, 0, 5);
+    slurm.signal_batch(job, "TERM");
+    let (i, l) = wait_line(&slurm, &out, i, |l| l.contains("SIGTERM: checkpointed generation 1 "), "checkpoint on TERM");
+    assert!(l.contains(&name), "{l}");
+    wait_line(&slurm, &out, i, |l| l.contains("stopping the program (SIGTERM)"), "stop");
+    slurm.wait_state(job, "FAILED", Duration::from_secs(60));
+    assert_eq!(slurm.job_field(job, "ExitCode"), "143:0", "ckpt run's exit status is not 128 + SIGTERM");
+    let stopped = read(&out);
+    let last = stopped.lines().filter_map(tick_of).last().unwrap();
+    assert!(last >= t && last < ticks, "the program was not stopped (last tick {last}):\n{stopped}");
+    // A new job of that name: it restarts generation 1, and goes on to the end.
+    let job2 = slurm.sbatch(&["-J", &name, "-o", &out.to_string_lossy(), "-D", &s.dir.to_string_lossy()], &script);
+    let skip = stopped.lines().count();
+    wait_line(&slurm, &out, skip, |l| l.contains(&format!("{name}: restarting generation 1 ")), "restart in the new job");
+    finish(&slurm, job2, 0);
+    assert_eq!(check_output(&out, ticks).len(), 1);
+}
+
 #[test]
 fn checkpointed_by_signal_then_requeued_twice() {
     let s = Session::new("slurm-sigreq");
