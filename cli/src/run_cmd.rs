@@ -299,3 +299,39 @@ fn wait_down(addr: &Address) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_cannot_leave_their_directory() {
+        for ok in ["simulate", "job-1.a_b", "A"] {
+            assert_eq!(parse_name(ok).unwrap(), ok);
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "../x", "a b", "a\nb", "é", &"x".repeat(MAX_NAME + 1)] {
+            let e = parse_name(bad).unwrap_err();
+            assert!(e.contains("sbatch -J"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), 90);
+        assert_eq!(parse_duration("90s").unwrap(), 90);
+        assert_eq!(parse_duration("10m").unwrap(), 600);
+        assert_eq!(parse_duration("2h").unwrap(), 7200);
+        assert_eq!(parse_duration("1d").unwrap(), 86400);
+        assert!(parse_duration("0").unwrap_err().contains("too short"));
+        assert!(parse_duration("10x").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("m").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("99999999999999999d").unwrap_err().contains("too long"));
+    }
+
+    #[test]
+    fn the_named_store_is_under_the_store() {
+        assert_eq!(named_store("file:///shared/ckpt", "sim"), "file:///shared/ckpt/sim");
+        assert_eq!(named_store("file:///shared/ckpt/", "sim"), "file:///shared/ckpt/sim");
+        assert_eq!(named_store("s3://bucket/prefix", "sim"), "s3://bucket/prefix/sim");
+    }
+}

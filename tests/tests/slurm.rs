@@ -87,21 +87,28 @@ fn wait_tick(slurm: &Slurm, out: &Path, skip: usize, min: u64) -> (usize, u64) {
 
 /// The job's whole output, checked: no FAIL, `DONE` and the exit line at
 /// the end, every tick from 1 to `ticks` there, each following the one
-/// before, except where the program says `resumed` (a restart: it goes on
-/// from the generation's tick, at most one past the last tick printed).
-/// Returns the resumed ticks.
+/// before, except the first after a `restarting generation` line of
+/// `ckpt run`: the restarted program goes on from the generation's tick,
+/// after tick 1 and at most one past the last tick printed. Returns the
+/// ticks each restart resumed at.
 fn check_output(out: &Path, ticks: u64) -> Vec<u64> {
     let t = read(out);
     assert!(!t.contains("FAIL"), "the program failed its own check:\n{t}");
     assert!(t.contains("\nDONE\n"), "no DONE:\n{t}");
     assert!(t.contains("the program ended (exit status 0)"), "ckpt run did not end with the program's status 0:\n{t}");
     let mut last = 0;
+    let mut restarting = false;
     let mut resumed = Vec::new();
     for l in t.lines() {
+        if l.contains(": restarting generation ") {
+            restarting = true;
+            continue;
+        }
         let Some(n) = tick_of(l) else { continue };
-        if l.ends_with(" resumed") {
+        if restarting {
             assert!(n >= 2 && n <= last + 1, "resumed at tick {n} after tick {last}: not where a checkpoint was\n{t}");
             resumed.push(n);
+            restarting = false;
         } else {
             assert_eq!(n, last + 1, "tick {n} after tick {last}\n{t}");
         }
@@ -172,7 +179,7 @@ fn requeued_twice_restarts_from_interval_checkpoints() {
         slurm.requeue(job);
         let (i, l) = wait_line(&slurm, &out, i, |l| l.contains(&format!("{name}: restarting generation ")), "restart after the requeue");
         assert!(l.contains(&s.store_dir.join(&name).to_string_lossy().into_owned()), "{l}");
-        let (i, _) = wait_line(&slurm, &out, i, |l| l.ends_with(" resumed"), "resumed tick");
+        let (i, _) = wait_tick(&slurm, &out, i, 0);
         skip = i;
         assert_eq!(slurm.job_field(job, "Restarts"), round.to_string());
     }
@@ -237,8 +244,7 @@ fn checkpointed_by_signal_then_requeued_twice() {
         // signal's, or one ckpt run took at the SIGTERM, if it was first.
         let restarted: u64 = l.split("generation ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
         assert!(restarted >= g, "restarted generation {restarted}, older than the signal's {g}");
-        let (i, l) = wait_line(&slurm, &out, i, |l| l.ends_with(" resumed"), "resumed tick");
-        let resumed = tick_of(&l).unwrap();
+        let (i, resumed) = wait_tick(&slurm, &out, i, 0);
         assert!(resumed >= at, "resumed at tick {resumed}, before the signal's checkpoint at tick {at}:\n{}", read(&out));
         skip = i;
         assert_eq!(slurm.job_field(job, "Restarts"), round.to_string());
