@@ -252,3 +252,36 @@ fn checkpointed_by_signal_then_requeued_twice() {
     finish(&slurm, job, 2);
     assert_eq!(check_output(&out, ticks).len(), 2);
 }
+
+/// The job of an ordinary user (`ckpt-user`, submitting with its own
+/// `sbatch`): the computation runs in namespaces of its own, and the
+/// restart after a requeue makes fresh ones; checkpointed by USR1 first.
+#[test]
+fn an_ordinary_users_job_checkpointed_requeued_and_restarted() {
+    let cluster = Session::new("slurm-user-cluster");
+    let slurm = Slurm::start(&cluster.dir);
+    let s = Session::as_user(TEST_USER, "slurm-user");
+    let name = job_name("user");
+    let ticks = 60;
+    let script = job_script(&s, &name, "", ticks);
+    let out = s.path(&format!("{name}.out"));
+    let mut c = s.user_command("sbatch");
+    c.env("SLURM_CONF", &slurm.conf).args(["--parsable", "-J", &name, "-o", &out.to_string_lossy(), "-D", &s.dir.to_string_lossy()]).arg(&script);
+    let o = run_with_timeout(c, CMD_TIMEOUT);
+    assert!(o.status.success(), "sbatch as {TEST_USER}: {}", text(&o.stderr));
+    let job: u32 = text(&o.stdout).trim().parse().unwrap();
+    assert_eq!(slurm.job_field(job, "UserId").split('(').next().unwrap(), TEST_USER);
+    let (i, t) = wait_tick(&slurm, &out, 0, 5);
+    slurm.signal_batch(job, "USR1");
+    let (i, _) = wait_line(&slurm, &out, i, |l| l.contains("SIGUSR1: checkpointed generation 1 "), "checkpoint on USR1");
+    slurm.requeue(job);
+    let (i, _) = wait_line(&slurm, &out, i, |l| l.contains(&format!("{name}: restarting generation 1 ")), "restart after the requeue");
+    let (_, resumed) = wait_tick(&slurm, &out, i, 0);
+    assert!(resumed >= t, "resumed at tick {resumed}, before the signal at tick {t}");
+    finish(&slurm, job, 1);
+    assert_eq!(check_output(&out, ticks).len(), 1);
+    // The store is the user's, and private.
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(s.store_dir.join(&name).join("catalog.db")).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (s.user.as_ref().unwrap().uid, 0o600));
+}
