@@ -10,7 +10,11 @@
 //!   requeue restarts the latest generation by itself (the program resumes
 //!   where the generation was, not at tick 1) and the job completes;
 //! - a job checkpointed by USR1 and then requeued, twice: it resumes from
-//!   the signal's generation.
+//!   the signal's generation;
+//! - `scancel --batch --signal=TERM`: checkpoint and stop (exit 143), and a
+//!   new job of the same name restarts there;
+//! - an ordinary user's job, checkpointed, requeued, restarted in
+//!   namespaces of its own.
 mod common;
 #[path = "common/s3.rs"]
 mod s3;
