@@ -14,7 +14,9 @@
 //! - `scancel --batch --signal=TERM`: checkpoint and stop (exit 143), and a
 //!   new job of the same name restarts there;
 //! - an ordinary user's job, checkpointed, requeued, restarted in
-//!   namespaces of its own.
+//!   namespaces of its own;
+//! - a job of the `low` partition preempted (requeued) by one of `high`:
+//!   it restarts from its latest `--interval` generation by itself.
 mod common;
 #[path = "common/s3.rs"]
 mod s3;
@@ -288,4 +290,37 @@ fn an_ordinary_users_job_checkpointed_requeued_and_restarted() {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(s.store_dir.join(&name).join("catalog.db")).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o777), (s.user.as_ref().unwrap().uid, 0o600));
+}
+
+/// Preemption (`PreemptMode=REQUEUE`): a job holding the node's two CPUs
+/// in `low` is requeued when a job of `high` needs them, and restarts
+/// from its latest `--interval` generation once that one is done.
+#[test]
+fn preempted_by_a_higher_partition_restarts_from_its_interval_checkpoint() {
+    let s = Session::new("slurm-preempt");
+    let slurm = Slurm::start(&s.dir);
+    let name = job_name("pre");
+    // Without a GraceTime, Slurm preempts as it schedules the high job, at
+    // once: the job still runs for seconds after.
+    let ticks = 150;
+    let script = job_script(&s, &name, "--interval 1", ticks);
+    let out = s.path(&format!("{name}.out"));
+    let job = slurm.sbatch(&["-J", &name, "-c", "2", "-o", &out.to_string_lossy(), "-D", &s.dir.to_string_lossy()], &script);
+    let (i, _) = wait_tick(&slurm, &out, 0, 5);
+    // An --interval generation first: preemption comes at once.
+    let until = Instant::now() + Duration::from_secs(30);
+    while generations(&s, &name) == 0 {
+        assert!(Instant::now() < until, "no --interval checkpoint within 30 s:\n{}", read(&out));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let high = s.path("high.sbatch");
+    std::fs::write(&high, "#!/bin/bash\nsleep 1\n").unwrap();
+    let hi = slurm.sbatch(&["-p", "high", "-c", "2", "-J", "high", "-o", "/dev/null", "-D", &s.dir.to_string_lossy()], &high);
+    let (i, _) = wait_line(&slurm, &out, i, |l| l.contains("DUE TO PREEMPTION"), "preemption");
+    let (i, l) = wait_line(&slurm, &out, i, |l| l.contains(&format!("{name}: restarting generation ")), "restart after the preemption");
+    assert!(!l.contains("generation 0"), "{l}");
+    wait_tick(&slurm, &out, i, 0);
+    slurm.wait_state(hi, "COMPLETED", Duration::from_secs(60));
+    finish(&slurm, job, 1);
+    assert_eq!(check_output(&out, ticks).len(), 1);
 }

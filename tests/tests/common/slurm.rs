@@ -9,7 +9,9 @@
 //! (`SLURM_CONF` for every command; free loopback ports; state, spool,
 //! pid and log files in the directory; `proctrack/linuxproc` and
 //! `task/none`, no cgroups; `select/cons_tres`; `cred_expire=5` so a
-//! requeued job may start again 6 s later instead of 121), starts the three
+//! requeued job may start again 6 s later instead of 121; two partitions
+//! on the node, `low` (the default, its jobs preempted by requeue) and
+//! `high`, by `preempt/partition_prio`), starts the three
 //! daemons in the foreground, tied to the test binary (they die with it,
 //! see `s3::spawn_tied`), and waits until `sinfo` shows the node idle. One
 //! cluster at a time in a test binary (a lock, held by the value): the
@@ -105,8 +107,11 @@ impl Slurm {
                  JobAcctGatherType=jobacct_gather/none\n\
                  KillWait=5\n\
                  MinJobAge=600\n\
+                 PreemptType=preempt/partition_prio\n\
+                 PreemptMode=REQUEUE\n\
                  NodeName={host} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN\n\
-                 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP\n",
+                 PartitionName=low Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE\n\
+                 PartitionName=high Nodes={host} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF\n",
                 ctld = free_port(),
                 slurmd_port = free_port(),
                 sock = sock.display(),
@@ -220,7 +225,9 @@ impl Drop for Slurm {
     fn drop(&mut self) {
         // Every job of the cluster, then what they left behind that names
         // this directory (its store path is in their command line).
-        let _ = self.cmd("scancel").args(["--full", "--signal", "KILL", "--partition", "debug"]).output();
+        for p in ["low", "high"] {
+            let _ = self.cmd("scancel").args(["--full", "--signal", "KILL", "--partition", p]).output();
+        }
         let until = Instant::now() + Duration::from_secs(20);
         while Instant::now() < until {
             let o = self.cmd("squeue").args(["-h", "-o", "%i"]).output();
