@@ -58,7 +58,7 @@ fn job_name(test: &str) -> String {
 
 fn submit(slurm: &Slurm, s: &Session, name: &str, script: &Path) -> (u32, PathBuf) {
     let out = s.path(&format!("{name}.out"));
-    let job = slurm.sbatch(&["-J", name, "-o", &out.to_string_lossy(), "-D", &s.dir.to_string_lossy()], script);
+    let job = slurm.sbatch(&s.dir, &["-J", name, "-o", &out.to_string_lossy()], script);
     (job, out)
 }
 
@@ -216,7 +216,7 @@ fn term_checkpoints_and_stops_then_a_new_job_restarts() {
     let last = stopped.lines().filter_map(tick_of).last().unwrap();
     assert!(last >= t && last < ticks, "the program was not stopped (last tick {last}):\n{stopped}");
     // A new job of that name: it restarts generation 1, and goes on to the end.
-    let job2 = slurm.sbatch(&["-J", &name, "-o", &out.to_string_lossy(), "-D", &s.dir.to_string_lossy()], &script);
+    let job2 = slurm.sbatch(&s.dir, &["-J", &name, "-o", &out.to_string_lossy()], &script);
     let skip = stopped.lines().count();
     wait_line(&slurm, &out, skip, |l| l.contains(&format!("{name}: restarting generation 1 ")), "restart in the new job");
     finish(&slurm, job2, 0);
@@ -305,7 +305,7 @@ fn preempted_by_a_higher_partition_restarts_from_its_interval_checkpoint() {
     let ticks = 150;
     let script = job_script(&s, &name, "--interval 1", ticks);
     let out = s.path(&format!("{name}.out"));
-    let job = slurm.sbatch(&["-J", &name, "-c", "2", "-o", &out.to_string_lossy(), "-D", &s.dir.to_string_lossy()], &script);
+    let job = slurm.sbatch(&s.dir, &["-J", &name, "-c", "2", "-o", &out.to_string_lossy()], &script);
     let (i, _) = wait_tick(&slurm, &out, 0, 5);
     // An --interval generation first: preemption comes at once.
     let until = Instant::now() + Duration::from_secs(30);
@@ -315,7 +315,7 @@ fn preempted_by_a_higher_partition_restarts_from_its_interval_checkpoint() {
     }
     let high = s.path("high.sbatch");
     std::fs::write(&high, "#!/bin/bash\nsleep 1\n").unwrap();
-    let hi = slurm.sbatch(&["-p", "high", "-c", "2", "-J", "high", "-o", "/dev/null", "-D", &s.dir.to_string_lossy()], &high);
+    let hi = slurm.sbatch(&s.dir, &["-p", "high", "-c", "2", "-J", "high", "-o", "/dev/null"], &high);
     let (i, _) = wait_line(&slurm, &out, i, |l| l.contains("DUE TO PREEMPTION"), "preemption");
     let (i, l) = wait_line(&slurm, &out, i, |l| l.contains(&format!("{name}: restarting generation ")), "restart after the preemption");
     assert!(!l.contains("generation 0"), "{l}");

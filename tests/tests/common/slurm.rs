@@ -178,10 +178,18 @@ impl Slurm {
         o
     }
 
-    /// `sbatch --parsable ARGS... SCRIPT`: the job id.
-    pub fn sbatch(&self, args: &[&str], script: &Path) -> u32 {
+    /// `sbatch --parsable ARGS... SCRIPT`: the job id. The job runs in
+    /// `dir` with `XDG_RUNTIME_DIR=dir/run` (made 0700), so the
+    /// coordinator `ckpt run` starts has its socket and log there, not in
+    /// the user's runtime directory.
+    pub fn sbatch(&self, dir: &Path, args: &[&str], script: &Path) -> u32 {
+        use std::os::unix::fs::DirBuilderExt;
+        let run = dir.join("run");
+        if !run.exists() {
+            std::fs::DirBuilder::new().mode(0o700).create(&run).unwrap();
+        }
         let mut c = self.cmd("sbatch");
-        c.arg("--parsable").args(args).arg(script);
+        c.env("XDG_RUNTIME_DIR", &run).arg("--parsable").arg("-D").arg(dir).args(args).arg(script);
         let o = self.ok(c);
         String::from_utf8_lossy(&o.stdout).trim().split(';').next().unwrap().parse().expect("sbatch printed a job id")
     }
