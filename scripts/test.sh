@@ -10,11 +10,17 @@ command -v python3 >/dev/null || need+=(python3)
 # tests/tests/install.rs renders the installed man pages (`man -l`).
 command -v man >/dev/null || need+=(man-db)
 command -v nroff >/dev/null || need+=(groff-base)
+# tests/tests/trust_store.rs and seal.rs edit catalogs as an attacker would.
+command -v sqlite3 >/dev/null || need+=(sqlite3)
 # tests/tests/mpi.rs: Open MPI 4.1 and MPICH 4.0 side by side (tests/build.rs
 # compiles the MPI test program with mpicc.openmpi and mpicc.mpich).
 command -v mpicc.openmpi >/dev/null && command -v mpirun.openmpi >/dev/null || need+=(openmpi-bin libopenmpi-dev)
 command -v mpicc.mpich >/dev/null && command -v mpiexec.hydra >/dev/null || need+=(mpich libmpich-dev)
-if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}"; fi
+# tests/tests/slurm.rs starts a one-node Slurm cluster of its own (Debian's
+# slurm-wlm 22.05: slurmctld, slurmd; munge for its authentication).
+command -v slurmctld >/dev/null && command -v slurmd >/dev/null || need+=(slurm-wlm)
+command -v munged >/dev/null || need+=(munge)
+if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; fi
 # The S3 tests run against a real S3-compatible server on loopback (moto).
 # 5.2 or later: the S3 writer lock needs conditional writes (PUT with
 # If-None-Match: * and If-Match), which moto honours in recent releases (checked

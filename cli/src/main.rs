@@ -20,6 +20,7 @@ use serde_json::json;
 mod doctor_cmd;
 mod generate_cmd;
 mod remote_cmd;
+mod run_cmd;
 mod gc_cmd;
 mod key_cmd;
 mod nsinit;
@@ -114,6 +115,13 @@ enum Cmd {
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         prog: Vec<String>,
+    },
+    /// Launch PROG the first time, restart the latest generation of NAME
+    /// every later time, in the foreground (for batch jobs): SIGUSR1
+    /// checkpoints and goes on, SIGTERM/SIGINT checkpoint and stop.
+    Run {
+        #[command(flatten)]
+        args: run_cmd::RunArgs,
     },
     /// Checkpoint every process of the computation; prints the generation number once it is durable.
     Checkpoint {
@@ -416,8 +424,9 @@ fn undo_launch(addr: &Address, started: bool, new_store: Option<&Path>) {
 }
 
 /// Makes sure a coordinator answers at `addr`, using `store` (started in
-/// the background if none runs). True if this call started it.
-fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>, hooks: &HookArgs) -> Result<bool> {
+/// the background if none runs). True if this call started it. `unblock`:
+/// signals the caller blocks that the coordinator must not inherit blocked.
+fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>, hooks: &HookArgs, unblock: &'static [libc::c_int]) -> Result<bool> {
     match client::hello(addr, Duration::from_secs(2)) {
         Ok(v) => {
             let theirs = v.store;
@@ -450,6 +459,7 @@ fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: 
         cmd.args(["--interval", &i.to_string()]);
     }
     cmd.args(hooks.args());
+    ckpt_engine::ns::unblock_in(&mut cmd, unblock);
     cmd.env_remove("LD_PRELOAD").stdin(std::process::Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
     let status = cmd.status().context("starting the coordinator")?;
     if !status.success() {
@@ -538,7 +548,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             // the program inherit it.
             unsafe { std::env::set_var(ckpt_coordinator::secret::ENV_SECRET_FILE, &secret_file) };
             let new_store = if ckpt_store::remote::is_s3_url(&url) { None } else { ckpt_store::parse_url(&url).ok().filter(|p| !p.exists()) };
-            let started = ensure_coordinator(&addr, &url, store.store.is_some(), interval, &hooks)?;
+            let started = ensure_coordinator(&addr, &url, store.store.is_some(), interval, &hooks, &[])?;
             let launch = Launch { addr: addr.clone(), dirty_tracking, no_fork_ckpt, prog };
             let err = match ns {
                 Some(ns) => nsinit::exec_launch(ns, &launch),
@@ -550,6 +560,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             undo_launch(&addr, started, new_store.as_deref());
             bail!("cannot run {}: {err:#}{}", launch.prog[0], if started { "; the coordinator this launch started was stopped" } else { "" })
         }
+        Cmd::Run { args } => run_cmd::run(args),
         Cmd::Checkpoint { coord } => {
             let addr = coord_addr(&coord)?;
             let v = client::checkpoint(&addr, Duration::from_secs(3600))?;
@@ -824,7 +835,7 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     let ns = nsinit::for_restart(info.id, &images)?;
     ckpt_engine::restore::check_tree(info.id, &images)?;
     artifact("ckpt-restorer", "CKPT_RESTORER")?;
-    ensure_coordinator(addr, url, store_given, None, &HookArgs::default())?;
+    ensure_coordinator(addr, url, store_given, None, &HookArgs::default(), &[])?;
     if !hooks.is_empty() {
         client::set_hooks(addr, hooks.clone(), Duration::from_secs(10)).context("giving the coordinator the computation's hooks")?;
     }

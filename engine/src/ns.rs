@@ -280,6 +280,30 @@ pub fn unblock_forwarded_in(cmd: &mut std::process::Command) {
     };
 }
 
+/// Lets a command started from a thread that blocks `signals` (to take
+/// them with `sigwait`, as `ckpt run` does) start with them unblocked, as
+/// they were before: a mask is inherited across exec.
+pub fn unblock_in(cmd: &mut std::process::Command, signals: &'static [libc::c_int]) {
+    use std::os::unix::process::CommandExt;
+    if signals.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls sigemptyset, sigaddset and sigprocmask on a set on its stack,
+    // all async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for &s in signals {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        })
+    };
+}
+
 /// Where [`fork_init`] returned.
 pub enum Forked {
     /// In the parent, which stays outside: the init's PID.

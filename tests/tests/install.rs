@@ -52,7 +52,7 @@ const INSTALLED: &[(&str, u32)] = &[
 /// The subcommands a user sees (hidden ones, `nsinit` and `generate`,
 /// get no page).
 const SUBCOMMANDS: &[&str] = &[
-    "launch", "checkpoint", "status", "log", "restart", "kill", "quit", "push", "pull", "gc", "verify", "store", "key", "show", "stats", "host", "doctor", "coordinator",
+    "launch", "run", "checkpoint", "status", "log", "restart", "kill", "quit", "push", "pull", "gc", "verify", "store", "key", "show", "stats", "host", "doctor", "coordinator",
 ];
 
 /// Every file is there with its mode, owned by `uid`, and neither it nor
