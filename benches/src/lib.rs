@@ -60,6 +60,12 @@ pub fn figure(name: &str, value: f64, unit: &str, ceiling: Option<f64>, target: 
     std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()).unwrap();
 }
 
+/// The median of `v` (the upper one of an even count); NaN sorts last.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 /// GB/s of `bytes` in `d`.
 pub fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9

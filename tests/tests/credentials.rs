@@ -136,15 +136,34 @@ fn root_stays_root_and_a_user_cannot_restart_root() {
     assert!(st.success());
     let sock_dir = user.home.join(format!("coord-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&sock_dir);
-    let mut c = user.command(ckpt_bin());
-    c.args(["restart", "--store", copy.to_str().unwrap(), "--coord", &format!("unix:{}/coord.sock", sock_dir.display())]);
-    c.current_dir(&user.home);
-    let out = run_with_timeout(c, CMD_TIMEOUT);
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "a user restarted root's image\n{err}");
-    assert!(err.contains(&format!("process {pid}")) && err.contains("uid 0"), "the refusal does not name the process and its uid: {err}");
-    assert!(!pid_exists(pid), "the refused restart started process {pid}");
-    assert!(!sock_dir.join("coord.sock").exists(), "the refused restart started a coordinator");
+    // Without root's key the sealed copy reads as nothing at all; with it
+    // (root shared it, or it leaked), the image's credentials still stop
+    // the restart. Either way nothing starts.
+    let key = user.home.join(format!("stolen-key-{}", std::process::id()));
+    let _ = std::fs::remove_file(&key);
+    let out = s.run("key", &["export", "--store", &s.store, key.to_str().unwrap()]);
+    assert!(out.status.success(), "ckpt key export: {}", text(&out.stderr));
+    let st = std::process::Command::new("chown").arg(format!("{}:{}", user.uid, user.gid)).arg(&key).status().unwrap();
+    assert!(st.success());
+    for with_key in [false, true] {
+        let mut c = user.command(ckpt_bin());
+        c.args(["restart", "--store", copy.to_str().unwrap(), "--coord", &format!("unix:{}/coord.sock", sock_dir.display())]);
+        c.current_dir(&user.home);
+        if with_key {
+            c.env("CKPT_KEY_FILE", &key);
+        }
+        let out = run_with_timeout(c, CMD_TIMEOUT);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "a user restarted root's image (key given: {with_key})\n{err}");
+        if with_key {
+            assert!(err.contains(&format!("process {pid}")) && err.contains("uid 0"), "the refusal does not name the process and its uid: {err}");
+        } else {
+            assert!(err.contains("no key") && err.contains("ckpt key import"), "the refusal does not say the key is missing: {err}");
+        }
+        assert!(!pid_exists(pid), "the refused restart started process {pid}");
+        assert!(!sock_dir.join("coord.sock").exists(), "the refused restart started a coordinator");
+    }
+    let _ = std::fs::remove_file(&key);
     let _ = std::fs::remove_dir_all(&copy);
 
     // Someone swaps the file's directory for a symlink to a directory of

@@ -30,10 +30,6 @@ fn target_dir() -> PathBuf {
     profile.parent().unwrap().to_path_buf()
 }
 
-fn ok(out: &Output, what: &str) -> String {
-    assert!(out.status.success(), "{what} failed ({}):\nstdout: {}\nstderr: {}", out.status, text(&out.stdout), text(&out.stderr));
-    text(&out.stdout)
-}
 
 /// The files an install puts under PREFIX, and their modes.
 const INSTALLED: &[(&str, u32)] = &[
@@ -230,6 +226,10 @@ fn root_install_into_a_prefix_runs_a_cycle() {
     // standard cycle runs.
     let cycle = standard_cycle_in(Session::new("install_root_cycle").with_ckpt(prefix.join("bin/ckpt")), &counter_cycle());
     drop(cycle);
+    // The session's coordinator is the installed ckpt: told to quit while
+    // it is still installed (the session's drop runs the same `ckpt quit`,
+    // which after the uninstall would not exist, leaving it running).
+    s.run("quit", &[]);
     check_uninstall(&prefix, run);
     drop(s);
 }
@@ -255,5 +255,6 @@ fn user_install_into_home_local_runs_a_cycle() {
     // to it: the session dirs are the user's).
     let cycle = standard_cycle_in(Session::as_user(TEST_USER, "install_user_cycle").with_ckpt(prefix.join("bin/ckpt")), &counter_cycle());
     drop(cycle);
+    s.run("quit", &[]);
     check_uninstall(&prefix, |args| install_sh(s.user_command("bash"), &home, args));
 }

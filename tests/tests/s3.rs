@@ -47,26 +47,7 @@ fn raw_s3(s: &Session, srv: &S3Server, cache: &Path, args: &[&str]) -> Output {
     run_with_timeout(c, CMD_TIMEOUT)
 }
 
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
 
-fn failed(out: &Output, what: &str, needles: &[&str]) -> String {
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "{what} should fail but succeeded:\nstdout: {}\nstderr: {err}", text(&out.stdout));
-    for n in needles {
-        assert!(err.contains(n), "{what}: error does not mention {n:?}:\n{err}");
-    }
-    eprintln!("{what}: {}", err.trim());
-    err
-}
 
 /// Restart `g` (or the latest) from the session's store with the S3
 /// variables and `cache`; checks the program continues within `g`'s bounds.

@@ -24,20 +24,7 @@ fn server() -> S3Server {
     srv
 }
 
-fn ok(out: &Output, what: &str) -> String {
-    assert!(out.status.success(), "{what} failed ({}):\nstdout: {}\nstderr: {}", out.status, text(&out.stdout), text(&out.stderr));
-    text(&out.stdout)
-}
 
-fn failed(out: &Output, what: &str, needles: &[&str]) -> String {
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "{what} should fail but succeeded:\nstdout: {}\nstderr: {err}", text(&out.stdout));
-    for n in needles {
-        assert!(err.contains(n) || text(&out.stdout).contains(n), "{what}: output does not mention {n:?}:\nstdout: {}\nstderr: {err}", text(&out.stdout));
-    }
-    eprintln!("{what}: {}", err.trim());
-    err
-}
 
 /// Keys under `prefix` in the bucket.
 fn list_keys(srv: &S3Server, prefix: &str) -> Vec<String> {

@@ -14,23 +14,9 @@ use common::*;
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-fn ok(out: &Output, what: &str) -> String {
-    assert!(out.status.success(), "{what} failed ({}):\nstdout: {}\nstderr: {}", out.status, text(&out.stdout), text(&out.stderr));
-    text(&out.stdout)
-}
 
-fn failed(out: &Output, what: &str, needles: &[&str]) -> String {
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "{what} should fail but succeeded:\nstdout: {}\nstderr: {err}", text(&out.stdout));
-    for n in needles {
-        assert!(err.contains(n), "{what}: the error does not mention {n:?}:\n{err}");
-    }
-    eprintln!("{what}: {}", err.trim());
-    err
-}
 
 /// A field of `/proc/PID/status` (first word after the name).
 fn status_field(pid: i32, name: &str) -> String {

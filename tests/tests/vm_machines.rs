@@ -184,9 +184,23 @@ fn a_vm_is_a_machine_of_the_computation_and_a_fresh_vm_restarts_it() {
     let coordkey = std::fs::read_to_string(std::env::var_os("CKPT_SECRET_FILE").map(std::path::PathBuf::from).unwrap_or_else(|| "/root/.config/ckpt/coord.key".into()))
         .expect("the coordinator's secret file");
     let coordkey = coordkey.trim().to_string();
+    // The store's key, as its owner takes it to each machine (`ckpt key
+    // export` here, `ckpt key import` there): a machine without it can
+    // neither read the sealed store nor write it.
+    let exported = s.path("store.key");
+    let mut c = Command::new(&s.ckpt);
+    c.args(["key", "export", "--store", &s.store, exported.to_str().unwrap()]);
+    srv.apply(&mut c, &s.path("s3-cache"));
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "ckpt key export: {}", text(&out.stderr));
+    let keyfile = std::fs::read_to_string(&exported).unwrap();
+    let field = |name: &str| keyfile.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_else(|| panic!("no {name:?} line in the exported key")).to_string();
+    let (store_id, store_key) = (field("store "), field("key "));
     let params = |role: &str, host: &str| -> Vec<(&'static str, String)> {
         vec![
             ("coordkey", coordkey.clone()),
+            ("storeid", store_id.clone()),
+            ("storekey", store_key.clone()),
             ("role", role.to_string()),
             ("host", host.to_string()),
             ("coord", format!("tcp:10.0.2.2:{port}")),

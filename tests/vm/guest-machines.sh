@@ -7,6 +7,7 @@
 #   ckpt_role=launch|restart  ckpt_host=NAME  ckpt_coord=tcp:10.0.2.2:PORT
 #   ckpt_store=s3://BUCKET/PREFIX  ckpt_s3=http://10.0.2.2:PORT
 #   ckpt_key=ID  ckpt_secret=SECRET  ckpt_limit=SECONDS (then power off)
+#   ckpt_coordkey=SECRET (the coordinator's)  ckpt_storeid=ID ckpt_storekey=HEX (the store's key)
 #   ckpt_map=OLD=NEW (restart)  ckpt_gen=N (restart: the generation to wait for)
 #   ckpt_min_uptime=S (restart: wait until this machine has been up S seconds)
 #
@@ -75,6 +76,9 @@ export AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true CKPT_S3_CACHE=/tmp/s3-cache
 # (mode 0600): the helper, launch and restart prove it over TCP.
 ( umask 077; arg coordkey > /tmp/coord.key ) && [ -s /tmp/coord.key ] || fail "no ckpt_coordkey on the kernel command line"
 export CKPT_SECRET_FILE=/tmp/coord.key
+# The store's key, as its owner exports it and imports it on each machine.
+( umask 077; printf 'ckpt store key v1\nstore %s\nkey %s\n' "$(arg storeid)" "$(arg storekey)" > /tmp/store.key ) &&
+    ckpt key import /tmp/store.key > /tmp/key.log 2>&1 || fail "ckpt key import: $(cat /tmp/key.log)"
 ckpt host --coord "$COORD" > /tmp/host.log 2>&1 &
 say "capture helper started"
 

@@ -15,7 +15,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use ckpt_benches::ceilings::Sample;
-use ckpt_benches::PAGE;
+use ckpt_benches::{PAGE, median};
 use serde_json::Value;
 
 struct Raw {
@@ -125,10 +125,6 @@ struct Row {
     changed_zstd: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn mib(b: f64) -> String {
     format!("{:.1}", b / 1048576.0)

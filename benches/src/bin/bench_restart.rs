@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use ckpt_benches::ceilings;
-use ckpt_benches::{Env, PAGE, figure, gbps};
+use ckpt_benches::{Env, PAGE, figure, gbps, median};
 use rayon::prelude::*;
 
 struct Ceilings {
@@ -144,10 +144,6 @@ fn restart_once(env: &Env, lazy: bool) -> Sample {
     Sample { first_ms: first.unwrap_or(f64::NAN), steps }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Launches a heap of `mib` MiB, checkpoints it, kills it.
 fn prepare(ckpt: &Path, mib: usize) -> (Env, u64) {

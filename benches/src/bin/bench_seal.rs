@@ -19,7 +19,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use ckpt_benches::{PAGE, Rng, fill_page};
+use ckpt_benches::{PAGE, Rng, fill_page, median};
 use ckpt_store::{BlobKind, Hash, NewGeneration, Store};
 use rayon::prelude::*;
 
@@ -83,10 +83,6 @@ fn run(sealed: bool, mem: &[u8], changed: &[(usize, Vec<u8>)], rep: usize) -> (f
     (full, incr, read, stored)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -18,12 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use ckpt_benches::{Env, figure};
+use ckpt_benches::{Env, figure, median};
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 /// Median downtime (ms) of `reps` checkpoints after the first.
 fn downtime(ckpt: &Path, prog: &str, threads: usize, stop: &str, reps: usize) -> f64 {

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use ckpt_benches::{Env, figure};
+use ckpt_benches::{Env, figure, median};
 
 /// Runs `prog args` (under `ckpt launch` when `env` is given) and returns
 /// its NS_PER_OP figure.
@@ -31,10 +31,6 @@ fn ns_per_op(env: Option<&Env>, prog: &str, args: &[&str]) -> f64 {
     text.lines().find_map(|l| l.strip_prefix("NS_PER_OP ")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no figure in {text:?}"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

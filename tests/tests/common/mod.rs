@@ -193,6 +193,25 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The stdout of a command that must have succeeded (`what` names it).
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed ({}):\nstdout: {}\nstderr: {}", out.status, text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The stderr of a command that must have failed, saying each of
+/// `needles` (in its error, or in its report on stdout: `ckpt verify`
+/// lists what it found there).
+pub fn failed(out: &Output, what: &str, needles: &[&str]) -> String {
+    let (err, so) = (text(&out.stderr), text(&out.stdout));
+    assert!(!out.status.success(), "{what} should fail but succeeded:\nstdout: {so}\nstderr: {err}");
+    for n in needles {
+        assert!(err.contains(n) || so.contains(n), "{what}: the output does not mention {n:?}:\nstdout: {so}\nstderr: {err}");
+    }
+    eprintln!("{what}: {}", err.trim());
+    err
+}
+
 /// Make older chunks die, for counter_heap launched with `-c DIR/CHURN`
 /// (gc tests): the first time, rewrite the whole heap (the program does
 /// that once, printing CHURNED); later, let it run 5 ticks (it rewrites 64
