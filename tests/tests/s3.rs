@@ -6,7 +6,7 @@
 mod common;
 #[path = "common/s3.rs"]
 mod s3srv;
-use s3srv::{S3Server, StallProxy, http};
+use s3srv::{S3Server, StallProxy};
 use common::*;
 
 use std::path::{Path, PathBuf};
@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 const BUCKET: &str = "ckpt-tests";
 
 fn server() -> S3Server {
-    let srv = S3Server::start();
-    srv.create_bucket(BUCKET);
-    srv
+    S3Server::with_bucket(BUCKET)
 }
 
 /// `ckpt SUB ARGS` with the server's variables and `cache` as S3 cache.
@@ -57,14 +55,7 @@ fn restart_s3(s: &Session, srv: &S3Server, cache: &Path, g: &Gen, pid: i32, late
         c.arg(g.id.to_string());
     }
     srv.apply(&mut c, cache);
-    let mut p = Proc::spawn(format!("restart {} from {}", g.id, s.store), c);
-    p.pid = pid;
-    s.track(pid);
-    p.wait_ticks(1, RESTART_TIMEOUT);
-    let first = p.first_tick.unwrap();
-    assert!(first >= g.lo && first <= g.hi, "restart of generation {} continued at tick {first}, expected {}..={}\n{}", g.id, g.lo, g.hi, p.context());
-    assert!(pid_alive(pid), "restored program is not pid {pid}\n{}", p.context());
-    p
+    s.restart_expect_with(c, g, pid)
 }
 
 fn pack_files(dir: &Path) -> Vec<PathBuf> {
@@ -88,12 +79,6 @@ fn json_u64(out: &str, key: &str) -> u64 {
     j.get("report").and_then(|r| r.get(key)).and_then(Json::as_u64).unwrap_or_else(|| panic!("no report.{key} in {out}"))
 }
 
-/// Keys under `prefix` in the bucket (unsigned ListObjectsV2).
-fn list_keys(srv: &S3Server, prefix: &str) -> Vec<String> {
-    let (code, body) = http(srv.port, "GET", &format!("/{BUCKET}?list-type=2&prefix={prefix}")).expect("LIST");
-    assert_eq!(code, 200, "{body}");
-    body.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_string).collect()
-}
 
 #[test]
 fn s3_checkpoint_twice_then_restart_on_fresh_host() {
@@ -115,7 +100,7 @@ fn s3_checkpoint_twice_then_restart_on_fresh_host() {
     let _g1 = s.checkpoint_bounded(&mut p);
     p.wait_ticks(3, LINE_TIMEOUT);
     let g2 = s.checkpoint_bounded(&mut p);
-    let keys = list_keys(&srv, "fresh-host/");
+    let keys = srv.list_keys(BUCKET, "fresh-host/");
     assert!(keys.iter().any(|k| k == "fresh-host/catalog.db"), "no catalog on S3: {keys:?}");
     assert!(keys.iter().any(|k| k.ends_with(".pack")), "no pack on S3: {keys:?}");
     p.kill9();
@@ -206,7 +191,7 @@ fn interrupted_push_resumes_sending_only_missing_packs() {
         let deadline = Instant::now() + CMD_TIMEOUT;
         let mut done = false;
         loop {
-            let keys = list_keys(&srv, &format!("{prefix}/packs/"));
+            let keys = srv.list_keys(BUCKET, &format!("{prefix}/packs/"));
             if !keys.is_empty() {
                 break;
             }
@@ -219,7 +204,7 @@ fn interrupted_push_resumes_sending_only_missing_packs() {
         }
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
-        let has_catalog = !list_keys(&srv, &format!("{prefix}/catalog.db")).is_empty();
+        let has_catalog = !srv.list_keys(BUCKET, &format!("{prefix}/catalog.db")).is_empty();
         if !done && !has_catalog {
             killed_mid_push = true;
             break;
@@ -228,7 +213,7 @@ fn interrupted_push_resumes_sending_only_missing_packs() {
     }
     let dest = format!("s3://{BUCKET}/{prefix}");
     assert!(killed_mid_push, "push always finished before it could be killed");
-    let before = list_keys(&srv, &format!("{prefix}/packs/")).len() as u64;
+    let before = srv.list_keys(BUCKET, &format!("{prefix}/packs/")).len() as u64;
     let out = ok(&run_s3(&s, &srv, &cache, "push", &[&dest, "--json"]), "push after kill -9");
     let (total, sent, skipped) = (json_u64(&out, "packs_total"), json_u64(&out, "packs_sent"), json_u64(&out, "packs_skipped"));
     eprintln!("{before} packs were on S3 after the kill; re-run sent {sent}, skipped {skipped} of {total}");
@@ -440,10 +425,10 @@ fn gc_and_verify_on_s3_from_another_host() {
     assert_eq!(remote_gens(&s, &srv), ids);
 
     let cache_b = s.path("cache-b");
-    let packs_before = list_keys(&srv, "gc/packs/").len();
+    let packs_before = srv.list_keys(BUCKET, "gc/packs/").len();
     let dry = ok(&run_s3(&s, &srv, &cache_b, "gc", &["--keep-last", "2", "--keep", &first, "--dry-run"]), "gc --dry-run on S3");
     assert!(dry.contains("would forget 3 generation(s)") && dry.contains("dry run"), "{dry}");
-    assert_eq!(list_keys(&srv, "gc/packs/").len(), packs_before, "a dry run changed S3");
+    assert_eq!(srv.list_keys(BUCKET, "gc/packs/").len(), packs_before, "a dry run changed S3");
     // A repack threshold near 1: the packs the forgotten generations share
     // with the kept ones are rewritten (read from S3, uploaded anew).
     let out = ok(&run_s3(&s, &srv, &cache_b, "gc", &["--keep-last", "2", "--keep", &first, "--repack-threshold", "0.99", "--json"]), "gc on S3");
@@ -452,9 +437,9 @@ fn gc_and_verify_on_s3_from_another_host() {
     assert!(r.u64_field("bytes_freed") > 0 && r.u64_field("blobs_deleted") > 0 && r.u64_field("packs_repacked") > 0, "{out}");
     let kept = vec![ids[0], ids[4], ids[5]];
     assert_eq!(remote_gens(&s, &srv), kept);
-    let packs_after = list_keys(&srv, "gc/packs/");
+    let packs_after = srv.list_keys(BUCKET, "gc/packs/");
     assert!(packs_after.len() != packs_before || r.u64_field("packs_written") > 0, "S3's packs did not change");
-    assert!(list_keys(&srv, "gc/lock").is_empty(), "gc left its lock object behind");
+    assert!(srv.list_keys(BUCKET, "gc/lock").is_empty(), "gc left its lock object behind");
     // Every pack object is named by the catalog, and vice versa.
     let stats = ok(&run_s3(&s, &srv, &s.path("cache-c"), "stats", &["--json"]), "stats");
     assert_eq!(Json::parse(&stats).unwrap().u64_field("packs"), packs_after.len() as u64, "{stats}");

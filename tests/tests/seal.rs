@@ -11,7 +11,7 @@ mod common;
 #[path = "common/s3.rs"]
 mod s3srv;
 use common::*;
-use s3srv::{S3Server, http};
+use s3srv::S3Server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -19,25 +19,17 @@ use std::process::{Command, Output};
 const BUCKET: &str = "ckpt-seal";
 
 fn server() -> S3Server {
-    let srv = S3Server::start();
-    srv.create_bucket(BUCKET);
-    srv
+    S3Server::with_bucket(BUCKET)
 }
 
 
 
-/// Keys under `prefix` in the bucket.
-fn list_keys(srv: &S3Server, prefix: &str) -> Vec<String> {
-    let (code, body) = http(srv.port, "GET", &format!("/{BUCKET}?list-type=2&prefix={prefix}")).expect("LIST");
-    assert_eq!(code, 200, "{body}");
-    body.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_string).collect()
-}
 
 /// The objects under `prefix` that hold `needle` (every object read by a
 /// second, independent S3 client, boto3, which comes with moto), after
 /// checking there are packs and a catalog among them.
 fn objects_holding(s: &Session, srv: &S3Server, prefix: &str, needle: &[u8]) -> Vec<String> {
-    let keys = list_keys(srv, prefix);
+    let keys = srv.list_keys(BUCKET, prefix);
     assert!(keys.iter().any(|k| k.ends_with(".pack")), "no pack under {prefix}: {keys:?}");
     assert!(keys.iter().any(|k| k.ends_with("catalog.db")), "no catalog under {prefix}: {keys:?}");
     let dest = s.path(&format!("bucket-{}", prefix.trim_end_matches('/')));
@@ -162,12 +154,7 @@ fn sealed_s3_store_holds_no_plaintext_of_a_secret_and_restarts() {
     let cache_b = s.path("cache-b");
     let mut c = s.cmd("restart");
     srv.apply(&mut c, &cache_b);
-    let mut r = Proc::spawn(format!("restart {} from {}", g2.id, s.store), c);
-    r.pid = pid;
-    s.track(pid);
-    r.wait_ticks(1, RESTART_TIMEOUT);
-    let first = r.first_tick.unwrap();
-    assert!(first >= g2.lo && first <= g2.hi, "restart continued at tick {first}, expected {}..={}\n{}", g2.lo, g2.hi, r.context());
+    let mut r = s.restart_expect_with(c, &g2, pid);
     r.wait_ticks(3, LINE_TIMEOUT);
     r.finish(&s, 3);
     quit(&s);
@@ -336,12 +323,7 @@ fn key_export_import_restarts_on_a_second_machine() {
     // Restart on the second machine: the program's checks pass.
     let mut c = s.cmd("restart");
     c.envs(benv);
-    let mut r = Proc::spawn("restart on machine b".into(), c);
-    r.pid = pid;
-    s.track(pid);
-    r.wait_ticks(1, RESTART_TIMEOUT);
-    let first = r.first_tick.unwrap();
-    assert!(first >= g2.lo && first <= g2.hi, "restart continued at tick {first}, expected {}..={}\n{}", g2.lo, g2.hi, r.context());
+    let mut r = s.restart_expect_with(c, &g2, pid);
     r.wait_ticks(2, LINE_TIMEOUT);
     r.finish(&s, 2);
     quit(&s);
@@ -448,12 +430,7 @@ fn store_seal_killed_at_every_step_loses_no_generation() {
         if phase == "after-key-move" {
             let mut c = s.cmd("restart");
             c.envs(env);
-            let mut r = Proc::spawn(format!("restart after a seal killed {phase}"), c);
-            r.pid = pid;
-            s.track(pid);
-            r.wait_ticks(1, RESTART_TIMEOUT);
-            let first = r.first_tick.unwrap();
-            assert!(first >= g2.lo && first <= g2.hi, "restart continued at tick {first}, expected {}..={}\n{}", g2.lo, g2.hi, r.context());
+            let mut r = s.restart_expect_with(c, &g2, pid);
             r.wait_ticks(2, LINE_TIMEOUT);
             r.finish(&s, 2);
             quit(&s);

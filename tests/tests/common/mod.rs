@@ -494,7 +494,21 @@ impl Session {
     /// Restarts `g` and checks that the program continues where the
     /// generation left it (first tick within the generation's bounds).
     pub fn restart_expect(&self, g: &Gen, pid: i32, latest: bool) -> Proc {
-        let mut p = self.restart(if latest { None } else { Some(g.id) }, pid);
+        self.expect_continues(self.restart(if latest { None } else { Some(g.id) }, pid), g, pid)
+    }
+
+    /// Runs `c`, a `ckpt restart` of `g` made ready by the caller (its
+    /// environment: an S3 store, another key directory), as
+    /// [`Self::restart_expect`] does.
+    pub fn restart_expect_with(&self, c: Command, g: &Gen, pid: i32) -> Proc {
+        let mut p = Proc::spawn(format!("restart {} from {}", g.id, self.store), c);
+        p.pid = pid;
+        self.track(pid);
+        self.expect_continues(p, g, pid)
+    }
+
+    /// The restarted program `p` continues where `g` left it and is `pid`.
+    fn expect_continues(&self, mut p: Proc, g: &Gen, pid: i32) -> Proc {
         let t = p.wait_ticks(1, RESTART_TIMEOUT);
         let first = p.first_tick.unwrap();
         assert!(

@@ -153,6 +153,20 @@ impl S3Server {
         assert!(code == 200, "creating bucket {name} failed: {body}");
     }
 
+    /// A server with bucket `name` made.
+    pub fn with_bucket(name: &str) -> S3Server {
+        let srv = S3Server::start();
+        srv.create_bucket(name);
+        srv
+    }
+
+    /// Keys under `prefix` in `bucket` (unsigned ListObjectsV2).
+    pub fn list_keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let (code, body) = http(self.port, "GET", &format!("/{bucket}?list-type=2&prefix={prefix}")).expect("LIST");
+        assert_eq!(code, 200, "{body}");
+        body.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_string).collect()
+    }
+
     /// The AWS variables that point ckpt at this server.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
