@@ -541,6 +541,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     if prog[0].contains('/') { String::new() } else { " in $PATH".to_string() }
                 );
             }
+            run_cmd::refuse_slurm_step(&prog)?;
             // The coordinator started below loads the same secret file.
             let secret_file = ckpt_coordinator::Secret::default_path()?;
             ckpt_coordinator::Secret::load_or_create(&secret_file)?;

@@ -122,6 +122,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     if crate::find_program(&args.prog[0]).is_none() {
         bail!("cannot run {:?}: no such executable; nothing was started", args.prog[0]);
     }
+    refuse_slurm_step(&args.prog)?;
     // A coordinator of this name answering here: the computation still
     // runs (never a second copy), or one left by a run that was killed.
     match client::status(&addr, Duration::from_secs(5)) {
@@ -189,6 +190,31 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         args.name, args.name
     );
     Ok(ExitCode::from(code))
+}
+
+/// Refuses what ckpt cannot make one computation of under Slurm, before
+/// anything is started: `srun` as the program (the job step's tasks are
+/// started by `slurmd` and `slurmstepd`, outside ckpt's process tree, and
+/// `srun` itself holds TCP connections to those daemons), and this command
+/// run as one task of a job step of several (`srun -n 2 ckpt run ...`:
+/// each task would be a computation of its own, all under one name).
+pub(crate) fn refuse_slurm_step(prog: &[String]) -> Result<()> {
+    let base = prog.first().map(|p| p.rsplit('/').next().unwrap_or(p)).unwrap_or_default();
+    if base == "srun" {
+        bail!(
+            "cannot run srun under ckpt: the tasks of a Slurm job step are started by slurmd and slurmstepd, outside ckpt's process tree, so they would not be checkpointed; nothing was started. \
+             Run the program itself under ckpt in the batch script (`ckpt run --name \"$SLURM_JOB_NAME\" -- PROG`), and an MPI job with its own launcher on the batch script's node (`ckpt run --name \"$SLURM_JOB_NAME\" -- mpirun -np N PROG`)"
+        );
+    }
+    let tasks = std::env::var("SLURM_STEP_NUM_TASKS").ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(1);
+    if tasks > 1 {
+        let task = std::env::var("SLURM_PROCID").unwrap_or_else(|_| "?".into());
+        bail!(
+            "this is task {task} of a Slurm job step of {tasks} tasks (srun -n {tasks}): each task would run a computation of its own under one name, and the tasks' links to slurmstepd are outside ckpt; nothing was started. \
+             Run `ckpt run` once, in the batch script itself (not under srun), with `mpirun -np {tasks} PROG` as its program for an MPI job"
+        );
+    }
+    Ok(())
 }
 
 /// What a shell would report for `status`: the code, or 128 + the signal.

@@ -35,7 +35,6 @@ use netns::{Coordinator, Net};
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const RANKS: u64 = 4;
@@ -263,8 +262,9 @@ fn job_across_two_hosts(lib: Lib, n: u8, port: u16) {
             assert!(log.contains(&format!("{pid}@{}", HOSTS[i])), "`ckpt log` does not show process {pid} on {}:\n{log}", HOSTS[i]);
         }
     }
-    let last = p.last_tick.unwrap();
     co.kill(&s, &mut [&mut p]);
+    // Every tick it printed before the kill (some after the checkpoint).
+    let last = p.last_tick.unwrap();
     for pid in by_host.iter().flatten() {
         wait_gone(*pid, Duration::from_secs(10));
     }

@@ -324,3 +324,80 @@ fn preempted_by_a_higher_partition_restarts_from_its_interval_checkpoint() {
     finish(&slurm, job, 1);
     assert_eq!(check_output(&out, ticks).len(), 1);
 }
+
+/// An Open MPI job in a batch script, the way a user writes it:
+/// `ckpt run --name JOB -- mpirun -np 2 mpi_ring` inside an allocation of
+/// two tasks on the node (mpirun reads the allocation from Slurm and
+/// starts both ranks itself: no daemon, no srun), rank 0 checking the
+/// ring's messages, the allreduce and the running sum every tick.
+/// Checkpointed by USR1, requeued (Slurm stops every process of the job),
+/// restarted by the next start from the signal's generation, and run to
+/// its last tick with the closed-form answer.
+#[test]
+fn an_mpi_job_signalled_then_requeued_restarts_with_the_right_answer() {
+    let prog = program("mpi_ring-openmpi");
+    if !prog.is_file() {
+        eprintln!("SKIP: {} was not built: Open MPI is not installed (scripts/test.sh installs it)", prog.display());
+        return;
+    }
+    let s = Session::new("slurm-mpi");
+    let slurm = Slurm::start(&s.dir);
+    let name = job_name("mpi");
+    let ticks: u64 = 60;
+    let script = s.path(&format!("{name}.sbatch"));
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\n\
+             #SBATCH --ntasks=2 --signal=B:USR1@60 --requeue --open-mode=append\n\
+             export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 # as root only\n\
+             exec {ckpt} run --name \"$SLURM_JOB_NAME\" --store {store} -- mpirun.openmpi -np 2 {prog} -t {TICK_MS} -n {ticks} -b 256 -m 8\n",
+            ckpt = s.ckpt.display(),
+            store = s.store_dir.display(),
+            prog = prog.display(),
+        ),
+    )
+    .unwrap();
+    let (job, out) = submit(&slurm, &s, &name, &script);
+    let (i, _) = wait_tick(&slurm, &out, 0, 5);
+    let at = read(&out).lines().filter_map(tick_of).last().unwrap();
+    slurm.signal_batch(job, "USR1");
+    let (i, l) = wait_line(&slurm, &out, i, |l| l.contains("SIGUSR1: checkpointed generation 1 "), "checkpoint on USR1");
+    assert!(l.contains(&name), "{l}");
+    let (i, t) = wait_tick(&slurm, &out, i, 0);
+    wait_tick(&slurm, &out, i, t + 2);
+    slurm.requeue(job);
+    let (i, _) = wait_line(&slurm, &out, i, |l| l.contains(&format!("{name}: restarting generation ")), "restart after the requeue");
+    let (_, resumed) = wait_tick(&slurm, &out, i, 0);
+    assert!(resumed >= at, "resumed at tick {resumed}, before the signal's checkpoint at tick {at}:\n{}", read(&out));
+    finish(&slurm, job, 1);
+    assert_eq!(check_output(&out, ticks).len(), 1);
+    let t = read(&out);
+    let answer = t.lines().rfind(|l| l.starts_with("ANSWER ")).unwrap_or_else(|| panic!("no ANSWER:\n{t}"));
+    assert_eq!(answer, format!("ANSWER ticks={ticks} acc={}", 3 * (ticks * (ticks + 1) / 2)), "rank 0's answer after {ticks} ticks:\n{t}");
+}
+
+/// `ckpt run -- srun PROG` is refused before anything starts, naming why
+/// (the step's tasks are started by slurmstepd, outside ckpt's tree) and
+/// what to run instead; so is `ckpt run` as one task of a step of two
+/// (`srun -n 2 ckpt run ...`). The job fails with that message.
+#[test]
+fn srun_under_ckpt_and_ckpt_under_a_multi_task_srun_are_refused() {
+    let s = Session::new("slurm-srun");
+    let slurm = Slurm::start(&s.dir);
+    let prog = program("counter_heap");
+    for (what, line, needle) in [
+        ("inner", format!("exec {} run --name \"$SLURM_JOB_NAME\" --store {} -- srun {} -n 3", s.ckpt.display(), s.store_dir.display(), prog.display()), "cannot run srun under ckpt"),
+        ("outer", format!("srun -n 2 {} run --name \"$SLURM_JOB_NAME\" --store {} -- {} -n 3", s.ckpt.display(), s.store_dir.display(), prog.display()), "of a Slurm job step of 2 tasks"),
+    ] {
+        let name = job_name(&format!("srun-{what}"));
+        let script = s.path(&format!("{name}.sbatch"));
+        std::fs::write(&script, format!("#!/bin/bash\n#SBATCH --ntasks=2\n{line}\n")).unwrap();
+        let (job, out) = submit(&slurm, &s, &name, &script);
+        slurm.wait_state(job, "FAILED", Duration::from_secs(60));
+        let t = read(&out);
+        assert!(t.contains(needle) && t.contains("in the batch script") && t.contains("nothing was started"), "no clear refusal ({needle:?}) in the job's output:\n{t}");
+        assert!(!t.contains("TICK "), "the program ran:\n{t}");
+        assert_eq!(generations(&s, &name), 0);
+    }
+}
