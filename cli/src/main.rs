@@ -427,7 +427,10 @@ fn undo_launch(addr: &Address, started: bool, new_store: Option<&Path>) {
 /// the background if none runs). True if this call started it. `unblock`:
 /// signals the caller blocks that the coordinator must not inherit blocked.
 fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>, hooks: &HookArgs, unblock: &'static [libc::c_int]) -> Result<bool> {
-    match client::hello(addr, Duration::from_secs(2)) {
+    // Long enough for a coordinator on a slow link or a busy machine: only
+    // a refused connection means none runs there (`CoordError::Unreachable`);
+    // a timeout is an error, never a reason to start another.
+    match client::hello(addr, Duration::from_secs(10)) {
         Ok(v) => {
             let theirs = v.store;
             if store_given && theirs != store {
