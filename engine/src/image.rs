@@ -815,7 +815,7 @@ pub fn load_generation(
 /// each region is page-aligned, non-empty and below the top of the user
 /// address space, and its file offset plus its length does not overflow.
 pub fn check_image(img: &ProcessImage) -> Result<(), String> {
-    const PAGE: u64 = 4096;
+    use crate::remote::PAGE;
     // x86-64's 47-bit user address space (the vsyscall page is never in an image).
     const USER_TOP: u64 = 1 << 47;
     for r in &img.regions {

@@ -250,10 +250,10 @@ fn fake_coordinators_get_no_hello_and_no_memory() {
 /// coordinator behind a firewall or on a machine that went away. The
 /// connections that fill the queue are returned with it.
 fn silent_listener() -> (u16, TcpListener, Vec<TcpStream>) {
-    use std::os::fd::AsRawFd;
+    use nix::sys::socket::{Backlog, listen};
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    // SAFETY: listen(2) again on our own listening socket: a backlog of 0.
-    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    // listen(2) again on our own listening socket: a backlog of 0.
+    listen(&l, Backlog::new(0).unwrap()).unwrap();
     let port = l.local_addr().unwrap().port();
     let mut held = Vec::new();
     // The queue holds backlog + 1; fill it until a connection times out.
