@@ -377,7 +377,7 @@ pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn 
         };
         let w = &work[i];
         let backend = prep.backend;
-        let (image, stats, base) = prep.finish(generation, sink).map_err(|e| fail(e.to_string()))?;
+        let (image, stats, base) = prep.finish(generation, bases.get(&w.pid), sink).map_err(|e| fail(e.to_string()))?;
         let bytes = serde_json::to_vec(&image).map_err(|e| fail(e.to_string()))?;
         let hash = sink.put_meta(&bytes).map_err(|e| fail(e.to_string()))?;
         let summary = json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),

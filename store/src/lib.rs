@@ -44,6 +44,7 @@ pub mod remote;
 pub mod remote_lock;
 
 mod catalog;
+mod known_cache;
 pub mod maintenance;
 pub mod migrate;
 mod read_many;
@@ -235,6 +236,8 @@ struct Inner {
     /// The last refusal of the S3 writer lock (when, store, holder): polls
     /// within [`LOCK_POLL`] of it are answered without asking S3 again.
     lock_refused: Mutex<Option<(std::time::Instant, String, String)>>,
+    /// The known set between writers ([`known_cache`]).
+    known: known_cache::KnownCache,
 }
 
 /// How often a writer waiting for the S3 lock asks S3 again.
@@ -366,6 +369,8 @@ impl Inner {
 
     /// Close the catalog, run `f` (which may replace the file), reopen it.
     fn with_catalog_closed<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        // A new connection's counters say nothing about the old one's.
+        self.known.clear();
         let mut conn = self.conn();
         let placeholder = Connection::open_in_memory().db(&self.catalog_path)?;
         drop(std::mem::replace(&mut *conn, placeholder));
@@ -741,6 +746,7 @@ impl Store {
                 remote,
                 keys,
                 lock_refused: Mutex::new(None),
+                known: Default::default(),
             }),
         };
         store.inner.check_head()?;
@@ -1660,6 +1666,14 @@ pub trait BlobSink: Sync {
         self.put(BlobKind::Meta, h, data)?;
         Ok(h)
     }
+    /// A generation whose blobs are all surely still stored: the one this
+    /// process's previous writer committed last, when nothing has changed
+    /// the catalog since (no other writer, no gc). A capture whose base is
+    /// that generation may reuse the base's chunks without asking about
+    /// each. None: unknown (ask).
+    fn intact_generation(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl BlobSink for Writer {
@@ -1671,6 +1685,9 @@ impl BlobSink for Writer {
     }
     fn put_meta(&self, data: &[u8]) -> Result<Hash> {
         Writer::put_meta(self, data)
+    }
+    fn intact_generation(&self) -> Option<u64> {
+        self.intact
     }
 }
 
@@ -1686,6 +1703,12 @@ pub struct Writer {
     known: RwLock<KnownSet>,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
+    /// The generation this writer committed last, while nothing but its
+    /// commits changed the catalog (handed on with the known set).
+    last_commit: Mutex<Option<u64>>,
+    /// The generation the previous writer committed last, if its known set
+    /// was taken over with nothing changed since ([`BlobSink::intact_generation`]).
+    intact: Option<u64>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -1740,8 +1763,16 @@ impl Writer {
             }
         }
 
-        let (known, next_id) = load_known(&inner.conn(), &inner.catalog_path)?;
-        tracing::debug!(store = %inner.root.display(), blobs = known.len(), next_id, "writer ready");
+        let conn = inner.conn();
+        let (known, next_id, intact, reused) = match inner.known.take(&conn) {
+            Some(k) => (k.set, next_generation_id(&conn, &inner.catalog_path)?, k.last_commit, true),
+            None => {
+                let (known, next_id) = load_known(&conn, &inner.catalog_path)?;
+                (known, next_id, None, false)
+            }
+        };
+        drop(conn);
+        tracing::debug!(store = %inner.root.display(), blobs = known.len(), next_id, reused, "writer ready");
         Ok(Writer {
             inner,
             opts,
@@ -1750,6 +1781,8 @@ impl Writer {
             known: RwLock::new(known),
             pending: Mutex::new(Pending::default()),
             next_id: AtomicU64::new(next_id),
+            last_commit: Mutex::new(intact),
+            intact,
         })
     }
 
@@ -2071,6 +2104,7 @@ impl Writer {
             )
             .db(path)?;
             tx.commit().db(path)?;
+            *lock(&self.last_commit) = Some(id);
         }
         tracing::info!(
             store = %self.inner.root.display(),
@@ -2134,6 +2168,8 @@ impl Writer {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .db(path)?;
+        // Blobs may go: no generation is known intact from here on.
+        *lock(&self.last_commit) = None;
         let r = f(&tx)?;
         tx.commit().db(path)?;
         let (known, next) = load_known(&conn, path)?;
@@ -2157,6 +2193,7 @@ impl Writer {
             ));
         }
         catalog::header_version(new)?;
+        *lock(&self.last_commit) = None;
         self.inner
             .with_catalog_closed(|| remote::install_catalog(new, &self.inner.catalog_path))?;
         let conn = self.inner.conn();
@@ -2200,6 +2237,14 @@ impl Drop for Writer {
         if pending {
             tracing::warn!(store = %self.inner.root.display(), "writer dropped with uncommitted blobs: aborting them");
             self.abort();
+        }
+        // Nothing pending: the known set is exactly the catalog's blobs.
+        // The next writer may take it over (still under our lock, which
+        // is released after this).
+        if !std::thread::panicking() {
+            let set = std::mem::take(&mut *self.known.write().unwrap_or_else(|e| e.into_inner()));
+            let last_commit = *lock(&self.last_commit);
+            self.inner.known.keep(&self.inner.conn(), set, last_commit);
         }
     }
 }
