@@ -59,7 +59,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use nix::fcntl::{Flock, FlockArg};
 use rayon::prelude::*;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 pub use catalog::SCHEMA_VERSION;
@@ -266,7 +266,7 @@ impl Inner {
     }
 
     /// A generation row checked against its MAC (in a sealed store).
-    fn checked(&self, row: GenRow) -> Result<GenerationInfo> {
+    fn checked(&self, row: catalog::generations::GenRow) -> Result<GenerationInfo> {
         if let Some((k, _)) = &self.keys {
             let want = k.generation_mac(&row.info, row.info_text.as_deref());
             if row.mac.as_deref() != Some(&want[..]) {
@@ -288,12 +288,7 @@ impl Inner {
                 // Rows at or above the head that fail their MAC: tampering
                 // (refused wherever they are read, named by verify), not
                 // a replay; the head stays.
-                let conn = self.conn();
-                let tampered_above = conn
-                    .prepare_cached("SELECT 1 FROM generations WHERE id >= ?1")
-                    .db(&self.catalog_path)?
-                    .exists([hid as i64])
-                    .db(&self.catalog_path)?;
+                let tampered_above = catalog::generations::any_from(&self.conn(), &self.catalog_path, hid)?;
                 if tampered_above {
                     return Ok(());
                 }
@@ -314,15 +309,11 @@ impl Inner {
     /// The newest generation whose row is authentic (rows that are not are
     /// refused wherever they are read, and named by verify).
     fn newest_authentic(&self) -> Result<Option<(GenerationInfo, [u8; 32])>> {
-        let conn = self.conn();
-        let mut st = conn.prepare_cached(&format!("{GEN_SELECT} ORDER BY id DESC")).db(&self.catalog_path)?;
-        let mut rows = st.query([]).db(&self.catalog_path)?;
-        while let Some(r) = rows.next().db(&self.catalog_path)? {
-            if let Ok(row) = row_to_gen(r) {
-                let mac = row.mac.as_deref().and_then(|m| <[u8; 32]>::try_from(m).ok()).unwrap_or_default();
-                if let Ok(g) = self.checked(row) {
-                    return Ok(Some((g, mac)));
-                }
+        let rows = catalog::generations::all(&self.conn(), &self.catalog_path, catalog::generations::Order::Descending)?;
+        for row in rows.into_iter().flatten() {
+            let mac = row.mac.as_deref().and_then(|m| <[u8; 32]>::try_from(m).ok()).unwrap_or_default();
+            if let Ok(g) = self.checked(row) {
+                return Ok(Some((g, mac)));
             }
         }
         Ok(None)
@@ -367,7 +358,7 @@ impl Inner {
     /// Close the catalog, run `f` (which may replace the file), reopen it.
     fn with_catalog_closed<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
         let mut conn = self.conn();
-        let placeholder = Connection::open_in_memory().db(&self.catalog_path)?;
+        let placeholder = catalog::placeholder(&self.catalog_path)?;
         drop(std::mem::replace(&mut *conn, placeholder));
         let r = f();
         let (c, _) = catalog::open(&self.catalog_path, None)?;
@@ -773,7 +764,7 @@ impl Store {
     /// The store id (the catalog's `meta.store_id`).
     pub fn store_id(&self) -> Result<String> {
         let conn = self.inner.conn();
-        catalog_meta(&conn, &self.inner.catalog_path, "store_id")?
+        catalog::meta(&conn, &self.inner.catalog_path, "store_id")?
             .ok_or_else(|| StoreError::BadCatalog { path: self.inner.catalog_path.clone(), reason: "meta.store_id missing".into() })
     }
 
@@ -799,7 +790,7 @@ impl Store {
     /// INTO`) into directory `dir`; returns its path.
     pub fn snapshot_catalog(&self, dir: &Path) -> Result<PathBuf> {
         let conn = self.inner.conn();
-        remote::snapshot_catalog(&conn, &self.inner.catalog_path, dir)
+        catalog::snapshot(&conn, &self.inner.catalog_path, dir)
     }
 
     /// Path of the SQLite catalog (for tools such as gc that need queries
@@ -820,12 +811,7 @@ impl Store {
 
     /// All committed generations, ascending by id.
     pub fn generations(&self) -> Result<Vec<GenerationInfo>> {
-        let conn = self.inner.conn();
-        let mut st = conn
-            .prepare_cached(&format!("{GEN_SELECT} ORDER BY id"))
-            .db(&self.inner.catalog_path)?;
-        let rows = st.query_map([], row_to_gen).db(&self.inner.catalog_path)?;
-        let rows = rows.collect::<rusqlite::Result<Vec<_>>>().db(&self.inner.catalog_path)?;
+        let rows = catalog::generations::all_strict(&self.inner.conn(), &self.inner.catalog_path)?;
         rows.into_iter().map(|r| self.inner.checked(r)).collect()
     }
 
@@ -833,19 +819,16 @@ impl Store {
     /// sentence for each row that is not (edited, forged: see
     /// [`Store::generations`], which refuses the lot for one such row).
     pub fn authentic_generations(&self) -> Result<(Vec<GenerationInfo>, Vec<String>)> {
-        let conn = self.inner.conn();
-        let p = &self.inner.catalog_path;
-        let mut st = conn.prepare_cached(&format!("{GEN_SELECT} ORDER BY id")).db(p)?;
-        let mut rows = st.query([]).db(p)?;
+        let rows = catalog::generations::all(&self.inner.conn(), &self.inner.catalog_path, catalog::generations::Order::Ascending)?;
         let (mut good, mut bad) = (Vec::new(), Vec::new());
-        while let Some(r) = rows.next().db(p)? {
-            match row_to_gen(r) {
+        for row in rows {
+            match row {
                 Ok(row) => match self.inner.checked(row) {
                     Ok(g) => good.push(g),
                     Err(StoreError::Tampered { what, .. }) => bad.push(what),
                     Err(e) => bad.push(e.to_string()),
                 },
-                Err(e) => bad.push(format!("generation {}: its catalog row cannot be read ({e}): altered", r.get::<_, i64>(0).unwrap_or(-1))),
+                Err(b) => bad.push(format!("generation {}: its catalog row cannot be read ({}): altered", b.id, b.error)),
             }
         }
         Ok((good, bad))
@@ -854,30 +837,12 @@ impl Store {
     /// Folds the write-ahead log into the catalog file (for a clean
     /// shutdown: the catalog is then one self-contained file).
     pub fn checkpoint_wal(&self) -> Result<()> {
-        let conn = self.inner.conn();
-        // A reader in another process can make the checkpoint report busy:
-        // try again for a while.
-        for _ in 0..100 {
-            let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).db(&self.inner.catalog_path)?;
-            if busy == 0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Ok(())
+        catalog::checkpoint_wal(&self.inner.conn(), &self.inner.catalog_path)
     }
 
     /// One committed generation.
     pub fn generation(&self, id: u64) -> Result<GenerationInfo> {
-        let found = {
-            let conn = self.inner.conn();
-            let mut st = conn
-                .prepare_cached(&format!("{GEN_SELECT} WHERE id = ?1"))
-                .db(&self.inner.catalog_path)?;
-            st.query_row([id as i64], row_to_gen)
-                .optional()
-                .db(&self.inner.catalog_path)?
-        };
+        let found = catalog::generations::get(&self.inner.conn(), &self.inner.catalog_path, id)?;
         match found {
             Some(g) => self.inner.checked(g),
             None => {
@@ -893,13 +858,7 @@ impl Store {
 
     /// The newest committed generation, if any.
     pub fn latest(&self) -> Result<Option<GenerationInfo>> {
-        let conn = self.inner.conn();
-        let mut st = conn
-            .prepare_cached(&format!("{GEN_SELECT} ORDER BY id DESC LIMIT 1"))
-            .db(&self.inner.catalog_path)?;
-        let row = st.query_row([], row_to_gen).optional().db(&self.inner.catalog_path)?;
-        drop(st);
-        drop(conn);
+        let row = catalog::generations::latest(&self.inner.conn(), &self.inner.catalog_path)?;
         row.map(|r| self.inner.checked(r)).transpose()
     }
 
@@ -909,41 +868,15 @@ impl Store {
         if h.is_zero_chunk() {
             return Ok(true);
         }
-        let conn = self.inner.conn();
-        let mut st = conn
-            .prepare_cached("SELECT 1 FROM blobs WHERE hash = ?1")
-            .db(&self.inner.catalog_path)?;
-        st.exists([&self.inner.addr(h).0[..]]).db(&self.inner.catalog_path)
+        catalog::blobs::contains(&self.inner.conn(), &self.inner.catalog_path, &self.inner.addr(h))
     }
 
     fn locate(&self, conn: &Connection, h: &Hash) -> Result<Loc> {
-        let mut st = conn
-            .prepare_cached(
-                "SELECT p.name, b.offset, b.clen, b.ulen FROM blobs b \
-                 JOIN packs p ON p.id = b.pack_id WHERE b.hash = ?1",
-            )
-            .db(&self.inner.catalog_path)?;
         let addr = self.inner.addr(h);
-        st.query_row([&addr.0[..]], |r| {
-            Ok(Loc {
-                hash: *h,
-                addr,
-                pack: r.get(0)?,
-                offset: r.get::<_, i64>(1)? as u64,
-                clen: r.get::<_, i64>(2)? as u32,
-                ulen: r.get::<_, i64>(3)? as u32,
-            })
-        })
-        .optional()
-        .db(&self.inner.catalog_path)?
-        .ok_or_else(|| StoreError::BlobNotFound {
-            hash: *h,
-            path: self.inner.root.clone(),
-        })
-        .and_then(|loc| {
-            private::check_pack_name(&loc.pack, &self.inner.catalog_path)?;
-            Ok(loc)
-        })
+        match catalog::blobs::locate(conn, &self.inner.catalog_path, &addr)? {
+            Some((pack, offset, clen, ulen)) => Ok(Loc { hash: *h, addr, pack, offset, clen, ulen }),
+            None => Err(StoreError::BlobNotFound { hash: *h, path: self.inner.root.clone() }),
+        }
     }
 
     /// Decompress and verify one blob's stored bytes.
@@ -1038,49 +971,7 @@ impl Store {
         uniq.sort_unstable();
         uniq.dedup();
         let has_zero = uniq.first().is_some_and(|h| h.is_zero_chunk());
-        let mut groups: BTreeMap<String, Vec<Loc>> = BTreeMap::new();
-        {
-            let conn = self.inner.conn();
-            if uniq.len() > BULK_LOCATE {
-                // Many blobs (a restart): one pass over the index beats a
-                // lookup per blob.
-                let wanted: std::collections::HashMap<Hash, Hash> =
-                    uniq.iter().filter(|h| !h.is_zero_chunk()).map(|h| (self.inner.addr(h), *h)).collect();
-                let mut found = 0usize;
-                let mut st = conn
-                    .prepare("SELECT b.hash, p.name, b.offset, b.clen, b.ulen FROM blobs b JOIN packs p ON p.id = b.pack_id")
-                    .db(&self.inner.catalog_path)?;
-                let mut rows = st.query([]).db(&self.inner.catalog_path)?;
-                while let Some(r) = rows.next().db(&self.inner.catalog_path)? {
-                    let raw: Vec<u8> = r.get(0).db(&self.inner.catalog_path)?;
-                    let Some(addr) = Hash::from_slice(&raw) else { continue };
-                    let Some(&hash) = wanted.get(&addr) else {
-                        continue;
-                    };
-                    found += 1;
-                    let loc = Loc {
-                        hash,
-                        addr,
-                        pack: r.get(1).db(&self.inner.catalog_path)?,
-                        offset: r.get::<_, i64>(2).db(&self.inner.catalog_path)? as u64,
-                        clen: r.get::<_, i64>(3).db(&self.inner.catalog_path)? as u32,
-                        ulen: r.get::<_, i64>(4).db(&self.inner.catalog_path)? as u32,
-                    };
-                    private::check_pack_name(&loc.pack, &self.inner.catalog_path)?;
-                    groups.entry(loc.pack.clone()).or_default().push(loc);
-                }
-                if found < wanted.len() {
-                    let located: std::collections::HashSet<Hash> = groups.values().flatten().map(|l| l.hash).collect();
-                    let missing = wanted.values().find(|h| !located.contains(h)).copied().unwrap_or_default();
-                    return Err(StoreError::BlobNotFound { hash: missing, path: self.inner.root.clone() });
-                }
-            } else {
-                for h in uniq.iter().filter(|h| !h.is_zero_chunk()) {
-                    let loc = self.locate(&conn, h)?;
-                    groups.entry(loc.pack.clone()).or_default().push(loc);
-                }
-            }
-        }
+        let mut groups = self.locate_all(&uniq)?;
         if has_zero {
             sink(&Hash::ZERO_CHUNK, &vec![0u8; self.inner.chunk_size])?;
         }
@@ -1173,33 +1064,10 @@ impl Store {
         let p = &self.inner.catalog_path;
         let (packs, mut by_pack, manifests) = {
             let conn = self.inner.conn();
-            let mut st = conn.prepare("SELECT id, name, size FROM packs").db(p)?;
-            let packs: Vec<(i64, String, u64)> = st
-                .query_map([], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
-                })
-                .db(p)?
-                .collect::<rusqlite::Result<_>>()
-                .db(p)?;
-            for (_, name, _) in &packs {
-                private::check_pack_name(name, p)?;
-            }
+            let packs = catalog::packs::ids_names_sizes(&conn, p)?;
             let mut by_pack: BTreeMap<i64, Vec<Loc>> = BTreeMap::new();
-            let mut st = conn
-                .prepare("SELECT hash, pack_id, offset, clen, ulen FROM blobs")
-                .db(p)?;
-            let mut rows = st.query([]).db(p)?;
-            while let Some(r) = rows.next().db(p)? {
-                let hb: Vec<u8> = r.get(0).db(p)?;
-                let hash = Hash::from_slice(&hb).unwrap_or(Hash::ZERO_CHUNK);
-                by_pack.entry(r.get(1).db(p)?).or_default().push(Loc {
-                    hash,
-                    addr: hash,
-                    pack: String::new(),
-                    offset: r.get::<_, i64>(2).db(p)? as u64,
-                    clen: r.get::<_, i64>(3).db(p)? as u32,
-                    ulen: r.get::<_, i64>(4).db(p)? as u32,
-                });
+            for (hash, pack_id, offset, clen, ulen) in catalog::blobs::all_for_verify(&conn, p)? {
+                by_pack.entry(pack_id).or_default().push(Loc { hash, addr: hash, pack: String::new(), offset, clen, ulen });
             }
             let manifests = self.generation_problems(&conn)?;
             (packs, by_pack, manifests)
@@ -1280,16 +1148,12 @@ impl Store {
     /// its manifest is in the catalog; one sentence per problem.
     pub(crate) fn generation_problems(&self, conn: &Connection) -> Result<Vec<String>> {
         let p = &self.inner.catalog_path;
-        let mut st = conn.prepare(&format!("{GEN_SELECT} ORDER BY id")).db(p)?;
-        let mut rows = st.query([]).db(p)?;
-        let mut has = conn.prepare("SELECT 1 FROM blobs WHERE hash = ?1").db(p)?;
         let mut problems = Vec::new();
-        while let Some(r) = rows.next().db(p)? {
-            let row = match row_to_gen(r) {
+        for row in catalog::generations::all(conn, p, catalog::generations::Order::Ascending)? {
+            let row = match row {
                 Ok(row) => row,
-                Err(e) => {
-                    let id: i64 = r.get(0).unwrap_or(-1);
-                    problems.push(format!("generation {id}: its catalog row cannot be read ({e}): altered"));
+                Err(b) => {
+                    problems.push(format!("generation {}: its catalog row cannot be read ({}): altered", b.id, b.error));
                     continue;
                 }
             };
@@ -1302,7 +1166,7 @@ impl Store {
                 });
                 continue;
             }
-            if !has.exists([&self.inner.addr(&manifest).0[..]]).db(p)? {
+            if !catalog::blobs::contains(conn, p, &self.inner.addr(&manifest))? {
                 problems.push(format!("generation {id}: manifest blob {manifest} is not in the catalog"));
             }
         }
@@ -1403,33 +1267,7 @@ impl Store {
 
     /// Totals over the whole store.
     pub fn stats(&self) -> Result<StoreStats> {
-        let conn = self.inner.conn();
-        let p = &self.inner.catalog_path;
-        let (packs, pack_bytes): (i64, i64) = conn
-            .query_row(
-                "SELECT count(*), coalesce(sum(size),0) FROM packs",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .db(p)?;
-        let (blobs, stored, logical): (i64, i64, i64) = conn
-            .query_row(
-                "SELECT count(*), coalesce(sum(clen),0), coalesce(sum(ulen),0) FROM blobs",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .db(p)?;
-        let generations: i64 = conn
-            .query_row("SELECT count(*) FROM generations", [], |r| r.get(0))
-            .db(p)?;
-        Ok(StoreStats {
-            generations: generations as u64,
-            packs: packs as u64,
-            pack_bytes: pack_bytes as u64,
-            blobs: blobs as u64,
-            stored_bytes: stored as u64,
-            logical_bytes: logical as u64,
-        })
+        catalog::stats(&self.inner.conn(), &self.inner.catalog_path)
     }
 }
 
@@ -1446,19 +1284,8 @@ fn open_pack(path: &Path, h: &Hash) -> Result<File> {
     })
 }
 
-const GEN_SELECT: &str = "SELECT id, parent, created_ms, duration_ms, nprocs, logical_bytes, \
-     new_bytes, stored_bytes, dirty_tracking, manifest, info, mac FROM generations";
-
-/// A generation row as read, with its MAC (not yet checked).
-struct GenRow {
-    info: GenerationInfo,
-    /// `info` exactly as the catalog holds it (the MAC covers this text).
-    info_text: Option<String>,
-    mac: Option<Vec<u8>>,
-}
-
 /// What is wrong with a generation row whose MAC does not match.
-fn gen_row_problem(row: &GenRow) -> String {
+fn gen_row_problem(row: &catalog::generations::GenRow) -> String {
     match &row.mac {
         None => format!("generation {}: its catalog row has no MAC: it was forged (or written without the key)", row.info.id),
         Some(_) => format!(
@@ -1470,20 +1297,15 @@ fn gen_row_problem(row: &GenRow) -> String {
     }
 }
 
-/// A `meta` value.
-fn catalog_meta(conn: &Connection, p: &Path, key: &str) -> Result<Option<String>> {
-    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().db(p)
-}
-
 /// The keys of the store whose catalog is `conn`: `None` if it is not
 /// sealed, else from its key file (refused if missing or not its key).
 fn load_keys(conn: &Connection, p: &Path, url: &str) -> Result<Option<(Arc<seal::Keys>, PathBuf)>> {
-    let id = catalog_meta(conn, p, "store_id")?
+    let id = catalog::meta(conn, p, "store_id")?
         .ok_or_else(|| StoreError::BadCatalog { path: p.to_path_buf(), reason: "meta.store_id missing".into() })?;
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return Err(StoreError::BadCatalog { path: p.to_path_buf(), reason: format!("meta.store_id {id:?} is not a store id") });
     }
-    let scheme = catalog_meta(conn, p, "sealed")?;
+    let scheme = catalog::meta(conn, p, "sealed")?;
     let path = seal::key_path(&id);
     let file = seal::read_key_file(&path)?;
     let scheme = match (scheme, &file) {
@@ -1524,42 +1346,10 @@ fn load_keys(conn: &Connection, p: &Path, url: &str) -> Result<Option<(Arc<seal:
         return Err(StoreError::WrongKey { store: url.to_string(), id, path });
     }
     let keys = seal::Keys::from_master(&id, master)?;
-    if catalog_meta(conn, p, "key_check")?.as_deref() != Some(keys.check_value().as_str()) {
+    if catalog::meta(conn, p, "key_check")?.as_deref() != Some(keys.check_value().as_str()) {
         return Err(StoreError::WrongKey { store: url.to_string(), id, path });
     }
     Ok(Some((Arc::new(keys), path)))
-}
-
-fn row_to_gen(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenRow> {
-    let manifest: Vec<u8> = r.get(9)?;
-    let manifest = Hash::from_slice(&manifest).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            9,
-            rusqlite::types::Type::Blob,
-            "manifest hash is not 32 bytes".into(),
-        )
-    })?;
-    let info_text: Option<String> = r.get(10)?;
-    let info = match &info_text {
-        Some(s) => serde_json::from_str(s).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, e.into())
-        })?,
-        None => serde_json::Value::Null,
-    };
-    let info = GenerationInfo {
-        id: r.get::<_, i64>(0)? as u64,
-        parent: r.get::<_, Option<i64>>(1)?.map(|p| p as u64),
-        created_ms: r.get(2)?,
-        duration_ms: r.get::<_, i64>(3)? as u64,
-        nprocs: r.get::<_, i64>(4)? as u32,
-        logical_bytes: r.get::<_, i64>(5)? as u64,
-        new_bytes: r.get::<_, i64>(6)? as u64,
-        stored_bytes: r.get::<_, i64>(7)? as u64,
-        dirty_tracking: r.get(8)?,
-        manifest,
-        info,
-    };
-    Ok(GenRow { info, info_text, mac: r.get(11)? })
 }
 
 /// "generations 1-3, 5" / "no generations (the store is empty)".
@@ -1989,87 +1779,30 @@ impl Writer {
         {
             let path = &self.inner.catalog_path;
             let mut conn = self.inner.conn();
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db(path)?;
-            if let Some(parent) = info.parent {
-                let exists = tx
-                    .prepare_cached("SELECT 1 FROM generations WHERE id = ?1")
-                    .db(path)?
-                    .exists([parent as i64])
-                    .db(path)?;
-                if !exists {
-                    return Err(StoreError::Invalid(format!(
-                        "parent generation {parent} of the new generation does not exist"
-                    )));
-                }
+            let tx = catalog::immediate(&mut conn, path)?;
+            if let Some(parent) = info.parent
+                && !catalog::generations::exists(&tx, path, parent)?
+            {
+                return Err(StoreError::Invalid(format!(
+                    "parent generation {parent} of the new generation does not exist"
+                )));
             }
             let now = now_ms();
-            {
-                let mut ins_pack = tx
-                    .prepare_cached(
-                        "INSERT INTO packs(name, size, nblobs, created) VALUES (?1, ?2, ?3, ?4)",
-                    )
-                    .db(path)?;
-                let mut ins_blob = tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO blobs(hash, pack_id, offset, clen, ulen, kind) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    )
-                    .db(path)?;
-                // Rows in hash order: the blob index is a B-tree keyed by
-                // hash, and random-order inserts touched a page each
-                // (docs/design.md, "The catalog at scale").
-                let mut rows: Vec<(&PackEntry, i64)> = Vec::with_capacity(p.finished.iter().map(|f| f.entries.len()).sum());
-                for f in &p.finished {
-                    ins_pack
-                        .execute(params![f.name, f.size as i64, f.entries.len() as i64, now])
-                        .db(path)?;
-                    let pack_id = tx.last_insert_rowid();
-                    rows.extend(f.entries.iter().map(|e| (e, pack_id)));
-                }
-                rows.sort_unstable_by_key(|(e, _)| e.hash);
-                for (e, pack_id) in rows {
-                    ins_blob
-                        .execute(params![
-                            &e.hash.0[..],
-                            pack_id,
-                            e.offset as i64,
-                            e.clen as i64,
-                            e.ulen as i64,
-                            e.kind as u8 as i64
-                        ])
-                        .db(path)?;
-                }
+            // Rows in hash order: the blob index is a B-tree keyed by
+            // hash, and random-order inserts touched a page each
+            // (docs/design.md, "The catalog at scale").
+            let mut rows: Vec<(&PackEntry, i64)> = Vec::with_capacity(p.finished.iter().map(|f| f.entries.len()).sum());
+            for f in &p.finished {
+                let pack_id = catalog::packs::insert(&tx, path, &f.name, f.size, f.entries.len(), now)?;
+                rows.extend(f.entries.iter().map(|e| (e, pack_id)));
             }
+            rows.sort_unstable_by_key(|(e, _)| e.hash);
+            catalog::blobs::insert(&tx, path, rows)?;
             let info_json = seal::info_text(&info.info);
             let mac = self.inner.keys.as_ref().map(|(k, _)| k.generation_mac(&info, info_json.as_deref()));
             row_mac = mac;
-            tx.execute(
-                "INSERT INTO generations(id, parent, created_ms, duration_ms, nprocs, \
-                 logical_bytes, new_bytes, stored_bytes, dirty_tracking, manifest, info, mac) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![
-                    id as i64,
-                    info.parent.map(|x| x as i64),
-                    info.created_ms,
-                    info.duration_ms as i64,
-                    info.nprocs as i64,
-                    info.logical_bytes as i64,
-                    info.new_bytes as i64,
-                    info.stored_bytes as i64,
-                    info.dirty_tracking,
-                    &info.manifest.0[..],
-                    info_json,
-                    mac.map(|m| m.to_vec())
-                ],
-            )
-            .db(path)?;
-            tx.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_generation_id', ?1)",
-                [id.to_string()],
-            )
-            .db(path)?;
+            catalog::generations::insert(&tx, path, &info, info_json.as_deref(), mac.as_ref())?;
+            catalog::set_meta(&tx, path, "last_generation_id", &id.to_string())?;
             tx.commit().db(path)?;
         }
         tracing::info!(
@@ -2131,9 +1864,7 @@ impl Writer {
         }
         let path = &self.inner.catalog_path;
         let mut conn = self.inner.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .db(path)?;
+        let tx = catalog::immediate(&mut conn, path)?;
         let r = f(&tx)?;
         tx.commit().db(path)?;
         let (known, next) = load_known(&conn, path)?;
@@ -2206,36 +1937,12 @@ impl Drop for Writer {
 
 /// All committed blob hashes and the next generation id.
 fn load_known(conn: &Connection, p: &Path) -> Result<(KnownSet, u64)> {
-    let n: i64 = conn.query_row("SELECT count(*) FROM blobs", [], |r| r.get(0)).db(p)?;
+    let n = catalog::blobs::count(conn, p)?;
     let mut known = KnownSet::with_capacity_and_hasher(n.max(0) as usize, Default::default());
-    let mut st = conn.prepare("SELECT hash FROM blobs").db(p)?;
-    let mut rows = st.query([]).db(p)?;
-    while let Some(r) = rows.next().db(p)? {
-        if let Ok(b) = r.get_ref(0).db(p)?.as_blob()
-            && let Some(h) = Hash::from_slice(b)
-        {
-            known.insert(h);
-        }
-    }
-    Ok((known, next_generation_id(conn, p)?))
-}
-
-fn next_generation_id(conn: &Connection, p: &Path) -> Result<u64> {
-    let max: i64 = conn
-        .query_row("SELECT coalesce(max(id), 0) FROM generations", [], |r| {
-            r.get(0)
-        })
-        .db(p)?;
-    let last: Option<String> = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'last_generation_id'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
-        .db(p)?;
-    let last = last.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
-    Ok(max.max(last) as u64 + 1)
+    catalog::blobs::addresses(conn, p, |h| {
+        known.insert(h);
+    })?;
+    Ok((known, catalog::next_generation_id(conn, p)?))
 }
 
 #[cfg(test)]

@@ -15,10 +15,10 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use rayon::prelude::*;
-use rusqlite::params;
 use serde::Serialize;
 
-use crate::error::{IoCtx, SqlCtx};
+use crate::catalog;
+use crate::error::IoCtx;
 use crate::pack::{self, ENTRY_LEN, INDEX_MAGIC, OpenPack, PACK_MAGIC, TAIL_LEN};
 use crate::remote::Remote;
 use crate::{BlobKind, Hash, Loc, Result, Store, StoreError, VerifyReport, Writer, lock, now_ms, open_pack};
@@ -116,33 +116,12 @@ impl Repacked {
 impl Store {
     /// Every pack the catalog names.
     pub fn pack_rows(&self) -> Result<Vec<PackRow>> {
-        let conn = self.inner.conn();
-        let p = &self.inner.catalog_path;
-        let mut st = conn
-            .prepare("SELECT id, name, size, nblobs FROM packs ORDER BY id")
-            .db(p)?;
-        let rows: Vec<PackRow> = st
-            .query_map([], |r| {
-                Ok(PackRow {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    size: r.get::<_, i64>(2)? as u64,
-                    nblobs: r.get::<_, i64>(3)? as u64,
-                })
-            })
-            .db(p)?
-            .collect::<rusqlite::Result<_>>()
-            .db(p)?;
-        for r in &rows {
-            crate::private::check_pack_name(&r.name, p)?;
-        }
-        Ok(rows)
+        catalog::packs::all(&self.inner.conn(), &self.inner.catalog_path)
     }
 
     /// Every blob row of the catalog.
     pub fn blob_rows(&self) -> Result<Vec<BlobRow>> {
-        let conn = self.inner.conn();
-        blob_rows(&conn, &self.inner.catalog_path)
+        catalog::blobs::all(&self.inner.conn(), &self.inner.catalog_path)
     }
 
     /// Pack files on disk (`packs/*/*.pack`), named by the catalog or not.
@@ -464,27 +443,6 @@ fn read_trailer(f: &File, len: u64) -> std::result::Result<Vec<TrailerEntry>, St
         .collect())
 }
 
-fn blob_rows(conn: &rusqlite::Connection, p: &std::path::Path) -> Result<Vec<BlobRow>> {
-    let mut st = conn
-        .prepare("SELECT hash, pack_id, offset, clen, ulen, kind FROM blobs")
-        .db(p)?;
-    let mut rows = st.query([]).db(p)?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next().db(p)? {
-        let hb: Vec<u8> = r.get(0).db(p)?;
-        let Some(hash) = Hash::from_slice(&hb) else { continue };
-        out.push(BlobRow {
-            hash,
-            pack_id: r.get(1).db(p)?,
-            offset: r.get::<_, i64>(2).db(p)? as u64,
-            clen: r.get::<_, i64>(3).db(p)? as u32,
-            ulen: r.get::<_, i64>(4).db(p)? as u32,
-            kind: BlobKind::from_u8(r.get::<_, i64>(5).db(p)? as u8).unwrap_or(BlobKind::Chunk),
-        });
-    }
-    Ok(out)
-}
-
 impl Writer {
     pub(crate) fn no_pending(&self) -> Result<()> {
         if !lock(&self.pending).hashes.is_empty() {
@@ -510,21 +468,9 @@ impl Writer {
         let root = self.inner.root.clone();
         let path = self.inner.catalog_path.clone();
         self.with_transaction(|tx| {
-            let mut out = Swept::default();
+            let mut out = Swept { generations: catalog::generations::delete(tx, &path, drop)?, ..Default::default() };
             {
-                let mut del = tx.prepare("DELETE FROM generations WHERE id = ?1").db(&path)?;
-                for g in drop {
-                    out.generations += del.execute([*g as i64]).db(&path)? as u64;
-                }
-            }
-            {
-                let mut st = tx.prepare("SELECT id, manifest FROM generations").db(&path)?;
-                let rows: Vec<(i64, Vec<u8>)> = st
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .db(&path)?
-                    .collect::<rusqlite::Result<_>>()
-                    .db(&path)?;
-                for (id, m) in rows {
+                for (id, m) in catalog::generations::manifests(tx, &path)? {
                     if !Hash::from_slice(&m).is_some_and(|h| live_blobs.contains(&h)) {
                         return Err(StoreError::Invalid(format!(
                             "sweep refused: generation {id} stays but its manifest is not among the live blobs (gc bug); nothing was deleted"
@@ -532,7 +478,7 @@ impl Writer {
                     }
                 }
             }
-            let rows = blob_rows(tx, &path)?;
+            let rows = catalog::blobs::all(tx, &path)?;
             let present: HashSet<Hash> = rows.iter().map(|r| r.hash).collect();
             if let Some(h) = live_blobs.iter().find(|h| !h.is_zero_chunk() && !present.contains(&self.inner.addr(h))) {
                 return Err(StoreError::Invalid(format!(
@@ -540,32 +486,22 @@ impl Writer {
                 )));
             }
             let mut live_per_pack: HashMap<i64, u64> = HashMap::new();
-            {
-                let mut del = tx.prepare("DELETE FROM blobs WHERE hash = ?1").db(&path)?;
-                for r in &rows {
-                    if live.contains(&r.hash) {
-                        *live_per_pack.entry(r.pack_id).or_default() += 1;
-                    } else {
-                        del.execute([&r.hash.0[..]]).db(&path)?;
-                        out.blobs += 1;
-                        out.blob_bytes += r.clen as u64;
-                    }
+            let mut dead = Vec::new();
+            for r in &rows {
+                if live.contains(&r.hash) {
+                    *live_per_pack.entry(r.pack_id).or_default() += 1;
+                } else {
+                    dead.push(&r.hash);
+                    out.blobs += 1;
+                    out.blob_bytes += r.clen as u64;
                 }
             }
-            let packs: Vec<(i64, String, i64)> = tx
-                .prepare("SELECT id, name, size FROM packs")
-                .db(&path)?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .db(&path)?
-                .collect::<rusqlite::Result<_>>()
-                .db(&path)?;
-            let mut del = tx.prepare("DELETE FROM packs WHERE id = ?1").db(&path)?;
-            for (id, name, size) in packs {
-                crate::private::check_pack_name(&name, &path)?;
+            catalog::blobs::delete(tx, &path, dead)?;
+            for (id, name, size) in catalog::packs::ids_names_sizes(tx, &path)? {
                 if !live_per_pack.contains_key(&id) {
-                    del.execute([id]).db(&path)?;
+                    catalog::packs::delete(tx, &path, id)?;
                     out.dead_packs.push(pack::pack_path(&root, &name));
-                    out.dead_pack_bytes += size as u64;
+                    out.dead_pack_bytes += size;
                 }
             }
             Ok(out)
@@ -666,29 +602,10 @@ impl Writer {
         {
             let conn = self.inner.conn();
             let p = &self.inner.catalog_path;
-            let mut st = conn
-                .prepare_cached("SELECT hash, offset, clen, ulen, kind FROM blobs WHERE pack_id = ?1 ORDER BY offset")
-                .db(p)?;
             for pk in packs {
-                let rows: Vec<(Vec<u8>, i64, i64, i64, i64)> = st
-                    .query_map([pk.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
-                    .db(p)?
-                    .collect::<rusqlite::Result<_>>()
-                    .db(p)?;
-                let locs = rows
+                let locs = catalog::blobs::of_pack(&conn, p, pk.id)?
                     .into_iter()
-                    .filter_map(|(h, off, c, u, k)| {
-                        let addr = Hash::from_slice(&h)?;
-                        let loc = Loc {
-                            hash: addr,
-                            addr,
-                            pack: pk.name.clone(),
-                            offset: off as u64,
-                            clen: c as u32,
-                            ulen: u as u32,
-                        };
-                        Some((loc, BlobKind::from_u8(k as u8).unwrap_or(BlobKind::Chunk)))
-                    })
+                    .map(|(addr, offset, clen, ulen, kind)| (Loc { hash: addr, addr, pack: pk.name.clone(), offset, clen, ulen }, kind))
                     .collect();
                 by_pack.insert(pk.id, locs);
             }
@@ -774,33 +691,18 @@ impl Writer {
         let path = self.inner.catalog_path.clone();
         self.with_transaction(|tx| {
             let now = now_ms();
-            {
-                let mut ins = tx
-                    .prepare("INSERT OR IGNORE INTO packs(name, size, nblobs, created) VALUES (?1, ?2, ?3, ?4)")
-                    .db(&path)?;
-                let mut upd = tx
-                    .prepare("UPDATE blobs SET pack_id = ?1, offset = ?2 WHERE hash = ?3")
-                    .db(&path)?;
-                for f in &r.new {
-                    ins.execute(params![f.name, f.size as i64, f.entries.len() as i64, now]).db(&path)?;
-                    let id: i64 = tx
-                        .query_row("SELECT id FROM packs WHERE name = ?1", [&f.name], |x| x.get(0))
-                        .db(&path)?;
-                    for e in &f.entries {
-                        upd.execute(params![id, e.offset as i64, &e.hash.0[..]]).db(&path)?;
-                    }
-                }
+            for f in &r.new {
+                let id = catalog::packs::insert_or_get(tx, &path, &f.name, f.size, f.entries.len(), now)?;
+                catalog::blobs::move_to(tx, &path, id, &f.entries)?;
             }
-            let mut del = tx.prepare("DELETE FROM packs WHERE id = ?1").db(&path)?;
-            let mut left = tx.prepare("SELECT count(*) FROM blobs WHERE pack_id = ?1").db(&path)?;
             for (id, name, _) in &r.old {
-                let n: i64 = left.query_row([*id], |x| x.get(0)).db(&path)?;
+                let n = catalog::blobs::count_in_pack(tx, &path, *id)?;
                 if n != 0 {
                     return Err(StoreError::Invalid(format!(
                         "repack refused: pack {name} still holds {n} blobs that were not copied; nothing was changed"
                     )));
                 }
-                del.execute([*id]).db(&path)?;
+                catalog::packs::delete(tx, &path, *id)?;
             }
             Ok(r.old.iter().map(|o| pack::pack_path(&self.inner.root, &o.1)).collect())
         })

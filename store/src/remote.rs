@@ -65,9 +65,9 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 
-use crate::error::{IoCtx, Result, SqlCtx, StoreError};
+use crate::error::{IoCtx, Result, StoreError};
 use crate::remote_lock::RemoteLock;
 
 /// Name of the catalog object under the prefix.
@@ -832,7 +832,7 @@ impl Remote {
         catalog: &Path,
         tmp_dir: &Path,
     ) -> Result<Option<String>> {
-        let snap = snapshot_catalog(conn, catalog, tmp_dir)?;
+        let snap = crate::catalog::snapshot(conn, catalog, tmp_dir)?;
         let r = self.upload_file(CATALOG_OBJECT, &snap, &|_| {});
         let _ = fs::remove_file(&snap);
         let etag = r?;
@@ -921,54 +921,14 @@ fn cache_dir(bucket: &str, prefix: &str, endpoint: &str) -> PathBuf {
     base.join(bucket).join(&h.to_hex()[..16])
 }
 
-/// `VACUUM INTO` a fresh file in `tmp_dir`: a consistent, self-contained
-/// copy of the catalog (no WAL).
-pub(crate) fn snapshot_catalog(conn: &Connection, catalog: &Path, tmp_dir: &Path) -> Result<PathBuf> {
-    let snap = tmp_dir.join(format!(
-        "catalog-snapshot-{}-{}.db",
-        std::process::id(),
-        crate::now_ms()
-    ));
-    let _ = fs::remove_file(&snap);
-    let s = snap
-        .to_str()
-        .ok_or_else(|| StoreError::Invalid(format!("non-UTF-8 path {}", snap.display())))?;
-    // VACUUM INTO accepts an empty file: made first, so the copy is 0600.
-    crate::private::create_file(&snap).ctx(|| format!("create {}", snap.display()))?;
-    conn.execute("VACUUM INTO ?1", [s]).db(catalog)?;
-    Ok(snap)
-}
-
 /// Generation ids and manifests of a catalog file (opened read-only).
 pub(crate) fn catalog_generations(path: &Path) -> Result<Vec<(u64, Vec<u8>)>> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).db(path)?;
-    let mut st = conn
-        .prepare("SELECT id, manifest FROM generations ORDER BY id")
-        .db(path)?;
-    let rows = st
-        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)))
-        .db(path)?;
-    rows.collect::<rusqlite::Result<Vec<_>>>().db(path)
+    crate::catalog::generations::manifests(&crate::catalog::open_read_only(path)?, path)
 }
 
 /// Packs (name, size) named by a catalog file (opened read-only).
 pub(crate) fn catalog_packs(path: &Path) -> Result<Vec<(String, u64)>> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).db(path)?;
-    packs_of(&conn, path)
-}
-
-pub(crate) fn packs_of(conn: &Connection, path: &Path) -> Result<Vec<(String, u64)>> {
-    let mut st = conn
-        .prepare("SELECT name, size FROM packs ORDER BY id")
-        .db(path)?;
-    let rows = st
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
-        .db(path)?;
-    let packs = rows.collect::<rusqlite::Result<Vec<_>>>().db(path)?;
-    for (name, _) in &packs {
-        crate::private::check_pack_name(name, path)?;
-    }
-    Ok(packs)
+    crate::catalog::packs::names_sizes(&crate::catalog::open_read_only(path)?, path)
 }
 
 /// Refuse to overwrite `dest` generations that `src` does not have.
@@ -1300,7 +1260,7 @@ impl Remote {
     /// Upload every pack of the cache's catalog that the remote lacks;
     /// returns (packs, bytes) sent.
     pub(crate) fn upload_missing_packs(&self, conn: &Connection, catalog: &Path) -> Result<(u64, u64)> {
-        let packs = packs_of(conn, catalog)?;
+        let packs = crate::catalog::packs::names_sizes(conn, catalog)?;
         let have = self.list_packs()?;
         self.upload_packs(&self.cache, &packs, &have, &|_, _| {})
     }
@@ -1324,7 +1284,7 @@ impl Remote {
     /// catalog exists yet (`If-None-Match: *`). Returns false, changing
     /// nothing, if another writer created the store meanwhile.
     pub(crate) fn create_catalog(&self, conn: &Connection, catalog: &Path) -> Result<bool> {
-        let snap = snapshot_catalog(conn, catalog, &self.cache.join("tmp"))?;
+        let snap = crate::catalog::snapshot(conn, catalog, &self.cache.join("tmp"))?;
         let _rm = RemoveOnDrop(snap.clone());
         let bytes = fs::read(&snap).ctx(|| format!("read {}", snap.display()))?;
         match self.put_if(CATALOG_OBJECT, bytes, PutMode::Create)? {
