@@ -26,7 +26,8 @@ use crate::catalog;
 use crate::error::IoCtx;
 use crate::pack::{self, FinishedPack, OpenPack};
 use crate::seal::{self, Keys};
-use crate::{BlobKind, Hash, Loc, Result, StoreError, Writer, now_ms, open_pack};
+use crate::reader::{Loc, open_pack};
+use crate::{BlobKind, Hash, Result, StoreError, Writer, now_ms};
 
 /// Test hook: `CKPT_SEAL_PAUSE_AT=PHASE` makes the seal print `ckpt-seal:
 /// paused at PHASE` on stderr and sleep for an hour there (`after-key`,

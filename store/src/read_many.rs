@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 
 use crate::seal::Keys;
-use crate::{Hash, Loc, Remote, Result, Store, StoreError, catalog, open_pack, remote};
+use crate::reader::{Loc, open_pack};
+use crate::remote::{self, Remote};
+use crate::{Hash, Result, Store, StoreError, catalog};
 
 /// Blobs per batch: a batch is at most this many blobs (and, at 4 KiB
 /// chunks, 1 MiB), under the kernel's `IOV_MAX` (1024) for one vectored

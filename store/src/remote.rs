@@ -951,7 +951,7 @@ pub(crate) fn check_not_diverged(
     Err(RemoteError::Diverged {
         reason: format!(
             "{dest_name} has generations that {src_name} lacks or holds differently ({}); copying would lose them: {fix}",
-            crate::describe_ids(&extra)
+            crate::store::describe_ids(&extra)
         ),
     }
     .into())
