@@ -9,7 +9,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
@@ -119,8 +119,8 @@ impl Store {
 
 /// Decompresses and verifies `part` (each blob's location and stored
 /// bytes) into this thread's buffer and hands the batch to `sink`.
-fn decode_batch(keys: Option<&Keys>, pack: &PathBuf, part: &[(&Loc, &[u8])], sink: &(impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync)) -> Result<()> {
-    let corrupt = |loc: &Loc, reason: String| StoreError::Corrupt { pack: pack.clone(), hash: loc.hash, reason };
+fn decode_batch(keys: Option<&Keys>, pack: &Path, part: &[(&Loc, &[u8])], sink: &(impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync)) -> Result<()> {
+    let corrupt = |loc: &Loc, reason: String| StoreError::Corrupt { pack: pack.to_path_buf(), hash: loc.hash, reason };
     let total: usize = part.iter().map(|(l, _)| l.ulen as usize).sum();
     // The buffer is taken out of its slot while the sink runs: a sink that
     // reads again on this thread gets a buffer of its own.

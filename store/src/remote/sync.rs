@@ -182,7 +182,7 @@ impl Remote {
     pub(crate) fn upload_missing_packs(&self, conn: &Connection, catalog: &Path) -> Result<(u64, u64)> {
         let packs = crate::catalog::packs::names_sizes(conn, catalog)?;
         let have = self.list_packs()?;
-        self.upload_packs(&self.cache_dir(), &packs, &have, &|_, _| {})
+        self.upload_packs(self.cache_dir(), &packs, &have, &|_, _| {})
     }
 
     /// Upload the catalog behind `conn` (after checking that `lock` is
@@ -190,7 +190,7 @@ impl Remote {
     pub(crate) fn publish_catalog(&self, conn: &Connection, catalog: &Path, lock: &RemoteLock) -> Result<()> {
         lock.fence()?;
         let etag = self.upload_catalog(conn, catalog, &self.cache_dir().join("tmp"))?;
-        mark_synced(&self.cache_dir(), etag.as_deref())
+        mark_synced(self.cache_dir(), etag.as_deref())
     }
 
     /// Upload every pack of the cache the remote lacks, then the catalog
@@ -209,7 +209,7 @@ impl Remote {
         let bytes = fs::read(&snap).ctx(|| format!("read {}", snap.display()))?;
         match self.put_if(CATALOG_OBJECT, bytes, PutMode::Create)? {
             CondPut::Written(etag) => {
-                mark_synced(&self.cache_dir(), Some(&etag))?;
+                mark_synced(self.cache_dir(), Some(&etag))?;
                 Ok(true)
             }
             CondPut::Refused => Ok(false),
@@ -225,7 +225,7 @@ impl Remote {
         catalog: &Path,
         lock: &RemoteLock,
     ) -> Result<()> {
-        self.upload_packs(&self.cache_dir(), new_packs, &HashMap::new(), &|_, _| {})?;
+        self.upload_packs(self.cache_dir(), new_packs, &HashMap::new(), &|_, _| {})?;
         self.publish_catalog(conn, catalog, lock)
     }
 
@@ -233,19 +233,19 @@ impl Remote {
     /// (another writer uploaded since). False if there is no remote catalog.
     pub(crate) fn moved_since_sync(&self) -> Result<bool> {
         Ok(match self.head(CATALOG_OBJECT)? {
-            Some(i) => i.etag.is_none() || i.etag != synced_etag(&self.cache_dir()),
+            Some(i) => i.etag.is_none() || i.etag != synced_etag(self.cache_dir()),
             None => false,
         })
     }
 
     /// Whether the remote catalog changed since the cache last matched it.
     pub(crate) fn remote_changed(&self) -> Result<bool> {
-        if is_unsynced(&self.cache_dir()) {
+        if is_unsynced(self.cache_dir()) {
             return Ok(false);
         }
         let info = self.head(CATALOG_OBJECT)?;
         Ok(match info {
-            Some(i) => i.etag.is_none() || i.etag != synced_etag(&self.cache_dir()),
+            Some(i) => i.etag.is_none() || i.etag != synced_etag(self.cache_dir()),
             None => false,
         })
     }
