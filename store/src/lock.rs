@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -20,7 +20,14 @@ use crate::error::IoCtx;
 use crate::remote::Remote;
 use crate::remote_lock::{self, RemoteLock};
 use crate::store::Inner;
-use crate::{Result, Store, StoreError, lock, now_ms, private};
+use crate::{Result, Store, StoreError, now_ms, private};
+
+/// A mutex's guard, taken even if an earlier holder panicked (a panic
+/// ends the process's checkpoint or restart; the guarded state is only
+/// ever read or replaced whole).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// How often a writer waiting for the S3 lock asks S3 again.
 const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(500);

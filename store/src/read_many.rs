@@ -18,6 +18,10 @@ use crate::reader::{Loc, open_pack};
 use crate::remote::{self, Remote};
 use crate::{Hash, Result, Store, StoreError, catalog};
 
+/// Above this many blobs, `read_blobs` scans the index once instead of
+/// looking each blob up.
+pub(crate) const BULK_LOCATE: usize = 4096;
+
 /// Blobs per batch: a batch is at most this many blobs (and, at 4 KiB
 /// chunks, 1 MiB), under the kernel's `IOV_MAX` (1024) for one vectored
 /// write.
@@ -93,7 +97,7 @@ impl Store {
         let mut groups: BTreeMap<String, Vec<Loc>> = BTreeMap::new();
         let conn = self.inner.conn();
         let cat = &self.inner.catalog_path;
-        if uniq.len() > crate::BULK_LOCATE {
+        if uniq.len() > BULK_LOCATE {
             // One pass over the index beats a lookup per blob.
             let wanted: HashMap<Hash, Hash> = uniq.iter().filter(|h| !h.is_zero_chunk()).map(|h| (self.inner.addr(h), *h)).collect();
             let mut found = HashSet::with_capacity(wanted.len());

@@ -11,10 +11,71 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
 
 use crate::error::IoCtx;
 use crate::remote::{self, Remote};
-use crate::{GenerationInfo, Hash, Result, StoreError, StoreStats, catalog, lock, lock_dir, lock_dir_wait, migrate, private, seal, CACHE_LOCK_WAIT, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE};
+use crate::{Hash, Result, StoreError, catalog, lock, lock_dir, lock_dir_wait, migrate, private, seal, CACHE_LOCK_WAIT};
+
+/// Default chunk size of a new store: one page, the granularity of dirty
+/// tracking, so an incremental checkpoint stores only the pages that changed
+/// (BENCHMARKS.md: 16 KiB chunks stored ~4x the changed bytes at 1% random).
+pub const DEFAULT_CHUNK_SIZE: usize = 4096;
+/// Largest accepted chunk size.
+pub const MAX_CHUNK_SIZE: usize = 64 << 20;
+
+/// A committed generation (one row of the catalog).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerationInfo {
+    /// Generation number (ascending, never reused).
+    pub id: u64,
+    /// Generation this one is incremental to, if any.
+    pub parent: Option<u64>,
+    /// When the checkpoint started (ms since the Unix epoch).
+    pub created_ms: i64,
+    /// How long the checkpoint took.
+    pub duration_ms: u64,
+    /// Number of processes in the image.
+    pub nprocs: u32,
+    /// Size of the image (uncompressed, all chunks including known ones).
+    pub logical_bytes: u64,
+    /// Uncompressed bytes of the blobs this generation added to the store.
+    pub new_bytes: u64,
+    /// Compressed bytes this generation added to the store.
+    pub stored_bytes: u64,
+    /// Dirty-tracking backend used.
+    pub dirty_tracking: String,
+    /// Address of the generation's manifest blob.
+    pub manifest: Hash,
+    /// Free-form details (JSON); `null` if none.
+    pub info: serde_json::Value,
+}
+
+/// Totals over the whole store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StoreStats {
+    /// Committed generations.
+    pub generations: u64,
+    /// Pack files named by the catalog.
+    pub packs: u64,
+    /// Size of those pack files (including headers and trailers).
+    pub pack_bytes: u64,
+    /// Blobs in the catalog.
+    pub blobs: u64,
+    /// Compressed bytes of all blobs.
+    pub stored_bytes: u64,
+    /// Uncompressed bytes of all blobs.
+    pub logical_bytes: u64,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it): the
+/// time of catalog rows, pack and snapshot names, and S3 lock leases.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// The state a [`Store`] and its [`Writer`]s share.
 pub(crate) struct Inner {
@@ -594,6 +655,14 @@ pub(crate) fn describe_ids(ids: &[u64]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn send_sync() {
+        fn ss<T: Send + Sync>() {}
+        ss::<Store>();
+        ss::<crate::Writer>();
+        ss::<StoreError>();
+    }
 
     #[test]
     fn ids_description() {

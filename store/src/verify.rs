@@ -15,12 +15,35 @@ use std::path::PathBuf;
 
 use rayon::prelude::*;
 use rusqlite::Connection;
+use serde::Serialize;
 
 use crate::maintenance::{BlobRow, PackRow};
 use crate::pack::{self, ENTRY_LEN, INDEX_MAGIC, PACK_MAGIC, TAIL_LEN};
 use crate::reader::{Loc, open_pack};
 use crate::remote::{self, Remote};
-use crate::{Hash, Result, Store, StoreError, VerifyReport, catalog};
+use crate::{Hash, Result, Store, StoreError, catalog};
+
+/// Result of [`Store::verify`].
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VerifyReport {
+    /// Pack files checked.
+    pub packs: u64,
+    /// Blobs that decompressed and hashed correctly.
+    pub blobs: u64,
+    /// Their uncompressed bytes.
+    pub bytes: u64,
+    /// Everything wrong, one sentence each (naming the pack and blob).
+    pub problems: Vec<String>,
+    /// Pack files on disk that the catalog does not name (harmless).
+    pub orphan_packs: Vec<PathBuf>,
+}
+
+impl VerifyReport {
+    /// True if no problem was found (orphans are not problems).
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
 
 impl Store {
     /// Check the whole store (the work behind `ckpt verify`): every pack the

@@ -22,7 +22,50 @@ use crate::pack::{FinishedPack, OpenPack, PackEntry};
 use crate::remote;
 use crate::remote_lock::RemoteLock;
 use crate::store::{Inner, describe_ids};
-use crate::{BlobKind, GenerationInfo, Hash, NewGeneration, Result, Store, StoreError, WriterOptions, catalog, lock, lock_dir, now_ms, seal};
+use crate::{BlobKind, GenerationInfo, Hash, Result, Store, StoreError, catalog, lock, lock_dir, now_ms, seal};
+
+/// Default target size of a pack file; a pack is also closed at every commit.
+pub const DEFAULT_PACK_TARGET: u64 = 32 << 20;
+
+/// What the caller supplies to [`Writer::commit`]; the store fills in the id,
+/// `new_bytes` and `stored_bytes`.
+#[derive(Clone, Debug)]
+pub struct NewGeneration {
+    /// See [`GenerationInfo::parent`]; must exist if set.
+    pub parent: Option<u64>,
+    /// See [`GenerationInfo::created_ms`].
+    pub created_ms: i64,
+    /// See [`GenerationInfo::duration_ms`].
+    pub duration_ms: u64,
+    /// See [`GenerationInfo::nprocs`].
+    pub nprocs: u32,
+    /// See [`GenerationInfo::logical_bytes`].
+    pub logical_bytes: u64,
+    /// See [`GenerationInfo::dirty_tracking`].
+    pub dirty_tracking: String,
+    /// Manifest blob; must have been put (now or earlier).
+    pub manifest: Hash,
+    /// See [`GenerationInfo::info`].
+    pub info: serde_json::Value,
+}
+
+/// Options of a [`Writer`].
+#[derive(Clone, Copy, Debug)]
+pub struct WriterOptions {
+    /// A pack is closed once it reaches this many bytes.
+    pub pack_target: u64,
+    /// zstd level.
+    pub level: i32,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            pack_target: DEFAULT_PACK_TARGET,
+            level: ckpt_chunker::DEFAULT_LEVEL,
+        }
+    }
+}
 
 impl Store {
     /// Take the writer lock and return the one [`Writer`] (default options).
