@@ -29,6 +29,13 @@
 //! then are unreferenced packs deleted from S3. Verification of an S3 store
 //! reads S3, not the cache.
 //!
+//! One module per concept: [`Store`] (opening, keys, generation rows) in
+//! `store`, blob reads in `reader` and `read_many`, the [`Writer`] and its
+//! commit in `writer`, the locks in `lock`, every check of verify in
+//! `verify`, every SQL statement in `catalog`, and the S3 side in
+//! [`remote`] (client, cache sync, push/pull). This file only declares
+//! them and re-exports.
+//!
 //! This crate must never know about processes, memory layouts or image
 //! manifests: it stores opaque blobs and generation rows that point at a
 //! manifest blob.

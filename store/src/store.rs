@@ -479,7 +479,7 @@ impl Store {
     }
 
     /// Path of the SQLite catalog (for tools such as gc that need queries
-    /// this API does not offer; take a [`Writer`] before modifying it).
+    /// this API does not offer; take a [`Writer`](crate::Writer) before modifying it).
     pub fn catalog_path(&self) -> &Path {
         &self.inner.catalog_path
     }

@@ -52,7 +52,7 @@
 //! ([`crate::Writer::remove_remote_packs`]).
 //!
 //! The module is in three parts: [`client`] (the blocking S3 client: URLs,
-//! requests, ranged GETs, uploads, error classification), [`sync`] (the
+//! requests, ranged GETs, uploads, error classification), `sync` (the
 //! cache directory against S3: the catalog's ETag, the `unsynced` marker,
 //! uploads after a commit) and [`transfer`] (`push` and `pull` of whole
 //! stores). Its errors are [`RemoteError`], defined beside
