@@ -1,6 +1,7 @@
 //! Maintenance of a store: the catalog and pack operations behind `ckpt gc`
-//! and `ckpt verify` (listing packs and blobs, checking blobs and pack
-//! trailers, deleting unreferenced rows, repacking).
+//! (listing packs and blobs, deleting unreferenced rows, repacking, and
+//! publishing the result to S3); the checks of `ckpt verify` are all in
+//! the `verify` module.
 //!
 //! Crash safety: every catalog change is one SQLite transaction, and pack
 //! files are only deleted after the transaction that stops naming them has
