@@ -24,7 +24,7 @@ use std::sync::Mutex;
 
 use rusqlite::Connection;
 
-use crate::KnownSet;
+use crate::writer::KnownSet;
 
 /// A set handed back by a writer, and the catalog's state it is exact for.
 pub(crate) struct Kept {
