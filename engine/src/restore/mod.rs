@@ -184,7 +184,7 @@ pub fn restore_generation_with(
     // is that file again.
     let mut opener = crate::fds::Opener::new(store, generation, images)?;
     let shm_fds = shm::objects(&ctx, &opener)?;
-    let all_dests = memory::destinations(&ctx)?;
+    let all_dests = memory::destinations(&ctx, &[])?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "chunk lists loaded");
 
     // The fds of every process, then the restorer's own above them.
