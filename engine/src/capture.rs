@@ -280,10 +280,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             let only_anon = file.is_some();
             let ts = std::time::Instant::now();
             let (present, written) = match backend {
-                Backend::UffdWp => {
-                    let written = dirty::uffd_written(&pagemap, m.start, m.end).map_err(mem_err)?;
-                    (dirty::present_runs(&pagemap, m.start, m.end, only_anon).map_err(mem_err)?, written)
-                }
+                Backend::UffdWp => dirty::uffd_scan(&pagemap, m.start, m.end, only_anon).map_err(mem_err)?,
                 Backend::Scan => (dirty::present_runs(&pagemap, m.start, m.end, only_anon).map_err(mem_err)?, None),
                 Backend::SoftDirty => {
                     let (present, written) = dirty::pagemap_runs(&pagemap, m.start, m.end, true, only_anon).map_err(mem_err)?;

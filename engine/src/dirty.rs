@@ -168,7 +168,10 @@ pub fn holds_data(e: u64) -> bool {
 /// walks page tables, so holes cost nothing. `Ok(None)`: this kernel has
 /// no `PAGEMAP_SCAN` (before 6.7). `EPERM` under `PM_SCAN_CHECK_WPASYNC`
 /// (the range is not registered for tracking) is returned as an error.
-fn scan(pagemap: &File, start: u64, end: u64, flags: u64, inverted: u64, required: u64, anyof: u64) -> std::io::Result<Option<Vec<(u64, u64, u64)>>> {
+///
+/// `report`: categories to report on each run besides the ones matched on
+/// (a run is split where any of them changes).
+fn scan(pagemap: &File, start: u64, end: u64, flags: u64, inverted: u64, required: u64, anyof: u64, report: u64) -> std::io::Result<Option<Vec<(u64, u64, u64)>>> {
     let mut out = Vec::new();
     let mut vec = vec![PageRegion::default(); 1024];
     let mut cur = start;
@@ -185,7 +188,7 @@ fn scan(pagemap: &File, start: u64, end: u64, flags: u64, inverted: u64, require
             category_inverted: inverted,
             category_mask: required,
             category_anyof_mask: anyof,
-            return_mask: (required & !inverted) | anyof,
+            return_mask: (required & !inverted) | anyof | report,
         };
         // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
         // page_regions into `vec`, which outlives the call.
@@ -219,24 +222,60 @@ fn scan(pagemap: &File, start: u64, end: u64, flags: u64, inverted: u64, require
 /// pages of a private file mapping).
 pub fn present_runs(pagemap: &File, start: u64, end: u64, only_anon: bool) -> std::io::Result<PageRuns> {
     let (inverted, required) = if only_anon { (PAGE_IS_FILE, PAGE_IS_FILE) } else { (0, 0) };
-    let Some(regions) = scan(pagemap, start, end, 0, inverted, required, PAGE_IS_PRESENT | PAGE_IS_SWAPPED)? else {
+    let Some(regions) = scan(pagemap, start, end, 0, inverted, required, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, 0)? else {
         return Ok(pagemap_runs(pagemap, start, end, false, only_anon)?.0);
     };
     let mut out = PageRuns::new();
     for (lo, hi, cat) in regions {
-        if cat & PAGE_IS_PRESENT != 0 {
-            out.push(lo, hi);
-            continue;
-        }
-        // Swapped out, or a marker: pagemap tells them apart (few pages).
-        let entries = pagemap_entries(pagemap, start + lo * PAGE, start + hi * PAGE)?;
-        for (i, e) in entries.into_iter().enumerate() {
-            if holds_data(e) && !(only_anon && e & PM_FILE != 0) {
-                out.push(lo + i as u64, lo + i as u64 + 1);
-            }
-        }
+        push_holding_data(&mut out, pagemap, start, (lo, hi, cat), only_anon)?;
     }
     Ok(out)
+}
+
+/// Adds a run that `PAGEMAP_SCAN` reported present or swapped to `out`:
+/// a present run whole; of a swapped one, the pages that are really in
+/// swap, not markers (pagemap tells them apart; they are few).
+fn push_holding_data(out: &mut PageRuns, pagemap: &File, start: u64, (lo, hi, cat): (u64, u64, u64), only_anon: bool) -> std::io::Result<()> {
+    if cat & PAGE_IS_PRESENT != 0 {
+        out.push(lo, hi);
+        return Ok(());
+    }
+    let entries = pagemap_entries(pagemap, start + lo * PAGE, start + hi * PAGE)?;
+    for (i, e) in entries.into_iter().enumerate() {
+        if holds_data(e) && !(only_anon && e & PM_FILE != 0) {
+            out.push(lo + i as u64, lo + i as u64 + 1);
+        }
+    }
+    Ok(())
+}
+
+/// The uffd-wp backend's one walk over `[start, end)`: the pages holding
+/// data (as [`present_runs`]) and, of them, the ones written since they
+/// were last protected, which it protects again (as [`uffd_written`]),
+/// from a single `PAGEMAP_SCAN` call (`PM_SCAN_WP_MATCHING`, matching
+/// present or swapped pages, reporting written and file): the kernel
+/// re-protects only the written ones, so the walk costs one pass over the
+/// page tables instead of three. Written: `None` when the range is not
+/// registered for tracking (then only presence is known, by a plain walk).
+pub fn uffd_scan(pagemap: &File, start: u64, end: u64, only_anon: bool) -> std::io::Result<(PageRuns, Option<PageRuns>)> {
+    let flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
+    let regions = match scan(pagemap, start, end, flags, 0, 0, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, PAGE_IS_WRITTEN | PAGE_IS_FILE) {
+        Ok(Some(r)) => r,
+        Ok(None) => unreachable!("scan answers None only without PM_SCAN_WP_MATCHING"),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok((present_runs(pagemap, start, end, only_anon)?, None)),
+        Err(e) => return Err(e),
+    };
+    let (mut present, mut written) = (PageRuns::new(), Vec::new());
+    for (lo, hi, cat) in regions {
+        if cat & PAGE_IS_WRITTEN != 0 {
+            written.push((lo, hi));
+        }
+        if only_anon && cat & PAGE_IS_FILE != 0 {
+            continue;
+        }
+        push_holding_data(&mut present, pagemap, start, (lo, hi, cat), only_anon)?;
+    }
+    Ok((present, Some(PageRuns::from_unsorted(written))))
 }
 
 /// Pages of `[start, end)` holding data that were written since they were
@@ -249,7 +288,7 @@ pub fn present_runs(pagemap: &File, start: u64, end: u64, only_anon: bool) -> st
 pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<PageRuns>> {
     let mut runs = Vec::new();
     for required in [PAGE_IS_PRESENT, PAGE_IS_SWAPPED] {
-        match scan(pagemap, start, end, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, 0, required, PAGE_IS_WRITTEN) {
+        match scan(pagemap, start, end, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, 0, required, PAGE_IS_WRITTEN, 0) {
             Ok(Some(r)) => runs.extend(r.into_iter().map(|(lo, hi, _)| (lo, hi))),
             Ok(None) => unreachable!("scan answers None only without PM_SCAN_WP_MATCHING"),
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok(None),
