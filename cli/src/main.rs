@@ -881,10 +881,12 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
         }
     }
     // A lazy restart: its page server serves the processes that are left
-    // until their memory is all in (they may outlive the roots).
+    // until their memory is all in (they may outlive the roots). If it
+    // could not, it killed them and said why; this command fails too.
     if let Some(server) = server {
         if let Err(e) = server.wait() {
             tracing::debug!("page server: {e}");
+            code = if code == 0 { 1 } else { code };
         }
     }
     Ok(ExitCode::from(code as u8))

@@ -97,6 +97,8 @@ pub(super) struct LazyPart {
     /// Their indices in the image's regions.
     pub indices: Vec<usize>,
     chunk_size: u64,
+    /// The process's PID (for messages).
+    pid: i32,
 }
 
 impl LazyPart {
@@ -123,7 +125,7 @@ impl LazyPart {
         if regions.windows(2).any(|w| w[0].end > w[1].start) {
             return Err(bad(format!("process {} has overlapping regions", image.pid)));
         }
-        Ok(LazyPart { regions, indices, chunk_size })
+        Ok(LazyPart { regions, indices, chunk_size, pid: image.pid })
     }
 
     /// The region holding image address `src`.
@@ -387,7 +389,11 @@ fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], send: &(dyn Fn(F
     for (origin, part) in parts.iter().enumerate() {
         for r in &part.regions {
             let n = (r.end - r.start).div_ceil(part.chunk_size);
-            let list = chunklist::load_sparse(store, generation, &r.top, r.depth, n).map_err(|e| format!("the chunk list of region {:#x}-{:#x}: {e}", r.start, r.end))?;
+            let what = || format!("the chunk list of region {:#x}-{:#x} of process {}", r.start, r.end, part.pid);
+            let list = chunklist::load_sparse(store, generation, &r.top, r.depth, n).map_err(|e| match e {
+                EngineError::Store(e) => unreadable(&what(), &e),
+                e => format!("{}: {e}", what()),
+            })?;
             if list.len != n {
                 return Err(format!("the chunk list of region {:#x}-{:#x} lists {} chunks, expected {n} (generation {generation}: a damaged image)", r.start, r.end, list.len));
             }
@@ -402,11 +408,21 @@ fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], send: &(dyn Fn(F
                         let items = batch.iter().map(|(h, d)| Filled { hash: *h, data: Arc::from(*d), srcs: dests.get(h).cloned().unwrap_or_default() }).collect();
                         if send(Fill::Batch(origin, items)) { Ok(()) } else { Err(ckpt_store::StoreError::Callback("the page server stopped".into())) }
                     })
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| unreadable(&format!("the memory of region {:#x}-{:#x} of process {}", r.start, r.end, part.pid), &e))?;
             }
         }
     }
     Ok(())
+}
+
+/// Why `what` did not come from the store: it holds it damaged (or not at
+/// all), or it cannot be read now (unreachable, an I/O error).
+fn unreadable(what: &str, e: &ckpt_store::StoreError) -> String {
+    use ckpt_store::StoreError as E;
+    match e {
+        E::Corrupt { .. } | E::BlobNotFound { .. } | E::MissingPack { .. } | E::Tampered { .. } | E::BadName { .. } => format!("{what} is damaged in the store: {e}"),
+        _ => format!("cannot read {what} from the store: {e}"),
+    }
 }
 
 /// Starts the page server for `attached` (their lazy parts: `parts`, by
@@ -527,7 +543,7 @@ impl Server {
                     reading = false;
                     continue;
                 }
-                Ok(Fill::Failed(e)) => return Err(self.die(format!("the background fill cannot read the store: {e}"))),
+                Ok(Fill::Failed(why)) => return Err(self.die(format!("the background fill: {why}"))),
                 Err(mpsc::TryRecvError::Empty) => {}
             }
             // Nothing to copy: sleep until a fault, an event or a batch.
@@ -665,11 +681,18 @@ impl Server {
     /// nodes on the way cached).
     fn hash_of(&mut self, i: usize, page: u64, region: &LazyRegion, index: u64) -> Result<Hash> {
         let (generation, reader, nodes) = (self.generation, &self.reader, &mut self.nodes);
+        // Why a node read failed, when it was the store's answer (it is
+        // unreachable, or holds the node damaged): said as such, not as a
+        // damaged image.
+        let mut failed: Option<String> = None;
         let mut read = |n: &Hash| -> Result<Arc<[Hash]>> {
             if let Some(k) = nodes.get(n) {
                 return Ok(k.clone());
             }
-            let bytes = reader.read(n).map_err(|e| EngineError::BadImage { generation, what: format!("chunk-list node {n} cannot be read: {e}") })?;
+            let bytes = reader.read(n).map_err(|e| {
+                failed = Some(unreadable(&format!("chunk-list node {n}"), &e));
+                EngineError::Store(e)
+            })?;
             let kids: Arc<[Hash]> = chunklist::node_children(generation, n, &bytes)?.into();
             if nodes.len() >= NODE_CACHE {
                 nodes.clear();
@@ -677,8 +700,13 @@ impl Server {
             nodes.insert(*n, kids.clone());
             Ok(kids)
         };
-        chunklist::chunk_at(&mut read, generation, &region.top, region.depth, &self.zeros, index).map_err(|e| {
-            self.die(format!("the memory at {page:#x} of {} (region {:#x}-{:#x}) cannot be found: {e}", self.who(i), region.start, region.end))
+        let found = chunklist::chunk_at(&mut read, generation, &region.top, region.depth, &self.zeros, index);
+        found.map_err(|e| {
+            let at = format!("the memory at {page:#x} of {} (region {:#x}-{:#x})", self.who(i), region.start, region.end);
+            match failed {
+                Some(why) => self.die(format!("{at}: {why}")),
+                None => self.die(format!("{at} cannot be found: {e}")),
+            }
         })
     }
 
@@ -689,7 +717,7 @@ impl Server {
         }
         let data: Arc<[u8]> = match self.reader.read(h) {
             Ok(d) => d.into(),
-            Err(e) => return Err(self.die(format!("cannot read the memory at {page:#x} of {} from the store: {e}", self.who(i)))),
+            Err(e) => return Err(self.die(unreadable(&format!("the memory at {page:#x} of {} (chunk {h})", self.who(i)), &e))),
         };
         if self.chunks.len() >= CHUNK_CACHE {
             self.chunks.clear();
@@ -755,6 +783,9 @@ impl Server {
             // SAFETY: kill takes no pointer.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        // The watchdog kills too (the process groups as well: children
+        // forked during the fill that no space names), silently: this says why.
+        self.watchdog.killed();
         let what = format!("lazy restart: {why}; every process of the restart was killed (SIGKILL) rather than left waiting for memory that cannot come. Make the store reachable and restart again (or restart without --lazy)");
         eprintln!("ckpt: generation {}: {what}", self.generation);
         EngineError::Restore { generation: self.generation, what }

@@ -13,7 +13,10 @@ use crate::error::{EngineError, Result};
 /// cannot fill with zeros while it lives: it waits on a pipe whose only
 /// writer is the server, and at end of file without the server's "done"
 /// kills every restored process and every process group one of them leads
-/// (children forked during the fill), then exits. Forked from a
+/// (children forked during the fill), says so, then exits. When the server
+/// itself kills the computation (a page it cannot get), it tells the
+/// watchdog, which then kills the same way without a word: the server
+/// says why, and it did not die. Forked from a
 /// multithreaded process, it runs raw system calls only, on data prepared
 /// before the fork.
 pub(super) struct Watchdog {
@@ -67,13 +70,18 @@ impl Watchdog {
                 if n == 1 && b == b'D' {
                     libc::_exit(0);
                 }
+                // 'K': the server killed the computation and said why; the
+                // watchdog makes sure (the groups too) and says nothing.
+                let quiet = n == 1 && b == b'K';
                 for fd in &pidfds {
                     libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32);
                 }
                 for &g in &groups {
                     libc::kill(-g, libc::SIGKILL);
                 }
-                libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
+                if !quiet {
+                    libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
+                }
                 libc::_exit(1);
             }
         }
@@ -88,6 +96,16 @@ impl Watchdog {
             unsafe { libc::write(p.as_raw_fd(), b"D".as_ptr() as *const libc::c_void, 1) };
         }
         self.reap();
+    }
+
+    /// The server killed the computation itself (and says why): the
+    /// watchdog kills it too, every process group included, but says
+    /// nothing (the server did not die).
+    pub(super) fn killed(&self) {
+        if let Some(p) = &self.pipe {
+            // SAFETY: one byte to our pipe.
+            unsafe { libc::write(p.as_raw_fd(), b"K".as_ptr() as *const libc::c_void, 1) };
+        }
     }
 
     fn reap(&mut self) {
