@@ -350,6 +350,8 @@ impl Threads {
 pub struct PageServer {
     /// Bytes of memory it brings in (on fault or in the background).
     pub bytes: u64,
+    /// Why it killed the computation, once it has.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
     done: mpsc::Receiver<Result<FillReport>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -363,6 +365,13 @@ pub struct FillReport {
 }
 
 impl PageServer {
+    /// Why the server killed the computation (a page it could not get),
+    /// once it has (it said so on stderr): the restart need not wait for
+    /// the processes to come back.
+    pub fn failed(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Waits until every page is in (or the processes are gone).
     pub fn wait(mut self) -> Result<FillReport> {
         let r = self.done.recv().unwrap_or(Ok(FillReport::default()));
@@ -469,6 +478,8 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
     // Forked while it can still take a copy of every userfaultfd.
     let watchdog = Watchdog::start(generation, &all_pids)?;
     let (done_tx, done) = mpsc::channel();
+    let failure: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+    let failed = failure.clone();
     serve_tx
         .send(Box::new(move || {
             let server = Server {
@@ -485,11 +496,12 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
                 wakeup,
                 stash: Vec::new(),
                 watchdog,
+                failed,
             };
             let _ = done_tx.send(server.run());
         }))
         .map_err(|_| stopped())?;
-    Ok(PageServer { bytes, done, threads: vec![read_h, serve_h] })
+    Ok(PageServer { bytes, failure, done, threads: vec![read_h, serve_h] })
 }
 
 struct Server {
@@ -514,6 +526,8 @@ struct Server {
     stash: Vec<(usize, u64, Hash, Arc<[u8]>)>,
     /// Kills the computation if this process dies before the fill ends.
     watchdog: Watchdog,
+    /// [`PageServer::failed`]'s answer.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Server {
@@ -788,6 +802,7 @@ impl Server {
         self.watchdog.killed();
         let what = format!("lazy restart: {why}; every process of the restart was killed (SIGKILL) rather than left waiting for memory that cannot come. Make the store reachable and restart again (or restart without --lazy)");
         eprintln!("ckpt: generation {}: {what}", self.generation);
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         EngineError::Restore { generation: self.generation, what }
     }
 }
