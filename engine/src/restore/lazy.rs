@@ -315,7 +315,7 @@ struct Filled {
 enum Fill {
     Batch(usize, Vec<Filled>),
     Done,
-    Failed(String),
+    Failed(Fix, String),
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -394,17 +394,17 @@ impl Drop for PageServer {
 
 /// The filler's work: every lazy region's chunk list walked, its chunks
 /// read in slices and sent to the server. Runs after the programs do.
-fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], send: &(dyn Fn(Fill) -> bool + Sync)) -> std::result::Result<(), String> {
+fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], send: &(dyn Fn(Fill) -> bool + Sync)) -> std::result::Result<(), (Fix, String)> {
     for (origin, part) in parts.iter().enumerate() {
         for r in &part.regions {
             let n = (r.end - r.start).div_ceil(part.chunk_size);
             let what = || format!("the chunk list of region {:#x}-{:#x} of process {}", r.start, r.end, part.pid);
             let list = chunklist::load_sparse(store, generation, &r.top, r.depth, n).map_err(|e| match e {
                 EngineError::Store(e) => unreadable(&what(), &e),
-                e => format!("{}: {e}", what()),
+                e => (Fix::Image, format!("{}: {e}", what())),
             })?;
             if list.len != n {
-                return Err(format!("the chunk list of region {:#x}-{:#x} lists {} chunks, expected {n} (generation {generation}: a damaged image)", r.start, r.end, list.len));
+                return Err((Fix::Image, format!("the chunk list of region {:#x}-{:#x} lists {} chunks, expected {n} (generation {generation}: a damaged image)", r.start, r.end, list.len)));
             }
             for slice in list.entries.chunks(FILL_SLICE) {
                 let mut dests: HashMap<Hash, Vec<u64>> = HashMap::new();
@@ -426,12 +426,24 @@ fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], send: &(dyn Fn(F
 
 /// Why `what` did not come from the store: it holds it damaged (or not at
 /// all), or it cannot be read now (unreachable, an I/O error).
-fn unreadable(what: &str, e: &ckpt_store::StoreError) -> String {
+fn unreadable(what: &str, e: &ckpt_store::StoreError) -> (Fix, String) {
     use ckpt_store::StoreError as E;
     match e {
-        E::Corrupt { .. } | E::BlobNotFound { .. } | E::MissingPack { .. } | E::Tampered { .. } | E::BadName { .. } => format!("{what} is damaged in the store: {e}"),
-        _ => format!("cannot read {what} from the store: {e}"),
+        E::Corrupt { .. } | E::BlobNotFound { .. } | E::MissingPack { .. } | E::Tampered { .. } | E::BadName { .. } => (Fix::Image, format!("{what} is damaged in the store: {e}")),
+        _ => (Fix::Store, format!("cannot read {what} from the store: {e}")),
     }
+}
+
+/// What the user can do about a page the server could not bring in.
+#[derive(Clone, Copy, Debug)]
+enum Fix {
+    /// The store could not be read now: make it reachable, restart again.
+    Store,
+    /// The image or the store holds damaged data: no restart of this
+    /// generation can bring that memory back.
+    Image,
+    /// The kernel refused the copy.
+    Kernel,
 }
 
 /// Starts the page server for `attached` (their lazy parts: `parts`, by
@@ -468,7 +480,7 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
                 send(Fill::Done);
             }
             Err(e) => {
-                send(Fill::Failed(e));
+                send(Fill::Failed(e.0, e.1));
             }
         }))
         .map_err(|_| stopped())?;
@@ -557,7 +569,7 @@ impl Server {
                     reading = false;
                     continue;
                 }
-                Ok(Fill::Failed(why)) => return Err(self.die(format!("the background fill: {why}"))),
+                Ok(Fill::Failed(fix, why)) => return Err(self.die(fix, format!("the background fill: {why}"))),
                 Err(mpsc::TryRecvError::Empty) => {}
             }
             // Nothing to copy: sleep until a fault, an event or a batch.
@@ -676,7 +688,7 @@ impl Server {
                 } else {
                     let data = self.chunk(i, page, &h)?;
                     if data.len() as u64 != len {
-                        return Err(self.die(format!("chunk {h} is {} bytes, the image needs {len} at {start:#x} of {}", data.len(), self.who(i))));
+                        return Err(self.die(Fix::Image, format!("chunk {h} is {} bytes, the image needs {len} at {start:#x} of {}", data.len(), self.who(i))));
                     }
                     self.place(i, start, len, Some(&data))
                 }
@@ -686,7 +698,7 @@ impl Server {
             // The thread faults again once the events are read: it is served then.
             Copy::Again => wake(uffd, page, PAGE),
             Copy::Gone | Copy::Done => {}
-            Copy::Failed(e) => return Err(self.die(format!("the kernel refused the memory at {page:#x} of {}: {}", self.who(i), std::io::Error::from_raw_os_error(e)))),
+            Copy::Failed(e) => return Err(self.die(Fix::Kernel, format!("the kernel refused the memory at {page:#x} of {}: {}", self.who(i), std::io::Error::from_raw_os_error(e)))),
         }
         Ok(())
     }
@@ -698,7 +710,7 @@ impl Server {
         // Why a node read failed, when it was the store's answer (it is
         // unreachable, or holds the node damaged): said as such, not as a
         // damaged image.
-        let mut failed: Option<String> = None;
+        let mut failed: Option<(Fix, String)> = None;
         let mut read = |n: &Hash| -> Result<Arc<[Hash]>> {
             if let Some(k) = nodes.get(n) {
                 return Ok(k.clone());
@@ -718,8 +730,8 @@ impl Server {
         found.map_err(|e| {
             let at = format!("the memory at {page:#x} of {} (region {:#x}-{:#x})", self.who(i), region.start, region.end);
             match failed {
-                Some(why) => self.die(format!("{at}: {why}")),
-                None => self.die(format!("{at} cannot be found: {e}")),
+                Some((fix, why)) => self.die(fix, format!("{at}: {why}")),
+                None => self.die(Fix::Image, format!("{at} cannot be found: {e}")),
             }
         })
     }
@@ -731,7 +743,10 @@ impl Server {
         }
         let data: Arc<[u8]> = match self.reader.read(h) {
             Ok(d) => d.into(),
-            Err(e) => return Err(self.die(unreadable(&format!("the memory at {page:#x} of {} (chunk {h})", self.who(i)), &e))),
+            Err(e) => {
+                let (fix, why) = unreadable(&format!("the memory at {page:#x} of {} (chunk {h})", self.who(i)), &e);
+                return Err(self.die(fix, why));
+            }
         };
         if self.chunks.len() >= CHUNK_CACHE {
             self.chunks.clear();
@@ -772,7 +787,7 @@ impl Server {
         let Some(region) = part.region_at(src) else { return Ok(()) };
         let want = (region.end - src).min(part.chunk_size);
         if data.len() as u64 != want {
-            return Err(self.die(format!("chunk {h} is {} bytes, the image needs {want} at {src:#x} of process {}", data.len(), self.all_pids.get(origin).copied().unwrap_or(0))));
+            return Err(self.die(Fix::Image, format!("chunk {h} is {} bytes, the image needs {want} at {src:#x} of process {}", data.len(), self.all_pids.get(origin).copied().unwrap_or(0))));
         }
         for i in 0..self.spaces.len() {
             if self.spaces[i].origin != origin {
@@ -784,14 +799,14 @@ impl Server {
                     self.stash.push((origin, src, *h, data.clone()));
                     return Ok(());
                 }
-                Copy::Failed(e) => return Err(self.die(format!("the kernel refused the memory at {src:#x} of {}: {}", self.who(i), std::io::Error::from_raw_os_error(e)))),
+                Copy::Failed(e) => return Err(self.die(Fix::Kernel, format!("the kernel refused the memory at {src:#x} of {}: {}", self.who(i), std::io::Error::from_raw_os_error(e)))),
             }
         }
         Ok(())
     }
 
     /// Kills the computation and says why.
-    fn die(&self, why: String) -> EngineError {
+    fn die(&self, fix: Fix, why: String) -> EngineError {
         // The restored processes and the children they forked since.
         for pid in self.all_pids.iter().copied().chain(self.spaces.iter().map(|s| s.pid).filter(|&p| p > 0)) {
             // SAFETY: kill takes no pointer.
@@ -800,7 +815,12 @@ impl Server {
         // The watchdog kills too (the process groups as well: children
         // forked during the fill that no space names), silently: this says why.
         self.watchdog.killed();
-        let what = format!("lazy restart: {why}; every process of the restart was killed (SIGKILL) rather than left waiting for memory that cannot come. Make the store reachable and restart again (or restart without --lazy)");
+        let fix = match fix {
+            Fix::Store => "Make the store reachable and restart again (or restart without --lazy)",
+            Fix::Image => "This generation cannot be restarted whole: run `ckpt verify` and restart an older generation",
+            Fix::Kernel => "Restart again without --lazy",
+        };
+        let what = format!("lazy restart: {why}; every process of the restart was killed (SIGKILL) rather than left waiting for memory that cannot come. {fix}");
         eprintln!("ckpt: generation {}: {what}", self.generation);
         *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         EngineError::Restore { generation: self.generation, what }
