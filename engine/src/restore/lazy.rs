@@ -33,15 +33,23 @@
 //!   `MADV_DONTNEED` range leaves it (it reads as zero now). Between
 //!   events it copies in the chunks the filler thread decodes: the filler
 //!   walks each lazy region's chunk list ([`crate::chunklist::load_sparse`],
-//!   after the program runs) and reads the chunks in parallel
+//!   from when the programs start; nothing waits for it) and reads the
+//!   chunks in parallel
 //!   ([`Store::read_blobs_batched`]); the server copies each where it is
 //!   still unfilled. Only the server copies, so a range dropped by an
 //!   event is never filled after it.
-//! * A chunk or chunk-list node that cannot be read (the store
-//!   unreachable, a corrupt pack, a damaged node) kills every process of
-//!   the restart with `SIGKILL` and says which and why: a fault never waits
-//!   for ever. A watchdog process ([`watchdog`]) does the same if the
-//!   server's process dies.
+//! * A chunk or chunk-list node that cannot be read kills every process of
+//!   the restart with `SIGKILL` and says which and why, worded by what
+//!   failed whichever read met it first (a fault's node or chunk, or the
+//!   filler's walk: under load it is often a fault): the store unreachable
+//!   ("cannot read ... from the store": make it reachable), damaged data
+//!   ("... is damaged": a corrupt or missing blob, a node of the wrong
+//!   shape; only an older generation helps), or the kernel refusing the
+//!   copy ([`Fix`]). A fault never waits for ever. A watchdog process
+//!   ([`watchdog`]) does the same if the server's process dies; after the
+//!   server's own kill it kills silently (the server did not die).
+//!   [`PageServer::failed`] lets the restart stop waiting for processes
+//!   that were killed before they were back at the coordinator.
 //! * When the filler is done, what is still unfilled is what the image has
 //!   no data for: the server closes the userfaultfds (the kernel
 //!   unregisters the ranges, which read as zero) and writes zero to each
