@@ -446,7 +446,7 @@ fn unreadable(what: &str, e: &ckpt_store::StoreError) -> (Fix, String) {
 }
 
 /// What the user can do about a page the server could not bring in.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fix {
     /// The store could not be read now: make it reachable, restart again.
     Store,
@@ -835,5 +835,29 @@ impl Server {
         eprintln!("ckpt: generation {}: {what}", self.generation);
         *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         EngineError::Restore { generation: self.generation, what }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Fix, unreadable};
+    use ckpt_store::StoreError;
+
+    /// A store that cannot be read now is said as such, damaged data as
+    /// damage: the fix differs (make the store reachable, or restart an
+    /// older generation), whichever read met it.
+    #[test]
+    fn a_store_error_is_worded_by_its_cause() {
+        let gone = StoreError::Io { context: "GET s3://b/p/packs/ab/x.pack".into(), source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused) };
+        let (fix, why) = unreadable("chunk-list node n", &gone);
+        assert_eq!(fix, Fix::Store);
+        assert!(why.starts_with("cannot read chunk-list node n from the store: GET"), "{why}");
+        let h = ckpt_chunker::Hash([7; 32]);
+        let bad = StoreError::Corrupt { pack: "/s/packs/ab/x.pack".into(), hash: h, reason: "its bytes hash to something else".into() };
+        let (fix, why) = unreadable("chunk-list node n", &bad);
+        assert_eq!(fix, Fix::Image);
+        assert!(why.starts_with("chunk-list node n is damaged in the store: blob") && why.contains(&h.to_string()), "{why}");
+        let missing = StoreError::BlobNotFound { hash: h, path: "/s".into() };
+        assert_eq!(unreadable("x", &missing).0, Fix::Image);
     }
 }
