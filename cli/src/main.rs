@@ -881,10 +881,12 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
         }
     }
     // A lazy restart: its page server serves the processes that are left
-    // until their memory is all in (they may outlive the roots).
+    // until their memory is all in (they may outlive the roots). If it
+    // could not, it killed them and said why; this command fails too.
     if let Some(server) = server {
         if let Err(e) = server.wait() {
             tracing::debug!("page server: {e}");
+            code = if code == 0 { 1 } else { code };
         }
     }
     Ok(ExitCode::from(code as u8))
@@ -953,9 +955,26 @@ pub(crate) fn bring_back(
     };
     let opts = ckpt_engine::restore::Options { lazy };
     let mut restored = ckpt_engine::restore::restore_generation_with(store, generation, images, &restorer, connect, before_live, opts)?;
-    for pid in &restored.all {
-        client::wait_process(addr, *pid, Duration::from_secs(30))
-            .with_context(|| format!("restored process {pid} did not come back to the coordinator"))?;
+    // Each process comes back to the coordinator; a lazy restart's page
+    // server may kill them all before (a page it cannot get): that is
+    // said at once, not after the coordinator's wait.
+    let (back_tx, back) = std::sync::mpsc::channel();
+    let (waddr, wpids) = (addr.clone(), restored.all.clone());
+    std::thread::spawn(move || {
+        let r = wpids.iter().try_for_each(|pid| {
+            client::wait_process(&waddr, *pid, Duration::from_secs(30)).with_context(|| format!("restored process {pid} did not come back to the coordinator"))
+        });
+        let _ = back_tx.send(r);
+    });
+    loop {
+        match back.recv_timeout(Duration::from_millis(20)) {
+            Ok(r) => break r?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!("the wait for the restored processes to come back to the coordinator stopped"),
+        }
+        if let Some(why) = restored.server.as_ref().and_then(|s| s.failed()) {
+            bail!("generation {generation}: the lazy restart killed its processes before they were back at the coordinator: {why}");
+        }
     }
     // Processes stopped by job control at the checkpoint come back stopped.
     restored.stop_held().context("bringing back stopped processes stopped")?;
