@@ -267,7 +267,12 @@ pub fn run(a: NsinitArgs) -> Result<ExitCode> {
             vec![child.id() as i32]
         }
     };
-    let code = ns::reap_all(&main);
-    drop(server);
+    let mut code = ns::reap_all(&main);
+    // The page server killed the computation and said why if it failed:
+    // the restart fails too.
+    if let Some(Err(e)) = server.map(|s| s.wait()) {
+        tracing::debug!("page server: {e}");
+        code = if code == 0 { 1 } else { code };
+    }
     Ok(ExitCode::from(code as u8))
 }

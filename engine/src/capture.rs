@@ -179,6 +179,9 @@ pub struct Base {
 pub struct BaseRegion {
     pub end: u64,
     pub hashes: SparseChunks,
+    /// The chunk-list tree stored for `hashes` (its top nodes and depth):
+    /// reused as it is when the next capture's hashes are the same.
+    pub tree: (Vec<Hash>, u32),
     pub present: PageRuns,
     /// Its `MAP_NORESERVE` and attributes then ([`Prepared::read_vm_flags`]).
     pub noreserve: bool,
@@ -546,13 +549,14 @@ impl Prepared {
         let chunk_size = self.image.chunk_size as usize;
         let mem_path = format!("/proc/{source}/mem");
         let mem = File::open(&mem_path).map_err(|e| EngineError::Proc { pid: source, path: mem_path.into(), source: e })?;
+        let intact = base_intact(base, writer);
         for st in self.regions.iter_mut().filter(|st| st.hashes.is_none()) {
             let r = &self.image.regions[st.index];
             if !which(r) {
                 continue;
             }
             let b = base.and_then(|b| b.regions.get(&r.start));
-            let hashes = store_region(source, r, st, b, &mem, writer, chunk_size, &mut self.stats)?;
+            let hashes = store_region(source, r, st, b, intact, &mem, writer, chunk_size, &mut self.stats)?;
             st.hashes = Some(hashes);
         }
         Ok(())
@@ -562,11 +566,12 @@ impl Prepared {
     /// the regions not stored yet) are few, reads them now into buffers
     /// of ours, and returns their size; the process may then resume at
     /// once and [`Self::store_copied`] stores them. "Few": at most
-    /// `max_bytes`, and at most one page read per `pages_per_read`
-    /// present pages (a page read costs about that many page-table entries
-    /// copied by a snapshot fork; measured in bench-stop). Otherwise reads
-    /// nothing and returns None.
-    pub fn copy_out(&mut self, pid: i32, base: Option<&Base>, max_bytes: u64, pages_per_read: u64) -> Result<Option<u64>> {
+    /// `max_bytes`, and at most `free_pages` pages plus one page read per
+    /// `pages_per_read` present pages (a page read costs about that many
+    /// page-table entries copied by a snapshot fork, and a fork has a fixed
+    /// cost worth `free_pages` reads; measured in bench-stop and
+    /// bench-trees). Otherwise reads nothing and returns None.
+    pub fn copy_out(&mut self, pid: i32, base: Option<&Base>, max_bytes: u64, pages_per_read: u64, free_pages: u64) -> Result<Option<u64>> {
         let chunk_size = self.image.chunk_size as usize;
         let mut plans = Vec::new();
         let (mut bytes, mut present) = (0u64, 0u64);
@@ -580,7 +585,7 @@ impl Prepared {
             present += if st.sparse { st.present.count() } else { len / remote::PAGE };
             plans.push((k, reuse, to_read));
         }
-        if bytes > max_bytes || bytes / remote::PAGE * pages_per_read > present {
+        if bytes > max_bytes || bytes / remote::PAGE > free_pages + present / pages_per_read {
             return Ok(None);
         }
         let mem_path = format!("/proc/{pid}/mem");
@@ -615,6 +620,7 @@ impl Prepared {
     pub fn store_copied(&mut self, base: Option<&Base>, writer: &dyn BlobSink) -> Result<()> {
         let chunk_size = self.image.chunk_size as usize;
         let pid = self.image.pid;
+        let intact = base_intact(base, writer);
         for st in self.regions.iter_mut().filter(|st| st.hashes.is_none()) {
             let r = &self.image.regions[st.index];
             let Some(c) = st.copied.take() else {
@@ -622,8 +628,7 @@ impl Prepared {
             };
             let b = base.and_then(|b| b.regions.get(&r.start));
             let mut hashes = reusable(r, b, c.reuse.as_ref(), chunk_size);
-            let gone = writer.missing(&hashes.iter().map(|&(_, h)| h).collect::<Vec<_>>())?;
-            if gone.iter().any(|&g| g) {
+            if !intact && writer.missing(&hashes.iter().map(|&(_, h)| h).collect::<Vec<_>>())?.iter().any(|&g| g) {
                 return Err(EngineError::BaseGone { pid });
             }
             let len = (r.end - r.start) as usize;
@@ -648,20 +653,29 @@ impl Prepared {
     }
 
     /// Step 3: the finished image (segments stored) and the base for the
-    /// next capture.
-    pub fn finish(mut self, generation: u64, writer: &dyn BlobSink) -> Result<(ProcessImage, CaptureStats, Base)> {
+    /// next capture. A region whose chunks are those of `base` (the one
+    /// the capture was given) keeps the base's chunk-list tree, when the
+    /// store vouches for the base's generation: an idle 1 GiB region's
+    /// tree is 8 MiB of node bytes to hash again otherwise.
+    pub fn finish(mut self, generation: u64, base: Option<&Base>, writer: &dyn BlobSink) -> Result<(ProcessImage, CaptureStats, Base)> {
         if !self.flags_read {
             let pid = self.image.pid;
             return Err(EngineError::Unsupported { pid, what: "internal: its mappings' VmFlags were never read".into() });
         }
-        let mut base = Base { generation, regions: HashMap::new() };
+        let intact = base_intact(base, writer);
+        let mut next = Base { generation, regions: HashMap::new() };
         for st in self.regions {
             let r = &mut self.image.regions[st.index];
             let hashes = st.hashes.ok_or_else(|| EngineError::Unsupported { pid: self.image.pid, what: format!("region {:#x} was never stored", r.start) })?;
-            (r.segments, r.depth) = crate::chunklist::store_sparse(writer, &hashes)?;
-            base.regions.insert(r.start, BaseRegion { end: r.end, hashes, present: st.present, noreserve: r.noreserve, attrs: r.attrs.clone() });
+            let same = base.and_then(|b| b.regions.get(&r.start)).filter(|b| intact && b.end == r.end && b.hashes == hashes);
+            let tree = match same {
+                Some(b) => b.tree.clone(),
+                None => crate::chunklist::store_sparse(writer, &hashes)?,
+            };
+            (r.segments, r.depth) = tree.clone();
+            next.regions.insert(r.start, BaseRegion { end: r.end, hashes, tree, present: st.present, noreserve: r.noreserve, attrs: r.attrs.clone() });
         }
-        Ok((self.image, self.stats, base))
+        Ok((self.image, self.stats, next))
     }
 }
 
@@ -752,11 +766,22 @@ fn store_chunks(data: &[u8], first: u64, zero_is_data: bool, chunk_size: usize, 
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Whether `base`'s chunks may be reused without asking the store about
+/// each: the store vouches that nothing was removed since the base's
+/// generation was committed ([`BlobSink::intact_generation`]). Asking costs
+/// a keyed hash and a lookup per chunk (30-50 ms per GiB of memory, every
+/// checkpoint).
+fn base_intact(base: Option<&Base>, writer: &dyn BlobSink) -> bool {
+    base.is_some_and(|b| writer.intact_generation() == Some(b.generation))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn store_region(
     pid: i32,
     r: &RegionImage,
     st: &RegionState,
     base: Option<&BaseRegion>,
+    base_intact: bool,
     mem: &File,
     writer: &dyn BlobSink,
     chunk_size: usize,
@@ -767,8 +792,11 @@ fn store_region(
     let (reuse, mut to_read) = plan_region(r, st, base, chunk_size);
     let mut hashes: Vec<(u64, Hash)> = Vec::with_capacity(reuse.len() + to_read.len());
     // Only a chunk the store still holds (gc may have pruned the generation
-    // the base came from) is reused; the others are read again.
-    if !reuse.is_empty() {
+    // the base came from) is reused; the others are read again. Unless
+    // the store vouches for the base's generation (nothing removed since).
+    if base_intact {
+        hashes.extend(reuse.iter().copied());
+    } else if !reuse.is_empty() {
         let gone = writer.missing(&reuse.iter().map(|&(_, h)| h).collect::<Vec<_>>())?;
         for (&(c, h), gone) in reuse.iter().zip(gone) {
             if gone {

@@ -130,7 +130,9 @@ pub fn load_sparse(store: &Store, generation: u64, top: &[Hash], depth: u32, exp
     load_sparse_from(&mut children, &mut prefetch, generation, top, depth, expect)
 }
 
-fn node_children(generation: u64, n: &Hash, bytes: &[u8]) -> Result<Vec<Hash>> {
+/// The children of node `n` from its stored bytes: a node of other than a
+/// whole number of hashes, or of more than [`FANOUT`], is a damaged image.
+pub fn node_children(generation: u64, n: &Hash, bytes: &[u8]) -> Result<Vec<Hash>> {
     if bytes.len() % 32 != 0 || bytes.len() > FANOUT * 32 {
         return Err(EngineError::BadImage { generation, what: format!("chunk-list node {n} is {} bytes", bytes.len()) });
     }
@@ -148,9 +150,7 @@ fn load_sparse_from(children_of: &mut dyn FnMut(&Hash) -> Result<Vec<Hash>>, pre
     if expect == 0 && depth == 0 && top.is_empty() {
         return Ok(SparseChunks { len: 0, entries: Vec::new() });
     }
-    if top.len() > TOP_MAX || span(height).is_none_or(|s| s / FANOUT as u64 > expect) {
-        return Err(bad(format!("a chunk-list tree of depth {depth} and {} top nodes cannot describe {expect} chunks", top.len())));
-    }
+    check_shape(generation, top, depth, expect)?;
     let zeros = zero_nodes(height);
     let top_span = span(height).unwrap_or(u64::MAX);
     let mut cur: Vec<(u64, Hash)> = top.iter().enumerate().map(|(i, h)| (i as u64 * top_span, *h)).collect();
@@ -189,6 +189,47 @@ fn load_sparse_from(children_of: &mut dyn FnMut(&Hash) -> Result<Vec<Hash>>, pre
         cur = next;
     }
     Ok(SparseChunks { len: len.unwrap_or(0), entries: cur })
+}
+
+/// Fails unless a tree of `top.len()` top nodes over `depth` inner levels
+/// can describe a region of `expect` chunks: no more than [`TOP_MAX`] top
+/// nodes, not deeper than such a region needs, and room for every chunk.
+pub fn check_shape(generation: u64, top: &[Hash], depth: u32, expect: u64) -> Result<()> {
+    let span = (FANOUT as u64).checked_pow(depth + 1);
+    let fits = span.is_some_and(|s| s / FANOUT as u64 <= expect && (top.len() as u64).checked_mul(s).is_none_or(|all| all >= expect));
+    if top.len() > TOP_MAX || !fits {
+        return Err(EngineError::BadImage { generation, what: format!("a chunk-list tree of depth {depth} and {} top nodes cannot describe {expect} chunks", top.len()) });
+    }
+    Ok(())
+}
+
+/// The hash of chunk `index` of a region's tree (its top level `top`,
+/// `depth` inner levels under it, of the shape [`check_shape`] accepts),
+/// reading only the nodes on the path down to it, at most `depth + 1`,
+/// each with `children` (which may cache them: nodes are
+/// content-addressed). `zeros` is [`zero_nodes`]`(depth + 1)`: a zero node
+/// on the way needs no read, and the answer is then
+/// [`Hash::ZERO_CHUNK`], as it is for a chunk the image has no data for.
+/// A node too short for the path is a damaged image.
+pub fn chunk_at(children: &mut dyn FnMut(&Hash) -> Result<std::sync::Arc<[Hash]>>, generation: u64, top: &[Hash], depth: u32, zeros: &[Hash], index: u64) -> Result<Hash> {
+    let bad = |what: String| EngineError::BadImage { generation, what };
+    let height = depth as usize + 1;
+    let span = |h: usize| (FANOUT as u64).checked_pow(h as u32).unwrap_or(u64::MAX);
+    if zeros.len() <= height {
+        return Err(bad(format!("a chunk-list tree of depth {depth} needs {} zero nodes, {} given", height + 1, zeros.len())));
+    }
+    let Some(mut node) = top.get((index / span(height)) as usize).copied() else {
+        return Err(bad(format!("a chunk-list tree of {} top nodes and depth {depth} has no chunk {index}", top.len())));
+    };
+    for h in (1..=height).rev() {
+        if node == zeros[h] {
+            return Ok(Hash::ZERO_CHUNK);
+        }
+        let kids = children(&node)?;
+        let j = ((index / span(h - 1)) % FANOUT as u64) as usize;
+        node = *kids.get(j).ok_or_else(|| bad(format!("chunk-list node {node} has {} children: chunk {index} needs child {j}", kids.len())))?;
+    }
+    Ok(node)
 }
 
 fn expand(store: &Store, generation: u64, nodes: &[Hash], seen: &mut Vec<Hash>) -> Result<Vec<Hash>> {
@@ -301,6 +342,46 @@ mod tests {
             assert_eq!(sk, dk, "len {len} data {data:?}");
             assert_eq!(s.load(&got.0, got.1, len as u64).unwrap(), sparse, "len {len} data {data:?}");
         }
+    }
+
+    #[test]
+    fn descending_to_a_chunk_finds_what_the_whole_list_has() {
+        let cases: &[(usize, &[usize])] = &[
+            (1, &[0]),
+            (33, &[32]),
+            (64 * 32 + 1, &[5, 2048]),
+            (100_000, &[0, 1, 31, 32, 999, 65_535, 99_999]),
+            (32 * 32 * 64 * 2, &[0, 77_777, 32 * 32 * 64 * 2 - 1]),
+        ];
+        for &(len, data) in cases {
+            let m = Mem::default();
+            let sparse = SparseChunks::from_dense(&dense(len, data));
+            let (top, depth) = store_sparse(&m, &sparse).unwrap();
+            check_shape(1, &top, depth, len as u64).unwrap();
+            let zeros = zero_nodes(depth as usize + 1);
+            let blobs = m.0.lock().unwrap().clone();
+            let reads = std::cell::Cell::new(0);
+            let mut read = |n: &Hash| -> Result<std::sync::Arc<[Hash]>> {
+                reads.set(reads.get() + 1);
+                Ok(node_children(1, n, &blobs[n])?.into())
+            };
+            let mut probe: Vec<u64> = data.iter().map(|&i| i as u64).collect();
+            probe.extend([0, len as u64 / 2, len as u64 - 1, len as u64 / 3]);
+            for i in probe {
+                reads.set(0);
+                assert_eq!(chunk_at(&mut read, 1, &top, depth, &zeros, i).unwrap(), sparse.get(i), "len {len} chunk {i}");
+                assert!(reads.get() <= depth as usize + 1, "len {len} chunk {i}: {} node reads", reads.get());
+            }
+            // Past the end of the region: refused, not a chunk of another.
+            let past = (top.len() as u64) * (FANOUT as u64).pow(depth + 1);
+            assert!(chunk_at(&mut read, 1, &top, depth, &zeros, past).is_err());
+        }
+        // A shape that cannot be the region's is refused before any read.
+        let m = Mem::default();
+        let (top, depth) = store_sparse(&m, &SparseChunks { len: 100_000, entries: vec![(7, Hash::of(b"x"))] }).unwrap();
+        assert!(check_shape(1, &top, depth, 200_000).is_err(), "too few chunks for the region");
+        assert!(check_shape(1, &top, depth, 1000).is_err(), "deeper than the region needs");
+        assert!(check_shape(1, &top, depth + 40, 100_000).is_err());
     }
 
     #[test]

@@ -202,9 +202,9 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
-    /// An S3 request failed (see [`crate::remote::RemoteError`]).
+    /// An S3 request failed (see [`RemoteError`]).
     #[error(transparent)]
-    Remote(Box<crate::remote::RemoteError>),
+    Remote(Box<RemoteError>),
     /// A generation committed in the local cache of an S3 store could not
     /// be uploaded.
     #[error(
@@ -282,8 +282,8 @@ pub enum StoreError {
     Callback(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-impl From<crate::remote::RemoteError> for StoreError {
-    fn from(e: crate::remote::RemoteError) -> StoreError {
+impl From<RemoteError> for StoreError {
+    fn from(e: RemoteError) -> StoreError {
         StoreError::Remote(Box::new(e))
     }
 }
@@ -325,4 +325,99 @@ impl<T> SqlCtx<T> for rusqlite::Result<T> {
             source,
         })
     }
+}
+
+/// Errors talking to S3, each naming the object or bucket and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The URL is not `s3://BUCKET[/PREFIX]`.
+    #[error("store URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The endpoint does not answer.
+    #[error(
+        "cannot reach the S3 endpoint {endpoint} ({what} {object}): {detail}; check that the server runs and that AWS_ENDPOINT_URL names it"
+    )]
+    Unreachable {
+        /// Endpoint URL.
+        endpoint: String,
+        /// Operation.
+        what: String,
+        /// Object URL.
+        object: String,
+        /// Error text.
+        detail: String,
+    },
+    /// Credentials refused.
+    #[error(
+        "S3 refused access to {object} ({what}): {detail}; check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) and the permissions on bucket {bucket}"
+    )]
+    AccessDenied {
+        /// Bucket.
+        bucket: String,
+        /// Operation.
+        what: String,
+        /// Object URL.
+        object: String,
+        /// Error text.
+        detail: String,
+    },
+    /// The bucket does not exist.
+    #[error(
+        "bucket {bucket} does not exist at {endpoint}: create it first (e.g. `aws s3 mb s3://{bucket}`) or fix the store URL"
+    )]
+    NoSuchBucket {
+        /// Bucket.
+        bucket: String,
+        /// Endpoint.
+        endpoint: String,
+    },
+    /// The prefix holds no store.
+    #[error(
+        "{url} holds no ckpt store (no {object}): push one there first (`ckpt push {url}`), or create it with `ckpt launch --store {url}`"
+    )]
+    NoSuchStore {
+        /// Store URL.
+        url: String,
+        /// Catalog object URL.
+        object: String,
+    },
+    /// An object the catalog names is missing.
+    #[error(
+        "{object} is missing from S3, though the catalog names it: the remote store is damaged; push the store again from a complete copy (`ckpt push`)"
+    )]
+    MissingObject {
+        /// Object URL.
+        object: String,
+    },
+    /// An object's bytes are wrong (size or hash).
+    #[error(
+        "{object} is corrupt on S3 ({reason}); push the store again from a good copy (`ckpt push`) and run `ckpt verify`"
+    )]
+    CorruptObject {
+        /// Object URL.
+        object: String,
+        /// What check failed.
+        reason: String,
+    },
+    /// Source and destination both have generations the other lacks.
+    #[error("{reason}")]
+    Diverged {
+        /// Which generations and what to do.
+        reason: String,
+    },
+    /// Anything else the server said.
+    #[error("S3 {what} {object} failed: {detail}")]
+    Other {
+        /// Operation.
+        what: String,
+        /// Object URL.
+        object: String,
+        /// Error text.
+        detail: String,
+    },
 }

@@ -1,6 +1,7 @@
 //! Maintenance of a store: the catalog and pack operations behind `ckpt gc`
-//! and `ckpt verify` (listing packs and blobs, checking blobs and pack
-//! trailers, deleting unreferenced rows, repacking).
+//! (listing packs and blobs, deleting unreferenced rows, repacking, and
+//! publishing the result to S3); the checks of `ckpt verify` are all in
+//! the `verify` module.
 //!
 //! Crash safety: every catalog change is one SQLite transaction, and pack
 //! files are only deleted after the transaction that stops naming them has
@@ -9,19 +10,19 @@
 //! consistent catalog; at worst, pack files that nothing names (orphans),
 //! which [`Writer::remove_orphan_packs`] deletes later.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File};
+use std::collections::{HashMap, HashSet};
+use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use rayon::prelude::*;
-use rusqlite::params;
 use serde::Serialize;
 
-use crate::error::{IoCtx, SqlCtx};
-use crate::pack::{self, ENTRY_LEN, INDEX_MAGIC, OpenPack, PACK_MAGIC, TAIL_LEN};
+use crate::catalog;
+use crate::error::IoCtx;
+use crate::pack::{self, ENTRY_LEN, OpenPack, PACK_MAGIC, TAIL_LEN};
 use crate::remote::Remote;
-use crate::{BlobKind, Hash, Loc, Result, Store, StoreError, VerifyReport, Writer, lock, now_ms, open_pack};
+use crate::reader::{Loc, open_pack};
+use crate::{BlobKind, Hash, Result, Store, StoreError, Writer, lock, now_ms};
 
 /// One pack file as the catalog records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -116,33 +117,12 @@ impl Repacked {
 impl Store {
     /// Every pack the catalog names.
     pub fn pack_rows(&self) -> Result<Vec<PackRow>> {
-        let conn = self.inner.conn();
-        let p = &self.inner.catalog_path;
-        let mut st = conn
-            .prepare("SELECT id, name, size, nblobs FROM packs ORDER BY id")
-            .db(p)?;
-        let rows: Vec<PackRow> = st
-            .query_map([], |r| {
-                Ok(PackRow {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    size: r.get::<_, i64>(2)? as u64,
-                    nblobs: r.get::<_, i64>(3)? as u64,
-                })
-            })
-            .db(p)?
-            .collect::<rusqlite::Result<_>>()
-            .db(p)?;
-        for r in &rows {
-            crate::private::check_pack_name(&r.name, p)?;
-        }
-        Ok(rows)
+        catalog::packs::all(&self.inner.conn(), &self.inner.catalog_path)
     }
 
     /// Every blob row of the catalog.
     pub fn blob_rows(&self) -> Result<Vec<BlobRow>> {
-        let conn = self.inner.conn();
-        blob_rows(&conn, &self.inner.catalog_path)
+        catalog::blobs::all(&self.inner.conn(), &self.inner.catalog_path)
     }
 
     /// Pack files on disk (`packs/*/*.pack`), named by the catalog or not.
@@ -218,271 +198,6 @@ impl Store {
             })
             .collect())
     }
-
-    /// Read back every blob in `hashes` (duplicates and [`Hash::ZERO_CHUNK`]
-    /// allowed) and check that it decompresses and hashes to its address.
-    /// Unlike [`Store::read_blobs`] it does not stop at the first problem:
-    /// each one (a blob missing from the catalog, a missing or truncated
-    /// pack, a corrupt blob) is a sentence in the report naming the pack
-    /// and the blob. `Err` only if the catalog cannot be queried. For an
-    /// `s3://` store the blobs are read from S3 with ranged GETs (never
-    /// from the cache), so this checks what another host would restart.
-    pub fn verify_blobs(&self, hashes: &[Hash]) -> Result<VerifyReport> {
-        let mut uniq: Vec<Hash> = hashes.iter().copied().filter(|h| !h.is_zero_chunk()).collect();
-        uniq.sort_unstable();
-        uniq.dedup();
-        let mut problems = Vec::new();
-        let mut groups: BTreeMap<String, Vec<Loc>> = BTreeMap::new();
-        {
-            let conn = self.inner.conn();
-            for h in &uniq {
-                match self.locate(&conn, h) {
-                    Ok(loc) => groups.entry(loc.pack.clone()).or_default().push(loc),
-                    Err(StoreError::BlobNotFound { .. }) => {
-                        problems.push(format!("blob {h} is not in the catalog"))
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let results: Vec<(u64, u64, Vec<String>)> = if let Some(r) = self.inner.remote.as_deref() {
-            let mut all = Vec::new();
-            let groups: Vec<(String, Vec<Loc>)> = groups.into_iter().collect();
-            for batch in groups.chunks(crate::remote::CONCURRENCY) {
-                let work: Vec<(String, Vec<std::ops::Range<u64>>)> = batch
-                    .iter()
-                    .map(|(n, locs)| (Remote::pack_rel(n), locs.iter().map(|l| l.offset..l.offset + l.clen as u64).collect()))
-                    .collect();
-                let fetched = r.get_ranges_each(&work);
-                all.par_extend(batch.par_iter().zip(fetched.into_par_iter()).map(|((name, locs), got)| match got {
-                    Err(e) => (0, 0, vec![format!("{e} ({} blobs of this check live in it){}", locs.len(), self.unsynced_note(name))]),
-                    Ok(bufs) => {
-                        let (mut n, mut bytes, mut probs) = (0, 0, Vec::new());
-                        for (l, b) in locs.iter().zip(&bufs) {
-                            match self.decode_remote(r, l, b) {
-                                Ok(_) => {
-                                    n += 1;
-                                    bytes += l.ulen as u64;
-                                }
-                                Err(e) => probs.push(e.to_string()),
-                            }
-                        }
-                        (n, bytes, probs)
-                    }
-                }));
-            }
-            all
-        } else {
-            groups
-            .into_par_iter()
-            .map(|(name, mut locs)| {
-                locs.sort_unstable_by_key(|l| l.offset);
-                let path = self.pack_path(&name);
-                let f = match open_pack(&path, &locs[0].hash) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        return (0, 0, vec![format!("{e} ({} blobs of this check live in it)", locs.len())]);
-                    }
-                };
-                let (mut n, mut bytes, mut probs) = (0, 0, Vec::new());
-                for l in &locs {
-                    let mut buf = vec![0u8; l.clen as usize];
-                    let r = match f.read_exact_at(&mut buf, l.offset) {
-                        Ok(()) => self.decode(l, &buf).map(|_| ()),
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(StoreError::Corrupt {
-                            pack: path.clone(),
-                            hash: l.hash,
-                            reason: "pack file is truncated".into(),
-                        }),
-                        Err(e) => Err(StoreError::io(format!("read pack file {}", path.display()), e)),
-                    };
-                    match r {
-                        Ok(()) => {
-                            n += 1;
-                            bytes += l.ulen as u64;
-                        }
-                        Err(e) => probs.push(e.to_string()),
-                    }
-                }
-                (n, bytes, probs)
-            })
-            .collect()
-        };
-        let mut report = VerifyReport::default();
-        for (n, bytes, probs) in results {
-            report.packs += 1;
-            report.blobs += n;
-            report.bytes += bytes;
-            problems.extend(probs);
-        }
-        report.problems = problems;
-        Ok(report)
-    }
-
-    /// Check the catalog against the pack files without reading blob data:
-    /// every named pack exists with the recorded size and a trailer that
-    /// agrees with the catalog about each of its blobs; every blob row points
-    /// to a known pack; every generation's manifest is in the catalog.
-    /// Orphan pack files are listed (harmless). For an `s3://` store, one
-    /// listing of the packs on S3 is checked against the catalog (names and
-    /// sizes; trailers are not read).
-    pub fn verify_metadata(&self) -> Result<VerifyReport> {
-        let packs = self.pack_rows()?;
-        let blobs = self.blob_rows()?;
-        let mut problems = Vec::new();
-        {
-            let conn = self.inner.conn();
-            problems.extend(self.generation_problems(&conn)?);
-        }
-        let mut by_pack: HashMap<i64, Vec<BlobRow>> = HashMap::new();
-        for b in blobs {
-            by_pack.entry(b.pack_id).or_default().push(b);
-        }
-        let ids: HashSet<i64> = packs.iter().map(|p| p.id).collect();
-        for (id, rows) in &by_pack {
-            if !ids.contains(id) {
-                problems.push(format!(
-                    "{} blobs (e.g. {}) point to pack id {id}, which the catalog does not have",
-                    rows.len(),
-                    rows[0].hash
-                ));
-            }
-        }
-        let mut report = VerifyReport { packs: packs.len() as u64, ..Default::default() };
-        if self.inner.remote.is_some() {
-            // On S3: one listing; every named pack must be there with its
-            // size (no data is read, trailers included).
-            let present = self.present_packs()?;
-            for pk in &packs {
-                let n = by_pack.get(&pk.id).map_or(0, Vec::len);
-                match present.get(&pk.name) {
-                    None => problems.push(format!(
-                        "{} ({n} blobs) is missing from S3, though the catalog names it{}",
-                        self.pack_location(&pk.name),
-                        self.unsynced_note(&pk.name)
-                    )),
-                    Some(&len) if len != pk.size => problems.push(format!(
-                        "{} is {len} bytes on S3, the catalog says {}: the pack is damaged; push the store again from a good copy (`ckpt push`)",
-                        self.pack_location(&pk.name),
-                        pk.size
-                    )),
-                    Some(_) => {}
-                }
-            }
-            let named: HashSet<&str> = packs.iter().map(|p| p.name.as_str()).collect();
-            let mut orphans: Vec<PathBuf> =
-                present.keys().filter(|n| !named.contains(n.as_str())).map(|n| PathBuf::from(self.pack_location(n))).collect();
-            orphans.sort();
-            report.orphan_packs = orphans;
-        } else {
-            let results: Vec<Vec<String>> = packs
-                .par_iter()
-                .map(|pk| {
-                    let rows = by_pack.get(&pk.id).map(Vec::as_slice).unwrap_or(&[]);
-                    self.check_trailer(pk, rows)
-                })
-                .collect();
-            for r in results {
-                problems.extend(r);
-            }
-            report.orphan_packs = self.orphan_packs()?.into_iter().map(|o| o.0).collect();
-        }
-        for rows in by_pack.values() {
-            report.blobs += rows.len() as u64;
-            report.bytes += rows.iter().map(|r| r.ulen as u64).sum::<u64>();
-        }
-        report.problems = problems;
-        Ok(report)
-    }
-
-    /// Size and trailer of one pack against its catalog rows.
-    fn check_trailer(&self, pk: &PackRow, rows: &[BlobRow]) -> Vec<String> {
-        let path = self.pack_path(&pk.name);
-        let mut probs = Vec::new();
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                probs.push(format!("pack file {} ({} blobs) cannot be opened: {e}", path.display(), rows.len()));
-                return probs;
-            }
-        };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        if len != pk.size {
-            probs.push(format!("pack file {} is {len} bytes, the catalog says {}", path.display(), pk.size));
-        }
-        let entries = match read_trailer(&f, len) {
-            Ok(e) => e,
-            Err(e) => {
-                probs.push(format!("pack file {}: {e}", path.display()));
-                return probs;
-            }
-        };
-        let idx: HashMap<Hash, (u64, u32, u32)> = entries.into_iter().collect();
-        for r in rows {
-            let agrees = idx.get(&r.hash) == Some(&(r.offset, r.clen, r.ulen));
-            if !agrees {
-                probs.push(format!(
-                    "pack file {}: trailer does not agree with the catalog about blob {}",
-                    path.display(),
-                    r.hash
-                ));
-            }
-        }
-        probs
-    }
-}
-
-/// A trailer entry: hash and (offset, clen, ulen).
-type TrailerEntry = (Hash, (u64, u32, u32));
-
-/// Read just the trailer of a pack file.
-fn read_trailer(f: &File, len: u64) -> std::result::Result<Vec<TrailerEntry>, String> {
-    if len < (PACK_MAGIC.len() + TAIL_LEN) as u64 {
-        return Err("too short to be a pack file (truncated?)".into());
-    }
-    let mut tail = [0u8; TAIL_LEN];
-    f.read_exact_at(&mut tail, len - TAIL_LEN as u64).map_err(|e| e.to_string())?;
-    if &tail[8..] != INDEX_MAGIC {
-        return Err("pack trailer missing (no CKPTPKIX at the end): file truncated?".into());
-    }
-    let count = u32::from_le_bytes(tail[0..4].try_into().expect("4 bytes")) as usize;
-    let tlen = u32::from_le_bytes(tail[4..8].try_into().expect("4 bytes")) as u64;
-    if tlen != (count * ENTRY_LEN + TAIL_LEN) as u64 || tlen > len - PACK_MAGIC.len() as u64 {
-        return Err(format!("inconsistent trailer (count {count}, length {tlen})"));
-    }
-    let mut buf = vec![0u8; count * ENTRY_LEN];
-    f.read_exact_at(&mut buf, len - tlen).map_err(|e| e.to_string())?;
-    Ok(buf
-        .chunks_exact(ENTRY_LEN)
-        .map(|e| {
-            let hash = Hash::from_slice(&e[..32]).expect("32 bytes");
-            let offset = u64::from_le_bytes(e[33..41].try_into().expect("8 bytes"));
-            let clen = u32::from_le_bytes(e[41..45].try_into().expect("4 bytes"));
-            let ulen = u32::from_le_bytes(e[45..49].try_into().expect("4 bytes"));
-            (hash, (offset, clen, ulen))
-        })
-        .collect())
-}
-
-fn blob_rows(conn: &rusqlite::Connection, p: &std::path::Path) -> Result<Vec<BlobRow>> {
-    let mut st = conn
-        .prepare("SELECT hash, pack_id, offset, clen, ulen, kind FROM blobs")
-        .db(p)?;
-    let mut rows = st.query([]).db(p)?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next().db(p)? {
-        let hb: Vec<u8> = r.get(0).db(p)?;
-        let Some(hash) = Hash::from_slice(&hb) else { continue };
-        out.push(BlobRow {
-            hash,
-            pack_id: r.get(1).db(p)?,
-            offset: r.get::<_, i64>(2).db(p)? as u64,
-            clen: r.get::<_, i64>(3).db(p)? as u32,
-            ulen: r.get::<_, i64>(4).db(p)? as u32,
-            kind: BlobKind::from_u8(r.get::<_, i64>(5).db(p)? as u8).unwrap_or(BlobKind::Chunk),
-        });
-    }
-    Ok(out)
 }
 
 impl Writer {
@@ -510,21 +225,9 @@ impl Writer {
         let root = self.inner.root.clone();
         let path = self.inner.catalog_path.clone();
         self.with_transaction(|tx| {
-            let mut out = Swept::default();
+            let mut out = Swept { generations: catalog::generations::delete(tx, &path, drop)?, ..Default::default() };
             {
-                let mut del = tx.prepare("DELETE FROM generations WHERE id = ?1").db(&path)?;
-                for g in drop {
-                    out.generations += del.execute([*g as i64]).db(&path)? as u64;
-                }
-            }
-            {
-                let mut st = tx.prepare("SELECT id, manifest FROM generations").db(&path)?;
-                let rows: Vec<(i64, Vec<u8>)> = st
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .db(&path)?
-                    .collect::<rusqlite::Result<_>>()
-                    .db(&path)?;
-                for (id, m) in rows {
+                for (id, m) in catalog::generations::manifests(tx, &path)? {
                     if !Hash::from_slice(&m).is_some_and(|h| live_blobs.contains(&h)) {
                         return Err(StoreError::Invalid(format!(
                             "sweep refused: generation {id} stays but its manifest is not among the live blobs (gc bug); nothing was deleted"
@@ -532,7 +235,7 @@ impl Writer {
                     }
                 }
             }
-            let rows = blob_rows(tx, &path)?;
+            let rows = catalog::blobs::all(tx, &path)?;
             let present: HashSet<Hash> = rows.iter().map(|r| r.hash).collect();
             if let Some(h) = live_blobs.iter().find(|h| !h.is_zero_chunk() && !present.contains(&self.inner.addr(h))) {
                 return Err(StoreError::Invalid(format!(
@@ -540,32 +243,22 @@ impl Writer {
                 )));
             }
             let mut live_per_pack: HashMap<i64, u64> = HashMap::new();
-            {
-                let mut del = tx.prepare("DELETE FROM blobs WHERE hash = ?1").db(&path)?;
-                for r in &rows {
-                    if live.contains(&r.hash) {
-                        *live_per_pack.entry(r.pack_id).or_default() += 1;
-                    } else {
-                        del.execute([&r.hash.0[..]]).db(&path)?;
-                        out.blobs += 1;
-                        out.blob_bytes += r.clen as u64;
-                    }
+            let mut dead = Vec::new();
+            for r in &rows {
+                if live.contains(&r.hash) {
+                    *live_per_pack.entry(r.pack_id).or_default() += 1;
+                } else {
+                    dead.push(&r.hash);
+                    out.blobs += 1;
+                    out.blob_bytes += r.clen as u64;
                 }
             }
-            let packs: Vec<(i64, String, i64)> = tx
-                .prepare("SELECT id, name, size FROM packs")
-                .db(&path)?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .db(&path)?
-                .collect::<rusqlite::Result<_>>()
-                .db(&path)?;
-            let mut del = tx.prepare("DELETE FROM packs WHERE id = ?1").db(&path)?;
-            for (id, name, size) in packs {
-                crate::private::check_pack_name(&name, &path)?;
+            catalog::blobs::delete(tx, &path, dead)?;
+            for (id, name, size) in catalog::packs::ids_names_sizes(tx, &path)? {
                 if !live_per_pack.contains_key(&id) {
-                    del.execute([id]).db(&path)?;
+                    catalog::packs::delete(tx, &path, id)?;
                     out.dead_packs.push(pack::pack_path(&root, &name));
-                    out.dead_pack_bytes += size as u64;
+                    out.dead_pack_bytes += size;
                 }
             }
             Ok(out)
@@ -666,29 +359,10 @@ impl Writer {
         {
             let conn = self.inner.conn();
             let p = &self.inner.catalog_path;
-            let mut st = conn
-                .prepare_cached("SELECT hash, offset, clen, ulen, kind FROM blobs WHERE pack_id = ?1 ORDER BY offset")
-                .db(p)?;
             for pk in packs {
-                let rows: Vec<(Vec<u8>, i64, i64, i64, i64)> = st
-                    .query_map([pk.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
-                    .db(p)?
-                    .collect::<rusqlite::Result<_>>()
-                    .db(p)?;
-                let locs = rows
+                let locs = catalog::blobs::of_pack(&conn, p, pk.id)?
                     .into_iter()
-                    .filter_map(|(h, off, c, u, k)| {
-                        let addr = Hash::from_slice(&h)?;
-                        let loc = Loc {
-                            hash: addr,
-                            addr,
-                            pack: pk.name.clone(),
-                            offset: off as u64,
-                            clen: c as u32,
-                            ulen: u as u32,
-                        };
-                        Some((loc, BlobKind::from_u8(k as u8).unwrap_or(BlobKind::Chunk)))
-                    })
+                    .map(|(addr, offset, clen, ulen, kind)| (Loc { hash: addr, addr, pack: pk.name.clone(), offset, clen, ulen }, kind))
                     .collect();
                 by_pack.insert(pk.id, locs);
             }
@@ -774,33 +448,18 @@ impl Writer {
         let path = self.inner.catalog_path.clone();
         self.with_transaction(|tx| {
             let now = now_ms();
-            {
-                let mut ins = tx
-                    .prepare("INSERT OR IGNORE INTO packs(name, size, nblobs, created) VALUES (?1, ?2, ?3, ?4)")
-                    .db(&path)?;
-                let mut upd = tx
-                    .prepare("UPDATE blobs SET pack_id = ?1, offset = ?2 WHERE hash = ?3")
-                    .db(&path)?;
-                for f in &r.new {
-                    ins.execute(params![f.name, f.size as i64, f.entries.len() as i64, now]).db(&path)?;
-                    let id: i64 = tx
-                        .query_row("SELECT id FROM packs WHERE name = ?1", [&f.name], |x| x.get(0))
-                        .db(&path)?;
-                    for e in &f.entries {
-                        upd.execute(params![id, e.offset as i64, &e.hash.0[..]]).db(&path)?;
-                    }
-                }
+            for f in &r.new {
+                let id = catalog::packs::insert_or_get(tx, &path, &f.name, f.size, f.entries.len(), now)?;
+                catalog::blobs::move_to(tx, &path, id, &f.entries)?;
             }
-            let mut del = tx.prepare("DELETE FROM packs WHERE id = ?1").db(&path)?;
-            let mut left = tx.prepare("SELECT count(*) FROM blobs WHERE pack_id = ?1").db(&path)?;
             for (id, name, _) in &r.old {
-                let n: i64 = left.query_row([*id], |x| x.get(0)).db(&path)?;
+                let n = catalog::blobs::count_in_pack(tx, &path, *id)?;
                 if n != 0 {
                     return Err(StoreError::Invalid(format!(
                         "repack refused: pack {name} still holds {n} blobs that were not copied; nothing was changed"
                     )));
                 }
-                del.execute([*id]).db(&path)?;
+                catalog::packs::delete(tx, &path, *id)?;
             }
             Ok(r.old.iter().map(|o| pack::pack_path(&self.inner.root, &o.1)).collect())
         })

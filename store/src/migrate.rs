@@ -22,12 +22,12 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use rusqlite::params;
-
-use crate::error::{IoCtx, SqlCtx};
+use crate::catalog;
+use crate::error::IoCtx;
 use crate::pack::{self, FinishedPack, OpenPack};
 use crate::seal::{self, Keys};
-use crate::{BlobKind, Hash, Loc, Result, StoreError, Writer, now_ms, open_pack};
+use crate::reader::{Loc, open_pack};
+use crate::{BlobKind, Hash, Result, StoreError, Writer, now_ms};
 
 /// Test hook: `CKPT_SEAL_PAUSE_AT=PHASE` makes the seal print `ckpt-seal:
 /// paused at PHASE` on stderr and sleep for an hour there (`after-key`,
@@ -95,24 +95,13 @@ impl Writer {
         let cat = self.inner.catalog_path.clone();
         let rows: Vec<(String, Vec<(Loc, BlobKind)>)> = {
             let conn = self.inner.conn();
-            let mut st = conn.prepare("SELECT id, name FROM packs ORDER BY id").db(&cat)?;
-            let packs: Vec<(i64, String)> = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).db(&cat)?.collect::<rusqlite::Result<_>>().db(&cat)?;
-            let mut st = conn.prepare("SELECT hash, offset, clen, ulen, kind FROM blobs WHERE pack_id = ?1 ORDER BY offset").db(&cat)?;
             let mut out = Vec::new();
-            for (pid, name) in packs {
-                crate::private::check_pack_name(&name, &cat)?;
-                let locs = st
-                    .query_map([pid], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?)))
-                    .db(&cat)?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-                    .db(&cat)?
+            for pk in catalog::packs::all(&conn, &cat)? {
+                let locs = catalog::blobs::of_pack(&conn, &cat, pk.id)?
                     .into_iter()
-                    .filter_map(|(h, o, c, u, k)| {
-                        let h = Hash::from_slice(&h)?;
-                        Some((Loc { hash: h, addr: h, pack: name.clone(), offset: o as u64, clen: c as u32, ulen: u as u32 }, BlobKind::from_u8(k as u8).unwrap_or(BlobKind::Chunk)))
-                    })
+                    .map(|(h, offset, clen, ulen, kind)| (Loc { hash: h, addr: h, pack: pk.name.clone(), offset, clen, ulen }, kind))
                     .collect();
-                out.push((name, locs));
+                out.push((pk.name, locs));
             }
             out
         };
@@ -165,36 +154,20 @@ impl Writer {
         // 3. One transaction.
         let old: Vec<PathBuf> = rows.iter().map(|(n, _)| store.pack_path(n)).collect();
         let ngens = self.with_transaction(|tx| {
-            tx.execute("DELETE FROM blobs", []).db(&cat)?;
-            tx.execute("DELETE FROM packs", []).db(&cat)?;
+            catalog::blobs::delete_all(tx, &cat)?;
+            catalog::packs::delete_all(tx, &cat)?;
             let now = now_ms();
-            {
-                let mut ins_pack = tx.prepare("INSERT INTO packs(name, size, nblobs, created) VALUES (?1, ?2, ?3, ?4)").db(&cat)?;
-                let mut ins_blob = tx.prepare("INSERT OR IGNORE INTO blobs(hash, pack_id, offset, clen, ulen, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6)").db(&cat)?;
-                for f in &new {
-                    ins_pack.execute(params![f.name, f.size as i64, f.entries.len() as i64, now]).db(&cat)?;
-                    let pid = tx.last_insert_rowid();
-                    for e in &f.entries {
-                        ins_blob.execute(params![&e.hash.0[..], pid, e.offset as i64, e.clen as i64, e.ulen as i64, e.kind as u8 as i64]).db(&cat)?;
-                    }
-                }
+            for f in &new {
+                let pid = catalog::packs::insert(tx, &cat, &f.name, f.size, f.entries.len(), now)?;
+                catalog::blobs::insert(tx, &cat, f.entries.iter().map(|e| (e, pid)))?;
             }
             let mut macs: HashMap<i64, [u8; 32]> = HashMap::new();
-            {
-                let mut st = tx.prepare(&format!("{} ORDER BY id", crate::GEN_SELECT)).db(&cat)?;
-                let mut rows = st.query([]).db(&cat)?;
-                while let Some(r) = rows.next().db(&cat)? {
-                    let g = crate::row_to_gen(r).db(&cat)?;
-                    macs.insert(g.info.id as i64, keys.generation_mac(&g.info, g.info_text.as_deref()));
-                }
+            for g in catalog::generations::all_strict(tx, &cat)? {
+                macs.insert(g.info.id as i64, keys.generation_mac(&g.info, g.info_text.as_deref()));
             }
-            let mut upd = tx.prepare("UPDATE generations SET mac = ?1 WHERE id = ?2").db(&cat)?;
-            for (id, mac) in &macs {
-                upd.execute(params![&mac[..], id]).db(&cat)?;
-            }
-            let mut m = tx.prepare("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)").db(&cat)?;
-            m.execute(params!["sealed", seal::SCHEME]).db(&cat)?;
-            m.execute(params!["key_check", keys.check_value()]).db(&cat)?;
+            catalog::generations::set_macs(tx, &cat, &macs)?;
+            catalog::set_meta(tx, &cat, "sealed", seal::SCHEME)?;
+            catalog::set_meta(tx, &cat, "key_check", &keys.check_value())?;
             Ok(macs.len() as u64)
         })?;
         pause("after-commit");

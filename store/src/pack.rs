@@ -25,7 +25,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ckpt_chunker::Hash;
 
-use crate::BlobKind;
+use serde::Serialize;
+
+/// What a blob is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[repr(u8)]
+pub enum BlobKind {
+    /// A chunk of memory (or file) contents.
+    Chunk = 0,
+    /// Metadata: manifests, chunk lists.
+    Meta = 1,
+}
+
+impl BlobKind {
+    /// Decode the on-disk value.
+    pub fn from_u8(v: u8) -> Option<BlobKind> {
+        match v {
+            0 => Some(BlobKind::Chunk),
+            1 => Some(BlobKind::Meta),
+            _ => None,
+        }
+    }
+}
 
 /// Magic at the start of every pack.
 pub const PACK_MAGIC: &[u8; 8] = b"CKPTPK01";

@@ -9,13 +9,18 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::error::SqlCtx;
 use crate::seal::Keys;
-use crate::{Hash, Loc, Remote, Result, Store, StoreError, open_pack, private, remote};
+use crate::reader::{Loc, open_pack};
+use crate::remote::{self, Remote};
+use crate::{Hash, Result, Store, StoreError, catalog};
+
+/// Above this many blobs, `read_blobs` scans the index once instead of
+/// looking each blob up.
+pub(crate) const BULK_LOCATE: usize = 4096;
 
 /// Blobs per batch: a batch is at most this many blobs (and, at 4 KiB
 /// chunks, 1 MiB), under the kernel's `IOV_MAX` (1024) for one vectored
@@ -88,27 +93,21 @@ impl Store {
     }
 
     /// Where each of `uniq` (sorted, distinct) is stored, by pack.
-    fn locate_all(&self, uniq: &[Hash]) -> Result<BTreeMap<String, Vec<Loc>>> {
+    pub(crate) fn locate_all(&self, uniq: &[Hash]) -> Result<BTreeMap<String, Vec<Loc>>> {
         let mut groups: BTreeMap<String, Vec<Loc>> = BTreeMap::new();
         let conn = self.inner.conn();
         let cat = &self.inner.catalog_path;
-        if uniq.len() > crate::BULK_LOCATE {
+        if uniq.len() > BULK_LOCATE {
             // One pass over the index beats a lookup per blob.
             let wanted: HashMap<Hash, Hash> = uniq.iter().filter(|h| !h.is_zero_chunk()).map(|h| (self.inner.addr(h), *h)).collect();
             let mut found = HashSet::with_capacity(wanted.len());
-            let mut st = conn.prepare("SELECT b.hash, p.name, b.offset, b.clen, b.ulen FROM blobs b JOIN packs p ON p.id = b.pack_id").db(cat)?;
-            let mut rows = st.query([]).db(cat)?;
-            while let Some(r) = rows.next().db(cat)? {
-                let raw: Vec<u8> = r.get(0).db(cat)?;
-                let Some(addr) = Hash::from_slice(&raw) else { continue };
-                let Some(&hash) = wanted.get(&addr) else { continue };
-                if !found.insert(hash) {
-                    continue;
+            catalog::blobs::scan_located(&conn, cat, |a| wanted.contains_key(a), |addr, (pack, offset, clen, ulen)| {
+                let hash = wanted[&addr];
+                if found.insert(hash) {
+                    groups.entry(pack.clone()).or_default().push(Loc { hash, addr, pack, offset, clen, ulen });
                 }
-                let loc = Loc { hash, addr, pack: r.get(1).db(cat)?, offset: r.get::<_, i64>(2).db(cat)? as u64, clen: r.get::<_, i64>(3).db(cat)? as u32, ulen: r.get::<_, i64>(4).db(cat)? as u32 };
-                private::check_pack_name(&loc.pack, cat)?;
-                groups.entry(loc.pack.clone()).or_default().push(loc);
-            }
+                Ok(())
+            })?;
             if let Some(missing) = wanted.values().find(|h| !found.contains(*h)) {
                 return Err(StoreError::BlobNotFound { hash: *missing, path: self.inner.root.clone() });
             }
@@ -124,8 +123,8 @@ impl Store {
 
 /// Decompresses and verifies `part` (each blob's location and stored
 /// bytes) into this thread's buffer and hands the batch to `sink`.
-fn decode_batch(keys: Option<&Keys>, pack: &PathBuf, part: &[(&Loc, &[u8])], sink: &(impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync)) -> Result<()> {
-    let corrupt = |loc: &Loc, reason: String| StoreError::Corrupt { pack: pack.clone(), hash: loc.hash, reason };
+fn decode_batch(keys: Option<&Keys>, pack: &Path, part: &[(&Loc, &[u8])], sink: &(impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync)) -> Result<()> {
+    let corrupt = |loc: &Loc, reason: String| StoreError::Corrupt { pack: pack.to_path_buf(), hash: loc.hash, reason };
     let total: usize = part.iter().map(|(l, _)| l.ulen as usize).sum();
     // The buffer is taken out of its slot while the sink runs: a sink that
     // reads again on this thread gets a buffer of its own.

@@ -674,3 +674,55 @@ fn incompressible_blobs_are_stored_raw_and_read_back() {
     assert!(err.to_string().contains(&hr.to_string()), "{err}");
     assert!(!store.verify().unwrap().is_ok());
 }
+
+/// The known set handed from writer to writer (`known_cache`): taken over
+/// only while nothing else changed the catalog, and with it the last
+/// committed generation vouched for as intact. A set kept across a change
+/// would name blobs the store no longer has, and a checkpoint reusing them
+/// could not be restarted.
+#[test]
+fn the_known_set_passes_between_writers_only_while_nothing_else_changed_the_store() {
+    use ckpt_store::BlobSink;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, blobs) = committed_store(dir.path());
+    // Writer 1 committed generation 1 and was dropped: the next takes over.
+    let w = store.writer().unwrap();
+    assert_eq!(w.intact_generation(), Some(1));
+    assert!(w.known(&blobs[0].0));
+    // An aborted blob is not handed on, and the generation stays intact.
+    let b = blob(100, 4096);
+    w.put(BlobKind::Chunk, Hash::of(&b), &b).unwrap();
+    drop(w);
+    let w = store.writer().unwrap();
+    assert_eq!(w.intact_generation(), Some(1));
+    assert!(!w.known(&Hash::of(&b)), "an aborted blob must not be known");
+    let m = w.put_meta(b"m2").unwrap();
+    assert_eq!(w.commit(gen_for(m, Some(1))).unwrap().id, 2);
+    drop(w);
+
+    // Another connection (another process's gc) deletes a blob's row.
+    {
+        let other = Store::open(&url(dir.path())).unwrap();
+        let w2 = other.writer().unwrap();
+        w2.with_transaction(|tx| Ok(tx.execute("DELETE FROM blobs WHERE hash = (SELECT hash FROM blobs ORDER BY hash LIMIT 1)", []).unwrap()))
+            .unwrap();
+    }
+    let w = store.writer().unwrap();
+    assert_eq!(w.intact_generation(), None, "another connection changed the catalog: nothing is vouched for");
+    let all: Vec<Hash> = blobs.iter().map(|(h, _)| *h).chain([Hash::of(b"m"), m]).collect();
+    assert_eq!(all.iter().filter(|h| w.known(h)).count(), all.len() - 1, "the deleted row must not be known");
+    let m3 = w.put_meta(b"m3").unwrap();
+    assert_eq!(w.commit(gen_for(m3, Some(2))).unwrap().id, 3);
+    drop(w);
+    let w = store.writer().unwrap();
+    assert_eq!(w.intact_generation(), Some(3));
+
+    // Maintenance through this same store: the set is reloaded and no
+    // generation is vouched for.
+    w.with_transaction(|tx| Ok(tx.execute("DELETE FROM blobs", []).unwrap())).unwrap();
+    drop(w);
+    let w = store.writer().unwrap();
+    assert_eq!(w.intact_generation(), None);
+    assert!(blobs.iter().all(|(h, _)| !w.known(h)));
+    assert!(!w.known(&m3));
+}

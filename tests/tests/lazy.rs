@@ -74,6 +74,94 @@ fn lazy_restart_of_a_checked_heap_then_checkpoint_and_restart_again() {
     e.finish(&s, 3);
 }
 
+/// A 1 GiB checked heap restarts lazily: its first tick after the restart
+/// checks every page of it (each one served on its first touch, or already
+/// in from the background fill), and so does every tick after; the next
+/// checkpoint waits for the fill, and the program checks its heap again
+/// before it runs to DONE. Proof is the program's own check only.
+#[test]
+fn lazy_restart_of_a_1_gib_heap_checks_all_of_it() {
+    let s = Session::new("lazy_big");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("counter_heap"), &["-t", "100", "-m", "1024", "-s", stop.to_str().unwrap()]);
+    let pid = p.pid;
+    p.wait_prefix("READY", CMD_TIMEOUT);
+    p.wait_ticks(1, CMD_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+
+    let mut r = restart_lazy(&s, None, pid, None);
+    r.wait_ticks(1, CMD_TIMEOUT);
+    let first = r.first_tick.unwrap();
+    assert!(first >= g.lo && first <= g.hi, "lazy restart continued at tick {first}, expected {}..={}\n{}", g.lo, g.hi, r.context());
+    wait_lazy_notice(&mut r);
+    assert!(!r.stderr().contains("not lazily"), "the restart fell back to an eager one\n{}", r.context());
+    r.wait_ticks(2, CMD_TIMEOUT);
+    let _g2 = s.checkpoint_bounded(&mut r);
+    r.wait_ticks(2, CMD_TIMEOUT);
+    r.finish(&s, 2);
+}
+
+/// The node of the heap's chunk-list tree at the middle of its top level
+/// in generation `generation` of the session's local store, damaged on
+/// disk (a byte of its stored frame flipped in its pack file); its hash.
+fn damage_heap_node(s: &Session, generation: u64) -> String {
+    let store = ckpt_store::Store::open(&s.store).unwrap();
+    let info = store.generation(generation).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&store.read_blob(&info.manifest).unwrap()).unwrap();
+    let image_hash: ckpt_store::Hash = serde_json::from_value(manifest["processes"][0]["image"].clone()).unwrap();
+    let image: serde_json::Value = serde_json::from_slice(&store.read_blob(&image_hash).unwrap()).unwrap();
+    let len = |r: &serde_json::Value| r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap();
+    // The heap: the largest region of content not backed by a file.
+    let heap = image["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["file"].is_null() && r["segments"].as_array().is_some_and(|t| !t.is_empty()))
+        .max_by_key(|r| len(r))
+        .expect("a region with content");
+    let top = heap["segments"].as_array().unwrap();
+    let node: ckpt_store::Hash = serde_json::from_value(top[top.len() / 2].clone()).unwrap();
+    let addr = store.address(&node);
+    let row = store.blob_rows().unwrap().into_iter().find(|b| b.hash == addr).unwrap_or_else(|| panic!("chunk-list node {node} is not in the store"));
+    let pack = store.pack_rows().unwrap().into_iter().find(|p| p.id == row.pack_id).unwrap();
+    let path = store.pack_path(&pack.name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(row.offset + row.clen as u64 / 2) as usize] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    node.to_string()
+}
+
+/// A chunk-list node of the heap damaged in the store: nothing reads it
+/// before the program runs (a lazy region costs O(1) until then), so the
+/// program runs; the first read of that node (a fault under it, or the
+/// background fill's walk) kills every process of the restart and names the
+/// node, in bounded time: no fault waits for ever, and no page comes in as
+/// zeros (the program's own check would print FAIL).
+#[test]
+fn lazy_restart_with_a_damaged_chunk_list_node_is_killed_naming_it() {
+    let s = Session::new("lazy_damaged");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("counter_heap"), &["-t", "100", "-m", "128", "-s", stop.to_str().unwrap()]);
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(1, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+    let node = damage_heap_node(&s, g.id);
+
+    let mut r = restart_lazy(&s, None, pid, None);
+    let st = r.wait_exit(Duration::from_secs(120));
+    let err = r.stderr();
+    assert!(!st.success(), "the restart ended well with a damaged node\n{}", r.context());
+    assert!(err.contains("ckpt: lazy restart:"), "the restart was not lazy (nothing read the node after the program ran)\n{}", r.context());
+    let line = err.lines().find(|l| l.contains(&node)).unwrap_or_else(|| panic!("no message names the damaged node {node}:\n{err}"));
+    assert!(line.contains("damaged") && line.contains("killed") && line.contains("older generation"), "the message names the node but not the damage, the kill and the fix: {line}");
+    assert!(!err.contains("page server died"), "the watchdog claims the page server died:\n{err}");
+    assert!(!pid_alive(pid), "the program still runs without its memory\n{}", r.context());
+    eprintln!("lazy restart with a damaged node: {line}");
+}
+
 /// The same program from an S3 store on a fresh host: the restart fetches
 /// chunks by ranged reads (no whole pack), on fault and in the background.
 #[test]
@@ -145,7 +233,12 @@ fn lazy_restart_whose_store_goes_away_kills_the_program_and_says_why() {
     let st = r.wait_exit(Duration::from_secs(120));
     let err = r.stderr();
     assert!(!st.success(), "the restart ended well without its store\n{}", r.context());
-    assert!(err.contains("cannot read") && err.contains("killed"), "the failure does not name its cause and the kill:\n{err}");
+    // The cause is the store, whichever read met it first (a fault's
+    // chunk or chunk-list node, or the background fill): never a damaged
+    // image, never the page server's death (the watchdog kills silently
+    // after the server did).
+    assert!(err.contains("cannot read") && err.contains("from the store") && err.contains("killed"), "the failure does not name its cause and the kill:\n{err}");
+    assert!(!err.contains("damaged") && !err.contains("page server died") && err.contains("Make the store reachable"), "a store that went away is reported as something else:\n{err}");
     assert!(!pid_alive(pid), "the program still runs without its memory\n{}", r.context());
     eprintln!("lazy restart without its store ended after {:?}: {}", t.elapsed(), err.lines().filter(|l| l.contains("lazy restart")).collect::<Vec<_>>().join(" | "));
 }

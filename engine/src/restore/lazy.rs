@@ -2,6 +2,8 @@
 //! registers, stacks and the memory its threads' state lives in are back;
 //! the rest of its private anonymous memory comes on demand from a page
 //! server in the driver, and in the background until all of it is in.
+//! Nothing done before the program runs grows with the size of the lazy
+//! memory: the driver reads no chunk list of a lazy region before then.
 //!
 //! * Each restorer makes a userfaultfd (not `UFFD_USER_MODE_ONLY`: the
 //!   program's own system calls, e.g. a `read()` into a page still missing,
@@ -10,58 +12,147 @@
 //!   ([`ckpt_wire::restore::flags::MOVE_FD`]). At the first barrier the
 //!   driver takes it (`pidfd_getfd`), enables the non-cooperative events
 //!   (fork, mremap, munmap, `MADV_DONTNEED`) and registers `MISSING` on
-//!   the lazy regions ([`split`]); the restorer closes its copy.
+//!   the lazy regions ([`LazyPart`]); the restorer closes its copy.
 //! * Lazy regions: private anonymous memory with content, except a region
 //!   that holds any thread's signal frame (its stack), TLS, rseq area,
 //!   robust list or clear-tid word, or the agent's restart word, and
 //!   `mlock`ed regions (populated at once anyway). The rest is written
-//!   before the program runs, as in an eager restart.
+//!   before the program runs, as in an eager restart. Before the program
+//!   runs, a lazy region costs O(1): the shape of its chunk-list tree is
+//!   checked ([`crate::chunklist::check_shape`]) and its range registered.
 //! * The page server ([`PageServer`]) is one thread that owns every
-//!   userfaultfd: it answers faults (`UFFDIO_COPY` of the chunk holding the
-//!   address, read on a catalog connection of its own; `UFFDIO_ZEROPAGE`
-//!   where the image has no data), follows the events (a forked child gets
-//!   the parent's pending pages; a remapped range moves them; an unmapped or
-//!   `MADV_DONTNEED` range drops them: they read as zero now), and copies
-//!   in the chunks a reader thread decodes in parallel
-//!   ([`Store::read_blobs_batched`]) between events. Only this thread
-//!   copies, so a page dropped by an event is never filled after it.
-//! * A chunk that cannot be read (the store unreachable, a corrupt pack)
-//!   kills every process of the restart with `SIGKILL` and says why: a
-//!   fault never waits for ever.
-//! * When every chunk is in, the server closes the userfaultfds (the kernel
-//!   unregisters the ranges) and writes zero to each agent's lazy word
-//!   ([`ckpt_wire::agent::LAZY_OFFSET`]): a checkpoint waits for that (a
-//!   snapshot fork before it would not see the pages still to come), and
-//!   the agent's own write-protect registration can take the ranges again.
+//!   userfaultfd and keeps, per address space, the set of ranges still
+//!   unfilled ([`unfilled`]), each with the image address it holds. It
+//!   answers a fault by descending the faulting region's chunk list to the
+//!   one chunk holding the address ([`crate::chunklist::chunk_at`]: at most
+//!   depth + 1 node reads, nodes cached as they are content-addressed), and
+//!   `UFFDIO_COPY` of that chunk's unfilled pages, read on a catalog
+//!   connection of its own (`UFFDIO_ZEROPAGE` where the image has no
+//!   data). It follows the events: a forked child gets the parent's
+//!   unfilled set; a remapped range moves in it; an unmapped or
+//!   `MADV_DONTNEED` range leaves it (it reads as zero now). Between
+//!   events it copies in the chunks the filler thread decodes: the filler
+//!   walks each lazy region's chunk list ([`crate::chunklist::load_sparse`],
+//!   from when the programs start; nothing waits for it) and reads the
+//!   chunks in parallel
+//!   ([`Store::read_blobs_batched`]); the server copies each where it is
+//!   still unfilled. Only the server copies, so a range dropped by an
+//!   event is never filled after it.
+//! * A chunk or chunk-list node that cannot be read kills every process of
+//!   the restart with `SIGKILL` and says which and why, worded by what
+//!   failed whichever read met it first (a fault's node or chunk, or the
+//!   filler's walk: under load it is often a fault): the store unreachable
+//!   ("cannot read ... from the store": make it reachable), damaged data
+//!   ("... is damaged": a corrupt or missing blob, a node of the wrong
+//!   shape; only an older generation helps), or the kernel refusing the
+//!   copy ([`Fix`]). A fault never waits for ever. A watchdog process
+//!   ([`watchdog`]) does the same if the server's process dies; after the
+//!   server's own kill it kills silently (the server did not die).
+//!   [`PageServer::failed`] lets the restart stop waiting for processes
+//!   that were killed before they were back at the coordinator.
+//! * Measured (BENCHMARKS.md, 2026-12-07, 2 cores under load): first
+//!   output of a warm lazy restart 46 ms at 256 MiB, 49 ms at 1 GiB, 52 ms
+//!   at 4 GiB (0.026×, 0.0079×, 0.0017× the eager restart of the same run).
+//! * When the filler is done, what is still unfilled is what the image has
+//!   no data for: the server closes the userfaultfds (the kernel
+//!   unregisters the ranges, which read as zero) and writes zero to each
+//!   agent's lazy word ([`ckpt_wire::agent::LAZY_OFFSET`]): a checkpoint
+//!   waits for that (a snapshot fork before it would not see the pages
+//!   still to come), and the agent's own write-protect registration can
+//!   take the ranges again.
 
-use std::collections::{BTreeMap, HashMap};
+mod unfilled;
+mod watchdog;
+
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use ckpt_chunker::Hash;
 use ckpt_store::{BlobReader, Store};
 use ckpt_wire::uapi::*;
 
+use crate::chunklist;
 use crate::error::{EngineError, Result};
 use crate::image::*;
 use crate::remote;
 
-use super::memory::Dests;
+use unfilled::{Piece, Unfilled};
+use watchdog::Watchdog;
 
 const PAGE: u64 = 4096;
+/// Chunk-list nodes the server keeps (1 KiB each at most).
+const NODE_CACHE: usize = 1 << 16;
+/// Chunks read on fault that the server keeps (an image of many equal
+/// pages faults the same chunk again and again).
+const CHUNK_CACHE: usize = 256;
+/// Chunks the filler looks up and reads at a time.
+const FILL_SLICE: usize = 1 << 14;
+
+/// One lazily served region, as the image has it.
+#[derive(Clone, Debug)]
+pub(super) struct LazyRegion {
+    pub start: u64,
+    pub end: u64,
+    /// Its chunk-list tree: top level and inner depth.
+    top: Vec<Hash>,
+    depth: u32,
+}
 
 /// The lazily served part of one process's memory.
-#[derive(Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct LazyPart {
-    /// The regions registered `MISSING`, `[start, end)`.
-    pub ranges: Vec<(u64, u64)>,
-    /// Chunks of those regions and where each goes.
-    pub dests: Dests,
+    /// The regions registered `MISSING`, by address.
+    pub regions: Vec<LazyRegion>,
+    /// Their indices in the image's regions.
+    pub indices: Vec<usize>,
+    chunk_size: u64,
+    /// The process's PID (for messages).
+    pid: i32,
+}
+
+impl LazyPart {
+    /// The lazy regions of `image`, per the rules above; each checked in
+    /// O(1) (page-aligned, a chunk-list tree of a shape that can describe
+    /// it) so that a damaged image is refused before anything runs.
+    pub(super) fn of(generation: u64, image: &ProcessImage) -> Result<LazyPart> {
+        let bad = |what: String| EngineError::BadImage { generation, what };
+        let indices = lazy_regions(image);
+        let chunk_size = image.chunk_size as u64;
+        if !indices.is_empty() && (chunk_size == 0 || chunk_size % PAGE != 0) {
+            return Err(bad(format!("process {} has chunks of {chunk_size} bytes, not a whole number of pages", image.pid)));
+        }
+        let mut regions = Vec::with_capacity(indices.len());
+        for &i in &indices {
+            let r = &image.regions[i];
+            if r.start % PAGE != 0 || r.end % PAGE != 0 || r.start >= r.end {
+                return Err(bad(format!("region {:#x}-{:#x} of process {} is not a range of whole pages", r.start, r.end, image.pid)));
+            }
+            chunklist::check_shape(generation, &r.segments, r.depth, (r.end - r.start).div_ceil(chunk_size))?;
+            regions.push(LazyRegion { start: r.start, end: r.end, top: r.segments.clone(), depth: r.depth });
+        }
+        regions.sort_unstable_by_key(|r| r.start);
+        if regions.windows(2).any(|w| w[0].end > w[1].start) {
+            return Err(bad(format!("process {} has overlapping regions", image.pid)));
+        }
+        Ok(LazyPart { regions, indices, chunk_size, pid: image.pid })
+    }
+
+    /// The region holding image address `src`.
+    fn region_at(&self, src: u64) -> Option<&LazyRegion> {
+        let k = self.regions.partition_point(|r| r.start <= src);
+        self.regions[..k].last().filter(|r| src < r.end)
+    }
+
+    /// Bytes of the lazy regions.
+    fn bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.end - r.start).sum()
+    }
 }
 
 /// Which regions of `image` come lazily (indices), per the rules above.
-fn lazy_regions(image: &ProcessImage, region_fds: &HashMap<usize, RawFd>) -> Vec<usize> {
+fn lazy_regions(image: &ProcessImage) -> Vec<usize> {
     let mut hot: Vec<u64> = vec![image.agent.restart_word_addr];
     for t in &image.threads {
         hot.extend([t.ucontext, t.fs_base, t.rseq_addr, t.robust_list, t.clear_child_tid]);
@@ -71,9 +162,9 @@ fn lazy_regions(image: &ProcessImage, region_fds: &HashMap<usize, RawFd>) -> Vec
         .regions
         .iter()
         .enumerate()
-        .filter(|(i, r)| {
+        .filter(|(_, r)| {
+            // Private anonymous: no file (so no fd of its own either).
             matches!(r.kind, RegionKind::Private | RegionKind::Heap | RegionKind::Stack)
-                && !region_fds.contains_key(i)
                 && r.file.is_none()
                 && r.sysv.is_none()
                 && !r.segments.is_empty()
@@ -82,29 +173,6 @@ fn lazy_regions(image: &ProcessImage, region_fds: &HashMap<usize, RawFd>) -> Vec
         })
         .map(|(i, _)| i)
         .collect()
-}
-
-/// Splits the chunks of one process: those written before it runs (the
-/// returned [`Dests`]) and those served lazily.
-pub(super) fn split(image: &ProcessImage, region_fds: &HashMap<usize, RawFd>, dests: Dests) -> (Dests, LazyPart) {
-    let mut ranges: Vec<(u64, u64)> = lazy_regions(image, region_fds).into_iter().map(|i| (image.regions[i].start, image.regions[i].end)).collect();
-    ranges.sort_unstable();
-    let lazy_at = |a: u64| {
-        let k = ranges.partition_point(|r| r.0 <= a);
-        k > 0 && a < ranges[k - 1].1
-    };
-    let mut eager = Dests::new();
-    let mut lazy = Dests::new();
-    for (h, v) in dests {
-        let (l, e): (Vec<_>, Vec<_>) = v.into_iter().partition(|(a, _)| lazy_at(*a));
-        if !l.is_empty() {
-            lazy.insert(h, l);
-        }
-        if !e.is_empty() {
-            eager.insert(h, e);
-        }
-    }
-    (eager, LazyPart { ranges, dests: lazy })
 }
 
 /// The fd number the restorer gives its userfaultfd: above every fd the
@@ -120,33 +188,9 @@ struct Space {
     pid: i32,
     origin: usize,
     uffd: OwnedFd,
-    /// Chunks still missing: address → (hash, length).
-    pending: BTreeMap<u64, (Hash, usize)>,
-    /// The same, by hash.
-    want: HashMap<Hash, Vec<u64>>,
+    unfilled: Unfilled,
     /// The agent's lazy word (0: none to clear).
     word: u64,
-}
-
-impl Space {
-    fn take(&mut self, addr: u64) -> Option<(Hash, usize)> {
-        let (h, len) = self.pending.remove(&addr)?;
-        if let Some(v) = self.want.get_mut(&h) {
-            v.retain(|&a| a != addr);
-            if v.is_empty() {
-                self.want.remove(&h);
-            }
-        }
-        Some((h, len))
-    }
-    fn put(&mut self, addr: u64, h: Hash, len: usize) {
-        self.pending.insert(addr, (h, len));
-        self.want.entry(h).or_default().push(addr);
-    }
-    /// The pending chunk holding `addr`.
-    fn chunk_at(&self, addr: u64) -> Option<u64> {
-        self.pending.range(..=addr).next_back().filter(|(s, (_, len))| addr < **s + *len as u64).map(|(s, _)| *s)
-    }
 }
 
 /// A process of a lazy restart, its userfaultfd taken and registered.
@@ -181,20 +225,16 @@ pub(super) fn attach(pid: i32, origin: usize, fd: i32, part: &LazyPart, word: u6
     if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, &mut api) } != 0 {
         return Err(format!("UFFDIO_API with the fork, remap, remove and unmap events: {}", std::io::Error::last_os_error()));
     }
-    for &(start, end) in &part.ranges {
-        let mut reg = UffdioRegister { start, len: end - start, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+    let mut unfilled = Unfilled::default();
+    for r in &part.regions {
+        let mut reg = UffdioRegister { start: r.start, len: r.end - r.start, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER on our userfaultfd with a struct we own.
         if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) } != 0 {
-            return Err(format!("UFFDIO_REGISTER of {start:#x}-{end:#x}: {}", std::io::Error::last_os_error()));
+            return Err(format!("UFFDIO_REGISTER of {:#x}-{:#x}: {}", r.start, r.end, std::io::Error::last_os_error()));
         }
+        unfilled.insert(Piece { dst: r.start, len: r.end - r.start, src: r.start });
     }
-    let mut space = Space { pid, origin, uffd, pending: BTreeMap::new(), want: HashMap::new(), word };
-    for (h, v) in &part.dests {
-        for &(a, len) in v {
-            space.put(a, *h, len);
-        }
-    }
-    Ok(Attached { space })
+    Ok(Attached { space: Space { pid, origin, uffd, unfilled, word } })
 }
 
 enum Copy {
@@ -203,6 +243,24 @@ enum Copy {
     Again,
     /// The range or the process is gone.
     Gone,
+    /// The kernel refused for another reason (errno): the page cannot be
+    /// served.
+    Failed(i32),
+}
+
+fn copy_errno(uffd: RawFd, at: u64, errno: i32) -> Option<Copy> {
+    match errno {
+        libc::EEXIST => {
+            // Already there (a zero page served, or a child's own page):
+            // wake whoever waits on it, go on after it.
+            wake(uffd, at, PAGE);
+            None
+        }
+        libc::EAGAIN => Some(Copy::Again),
+        // The range was unregistered or unmapped, or the process exited.
+        libc::ENOENT | libc::ENOSPC | libc::ESRCH => Some(Copy::Gone),
+        e => Some(Copy::Failed(e)),
+    }
 }
 
 /// `UFFDIO_COPY` of `data` to `dst`, page by page past pages already there.
@@ -221,16 +279,32 @@ fn copy(uffd: RawFd, dst: u64, data: &[u8]) -> Copy {
             off += c.copy as u64;
             continue;
         }
-        match errno {
-            libc::EEXIST => {
-                // Already there (a zero page served, or a child's own page):
-                // wake whoever waits on it, go on after it.
-                wake(uffd, dst + off, PAGE);
-                off += PAGE;
-            }
-            libc::EAGAIN => return Copy::Again,
-            _ => return Copy::Gone,
+        if let Some(c) = copy_errno(uffd, dst + off, errno) {
+            return c;
         }
+        off += PAGE;
+    }
+    Copy::Done
+}
+
+/// `UFFDIO_ZEROPAGE` of `len` bytes at `dst`, past pages already there.
+fn zero(uffd: RawFd, dst: u64, len: u64) -> Copy {
+    let mut off = 0u64;
+    while off < len {
+        let mut z = UffdioZeropage { start: dst + off, len: len - off, mode: 0, zeropage: 0 };
+        // SAFETY: UFFDIO_ZEROPAGE with a struct we own.
+        if unsafe { libc::ioctl(uffd, UFFDIO_ZEROPAGE as _, &mut z) } == 0 {
+            return Copy::Done;
+        }
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        if z.zeropage > 0 {
+            off += z.zeropage as u64;
+            continue;
+        }
+        if let Some(c) = copy_errno(uffd, dst + off, errno) {
+            return c;
+        }
+        off += PAGE;
     }
     Copy::Done
 }
@@ -241,27 +315,18 @@ fn wake(uffd: RawFd, start: u64, len: u64) {
     unsafe { libc::ioctl(uffd, UFFDIO_WAKE as _, r.as_mut_ptr()) };
 }
 
-fn zeropage(uffd: RawFd, page: u64) -> Copy {
-    let mut z = UffdioZeropage { start: page, len: PAGE, mode: 0, zeropage: 0 };
-    // SAFETY: UFFDIO_ZEROPAGE with a struct we own.
-    if unsafe { libc::ioctl(uffd, UFFDIO_ZEROPAGE as _, &mut z) } == 0 {
-        return Copy::Done;
-    }
-    match std::io::Error::last_os_error().raw_os_error().unwrap_or(0) {
-        libc::EEXIST => {
-            wake(uffd, page, PAGE);
-            Copy::Done
-        }
-        libc::EAGAIN => Copy::Again,
-        _ => Copy::Gone,
-    }
+/// One chunk the filler read: its bytes and the image addresses it goes to.
+struct Filled {
+    hash: Hash,
+    data: Arc<[u8]>,
+    srcs: Vec<u64>,
 }
 
-/// What the reader thread sends: decoded chunks of one origin process.
+/// What the filler thread sends: decoded chunks of one origin process.
 enum Fill {
-    Batch(usize, Vec<(Hash, Vec<u8>)>),
+    Batch(usize, Vec<Filled>),
     Done,
-    Failed(String),
+    Failed(Fix, String),
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -296,6 +361,8 @@ impl Threads {
 pub struct PageServer {
     /// Bytes of memory it brings in (on fault or in the background).
     pub bytes: u64,
+    /// Why it killed the computation, once it has.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
     done: mpsc::Receiver<Result<FillReport>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -309,6 +376,13 @@ pub struct FillReport {
 }
 
 impl PageServer {
+    /// Why the server killed the computation (a page it could not get),
+    /// once it has (it said so on stderr): the restart need not wait for
+    /// the processes to come back.
+    pub fn failed(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Waits until every page is in (or the processes are gone).
     pub fn wait(mut self) -> Result<FillReport> {
         let r = self.done.recv().unwrap_or(Ok(FillReport::default()));
@@ -328,11 +402,68 @@ impl Drop for PageServer {
     }
 }
 
+
+/// The filler's work: every lazy region's chunk list walked, its chunks
+/// read in slices and sent to the server. Runs after the programs do.
+fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], send: &(dyn Fn(Fill) -> bool + Sync)) -> std::result::Result<(), (Fix, String)> {
+    for (origin, part) in parts.iter().enumerate() {
+        for r in &part.regions {
+            let n = (r.end - r.start).div_ceil(part.chunk_size);
+            let what = || format!("the chunk list of region {:#x}-{:#x} of process {}", r.start, r.end, part.pid);
+            let list = chunklist::load_sparse(store, generation, &r.top, r.depth, n).map_err(|e| match e {
+                EngineError::Store(e) => unreadable(&what(), &e),
+                e => (Fix::Image, format!("{}: {e}", what())),
+            })?;
+            if list.len != n {
+                return Err((Fix::Image, format!("the chunk list of region {:#x}-{:#x} lists {} chunks, expected {n} (generation {generation}: a damaged image)", r.start, r.end, list.len)));
+            }
+            for slice in list.entries.chunks(FILL_SLICE) {
+                let mut dests: HashMap<Hash, Vec<u64>> = HashMap::new();
+                for &(i, h) in slice {
+                    dests.entry(h).or_default().push(r.start + i * part.chunk_size);
+                }
+                let hashes: Vec<Hash> = dests.keys().copied().collect();
+                store
+                    .read_blobs_batched(&hashes, |batch| {
+                        let items = batch.iter().map(|(h, d)| Filled { hash: *h, data: Arc::from(*d), srcs: dests.get(h).cloned().unwrap_or_default() }).collect();
+                        if send(Fill::Batch(origin, items)) { Ok(()) } else { Err(ckpt_store::StoreError::Callback("the page server stopped".into())) }
+                    })
+                    .map_err(|e| unreadable(&format!("the memory of region {:#x}-{:#x} of process {}", r.start, r.end, part.pid), &e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why `what` did not come from the store: it holds it damaged (or not at
+/// all), or it cannot be read now (unreachable, an I/O error).
+fn unreadable(what: &str, e: &ckpt_store::StoreError) -> (Fix, String) {
+    use ckpt_store::StoreError as E;
+    match e {
+        E::Corrupt { .. } | E::BlobNotFound { .. } | E::MissingPack { .. } | E::Tampered { .. } | E::BadName { .. } => (Fix::Image, format!("{what} is damaged in the store: {e}")),
+        _ => (Fix::Store, format!("cannot read {what} from the store: {e}")),
+    }
+}
+
+/// What the user can do about a page the server could not bring in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fix {
+    /// The store could not be read now: make it reachable, restart again.
+    Store,
+    /// The image or the store holds damaged data: no restart of this
+    /// generation can bring that memory back.
+    Image,
+    /// The kernel refused the copy.
+    Kernel,
+}
+
 /// Starts the page server for `attached` (their lazy parts: `parts`, by
-/// origin index), killing `all_pids` if a chunk cannot be read.
-pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: Vec<Attached>, parts: Vec<Dests>, all_pids: Vec<i32>) -> Result<PageServer> {
+/// origin index; the part of a process not attached is empty), killing
+/// `all_pids` if a chunk cannot be read.
+pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: Vec<Attached>, parts: Vec<LazyPart>, all_pids: Vec<i32>) -> Result<PageServer> {
     let reader = store.blob_reader()?;
-    let bytes: u64 = parts.iter().flat_map(|d| d.values()).flatten().map(|(_, len)| *len as u64).sum();
+    let bytes: u64 = parts.iter().map(|p| p.bytes()).sum();
+    let parts = Arc::new(parts);
     let (tx, rx) = mpsc::sync_channel::<Fill>(8);
     // SAFETY: eventfd returns a new fd or -1.
     let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -340,7 +471,7 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
         return Err(EngineError::io("eventfd for the page server", std::io::Error::last_os_error()));
     }
     // SAFETY: a new fd we own.
-    let wakeup = std::sync::Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+    let wakeup = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
     let ping = wakeup.clone();
     let send = move |f: Fill| -> bool {
         let ok = tx.send(f).is_ok();
@@ -349,158 +480,77 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
         ok
     };
     let fill_store = store.clone();
+    let fill_parts = parts.clone();
     let mut workers = threads.workers.into_iter();
     let (read_tx, read_h) = workers.next().expect("two workers");
     let (serve_tx, serve_h) = workers.next().expect("two workers");
     let stopped = || EngineError::Restore { generation, what: "a thread of the lazy restart stopped before it started".into() };
     read_tx
-        .send(Box::new(move || {
-            for (origin, dests) in parts.into_iter().enumerate() {
-                if dests.is_empty() {
-                    continue;
-                }
-                let hashes: Vec<Hash> = dests.keys().copied().collect();
-                let r = fill_store.read_blobs_batched(&hashes, |batch| {
-                    let owned = batch.iter().map(|(h, d)| (*h, d.to_vec())).collect();
-                    if send(Fill::Batch(origin, owned)) { Ok(()) } else { Err(ckpt_store::StoreError::Callback("the page server stopped".into())) }
-                });
-                if let Err(e) = r {
-                    send(Fill::Failed(e.to_string()));
-                    return;
-                }
+        .send(Box::new(move || match fill_all(&fill_store, generation, &fill_parts, &send) {
+            Ok(()) => {
+                send(Fill::Done);
             }
-            send(Fill::Done);
+            Err(e) => {
+                send(Fill::Failed(e.0, e.1));
+            }
         }))
         .map_err(|_| stopped())?;
     let spaces: Vec<Space> = attached.into_iter().map(|a| a.space).collect();
+    let depth = parts.iter().flat_map(|p| p.regions.iter().map(|r| r.depth)).max().unwrap_or(0);
+    let zeros = chunklist::zero_nodes(depth as usize + 1);
     // Forked while it can still take a copy of every userfaultfd.
     let watchdog = Watchdog::start(generation, &all_pids)?;
     let (done_tx, done) = mpsc::channel();
+    let failure: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+    let failed = failure.clone();
     serve_tx
         .send(Box::new(move || {
-            let r = Server { generation, spaces, reader, rx, all_pids, report: FillReport::default(), wakeup, stash: Vec::new(), watchdog }.run();
-            let _ = done_tx.send(r);
+            let server = Server {
+                generation,
+                parts,
+                spaces,
+                reader,
+                zeros,
+                nodes: HashMap::new(),
+                chunks: HashMap::new(),
+                rx,
+                all_pids,
+                report: FillReport::default(),
+                wakeup,
+                stash: Vec::new(),
+                watchdog,
+                failed,
+            };
+            let _ = done_tx.send(server.run());
         }))
         .map_err(|_| stopped())?;
-    Ok(PageServer { bytes, done, threads: vec![read_h, serve_h] })
+    Ok(PageServer { bytes, failure, done, threads: vec![read_h, serve_h] })
 }
 
 struct Server {
     generation: u64,
+    /// The lazy regions of each origin process.
+    parts: Arc<Vec<LazyPart>>,
     spaces: Vec<Space>,
     reader: BlobReader,
+    /// [`chunklist::zero_nodes`] up to the deepest tree.
+    zeros: Vec<Hash>,
+    /// Chunk-list nodes read on fault: their children.
+    nodes: HashMap<Hash, Arc<[Hash]>>,
+    /// Chunks read on fault.
+    chunks: HashMap<Hash, Arc<[u8]>>,
     rx: mpsc::Receiver<Fill>,
     all_pids: Vec<i32>,
     report: FillReport,
-    /// Written by the reader after each batch (an eventfd).
-    wakeup: std::sync::Arc<OwnedFd>,
+    /// Written by the filler after each batch (an eventfd).
+    wakeup: Arc<OwnedFd>,
     /// Chunks whose copy met a changing address space: copied again after
-    /// the events.
-    stash: Vec<(usize, Hash, Vec<u8>)>,
+    /// the events (origin, image address, chunk).
+    stash: Vec<(usize, u64, Hash, Arc<[u8]>)>,
     /// Kills the computation if this process dies before the fill ends.
     watchdog: Watchdog,
-}
-
-/// A process of ours that kills the computation if the page server's
-/// process (`ckpt restart`, or ckpt's init) dies before every page is in:
-/// killed with it, the server's userfaultfds would close, and the kernel
-/// would then give the missing pages as zeros, memory the program never
-/// had. The watchdog holds a copy of each userfaultfd, so those pages
-/// cannot fill with zeros while it lives: it waits on a pipe whose only
-/// writer is the server, and at end of file without the server's "done"
-/// kills every restored process and every process group one of them leads
-/// (children forked during the fill), then exits. Forked from a
-/// multithreaded process, it runs raw system calls only, on data prepared
-/// before the fork.
-struct Watchdog {
-    pid: i32,
-    pipe: Option<OwnedFd>,
-}
-
-impl Watchdog {
-    fn start(generation: u64, all_pids: &[i32]) -> Result<Watchdog> {
-        let err = |what: &str| EngineError::io(format!("the lazy restart's watchdog: {what}"), std::io::Error::last_os_error());
-        let pidfds: Vec<OwnedFd> = all_pids
-            .iter()
-            // SAFETY: pidfd_open returns a new fd or -1.
-            .filter_map(|&p| match unsafe { libc::syscall(libc::SYS_pidfd_open, p, 0) } {
-                fd if fd >= 0 => Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
-                _ => None,
-            })
-            .collect();
-        let mut groups: Vec<i32> = all_pids.iter().copied().filter(|&p| crate::procfs::tree_ids(p).is_ok_and(|t| t.pgid == p)).collect();
-        groups.sort_unstable();
-        groups.dedup();
-        let msg = format!(
-            "ckpt: generation {generation}: the lazy restart's page server died before all memory was in: every process of the restart was killed (SIGKILL); restart again\n"
-        );
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two fds.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(err("pipe"));
-        }
-        // SAFETY: both are new fds we own.
-        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: the child runs only the raw system calls below (no
-        // allocation, no lock: other threads of ours may hold them) and
-        // leaves with _exit.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(err("fork"));
-        }
-        if pid == 0 {
-            // SAFETY: raw calls on fds and buffers prepared before the fork.
-            unsafe {
-                libc::close(wr.as_raw_fd());
-                let mut b = 0u8;
-                let n = loop {
-                    let n = libc::read(rd.as_raw_fd(), &mut b as *mut u8 as *mut libc::c_void, 1);
-                    if n < 0 && *libc::__errno_location() == libc::EINTR {
-                        continue;
-                    }
-                    break n;
-                };
-                if n == 1 && b == b'D' {
-                    libc::_exit(0);
-                }
-                for fd in &pidfds {
-                    libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32);
-                }
-                for &g in &groups {
-                    libc::kill(-g, libc::SIGKILL);
-                }
-                libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
-                libc::_exit(1);
-            }
-        }
-        Ok(Watchdog { pid, pipe: Some(wr) })
-    }
-
-    /// Every page is in: the watchdog leaves (and its copies of the
-    /// userfaultfds with it), killing nothing.
-    fn disarm(&mut self) {
-        if let Some(p) = self.pipe.take() {
-            // SAFETY: one byte to our pipe.
-            unsafe { libc::write(p.as_raw_fd(), b"D".as_ptr() as *const libc::c_void, 1) };
-        }
-        self.reap();
-    }
-
-    fn reap(&mut self) {
-        if self.pid > 0 {
-            // SAFETY: waiting for our own child.
-            unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), libc::__WALL) };
-            self.pid = 0;
-        }
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        // Not disarmed: the fill failed or stopped; the watchdog kills.
-        self.pipe.take();
-        self.reap();
-    }
+    /// [`PageServer::failed`]'s answer.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Server {
@@ -509,8 +559,8 @@ impl Server {
         let mut reading = true;
         loop {
             self.events()?;
-            for (origin, h, data) in std::mem::take(&mut self.stash) {
-                self.fill(origin, &h, &data);
+            for (origin, src, h, data) in std::mem::take(&mut self.stash) {
+                self.fill(origin, src, &h, &data)?;
             }
             if !reading && self.stash.is_empty() {
                 break;
@@ -519,8 +569,10 @@ impl Server {
             // fault waits for at most one batch's copies.
             match self.rx.try_recv() {
                 Ok(Fill::Batch(origin, items)) => {
-                    for (h, data) in items {
-                        self.fill(origin, &h, &data);
+                    for f in items {
+                        for &src in &f.srcs {
+                            self.fill(origin, src, &f.hash, &f.data)?;
+                        }
                     }
                     continue;
                 }
@@ -528,7 +580,7 @@ impl Server {
                     reading = false;
                     continue;
                 }
-                Ok(Fill::Failed(e)) => return Err(self.die(format!("the background fill cannot read the store: {e}"))),
+                Ok(Fill::Failed(fix, why)) => return Err(self.die(fix, format!("the background fill: {why}"))),
                 Err(mpsc::TryRecvError::Empty) => {}
             }
             // Nothing to copy: sleep until a fault, an event or a batch.
@@ -540,9 +592,9 @@ impl Server {
             // SAFETY: reading the eventfd's counter into a u64 we own.
             unsafe { libc::read(self.wakeup.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
         }
-        // Everything is in: pages no chunk lists are zero, as a fresh
-        // mapping's. Closing the userfaultfds unregisters the ranges (the
-        // watchdog's copies first).
+        // Everything is in: what is still unfilled the image has no data
+        // for, zero as a fresh mapping is. Closing the userfaultfds
+        // unregisters the ranges (the watchdog's copies first).
         self.watchdog.disarm();
         for s in self.spaces.drain(..) {
             if s.word != 0 && s.pid > 0 {
@@ -550,10 +602,7 @@ impl Server {
                     tracing::debug!(pid = s.pid, "cannot clear the lazy word: {e}");
                 }
             }
-            let left = s.pending.len();
-            if left > 0 {
-                tracing::debug!(pid = s.pid, left, "chunks never filled (their range went away)");
-            }
+            tracing::debug!(pid = s.pid, zero_bytes = s.unfilled.bytes(), "left to read as zero");
         }
         self.report.ms = t0.elapsed().as_secs_f64() * 1000.0;
         tracing::debug!(ms = self.report.ms as u64, faults = self.report.faults, bytes = self.report.copied_bytes, "lazy fill done");
@@ -594,40 +643,17 @@ impl Server {
                 // events, in order: the lowest PID first). Its lazy word is
                 // the parent's, cleared with the others at the end.
                 let pid = if p.pid > 0 { self.new_child_of(p.pid) } else { 0 };
-                let child = Space { pid, origin: p.origin, uffd, pending: p.pending.clone(), want: p.want.clone(), word: if pid > 0 { p.word } else { 0 } };
+                let child = Space { pid, origin: p.origin, uffd, unfilled: p.unfilled.clone(), word: if pid > 0 { p.word } else { 0 } };
                 self.spaces.push(child);
             }
             UFFD_EVENT_REMAP => {
                 let (from, to, len) = (msg.arg[0], msg.arg[1], msg.arg[2]);
-                let s = &mut self.spaces[i];
-                let moved: Vec<u64> = s.pending.range(from..from + len).map(|(a, _)| *a).collect();
-                for a in moved {
-                    if let Some((h, l)) = s.take(a) {
-                        s.put(a - from + to, h, l);
-                    }
-                }
+                self.spaces[i].unfilled.moved(from, to, len);
             }
             UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => {
+                // Gone, or dropped: reads as zero from now on, never filled.
                 let (start, end) = (msg.arg[0], msg.arg[1]);
-                // A chunk partly inside keeps its other pages: they are
-                // copied now, the pages inside read as zero from now on.
-                let first = self.spaces[i].chunk_at(start);
-                let gone: Vec<u64> = first.into_iter().chain(self.spaces[i].pending.range(start..end).map(|(a, _)| *a)).collect();
-                for a in gone {
-                    let Some((h, len)) = self.spaces[i].take(a) else { continue };
-                    if a >= start && a + len as u64 <= end {
-                        continue;
-                    }
-                    let data = self.read(i, a, &h)?;
-                    let uffd = self.spaces[i].uffd.as_raw_fd();
-                    for p in (0..len as u64).step_by(PAGE as usize) {
-                        let at = a + p;
-                        if at < start || at >= end {
-                            let e = (p + PAGE).min(len as u64);
-                            let _ = copy(uffd, at, &data[p as usize..e as usize]);
-                        }
-                    }
-                }
+                self.spaces[i].unfilled.carve(start, end);
             }
             _ => {}
         }
@@ -645,76 +671,193 @@ impl Server {
         kids.into_iter().filter(|k| !self.spaces.iter().any(|s| s.pid == *k) && !self.all_pids.contains(k)).min().unwrap_or(0)
     }
 
-    fn read(&self, i: usize, addr: u64, h: &Hash) -> Result<Vec<u8>> {
-        self.reader.read(h).map_err(|e| {
-            let who = match self.spaces[i].pid {
-                0 => "a child forked by the computation".to_string(),
-                p => format!("process {p}"),
-            };
-            self.die(format!("cannot read the memory at {addr:#x} of {who} from the store: {e}"))
-        })
+    fn who(&self, i: usize) -> String {
+        match self.spaces[i].pid {
+            0 => "a child forked by the computation".to_string(),
+            p => format!("process {p}"),
+        }
     }
 
+    /// Serves a fault at `page` of space `i`: the chunk holding it, found
+    /// by descending its region's chunk list, copied where it is unfilled.
     fn fault(&mut self, i: usize, page: u64) -> Result<()> {
         let uffd = self.spaces[i].uffd.as_raw_fd();
-        let r = match self.spaces[i].chunk_at(page) {
-            Some(start) => {
-                let (h, len) = self.spaces[i].pending[&start];
-                let data = self.read(i, page, &h)?;
-                if data.len() != len {
-                    return Err(self.die(format!("chunk {h} is {} bytes, the image needs {len} at {start:#x}", data.len())));
+        let origin = self.spaces[i].origin;
+        let parts = self.parts.clone();
+        let part = &parts[origin];
+        let target = self.spaces[i].unfilled.at(page).map(|p| p.src + (page - p.dst)).and_then(|src| part.region_at(src).map(|r| (src, r)));
+        let r = match target {
+            // Filled, dropped since, or never the image's: a zero page.
+            None => zero(uffd, page, PAGE),
+            Some((src, region)) => {
+                let index = (src - region.start) / part.chunk_size;
+                let start = region.start + index * part.chunk_size;
+                let len = (region.end - start).min(part.chunk_size);
+                let h = self.hash_of(i, page, region, index)?;
+                if h.is_zero_chunk() {
+                    self.place(i, start, len, None)
+                } else {
+                    let data = self.chunk(i, page, &h)?;
+                    if data.len() as u64 != len {
+                        return Err(self.die(Fix::Image, format!("chunk {h} is {} bytes, the image needs {len} at {start:#x} of {}", data.len(), self.who(i))));
+                    }
+                    self.place(i, start, len, Some(&data))
                 }
-                self.spaces[i].take(start);
-                self.report.copied_bytes += len as u64;
-                let r = copy(uffd, start, &data);
-                if matches!(r, Copy::Again) {
-                    self.spaces[i].put(start, h, len);
-                }
-                r
             }
-            // Zero in the image (or dropped since): a zero page.
-            None => zeropage(uffd, page),
         };
         match r {
             // The thread faults again once the events are read: it is served then.
             Copy::Again => wake(uffd, page, PAGE),
-            Copy::Gone => {}
-            Copy::Done => {}
+            Copy::Gone | Copy::Done => {}
+            Copy::Failed(e) => return Err(self.die(Fix::Kernel, format!("the kernel refused the memory at {page:#x} of {}: {}", self.who(i), std::io::Error::from_raw_os_error(e)))),
         }
         Ok(())
     }
 
-    /// Copies chunk `h` wherever it is still missing in the spaces of `origin`.
-    fn fill(&mut self, origin: usize, h: &Hash, data: &[u8]) {
-        for s in self.spaces.iter_mut().filter(|s| s.origin == origin) {
-            let addrs = s.want.get(h).cloned().unwrap_or_default();
-            for a in addrs {
-                let Some((_, len)) = s.take(a) else { continue };
-                if len != data.len() {
-                    continue;
-                }
-                match copy(s.uffd.as_raw_fd(), a, data) {
-                    Copy::Done => self.report.copied_bytes += len as u64,
-                    Copy::Again => {
-                        s.put(a, *h, len);
-                        self.stash.push((origin, *h, data.to_vec()));
-                        return;
+    /// The hash of chunk `index` of `region`, from its chunk-list tree (the
+    /// nodes on the way cached).
+    fn hash_of(&mut self, i: usize, page: u64, region: &LazyRegion, index: u64) -> Result<Hash> {
+        let (generation, reader, nodes) = (self.generation, &self.reader, &mut self.nodes);
+        // Why a node read failed, when it was the store's answer (it is
+        // unreachable, or holds the node damaged): said as such, not as a
+        // damaged image.
+        let mut failed: Option<(Fix, String)> = None;
+        let mut read = |n: &Hash| -> Result<Arc<[Hash]>> {
+            if let Some(k) = nodes.get(n) {
+                return Ok(k.clone());
+            }
+            let bytes = reader.read(n).map_err(|e| {
+                failed = Some(unreadable(&format!("chunk-list node {n}"), &e));
+                EngineError::Store(e)
+            })?;
+            let kids: Arc<[Hash]> = chunklist::node_children(generation, n, &bytes)?.into();
+            if nodes.len() >= NODE_CACHE {
+                nodes.clear();
+            }
+            nodes.insert(*n, kids.clone());
+            Ok(kids)
+        };
+        let found = chunklist::chunk_at(&mut read, generation, &region.top, region.depth, &self.zeros, index);
+        found.map_err(|e| {
+            let at = format!("the memory at {page:#x} of {} (region {:#x}-{:#x})", self.who(i), region.start, region.end);
+            match failed {
+                Some((fix, why)) => self.die(fix, format!("{at}: {why}")),
+                None => self.die(Fix::Image, format!("{at} cannot be found: {e}")),
+            }
+        })
+    }
+
+    /// Chunk `h`, read for a fault at `page` of space `i`.
+    fn chunk(&mut self, i: usize, page: u64, h: &Hash) -> Result<Arc<[u8]>> {
+        if let Some(d) = self.chunks.get(h) {
+            return Ok(d.clone());
+        }
+        let data: Arc<[u8]> = match self.reader.read(h) {
+            Ok(d) => d.into(),
+            Err(e) => {
+                let (fix, why) = unreadable(&format!("the memory at {page:#x} of {} (chunk {h})", self.who(i)), &e);
+                return Err(self.die(fix, why));
+            }
+        };
+        if self.chunks.len() >= CHUNK_CACHE {
+            self.chunks.clear();
+        }
+        self.chunks.insert(*h, data.clone());
+        Ok(data)
+    }
+
+    /// Copies the image's `[src, src + len)` (`data`, or zeros) wherever it
+    /// is still unfilled in space `i`, and takes it out of the set.
+    fn place(&mut self, i: usize, src: u64, len: u64, data: Option<&[u8]>) -> Copy {
+        let s = &mut self.spaces[i];
+        let uffd = s.uffd.as_raw_fd();
+        for p in s.unfilled.of_source(src, src + len) {
+            let off = (p.src - src) as usize;
+            let r = match data {
+                Some(d) => copy(uffd, p.dst, &d[off..off + p.len as usize]),
+                None => zero(uffd, p.dst, p.len),
+            };
+            match r {
+                Copy::Done | Copy::Gone => {
+                    if matches!(r, Copy::Done) && data.is_some() {
+                        self.report.copied_bytes += p.len;
                     }
-                    Copy::Gone => {}
+                    s.unfilled.carve(p.dst, p.dst + p.len);
                 }
+                again_or_failed => return again_or_failed,
             }
         }
+        Copy::Done
+    }
+
+    /// Copies chunk `h` (the image's memory at `src` of process `origin`)
+    /// wherever it is still unfilled in the spaces of `origin`.
+    fn fill(&mut self, origin: usize, src: u64, h: &Hash, data: &Arc<[u8]>) -> Result<()> {
+        let parts = self.parts.clone();
+        let part = &parts[origin];
+        let Some(region) = part.region_at(src) else { return Ok(()) };
+        let want = (region.end - src).min(part.chunk_size);
+        if data.len() as u64 != want {
+            return Err(self.die(Fix::Image, format!("chunk {h} is {} bytes, the image needs {want} at {src:#x} of process {}", data.len(), self.all_pids.get(origin).copied().unwrap_or(0))));
+        }
+        for i in 0..self.spaces.len() {
+            if self.spaces[i].origin != origin {
+                continue;
+            }
+            match self.place(i, src, want, Some(data)) {
+                Copy::Done | Copy::Gone => {}
+                Copy::Again => {
+                    self.stash.push((origin, src, *h, data.clone()));
+                    return Ok(());
+                }
+                Copy::Failed(e) => return Err(self.die(Fix::Kernel, format!("the kernel refused the memory at {src:#x} of {}: {}", self.who(i), std::io::Error::from_raw_os_error(e)))),
+            }
+        }
+        Ok(())
     }
 
     /// Kills the computation and says why.
-    fn die(&self, why: String) -> EngineError {
+    fn die(&self, fix: Fix, why: String) -> EngineError {
         // The restored processes and the children they forked since.
         for pid in self.all_pids.iter().copied().chain(self.spaces.iter().map(|s| s.pid).filter(|&p| p > 0)) {
             // SAFETY: kill takes no pointer.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let what = format!("lazy restart: {why}; every process of the restart was killed (SIGKILL) rather than left waiting for memory that cannot come. Make the store reachable and restart again (or restart without --lazy)");
+        // The watchdog kills too (the process groups as well: children
+        // forked during the fill that no space names), silently: this says why.
+        self.watchdog.killed();
+        let fix = match fix {
+            Fix::Store => "Make the store reachable and restart again (or restart without --lazy)",
+            Fix::Image => "This generation cannot be restarted whole: run `ckpt verify` and restart an older generation",
+            Fix::Kernel => "Restart again without --lazy",
+        };
+        let what = format!("lazy restart: {why}; every process of the restart was killed (SIGKILL) rather than left waiting for memory that cannot come. {fix}");
         eprintln!("ckpt: generation {}: {what}", self.generation);
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         EngineError::Restore { generation: self.generation, what }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Fix, unreadable};
+    use ckpt_store::StoreError;
+
+    /// A store that cannot be read now is said as such, damaged data as
+    /// damage: the fix differs (make the store reachable, or restart an
+    /// older generation), whichever read met it.
+    #[test]
+    fn a_store_error_is_worded_by_its_cause() {
+        let gone = StoreError::Io { context: "GET s3://b/p/packs/ab/x.pack".into(), source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused) };
+        let (fix, why) = unreadable("chunk-list node n", &gone);
+        assert_eq!(fix, Fix::Store);
+        assert!(why.starts_with("cannot read chunk-list node n from the store: GET"), "{why}");
+        let h = ckpt_chunker::Hash([7; 32]);
+        let bad = StoreError::Corrupt { pack: "/s/packs/ab/x.pack".into(), hash: h, reason: "its bytes hash to something else".into() };
+        let (fix, why) = unreadable("chunk-list node n", &bad);
+        assert_eq!(fix, Fix::Image);
+        assert!(why.starts_with("chunk-list node n is damaged in the store: blob") && why.contains(&h.to_string()), "{why}");
+        let missing = StoreError::BlobNotFound { hash: h, path: "/s".into() };
+        assert_eq!(unreadable("x", &missing).0, Fix::Image);
     }
 }

@@ -15,35 +15,54 @@ use super::Ctx;
 /// Per chunk, the (address, length) pairs it is written to.
 pub(super) type Dests = HashMap<Hash, Vec<(u64, usize)>>;
 
-/// Where every chunk goes, per process (in the order of the images).
-pub(super) fn destinations(ctx: &Ctx) -> Result<Vec<Dests>> {
+/// Where every chunk goes, per process (in the order of the images), but
+/// for the regions of `skip[i]` (indices into image `i`'s regions: a lazy
+/// restart's lazy regions, whose chunk lists are not read here).
+pub(super) fn destinations(ctx: &Ctx, skip: &[Vec<usize>]) -> Result<Vec<Dests>> {
     let Ctx { store, generation, images } = *ctx;
     // Where every chunk goes, per process; a page of shared memory is
     // written once, through the first mapping of it.
     let mut shm_written: std::collections::HashSet<(u64, u64)> = Default::default();
     let mut all_dests = Vec::new();
-    for image in images {
-        let chunk_size = image.chunk_size as u64;
-        let mut dests: HashMap<Hash, Vec<(u64, usize)>> = HashMap::new();
-        for r in image.regions.iter().filter(|r| !r.segments.is_empty() && r.sysv.is_none()) {
-            let n = (r.end - r.start).div_ceil(chunk_size);
-            let hashes = crate::chunklist::load_sparse(store, generation, &r.segments, r.depth, n)?;
-            if hashes.len != n {
-                return Err(EngineError::BadImage { generation, what: format!("region {:#x}-{:#x} of process {} lists {} chunks, expected {n}", r.start, r.end, image.pid, hashes.len) });
-            }
-            // Zero chunks are not in the list: a fresh mapping is zero already.
-            for (i, h) in hashes.entries {
-                let off = i * chunk_size;
-                if r.kind == RegionKind::SharedAnon && r.shm != 0 && !shm_written.insert((r.shm, r.offset + off)) {
-                    continue;
-                }
-                let addr = r.start + off;
-                dests.entry(h).or_default().push((addr, (r.end - addr).min(chunk_size) as usize));
-            }
+    for (k, image) in images.iter().enumerate() {
+        let mut dests = Dests::new();
+        let skip = skip.get(k).map(|v| v.as_slice()).unwrap_or(&[]);
+        for (_, r) in image.regions.iter().enumerate().filter(|(i, r)| !r.segments.is_empty() && r.sysv.is_none() && !skip.contains(i)) {
+            add_region(store, generation, image, r, &mut shm_written, &mut dests)?;
         }
         all_dests.push(dests);
     }
     Ok(all_dests)
+}
+
+/// Adds the chunks of regions `indices` of `image` (private memory: no
+/// shared page among them) to `dests`.
+pub(super) fn add_regions(store: &Store, generation: u64, image: &ProcessImage, indices: &[usize], dests: &mut Dests) -> Result<()> {
+    let mut shm_written = Default::default();
+    for &i in indices {
+        add_region(store, generation, image, &image.regions[i], &mut shm_written, dests)?;
+    }
+    Ok(())
+}
+
+/// Reads region `r`'s chunk list into `dests`.
+fn add_region(store: &Store, generation: u64, image: &ProcessImage, r: &RegionImage, shm_written: &mut std::collections::HashSet<(u64, u64)>, dests: &mut Dests) -> Result<()> {
+    let chunk_size = image.chunk_size as u64;
+    let n = (r.end - r.start).div_ceil(chunk_size);
+    let hashes = crate::chunklist::load_sparse(store, generation, &r.segments, r.depth, n)?;
+    if hashes.len != n {
+        return Err(EngineError::BadImage { generation, what: format!("region {:#x}-{:#x} of process {} lists {} chunks, expected {n}", r.start, r.end, image.pid, hashes.len) });
+    }
+    // Zero chunks are not in the list: a fresh mapping is zero already.
+    for (i, h) in hashes.entries {
+        let off = i * chunk_size;
+        if r.kind == RegionKind::SharedAnon && r.shm != 0 && !shm_written.insert((r.shm, r.offset + off)) {
+            continue;
+        }
+        let addr = r.start + off;
+        dests.entry(h).or_default().push((addr, (r.end - addr).min(chunk_size) as usize));
+    }
+    Ok(())
 }
 
 /// Writes every chunk of `dests` into process `pid`: chunks read,

@@ -184,7 +184,15 @@ pub fn restore_generation_with(
     // is that file again.
     let mut opener = crate::fds::Opener::new(store, generation, images)?;
     let shm_fds = shm::objects(&ctx, &opener)?;
-    let all_dests = memory::destinations(&ctx)?;
+    // A lazy restart reads no chunk list of a lazy region here: the page
+    // server descends them on fault, its filler walks them after the
+    // programs run.
+    let mut lazy_parts: Vec<lazy::LazyPart> = match opts.lazy {
+        true => images.iter().map(|im| lazy::LazyPart::of(generation, im)).collect::<Result<_>>()?,
+        false => images.iter().map(|_| lazy::LazyPart::default()).collect(),
+    };
+    let skip: Vec<Vec<usize>> = lazy_parts.iter().map(|p| p.indices.clone()).collect();
+    let all_dests = memory::destinations(&ctx, &skip)?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "chunk lists loaded");
 
     // The fds of every process, then the restorer's own above them.
@@ -199,7 +207,7 @@ pub fn restore_generation_with(
     let (mut guard, roots) = tree::spawn(&ctx, &origins, &index, all_moves, cttys, src_base, &convs, restorer)?;
 
     // The restorers, each through its own pipes, all in step.
-    let mut lazy_parts: Vec<(Option<i32>, lazy::LazyPart)> = images.iter().map(|_| (None, lazy::LazyPart::default())).collect();
+    let mut uffd_fds: Vec<Option<i32>> = vec![None; images.len()];
     for (i, c) in convs.iter_mut().enumerate() {
         let image = &images[i];
         let first = read_status(&mut c.status).ok_or_else(|| err(format!("the restorer of process {} ({}) exited before it started", image.pid, restorer.display())))?;
@@ -218,16 +226,13 @@ pub fn restore_generation_with(
         let own_maps = procfs::maps(image.pid)?;
         let held = image.creds.is_some().then(|| crate::creds::Held::of(image.pid)).transpose()?;
         let main = image.threads.iter().find(|t| t.tid == image.pid).expect("checked above");
-        let uffd_fd = if opts.lazy {
-            let (eager, part) = lazy::split(image, &c.region_fds, std::mem::take(&mut c.dests));
-            c.dests = eager;
-            let held = [c.ctl_fd, c.status_fd].into_iter().chain(c.exe_fd).chain(c.region_fds.values().copied()).chain(c.tty_pgrp.map(|t| t.0));
-            let fd = (!part.ranges.is_empty()).then(|| lazy::uffd_number(image, held));
-            lazy_parts[i] = (fd, part);
-            fd
-        } else {
+        let uffd_fd = if lazy_parts[i].regions.is_empty() {
             None
+        } else {
+            let held = [c.ctl_fd, c.status_fd].into_iter().chain(c.exe_fd).chain(c.region_fds.values().copied()).chain(c.tty_pgrp.map(|t| t.0));
+            Some(lazy::uffd_number(image, held))
         };
+        uffd_fds[i] = uffd_fd;
         let (plan, descriptions) = plan::build_plan(generation, image, main, &own_maps, restorer, c.exe_fd, &c.region_fds, c.tty_pgrp, c.ctl_fd, c.status_fd, held, uffd_fd)?;
         c.descriptions = descriptions;
         c.ctl.write_all(&plan).map_err(|e| EngineError::io("sending the plan to the restorer", e))?;
@@ -243,25 +248,22 @@ pub fn restore_generation_with(
     // register the lazy regions (a process that cannot be served lazily is
     // written whole below).
     let mut attached = Vec::new();
-    let mut lazy_dests: Vec<Dests> = images.iter().map(|_| Dests::new()).collect();
     let mut lazy_words: Vec<u64> = vec![0; images.len()];
-    for (i, (fd, part)) in lazy_parts.into_iter().enumerate() {
-        let Some(fd) = fd else { continue };
+    for (i, part) in lazy_parts.iter_mut().enumerate() {
+        let Some(fd) = uffd_fds[i] else { continue };
         let word = match images[i].agent.restart_word_addr {
             0 => 0,
             a => a + ckpt_wire::agent::LAZY_OFFSET,
         };
-        match lazy::attach(images[i].pid, i, fd, &part, word) {
+        match lazy::attach(images[i].pid, i, fd, part, word) {
             Ok(a) => {
                 attached.push(a);
-                lazy_dests[i] = part.dests;
                 lazy_words[i] = word;
             }
             Err(why) => {
                 tracing::warn!("process {} restarts with all of its memory written first (not lazily): {why}", images[i].pid);
-                for (h, v) in part.dests {
-                    convs[i].dests.entry(h).or_default().extend(v);
-                }
+                memory::add_regions(store, generation, &images[i], &part.indices, &mut convs[i].dests)?;
+                *part = lazy::LazyPart::default();
             }
         }
     }
@@ -289,7 +291,7 @@ pub fn restore_generation_with(
     let server = match lazy_threads {
         Some(threads) if !attached.is_empty() => {
             tracing::debug!(ms = t0.elapsed().as_millis() as u64, "page server starts");
-            Some(lazy::serve(threads, store, generation, attached, lazy_dests, images.iter().map(|i| i.pid).collect())?)
+            Some(lazy::serve(threads, store, generation, attached, lazy_parts, images.iter().map(|i| i.pid).collect())?)
         }
         _ => None,
     };

@@ -1,15 +1,27 @@
-//! The SQLite catalog: schema, versioning and migrations.
+//! The SQLite catalog: schema, versioning and migrations, and every SQL
+//! statement the store runs, as typed functions by table
+//! ([`generations`], [`blobs`], [`packs`]; the `meta` table and whole-file
+//! operations here).
 //!
 //! `PRAGMA user_version` holds the schema version. A catalog with a newer
 //! version than [`SCHEMA_VERSION`] is refused before anything is written
 //! (the version is first read from the file header, without SQLite).
+//!
+//! This module must never decide anything: it reads and writes rows as
+//! told, and leaves checking them (MACs, what a row may name) to its
+//! callers, except that a pack name it returns has been checked to be one
+//! ckpt makes. No other module of the crate prepares or executes SQL.
 
 use std::io::Read;
 use std::path::Path;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 
-use crate::error::{Result, SqlCtx, StoreError};
+use crate::error::{IoCtx, Result, SqlCtx, StoreError};
+
+pub(crate) mod blobs;
+pub(crate) mod generations;
+pub(crate) mod packs;
 
 /// Schema version written by this build.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -226,4 +238,79 @@ fn random_hex() -> String {
         b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..16]);
     }
     hex::encode(b)
+}
+
+/// A `meta` value.
+pub(crate) fn meta(conn: &Connection, p: &Path, key: &str) -> Result<Option<String>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().db(p)
+}
+
+/// Set a `meta` value.
+pub(crate) fn set_meta(conn: &Connection, p: &Path, key: &str, value: &str) -> Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)").db(p)?.execute(params![key, value]).db(p)?;
+    Ok(())
+}
+
+/// One more than the largest generation id ever committed (the row ids
+/// and `meta.last_generation_id`: ids are never reused, even after gc).
+pub(crate) fn next_generation_id(conn: &Connection, p: &Path) -> Result<u64> {
+    let max = generations::max_id(conn, p)?;
+    let last = meta(conn, p, "last_generation_id")?.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+    Ok((max as i64).max(last) as u64 + 1)
+}
+
+/// Begin an IMMEDIATE transaction (the write lock taken at once).
+pub(crate) fn immediate<'c>(conn: &'c mut Connection, p: &Path) -> Result<Transaction<'c>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate).db(p)
+}
+
+/// A connection to nothing, to hold a catalog's place while its file is
+/// replaced.
+pub(crate) fn placeholder(p: &Path) -> Result<Connection> {
+    Connection::open_in_memory().db(p)
+}
+
+/// Open the catalog file `path` read-only (a snapshot or a download).
+pub(crate) fn open_read_only(path: &Path) -> Result<Connection> {
+    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).db(path)
+}
+
+/// Fold the write-ahead log into the catalog file, trying again for a
+/// while when a reader in another process makes it report busy.
+pub(crate) fn checkpoint_wal(conn: &Connection, p: &Path) -> Result<()> {
+    for _ in 0..100 {
+        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).db(p)?;
+        if busy == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// `VACUUM INTO` a fresh file in `tmp_dir`: a consistent, self-contained
+/// copy of the catalog behind `conn` (whose file is `catalog`; no WAL).
+pub(crate) fn snapshot(conn: &Connection, catalog: &Path, tmp_dir: &Path) -> Result<std::path::PathBuf> {
+    let snap = tmp_dir.join(format!("catalog-snapshot-{}-{}.db", std::process::id(), crate::now_ms()));
+    let _ = std::fs::remove_file(&snap);
+    let s = snap.to_str().ok_or_else(|| StoreError::Invalid(format!("non-UTF-8 path {}", snap.display())))?;
+    // VACUUM INTO accepts an empty file: made first, so the copy is 0600.
+    crate::private::create_file(&snap).ctx(|| format!("create {}", snap.display()))?;
+    conn.execute("VACUUM INTO ?1", [s]).db(catalog)?;
+    Ok(snap)
+}
+
+/// Totals over the whole catalog.
+pub(crate) fn stats(conn: &Connection, p: &Path) -> Result<crate::StoreStats> {
+    let (packs, pack_bytes) = packs::totals(conn, p)?;
+    let (blobs, stored, logical) = blobs::totals(conn, p)?;
+    let generations = generations::count(conn, p)?;
+    Ok(crate::StoreStats {
+        generations,
+        packs: packs as u64,
+        pack_bytes: pack_bytes as u64,
+        blobs: blobs as u64,
+        stored_bytes: stored as u64,
+        logical_bytes: logical as u64,
+    })
 }
