@@ -198,6 +198,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 /// `srun` itself holds TCP connections to those daemons), and this command
 /// run as one task of a job step of several (`srun -n 2 ckpt run ...`:
 /// each task would be a computation of its own, all under one name).
+/// The batch script of `sbatch --ntasks=2` is not refused (its batch step
+/// is one task): `ckpt run -- mpirun -np 2 PROG` there launches, as
+/// slurm.rs's MPI test shows against a real slurmd.
 pub(crate) fn refuse_slurm_step(prog: &[String]) -> Result<()> {
     let base = prog.first().map(|p| p.rsplit('/').next().unwrap_or(p)).unwrap_or_default();
     if base == "srun" {
