@@ -89,6 +89,10 @@ fn main() {
     let opt = |name: &str, def: usize| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(def);
     let mib = opt("--mib", 256);
     let reps = opt("--reps", 3);
+    if args.iter().any(|a| a == "--aead") {
+        aead_ceilings();
+        return;
+    }
     let mut mem = vec![0u8; mib << 20];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for (i, p) in mem.chunks_exact_mut(PAGE).enumerate() {
@@ -141,4 +145,30 @@ fn main() {
     }
     let (u, s) = (res[0][0].3 as f64, res[1][0].3 as f64);
     println!("| stored bytes (MiB) | {:.1} | {:.1} | {:.3} |", u / 1048576.0, s / 1048576.0, s / u);
+}
+
+/// `--aead`: the AEADs a sealed store could use, one thread, 4 KiB blobs,
+/// next to zstd and BLAKE3 on the same data (medians of 5, alternating).
+fn aead_ceilings() {
+    use ckpt_benches::ceilings::{Aead, Sample};
+    let s = Sample::new(false);
+    let aeads = [Aead::XChaCha20Poly1305, Aead::RustCryptoAes256Gcm, Aead::RingAes256Gcm];
+    let mut r: Vec<Vec<(f64, f64)>> = vec![Vec::new(); aeads.len()];
+    let (mut z, mut uz, mut b3) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..5 {
+        for (k, a) in aeads.iter().enumerate() {
+            r[k].push(s.aead_1(*a));
+        }
+        z.push(s.zstd_1(PAGE, ckpt_chunker::DEFAULT_LEVEL).0);
+        uz.push(s.unzstd(PAGE, ckpt_chunker::DEFAULT_LEVEL, false));
+        b3.push(s.blake3_1(PAGE));
+    }
+    println!("One thread, 4 KiB blobs of image-like pages, GB/s, medians of 5 (alternating):\n");
+    println!("| | seal / encode | open / decode |");
+    println!("|---|---|---|");
+    for (k, a) in aeads.iter().enumerate() {
+        println!("| {a:?} | {:.2} | {:.2} |", median(r[k].iter().map(|x| x.0).collect()), median(r[k].iter().map(|x| x.1).collect()));
+    }
+    println!("| zstd -{} | {:.2} | {:.2} |", ckpt_chunker::DEFAULT_LEVEL, median(z), median(uz));
+    println!("| BLAKE3 | {:.2} | |", median(b3));
 }
