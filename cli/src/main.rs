@@ -309,10 +309,28 @@ fn main() -> ExitCode {
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ckpt: {e:#}");
+            eprintln!("ckpt: {}", error_report(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes on one line, as `{:#}` prints them, but
+/// without a cause that an outer message already quotes (our library
+/// errors name their cause in their own text: printing it again says
+/// nothing new).
+fn error_report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn coord_addr(a: &CoordArg) -> Result<Address> {
@@ -427,7 +445,10 @@ fn undo_launch(addr: &Address, started: bool, new_store: Option<&Path>) {
 /// the background if none runs). True if this call started it. `unblock`:
 /// signals the caller blocks that the coordinator must not inherit blocked.
 fn ensure_coordinator(addr: &Address, store: &str, store_given: bool, interval: Option<u64>, hooks: &HookArgs, unblock: &'static [libc::c_int]) -> Result<bool> {
-    match client::hello(addr, Duration::from_secs(2)) {
+    // Long enough for a coordinator on a slow link or a busy machine: only
+    // a refused connection means none runs there (`CoordError::Unreachable`);
+    // a timeout is an error, never a reason to start another.
+    match client::hello(addr, Duration::from_secs(10)) {
         Ok(v) => {
             let theirs = v.store;
             if store_given && theirs != store {
@@ -951,4 +972,35 @@ pub(crate) fn bring_back(
         }
     }
     Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_report;
+
+    /// An error that names its cause in its own text, as ours do.
+    #[derive(Debug)]
+    struct Quoting {
+        source: std::io::Error,
+    }
+    impl std::fmt::Display for Quoting {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot talk to X ({}); check Y", self.source)
+        }
+    }
+    impl std::error::Error for Quoting {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_quoted_is_not_printed_twice() {
+        let e = anyhow::Error::from(Quoting { source: std::io::Error::other("timed out") });
+        assert_eq!(error_report(&e), "cannot talk to X (timed out); check Y");
+        let e = e.context("checkpoint failed");
+        assert_eq!(error_report(&e), "checkpoint failed: cannot talk to X (timed out); check Y");
+        let plain = anyhow::Error::from(std::io::Error::other("disk full")).context("cannot write pack");
+        assert_eq!(error_report(&plain), "cannot write pack: disk full");
+    }
 }

@@ -117,7 +117,7 @@ fn read_frame(sock: &mut TcpStream, max: usize) -> std::io::Result<Vec<u8>> {
     sock.read_exact(&mut l)?;
     let len = u16::from_be_bytes(l) as usize;
     if len > max {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a handshake message of {len} bytes")));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("the peer sent a handshake message of {len} bytes where at most {max} fit: it is not a ckpt coordinator (or agent) of this version")));
     }
     let mut m = vec![0u8; len];
     sock.read_exact(&mut m)?;

@@ -80,8 +80,10 @@ pub fn connect_error(addr: &Address, e: std::io::Error) -> CoordError {
         ))
     } else if e.kind() == std::io::ErrorKind::PermissionDenied {
         CoordError::Untrusted(e.to_string())
-    } else {
+    } else if e.raw_os_error() == Some(libc::ECONNREFUSED) || (matches!(addr, Address::Unix(_)) && e.raw_os_error() == Some(libc::ENOENT)) {
         CoordError::Unreachable { addr: addr.to_string(), source: e }
+    } else {
+        CoordError::NoAnswer { addr: addr.to_string(), source: e }
     }
 }
 

@@ -34,8 +34,15 @@ pub use server::{Config, run};
 pub enum CoordError {
     #[error("bad coordinator address {0:?}: use unix:PATH or tcp:HOST:PORT")]
     BadAddress(String),
+    /// Nothing listens at the address (connection refused, no socket
+    /// file): there is no coordinator, and one may be started there.
     #[error("no coordinator answers at {addr} ({source}); start one with `ckpt coordinator --coord {addr}` or use `ckpt launch`")]
     Unreachable { addr: String, #[source] source: std::io::Error },
+    /// Something may listen there but the connection or its handshake did
+    /// not complete (a timeout, no route, a peer that is not a
+    /// coordinator): never a reason to start another coordinator.
+    #[error("cannot talk to the coordinator at {addr} ({source}); check that it runs and that this machine reaches it (network, firewall), or choose another address with --coord")]
+    NoAnswer { addr: String, #[source] source: std::io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, #[source] source: std::io::Error },
     #[error("{0}")]

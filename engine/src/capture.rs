@@ -562,11 +562,12 @@ impl Prepared {
     /// the regions not stored yet) are few, reads them now into buffers
     /// of ours, and returns their size; the process may then resume at
     /// once and [`Self::store_copied`] stores them. "Few": at most
-    /// `max_bytes`, and at most one page read per `pages_per_read`
-    /// present pages (a page read costs about that many page-table entries
-    /// copied by a snapshot fork; measured in bench-stop). Otherwise reads
-    /// nothing and returns None.
-    pub fn copy_out(&mut self, pid: i32, base: Option<&Base>, max_bytes: u64, pages_per_read: u64) -> Result<Option<u64>> {
+    /// `max_bytes`, and at most `free_pages` pages plus one page read per
+    /// `pages_per_read` present pages (a page read costs about that many
+    /// page-table entries copied by a snapshot fork, and a fork has a fixed
+    /// cost worth `free_pages` reads; measured in bench-stop and
+    /// bench-trees). Otherwise reads nothing and returns None.
+    pub fn copy_out(&mut self, pid: i32, base: Option<&Base>, max_bytes: u64, pages_per_read: u64, free_pages: u64) -> Result<Option<u64>> {
         let chunk_size = self.image.chunk_size as usize;
         let mut plans = Vec::new();
         let (mut bytes, mut present) = (0u64, 0u64);
@@ -580,7 +581,7 @@ impl Prepared {
             present += if st.sparse { st.present.count() } else { len / remote::PAGE };
             plans.push((k, reuse, to_read));
         }
-        if bytes > max_bytes || bytes / remote::PAGE * pages_per_read > present {
+        if bytes > max_bytes || bytes / remote::PAGE > free_pages + present / pages_per_read {
             return Ok(None);
         }
         let mem_path = format!("/proc/{pid}/mem");

@@ -798,21 +798,34 @@ pub fn load_generation(
         .map(|p| {
             let img: ProcessImage = serde_json::from_slice(&store.read_blob(&p.image)?)
                 .map_err(|e| bad(format!("the image of process {} is not readable ({e})", p.pid)))?;
-            check_names(&img).map_err(|what| bad(format!("process {}: {what}; the store may have been tampered with", img.pid)))?;
+            check_image(&img).map_err(|what| bad(format!("process {}: {what}; the store may have been tampered with", img.pid)))?;
             Ok(img)
         })
         .collect::<crate::Result<Vec<ProcessImage>>>()?;
     Ok((info, manifest, images))
 }
 
-/// Checks the names a restart turns into paths, right after decoding,
+/// Checks what a restart turns into paths and mappings, right after decoding,
 /// before any process starts: a region backed by a file names an absolute
 /// path with no `.` or `..` component (and no NUL); one under `/dev/shm/`
 /// names exactly one component there (a POSIX shm object). Kernel names
 /// (`[heap]`, `[stack]`, ...) and anonymous regions (empty) pass.
-pub fn check_names(img: &ProcessImage) -> Result<(), String> {
+///
+/// Also the geometry a restart turns into `mmap` calls and object sizes:
+/// each region is page-aligned, non-empty and below the top of the user
+/// address space, and its file offset plus its length does not overflow.
+pub fn check_image(img: &ProcessImage) -> Result<(), String> {
+    use crate::remote::PAGE;
+    // x86-64's 47-bit user address space (the vsyscall page is never in an image).
+    const USER_TOP: u64 = 1 << 47;
     for r in &img.regions {
         let n = r.name.as_str();
+        if r.start >= r.end || r.start % PAGE != 0 || r.end % PAGE != 0 || r.end > USER_TOP {
+            return Err(format!("region {:#x}-{:#x} ({n:?}) is not a page-aligned, non-empty range of user addresses", r.start, r.end));
+        }
+        if r.offset % PAGE != 0 || r.offset.checked_add(r.end - r.start).is_none_or(|e| e > i64::MAX as u64) {
+            return Err(format!("region {:#x}-{:#x} ({n:?}) has file offset {:#x}, not page-aligned or past what a file can hold", r.start, r.end, r.offset));
+        }
         let bad = |why: &str| Err(format!("region {:#x}-{:#x} names {n:?}, which {why}", r.start, r.end));
         if n.contains('\0') {
             return bad("holds a NUL byte");
@@ -878,11 +891,25 @@ mod name_tests {
     #[test]
     fn region_names() {
         for ok in ["", "[heap]", "/usr/lib/libc.so.6", "/dev/shm/obj", "/dev/shm/obj (deleted)", "/memfd:x (deleted)"] {
-            assert!(check_names(&with_region(ok)).is_ok(), "{ok:?} refused");
+            assert!(check_image(&with_region(ok)).is_ok(), "{ok:?} refused");
         }
         for bad in ["/dev/shm/../../etc/passwd", "/dev/shm/a/b", "/dev/shm/", "/tmp/./x", "/a\0b"] {
-            let e = check_names(&with_region(bad)).expect_err(bad);
+            let e = check_image(&with_region(bad)).expect_err(bad);
             assert!(e.contains(bad.split('\0').next().unwrap_or("")), "{e}");
+        }
+    }
+
+    #[test]
+    fn region_geometry() {
+        let cases: [(u64, u64, u64); 6] =
+            [(0x2000, 0x1000, 0), (0x1000, 0x1000, 0), (0x1001, 0x2000, 0), (0x1000, 1 << 48, 0), (0x1000, 0x2000, 12), (0x1000, 0x2000, u64::MAX - 0xfff)];
+        for (start, end, offset) in cases {
+            let mut img = with_region("/dev/shm/obj");
+            img.regions[0].start = start;
+            img.regions[0].end = end;
+            img.regions[0].offset = offset;
+            let e = check_image(&img).expect_err("a bad range is refused");
+            assert!(e.contains(&format!("{start:#x}-{end:#x}")), "{e}");
         }
     }
 }

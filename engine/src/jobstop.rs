@@ -37,10 +37,7 @@ pub fn is_stopped(pid: i32) -> bool {
 
 /// Whether thread `tid` of `pid` is in a job-control stop.
 fn thread_stopped(pid: i32, tid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
-        .unwrap_or(false)
+    crate::procfs::thread_state(pid, tid) == Some('T')
 }
 
 fn ptrace(req: libc::c_uint, tid: i32, data: usize) -> i64 {

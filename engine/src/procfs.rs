@@ -343,9 +343,20 @@ pub fn tids(pid: i32) -> Result<Vec<i32>> {
 /// Fields of `/proc/PID/stat` after the command name (field 3, the state,
 /// is element 0).
 fn stat_fields(pid: i32) -> Result<Vec<String>> {
-    let stat = read_proc(pid, "stat")?;
-    let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
-    Ok(after.split_whitespace().map(str::to_string).collect())
+    Ok(after_comm(&read_proc(pid, "stat")?).split_whitespace().map(str::to_string).collect())
+}
+
+/// A `stat` line from the field after the command name on (the name may
+/// hold spaces and parentheses: it ends at the last `)`).
+fn after_comm(stat: &str) -> &str {
+    stat.rfind(')').map(|i| stat[i + 1..].trim_start()).unwrap_or("")
+}
+
+/// The state letter of thread `tid` of `pid` (`T` stopped, `t` traced,
+/// ...), `None` if the thread is gone.
+pub fn thread_state(pid: i32, tid: i32) -> Option<char> {
+    let stat = read_proc(pid, &format!("task/{tid}/stat")).ok()?;
+    after_comm(&stat).chars().next()
 }
 
 /// Where a process sits in the process tree.
@@ -393,6 +404,13 @@ pub fn children(pid: i32) -> Vec<i32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_command_name_with_parentheses_is_not_the_state() {
+        assert_eq!(super::after_comm("42 (a) T (b)) S 1 42 42").chars().next(), Some('S'));
+        assert_eq!(super::after_comm("42 (x) t 1").chars().next(), Some('t'));
+        assert_eq!(super::after_comm("garbage"), "");
+    }
+
     #[test]
     fn timers_parse() {
         let t = super::parse_timers("ID: 7\nsignal: 10/00000000deadbeef\nnotify: signal/tid.43\nClockID: 1\nID: 12345\nsignal: 14/0000000000000000\nnotify: none/pid.42\nClockID: 0\n").unwrap();

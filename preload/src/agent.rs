@@ -353,12 +353,19 @@ fn clone_snapshot() -> Forked {
 
 /// Reaps the snapshot child once the coordinator has killed it. If the
 /// coordinator goes away first, the snapshot is killed here.
+///
+/// The coordinator kills the snapshot just before RESUME and then waits for
+/// RESUMED, so how soon the death is seen is time to commit: the waits
+/// between looks grow from 1 ms (a killed snapshot is usually gone within a
+/// few) to 100 ms. A fixed 100 ms wait cost every forked checkpoint about
+/// 100 ms (an idle process's time to commit, bench-trees).
 fn reap_snapshot() {
     let pid = SNAPSHOT_PID.swap(0, Ordering::AcqRel);
     if pid <= 0 {
         return;
     }
     let fd = agentfds::CONN.get();
+    let mut wait_ms = 1;
     loop {
         // SAFETY: non-blocking wait for our own clone child (__WALL finds
         // exit-signal-0 children).
@@ -369,7 +376,7 @@ fn reap_snapshot() {
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: poll on our own socket; peek one byte without consuming.
         let gone = unsafe {
-            libc::poll(&mut pfd, 1, 100) > 0 && {
+            libc::poll(&mut pfd, 1, wait_ms) > 0 && {
                 let mut b = 0u8;
                 pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
                     || libc::recv(fd, &mut b as *mut u8 as *mut libc::c_void, 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) == 0
@@ -379,6 +386,7 @@ fn reap_snapshot() {
             // SAFETY: killing our own snapshot child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        wait_ms = (wait_ms * 2).min(100);
     }
 }
 

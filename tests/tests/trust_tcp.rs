@@ -245,6 +245,50 @@ fn fake_coordinators_get_no_hello_and_no_memory() {
     assert_eq!(log.matches("failed the secure handshake").count(), 2, "the fake coordinator's log:\n{log}");
 }
 
+/// A loopback listener whose accept queue is full and never drained: the
+/// kernel drops every further SYN, so a connection times out, as to a
+/// coordinator behind a firewall or on a machine that went away. The
+/// connections that fill the queue are returned with it.
+fn silent_listener() -> (u16, TcpListener, Vec<TcpStream>) {
+    use nix::sys::socket::{Backlog, listen};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    // listen(2) again on our own listening socket: a backlog of 0.
+    listen(&l, Backlog::new(0).unwrap()).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut held = Vec::new();
+    // The queue holds backlog + 1; fill it until a connection times out.
+    loop {
+        match TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(300)) {
+            Ok(c) => held.push(c),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
+            Err(e) => panic!("filling the accept queue: {e}"),
+        }
+        assert!(held.len() < 16, "the accept queue never filled");
+    }
+    (port, l, held)
+}
+
+#[test]
+fn a_launch_never_replaces_a_coordinator_that_does_not_answer() {
+    // Something listens at the address but the connection times out: a
+    // busy coordinator, a firewall, a machine gone, not an absent
+    // coordinator. The launch must say so, not start a coordinator (and
+    // make a store) of its own there.
+    let s = Session::new("trust_tcp_noanswer");
+    let (port, _l, _held) = silent_listener();
+    let silent = format!("tcp:127.0.0.1:{port}");
+    let store = s.path("never-made");
+    let out = run_with_timeout({
+        let mut c = Command::new(&s.ckpt);
+        c.args(["launch", "--coord", &silent, "--store", store.to_str().unwrap(), "--", "/bin/true"]).current_dir(&s.dir);
+        c
+    }, CMD_TIMEOUT);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the launch went ahead without its coordinator: {err}");
+    assert!(err.contains("cannot talk to the coordinator at") && err.contains(&silent), "unclear error: {err}");
+    assert!(!store.exists(), "the launch made a store of its own at {} for a coordinator it could not reach", store.display());
+}
+
 /// A forwarding proxy from a new port to `to`, recording every byte of
 /// both directions.
 fn recording_proxy(to: u16) -> (u16, Arc<Mutex<Vec<u8>>>) {

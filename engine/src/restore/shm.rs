@@ -28,11 +28,14 @@ pub(super) fn objects(ctx: &Ctx, opener: &crate::fds::Opener<'_>) -> Result<Hash
     }
     let mut shm_fds: HashMap<u64, OwnedFd> = HashMap::new();
     for (&shm, &(extent, name, image, recorded)) in &shm_size {
-        // The recorded size when every mapped page is within it (the last
-        // page may end past it, as at the checkpoint); else the mappings'
-        // extent, so that no page the image fills is past the end.
+        // The recorded size when every mapped page is within it and it
+        // ends in the last mapped page (the page may end past it, as at the
+        // checkpoint); else the mappings' extent, so that no page the image
+        // fills is past the end. A size past the mappings is not believed:
+        // the image holds nothing there, and a hostile image could ask for
+        // any length.
         let page = crate::remote::PAGE;
-        let exact = recorded.filter(|&s| s.div_ceil(page) * page >= extent);
+        let exact = recorded.filter(|&s| s <= extent && extent - s < page);
         let size = exact.unwrap_or(extent);
         let fd = if let Some(fd) = opener.deleted_for_mapping(shm, name) {
             crate::fds::dup(fd)?
