@@ -60,9 +60,11 @@ pub const OVERHEAD: usize = V2_HEADER + 1 + TAG_LEN;
 /// The algorithm byte that starts every v2 blob: AES-256-GCM under a
 /// per-writer subkey.
 const ALG_AES256GCM: u8 = 2;
-const WRITER_ID_LEN: usize = 32;
+/// 128 random bits: two writers share an id (and so a subkey) with
+/// probability about n^2 / 2^129 for n writers.
+const WRITER_ID_LEN: usize = 16;
 const V2_NONCE_LEN: usize = 12;
-/// `algorithm [1] | writer id [32] | nonce [12]`.
+/// `algorithm [1] | writer id [16] | nonce [12]`.
 const V2_HEADER: usize = 1 + WRITER_ID_LEN + V2_NONCE_LEN;
 const V1_NONCE_LEN: usize = 24;
 const V1_OVERHEAD: usize = V1_NONCE_LEN + 1 + TAG_LEN;
@@ -239,7 +241,7 @@ impl Keys {
     /// Open a v2 blob (at least [`OVERHEAD`] bytes, starting with its
     /// algorithm byte) into `out`, leaving `out` as its plaintext.
     fn open_v2(&self, addr: &Hash, stored: &[u8], out: &mut Vec<u8>) -> std::result::Result<(), ()> {
-        let writer: [u8; WRITER_ID_LEN] = stored[1..1 + WRITER_ID_LEN].try_into().expect("32 bytes");
+        let writer: [u8; WRITER_ID_LEN] = stored[1..1 + WRITER_ID_LEN].try_into().expect("16 bytes");
         let nonce: [u8; V2_NONCE_LEN] = stored[1 + WRITER_ID_LEN..V2_HEADER].try_into().expect("12 bytes");
         out.clear();
         out.extend_from_slice(&stored[V2_HEADER..]);
@@ -475,7 +477,7 @@ mod tests {
         let s = k.seal(&a, true, b"secret bytes");
         assert!(!s.windows(6).any(|w| w == b"secret"));
         assert_eq!(s.len(), b"secret bytes".len() + OVERHEAD);
-        assert_eq!((s[0], &s[1..33]), (ALG_AES256GCM, &k.writer_id[..]));
+        assert_eq!((s[0], &s[1..1 + WRITER_ID_LEN]), (ALG_AES256GCM, &k.writer_id[..]));
         let mut out = Vec::new();
         assert!(k.open_into(&a, &s, &mut out).unwrap());
         assert_eq!(&out[1..], b"secret bytes");
@@ -490,7 +492,7 @@ mod tests {
         }
         assert!(k.open_into(&a, &s[..OVERHEAD - 1], &mut out).unwrap_err().contains("too short"));
         // Fresh nonces under one writer; a new writer id per Keys.
-        assert_ne!(k.seal(&a, true, b"z")[33..45], k.seal(&a, true, b"z")[33..45]);
+        assert_ne!(k.seal(&a, true, b"z")[1 + WRITER_ID_LEN..V2_HEADER], k.seal(&a, true, b"z")[1 + WRITER_ID_LEN..V2_HEADER]);
         assert_ne!(k.writer_id, k2.writer_id);
     }
 
@@ -510,8 +512,43 @@ mod tests {
         }
         // A writer id that is not the one the blob was sealed under fails.
         let mut other = s.clone();
-        other[1..33].copy_from_slice(&w2.writer_id);
+        other[1..1 + WRITER_ID_LEN].copy_from_slice(&w2.writer_id);
         assert!(w2.open_into(&a, &other, &mut out).is_err());
+    }
+
+    #[test]
+    fn nonces_never_repeat_across_writers_or_threads() {
+        // Writers of one store (one master key), each sealing from 4
+        // threads at once: every (writer id, nonce) pair is new, and two
+        // writers at the same counter value seal under different subkeys.
+        let master = [11u8; 32];
+        let a = Hash::of(b"same address");
+        let writers: Vec<Keys> = (0..3).map(|_| Keys::from_master("s", master).unwrap()).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut firsts = Vec::new();
+        for w in &writers {
+            let headers: Vec<Vec<u8>> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..4).map(|_| sc.spawn(|| (0..500).map(|_| w.seal(&a, true, b"same bytes")[1..V2_HEADER].to_vec()).collect::<Vec<_>>())).collect();
+                hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(headers.len(), 2000);
+            for h in headers {
+                assert_eq!(&h[..WRITER_ID_LEN], &w.writer_id[..]);
+                assert!(seen.insert(h), "a (writer id, nonce) pair came twice");
+            }
+            // The counter goes on from 2000: the next nonce is 2000.
+            let next = w.seal(&a, true, b"same bytes");
+            assert_eq!(u64::from_le_bytes(next[1 + WRITER_ID_LEN..1 + WRITER_ID_LEN + 8].try_into().unwrap()), 2000);
+            firsts.push(next);
+        }
+        // Same counter, same address, same bytes: the ciphertexts and tags
+        // differ (different subkeys), and each opens only under its writer id.
+        assert_ne!(firsts[0][V2_HEADER..], firsts[1][V2_HEADER..]);
+        let mut out = Vec::new();
+        let mut swapped = firsts[0].clone();
+        swapped[1..1 + WRITER_ID_LEN].copy_from_slice(&writers[1].writer_id);
+        assert!(writers[2].open_into(&a, &swapped, &mut out).is_err());
+        assert!(writers[2].open_into(&a, &firsts[0], &mut out).is_ok());
     }
 
     /// A blob as the v1 code sealed it (XChaCha20-Poly1305, 24-byte nonce
