@@ -15,10 +15,13 @@
 //!   to a reader without the key, and equal blobs still share one address
 //!   (dedup within the store);
 //! - **AEAD**: every stored blob (chunks and manifests alike, after zstd) is
-//!   sealed with XChaCha20-Poly1305 under a fresh 24-byte nonce (16 random
-//!   bytes per process + a counter: never reused across processes or
-//!   machines), with the stored address as associated data, so a blob
-//!   moved to another address, swapped or forged fails to open;
+//!   sealed with AES-256-GCM (`ring`) under a per-writer subkey: each
+//!   [`Keys`] (one per opened store) draws a random 128-bit writer id,
+//!   derives its subkey from the AEAD key and the id, and uses a 64-bit
+//!   counter as the 96-bit nonce (never reused across threads, processes
+//!   or machines), with the stored address as associated data, so a blob
+//!   moved to another address, swapped or forged fails to open. Blobs of
+//!   stores sealed with scheme v1 (XChaCha20-Poly1305) still open there;
 //! - **MAC**: every generation row (id, parent, manifest address and
 //!   metadata) carries a keyed BLAKE3 MAC over a canonical encoding, so an
 //!   edited, swapped, re-parented or forged row is detected. A replayed
@@ -26,11 +29,13 @@
 //!   beside the key (`<key file>.head`: the newest generation this machine
 //!   committed or saw, and its MAC).
 //!
-//! Stored blob layout: `nonce [24] | ciphertext of (encoding u8 | bytes) |
-//! tag [16]`, encoding 0 = raw bytes, 1 = one zstd frame.
+//! Stored blob layout (v2): `algorithm [1] = 2 | writer id [16] | nonce [12]
+//! | ciphertext of (encoding u8 | bytes) | tag [16]`; v1: `nonce [24] |
+//! ciphertext | tag [16]`. Encoding 0 = raw bytes, 1 = one zstd frame.
 //!
 //! This module must never write a key into the store, log a key, or make
-//! a nonce from anything but the random prefix and the counter.
+//! a nonce from anything but its writer's counter (under a subkey of its
+//! own random writer id).
 
 use std::collections::HashMap;
 use std::io::Write;
