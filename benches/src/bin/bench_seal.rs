@@ -263,7 +263,10 @@ fn e2e(mib: usize, reps: usize) {
         assert_eq!(scheme.as_deref(), sealed.then_some(ckpt_store::seal::SCHEME), "the store's scheme");
         drop(cat);
         let mut rs = Vec::new();
+        let mut tries = 0;
         while rs.len() < 3 {
+            tries += 1;
+            assert!(tries <= 20, "20 restarts of {} gave 3 first outputs only {} times", env.dir.display(), rs.len());
             let t = Instant::now();
             let mut rc = cmd();
             rc.arg("restart").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
