@@ -15,10 +15,13 @@
 //!   to a reader without the key, and equal blobs still share one address
 //!   (dedup within the store);
 //! - **AEAD**: every stored blob (chunks and manifests alike, after zstd) is
-//!   sealed with XChaCha20-Poly1305 under a fresh 24-byte nonce (16 random
-//!   bytes per process + a counter: never reused across processes or
-//!   machines), with the stored address as associated data, so a blob
-//!   moved to another address, swapped or forged fails to open;
+//!   sealed with AES-256-GCM (`ring`) under a per-writer subkey: each
+//!   [`Keys`] (one per opened store) draws a random 128-bit writer id,
+//!   derives its subkey from the AEAD key and the id, and uses a 64-bit
+//!   counter as the 96-bit nonce (never reused across threads, processes
+//!   or machines), with the stored address as associated data, so a blob
+//!   moved to another address, swapped or forged fails to open. Blobs of
+//!   stores sealed with scheme v1 (XChaCha20-Poly1305) still open there;
 //! - **MAC**: every generation row (id, parent, manifest address and
 //!   metadata) carries a keyed BLAKE3 MAC over a canonical encoding, so an
 //!   edited, swapped, re-parented or forged row is detected. A replayed
@@ -26,40 +29,71 @@
 //!   beside the key (`<key file>.head`: the newest generation this machine
 //!   committed or saw, and its MAC).
 //!
-//! Stored blob layout: `nonce [24] | ciphertext of (encoding u8 | bytes) |
-//! tag [16]`, encoding 0 = raw bytes, 1 = one zstd frame.
+//! Stored blob layout (v2): `algorithm [1] = 2 | writer id [16] | nonce [12]
+//! | ciphertext of (encoding u8 | bytes) | tag [16]`; v1: `nonce [24] |
+//! ciphertext | tag [16]`. Encoding 0 = raw bytes, 1 = one zstd frame.
 //!
 //! This module must never write a key into the store, log a key, or make
-//! a nonce from anything but the random prefix and the counter.
+//! a nonce from anything but its writer's counter (under a subkey of its
+//! own random writer id).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{KeyInit, Tag, XChaCha20Poly1305, XNonce};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 use crate::error::{Result, StoreError};
 use crate::{GenerationInfo, Hash};
 
-/// The value of `meta.sealed` of a store sealed by this scheme.
-pub const SCHEME: &str = "xchacha20poly1305-blake3-v1";
-/// Bytes a sealed blob takes beyond its (compressed) bytes.
-pub const OVERHEAD: usize = NONCE_LEN + 1 + TAG_LEN;
-const NONCE_LEN: usize = 24;
+/// The value of `meta.sealed` of a store sealed by this scheme (every new
+/// store, and every store sealed by `ckpt store seal`).
+pub const SCHEME: &str = "aes256gcm-blake3-v2";
+/// The first scheme: blobs sealed with XChaCha20-Poly1305. Such stores
+/// still open and read; what is written into them now is sealed as v2.
+pub const SCHEME_V1: &str = "xchacha20poly1305-blake3-v1";
+/// Every scheme this ckpt opens.
+pub const SCHEMES: [&str; 2] = [SCHEME, SCHEME_V1];
+/// Bytes a sealed blob takes beyond its (compressed) bytes (v2: header,
+/// encoding byte, tag).
+pub const OVERHEAD: usize = V2_HEADER + 1 + TAG_LEN;
+/// The algorithm byte that starts every v2 blob: AES-256-GCM under a
+/// per-writer subkey.
+const ALG_AES256GCM: u8 = 2;
+/// 128 random bits: two writers share an id (and so a subkey) with
+/// probability about n^2 / 2^129 for n writers.
+const WRITER_ID_LEN: usize = 16;
+const V2_NONCE_LEN: usize = 12;
+/// `algorithm [1] | writer id [16] | nonce [12]`.
+const V2_HEADER: usize = 1 + WRITER_ID_LEN + V2_NONCE_LEN;
+const V1_NONCE_LEN: usize = 24;
+const V1_OVERHEAD: usize = V1_NONCE_LEN + 1 + TAG_LEN;
 const TAG_LEN: usize = 16;
+/// Writer subkeys kept for opening (one per writer id met); a hostile
+/// store naming more writers only costs their derivation again.
+const READER_CACHE: usize = 4096;
 const KEY_FILE_MAGIC: &str = "ckpt store key v1";
 
-/// The keys of one sealed store.
+/// The keys of one sealed store, and this process's writer (a random
+/// writer id and its AES-256-GCM subkey, with a nonce counter under it).
 pub struct Keys {
     id: String,
     master: [u8; 32],
     addr: [u8; 32],
     mac: [u8; 32],
-    aead: XChaCha20Poly1305,
-    nonce_prefix: [u8; 16],
+    /// Where the writer subkeys come from (with a writer id).
+    aead_v2: [u8; 32],
+    /// The v1 blobs' key, in a v1 store only.
+    v1: Option<XChaCha20Poly1305>,
+    writer_id: [u8; WRITER_ID_LEN],
+    writer: LessSafeKey,
     counter: AtomicU64,
+    readers: RwLock<HashMap<[u8; WRITER_ID_LEN], LessSafeKey>>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -76,18 +110,43 @@ fn random<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
+/// The AES-256-GCM subkey of writer `writer_id`.
+fn writer_key(aead_v2: &[u8; 32], writer_id: &[u8; WRITER_ID_LEN]) -> LessSafeKey {
+    let k = blake3::Hasher::new_derive_key("ckpt 2026 store blob AES-256-GCM writer key v2")
+        .update(aead_v2)
+        .update(writer_id)
+        .finalize();
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, k.as_bytes()).expect("AES-256-GCM takes a 32-byte key"))
+}
+
 impl Keys {
-    /// The keys of store `id` from its master key.
+    /// The keys of store `id` from its master key, for a store of
+    /// [`SCHEME`] (new stores).
     pub fn from_master(id: &str, master: [u8; 32]) -> Result<Keys> {
-        let aead_key = blake3::derive_key("ckpt 2026 store blob AEAD key", &master);
+        Keys::for_scheme(id, master, SCHEME)
+    }
+
+    /// The keys of store `id`, whose `meta.sealed` is `scheme` (one of
+    /// [`SCHEMES`]), from its master key; with a new writer id.
+    pub fn for_scheme(id: &str, master: [u8; 32], scheme: &str) -> Result<Keys> {
+        let v1 = match scheme {
+            SCHEME => None,
+            SCHEME_V1 => Some(XChaCha20Poly1305::new((&blake3::derive_key("ckpt 2026 store blob AEAD key", &master)).into())),
+            other => return Err(StoreError::Invalid(format!("store {id} is sealed with {other:?}, which this ckpt does not know (it knows {SCHEMES:?})"))),
+        };
+        let aead_v2 = blake3::derive_key("ckpt 2026 store blob AES-256-GCM key v2", &master);
+        let writer_id = random()?;
         Ok(Keys {
             id: id.to_string(),
             master,
             addr: blake3::derive_key("ckpt 2026 store blob address key", &master),
             mac: blake3::derive_key("ckpt 2026 store catalog MAC key", &master),
-            aead: XChaCha20Poly1305::new((&aead_key).into()),
-            nonce_prefix: random()?,
+            writer: writer_key(&aead_v2, &writer_id),
+            aead_v2,
+            v1,
+            writer_id,
             counter: AtomicU64::new(0),
+            readers: RwLock::new(HashMap::new()),
         })
     }
 
@@ -112,51 +171,108 @@ impl Keys {
         Hash(*blake3::keyed_hash(&self.addr, &h.0).as_bytes())
     }
 
-    fn aad(addr: &Hash) -> [u8; 48] {
+    fn aad(version: &[u8; 16], addr: &Hash) -> [u8; 48] {
         let mut a = [0u8; 48];
-        a[..16].copy_from_slice(b"ckpt blob v1\0\0\0\0");
+        a[..16].copy_from_slice(version);
         a[16..].copy_from_slice(&addr.0);
         a
     }
 
-    /// Seal `bytes` (raw if `raw`, else one zstd frame) stored at `addr`.
+    /// Seal `bytes` (raw if `raw`, else one zstd frame) stored at `addr`:
+    /// AES-256-GCM under this process's writer subkey, the next value of
+    /// its counter as the nonce.
     pub fn seal(&self, addr: &Hash, raw: bool, bytes: &[u8]) -> Vec<u8> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut nonce = [0u8; NONCE_LEN];
-        nonce[..16].copy_from_slice(&self.nonce_prefix);
-        nonce[16..].copy_from_slice(&n.to_le_bytes());
+        assert!(n < u64::MAX, "a writer sealed 2^64 blobs: its nonces are spent");
+        let mut nonce = [0u8; V2_NONCE_LEN];
+        nonce[..8].copy_from_slice(&n.to_le_bytes());
         let mut out = Vec::with_capacity(bytes.len() + OVERHEAD);
+        out.push(ALG_AES256GCM);
+        out.extend_from_slice(&self.writer_id);
         out.extend_from_slice(&nonce);
         out.push(if raw { 0 } else { 1 });
         out.extend_from_slice(bytes);
         let tag = self
-            .aead
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &Self::aad(addr), &mut out[NONCE_LEN..])
-            .expect("XChaCha20-Poly1305 seals any blob under 256 GiB");
-        out.extend_from_slice(&tag);
+            .writer
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(Self::aad(b"ckpt blob v2\0\0\0\0", addr)), &mut out[V2_HEADER..])
+            .expect("AES-256-GCM seals any blob under 64 GiB");
+        out.extend_from_slice(tag.as_ref());
         out
     }
 
     /// Open a blob stored at `addr` into `out`: its encoding byte, then its
     /// bytes (`&out[1..]`); returns whether they are raw (else a zstd frame).
-    /// `Err` (a sentence) if it does not open with this key.
+    /// `Err` (a sentence) if it does not open with this key. A v2 blob
+    /// opens in any store; a v1 blob only in a v1 store (whose blobs may
+    /// be either: a v1 blob's first byte is random, so a v1 blob that
+    /// starts with the v2 algorithm byte is tried as v2 first, which its
+    /// tag refuses).
     pub fn open_into(&self, addr: &Hash, stored: &[u8], out: &mut Vec<u8>) -> std::result::Result<bool, String> {
-        if stored.len() < OVERHEAD {
-            return Err(format!("{} bytes are too short for a sealed blob", stored.len()));
-        }
-        let (nonce, rest) = stored.split_at(NONCE_LEN);
-        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
-        out.clear();
-        out.extend_from_slice(ct);
-        self.aead
-            .decrypt_in_place_detached(XNonce::from_slice(nonce), &Self::aad(addr), out, Tag::from_slice(tag))
-            .map_err(|_| "it does not open with the store's key: forged, altered, or moved from another address".to_string())?;
-        let raw = match out[0] {
-            0 => true,
-            1 => false,
-            e => return Err(format!("unknown blob encoding {e}")),
+        const FORGED: &str = "it does not open with the store's key: forged, altered, or moved from another address";
+        let v2 = if stored.first() == Some(&ALG_AES256GCM) && stored.len() >= OVERHEAD {
+            match self.open_v2(addr, stored, out) {
+                Ok(()) => true,
+                Err(()) if self.v1.is_none() => return Err(FORGED.into()),
+                Err(()) => false,
+            }
+        } else {
+            false
         };
-        Ok(raw)
+        if !v2 {
+            let Some(v1) = &self.v1 else {
+                return Err(if stored.len() < OVERHEAD {
+                    format!("{} bytes are too short for a sealed blob", stored.len())
+                } else {
+                    format!("its algorithm byte is {}, not {ALG_AES256GCM} (AES-256-GCM): not a blob of this store", stored[0])
+                });
+            };
+            if stored.len() < V1_OVERHEAD {
+                return Err(format!("{} bytes are too short for a sealed blob", stored.len()));
+            }
+            let (nonce, rest) = stored.split_at(V1_NONCE_LEN);
+            let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+            out.clear();
+            out.extend_from_slice(ct);
+            v1.decrypt_in_place_detached(XNonce::from_slice(nonce), &Self::aad(b"ckpt blob v1\0\0\0\0", addr), out, Tag::from_slice(tag))
+                .map_err(|_| FORGED.to_string())?;
+        }
+        match out[0] {
+            0 => Ok(true),
+            1 => Ok(false),
+            e => Err(format!("unknown blob encoding {e}")),
+        }
+    }
+
+    /// Open a v2 blob (at least [`OVERHEAD`] bytes, starting with its
+    /// algorithm byte) into `out`, leaving `out` as its plaintext.
+    fn open_v2(&self, addr: &Hash, stored: &[u8], out: &mut Vec<u8>) -> std::result::Result<(), ()> {
+        let writer: [u8; WRITER_ID_LEN] = stored[1..1 + WRITER_ID_LEN].try_into().expect("16 bytes");
+        let nonce: [u8; V2_NONCE_LEN] = stored[1 + WRITER_ID_LEN..V2_HEADER].try_into().expect("12 bytes");
+        out.clear();
+        out.extend_from_slice(&stored[V2_HEADER..]);
+        let aad = Self::aad(b"ckpt blob v2\0\0\0\0", addr);
+        let open = |k: &LessSafeKey, out: &mut Vec<u8>| -> std::result::Result<(), ()> {
+            let n = k.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), out).map_err(|_| ())?.len();
+            out.truncate(n);
+            Ok(())
+        };
+        if writer == self.writer_id {
+            return open(&self.writer, out);
+        }
+        if let Some(k) = self.readers.read().unwrap_or_else(|e| e.into_inner()).get(&writer) {
+            return open(k, out);
+        }
+        let k = writer_key(&self.aead_v2, &writer);
+        let r = open(&k, out);
+        if r.is_ok() {
+            // Only writers whose blobs opened are kept.
+            let mut m = self.readers.write().unwrap_or_else(|e| e.into_inner());
+            if m.len() >= READER_CACHE {
+                m.clear();
+            }
+            m.insert(writer, k);
+        }
+        r
     }
 
     /// The MAC of a generation row whose `info` column holds `info_text`
@@ -365,6 +481,8 @@ mod tests {
         assert_ne!(a, Hash::of(b"x"));
         let s = k.seal(&a, true, b"secret bytes");
         assert!(!s.windows(6).any(|w| w == b"secret"));
+        assert_eq!(s.len(), b"secret bytes".len() + OVERHEAD);
+        assert_eq!((s[0], &s[1..1 + WRITER_ID_LEN]), (ALG_AES256GCM, &k.writer_id[..]));
         let mut out = Vec::new();
         assert!(k.open_into(&a, &s, &mut out).unwrap());
         assert_eq!(&out[1..], b"secret bytes");
@@ -372,11 +490,109 @@ mod tests {
         assert!(k.open_into(&k.address(&Hash::of(b"y")), &s, &mut out).is_err());
         let k2 = Keys::generate("s1").unwrap();
         assert!(k2.open_into(&a, &s, &mut out).is_err());
-        let mut bad = s.clone();
-        bad[30] ^= 1;
-        assert!(k.open_into(&a, &bad, &mut out).is_err());
-        // Fresh nonces.
-        assert_ne!(k.seal(&a, true, b"z")[..24], k.seal(&a, true, b"z")[..24]);
+        for at in [0, 5, 40, 50, s.len() - 1] {
+            let mut bad = s.clone();
+            bad[at] ^= 1;
+            assert!(k.open_into(&a, &bad, &mut out).is_err(), "a flipped bit at {at} opened");
+        }
+        assert!(k.open_into(&a, &s[..OVERHEAD - 1], &mut out).unwrap_err().contains("too short"));
+        // Fresh nonces under one writer; a new writer id per Keys.
+        assert_ne!(k.seal(&a, true, b"z")[1 + WRITER_ID_LEN..V2_HEADER], k.seal(&a, true, b"z")[1 + WRITER_ID_LEN..V2_HEADER]);
+        assert_ne!(k.writer_id, k2.writer_id);
+    }
+
+    #[test]
+    fn another_writer_of_the_same_store_opens() {
+        let master = [3u8; 32];
+        let w1 = Keys::from_master("s", master).unwrap();
+        let w2 = Keys::from_master("s", master).unwrap();
+        let a = w1.address(&Hash::of(b"p"));
+        assert_eq!(a, w2.address(&Hash::of(b"p")));
+        let s = w1.seal(&a, false, b"frame");
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            // Twice: the second time from the cache of writer subkeys.
+            assert!(!w2.open_into(&a, &s, &mut out).unwrap());
+            assert_eq!(&out[1..], b"frame");
+        }
+        // A writer id that is not the one the blob was sealed under fails.
+        let mut other = s.clone();
+        other[1..1 + WRITER_ID_LEN].copy_from_slice(&w2.writer_id);
+        assert!(w2.open_into(&a, &other, &mut out).is_err());
+    }
+
+    #[test]
+    fn nonces_never_repeat_across_writers_or_threads() {
+        // Writers of one store (one master key), each sealing from 4
+        // threads at once: every (writer id, nonce) pair is new, and two
+        // writers at the same counter value seal under different subkeys.
+        let master = [11u8; 32];
+        let a = Hash::of(b"same address");
+        let writers: Vec<Keys> = (0..3).map(|_| Keys::from_master("s", master).unwrap()).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut firsts = Vec::new();
+        for w in &writers {
+            let headers: Vec<Vec<u8>> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..4).map(|_| sc.spawn(|| (0..500).map(|_| w.seal(&a, true, b"same bytes")[1..V2_HEADER].to_vec()).collect::<Vec<_>>())).collect();
+                hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(headers.len(), 2000);
+            for h in headers {
+                assert_eq!(&h[..WRITER_ID_LEN], &w.writer_id[..]);
+                assert!(seen.insert(h), "a (writer id, nonce) pair came twice");
+            }
+            // The counter goes on from 2000: the next nonce is 2000.
+            let next = w.seal(&a, true, b"same bytes");
+            assert_eq!(u64::from_le_bytes(next[1 + WRITER_ID_LEN..1 + WRITER_ID_LEN + 8].try_into().unwrap()), 2000);
+            firsts.push(next);
+        }
+        // Same counter, same address, same bytes: the ciphertexts and tags
+        // differ (different subkeys), and each opens only under its writer id.
+        assert_ne!(firsts[0][V2_HEADER..], firsts[1][V2_HEADER..]);
+        let mut out = Vec::new();
+        let mut swapped = firsts[0].clone();
+        swapped[1..1 + WRITER_ID_LEN].copy_from_slice(&writers[1].writer_id);
+        assert!(writers[2].open_into(&a, &swapped, &mut out).is_err());
+        assert!(writers[2].open_into(&a, &firsts[0], &mut out).is_ok());
+    }
+
+    /// A blob as the v1 code sealed it (XChaCha20-Poly1305, 24-byte nonce
+    /// whose first byte is `first`).
+    fn seal_v1(master: &[u8; 32], addr: &Hash, first: u8, bytes: &[u8]) -> Vec<u8> {
+        let c = XChaCha20Poly1305::new((&blake3::derive_key("ckpt 2026 store blob AEAD key", master)).into());
+        let mut nonce = [9u8; V1_NONCE_LEN];
+        nonce[0] = first;
+        let mut out = nonce.to_vec();
+        out.push(0);
+        out.extend_from_slice(bytes);
+        let tag = c.encrypt_in_place_detached(XNonce::from_slice(&nonce), &Keys::aad(b"ckpt blob v1\0\0\0\0", addr), &mut out[V1_NONCE_LEN..]).unwrap();
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    #[test]
+    fn v1_blobs_open_in_v1_stores_only() {
+        let master = [5u8; 32];
+        let v1 = Keys::for_scheme("s", master, SCHEME_V1).unwrap();
+        let v2 = Keys::for_scheme("s", master, SCHEME).unwrap();
+        let a = v1.address(&Hash::of(b"q"));
+        let mut out = Vec::new();
+        // Any first byte, the v2 algorithm byte among them (tried as v2,
+        // refused by its tag, then opened as v1).
+        for first in [0u8, 1, ALG_AES256GCM, 0xff] {
+            let b = seal_v1(&master, &a, first, b"old bytes, long enough to pass for a v2 blob's header and tag");
+            assert!(v1.open_into(&a, &b, &mut out).unwrap(), "first byte {first}");
+            assert_eq!(&out[1..], &b"old bytes, long enough to pass for a v2 blob's header and tag"[..]);
+            assert!(v2.open_into(&a, &b, &mut out).is_err(), "a v2 store opened a v1 blob");
+            let mut bad = b.clone();
+            bad[30] ^= 1;
+            assert!(v1.open_into(&a, &bad, &mut out).is_err());
+        }
+        // What a v1 store's writer seals now is v2, and opens in both.
+        let n = v1.seal(&a, true, b"new");
+        assert_eq!(n[0], ALG_AES256GCM);
+        assert!(v2.open_into(&a, &n, &mut out).unwrap() && &out[1..] == b"new");
+        assert!(Keys::for_scheme("s", master, "rot13-v0").is_err());
     }
 
     #[test]

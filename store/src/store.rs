@@ -607,8 +607,8 @@ fn load_keys(conn: &Connection, p: &Path, url: &str) -> Result<Option<(Arc<seal:
         (None, Some(_)) => return Ok(None),
         (Some(s), _) => s,
     };
-    if scheme != seal::SCHEME {
-        return Err(StoreError::BadCatalog { path: p.to_path_buf(), reason: format!("sealed with {scheme:?}, which this ckpt does not know (it knows {})", seal::SCHEME) });
+    if !seal::SCHEMES.contains(&scheme.as_str()) {
+        return Err(StoreError::BadCatalog { path: p.to_path_buf(), reason: format!("sealed with {scheme:?}, which this ckpt does not know (it knows {:?})", seal::SCHEMES) });
     }
     let (fid, master) = match file {
         Some(f) => f,
@@ -628,7 +628,7 @@ fn load_keys(conn: &Connection, p: &Path, url: &str) -> Result<Option<(Arc<seal:
     if fid != id {
         return Err(StoreError::WrongKey { store: url.to_string(), id, path });
     }
-    let keys = seal::Keys::from_master(&id, master)?;
+    let keys = seal::Keys::for_scheme(&id, master, &scheme)?;
     if catalog::meta(conn, p, "key_check")?.as_deref() != Some(keys.check_value().as_str()) {
         return Err(StoreError::WrongKey { store: url.to_string(), id, path });
     }
