@@ -225,22 +225,6 @@ impl BlobReader {
             let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
             s.locate(&conn, h)?
         };
-        let path = s.pack_path(&loc.pack);
-        if let Some(r) = s.inner.remote.as_deref().filter(|_| !path.exists()) {
-            let rel = Remote::pack_rel(&loc.pack);
-            let range = loc.offset..loc.offset + loc.clen as u64;
-            let got = r.get_ranges(&rel, std::slice::from_ref(&range))?;
-            return s.decode_remote(r, &loc, &got[0]);
-        }
-        let f = open_pack(&path, h)?;
-        let mut buf = vec![0u8; loc.clen as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, loc.offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                StoreError::Corrupt { pack: path.clone(), hash: *h, reason: "pack file is truncated".into() }
-            } else {
-                StoreError::io(format!("read pack file {}", path.display()), e)
-            }
-        })?;
-        s.decode(&loc, &buf)
+        s.read_located(&loc, h)
     }
 }

@@ -92,12 +92,18 @@ impl Store {
             let conn = self.inner.conn();
             self.locate(&conn, h)?
         };
+        self.read_located(&loc, h)
+    }
+
+    /// Reads blob `h`, found at `loc`, from its pack (a ranged GET when an
+    /// S3 store's cache lacks the pack), decompressed and verified.
+    pub(crate) fn read_located(&self, loc: &Loc, h: &Hash) -> Result<Vec<u8>> {
         let path = self.pack_path(&loc.pack);
         if let Some(r) = self.inner.remote.as_deref().filter(|_| !path.exists()) {
             let rel = Remote::pack_rel(&loc.pack);
             let range = loc.offset..loc.offset + loc.clen as u64;
             let got = r.get_ranges(&rel, std::slice::from_ref(&range))?;
-            return self.decode_remote(r, &loc, &got[0]);
+            return self.decode_remote(r, loc, &got[0]);
         }
         let f = open_pack(&path, h)?;
         let mut buf = vec![0u8; loc.clen as usize];
@@ -112,7 +118,7 @@ impl Store {
                 StoreError::io(format!("read pack file {}", path.display()), e)
             }
         })?;
-        self.decode(&loc, &buf)
+        self.decode(loc, &buf)
     }
 
     /// Read many blobs in parallel and hand each to `sink` (from rayon

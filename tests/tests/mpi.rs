@@ -24,7 +24,10 @@
 //! `mpicc.mpich` (never the `mpicc` alternative). On a machine without
 //! one, its tests print why and return.
 mod common;
+#[path = "common/mpi.rs"]
+mod mpi;
 use common::*;
+use mpi::Lib;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -32,36 +35,7 @@ use std::time::Duration;
 
 const RANKS: usize = 4;
 
-#[derive(Clone, Copy)]
-enum Lib {
-    OpenMpi,
-    Mpich,
-}
-
 impl Lib {
-    fn name(self) -> &'static str {
-        match self {
-            Lib::OpenMpi => "openmpi",
-            Lib::Mpich => "mpich",
-        }
-    }
-
-    /// The test program built for this library, or None (with the reason
-    /// printed) when the library is not installed here.
-    fn program(self) -> Option<PathBuf> {
-        let p = program(&format!("mpi_ring-{}", self.name()));
-        if p.is_file() {
-            Some(p)
-        } else {
-            let pkgs = match self {
-                Lib::OpenMpi => "openmpi-bin libopenmpi-dev",
-                Lib::Mpich => "mpich libmpich-dev",
-            };
-            eprintln!("SKIP: {} was not built: its MPI library is not installed (apt-get install {pkgs}; scripts/test.sh does)", p.display());
-            None
-        }
-    }
-
     /// The launcher and its options for `-np RANKS`.
     fn launcher(self) -> Vec<String> {
         let v: &[&str] = match self {

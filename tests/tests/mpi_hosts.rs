@@ -28,9 +28,12 @@
 //! host's network namespace, checkpointed again, and run to DONE, where
 //! rank 0's answer must be the closed form for the tick it stopped at.
 mod common;
+#[path = "common/mpi.rs"]
+mod mpi;
 #[path = "common/netns.rs"]
 mod netns;
 use common::*;
+use mpi::Lib;
 use netns::{Coordinator, Net};
 
 use std::os::unix::fs::MetadataExt;
@@ -40,30 +43,7 @@ use std::time::Duration;
 const RANKS: u64 = 4;
 const HOSTS: [&str; 2] = ["hosta", "hostb"];
 
-#[derive(Clone, Copy, PartialEq)]
-enum Lib {
-    OpenMpi,
-    Mpich,
-}
-
 impl Lib {
-    fn name(self) -> &'static str {
-        match self {
-            Lib::OpenMpi => "openmpi",
-            Lib::Mpich => "mpich",
-        }
-    }
-
-    fn program(self) -> Option<PathBuf> {
-        let p = program(&format!("mpi_ring-{}", self.name()));
-        if p.is_file() {
-            Some(p)
-        } else {
-            eprintln!("SKIP: {} was not built: its MPI library is not installed (scripts/test.sh installs it)", p.display());
-            None
-        }
-    }
-
     /// The launcher with its options for two ranks on each host, its
     /// remote shell `rsh`, on network `n`.
     fn launcher(self, rsh: &Path, n: u8, net: &Net) -> Vec<String> {
