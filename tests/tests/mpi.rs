@@ -27,7 +27,7 @@ mod common;
 #[path = "common/mpi.rs"]
 mod mpi;
 use common::*;
-use mpi::Lib;
+use mpi::{Lib, check_answer};
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -72,21 +72,6 @@ fn ring_args(stop: &std::path::Path) -> Vec<String> {
     ["-t", "150", "-b", "1024", "-m", "8", "-s", stop.to_str().unwrap()].iter().map(|s| s.to_string()).collect()
 }
 
-/// Rank 0's `ANSWER ticks=T acc=A`: A must be n(n+1)/2 * T(T+1)/2.
-fn check_answer(p: &mut Proc) -> u64 {
-    let line = p.wait_prefix("ANSWER ", LINE_TIMEOUT);
-    let field = |k: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("bad ANSWER line {line:?}\n{}", p.context()))
-    };
-    let (t, acc) = (field("ticks="), field("acc="));
-    let n = RANKS as u64;
-    assert_eq!(acc, n * (n + 1) / 2 * (t * (t + 1) / 2), "rank 0's answer after {t} ticks is wrong\n{}", p.context());
-    t
-}
-
 /// Files in /dev/shm the job's processes map (from their maps): those
 /// still there (Open MPI's), and how many are unlinked already (MPICH
 /// unlinks its segments once every rank has mapped them).
@@ -115,7 +100,7 @@ fn mpi_ring_runs_without_ckpt() {
         c.args(&l[1..]).arg(&prog).args(["-n", "12", "-t", "50"]).current_dir(&dir).envs(lib.env());
         let mut p = Proc::spawn(format!("{} {}", l.join(" "), prog.display()), c);
         p.wait_prefix("READY size=4", Duration::from_secs(60));
-        assert_eq!(check_answer(&mut p), 12);
+        assert_eq!(check_answer(&mut p, RANKS as u64), 12);
         p.wait_line(|l| l == "DONE", LINE_TIMEOUT);
         let st = p.wait_exit(LINE_TIMEOUT);
         assert!(st.success(), "{} exited with {st}\n{}", p.what, p.context());
@@ -221,7 +206,7 @@ fn checkpoint_kill_restart(s: Session, lib: Lib, prog: &std::path::Path) {
     r.wait_ticks(5, LINE_TIMEOUT);
     let stop = r.last_tick.unwrap() + 3;
     s.stop_at(stop);
-    let t = check_answer(&mut r);
+    let t = check_answer(&mut r, RANKS as u64);
     assert_eq!(t, stop, "the job stopped at tick {t}, not at {stop}\n{}", r.context());
     s.finish_computation(&pids, &mut r);
 }
@@ -276,7 +261,7 @@ fn two_open_mpi_jobs_of_one_user_at_once() {
         p.wait_ticks(1, LINE_TIMEOUT);
         let stop = p.last_tick.unwrap() + 3;
         s.stop_at(stop);
-        assert_eq!(check_answer(p), stop, "{}", p.context());
+        assert_eq!(check_answer(p, RANKS as u64), stop, "{}", p.context());
         s.finish_computation(pids, p);
     }
 }

@@ -33,7 +33,7 @@ mod mpi;
 #[path = "common/netns.rs"]
 mod netns;
 use common::*;
-use mpi::Lib;
+use mpi::{Lib, check_answer};
 use netns::{Coordinator, Net};
 
 use std::os::unix::fs::MetadataExt;
@@ -136,20 +136,6 @@ fn remote_shell(s: &Session, net: &Net, n: u8, ckpt: Option<(&str, &str)>) -> Pa
     path
 }
 
-/// Rank 0's `ANSWER ticks=T acc=A`: A must be n(n+1)/2 * T(T+1)/2.
-fn check_answer(p: &mut Proc) -> u64 {
-    let line = p.wait_prefix("ANSWER ", LINE_TIMEOUT);
-    let field = |k: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("bad ANSWER line {line:?}\n{}", p.context()))
-    };
-    let (t, acc) = (field("ticks="), field("acc="));
-    assert_eq!(acc, RANKS * (RANKS + 1) / 2 * (t * (t + 1) / 2), "rank 0's answer after {t} ticks is wrong\n{}", p.context());
-    t
-}
-
 /// The network namespace inode of `ip netns` namespace `ns`.
 fn netns_inode(ns: &str) -> u64 {
     std::fs::metadata(format!("/run/netns/{ns}")).unwrap_or_else(|e| panic!("/run/netns/{ns}: {e}")).ino()
@@ -201,7 +187,7 @@ fn job_across_two_hosts(lib: Lib, n: u8, port: u16) {
     c.envs(lib.env()).current_dir(&s.dir);
     let mut p = Proc::spawn(format!("{} without ckpt", l[0]), c);
     p.wait_prefix("READY size=4", Duration::from_secs(60));
-    assert_eq!(check_answer(&mut p), 8);
+    assert_eq!(check_answer(&mut p, RANKS), 8);
     p.wait_line(|l| l == "DONE", LINE_TIMEOUT);
     let st = p.wait_exit(LINE_TIMEOUT);
     assert!(st.success(), "{} exited with {st}\n{}", p.what, p.context());
@@ -267,7 +253,7 @@ fn job_across_two_hosts(lib: Lib, n: u8, port: u16) {
     ra.wait_ticks(3, LINE_TIMEOUT);
     let stop = ra.last_tick.unwrap() + 3;
     s.stop_at(stop);
-    assert_eq!(check_answer(&mut ra), stop, "{}", ra.context());
+    assert_eq!(check_answer(&mut ra, RANKS), stop, "{}", ra.context());
     ra.wait_line(|l| l == "DONE", LINE_TIMEOUT);
     assert!(ra.wait_exit(CMD_TIMEOUT).success(), "{}", ra.context());
     assert!(rb.wait_exit(CMD_TIMEOUT).success(), "the restart on {}: {}", HOSTS[1], rb.context());

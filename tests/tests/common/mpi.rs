@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::common::program;
+use crate::common::{LINE_TIMEOUT, Proc, program};
 
 /// An MPI implementation from Debian, and the ring program built for it.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -36,4 +36,19 @@ impl Lib {
             None
         }
     }
+}
+
+/// Rank 0's `ANSWER ticks=T acc=A` of a job of `ranks` ranks: A must be
+/// n(n+1)/2 * T(T+1)/2. Returns T.
+pub fn check_answer(p: &mut Proc, ranks: u64) -> u64 {
+    let line = p.wait_prefix("ANSWER ", LINE_TIMEOUT);
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("bad ANSWER line {line:?}\n{}", p.context()))
+    };
+    let (t, acc) = (field("ticks="), field("acc="));
+    assert_eq!(acc, ranks * (ranks + 1) / 2 * (t * (t + 1) / 2), "rank 0's answer after {t} ticks is wrong\n{}", p.context());
+    t
 }
