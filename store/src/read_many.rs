@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::seal::Keys;
-use crate::reader::{Loc, open_pack};
+use crate::reader::{Loc, stored_bytes};
 use crate::remote::{self, Remote};
 use crate::{Hash, Result, Store, StoreError, catalog};
 
@@ -70,22 +70,13 @@ impl Store {
         }
         groups.into_par_iter().try_for_each(|(name, mut locs)| {
             locs.sort_unstable_by_key(|l| l.offset);
-            let path = self.pack_path(&name);
-            let f = open_pack(&path, &locs[0].hash)?;
-            #[allow(unsafe_code)]
-            // SAFETY: pack files are immutable once renamed into place (see
-            // `read_blobs`); the map is only read, every blob is verified.
-            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| StoreError::io(format!("map pack file {}", path.display()), e))?;
+            let (path, map) = self.map_pack(&name, &locs[0].hash)?;
             // Read ahead: the blobs of a restart are most of the pack.
             let _ = map.advise(memmap2::Advice::WillNeed);
             locs.par_chunks(BATCH_BLOBS).try_for_each(|part| {
                 let mut refs = Vec::with_capacity(part.len());
                 for loc in part {
-                    let end = loc.offset + loc.clen as u64;
-                    if end > map.len() as u64 {
-                        return Err(StoreError::Corrupt { pack: path.clone(), hash: loc.hash, reason: "pack file is truncated".into() });
-                    }
-                    refs.push((loc, &map[loc.offset as usize..end as usize]));
+                    refs.push((loc, stored_bytes(&map, &path, loc)?));
                 }
                 decode_batch(self.keys(), &path, &refs, &sink)
             })

@@ -184,29 +184,36 @@ impl Store {
         }
         groups.into_par_iter().try_for_each(|(name, mut locs)| {
             locs.sort_unstable_by_key(|l| l.offset);
-            let path = self.pack_path(&name);
-            let f = open_pack(&path, &locs[0].hash)?;
-            #[allow(unsafe_code)]
-            // SAFETY: pack files are immutable once renamed into place; no
-            // ckpt process writes to or truncates a named pack (gc deletes or
-            // replaces whole files, which keeps the mapped inode alive). The
-            // map is only read, and every blob read from it is verified.
-            let map = unsafe { memmap2::Mmap::map(&f) }
-                .ctx(|| format!("map pack file {}", path.display()))?;
+            let (path, map) = self.map_pack(&name, &locs[0].hash)?;
             locs.par_iter().with_min_len(16).try_for_each(|loc| {
-                let end = loc.offset + loc.clen as u64;
-                if end > map.len() as u64 {
-                    return Err(StoreError::Corrupt {
-                        pack: path.clone(),
-                        hash: loc.hash,
-                        reason: "pack file is truncated".into(),
-                    });
-                }
-                let data = self.decode(loc, &map[loc.offset as usize..end as usize])?;
+                let data = self.decode(loc, stored_bytes(&map, &path, loc)?)?;
                 sink(&loc.hash, &data)
             })
         })
     }
+
+    /// Pack `name` mapped whole (`h`: a blob wanted from it, named if the
+    /// pack is missing), and its path.
+    pub(crate) fn map_pack(&self, name: &str, h: &Hash) -> Result<(PathBuf, memmap2::Mmap)> {
+        let path = self.pack_path(name);
+        let f = open_pack(&path, h)?;
+        #[allow(unsafe_code)]
+        // SAFETY: pack files are immutable once renamed into place; no
+        // ckpt process writes to or truncates a named pack (gc deletes or
+        // replaces whole files, which keeps the mapped inode alive). The
+        // map is only read, and every blob read from it is verified.
+        let map = unsafe { memmap2::Mmap::map(&f) }.ctx(|| format!("map pack file {}", path.display()))?;
+        Ok((path, map))
+    }
+}
+
+/// The stored bytes of the blob at `loc` in a mapped pack (at `path`).
+pub(crate) fn stored_bytes<'a>(map: &'a [u8], path: &Path, loc: &Loc) -> Result<&'a [u8]> {
+    let end = loc.offset + loc.clen as u64;
+    if end > map.len() as u64 {
+        return Err(StoreError::Corrupt { pack: path.to_path_buf(), hash: loc.hash, reason: "pack file is truncated".into() });
+    }
+    Ok(&map[loc.offset as usize..end as usize])
 }
 
 pub(crate) fn open_pack(path: &Path, h: &Hash) -> Result<File> {
