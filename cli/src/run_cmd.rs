@@ -17,6 +17,15 @@
 //!   checkpointed if it still runs, then killed; this command exits with
 //!   128 + the signal's number, so that the job can be requeued and the
 //!   same command restarts it from that generation.
+//! - Except when Slurm signals the whole job (a requeue, preemption, time
+//!   limit or cancel): it sends `SIGCONT`, then `SIGTERM`, to every process
+//!   of the job at once, so the program has the `SIGTERM` too and is
+//!   stopping itself (mpirun aborts the job). A checkpoint then would catch
+//!   it part way and restart into its end; so after a `SIGCONT` less than
+//!   [`JOB_KILL_WINDOW`] before, in a Slurm job, the computation is stopped
+//!   without one, and the next start restarts the generation taken before
+//!   (`--signal=B:USR1@SECS`, which signals this command alone, or
+//!   `--interval`).
 //!
 //! It never removes or rewrites a generation, and never starts a second
 //! copy of a computation of that name that still runs on this machine.
@@ -88,7 +97,11 @@ fn named_store(base: &str, name: &str) -> String {
 }
 
 /// The signals this command acts on.
-const HANDLED: [libc::c_int; 3] = [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT];
+const HANDLED: [libc::c_int; 4] = [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT, libc::SIGCONT];
+
+/// A `SIGTERM` this soon after a `SIGCONT`, in a Slurm job, is Slurm's
+/// signal to every process of the job (see the module doc).
+const JOB_KILL_WINDOW: Duration = Duration::from_secs(2);
 
 /// Of those, the ones the coordinator this command starts gets unblocked.
 /// It keeps `SIGTERM` and `SIGINT` blocked: Slurm sends `SIGTERM` to every
@@ -110,7 +123,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     // Blocked before any thread starts (all inherit the mask) and taken by
     // the signal thread with sigwait; the child gets them unblocked again
     // (a mask survives exec: the program would inherit it).
-    handled().thread_block().context("blocking SIGUSR1, SIGTERM and SIGINT")?;
+    handled().thread_block().context("blocking SIGUSR1, SIGTERM, SIGINT and SIGCONT")?;
     let url = named_store(&crate::store_url(&args.store), &args.name);
     let addr: Address = match &args.coord {
         Some(a) => a.parse()?,
@@ -238,12 +251,21 @@ struct Shared {
     ended: Mutex<bool>,
 }
 
+/// Whether a stopping signal that comes now, after a `SIGCONT` at
+/// `last_cont`, is a Slurm job's kill of every process (`in_slurm`: this
+/// runs in a Slurm job).
+fn job_wide(in_slurm: bool, last_cont: Option<Instant>, now: Instant) -> bool {
+    in_slurm && last_cont.is_some_and(|t| now.duration_since(t) <= JOB_KILL_WINDOW)
+}
+
 /// Takes the handled signals one by one, for as long as the command runs.
 /// `child` is the `ckpt launch` (the program itself, once it execs) or
 /// `ckpt restart` this command waits for (not reaped before this thread's
 /// last use of it: the main thread reaps it).
 fn signal_loop(addr: &Address, name: &str, url: &str, shared: &Shared, child: nix::unistd::Pid) {
     let set = handled();
+    let in_slurm = std::env::var_os("SLURM_JOB_ID").is_some();
+    let mut last_cont = None;
     loop {
         let sig = match set.wait() {
             Ok(s) => s,
@@ -257,6 +279,7 @@ fn signal_loop(addr: &Address, name: &str, url: &str, shared: &Shared, child: ni
             return;
         }
         match sig {
+            Signal::SIGCONT => last_cont = Some(Instant::now()),
             Signal::SIGUSR1 => {
                 if let Err(e) = checkpoint(addr, name, sig) {
                     eprintln!("ckpt: {name}: {e:#}; the program goes on");
@@ -266,9 +289,17 @@ fn signal_loop(addr: &Address, name: &str, url: &str, shared: &Shared, child: ni
                 if shared.stop.swap(sig as i32, Ordering::SeqCst) != 0 {
                     continue;
                 }
-                if let Err(e) = checkpoint(addr, name, sig) {
-                    let latest = Store::open(url).and_then(|s| s.generations()).ok().and_then(|g| g.last().map(|g| g.id));
-                    match latest {
+                let latest = || Store::open(url).and_then(|s| s.generations()).ok().and_then(|g| g.last().map(|g| g.id));
+                if job_wide(in_slurm, last_cont, Instant::now()) {
+                    let next = match latest() {
+                        Some(g) => format!("the next `ckpt run --name {name}` restarts generation {g}, taken before"),
+                        None => format!("no generation was committed: the next `ckpt run --name {name}` launches the program afresh"),
+                    };
+                    eprintln!(
+                        "ckpt: {name}: {sig}: no checkpoint: Slurm sent SIGCONT and {sig} to every process of the job (a requeue, preemption, time limit or cancel), so the program is stopping itself and a checkpoint now would restart into its end; {next} (checkpoint ahead of it with #SBATCH --signal=B:USR1@SECS or ckpt run --interval)"
+                    );
+                } else if let Err(e) = checkpoint(addr, name, sig) {
+                    match latest() {
                         Some(g) => eprintln!("ckpt: {name}: {e:#}; the next `ckpt run --name {name}` restarts generation {g}, the latest"),
                         None => eprintln!("ckpt: {name}: {e:#}; no generation was committed: the next `ckpt run --name {name}` launches the program afresh"),
                     }
@@ -332,6 +363,17 @@ fn wait_down(addr: &Address) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_term_right_after_a_cont_in_a_slurm_job_is_the_job_s_kill() {
+        let now = Instant::now();
+        let just_before = now.checked_sub(Duration::from_millis(5)).unwrap();
+        let long_before = now.checked_sub(JOB_KILL_WINDOW + Duration::from_secs(1)).unwrap();
+        assert!(job_wide(true, Some(just_before), now));
+        assert!(!job_wide(true, Some(long_before), now), "an old SIGCONT says nothing of this SIGTERM");
+        assert!(!job_wide(true, None, now), "scancel --batch --signal=TERM sends no SIGCONT: checkpoint");
+        assert!(!job_wide(false, Some(just_before), now), "outside Slurm nothing signals every process");
+    }
 
     #[test]
     fn names_that_cannot_leave_their_directory() {
