@@ -245,11 +245,13 @@ fn checkpointed_by_signal_then_requeued_twice() {
         wait_tick(&slurm, &out, i, t + 2);
         slurm.requeue(job);
         let (i, l) = wait_line(&slurm, &out, i, |l| l.contains(&format!("{name}: restarting generation ")), "restart after the requeue");
-        // The requeue's SIGTERM reached the program too (Slurm signals
-        // every process of the job), so the latest generation is the
-        // signal's, or one ckpt run took at the SIGTERM, if it was first.
+        // The requeue's SIGCONT and SIGTERM reached every process of the
+        // job, the program too: ckpt run takes no checkpoint then (it
+        // would restart into the program's own end), says so, and the
+        // requeued job restarts the signal's generation.
         let restarted: u64 = l.split("generation ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-        assert!(restarted >= g, "restarted generation {restarted}, older than the signal's {g}");
+        assert_eq!(restarted, g, "restarted generation {restarted}, not the signal's {g}:\n{}", read(&out));
+        assert!(read(&out).contains("SIGTERM: no checkpoint: Slurm sent SIGCONT and SIGTERM to every process of the job"), "no word of the job-wide SIGTERM:\n{}", read(&out));
         let (i, resumed) = wait_tick(&slurm, &out, i, 0);
         assert!(resumed >= at, "resumed at tick {resumed}, before the signal's checkpoint at tick {at}:\n{}", read(&out));
         skip = i;
