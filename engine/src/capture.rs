@@ -765,7 +765,6 @@ fn store_chunks(data: &[u8], first: u64, zero_is_data: bool, chunk_size: usize, 
     Ok(wh.into_iter().enumerate().filter(|(_, h)| *h != Hash::ZERO_CHUNK).map(|(k, h)| (first + k as u64, h)).collect())
 }
 
-#[allow(clippy::too_many_arguments)]
 /// Whether `base`'s chunks may be reused without asking the store about
 /// each: the store vouches that nothing was removed since the base's
 /// generation was committed ([`BlobSink::intact_generation`]). Asking costs

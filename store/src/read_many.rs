@@ -43,11 +43,7 @@ impl Store {
     /// from the catalog is reported first). Stops at the first error of the
     /// store or of `sink`.
     pub fn read_blobs_batched(&self, hashes: &[Hash], sink: impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync) -> Result<()> {
-        let mut uniq: Vec<Hash> = hashes.to_vec();
-        uniq.sort_unstable();
-        uniq.dedup();
-        let has_zero = uniq.first().is_some_and(|h| h.is_zero_chunk());
-        let mut groups = self.locate_all(&uniq)?;
+        let (has_zero, mut groups) = self.locate_distinct(hashes)?;
         if has_zero {
             sink(&[(Hash::ZERO_CHUNK, &vec![0u8; self.inner.chunk_size])])?;
         }
@@ -81,6 +77,16 @@ impl Store {
                 decode_batch(self.keys(), &path, &refs, &sink)
             })
         })
+    }
+
+    /// `hashes` made distinct and located ([`Self::locate_all`]), and
+    /// whether [`Hash::ZERO_CHUNK`] was among them (it is stored nowhere).
+    pub(crate) fn locate_distinct(&self, hashes: &[Hash]) -> Result<(bool, BTreeMap<String, Vec<Loc>>)> {
+        let mut uniq: Vec<Hash> = hashes.to_vec();
+        uniq.sort_unstable();
+        uniq.dedup();
+        let has_zero = uniq.first().is_some_and(|h| h.is_zero_chunk());
+        Ok((has_zero, self.locate_all(&uniq)?))
     }
 
     /// Where each of `uniq` (sorted, distinct) is stored, by pack.

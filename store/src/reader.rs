@@ -134,11 +134,7 @@ impl Store {
         hashes: &[Hash],
         sink: impl Fn(&Hash, &[u8]) -> Result<()> + Sync,
     ) -> Result<()> {
-        let mut uniq: Vec<Hash> = hashes.to_vec();
-        uniq.sort_unstable();
-        uniq.dedup();
-        let has_zero = uniq.first().is_some_and(|h| h.is_zero_chunk());
-        let mut groups = self.locate_all(&uniq)?;
+        let (has_zero, mut groups) = self.locate_distinct(hashes)?;
         if has_zero {
             sink(&Hash::ZERO_CHUNK, &vec![0u8; self.inner.chunk_size])?;
         }
