@@ -56,6 +56,7 @@ mod catalog;
 mod lock;
 mod read_many;
 mod reader;
+mod source;
 mod store;
 mod verify;
 mod writer;

@@ -9,13 +9,12 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rayon::prelude::*;
 
 use crate::seal::Keys;
-use crate::reader::{Loc, open_pack};
-use crate::remote::{self, Remote};
+use crate::reader::{Loc, by_offset};
 use crate::{Hash, Result, Store, StoreError, catalog};
 
 /// Above this many blobs, `read_blobs` scans the index once instead of
@@ -47,49 +46,22 @@ impl Store {
         uniq.sort_unstable();
         uniq.dedup();
         let has_zero = uniq.first().is_some_and(|h| h.is_zero_chunk());
-        let mut groups = self.locate_all(&uniq)?;
+        let groups = self.locate_all(&uniq)?;
         if has_zero {
             sink(&[(Hash::ZERO_CHUNK, &vec![0u8; self.inner.chunk_size])])?;
         }
-        if let Some(r) = self.inner.remote.as_deref() {
-            let names: Vec<String> = groups.keys().filter(|n| !self.pack_path(n).exists()).cloned().collect();
-            let far: Vec<(String, Vec<Loc>)> = names.into_iter().map(|n| (n.clone(), groups.remove(&n).unwrap_or_default())).collect();
-            for batch in far.chunks(remote::CONCURRENCY) {
-                let work: Vec<(String, Vec<std::ops::Range<u64>>)> =
-                    batch.iter().map(|(n, locs)| (Remote::pack_rel(n), locs.iter().map(|l| l.offset..l.offset + l.clen as u64).collect())).collect();
-                let fetched = r.get_ranges_many(&work)?;
-                batch.par_iter().zip(fetched.par_iter()).try_for_each(|((name, locs), bufs)| {
-                    let url = PathBuf::from(r.object_url(&Remote::pack_rel(name)));
-                    let idx: Vec<usize> = (0..locs.len()).collect();
-                    idx.par_chunks(BATCH_BLOBS).try_for_each(|ix| {
-                        let part: Vec<(&Loc, &[u8])> = ix.iter().map(|&i| (&locs[i], &bufs[i][..])).collect();
-                        decode_batch(self.keys(), &url, &part, &sink)
-                    })
-                })?;
-            }
+        let src = &self.inner.packs;
+        for batch in by_offset(groups).chunks(src.packs_at_once()) {
+            let fetched = src.read(batch)?;
+            batch.par_iter().zip(fetched.par_iter()).try_for_each(|((_, locs), (place, bufs))| {
+                let idx: Vec<usize> = (0..locs.len()).collect();
+                idx.par_chunks(BATCH_BLOBS).try_for_each(|ix| {
+                    let part: Vec<(&Loc, &[u8])> = ix.iter().map(|&i| (&locs[i], &bufs[i][..])).collect();
+                    decode_batch(self.keys(), place, &part, &sink)
+                })
+            })?;
         }
-        groups.into_par_iter().try_for_each(|(name, mut locs)| {
-            locs.sort_unstable_by_key(|l| l.offset);
-            let path = self.pack_path(&name);
-            let f = open_pack(&path, &locs[0].hash)?;
-            #[allow(unsafe_code)]
-            // SAFETY: pack files are immutable once renamed into place (see
-            // `read_blobs`); the map is only read, every blob is verified.
-            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| StoreError::io(format!("map pack file {}", path.display()), e))?;
-            // Read ahead: the blobs of a restart are most of the pack.
-            let _ = map.advise(memmap2::Advice::WillNeed);
-            locs.par_chunks(BATCH_BLOBS).try_for_each(|part| {
-                let mut refs = Vec::with_capacity(part.len());
-                for loc in part {
-                    let end = loc.offset + loc.clen as u64;
-                    if end > map.len() as u64 {
-                        return Err(StoreError::Corrupt { pack: path.clone(), hash: loc.hash, reason: "pack file is truncated".into() });
-                    }
-                    refs.push((loc, &map[loc.offset as usize..end as usize]));
-                }
-                decode_batch(self.keys(), &path, &refs, &sink)
-            })
-        })
+        Ok(())
     }
 
     /// Where each of `uniq` (sorted, distinct) is stored, by pack.
@@ -225,22 +197,6 @@ impl BlobReader {
             let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
             s.locate(&conn, h)?
         };
-        let path = s.pack_path(&loc.pack);
-        if let Some(r) = s.inner.remote.as_deref().filter(|_| !path.exists()) {
-            let rel = Remote::pack_rel(&loc.pack);
-            let range = loc.offset..loc.offset + loc.clen as u64;
-            let got = r.get_ranges(&rel, std::slice::from_ref(&range))?;
-            return s.decode_remote(r, &loc, &got[0]);
-        }
-        let f = open_pack(&path, h)?;
-        let mut buf = vec![0u8; loc.clen as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, loc.offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                StoreError::Corrupt { pack: path.clone(), hash: *h, reason: "pack file is truncated".into() }
-            } else {
-                StoreError::io(format!("read pack file {}", path.display()), e)
-            }
-        })?;
-        s.decode(&loc, &buf)
+        s.read_located(loc)
     }
 }
