@@ -58,6 +58,7 @@ mod known_cache;
 mod lock;
 mod read_many;
 mod reader;
+mod source;
 mod store;
 mod verify;
 mod writer;

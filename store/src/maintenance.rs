@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -21,7 +20,7 @@ use crate::catalog;
 use crate::error::IoCtx;
 use crate::pack::{self, ENTRY_LEN, OpenPack, PACK_MAGIC, TAIL_LEN};
 use crate::remote::Remote;
-use crate::reader::{Loc, open_pack};
+use crate::reader::Loc;
 use crate::{BlobKind, Hash, Result, Store, StoreError, Writer, lock, now_ms};
 
 /// One pack file as the catalog records it.
@@ -372,46 +371,23 @@ impl Writer {
         let mut open: Option<OpenPack> = None;
         let result = (|| -> Result<()> {
             for pk in packs {
-                let path = store.pack_path(&pk.name);
                 let locs = &by_pack[&pk.id];
                 if locs.is_empty() {
                     continue;
                 }
-                let bufs: Vec<Vec<u8>> = match self.inner.remote.as_deref().filter(|_| !path.exists()) {
-                    // Not in the cache: the live blobs by ranged GETs.
-                    Some(r) => {
-                        let ranges: Vec<std::ops::Range<u64>> =
-                            locs.iter().map(|(l, _)| l.offset..l.offset + l.clen as u64).collect();
-                        let got = r.get_ranges(&Remote::pack_rel(&pk.name), &ranges)?;
-                        for ((l, _), b) in locs.iter().zip(&got) {
-                            store.decode_remote(r, l, b)?;
-                        }
-                        got.into_iter().map(|b| b.to_vec()).collect()
-                    }
-                    None => {
-                        let f = open_pack(&path, &locs[0].0.hash)?;
-                        let mut v = Vec::with_capacity(locs.len());
-                        for (l, _) in locs {
-                            let mut buf = vec![0u8; l.clen as usize];
-                            f.read_exact_at(&mut buf, l.offset).map_err(|e| {
-                                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                                    StoreError::Corrupt { pack: path.clone(), hash: l.hash, reason: "pack file is truncated".into() }
-                                } else {
-                                    StoreError::io(format!("read pack file {}", path.display()), e)
-                                }
-                            })?;
-                            store.decode(l, &buf)?;
-                            v.push(buf);
-                        }
-                        v
-                    }
-                };
-                for ((l, kind), buf) in locs.iter().zip(bufs) {
+                // The live blobs, from the cache's file or by ranged GETs.
+                let work = [(pk.name.clone(), locs.iter().map(|(l, _)| l.clone()).collect::<Vec<Loc>>())];
+                let got = self.inner.packs.read(&work)?;
+                let (place, bufs) = &got[0];
+                for ((l, _), b) in locs.iter().zip(bufs) {
+                    store.decode_at(place, l, b)?;
+                }
+                for ((l, kind), buf) in locs.iter().zip(bufs.iter()) {
                     if open.is_none() {
                         open = Some(OpenPack::create(&tmp).ctx(|| format!("create a pack file in {}", tmp.display()))?);
                     }
                     let o = open.as_mut().expect("open pack");
-                    o.append(*kind, l.hash, &buf, l.ulen).ctx(|| format!("write pack file in {}", tmp.display()))?;
+                    o.append(*kind, l.hash, &buf[..], l.ulen).ctx(|| format!("write pack file in {}", tmp.display()))?;
                     if o.len() >= self.opts.pack_target {
                         let f = open.take().expect("open pack").finish(&self.inner.root).ctx(|| "finish a repacked pack file".to_string())?;
                         out.new.push(f);
