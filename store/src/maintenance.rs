@@ -126,27 +126,7 @@ impl Store {
 
     /// Pack files on disk (`packs/*/*.pack`), named by the catalog or not.
     pub fn pack_files(&self) -> Result<Vec<PathBuf>> {
-        let dir = self.inner.root.join("packs");
-        let mut out = Vec::new();
-        for d in fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))?.flatten() {
-            if let Ok(files) = fs::read_dir(d.path()) {
-                for f in files.flatten() {
-                    let path = f.path();
-                    let named_like_a_pack = path
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .and_then(|n| n.strip_suffix(".pack"))
-                        .is_some_and(|n| crate::private::is_pack_name(n) && path == pack::pack_path(&self.inner.root, n));
-                    if named_like_a_pack {
-                        out.push(path);
-                    } else if path.extension().is_some_and(|e| e == "pack") {
-                        tracing::warn!(file = %path.display(), "ignoring a file in the store's packs/ that is not named like a ckpt pack");
-                    }
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
+        crate::source::LocalPacks { root: self.inner.root.clone() }.pack_files()
     }
 
     /// For an `s3://` store: the packs on S3 (name, size) that the catalog
@@ -162,26 +142,12 @@ impl Store {
     /// The packs that exist (name → size): pack files on disk, or for an
     /// `s3://` store the pack objects on S3 (one listing).
     pub fn present_packs(&self) -> Result<HashMap<String, u64>> {
-        if let Some(r) = self.inner.remote.as_deref() {
-            return r.list_packs();
-        }
-        Ok(self
-            .pack_files()?
-            .into_iter()
-            .filter_map(|p| {
-                let name = p.file_stem()?.to_str()?.to_string();
-                let len = fs::metadata(&p).ok()?.len();
-                Some((name, len))
-            })
-            .collect())
+        self.inner.packs.list()
     }
 
     /// Where pack `name` lives, for messages: its file, or its S3 URL.
     pub fn pack_location(&self, name: &str) -> String {
-        match self.inner.remote.as_deref() {
-            Some(r) => r.object_url(&Remote::pack_rel(name)),
-            None => self.pack_path(name).display().to_string(),
-        }
+        self.inner.packs.location(name)
     }
 
     /// Pack files on disk that the catalog does not name, with their sizes.

@@ -7,12 +7,11 @@
 //! without its check (see [`crate::catalog::blobs`]).
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rayon::prelude::*;
 use rusqlite::Connection;
 
-use crate::remote::Remote;
 use crate::{Hash, Result, Store, StoreError, catalog};
 
 /// Where a blob lives.
@@ -66,18 +65,6 @@ impl Store {
             }
         }
         Ok(data)
-    }
-
-    /// Like `decode`, naming the S3 object in errors.
-    pub(crate) fn decode_remote(&self, r: &Remote, loc: &Loc, stored: &[u8]) -> Result<Vec<u8>> {
-        self.decode(loc, stored).map_err(|e| match e {
-            StoreError::Corrupt { hash, reason, .. } => StoreError::Corrupt {
-                pack: PathBuf::from(r.object_url(&Remote::pack_rel(&loc.pack))),
-                hash,
-                reason,
-            },
-            e => e,
-        })
     }
 
     /// Like `decode`, naming `place` (where the pack was read from) in
