@@ -30,7 +30,8 @@
 //! reads S3, not the cache.
 //!
 //! One module per concept: [`Store`] (opening, keys, generation rows) in
-//! `store`, blob reads in `reader` and `read_many`, the [`Writer`] and its
+//! `store`, blob reads in `reader` and `read_many` (the pack bytes from one
+//! pack source per store, local files or S3, in `source`), the [`Writer`] and its
 //! commit in `writer` (its known set kept between writers in
 //! `known_cache`), the locks in `lock`, every check of verify in
 //! `verify`, every SQL statement in `catalog`, and the S3 side in
@@ -58,6 +59,7 @@ mod known_cache;
 mod lock;
 mod read_many;
 mod reader;
+mod source;
 mod store;
 mod verify;
 mod writer;

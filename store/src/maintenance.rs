@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -21,7 +20,7 @@ use crate::catalog;
 use crate::error::IoCtx;
 use crate::pack::{self, ENTRY_LEN, OpenPack, PACK_MAGIC, TAIL_LEN};
 use crate::remote::Remote;
-use crate::reader::{Loc, open_pack};
+use crate::reader::Loc;
 use crate::{BlobKind, Hash, Result, Store, StoreError, Writer, lock, now_ms};
 
 /// One pack file as the catalog records it.
@@ -127,27 +126,7 @@ impl Store {
 
     /// Pack files on disk (`packs/*/*.pack`), named by the catalog or not.
     pub fn pack_files(&self) -> Result<Vec<PathBuf>> {
-        let dir = self.inner.root.join("packs");
-        let mut out = Vec::new();
-        for d in fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))?.flatten() {
-            if let Ok(files) = fs::read_dir(d.path()) {
-                for f in files.flatten() {
-                    let path = f.path();
-                    let named_like_a_pack = path
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .and_then(|n| n.strip_suffix(".pack"))
-                        .is_some_and(|n| crate::private::is_pack_name(n) && path == pack::pack_path(&self.inner.root, n));
-                    if named_like_a_pack {
-                        out.push(path);
-                    } else if path.extension().is_some_and(|e| e == "pack") {
-                        tracing::warn!(file = %path.display(), "ignoring a file in the store's packs/ that is not named like a ckpt pack");
-                    }
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
+        crate::source::LocalPacks { root: self.inner.root.clone() }.pack_files()
     }
 
     /// For an `s3://` store: the packs on S3 (name, size) that the catalog
@@ -163,26 +142,12 @@ impl Store {
     /// The packs that exist (name → size): pack files on disk, or for an
     /// `s3://` store the pack objects on S3 (one listing).
     pub fn present_packs(&self) -> Result<HashMap<String, u64>> {
-        if let Some(r) = self.inner.remote.as_deref() {
-            return r.list_packs();
-        }
-        Ok(self
-            .pack_files()?
-            .into_iter()
-            .filter_map(|p| {
-                let name = p.file_stem()?.to_str()?.to_string();
-                let len = fs::metadata(&p).ok()?.len();
-                Some((name, len))
-            })
-            .collect())
+        self.inner.packs.list()
     }
 
     /// Where pack `name` lives, for messages: its file, or its S3 URL.
     pub fn pack_location(&self, name: &str) -> String {
-        match self.inner.remote.as_deref() {
-            Some(r) => r.object_url(&Remote::pack_rel(name)),
-            None => self.pack_path(name).display().to_string(),
-        }
+        self.inner.packs.location(name)
     }
 
     /// Pack files on disk that the catalog does not name, with their sizes.
@@ -372,46 +337,23 @@ impl Writer {
         let mut open: Option<OpenPack> = None;
         let result = (|| -> Result<()> {
             for pk in packs {
-                let path = store.pack_path(&pk.name);
                 let locs = &by_pack[&pk.id];
                 if locs.is_empty() {
                     continue;
                 }
-                let bufs: Vec<Vec<u8>> = match self.inner.remote.as_deref().filter(|_| !path.exists()) {
-                    // Not in the cache: the live blobs by ranged GETs.
-                    Some(r) => {
-                        let ranges: Vec<std::ops::Range<u64>> =
-                            locs.iter().map(|(l, _)| l.offset..l.offset + l.clen as u64).collect();
-                        let got = r.get_ranges(&Remote::pack_rel(&pk.name), &ranges)?;
-                        for ((l, _), b) in locs.iter().zip(&got) {
-                            store.decode_remote(r, l, b)?;
-                        }
-                        got.into_iter().map(|b| b.to_vec()).collect()
-                    }
-                    None => {
-                        let f = open_pack(&path, &locs[0].0.hash)?;
-                        let mut v = Vec::with_capacity(locs.len());
-                        for (l, _) in locs {
-                            let mut buf = vec![0u8; l.clen as usize];
-                            f.read_exact_at(&mut buf, l.offset).map_err(|e| {
-                                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                                    StoreError::Corrupt { pack: path.clone(), hash: l.hash, reason: "pack file is truncated".into() }
-                                } else {
-                                    StoreError::io(format!("read pack file {}", path.display()), e)
-                                }
-                            })?;
-                            store.decode(l, &buf)?;
-                            v.push(buf);
-                        }
-                        v
-                    }
-                };
-                for ((l, kind), buf) in locs.iter().zip(bufs) {
+                // The live blobs, from the cache's file or by ranged GETs.
+                let work = [(pk.name.clone(), locs.iter().map(|(l, _)| l.clone()).collect::<Vec<Loc>>())];
+                let got = self.inner.packs.read(&work)?;
+                let (place, bufs) = &got[0];
+                for ((l, _), b) in locs.iter().zip(bufs) {
+                    store.decode_at(place, l, b)?;
+                }
+                for ((l, kind), buf) in locs.iter().zip(bufs.iter()) {
                     if open.is_none() {
                         open = Some(OpenPack::create(&tmp).ctx(|| format!("create a pack file in {}", tmp.display()))?);
                     }
                     let o = open.as_mut().expect("open pack");
-                    o.append(*kind, l.hash, &buf, l.ulen).ctx(|| format!("write pack file in {}", tmp.display()))?;
+                    o.append(*kind, l.hash, &buf[..], l.ulen).ctx(|| format!("write pack file in {}", tmp.display()))?;
                     if o.len() >= self.opts.pack_target {
                         let f = open.take().expect("open pack").finish(&self.inner.root).ctx(|| "finish a repacked pack file".to_string())?;
                         out.new.push(f);

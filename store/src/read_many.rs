@@ -9,13 +9,12 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rayon::prelude::*;
 
 use crate::seal::Keys;
-use crate::reader::{Loc, stored_bytes};
-use crate::remote::{self, Remote};
+use crate::reader::{Loc, by_offset};
 use crate::{Hash, Result, Store, StoreError, catalog};
 
 /// Above this many blobs, `read_blobs` scans the index once instead of
@@ -43,40 +42,22 @@ impl Store {
     /// from the catalog is reported first). Stops at the first error of the
     /// store or of `sink`.
     pub fn read_blobs_batched(&self, hashes: &[Hash], sink: impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync) -> Result<()> {
-        let (has_zero, mut groups) = self.locate_distinct(hashes)?;
+        let (has_zero, groups) = self.locate_distinct(hashes)?;
         if has_zero {
             sink(&[(Hash::ZERO_CHUNK, &vec![0u8; self.inner.chunk_size])])?;
         }
-        if let Some(r) = self.inner.remote.as_deref() {
-            let names: Vec<String> = groups.keys().filter(|n| !self.pack_path(n).exists()).cloned().collect();
-            let far: Vec<(String, Vec<Loc>)> = names.into_iter().map(|n| (n.clone(), groups.remove(&n).unwrap_or_default())).collect();
-            for batch in far.chunks(remote::CONCURRENCY) {
-                let work: Vec<(String, Vec<std::ops::Range<u64>>)> =
-                    batch.iter().map(|(n, locs)| (Remote::pack_rel(n), locs.iter().map(|l| l.offset..l.offset + l.clen as u64).collect())).collect();
-                let fetched = r.get_ranges_many(&work)?;
-                batch.par_iter().zip(fetched.par_iter()).try_for_each(|((name, locs), bufs)| {
-                    let url = PathBuf::from(r.object_url(&Remote::pack_rel(name)));
-                    let idx: Vec<usize> = (0..locs.len()).collect();
-                    idx.par_chunks(BATCH_BLOBS).try_for_each(|ix| {
-                        let part: Vec<(&Loc, &[u8])> = ix.iter().map(|&i| (&locs[i], &bufs[i][..])).collect();
-                        decode_batch(self.keys(), &url, &part, &sink)
-                    })
-                })?;
-            }
+        let src = &self.inner.packs;
+        for batch in by_offset(groups).chunks(src.packs_at_once()) {
+            let fetched = src.read(batch)?;
+            batch.par_iter().zip(fetched.par_iter()).try_for_each(|((_, locs), (place, bufs))| {
+                let idx: Vec<usize> = (0..locs.len()).collect();
+                idx.par_chunks(BATCH_BLOBS).try_for_each(|ix| {
+                    let part: Vec<(&Loc, &[u8])> = ix.iter().map(|&i| (&locs[i], &bufs[i][..])).collect();
+                    decode_batch(self.keys(), place, &part, &sink)
+                })
+            })?;
         }
-        groups.into_par_iter().try_for_each(|(name, mut locs)| {
-            locs.sort_unstable_by_key(|l| l.offset);
-            let (path, map) = self.map_pack(&name, &locs[0].hash)?;
-            // Read ahead: the blobs of a restart are most of the pack.
-            let _ = map.advise(memmap2::Advice::WillNeed);
-            locs.par_chunks(BATCH_BLOBS).try_for_each(|part| {
-                let mut refs = Vec::with_capacity(part.len());
-                for loc in part {
-                    refs.push((loc, stored_bytes(&map, &path, loc)?));
-                }
-                decode_batch(self.keys(), &path, &refs, &sink)
-            })
-        })
+        Ok(())
     }
 
     /// `hashes` made distinct and located ([`Self::locate_all`]), and
@@ -222,6 +203,6 @@ impl BlobReader {
             let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
             s.locate(&conn, h)?
         };
-        s.read_located(&loc, h)
+        s.read_located(loc)
     }
 }

@@ -85,6 +85,8 @@ pub(crate) struct Inner {
     conn: Mutex<Connection>,
     /// The S3 side of an `s3://` store (`root` is then its cache).
     pub(crate) remote: Option<Arc<Remote>>,
+    /// Where pack bytes are read from (chosen here, once: see [`crate::source`]).
+    pub(crate) packs: Arc<dyn crate::source::PackSource>,
     /// The keys of a sealed store (see [`seal`]), and the key file.
     pub(crate) keys: Option<(Arc<seal::Keys>, PathBuf)>,
     /// The last refusal of the S3 writer lock (when, store, holder): polls
@@ -412,12 +414,14 @@ impl Store {
         };
         let keys = load_keys(&conn, &catalog_path, &url)?;
         tracing::debug!(store = %root.display(), chunk_size, sealed = keys.is_some(), "store opened");
+        let packs = crate::source::for_store(&root, remote.as_ref());
         let store = Store {
             inner: Arc::new(Inner {
                 root,
                 catalog_path,
                 chunk_size,
                 conn: Mutex::new(conn),
+                packs,
                 remote,
                 keys,
                 lock_refused: Mutex::new(None),

@@ -9,8 +9,6 @@
 //! the first problem: `Err` only when the check itself cannot run.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use rayon::prelude::*;
@@ -18,9 +16,10 @@ use rusqlite::Connection;
 use serde::Serialize;
 
 use crate::maintenance::{BlobRow, PackRow};
-use crate::pack::{self, ENTRY_LEN, INDEX_MAGIC, PACK_MAGIC, TAIL_LEN};
-use crate::reader::{Loc, open_pack};
-use crate::remote::{self, Remote};
+use crate::pack;
+use crate::reader::{Loc, by_offset};
+use crate::remote;
+use crate::source::{Each, TrailerEntry};
 use crate::{Hash, Result, Store, StoreError, catalog};
 
 /// Result of [`Store::verify`].
@@ -88,26 +87,18 @@ impl Store {
                 (name, size, locs)
             })
             .collect();
-        let results: Vec<(u64, u64, Vec<String>)> = match self.inner.remote.as_deref() {
-            // On S3: every pack downloaded whole (a few at a time) and
-            // checked like a local one.
-            Some(r) => {
-                let mut out = Vec::with_capacity(work.len());
-                for batch in work.chunks(remote::CONCURRENCY / 2) {
-                    let rels: Vec<String> = batch.iter().map(|w| Remote::pack_rel(&w.0)).collect();
-                    let got = r.get_many(&rels);
-                    out.par_extend(batch.par_iter().zip(got.into_par_iter()).map(|((name, size, locs), got)| match got {
-                        Ok(bytes) => self.verify_pack_bytes(name, *size, &bytes, locs),
-                        Err(e) => (0, 0, vec![format!("{e} ({} blobs){}", locs.len(), self.unsynced_note(name))]),
-                    }));
-                }
-                out
-            }
-            None => work
-                .par_iter()
-                .map(|(name, size, locs)| self.verify_pack(name, *size, locs))
-                .collect(),
-        };
+        // Every pack read whole from the origin, a few at a time (bounded
+        // memory), and checked.
+        let src = &self.inner.packs;
+        let mut results: Vec<(u64, u64, Vec<String>)> = Vec::with_capacity(work.len());
+        for batch in work.chunks(src.whole_at_once().max(1)) {
+            let names: Vec<String> = batch.iter().map(|w| w.0.clone()).collect();
+            let got = src.read_whole(&names);
+            results.par_extend(batch.par_iter().zip(got.into_par_iter()).map(|((name, size, locs), got)| match got {
+                Ok(bytes) => self.verify_pack_bytes(name, *size, &bytes, locs),
+                Err(e) => (0, 0, vec![format!("{e} ({} blobs){}", locs.len(), self.unsynced_note(name))]),
+            }));
+        }
         let mut report = VerifyReport {
             packs: work.len() as u64,
             ..Default::default()
@@ -117,26 +108,19 @@ impl Store {
             report.bytes += bytes;
             problems.extend(probs);
         }
-        if self.inner.remote.is_some() {
-            report.orphan_packs = self.remote_orphan_packs()?.into_iter().map(|(n, _)| PathBuf::from(self.pack_location(&n))).collect();
-            report.problems = problems;
-            return Ok(report);
-        }
-        let named: HashSet<PathBuf> = work.iter().map(|w| self.pack_path(&w.0)).collect();
-        if let Ok(dirs) = fs::read_dir(self.inner.root.join("packs")) {
-            for d in dirs.flatten() {
-                if let Ok(files) = fs::read_dir(d.path()) {
-                    for f in files.flatten() {
-                        if !named.contains(&f.path()) {
-                            report.orphan_packs.push(f.path());
-                        }
-                    }
-                }
-            }
-        }
-        report.orphan_packs.sort();
+        let named: HashSet<&str> = work.iter().map(|w| w.0.as_str()).collect();
+        report.orphan_packs = self.orphans_of(&named, src.list()?);
         report.problems = problems;
         Ok(report)
+    }
+
+    /// The packs of `present` that `named` lacks, where each lives (its
+    /// file, or its S3 URL), sorted.
+    fn orphans_of(&self, named: &HashSet<&str>, present: HashMap<String, u64>) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> =
+            present.keys().filter(|n| !named.contains(n.as_str())).map(|n| PathBuf::from(self.pack_location(n))).collect();
+        v.sort();
+        v
     }
 
     /// Every generation row checked: its MAC (in a sealed store) and that
@@ -181,30 +165,11 @@ impl Store {
         }
     }
 
-    /// Verify one pack: returns (blobs checked, uncompressed bytes, problems).
-    fn verify_pack(&self, name: &str, size: u64, locs: &[Loc]) -> (u64, u64, Vec<String>) {
-        let path = self.pack_path(name);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) => {
-                return (0, 0, vec![format!(
-                    "pack file {} ({} blobs) cannot be read: {e}",
-                    path.display(),
-                    locs.len()
-                )]);
-            }
-        };
-        self.verify_pack_bytes(name, size, &bytes, locs)
-    }
-
     /// Verify the bytes of one pack (read from disk or S3): size, name,
     /// trailer, every blob.
     fn verify_pack_bytes(&self, name: &str, size: u64, bytes: &[u8], locs: &[Loc]) -> (u64, u64, Vec<String>) {
-        let remote = self.inner.remote.as_deref();
-        let (label, path) = match remote {
-            Some(_) => (format!("pack {}", self.pack_location(name)), PathBuf::from(self.pack_location(name))),
-            None => (format!("pack file {}", self.pack_path(name).display()), self.pack_path(name)),
-        };
+        let label = self.inner.packs.label(name);
+        let path = PathBuf::from(self.pack_location(name));
         let mut probs = Vec::new();
         if bytes.len() as u64 != size {
             probs.push(format!(
@@ -243,11 +208,7 @@ impl Store {
                     reason: "pack file is truncated".into(),
                 })
             } else {
-                let stored = &bytes[l.offset as usize..end as usize];
-                match remote {
-                    Some(r) => self.decode_remote(r, l, stored),
-                    None => self.decode(l, stored),
-                }
+                self.decode_at(&path, l, &bytes[l.offset as usize..end as usize])
             };
             match r {
                 Ok(_) => {
@@ -288,69 +249,29 @@ impl Store {
                 }
             }
         }
-        let results: Vec<(u64, u64, Vec<String>)> = if let Some(r) = self.inner.remote.as_deref() {
-            let mut all = Vec::new();
-            let groups: Vec<(String, Vec<Loc>)> = groups.into_iter().collect();
-            for batch in groups.chunks(crate::remote::CONCURRENCY) {
-                let work: Vec<(String, Vec<std::ops::Range<u64>>)> = batch
-                    .iter()
-                    .map(|(n, locs)| (Remote::pack_rel(n), locs.iter().map(|l| l.offset..l.offset + l.clen as u64).collect()))
-                    .collect();
-                let fetched = r.get_ranges_each(&work);
-                all.par_extend(batch.par_iter().zip(fetched.into_par_iter()).map(|((name, locs), got)| match got {
-                    Err(e) => (0, 0, vec![format!("{e} ({} blobs of this check live in it){}", locs.len(), self.unsynced_note(name))]),
-                    Ok(bufs) => {
-                        let (mut n, mut bytes, mut probs) = (0, 0, Vec::new());
-                        for (l, b) in locs.iter().zip(&bufs) {
-                            match self.decode_remote(r, l, b) {
-                                Ok(_) => {
-                                    n += 1;
-                                    bytes += l.ulen as u64;
-                                }
-                                Err(e) => probs.push(e.to_string()),
+        let src = &self.inner.packs;
+        let work = by_offset(groups);
+        let mut results: Vec<(u64, u64, Vec<String>)> = Vec::with_capacity(work.len());
+        for batch in work.chunks(src.packs_at_once()) {
+            let fetched = src.read_origin(batch);
+            results.par_extend(batch.par_iter().zip(fetched.into_par_iter()).map(|((name, locs), got)| match got {
+                Err(e) => (0, 0, vec![format!("{e} ({} blobs of this check live in it){}", locs.len(), self.unsynced_note(name))]),
+                Ok(bufs) => {
+                    let place = PathBuf::from(self.pack_location(name));
+                    let (mut n, mut bytes, mut probs) = (0, 0, Vec::new());
+                    for (l, b) in locs.iter().zip(&bufs) {
+                        match self.decode_at(&place, l, b) {
+                            Ok(_) => {
+                                n += 1;
+                                bytes += l.ulen as u64;
                             }
+                            Err(e) => probs.push(e.to_string()),
                         }
-                        (n, bytes, probs)
                     }
-                }));
-            }
-            all
-        } else {
-            groups
-            .into_par_iter()
-            .map(|(name, mut locs)| {
-                locs.sort_unstable_by_key(|l| l.offset);
-                let path = self.pack_path(&name);
-                let f = match open_pack(&path, &locs[0].hash) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        return (0, 0, vec![format!("{e} ({} blobs of this check live in it)", locs.len())]);
-                    }
-                };
-                let (mut n, mut bytes, mut probs) = (0, 0, Vec::new());
-                for l in &locs {
-                    let mut buf = vec![0u8; l.clen as usize];
-                    let r = match f.read_exact_at(&mut buf, l.offset) {
-                        Ok(()) => self.decode(l, &buf).map(|_| ()),
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(StoreError::Corrupt {
-                            pack: path.clone(),
-                            hash: l.hash,
-                            reason: "pack file is truncated".into(),
-                        }),
-                        Err(e) => Err(StoreError::io(format!("read pack file {}", path.display()), e)),
-                    };
-                    match r {
-                        Ok(()) => {
-                            n += 1;
-                            bytes += l.ulen as u64;
-                        }
-                        Err(e) => probs.push(e.to_string()),
-                    }
+                    (n, bytes, probs)
                 }
-                (n, bytes, probs)
-            })
-            .collect()
-        };
+            }));
+        }
         let mut report = VerifyReport::default();
         for (n, bytes, probs) in results {
             report.packs += 1;
@@ -392,44 +313,26 @@ impl Store {
             }
         }
         let mut report = VerifyReport { packs: packs.len() as u64, ..Default::default() };
-        if self.inner.remote.is_some() {
-            // On S3: one listing; every named pack must be there with its
-            // size (no data is read, trailers included).
-            let present = self.present_packs()?;
-            for pk in &packs {
-                let n = by_pack.get(&pk.id).map_or(0, Vec::len);
-                match present.get(&pk.name) {
-                    None => problems.push(format!(
-                        "{} ({n} blobs) is missing from S3, though the catalog names it{}",
-                        self.pack_location(&pk.name),
-                        self.unsynced_note(&pk.name)
-                    )),
-                    Some(&len) if len != pk.size => problems.push(format!(
-                        "{} is {len} bytes on S3, the catalog says {}: the pack is damaged; push the store again from a good copy (`ckpt push`)",
-                        self.pack_location(&pk.name),
-                        pk.size
-                    )),
-                    Some(_) => {}
+        // What exists at the origin (one listing on S3), every named pack
+        // checked against it; the trailers too where the origin gives them
+        // without reading the pack (local files; on S3 no data is read).
+        let src = &self.inner.packs;
+        let present = src.list()?;
+        let results: Vec<Vec<String>> = packs
+            .par_iter()
+            .map(|pk| {
+                let rows = by_pack.get(&pk.id).map(Vec::as_slice).unwrap_or(&[]);
+                match src.trailer(&pk.name) {
+                    Some(t) => self.check_trailer(pk, rows, t),
+                    None => self.check_listed(pk, rows.len(), present.get(&pk.name).copied()),
                 }
-            }
-            let named: HashSet<&str> = packs.iter().map(|p| p.name.as_str()).collect();
-            let mut orphans: Vec<PathBuf> =
-                present.keys().filter(|n| !named.contains(n.as_str())).map(|n| PathBuf::from(self.pack_location(n))).collect();
-            orphans.sort();
-            report.orphan_packs = orphans;
-        } else {
-            let results: Vec<Vec<String>> = packs
-                .par_iter()
-                .map(|pk| {
-                    let rows = by_pack.get(&pk.id).map(Vec::as_slice).unwrap_or(&[]);
-                    self.check_trailer(pk, rows)
-                })
-                .collect();
-            for r in results {
-                problems.extend(r);
-            }
-            report.orphan_packs = self.orphan_packs()?.into_iter().map(|o| o.0).collect();
+            })
+            .collect();
+        for r in results {
+            problems.extend(r);
         }
+        let named: HashSet<&str> = packs.iter().map(|p| p.name.as_str()).collect();
+        report.orphan_packs = self.orphans_of(&named, present);
         for rows in by_pack.values() {
             report.blobs += rows.len() as u64;
             report.bytes += rows.iter().map(|r| r.ulen as u64).sum::<u64>();
@@ -438,71 +341,42 @@ impl Store {
         Ok(report)
     }
 
-    /// Size and trailer of one pack against its catalog rows.
-    fn check_trailer(&self, pk: &PackRow, rows: &[BlobRow]) -> Vec<String> {
-        let path = self.pack_path(&pk.name);
+    /// Size and trailer of one pack (`got`, from its source) against its
+    /// catalog rows.
+    fn check_trailer(&self, pk: &PackRow, rows: &[BlobRow], got: Each<(u64, Vec<TrailerEntry>)>) -> Vec<String> {
+        let label = self.inner.packs.label(&pk.name);
+        let (len, entries) = match got {
+            Ok(t) => t,
+            Err(e) => return vec![format!("{e} ({} blobs)", rows.len())],
+        };
         let mut probs = Vec::new();
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                probs.push(format!("pack file {} ({} blobs) cannot be opened: {e}", path.display(), rows.len()));
-                return probs;
-            }
-        };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         if len != pk.size {
-            probs.push(format!("pack file {} is {len} bytes, the catalog says {}", path.display(), pk.size));
+            probs.push(format!("{label} is {len} bytes, the catalog says {}", pk.size));
         }
-        let entries = match read_trailer(&f, len) {
-            Ok(e) => e,
-            Err(e) => {
-                probs.push(format!("pack file {}: {e}", path.display()));
-                return probs;
-            }
-        };
         let idx: HashMap<Hash, (u64, u32, u32)> = entries.into_iter().collect();
         for r in rows {
-            let agrees = idx.get(&r.hash) == Some(&(r.offset, r.clen, r.ulen));
-            if !agrees {
-                probs.push(format!(
-                    "pack file {}: trailer does not agree with the catalog about blob {}",
-                    path.display(),
-                    r.hash
-                ));
+            if idx.get(&r.hash) != Some(&(r.offset, r.clen, r.ulen)) {
+                probs.push(format!("{label}: trailer does not agree with the catalog about blob {}", r.hash));
             }
         }
         probs
     }
-}
 
-/// A trailer entry: hash and (offset, clen, ulen).
-type TrailerEntry = (Hash, (u64, u32, u32));
-
-/// Read just the trailer of a pack file.
-fn read_trailer(f: &File, len: u64) -> std::result::Result<Vec<TrailerEntry>, String> {
-    if len < (PACK_MAGIC.len() + TAIL_LEN) as u64 {
-        return Err("too short to be a pack file (truncated?)".into());
+    /// One pack (of `blobs` blobs) against a listing that gives it length
+    /// `listed`, or lacks it.
+    fn check_listed(&self, pk: &PackRow, blobs: usize, listed: Option<u64>) -> Vec<String> {
+        match listed {
+            None => vec![format!(
+                "{} ({blobs} blobs) is missing from S3, though the catalog names it{}",
+                self.pack_location(&pk.name),
+                self.unsynced_note(&pk.name)
+            )],
+            Some(len) if len != pk.size => vec![format!(
+                "{} is {len} bytes on S3, the catalog says {}: the pack is damaged; push the store again from a good copy (`ckpt push`)",
+                self.pack_location(&pk.name),
+                pk.size
+            )],
+            Some(_) => Vec::new(),
+        }
     }
-    let mut tail = [0u8; TAIL_LEN];
-    f.read_exact_at(&mut tail, len - TAIL_LEN as u64).map_err(|e| e.to_string())?;
-    if &tail[8..] != INDEX_MAGIC {
-        return Err("pack trailer missing (no CKPTPKIX at the end): file truncated?".into());
-    }
-    let count = u32::from_le_bytes(tail[0..4].try_into().expect("4 bytes")) as usize;
-    let tlen = u32::from_le_bytes(tail[4..8].try_into().expect("4 bytes")) as u64;
-    if tlen != (count * ENTRY_LEN + TAIL_LEN) as u64 || tlen > len - PACK_MAGIC.len() as u64 {
-        return Err(format!("inconsistent trailer (count {count}, length {tlen})"));
-    }
-    let mut buf = vec![0u8; count * ENTRY_LEN];
-    f.read_exact_at(&mut buf, len - tlen).map_err(|e| e.to_string())?;
-    Ok(buf
-        .chunks_exact(ENTRY_LEN)
-        .map(|e| {
-            let hash = Hash::from_slice(&e[..32]).expect("32 bytes");
-            let offset = u64::from_le_bytes(e[33..41].try_into().expect("8 bytes"));
-            let clen = u32::from_le_bytes(e[41..45].try_into().expect("4 bytes"));
-            let ulen = u32::from_le_bytes(e[45..49].try_into().expect("4 bytes"));
-            (hash, (offset, clen, ulen))
-        })
-        .collect())
 }
