@@ -18,7 +18,9 @@
  * "TICK k node R sum S". After N, node 1 reads the last replies and
  * shuts the connection down; node 0 reads the end of file. Each then
  * checks its sum against v(1..N) summed afresh and prints
- * "ANSWER node R sum S ok" and DONE. Any mismatch: FAIL and exit 1.
+ * "ANSWER node R sum S ok" and DONE. Any mismatch: FAIL and exit 1. The
+ * connection closed or reset by the other piece before the end: "LOST"
+ * and exit 3 (the other piece was killed).
  */
 #include "common.h"
 #include <arpa/inet.h>
@@ -55,6 +57,16 @@ static void fill(unsigned char *b, size_t n, uint64_t k)
         b[i] = (unsigned char)(ct_mix64(k * 131 + i / 8) >> (8 * (i % 8)));
 }
 
+/* The other piece is gone (it was killed: Slurm's SIGTERM to every
+ * process of the job reaches the two nodes one after the other). Not the
+ * program's check failing: "LOST" and exit 3. */
+__attribute__((noreturn)) static void lost(const char *what, int writing, ssize_t r)
+{
+    printf("LOST %s: %s: %s\n", what, writing ? "send" : "recv", r == 0 ? "end of file" : strerror(errno));
+    fflush(stdout);
+    _exit(3);
+}
+
 static void io_all(int fd, void *p, size_t n, int writing, const char *what)
 {
     unsigned char *buf = p;
@@ -63,8 +75,10 @@ static void io_all(int fd, void *p, size_t n, int writing, const char *what)
         ssize_t r = writing ? send(fd, buf + done, n - done, MSG_NOSIGNAL) : recv(fd, buf + done, n - done, 0);
         if (r < 0 && errno == EINTR)
             continue;
-        if (r <= 0)
-            ct_fail("%s: %s: %zd (%s)", what, writing ? "send" : "recv", r, r == 0 ? "end of file" : strerror(errno));
+        if (r == 0 || (r < 0 && (errno == ECONNRESET || errno == EPIPE)))
+            lost(what, writing, r);
+        if (r < 0)
+            ct_fail("%s: %s: %s", what, writing ? "send" : "recv", strerror(errno));
         done += (size_t)r;
     }
 }
