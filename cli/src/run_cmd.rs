@@ -592,6 +592,37 @@ mod tests {
         assert!(!job_wide(false, Some(just_before), now), "outside Slurm nothing signals every process");
     }
 
+    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn slurm_steps_one_task_per_node_and_the_rest() {
+        let prog = vec!["prog".to_string()];
+        assert_eq!(slurm_step_of(&prog, env_of(&[])).unwrap(), None, "outside Slurm");
+        assert_eq!(slurm_step_of(&prog, env_of(&[("SLURM_STEP_NUM_TASKS", "1"), ("SLURM_STEP_NUM_NODES", "1")])).unwrap(), None, "a batch step");
+        let two = [("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2"), ("SLURM_NODEID", "1")];
+        assert_eq!(slurm_step_of(&prog, env_of(&two)).unwrap(), Some(Spread { node: 1, nodes: 2 }));
+        let e = slurm_step_of(&prog, env_of(&[("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "1"), ("SLURM_PROCID", "1")])).unwrap_err().to_string();
+        assert!(e.contains("task 1 of a Slurm job step of 2 tasks") && e.contains("--each-node"), "{e}");
+        let e = slurm_step_of(&prog, env_of(&[("SLURM_STEP_NUM_TASKS", "4"), ("SLURM_STEP_NUM_NODES", "2")])).unwrap_err().to_string();
+        assert!(e.contains("of 4 tasks"), "two tasks on a node: {e}");
+        let e = slurm_step_of(&prog, env_of(&[("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2"), ("SLURM_NODEID", "7")])).unwrap_err().to_string();
+        assert!(e.contains("SLURM_NODEID"), "{e}");
+        let e = slurm_step_of(&["/usr/bin/srun".to_string()], env_of(&[])).unwrap_err().to_string();
+        assert!(e.contains("cannot run srun under ckpt") && e.contains("--each-node"), "{e}");
+    }
+
+    #[test]
+    fn each_node_runs_in_a_batch_script_only() {
+        let batch = [("SLURM_JOB_ID", "7"), ("SLURM_JOB_NUM_NODES", "3")];
+        assert_eq!(job_nodes(env_of(&batch)).unwrap(), 3);
+        assert!(job_nodes(env_of(&[])).unwrap_err().to_string().contains("not in a Slurm job"));
+        let task = [("SLURM_JOB_ID", "7"), ("SLURM_JOB_NUM_NODES", "2"), ("SLURM_STEP_NUM_TASKS", "2")];
+        assert!(job_nodes(env_of(&task)).unwrap_err().to_string().contains("not under srun"));
+        assert!(job_nodes(env_of(&[("SLURM_JOB_ID", "7"), ("SLURM_JOB_NUM_NODES", "x")])).unwrap_err().to_string().contains("SLURM_JOB_NUM_NODES"));
+    }
+
     #[test]
     fn names_that_cannot_leave_their_directory() {
         for ok in ["simulate", "job-1.a_b", "A"] {
