@@ -119,7 +119,7 @@ fn a_two_node_job_checkpointed_requeued_and_restarted_on_both_nodes() {
     let s = Session::new("slurm-nodes");
     let n = 85;
     let net = Net::new(n, &["a", "b"]);
-    let slurm = Slurm::start_nodes(&s.dir, &net, n, &NODES);
+    let slurm = Slurm::start_nodes(&s.dir, &net.hosts, n, &NODES);
     let name = format!("pair-{}", std::process::id());
     let ticks = 150;
     let port = 47085;

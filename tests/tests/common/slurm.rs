@@ -64,9 +64,10 @@ fn need(bin: &str) -> PathBuf {
 enum Layout<'a> {
     /// One node, this machine, on loopback.
     Here,
-    /// Node i on namespace host i of `net` (10.N.0.i+2), named `names[i]`;
+    /// Node i in network namespace `netns[i]` (`ip netns`; a host of
+    /// `netns::Net::new(n, ...)`, at 10.N.0.i+2), named `names[i]`;
     /// slurmctld at the bridge's address 10.N.0.1.
-    Hosts { net: &'a crate::netns::Net, n: u8, names: &'a [&'a str] },
+    Hosts { netns: &'a [String], n: u8, names: &'a [&'a str] },
 }
 
 impl Slurm {
@@ -74,11 +75,11 @@ impl Slurm {
         Slurm::start_in(dir, Layout::Here)
     }
 
-    /// A cluster of one node on each of `net`'s hosts (made with
-    /// `Net::new(n, ...)`), node i named `names[i]`.
-    pub fn start_nodes(dir: &Path, net: &crate::netns::Net, n: u8, names: &[&str]) -> Slurm {
-        assert_eq!(net.hosts.len(), names.len(), "one node name for each host");
-        Slurm::start_in(dir, Layout::Hosts { net, n, names })
+    /// A cluster of one node on each of the namespace hosts `netns` (the
+    /// `hosts` of `netns::Net::new(n, ...)`), node i named `names[i]`.
+    pub fn start_nodes(dir: &Path, netns: &[String], n: u8, names: &[&str]) -> Slurm {
+        assert_eq!(netns.len(), names.len(), "one node name for each host");
+        Slurm::start_in(dir, Layout::Hosts { netns, n, names })
     }
 
     fn start_in(dir: &Path, layout: Layout) -> Slurm {
@@ -181,14 +182,14 @@ impl Slurm {
                 n.args(["-D", "-f"]).arg(&s.conf);
                 s.spawn("slurmd", n);
             }
-            Layout::Hosts { net, names, .. } => {
+            Layout::Hosts { netns, names, .. } => {
                 // nsenter, not `ip netns exec`: that one mounts a /sys of
                 // its own, without /sys/fs/cgroup, and slurmd then fails
                 // ("Unable to initialize cgroup plugin"). The PID stays
                 // slurmd's through the execs.
                 for (i, name) in names.iter().enumerate() {
                     let mut n = Command::new("nsenter");
-                    n.arg(format!("--net=/run/netns/{}", net.hosts[i])).args(["unshare", "--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\"", name]);
+                    n.arg(format!("--net=/run/netns/{}", netns[i])).args(["unshare", "--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\"", name]);
                     n.arg(&slurmd).args(["-D", "-f"]).arg(&s.conf);
                     s.spawn(&format!("slurmd-{name}"), n);
                 }
