@@ -489,6 +489,12 @@ fn signal_loop(addr: &Address, name: &str, url: &str, shared: &Shared, child: ni
         if *ended {
             return;
         }
+        // Slurm's SIGCONT and SIGTERM come together, and sigwait takes the
+        // lowest-numbered pending signal first: SIGTERM (15) before a
+        // SIGCONT (18) still pending with it (seen on a loaded machine).
+        if matches!(sig, Signal::SIGTERM | Signal::SIGINT) && cont_pending() {
+            last_cont = Some(Instant::now());
+        }
         let wide = sig != Signal::SIGCONT && sig != Signal::SIGUSR1 && job_wide(in_slurm, last_cont, Instant::now());
         match sig {
             Signal::SIGCONT => last_cont = Some(Instant::now()),
@@ -530,6 +536,19 @@ fn signal_loop(addr: &Address, name: &str, url: &str, shared: &Shared, child: ni
             }
         }
     }
+}
+
+/// Whether a `SIGCONT` is pending for this thread or the process
+/// (`SigPnd`, `ShdPnd` of `/proc/thread-self/status`).
+fn cont_pending() -> bool {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    status.lines().filter_map(|l| l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:"))).any(|m| mask_has(m, libc::SIGCONT))
+}
+
+/// Whether the hex signal mask `mask` (as in `/proc/PID/status`) holds
+/// signal `sig`.
+fn mask_has(mask: &str, sig: libc::c_int) -> bool {
+    u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| sig >= 1 && sig <= 64 && m & (1u64 << (sig - 1)) != 0)
 }
 
 /// One checkpoint of the computation, asked for by `what` (a signal's
@@ -621,6 +640,15 @@ mod tests {
         let task = [("SLURM_JOB_ID", "7"), ("SLURM_JOB_NUM_NODES", "2"), ("SLURM_STEP_NUM_TASKS", "2")];
         assert!(job_nodes(env_of(&task)).unwrap_err().to_string().contains("not under srun"));
         assert!(job_nodes(env_of(&[("SLURM_JOB_ID", "7"), ("SLURM_JOB_NUM_NODES", "x")])).unwrap_err().to_string().contains("SLURM_JOB_NUM_NODES"));
+    }
+
+    #[test]
+    fn signal_masks() {
+        assert!(mask_has("0000000000020000", libc::SIGCONT));
+        assert!(mask_has("0000000000024000", libc::SIGTERM));
+        assert!(!mask_has("0000000000004000", libc::SIGCONT));
+        assert!(!mask_has("zz", libc::SIGCONT));
+        assert!(!cont_pending(), "no SIGCONT is pending for the test's thread");
     }
 
     #[test]
