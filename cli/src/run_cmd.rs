@@ -345,12 +345,12 @@ fn each_node_loop(addr: &Address, name: &str, shared: &Shared, nodes: u32, inter
         if *shared.ended.lock().unwrap_or_else(|e| e.into_inner()) {
             return;
         }
-        if let Some(h) = hosts(addr) {
-            if h.len() >= nodes as usize {
-                shared.joined.store(true, Ordering::SeqCst);
-                eprintln!("ckpt: {name}: every node's share has joined ({}): checkpoints are on", h.into_iter().collect::<Vec<_>>().join(", "));
-                break;
-            }
+        if let Some(h) = hosts(addr)
+            && h.len() >= nodes as usize
+        {
+            shared.joined.store(true, Ordering::SeqCst);
+            eprintln!("ckpt: {name}: every node's share has joined ({}): checkpoints are on", h.into_iter().collect::<Vec<_>>().join(", "));
+            break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -548,7 +548,7 @@ fn cont_pending() -> bool {
 /// Whether the hex signal mask `mask` (as in `/proc/PID/status`) holds
 /// signal `sig`.
 fn mask_has(mask: &str, sig: libc::c_int) -> bool {
-    u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| sig >= 1 && sig <= 64 && m & (1u64 << (sig - 1)) != 0)
+    u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| (1..=64).contains(&sig) && m & (1u64 << (sig - 1)) != 0)
 }
 
 /// One checkpoint of the computation, asked for by `what` (a signal's

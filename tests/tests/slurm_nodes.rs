@@ -68,7 +68,7 @@ fn wait_tick(slurm: &Slurm, out: &Path, skip: usize, node: usize, min: u64) -> u
 }
 
 fn last_tick(out: &Path, node: usize) -> u64 {
-    read(out).lines().filter_map(tick_of).filter(|(r, _)| *r == node).map(|(_, k)| k).last().unwrap_or(0)
+    read(out).lines().filter_map(tick_of).filter(|(r, _)| *r == node).map(|(_, k)| k).next_back().unwrap_or(0)
 }
 
 /// The whole output, checked: no FAIL; both pieces' answers right; each
