@@ -183,6 +183,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             format!("unix:{}", p.display()).parse()?
         }
     };
+    // With --each-node the coordinator's port is new each time: a lock in
+    // the runtime directory says whether one of this name runs on this
+    // node (held until this command ends; a flock dies with its holder).
+    let _lock = match role {
+        Role::EachNode { .. } => Some(lock_name(&args.name)?),
+        Role::Alone => None,
+    };
     // A coordinator of this name answering here: the computation still
     // runs (never a second copy), or one left by a run that was killed.
     match client::status(&addr, Duration::from_secs(5)) {
@@ -280,6 +287,24 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         args.name, args.name
     );
     Ok(ExitCode::from(code))
+}
+
+/// The exclusive `flock` of `run-NAME.lock` in the per-user runtime
+/// directory: refused if another `ckpt run --each-node --name NAME` holds it.
+fn lock_name(name: &str) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let dir = ckpt_coordinator::rundir::default_dir();
+    ckpt_coordinator::rundir::ensure_private_dir(&dir)?;
+    let path = dir.join(format!("run-{name}.lock"));
+    let f = ckpt_coordinator::rundir::open_private_append(&path)?;
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+            "a computation named {name} already runs on this node (another `ckpt run --each-node --name {name}` holds {}); wait for it to end, or give this job another name; nothing was started",
+            path.display()
+        ),
+        Err((_, e)) => Err(anyhow::Error::new(e).context(format!("locking {}", path.display()))),
+    }
 }
 
 /// A free TCP port (bound, then released for the coordinator).

@@ -12,7 +12,8 @@
 //! (FAIL and exit 1 if anything is off; LOST and exit 3 if the other
 //! piece goes first, as it may when a requeue kills both).
 //!
-//! Checkpointed by `scancel --batch --signal=USR1` (what `#SBATCH
+//! A second job of the same name while it runs is refused. Checkpointed
+//! by `scancel --batch --signal=USR1` (what `#SBATCH
 //! --signal=B:USR1@N` sends) and by `--interval`, requeued twice with
 //! `scontrol requeue`: each start after a requeue restarts both nodes'
 //! shares of the latest generation by itself, each piece resumes where
@@ -139,6 +140,11 @@ fn a_two_node_job_checkpointed_requeued_and_restarted_on_both_nodes() {
     let out = s.path("pair.out");
     let job = slurm.sbatch(&s.dir, &["-J", &name, "-o", &out.to_string_lossy()], &script);
     let i = wait_line(&slurm, &out, 0, |l| l.contains("every node's share has joined (nodea, nodeb)"), "join of both nodes");
+    // The same job again while it runs: refused on node 0, nothing started.
+    let out2 = s.path("pair-again.out");
+    let again = slurm.sbatch(&s.dir, &["-J", &name, "-o", &out2.to_string_lossy()], &script);
+    slurm.wait_state(again, "FAILED", Duration::from_secs(30));
+    assert!(read(&out2).contains(&format!("a computation named {name} already runs on this node")), "{}", read(&out2));
     let i = wait_tick(&slurm, &out, i, 1, 5);
     slurm.signal_batch(job, "USR1");
     let mut skip = wait_line(&slurm, &out, i, |l| l.contains(&format!("ckpt: {name}: SIGUSR1: checkpointed generation ")), "SIGUSR1 checkpoint");
