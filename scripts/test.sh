@@ -20,6 +20,9 @@ command -v mpicc.mpich >/dev/null && command -v mpiexec.hydra >/dev/null || need
 # slurm-wlm 22.05: slurmctld, slurmd; munge for its authentication).
 command -v slurmctld >/dev/null && command -v slurmd >/dev/null || need+=(slurm-wlm)
 command -v munged >/dev/null || need+=(munge)
+# The namespace hosts (hosts.rs, mpi_hosts.rs, and slurm_nodes.rs's two-node
+# Slurm cluster, a slurmd on each) are made with `ip netns`.
+command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; fi
 # The S3 tests run against a real S3-compatible server on loopback (moto).
 # 5.2 or later: the S3 writer lock needs conditional writes (PUT with

@@ -123,6 +123,13 @@ enum Cmd {
         #[command(flatten)]
         args: run_cmd::RunArgs,
     },
+    /// One node's share of `ckpt run --each-node` (what srun runs on each
+    /// node of the job; see `run_cmd.rs`).
+    #[command(hide = true)]
+    RunShare {
+        #[command(flatten)]
+        args: run_cmd::ShareArgs,
+    },
     /// Checkpoint every process of the computation; prints the generation number once it is durable.
     Checkpoint {
         #[command(flatten)]
@@ -562,7 +569,17 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     if prog[0].contains('/') { String::new() } else { " in $PATH".to_string() }
                 );
             }
-            run_cmd::refuse_slurm_step(&prog)?;
+            // A task of a step over several nodes joins the job's one
+            // computation, over TCP (as `ckpt run` in such a step does).
+            if let Some(sp) = run_cmd::slurm_step(&prog)?
+                && !matches!(addr, Address::Tcp(_))
+            {
+                bail!(
+                    "this is the task of node {} of a Slurm job step over {} nodes: its share of the job joins one coordinator every node reaches, so give --coord tcp:ADDR:PORT (or use `ckpt run`, which starts one); nothing was started",
+                    sp.node,
+                    sp.nodes
+                );
+            }
             // The coordinator started below loads the same secret file.
             let secret_file = ckpt_coordinator::Secret::default_path()?;
             ckpt_coordinator::Secret::load_or_create(&secret_file)?;
@@ -583,6 +600,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             bail!("cannot run {}: {err:#}{}", launch.prog[0], if started { "; the coordinator this launch started was stopped" } else { "" })
         }
         Cmd::Run { args } => run_cmd::run(args),
+        Cmd::RunShare { args } => run_cmd::share(args),
         Cmd::Checkpoint { coord } => {
             let addr = coord_addr(&coord)?;
             let v = client::checkpoint(&addr, Duration::from_secs(3600))?;

@@ -31,7 +31,7 @@
 //! copy of a computation of that name that still runs on this machine.
 
 use std::process::{Command, ExitCode, ExitStatus};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,8 +56,30 @@ pub struct RunArgs {
     /// (10m, 1h; at least 1 s).
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     pub interval: Option<u64>,
+    /// In a Slurm job over several nodes: run PROG on each node of the job
+    /// (one task per node, through srun), all of them one computation,
+    /// checkpointed and restarted together.
+    #[arg(long)]
+    pub each_node: bool,
     /// The program and its arguments (used by the first run only; a
     /// restart brings back the program the store holds).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub prog: Vec<String>,
+}
+
+/// `ckpt run-share`: what `ckpt run --each-node` has srun run on each node.
+#[derive(clap::Args)]
+pub struct ShareArgs {
+    /// The job's coordinator's port, on node 0 (the address srun runs on,
+    /// `SLURM_LAUNCH_NODE_IPADDR`).
+    #[arg(long)]
+    pub port: u16,
+    /// The computation's store (`STORE/NAME`).
+    #[arg(long)]
+    pub store: String,
+    /// The generation to restart (none: launch PROG).
+    #[arg(long)]
+    pub generation: Option<u64>,
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub prog: Vec<String>,
 }
@@ -119,23 +141,55 @@ fn handled() -> SigSet {
     set
 }
 
+/// What this `ckpt run` is to the computation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// The whole computation runs under this command (its child).
+    Alone,
+    /// `--each-node`: the computation's shares run on the job's `nodes`
+    /// nodes, started by srun (this command's child, outside the
+    /// computation); this command keeps the coordinator, takes every
+    /// checkpoint (signals, `--interval`) once every node's share has
+    /// joined, and quits the coordinator once every share has ended.
+    EachNode { nodes: u32 },
+}
+
+/// How long a node's share waits for the job's coordinator to answer.
+const SHARE_WAIT: Duration = Duration::from_secs(30);
+
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     // Blocked before any thread starts (all inherit the mask) and taken by
     // the signal thread with sigwait; the child gets them unblocked again
     // (a mask survives exec: the program would inherit it).
     handled().thread_block().context("blocking SIGUSR1, SIGTERM, SIGINT and SIGCONT")?;
     let url = named_store(&crate::store_url(&args.store), &args.name);
-    let addr: Address = match &args.coord {
-        Some(a) => a.parse()?,
-        None => {
-            let p = ckpt_coordinator::rundir::default_dir().join(format!("run-{}.sock", args.name));
-            format!("unix:{}", p.display()).parse()?
-        }
-    };
     if crate::find_program(&args.prog[0]).is_none() {
         bail!("cannot run {:?}: no such executable; nothing was started", args.prog[0]);
     }
     refuse_slurm_step(&args.prog)?;
+    let role = if args.each_node { Role::EachNode { nodes: job_nodes(|k| std::env::var(k).ok())? } } else { Role::Alone };
+    let addr: Address = match (&args.coord, role) {
+        (_, Role::EachNode { .. }) => {
+            if args.coord.is_some() {
+                bail!("--each-node picks the job's coordinator address itself (TCP on node 0, a free port): drop --coord");
+            }
+            // Every address of node 0: the other nodes reach it by the
+            // address srun runs on; the channel is authenticated.
+            format!("tcp:0.0.0.0:{}", free_port()?).parse()?
+        }
+        (Some(a), Role::Alone) => a.parse()?,
+        (None, Role::Alone) => {
+            let p = ckpt_coordinator::rundir::default_dir().join(format!("run-{}.sock", args.name));
+            format!("unix:{}", p.display()).parse()?
+        }
+    };
+    // With --each-node the coordinator's port is new each time: a lock in
+    // the runtime directory says whether one of this name runs on this
+    // node (held until this command ends; a flock dies with its holder).
+    let _lock = match role {
+        Role::EachNode { .. } => Some(lock_name(&args.name)?),
+        Role::Alone => None,
+    };
     // A coordinator of this name answering here: the computation still
     // runs (never a second copy), or one left by a run that was killed.
     match client::status(&addr, Duration::from_secs(5)) {
@@ -156,39 +210,69 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let store = Store::open_or_create(&url, ckpt_store::DEFAULT_CHUNK_SIZE)?;
         store.generations()?.last().map(|g| g.id)
     };
-    let started = crate::ensure_coordinator(&addr, &url, true, args.interval, &crate::HookArgs::default(), &COORD_UNBLOCKED)?;
+    // With --each-node the interval is this command's (below), from when
+    // every node's share has joined: a generation without some node's
+    // share could not restart it.
+    let coord_interval = if role == Role::Alone { args.interval } else { None };
+    let started = crate::ensure_coordinator(&addr, &url, true, coord_interval, &crate::HookArgs::default(), &COORD_UNBLOCKED)?;
     let exe = std::env::current_exe().context("locating the ckpt binary")?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = match role {
+        Role::Alone => Command::new(&exe),
+        Role::EachNode { nodes } => {
+            let Address::Tcp(h) = &addr else { unreachable!("--each-node's coordinator is on TCP") };
+            let port = h.rsplit(':').next().unwrap_or_default().to_string();
+            let mut c = Command::new("srun");
+            c.args([format!("--nodes={nodes}"), format!("--ntasks={nodes}"), "--ntasks-per-node=1".into()]);
+            c.arg(&exe).args(["run-share", "--port", &port, "--store", &url]);
+            if let Some(g) = latest {
+                c.args(["--generation", &g.to_string()]);
+            }
+            c
+        }
+    };
     ckpt_engine::ns::unblock_in(&mut cmd, &HANDLED);
+    let on = match role {
+        Role::Alone => String::new(),
+        Role::EachNode { nodes } => format!(" on each of the job's {nodes} nodes"),
+    };
     match latest {
-        None => {
-            eprintln!("ckpt: {}: no generation in {url} yet: launching {}", args.name, args.prog[0]);
+        None => eprintln!("ckpt: {}: no generation in {url} yet: launching {}{on}", args.name, args.prog[0]),
+        Some(g) => eprintln!("ckpt: {}: restarting generation {g} from {url}{on}", args.name),
+    }
+    match (latest, role) {
+        (None, Role::Alone) => {
             cmd.args(["launch", "--coord", &addr.to_string(), "--store", &url, "--"]).args(&args.prog);
         }
-        Some(g) => {
-            eprintln!("ckpt: {}: restarting generation {g} from {url}", args.name);
+        (Some(g), Role::Alone) => {
             cmd.args(["restart", "--coord", &addr.to_string(), "--store", &url, &g.to_string()]);
+        }
+        (_, Role::EachNode { .. }) => {
+            cmd.arg("--").args(&args.prog);
         }
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             stop_coordinator(&addr, started);
-            return Err(anyhow::Error::new(e).context("starting ckpt launch/restart"));
+            return Err(anyhow::Error::new(e).context(if role == Role::Alone { "starting ckpt launch/restart" } else { "starting srun" }));
         }
     };
-    let shared = Arc::new(Shared { stop: AtomicI32::new(0), ended: Mutex::new(false) });
+    let joined = role == Role::Alone;
+    let shared = Arc::new(Shared { stop: AtomicI32::new(0), ended: Mutex::new(false), joined: AtomicBool::new(joined) });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     {
         let (shared, addr, name, url) = (shared.clone(), addr.clone(), args.name.clone(), url.clone());
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         std::thread::spawn(move || signal_loop(&addr, &name, &url, &shared, pid));
+    }
+    if let Role::EachNode { nodes } = role {
+        let (shared, addr, name, interval) = (shared.clone(), addr.clone(), args.name.clone(), args.interval);
+        std::thread::spawn(move || each_node_loop(&addr, &name, &shared, nodes, interval));
     }
     // Waits for the child's end without reaping it (its pid stays its own
     // while the signal thread may still signal it); a signal being acted
     // on (a checkpoint, a stop) is finished before the coordinator goes,
     // one that comes later finds the run ended.
     use nix::sys::wait::{Id, WaitPidFlag, waitid};
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     while let Err(nix::errno::Errno::EINTR) = waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {}
     *shared.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
     let status = child.wait().context("waiting for the program")?;
@@ -205,32 +289,181 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
-/// Refuses what ckpt cannot make one computation of under Slurm, before
-/// anything is started: `srun` as the program (the job step's tasks are
-/// started by `slurmd` and `slurmstepd`, outside ckpt's process tree, and
-/// `srun` itself holds TCP connections to those daemons), and this command
-/// run as one task of a job step of several (`srun -n 2 ckpt run ...`:
-/// each task would be a computation of its own, all under one name).
-/// The batch script of `sbatch --ntasks=2` is not refused (its batch step
-/// is one task): `ckpt run -- mpirun -np 2 PROG` there launches, as
-/// slurm.rs's MPI test shows against a real slurmd.
+/// The exclusive `flock` of `run-NAME.lock` in the per-user runtime
+/// directory: refused if another `ckpt run --each-node --name NAME` holds it.
+fn lock_name(name: &str) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let dir = ckpt_coordinator::rundir::default_dir();
+    ckpt_coordinator::rundir::ensure_private_dir(&dir)?;
+    let path = dir.join(format!("run-{name}.lock"));
+    let f = ckpt_coordinator::rundir::open_private_append(&path)?;
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+            "a computation named {name} already runs on this node (another `ckpt run --each-node --name {name}` holds {}); wait for it to end, or give this job another name; nothing was started",
+            path.display()
+        ),
+        Err((_, e)) => Err(anyhow::Error::new(e).context(format!("locking {}", path.display()))),
+    }
+}
+
+/// A free TCP port (bound, then released for the coordinator).
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("0.0.0.0:0").context("finding a free TCP port for the job's coordinator")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// The nodes of this Slurm job (`SLURM_JOB_NUM_NODES`), for `--each-node`.
+fn job_nodes(env: impl Fn(&str) -> Option<String>) -> Result<u32> {
+    if env("SLURM_JOB_ID").is_none() {
+        bail!("--each-node runs the program on each node of a Slurm job: this is not in a Slurm job (no SLURM_JOB_ID); nothing was started");
+    }
+    if env("SLURM_STEP_NUM_TASKS").and_then(|v| v.trim().parse::<u32>().ok()).is_some_and(|t| t > 1) {
+        bail!("--each-node starts the job's step itself (srun, one task per node): run `ckpt run --each-node` in the batch script, not under srun; nothing was started");
+    }
+    match env("SLURM_JOB_NUM_NODES").and_then(|v| v.trim().parse::<u32>().ok()) {
+        Some(n) if n >= 1 => Ok(n),
+        _ => bail!("--each-node: SLURM_JOB_NUM_NODES ({:?}) is not a number of nodes; nothing was started", env("SLURM_JOB_NUM_NODES")),
+    }
+}
+
+/// `ckpt run-share`, on each node of the job: this node's share of the
+/// computation, launched (no generation yet) or restarted (this node's
+/// processes of the generation) at the job's coordinator, on node 0 at the
+/// address srun runs on. It becomes `ckpt launch` or `ckpt restart` (exec).
+pub fn share(args: ShareArgs) -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let Some(ip) = std::env::var("SLURM_LAUNCH_NODE_IPADDR").ok().and_then(|a| a.trim().parse::<std::net::IpAddr>().ok()) else {
+        bail!("ckpt run-share: SLURM_LAUNCH_NODE_IPADDR is not an address: it runs under srun, started by `ckpt run --each-node`");
+    };
+    let addr: Address = format!("tcp:{}", std::net::SocketAddr::new(ip, args.port)).parse()?;
+    let until = Instant::now() + SHARE_WAIT;
+    while !client::is_up(&addr) {
+        if Instant::now() >= until {
+            bail!(
+                "no coordinator answers at {addr} after {} s: `ckpt run --each-node` on node 0 started it there; does this node reach node 0 at that address (a firewall)? nothing was started here",
+                SHARE_WAIT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let exe = std::env::current_exe().context("locating the ckpt binary")?;
+    let mut cmd = Command::new(exe);
+    match args.generation {
+        None => cmd.args(["launch", "--coord", &addr.to_string(), "--store", &args.store, "--"]).args(&args.prog),
+        Some(g) => cmd.args(["restart", "--coord", &addr.to_string(), "--store", &args.store, &g.to_string()]),
+    };
+    Err(anyhow::Error::new(cmd.exec()).context("starting ckpt launch/restart"))
+}
+
+/// The hosts of the coordinator's processes.
+fn hosts(addr: &Address) -> Option<std::collections::BTreeSet<String>> {
+    let st = client::status(addr, Duration::from_secs(10)).ok()?;
+    Some(st.processes.into_iter().map(|p| p.host).collect())
+}
+
+/// `--each-node`: waits until the processes of `nodes` hosts have joined
+/// (every node's share launched or restarted), then checkpoints every `interval`
+/// seconds, if given, until the program ends.
+fn each_node_loop(addr: &Address, name: &str, shared: &Shared, nodes: u32, interval: Option<u64>) {
+    loop {
+        if *shared.ended.lock().unwrap_or_else(|e| e.into_inner()) {
+            return;
+        }
+        if let Some(h) = hosts(addr)
+            && h.len() >= nodes as usize
+        {
+            shared.joined.store(true, Ordering::SeqCst);
+            eprintln!("ckpt: {name}: every node's share has joined ({}): checkpoints are on", h.into_iter().collect::<Vec<_>>().join(", "));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let Some(secs) = interval else { return };
+    let mut next = Instant::now() + Duration::from_secs(secs);
+    loop {
+        std::thread::sleep(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(200)));
+        if Instant::now() < next {
+            if *shared.ended.lock().unwrap_or_else(|e| e.into_inner()) {
+                return;
+            }
+            continue;
+        }
+        let ended = shared.ended.lock().unwrap_or_else(|e| e.into_inner());
+        if *ended || shared.stop.load(Ordering::SeqCst) != 0 {
+            return;
+        }
+        if let Err(e) = checkpoint(addr, name, "--interval") {
+            eprintln!("ckpt: {name}: {e:#}; the program goes on");
+        }
+        drop(ended);
+        next = Instant::now() + Duration::from_secs(secs);
+    }
+}
+
+/// This task's place in a Slurm job step over several nodes, one task on
+/// each: what srun runs for `ckpt run --each-node` (`ckpt run-share`,
+/// becoming `ckpt launch --coord tcp:...` of node 0's coordinator), each
+/// task its node's share of one computation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Spread {
+    /// `SLURM_NODEID`.
+    pub node: u32,
+    /// `SLURM_STEP_NUM_NODES`.
+    pub nodes: u32,
+}
+
+/// The Slurm job step this process is a task of, if that is one task on
+/// each of several nodes; an error for what ckpt cannot make one
+/// computation of, before anything is started: `srun` as the program (the
+/// job step's tasks are started by `slurmd` and `slurmstepd`, outside
+/// ckpt's process tree, and `srun` itself holds TCP connections to those
+/// daemons), and a task of a step of several tasks on one node (`srun -n 2
+/// ckpt ...`: each task would be a computation of its own). The batch
+/// script of `sbatch --ntasks=2` is not refused (its batch step is one
+/// task): `ckpt run -- mpirun -np 2 PROG` there launches, as slurm.rs's MPI
+/// test shows against a real slurmd.
+pub(crate) fn slurm_step(prog: &[String]) -> Result<Option<Spread>> {
+    slurm_step_of(prog, |k| std::env::var(k).ok())
+}
+
+/// `ckpt run`'s check: [`slurm_step`], and no step over several nodes
+/// either (`--each-node` starts that step itself).
 pub(crate) fn refuse_slurm_step(prog: &[String]) -> Result<()> {
+    if let Some(Spread { node, nodes }) = slurm_step(prog)? {
+        bail!(
+            "this is the task of node {node} of a Slurm job step over {nodes} nodes (srun ... ckpt run): each task would run a computation of its own under one name, and a program's pieces that talk across nodes need one; nothing was started. \
+             Run `ckpt run --each-node --name NAME -- PROG` once, in the batch script itself (not under srun): it runs PROG on every node of the job through srun, as one computation"
+        );
+    }
+    Ok(())
+}
+
+fn slurm_step_of(prog: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Option<Spread>> {
     let base = prog.first().map(|p| p.rsplit('/').next().unwrap_or(p)).unwrap_or_default();
     if base == "srun" {
         bail!(
             "cannot run srun under ckpt: the tasks of a Slurm job step are started by slurmd and slurmstepd, outside ckpt's process tree, so they would not be checkpointed; nothing was started. \
-             Run the program itself under ckpt in the batch script (`ckpt run --name \"$SLURM_JOB_NAME\" -- PROG`), and an MPI job with its own launcher on the batch script's node (`ckpt run --name \"$SLURM_JOB_NAME\" -- mpirun -np N PROG`)"
+             Run the program itself under ckpt in the batch script (`ckpt run --name \"$SLURM_JOB_NAME\" -- PROG`), on every node of the job with `ckpt run --each-node --name \"$SLURM_JOB_NAME\" -- PROG`, and an MPI job with its own launcher on the batch script's node (`ckpt run --name \"$SLURM_JOB_NAME\" -- mpirun -np N PROG`)"
         );
     }
-    let tasks = std::env::var("SLURM_STEP_NUM_TASKS").ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(1);
-    if tasks > 1 {
-        let task = std::env::var("SLURM_PROCID").unwrap_or_else(|_| "?".into());
-        bail!(
-            "this is task {task} of a Slurm job step of {tasks} tasks (srun -n {tasks}): each task would run a computation of its own under one name, and the tasks' links to slurmstepd are outside ckpt; nothing was started. \
-             Run `ckpt run` once, in the batch script itself (not under srun), with `mpirun -np {tasks} PROG` as its program for an MPI job"
-        );
+    let num = |k: &str| env(k).and_then(|v| v.trim().parse::<u32>().ok());
+    let tasks = num("SLURM_STEP_NUM_TASKS").unwrap_or(1);
+    if tasks <= 1 {
+        return Ok(None);
     }
-    Ok(())
+    let nodes = num("SLURM_STEP_NUM_NODES").unwrap_or(1);
+    if nodes > 1 && tasks == nodes {
+        let Some(node) = num("SLURM_NODEID").filter(|n| *n < nodes) else {
+            bail!("this is a task of a Slurm job step of {tasks} tasks on {nodes} nodes, but SLURM_NODEID ({:?}) does not say which node; nothing was started", env("SLURM_NODEID"));
+        };
+        return Ok(Some(Spread { node, nodes }));
+    }
+    let task = env("SLURM_PROCID").unwrap_or_else(|| "?".into());
+    bail!(
+        "this is task {task} of a Slurm job step of {tasks} tasks (srun -n {tasks}): each task would run a computation of its own under one name, and the tasks' links to slurmstepd are outside ckpt; nothing was started. \
+         Run `ckpt run` once, in the batch script itself (not under srun), with `mpirun -np {tasks} PROG` as its program for an MPI job, or `--each-node` for a program with a piece on each node"
+    )
 }
 
 /// What a shell would report for `status`: the code, or 128 + the signal.
@@ -249,6 +482,9 @@ struct Shared {
     stop: AtomicI32,
     /// The program has ended: held while a signal is acted on.
     ended: Mutex<bool>,
+    /// Every node's share has joined the coordinator (always, but with
+    /// `--each-node` until they have): checkpoints may be taken.
+    joined: AtomicBool,
 }
 
 /// Whether a stopping signal that comes now, after a `SIGCONT` at
@@ -278,10 +514,19 @@ fn signal_loop(addr: &Address, name: &str, url: &str, shared: &Shared, child: ni
         if *ended {
             return;
         }
+        // Slurm's SIGCONT and SIGTERM come together, and sigwait takes the
+        // lowest-numbered pending signal first: SIGTERM (15) before a
+        // SIGCONT (18) still pending with it (seen on a loaded machine).
+        if matches!(sig, Signal::SIGTERM | Signal::SIGINT) && cont_pending() {
+            last_cont = Some(Instant::now());
+        }
+        let wide = sig != Signal::SIGCONT && sig != Signal::SIGUSR1 && job_wide(in_slurm, last_cont, Instant::now());
         match sig {
             Signal::SIGCONT => last_cont = Some(Instant::now()),
             Signal::SIGUSR1 => {
-                if let Err(e) = checkpoint(addr, name, sig) {
+                if !shared.joined.load(Ordering::SeqCst) {
+                    eprintln!("ckpt: {name}: {sig}: no checkpoint: not every node's share of the job has joined yet (a generation without them could not restart them); the program goes on");
+                } else if let Err(e) = checkpoint(addr, name, sig.as_str()) {
                     eprintln!("ckpt: {name}: {e:#}; the program goes on");
                 }
             }
@@ -290,7 +535,7 @@ fn signal_loop(addr: &Address, name: &str, url: &str, shared: &Shared, child: ni
                     continue;
                 }
                 let latest = || Store::open(url).and_then(|s| s.generations()).ok().and_then(|g| g.last().map(|g| g.id));
-                if job_wide(in_slurm, last_cont, Instant::now()) {
+                if wide {
                     let next = match latest() {
                         Some(g) => format!("the next `ckpt run --name {name}` restarts generation {g}, taken before"),
                         None => format!("no generation was committed: the next `ckpt run --name {name}` launches the program afresh"),
@@ -298,7 +543,9 @@ fn signal_loop(addr: &Address, name: &str, url: &str, shared: &Shared, child: ni
                     eprintln!(
                         "ckpt: {name}: {sig}: no checkpoint: Slurm sent SIGCONT and {sig} to every process of the job (a requeue, preemption, time limit or cancel), so the program is stopping itself and a checkpoint now would restart into its end; {next} (checkpoint ahead of it with #SBATCH --signal=B:USR1@SECS or ckpt run --interval)"
                     );
-                } else if let Err(e) = checkpoint(addr, name, sig) {
+                } else if !shared.joined.load(Ordering::SeqCst) {
+                    eprintln!("ckpt: {name}: {sig}: no checkpoint: not every node's share of the job has joined yet");
+                } else if let Err(e) = checkpoint(addr, name, sig.as_str()) {
                     match latest() {
                         Some(g) => eprintln!("ckpt: {name}: {e:#}; the next `ckpt run --name {name}` restarts generation {g}, the latest"),
                         None => eprintln!("ckpt: {name}: {e:#}; no generation was committed: the next `ckpt run --name {name}` launches the program afresh"),
@@ -316,13 +563,27 @@ fn signal_loop(addr: &Address, name: &str, url: &str, shared: &Shared, child: ni
     }
 }
 
-/// One checkpoint of the computation, asked for by `sig`.
-fn checkpoint(addr: &Address, name: &str, sig: Signal) -> Result<()> {
+/// Whether a `SIGCONT` is pending for this thread or the process
+/// (`SigPnd`, `ShdPnd` of `/proc/thread-self/status`).
+fn cont_pending() -> bool {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    status.lines().filter_map(|l| l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:"))).any(|m| mask_has(m, libc::SIGCONT))
+}
+
+/// Whether the hex signal mask `mask` (as in `/proc/PID/status`) holds
+/// signal `sig`.
+fn mask_has(mask: &str, sig: libc::c_int) -> bool {
+    u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| (1..=64).contains(&sig) && m & (1u64 << (sig - 1)) != 0)
+}
+
+/// One checkpoint of the computation, asked for by `what` (a signal's
+/// name, or `--interval`).
+fn checkpoint(addr: &Address, name: &str, what: &str) -> Result<()> {
     let t = Instant::now();
     // A batch system that signals every process of the job (Slurm at a
     // requeue, preemption or time limit) ends a program that does not
     // handle the signal at once: nothing is left to checkpoint.
-    let gone = || format!("{sig}: no checkpoint: the program is gone (it ended, or the same signal killed it: Slurm sends SIGTERM to every process of the job; checkpoint before, with --signal=B:USR1@SECS or --interval)");
+    let gone = || format!("{what}: no checkpoint: the program is gone (it ended, or the same signal killed it: Slurm sends SIGTERM to every process of the job; checkpoint before, with --signal=B:USR1@SECS or --interval)");
     let st = client::status(addr, Duration::from_secs(10)).context("cannot checkpoint")?;
     if st.processes.is_empty() {
         bail!(gone());
@@ -334,10 +595,10 @@ fn checkpoint(addr: &Address, name: &str, sig: Signal) -> Result<()> {
             if left == 0 {
                 bail!(gone());
             }
-            return Err(anyhow::Error::new(e).context(format!("{sig}: the checkpoint failed")));
+            return Err(anyhow::Error::new(e).context(format!("{what}: the checkpoint failed")));
         }
     };
-    eprintln!("ckpt: {name}: {sig}: checkpointed generation {} in {} ms", v.generation, t.elapsed().as_millis());
+    eprintln!("ckpt: {name}: {what}: checkpointed generation {} in {} ms", v.generation, t.elapsed().as_millis());
     Ok(())
 }
 
@@ -373,6 +634,46 @@ mod tests {
         assert!(!job_wide(true, Some(long_before), now), "an old SIGCONT says nothing of this SIGTERM");
         assert!(!job_wide(true, None, now), "scancel --batch --signal=TERM sends no SIGCONT: checkpoint");
         assert!(!job_wide(false, Some(just_before), now), "outside Slurm nothing signals every process");
+    }
+
+    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn slurm_steps_one_task_per_node_and_the_rest() {
+        let prog = vec!["prog".to_string()];
+        assert_eq!(slurm_step_of(&prog, env_of(&[])).unwrap(), None, "outside Slurm");
+        assert_eq!(slurm_step_of(&prog, env_of(&[("SLURM_STEP_NUM_TASKS", "1"), ("SLURM_STEP_NUM_NODES", "1")])).unwrap(), None, "a batch step");
+        let two = [("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2"), ("SLURM_NODEID", "1")];
+        assert_eq!(slurm_step_of(&prog, env_of(&two)).unwrap(), Some(Spread { node: 1, nodes: 2 }));
+        let e = slurm_step_of(&prog, env_of(&[("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "1"), ("SLURM_PROCID", "1")])).unwrap_err().to_string();
+        assert!(e.contains("task 1 of a Slurm job step of 2 tasks") && e.contains("--each-node"), "{e}");
+        let e = slurm_step_of(&prog, env_of(&[("SLURM_STEP_NUM_TASKS", "4"), ("SLURM_STEP_NUM_NODES", "2")])).unwrap_err().to_string();
+        assert!(e.contains("of 4 tasks"), "two tasks on a node: {e}");
+        let e = slurm_step_of(&prog, env_of(&[("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2"), ("SLURM_NODEID", "7")])).unwrap_err().to_string();
+        assert!(e.contains("SLURM_NODEID"), "{e}");
+        let e = slurm_step_of(&["/usr/bin/srun".to_string()], env_of(&[])).unwrap_err().to_string();
+        assert!(e.contains("cannot run srun under ckpt") && e.contains("--each-node"), "{e}");
+    }
+
+    #[test]
+    fn each_node_runs_in_a_batch_script_only() {
+        let batch = [("SLURM_JOB_ID", "7"), ("SLURM_JOB_NUM_NODES", "3")];
+        assert_eq!(job_nodes(env_of(&batch)).unwrap(), 3);
+        assert!(job_nodes(env_of(&[])).unwrap_err().to_string().contains("not in a Slurm job"));
+        let task = [("SLURM_JOB_ID", "7"), ("SLURM_JOB_NUM_NODES", "2"), ("SLURM_STEP_NUM_TASKS", "2")];
+        assert!(job_nodes(env_of(&task)).unwrap_err().to_string().contains("not under srun"));
+        assert!(job_nodes(env_of(&[("SLURM_JOB_ID", "7"), ("SLURM_JOB_NUM_NODES", "x")])).unwrap_err().to_string().contains("SLURM_JOB_NUM_NODES"));
+    }
+
+    #[test]
+    fn signal_masks() {
+        assert!(mask_has("0000000000020000", libc::SIGCONT));
+        assert!(mask_has("0000000000024000", libc::SIGTERM));
+        assert!(!mask_has("0000000000004000", libc::SIGCONT));
+        assert!(!mask_has("zz", libc::SIGCONT));
+        assert!(!cont_pending(), "no SIGCONT is pending for the test's thread");
     }
 
     #[test]

@@ -85,3 +85,27 @@ fn a_name_that_could_leave_its_directory_is_refused() {
     }
     assert!(!s.store_dir.exists(), "a refused name made the store");
 }
+
+/// Slurm's kill of a whole job sends SIGCONT and then SIGTERM to every
+/// process; both may be pending at once when `ckpt run`'s signal thread
+/// takes them, and sigwait takes the lower number, SIGTERM, first. Made
+/// certain here: `ckpt run` stopped (SIGSTOP), sent SIGTERM, then SIGCONT
+/// (which resumes it with both pending). It must still see the job's kill:
+/// no checkpoint (it would restart into the program's own end), exit 143.
+#[test]
+fn a_sigterm_taken_before_its_pending_sigcont_is_still_the_job_s_kill() {
+    let s = Session::new("run-contterm");
+    let mut c = run_cmd(&s, "ct", 1000);
+    c.env("SLURM_JOB_ID", "1");
+    let mut p = Proc::spawn("ckpt run".into(), c);
+    p.wait_ticks(3, LINE_TIMEOUT);
+    signal(&p, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&p, libc::SIGTERM);
+    signal(&p, libc::SIGCONT);
+    let e = wait_stderr(&p, "stopping the program (SIGTERM)");
+    assert!(e.contains("ct: SIGTERM: no checkpoint: Slurm sent SIGCONT and SIGTERM to every process of the job"), "{e}");
+    assert!(!e.contains("checkpointed generation"), "{e}");
+    let st = p.wait_exit(CMD_TIMEOUT);
+    assert_eq!(st.code(), Some(143), "{st:?}\n{}", p.stderr());
+}

@@ -18,6 +18,12 @@
 //! node is this machine. Dropping it cancels every job, kills what the
 //! jobs left that names the directory (a daemonized coordinator), and
 //! stops the daemons.
+//!
+//! [`Slurm::start_nodes`] makes a cluster of several nodes instead, each
+//! `slurmd` on a namespace host of its own (`common/netns.rs`: a network
+//! namespace with its address on a bridge, a UTS namespace with the node's
+//! name), `slurmctld` and `munged` on the machine, reached at the bridge's
+//! address; the nodes' spool, pid and log files are per node (`%n`).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -31,6 +37,8 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 pub struct Slurm {
     pub dir: PathBuf,
+    /// The nodes' names.
+    pub nodes: Vec<String>,
     pub conf: PathBuf,
     /// munged, slurmctld, slurmd (stopped in reverse order).
     daemons: Vec<(String, Child, TiedThread)>,
@@ -52,8 +60,29 @@ fn need(bin: &str) -> PathBuf {
     panic!("{bin} is not installed: the Slurm tests need Debian's slurm-wlm and munge (apt-get install slurm-wlm munge; scripts/test.sh does it)");
 }
 
+/// Where the nodes of a cluster run.
+enum Layout<'a> {
+    /// One node, this machine, on loopback.
+    Here,
+    /// Node i in network namespace `netns[i]` (`ip netns`; a host of
+    /// `netns::Net::new(n, ...)`, at 10.N.0.i+2), named `names[i]`;
+    /// slurmctld at the bridge's address 10.N.0.1.
+    Hosts { netns: &'a [String], n: u8, names: &'a [&'a str] },
+}
+
 impl Slurm {
     pub fn start(dir: &Path) -> Slurm {
+        Slurm::start_in(dir, Layout::Here)
+    }
+
+    /// A cluster of one node on each of the namespace hosts `netns` (the
+    /// `hosts` of `netns::Net::new(n, ...)`), node i named `names[i]`.
+    pub fn start_nodes(dir: &Path, netns: &[String], n: u8, names: &[&str]) -> Slurm {
+        assert_eq!(netns.len(), names.len(), "one node name for each host");
+        Slurm::start_in(dir, Layout::Hosts { netns, n, names })
+    }
+
+    fn start_in(dir: &Path, layout: Layout) -> Slurm {
         let lock = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let (munged, slurmctld, slurmd) = (need("munged"), need("slurmctld"), need("slurmd"));
         need("sbatch");
@@ -74,13 +103,29 @@ impl Slurm {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
         let sock = dir.join("munge-run/sock");
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+        let (ctld_addr, nodes, node_lines) = match &layout {
+            Layout::Here => ("127.0.0.1".to_string(), vec![host.clone()], format!("NodeName={host} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN\n")),
+            Layout::Hosts { n, names, .. } => {
+                let mut lines = String::new();
+                for (i, name) in names.iter().enumerate() {
+                    lines += &format!("NodeName={name} NodeAddr=10.{n}.0.{} CPUs=2 State=UNKNOWN\n", i + 2);
+                    std::fs::create_dir_all(dir.join("spool").join(name)).unwrap();
+                }
+                (format!("10.{n}.0.1"), names.iter().map(|s| s.to_string()).collect(), lines)
+            }
+        };
+        let (spool, pid, log) = match layout {
+            Layout::Here => ("spool", "slurmd.pid", "slurmd.log"),
+            Layout::Hosts { .. } => ("spool/%n", "slurmd-%n.pid", "slurmd-%n.log"),
+        };
+        let node_list = nodes.join(",");
         let d = dir.display();
         let conf = dir.join("slurm.conf");
         std::fs::write(
             &conf,
             format!(
                 "ClusterName=ckpttest\n\
-                 SlurmctldHost={host}(127.0.0.1)\n\
+                 SlurmctldHost={host}({ctld_addr})\n\
                  SlurmctldPort={ctld}\n\
                  SlurmdPort={slurmd_port}\n\
                  SlurmUser=root\n\
@@ -89,11 +134,11 @@ impl Slurm {
                  CredType=cred/munge\n\
                  AuthInfo=socket={sock},cred_expire=5\n\
                  StateSaveLocation={d}/state\n\
-                 SlurmdSpoolDir={d}/spool\n\
+                 SlurmdSpoolDir={d}/{spool}\n\
                  SlurmctldPidFile={d}/slurmctld.pid\n\
-                 SlurmdPidFile={d}/slurmd.pid\n\
+                 SlurmdPidFile={d}/{pid}\n\
                  SlurmctldLogFile={d}/log/slurmctld.log\n\
-                 SlurmdLogFile={d}/log/slurmd.log\n\
+                 SlurmdLogFile={d}/log/{log}\n\
                  ProctrackType=proctrack/linuxproc\n\
                  TaskPlugin=task/none\n\
                  SelectType=select/cons_tres\n\
@@ -109,16 +154,16 @@ impl Slurm {
                  MinJobAge=600\n\
                  PreemptType=preempt/partition_prio\n\
                  PreemptMode=REQUEUE\n\
-                 NodeName={host} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN\n\
-                 PartitionName=low Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE\n\
-                 PartitionName=high Nodes={host} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF\n",
+                 {node_lines}\
+                 PartitionName=low Nodes={node_list} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE\n\
+                 PartitionName=high Nodes={node_list} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF\n",
                 ctld = free_port(),
                 slurmd_port = free_port(),
                 sock = sock.display(),
             ),
         )
         .unwrap();
-        let mut s = Slurm { dir: dir.clone(), conf, daemons: Vec::new(), _lock: lock };
+        let mut s = Slurm { dir: dir.clone(), nodes, conf, daemons: Vec::new(), _lock: lock };
         let mut m = Command::new(munged);
         m.args(["-F", "--socket"]).arg(&sock).arg("--key-file").arg(&key).arg("--log-file").arg(dir.join("log/munged.log"));
         m.arg("--pid-file").arg(dir.join("munge/pid")).arg("--seed-file").arg(dir.join("munge/seed"));
@@ -131,14 +176,30 @@ impl Slurm {
         let mut c = Command::new(slurmctld);
         c.args(["-D", "-f"]).arg(&s.conf);
         s.spawn("slurmctld", c);
-        let mut n = Command::new(slurmd);
-        n.args(["-D", "-f"]).arg(&s.conf);
-        s.spawn("slurmd", n);
+        match layout {
+            Layout::Here => {
+                let mut n = Command::new(slurmd);
+                n.args(["-D", "-f"]).arg(&s.conf);
+                s.spawn("slurmd", n);
+            }
+            Layout::Hosts { netns, names, .. } => {
+                // nsenter, not `ip netns exec`: that one mounts a /sys of
+                // its own, without /sys/fs/cgroup, and slurmd then fails
+                // ("Unable to initialize cgroup plugin"). The PID stays
+                // slurmd's through the execs.
+                for (i, name) in names.iter().enumerate() {
+                    let mut n = Command::new("nsenter");
+                    n.arg(format!("--net=/run/netns/{}", netns[i])).args(["unshare", "--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\"", name]);
+                    n.arg(&slurmd).args(["-D", "-f"]).arg(&s.conf);
+                    s.spawn(&format!("slurmd-{name}"), n);
+                }
+            }
+        }
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             let o = s.cmd("sinfo").args(["-h", "-o", "%T"]).output().unwrap();
             let state = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            if state == "idle" {
+            if !state.is_empty() && state.lines().all(|l| l.trim() == "idle") {
                 break;
             }
             assert!(Instant::now() < until, "the Slurm node is not idle after 60 s (sinfo says {state:?}; {})", s.logs());
@@ -157,7 +218,15 @@ impl Slurm {
     /// The ends of the daemons' logs, for a failure message.
     pub fn logs(&self) -> String {
         let mut s = String::new();
-        for l in ["slurmctld.log", "slurmd.log", "munged.log", "munged.stderr", "slurmctld.stderr", "slurmd.stderr"] {
+        let mut files = vec!["slurmctld.log".to_string(), "slurmd.log".into(), "munged.log".into(), "munged.stderr".into(), "slurmctld.stderr".into(), "slurmd.stderr".into()];
+        if self.nodes.len() > 1 {
+            files.truncate(5);
+            for n in &self.nodes {
+                files.push(format!("slurmd-{n}.log"));
+                files.push(format!("slurmd-{n}.stderr"));
+            }
+        }
+        for l in &files {
             let t = std::fs::read_to_string(self.dir.join("log").join(l)).unwrap_or_default();
             let tail: Vec<&str> = t.lines().rev().take(15).collect();
             s += &format!("\n--- {l}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
