@@ -101,3 +101,55 @@ fn tcp_connection_between_two_hosts_survives_kill_and_restart() {
     assert!(rs.wait_exit(CMD_TIMEOUT).success(), "{}", rs.context());
     eprintln!("client after the restart: {ok}");
 }
+
+/// Two unrelated processes on two hosts of this kernel sharing memory by
+/// name, as UCX's shared memory transports make MPI ranks on such hosts do
+/// (issue 15: MPICH's job across two hosts): a SysV segment (by key) and a
+/// POSIX shared memory object. A restart brings each host's processes back
+/// on their own, each host with objects of its own, so the checkpoint is
+/// refused, naming both objects and both hosts; the programs run on, still
+/// sharing, and finish.
+#[test]
+fn memory_shared_across_two_hosts_is_refused_at_checkpoint() {
+    let s = Session::new("hosts_shm");
+    let net = Net::new(79, &["a", "b"]);
+    let co = Coordinator::start(&s, "tcp:10.79.0.1:47019");
+    let stop = s.stop_file();
+    let stop = stop.to_str().unwrap();
+    let prog = program("shm_peer");
+    let key = format!("{:x}", 0x5ce0_0000u32 | (std::process::id() & 0xffff));
+    let name = format!("ckpt-test-shm-peer-{}", std::process::id());
+    let mut procs = Vec::new();
+    for (i, host) in ["hosta", "hostb"].into_iter().enumerate() {
+        let role = i.to_string();
+        for obj in [["-k", key.as_str()], ["-p", name.as_str()]] {
+            let p = co.launch(&s, &net, i, host, &prog, &["-r", &role, obj[0], obj[1], "-t", "50", "-s", stop]);
+            procs.push(p);
+        }
+    }
+    // Each sees the other's counter move: the memory is shared.
+    for p in procs.iter_mut() {
+        p.wait_prefix("READY", LINE_TIMEOUT);
+        p.wait_line(|l| l.starts_with("TICK ") && !l.ends_with(" theirs=0"), LINE_TIMEOUT);
+    }
+    let out = co.run(&s, &["checkpoint", "--coord", &co.coord]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a checkpoint of memory shared by processes on two hosts succeeded: {}", text(&out.stdout));
+    for want in ["SysV shared memory segment", &format!("/dev/shm/{name}"), "hosta", "hostb", "shared across hosts"] {
+        assert!(err.contains(want), "the refusal does not name {want:?}: {err}");
+    }
+    eprintln!("[{}] refused: {err}", s.name);
+    let log = text(&co.run(&s, &["log", "--store", &s.store]).stdout);
+    eprintln!("[{}] log: {log}", s.name);
+    assert!(log.contains("no generations"), "a generation was committed:\n{log}");
+    // Untouched by the refused round: they go on sharing, and finish.
+    for p in procs.iter_mut() {
+        p.wait_ticks(3, LINE_TIMEOUT);
+    }
+    let t = procs.iter().map(|p| p.last_tick.unwrap()).max().unwrap();
+    s.stop_at(t + 3);
+    for p in procs.iter_mut() {
+        p.wait_prefix("DONE", LINE_TIMEOUT);
+        assert!(p.wait_exit(CMD_TIMEOUT).success(), "{}", p.context());
+    }
+}
