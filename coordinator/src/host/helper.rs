@@ -333,6 +333,12 @@ impl State {
         self.round_known = sink.round.into_inner().unwrap();
         match result {
             Ok(done) => {
+                // What the coordinator checks of its own machine's images
+                // before the commit and needs all of them for (they stay here).
+                let shared = ckpt_engine::restore::shared_across_hosts(done.iter().filter_map(|(c, _)| c.image.as_deref()));
+                if !shared.is_empty() {
+                    return json!({"ok": false, "error": ckpt_engine::EngineError::Unrestorable { problems: shared }.to_string()});
+                }
                 let mut captured = Vec::new();
                 for (c, base) in done {
                     self.new_bases.push((c.entry.pid, c.conn, base));

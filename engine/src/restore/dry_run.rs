@@ -10,6 +10,9 @@
 //! as the restart opens them), the files, directories and devices its fds name can be opened, the files of
 //! its shared file mappings can be opened with the mapping's access, and the
 //! files under its private file mappings are the ones the checkpoint saw.
+//! Across the processes: no shared memory whose content a restart makes
+//! again (a SysV segment, a POSIX shared memory object, a memfd, a deleted
+//! file) is mapped by processes of two hosts ([`shared_across_hosts`]).
 
 use std::collections::HashMap;
 
@@ -82,6 +85,51 @@ pub fn problems(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
                 _ => {}
             }
         }
+    }
+    out.extend(shared_across_hosts(images));
+    out
+}
+
+/// The shared memory objects that processes of more than one host map, one
+/// problem each. Hosts made of namespaces on one kernel can share such an
+/// object (a SysV segment, a file in `/dev/shm`): a library that takes one
+/// kernel for one machine does so (UCX's shared memory transports, which
+/// MPICH uses, compare the kernel's boot id). A restart brings each host's
+/// processes back by themselves, each host with objects of its own, so the
+/// processes would no longer share the memory: such a generation is
+/// refused. `images` must be of one kernel (an object is known by its SysV
+/// id, or by its inode and path).
+pub fn shared_across_hosts<'a>(images: impl IntoIterator<Item = &'a ProcessImage>) -> Vec<Problem> {
+    use std::collections::{BTreeMap, BTreeSet};
+    // object -> host -> pids
+    let mut by: BTreeMap<(String, u64), BTreeMap<&str, BTreeSet<i32>>> = BTreeMap::new();
+    for image in images {
+        for r in image.regions.iter().filter(|r| r.kind == RegionKind::SharedAnon) {
+            let key = match r.sysv {
+                Some(a) => (format!("SysV shared memory segment {}", a.shmid), 0),
+                None if r.shm != 0 => (format!("shared memory {}", r.name), r.shm),
+                None => continue,
+            };
+            by.entry(key).or_default().entry(image.host.as_str()).or_default().insert(image.pid);
+        }
+    }
+    let mut out = Vec::new();
+    for ((what, _), hosts) in by.into_iter().filter(|(_, h)| h.len() > 1) {
+        let pid = hosts.values().flatten().copied().min().unwrap_or(0);
+        let on = hosts
+            .iter()
+            .map(|(h, pids)| format!("{h} ({})", pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        out.push(Problem {
+            pid,
+            what: format!(
+                "the {what} is mapped by processes on hosts {on}: memory shared across hosts cannot come back shared, since a restart brings \
+                 back each host's processes by themselves, with memory of their own (hosts that are namespaces of one machine share its kernel, \
+                 and so can share memory); keep the processes that share it on one host, or keep the program from sharing memory across hosts \
+                 (MPICH over UCX does on such hosts unless UCX_TLS leaves out UCX's shared memory transports, e.g. UCX_TLS=tcp,self)"
+            ),
+        });
     }
     out
 }

@@ -56,7 +56,7 @@ use crate::image::*;
 use crate::procfs;
 use crate::remote;
 
-pub use dry_run::{check_tree, dry_run, problems};
+pub use dry_run::{check_tree, dry_run, problems, shared_across_hosts};
 use memory::Dests;
 use tree::step;
 

@@ -34,10 +34,13 @@
 //! gets both sequence numbers, binds
 //! the old local address (repair mode may reuse it), connects (no SYN in
 //! repair mode: it is established at once), gets the options, the
-//! timestamp clock, the receive queue, the already-sent part of the send
-//! queue and the window. [`Restore::finish`], once every socket of the
-//! restart exists, leaves repair mode (a window probe tells the peer we are
-//! back) and sends the never-sent rest normally.
+//! timestamp clock, the receive queue and the window. [`Restore::finish`],
+//! once every socket of the restart exists (and, for a generation on
+//! several hosts, every host's), puts back the already-sent part of the
+//! send queue (not before: the kernel retransmits it even in repair mode,
+//! and a peer host without the socket yet answers with a reset), leaves
+//! repair mode (a window probe tells the peer we are back) and sends the
+//! never-sent rest normally.
 //!
 //! Listening sockets are bound again (the leftovers of their earlier
 //! connections on the port removed first, [`clear_port_leftovers`]; with
@@ -578,11 +581,12 @@ fn pair_taken(local: SocketAddr, peer: SocketAddr, left: &[Holder]) -> String {
     }
 }
 
-/// Makes a connection in repair mode from its image: what is left to do
-/// once its peer exists is [`leave_repair`] with the unsent bytes. First
-/// removes what the program's earlier life left on the address pair
+/// Makes a connection in repair mode from its image, its send queue
+/// empty: what is left to do once its peer exists is [`refill_sent`] with
+/// the bytes already sent, then [`leave_repair`] with the unsent ones.
+/// First removes what the program's earlier life left on the address pair
 /// ([`clear_leftovers`]).
-pub fn make_connection(local: SocketAddr, c: &TcpConnImage, opts: &SockOpts, send: &[u8], recv: &[u8]) -> io::Result<OwnedFd> {
+pub fn make_connection(local: SocketAddr, c: &TcpConnImage, opts: &SockOpts, recv: &[u8]) -> io::Result<OwnedFd> {
     let family = if local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     let left = clear_leftovers(local, c.peer);
     let s = new_socket(family, libc::SOCK_STREAM)?;
@@ -620,16 +624,30 @@ pub fn make_connection(local: SocketAddr, c: &TcpConnImage, opts: &SockOpts, sen
         set_queue(&s, TCP_RECV_QUEUE)?;
         send_all(&s, recv, true).map_err(step("refilling the receive queue"))?;
     }
-    let sent = send.len().saturating_sub(c.unsent as usize);
-    if sent > 0 {
-        set_queue(&s, TCP_SEND_QUEUE)?;
-        send_all(&s, &send[..sent], false).map_err(step("refilling the send queue"))?;
-    }
     set_queue(&s, TCP_NO_QUEUE)?;
     let w = &c.window;
     let w = TcpRepairWindow { snd_wl1: w.snd_wl1, snd_wnd: w.snd_wnd, max_window: w.max_window, rcv_wnd: w.rcv_wnd, rcv_wup: w.rcv_wup };
     setsockopt_raw(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, w.as_bytes()).map_err(step("TCP_REPAIR_WINDOW"))?;
     Ok(s)
+}
+
+/// Puts back, in repair mode, the part of the send queue that had been
+/// sent but not acknowledged (`send`, the whole recorded queue: its first
+/// `c.send_len - c.unsent` bytes). Only once the peer's socket exists: the
+/// kernel arms the retransmission timer for them even in repair mode, and
+/// a retransmission that reaches the peer's host before the peer's socket
+/// is made is answered with a reset, which kills the restored connection
+/// (a restart on two hosts, one slower than the other's RTO: MPICH's
+/// ranks over UCX's TCP transport, issue 15).
+pub fn refill_sent(s: &OwnedFd, c: &TcpConnImage, send: &[u8]) -> io::Result<()> {
+    let sent = send.len().saturating_sub(c.unsent as usize);
+    if sent > 0 {
+        set_queue(s, TCP_SEND_QUEUE)?;
+        let r = send_all(s, &send[..sent], false).map_err(step("refilling the send queue"));
+        set_queue(s, TCP_NO_QUEUE)?;
+        r?;
+    }
+    Ok(())
 }
 
 /// Leaves repair mode (a window probe goes out: the peer answers with
@@ -662,12 +680,23 @@ fn send_unsent(s: &OwnedFd, unsent: &[u8]) -> io::Result<()> {
     send_all_until(s, unsent, false, Some(deadline)).map_err(step("sending the bytes never sent"))
 }
 
+/// A connection of a restart, in repair mode until [`Restore::finish`].
+struct Repairing {
+    sock: OwnedFd,
+    conn: TcpConnImage,
+    /// The whole recorded send queue: sent (put back at the finish), then
+    /// never sent (sent once out of repair mode).
+    send: Vec<u8>,
+    /// `SO_REUSEADDR`, which leaving repair mode clears.
+    reuseaddr: bool,
+    pid: i32,
+    fd: i32,
+}
+
 /// The TCP sockets of one restart.
 #[derive(Default)]
 pub(super) struct Restore {
-    /// Connections in repair mode: (socket, never-sent bytes, SO_REUSEADDR,
-    /// pid, fd).
-    repairing: Vec<(OwnedFd, Vec<u8>, bool, i32, i32)>,
+    repairing: Vec<Repairing>,
 }
 
 impl Restore {
@@ -704,9 +733,8 @@ impl Restore {
                 if send.len() != c.send_len as usize || recv.len() != c.recv_len as usize {
                     return Err(EngineError::BadImage { generation, what: format!("the queues of the TCP connection at fd {fd} of process {pid} have the wrong length") });
                 }
-                let s = make_connection(t.local, c, &t.opts, &send, &recv).map_err(|e| err(format!("restoring the connection to {}: {e}", c.peer)))?;
-                let unsent = send[send.len() - (c.unsent as usize).min(send.len())..].to_vec();
-                self.repairing.push((crate::fds::dup(&s)?, unsent, t.opts.reuseaddr, pid, fd));
+                let s = make_connection(t.local, c, &t.opts, &recv).map_err(|e| err(format!("restoring the connection to {}: {e}", c.peer)))?;
+                self.repairing.push(Repairing { sock: crate::fds::dup(&s)?, conn: c.clone(), send, reuseaddr: t.opts.reuseaddr, pid, fd });
                 Ok(s)
             }
         }
@@ -717,13 +745,21 @@ impl Restore {
             generation,
             what: format!("the TCP connection at fd {fd} of process {pid}: leaving repair mode: {e}"),
         };
+        // Every peer exists now (on the other hosts too: the restarts met
+        // at the coordinator before this): the bytes already sent go back,
+        // and may be retransmitted from now on (see [`refill_sent`]).
+        for r in &self.repairing {
+            refill_sent(&r.sock, &r.conn, &r.send)
+                .map_err(|e| EngineError::Restore { generation, what: format!("the TCP connection at fd {} of process {}: {e}", r.fd, r.pid) })?;
+        }
         // Every end out of repair mode first: a peer in repair mode
         // acknowledges nothing, and bytes that wait for room wait for it.
-        for (s, _, reuseaddr, pid, fd) in &self.repairing {
-            repair_off(s, *reuseaddr).map_err(|e| failed(pid, fd, e))?;
+        for r in &self.repairing {
+            repair_off(&r.sock, r.reuseaddr).map_err(|e| failed(&r.pid, &r.fd, e))?;
         }
-        for (s, unsent, _, pid, fd) in &self.repairing {
-            send_unsent(s, unsent).map_err(|e| failed(pid, fd, e))?;
+        for r in &self.repairing {
+            let unsent = &r.send[r.send.len() - (r.conn.unsent as usize).min(r.send.len())..];
+            send_unsent(&r.sock, unsent).map_err(|e| failed(&r.pid, &r.fd, e))?;
         }
         Ok(())
     }
@@ -782,8 +818,8 @@ mod tests {
             let held = super::super::diag::tcp_holders(&diag, cl, sl).unwrap();
             assert!(held.iter().any(|m| m.state == 6 && m.inode == 0), "no TIME_WAIT left on {cl} -> {sl}: {held:?}");
             let opts = SockOpts::default();
-            let c2 = make_connection(cl, &images[0], &opts, &[], &[]).unwrap();
-            let s2 = make_connection(sl, &images[1], &opts, &[], &[]).unwrap();
+            let c2 = make_connection(cl, &images[0], &opts, &[]).unwrap();
+            let s2 = make_connection(sl, &images[1], &opts, &[]).unwrap();
             assert!(super::super::diag::tcp_holders(&diag, cl, sl).unwrap().iter().all(|m| m.state != 6), "the TIME_WAIT is still there");
             leave_repair(&c2, b"again", false).unwrap();
             leave_repair(&s2, b"back", false).unwrap();
@@ -859,8 +895,10 @@ mod tests {
         drop(c_fd);
         drop(s_fd);
         let opts = SockOpts::default();
-        let c2 = make_connection(cl, &ci, &opts, &csend, &crecv).unwrap();
-        let s2 = make_connection(sl, &si, &opts, &ssend, &srecv).unwrap();
+        let c2 = make_connection(cl, &ci, &opts, &crecv).unwrap();
+        let s2 = make_connection(sl, &si, &opts, &srecv).unwrap();
+        refill_sent(&c2, &ci, &csend).unwrap();
+        refill_sent(&s2, &si, &ssend).unwrap();
         leave_repair(&c2, &csend[csend.len() - ci.unsent as usize..], false).unwrap();
         leave_repair(&s2, &ssend[ssend.len() - si.unsent as usize..], false).unwrap();
         let mut c2 = TcpStream::from(c2);
