@@ -201,7 +201,11 @@ fn programs_on_separate_machines_checkpoint_through_their_helpers_and_restart_th
 
     let mut helpers = helpers(&s, &m, &[0, 1]);
     let stop = s.stop_file();
-    let args = [program("counter_heap").to_str().unwrap().to_string(), "-m".into(), "16".into(), "-t".into(), "50".into(), "-s".into(), stop.to_str().unwrap().into()];
+    // 200 ms ticks: each tick rewrites 64 of the heap's 4096 pages, so the
+    // second checkpoint's new bytes stay under a third of the first's until
+    // ~55 ticks (11 s) pass between the two snapshots, however loaded the
+    // machine (at 50 ms ticks, 3 s under a load of 16 rewrote most of it).
+    let args = [program("counter_heap").to_str().unwrap().to_string(), "-m".into(), "16".into(), "-t".into(), "200".into(), "-s".into(), stop.to_str().unwrap().into()];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut a = launch(&s, &m, 0, coord, &args);
     let mut b = launch(&s, &m, 1, coord, &args);
