@@ -10,6 +10,8 @@
 //! as the restart opens them), the files, directories and devices its fds name can be opened, the files of
 //! its shared file mappings can be opened with the mapping's access, and the
 //! files under its private file mappings are the ones the checkpoint saw.
+//! A temporary file kept with the image ([`crate::tmpfiles`]) may be gone:
+//! the dry run says it would be made again, and checks it could be.
 
 use std::collections::HashMap;
 
@@ -59,6 +61,9 @@ pub fn problems(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
                 _ => continue,
             };
             if let Err(e) = open(path, libc::O_PATH) {
+                if gone_but_kept(image, path, &e) {
+                    continue;
+                }
                 problem(format!("the {what} {path} of its fd {} cannot be opened ({e}); put it back", f.fd));
             }
         }
@@ -67,6 +72,9 @@ pub fn problems(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
                 RegionKind::SharedFile => {
                     let mode = if r.prot & libc::PROT_WRITE as u32 != 0 { libc::O_RDWR } else { libc::O_RDONLY };
                     if let Err(e) = open(&r.name, mode) {
+                        if gone_but_kept(image, &r.name, &e) {
+                            continue;
+                        }
                         problem(format!("the file {} it maps shared at {:#x} cannot be opened ({e}); put it back", r.name, r.start));
                     }
                 }
@@ -84,6 +92,12 @@ pub fn problems(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
         }
     }
     out
+}
+
+/// A file that is gone but kept with the image ([`crate::tmpfiles`]): the
+/// restart makes it again ([`crate::tmpfiles::would_make`] checks it can).
+fn gone_but_kept(image: &ProcessImage, path: &str, e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOENT) && crate::tmpfiles::is_kept(image, path)
 }
 
 /// Fails, naming every problem, if `images` (of generation `generation`)
@@ -120,5 +134,6 @@ pub fn dry_run(generation: u64, images: &[ProcessImage], in_namespaces: bool) ->
         }
     }
     out.extend(problems(generation, images));
+    out.extend(crate::tmpfiles::would_make(generation, images).1);
     out
 }

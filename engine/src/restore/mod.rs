@@ -180,6 +180,12 @@ pub fn restore_generation_with(
     // attach them.
     let sysv_segments = crate::sysv::Segments::make(store, generation, images)?;
     let sysv_objects = crate::sysvipc::Objects::make(generation, images)?;
+    // Temporary files kept with the image and gone since: made again
+    // before anything opens or maps them.
+    let made = crate::tmpfiles::make_missing(store, generation, images)?;
+    if !made.is_empty() {
+        tracing::info!("made {} temporary files and directories again: {}", made.len(), made.join(", "));
+    }
     // Deleted files are made before shared memory: a shared mapping of one
     // is that file again.
     let mut opener = crate::fds::Opener::new(store, generation, images)?;
