@@ -336,7 +336,6 @@ fn preempted_by_a_higher_partition_restarts_from_its_interval_checkpoint() {
 /// restarted by the next start from the signal's generation, and run to
 /// its last tick with the closed-form answer.
 #[test]
-#[ignore = "fails: mpirun removes its session directory when Slurm's requeue SIGTERMs it, and the restart of the USR1 generation is refused for the missing files (issue 15; docs/computations.md, MPI)"]
 fn an_mpi_job_signalled_then_requeued_restarts_with_the_right_answer() {
     let prog = program("mpi_ring-openmpi");
     if !prog.is_file() {
