@@ -66,10 +66,10 @@ use crate::error::{EngineError, Problem, Result};
 use crate::image::{DeletedFileImage, FdImage, FdKind, ProcessImage};
 
 /// Largest temporary file kept with an image (bytes).
-pub const MAX_FILE: u64 = 64 << 20;
+pub const MAX_FILE: u64 = 16 << 20;
 /// Most bytes of temporary files one checkpoint round keeps (and one
 /// restart makes again).
-pub const MAX_TOTAL: u64 = 256 << 20;
+pub const MAX_TOTAL: u64 = 64 << 20;
 /// Most entries (files, FIFOs, directories) one restart makes again.
 pub const MAX_ENTRIES: usize = 4096;
 
