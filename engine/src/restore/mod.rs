@@ -2,7 +2,9 @@
 //!
 //! 1. Check that the image's PIDs and TIDs are free (nothing is started
 //!    otherwise).
-//! 2. Make every open file description once ([`crate::fds::Opener`]): files
+//! 2. Make again the temporary files kept with the image that are gone
+//!    ([`crate::tmpfiles`]); make every open file description once
+//!    ([`crate::fds::Opener`]): files
 //!    reopened, pipes made again with their bytes in flight; one memfd per
 //!    shared memory object, SysV segments made again with their ids
 //!    ([`crate::sysv`]); a fresh coordinator connection per agent.
