@@ -505,6 +505,45 @@ pub fn is_kept(image: &ProcessImage, path: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn image(uid: u32, temp: Vec<TempFile>) -> ProcessImage {
+        let mut img: ProcessImage = serde_json::from_value(serde_json::json!({
+            "version": 1, "pid": 7, "ppid": 0, "host": "h", "exe": "/bin/x", "comm": "x", "cmdline": [], "cwd": "/",
+            "umask": 18, "rlimits": [], "mm": crate::image::MmFields::default(), "auxv": [], "threads": [], "sigactions": [], "itimers": [],
+            "fds": [], "regions": [], "agent": {"fd": 0, "restart_word_addr": 0, "ckpt_tid": 0}, "chunk_size": 4096
+        }))
+        .unwrap_or_else(|e| panic!("test image: {e}"));
+        let t = crate::creds::ThreadCreds { tid: 7, uid: [uid; 4], gid: [uid; 4], ..Default::default() };
+        img.creds = Some(crate::creds::ProcessCreds { threads: vec![t] });
+        img.temp_files = temp;
+        img
+    }
+
+    fn file(path: &str, uid: u32, size: u64) -> TempFile {
+        let mut d = empty();
+        (d.size, d.chunk_size) = (size, crate::fds::deleted::CHUNK as u32);
+        TempFile { path: path.into(), mode: 0o600, uid, gid: uid, kind: TempKind::File(d) }
+    }
+
+    #[test]
+    fn a_hostile_image_is_refused_before_anything_is_made() {
+        let good = [image(1001, vec![file("/tmp/a/b", 1001, 10)])];
+        assert_eq!(entries(1, &good).unwrap().len(), 1);
+        let refused = |images: &[ProcessImage], what: &str| {
+            let e = entries(1, images).map(|_| ()).expect_err(what).to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        refused(&[image(1001, vec![file("/etc/passwd", 1001, 10)])], "not a path below");
+        refused(&[image(1001, vec![file("/tmp/../etc/passwd", 1001, 10)])], "not a path below");
+        refused(&[image(1001, vec![file("/run/user/0/x", 1001, 10)])], "not a path below");
+        refused(&[image(1001, vec![file("/tmp/x", 0, 10)])], "belongs to uid 0");
+        refused(&[image(1001, vec![file("/tmp/x", 1001, MAX_FILE + 1)])], "has size");
+        let many: Vec<TempFile> = (0..5).map(|i| file(&format!("/tmp/f{i}"), 1001, MAX_FILE)).collect();
+        refused(&[image(1001, many)], "more than the");
+        let mut no_creds = image(1001, vec![file("/tmp/x", 1001, 1)]);
+        no_creds.creds = None;
+        refused(&[no_creds], "records no credentials");
+    }
+
     #[test]
     fn paths_below_a_root_only() {
         assert_eq!(split("/tmp/ompi.h.0/pid.7/contact.txt", 0), Some(("/tmp".to_string(), vec!["ompi.h.0", "pid.7", "contact.txt"])));
