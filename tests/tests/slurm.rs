@@ -362,7 +362,7 @@ fn an_mpi_job_signalled_then_requeued_restarts_with_the_right_answer() {
     .unwrap();
     let (job, out) = submit(&slurm, &s, &name, &script);
     let (i, _) = wait_tick(&slurm, &out, 0, 5);
-    let at = read(&out).lines().filter_map(tick_of).last().unwrap();
+    let at = read(&out).lines().filter_map(tick_of).next_back().unwrap();
     slurm.signal_batch(job, "USR1");
     let (i, l) = wait_line(&slurm, &out, i, |l| l.contains("SIGUSR1: checkpointed generation 1 "), "checkpoint on USR1");
     assert!(l.contains(&name), "{l}");
