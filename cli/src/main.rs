@@ -813,9 +813,14 @@ fn restart_dry_run(generation: Option<u64>, addr: &Address, url: &str, here: &st
         Err(_) => false,
     };
     problems.extend(ckpt_engine::restore::dry_run(info.id, &images, in_namespaces));
+    // Temporary files kept with the image and gone: made again.
+    let notes = ckpt_engine::tmpfiles::would_make(info.id, &images).0;
     if problems.is_empty() {
         let pids: Vec<String> = images.iter().map(|i| i.pid.to_string()).collect();
         println!("generation {} would restart: {} processes (pid {})", info.id, images.len(), pids.join(", "));
+        for note in &notes {
+            println!("  {note}");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     println!("generation {} would not restart:", info.id);

@@ -162,7 +162,10 @@ pub(crate) fn phase_a(
     }
     let mut fds = Vec::new();
     for (_, r) in targets {
-        match round.capture_process(r.hello.pid, &r.agent_fds()) {
+        // Its fds, and the temporary files it keeps open or maps shared
+        // (read while it is stopped: ckpt_engine::tmpfiles).
+        let captured = round.capture_process(r.hello.pid, &r.agent_fds()).and_then(|f| ckpt_engine::tmpfiles::capture(&mut round, r.hello.pid, &f).map(|t| (f, t)));
+        match captured {
             Ok(f) => fds.push(f),
             Err(e) => return (Vec::new(), Err(busy(e))),
         }
@@ -228,7 +231,7 @@ impl Gate {
 fn one(
     t: &Target,
     report: &AgentReport,
-    fds: Vec<FdImage>,
+    (fds, temp_files): (Vec<FdImage>, Vec<ckpt_engine::tmpfiles::TempFile>),
     bases: &HashMap<i32, Base>,
     sink: &dyn BlobSink,
     link: &dyn AgentLink,
@@ -243,6 +246,7 @@ fn one(
         Ok(prep) => prep,
         Err(e) => return (None, Err(e.to_string())),
     };
+    prep.image.temp_files = temp_files;
     let prepare_ms = ms(t0);
     if backend == Backend::UffdWp && !prep.untracked.is_empty() {
         match link.call(pid, kind::REGISTER, &range_list(&prep.untracked)) {

@@ -367,6 +367,9 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         creds: Some(creds),
         namespaces: crate::ns::current(),
         job_stop: report.suspended.job_stop,
+        // Set by the caller, which reads them with the round's fds
+        // ([`crate::tmpfiles::capture`]).
+        temp_files: Vec::new(),
     };
     stats.scan_ms = scan_time.as_secs_f64() * 1000.0;
     stats.meta_ms = t0.elapsed().as_secs_f64() * 1000.0 - stats.scan_ms;

@@ -102,6 +102,11 @@ pub struct ProcessImage {
     /// checkpoint ([`crate::jobstop`]): it comes back stopped. 0: running.
     #[serde(default, skip_serializing_if = "is_zero_i32")]
     pub job_stop: i32,
+    /// Temporary files, FIFOs and directories it keeps open or maps
+    /// shared, kept with the image and made again at a restart when gone
+    /// ([`crate::tmpfiles`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub temp_files: Vec<crate::tmpfiles::TempFile>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -33,5 +33,6 @@ pub mod restore;
 pub mod signals;
 pub mod sysv;
 pub mod sysvipc;
+pub mod tmpfiles;
 
 pub use error::{EngineError, Problem, Result};

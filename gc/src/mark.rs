@@ -69,6 +69,12 @@ impl Marker {
                     frontier.entry(depth).or_default().extend(top.iter().copied());
                 }
             }
+            // Temporary files kept with the image: their chunk lists.
+            for t in &image.temp_files {
+                if let ckpt_engine::tmpfiles::TempKind::File(d) = &t.kind {
+                    frontier.entry(d.depth).or_default().extend(d.segments.iter().copied());
+                }
+            }
         }
         self.expand(store, g.id, frontier)
     }

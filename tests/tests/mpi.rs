@@ -11,10 +11,10 @@
 //!
 //! Each job runs to the end without ckpt first (so a failure below is
 //! ckpt's), then: checkpointed twice while it runs, killed, its
-//! shared-memory files removed as on a fresh host (Open MPI's session
-//! directory moved away first: the restart is refused, naming its files,
-//! and starts nothing; then put back), restarted from the latest
-//! generation (the segments made again with their sizes), checkpointed
+//! shared-memory files removed as on a fresh host (and Open MPI's session
+//! directory: the dry run says its files would be made again), restarted
+//! from the latest generation (the segments made again with their sizes,
+//! the session directory's files with theirs), checkpointed
 //! again, killed, restarted right away (the killed job's files still
 //! there), and run to DONE, where rank 0's answer must be the closed form
 //! for the tick it stopped at. The same as the ordinary user, and two Open
@@ -30,6 +30,7 @@ mod mpi;
 use common::*;
 use mpi::{Lib, check_answer};
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -169,30 +170,36 @@ fn checkpoint_kill_restart(s: Session, lib: Lib, prog: &std::path::Path) {
         let _ = std::fs::remove_file(f);
     }
 
-    // Files the job maps shared are not in the image (the file is the
-    // content): with Open MPI's session directory gone the restart is
-    // refused, naming them, and starts nothing; with it back it works.
-    if let Some(dir) = &session {
+    // Open MPI's session directory goes too (as mpirun removes it when
+    // Slurm stops the job): its files, which every process maps shared or
+    // keeps open, are kept with the image (engine/src/tmpfiles.rs). The dry
+    // run says they would be made again, and the restart makes them.
+    let aside = session.as_ref().map(|dir| {
         let aside = dir.with_file_name(format!("aside-{}", dir.file_name().unwrap().to_str().unwrap()));
         std::fs::rename(dir, &aside).unwrap();
         let out = s.dry_run(g2.id);
-        let err = text(&out.stderr) + &text(&out.stdout);
-        assert!(!out.status.success(), "the dry run passed without {}\n{err}", dir.display());
-        assert!(err.contains(dir.to_str().unwrap()) && err.contains("put it back"), "the dry run does not name the missing {} and the fix\n{err}", dir.display());
-        let out = s.run("restart", &[]);
-        assert!(!out.status.success(), "the restart ran without {}", dir.display());
-        for &pid in &host_pids {
-            assert!(!pid_alive(pid), "the refused restart left process {pid}");
-        }
-        std::fs::rename(&aside, dir).unwrap();
-    }
-
+        let said = text(&out.stdout) + &text(&out.stderr);
+        assert!(out.status.success(), "the dry run refused the generation without {}\n{said}", dir.display());
+        assert!(said.contains(&format!("{} of process", dir.display())) && said.contains("would be made again"), "the dry run does not say {} would be made again\n{said}", dir.display());
+        assert!(!dir.exists(), "the dry run made {}", dir.display());
+        aside
+    });
     let mut r = s.restart_expect(&g2, p.pid, true);
     for &pid in &pids {
         // In namespaces of its own, host_pid finds it there or panics.
         assert!(pid_alive(s.host_pid(pid)), "process {pid} of the job was not restored\n{}", r.context());
     }
     r.wait_ticks(5, LINE_TIMEOUT);
+    if let (Some(dir), Some(aside)) = (&session, &aside) {
+        // Made again: the files the job holds (mpirun's topology file and
+        // debugger FIFO; the PMIx files all map, which the ranks check).
+        for f in ["hwloc.sm", "0/debugger_attach_fifo"] {
+            let (was, now) = (std::fs::symlink_metadata(aside.join(f)).unwrap(), dir.join(f));
+            let m = std::fs::symlink_metadata(&now).unwrap_or_else(|e| panic!("{} was not made again: {e}\n{}", now.display(), r.context()));
+            assert_eq!((m.len(), m.mode(), m.uid()), (was.len(), was.mode(), was.uid()), "{} is not made again as it was", now.display());
+        }
+        let _ = std::fs::remove_dir_all(aside);
+    }
     // Made again from the image, each with the size it had (Open MPI's
     // are not whole pages).
     for (f, &len) in shm.iter().zip(&sizes) {

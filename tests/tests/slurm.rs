@@ -336,7 +336,6 @@ fn preempted_by_a_higher_partition_restarts_from_its_interval_checkpoint() {
 /// restarted by the next start from the signal's generation, and run to
 /// its last tick with the closed-form answer.
 #[test]
-#[ignore = "fails: mpirun removes its session directory when Slurm's requeue SIGTERMs it, and the restart of the USR1 generation is refused for the missing files (issue 15; docs/computations.md, MPI)"]
 fn an_mpi_job_signalled_then_requeued_restarts_with_the_right_answer() {
     let prog = program("mpi_ring-openmpi");
     if !prog.is_file() {
@@ -363,7 +362,7 @@ fn an_mpi_job_signalled_then_requeued_restarts_with_the_right_answer() {
     .unwrap();
     let (job, out) = submit(&slurm, &s, &name, &script);
     let (i, _) = wait_tick(&slurm, &out, 0, 5);
-    let at = read(&out).lines().filter_map(tick_of).last().unwrap();
+    let at = read(&out).lines().filter_map(tick_of).next_back().unwrap();
     slurm.signal_batch(job, "USR1");
     let (i, l) = wait_line(&slurm, &out, i, |l| l.contains("SIGUSR1: checkpointed generation 1 "), "checkpoint on USR1");
     assert!(l.contains(&name), "{l}");

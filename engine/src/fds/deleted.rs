@@ -198,21 +198,10 @@ fn make(store: &Store, generation: u64, pid: i32, d: &DeletedFileImage) -> Resul
         }
     };
     let file = std::fs::File::from(fd);
-    file.set_len(d.size).map_err(|e| err(format!("ftruncate to {} bytes: {e}", d.size)))?;
-    let n = d.size.div_ceil(CHUNK as u64);
-    let chunks = crate::chunklist::load_sparse(store, generation, &d.segments, d.depth, n)?;
-    if chunks.len != n {
-        return Err(EngineError::BadImage { generation, what: format!("deleted file {} lists {} chunks for {} bytes", d.path, chunks.len, d.size) });
-    }
-    for (i, h) in &chunks.entries {
-        let bytes = store.read_blob(h)?;
-        let off = i * CHUNK as u64;
-        let want = (d.size - off).min(CHUNK as u64) as usize;
-        if bytes.len() != want || Hash::of(&bytes) != *h {
-            return Err(EngineError::BadImage { generation, what: format!("chunk {h} of deleted file {} is {} bytes, not {want}", d.path, bytes.len()) });
-        }
-        std::os::unix::fs::FileExt::write_all_at(&file, &bytes, off).map_err(|e| err(format!("writing its contents: {e}")))?;
-    }
+    write_contents(store, generation, &file, d).map_err(|e| match e {
+        EngineError::Restore { what, .. } => err(what),
+        e => e,
+    })?;
     let fd: OwnedFd = file.into();
     // SAFETY: fchmod/fchown on our own fd.
     unsafe {
@@ -229,6 +218,31 @@ fn make(store: &Store, generation: u64, pid: i32, d: &DeletedFileImage) -> Resul
         }
     }
     Ok(fd)
+}
+
+/// Writes `d`'s size and contents into `file` (new and empty), each chunk
+/// checked against its hash.
+pub fn write_contents(store: &Store, generation: u64, file: &std::fs::File, d: &DeletedFileImage) -> Result<()> {
+    let err = |what: String| EngineError::Restore { generation, what };
+    if d.size > MAX_SIZE || d.chunk_size as usize != CHUNK {
+        return Err(EngineError::BadImage { generation, what: format!("file {} has size {} and chunk size {}", d.path, d.size, d.chunk_size) });
+    }
+    file.set_len(d.size).map_err(|e| err(format!("ftruncate to {} bytes: {e}", d.size)))?;
+    let n = d.size.div_ceil(CHUNK as u64);
+    let chunks = crate::chunklist::load_sparse(store, generation, &d.segments, d.depth, n)?;
+    if chunks.len != n {
+        return Err(EngineError::BadImage { generation, what: format!("file {} lists {} chunks for {} bytes", d.path, chunks.len, d.size) });
+    }
+    for (i, h) in &chunks.entries {
+        let bytes = store.read_blob(h)?;
+        let off = i * CHUNK as u64;
+        let want = (d.size - off).min(CHUNK as u64) as usize;
+        if bytes.len() != want || Hash::of(&bytes) != *h {
+            return Err(EngineError::BadImage { generation, what: format!("chunk {h} of file {} is {} bytes, not {want}", d.path, bytes.len()) });
+        }
+        std::os::unix::fs::FileExt::write_all_at(file, &bytes, off).map_err(|e| err(format!("writing its contents: {e}")))?;
+    }
+    Ok(())
 }
 
 /// A new open file description of the file made for `f`, with its access

@@ -185,6 +185,8 @@ pub struct Round<'w> {
     deleted_read: HashMap<(u64, u64), crate::image::DeletedFileImage>,
     /// Message queues read already (by inode).
     mqueues_read: HashMap<u64, crate::image::MqueueImage>,
+    /// Temporary files kept so far ([`crate::tmpfiles`]).
+    temp: crate::tmpfiles::RoundState,
 }
 
 impl<'w> Round<'w> {
@@ -203,7 +205,13 @@ impl<'w> Round<'w> {
             cancel: None,
             deleted_read: HashMap::new(),
             mqueues_read: HashMap::new(),
+            temp: Default::default(),
         }
+    }
+
+    /// What the round kept of temporary files so far.
+    pub(crate) fn temp_state(&mut self) -> &mut crate::tmpfiles::RoundState {
+        &mut self.temp
     }
 
     /// Gives the round a deadline (`secs` from now) and a cancel flag.

@@ -13,6 +13,8 @@
 //! Across the processes: no shared memory whose content a restart makes
 //! again (a SysV segment, a POSIX shared memory object, a memfd, a deleted
 //! file) is mapped by processes of two hosts ([`shared_across_hosts`]).
+//! A temporary file kept with the image ([`crate::tmpfiles`]) may be gone:
+//! the dry run says it would be made again, and checks it could be.
 
 use std::collections::HashMap;
 
@@ -62,6 +64,9 @@ pub fn problems(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
                 _ => continue,
             };
             if let Err(e) = open(path, libc::O_PATH) {
+                if gone_but_kept(image, path, &e) {
+                    continue;
+                }
                 problem(format!("the {what} {path} of its fd {} cannot be opened ({e}); put it back", f.fd));
             }
         }
@@ -70,6 +75,9 @@ pub fn problems(generation: u64, images: &[ProcessImage]) -> Vec<Problem> {
                 RegionKind::SharedFile => {
                     let mode = if r.prot & libc::PROT_WRITE as u32 != 0 { libc::O_RDWR } else { libc::O_RDONLY };
                     if let Err(e) = open(&r.name, mode) {
+                        if gone_but_kept(image, &r.name, &e) {
+                            continue;
+                        }
                         problem(format!("the file {} it maps shared at {:#x} cannot be opened ({e}); put it back", r.name, r.start));
                     }
                 }
@@ -134,6 +142,12 @@ pub fn shared_across_hosts<'a>(images: impl IntoIterator<Item = &'a ProcessImage
     out
 }
 
+/// A file that is gone but kept with the image ([`crate::tmpfiles`]): the
+/// restart makes it again ([`crate::tmpfiles::would_make`] checks it can).
+fn gone_but_kept(image: &ProcessImage, path: &str, e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOENT) && crate::tmpfiles::is_kept(image, path)
+}
+
 /// Fails, naming every problem, if `images` (of generation `generation`)
 /// would not restore (PIDs in use and rights aside).
 pub fn check_tree(generation: u64, images: &[ProcessImage]) -> Result<()> {
@@ -168,5 +182,6 @@ pub fn dry_run(generation: u64, images: &[ProcessImage], in_namespaces: bool) ->
         }
     }
     out.extend(problems(generation, images));
+    out.extend(crate::tmpfiles::would_make(generation, images).1);
     out
 }

@@ -2,7 +2,9 @@
 //!
 //! 1. Check that the image's PIDs and TIDs are free (nothing is started
 //!    otherwise).
-//! 2. Make every open file description once ([`crate::fds::Opener`]): files
+//! 2. Make again the temporary files kept with the image that are gone
+//!    ([`crate::tmpfiles`]); make every open file description once
+//!    ([`crate::fds::Opener`]): files
 //!    reopened, pipes made again with their bytes in flight; one memfd per
 //!    shared memory object, SysV segments made again with their ids
 //!    ([`crate::sysv`]); a fresh coordinator connection per agent.
@@ -180,6 +182,12 @@ pub fn restore_generation_with(
     // attach them.
     let sysv_segments = crate::sysv::Segments::make(store, generation, images)?;
     let sysv_objects = crate::sysvipc::Objects::make(generation, images)?;
+    // Temporary files kept with the image and gone since: made again
+    // before anything opens or maps them.
+    let made = crate::tmpfiles::make_missing(store, generation, images)?;
+    if !made.is_empty() {
+        tracing::info!("made {} temporary files and directories again: {}", made.len(), made.join(", "));
+    }
     // Deleted files are made before shared memory: a shared mapping of one
     // is that file again.
     let mut opener = crate::fds::Opener::new(store, generation, images)?;
