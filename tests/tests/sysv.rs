@@ -24,6 +24,12 @@ fn sysv_segment(shmid: i32) -> Option<(i32, i32, u32, u64, u32)> {
     })
 }
 
+/// The ids of every SysV segment of this IPC namespace.
+fn sysv_ids() -> Vec<i32> {
+    let t = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
+    t.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)?.parse().ok()).collect()
+}
+
 /// The keyed segment's attach count seen from outside the running
 /// program: 6, 7 while the parent holds its short-lived third attach, 8
 /// while that attach is inside `shmat` (the kernel counts it twice for a
@@ -55,8 +61,10 @@ fn sysv_segments_come_back_with_their_ids_and_attaches() {
     // The keyed segment gets id 0, as the first segment of an IPC
     // namespace does (a fresh machine, an ordinary user's namespaces): its
     // mappings then show inode 0, like anonymous memory, which they are
-    // not. The kernel takes the id asked for in shm_next_id if it is free.
-    let id0_free = sysv_segment(0).is_none();
+    // not. The kernel takes the id asked for in shm_next_id if its index
+    // is free: an id is its index plus a sequence number times 32768, so a
+    // segment left over at index 0 (id 32768·k) takes it too.
+    let id0_free = sysv_ids().iter().all(|id| id % 32768 != 0);
     if id0_free {
         std::fs::write("/proc/sys/kernel/shm_next_id", "0").expect("cannot write /proc/sys/kernel/shm_next_id (root?)");
     }
