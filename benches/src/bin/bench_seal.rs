@@ -273,7 +273,16 @@ fn e2e(mib: usize, reps: usize, nincr: usize) {
             let mut c = rc.spawn().unwrap();
             let o = lines_of(c.stdout.take().unwrap());
             let first = wait_line(&o, "BEAT").map(|at| at.duration_since(t).as_secs_f64() * 1e3);
-            let _ = cmd().arg("kill").stdin(Stdio::null()).output();
+            // The first output may come before the restored process is
+            // back at the coordinator, whose kill then finds nothing to
+            // kill: again until `ckpt restart` (which waits for it) ends.
+            for _ in 0..600 {
+                let _ = cmd().arg("kill").stdin(Stdio::null()).output();
+                if c.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
             let _ = c.wait();
             match first {
                 Some(ms) => rs.push(ms),
