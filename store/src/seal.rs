@@ -445,16 +445,83 @@ pub fn export_text(keys: &Keys) -> String {
     key_file_text(&keys.id, &keys.master)
 }
 
+/// The head record's first line in its current form (two slots).
+const HEAD_MAGIC: &str = "ckpt head v2";
+/// One slot of a head record: a sector of its own, so a torn write of one
+/// leaves the other whole.
+const HEAD_SLOT: usize = 512;
+/// The size of a head record (two slots).
+const HEAD_LEN: u64 = 2 * HEAD_SLOT as u64;
+
+/// One slot of the head record: `ckpt head v2 seq S generation ID MAC
+/// check C`, C the first 32 hex digits of the BLAKE3 of what precedes
+/// ` check `, padded with spaces to [`HEAD_SLOT`] bytes, the last one a
+/// newline.
+fn head_slot(seq: u64, id: u64, mac: &[u8; 32]) -> Vec<u8> {
+    let body = format!("{HEAD_MAGIC} seq {seq} generation {id} {}", hex::encode(mac));
+    let check = blake3::hash(body.as_bytes()).to_hex();
+    let mut b = format!("{body} check {}", &check[..32]).into_bytes();
+    debug_assert!(b.len() < HEAD_SLOT);
+    b.resize(HEAD_SLOT - 1, b' ');
+    b.push(b'\n');
+    b
+}
+
+/// A slot's (seq, generation, MAC), or `None` if it is not a whole slot
+/// (a torn write, or anything else).
+fn parse_head_slot(slot: &[u8]) -> Option<(u64, u64, [u8; 32])> {
+    let text = std::str::from_utf8(slot).ok()?.trim_end();
+    let (body, check) = text.rsplit_once(" check ")?;
+    if blake3::hash(body.as_bytes()).to_hex().get(..32) != Some(check) {
+        return None;
+    }
+    let rest = body.strip_prefix(HEAD_MAGIC)?;
+    let w: Vec<&str> = rest.split(' ').collect();
+    let [_, "seq", seq, "generation", id, mac_hex] = w[..] else { return None };
+    let mut mac = [0u8; 32];
+    hex::decode_to_slice(mac_hex, &mut mac).ok()?;
+    Some((seq.parse().ok()?, id.parse().ok()?, mac))
+}
+
+/// The newest whole slot of a head record's bytes: (its index, seq,
+/// generation, MAC). `None` if it is not of the two-slot form or no slot
+/// is whole.
+fn newest_head_slot(bytes: &[u8]) -> Option<(usize, u64, u64, [u8; 32])> {
+    if bytes.len() as u64 != HEAD_LEN {
+        return None;
+    }
+    bytes
+        .chunks(HEAD_SLOT)
+        .enumerate()
+        .filter_map(|(i, s)| parse_head_slot(s).map(|(seq, id, mac)| (i, seq, id, mac)))
+        .max_by_key(|&(_, seq, _, _)| seq)
+}
+
 /// The head record: the newest generation this machine committed or saw
 /// in the store, and its MAC. `None` if there is none.
+///
+/// Two forms: `generation ID MAC` (one line, as written before the head
+/// was rewritten in place), and two slots of [`HEAD_SLOT`] bytes, each a
+/// record with a sequence number and a checksum ([`write_head`]); the
+/// whole slot of the higher sequence number is the head.
 pub fn read_head(key_file: &Path) -> Result<Option<(u64, [u8; 32])>> {
     let p = head_path(key_file);
-    let text = match std::fs::read_to_string(&p) {
+    let bytes = match std::fs::read(&p) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(StoreError::io(format!("read head record {}", p.display()), e)),
     };
-    let bad = || StoreError::BadKeyFile { path: p.clone(), reason: "not a head record (`generation ID MAC`)".into() };
+    let bad = || StoreError::BadKeyFile {
+        path: p.clone(),
+        reason: "not a head record (`generation ID MAC`, or two whole `ckpt head v2` slots): if it was damaged, delete it (the next open writes it again)".into(),
+    };
+    if bytes.starts_with(HEAD_MAGIC.as_bytes()) {
+        return match newest_head_slot(&bytes) {
+            Some((_, _, id, mac)) => Ok(Some((id, mac))),
+            None => Err(bad()),
+        };
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad())?;
     let mut w = text.split_whitespace();
     if w.next() != Some("generation") {
         return Err(bad());
@@ -465,9 +532,48 @@ pub fn read_head(key_file: &Path) -> Result<Option<(u64, [u8; 32])>> {
     Ok(Some((id, mac)))
 }
 
-/// Write the head record.
+/// Write the head record: in place, into the slot that does not hold the
+/// newest record, then `fdatasync` (one flush; the file keeps its size and
+/// its blocks, so no metadata is journalled), under an exclusive `flock`
+/// of the file so that two writers do not pick the same slot. A torn write
+/// leaves the other slot whole: the head before, as a crash before the
+/// write would have. A head record of the old form, a missing one, one not
+/// ours or not private, or one with no whole slot is written anew
+/// atomically ([`write_private_atomic`]: a temporary file fsync'd and
+/// renamed, the directory fsync'd).
 pub fn write_head(key_file: &Path, id: u64, mac: &[u8; 32]) -> Result<()> {
-    write_private_atomic(&head_path(key_file), format!("generation {id} {}\n", hex::encode(mac)).as_bytes())
+    let p = head_path(key_file);
+    if write_head_in_place(&p, id, mac)? {
+        return Ok(());
+    }
+    let mut both = head_slot(0, id, mac);
+    both.extend_from_slice(&head_slot(0, id, mac));
+    write_private_atomic(&p, &both)
+}
+
+/// [`write_head`] in place; `Ok(false)` if the file at `p` is not a
+/// two-slot head record of ours (to be written anew).
+fn write_head_in_place(p: &Path, id: u64, mac: &[u8; 32]) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let ctx = |what: &str, e: std::io::Error| StoreError::io(format!("{what} head record {}", p.display()), e);
+    let f = match std::fs::OpenOptions::new().read(true).write(true).custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits()).open(p) {
+        Ok(f) => f,
+        // Missing, a symlink (ELOOP: replaced, not followed), unreadable.
+        Err(_) => return Ok(false),
+    };
+    let md = f.metadata().map_err(|e| ctx("stat", e))?;
+    if !md.is_file() || md.len() != HEAD_LEN || md.mode() & 0o077 != 0 || md.uid() != nix::unistd::geteuid().as_raw() {
+        return Ok(false);
+    }
+    let f = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| ctx("lock", std::io::Error::from(e)))?;
+    let mut bytes = vec![0u8; HEAD_LEN as usize];
+    f.read_exact_at(&mut bytes, 0).map_err(|e| ctx("read", e))?;
+    let Some((slot, seq, ..)) = newest_head_slot(&bytes) else { return Ok(false) };
+    let next = seq.checked_add(1).ok_or_else(|| StoreError::BadKeyFile { path: p.to_path_buf(), reason: "its sequence number is spent: delete it".into() })?;
+    let at = (1 - slot) as u64 * HEAD_SLOT as u64;
+    f.write_all_at(&head_slot(next, id, mac), at).map_err(|e| ctx("write", e))?;
+    f.sync_data().map_err(|e| ctx("sync", e))?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -593,6 +699,64 @@ mod tests {
         assert_eq!(n[0], ALG_AES256GCM);
         assert!(v2.open_into(&a, &n, &mut out).unwrap() && &out[1..] == b"new");
         assert!(Keys::for_scheme("s", master, "rot13-v0").is_err());
+    }
+
+    #[test]
+    fn head_record_in_place_and_torn() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("k");
+        let head = head_path(&key);
+        let m = |b: u8| [b; 32];
+        assert_eq!(read_head(&key).unwrap(), None);
+        // The old one-line form reads, and is rewritten in the two-slot form.
+        std::fs::write(&head, format!("generation 4 {}\n", hex::encode(m(4)))).unwrap();
+        std::fs::set_permissions(&head, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        assert_eq!(read_head(&key).unwrap(), Some((4, m(4))));
+        write_head(&key, 5, &m(5)).unwrap();
+        assert_eq!(read_head(&key).unwrap(), Some((5, m(5))));
+        let ino = std::fs::metadata(&head).unwrap().ino();
+        // Then in place (same file), alternating slots, down as well as up (gc).
+        for (id, b) in [(6, 6u8), (7, 7), (3, 3), (8, 8)] {
+            write_head(&key, id, &m(b)).unwrap();
+            assert_eq!(read_head(&key).unwrap(), Some((id, m(b))));
+            let md = std::fs::metadata(&head).unwrap();
+            assert_eq!((md.ino(), md.len(), md.mode() & 0o777), (ino, HEAD_LEN, 0o600));
+        }
+        // A torn write of the newest slot: the other slot (the head before) is read.
+        let bytes = std::fs::read(&head).unwrap();
+        let (slot, ..) = newest_head_slot(&bytes).unwrap();
+        let mut torn = bytes.clone();
+        torn[slot * HEAD_SLOT + 40] ^= 1;
+        std::fs::write(&head, &torn).unwrap();
+        assert_eq!(read_head(&key).unwrap(), Some((3, m(3))));
+        // The next write goes over the torn slot, keeping the whole one.
+        write_head(&key, 9, &m(9)).unwrap();
+        assert_eq!(read_head(&key).unwrap(), Some((9, m(9))));
+        assert_eq!(std::fs::metadata(&head).unwrap().ino(), ino);
+        let bytes = std::fs::read(&head).unwrap();
+        assert_eq!(bytes[(1 - slot) * HEAD_SLOT..][..HEAD_SLOT], torn[(1 - slot) * HEAD_SLOT..][..HEAD_SLOT]);
+        // No whole slot: refused, naming the fix; written anew by write_head.
+        let mut both = bytes.clone();
+        both[40] ^= 1;
+        both[HEAD_SLOT + 40] ^= 1;
+        std::fs::write(&head, &both).unwrap();
+        assert!(read_head(&key).unwrap_err().to_string().contains("delete it"));
+        write_head(&key, 10, &m(10)).unwrap();
+        assert_eq!(read_head(&key).unwrap(), Some((10, m(10))));
+        // A head record others may read is not written in place.
+        std::fs::set_permissions(&head, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        write_head(&key, 11, &m(11)).unwrap();
+        let md = std::fs::metadata(&head).unwrap();
+        assert_eq!((md.mode() & 0o777, read_head(&key).unwrap()), (0o600, Some((11, m(11)))));
+        // A symlink planted in its place is replaced, never followed.
+        let target = d.path().join("elsewhere");
+        std::fs::write(&target, vec![b' '; HEAD_LEN as usize]).unwrap();
+        std::fs::remove_file(&head).unwrap();
+        std::os::unix::fs::symlink(&target, &head).unwrap();
+        write_head(&key, 12, &m(12)).unwrap();
+        assert!(!std::fs::symlink_metadata(&head).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), vec![b' '; HEAD_LEN as usize]);
+        assert_eq!(read_head(&key).unwrap(), Some((12, m(12))));
     }
 
     #[test]
