@@ -488,13 +488,16 @@ impl Writer {
                 g.manifest
             )));
         }
+        let t0 = std::time::Instant::now();
         self.close_pack(&mut p)?;
         self.settle(&mut p)?;
+        let packs_ms = t0.elapsed().as_secs_f64() * 1000.0;
         if self.inner.remote.is_some() {
             remote::mark_unsynced(&self.inner.root)?;
         }
         let id = self.next_generation_id();
         let row_mac;
+        let (rows_ms, tx_ms);
         let info = GenerationInfo {
             id,
             parent: g.parent,
@@ -535,7 +538,9 @@ impl Writer {
             row_mac = mac;
             catalog::generations::insert(&tx, path, &info, info_json.as_deref(), mac.as_ref())?;
             catalog::set_meta(&tx, path, "last_generation_id", &id.to_string())?;
+            rows_ms = t0.elapsed().as_secs_f64() * 1000.0 - packs_ms;
             tx.commit().db(path)?;
+            tx_ms = t0.elapsed().as_secs_f64() * 1000.0 - packs_ms - rows_ms;
             *lock(&self.last_commit) = Some(id);
         }
         tracing::info!(
@@ -545,6 +550,9 @@ impl Writer {
             blobs = p.hashes.len(),
             new_bytes = info.new_bytes,
             stored_bytes = info.stored_bytes,
+            packs_ms,
+            rows_ms,
+            tx_ms,
             "generation committed"
         );
         let new_packs: Vec<(String, u64)> =
@@ -568,6 +576,8 @@ impl Writer {
         if let (Some((_, key_file)), Some(mac)) = (&self.inner.keys, row_mac) {
             seal::write_head(key_file, id, &mac)?;
         }
+        tracing::debug!(generation = id, total_ms = t0.elapsed().as_secs_f64() * 1000.0, "commit durable");
+        self.inner.fold_wal_after_commit();
         Ok(info)
     }
 
