@@ -467,10 +467,19 @@ impl Prepared {
     pub fn store_copied_with_flags(&mut self, base: Option<&Base>, writer: &dyn BlobSink) -> Result<()> {
         let pid = self.image.pid;
         let starts: Vec<u64> = self.image.regions.iter().map(|r| r.start).collect();
+        let t = std::time::Instant::now();
         let (stored, flags) = std::thread::scope(|s| {
-            let flags = s.spawn(|| procfs::vm_flags(pid, &starts));
+            let flags = s.spawn(|| {
+                let f = procfs::vm_flags(pid, &starts);
+                (f, t.elapsed())
+            });
             let stored = self.store_copied(base, writer);
-            (stored, flags.join())
+            let stored_in = t.elapsed();
+            let flags = flags.join().map(|(f, read_in)| {
+                tracing::debug!(pid, store_ms = stored_in.as_secs_f64() * 1000.0, smaps_ms = read_in.as_secs_f64() * 1000.0, "copied memory stored");
+                f
+            });
+            (stored, flags)
         });
         stored?;
         let flags = flags.unwrap_or_else(|_| Err(EngineError::Unsupported { pid, what: "internal: the thread reading smaps panicked".into() }));
