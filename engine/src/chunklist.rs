@@ -67,7 +67,7 @@ pub type Levels = Vec<Vec<(u64, Hash)>>;
 /// the other nodes were hashed and looked up one by one before. The nodes
 /// to write are hashed and stored in parallel. Returns the tree and its
 /// levels.
-pub fn store_sparse_from(writer: &dyn BlobSink, chunks: &SparseChunks, prev: Option<(&SparseChunks, &Levels)>) -> Result<((Vec<Hash>, u32), Levels)> {
+pub fn store_sparse_from<'a>(writer: &dyn BlobSink, chunks: &SparseChunks, prev: Option<(&'a SparseChunks, &'a Levels)>) -> Result<((Vec<Hash>, u32), Levels)> {
     let prev = prev.filter(|(c, _)| c.len == chunks.len);
     let mut levels: Levels = Vec::new();
     let mut zeros = vec![Hash::ZERO_CHUNK];
@@ -77,10 +77,12 @@ pub fn store_sparse_from(writer: &dyn BlobSink, chunks: &SparseChunks, prev: Opt
     let mut depth: u32 = 0;
     loop {
         // The previous tree's level below and this level.
-        let (prev_below, prev_here): (&[(u64, Hash)], &[(u64, Hash)]) = match prev {
-            Some((c, l)) if levels.is_empty() => (&c.entries, l.first().map_or(&[][..], |v| &v[..])),
-            Some((_, l)) => (l.get(levels.len() - 1).map_or(&[][..], |v| &v[..]), l.get(levels.len()).map_or(&[][..], |v| &v[..])),
-            None => (&[], &[]),
+        let none: &[(u64, Hash)] = &[];
+        let level_of = |l: &'a Levels, i: usize| l.get(i).map_or(none, |v| &v[..]);
+        let (prev_below, prev_here) = match prev {
+            Some((c, l)) if levels.is_empty() => (&c.entries[..], level_of(l, 0)),
+            Some((_, l)) => (level_of(l, levels.len() - 1), level_of(l, levels.len())),
+            None => (none, none),
         };
         let zero_child = *zeros.last().expect("zeros starts with one");
         let zero_node_bytes = node_bytes(&[zero_child; FANOUT]);
