@@ -359,13 +359,14 @@ pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn 
             e
         };
         let w = &mut work[i];
+        let t0 = Instant::now();
         let stored = match (w.prep.take(), w.snapshot) {
             (None, child) => {
                 kill_all(child.as_slice());
                 Err("internal: capture missing".to_string())
             }
             (Some(mut prep), None) if w.copied => {
-                let r = prep.store_copied(bases.get(&w.pid), sink).and_then(|_| prep.read_vm_flags(w.pid, bases.get(&w.pid))).map_err(|e| e.to_string());
+                let r = prep.store_copied_with_flags(bases.get(&w.pid), sink).map_err(|e| e.to_string());
                 r.map(|_| prep)
             }
             (Some(mut prep), Some(child)) => {
@@ -380,13 +381,16 @@ pub(crate) fn phase_b(work: &mut [Work], bases: &HashMap<i32, Base>, sink: &dyn 
             Err(e) => return Err(fail(e)),
         };
         let w = &work[i];
+        let memory_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let backend = prep.backend;
         let (image, stats, base) = prep.finish(generation, bases.get(&w.pid), sink).map_err(|e| fail(e.to_string()))?;
         let bytes = serde_json::to_vec(&image).map_err(|e| fail(e.to_string()))?;
         let hash = sink.put_meta(&bytes).map_err(|e| fail(e.to_string()))?;
+        let finish_ms = t0.elapsed().as_secs_f64() * 1000.0 - memory_ms;
         let summary = json!({"pid": image.pid, "host": image.host, "exe": image.exe, "comm": image.comm, "threads": image.threads.len(),
                              "logical_bytes": stats.logical_bytes, "read_bytes": stats.read_bytes, "dirty_tracking": backend.name(),
-                             "forked": w.snapshot.is_some(), "copied": w.copied, "stopped_work": w.timings});
+                             "forked": w.snapshot.is_some(), "copied": w.copied, "stopped_work": w.timings,
+                             "running_work": {"memory_ms": memory_ms, "finish_ms": finish_ms}});
         let entry = ProcessEntry { pid: image.pid, host: image.host.clone(), exe: image.exe.clone(), image: hash };
         out.push((Captured { entry, conn: w.conn, logical_bytes: stats.logical_bytes, backend: backend.name().to_string(), summary, image: Some(Box::new(image)) }, base));
     }

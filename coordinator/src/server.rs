@@ -1023,9 +1023,11 @@ impl Coordinator {
                 remote.into_iter().map(|t| t.join().unwrap_or_else(|_| Err("internal: a helper thread panicked".into()))).collect();
             (local, remote)
         });
+        let phase_b_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - downtime_ms;
         for s in &stopped {
             let _ = s.p.recv(Duration::from_secs(10));
         }
+        tracing::debug!(phase_b_ms, resumed_wait_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - downtime_ms - phase_b_ms, "running phase done");
         let mut captured = Vec::new();
         let mut new_bases = Vec::new();
         let mut failed = None;
@@ -1102,7 +1104,9 @@ impl Coordinator {
         let nprocs = captured.len() as u32;
         // A generation that could not restore is never committed.
         let images: Vec<ckpt_engine::image::ProcessImage> = captured.iter_mut().filter_map(|c| c.image.take().map(|i| *i)).collect();
+        let tc = Instant::now();
         ckpt_engine::restore::check_tree(generation, &images).map_err(|e| e.to_string())?;
+        tracing::debug!(ms = tc.elapsed().as_secs_f64() * 1000.0, "images checked");
         for c in captured {
             logical += c.logical_bytes;
             if !backends.contains(&c.backend) {

@@ -9,6 +9,7 @@
 
 use ckpt_chunker::Hash;
 use ckpt_store::{BlobSink, Store};
+use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 use crate::pages::SparseChunks;
@@ -49,19 +50,49 @@ pub fn zero_nodes(height: usize) -> Vec<Hash> {
 /// dense form, writing only the nodes above chunks that hold data (and one
 /// zero node per height).
 pub fn store_sparse(writer: &dyn BlobSink, chunks: &SparseChunks) -> Result<(Vec<Hash>, u32)> {
+    Ok(store_sparse_from(writer, chunks, None)?.0)
+}
+
+/// The nodes of a stored tree that are not zero nodes, per level (leaves
+/// first): `(index in the level, hash)`, in index order. What
+/// [`store_sparse_from`] needs of the previous tree of a region to store
+/// the next one by its changes.
+pub type Levels = Vec<Vec<(u64, Hash)>>;
+
+/// [`store_sparse`], given the chunk list and [`Levels`] of the tree
+/// stored before for the same region (`prev`, whose nodes the store must
+/// still hold): a node whose children are those of the node at the same
+/// place in `prev` is that node, neither hashed nor looked up again. A 1%
+/// change of 1 GiB at random rewrites about a quarter of the 8,192 leaves;
+/// the other nodes were hashed and looked up one by one before. The nodes
+/// to write are hashed and stored in parallel. Returns the tree and its
+/// levels.
+pub fn store_sparse_from<'a>(writer: &dyn BlobSink, chunks: &SparseChunks, prev: Option<(&'a SparseChunks, &'a Levels)>) -> Result<((Vec<Hash>, u32), Levels)> {
+    let prev = prev.filter(|(c, _)| c.len == chunks.len);
+    let mut levels: Levels = Vec::new();
     let mut zeros = vec![Hash::ZERO_CHUNK];
     // The level below: its length, and its nodes that are not zero nodes.
     let mut len = chunks.len;
-    let mut explicit: Vec<(u64, Hash)> = chunks.entries.clone();
+    let mut explicit: &[(u64, Hash)] = &chunks.entries;
     let mut depth: u32 = 0;
     loop {
+        // The previous tree's level below and this level.
+        let none: &[(u64, Hash)] = &[];
+        let level_of = |l: &'a Levels, i: usize| l.get(i).map_or(none, |v| &v[..]);
+        let (prev_below, prev_here) = match prev {
+            Some((c, l)) if levels.is_empty() => (&c.entries[..], level_of(l, 0)),
+            Some((_, l)) => (level_of(l, levels.len() - 1), level_of(l, levels.len())),
+            None => (none, none),
+        };
         let zero_child = *zeros.last().expect("zeros starts with one");
         let zero_node_bytes = node_bytes(&[zero_child; FANOUT]);
         let zero_node = Hash::of(&zero_node_bytes);
         let mut zero_used = false;
         let n = len.div_ceil(FANOUT as u64);
-        let mut up: Vec<(u64, Hash)> = Vec::new();
-        let mut k = 0;
+        // Each node of this level that is not a zero node: its hash if
+        // the previous tree has it, else its bytes to store.
+        let mut up: Vec<(u64, Option<Hash>, Vec<u8>)> = Vec::new();
+        let (mut k, mut pk, mut pu) = (0, 0, 0);
         let mut node = 0;
         while node < n {
             let lo = node * FANOUT as u64;
@@ -78,26 +109,51 @@ pub fn store_sparse(writer: &dyn BlobSink, chunks: &SparseChunks) -> Result<(Vec
                 node = next.max(node + 1);
                 continue;
             }
+            if prev.is_some() {
+                while pk < prev_below.len() && prev_below[pk].0 < lo {
+                    pk += 1;
+                }
+                let pfirst = pk;
+                while pk < prev_below.len() && prev_below[pk].0 < hi {
+                    pk += 1;
+                }
+                while pu < prev_here.len() && prev_here[pu].0 < node {
+                    pu += 1;
+                }
+                if prev_below[pfirst..pk] == explicit[first..k] && prev_here.get(pu).is_some_and(|p| p.0 == node) {
+                    up.push((node, Some(prev_here[pu].1), Vec::new()));
+                    node += 1;
+                    continue;
+                }
+            }
             let mut children = vec![zero_child; (hi - lo) as usize];
             for &(i, h) in &explicit[first..k] {
                 children[(i - lo) as usize] = h;
             }
-            up.push((node, writer.put_meta(&node_bytes(&children))?));
+            up.push((node, None, node_bytes(&children)));
             node += 1;
         }
+        let level: Vec<(u64, Hash)> = up
+            .par_iter()
+            .map(|(i, known, bytes)| Ok((*i, match known {
+                Some(h) => *h,
+                None => writer.put_meta(bytes)?,
+            })))
+            .collect::<Result<_>>()?;
         if zero_used {
             writer.put_meta(&zero_node_bytes)?;
         }
         zeros.push(zero_node);
+        levels.push(level);
         if n <= TOP_MAX as u64 {
             let mut top = vec![zero_node; n as usize];
-            for (i, h) in up {
+            for &(i, h) in levels.last().expect("a level was just pushed") {
                 top[i as usize] = h;
             }
-            return Ok((top, depth));
+            return Ok(((top, depth), levels));
         }
         len = n;
-        explicit = up;
+        explicit = levels.last().expect("a level was just pushed");
         depth += 1;
     }
 }
@@ -382,6 +438,60 @@ mod tests {
         assert!(check_shape(1, &top, depth, 200_000).is_err(), "too few chunks for the region");
         assert!(check_shape(1, &top, depth, 1000).is_err(), "deeper than the region needs");
         assert!(check_shape(1, &top, depth + 40, 100_000).is_err());
+    }
+
+    #[test]
+    fn a_tree_stored_by_its_changes_is_the_tree_stored_whole() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for &len in &[1usize, 31, 33, 64 * 32, 64 * 32 + 1, 100_000, 32 * 32 * 64 * 2 + 5] {
+            let mut hashes: Vec<Hash> = (0..len).map(|i| if next() % 3 == 0 { Hash::ZERO_CHUNK } else { Hash::of(&i.to_le_bytes()) }).collect();
+            let first = Mem::default();
+            let mut prev = store_sparse_from(&first, &SparseChunks::from_dense(&hashes), None).unwrap();
+            let mut prev_chunks = SparseChunks::from_dense(&hashes);
+            for round in 0..4u64 {
+                // Some chunks change, some become zero, some hold data again.
+                for _ in 0..(len / 100).max(1) {
+                    let i = next() as usize % len;
+                    hashes[i] = match next() % 3 {
+                        0 => Hash::ZERO_CHUNK,
+                        _ => Hash::of(format!("{round} {i} {}", next()).as_bytes()),
+                    };
+                }
+                let sparse = SparseChunks::from_dense(&hashes);
+                let (whole, changed) = (Mem::default(), Mem::default());
+                let want = store_sparse_from(&whole, &sparse, None).unwrap();
+                let got = store_sparse_from(&changed, &sparse, Some((&prev_chunks, &prev.1))).unwrap();
+                assert_eq!(got, want, "len {len} round {round}");
+                // Only nodes of the new tree are written, and fewer of them
+                // when the change is small.
+                let (w, c) = (whole.0.lock().unwrap(), changed.0.lock().unwrap());
+                assert!(c.keys().all(|k| w.contains_key(k)), "len {len} round {round}");
+                if len >= 100_000 {
+                    assert!(c.len() * 2 < w.len(), "len {len}: {} of {} nodes written", c.len(), w.len());
+                }
+                // With every node of both trees stored, the new one loads.
+                let mut all = first.0.lock().unwrap().clone();
+                all.extend(c.iter().map(|(k, v)| (*k, v.clone())));
+                let both = Mem(Mutex::new(all));
+                assert_eq!(both.load(&got.0.0, got.0.1, len as u64).unwrap(), sparse, "len {len} round {round}");
+                *first.0.lock().unwrap() = both.0.into_inner().unwrap();
+                drop((w, c));
+                prev = got;
+                prev_chunks = sparse;
+            }
+        }
+        // A previous list of another length is not used.
+        let m = Mem::default();
+        let a = SparseChunks { len: 64, entries: vec![(1, Hash::of(b"a"))] };
+        let b = SparseChunks { len: 65, entries: vec![(1, Hash::of(b"a"))] };
+        let pa = store_sparse_from(&m, &a, None).unwrap();
+        assert_eq!(store_sparse_from(&m, &b, Some((&a, &pa.1))).unwrap(), store_sparse_from(&Mem::default(), &b, None).unwrap());
     }
 
     #[test]

@@ -94,11 +94,44 @@ pub(crate) struct Inner {
     pub(crate) lock_refused: Mutex<Option<(std::time::Instant, String, String)>>,
     /// The known set between writers ([`crate::known_cache`]).
     pub(crate) known: crate::known_cache::KnownCache,
+    /// The thread folding the catalog's log after a commit, if one runs
+    /// ([`Inner::fold_wal_after_commit`]).
+    fold: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Inner {
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         lock(&self.conn)
+    }
+
+    /// Folds the catalog's write-ahead log into the catalog file in a
+    /// thread of its own, after a commit (which is durable in the log
+    /// already): the fold wrote a 1% checkpoint's pages a second time and
+    /// fsynced the catalog inside the commit before. Not for an `s3://`
+    /// store, whose upload folds the log itself.
+    pub(crate) fn fold_wal_after_commit(&self) {
+        if self.remote.is_some() {
+            return;
+        }
+        self.wait_fold();
+        let path = self.catalog_path.clone();
+        let h = std::thread::Builder::new().name("ckpt-wal-fold".into()).spawn(move || {
+            let t = std::time::Instant::now();
+            match catalog::fold_wal_passive(&path) {
+                Ok(()) => tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "catalog log folded"),
+                Err(e) => tracing::debug!("catalog log not folded (the next commit's will): {e}"),
+            }
+        });
+        *lock(&self.fold) = h.ok();
+    }
+
+    /// Waits for the fold of [`Inner::fold_wal_after_commit`], if one runs:
+    /// before the catalog file is closed or replaced, no other connection
+    /// may be open on it.
+    pub(crate) fn wait_fold(&self) {
+        if let Some(h) = lock(&self.fold).take() {
+            let _ = h.join();
+        }
     }
 
     /// The stored address of the blob whose BLAKE3 is `h` (itself in an
@@ -195,6 +228,7 @@ impl Inner {
     pub(crate) fn with_catalog_closed<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
         // A new connection's counters say nothing about the old one's.
         self.known.clear();
+        self.wait_fold();
         let mut conn = self.conn();
         let placeholder = catalog::placeholder(&self.catalog_path)?;
         drop(std::mem::replace(&mut *conn, placeholder));
@@ -426,6 +460,7 @@ impl Store {
                 keys,
                 lock_refused: Mutex::new(None),
                 known: Default::default(),
+                fold: Mutex::new(None),
             }),
         };
         store.inner.check_head()?;
@@ -671,6 +706,43 @@ mod tests {
         ss::<Store>();
         ss::<crate::Writer>();
         ss::<StoreError>();
+    }
+
+    /// The catalog's log is folded after each commit, by another
+    /// connection (`Inner::fold_wal_after_commit`): the log file stays the
+    /// size of one commit instead of growing to the autocheckpoint bound,
+    /// and the fold leaves the known set handed between writers valid (a
+    /// fold that counted as another connection's change would reload it
+    /// every round: 21 s at 10 M blobs).
+    #[test]
+    fn the_log_is_folded_after_each_commit_and_the_known_set_survives_it() {
+        use crate::{BlobKind, BlobSink, NewGeneration};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(&format!("file://{}", dir.path().display()), crate::DEFAULT_CHUNK_SIZE).unwrap();
+        let wal = dir.path().join("catalog.db-wal");
+        let mut sizes = Vec::new();
+        for g in 1..=12u64 {
+            let w = store.writer().unwrap();
+            if g > 1 {
+                assert_eq!(w.intact_generation(), Some(g - 1), "generation {g}: the known set was reloaded");
+            }
+            for i in 0..400u64 {
+                let b: Vec<u8> = (0..4096u64).map(|k| ((g * 1_000_003 + i) ^ k).wrapping_mul(0x9e37_79b9) as u8).collect();
+                w.put(BlobKind::Chunk, Hash::of(&b), &b).unwrap();
+            }
+            let m = w.put_meta(format!("m{g}").as_bytes()).unwrap();
+            let parent = (g > 1).then_some(g - 1);
+            let info = serde_json::json!({});
+            let ng = NewGeneration { parent, created_ms: 1, duration_ms: 1, nprocs: 1, logical_bytes: 1, dirty_tracking: "scan".into(), manifest: m, info };
+            assert_eq!(w.commit(ng).unwrap().id, g);
+            drop(w);
+            store.inner.wait_fold();
+            sizes.push(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+        }
+        // Each commit writes the log from its start again once the last
+        // one was folded; unfolded, it would hold all twelve.
+        assert!(sizes[11] < 3 * sizes[1].max(1), "the log grew: {sizes:?}");
+        assert_eq!(store.generations().unwrap().len(), 12);
     }
 
     #[test]

@@ -122,13 +122,21 @@ impl std::hash::Hasher for PrefixHasher {
     }
 }
 
+/// A pack being made durable: its name, size and blobs.
+pub(crate) struct Sealing {
+    name: String,
+    size: u64,
+    entries: Vec<PackEntry>,
+}
+
 /// Blobs written since the last commit.
 #[derive(Default)]
 pub(crate) struct Pending {
     open: Option<OpenPack>,
     /// Packs written whole, being made durable in a thread each
     /// ([`pack::SealedPack::persist`]); [`Writer::commit`] waits for them.
-    sealing: Vec<(Vec<PackEntry>, std::thread::JoinHandle<std::io::Result<FinishedPack>>)>,
+    /// Each with its name and size (known before it is durable).
+    sealing: Vec<(Sealing, std::thread::JoinHandle<std::io::Result<FinishedPack>>)>,
     finished: Vec<FinishedPack>,
     pub(crate) hashes: Vec<Hash>,
     new_bytes: u64,
@@ -432,8 +440,9 @@ impl Writer {
             }
         };
         let root = self.inner.root.clone();
+        let (name, size) = (sealed.name.clone(), sealed.size);
         match std::thread::Builder::new().name("ckpt-pack-sync".into()).spawn(move || sealed.persist(&root)) {
-            Ok(h) => p.sealing.push((entries, h)),
+            Ok(h) => p.sealing.push((Sealing { name, size, entries }, h)),
             Err(e) => {
                 self.forget(p, &entries);
                 return Err(StoreError::io("start a thread to write a pack file".to_string(), e));
@@ -458,7 +467,7 @@ impl Writer {
     /// forgotten (its blobs no longer pending) with the first error.
     fn settle(&self, p: &mut Pending) -> Result<()> {
         let mut first = None;
-        for (entries, h) in std::mem::take(&mut p.sealing) {
+        for (Sealing { entries, .. }, h) in std::mem::take(&mut p.sealing) {
             let r = h.join().unwrap_or_else(|_| Err(std::io::Error::other("the thread writing it panicked")));
             match r {
                 Ok(f) => {
@@ -476,8 +485,9 @@ impl Writer {
 
     /// Make everything put since the last commit durable and visible, as
     /// generation [`Writer::next_generation_id`]: closes the open pack
-    /// (fsync + rename), then inserts the packs, blobs and generation row in
-    /// one SQLite transaction. The manifest must have been put (now or in an
+    /// (fsync + rename, in a thread of its own), inserts the packs, blobs
+    /// and generation row in one SQLite transaction meanwhile, and commits
+    /// that transaction once every pack is durable. The manifest must have been put (now or in an
     /// earlier generation) and the parent, if any, must exist. On error
     /// nothing is visible; the pending blobs stay pending (retry or abort).
     pub fn commit(&self, g: NewGeneration) -> Result<GenerationInfo> {
@@ -488,13 +498,14 @@ impl Writer {
                 g.manifest
             )));
         }
+        let t0 = std::time::Instant::now();
         self.close_pack(&mut p)?;
-        self.settle(&mut p)?;
         if self.inner.remote.is_some() {
             remote::mark_unsynced(&self.inner.root)?;
         }
         let id = self.next_generation_id();
         let row_mac;
+        let (rows_ms, packs_ms, tx_ms);
         let info = GenerationInfo {
             id,
             parent: g.parent,
@@ -522,11 +533,19 @@ impl Writer {
             let now = now_ms();
             // Rows in hash order: the blob index is a B-tree keyed by
             // hash, and random-order inserts touched a page each
-            // (docs/design.md, "The catalog at scale").
-            let mut rows: Vec<(&PackEntry, i64)> = Vec::with_capacity(p.finished.iter().map(|f| f.entries.len()).sum());
-            for f in &p.finished {
-                let pack_id = catalog::packs::insert(&tx, path, &f.name, f.size, f.entries.len(), now)?;
-                rows.extend(f.entries.iter().map(|e| (e, pack_id)));
+            // (docs/design.md, "The catalog at scale"). The rows of the
+            // packs still being made durable are inserted while they are;
+            // the transaction commits after.
+            let packs: Vec<(&str, u64, &[PackEntry])> = p
+                .finished
+                .iter()
+                .map(|f| (f.name.as_str(), f.size, &f.entries[..]))
+                .chain(p.sealing.iter().map(|(s, _)| (s.name.as_str(), s.size, &s.entries[..])))
+                .collect();
+            let mut rows: Vec<(&PackEntry, i64)> = Vec::with_capacity(packs.iter().map(|f| f.2.len()).sum());
+            for (name, size, entries) in packs {
+                let pack_id = catalog::packs::insert(&tx, path, name, size, entries.len(), now)?;
+                rows.extend(entries.iter().map(|e| (e, pack_id)));
             }
             rows.sort_unstable_by_key(|(e, _)| e.hash);
             catalog::blobs::insert(&tx, path, rows)?;
@@ -535,7 +554,13 @@ impl Writer {
             row_mac = mac;
             catalog::generations::insert(&tx, path, &info, info_json.as_deref(), mac.as_ref())?;
             catalog::set_meta(&tx, path, "last_generation_id", &id.to_string())?;
+            rows_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            // No row is visible before the pack it names is durable: on an
+            // error here the transaction is rolled back (dropped).
+            self.settle(&mut p)?;
+            packs_ms = t0.elapsed().as_secs_f64() * 1000.0 - rows_ms;
             tx.commit().db(path)?;
+            tx_ms = t0.elapsed().as_secs_f64() * 1000.0 - packs_ms - rows_ms;
             *lock(&self.last_commit) = Some(id);
         }
         tracing::info!(
@@ -545,6 +570,9 @@ impl Writer {
             blobs = p.hashes.len(),
             new_bytes = info.new_bytes,
             stored_bytes = info.stored_bytes,
+            packs_ms,
+            rows_ms,
+            tx_ms,
             "generation committed"
         );
         let new_packs: Vec<(String, u64)> =
@@ -568,6 +596,8 @@ impl Writer {
         if let (Some((_, key_file)), Some(mac)) = (&self.inner.keys, row_mac) {
             seal::write_head(key_file, id, &mac)?;
         }
+        tracing::debug!(generation = id, total_ms = t0.elapsed().as_secs_f64() * 1000.0, "commit durable");
+        self.inner.fold_wal_after_commit();
         Ok(info)
     }
 
