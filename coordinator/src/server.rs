@@ -402,8 +402,25 @@ impl Coordinator {
         if p.send(kind::WELCOME, welcome.as_bytes()).is_err() {
             return;
         }
-        tracing::info!(pid = hello.pid, restored_from = hello.restored_gen, "process joined");
-        self.procs.lock().unwrap().insert(key, p.clone());
+        {
+            // A process that execs joins again from its new image while the
+            // old image's connection may still be on its way in: the old
+            // one's thread can reach this lock after the new one's (seen
+            // under load), and must not replace it, or its close at once
+            // (the exec closed its socket) would take the process out of
+            // the computation. A connection's id orders its joins: the new
+            // image's HELLO is read after the old one's WELCOME was sent.
+            let mut procs = self.procs.lock().unwrap();
+            match procs.get(&key) {
+                Some(newer) if newer.conn_id > conn_id => {
+                    tracing::debug!(pid = hello.pid, "an older connection of the process came in after its newer one; kept the newer");
+                }
+                _ => {
+                    tracing::info!(pid = hello.pid, restored_from = hello.restored_gen, "process joined");
+                    procs.insert(key, p.clone());
+                }
+            }
+        }
         loop {
             let mut hb = [0u8; 16];
             if stream.read_exact(&mut hb).is_err() {
