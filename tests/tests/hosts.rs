@@ -91,14 +91,7 @@ fn tcp_connection_between_two_hosts_survives_kill_and_restart() {
     let mut rc = co.restart(&s, &net, 0, "hosta", client.pid, &[&g.to_string()]);
     rc.wait_ticks(5, RESTART_TIMEOUT);
     rs.wait_ticks(5, RESTART_TIMEOUT);
-    if std::env::var_os("CK3").is_some() { co.checkpoint(&s); }
-    let t = rc.last_tick.unwrap().max(rs.last_tick.unwrap());
-    s.stop_at(t + 5);
-    let ok = rc.wait_prefix("CLIENT 0 OK", LINE_TIMEOUT);
-    rc.wait_prefix("DONE", LINE_TIMEOUT);
-    rs.wait_prefix("DONE", LINE_TIMEOUT);
-    assert!(rc.wait_exit(CMD_TIMEOUT).success(), "{}", rc.context());
-    assert!(rs.wait_exit(CMD_TIMEOUT).success(), "{}", rs.context());
+    let ok = s.finish_tcp_pair(&mut rc, &mut rs);
     eprintln!("client after the restart: {ok}");
 }
 
@@ -199,11 +192,5 @@ fn tcp_bytes_in_flight_come_back_when_one_host_restarts_late() {
     let mut rs = co.restart(&s, &net, 1, "hostb", server.pid, &[&g.to_string()]);
     rc.wait_ticks(5, RESTART_TIMEOUT);
     rs.wait_ticks(5, RESTART_TIMEOUT);
-    let t = rc.last_tick.unwrap().max(rs.last_tick.unwrap());
-    s.stop_at(t + 5);
-    rc.wait_prefix("CLIENT 0 OK", LINE_TIMEOUT);
-    rc.wait_prefix("DONE", LINE_TIMEOUT);
-    rs.wait_prefix("DONE", LINE_TIMEOUT);
-    assert!(rc.wait_exit(CMD_TIMEOUT).success(), "{}", rc.context());
-    assert!(rs.wait_exit(CMD_TIMEOUT).success(), "{}", rs.context());
+    s.finish_tcp_pair(&mut rc, &mut rs);
 }

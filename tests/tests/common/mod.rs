@@ -320,6 +320,21 @@ impl Session {
     pub fn stop_file(&self) -> PathBuf {
         self.dir.join("STOP")
     }
+    /// Runs a `tcp_fork` client and server, restarted, to their end: both
+    /// stop 5 ticks past the later one's last tick, the client reports its
+    /// check of the server's replies (`CLIENT 0 OK`), both print DONE and
+    /// exit 0. Returns the client's OK line.
+    pub fn finish_tcp_pair(&self, client: &mut Proc, server: &mut Proc) -> String {
+        let t = client.last_tick.unwrap().max(server.last_tick.unwrap());
+        self.stop_at(t + 5);
+        let ok = client.wait_prefix("CLIENT 0 OK", LINE_TIMEOUT);
+        client.wait_prefix("DONE", LINE_TIMEOUT);
+        server.wait_prefix("DONE", LINE_TIMEOUT);
+        assert!(client.wait_exit(CMD_TIMEOUT).success(), "{}", client.context());
+        assert!(server.wait_exit(CMD_TIMEOUT).success(), "{}", server.context());
+        ok
+    }
+
 
     /// Asks the program to print DONE once its tick counter reaches `tick`.
     pub fn stop_at(&self, tick: u64) {
