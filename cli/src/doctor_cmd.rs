@@ -76,9 +76,9 @@ fn sysctl_is(name: &str, v: &str) -> bool {
     probe::sysctl(name).as_deref() == Some(v)
 }
 
-/// 1. The backend `ckpt launch --dirty-tracking auto` will use: the agent
-/// makes a user-mode-only write-protect userfaultfd if it can, else the
-/// coordinator falls back to soft-dirty, else to scanning
+/// Item 1, the backend `ckpt launch --dirty-tracking auto` will use: the
+/// agent makes a user-mode-only write-protect userfaultfd if it can, else
+/// the coordinator falls back to soft-dirty, else to scanning
 /// ([`Backend::choose`]).
 fn dirty_tracking(root: bool) -> Item {
     let uffd = dirty::uffd_wp_supported();

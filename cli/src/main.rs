@@ -520,9 +520,10 @@ pub(crate) fn program_command(l: &Launch) -> Result<std::process::Command> {
     let preload = artifact("libckpt_preload.so", "CKPT_PRELOAD")?;
     let mut ld = preload.to_string_lossy().into_owned();
     if let Ok(old) = std::env::var("LD_PRELOAD")
-        && !old.is_empty() {
-            ld = format!("{ld}:{old}");
-        }
+        && !old.is_empty()
+    {
+        ld = format!("{ld}:{old}");
+    }
     // The fds the program gets from outside the computation: named where
     // `ckpt launch` ran (ckpt's init passes the list on, its own fds are
     // not the program's).
@@ -907,11 +908,11 @@ fn restart(generation: Option<u64>, addr: &Address, url: &str, store_given: bool
     // A lazy restart: its page server serves the processes that are left
     // until their memory is all in (they may outlive the roots). If it
     // could not, it killed them and said why; this command fails too.
-    if let Some(server) = server {
-        if let Err(e) = server.wait() {
-            tracing::debug!("page server: {e}");
-            code = if code == 0 { 1 } else { code };
-        }
+    if let Some(server) = server
+        && let Err(e) = server.wait()
+    {
+        tracing::debug!("page server: {e}");
+        code = if code == 0 { 1 } else { code };
     }
     Ok(ExitCode::from(code as u8))
 }

@@ -213,10 +213,10 @@ pub fn run(a: NsinitArgs) -> Result<ExitCode> {
     let host_pid: Option<i32> = std::fs::read_link("/proc/self").ok().and_then(|p| p.to_str()?.parse().ok());
     ns::setup_init(ns)?;
     ns::keep_pids_up_to(a.keep_pids)?;
-    if a.restart.is_none() {
-        if let Some(pid) = host_pid {
-            ns::start_pids_near(pid)?;
-        }
+    if a.restart.is_none()
+        && let Some(pid) = host_pid
+    {
+        ns::start_pids_near(pid)?;
     }
     // Before any thread exists: every thread of the init (the restore
     // driver's too) then hands its capabilities to the restorers it starts.

@@ -49,6 +49,10 @@ impl std::str::FromStr for Address {
     }
 }
 
+/// The transport keys of a restored agent's channel: initiator →
+/// coordinator, then coordinator → initiator.
+pub type TransportKeys = ([u8; 32], [u8; 32]);
+
 impl Address {
     /// The per-user default: a Unix socket in the private runtime
     /// directory ([`crate::rundir`]).
@@ -121,7 +125,7 @@ impl Address {
     /// (initiator → coordinator, coordinator → initiator) for the restored
     /// agent, which continues the channel at nonce 0 in both directions.
     /// Over a Unix socket there are none.
-    pub fn connect_for_agent(&self, timeout: Duration, secret: &Secret) -> std::io::Result<(std::os::fd::OwnedFd, Option<([u8; 32], [u8; 32])>)> {
+    pub fn connect_for_agent(&self, timeout: Duration, secret: &Secret) -> std::io::Result<(std::os::fd::OwnedFd, Option<TransportKeys>)> {
         match self {
             Address::Unix(_) => Ok((self.connect(timeout)?.into_owned_fd(), None)),
             Address::Tcp(h) => {

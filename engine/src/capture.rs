@@ -743,7 +743,7 @@ fn reusable(r: &RegionImage, base: Option<&BaseRegion>, fresh: Option<&PageRuns>
             while runs.peek().is_some_and(|r| r.1 <= c) {
                 runs.next();
             }
-            c < nchunks && !runs.peek().is_some_and(|r| r.0 <= c)
+            c < nchunks && runs.peek().is_none_or(|r| r.0 > c)
         })
         .copied()
         .collect()

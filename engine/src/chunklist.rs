@@ -189,7 +189,7 @@ pub fn load_sparse(store: &Store, generation: u64, top: &[Hash], depth: u32, exp
 /// The children of node `n` from its stored bytes: a node of other than a
 /// whole number of hashes, or of more than [`FANOUT`], is a damaged image.
 pub fn node_children(generation: u64, n: &Hash, bytes: &[u8]) -> Result<Vec<Hash>> {
-    if bytes.len() % 32 != 0 || bytes.len() > FANOUT * 32 {
+    if !bytes.len().is_multiple_of(32) || bytes.len() > FANOUT * 32 {
         return Err(EngineError::BadImage { generation, what: format!("chunk-list node {n} is {} bytes", bytes.len()) });
     }
     Ok(bytes.chunks_exact(32).map(|c| Hash(c.try_into().unwrap())).collect())

@@ -44,8 +44,12 @@ fn incompressible(seed: u8, secret: &[u8]) -> Vec<u8> {
     page
 }
 
+/// A sealed store, its key's guard, every blob put (hash, plaintext) and
+/// the two generations' ids.
+type TwoGenerations = (Store, KeyGuard, Vec<(Hash, Vec<u8>)>, [u64; 2]);
+
 /// A sealed store with two generations, each with a page holding `secret`.
-fn two_generations(dir: &Path, secret: &[u8]) -> (Store, KeyGuard, Vec<(Hash, Vec<u8>)>, [u64; 2]) {
+fn two_generations(dir: &Path, secret: &[u8]) -> TwoGenerations {
     let store = Store::open_or_create_with(&url(dir), 4096, true).unwrap();
     assert!(store.is_sealed());
     let guard = KeyGuard(seal::key_path(&store.store_id().unwrap()));

@@ -60,10 +60,10 @@ impl Machines {
             m.inits.push(init);
         }
         // Wait until each init is the reaper, in its namespace.
-        for i in 0..names.len() {
+        for (i, name) in names.iter().enumerate() {
             let deadline = Instant::now() + Duration::from_secs(10);
             while m.init_pid(i).is_none() {
-                assert!(Instant::now() < deadline, "machine {} did not come up", names[i]);
+                assert!(Instant::now() < deadline, "machine {name} did not come up");
                 std::thread::sleep(Duration::from_millis(20));
             }
         }

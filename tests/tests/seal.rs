@@ -172,7 +172,7 @@ fn two_generations(s: &Session) -> (Gen, Gen, i32) {
     let g2 = s.checkpoint_bounded(&mut p);
     let pid = p.pid;
     p.kill9();
-    quit(&s);
+    quit(s);
     (g1, g2, pid)
 }
 

@@ -213,7 +213,7 @@ fn term_checkpoints_and_stops_then_a_new_job_restarts() {
     slurm.wait_state(job, "FAILED", Duration::from_secs(60));
     assert_eq!(slurm.job_field(job, "ExitCode"), "143:0", "ckpt run's exit status is not 128 + SIGTERM");
     let stopped = read(&out);
-    let last = stopped.lines().filter_map(tick_of).last().unwrap();
+    let last = stopped.lines().filter_map(tick_of).next_back().unwrap();
     assert!(last >= t && last < ticks, "the program was not stopped (last tick {last}):\n{stopped}");
     // A new job of that name: it restarts generation 1, and goes on to the end.
     let job2 = slurm.sbatch(&s.dir, &["-J", &name, "-o", &out.to_string_lossy()], &script);
@@ -237,7 +237,7 @@ fn checkpointed_by_signal_then_requeued_twice() {
         // The program had reached at least this tick when the signal came
         // (the checkpoint stops it then; the ticks printed before the
         // checkpoint's line came after its snapshot).
-        let at = read(&out).lines().filter_map(tick_of).last().unwrap();
+        let at = read(&out).lines().filter_map(tick_of).next_back().unwrap();
         slurm.signal_batch(job, "USR1");
         let (i, l) = wait_line(&slurm, &out, i, |l| l.contains("SIGUSR1: checkpointed generation "), "checkpoint on USR1");
         let g: u64 = l.split("generation ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();

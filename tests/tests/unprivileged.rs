@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 /// A field of `/proc/PID/status` (first word after the name).
 fn status_field(pid: i32, name: &str) -> String {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_else(|e| panic!("process {pid}: {e}"));
-    st.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().split_whitespace().next().unwrap_or("").to_string()).unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    st.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.split_whitespace().next().unwrap_or("").to_string()).unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
 }
 
 /// The program runs as the session's user, with no capabilities.

@@ -50,10 +50,10 @@ impl Vms {
             ("CKPT_VM_PROGRAMS".to_string(), ckpt_tests::PROGRAMS_DIR.to_string()),
         ];
         // The kernel cache goes next to the binaries' target dir.
-        if std::env::var_os("CKPT_VM_TARGET").is_none() {
-            if let Some(target) = bin_dir.parent() {
-                env.push(("CKPT_VM_TARGET".into(), target.display().to_string()));
-            }
+        if std::env::var_os("CKPT_VM_TARGET").is_none()
+            && let Some(target) = bin_dir.parent()
+        {
+            env.push(("CKPT_VM_TARGET".into(), target.display().to_string()));
         }
         let vms = Vms { script: ws.join("tests/vm/run-machines.sh"), work: s.path("vm"), env };
         let t = Instant::now();

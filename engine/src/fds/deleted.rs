@@ -150,9 +150,9 @@ impl Files {
                     _ => continue,
                 };
                 for d in list {
-                    if !files.made.contains_key(&(d.dev, d.ino)) {
+                    if let std::collections::hash_map::Entry::Vacant(e) = files.made.entry((d.dev, d.ino)) {
                         let fd = crate::creds::acting_as(id.clone(), || make(store, generation, image.pid, d))?;
-                        files.made.insert((d.dev, d.ino), fd);
+                        e.insert(fd);
                     }
                 }
             }

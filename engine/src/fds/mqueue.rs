@@ -199,9 +199,9 @@ fn make(store: &Store, generation: u64, pid: i32, q: &MqueueImage) -> Result<Own
 /// A new open file description of the queue `f` had.
 pub fn open(queues: &mut Queues, store: &Store, generation: u64, pid: i32, f: &FdImage) -> Result<OwnedFd> {
     let FdKind::Mqueue(q) = &f.kind else { unreachable!("mqueue::open of another kind") };
-    if !queues.made.contains_key(&q.ino) {
+    if let std::collections::hash_map::Entry::Vacant(e) = queues.made.entry(q.ino) {
         let fd = make(store, generation, pid, q)?;
-        queues.made.insert(q.ino, fd);
+        e.insert(fd);
     }
     let fd = super::deleted::reopen(&queues.made[&q.ino], f.flags & (libc::O_ACCMODE | libc::O_NONBLOCK))
         .map_err(|e| EngineError::Restore { generation, what: format!("POSIX message queue {} as fd {} of process {pid}: {e}", q.name, f.fd) })?;

@@ -120,13 +120,13 @@ impl LazyPart {
         let bad = |what: String| EngineError::BadImage { generation, what };
         let indices = lazy_regions(image);
         let chunk_size = image.chunk_size as u64;
-        if !indices.is_empty() && (chunk_size == 0 || chunk_size % PAGE != 0) {
+        if !indices.is_empty() && (chunk_size == 0 || !chunk_size.is_multiple_of(PAGE)) {
             return Err(bad(format!("process {} has chunks of {chunk_size} bytes, not a whole number of pages", image.pid)));
         }
         let mut regions = Vec::with_capacity(indices.len());
         for &i in &indices {
             let r = &image.regions[i];
-            if r.start % PAGE != 0 || r.end % PAGE != 0 || r.start >= r.end {
+            if !r.start.is_multiple_of(PAGE) || !r.end.is_multiple_of(PAGE) || r.start >= r.end {
                 return Err(bad(format!("region {:#x}-{:#x} of process {} is not a range of whole pages", r.start, r.end, image.pid)));
             }
             chunklist::check_shape(generation, &r.segments, r.depth, (r.end - r.start).div_ceil(chunk_size))?;
@@ -597,10 +597,10 @@ impl Server {
         // unregisters the ranges (the watchdog's copies first).
         self.watchdog.disarm();
         for s in self.spaces.drain(..) {
-            if s.word != 0 && s.pid > 0 {
-                if let Err(e) = remote::write(s.pid, s.word, &0u64.to_le_bytes()) {
-                    tracing::debug!(pid = s.pid, "cannot clear the lazy word: {e}");
-                }
+            if s.word != 0 && s.pid > 0
+                && let Err(e) = remote::write(s.pid, s.word, &0u64.to_le_bytes())
+            {
+                tracing::debug!(pid = s.pid, "cannot clear the lazy word: {e}");
             }
             tracing::debug!(pid = s.pid, zero_bytes = s.unfilled.bytes(), "left to read as zero");
         }

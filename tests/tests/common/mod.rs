@@ -139,10 +139,10 @@ pub fn pids_running(exe: &Path) -> Vec<i32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if let Ok(p) = std::fs::read_link(format!("/proc/{pid}/exe")) {
-            if p == exe && pid_alive(pid) {
-                v.push(pid);
-            }
+        if let Ok(p) = std::fs::read_link(format!("/proc/{pid}/exe"))
+            && p == exe && pid_alive(pid)
+        {
+            v.push(pid);
         }
     }
     v
@@ -673,11 +673,11 @@ impl Drop for Session {
         }
         let mut c = self.cmd("quit");
         c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        if let Ok(mut child) = c.spawn() {
-            if wait_child(&mut child, Duration::from_secs(15)).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        if let Ok(mut child) = c.spawn()
+            && wait_child(&mut child, Duration::from_secs(15)).is_none()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         if let Some(u) = &self.user {
             u.kill_leftovers(self);
@@ -1462,9 +1462,10 @@ pub fn host_pid_below(ancestor: i32, inner: i32) -> Option<i32> {
             parent.insert(pid, pp);
         }
         if let Some(ns) = field("NSpid:")
-            && ns.len() >= 2 && ns.last() == Some(&inner) {
-                found.push(pid);
-            }
+            && ns.len() >= 2 && ns.last() == Some(&inner)
+        {
+            found.push(pid);
+        }
     }
     found.into_iter().find(|&p| {
         let mut q = p;
@@ -1522,9 +1523,10 @@ pub fn run_vm_test(script: &str, what: &str) {
     cmd.arg(ws.join("tests/vm").join(script)).env("CKPT_VM_BIN_DIR", &bin_dir).env("CKPT_VM_PROGRAMS", ckpt_tests::PROGRAMS_DIR);
     // The kernel cache and console log go next to the binaries' target dir.
     if std::env::var_os("CKPT_VM_TARGET").is_none()
-        && let Some(target) = bin_dir.parent() {
-            cmd.env("CKPT_VM_TARGET", target);
-        }
+        && let Some(target) = bin_dir.parent()
+    {
+        cmd.env("CKPT_VM_TARGET", target);
+    }
     // The script times the VM out itself (300 s); this bounds installs too.
     let out = run_with_timeout(cmd, Duration::from_secs(900));
     let stdout = text(&out.stdout);

@@ -133,7 +133,7 @@ mod tests {
         };
         for step in 0..2000 {
             // Somewhere in the first region, or where moves took pages.
-            let area = |k: u64| if k % 2 == 0 { 0x10000 } else { 0x200000 };
+            let area = |k: u64| if k.is_multiple_of(2) { 0x10000 } else { 0x200000 };
             let a = area(next(2)) + next(80) * P;
             let n = 1 + next(6);
             if step % 2 == 0 {
