@@ -66,6 +66,10 @@ const ROUND_DEADLINE_S: u64 = 60;
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// How long `ckpt kill` waits for the killed processes to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(8);
+/// How long `ckpt kill` waits for processes still joining (a restart's,
+/// whose program may already run) before it kills the others; the late
+/// ones are killed as they join.
+const KILL_JOIN_WAIT: Duration = Duration::from_secs(10);
 /// Most connections that have not yet sent a whole first message (each
 /// holds a thread): more are closed at once.
 const MAX_UNAUTHENTICATED: usize = 64;
@@ -163,6 +167,11 @@ struct Coordinator {
     agent_key: [u8; 32],
     /// Connections that have not yet sent their first message.
     pending: std::sync::atomic::AtomicUsize,
+    /// Connections of our own user, root or a proved TCP peer that have not
+    /// yet said what they are, or (agents) not yet joined: a restored
+    /// process's connection, opened by `ckpt restart` before the process
+    /// runs, stays here until its HELLO is served ([`Joining`]).
+    joining: Joining,
     /// Set by `ckpt kill`/`quit`: the round in progress ends at once.
     cancel: Arc<AtomicBool>,
     /// Seconds the stopped phase of a round may take.
@@ -219,6 +228,7 @@ pub fn run(cfg: Config) -> Result<(), CoordError> {
         uid: nix::unistd::geteuid().as_raw(),
         agent_key: secret.agent_key(),
         pending: std::sync::atomic::AtomicUsize::new(0),
+        joining: Joining::default(),
         cancel: Arc::new(AtomicBool::new(false)),
         hooks: Mutex::new(cfg.hooks.clone()),
         deadline_s: std::env::var("CKPT_ROUND_DEADLINE").ok().and_then(|v| v.parse().ok()).filter(|&s| s > 0).unwrap_or(ROUND_DEADLINE_S),
@@ -320,6 +330,10 @@ impl Coordinator {
         let trusted = cred.is_none_or(|c| c.uid == 0 || c.uid == self.uid);
         let mut first = [0u8; 4];
         let known = !counted || cred.is_none();
+        // A connection of our own (a restored agent's, made by `ckpt
+        // restart` before its process runs) is joining until it says what
+        // it is, for `ckpt kill` to wait for.
+        let ticket = known.then(|| self.joining.enter());
         let _ = stream.set_read_timeout(Some(if known { TRUSTED_FIRST_MESSAGE_TIMEOUT } else { FIRST_MESSAGE_TIMEOUT }));
         let got = stream.read_exact(&mut first);
         if got.is_err() {
@@ -327,9 +341,10 @@ impl Coordinator {
             return;
         }
         if u32::from_le_bytes(first) == proto::MAGIC {
-            self.serve_agent(stream, first, peer, cred, trusted, counted);
+            self.clone().serve_agent(stream, first, peer, cred, trusted, counted, ticket);
             return;
         }
+        drop(ticket);
         self.unpend(counted);
         let _ = stream.set_read_timeout(None);
         if proved == crate::addr::Proved::AgentOnly {
@@ -360,7 +375,16 @@ impl Coordinator {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn serve_agent(self: Arc<Self>, mut stream: Stream, first: [u8; 4], peer: String, cred: Option<crate::PeerCred>, trusted: bool, counted: bool) {
+    fn serve_agent(
+        self: Arc<Self>,
+        mut stream: Stream,
+        first: [u8; 4],
+        peer: String,
+        cred: Option<crate::PeerCred>,
+        trusted: bool,
+        counted: bool,
+        ticket: Option<JoinTicket<'_>>,
+    ) {
         let hello = self.read_hello(&mut stream, first);
         self.unpend(counted);
         let Some(hello) = hello else { return };
@@ -375,6 +399,9 @@ impl Coordinator {
         if self.machine_of(&hello) == 0 && pidfd.is_none() {
             tracing::warn!(claimed_pid = hello.pid, "refused an agent: its process is gone");
             return;
+        }
+        if hello.restored_gen != 0 {
+            hold_for_tests("join-");
         }
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx): (Sender<AgentMsg>, Receiver<AgentMsg>) = channel();
@@ -419,6 +446,14 @@ impl Coordinator {
                     tracing::info!(pid = hello.pid, restored_from = hello.restored_gen, "process joined");
                     procs.insert(key, p.clone());
                 }
+            }
+        }
+        // Joined, so a `ckpt kill` from now on sees it; one that came
+        // while it was joining (and waited for it in vain) kills it here.
+        if ticket.is_some_and(|t| t.leave()) {
+            tracing::warn!(pid = hello.pid, "a process joined after `ckpt kill` stopped waiting for it: killed");
+            if let Some(fd) = &p.pidfd {
+                machine::pidfd_kill(fd);
             }
         }
         loop {
@@ -926,7 +961,7 @@ impl Coordinator {
                 failure = Some(f);
             }
         if failure.is_none() {
-            hold_for_tests();
+            hold_for_tests("");
         }
         let suspend_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
         if let Some(f) = failure {
@@ -1291,6 +1326,12 @@ impl Coordinator {
     /// its parent's to reap), or fails naming the ones that are not.
     fn kill_all(&self) -> Result<KillReply, String> {
         let no_checkpoint = self.cancel_round();
+        // A restart's processes may run before they join (their program's
+        // first output can come first): they are the computation's too.
+        let late = self.joining.doom_and_wait(Instant::now() + KILL_JOIN_WAIT);
+        if late > 0 {
+            tracing::warn!("{late} connection(s) still joining after {} s: their processes are killed as they join", KILL_JOIN_WAIT.as_secs());
+        }
         let procs: Vec<Arc<Proc>> = self.procs.lock().unwrap().values().cloned().collect();
         if no_checkpoint.is_some() {
             let hold = CheckpointRequest { generation: 0, flags: 0 };
@@ -1475,18 +1516,80 @@ impl Stopped {
 /// every process is stopped, the coordinator removes it, creates
 /// `$CKPT_TEST_HOLD/held` and waits (at most 60 s) for `$CKPT_TEST_HOLD/go`,
 /// so that a test can kill a process at exactly this point of a checkpoint.
-fn hold_for_tests() {
+/// With `point` "join-", the same files named `join-armed`, `join-held`
+/// and `join-go` hold a restored process's join (its HELLO read, it not yet
+/// a member): the moment its program may already run unseen.
+fn hold_for_tests(point: &str) {
     let Some(dir) = std::env::var_os("CKPT_TEST_HOLD").map(std::path::PathBuf::from) else { return };
-    if std::fs::remove_file(dir.join("armed")).is_err() {
+    let file = |name: &str| dir.join(format!("{point}{name}"));
+    if std::fs::remove_file(file("armed")).is_err() {
         return;
     }
-    let _ = std::fs::write(dir.join("held"), b"");
+    let _ = std::fs::write(file("held"), b"");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !dir.join("go").exists() && Instant::now() < deadline {
+    while !file("go").exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let _ = std::fs::remove_file(dir.join("go"));
-    let _ = std::fs::remove_file(dir.join("held"));
+    let _ = std::fs::remove_file(file("go"));
+    let _ = std::fs::remove_file(file("held"));
+}
+
+/// Connections that may yet become members of the computation
+/// ([`Coordinator::joining`]), each under a serial of its own and marked
+/// once a `ckpt kill` came while it was still joining.
+#[derive(Default)]
+struct Joining {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, bool>>,
+    changed: std::sync::Condvar,
+}
+
+/// A connection's place in [`Joining`], given up when it is dropped.
+struct JoinTicket<'a> {
+    joining: &'a Joining,
+    serial: u64,
+}
+
+impl Joining {
+    fn enter(&self) -> JoinTicket<'_> {
+        let serial = self.next.fetch_add(1, Ordering::Relaxed);
+        self.conns.lock().unwrap().insert(serial, false);
+        JoinTicket { joining: self, serial }
+    }
+
+    /// Marks every connection joining now as killed, then waits until all
+    /// of those have joined or gone, or until `until`: returns how many
+    /// are still joining then (each is killed as it joins).
+    fn doom_and_wait(&self, until: Instant) -> usize {
+        let mut conns = self.conns.lock().unwrap();
+        let doomed: Vec<u64> = conns.keys().copied().collect();
+        conns.values_mut().for_each(|d| *d = true);
+        loop {
+            let left = doomed.iter().filter(|s| conns.contains_key(s)).count();
+            let now = Instant::now();
+            if left == 0 || now >= until {
+                return left;
+            }
+            conns = self.changed.wait_timeout(conns, until - now).unwrap().0;
+        }
+    }
+}
+
+impl JoinTicket<'_> {
+    /// Leaves [`Joining`]: whether a kill came while this connection was in it.
+    fn leave(self) -> bool {
+        let doomed = self.joining.conns.lock().unwrap().remove(&self.serial).unwrap_or(false);
+        self.joining.changed.notify_all();
+        std::mem::forget(self);
+        doomed
+    }
+}
+
+impl Drop for JoinTicket<'_> {
+    fn drop(&mut self) {
+        self.joining.conns.lock().unwrap().remove(&self.serial);
+        self.joining.changed.notify_all();
+    }
 }
 
 /// Whether `pid` (of this machine) is stopped by a signal (`T`) or a tracer (`t`).

@@ -57,3 +57,68 @@ fn process_killed_mid_checkpoint_aborts_it_and_survivors_go_on() {
     r.wait_ticks(2, LINE_TIMEOUT);
     r.kill9();
 }
+
+/// A restarted program runs before its agent is back at the coordinator
+/// (the restorer resumes its threads, then the agent says HELLO), so its
+/// first output can come before it is a member. A test hook holds that
+/// join: `ckpt kill` sent then waits for the process and kills it, where it
+/// used to find nothing to kill and return while the program ran on.
+#[test]
+fn kill_right_after_a_restart_kills_the_process_still_joining() {
+    let s = Session::new("membership_kill_joining");
+    let hold = s.path("hold");
+    std::fs::create_dir_all(&hold).unwrap();
+    let holdv = hold.to_str().unwrap().to_string();
+    let env = [("CKPT_TEST_HOLD", holdv.as_str())];
+    let mut a = s.launch_env(&program("counter_heap"), &["-m", "8", "-t", "50"], &env);
+    a.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut a);
+    let pid = a.pid;
+    a.kill9();
+
+    std::fs::write(hold.join("join-armed"), b"").unwrap();
+    let mut r = s.restart_expect(&g, pid, true);
+    wait_file(&hold.join("join-held"), LINE_TIMEOUT);
+    // It ticks, and is not a member yet.
+    r.wait_ticks(2, LINE_TIMEOUT);
+    assert!(s.computation().is_empty(), "the held process is already a member: {:?}", s.computation());
+    let mut kill = Proc::spawn("kill".into(), s.cmd("kill"));
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(hold.join("join-go"), b"").unwrap();
+    let st = kill.wait_exit(CMD_TIMEOUT);
+    assert!(st.success(), "ckpt kill failed: {}", kill.stderr());
+    assert!(!pid_alive(pid), "restored process {pid} still runs after ckpt kill returned\n{}", r.context());
+    r.wait_exit(CMD_TIMEOUT);
+}
+
+/// The same, with the join held past the time `ckpt kill` waits for it
+/// (10 s): the kill returns, and the process is killed the moment it
+/// joins, never left running outside a killed computation.
+#[test]
+fn a_process_joining_after_kill_stopped_waiting_is_killed_as_it_joins() {
+    let s = Session::new("membership_kill_late");
+    let hold = s.path("hold");
+    std::fs::create_dir_all(&hold).unwrap();
+    let holdv = hold.to_str().unwrap().to_string();
+    let env = [("CKPT_TEST_HOLD", holdv.as_str())];
+    let mut a = s.launch_env(&program("counter_heap"), &["-m", "8", "-t", "50"], &env);
+    a.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut a);
+    let pid = a.pid;
+    a.kill9();
+
+    std::fs::write(hold.join("join-armed"), b"").unwrap();
+    let mut r = s.restart_expect(&g, pid, true);
+    wait_file(&hold.join("join-held"), LINE_TIMEOUT);
+    let out = s.run("kill", &[]);
+    assert!(out.status.success(), "ckpt kill failed: {}", text(&out.stderr));
+    r.wait_ticks(1, LINE_TIMEOUT);
+    assert!(pid_alive(pid), "the held process died before it joined\n{}", r.context());
+    std::fs::write(hold.join("join-go"), b"").unwrap();
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while pid_alive(pid) {
+        assert!(Instant::now() < deadline, "restored process {pid} joined after the kill and still runs\n{}", r.context());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.wait_exit(CMD_TIMEOUT);
+}
