@@ -85,20 +85,35 @@ pub fn parse_index(pack: &[u8]) -> Result<Vec<PackEntry>, String> {
         return Err("not a pack file (bad or missing CKPTPK01 header)".into());
     }
     let n = pack.len();
-    if &pack[n - 8..] != INDEX_MAGIC {
+    let tail: &[u8; TAIL_LEN] = pack[n - TAIL_LEN..].try_into().expect("TAIL_LEN bytes");
+    let tlen = parse_tail(tail, n as u64)?;
+    parse_entries(&pack[n - tlen as usize..n - TAIL_LEN], n as u64 - tlen)
+}
+
+/// The trailer's length (entries and tail) that the last [`TAIL_LEN`]
+/// bytes of a pack of `len` bytes give, checked against each other and
+/// the pack: what [`parse_index`] and a check reading only a local
+/// pack's last bytes (`verify --metadata-only`) both start from.
+pub(crate) fn parse_tail(tail: &[u8; TAIL_LEN], len: u64) -> Result<u64, String> {
+    if len < (PACK_MAGIC.len() + TAIL_LEN) as u64 {
+        return Err("too short to be a pack file (truncated?)".into());
+    }
+    if &tail[8..] != INDEX_MAGIC {
         return Err("pack trailer missing (no CKPTPKIX at the end): file truncated?".into());
     }
-    let u32_at = |o: usize| u32::from_le_bytes(pack[o..o + 4].try_into().expect("4 bytes"));
-    let count = u32_at(n - 16) as usize;
-    let tlen = u32_at(n - 12) as usize;
-    if tlen != count * ENTRY_LEN + TAIL_LEN || tlen > n - PACK_MAGIC.len() {
-        return Err(format!(
-            "inconsistent trailer (count {count}, length {tlen})"
-        ));
+    let count = u32::from_le_bytes(tail[0..4].try_into().expect("4 bytes")) as u64;
+    let tlen = u32::from_le_bytes(tail[4..8].try_into().expect("4 bytes")) as u64;
+    if tlen != count * ENTRY_LEN as u64 + TAIL_LEN as u64 || tlen > len - PACK_MAGIC.len() as u64 {
+        return Err(format!("inconsistent trailer (count {count}, length {tlen})"));
     }
-    let data_end = (n - tlen) as u64;
-    let mut out = Vec::with_capacity(count);
-    for e in pack[n - tlen..n - TAIL_LEN].chunks_exact(ENTRY_LEN) {
+    Ok(tlen)
+}
+
+/// The entries of a trailer (its bytes before the tail), each checked:
+/// a known kind, and data inside `[8, data_end)`.
+pub(crate) fn parse_entries(entries: &[u8], data_end: u64) -> Result<Vec<PackEntry>, String> {
+    let mut out = Vec::with_capacity(entries.len() / ENTRY_LEN);
+    for e in entries.chunks_exact(ENTRY_LEN) {
         let hash = Hash::from_slice(&e[..32]).expect("32 bytes");
         let kind = BlobKind::from_u8(e[32]).ok_or_else(|| format!("bad blob kind {}", e[32]))?;
         let offset = u64::from_le_bytes(e[33..41].try_into().expect("8 bytes"));
@@ -107,13 +122,7 @@ pub fn parse_index(pack: &[u8]) -> Result<Vec<PackEntry>, String> {
         if offset < 8 || offset + clen as u64 > data_end {
             return Err(format!("entry {hash} points outside the pack's data"));
         }
-        out.push(PackEntry {
-            hash,
-            kind,
-            offset,
-            clen,
-            ulen,
-        });
+        out.push(PackEntry { hash, kind, offset, clen, ulen });
     }
     Ok(out)
 }
@@ -306,4 +315,51 @@ impl OpenPack {
 /// fsync a directory so that renames and creations in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pack of one 5-byte blob, with its entry's kind and offset given.
+    fn pack(kind: u8, offset: u64) -> Vec<u8> {
+        let mut p = PACK_MAGIC.to_vec();
+        p.extend_from_slice(b"hello");
+        p.extend_from_slice(Hash::of(b"hello").as_bytes());
+        p.push(kind);
+        p.extend_from_slice(&offset.to_le_bytes());
+        p.extend_from_slice(&5u32.to_le_bytes());
+        p.extend_from_slice(&5u32.to_le_bytes());
+        p.extend_from_slice(&1u32.to_le_bytes());
+        p.extend_from_slice(&((ENTRY_LEN + TAIL_LEN) as u32).to_le_bytes());
+        p.extend_from_slice(INDEX_MAGIC);
+        p
+    }
+
+    /// Whole packs and a pack's last bytes are parsed by the same checks.
+    #[test]
+    fn trailers_are_checked_whether_read_whole_or_from_the_tail() {
+        // `verify --metadata-only`'s read of a local pack's last bytes.
+        let tail_then_entries = |p: &[u8]| {
+            let path = std::env::temp_dir().join(format!("ckpt-pack-test-{}", std::process::id()));
+            std::fs::write(&path, p).unwrap();
+            let f = std::fs::File::open(&path).unwrap();
+            let _ = std::fs::remove_file(&path);
+            let got = crate::source::read_trailer(&f, p.len() as u64)?;
+            Ok(got.into_iter().map(|(hash, (offset, clen, ulen))| PackEntry { hash, kind: BlobKind::Chunk, offset, clen, ulen }).collect())
+        };
+        let good = pack(0, 8);
+        for parse in [parse_index as fn(&[u8]) -> Result<Vec<PackEntry>, String>, tail_then_entries] {
+            let e = parse(&good).unwrap();
+            assert_eq!((e.len(), e[0].offset, e[0].clen, e[0].kind), (1, 8, 5, BlobKind::Chunk));
+            assert!(parse(&pack(7, 8)).unwrap_err().contains("bad blob kind"));
+            assert!(parse(&pack(0, 9)).unwrap_err().contains("outside the pack's data"));
+            assert!(parse(&pack(0, 0)).unwrap_err().contains("outside the pack's data"));
+            assert!(parse(&good[..good.len() - 1]).unwrap_err().contains("trailer missing"));
+            let mut lying = good.clone();
+            let n = lying.len();
+            lying[n - 16..n - 12].copy_from_slice(&2u32.to_le_bytes());
+            assert!(parse(&lying).unwrap_err().contains("inconsistent trailer"));
+        }
+    }
 }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::pack::{ENTRY_LEN, INDEX_MAGIC, PACK_MAGIC, TAIL_LEN};
+use crate::pack::{self, TAIL_LEN};
 use crate::reader::{Loc, open_pack};
 use crate::remote::{self, Remote};
 use crate::{Hash, Result, StoreError};
@@ -228,31 +228,15 @@ impl LocalPacks {
 }
 
 /// Just the trailer of a pack file of `len` bytes.
-fn read_trailer(f: &File, len: u64) -> std::result::Result<Vec<TrailerEntry>, String> {
-    if len < (PACK_MAGIC.len() + TAIL_LEN) as u64 {
-        return Err("too short to be a pack file (truncated?)".into());
-    }
+pub(crate) fn read_trailer(f: &File, len: u64) -> std::result::Result<Vec<TrailerEntry>, String> {
     let mut tail = [0u8; TAIL_LEN];
-    f.read_exact_at(&mut tail, len - TAIL_LEN as u64).map_err(|e| e.to_string())?;
-    if &tail[8..] != INDEX_MAGIC {
-        return Err("pack trailer missing (no CKPTPKIX at the end): file truncated?".into());
+    if len >= TAIL_LEN as u64 {
+        f.read_exact_at(&mut tail, len - TAIL_LEN as u64).map_err(|e| e.to_string())?;
     }
-    let count = u32::from_le_bytes(tail[0..4].try_into().expect("4 bytes")) as usize;
-    let tlen = u32::from_le_bytes(tail[4..8].try_into().expect("4 bytes")) as u64;
-    if tlen != (count * ENTRY_LEN + TAIL_LEN) as u64 || tlen > len - PACK_MAGIC.len() as u64 {
-        return Err(format!("inconsistent trailer (count {count}, length {tlen})"));
-    }
-    let mut buf = vec![0u8; count * ENTRY_LEN];
+    let tlen = pack::parse_tail(&tail, len)?;
+    let mut buf = vec![0u8; tlen as usize - TAIL_LEN];
     f.read_exact_at(&mut buf, len - tlen).map_err(|e| e.to_string())?;
-    Ok(buf.chunks_exact(ENTRY_LEN).map(pack_entry).collect())
-}
-
-fn pack_entry(e: &[u8]) -> TrailerEntry {
-    let hash = Hash::from_slice(&e[..32]).expect("32 bytes");
-    let offset = u64::from_le_bytes(e[33..41].try_into().expect("8 bytes"));
-    let clen = u32::from_le_bytes(e[41..45].try_into().expect("4 bytes"));
-    let ulen = u32::from_le_bytes(e[45..49].try_into().expect("4 bytes"));
-    (hash, (offset, clen, ulen))
+    Ok(pack::parse_entries(&buf, len - tlen)?.into_iter().map(|e| (e.hash, (e.offset, e.clen, e.ulen))).collect())
 }
 
 impl PackSource for S3Packs {
