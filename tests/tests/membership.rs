@@ -58,14 +58,10 @@ fn process_killed_mid_checkpoint_aborts_it_and_survivors_go_on() {
     r.kill9();
 }
 
-/// A restarted program runs before its agent is back at the coordinator
-/// (the restorer resumes its threads, then the agent says HELLO), so its
-/// first output can come before it is a member. A test hook holds that
-/// join: `ckpt kill` sent then waits for the process and kills it, where it
-/// used to find nothing to kill and return while the program ran on.
-#[test]
-fn kill_right_after_a_restart_kills_the_process_still_joining() {
-    let s = Session::new("membership_kill_joining");
+/// A program checkpointed, killed and restarted, its restored agent's join
+/// held by the coordinator's test hook (`join-armed`): the restart, the
+/// program's pid and the hook's directory (`join-go` lets the join go on).
+fn restarted_with_its_join_held(s: &Session) -> (Proc, i32, std::path::PathBuf) {
     let hold = s.path("hold");
     std::fs::create_dir_all(&hold).unwrap();
     let holdv = hold.to_str().unwrap().to_string();
@@ -77,8 +73,20 @@ fn kill_right_after_a_restart_kills_the_process_still_joining() {
     a.kill9();
 
     std::fs::write(hold.join("join-armed"), b"").unwrap();
-    let mut r = s.restart_expect(&g, pid, true);
+    let r = s.restart_expect(&g, pid, true);
     wait_file(&hold.join("join-held"), LINE_TIMEOUT);
+    (r, pid, hold)
+}
+
+/// A restarted program runs before its agent is back at the coordinator
+/// (the restorer resumes its threads, then the agent says HELLO), so its
+/// first output can come before it is a member. A test hook holds that
+/// join: `ckpt kill` sent then waits for the process and kills it, where it
+/// used to find nothing to kill and return while the program ran on.
+#[test]
+fn kill_right_after_a_restart_kills_the_process_still_joining() {
+    let s = Session::new("membership_kill_joining");
+    let (mut r, pid, hold) = restarted_with_its_join_held(&s);
     // It ticks, and is not a member yet.
     r.wait_ticks(2, LINE_TIMEOUT);
     assert!(s.computation().is_empty(), "the held process is already a member: {:?}", s.computation());
@@ -97,19 +105,7 @@ fn kill_right_after_a_restart_kills_the_process_still_joining() {
 #[test]
 fn a_process_joining_after_kill_stopped_waiting_is_killed_as_it_joins() {
     let s = Session::new("membership_kill_late");
-    let hold = s.path("hold");
-    std::fs::create_dir_all(&hold).unwrap();
-    let holdv = hold.to_str().unwrap().to_string();
-    let env = [("CKPT_TEST_HOLD", holdv.as_str())];
-    let mut a = s.launch_env(&program("counter_heap"), &["-m", "8", "-t", "50"], &env);
-    a.wait_ticks(2, LINE_TIMEOUT);
-    let g = s.checkpoint_bounded(&mut a);
-    let pid = a.pid;
-    a.kill9();
-
-    std::fs::write(hold.join("join-armed"), b"").unwrap();
-    let mut r = s.restart_expect(&g, pid, true);
-    wait_file(&hold.join("join-held"), LINE_TIMEOUT);
+    let (mut r, pid, hold) = restarted_with_its_join_held(&s);
     let out = s.run("kill", &[]);
     assert!(out.status.success(), "ckpt kill failed: {}", text(&out.stderr));
     r.wait_ticks(1, LINE_TIMEOUT);
