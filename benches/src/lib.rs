@@ -90,7 +90,12 @@ impl Env {
 
     /// A `ckpt` command on this run's store and coordinator.
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(&self.ckpt);
+        self.cmd_with(&self.ckpt)
+    }
+
+    /// The same with another build's `ckpt` (an A/B on one store).
+    pub fn cmd_with(&self, ckpt: &Path) -> Command {
+        let mut c = Command::new(ckpt);
         c.env("CKPT_STORE", self.dir.join("store")).env("CKPT_COORD", format!("unix:{}", self.dir.join("c.sock").display()));
         c
     }

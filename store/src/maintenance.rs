@@ -325,9 +325,10 @@ impl Writer {
             let conn = self.inner.conn();
             let p = &self.inner.catalog_path;
             for pk in packs {
+                let name: std::sync::Arc<str> = pk.name.as_str().into();
                 let locs = catalog::blobs::of_pack(&conn, p, pk.id)?
                     .into_iter()
-                    .map(|(addr, offset, clen, ulen, kind)| (Loc { hash: addr, addr, pack: pk.name.clone(), offset, clen, ulen }, kind))
+                    .map(|(addr, offset, clen, ulen, kind)| (Loc { hash: addr, addr, pack: name.clone(), offset, clen, ulen }, kind))
                     .collect();
                 by_pack.insert(pk.id, locs);
             }

@@ -97,9 +97,10 @@ impl Writer {
             let conn = self.inner.conn();
             let mut out = Vec::new();
             for pk in catalog::packs::all(&conn, &cat)? {
+                let name: std::sync::Arc<str> = pk.name.as_str().into();
                 let locs = catalog::blobs::of_pack(&conn, &cat, pk.id)?
                     .into_iter()
-                    .map(|(h, offset, clen, ulen, kind)| (Loc { hash: h, addr: h, pack: pk.name.clone(), offset, clen, ulen }, kind))
+                    .map(|(h, offset, clen, ulen, kind)| (Loc { hash: h, addr: h, pack: name.clone(), offset, clen, ulen }, kind))
                     .collect();
                 out.push((pk.name, locs));
             }

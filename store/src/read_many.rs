@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -42,7 +43,9 @@ impl Store {
     /// from the catalog is reported first). Stops at the first error of the
     /// store or of `sink`.
     pub fn read_blobs_batched(&self, hashes: &[Hash], sink: impl Fn(&[(Hash, &[u8])]) -> Result<()> + Sync) -> Result<()> {
+        let t = std::time::Instant::now();
         let (has_zero, groups) = self.locate_distinct(hashes)?;
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, blobs = hashes.len(), "blobs located");
         if has_zero {
             sink(&[(Hash::ZERO_CHUNK, &vec![0u8; self.inner.chunk_size])])?;
         }
@@ -76,23 +79,32 @@ impl Store {
         let conn = self.inner.conn();
         let cat = &self.inner.catalog_path;
         if uniq.len() > BULK_LOCATE {
-            // One pass over the index beats a lookup per blob.
-            let wanted: HashMap<Hash, Hash> = uniq.iter().filter(|h| !h.is_zero_chunk()).map(|h| (self.inner.addr(h), *h)).collect();
-            let mut found = HashSet::with_capacity(wanted.len());
-            catalog::blobs::scan_located(&conn, cat, |a| wanted.contains_key(a), |addr, (pack, offset, clen, ulen)| {
-                let hash = wanted[&addr];
-                if found.insert(hash) {
-                    groups.entry(pack.clone()).or_default().push(Loc { hash, addr, pack, offset, clen, ulen });
-                }
+            // One pass over the index beats a lookup per blob: the wanted
+            // addresses sorted, merged with the index's order.
+            let mut wanted: Vec<(Hash, Hash)> = uniq.iter().filter(|h| !h.is_zero_chunk()).map(|h| (self.inner.addr(h), *h)).collect();
+            wanted.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let addrs: Vec<Hash> = wanted.iter().map(|w| w.0).collect();
+            let mut found: Vec<Option<catalog::blobs::IdPlace>> = vec![None; addrs.len()];
+            catalog::blobs::scan_merged(&conn, cat, &addrs, |i, place| {
+                found[i] = Some(place);
                 Ok(())
             })?;
-            if let Some(missing) = wanted.values().find(|h| !found.contains(*h)) {
-                return Err(StoreError::BlobNotFound { hash: *missing, path: self.inner.root.clone() });
+            let ids: HashSet<i64> = found.iter().flatten().map(|p| p.0).collect();
+            let names: HashMap<i64, Arc<str>> = catalog::packs::names_of(&conn, cat, &ids)?.into_iter().map(|(id, n)| (id, Arc::from(n))).collect();
+            let mut by_id: HashMap<i64, Vec<Loc>> = HashMap::new();
+            for ((addr, hash), place) in wanted.into_iter().zip(found) {
+                // A row naming a pack the table lacks is no location (as
+                // a join would have it).
+                let Some((id, offset, clen, ulen)) = place.filter(|p| names.contains_key(&p.0)) else {
+                    return Err(StoreError::BlobNotFound { hash, path: self.inner.root.clone() });
+                };
+                by_id.entry(id).or_default().push(Loc { hash, addr, pack: names[&id].clone(), offset, clen, ulen });
             }
+            groups.extend(by_id.into_iter().map(|(id, locs)| (names[&id].to_string(), locs)));
         } else {
             for h in uniq.iter().filter(|h| !h.is_zero_chunk()) {
                 let loc = self.locate(&conn, h)?;
-                groups.entry(loc.pack.clone()).or_default().push(loc);
+                groups.entry(loc.pack.to_string()).or_default().push(loc);
             }
         }
         Ok(groups)

@@ -22,7 +22,7 @@ pub(crate) struct Loc {
     pub(crate) hash: Hash,
     /// Its stored address (the catalog's and the trailer's).
     pub(crate) addr: Hash,
-    pub(crate) pack: String,
+    pub(crate) pack: std::sync::Arc<str>,
     pub(crate) offset: u64,
     pub(crate) clen: u32,
     pub(crate) ulen: u32,
@@ -32,7 +32,7 @@ impl Store {
     pub(crate) fn locate(&self, conn: &Connection, h: &Hash) -> Result<Loc> {
         let addr = self.inner.addr(h);
         match catalog::blobs::locate(conn, &self.inner.catalog_path, &addr)? {
-            Some((pack, offset, clen, ulen)) => Ok(Loc { hash: *h, addr, pack, offset, clen, ulen }),
+            Some((pack, offset, clen, ulen)) => Ok(Loc { hash: *h, addr, pack: pack.into(), offset, clen, ulen }),
             None => Err(StoreError::BlobNotFound { hash: *h, path: self.inner.root.clone() }),
         }
     }
@@ -78,7 +78,7 @@ impl Store {
 
     /// One located blob, read from the store's pack source and decoded.
     pub(crate) fn read_located(&self, loc: Loc) -> Result<Vec<u8>> {
-        let work = [(loc.pack.clone(), vec![loc])];
+        let work = [(loc.pack.to_string(), vec![loc])];
         let got = self.inner.packs.read(&work)?;
         // A source hands back one entry per pack and one buffer per blob.
         let (place, bufs) = &got[0];

@@ -61,7 +61,7 @@ impl Store {
             let packs = catalog::packs::ids_names_sizes(&conn, p)?;
             let mut by_pack: BTreeMap<i64, Vec<Loc>> = BTreeMap::new();
             for (hash, pack_id, offset, clen, ulen) in catalog::blobs::all_for_verify(&conn, p)? {
-                by_pack.entry(pack_id).or_default().push(Loc { hash, addr: hash, pack: String::new(), offset, clen, ulen });
+                by_pack.entry(pack_id).or_default().push(Loc { hash, addr: hash, pack: "".into(), offset, clen, ulen });
             }
             let manifests = self.generation_problems(&conn)?;
             (packs, by_pack, manifests)
@@ -81,8 +81,9 @@ impl Store {
             .into_iter()
             .map(|(id, name, size)| {
                 let mut locs = by_pack.remove(&id).unwrap_or_default();
+                let shared: std::sync::Arc<str> = name.as_str().into();
                 for l in &mut locs {
-                    l.pack = name.clone();
+                    l.pack = shared.clone();
                 }
                 (name, size, locs)
             })
@@ -241,7 +242,7 @@ impl Store {
             let conn = self.inner.conn();
             for h in &uniq {
                 match self.locate(&conn, h) {
-                    Ok(loc) => groups.entry(loc.pack.clone()).or_default().push(loc),
+                    Ok(loc) => groups.entry(loc.pack.to_string()).or_default().push(loc),
                     Err(StoreError::BlobNotFound { .. }) => {
                         problems.push(format!("blob {h} is not in the catalog"))
                     }

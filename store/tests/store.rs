@@ -726,3 +726,73 @@ fn the_known_set_passes_between_writers_only_while_nothing_else_changed_the_stor
     assert!(blobs.iter().all(|(h, _)| !w.known(h)));
     assert!(!w.known(&m3));
 }
+
+/// A restart's bulk locate (more than 4096 blobs: one ordered scan of the
+/// index merged with the sorted addresses) finds exactly the blobs asked
+/// for, among others it skips, and refuses one the catalog lacks or whose
+/// row names a pack the table does not have, before handing out any.
+#[test]
+fn batched_read_of_many_blobs_locates_by_one_merged_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(&url(dir.path()), DEFAULT_CHUNK_SIZE).unwrap();
+    let w = store.writer().unwrap();
+    let blobs: Vec<(Hash, Vec<u8>)> = (0..6000u64)
+        .into_par_iter()
+        .map(|i| {
+            let b = blob(i, 512);
+            (Hash::of(&b), b)
+        })
+        .collect();
+    blobs.par_iter().for_each(|(h, b)| {
+        w.put(BlobKind::Chunk, *h, b).unwrap();
+    });
+    let m = w.put_meta(b"m").unwrap();
+    w.commit(gen_for(m, None)).unwrap();
+    drop(w);
+    // Every other blob of the first 5,000, duplicates, and the zero chunk.
+    let mut wanted: Vec<Hash> = blobs[..5000].iter().step_by(2).map(|(h, _)| *h).collect();
+    wanted.extend(blobs[..5000].iter().step_by(2).map(|(h, _)| *h).take(100));
+    wanted.extend(blobs[5000..].iter().map(|(h, _)| *h));
+    wanted.push(Hash::ZERO_CHUNK);
+    let read = |hashes: &[Hash]| {
+        let got = Mutex::new(HashMap::new());
+        store
+            .read_blobs_batched(hashes, |batch| {
+                let mut g = got.lock().unwrap();
+                for (h, b) in batch {
+                    assert!(g.insert(*h, b.to_vec()).is_none(), "blob {h} handed out twice");
+                }
+                Ok(())
+            })
+            .map(|()| got.into_inner().unwrap())
+    };
+    let got = read(&wanted).unwrap();
+    assert_eq!(got.len(), 2500 + 1000 + 1);
+    assert_eq!(got[&Hash::ZERO_CHUNK], vec![0u8; DEFAULT_CHUNK_SIZE]);
+    for (i, (h, b)) in blobs.iter().enumerate() {
+        assert_eq!(got.get(h), (i >= 5000 || i % 2 == 0).then_some(b), "blob {i}");
+    }
+    // One blob the catalog lacks: named, nothing handed out.
+    let missing = Hash::of(b"never stored");
+    let mut with_missing = wanted.clone();
+    with_missing.push(missing);
+    match read(&with_missing) {
+        Err(StoreError::BlobNotFound { hash, .. }) => assert_eq!(hash, missing),
+        other => panic!("a missing blob was not refused: {:?}", other.map(|g| g.len())),
+    }
+    // A row that names a pack the table lacks is no location.
+    let c = rusqlite::Connection::open(dir.path().join("catalog.db")).unwrap();
+    // (a hostile writer of the catalog need not keep its constraints)
+    c.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
+    let a = store.address(&blobs[5000].0);
+    assert_eq!(c.execute("UPDATE blobs SET pack_id = 999999 WHERE hash = ?1", [&a.0[..]]).unwrap(), 1);
+    drop(c);
+    let store = Store::open(&url(dir.path())).unwrap();
+    let got = Mutex::new(0usize);
+    let r = store.read_blobs_batched(&wanted, |batch| {
+        *got.lock().unwrap() += batch.len();
+        Ok(())
+    });
+    assert!(matches!(r, Err(StoreError::BlobNotFound { hash, .. }) if hash == blobs[5000].0), "{r:?}");
+    assert_eq!(*got.lock().unwrap(), 0, "blobs handed out before the missing one was found");
+}

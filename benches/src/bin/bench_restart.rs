@@ -8,6 +8,12 @@
 //! steps come from its `CKPT_LOG=ckpt_engine=debug` lines.
 //!
 //! `target/release/bench-restart --mib 1024 [--reps 3] [--lazy-mib 4096]`
+//!
+//! `--ab OTHER/ckpt`: an A/B of two builds on the same store in the same
+//! run: each restart is made by this build's `ckpt` and by `OTHER/ckpt`
+//! (with its own restorer beside it), alternately (the order swapped each
+//! repetition), and each mode's medians are printed side by side with
+//! their ratio and the load average.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -103,9 +109,9 @@ struct Sample {
 /// One restart to its first `BEAT`; the engine's timed steps from its log.
 /// A restart refused at once (the coordinator still lists the process just
 /// killed) is tried again.
-fn restart(env: &Env, lazy: bool) -> Sample {
+fn restart(env: &Env, ckpt: &Path, lazy: bool) -> Sample {
     for _ in 0..20 {
-        let s = restart_once(env, lazy);
+        let s = restart_once(env, ckpt, lazy);
         if !s.first_ms.is_nan() {
             return s;
         }
@@ -114,9 +120,9 @@ fn restart(env: &Env, lazy: bool) -> Sample {
     Sample { first_ms: f64::NAN, steps: Vec::new() }
 }
 
-fn restart_once(env: &Env, lazy: bool) -> Sample {
+fn restart_once(env: &Env, ckpt: &Path, lazy: bool) -> Sample {
     let t = Instant::now();
-    let mut rc = env.cmd();
+    let mut rc = env.cmd_with(ckpt);
     rc.arg("restart");
     if lazy {
         rc.arg("--lazy");
@@ -178,6 +184,10 @@ fn main() {
     let (_, cold_read) = read_packs(&env.dir.join("store"));
     let (_, warm_read) = read_packs(&env.dir.join("store"));
     let modes: &[(&str, bool, bool)] = &[("eager, warm", false, false), ("eager, cold", false, true), ("lazy, warm", true, false), ("lazy, cold", true, true)];
+    if let Some(other) = args.iter().position(|a| a == "--ab").and_then(|i| args.get(i + 1)) {
+        ab(&env, &ckpt, Path::new(other), modes, reps, mib, pack_bytes, &c, cold_read);
+        return;
+    }
     let mut rows = Vec::new();
     for &(name, lazy, cold) in modes {
         eprintln!("restart {name} ...");
@@ -186,7 +196,7 @@ fn main() {
             if cold {
                 drop_caches();
             }
-            samples.push(restart(&env, lazy));
+            samples.push(restart(&env, &ckpt, lazy));
         }
         let first = median(samples.iter().map(|s| s.first_ms).collect());
         rows.push((name, first, samples.pop().unwrap().steps));
@@ -196,8 +206,8 @@ fn main() {
     if lazy_mib > 0 {
         eprintln!("checkpoint of {lazy_mib} MiB ...");
         let (env, _) = prepare(&ckpt, lazy_mib);
-        let lazy: Vec<f64> = (0..reps).map(|_| restart(&env, true).first_ms).collect();
-        let eager = restart(&env, false).first_ms;
+        let lazy: Vec<f64> = (0..reps).map(|_| restart(&env, &ckpt, true).first_ms).collect();
+        let eager = restart(&env, &ckpt, false).first_ms;
         big = Some((median(lazy), eager));
     }
 
@@ -237,5 +247,53 @@ fn main() {
     for (name, _, steps) in &rows {
         let s: Vec<String> = steps.iter().map(|(n, ms)| format!("{n}: {ms:.0} ms")).collect();
         println!("- {name}: {}", s.join("; "));
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+}
+
+/// `--ab`: every mode restarted by both builds, alternately; medians, ratio.
+#[allow(clippy::too_many_arguments)]
+fn ab(env: &Env, ckpt: &Path, other: &Path, modes: &[(&str, bool, bool)], reps: usize, mib: usize, pack_bytes: u64, c: &Ceilings, cold_read: Duration) {
+    let load_before = load_average();
+    let mut rows = Vec::new();
+    for &(name, lazy, cold) in modes {
+        eprintln!("restart {name}, A/B ...");
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut steps = (Vec::new(), Vec::new());
+        for r in 0..reps {
+            let order: [bool; 2] = if r % 2 == 0 { [false, true] } else { [true, false] };
+            for this in order {
+                if cold {
+                    drop_caches();
+                }
+                let s = restart(env, if this { ckpt } else { other }, lazy);
+                eprintln!("  {} {:.0} ms", if this { "this " } else { "other" }, s.first_ms);
+                if this {
+                    a.push(s.first_ms);
+                    steps.0 = s.steps;
+                } else {
+                    b.push(s.first_ms);
+                    steps.1 = s.steps;
+                }
+            }
+        }
+        rows.push((name, median(a), median(b), steps));
+    }
+    let image = (mib as u64) << 20;
+    let ms = |gbps: f64| image as f64 / gbps / 1e6;
+    println!("## Restart A/B: {} against {}\n", ckpt.display(), other.display());
+    println!("Image: {mib} MiB `bench_heap`, {:.1} MiB of packs; {reps} restarts per build and mode, alternated. Load average (1, 5, 15 min) before {load_before}, after {}.\n", pack_bytes as f64 / 1048576.0, load_average());
+    println!("Ceilings, same run: cold pack read {:.0} ms; zstd decompress all cores {:.0} ms; BLAKE3 all cores {:.0} ms; memcpy {:.0} ms.\n", cold_read.as_secs_f64() * 1000.0, ms(c.unzstd_all), ms(c.blake3_all), ms(c.memcpy));
+    println!("| mode | this (median) | other (median) | this / other |\n|---|---|---|---|");
+    for (name, a, b, _) in &rows {
+        println!("| {name} | {a:.0} ms | {b:.0} ms | {:.2} |", a / b);
+    }
+    println!();
+    for (name, _, _, (sa, sb)) in &rows {
+        let f = |s: &Vec<(String, f64)>| s.iter().map(|(n, ms)| format!("{n}: {ms:.0} ms")).collect::<Vec<_>>().join("; ");
+        println!("- {name}: this: {}\n  other: {}", f(sa), f(sb));
     }
 }

@@ -12,8 +12,12 @@ use crate::remote;
 
 use super::Ctx;
 
-/// Per chunk, the (address, length) pairs it is written to.
-pub(super) type Dests = HashMap<Hash, Vec<(u64, usize)>>;
+/// Per chunk, the (address, length) pairs it is written to. A restart of
+/// 1 GiB inserts and looks up 262,144 chunks here: hashed with aHash
+/// (SipHash was ~5% of the restart's CPU), whose keys are random per
+/// process, so an unsealed store's chunk lists cannot choose colliding
+/// hashes.
+pub(super) type Dests = HashMap<Hash, Vec<(u64, usize)>, ahash::RandomState>;
 
 /// Where every chunk goes, per process (in the order of the images), but
 /// for the regions of `skip[i]` (indices into image `i`'s regions: a lazy
@@ -25,7 +29,7 @@ pub(super) fn destinations(ctx: &Ctx, skip: &[Vec<usize>]) -> Result<Vec<Dests>>
     let mut shm_written: std::collections::HashSet<(u64, u64)> = Default::default();
     let mut all_dests = Vec::new();
     for (k, image) in images.iter().enumerate() {
-        let mut dests = Dests::new();
+        let mut dests = Dests::default();
         let skip = skip.get(k).map(|v| v.as_slice()).unwrap_or(&[]);
         for (_, r) in image.regions.iter().enumerate().filter(|(i, r)| !r.segments.is_empty() && r.sysv.is_none() && !skip.contains(i)) {
             add_region(store, generation, image, r, &mut shm_written, &mut dests)?;

@@ -42,6 +42,23 @@ pub(crate) fn ids_names_sizes(conn: &Connection, p: &Path) -> Result<Vec<(i64, S
     Ok(packs)
 }
 
+/// The names of the packs of `ids` (each checked), by id; an id the
+/// table lacks is left out.
+pub(crate) fn names_of(conn: &Connection, p: &Path, ids: &std::collections::HashSet<i64>) -> Result<std::collections::HashMap<i64, String>> {
+    let mut st = conn.prepare("SELECT id, name FROM packs").db(p)?;
+    let mut rows = st.query([]).db(p)?;
+    let mut out = std::collections::HashMap::with_capacity(ids.len());
+    while let Some(r) = rows.next().db(p)? {
+        let id: i64 = r.get(0).db(p)?;
+        if ids.contains(&id) {
+            let name: String = r.get(1).db(p)?;
+            private::check_pack_name(&name, p)?;
+            out.insert(id, name);
+        }
+    }
+    Ok(out)
+}
+
 /// (name, size) of every pack row, ascending by id.
 pub(crate) fn names_sizes(conn: &Connection, p: &Path) -> Result<Vec<(String, u64)>> {
     let mut st = conn.prepare("SELECT name, size FROM packs ORDER BY id").db(p)?;
