@@ -288,6 +288,46 @@ pub fn chunk_at(children: &mut dyn FnMut(&Hash) -> Result<std::sync::Arc<[Hash]>
     Ok(node)
 }
 
+/// The hashes of chunks `indices` of a region's tree (as [`chunk_at`],
+/// for many at once): the nodes of each level on the way read together
+/// ([`Store::read_blobs`], batched per pack), so that the whole set costs
+/// depth + 1 rounds of reads, not one read after another per node.
+pub fn chunks_at(store: &Store, generation: u64, top: &[Hash], depth: u32, indices: &[u64]) -> Result<Vec<Hash>> {
+    let bad = |what: String| EngineError::BadImage { generation, what };
+    let height = depth as usize + 1;
+    let span = |h: usize| (FANOUT as u64).checked_pow(h as u32).unwrap_or(u64::MAX);
+    let zeros = zero_nodes(height);
+    let mut cur: Vec<Hash> = indices
+        .iter()
+        .map(|&i| top.get((i / span(height)) as usize).copied().ok_or_else(|| bad(format!("a chunk-list tree of {} top nodes and depth {depth} has no chunk {i}", top.len()))))
+        .collect::<Result<_>>()?;
+    for h in (1..=height).rev() {
+        let mut need: Vec<Hash> = cur.iter().copied().filter(|n| *n != zeros[h]).collect();
+        need.sort_unstable();
+        need.dedup();
+        let got: std::sync::Mutex<std::collections::HashMap<Hash, Vec<u8>>> = Default::default();
+        store.read_blobs(&need, |n, d| {
+            got.lock().unwrap_or_else(|e| e.into_inner()).insert(*n, d.to_vec());
+            Ok(())
+        })?;
+        let got = got.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut kids: std::collections::HashMap<Hash, Vec<Hash>> = std::collections::HashMap::with_capacity(got.len());
+        for (n, bytes) in &got {
+            kids.insert(*n, node_children(generation, n, bytes)?);
+        }
+        for (node, &i) in cur.iter_mut().zip(indices) {
+            if *node == zeros[h] {
+                *node = zeros[h - 1];
+                continue;
+            }
+            let j = ((i / span(h - 1)) % FANOUT as u64) as usize;
+            let k = kids.get(node).ok_or_else(|| bad(format!("chunk-list node {node} was not read")))?;
+            *node = *k.get(j).ok_or_else(|| bad(format!("chunk-list node {node} has {} children: chunk {i} needs child {j}", k.len())))?;
+        }
+    }
+    Ok(cur)
+}
+
 fn expand(store: &Store, generation: u64, nodes: &[Hash], seen: &mut Vec<Hash>) -> Result<Vec<Hash>> {
     let mut out = Vec::with_capacity(nodes.len() * FANOUT);
     for n in nodes {

@@ -61,10 +61,11 @@
 //!   still to come), and the agent's own write-protect registration can
 //!   take the ranges again.
 
+mod prefetch;
 mod unfilled;
 mod watchdog;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
@@ -405,7 +406,7 @@ impl Drop for PageServer {
 
 /// The filler's work: every lazy region's chunk list walked, its chunks
 /// read in slices and sent to the server. Runs after the programs do.
-fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], send: &(dyn Fn(Fill) -> bool + Sync)) -> std::result::Result<(), (Fix, String)> {
+fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], skip: &HashSet<(usize, u64)>, send: &(dyn Fn(Fill) -> bool + Sync)) -> std::result::Result<(), (Fix, String)> {
     for (origin, part) in parts.iter().enumerate() {
         for r in &part.regions {
             let n = (r.end - r.start).div_ceil(part.chunk_size);
@@ -420,7 +421,14 @@ fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], send: &(dyn Fn(F
             for slice in list.entries.chunks(FILL_SLICE) {
                 let mut dests: HashMap<Hash, Vec<u64>> = HashMap::new();
                 for &(i, h) in slice {
-                    dests.entry(h).or_default().push(r.start + i * part.chunk_size);
+                    let src = r.start + i * part.chunk_size;
+                    // Already read by the prefetch (and copied or stashed).
+                    if !skip.contains(&(origin, src)) {
+                        dests.entry(h).or_default().push(src);
+                    }
+                }
+                if dests.is_empty() {
+                    continue;
                 }
                 let hashes: Vec<Hash> = dests.keys().copied().collect();
                 store
@@ -481,19 +489,31 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
     };
     let fill_store = store.clone();
     let fill_parts = parts.clone();
+    // The record the prefetch used (origin, image address), for the next.
+    let used: Arc<std::sync::Mutex<Vec<(usize, u64)>>> = Default::default();
+    let used_by_filler = used.clone();
     let mut workers = threads.workers.into_iter();
     let (read_tx, read_h) = workers.next().expect("two workers");
     let (serve_tx, serve_h) = workers.next().expect("two workers");
     let stopped = || EngineError::Restore { generation, what: "a thread of the lazy restart stopped before it started".into() };
     read_tx
-        .send(Box::new(move || match fill_all(&fill_store, generation, &fill_parts, &send) {
+        .send(Box::new(move || {
+            // The pages touched first last time, ahead of the fill.
+            let t = Instant::now();
+            let (from, wanted) = prefetch::find(&fill_store, generation, &fill_parts);
+            *used_by_filler.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
+            let done = prefetch::prefetch(&fill_store, generation, &fill_parts, &wanted, &send);
+            if let Some(g) = from {
+                tracing::debug!(record = g, entries = wanted.len(), chunks = done.len(), ms = t.elapsed().as_millis() as u64, "prefetched the pages touched first");
+            }
+            match fill_all(&fill_store, generation, &fill_parts, &done, &send) {
             Ok(()) => {
                 send(Fill::Done);
             }
             Err(e) => {
                 send(Fill::Failed(e.0, e.1));
             }
-        }))
+        }}))
         .map_err(|_| stopped())?;
     let spaces: Vec<Space> = attached.into_iter().map(|a| a.space).collect();
     let depth = parts.iter().flat_map(|p| p.regions.iter().map(|r| r.depth)).max().unwrap_or(0);
@@ -503,6 +523,7 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
     let (done_tx, done) = mpsc::channel();
     let failure: Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let failed = failure.clone();
+    let record_store = store.clone();
     serve_tx
         .send(Box::new(move || {
             let server = Server {
@@ -520,8 +541,15 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
                 stash: Vec::new(),
                 watchdog,
                 failed,
+                faulted: Vec::new(),
+                faulted_seen: HashSet::new(),
             };
-            let _ = done_tx.send(server.run());
+            let r = server.run();
+            if let Ok((_, faulted, parts)) = &r {
+                let used = used.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                write_record(&record_store, generation, &used, faulted, parts);
+            }
+            let _ = done_tx.send(r.map(|(report, _, _)| report));
         }))
         .map_err(|_| stopped())?;
     Ok(PageServer { bytes, failure, done, threads: vec![read_h, serve_h] })
@@ -551,10 +579,28 @@ struct Server {
     watchdog: Watchdog,
     /// [`PageServer::failed`]'s answer.
     failed: Arc<std::sync::Mutex<Option<String>>>,
+    /// The chunks with data whose faults it served, in order (origin,
+    /// image address), at most [`prefetch::MAX_ENTRIES`]: the next
+    /// restart's prefetch.
+    faulted: Vec<(usize, u64)>,
+    faulted_seen: HashSet<(usize, u64)>,
 }
 
+/// Writes generation `generation`'s first-touched record for the next
+/// restart, if this one had new faults. A failure only costs the next
+/// restart its prefetch: warned about, not an error.
+fn write_record(store: &Store, generation: u64, used: &[(usize, u64)], faulted: &[(usize, u64)], parts: &[LazyPart]) {
+    let Some(body) = prefetch::next_record(used, faulted, parts) else { return };
+    match store.generation(generation).and_then(|g| store.put_touched(&g, &body)) {
+        Ok(()) => tracing::debug!(generation, entries = (body.len() - 12) / 12, "wrote the first-touched record"),
+        Err(e) => tracing::warn!(generation, "cannot write the first-touched record (the next lazy restart will not prefetch): {e}"),
+    }
+}
+
+type Ran = (FillReport, Vec<(usize, u64)>, Arc<Vec<LazyPart>>);
+
 impl Server {
-    fn run(mut self) -> Result<FillReport> {
+    fn run(mut self) -> Result<Ran> {
         let t0 = Instant::now();
         let mut reading = true;
         loop {
@@ -606,7 +652,7 @@ impl Server {
         }
         self.report.ms = t0.elapsed().as_secs_f64() * 1000.0;
         tracing::debug!(ms = self.report.ms as u64, faults = self.report.faults, bytes = self.report.copied_bytes, "lazy fill done");
-        Ok(self.report)
+        Ok((self.report, std::mem::take(&mut self.faulted), self.parts.clone()))
     }
 
     /// Reads and handles every queued message of every userfaultfd.
@@ -694,6 +740,9 @@ impl Server {
                 let start = region.start + index * part.chunk_size;
                 let len = (region.end - start).min(part.chunk_size);
                 let h = self.hash_of(i, page, region, index)?;
+                if !h.is_zero_chunk() && self.faulted.len() < prefetch::MAX_ENTRIES && self.faulted_seen.insert((origin, start)) {
+                    self.faulted.push((origin, start));
+                }
                 if h.is_zero_chunk() {
                     self.place(i, start, len, None)
                 } else {
