@@ -121,6 +121,28 @@ fn moto(port: u16, log: &Path) -> Child {
     child
 }
 
+/// One request to the S3 server, signed (curl's SigV4: moto refuses an
+/// unsigned read of an object); the status and the body.
+fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let tmp = std::env::temp_dir().join(format!("bench-lazy-s3-{}.body", std::process::id()));
+    std::fs::write(&tmp, body).unwrap();
+    let mut c = Command::new("curl");
+    c.args(["-s", "-X", method, "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "bench:bench", "-w", "\n%{http_code}"]);
+    if method == "PUT" {
+        c.arg("--data-binary").arg(format!("@{}", tmp.display()));
+    }
+    if method == "HEAD" {
+        c.arg("-I");
+    }
+    let out = c.arg(format!("http://127.0.0.1:{port}{path}")).output().expect("curl");
+    let _ = std::fs::remove_file(&tmp);
+    let mut o = out.stdout;
+    let nl = o.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+    let code = String::from_utf8_lossy(&o[nl..]).trim().parse().unwrap_or(0);
+    o.truncate(nl);
+    (code, o)
+}
+
 fn reader(out: impl Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = channel();
     std::thread::spawn(move || {
@@ -191,7 +213,7 @@ fn restart(run: &Run, ckpt: &Path, counts: &Counts, n: usize, finish: bool) -> S
         let cache = format!("cache-r{n}-{attempt}");
         let (g0, b0) = (counts.gets.load(Ordering::Relaxed), counts.bytes.load(Ordering::Relaxed));
         let t = Instant::now();
-        let mut child = run.cmd(ckpt, &cache).args(["restart", "--lazy"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = run.cmd(ckpt, &cache).args(["restart", "--lazy"]).env("CKPT_LOG", "ckpt_engine=debug").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let out = reader(child.stdout.take().unwrap());
         let err = reader(child.stderr.take().unwrap());
         let done = wait_nth(&out, "WORKED", 2, Duration::from_secs(600));
@@ -205,6 +227,11 @@ fn restart(run: &Run, ckpt: &Path, counts: &Counts, n: usize, finish: bool) -> S
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(run.dir.join(&cache));
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            for l in err.try_iter().filter(|l| l.contains("prefetch") || l.contains("first-touched") || l.contains("fill done")) {
+                eprintln!("  {l}");
+            }
+        }
         match done {
             Some(at) => return Sample { ms: at.duration_since(t).as_secs_f64() * 1000.0, gets: g1 - g0, bytes: b1 - b0 },
             None => {
@@ -248,12 +275,22 @@ fn main() {
 
     eprintln!("first lazy restart (this build, no record yet; it writes one) ...");
     let first = restart(&run, &new, &counts, 0, true);
+    // The record the first restart wrote (generation 1: the store's
+    // first), taken away for the runs of this build without one; each of
+    // those is a first restart again and writes the record the next rep's
+    // prefetch uses (it runs until its fill ends).
+    let rec = format!("/{BUCKET}/bench/touched/1.rec");
+    assert_eq!(http(s3, "HEAD", &rec, &[]).0, 200, "the first restart wrote no first-touched record");
     let mut a = Vec::new();
     let mut b = Vec::new();
+    let mut c0 = Vec::new();
     for i in 0..reps {
-        eprintln!("rep {i}: main's build, then this build ...");
-        a.push(restart(&run, &base, &counts, 2 * i + 1, false));
-        b.push(restart(&run, &new, &counts, 2 * i + 2, false));
+        eprintln!("rep {i}: main's build, this build (prefetch), this build without a record ...");
+        a.push(restart(&run, &base, &counts, 3 * i + 1, false));
+        b.push(restart(&run, &new, &counts, 3 * i + 2, false));
+        assert_eq!(http(s3, "DELETE", &rec, &[]).0, 204);
+        c0.push(restart(&run, &new, &counts, 3 * i + 3, true));
+        assert_eq!(http(s3, "HEAD", &rec, &[]).0, 200, "a restart without a record wrote none");
     }
     let _ = run.cmd(&new, "cache-0").arg("quit").output();
     let _ = server.kill();
@@ -265,14 +302,16 @@ fn main() {
     let (ams, bms) = (med(&a, |s| s.ms), med(&b, |s| s.ms));
     let (agets, bgets) = (med(&a, |s| s.gets as f64), med(&b, |s| s.gets as f64));
     let (abytes, bbytes) = (med(&a, |s| s.bytes as f64), med(&b, |s| s.bytes as f64));
+    let (cms, cgets, cbytes) = (med(&c0, |s| s.ms), med(&c0, |s| s.gets as f64), med(&c0, |s| s.bytes as f64));
     println!("`target/release/bench-lazy-s3 --mib {mib} --ws {ws} --reps {reps} --latency-ms {}`; load average {}", latency.as_millis(), load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
     println!();
     println!("| lazy restart from S3, to the working set read once | ms | GETs | MiB received |\n|---|---|---|---|");
     let row = |name: &str, ms: f64, gets: f64, bytes: f64| println!("| {name} | {ms:.0} | {gets:.0} | {:.1} |", bytes / 1048576.0);
     row("this build, no record yet (first restart)", first.ms, first.gets as f64, first.bytes as f64);
     row(&format!("main's build (no prefetch), median of {reps}"), ams, agets, abytes);
-    row(&format!("this build (prefetch), median of {reps}"), bms, bgets, bbytes);
-    println!("\nratios this build / main's: time {:.2}×, GETs {:.2}×, bytes {:.2}×", bms / ams, bgets / agets, bbytes / abytes);
-    println!("per rep (main ms, this ms): {}", a.iter().zip(&b).map(|(x, y)| format!("({:.0}, {:.0})", x.ms, y.ms)).collect::<Vec<_>>().join(" "));
+    row(&format!("this build without a record (fault-around only), median of {reps}"), cms, cgets, cbytes);
+    row(&format!("this build (prefetch of the record), median of {reps}"), bms, bgets, bbytes);
+    println!("\nratios to main's build: with the record: time {:.2}×, GETs {:.2}×, bytes {:.2}×; without: time {:.2}×, GETs {:.2}×, bytes {:.2}×", bms / ams, bgets / agets, bbytes / abytes, cms / ams, cgets / agets, cbytes / abytes);
+    println!("per rep ms (main, this without record, this): {}", (0..reps).map(|i| format!("({:.0}, {:.0}, {:.0})", a[i].ms, c0[i].ms, b[i].ms)).collect::<Vec<_>>().join(" "));
     figure(&format!("lazy restart from S3 to a {ws} MiB working set of {mib} MiB, prefetch vs none"), bms / ams, "x", None, None);
 }

@@ -90,6 +90,9 @@ const NODE_CACHE: usize = 1 << 16;
 const CHUNK_CACHE: usize = 256;
 /// Chunks the filler looks up and reads at a time.
 const FILL_SLICE: usize = 1 << 14;
+/// Chunks of the aligned group a fault brings in (the faulting one first):
+/// [`Server::around`].
+const FAULT_AROUND: u64 = 16;
 
 /// One lazily served region, as the image has it.
 #[derive(Clone, Debug)]
@@ -502,7 +505,7 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
             let t = Instant::now();
             let (from, wanted) = prefetch::find(&fill_store, generation, &fill_parts);
             *used_by_filler.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
-            let done = prefetch::prefetch(&fill_store, generation, &fill_parts, &wanted, &send);
+            let done = prefetch::prefetch(&fill_store, generation, &fill_parts, &prefetch::around(&wanted, &fill_parts), &send);
             if let Some(g) = from {
                 tracing::debug!(record = g, entries = wanted.len(), chunks = done.len(), ms = t.elapsed().as_millis() as u64, "prefetched the pages touched first");
             }
@@ -528,6 +531,7 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
         .send(Box::new(move || {
             let server = Server {
                 generation,
+                store: record_store.clone(),
                 parts,
                 spaces,
                 reader,
@@ -557,6 +561,8 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
 
 struct Server {
     generation: u64,
+    /// For the reads of fault-around.
+    store: Store,
     /// The lazy regions of each origin process.
     parts: Arc<Vec<LazyPart>>,
     spaces: Vec<Space>,
@@ -750,7 +756,11 @@ impl Server {
                     if data.len() as u64 != len {
                         return Err(self.die(Fix::Image, format!("chunk {h} is {} bytes, the image needs {len} at {start:#x} of {}", data.len(), self.who(i))));
                     }
-                    self.place(i, start, len, Some(&data))
+                    match self.place(i, start, len, Some(&data)) {
+                        // The thread runs on; its neighbours come next.
+                        Copy::Done => self.around(i, page, region, index)?,
+                        other => other,
+                    }
                 }
             }
         };
@@ -761,6 +771,61 @@ impl Server {
             Copy::Failed(e) => return Err(self.die(Fix::Kernel, format!("the kernel refused the memory at {page:#x} of {}: {}", self.who(i), std::io::Error::from_raw_os_error(e)))),
         }
         Ok(())
+    }
+
+    /// Fault-around: after a fault at chunk `index` of `region`, the other
+    /// chunks of its aligned group of [`FAULT_AROUND`] still unfilled in
+    /// space `i`, read together (one coalesced read: a group's chunks are
+    /// mostly neighbours in one pack) and copied in. A fault is where the
+    /// program overtook the fill, and it touches runs of pages: without
+    /// this each next page of the run faults and waits a round trip of its
+    /// own.
+    fn around(&mut self, i: usize, page: u64, region: &LazyRegion, index: u64) -> Result<Copy> {
+        let part = self.parts[self.spaces[i].origin].clone();
+        let n = (region.end - region.start).div_ceil(part.chunk_size);
+        let first = index / FAULT_AROUND * FAULT_AROUND;
+        let mut want: Vec<(u64, u64, Hash)> = Vec::new();
+        for k in (first..(first + FAULT_AROUND).min(n)).filter(|&k| k != index) {
+            let src = region.start + k * part.chunk_size;
+            let len = (region.end - src).min(part.chunk_size);
+            if self.spaces[i].unfilled.of_source(src, src + len).is_empty() {
+                continue;
+            }
+            let h = self.hash_of(i, page, region, k)?;
+            if !h.is_zero_chunk() {
+                want.push((src, len, h));
+            }
+        }
+        if want.is_empty() {
+            return Ok(Copy::Done);
+        }
+        let hashes: Vec<Hash> = want.iter().map(|w| w.2).collect();
+        let got: std::sync::Mutex<HashMap<Hash, Arc<[u8]>>> = Default::default();
+        let read = self.store.read_blobs_batched(&hashes, |batch| {
+            let mut g = got.lock().unwrap_or_else(|e| e.into_inner());
+            for (h, d) in batch {
+                g.insert(*h, Arc::from(*d));
+            }
+            Ok(())
+        });
+        if let Err(e) = read {
+            let (fix, why) = unreadable(&format!("the memory around {page:#x} of {}", self.who(i)), &e);
+            return Err(self.die(fix, why));
+        }
+        let got = got.into_inner().unwrap_or_else(|e| e.into_inner());
+        for (src, len, h) in want {
+            let Some(data) = got.get(&h) else { continue };
+            if data.len() as u64 != len {
+                return Err(self.die(Fix::Image, format!("chunk {h} is {} bytes, the image needs {len} at {src:#x} of {}", data.len(), self.who(i))));
+            }
+            match self.place(i, src, len, Some(data)) {
+                Copy::Done | Copy::Gone => {}
+                // The address space changes: the fill (or a fault) brings these.
+                Copy::Again => break,
+                failed => return Ok(failed),
+            }
+        }
+        Ok(Copy::Done)
     }
 
     /// The hash of chunk `index` of `region`, from its chunk-list tree (the

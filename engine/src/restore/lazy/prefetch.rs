@@ -52,6 +52,9 @@ const LOOK_BACK: usize = 3;
 const MAGIC: &[u8; 8] = b"CKPTTCH1";
 /// Bytes per entry: PID (i32) and image address (u64), little-endian.
 const ENTRY: usize = 12;
+/// Chunks around each recorded one that are prefetched with it (the
+/// aligned group holding it): see [`around`].
+const AROUND: u64 = 16;
 /// Chunks of the first slice read; each next slice is 4 times larger, up
 /// to [`super::FILL_SLICE`].
 const FIRST_SLICE: usize = 256;
@@ -128,6 +131,37 @@ pub(super) fn find(store: &Store, generation: u64, parts: &[LazyPart]) -> (Optio
         }
     }
     (None, Vec::new())
+}
+
+/// `wanted` with each chunk's aligned group of [`AROUND`] chunks (within
+/// its region), in order, each once, at most [`MAX_ENTRIES`]. Why: a record
+/// holds the faults only, and while the fill races the program most of the
+/// pages it touches are brought in by the fill before the touch, so they
+/// never fault. A fault is where a pass of the program overtook the fill,
+/// and its neighbours were touched by the same pass (a program's working
+/// set is runs of pages: arrays, arenas, stacks). Measured
+/// (BENCHMARKS.md): the faults of a first lazy restart from S3 were 10% of
+/// the working set's pages, their groups most of it.
+pub(super) fn around(wanted: &[(usize, u64)], parts: &[LazyPart]) -> Vec<(usize, u64)> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for &(origin, addr) in wanted {
+        let part = &parts[origin];
+        let Some(r) = part.region_at(addr) else { continue };
+        let group = part.chunk_size * AROUND;
+        let first = r.start + (addr - r.start) / group * group;
+        // The chunk itself first, then the rest of its group.
+        let rest = (0..AROUND).map(|k| first + k * part.chunk_size).filter(|&a| a < r.end && a != addr);
+        for a in std::iter::once(addr).chain(rest) {
+            if out.len() >= MAX_ENTRIES {
+                return out;
+            }
+            if seen.insert((origin, a)) {
+                out.push((origin, a));
+            }
+        }
+    }
+    out
 }
 
 /// Reads the chunks of `wanted` (origin, image address: [`check`]ed) in
