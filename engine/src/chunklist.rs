@@ -293,6 +293,19 @@ pub fn chunk_at(children: &mut dyn FnMut(&Hash) -> Result<std::sync::Arc<[Hash]>
 /// ([`Store::read_blobs`], batched per pack), so that the whole set costs
 /// depth + 1 rounds of reads, not one read after another per node.
 pub fn chunks_at(store: &Store, generation: u64, top: &[Hash], depth: u32, indices: &[u64]) -> Result<Vec<Hash>> {
+    let mut read = |need: &[Hash]| -> Result<std::collections::HashMap<Hash, Vec<u8>>> {
+        let got: std::sync::Mutex<std::collections::HashMap<Hash, Vec<u8>>> = Default::default();
+        store.read_blobs(need, |n, d| {
+            got.lock().unwrap_or_else(|e| e.into_inner()).insert(*n, d.to_vec());
+            Ok(())
+        })?;
+        Ok(got.into_inner().unwrap_or_else(|e| e.into_inner()))
+    };
+    chunks_at_from(&mut read, generation, top, depth, indices)
+}
+
+/// [`chunks_at`] with each level's nodes read by `read`.
+fn chunks_at_from(read: &mut dyn FnMut(&[Hash]) -> Result<std::collections::HashMap<Hash, Vec<u8>>>, generation: u64, top: &[Hash], depth: u32, indices: &[u64]) -> Result<Vec<Hash>> {
     let bad = |what: String| EngineError::BadImage { generation, what };
     let height = depth as usize + 1;
     let span = |h: usize| (FANOUT as u64).checked_pow(h as u32).unwrap_or(u64::MAX);
@@ -305,12 +318,7 @@ pub fn chunks_at(store: &Store, generation: u64, top: &[Hash], depth: u32, indic
         let mut need: Vec<Hash> = cur.iter().copied().filter(|n| *n != zeros[h]).collect();
         need.sort_unstable();
         need.dedup();
-        let got: std::sync::Mutex<std::collections::HashMap<Hash, Vec<u8>>> = Default::default();
-        store.read_blobs(&need, |n, d| {
-            got.lock().unwrap_or_else(|e| e.into_inner()).insert(*n, d.to_vec());
-            Ok(())
-        })?;
-        let got = got.into_inner().unwrap_or_else(|e| e.into_inner());
+        let got = read(&need)?;
         let mut kids: std::collections::HashMap<Hash, Vec<Hash>> = std::collections::HashMap::with_capacity(got.len());
         for (n, bytes) in &got {
             kids.insert(*n, node_children(generation, n, bytes)?);
@@ -437,6 +445,29 @@ mod tests {
                 (d.0.lock().unwrap().keys().copied().collect(), s.0.lock().unwrap().keys().copied().collect());
             assert_eq!(sk, dk, "len {len} data {data:?}");
             assert_eq!(s.load(&got.0, got.1, len as u64).unwrap(), sparse, "len {len} data {data:?}");
+        }
+    }
+
+    /// Many chunks at once, level by level, are what the dense list has
+    /// at each index (zero subtrees included), and a node that is not
+    /// there fails.
+    #[test]
+    fn many_chunks_at_once_are_what_the_whole_list_has() {
+        for &(len, data) in &[(100_000usize, &[0usize, 1, 31, 32, 999, 65_535, 99_999][..]), (32 * 32 * 64 * 2, &[77_777][..]), (33, &[32][..])] {
+            let hashes = dense(len, data);
+            let m = Mem::default();
+            let (top, depth) = store_sparse(&m, &SparseChunks::from_dense(&hashes)).unwrap();
+            let blobs = m.0.lock().unwrap().clone();
+            let mut read = |need: &[Hash]| -> Result<HashMap<Hash, Vec<u8>>> { Ok(need.iter().filter_map(|n| blobs.get(n).map(|b| (*n, b.clone()))).collect()) };
+            let idx: Vec<u64> = data.iter().map(|&i| i as u64).chain([0, len as u64 / 2, len as u64 - 1]).collect();
+            let got = chunks_at_from(&mut read, 1, &top, depth, &idx).unwrap();
+            for (i, h) in idx.iter().zip(got) {
+                assert_eq!(h, hashes[*i as usize], "len {len} chunk {i}");
+            }
+            let mut none = |_: &[Hash]| -> Result<HashMap<Hash, Vec<u8>>> { Ok(HashMap::new()) };
+            if !data.is_empty() {
+                assert!(chunks_at_from(&mut none, 1, &top, depth, &[data[0] as u64]).is_err());
+            }
         }
     }
 

@@ -143,6 +143,10 @@ fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     (code, o)
 }
 
+fn wait_nth(rx: &Receiver<String>, prefix: &str, n: usize, timeout: Duration) -> Option<Instant> {
+    wait_nth_first(rx, prefix, n, timeout, &mut None)
+}
+
 fn reader(out: impl Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = channel();
     std::thread::spawn(move || {
@@ -155,13 +159,18 @@ fn reader(out: impl Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
-/// Waits for the `n`th line starting with `prefix`.
-fn wait_nth(rx: &Receiver<String>, prefix: &str, n: usize, timeout: Duration) -> Option<Instant> {
+/// Waits for the `n`th line starting with `prefix`; sets `first` at the
+/// first line of all.
+fn wait_nth_first(rx: &Receiver<String>, prefix: &str, n: usize, timeout: Duration, first: &mut Option<Instant>) -> Option<Instant> {
     let deadline = Instant::now() + timeout;
     let mut seen = 0;
     loop {
         let left = deadline.checked_duration_since(Instant::now())?;
-        match rx.recv_timeout(left) {
+        let got = rx.recv_timeout(left);
+        if got.is_ok() && first.is_none() {
+            *first = Some(Instant::now());
+        }
+        match got {
             Ok(l) if l.starts_with(prefix) => {
                 seen += 1;
                 if seen == n {
@@ -200,6 +209,8 @@ impl Run {
 }
 
 struct Sample {
+    /// To the first output (BEAT).
+    first_ms: f64,
     ms: f64,
     gets: u64,
     bytes: u64,
@@ -216,7 +227,8 @@ fn restart(run: &Run, ckpt: &Path, counts: &Counts, n: usize, finish: bool) -> S
         let mut child = run.cmd(ckpt, &cache).args(["restart", "--lazy"]).env("CKPT_LOG", "ckpt_engine=debug").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let out = reader(child.stdout.take().unwrap());
         let err = reader(child.stderr.take().unwrap());
-        let done = wait_nth(&out, "WORKED", 2, Duration::from_secs(600));
+        let mut first = None;
+        let done = wait_nth_first(&out, "WORKED", 2, Duration::from_secs(600), &mut first);
         let (g1, b1) = (counts.gets.load(Ordering::Relaxed), counts.bytes.load(Ordering::Relaxed));
         if finish && done.is_some() {
             let _ = run.cmd(ckpt, "cache-0").arg("kill").output();
@@ -233,7 +245,7 @@ fn restart(run: &Run, ckpt: &Path, counts: &Counts, n: usize, finish: bool) -> S
             }
         }
         match done {
-            Some(at) => return Sample { ms: at.duration_since(t).as_secs_f64() * 1000.0, gets: g1 - g0, bytes: b1 - b0 },
+            Some(at) => return Sample { first_ms: first.map(|f| f.duration_since(t).as_secs_f64() * 1000.0).unwrap_or(f64::NAN), ms: at.duration_since(t).as_secs_f64() * 1000.0, gets: g1 - g0, bytes: b1 - b0 },
             None => {
                 let e: Vec<String> = err.try_iter().collect();
                 eprintln!("restart attempt {attempt} did not reach its working set: {}", e.join(" | "));
@@ -305,12 +317,13 @@ fn main() {
     let (cms, cgets, cbytes) = (med(&c0, |s| s.ms), med(&c0, |s| s.gets as f64), med(&c0, |s| s.bytes as f64));
     println!("`target/release/bench-lazy-s3 --mib {mib} --ws {ws} --reps {reps} --latency-ms {}`; load average {}", latency.as_millis(), load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
     println!();
-    println!("| lazy restart from S3, to the working set read once | ms | GETs | MiB received |\n|---|---|---|---|");
-    let row = |name: &str, ms: f64, gets: f64, bytes: f64| println!("| {name} | {ms:.0} | {gets:.0} | {:.1} |", bytes / 1048576.0);
-    row("this build, no record yet (first restart)", first.ms, first.gets as f64, first.bytes as f64);
-    row(&format!("main's build (no prefetch), median of {reps}"), ams, agets, abytes);
-    row(&format!("this build without a record (fault-around only), median of {reps}"), cms, cgets, cbytes);
-    row(&format!("this build (prefetch of the record), median of {reps}"), bms, bgets, bbytes);
+    println!("| lazy restart from S3 | first output ms | working set read once, ms | GETs until then | MiB received until then |\n|---|---|---|---|---|");
+    let row = |name: &str, f: f64, ms: f64, gets: f64, bytes: f64| println!("| {name} | {f:.0} | {ms:.0} | {gets:.0} | {:.1} |", bytes / 1048576.0);
+    let fm = |v: &[Sample]| med(v, |s| s.first_ms);
+    row("this build, no record yet (first restart)", first.first_ms, first.ms, first.gets as f64, first.bytes as f64);
+    row(&format!("main's build (no prefetch), median of {reps}"), fm(&a), ams, agets, abytes);
+    row(&format!("this build without a record (fault-around only), median of {reps}"), fm(&c0), cms, cgets, cbytes);
+    row(&format!("this build (prefetch of the record), median of {reps}"), fm(&b), bms, bgets, bbytes);
     println!("\nratios to main's build: with the record: time {:.2}×, GETs {:.2}×, bytes {:.2}×; without: time {:.2}×, GETs {:.2}×, bytes {:.2}×", bms / ams, bgets / agets, bbytes / abytes, cms / ams, cgets / agets, cbytes / abytes);
     println!("per rep ms (main, this without record, this): {}", (0..reps).map(|i| format!("({:.0}, {:.0}, {:.0})", a[i].ms, c0[i].ms, b[i].ms)).collect::<Vec<_>>().join(" "));
     figure(&format!("lazy restart from S3 to a {ws} MiB working set of {mib} MiB, prefetch vs none"), bms / ams, "x", None, None);

@@ -28,7 +28,12 @@
 //!   depth + 1 node reads, nodes cached as they are content-addressed), and
 //!   `UFFDIO_COPY` of that chunk's unfilled pages, read on a catalog
 //!   connection of its own (`UFFDIO_ZEROPAGE` where the image has no
-//!   data). It follows the events: a forked child gets the parent's
+//!   data), then the rest of the chunk's aligned group of
+//!   [`FAULT_AROUND`] chunks in one coalesced read (the program touches
+//!   runs of pages; from S3 each next page would wait a round trip). The
+//!   faults are kept, in order, for the next restart's prefetch
+//!   ([`prefetch`]), which the filler thread issues before the fill. It
+//!   follows the events: a forked child gets the parent's
 //!   unfilled set; a remapped range moves in it; an unmapped or
 //!   `MADV_DONTNEED` range leaves it (it reads as zero now). Between
 //!   events it copies in the chunks the filler thread decodes: the filler
@@ -531,7 +536,6 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
         .send(Box::new(move || {
             let server = Server {
                 generation,
-                store: record_store.clone(),
                 parts,
                 spaces,
                 reader,
@@ -561,8 +565,6 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
 
 struct Server {
     generation: u64,
-    /// For the reads of fault-around.
-    store: Store,
     /// The lazy regions of each origin process.
     parts: Arc<Vec<LazyPart>>,
     spaces: Vec<Space>,
@@ -799,20 +801,17 @@ impl Server {
         if want.is_empty() {
             return Ok(Copy::Done);
         }
-        let hashes: Vec<Hash> = want.iter().map(|w| w.2).collect();
-        let got: std::sync::Mutex<HashMap<Hash, Arc<[u8]>>> = Default::default();
-        let read = self.store.read_blobs_batched(&hashes, |batch| {
-            let mut g = got.lock().unwrap_or_else(|e| e.into_inner());
-            for (h, d) in batch {
-                g.insert(*h, Arc::from(*d));
+        let mut hashes: Vec<Hash> = want.iter().map(|w| w.2).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        // On the server's own reader: never behind the fill's reads.
+        let got: HashMap<Hash, Vec<u8>> = match self.reader.read_many(&hashes) {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                let (fix, why) = unreadable(&format!("the memory around {page:#x} of {}", self.who(i)), &e);
+                return Err(self.die(fix, why));
             }
-            Ok(())
-        });
-        if let Err(e) = read {
-            let (fix, why) = unreadable(&format!("the memory around {page:#x} of {}", self.who(i)), &e);
-            return Err(self.die(fix, why));
-        }
-        let got = got.into_inner().unwrap_or_else(|e| e.into_inner());
+        };
         for (src, len, h) in want {
             let Some(data) = got.get(&h) else { continue };
             if data.len() as u64 != len {
