@@ -500,6 +500,9 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
     // The record the prefetch used (origin, image address), for the next.
     let used: Arc<std::sync::Mutex<Vec<(usize, u64)>>> = Default::default();
     let used_by_filler = used.clone();
+    // Faults served so far (the prefetch lets the program's first ones go first).
+    let faults = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let faults_seen = faults.clone();
     let mut workers = threads.workers.into_iter();
     let (read_tx, read_h) = workers.next().expect("two workers");
     let (serve_tx, serve_h) = workers.next().expect("two workers");
@@ -510,7 +513,8 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
             let t = Instant::now();
             let (from, wanted) = prefetch::find(&fill_store, generation, &fill_parts);
             *used_by_filler.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
-            let done = prefetch::prefetch(&fill_store, generation, &fill_parts, &prefetch::around(&wanted, &fill_parts), &send);
+            let settle = || prefetch::settle(&faults_seen);
+            let done = prefetch::prefetch(&fill_store, generation, &fill_parts, &prefetch::around(&wanted, &fill_parts), &settle, &send);
             if let Some(g) = from {
                 tracing::debug!(record = g, entries = wanted.len(), chunks = done.len(), ms = t.elapsed().as_millis() as u64, "prefetched the pages touched first");
             }
@@ -551,6 +555,7 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
                 failed,
                 faulted: Vec::new(),
                 faulted_seen: HashSet::new(),
+                faults,
             };
             let r = server.run();
             if let Ok((_, faulted, parts)) = &r {
@@ -592,6 +597,8 @@ struct Server {
     /// restart's prefetch.
     faulted: Vec<(usize, u64)>,
     faulted_seen: HashSet<(usize, u64)>,
+    /// [`FillReport::faults`], for the prefetch to see.
+    faults: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Writes generation `generation`'s first-touched record for the next
@@ -685,6 +692,7 @@ impl Server {
         match msg.event {
             UFFD_EVENT_PAGEFAULT => {
                 self.report.faults += 1;
+                self.faults.store(self.report.faults, std::sync::atomic::Ordering::Relaxed);
                 let addr = msg.arg[1] & !(PAGE - 1);
                 self.fault(i, addr)?;
             }

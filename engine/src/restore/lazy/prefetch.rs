@@ -55,6 +55,9 @@ const ENTRY: usize = 12;
 /// Chunks around each recorded one that are prefetched with it (the
 /// aligned group holding it): see [`around`].
 const AROUND: u64 = 16;
+/// See [`settle`].
+const QUIET: std::time::Duration = std::time::Duration::from_millis(30);
+const HEAD_START: std::time::Duration = std::time::Duration::from_millis(300);
 /// Chunks of the first slice read; each next slice is 4 times larger, up
 /// to [`super::FILL_SLICE`].
 const FIRST_SLICE: usize = 256;
@@ -164,11 +167,29 @@ pub(super) fn around(wanted: &[(usize, u64)], parts: &[LazyPart]) -> Vec<(usize,
     out
 }
 
+/// Waits until the program's first faults (its first output's pages) are
+/// served: until no fault came for [`QUIET`], at most [`HEAD_START`]. The
+/// prefetch's reads would otherwise be ahead of them at the store (a local
+/// S3 server answers one request after another).
+pub(super) fn settle(faults: &std::sync::atomic::AtomicU64) {
+    let t = std::time::Instant::now();
+    let mut last = faults.load(std::sync::atomic::Ordering::Relaxed);
+    let mut quiet_since = t;
+    while t.elapsed() < HEAD_START && quiet_since.elapsed() < QUIET {
+        std::thread::sleep(std::time::Duration::from_millis(5)); // polling the server's fault count
+        let now = faults.load(std::sync::atomic::Ordering::Relaxed);
+        if now != last {
+            last = now;
+            quiet_since = std::time::Instant::now();
+        }
+    }
+}
+
 /// Reads the chunks of `wanted` (origin, image address: [`check`]ed) in
 /// its order and sends them to the server; the chunks sent, as
 /// (origin, image address). Stops quietly at the first error: the fill
 /// (or a fault) meets the same and says so.
-pub(super) fn prefetch(store: &Store, generation: u64, parts: &[LazyPart], wanted: &[(usize, u64)], send: &(dyn Fn(Fill) -> bool + Sync)) -> HashSet<(usize, u64)> {
+pub(super) fn prefetch(store: &Store, generation: u64, parts: &[LazyPart], wanted: &[(usize, u64)], settle: &dyn Fn(), send: &(dyn Fn(Fill) -> bool + Sync)) -> HashSet<(usize, u64)> {
     let mut sent = HashSet::new();
     // The hash of every wanted chunk: one descent per region, all its
     // wanted chunks at once.
@@ -196,6 +217,10 @@ pub(super) fn prefetch(store: &Store, generation: u64, parts: &[LazyPart], wante
     }
     // Zero chunks need no read (a fault zero-fills them).
     let order: Vec<(usize, u64, Hash)> = wanted.iter().filter_map(|&(o, a)| hash_of.get(&(o, a)).filter(|h| !h.is_zero_chunk()).map(|h| (o, a, *h))).collect();
+    if order.is_empty() {
+        return sent;
+    }
+    settle();
     let mut at = 0;
     let mut slice = FIRST_SLICE;
     while at < order.len() {
