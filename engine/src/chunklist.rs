@@ -304,8 +304,11 @@ pub fn chunks_at(store: &Store, generation: u64, top: &[Hash], depth: u32, indic
     chunks_at_from(&mut read, generation, top, depth, indices)
 }
 
+/// Stored nodes by hash.
+type NodeBytes = std::collections::HashMap<Hash, Vec<u8>>;
+
 /// [`chunks_at`] with each level's nodes read by `read`.
-fn chunks_at_from(read: &mut dyn FnMut(&[Hash]) -> Result<std::collections::HashMap<Hash, Vec<u8>>>, generation: u64, top: &[Hash], depth: u32, indices: &[u64]) -> Result<Vec<Hash>> {
+fn chunks_at_from(read: &mut dyn FnMut(&[Hash]) -> Result<NodeBytes>, generation: u64, top: &[Hash], depth: u32, indices: &[u64]) -> Result<Vec<Hash>> {
     let bad = |what: String| EngineError::BadImage { generation, what };
     let height = depth as usize + 1;
     let span = |h: usize| (FANOUT as u64).checked_pow(h as u32).unwrap_or(u64::MAX);

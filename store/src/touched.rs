@@ -78,7 +78,8 @@ impl Store {
                 if info.size == 0 {
                     return Err(self.inner.tampered(format!("the first-touched record of generation {} is empty", g.id)));
                 }
-                match r.get_ranges(&rel, &[0..info.size]) {
+                let whole = 0..info.size;
+                match r.get_ranges(&rel, std::slice::from_ref(&whole)) {
                     Ok(mut v) => v.pop().map(|b| b.to_vec()).unwrap_or_default(),
                     // Gone between the HEAD and the GET (replaced, or removed).
                     Err(StoreError::Remote(e)) if matches!(*e, crate::RemoteError::MissingObject { .. }) => return Ok(None),

@@ -15,6 +15,8 @@
 //! the product's).
 //!
 //! `target/release/bench-lazy-s3 --base /tmp/ab/NAME/main --mib 512 --ws 16 [--reps 3] [--latency-ms 0]`
+//! (`BENCH_VERBOSE=1`: each restart's prefetch and fill lines of the
+//! engine's debug log too).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
