@@ -5,7 +5,9 @@
  *   mutate PERCENT random|sequential   -> changes that share of pages, prints "MUTATED n"
  *   quit                               -> exits
  * A heartbeat line "BEAT n" is printed every 20 ms, so a restart's first
- * output is seen at once. */
+ * output is seen at once. With -w MIB a working set of that many MiB (runs
+ * of 64 pages spread evenly over the heap) is read by a thread of its own,
+ * one word a page, over and over; "WORKED n" after each whole pass. */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
@@ -38,6 +40,23 @@ static void fill_page(unsigned char *p, uint64_t salt) {
     }
 }
 
+static unsigned char *heap;
+static size_t pages, ws_pages;
+static volatile uint64_t sink;
+static void *work(void *arg) {
+    (void)arg;
+    size_t runs = ws_pages / 64, step = runs ? pages / runs : 0;
+    for (unsigned long n = 0;; n++) {
+        uint64_t s = 0;
+        for (size_t r = 0; r < runs; r++)
+            for (size_t k = 0; k < 64; k++) s += *(volatile uint64_t *)(heap + (r * step + k) * PAGE);
+        sink = s;
+        printf("WORKED %lu\n", n);
+        usleep(5000);
+    }
+    return NULL;
+}
+
 static volatile unsigned long beats;
 static void *beat(void *arg) {
     (void)arg;
@@ -49,20 +68,27 @@ static void *beat(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    size_t mib = 1024;
+    size_t mib = 1024, ws_mib = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "m:k:")) != -1) {
+    while ((opt = getopt(argc, argv, "m:k:w:")) != -1) {
         if (opt == 'm') mib = strtoul(optarg, NULL, 10);
+        if (opt == 'w') ws_mib = strtoul(optarg, NULL, 10);
         if (opt == 'k') hashlike = strcmp(optarg, "hash") == 0;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
-    size_t pages = mib * 1024 * 1024 / PAGE;
-    unsigned char *heap = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    pages = mib * 1024 * 1024 / PAGE;
+    ws_pages = ws_mib * 1024 * 1024 / PAGE;
+    if (ws_pages > pages) ws_pages = pages;
+    heap = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (heap == MAP_FAILED) { perror("mmap"); return 1; }
     for (size_t i = 0; i < pages; i++) fill_page(heap + i * PAGE, i);
     printf("READY pages=%zu\n", pages);
     pthread_t t;
     pthread_create(&t, NULL, beat, NULL);
+    if (ws_pages) {
+        pthread_t w;
+        pthread_create(&w, NULL, work, NULL);
+    }
     char line[256];
     size_t seq = 0;
     uint64_t round = 1;

@@ -288,6 +288,57 @@ pub fn chunk_at(children: &mut dyn FnMut(&Hash) -> Result<std::sync::Arc<[Hash]>
     Ok(node)
 }
 
+/// The hashes of chunks `indices` of a region's tree (as [`chunk_at`],
+/// for many at once): the nodes of each level on the way read together
+/// ([`Store::read_blobs`], batched per pack), so that the whole set costs
+/// depth + 1 rounds of reads, not one read after another per node.
+pub fn chunks_at(store: &Store, generation: u64, top: &[Hash], depth: u32, indices: &[u64]) -> Result<Vec<Hash>> {
+    let mut read = |need: &[Hash]| -> Result<std::collections::HashMap<Hash, Vec<u8>>> {
+        let got: std::sync::Mutex<std::collections::HashMap<Hash, Vec<u8>>> = Default::default();
+        store.read_blobs(need, |n, d| {
+            got.lock().unwrap_or_else(|e| e.into_inner()).insert(*n, d.to_vec());
+            Ok(())
+        })?;
+        Ok(got.into_inner().unwrap_or_else(|e| e.into_inner()))
+    };
+    chunks_at_from(&mut read, generation, top, depth, indices)
+}
+
+/// Stored nodes by hash.
+type NodeBytes = std::collections::HashMap<Hash, Vec<u8>>;
+
+/// [`chunks_at`] with each level's nodes read by `read`.
+fn chunks_at_from(read: &mut dyn FnMut(&[Hash]) -> Result<NodeBytes>, generation: u64, top: &[Hash], depth: u32, indices: &[u64]) -> Result<Vec<Hash>> {
+    let bad = |what: String| EngineError::BadImage { generation, what };
+    let height = depth as usize + 1;
+    let span = |h: usize| (FANOUT as u64).checked_pow(h as u32).unwrap_or(u64::MAX);
+    let zeros = zero_nodes(height);
+    let mut cur: Vec<Hash> = indices
+        .iter()
+        .map(|&i| top.get((i / span(height)) as usize).copied().ok_or_else(|| bad(format!("a chunk-list tree of {} top nodes and depth {depth} has no chunk {i}", top.len()))))
+        .collect::<Result<_>>()?;
+    for h in (1..=height).rev() {
+        let mut need: Vec<Hash> = cur.iter().copied().filter(|n| *n != zeros[h]).collect();
+        need.sort_unstable();
+        need.dedup();
+        let got = read(&need)?;
+        let mut kids: std::collections::HashMap<Hash, Vec<Hash>> = std::collections::HashMap::with_capacity(got.len());
+        for (n, bytes) in &got {
+            kids.insert(*n, node_children(generation, n, bytes)?);
+        }
+        for (node, &i) in cur.iter_mut().zip(indices) {
+            if *node == zeros[h] {
+                *node = zeros[h - 1];
+                continue;
+            }
+            let j = ((i / span(h - 1)) % FANOUT as u64) as usize;
+            let k = kids.get(node).ok_or_else(|| bad(format!("chunk-list node {node} was not read")))?;
+            *node = *k.get(j).ok_or_else(|| bad(format!("chunk-list node {node} has {} children: chunk {i} needs child {j}", k.len())))?;
+        }
+    }
+    Ok(cur)
+}
+
 fn expand(store: &Store, generation: u64, nodes: &[Hash], seen: &mut Vec<Hash>) -> Result<Vec<Hash>> {
     let mut out = Vec::with_capacity(nodes.len() * FANOUT);
     for n in nodes {
@@ -397,6 +448,29 @@ mod tests {
                 (d.0.lock().unwrap().keys().copied().collect(), s.0.lock().unwrap().keys().copied().collect());
             assert_eq!(sk, dk, "len {len} data {data:?}");
             assert_eq!(s.load(&got.0, got.1, len as u64).unwrap(), sparse, "len {len} data {data:?}");
+        }
+    }
+
+    /// Many chunks at once, level by level, are what the dense list has
+    /// at each index (zero subtrees included), and a node that is not
+    /// there fails.
+    #[test]
+    fn many_chunks_at_once_are_what_the_whole_list_has() {
+        for &(len, data) in &[(100_000usize, &[0usize, 1, 31, 32, 999, 65_535, 99_999][..]), (32 * 32 * 64 * 2, &[77_777][..]), (33, &[32][..])] {
+            let hashes = dense(len, data);
+            let m = Mem::default();
+            let (top, depth) = store_sparse(&m, &SparseChunks::from_dense(&hashes)).unwrap();
+            let blobs = m.0.lock().unwrap().clone();
+            let mut read = |need: &[Hash]| -> Result<HashMap<Hash, Vec<u8>>> { Ok(need.iter().filter_map(|n| blobs.get(n).map(|b| (*n, b.clone()))).collect()) };
+            let idx: Vec<u64> = data.iter().map(|&i| i as u64).chain([0, len as u64 / 2, len as u64 - 1]).collect();
+            let got = chunks_at_from(&mut read, 1, &top, depth, &idx).unwrap();
+            for (i, h) in idx.iter().zip(got) {
+                assert_eq!(h, hashes[*i as usize], "len {len} chunk {i}");
+            }
+            let mut none = |_: &[Hash]| -> Result<HashMap<Hash, Vec<u8>>> { Ok(HashMap::new()) };
+            if !data.is_empty() {
+                assert!(chunks_at_from(&mut none, 1, &top, depth, &[data[0] as u64]).is_err());
+            }
         }
     }
 

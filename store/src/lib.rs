@@ -61,6 +61,7 @@ mod read_many;
 mod reader;
 mod source;
 mod store;
+mod touched;
 mod verify;
 mod writer;
 
@@ -72,6 +73,7 @@ pub use pack::BlobKind;
 pub use read_many::{BATCH_BLOBS, BlobReader};
 /// The SQLite binding used by the catalog (for [`Writer::with_transaction`]).
 pub use rusqlite;
+pub use touched::MAX_RECORD as MAX_TOUCHED_RECORD;
 pub use store::{DEFAULT_CHUNK_SIZE, GenerationInfo, MAX_CHUNK_SIZE, Store, StoreStats, parse_url};
 pub use verify::VerifyReport;
 pub use writer::{BlobSink, DEFAULT_PACK_TARGET, NewGeneration, Writer, WriterOptions};

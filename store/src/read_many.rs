@@ -217,4 +217,31 @@ impl BlobReader {
         };
         s.read_located(loc)
     }
+
+    /// A few blobs (a lazy restart's fault-around), each decompressed and
+    /// verified: located on this reader's connection, read with one
+    /// [`crate::source::PackSource::read`] (ranges of a pack coalesced),
+    /// decoded on this thread (never waiting for the rayon pool, which a
+    /// long [`Store::read_blobs_batched`] may hold). In no particular order;
+    /// [`Hash::ZERO_CHUNK`] is left out.
+    pub fn read_many(&self, hashes: &[Hash]) -> Result<Vec<(Hash, Vec<u8>)>> {
+        let s = &self.store;
+        let mut groups: BTreeMap<String, Vec<Loc>> = BTreeMap::new();
+        {
+            let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+            for h in hashes.iter().filter(|h| !h.is_zero_chunk()) {
+                let loc = s.locate(&conn, h)?;
+                groups.entry(loc.pack.clone()).or_default().push(loc);
+            }
+        }
+        let work = by_offset(groups);
+        let fetched = s.inner.packs.read(&work)?;
+        let mut out = Vec::with_capacity(hashes.len());
+        for ((_, locs), (place, bufs)) in work.iter().zip(&fetched) {
+            for (loc, b) in locs.iter().zip(bufs) {
+                out.push((loc.hash, s.decode_at(place, loc, b)?));
+            }
+        }
+        Ok(out)
+    }
 }

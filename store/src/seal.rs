@@ -305,6 +305,19 @@ impl Keys {
         }
         *h.finalize().as_bytes()
     }
+
+    /// The MAC of the first-touched record of generation `g` (body
+    /// `body`): bound to the store, the generation's id and its manifest,
+    /// so a record cannot be moved to another generation or store.
+    pub fn touched_mac(&self, g: &GenerationInfo, body: &[u8]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.mac);
+        h.update(b"ckpt first-touched record v1\0");
+        for b in [self.id.as_bytes(), &g.id.to_le_bytes()[..], &g.manifest.0[..], body] {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+        *h.finalize().as_bytes()
+    }
 }
 
 /// Whether new stores are to be made unsealed: `CKPT_UNSEALED=1` (for

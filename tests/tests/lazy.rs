@@ -102,6 +102,168 @@ fn lazy_restart_of_a_1_gib_heap_checks_all_of_it() {
     r.finish(&s, 2);
 }
 
+/// The largest region of content not backed by a file (the heap) of the
+/// first process of generation `generation` of `store`, and another region
+/// that is not lazy (the one holding the stack pointer's thread frame is
+/// not known here: any region with a file): (pid, heap, other).
+fn heap_of(store: &ckpt_store::Store, generation: u64) -> (i32, (u64, u64), (u64, u64)) {
+    let info = store.generation(generation).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&store.read_blob(&info.manifest).unwrap()).unwrap();
+    let image_hash: ckpt_store::Hash = serde_json::from_value(manifest["processes"][0]["image"].clone()).unwrap();
+    let image: serde_json::Value = serde_json::from_slice(&store.read_blob(&image_hash).unwrap()).unwrap();
+    let span = |r: &serde_json::Value| (r["start"].as_u64().unwrap(), r["end"].as_u64().unwrap());
+    let regions = image["regions"].as_array().unwrap();
+    let heap = regions.iter().filter(|r| r["file"].is_null() && r["segments"].as_array().is_some_and(|t| !t.is_empty())).max_by_key(|r| span(r).1 - span(r).0).expect("a region with content");
+    let other = regions.iter().find(|r| !r["file"].is_null()).expect("a file-backed region");
+    (image["pid"].as_i64().unwrap() as i32, span(heap), span(other))
+}
+
+/// A first-touched record body (the engine's format: magic, count, then
+/// (pid i32, address u64) entries, little-endian).
+fn touched_body(entries: &[(i32, u64)]) -> Vec<u8> {
+    let mut b = b"CKPTTCH1".to_vec();
+    b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (pid, a) in entries {
+        b.extend_from_slice(&pid.to_le_bytes());
+        b.extend_from_slice(&a.to_le_bytes());
+    }
+    b
+}
+
+/// The `key=value` field of the first stderr line holding `needle`.
+fn log_field(err: &str, needle: &str, key: &str) -> Option<u64> {
+    let l = err.lines().find(|l| l.contains(needle))?;
+    let at = l.find(&format!("{key}="))? + key.len() + 1;
+    l[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// A lazy restart from S3 on a fresh host records the pages the program
+/// touched first (the first-touched record of the generation, in the
+/// store); the next lazy restart of that generation, on another fresh
+/// host, prefetches them before the background fill, and the program's
+/// own check of its whole heap every tick passes with the prefetch in
+/// use. Fewer faults wait for a GET the second time.
+#[test]
+fn lazy_restart_from_s3_prefetches_what_the_last_one_touched_first() {
+    let srv = S3Server::start();
+    srv.create_bucket(BUCKET);
+    let mut s = Session::new("lazy_prefetch");
+    s.store = format!("s3://{BUCKET}/prefetch");
+    let cache_a = s.path("cache-a");
+    let stop = s.stop_file();
+    let mut c = s.cmd("launch");
+    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", "64", "-s", stop.to_str().unwrap()]);
+    srv.apply(&mut c, &cache_a);
+    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
+    s.track(p.child_pid());
+    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
+    p.pid = line[4..].trim().parse().unwrap();
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+    let _ = s.run("quit", &[]);
+
+    let mut faults = Vec::new();
+    for (round, cache) in [(1, "cache-b"), (2, "cache-c")] {
+        let mut c = s.cmd("restart");
+        c.args(["--lazy", &g.id.to_string()]).env("CKPT_LOG", "ckpt_engine=debug");
+        srv.apply(&mut c, &s.path(cache));
+        let mut r = Proc::spawn(format!("restart --lazy {} (round {round})", g.id), c);
+        r.pid = pid;
+        s.track(pid);
+        r.wait_ticks(1, RESTART_TIMEOUT);
+        let first = r.first_tick.unwrap();
+        assert!(first >= g.lo && first <= g.hi, "lazy restart continued at tick {first}, expected {}..={}\n{}", g.lo, g.hi, r.context());
+        wait_lazy_notice(&mut r);
+        r.wait_ticks(3, LINE_TIMEOUT);
+        s.stop_at(r.last_tick.unwrap() + 2);
+        r.wait_line(|l| l == "DONE", LINE_TIMEOUT);
+        let st = r.wait_exit(RESTART_TIMEOUT);
+        assert!(st.success(), "restart round {round} failed\n{}", r.context());
+        let err = r.stderr();
+        let prefetched = log_field(&err, "prefetched the pages touched first", "chunks");
+        match round {
+            1 => {
+                assert_eq!(prefetched, None, "the first restart found a record nobody wrote\n{err}");
+                assert!(err.contains("wrote the first-touched record"), "the first restart wrote no record\n{err}");
+            }
+            _ => assert!(prefetched.is_some_and(|n| n > 0), "the second restart prefetched nothing\n{err}"),
+        }
+        faults.push(log_field(&err, "lazy fill done", "faults").unwrap_or_else(|| panic!("no fill report\n{err}")));
+        let _ = s.run("quit", &[]);
+        let _ = std::fs::remove_file(&stop);
+    }
+    eprintln!("faults served: {} without a record, {} with its prefetch", faults[0], faults[1]);
+}
+
+/// A first-touched record is hostile input. One that authenticates but
+/// names pages outside the image (unknown PIDs, addresses outside every
+/// region, in a region that is not lazy, not at a chunk's start, at the
+/// top of the address space) keeps only its entries in the heap: the
+/// prefetch reads those and nothing else. One whose bytes were edited does
+/// not authenticate and is ignored with a warning. Either way the program's
+/// own check of its whole heap passes (never a wrong page).
+#[test]
+fn a_forged_or_hostile_first_touched_record_is_refused_or_trimmed() {
+    let s = Session::new("lazy_forged");
+    let stop = s.stop_file();
+    let mut p = s.launch(&program("counter_heap"), &["-t", "100", "-m", "32", "-s", stop.to_str().unwrap()]);
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(1, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+
+    let store = ckpt_store::Store::open(&s.store).unwrap();
+    let (ipid, (hs, he), (os, _)) = heap_of(&store, g.id);
+    assert_eq!(ipid, pid);
+    let good = [hs, hs + 4096 * 7, he - 4096];
+    let mut entries: Vec<(i32, u64)> = good.iter().map(|&a| (pid, a)).collect();
+    entries.extend([(pid + 1, hs), (pid, he), (pid, hs + 1), (pid, os), (pid, u64::MAX - 4095), (pid, 0), (-1, hs)]);
+    let info = store.generation(g.id).unwrap();
+    store.put_touched(&info, &touched_body(&entries)).unwrap();
+    let record = store.root().join(format!("touched/{}.rec", g.id));
+    assert!(record.is_file(), "the record is not where the store keeps it: {}", record.display());
+
+    for round in ["hostile", "edited"] {
+        if round == "edited" {
+            let mut b = std::fs::read(&record).unwrap();
+            b[20] ^= 0x10;
+            std::fs::write(&record, &b).unwrap();
+        }
+        let mut c = s.cmd("restart");
+        c.args(["--lazy", &g.id.to_string()]).env("CKPT_LOG", "ckpt_engine=debug");
+        let mut r = Proc::spawn(format!("restart --lazy ({round} record)"), c);
+        r.pid = pid;
+        s.track(pid);
+        r.wait_ticks(1, RESTART_TIMEOUT);
+        wait_lazy_notice(&mut r);
+        r.wait_ticks(3, LINE_TIMEOUT);
+        s.stop_at(r.last_tick.unwrap() + 2);
+        r.wait_line(|l| l == "DONE", LINE_TIMEOUT);
+        let st = r.wait_exit(RESTART_TIMEOUT);
+        assert!(st.success(), "restart with the {round} record failed\n{}", r.context());
+        let err = r.stderr();
+        match round {
+            "hostile" => {
+                assert_eq!(log_field(&err, "prefetched the pages touched first", "entries"), Some(good.len() as u64), "the prefetch kept entries outside the heap\n{err}");
+                assert!(log_field(&err, "prefetched the pages touched first", "chunks").is_some_and(|n| n <= good.len() as u64), "{err}");
+            }
+            _ => {
+                assert!(err.contains("ignoring the first-touched record") && err.contains("does not authenticate"), "an edited record was not refused\n{err}");
+                assert!(!err.contains("prefetched the pages touched first"), "an edited record was used\n{err}");
+            }
+        }
+        let _ = std::fs::remove_file(&stop);
+        // The restart wrote its own record over the hostile one: forge again.
+        if round == "hostile" {
+            store.put_touched(&info, &touched_body(&entries)).unwrap();
+        }
+    }
+}
+
 /// The node of the heap's chunk-list tree at the middle of its top level
 /// in generation `generation` of the session's local store, damaged on
 /// disk (a byte of its stored frame flipped in its pack file); its hash.

@@ -28,7 +28,12 @@
 //!   depth + 1 node reads, nodes cached as they are content-addressed), and
 //!   `UFFDIO_COPY` of that chunk's unfilled pages, read on a catalog
 //!   connection of its own (`UFFDIO_ZEROPAGE` where the image has no
-//!   data). It follows the events: a forked child gets the parent's
+//!   data), then the rest of the chunk's aligned group of
+//!   [`FAULT_AROUND`] chunks in one coalesced read (the program touches
+//!   runs of pages; from S3 each next page would wait a round trip). The
+//!   faults are kept, in order, for the next restart's prefetch
+//!   ([`prefetch`]), which the filler thread issues before the fill. It
+//!   follows the events: a forked child gets the parent's
 //!   unfilled set; a remapped range moves in it; an unmapped or
 //!   `MADV_DONTNEED` range leaves it (it reads as zero now). Between
 //!   events it copies in the chunks the filler thread decodes: the filler
@@ -61,10 +66,11 @@
 //!   still to come), and the agent's own write-protect registration can
 //!   take the ranges again.
 
+mod prefetch;
 mod unfilled;
 mod watchdog;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
@@ -89,6 +95,9 @@ const NODE_CACHE: usize = 1 << 16;
 const CHUNK_CACHE: usize = 256;
 /// Chunks the filler looks up and reads at a time.
 const FILL_SLICE: usize = 1 << 14;
+/// Chunks of the aligned group a fault brings in (the faulting one first):
+/// [`Server::around`].
+const FAULT_AROUND: u64 = 16;
 
 /// One lazily served region, as the image has it.
 #[derive(Clone, Debug)]
@@ -405,7 +414,7 @@ impl Drop for PageServer {
 
 /// The filler's work: every lazy region's chunk list walked, its chunks
 /// read in slices and sent to the server. Runs after the programs do.
-fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], send: &(dyn Fn(Fill) -> bool + Sync)) -> std::result::Result<(), (Fix, String)> {
+fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], skip: &HashSet<(usize, u64)>, send: &(dyn Fn(Fill) -> bool + Sync)) -> std::result::Result<(), (Fix, String)> {
     for (origin, part) in parts.iter().enumerate() {
         for r in &part.regions {
             let n = (r.end - r.start).div_ceil(part.chunk_size);
@@ -420,7 +429,14 @@ fn fill_all(store: &Store, generation: u64, parts: &[LazyPart], send: &(dyn Fn(F
             for slice in list.entries.chunks(FILL_SLICE) {
                 let mut dests: HashMap<Hash, Vec<u64>> = HashMap::new();
                 for &(i, h) in slice {
-                    dests.entry(h).or_default().push(r.start + i * part.chunk_size);
+                    let src = r.start + i * part.chunk_size;
+                    // Already read by the prefetch (and copied or stashed).
+                    if !skip.contains(&(origin, src)) {
+                        dests.entry(h).or_default().push(src);
+                    }
+                }
+                if dests.is_empty() {
+                    continue;
                 }
                 let hashes: Vec<Hash> = dests.keys().copied().collect();
                 store
@@ -481,19 +497,35 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
     };
     let fill_store = store.clone();
     let fill_parts = parts.clone();
+    // The record the prefetch used (origin, image address), for the next.
+    let used: Arc<std::sync::Mutex<Vec<(usize, u64)>>> = Default::default();
+    let used_by_filler = used.clone();
+    // Faults served so far (the prefetch lets the program's first ones go first).
+    let faults = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let faults_seen = faults.clone();
     let mut workers = threads.workers.into_iter();
     let (read_tx, read_h) = workers.next().expect("two workers");
     let (serve_tx, serve_h) = workers.next().expect("two workers");
     let stopped = || EngineError::Restore { generation, what: "a thread of the lazy restart stopped before it started".into() };
     read_tx
-        .send(Box::new(move || match fill_all(&fill_store, generation, &fill_parts, &send) {
+        .send(Box::new(move || {
+            // The pages touched first last time, ahead of the fill.
+            let t = Instant::now();
+            let (from, wanted) = prefetch::find(&fill_store, generation, &fill_parts);
+            *used_by_filler.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
+            let settle = || prefetch::settle(&faults_seen);
+            let done = prefetch::prefetch(&fill_store, generation, &fill_parts, &prefetch::around(&wanted, &fill_parts), &settle, &send);
+            if let Some(g) = from {
+                tracing::debug!(record = g, entries = wanted.len(), chunks = done.len(), ms = t.elapsed().as_millis() as u64, "prefetched the pages touched first");
+            }
+            match fill_all(&fill_store, generation, &fill_parts, &done, &send) {
             Ok(()) => {
                 send(Fill::Done);
             }
             Err(e) => {
                 send(Fill::Failed(e.0, e.1));
             }
-        }))
+        }}))
         .map_err(|_| stopped())?;
     let spaces: Vec<Space> = attached.into_iter().map(|a| a.space).collect();
     let depth = parts.iter().flat_map(|p| p.regions.iter().map(|r| r.depth)).max().unwrap_or(0);
@@ -503,6 +535,7 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
     let (done_tx, done) = mpsc::channel();
     let failure: Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let failed = failure.clone();
+    let record_store = store.clone();
     serve_tx
         .send(Box::new(move || {
             let server = Server {
@@ -520,8 +553,16 @@ pub(super) fn serve(threads: Threads, store: &Store, generation: u64, attached: 
                 stash: Vec::new(),
                 watchdog,
                 failed,
+                faulted: Vec::new(),
+                faulted_seen: HashSet::new(),
+                faults,
             };
-            let _ = done_tx.send(server.run());
+            let r = server.run();
+            if let Ok((_, faulted, parts)) = &r {
+                let used = used.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                write_record(&record_store, generation, &used, faulted, parts);
+            }
+            let _ = done_tx.send(r.map(|(report, _, _)| report));
         }))
         .map_err(|_| stopped())?;
     Ok(PageServer { bytes, failure, done, threads: vec![read_h, serve_h] })
@@ -551,10 +592,30 @@ struct Server {
     watchdog: Watchdog,
     /// [`PageServer::failed`]'s answer.
     failed: Arc<std::sync::Mutex<Option<String>>>,
+    /// The chunks with data whose faults it served, in order (origin,
+    /// image address), at most [`prefetch::MAX_ENTRIES`]: the next
+    /// restart's prefetch.
+    faulted: Vec<(usize, u64)>,
+    faulted_seen: HashSet<(usize, u64)>,
+    /// [`FillReport::faults`], for the prefetch to see.
+    faults: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Writes generation `generation`'s first-touched record for the next
+/// restart, if this one had new faults. A failure only costs the next
+/// restart its prefetch: warned about, not an error.
+fn write_record(store: &Store, generation: u64, used: &[(usize, u64)], faulted: &[(usize, u64)], parts: &[LazyPart]) {
+    let Some(body) = prefetch::next_record(used, faulted, parts) else { return };
+    match store.generation(generation).and_then(|g| store.put_touched(&g, &body)) {
+        Ok(()) => tracing::debug!(generation, entries = (body.len() - 12) / 12, "wrote the first-touched record"),
+        Err(e) => tracing::warn!(generation, "cannot write the first-touched record (the next lazy restart will not prefetch): {e}"),
+    }
+}
+
+type Ran = (FillReport, Vec<(usize, u64)>, Arc<Vec<LazyPart>>);
+
 impl Server {
-    fn run(mut self) -> Result<FillReport> {
+    fn run(mut self) -> Result<Ran> {
         let t0 = Instant::now();
         let mut reading = true;
         loop {
@@ -606,7 +667,7 @@ impl Server {
         }
         self.report.ms = t0.elapsed().as_secs_f64() * 1000.0;
         tracing::debug!(ms = self.report.ms as u64, faults = self.report.faults, bytes = self.report.copied_bytes, "lazy fill done");
-        Ok(self.report)
+        Ok((self.report, std::mem::take(&mut self.faulted), self.parts.clone()))
     }
 
     /// Reads and handles every queued message of every userfaultfd.
@@ -631,6 +692,7 @@ impl Server {
         match msg.event {
             UFFD_EVENT_PAGEFAULT => {
                 self.report.faults += 1;
+                self.faults.store(self.report.faults, std::sync::atomic::Ordering::Relaxed);
                 let addr = msg.arg[1] & !(PAGE - 1);
                 self.fault(i, addr)?;
             }
@@ -694,6 +756,9 @@ impl Server {
                 let start = region.start + index * part.chunk_size;
                 let len = (region.end - start).min(part.chunk_size);
                 let h = self.hash_of(i, page, region, index)?;
+                if !h.is_zero_chunk() && self.faulted.len() < prefetch::MAX_ENTRIES && self.faulted_seen.insert((origin, start)) {
+                    self.faulted.push((origin, start));
+                }
                 if h.is_zero_chunk() {
                     self.place(i, start, len, None)
                 } else {
@@ -701,7 +766,11 @@ impl Server {
                     if data.len() as u64 != len {
                         return Err(self.die(Fix::Image, format!("chunk {h} is {} bytes, the image needs {len} at {start:#x} of {}", data.len(), self.who(i))));
                     }
-                    self.place(i, start, len, Some(&data))
+                    match self.place(i, start, len, Some(&data)) {
+                        // The thread runs on; its neighbours come next.
+                        Copy::Done => self.around(i, page, region, index)?,
+                        other => other,
+                    }
                 }
             }
         };
@@ -712,6 +781,58 @@ impl Server {
             Copy::Failed(e) => return Err(self.die(Fix::Kernel, format!("the kernel refused the memory at {page:#x} of {}: {}", self.who(i), std::io::Error::from_raw_os_error(e)))),
         }
         Ok(())
+    }
+
+    /// Fault-around: after a fault at chunk `index` of `region`, the other
+    /// chunks of its aligned group of [`FAULT_AROUND`] still unfilled in
+    /// space `i`, read together (one coalesced read: a group's chunks are
+    /// mostly neighbours in one pack) and copied in. A fault is where the
+    /// program overtook the fill, and it touches runs of pages: without
+    /// this each next page of the run faults and waits a round trip of its
+    /// own.
+    fn around(&mut self, i: usize, page: u64, region: &LazyRegion, index: u64) -> Result<Copy> {
+        let part = self.parts[self.spaces[i].origin].clone();
+        let n = (region.end - region.start).div_ceil(part.chunk_size);
+        let first = index / FAULT_AROUND * FAULT_AROUND;
+        let mut want: Vec<(u64, u64, Hash)> = Vec::new();
+        for k in (first..(first + FAULT_AROUND).min(n)).filter(|&k| k != index) {
+            let src = region.start + k * part.chunk_size;
+            let len = (region.end - src).min(part.chunk_size);
+            if self.spaces[i].unfilled.of_source(src, src + len).is_empty() {
+                continue;
+            }
+            let h = self.hash_of(i, page, region, k)?;
+            if !h.is_zero_chunk() {
+                want.push((src, len, h));
+            }
+        }
+        if want.is_empty() {
+            return Ok(Copy::Done);
+        }
+        let mut hashes: Vec<Hash> = want.iter().map(|w| w.2).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        // On the server's own reader: never behind the fill's reads.
+        let got: HashMap<Hash, Vec<u8>> = match self.reader.read_many(&hashes) {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                let (fix, why) = unreadable(&format!("the memory around {page:#x} of {}", self.who(i)), &e);
+                return Err(self.die(fix, why));
+            }
+        };
+        for (src, len, h) in want {
+            let Some(data) = got.get(&h) else { continue };
+            if data.len() as u64 != len {
+                return Err(self.die(Fix::Image, format!("chunk {h} is {} bytes, the image needs {len} at {src:#x} of {}", data.len(), self.who(i))));
+            }
+            match self.place(i, src, len, Some(data)) {
+                Copy::Done | Copy::Gone => {}
+                // The address space changes: the fill (or a fault) brings these.
+                Copy::Again => break,
+                failed => return Ok(failed),
+            }
+        }
+        Ok(Copy::Done)
     }
 
     /// The hash of chunk `index` of `region`, from its chunk-list tree (the
