@@ -11,12 +11,14 @@
 //! agents talk to the coordinator only).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ckpt_engine::capture::{AgentReport, Base, Prepared, prepare};
 use ckpt_engine::dirty::Backend;
 use ckpt_engine::fds::TcpEnd;
-use ckpt_engine::image::{FdImage, ProcessEntry, RegionKind};
+use ckpt_engine::image::{ProcessEntry, RegionKind};
 use ckpt_engine::procfs;
 use ckpt_store::BlobSink;
 use ckpt_wire::Pod;
@@ -130,10 +132,11 @@ pub(crate) struct Captured {
 }
 
 /// The stopped phase of a machine's processes: the fds of all of them back
-/// to back (connections between them are read within the shortest time),
-/// then each process in a thread of its own (metadata, dirty pages, write
-/// tracking, snapshot, memory the snapshot lacks). TCP connections leave
-/// repair mode at the end. Returns the work begun (every snapshot forked is
+/// to back in one thread (connections between them are read within the
+/// shortest time), while workers, one fewer than the cores, take the
+/// processes one after another (metadata, dirty pages, write tracking,
+/// snapshot, memory the snapshot lacks); the fd reader joins them when it
+/// is done. TCP connections leave repair mode at the end. Returns the work begun (every snapshot forked is
 /// in it, to be killed whatever happens) and either the TCP ends whose peer
 /// was not among these processes or an error saying whether to try again.
 ///
@@ -160,36 +163,87 @@ pub(crate) fn phase_a(
     if opts.deadline_s > 0 {
         round = round.with_deadline(opts.deadline_s, opts.cancel.clone());
     }
-    let mut fds = Vec::new();
-    for (_, r) in targets {
-        // Its fds, and the temporary files it keeps open or maps shared
-        // (read while it is stopped: ckpt_engine::tmpfiles).
-        let captured = round.capture_process(r.hello.pid, &r.agent_fds()).and_then(|f| ckpt_engine::tmpfiles::capture(&mut round, r.hello.pid, &f).map(|t| (f, t)));
-        match captured {
-            Ok(f) => fds.push(f),
-            Err(e) => return (Vec::new(), Err(busy(e))),
+    let t0 = Instant::now();
+    let cpu0 = cpu_ms();
+    // The fds need the round's state (a pipe or socket shared by two
+    // processes is read once): this thread reads them, process after
+    // process, while the workers read the processes' memory and metadata,
+    // each taking the next process not begun. The work is CPU (/proc and
+    // page tables): one thread per process made 16 threads fight over 2
+    // cores, and the fds, read before any of it, kept one core idle.
+    let n = targets.len();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let done: Vec<Mutex<Option<(Option<Work>, Result<(), String>)>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let work_on = || {
+        while !failed.load(Ordering::Acquire) {
+            let i = next.fetch_add(1, Ordering::AcqRel);
+            let Some((t, r)) = targets.get(i) else { break };
+            let result = one(t, r, bases, sink, link, opts);
+            *done[i].lock().unwrap() = Some(result);
         }
-    }
-    let results: Vec<(Option<Work>, Result<(), String>)> = std::thread::scope(|s| {
-        let threads: Vec<_> = targets.iter().zip(fds).map(|((t, r), fds)| s.spawn(|| one(t, r, fds, bases, sink, link, opts))).collect();
-        threads.into_iter().map(|t| t.join().unwrap_or_else(|_| (None, Err("internal: a capture thread panicked".into())))).collect()
+    };
+    let workers = std::thread::available_parallelism().map_or(2, |c| c.get()).saturating_sub(1).clamp(1, n.max(1));
+    let mut fds_ms = 0.0;
+    let fds: Result<Vec<_>, _> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..workers).map(|_| s.spawn(work_on)).collect();
+        let fds = targets
+            .iter()
+            .map(|(_, r)| {
+                // Its fds, and the temporary files it keeps open or maps
+                // shared (read while it is stopped: ckpt_engine::tmpfiles).
+                round.capture_process(r.hello.pid, &r.agent_fds()).and_then(|f| ckpt_engine::tmpfiles::capture(&mut round, r.hello.pid, &f).map(|t| (f, t)))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(busy);
+        fds_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        // After a failure the workers begin no other process.
+        failed.store(fds.is_err(), Ordering::Release);
+        work_on();
+        for t in threads {
+            // (A panic leaves its process without a result: an error below.)
+            let _ = t.join();
+        }
+        fds
     });
     let mut work = Vec::new();
     let mut first_err = None;
-    for (w, r) in results {
+    let mut fds = fds.map(Vec::into_iter);
+    for (i, slot) in done.into_iter().enumerate() {
+        // None: a worker panicked on it, or it was not begun after a failure.
+        let (w, r) = slot.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_else(|| (None, Err(format!("internal: the capture of process {} did not run", targets[i].1.hello.pid))));
+        let mut w = w;
+        if let (Some(w), Ok(fds)) = (w.as_mut(), fds.as_mut())
+            && let (Some(prep), Some((f, temp_files))) = (w.prep.as_mut(), fds.next())
+        {
+            prep.image.fds = f;
+            prep.image.temp_files = temp_files;
+        }
         work.extend(w);
         if let (Err(e), None) = (r, &first_err) {
             first_err = Some(e);
         }
     }
+    if let Err(e) = fds {
+        return (work, Err(e));
+    }
     if let Some(e) = first_err {
         return (work, Err((e, false)));
     }
+    let rest_ms = t0.elapsed().as_secs_f64() * 1000.0 - fds_ms;
     if !gate() {
         return (work, Err(("the checkpoint failed on another machine".into(), false)));
     }
     let ends = round.finish().map_err(busy);
+    tracing::debug!(fds_ms, rest_ms, cpu_ms = cpu_ms() - cpu0, finish_ms = t0.elapsed().as_secs_f64() * 1000.0 - fds_ms - rest_ms, "stopped phase of this machine's processes");
     (work, ends)
+}
+
+/// CPU time this process used so far (every thread), in ms: the stopped
+/// phase's debug line says how much of its time was work.
+fn cpu_ms() -> f64 {
+    let t = |v: nix::sys::time::TimeVal| v.tv_sec() as f64 * 1000.0 + v.tv_usec() as f64 / 1000.0;
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).map_or(0.0, |u| t(u.user_time()) + t(u.system_time()))
 }
 
 /// Where the machines of a round wait for each other before their TCP
@@ -231,7 +285,6 @@ impl Gate {
 fn one(
     t: &Target,
     report: &AgentReport,
-    (fds, temp_files): (Vec<FdImage>, Vec<ckpt_engine::tmpfiles::TempFile>),
     bases: &HashMap<i32, Base>,
     sink: &dyn BlobSink,
     link: &dyn AgentLink,
@@ -242,11 +295,11 @@ fn one(
     let t0 = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     let backend = Backend::choose(hello.tracking, report.suspended.uffd_fd);
-    let mut prep = match prepare(report, backend, &t.host, opts.chunk_size, fds) {
+    // Its fds are read meanwhile by the round's fd reader (`phase_a`).
+    let mut prep = match prepare(report, backend, &t.host, opts.chunk_size, Vec::new()) {
         Ok(prep) => prep,
         Err(e) => return (None, Err(e.to_string())),
     };
-    prep.image.temp_files = temp_files;
     let prepare_ms = ms(t0);
     if backend == Backend::UffdWp && !prep.untracked.is_empty() {
         match link.call(pid, kind::REGISTER, &range_list(&prep.untracked)) {
