@@ -211,7 +211,7 @@ pub(crate) fn phase_a(
     let mut fds = fds.map(Vec::into_iter);
     for (i, slot) in done.into_iter().enumerate() {
         // None: a worker panicked on it, or it was not begun after a failure.
-        let (w, r) = slot.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_else(|| (None, Err(format!("internal: the capture of process {} did not run", targets[i].1.hello.pid))));
+        let (w, r) = slot.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_else(|| (None, Err(format!("internal: the capture of process {} did not finish (its thread panicked)", targets[i].1.hello.pid))));
         let mut w = w;
         if let (Some(w), Ok(fds)) = (w.as_mut(), fds.as_mut())
             && let (Some(prep), Some((f, temp_files))) = (w.prep.as_mut(), fds.next())

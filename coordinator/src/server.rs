@@ -1095,7 +1095,7 @@ impl Coordinator {
         let blob_errors: Vec<String> = hosts.values().filter_map(|h| h.end()).collect();
         let result = match failed.or(blob_errors.into_iter().next()) {
             Some(e) => Err(e),
-            None => self.commit(&writer, generation, captured, t0, downtime_ms, suspend_ms),
+            None => self.commit(&writer, generation, captured, t0, [downtime_ms, suspend_ms, resume_sent_ms]),
         };
         match result {
             Ok(g) => {
@@ -1142,7 +1142,11 @@ impl Coordinator {
     }
 
     /// Writes the manifest of every machine's images and commits the generation.
-    fn commit(&self, writer: &Writer, generation: u64, mut captured: Vec<Captured>, t0: Instant, downtime_ms: f64, suspend_ms: f64) -> Result<GenerationInfo, String> {
+    /// `stopped`: the downtime, the part of it until every process was
+    /// stopped, and the time the last RESUME was sent (ms from the round's
+    /// first CHECKPOINT).
+    fn commit(&self, writer: &Writer, generation: u64, mut captured: Vec<Captured>, t0: Instant, stopped: [f64; 3]) -> Result<GenerationInfo, String> {
+        let [downtime_ms, suspend_ms, resume_sent_ms] = stopped;
         let mut backends: Vec<String> = Vec::new();
         let mut logical = 0;
         let mut summary = Vec::new();
@@ -1175,7 +1179,7 @@ impl Coordinator {
                 dirty_tracking: backends.join(","),
                 manifest: mhash,
                 info: {
-                    let mut info = json!({"processes": summary, "downtime_ms": downtime_ms, "suspend_ms": suspend_ms});
+                    let mut info = json!({"processes": summary, "downtime_ms": downtime_ms, "suspend_ms": suspend_ms, "resume_sent_ms": resume_sent_ms});
                     // Stored with the computation: `ckpt restart` runs
                     // them again.
                     let hooks = self.hooks.lock().unwrap().clone();
