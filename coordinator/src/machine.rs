@@ -133,10 +133,9 @@ pub(crate) struct Captured {
 
 /// The stopped phase of a machine's processes: the fds of all of them back
 /// to back in one thread (connections between them are read within the
-/// shortest time), while workers, one fewer than the cores, take the
-/// processes one after another (metadata, dirty pages, write tracking,
-/// snapshot, memory the snapshot lacks); the fd reader joins them when it
-/// is done. TCP connections leave repair mode at the end. Returns the work begun (every snapshot forked is
+/// shortest time), while a worker per process reads the rest of it
+/// (metadata, dirty pages, write tracking, snapshot, memory the snapshot
+/// lacks). TCP connections leave repair mode at the end. Returns the work begun (every snapshot forked is
 /// in it, to be killed whatever happens) and either the TCP ends whose peer
 /// was not among these processes or an error saying whether to try again.
 ///
@@ -168,9 +167,8 @@ pub(crate) fn phase_a(
     // The fds need the round's state (a pipe or socket shared by two
     // processes is read once): this thread reads them, process after
     // process, while the workers read the processes' memory and metadata,
-    // each taking the next process not begun. The work is CPU (/proc and
-    // page tables): one thread per process made 16 threads fight over 2
-    // cores, and the fds, read before any of it, kept one core idle.
+    // each taking the next process not begun. (The fds read before any
+    // of that kept a core idle for ~0.2 ms per process.)
     let n = targets.len();
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -183,7 +181,10 @@ pub(crate) fn phase_a(
             *done[i].lock().unwrap() = Some(result);
         }
     };
-    let workers = std::thread::available_parallelism().map_or(2, |c| c.get()).saturating_sub(1).clamp(1, n.max(1));
+    // One worker per process: fewer (one per core) made the first
+    // checkpoint 1.3x slower (each waits for its agent's snapshot fork,
+    // and those waits queued) and lost the cores' share to other loads.
+    let workers = n;
     let mut fds_ms = 0.0;
     let fds: Result<Vec<_>, _> = std::thread::scope(|s| {
         let threads: Vec<_> = (0..workers).map(|_| s.spawn(work_on)).collect();
