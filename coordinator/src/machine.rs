@@ -135,7 +135,8 @@ pub(crate) struct Captured {
 /// to back in one thread (connections between them are read within the
 /// shortest time), while a worker per process reads the rest of it
 /// (metadata, dirty pages, write tracking, snapshot, memory the snapshot
-/// lacks). TCP connections leave repair mode at the end. Returns the work begun (every snapshot forked is
+/// lacks), no more workers running at once than there are cores besides
+/// the fd reader's. TCP connections leave repair mode at the end. Returns the work begun (every snapshot forked is
 /// in it, to be killed whatever happens) and either the TCP ends whose peer
 /// was not among these processes or an error saying whether to try again.
 ///
@@ -173,17 +174,25 @@ pub(crate) fn phase_a(
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let done: Vec<Mutex<Option<(Option<Work>, Result<(), String>)>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    // At most one worker per core runs at a time, the fd reader counting
+    // as one while it reads: with a thread per process running at once,
+    // the fd reader got 1/17 of 2 cores and ended last, alone (fds 7-12 ms
+    // for 3 ms of work). A worker waiting for its agent (a snapshot fork)
+    // lets another run meanwhile: those waits overlap as with a thread per
+    // process (fewer threads, one per core, made the first checkpoint
+    // 1.3x slower: the waits queued).
+    let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
+    let permits = Permits::new(cores.saturating_sub(1).max(1));
+    let throttled = Throttled { link, permits: &permits };
     let work_on = || {
         while !failed.load(Ordering::Acquire) {
             let i = next.fetch_add(1, Ordering::AcqRel);
             let Some((t, r)) = targets.get(i) else { break };
-            let result = one(t, r, bases, sink, link, opts);
+            let _running = permits.take();
+            let result = one(t, r, bases, sink, &throttled, opts);
             *done[i].lock().unwrap() = Some(result);
         }
     };
-    // One worker per process: fewer (one per core) made the first
-    // checkpoint 1.3x slower (each waits for its agent's snapshot fork,
-    // and those waits queued) and lost the cores' share to other loads.
     let workers = n;
     let mut fds_ms = 0.0;
     let fds: Result<Vec<_>, _> = std::thread::scope(|s| {
@@ -200,6 +209,8 @@ pub(crate) fn phase_a(
         fds_ms = t0.elapsed().as_secs_f64() * 1000.0;
         // After a failure the workers begin no other process.
         failed.store(fds.is_err(), Ordering::Release);
+        // Its core goes to the workers (and to this thread, as one).
+        permits.add();
         work_on();
         for t in threads {
             // (A panic leaves its process without a result: an error below.)
@@ -214,9 +225,8 @@ pub(crate) fn phase_a(
         // None: a worker panicked on it, or it was not begun after a failure.
         let (w, r) = slot.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_else(|| (None, Err(format!("internal: the capture of process {} did not finish (its thread panicked)", targets[i].1.hello.pid))));
         let mut w = w;
-        if let (Some(w), Ok(fds)) = (w.as_mut(), fds.as_mut())
-            && let (Some(prep), Some((f, temp_files))) = (w.prep.as_mut(), fds.next())
-        {
+        let its_fds = fds.as_mut().ok().and_then(Iterator::next);
+        if let (Some(prep), Some((f, temp_files))) = (w.as_mut().and_then(|w| w.prep.as_mut()), its_fds) {
             prep.image.fds = f;
             prep.image.temp_files = temp_files;
         }
@@ -238,6 +248,59 @@ pub(crate) fn phase_a(
     let ends = round.finish().map_err(busy);
     tracing::debug!(fds_ms, rest_ms, cpu_ms = cpu_ms() - cpu0, finish_ms = t0.elapsed().as_secs_f64() * 1000.0 - fds_ms - rest_ms, "stopped phase of this machine's processes");
     (work, ends)
+}
+
+/// How many of a round's workers may run at once (a counting semaphore).
+struct Permits {
+    free: Mutex<usize>,
+    cv: std::sync::Condvar,
+}
+
+/// A permit held; given back when dropped (also by a panicking worker).
+struct Permit<'a>(&'a Permits);
+
+impl Permits {
+    fn new(n: usize) -> Permits {
+        Permits { free: Mutex::new(n), cv: std::sync::Condvar::new() }
+    }
+
+    fn take(&self) -> Permit<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            free = self.cv.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        *free -= 1;
+        Permit(self)
+    }
+
+    fn add(&self) {
+        *self.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.cv.notify_one();
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.0.add();
+    }
+}
+
+/// The agents as a worker asks them: its permit is given back while it
+/// waits for the answer.
+struct Throttled<'a> {
+    link: &'a dyn AgentLink,
+    permits: &'a Permits,
+}
+
+impl AgentLink for Throttled<'_> {
+    fn call(&self, pid: i32, kind: u32, payload: &[u8]) -> Result<(u32, Vec<u8>), String> {
+        self.permits.add();
+        let r = self.link.call(pid, kind, payload);
+        // Taken again, and kept by the worker's own permit (dropped at
+        // the end of its process).
+        std::mem::forget(self.permits.take());
+        r
+    }
 }
 
 /// CPU time this process used so far (every thread), in ms: the stopped
