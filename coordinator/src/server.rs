@@ -104,9 +104,13 @@ struct Proc {
 
 impl Proc {
     fn send(&self, kind: u32, payload: &[u8]) -> std::io::Result<()> {
-        let mut w = self.writer.lock().unwrap();
-        w.write_all(Header::new(kind, payload.len()).as_bytes())?;
-        w.write_all(payload)
+        // One write: a round sends CHECKPOINT and RESUME to every process
+        // back to back, and each write may wake the agent (which then
+        // takes the core from the loop that still has others to send).
+        let mut frame = Vec::with_capacity(std::mem::size_of::<Header>() + payload.len());
+        frame.extend_from_slice(Header::new(kind, payload.len()).as_bytes());
+        frame.extend_from_slice(payload);
+        self.writer.lock().unwrap().write_all(&frame)
     }
 
     fn recv(&self, timeout: Duration) -> Option<(u32, Vec<u8>)> {
@@ -178,6 +182,11 @@ struct Coordinator {
     deadline_s: u64,
     /// The computation's command hooks and hook timeout.
     hooks: Mutex<crate::hooks::Hooks>,
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock agents of this machine report in.
+fn mono_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64).unwrap_or(0)
 }
 
 fn now_ms() -> i64 {
@@ -927,6 +936,7 @@ impl Coordinator {
         let req = CheckpointRequest { generation, flags: 0 };
         // The programs are stopped from here until RESUME.
         let t_stop = Instant::now();
+        let mono_stop = mono_ns();
         let mut sent = Vec::new();
         let mut failure: Option<String> = None;
         for p in &procs {
@@ -935,6 +945,7 @@ impl Coordinator {
                 Err(e) => failure = Some(format!("process {} cannot be reached: {e}", p.hello.pid)),
             }
         }
+        let sent_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
         // Stop everyone; remember who is stopped.
         let mut stopped: Vec<Stopped> = Vec::new();
         for p in &sent {
@@ -956,10 +967,12 @@ impl Coordinator {
                 None => failure = Some(p.silent(format!("process {} died or did not stop within {}s", p.hello.pid, SUSPEND_TIMEOUT.as_secs()))),
             }
         }
+        let all_suspended_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
         if failure.is_none()
             && let Err(f) = self.stop_descendants(&req, &mut stopped, &hosts) {
                 failure = Some(f);
             }
+        tracing::debug!(sent_ms, all_suspended_ms, descendants_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - all_suspended_ms, "stopped phase: processes stopped");
         if failure.is_none() {
             hold_for_tests("");
         }
@@ -1060,11 +1073,13 @@ impl Coordinator {
             abort(&work, e.0.clone());
             return Err(e);
         }
+        let phase_a_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
         let resume = Resume { outcome: proto::OUTCOME_WRITTEN, _pad: 0, generation };
         for s in &stopped {
             let _ = s.p.send(kind::RESUME, resume.as_bytes());
         }
         let downtime_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
+        tracing::debug!(phase_a_ms, resume_sent_ms = downtime_ms, "stopped phase: processes read, told to resume");
 
         // Phase B, the programs running again: memory from the snapshots,
         // then the images, from every machine at once.
@@ -1076,10 +1091,24 @@ impl Coordinator {
             (local, remote)
         });
         let phase_b_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - downtime_ms;
+        // The downtime ends when the last program runs again: when its
+        // agent let its threads go (RESUMED says when, on this machine's
+        // clock), which is after our RESUME reached it.
+        let resume_sent_ms = downtime_ms;
+        let mut downtime_ms = downtime_ms;
         for s in &stopped {
-            let _ = s.p.recv(Duration::from_secs(10));
+            if let Some((kind::RESUMED, payload)) = s.p.recv(Duration::from_secs(10))
+                && s.p.machine == 0
+                && let Some(r) = proto::Resumed::read_from(&payload).filter(|_| payload.len() == std::mem::size_of::<proto::Resumed>())
+            {
+                let released_ms = r.released_ns.saturating_sub(mono_stop) as f64 / 1e6;
+                // (A figure outside the round is not believed.)
+                if released_ms <= t_stop.elapsed().as_secs_f64() * 1000.0 {
+                    downtime_ms = downtime_ms.max(released_ms);
+                }
+            }
         }
-        tracing::debug!(phase_b_ms, resumed_wait_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - downtime_ms - phase_b_ms, "running phase done");
+        tracing::debug!(phase_b_ms, resume_sent_ms, downtime_ms, resumed_wait_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - resume_sent_ms - phase_b_ms, "running phase done");
         let mut captured = Vec::new();
         let mut new_bases = Vec::new();
         let mut failed = None;
@@ -1101,7 +1130,7 @@ impl Coordinator {
         let blob_errors: Vec<String> = hosts.values().filter_map(|h| h.end()).collect();
         let result = match failed.or(blob_errors.into_iter().next()) {
             Some(e) => Err(e),
-            None => self.commit(&writer, generation, captured, t0, downtime_ms, suspend_ms),
+            None => self.commit(&writer, generation, captured, t0, [downtime_ms, suspend_ms, resume_sent_ms]),
         };
         match result {
             Ok(g) => {
@@ -1148,7 +1177,11 @@ impl Coordinator {
     }
 
     /// Writes the manifest of every machine's images and commits the generation.
-    fn commit(&self, writer: &Writer, generation: u64, mut captured: Vec<Captured>, t0: Instant, downtime_ms: f64, suspend_ms: f64) -> Result<GenerationInfo, String> {
+    /// `stopped`: the downtime, the part of it until every process was
+    /// stopped, and the time the last RESUME was sent (ms from the round's
+    /// first CHECKPOINT).
+    fn commit(&self, writer: &Writer, generation: u64, mut captured: Vec<Captured>, t0: Instant, stopped: [f64; 3]) -> Result<GenerationInfo, String> {
+        let [downtime_ms, suspend_ms, resume_sent_ms] = stopped;
         let mut backends: Vec<String> = Vec::new();
         let mut logical = 0;
         let mut summary = Vec::new();
@@ -1181,7 +1214,7 @@ impl Coordinator {
                 dirty_tracking: backends.join(","),
                 manifest: mhash,
                 info: {
-                    let mut info = json!({"processes": summary, "downtime_ms": downtime_ms, "suspend_ms": suspend_ms});
+                    let mut info = json!({"processes": summary, "downtime_ms": downtime_ms, "suspend_ms": suspend_ms, "resume_sent_ms": resume_sent_ms});
                     // Stored with the computation: `ckpt restart` runs
                     // them again.
                     let hooks = self.hooks.lock().unwrap().clone();

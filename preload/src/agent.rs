@@ -723,8 +723,9 @@ fn checkpoint(_generation: u64) {
         return;
     }
     stopper::finish_round(release);
+    let resumed = proto::Resumed { released_ns: sys::now_ns() };
     reap_snapshot();
-    send(kind::RESUMED, &[]);
+    send(kind::RESUMED, &[resumed.as_bytes()]);
 }
 
 fn release() {

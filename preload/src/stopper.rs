@@ -102,8 +102,10 @@ pub static JOB_STOPPED: AtomicI32 = AtomicI32::new(0);
 /// A tracer holds threads of a job-stopped process for this round
 /// (its pid); 0 when none does.
 static HOLDER: AtomicI32 = AtomicI32::new(0);
-/// Tracer to checkpoint thread: every thread is in the handler (1).
+/// Tracer to checkpoint thread: every thread is in the handler, held by
+/// the tracer (1), or detached, the tracer exiting ([`DONE_EXITING`]).
 static SERVED: AtomicU32 = AtomicU32::new(0);
+const DONE_EXITING: u32 = 2;
 /// Checkpoint thread to tracer: 1 = follow the held threads out of the
 /// handler; tracer: 2 = they are being followed, release them.
 static LET_GO: AtomicU32 = AtomicU32::new(0);
@@ -211,9 +213,17 @@ pub fn stop_threads(tids: &[i32]) {
         if unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL | libc::WNOHANG, 0usize) } != 0 {
             break;
         }
-        if SERVED.load(Ordering::Acquire) != 0 {
-            HOLDER.store(pid, Ordering::Release);
-            break;
+        match SERVED.load(Ordering::Acquire) {
+            0 => {}
+            DONE_EXITING => {
+                // SAFETY: as above; it has nothing left to do but exit.
+                unsafe { libc::syscall(libc::SYS_wait4, pid, 0usize, libc::__WALL, 0usize) };
+                break;
+            }
+            _ => {
+                HOLDER.store(pid, Ordering::Release);
+                break;
+            }
         }
         sys::futex_wait(&SERVED, 0, 1_000_000);
     }
@@ -378,6 +388,12 @@ extern "C" fn tracer_main(arg: *mut libc::c_void) -> i32 {
         }
         if t.state[..tids.len()].contains(&HELD) {
             hold(tids, t);
+        } else {
+            // Done: the checkpoint thread may wait for our exit (a wait4
+            // that blocks, instead of looking again after its next 1 ms
+            // nap: that nap was most of a small process's stop).
+            SERVED.store(DONE_EXITING, Ordering::Release);
+            sys::futex_wake_all(&SERVED);
         }
     }
     0

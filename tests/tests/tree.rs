@@ -30,6 +30,13 @@ fn process_tree_with_pipes_shared_memory_zombie_and_daemon() {
     let g2 = s.checkpoint_bounded(&mut p);
     let gens = s.generations();
     assert_eq!(gens[&g2.id].u64_field("nprocs"), 5, "generation {} does not hold the 5 processes", g2.id);
+    // The downtime counts to the moment the last of the 5 programs ran
+    // again (its agent's RESUMED says when), which is after the last
+    // RESUME was sent and after they were all stopped.
+    let info = gens[&g2.id].get("info").unwrap_or_else(|| panic!("generation {} has no info", g2.id));
+    let ms = |k: &str| info.get(k).and_then(Json::as_f64).unwrap_or_else(|| panic!("no figure {k:?} in the generation's info: {info:?}"));
+    let (down, sent, stopping) = (ms("downtime_ms"), ms("resume_sent_ms"), ms("suspend_ms"));
+    assert!(stopping > 0.0 && stopping <= sent && sent <= down, "downtime {down} ms, last RESUME sent at {sent} ms, all stopped at {stopping} ms");
 
     s.kill_all(&pids, &mut p);
     // As on a new host: the POSIX shared memory object is gone too; the

@@ -15,7 +15,7 @@
 //!                                            (coordinator reads /proc and memory)
 //!   <------------------------- RESUME        (written or aborted)
 //!   (release the threads)
-//!   RESUMED ----------------------->
+//!   RESUMED {released_ns} ---------->
 //! ```
 //!
 //! After a restart the agent's checkpoint thread returns from the middle of
@@ -360,6 +360,18 @@ pub struct Resume {
 }
 // SAFETY: repr(C), no padding.
 unsafe impl Pod for Resume {}
+
+/// Agent → coordinator, once its threads are released (an older agent
+/// sends RESUMED without a payload).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resumed {
+    /// `CLOCK_MONOTONIC` (ns) when the agent let its threads go: the end
+    /// of the program's stop, which the round's downtime counts to.
+    pub released_ns: u64,
+}
+// SAFETY: repr(C), one u64.
+unsafe impl Pod for Resumed {}
 
 /// Header of a REGISTER or FORK payload, followed by `count` `[start, end)` pairs of u64.
 #[repr(C)]

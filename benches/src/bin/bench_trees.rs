@@ -7,7 +7,13 @@
 //! another PID namespace) costs next to the coordinator's own capture of
 //! the same program.
 //!
-//! Run: `cargo build --release --workspace && target/release/bench-trees [--forks 300] [--reps 3]`
+//! Run: `cargo build --release --workspace && target/release/bench-trees [--forks 300] [--reps 3] [--only trees]`
+//! (`--only trees`: the K-process checkpoints alone.)
+//!
+//! Downtime is the generation's `downtime_ms`: from the coordinator's first
+//! CHECKPOINT message to the moment the last agent let its threads go (its
+//! RESUMED says when; a coordinator before 2026-12-07 counted to its last
+//! RESUME sent, which left out the last process's wake-up).
 //! It prints a Markdown report (BENCHMARKS.md is made from it).
 
 use std::io::{BufRead, BufReader, Write};
@@ -39,24 +45,39 @@ fn main() {
     let reps = opt("--reps", 3);
     let ckpt = std::env::current_exe().unwrap().parent().unwrap().join("ckpt");
     let prog = env!("CKPT_BENCH_FORK");
+    let only_trees = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).is_some_and(|v| v == "trees");
 
     println!("## Process trees (bench-trees)\n");
+    if !only_trees {
+        creation(&ckpt, prog, &forks, reps);
+    }
+    trees(&ckpt, prog, reps);
+    if !only_trees {
+        helper_vs_local(&ckpt, env!("CKPT_BENCH_HEAP"), reps);
+    }
+}
+
+/// What joining the coordinator adds to `fork` and `fork`+`exec`.
+fn creation(ckpt: &Path, prog: &str, forks: &str, reps: usize) {
     println!("### Creating processes under ckpt (median of {reps} runs of {forks})\n");
     println!("| operation | without ckpt | under ckpt | ratio |\n|---|---|---|---|");
-    let env = Env::new(&ckpt, "trees", "fork");
+    let env = Env::new(ckpt, "trees", "fork");
     for mode in ["fork", "exec"] {
-        let raw = median((0..reps).map(|_| ns_per_op(None, prog, &[mode, &forks])).collect());
-        let under = median((0..reps).map(|_| ns_per_op(Some(&env), prog, &[mode, &forks])).collect());
+        let raw = median((0..reps).map(|_| ns_per_op(None, prog, &[mode, forks])).collect());
+        let under = median((0..reps).map(|_| ns_per_op(Some(&env), prog, &[mode, forks])).collect());
         let what = if mode == "fork" { "fork + exit + waitpid" } else { "fork + exec /bin/true + waitpid" };
         println!("| {what} | {:.0} µs | {:.0} µs | {:.1}× |", raw / 1e3, under / 1e3, under / raw);
     }
     drop(env);
+}
 
+/// K idle processes of 16 MiB each, and one process of 256 MiB.
+fn trees(ckpt: &Path, prog: &str, reps: usize) {
     println!("\n### Checkpointing K processes of 16 MiB each (medians of {reps} checkpoints after the first)\n");
     println!("| processes | memory | downtime | time to commit | commit per process |\n|---|---|---|---|---|");
     let mut one_256 = None;
     for (k, mib) in [(1usize, 16usize), (1, 256), (4, 16), (16, 16)] {
-        let env = Env::new(&ckpt, "trees", &format!("tree{k}-{mib}"));
+        let env = Env::new(ckpt, "trees", &format!("tree{k}-{mib}"));
         let mut child = env
             .cmd()
             .args(["launch", "--", prog, "tree", &k.to_string(), &mib.to_string()])
@@ -96,8 +117,6 @@ fn main() {
             _ => {}
         }
     }
-
-    helper_vs_local(&ckpt, env!("CKPT_BENCH_HEAP"), reps);
 }
 
 /// One checkpoint's figures: (time to commit, downtime), in ms.
