@@ -231,7 +231,7 @@ impl BlobReader {
             let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
             for h in hashes.iter().filter(|h| !h.is_zero_chunk()) {
                 let loc = s.locate(&conn, h)?;
-                groups.entry(loc.pack.clone()).or_default().push(loc);
+                groups.entry(loc.pack.to_string()).or_default().push(loc);
             }
         }
         let work = by_offset(groups);
