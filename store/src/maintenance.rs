@@ -189,7 +189,7 @@ impl Writer {
         let live = &live;
         let root = self.inner.root.clone();
         let path = self.inner.catalog_path.clone();
-        self.with_transaction(|tx| {
+        let swept = self.with_transaction(|tx| {
             let mut out = Swept { generations: catalog::generations::delete(tx, &path, drop)?, ..Default::default() };
             {
                 for (id, m) in catalog::generations::manifests(tx, &path)? {
@@ -227,7 +227,9 @@ impl Writer {
                 }
             }
             Ok(out)
-        })
+        })?;
+        self.remove_touched(drop);
+        Ok(swept)
     }
 
     /// Delete pack files that the catalog no longer names (the dead packs of

@@ -27,6 +27,27 @@ use crate::{GenerationInfo, Result, Store, StoreError};
 pub const MAX_RECORD: u64 = 1 << 20;
 const TAG: usize = 32;
 
+impl crate::Writer {
+    /// Removes the first-touched records of generations `ids`, once gc's
+    /// sweep has deleted their rows. Best effort: a record left behind
+    /// names a generation that is gone and is never read again.
+    pub(crate) fn remove_touched(&self, ids: &[u64]) {
+        for &id in ids {
+            let rel = Store::touched_rel(id);
+            let r = match &self.inner.remote {
+                Some(remote) => remote.delete(&rel),
+                None => match std::fs::remove_file(self.inner.root.join(&rel)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(format!("remove {rel}"), e)),
+                    _ => Ok(()),
+                },
+            };
+            if let Err(e) = r {
+                tracing::warn!(generation = id, "could not remove the first-touched record of a deleted generation: {e}");
+            }
+        }
+    }
+}
+
 impl Store {
     fn touched_rel(id: u64) -> String {
         format!("touched/{id}.rec")
@@ -107,15 +128,13 @@ impl Store {
         }
         let tag = data.split_off(data.len() - TAG);
         let want = self.touched_tag(g, &data);
-        if !constant_time_eq(&tag, &want) {
+        // blake3's Hash compares in constant time.
+        let tag: [u8; TAG] = tag.try_into().expect("TAG bytes");
+        if blake3::Hash::from(tag) != blake3::Hash::from(want) {
             return Err(self.inner.tampered(format!("the first-touched record of generation {} does not authenticate (edited, forged, or moved from another generation)", g.id)));
         }
         Ok(Some(data))
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -796,3 +796,25 @@ fn batched_read_of_many_blobs_locates_by_one_merged_scan() {
     assert!(matches!(r, Err(StoreError::BlobNotFound { hash, .. }) if hash == blobs[5000].0), "{r:?}");
     assert_eq!(*got.lock().unwrap(), 0, "blobs handed out before the missing one was found");
 }
+
+/// gc's sweep of a generation takes its first-touched record with it; the
+/// record of a generation that stays is kept.
+#[test]
+fn a_swept_generation_loses_its_first_touched_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(&url(dir.path()), DEFAULT_CHUNK_SIZE).unwrap();
+    let w = store.writer().unwrap();
+    let m1 = w.put_meta(b"m1").unwrap();
+    let g1 = w.commit(gen_for(m1, None)).unwrap();
+    let m2 = w.put_meta(b"m2").unwrap();
+    let g2 = w.commit(gen_for(m2, Some(g1.id))).unwrap();
+    for g in [&g1, &g2] {
+        store.put_touched(g, format!("record of {}", g.id).as_bytes()).unwrap();
+    }
+    let file = |id: u64| dir.path().join(format!("touched/{id}.rec"));
+    assert!(file(g1.id).exists() && file(g2.id).exists());
+    let live: std::collections::HashSet<Hash> = [m2].into_iter().collect();
+    w.sweep(&[g1.id], &live).unwrap();
+    assert!(!file(g1.id).exists(), "the swept generation's record is still there");
+    assert_eq!(store.touched(&g2).unwrap().as_deref(), Some(&b"record of 2"[..]));
+}
