@@ -81,7 +81,10 @@ pub fn capture_self(ucontext: *mut c_void, is_ckpt_thread: bool) -> ThreadState 
     } else {
         // glibc registers `struct rseq_area` (32 bytes) even when it
         // advertises a smaller feature size.
-        (fs_base.wrapping_add(RSEQ_OFFSET.load(Ordering::Relaxed) as u64), rseq_size.max(32))
+        let area = (fs_base.wrapping_add(RSEQ_OFFSET.load(Ordering::Relaxed) as u64), rseq_size.max(32));
+        // A thread caught between its clone and glibc's registration has
+        // none: none is restored (glibc registers it when it goes on).
+        if sys::rseq_registered(area.0, area.1, RSEQ_SIG) { area } else { (0, 0) }
     };
     ThreadState {
         tid: sys::gettid(),

@@ -70,6 +70,29 @@ pub fn robust_list() -> (u64, u64) {
     (head, len)
 }
 
+/// Whether the calling thread has registered an rseq area with the kernel.
+/// A thread glibc has just cloned runs (and can be stopped for a
+/// checkpoint) before its `start_thread` registers one; restoring it with
+/// an area registered would make that registration fail, which glibc
+/// treats as fatal. The kernel has no query, so this asks it to register
+/// `addr` (`len`, `sig`: what glibc registers): `EBUSY` says the same area
+/// is registered, `EINVAL`/`EPERM` that another one is (both: registered);
+/// success says none was, and the registration is undone at once
+/// (`RSEQ_FLAG_UNREGISTER`), leaving the thread as it was. Async-signal-safe
+/// (two raw syscalls).
+pub fn rseq_registered(addr: u64, len: u32, sig: u32) -> bool {
+    const RSEQ_FLAG_UNREGISTER: u64 = 1;
+    // SAFETY: rseq with `addr` inside the thread's TLS (glibc's own area for
+    // it, mapped and aligned); the kernel only records it, or refuses.
+    let r = unsafe { libc::syscall(libc::SYS_rseq, addr, len as u64, 0u64, sig as u64) };
+    if r != 0 {
+        return true;
+    }
+    // SAFETY: unregisters exactly what the call above registered.
+    unsafe { libc::syscall(libc::SYS_rseq, addr, len as u64, RSEQ_FLAG_UNREGISTER, sig as u64) };
+    false
+}
+
 /// Current program break.
 pub fn brk_now() -> u64 {
     // SAFETY: brk(0) only queries.

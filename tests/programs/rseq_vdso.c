@@ -7,6 +7,10 @@
  * updating their rseq area (cpu_id in glibc's area == the pinned CPU ==
  * sched_getcpu() == the getcpu syscall), and that the rseq area is still
  * registered at the same address (re-registering it must fail with EBUSY).
+ * A third thread has no rseq (it unregisters glibc's area, as a thread just
+ * cloned has none until glibc's start_thread registers it) and checks every
+ * tick that it still has none: a restart that registered one for such a
+ * thread would make glibc's own registration fail, which aborts it.
  * Every tick it also checks that [vdso], [vvar] and [vvar_vclock] are at
  * the addresses they had at start, that AT_SYSINFO_EHDR points to [vdso],
  * and that vDSO clocks agree with the syscalls and keep advancing.
@@ -21,6 +25,7 @@
 #ifndef RSEQ_SIG
 #define RSEQ_SIG 0x53053053
 #endif
+#define UNREGISTER 1 /* RSEQ_FLAG_UNREGISTER */
 
 static int cpus[2];
 static int ncpus_usable;
@@ -28,6 +33,7 @@ static unsigned rseq_len_reg;
 static char maps_saved[3][128];
 static const char *special[3] = { "[vdso]", "[vvar]", "[vvar_vclock]" };
 static volatile long helper_ticks = 0;
+static volatile long bare_ticks = 0;
 
 static struct rseq *rseq_area(void)
 {
@@ -145,6 +151,25 @@ static void *helper(void *arg)
     return NULL;
 }
 
+/* The thread without rseq: registering its area must succeed (none is
+ * registered), and is undone at once. */
+static void *bare(void *arg)
+{
+    (void)arg;
+    if (syscall(SYS_rseq, rseq_area(), rseq_len_reg, UNREGISTER, RSEQ_SIG) != 0)
+        ct_fail("bare: unregistering glibc's rseq area: %s", strerror(errno));
+    for (;;) {
+        if (syscall(SYS_rseq, rseq_area(), rseq_len_reg, 0, RSEQ_SIG) != 0)
+            ct_fail("bare: a thread without rseq has one registered (%s): registered for it by a restart?",
+                    strerror(errno));
+        if (syscall(SYS_rseq, rseq_area(), rseq_len_reg, UNREGISTER, RSEQ_SIG) != 0)
+            ct_fail("bare: unregistering the probe: %s", strerror(errno));
+        bare_ticks++;
+        ct_sleep_ms(ct_interval_ms);
+    }
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     ct_parse(argc, argv, "", NULL);
@@ -176,6 +201,9 @@ int main(int argc, char **argv)
     pthread_t th;
     if (pthread_create(&th, NULL, helper, NULL) != 0)
         ct_fail("pthread_create");
+    pthread_t bth;
+    if (__rseq_size > 0 && pthread_create(&bth, NULL, bare, NULL) != 0)
+        ct_fail("pthread_create");
     printf("READY cpus=%d,%d rseq_offset=%td rseq_size=%u vdso=%s vvar=%s vvar_vclock=%s\n", cpus[0],
            cpus[ncpus_usable - 1], __rseq_offset, __rseq_size, maps_saved[0], maps_saved[1],
            maps_saved[2]);
@@ -194,7 +222,7 @@ int main(int argc, char **argv)
         } else if (tick - last_helper_tick > 20) {
             ct_fail("helper thread stopped ticking");
         }
-        printf("TICK %ld cpu=%d helper=%ld\n", tick, sched_getcpu(), h);
+        printf("TICK %ld cpu=%d helper=%ld bare=%ld\n", tick, sched_getcpu(), h, bare_ticks);
         if (ct_should_stop(tick))
             ct_done();
         ct_sleep_ms(ct_interval_ms);
