@@ -8,7 +8,7 @@
 //! stopped phase per step, next to a raw `fork` of a process as large and a
 //! raw copy of the changed pages, measured in the same run.
 //!
-//! Run: `cargo build --release --workspace && target/release/bench-stop [--reps 7] [--mib 1024] [--only threads|memory]`
+//! Run: `cargo build --release --workspace && target/release/bench-stop [--reps 7] [--mib 1024] [--only threads|memory] [--pcts 0,0.1,1,10]`
 //! It prints a Markdown table (BENCHMARKS.md is made from it).
 
 use std::io::{BufRead, BufReader, Write};
@@ -53,6 +53,7 @@ fn main() {
     let reps = opt("--reps").and_then(|v| v.parse().ok()).unwrap_or(7);
     let mib = opt("--mib").and_then(|v| v.parse().ok()).unwrap_or(1024);
     let only = opt("--only").unwrap_or_default();
+    let pcts: Vec<f64> = opt("--pcts").map(|v| v.split(',').filter_map(|p| p.parse().ok()).collect()).unwrap_or_else(|| vec![0.0, 0.1, 1.0, 10.0]);
     let ckpt = std::env::current_exe().unwrap().parent().unwrap().join("ckpt");
     let prog = env!("CKPT_BENCH_THREADS");
     println!("## Stopping threads (bench-stop)\n");
@@ -66,7 +67,7 @@ fn main() {
         }
     }
     if only != "threads" {
-        memory_downtime(&ckpt, env!("CKPT_BENCH_HEAP"), mib, &[0.0, 0.1, 1.0, 10.0], reps);
+        memory_downtime(&ckpt, env!("CKPT_BENCH_HEAP"), mib, &pcts, reps);
     }
 }
 
