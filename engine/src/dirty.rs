@@ -182,14 +182,17 @@ struct Query {
 /// for the few pages. `Ok(None)`: this kernel has no `PAGEMAP_SCAN`
 /// (before 6.7). `EPERM` under `PM_SCAN_CHECK_WPASYNC` (the range is not
 /// registered for tracking) is returned as an error.
-fn scan(pagemap: &File, start: u64, end: u64, q: Query) -> std::io::Result<Option<Vec<(u64, u64, u64)>>> {
+/// Page runs a walk reports: `(start, end, categories)`.
+type Runs = Vec<(u64, u64, u64)>;
+
+fn scan(pagemap: &File, start: u64, end: u64, q: Query) -> std::io::Result<Option<Runs>> {
     Ok(scan_until(pagemap, start, end, q, false)?.map(|(runs, _)| runs))
 }
 
 /// [`scan`], stopping after the first call that filled its buffer of runs
 /// if `stop_when_full`: also returns the address the walk got to (`end`
 /// if it got there).
-fn scan_until(pagemap: &File, start: u64, end: u64, q: Query, stop_when_full: bool) -> std::io::Result<Option<(Vec<(u64, u64, u64)>, u64)>> {
+fn scan_until(pagemap: &File, start: u64, end: u64, q: Query, stop_when_full: bool) -> std::io::Result<Option<(Runs, u64)>> {
     let mut out = Vec::new();
     let mut vec = vec![PageRegion::default(); 1024];
     let mut cur = start;
