@@ -137,6 +137,27 @@ fn log_field(err: &str, needle: &str, key: &str) -> Option<u64> {
     l[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
+/// `counter_heap -m MIB` launched on the session's S3 store (cache
+/// `cache-a`), checkpointed after `ticks` ticks and killed: the generation,
+/// the program's pid and its stop file.
+fn checkpointed_on_s3(s: &Session, srv: &S3Server, mib: &str, ticks: u64) -> (Gen, i32, std::path::PathBuf) {
+    let cache_a = s.path("cache-a");
+    let stop = s.stop_file();
+    let mut c = s.cmd("launch");
+    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", mib, "-s", stop.to_str().unwrap()]);
+    srv.apply(&mut c, &cache_a);
+    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
+    s.track(p.child_pid());
+    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
+    p.pid = line[4..].trim().parse().unwrap();
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(ticks, LINE_TIMEOUT);
+    let g = s.checkpoint_bounded(&mut p);
+    p.kill9();
+    (g, pid, stop)
+}
+
 /// A lazy restart from S3 on a fresh host records the pages the program
 /// touched first (the first-touched record of the generation, in the
 /// store); the next lazy restart of that generation, on another fresh
@@ -149,20 +170,7 @@ fn lazy_restart_from_s3_prefetches_what_the_last_one_touched_first() {
     srv.create_bucket(BUCKET);
     let mut s = Session::new("lazy_prefetch");
     s.store = format!("s3://{BUCKET}/prefetch");
-    let cache_a = s.path("cache-a");
-    let stop = s.stop_file();
-    let mut c = s.cmd("launch");
-    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", "64", "-s", stop.to_str().unwrap()]);
-    srv.apply(&mut c, &cache_a);
-    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
-    s.track(p.child_pid());
-    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
-    p.pid = line[4..].trim().parse().unwrap();
-    let pid = p.pid;
-    p.wait_prefix("READY", LINE_TIMEOUT);
-    p.wait_ticks(2, LINE_TIMEOUT);
-    let g = s.checkpoint_bounded(&mut p);
-    p.kill9();
+    let (g, pid, stop) = checkpointed_on_s3(&s, &srv, "64", 2);
     let _ = s.run("quit", &[]);
 
     let mut faults = Vec::new();
@@ -332,20 +340,7 @@ fn lazy_restart_from_s3_on_a_fresh_host() {
     srv.create_bucket(BUCKET);
     let mut s = Session::new("lazy_s3");
     s.store = format!("s3://{BUCKET}/lazy");
-    let cache_a = s.path("cache-a");
-    let stop = s.stop_file();
-    let mut c = s.cmd("launch");
-    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", "64", "-s", stop.to_str().unwrap()]);
-    srv.apply(&mut c, &cache_a);
-    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
-    s.track(p.child_pid());
-    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
-    p.pid = line[4..].trim().parse().unwrap();
-    let pid = p.pid;
-    p.wait_prefix("READY", LINE_TIMEOUT);
-    p.wait_ticks(2, LINE_TIMEOUT);
-    let g = s.checkpoint_bounded(&mut p);
-    p.kill9();
+    let (g, pid, _stop) = checkpointed_on_s3(&s, &srv, "64", 2);
     let _ = s.run("quit", &[]);
 
     let cache_b = s.path("cache-b");
@@ -369,20 +364,7 @@ fn lazy_restart_whose_store_goes_away_kills_the_program_and_says_why() {
     srv.create_bucket(BUCKET);
     let mut s = Session::new("lazy_gone");
     s.store = format!("s3://{BUCKET}/gone");
-    let cache_a = s.path("cache-a");
-    let stop = s.stop_file();
-    let mut c = s.cmd("launch");
-    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", "512", "-s", stop.to_str().unwrap()]);
-    srv.apply(&mut c, &cache_a);
-    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
-    s.track(p.child_pid());
-    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
-    p.pid = line[4..].trim().parse().unwrap();
-    let pid = p.pid;
-    p.wait_prefix("READY", LINE_TIMEOUT);
-    p.wait_ticks(1, LINE_TIMEOUT);
-    let _g = s.checkpoint_bounded(&mut p);
-    p.kill9();
+    let (_g, pid, _stop) = checkpointed_on_s3(&s, &srv, "512", 1);
     let _ = s.run("quit", &[]);
 
     let cache_b = s.path("cache-b");
@@ -415,20 +397,7 @@ fn lazy_restart_whose_server_dies_kills_the_program() {
     srv.create_bucket(BUCKET);
     let mut s = Session::new("lazy_watchdog");
     s.store = format!("s3://{BUCKET}/watchdog");
-    let cache_a = s.path("cache-a");
-    let stop = s.stop_file();
-    let mut c = s.cmd("launch");
-    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", "512", "-s", stop.to_str().unwrap()]);
-    srv.apply(&mut c, &cache_a);
-    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
-    s.track(p.child_pid());
-    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
-    p.pid = line[4..].trim().parse().unwrap();
-    let pid = p.pid;
-    p.wait_prefix("READY", LINE_TIMEOUT);
-    p.wait_ticks(1, LINE_TIMEOUT);
-    let _g = s.checkpoint_bounded(&mut p);
-    p.kill9();
+    let (_g, pid, _stop) = checkpointed_on_s3(&s, &srv, "512", 1);
 
     let cache_b = s.path("cache-b");
     let mut r = restart_lazy(&s, None, pid, Some((&srv, &cache_b)));
