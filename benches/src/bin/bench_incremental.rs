@@ -8,10 +8,10 @@
 //! Run: `cargo build --release --workspace && target/release/bench-incremental [--mib 1024] [--reps 5]`
 //! It prints a Markdown report (BENCHMARKS.md is made from it).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use ckpt_benches::ceilings::Sample;
@@ -46,18 +46,6 @@ struct Running {
     child: Child,
     stdin: ChildStdin,
     lines: Receiver<String>,
-}
-
-fn reader(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 fn wait_for(rx: &Receiver<String>, prefix: &str, timeout: Duration) -> Option<Instant> {
@@ -161,7 +149,7 @@ fn main() {
         c.arg("launch").args(flags).args(["--", prog, "-m", &heap_mib.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut child = c.spawn().unwrap();
         let stdin = child.stdin.take().unwrap();
-        let lines = reader(child.stdout.take().unwrap());
+        let lines = ckpt_benches::lines_of(child.stdout.take().unwrap());
         let mut r = Running { child, stdin, lines };
         wait_for(&r.lines, "READY", Duration::from_secs(120)).expect("READY");
         let t = Instant::now();
@@ -211,7 +199,7 @@ fn main() {
         let mut rc = env.cmd();
         rc.arg("restart").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut rchild = rc.spawn().unwrap();
-        let rl = reader(rchild.stdout.take().unwrap());
+        let rl = ckpt_benches::lines_of(rchild.stdout.take().unwrap());
         let first = wait_for(&rl, "BEAT", Duration::from_secs(120)).map(|at| at.duration_since(t).as_secs_f64() * 1000.0);
         restarts.push((name, first.unwrap_or(f64::NAN)));
         let _ = env.cmd().arg("kill").output();

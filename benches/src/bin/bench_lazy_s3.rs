@@ -23,7 +23,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,18 +149,6 @@ fn wait_nth(rx: &Receiver<String>, prefix: &str, n: usize, timeout: Duration) ->
     wait_nth_first(rx, prefix, n, timeout, &mut None)
 }
 
-fn reader(out: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 /// Waits for the `n`th line starting with `prefix`; sets `first` at the
 /// first line of all.
 fn wait_nth_first(rx: &Receiver<String>, prefix: &str, n: usize, timeout: Duration, first: &mut Option<Instant>) -> Option<Instant> {
@@ -227,8 +215,8 @@ fn restart(run: &Run, ckpt: &Path, counts: &Counts, n: usize, finish: bool) -> S
         let (g0, b0) = (counts.gets.load(Ordering::Relaxed), counts.bytes.load(Ordering::Relaxed));
         let t = Instant::now();
         let mut child = run.cmd(ckpt, &cache).args(["restart", "--lazy"]).env("CKPT_LOG", "ckpt_engine=debug").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let out = reader(child.stdout.take().unwrap());
-        let err = reader(child.stderr.take().unwrap());
+        let out = ckpt_benches::lines_of(child.stdout.take().unwrap());
+        let err = ckpt_benches::lines_of(child.stderr.take().unwrap());
         let mut first = None;
         let done = wait_nth_first(&out, "WORKED", 2, Duration::from_secs(600), &mut first);
         let (g1, b1) = (counts.gets.load(Ordering::Relaxed), counts.bytes.load(Ordering::Relaxed));
@@ -281,7 +269,7 @@ fn main() {
     let mut c = run.cmd(&new, "cache-0");
     c.args(["launch", "--", env!("CKPT_BENCH_HEAP"), "-m", &mib.to_string(), "-w", &ws.to_string()]).stdout(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let lines = reader(child.stdout.take().unwrap());
+    let lines = ckpt_benches::lines_of(child.stdout.take().unwrap());
     wait_nth(&lines, "WORKED", 1, Duration::from_secs(300)).expect("WORKED");
     run.run(&new, &["checkpoint"]);
     run.run(&new, &["kill"]);

@@ -15,10 +15,10 @@
 //! repetition), and each mode's medians are printed side by side with
 //! their ratio and the load average.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use ckpt_benches::ceilings;
@@ -34,18 +34,6 @@ struct Ceilings {
 fn ceilings() -> Ceilings {
     let s = ceilings::Sample::new(false);
     Ceilings { memcpy: s.memcpy(), blake3_all: s.blake3_all(PAGE), unzstd_all: s.unzstd(PAGE, 1, true) }
-}
-
-fn reader(out: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 fn wait_for(rx: &Receiver<String>, prefix: &str, timeout: Duration) -> Option<Instant> {
@@ -129,8 +117,8 @@ fn restart_once(env: &Env, ckpt: &Path, lazy: bool) -> Sample {
     }
     rc.env("CKPT_LOG", "ckpt_engine=debug").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = rc.spawn().unwrap();
-    let out = reader(child.stdout.take().unwrap());
-    let err = reader(child.stderr.take().unwrap());
+    let out = ckpt_benches::lines_of(child.stdout.take().unwrap());
+    let err = ckpt_benches::lines_of(child.stderr.take().unwrap());
     let first = wait_for(&out, "BEAT", Duration::from_secs(300)).map(|at| at.duration_since(t).as_secs_f64() * 1000.0);
     let _ = env.cmd().arg("kill").output();
     let _ = child.wait();
@@ -157,7 +145,7 @@ fn prepare(ckpt: &Path, mib: usize) -> (Env, u64) {
     let mut c = env.cmd();
     c.arg("launch").args(["--", env!("CKPT_BENCH_HEAP"), "-m", &mib.to_string()]).stdin(Stdio::null()).stdout(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let lines = reader(child.stdout.take().unwrap());
+    let lines = ckpt_benches::lines_of(child.stdout.take().unwrap());
     wait_for(&lines, "READY", Duration::from_secs(300)).expect("READY");
     env.run(&["checkpoint"]);
     env.run(&["kill"]);
