@@ -141,17 +141,9 @@ fn log_field(err: &str, needle: &str, key: &str) -> Option<u64> {
 /// `cache-a`), checkpointed after `ticks` ticks and killed: the generation,
 /// the program's pid and its stop file.
 fn checkpointed_on_s3(s: &Session, srv: &S3Server, mib: &str, ticks: u64) -> (Gen, i32, std::path::PathBuf) {
-    let cache_a = s.path("cache-a");
     let stop = s.stop_file();
-    let mut c = s.cmd("launch");
-    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", mib, "-s", stop.to_str().unwrap()]);
-    srv.apply(&mut c, &cache_a);
-    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
-    s.track(p.child_pid());
-    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
-    p.pid = line[4..].trim().parse().unwrap();
+    let mut p = srv.launch_counter(s, &s.path("cache-a"), mib, &stop);
     let pid = p.pid;
-    p.wait_prefix("READY", LINE_TIMEOUT);
     p.wait_ticks(ticks, LINE_TIMEOUT);
     let g = s.checkpoint_bounded(&mut p);
     p.kill9();

@@ -87,15 +87,8 @@ fn s3_checkpoint_twice_then_restart_on_fresh_host() {
     s.store = format!("s3://{BUCKET}/fresh-host");
     let cache_a = s.path("cache-a");
     let stop = s.stop_file();
-    let mut c = s.cmd("launch");
-    c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", "64", "-s", stop.to_str().unwrap()]);
-    srv.apply(&mut c, &cache_a);
-    let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
-    s.track(p.child_pid());
-    let line = p.wait_prefix("PID ", LINE_TIMEOUT);
-    p.pid = line[4..].trim().parse().unwrap();
+    let mut p = srv.launch_counter(&s, &cache_a, "64", &stop);
     let pid = p.pid;
-    p.wait_prefix("READY", LINE_TIMEOUT);
     p.wait_ticks(2, LINE_TIMEOUT);
     let _g1 = s.checkpoint_bounded(&mut p);
     p.wait_ticks(3, LINE_TIMEOUT);

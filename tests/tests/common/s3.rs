@@ -184,6 +184,22 @@ impl S3Server {
         }
         c.env("CKPT_S3_CACHE", cache);
     }
+
+    /// `counter_heap -t 100 -m MIB -s STOP` launched on `s`'s store (an
+    /// `s3://` one of this server, with cache `cache`), once READY: the
+    /// launch, its `pid` the program's.
+    pub fn launch_counter(&self, s: &crate::common::Session, cache: &std::path::Path, mib: &str, stop: &std::path::Path) -> crate::common::Proc {
+        use crate::common::{LINE_TIMEOUT, Proc, program};
+        let mut c = s.cmd("launch");
+        c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", mib, "-s", stop.to_str().unwrap()]);
+        self.apply(&mut c, cache);
+        let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
+        s.track(p.child_pid());
+        let line = p.wait_prefix("PID ", LINE_TIMEOUT);
+        p.pid = line[4..].trim().parse().unwrap();
+        p.wait_prefix("READY", LINE_TIMEOUT);
+        p
+    }
 }
 
 impl Drop for S3Server {
