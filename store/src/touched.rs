@@ -32,17 +32,23 @@ impl crate::Writer {
     /// sweep has deleted their rows. Best effort: a record left behind
     /// names a generation that is gone and is never read again.
     pub(crate) fn remove_touched(&self, ids: &[u64]) {
-        for &id in ids {
-            let rel = Store::touched_rel(id);
-            let r = match &self.inner.remote {
-                Some(remote) => remote.delete(&rel),
-                None => match std::fs::remove_file(self.inner.root.join(&rel)) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(format!("remove {rel}"), e)),
-                    _ => Ok(()),
-                },
-            };
-            if let Err(e) = r {
-                tracing::warn!(generation = id, "could not remove the first-touched record of a deleted generation: {e}");
+        let rels: Vec<String> = ids.iter().map(|&id| Store::touched_rel(id)).collect();
+        match &self.inner.remote {
+            // One concurrent batch of DELETEs (a missing object is fine).
+            Some(remote) => {
+                if let Err(e) = remote.delete_many(&rels) {
+                    tracing::warn!(generations = ?ids, "could not remove the first-touched records of deleted generations: {e}");
+                }
+            }
+            None => {
+                for (id, rel) in ids.iter().zip(&rels) {
+                    match std::fs::remove_file(self.inner.root.join(rel)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            tracing::warn!(generation = id, "could not remove the first-touched record of a deleted generation ({rel}): {e}")
+                        }
+                        _ => {}
+                    }
+                }
             }
         }
     }
