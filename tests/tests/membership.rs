@@ -64,6 +64,10 @@ fn process_killed_mid_checkpoint_aborts_it_and_survivors_go_on() {
 fn restarted_with_its_join_held(s: &Session) -> (Proc, i32, std::path::PathBuf) {
     let hold = s.path("hold");
     std::fs::create_dir_all(&hold).unwrap();
+    if let Some(u) = &s.user {
+        // The coordinator runs as the session's user and writes `join-held` here.
+        std::os::unix::fs::chown(&hold, Some(u.uid), Some(u.gid)).unwrap();
+    }
     let holdv = hold.to_str().unwrap().to_string();
     let env = [("CKPT_TEST_HOLD", holdv.as_str())];
     let mut a = s.launch_env(&program("counter_heap"), &["-m", "8", "-t", "50"], &env);
@@ -85,8 +89,18 @@ fn restarted_with_its_join_held(s: &Session) -> (Proc, i32, std::path::PathBuf) 
 /// used to find nothing to kill and return while the program ran on.
 #[test]
 fn kill_right_after_a_restart_kills_the_process_still_joining() {
-    let s = Session::new("membership_kill_joining");
-    let (mut r, pid, hold) = restarted_with_its_join_held(&s);
+    kill_right_after_a_restart(&Session::new("membership_kill_joining"));
+}
+
+/// The same as an ordinary user (`ckpt-user`): the user's own coordinator
+/// tracks the joining connection of its own uid and kills it.
+#[test]
+fn kill_right_after_a_restart_as_an_ordinary_user() {
+    kill_right_after_a_restart(&Session::as_user(TEST_USER, "membership_kill_joining_user"));
+}
+
+fn kill_right_after_a_restart(s: &Session) {
+    let (mut r, pid, hold) = restarted_with_its_join_held(s);
     // It ticks, and is not a member yet.
     r.wait_ticks(2, LINE_TIMEOUT);
     assert!(s.computation().is_empty(), "the held process is already a member: {:?}", s.computation());
