@@ -328,10 +328,11 @@ fn swapped_holding(pagemap: &File, start: u64, lo: u64, hi: u64, only_anon: bool
 /// take over a minute (tests/reserve.rs, 2026-12-07), every hole inside a
 /// page table reported and protected. The `anyof` keeps the walk off that
 /// path: an empty entry is neither present nor swapped, and a marker is
-/// never written. Measured against the two walks it replaced (present and
-/// written, then swapped and written): 1 GiB with 1% written, 0.87 + 0.60
-/// ms for those two (bench-stop, 2026-12-07); see docs/design.md
-/// "Dirty-page tracking" for this walk's figure.
+/// never written. It replaced two walks (present and written, then
+/// swapped and written: 0.87 + 0.60 ms at 1 GiB with 1% written, timed in
+/// the coordinator, 2026-12-07); the stopped phase's scan went from
+/// 2.0-2.1 ms to 1.4-1.5 ms (bench-stop A/B; docs/design.md "Dirty-page
+/// tracking").
 pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<PageRuns>> {
     let q = Query {
         flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
