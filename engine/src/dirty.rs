@@ -319,25 +319,34 @@ fn swapped_holding(pagemap: &File, start: u64, lo: u64, hi: u64, only_anon: bool
 /// shows as written anyway. `None`: the range is not registered for
 /// tracking (`EPERM` under `PM_SCAN_CHECK_WPASYNC`).
 ///
-/// Measured, not guessed: one `PM_SCAN_WP_MATCHING` walk matching present
-/// or swapped pages and reporting which were written (presence and writes
-/// together) is 3-7 ms at 1 GiB: every present page is reported. One walk
-/// matching written pages alone (`category_mask` = `PAGE_IS_WRITTEN`) is
-/// 0.3 ms faster than these two, but made the first checkpoint of a 2 TiB
-/// reservation take over a minute (tests/reserve.rs, 2026-12-07; not
-/// understood yet), so the walks stay as they were.
+/// One walk: `category_mask` = `PAGE_IS_WRITTEN` (required) and
+/// `category_anyof_mask` = present or swapped. The kernel (6.7-6.18) has a
+/// fast path for a query of `PAGE_IS_WRITTEN` alone (no `anyof`, nothing
+/// inverted, return mask `PAGE_IS_WRITTEN`) that counts an empty page-table
+/// entry as written, reports it and puts a marker in it: a walk asking for
+/// written pages alone made the first checkpoint of a 2 TiB reservation
+/// take over a minute (tests/reserve.rs, 2026-12-07), every hole inside a
+/// page table reported and protected. The `anyof` keeps the walk off that
+/// path: an empty entry is neither present nor swapped, and a marker is
+/// never written. It replaced two walks (present and written, then
+/// swapped and written: 0.87 + 0.60 ms at 1 GiB with 1% written, timed in
+/// the coordinator, 2026-12-07); the stopped phase's scan went from
+/// 2.0-2.1 ms to 1.4-1.5 ms (bench-stop A/B; docs/design.md "Dirty-page
+/// tracking").
 pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<PageRuns>> {
-    let mut runs = Vec::new();
-    for required in [PAGE_IS_PRESENT, PAGE_IS_SWAPPED] {
-        let q = Query { flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, inverted: 0, required, anyof: PAGE_IS_WRITTEN, returned: required | PAGE_IS_WRITTEN };
-        match scan(pagemap, start, end, q) {
-            Ok(Some(r)) => runs.extend(r.into_iter().map(|(lo, hi, _)| (lo, hi))),
-            Ok(None) => unreachable!("scan answers None only without PM_SCAN_WP_MATCHING"),
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok(None),
-            Err(e) => return Err(e),
-        }
+    let q = Query {
+        flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+        inverted: 0,
+        required: PAGE_IS_WRITTEN,
+        anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        returned: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+    };
+    match scan(pagemap, start, end, q) {
+        Ok(Some(r)) => Ok(Some(PageRuns::from_unsorted(r.into_iter().map(|(lo, hi, _)| (lo, hi)).collect()))),
+        Ok(None) => unreachable!("scan answers None only without PM_SCAN_WP_MATCHING"),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(None),
+        Err(e) => Err(e),
     }
-    Ok(Some(PageRuns::from_unsorted(runs)))
 }
 
 /// Starts write tracking of ranges just registered with the process's
