@@ -121,9 +121,16 @@ impl LocalPacks {
         // replaces whole files, which keeps the mapped inode alive). The
         // map is only read, and every blob read from it is verified.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| StoreError::io(format!("map pack file {}", path.display()), e))?;
-        // Read ahead: the blobs of a restart are most of the pack.
-        let _ = map.advise(memmap2::Advice::WillNeed);
         let len = map.len() as u64;
+        // Read ahead the span of the blobs asked for (`locs` are in offset
+        // order): all of the pack for an eager restart, which asks for most
+        // of it at once; one group of chunks for a lazy restart's fault,
+        // which a whole-pack read ahead (34 MiB) would queue behind.
+        let lo = locs.iter().map(|l| l.offset).min().unwrap_or(0).min(len);
+        let hi = locs.iter().map(|l| l.offset + l.clen as u64).max().unwrap_or(0).min(len);
+        if hi > lo {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, lo as usize, (hi - lo) as usize);
+        }
         let map = Bytes::from_owner(map);
         let mut out = Vec::with_capacity(locs.len());
         for loc in locs {

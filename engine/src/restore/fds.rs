@@ -28,6 +28,22 @@ pub(super) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) })
 }
 
+/// Grows this process's fd table to hold `n` fds (it never shrinks), so
+/// that the fds made later never grow it: call it while the process has a
+/// single thread, where growing costs no RCU grace period. Best effort: a
+/// table that stays small only makes the later growth slower.
+pub(super) fn reserve(n: usize) {
+    let Ok(null) = crate::fds::file::dev_null() else { return };
+    let max = i32::try_from(n.saturating_sub(1)).unwrap_or(i32::MAX);
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we own; the copy is closed at once.
+    unsafe {
+        let n = libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, max);
+        if n >= 0 {
+            libc::close(n);
+        }
+    }
+}
+
 /// Moves `fd` to the lowest free number ≥ `min` (close-on-exec).
 fn move_above(fd: OwnedFd, min: RawFd) -> Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on an fd we own; the original closes on drop.
