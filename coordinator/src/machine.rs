@@ -351,6 +351,7 @@ impl Gate {
 
 /// The stopped phase of one process. Returns its work (with the snapshot,
 /// if one was forked) even when a later step failed.
+#[allow(clippy::too_many_arguments)]
 fn one(
     t: &Target,
     report: &AgentReport,

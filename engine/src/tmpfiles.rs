@@ -150,7 +150,7 @@ pub fn capture(round: &mut crate::fds::Round, pid: i32, fds: &[FdImage], reads: 
         }
     }
     for m in reads.maps()? {
-        if m.shared && crate::capture::region_kind(&m) == crate::image::RegionKind::SharedFile {
+        if m.shared && crate::capture::region_kind(m) == crate::image::RegionKind::SharedFile {
             wanted.push((m.name.clone(), format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end), Some(m.inode), TempKind::File(empty())));
         }
     }
