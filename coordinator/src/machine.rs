@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ckpt_engine::capture::{AgentReport, Base, Prepared, prepare};
+use ckpt_engine::capture::{AgentReport, Base, Prepared, ProcReads, RoundFiles, prepare};
 use ckpt_engine::dirty::Backend;
 use ckpt_engine::fds::TcpEnd;
 use ckpt_engine::image::{ProcessEntry, RegionKind};
@@ -155,6 +155,10 @@ pub(crate) fn phase_a(
     opts: &RoundOpts,
     gate: &dyn Fn() -> bool,
 ) -> (Vec<Work>, Result<Vec<TcpEnd>, (String, bool)>) {
+    // What the fd reader and each worker read once between them
+    // (maps, status), and the round's mapped-file identities.
+    let reads: Vec<ProcReads> = targets.iter().map(|(_, r)| ProcReads::new(r.hello.pid)).collect();
+    let files = RoundFiles::new();
     let busy = |e: ckpt_engine::EngineError| {
         let retry = matches!(e, ckpt_engine::EngineError::SocketBusy { .. });
         (e.to_string(), retry)
@@ -189,7 +193,7 @@ pub(crate) fn phase_a(
             let i = next.fetch_add(1, Ordering::AcqRel);
             let Some((t, r)) = targets.get(i) else { break };
             let _running = permits.take();
-            let result = one(t, r, bases, sink, &throttled, opts);
+            let result = one(t, r, bases, sink, &throttled, opts, &reads[i], &files);
             *done[i].lock().unwrap() = Some(result);
         }
     };
@@ -199,10 +203,11 @@ pub(crate) fn phase_a(
         let threads: Vec<_> = (0..workers).map(|_| s.spawn(work_on)).collect();
         let fds = targets
             .iter()
-            .map(|(_, r)| {
+            .zip(&reads)
+            .map(|((_, r), reads)| {
                 // Its fds, and the temporary files it keeps open or maps
                 // shared (read while it is stopped: ckpt_engine::tmpfiles).
-                round.capture_process(r.hello.pid, &r.agent_fds()).and_then(|f| ckpt_engine::tmpfiles::capture(&mut round, r.hello.pid, &f).map(|t| (f, t)))
+                round.capture_process(r.hello.pid, &r.agent_fds()).and_then(|f| ckpt_engine::tmpfiles::capture(&mut round, r.hello.pid, &f, reads).map(|t| (f, t)))
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(busy);
@@ -346,6 +351,7 @@ impl Gate {
 
 /// The stopped phase of one process. Returns its work (with the snapshot,
 /// if one was forked) even when a later step failed.
+#[allow(clippy::too_many_arguments)]
 fn one(
     t: &Target,
     report: &AgentReport,
@@ -353,6 +359,8 @@ fn one(
     sink: &dyn BlobSink,
     link: &dyn AgentLink,
     opts: &RoundOpts,
+    reads: &ProcReads,
+    files: &RoundFiles,
 ) -> (Option<Work>, Result<(), String>) {
     let hello = &report.hello;
     let pid = hello.pid;
@@ -360,7 +368,7 @@ fn one(
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     let backend = Backend::choose(hello.tracking, report.suspended.uffd_fd);
     // Its fds are read meanwhile by the round's fd reader (`phase_a`).
-    let mut prep = match prepare(report, backend, &t.host, opts.chunk_size, Vec::new()) {
+    let mut prep = match prepare(report, backend, &t.host, opts.chunk_size, Vec::new(), reads, files) {
         Ok(prep) => prep,
         Err(e) => return (None, Err(e.to_string())),
     };

@@ -191,6 +191,89 @@ pub struct BaseRegion {
     pub attrs: Vec<String>,
 }
 
+/// What two readers of one stopped process share within a round: the
+/// round's fd reader (its temporary files, [`crate::tmpfiles::capture`])
+/// and the worker that runs [`prepare`] read `/proc/PID/maps` and the
+/// status file of its main thread once between them (each was read
+/// twice, the status file up to five times). The process is stopped, so
+/// one read serves both.
+pub struct ProcReads {
+    pid: i32,
+    maps: std::sync::OnceLock<Option<Vec<Mapping>>>,
+    status: std::sync::OnceLock<Option<String>>,
+}
+
+impl ProcReads {
+    pub fn new(pid: i32) -> ProcReads {
+        ProcReads { pid, maps: std::sync::OnceLock::new(), status: std::sync::OnceLock::new() }
+    }
+
+    /// `/proc/PID/maps`, read by the first caller. A failed read is
+    /// read again for its error.
+    pub fn maps(&self) -> Result<&[Mapping]> {
+        match self.maps.get_or_init(|| procfs::maps(self.pid).ok()) {
+            Some(m) => Ok(m),
+            None => Err(procfs::maps(self.pid).err().unwrap_or_else(|| once_failed(self.pid, "maps"))),
+        }
+    }
+
+    /// The text of `/proc/PID/task/PID/status` (the main thread's).
+    pub fn status(&self) -> Result<&str> {
+        let read = || crate::creds::status_text(self.pid, self.pid);
+        match self.status.get_or_init(|| read().ok()) {
+            Some(t) => Ok(t),
+            None => Err(read().err().unwrap_or_else(|| once_failed(self.pid, "task/PID/status"))),
+        }
+    }
+
+    /// The status text of thread `tid`: the shared one for the main
+    /// thread, a read of its own otherwise.
+    fn thread_status(&self, tid: i32) -> Result<std::borrow::Cow<'_, str>> {
+        if tid == self.pid { self.status().map(std::borrow::Cow::Borrowed) } else { crate::creds::status_text(self.pid, tid).map(std::borrow::Cow::Owned) }
+    }
+}
+
+/// A shared read that failed once and then succeeded: still a failure
+/// (the two readers must see the same thing).
+fn once_failed(pid: i32, what: &str) -> EngineError {
+    EngineError::Proc { pid, path: format!("/proc/{pid}/{what}").into(), source: std::io::Error::other("read failed, then read again") }
+}
+
+/// The identities of the files mapped by one round's processes
+/// ([`mapped_file`]): a library mapped by every process of a computation
+/// (libc, the loader, the agent) is opened and identified once per round,
+/// not once per mapping of every process (a path walk through
+/// `/proc/PID/root`, an open and two `fstat`s each; 5 files under 24
+/// mappings per process of bench-trees). The key is what the answer
+/// depends on: the process's mount namespace and root directory (the
+/// same path names the same file in both), the path and the inode the
+/// mapping shows. A round's processes are all stopped at once, and a
+/// generation is one instant: all of them record the file as the round
+/// found it (a file changed on disk afterwards is refused at restart as
+/// before, [`crate::restore`]).
+#[derive(Default)]
+pub struct RoundFiles {
+    ids: std::sync::Mutex<HashMap<FileKey, Option<MappedFile>>>,
+}
+
+/// (mount namespace, root directory: each `(st_dev, st_ino)`), path, the
+/// mapping's inode.
+type FileKey = ((u64, u64), (u64, u64), String, u64);
+
+impl RoundFiles {
+    pub fn new() -> RoundFiles {
+        RoundFiles::default()
+    }
+}
+
+/// Where a process resolves paths: its mount namespace and root
+/// directory, None when either cannot be read (no sharing then).
+fn resolution_of(pid: i32) -> Option<((u64, u64), (u64, u64))> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: String| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    Some((id(format!("/proc/{pid}/ns/mnt"))?, id(format!("/proc/{pid}/root"))?))
+}
+
 /// A capture in progress: metadata taken and dirty pages known (while the
 /// process was stopped); memory still to store.
 pub struct Prepared {
@@ -240,7 +323,9 @@ struct Copied {
 /// `fds` are the process's fds, read beforehand for the whole round
 /// ([`crate::fds::Round::capture_process`]); the processes of a round may
 /// then be prepared in parallel.
-pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize, fds: Vec<FdImage>) -> Result<Prepared> {
+/// `reads`: this process's shared reads (the fd reader uses them too);
+/// `files`: the round's mapped-file identities.
+pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize, fds: Vec<FdImage>, reads: &ProcReads, files: &RoundFiles) -> Result<Prepared> {
     let pid = report.hello.pid;
     let t0 = std::time::Instant::now();
     let mut scan_time = std::time::Duration::ZERO;
@@ -256,10 +341,18 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         .filter_map(|c| procfs::tree_ids(c).ok().filter(|t| t.state == 'Z').map(|t| Zombie { pid: c, status: t.exit_status, pgid: t.pgid, sid: t.sid }))
         .collect();
     let tids: Vec<(i32, u32)> = report.threads.iter().map(|t| (t.tid, t.securebits)).collect();
-    let creds = crate::creds::capture(pid, &tids)?;
+    // Each thread's status file, read once for its credentials and its
+    // pending signals (the main thread's also for the umask).
+    let statuses = report.threads.iter().map(|t| reads.thread_status(t.tid)).collect::<Result<Vec<_>>>()?;
+    let creds = crate::creds::capture_from(pid, &tids, |i| &statuses[i])?;
     let sched = report.threads.iter().map(|t| procfs::thread_sched(pid, t.tid)).collect::<Result<Vec<_>>>()?;
-    let pending = crate::signals::capture(pid, &report.threads.iter().map(|t| t.tid).collect::<Vec<_>>())?;
-    let maps = procfs::maps(pid)?;
+    let pending = crate::signals::capture_from(pid, &report.threads.iter().map(|t| t.tid).collect::<Vec<_>>(), |i| &statuses[i])?;
+    let umask = procfs::parse_umask(reads.status()?);
+    drop(statuses);
+    let maps = reads.maps()?;
+    let resolution = resolution_of(pid);
+    // Per mapping of a file: (path, inode) → identity, for this process.
+    let mut own_files: HashMap<(&str, u64), Option<MappedFile>> = HashMap::new();
     let mut mm = procfs::mm_fields(pid)?;
     mm.brk = report.suspended.brk;
     let pm_path = format!("/proc/{pid}/pagemap");
@@ -269,14 +362,29 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     let mut states = Vec::new();
     let mut untracked = Vec::new();
     let mut stats = CaptureStats::default();
-    for m in &maps {
+    for m in maps {
         if (m.start >= ZONE_START && m.end <= ZONE_END) || m.name == "[vsyscall]" {
             continue;
         }
         let kind = region_kind(m);
         // A private file mapping of a file we can name again is mapped
         // again at restart; only the pages the process changed are kept.
-        let file = if kind == RegionKind::Private && !is_anonymous(m) { mapped_file(pid, m) } else { None };
+        let file = if kind == RegionKind::Private && !is_anonymous(m) {
+            *own_files.entry((m.name.as_str(), m.inode)).or_insert_with(|| match resolution {
+                Some((ns, root)) => {
+                    let key = (ns, root, m.name.clone(), m.inode);
+                    if let Some(known) = files.ids.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+                        return *known;
+                    }
+                    let id = mapped_file(pid, m);
+                    files.ids.lock().unwrap_or_else(|e| e.into_inner()).insert(key, id);
+                    id
+                }
+                None => mapped_file(pid, m),
+            })
+        } else {
+            None
+        };
         if kind.has_content() {
             stats.logical_bytes += m.len();
             let mem_err = |e| EngineError::Memory { pid, addr: m.start, source: e };
@@ -346,7 +454,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         comm: procfs::comm(pid)?,
         cmdline: procfs::cmdline(pid)?,
         cwd,
-        umask: procfs::umask(pid)?,
+        umask,
         rlimits: procfs::rlimits(pid)?,
         mm,
         auxv: procfs::auxv(pid)?,
@@ -412,16 +520,21 @@ fn mapped_file(pid: i32, m: &Mapping) -> Option<MappedFile> {
     if !md.is_file() || md.ino() != m.inode {
         return None;
     }
-    identify(&mut f).ok()
+    identify_as(&mut f, &md).ok()
 }
 
 /// The identity of an open regular file (the hash of its head is
 /// remembered per inode, size and mtime: a library mapped by every
 /// process of a computation is read once).
 pub fn identify(f: &mut File) -> std::io::Result<MappedFile> {
+    let md = f.metadata()?;
+    identify_as(f, &md)
+}
+
+/// [`identify`] with the file's `fstat` (`md`) already taken.
+fn identify_as(f: &mut File, md: &std::fs::Metadata) -> std::io::Result<MappedFile> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
-    let md = f.metadata()?;
     let key = (md.dev(), md.ino(), md.size(), md.mtime(), md.mtime_nsec());
     type Heads = HashMap<(u64, u64, u64, i64, i64), Hash>;
     static HEADS: std::sync::Mutex<Option<Heads>> = std::sync::Mutex::new(None);

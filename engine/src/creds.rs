@@ -143,9 +143,18 @@ pub fn parse_status(tid: i32, text: &str) -> Option<Status> {
 
 /// Reads the status of thread `tid` of `pid`.
 pub fn thread_status(pid: i32, tid: i32) -> Result<Status> {
+    parse_thread_status(pid, tid, &status_text(pid, tid)?)
+}
+
+/// The text of `/proc/PID/task/TID/status`.
+pub fn status_text(pid: i32, tid: i32) -> Result<String> {
     let path = format!("/proc/{pid}/task/{tid}/status");
-    let text = std::fs::read_to_string(&path).map_err(|e| EngineError::Proc { pid, path: path.clone().into(), source: e })?;
-    parse_status(tid, &text).ok_or_else(|| EngineError::Unsupported { pid, what: format!("{path} lacks a credential field ckpt needs (Uid, Gid, Groups, Cap*, NoNewPrivs, Seccomp)") })
+    std::fs::read_to_string(&path).map_err(|e| EngineError::Proc { pid, path: path.into(), source: e })
+}
+
+/// [`parse_status`] of thread `tid`'s status `text`, a missing field an error.
+pub fn parse_thread_status(pid: i32, tid: i32, text: &str) -> Result<Status> {
+    parse_status(tid, text).ok_or_else(|| EngineError::Unsupported { pid, what: format!("/proc/{pid}/task/{tid}/status lacks a credential field ckpt needs (Uid, Gid, Groups, Cap*, NoNewPrivs, Seccomp)") })
 }
 
 /// Captures the credentials of threads `tids` of process `pid` (stopped by
@@ -153,11 +162,12 @@ pub fn thread_status(pid: i32, tid: i32) -> Result<Status> {
 /// brought back: strict seccomp, or filters installed without
 /// `no_new_privs` by a thread that no longer holds `CAP_SYS_ADMIN` (the
 /// restorer could only install them before dropping its capabilities, and
-/// then the filters would judge the rest of the restore).
-pub fn capture(pid: i32, tids: &[(i32, u32)]) -> Result<ProcessCreds> {
+/// then the filters would judge the rest of the restore). `status(i)`:
+/// the status text of thread `tids[i]` ([`status_text`]), read while stopped.
+pub fn capture_from<'a, S: AsRef<str> + ?Sized + 'a>(pid: i32, tids: &[(i32, u32)], status: impl Fn(usize) -> &'a S) -> Result<ProcessCreds> {
     let mut threads = Vec::new();
-    for &(tid, securebits) in tids {
-        let st = thread_status(pid, tid)?;
+    for (i, &(tid, securebits)) in tids.iter().enumerate() {
+        let st = parse_thread_status(pid, tid, status(i).as_ref())?;
         let mut c = st.creds;
         c.securebits = securebits;
         match st.seccomp_mode {

@@ -122,13 +122,9 @@ pub fn mm_fields(pid: i32) -> Result<MmFields> {
     })
 }
 
-pub fn umask(pid: i32) -> Result<u32> {
-    let status = read_proc(pid, "status")?;
-    Ok(status
-        .lines()
-        .find_map(|l| l.strip_prefix("Umask:"))
-        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-        .unwrap_or(0o022))
+/// The `Umask:` of a status file's text (022 if it has none).
+pub fn parse_umask(status: &str) -> u32 {
+    status.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok()).unwrap_or(0o022)
 }
 
 pub fn auxv(pid: i32) -> Result<Vec<u64>> {

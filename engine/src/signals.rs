@@ -48,20 +48,20 @@ fn mask_signals(hex: &str) -> Vec<i32> {
         .collect()
 }
 
-fn status_mask(pid: i32, tid: i32, key: &str) -> Result<Vec<i32>> {
-    let path = format!("/proc/{pid}/task/{tid}/status");
-    let text = std::fs::read_to_string(&path).map_err(|e| EngineError::Proc { pid, path: path.into(), source: e })?;
-    Ok(text.lines().find_map(|l| l.strip_prefix(key)).map(mask_signals).unwrap_or_default())
+fn status_mask(text: &str, key: &str) -> Vec<i32> {
+    text.lines().find_map(|l| l.strip_prefix(key)).map(mask_signals).unwrap_or_default()
 }
 
 /// The signals pending for the threads `tids` of `pid` and for the process,
-/// read while its agent holds every thread in the handler.
-pub fn capture(pid: i32, tids: &[i32]) -> Result<Vec<PendingSignal>> {
+/// read while its agent holds every thread in the handler. `status(i)`:
+/// the status text of thread `tids[i]` ([`crate::creds::status_text`]).
+pub fn capture_from<'a, S: AsRef<str> + ?Sized + 'a>(pid: i32, tids: &[i32], status: impl Fn(usize) -> &'a S) -> Result<Vec<PendingSignal>> {
     let mut out = Vec::new();
     let mut shared_done = false;
-    for &tid in tids {
-        let own = status_mask(pid, tid, "SigPnd:")?;
-        let shared = if shared_done { Vec::new() } else { status_mask(pid, tid, "ShdPnd:")? };
+    for (i, &tid) in tids.iter().enumerate() {
+        let text = status(i).as_ref();
+        let own = status_mask(text, "SigPnd:");
+        let shared = if shared_done { Vec::new() } else { status_mask(text, "ShdPnd:") };
         if own.is_empty() && shared.is_empty() {
             shared_done = true;
             continue;

@@ -134,9 +134,10 @@ pub struct RoundState {
 
 /// The temporary files process `pid` (stopped) keeps open or maps shared,
 /// by the rule above, with the directories leading to them. `fds`: its
-/// fds as [`crate::fds::Round::capture_process`] read them.
-pub fn capture(round: &mut crate::fds::Round, pid: i32, fds: &[FdImage]) -> Result<Vec<TempFile>> {
-    let uid = crate::creds::thread_status(pid, pid)?.creds.uid[3];
+/// fds as [`crate::fds::Round::capture_process`] read them; `reads`: its
+/// maps and status, read once with [`crate::capture::prepare`].
+pub fn capture(round: &mut crate::fds::Round, pid: i32, fds: &[FdImage], reads: &crate::capture::ProcReads) -> Result<Vec<TempFile>> {
+    let uid = crate::creds::parse_thread_status(pid, pid, reads.status()?)?.creds.uid[3];
     let mut out: Vec<TempFile> = Vec::new();
     // (path, where to read it, the inode it must be, what it is)
     let mut wanted: Vec<(String, String, Option<u64>, TempKind)> = Vec::new();
@@ -148,8 +149,8 @@ pub fn capture(round: &mut crate::fds::Round, pid: i32, fds: &[FdImage]) -> Resu
             _ => {}
         }
     }
-    for m in crate::procfs::maps(pid)? {
-        if m.shared && crate::capture::region_kind(&m) == crate::image::RegionKind::SharedFile {
+    for m in reads.maps()? {
+        if m.shared && crate::capture::region_kind(m) == crate::image::RegionKind::SharedFile {
             wanted.push((m.name.clone(), format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end), Some(m.inode), TempKind::File(empty())));
         }
     }
