@@ -175,6 +175,9 @@ struct Query {
     returned: u64,
 }
 
+/// Page runs a walk reports: `(start, end, categories)`.
+type Runs = Vec<(u64, u64, u64)>;
+
 /// One `PAGEMAP_SCAN` walk over `[start, end)`: the page runs (relative to
 /// `start`) that match `q`, each with its categories. The kernel walks
 /// page tables, so holes cost nothing; what costs is each page reported
@@ -182,9 +185,6 @@ struct Query {
 /// for the few pages. `Ok(None)`: this kernel has no `PAGEMAP_SCAN`
 /// (before 6.7). `EPERM` under `PM_SCAN_CHECK_WPASYNC` (the range is not
 /// registered for tracking) is returned as an error.
-/// Page runs a walk reports: `(start, end, categories)`.
-type Runs = Vec<(u64, u64, u64)>;
-
 fn scan(pagemap: &File, start: u64, end: u64, q: Query) -> std::io::Result<Option<Runs>> {
     Ok(scan_until(pagemap, start, end, q, false)?.map(|(runs, _)| runs))
 }

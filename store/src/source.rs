@@ -127,7 +127,7 @@ impl LocalPacks {
         // of it at once; one group of chunks for a lazy restart's fault,
         // which a whole-pack read ahead (34 MiB) would queue behind.
         let lo = locs.iter().map(|l| l.offset).min().unwrap_or(0).min(len);
-        let hi = locs.iter().map(|l| l.offset + l.clen as u64).max().unwrap_or(0).min(len);
+        let hi = locs.iter().map(|l| l.offset.saturating_add(l.clen as u64)).max().unwrap_or(0).min(len);
         if hi > lo {
             let _ = map.advise_range(memmap2::Advice::WillNeed, lo as usize, (hi - lo) as usize);
         }
