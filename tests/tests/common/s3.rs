@@ -177,26 +177,26 @@ impl S3Server {
         ]
     }
 
-    /// Applies [`S3Server::env`] and a cache dir to a command.
+    /// [`S3Server::env`] and the cache dir `cache`.
+    pub fn env_with_cache(&self, cache: &std::path::Path) -> Vec<(String, String)> {
+        let mut env = self.env();
+        env.push(("CKPT_S3_CACHE".into(), cache.to_str().expect("a UTF-8 cache path").into()));
+        env
+    }
+
+    /// Applies [`S3Server::env_with_cache`] to a command.
     pub fn apply(&self, c: &mut Command, cache: &std::path::Path) {
-        for (k, v) in self.env() {
-            c.env(k, v);
-        }
-        c.env("CKPT_S3_CACHE", cache);
+        c.envs(self.env_with_cache(cache));
     }
 
     /// `counter_heap -t 100 -m MIB -s STOP` launched on `s`'s store (an
     /// `s3://` one of this server, with cache `cache`), once READY: the
     /// launch, its `pid` the program's.
     pub fn launch_counter(&self, s: &crate::common::Session, cache: &std::path::Path, mib: &str, stop: &std::path::Path) -> crate::common::Proc {
-        use crate::common::{LINE_TIMEOUT, Proc, program};
-        let mut c = s.cmd("launch");
-        c.arg("--").arg(program("counter_heap")).args(["-t", "100", "-m", mib, "-s", stop.to_str().unwrap()]);
-        self.apply(&mut c, cache);
-        let mut p = Proc::spawn("launch counter_heap on s3".into(), c);
-        s.track(p.child_pid());
-        let line = p.wait_prefix("PID ", LINE_TIMEOUT);
-        p.pid = line[4..].trim().parse().unwrap();
+        use crate::common::{LINE_TIMEOUT, program};
+        let env = self.env_with_cache(cache);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut p = s.launch_env(&program("counter_heap"), &["-t", "100", "-m", mib, "-s", stop.to_str().unwrap()], &env);
         p.wait_prefix("READY", LINE_TIMEOUT);
         p
     }
