@@ -203,7 +203,10 @@ impl Store {
         // in file order, as `read_blobs_batched` does.
         let mut work: Vec<(String, Vec<Loc>)> = Vec::new();
         let mut ks: Vec<Vec<usize>> = Vec::new();
-        let mut far: Vec<Pack> = packs.into_values().flatten().filter(|p| p.mapped.is_none()).collect();
+        let (near, mut far): (Vec<Pack>, Vec<Pack>) = packs.into_values().flatten().partition(|p| p.mapped.is_some());
+        // Unmapping the packs (~20 ms for 1 GiB) is left to a pool thread
+        // (no new thread: one made now could take a TID the image needs).
+        rayon::spawn(move || drop(near));
         far.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         for mut p in far {
             p.pending.sort_unstable_by_key(|(l, _)| l.offset);
