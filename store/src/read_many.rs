@@ -105,6 +105,19 @@ impl Store {
         if !zeros.is_empty() {
             sink(&[(&zeros[..], &vec![0u8; self.inner.chunk_size])])?;
         }
+        if wanted.len() <= BULK_LOCATE {
+            // A few blobs (a lazy restart's stacks): a lookup each beats a
+            // scan of the whole index.
+            let mut groups: HashMap<Arc<str>, Vec<(Loc, usize)>> = HashMap::new();
+            {
+                let conn = self.inner.conn();
+                for k in 0..wanted.len() {
+                    let loc = self.locate(&conn, &hashes[places(k)[0]])?;
+                    groups.entry(loc.pack.clone()).or_default().push((loc, k));
+                }
+            }
+            return self.read_by_pack(groups.into_iter().map(|(n, v)| (n.to_string(), v)).collect(), &places, &sink);
+        }
         let keys = self.keys();
         let src = &self.inner.packs;
         let cat = &self.inner.catalog_path;
@@ -201,17 +214,27 @@ impl Store {
         tracing::debug!(ms = t.elapsed().as_millis() as u64, blobs = hashes.len(), "blobs located and read from the mapped packs");
         // Packs that are not local files: read after the scan, by pack,
         // in file order, as `read_blobs_batched` does.
-        let mut work: Vec<(String, Vec<Loc>)> = Vec::new();
-        let mut ks: Vec<Vec<usize>> = Vec::new();
-        let (near, mut far): (Vec<Pack>, Vec<Pack>) = packs.into_values().flatten().partition(|p| p.mapped.is_some());
+        let (near, far): (Vec<Pack>, Vec<Pack>) = packs.into_values().flatten().partition(|p| p.mapped.is_some());
         // Unmapping the packs (~20 ms for 1 GiB) is left to a pool thread
         // (no new thread: one made now could take a TID the image needs).
         rayon::spawn(move || drop(near));
-        far.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        for mut p in far {
-            p.pending.sort_unstable_by_key(|(l, _)| l.offset);
-            let (locs, k): (Vec<Loc>, Vec<usize>) = p.pending.into_iter().unzip();
-            work.push((p.name.to_string(), locs));
+        self.read_by_pack(far.into_iter().map(|p| (p.name.to_string(), p.pending)).collect(), &places, &sink)
+    }
+
+    /// The blobs of `groups` (by pack: each blob's location and its index
+    /// into the caller's distinct blobs, whose places `places` gives),
+    /// read per pack in file order with [`crate::source::PackSource::read`]
+    /// (ranges coalesced), decoded in batches and handed to `sink`.
+    fn read_by_pack<'p>(&self, mut groups: Vec<(String, Vec<(Loc, usize)>)>, places: &(dyn Fn(usize) -> &'p [usize] + Sync), sink: &(impl Fn(&[(&'p [usize], &[u8])]) -> Result<()> + Sync)) -> Result<()> {
+        let src = &self.inner.packs;
+        let keys = self.keys();
+        groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut work: Vec<(String, Vec<Loc>)> = Vec::new();
+        let mut ks: Vec<Vec<usize>> = Vec::new();
+        for (name, mut pending) in groups {
+            pending.sort_unstable_by_key(|(l, _)| l.offset);
+            let (locs, k): (Vec<Loc>, Vec<usize>) = pending.into_iter().unzip();
+            work.push((name, locs));
             ks.push(k);
         }
         let at_once = src.packs_at_once().max(1);
@@ -221,7 +244,7 @@ impl Store {
                 let ix: Vec<usize> = (0..locs.len()).collect();
                 ix.par_chunks(BATCH_BLOBS).try_for_each(|ix| {
                     let part: Vec<(&Loc, &[u8], &[usize])> = ix.iter().map(|&i| (&locs[i], &bufs[i][..], places(ks[i]))).collect();
-                    decode_batch(keys, place, &part, &sink)
+                    decode_batch(keys, place, &part, sink)
                 })
             })?;
         }
