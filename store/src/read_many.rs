@@ -150,6 +150,10 @@ impl Store {
             name: Arc<str>,
             /// The pack's file and map, if it is a local file.
             mapped: Option<(Arc<Path>, Bytes)>,
+            /// Whether its batches are decoded during the scan: the pack
+            /// was in the page cache. One on disk is decoded after the
+            /// scan, in file order, while the scan runs its read-ahead.
+            now: bool,
             pending: Vec<(Loc, usize)>,
         }
         let mut packs: HashMap<i64, Option<Pack>> = HashMap::new();
@@ -168,8 +172,10 @@ impl Store {
                         // location (as a join would have it).
                         let p = match catalog::packs::name_of(&conn, cat, id)? {
                             Some(name) => {
-                                let mapped = src.mapped(&name, &hash).transpose()?.map(|(p, m)| (Arc::from(p), m));
-                                Some(Pack { name: Arc::from(name), mapped, pending: Vec::new() })
+                                let mapped = src.mapped(&name, &hash).transpose()?;
+                                let now = mapped.as_ref().is_some_and(|m| m.cached);
+                                let mapped = mapped.map(|m| (Arc::from(m.path), m.map));
+                                Some(Pack { name: Arc::from(name), mapped, now, pending: Vec::new() })
                             }
                             None => None,
                         };
@@ -180,6 +186,7 @@ impl Store {
                 found[k] = true;
                 pack.pending.push((Loc { hash, addr: wanted[k], pack: pack.name.clone(), offset, clen, ulen }, k));
                 if let Some((place, map)) = &pack.mapped
+                    && pack.now
                     && pack.pending.len() == BATCH_BLOBS
                 {
                     let part = std::mem::take(&mut pack.pending);
@@ -188,14 +195,16 @@ impl Store {
                 }
                 Ok(())
             });
-            // What is left of each mapped pack.
+            // What is left of each mapped pack, in file order.
             for p in packs.values_mut().flatten() {
-                if let Some((place, map)) = &p.mapped
-                    && !p.pending.is_empty()
-                {
-                    let part = std::mem::take(&mut p.pending);
-                    let (place, map) = (place.clone(), map.clone());
-                    s.spawn(move |_| decode(&place, &map, part));
+                if let Some((place, map)) = &p.mapped {
+                    let mut left = std::mem::take(&mut p.pending);
+                    left.sort_unstable_by_key(|(l, _)| l.offset);
+                    while !left.is_empty() {
+                        let part: Vec<(Loc, usize)> = left.drain(..BATCH_BLOBS.min(left.len())).collect();
+                        let (place, map) = (place.clone(), map.clone());
+                        s.spawn(move |_| decode(&place, &map, part));
+                    }
                 }
             }
             r

@@ -52,7 +52,7 @@ pub(crate) trait PackSource: Send + Sync {
     /// [`PackSource::read`] fetches its ranges). `first` names the blob
     /// wanted, for a missing pack's message. A caller slicing the map
     /// checks each range against its length.
-    fn mapped(&self, name: &str, first: &Hash) -> Option<Result<(PathBuf, Bytes)>>;
+    fn mapped(&self, name: &str, first: &Hash) -> Option<Result<Mapped>>;
 
     /// Where pack `name` lives at the origin: its file, or its S3 URL.
     fn location(&self, name: &str) -> String;
@@ -73,6 +73,29 @@ pub(crate) trait PackSource: Send + Sync {
     /// without reading the pack (a local file's last bytes); `None` where it
     /// would cost a request per pack (S3, whose listing gives the lengths).
     fn trailer(&self, name: &str) -> Option<Each<(u64, Vec<TrailerEntry>)>>;
+}
+
+/// A pack file mapped whole ([`PackSource::mapped`]).
+pub(crate) struct Mapped {
+    /// Where it was mapped from.
+    pub(crate) path: PathBuf,
+    pub(crate) map: Bytes,
+    /// Whether it was in the page cache before it was mapped (probed, not
+    /// certain): its blobs can then be read in any order at no cost.
+    pub(crate) cached: bool,
+}
+
+/// Whether pack file `f` of `len` bytes looks to be in the page cache: 16
+/// pages spread over it are read with `RWF_NOWAIT` (which fails rather
+/// than wait for the disk).
+fn in_page_cache(f: &File, len: u64) -> bool {
+    let mut page = [0u8; 4096];
+    (0..16u64).all(|i| {
+        let at = (len.saturating_sub(page.len() as u64) * i / 15) & !4095;
+        let mut bufs = [std::io::IoSliceMut::new(&mut page)];
+        let want = (len - at.min(len)).min(4096) as usize;
+        matches!(rustix::io::preadv2(f, &mut bufs, at, rustix::io::ReadWriteFlags::NOWAIT), Ok(n) if n == want)
+    })
 }
 
 /// The pack files under a store's directory.
@@ -158,13 +181,16 @@ fn map_pack(f: &File, path: &Path) -> Result<memmap2::Mmap> {
 }
 
 impl LocalPacks {
-    fn map_whole(&self, name: &str, first: &Hash) -> Result<(PathBuf, Bytes)> {
+    fn map_whole(&self, name: &str, first: &Hash) -> Result<Mapped> {
         let path = self.path(name);
         let f = open_pack(&path, first)?;
+        let len = f.metadata().map_err(|e| StoreError::io(format!("stat pack file {}", path.display()), e))?.len();
+        // Probed before the map's read-ahead starts.
+        let cached = in_page_cache(&f, len);
         let map = map_pack(&f, &path)?;
         // Read ahead the whole pack: the blobs of an eager restart are most of it.
         let _ = map.advise(memmap2::Advice::WillNeed);
-        Ok((path, Bytes::from_owner(map)))
+        Ok(Mapped { path, map: Bytes::from_owner(map), cached })
     }
 }
 
@@ -177,7 +203,7 @@ impl PackSource for LocalPacks {
         usize::MAX
     }
 
-    fn mapped(&self, name: &str, first: &Hash) -> Option<Result<(PathBuf, Bytes)>> {
+    fn mapped(&self, name: &str, first: &Hash) -> Option<Result<Mapped>> {
         Some(self.map_whole(name, first))
     }
 
@@ -307,7 +333,7 @@ impl PackSource for S3Packs {
         remote::CONCURRENCY
     }
 
-    fn mapped(&self, name: &str, first: &Hash) -> Option<Result<(PathBuf, Bytes)>> {
+    fn mapped(&self, name: &str, first: &Hash) -> Option<Result<Mapped>> {
         self.local.path(name).exists().then(|| self.local.map_whole(name, first))
     }
 
