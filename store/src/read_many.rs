@@ -121,6 +121,7 @@ impl Store {
         let keys = self.keys();
         let src = &self.inner.packs;
         let cat = &self.inner.catalog_path;
+        let chunk_size = self.inner.chunk_size;
         let failed: std::sync::Mutex<Option<StoreError>> = std::sync::Mutex::new(None);
         let stop = std::sync::atomic::AtomicBool::new(false);
         let fail = |e: StoreError| {
@@ -136,9 +137,15 @@ impl Store {
             part.sort_unstable_by_key(|(l, _)| l.offset);
             let mut items: Vec<(&Loc, &[u8], &[usize])> = Vec::with_capacity(part.len());
             for (loc, k) in &part {
-                let end = loc.offset + loc.clen as u64;
+                // Both from a catalog row: an offset past the map, or a
+                // length no chunk has (the buffer is sized by it), is corrupt.
+                let end = loc.offset.saturating_add(loc.clen as u64);
                 if end > map.len() as u64 {
                     return fail(StoreError::Corrupt { pack: place.to_path_buf(), hash: loc.hash, reason: "pack file is truncated".into() });
+                }
+                if loc.ulen as usize > chunk_size {
+                    let reason = format!("the catalog says it is {} bytes, more than a chunk ({chunk_size})", loc.ulen);
+                    return fail(StoreError::Corrupt { pack: place.to_path_buf(), hash: loc.hash, reason });
                 }
                 items.push((loc, &map[loc.offset as usize..end as usize], places(*k)));
             }

@@ -918,11 +918,26 @@ fn indexed_read_hands_every_place_its_blob_once() {
         drop(c);
         let store = Store::open(&url(dir.path())).unwrap();
         assert!(matches!(read(&store, &wanted), Err(StoreError::BlobNotFound { hash, .. }) if hash == blobs[5000].0));
+        // A row whose length no chunk has (the decode buffer is sized by
+        // it): refused before anything is allocated for it.
+        let wanted: Vec<Hash> = blobs.iter().enumerate().filter(|(i, _)| *i != 5000).map(|(_, (h, _))| *h).collect();
+        let a = store.address(&blobs[10].0);
+        let set_ulen = |n: i64| {
+            let c = rusqlite::Connection::open(dir.path().join("catalog.db")).unwrap();
+            assert_eq!(c.execute("UPDATE blobs SET ulen = ?1 WHERE hash = ?2", rusqlite::params![n, &a.0[..]]).unwrap(), 1);
+        };
+        set_ulen(1 << 31);
+        match read(&Store::open(&url(dir.path())).unwrap(), &wanted) {
+            Err(StoreError::Corrupt { reason, .. }) => assert!(reason.contains("more than a chunk"), "{reason}"),
+            other => panic!("a blob longer than a chunk was not refused: {other:?}"),
+        }
+        set_ulen(4096);
+        let store = Store::open(&url(dir.path())).unwrap();
+        assert_eq!(read(&store, &wanted).unwrap(), wanted.len());
         // A truncated pack file, then a missing one.
         let victim = files.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
         let len = std::fs::metadata(victim).unwrap().len();
         std::fs::OpenOptions::new().write(true).open(victim).unwrap().set_len(len / 2).unwrap();
-        let wanted: Vec<Hash> = blobs.iter().enumerate().filter(|(i, _)| *i != 5000).map(|(_, (h, _))| *h).collect();
         match read(&store, &wanted) {
             Err(StoreError::Corrupt { reason, .. }) => assert!(reason.contains("truncated"), "{reason}"),
             other => panic!("a truncated pack was not refused: {other:?}"),
