@@ -46,6 +46,13 @@ pub(crate) trait PackSource: Send + Sync {
     /// How many packs one [`PackSource::read`] should carry (bounds the
     /// memory of fetched ranges).
     fn packs_at_once(&self) -> usize;
+    /// The whole of pack `name` mapped (read ahead), where it is a local
+    /// file (a local store's pack, an S3 store's cached one), with the
+    /// path it was mapped from; `None` where it is not (then
+    /// [`PackSource::read`] fetches its ranges). `first` names the blob
+    /// wanted, for a missing pack's message. A caller slicing the map
+    /// checks each range against its length.
+    fn mapped(&self, name: &str, first: &Hash) -> Option<Result<Mapped>>;
 
     /// Where pack `name` lives at the origin: its file, or its S3 URL.
     fn location(&self, name: &str) -> String;
@@ -66,6 +73,29 @@ pub(crate) trait PackSource: Send + Sync {
     /// without reading the pack (a local file's last bytes); `None` where it
     /// would cost a request per pack (S3, whose listing gives the lengths).
     fn trailer(&self, name: &str) -> Option<Each<(u64, Vec<TrailerEntry>)>>;
+}
+
+/// A pack file mapped whole ([`PackSource::mapped`]).
+pub(crate) struct Mapped {
+    /// Where it was mapped from.
+    pub(crate) path: PathBuf,
+    pub(crate) map: Bytes,
+    /// Whether it was in the page cache before it was mapped (probed, not
+    /// certain): its blobs can then be read in any order at no cost.
+    pub(crate) cached: bool,
+}
+
+/// Whether pack file `f` of `len` bytes looks to be in the page cache: 16
+/// pages spread over it are read with `RWF_NOWAIT` (which fails rather
+/// than wait for the disk).
+fn in_page_cache(f: &File, len: u64) -> bool {
+    let mut page = [0u8; 4096];
+    (0..16u64).all(|i| {
+        let at = (len.saturating_sub(page.len() as u64) * i / 15) & !4095;
+        let mut bufs = [std::io::IoSliceMut::new(&mut page)];
+        let want = (len - at.min(len)).min(4096) as usize;
+        matches!(rustix::io::preadv2(f, &mut bufs, at, rustix::io::ReadWriteFlags::NOWAIT), Ok(n) if n == want)
+    })
 }
 
 /// The pack files under a store's directory.
@@ -115,12 +145,7 @@ impl LocalPacks {
             })?;
             return Ok((path, vec![Bytes::from(buf)]));
         }
-        #[allow(unsafe_code)]
-        // SAFETY: pack files are immutable once renamed into place; no
-        // ckpt process writes to or truncates a named pack (gc deletes or
-        // replaces whole files, which keeps the mapped inode alive). The
-        // map is only read, and every blob read from it is verified.
-        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| StoreError::io(format!("map pack file {}", path.display()), e))?;
+        let map = map_pack(&f, &path)?;
         let len = map.len() as u64;
         // Read ahead the span of the blobs asked for (`locs` are in offset
         // order): all of the pack for an eager restart, which asks for most
@@ -134,13 +159,38 @@ impl LocalPacks {
         let map = Bytes::from_owner(map);
         let mut out = Vec::with_capacity(locs.len());
         for loc in locs {
-            let end = loc.offset + loc.clen as u64;
+            let end = loc.offset.saturating_add(loc.clen as u64);
             if end > len {
                 return Err(truncated(&path, loc));
             }
             out.push(map.slice(loc.offset as usize..end as usize));
         }
         Ok((path, out))
+    }
+}
+
+/// Pack file `f` (at `path`) mapped whole, read-only; the caller advises
+/// the kernel what to read ahead.
+fn map_pack(f: &File, path: &Path) -> Result<memmap2::Mmap> {
+    #[allow(unsafe_code)]
+    // SAFETY: pack files are immutable once renamed into place; no
+    // ckpt process writes to or truncates a named pack (gc deletes or
+    // replaces whole files, which keeps the mapped inode alive). The
+    // map is only read, and every blob read from it is verified.
+    unsafe { memmap2::Mmap::map(f) }.map_err(|e| StoreError::io(format!("map pack file {}", path.display()), e))
+}
+
+impl LocalPacks {
+    fn map_whole(&self, name: &str, first: &Hash) -> Result<Mapped> {
+        let path = self.path(name);
+        let f = open_pack(&path, first)?;
+        let len = f.metadata().map_err(|e| StoreError::io(format!("stat pack file {}", path.display()), e))?.len();
+        // Probed before the map's read-ahead starts.
+        let cached = in_page_cache(&f, len);
+        let map = map_pack(&f, &path)?;
+        // Read ahead the whole pack: the blobs of an eager restart are most of it.
+        let _ = map.advise(memmap2::Advice::WillNeed);
+        Ok(Mapped { path, map: Bytes::from_owner(map), cached })
     }
 }
 
@@ -151,6 +201,10 @@ impl PackSource for LocalPacks {
 
     fn packs_at_once(&self) -> usize {
         usize::MAX
+    }
+
+    fn mapped(&self, name: &str, first: &Hash) -> Option<Result<Mapped>> {
+        Some(self.map_whole(name, first))
     }
 
     fn location(&self, name: &str) -> String {
@@ -277,6 +331,10 @@ impl PackSource for S3Packs {
 
     fn packs_at_once(&self) -> usize {
         remote::CONCURRENCY
+    }
+
+    fn mapped(&self, name: &str, first: &Hash) -> Option<Result<Mapped>> {
+        self.local.path(name).exists().then(|| self.local.map_whole(name, first))
     }
 
     fn location(&self, name: &str) -> String {

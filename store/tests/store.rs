@@ -818,3 +818,138 @@ fn a_swept_generation_loses_its_first_touched_record() {
     assert!(!file(g1.id).exists(), "the swept generation's record is still there");
     assert_eq!(store.touched(&g2).unwrap().as_deref(), Some(&b"record of 2"[..]));
 }
+
+/// Whether pack file `p` reads from the page cache without waiting (its
+/// first page, `RWF_NOWAIT`).
+fn cached(p: &Path) -> bool {
+    let f = std::fs::File::open(p).unwrap();
+    let mut page = [0u8; 4096];
+    let mut bufs = [std::io::IoSliceMut::new(&mut page)];
+    rustix::io::preadv2(&f, &mut bufs, 0, rustix::io::ReadWriteFlags::NOWAIT).is_ok_and(|n| n > 0)
+}
+
+/// A restart's streamed read ([`Store::read_blobs_indexed`]): every place
+/// a blob is listed at (duplicates included, the zero chunk too) gets that
+/// blob's bytes exactly once, whether the packs are in the page cache
+/// (decoded as the scan finds them) or not (decoded after it, in file
+/// order), through the scan (more than 4096 blobs) and through lookups (a
+/// few); a blob the catalog lacks, a row naming a pack the table lacks, a
+/// missing pack file and a truncated one are refused, naming the blob.
+/// Sealed and unsealed.
+#[test]
+fn indexed_read_hands_every_place_its_blob_once() {
+    for sealed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create_with(&url(dir.path()), DEFAULT_CHUNK_SIZE, sealed).unwrap();
+        let key = sealed.then(|| ckpt_store::seal::key_path(&store.store_id().unwrap()));
+        let w = store.writer_with(small_packs()).unwrap();
+        let blobs: Vec<(Hash, Vec<u8>)> = (0..6000u64)
+            .into_par_iter()
+            .map(|i| {
+                let b = blob(i, 4096);
+                (Hash::of(&b), b)
+            })
+            .collect();
+        blobs.par_iter().for_each(|(h, b)| {
+            w.put(BlobKind::Chunk, *h, b).unwrap();
+        });
+        let m = w.put_meta(b"m").unwrap();
+        w.commit(gen_for(m, None)).unwrap();
+        drop(w);
+        // Every other blob of the first 5,000, some twice, the zero chunk
+        // twice, the last 1,000, in no order of theirs.
+        let mut wanted: Vec<Hash> = blobs[..5000].iter().step_by(2).map(|(h, _)| *h).collect();
+        wanted.push(Hash::ZERO_CHUNK);
+        wanted.extend(blobs[..5000].iter().step_by(2).map(|(h, _)| *h).take(100));
+        wanted.extend(blobs[5000..].iter().rev().map(|(h, _)| *h));
+        wanted.push(Hash::ZERO_CHUNK);
+        let bytes: HashMap<Hash, &[u8]> = blobs.iter().map(|(h, b)| (*h, &b[..])).chain([(Hash::ZERO_CHUNK, &[0u8; DEFAULT_CHUNK_SIZE][..])]).collect();
+        let read = |store: &Store, hashes: &[Hash]| -> Result<usize, StoreError> {
+            let got: Vec<Mutex<u32>> = (0..hashes.len()).map(|_| Mutex::new(0)).collect();
+            store.read_blobs_indexed(hashes, |batch| {
+                assert!(batch.len() <= ckpt_store::BATCH_BLOBS);
+                for (at, b) in batch {
+                    for &i in *at {
+                        assert_eq!(*b, bytes[&hashes[i]], "place {i} got another blob's bytes");
+                        *got[i].lock().unwrap() += 1;
+                    }
+                }
+                Ok(())
+            })?;
+            for (i, n) in got.iter().enumerate() {
+                assert_eq!(*n.lock().unwrap(), 1, "place {i} ({}) handed out {} times", hashes[i], n.lock().unwrap());
+            }
+            Ok(hashes.len())
+        };
+        assert_eq!(read(&store, &wanted).unwrap(), wanted.len());
+        // Not in the page cache: decoded after the scan, in file order.
+        let files = pack_files(dir.path());
+        let evict = || {
+            for p in &files {
+                let f = std::fs::File::open(p).unwrap();
+                rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+            }
+        };
+        evict();
+        // (a probe reads ahead: evicted again after it)
+        let left = files.iter().filter(|p| cached(p)).count();
+        if left > 0 {
+            eprintln!("{left} of {} packs stay in the page cache: the uncached case is read as the cached one", files.len());
+        }
+        evict();
+        assert_eq!(read(&store, &wanted).unwrap(), wanted.len());
+        // A few: looked up one by one.
+        assert_eq!(read(&store, &wanted[..300]).unwrap(), 300);
+        // One blob the catalog lacks: named.
+        let missing = Hash::of(b"never stored");
+        for few in [false, true] {
+            let mut with_missing = if few { wanted[..10].to_vec() } else { wanted.clone() };
+            with_missing.insert(3, missing);
+            match read(&store, &with_missing) {
+                Err(StoreError::BlobNotFound { hash, .. }) => assert_eq!(hash, missing),
+                other => panic!("a missing blob was not refused: {other:?}"),
+            }
+        }
+        // A row naming a pack the table lacks is no location.
+        let c = rusqlite::Connection::open(dir.path().join("catalog.db")).unwrap();
+        c.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
+        let a = store.address(&blobs[5000].0);
+        assert_eq!(c.execute("UPDATE blobs SET pack_id = 999999 WHERE hash = ?1", [&a.0[..]]).unwrap(), 1);
+        drop(c);
+        let store = Store::open(&url(dir.path())).unwrap();
+        assert!(matches!(read(&store, &wanted), Err(StoreError::BlobNotFound { hash, .. }) if hash == blobs[5000].0));
+        // A row whose length no chunk has (the decode buffer is sized by
+        // it): refused before anything is allocated for it.
+        let wanted: Vec<Hash> = blobs.iter().enumerate().filter(|(i, _)| *i != 5000).map(|(_, (h, _))| *h).collect();
+        let a = store.address(&blobs[10].0);
+        let set_ulen = |n: i64| {
+            let c = rusqlite::Connection::open(dir.path().join("catalog.db")).unwrap();
+            assert_eq!(c.execute("UPDATE blobs SET ulen = ?1 WHERE hash = ?2", rusqlite::params![n, &a.0[..]]).unwrap(), 1);
+        };
+        set_ulen(1 << 31);
+        match read(&Store::open(&url(dir.path())).unwrap(), &wanted) {
+            Err(StoreError::Corrupt { reason, .. }) => assert!(reason.contains("more than a chunk"), "{reason}"),
+            other => panic!("a blob longer than a chunk was not refused: {other:?}"),
+        }
+        set_ulen(4096);
+        let store = Store::open(&url(dir.path())).unwrap();
+        assert_eq!(read(&store, &wanted).unwrap(), wanted.len());
+        // A truncated pack file, then a missing one.
+        let victim = files.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+        let len = std::fs::metadata(victim).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(victim).unwrap().set_len(len / 2).unwrap();
+        match read(&store, &wanted) {
+            Err(StoreError::Corrupt { reason, .. }) => assert!(reason.contains("truncated"), "{reason}"),
+            other => panic!("a truncated pack was not refused: {other:?}"),
+        }
+        std::fs::remove_file(victim).unwrap();
+        match read(&store, &wanted) {
+            Err(StoreError::MissingPack { pack, .. }) => assert_eq!(&pack, victim),
+            other => panic!("a missing pack was not refused: {other:?}"),
+        }
+        if let Some(k) = key {
+            let _ = std::fs::remove_file(ckpt_store::seal::head_path(&k));
+            let _ = std::fs::remove_file(&k);
+        }
+    }
+}

@@ -1,8 +1,6 @@
 //! The memory of a restart: where every chunk of every process goes, and
 //! writing it into the restored processes with `process_vm_writev`.
 
-use std::collections::HashMap;
-
 use ckpt_chunker::Hash;
 use ckpt_store::Store;
 
@@ -12,12 +10,16 @@ use crate::remote;
 
 use super::Ctx;
 
-/// Per chunk, the (address, length) pairs it is written to. A restart of
-/// 1 GiB inserts and looks up 262,144 chunks here: hashed with aHash
-/// (SipHash was ~5% of the restart's CPU), whose keys are random per
-/// process, so an unsealed store's chunk lists cannot choose colliding
-/// hashes.
-pub(super) type Dests = HashMap<Hash, Vec<(u64, usize)>, ahash::RandomState>;
+/// Where a process's chunks go: per chunk with data, in the order of the
+/// chunk lists, its hash and the (address, length) it is written to. A
+/// restart of 1 GiB has 262,144 of them: two flat lists, no map (the store
+/// hands each blob back with the indices of its places,
+/// [`Store::read_blobs_indexed`]).
+#[derive(Default)]
+pub(super) struct Dests {
+    hashes: Vec<Hash>,
+    places: Vec<(u64, usize)>,
+}
 
 /// Where every chunk goes, per process (in the order of the images), but
 /// for the regions of `skip[i]` (indices into image `i`'s regions: a lazy
@@ -64,23 +66,24 @@ fn add_region(store: &Store, generation: u64, image: &ProcessImage, r: &RegionIm
             continue;
         }
         let addr = r.start + off;
-        dests.entry(h).or_default().push((addr, (r.end - addr).min(chunk_size) as usize));
+        dests.hashes.push(h);
+        dests.places.push((addr, (r.end - addr).min(chunk_size) as usize));
     }
     Ok(())
 }
 
 /// Writes every chunk of `dests` into process `pid`: chunks read,
-/// decompressed and verified in parallel batches
-/// ([`Store::read_blobs_batched`]), each batch written with one vectored
-/// `process_vm_writev` (a chunk once per place it goes).
+/// decompressed and verified in parallel batches as the catalog scan finds
+/// them ([`Store::read_blobs_indexed`]), each batch written with one
+/// vectored `process_vm_writev` (a chunk once per place it goes).
 pub(super) fn fill_memory(store: &Store, pid: i32, dests: &Dests) -> Result<()> {
-    let hashes: Vec<Hash> = dests.keys().copied().collect();
-    store.read_blobs_batched(&hashes, |batch| {
+    store.read_blobs_indexed(&dests.hashes, |batch| {
         let mut items: Vec<(u64, &[u8])> = Vec::with_capacity(batch.len());
-        for (h, data) in batch {
-            for &(addr, len) in dests.get(h).map(|v| v.as_slice()).unwrap_or(&[]) {
+        for &(at, data) in batch {
+            for &i in at {
+                let (addr, len) = dests.places[i];
                 if data.len() != len {
-                    let e = std::io::Error::other(format!("chunk {h} is {} bytes, the image needs {len} at {addr:#x}", data.len()));
+                    let e = std::io::Error::other(format!("chunk {} is {} bytes, the image needs {len} at {addr:#x}", dests.hashes[i], data.len()));
                     return Err(ckpt_store::StoreError::Callback(Box::new(e)));
                 }
                 items.push((addr, data));

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::error::{Result, SqlCtx};
 use crate::maintenance::PackRow;
@@ -57,6 +57,15 @@ pub(crate) fn names_of(conn: &Connection, p: &Path, ids: &std::collections::Hash
         }
     }
     Ok(out)
+}
+
+/// The name of pack `id`, checked, if the table has it.
+pub(crate) fn name_of(conn: &Connection, p: &Path, id: i64) -> Result<Option<String>> {
+    let name: Option<String> = conn.prepare_cached("SELECT name FROM packs WHERE id = ?1").db(p)?.query_row([id], |r| r.get(0)).optional().db(p)?;
+    if let Some(n) = &name {
+        private::check_pack_name(n, p)?;
+    }
+    Ok(name)
 }
 
 /// (name, size) of every pack row, ascending by id.
