@@ -27,6 +27,36 @@ fn blob(i: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Blobs `0..n` of `len` bytes put by `w` in parallel and committed as one
+/// generation; the writer is dropped.
+fn commit_blobs(w: ckpt_store::Writer, n: u64, len: usize) -> Vec<(Hash, Vec<u8>)> {
+    let blobs: Vec<(Hash, Vec<u8>)> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let b = blob(i, len);
+            (Hash::of(&b), b)
+        })
+        .collect();
+    blobs.par_iter().for_each(|(h, b)| {
+        w.put(BlobKind::Chunk, *h, b).unwrap();
+    });
+    let m = w.put_meta(b"m").unwrap();
+    w.commit(gen_for(m, None)).unwrap();
+    blobs
+}
+
+/// The catalog of the store at `dir` edited as a hostile writer would (its
+/// constraints not kept): blob `h`'s row names a pack the table lacks. The
+/// store opened again.
+fn point_at_a_missing_pack(dir: &Path, store: &Store, h: &Hash) -> Store {
+    let c = rusqlite::Connection::open(dir.join("catalog.db")).unwrap();
+    c.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
+    let a = store.address(h);
+    assert_eq!(c.execute("UPDATE blobs SET pack_id = 999999 WHERE hash = ?1", [&a.0[..]]).unwrap(), 1);
+    drop(c);
+    Store::open(&url(dir)).unwrap()
+}
+
 fn gen_for(manifest: Hash, parent: Option<u64>) -> NewGeneration {
     NewGeneration {
         parent,
@@ -572,13 +602,16 @@ fn killed_writer_leaves_earlier_generations_intact() {
     // the child is writing packs: it holds the lock
     let store = Store::open(&url(dir.path())).unwrap();
     assert!(matches!(store.writer(), Err(StoreError::Locked { .. })));
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    // Killed once it has made a pack durable (orphaned by the kill): a pack
+    // is made durable (fsync, rename) by a thread of the child's own, which
+    // a loaded machine can hold up for longer than any fixed sleep.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pack_files(dir.path()).len() == packs_before.len() {
+        assert!(std::time::Instant::now() < deadline, "the child made no pack durable in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(
-        pack_files(dir.path()).len() > packs_before.len(),
-        "child rolled packs (orphans now)"
-    );
 
     let store = Store::open(&url(dir.path())).unwrap();
     assert_eq!(store.generations().unwrap(), gens);
@@ -735,20 +768,7 @@ fn the_known_set_passes_between_writers_only_while_nothing_else_changed_the_stor
 fn batched_read_of_many_blobs_locates_by_one_merged_scan() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(&url(dir.path()), DEFAULT_CHUNK_SIZE).unwrap();
-    let w = store.writer().unwrap();
-    let blobs: Vec<(Hash, Vec<u8>)> = (0..6000u64)
-        .into_par_iter()
-        .map(|i| {
-            let b = blob(i, 512);
-            (Hash::of(&b), b)
-        })
-        .collect();
-    blobs.par_iter().for_each(|(h, b)| {
-        w.put(BlobKind::Chunk, *h, b).unwrap();
-    });
-    let m = w.put_meta(b"m").unwrap();
-    w.commit(gen_for(m, None)).unwrap();
-    drop(w);
+    let blobs = commit_blobs(store.writer().unwrap(), 6000, 512);
     // Every other blob of the first 5,000, duplicates, and the zero chunk.
     let mut wanted: Vec<Hash> = blobs[..5000].iter().step_by(2).map(|(h, _)| *h).collect();
     wanted.extend(blobs[..5000].iter().step_by(2).map(|(h, _)| *h).take(100));
@@ -781,13 +801,7 @@ fn batched_read_of_many_blobs_locates_by_one_merged_scan() {
         other => panic!("a missing blob was not refused: {:?}", other.map(|g| g.len())),
     }
     // A row that names a pack the table lacks is no location.
-    let c = rusqlite::Connection::open(dir.path().join("catalog.db")).unwrap();
-    // (a hostile writer of the catalog need not keep its constraints)
-    c.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
-    let a = store.address(&blobs[5000].0);
-    assert_eq!(c.execute("UPDATE blobs SET pack_id = 999999 WHERE hash = ?1", [&a.0[..]]).unwrap(), 1);
-    drop(c);
-    let store = Store::open(&url(dir.path())).unwrap();
+    let store = point_at_a_missing_pack(dir.path(), &store, &blobs[5000].0);
     let got = Mutex::new(0usize);
     let r = store.read_blobs_batched(&wanted, |batch| {
         *got.lock().unwrap() += batch.len();
@@ -842,20 +856,7 @@ fn indexed_read_hands_every_place_its_blob_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_or_create_with(&url(dir.path()), DEFAULT_CHUNK_SIZE, sealed).unwrap();
         let key = sealed.then(|| ckpt_store::seal::key_path(&store.store_id().unwrap()));
-        let w = store.writer_with(small_packs()).unwrap();
-        let blobs: Vec<(Hash, Vec<u8>)> = (0..6000u64)
-            .into_par_iter()
-            .map(|i| {
-                let b = blob(i, 4096);
-                (Hash::of(&b), b)
-            })
-            .collect();
-        blobs.par_iter().for_each(|(h, b)| {
-            w.put(BlobKind::Chunk, *h, b).unwrap();
-        });
-        let m = w.put_meta(b"m").unwrap();
-        w.commit(gen_for(m, None)).unwrap();
-        drop(w);
+        let blobs = commit_blobs(store.writer_with(small_packs()).unwrap(), 6000, 4096);
         // Every other blob of the first 5,000, some twice, the zero chunk
         // twice, the last 1,000, in no order of theirs.
         let mut wanted: Vec<Hash> = blobs[..5000].iter().step_by(2).map(|(h, _)| *h).collect();
@@ -911,12 +912,7 @@ fn indexed_read_hands_every_place_its_blob_once() {
             }
         }
         // A row naming a pack the table lacks is no location.
-        let c = rusqlite::Connection::open(dir.path().join("catalog.db")).unwrap();
-        c.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
-        let a = store.address(&blobs[5000].0);
-        assert_eq!(c.execute("UPDATE blobs SET pack_id = 999999 WHERE hash = ?1", [&a.0[..]]).unwrap(), 1);
-        drop(c);
-        let store = Store::open(&url(dir.path())).unwrap();
+        let store = point_at_a_missing_pack(dir.path(), &store, &blobs[5000].0);
         assert!(matches!(read(&store, &wanted), Err(StoreError::BlobNotFound { hash, .. }) if hash == blobs[5000].0));
         // A row whose length no chunk has (the decode buffer is sized by
         // it): refused before anything is allocated for it.
