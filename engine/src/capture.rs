@@ -251,9 +251,13 @@ fn once_failed(pid: i32, what: &str) -> EngineError {
 /// generation is one instant: all of them record the file as the round
 /// found it (a file changed on disk afterwards is refused at restart as
 /// before, [`crate::restore`]).
+///
+/// It also keeps the round's read of the SysV IPC tables
+/// ([`crate::sysvipc::Tables`]), the namespace's and not a process's.
 #[derive(Default)]
 pub struct RoundFiles {
     ids: std::sync::Mutex<HashMap<FileKey, Option<MappedFile>>>,
+    ipc: crate::sysvipc::Tables,
 }
 
 /// (mount namespace, root directory: each `(st_dev, st_ino)`), path, the
@@ -430,7 +434,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         });
     }
     let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;
-    let (sysv_sem, sysv_msq) = crate::sysvipc::capture(pid, report.hello.restart_word_addr)?;
+    let (sysv_sem, sysv_msq) = crate::sysvipc::capture(pid, report.hello.restart_word_addr, &files.ipc)?;
     if backend == Backend::SoftDirty {
         dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
     }
