@@ -304,9 +304,13 @@ struct Pool<'a> {
     /// The next process not begun.
     next: AtomicUsize,
     failed: AtomicBool,
-    done: Vec<Mutex<Option<(Option<Work>, Result<(), String>)>>>,
+    done: Vec<Mutex<Option<Outcome>>>,
     permits: Permits,
 }
+
+/// A process's read: its work (with its snapshot, if one was forked) and
+/// whether every step succeeded.
+type Outcome = (Option<Work>, Result<(), String>);
 
 /// Starts a worker of `pool`.
 fn start_worker<'scope, 'env, 'a: 'scope>(pool: &'scope Pool<'a>, s: &'scope std::thread::Scope<'scope, 'env>) {
