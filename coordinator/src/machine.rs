@@ -158,7 +158,7 @@ pub(crate) fn phase_a(
     // What the fd reader and each worker read once between them
     // (maps, status), and the round's mapped-file identities.
     let reads: Vec<ProcReads> = targets.iter().map(|(_, r)| ProcReads::new(r.hello.pid)).collect();
-    let files = RoundFiles::new();
+    let files = RoundFiles::new().with_members(targets.iter().map(|(_, r)| r.hello.pid));
     let busy = |e: ckpt_engine::EngineError| {
         let retry = matches!(e, ckpt_engine::EngineError::SocketBusy { .. });
         (e.to_string(), retry)

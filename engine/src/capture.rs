@@ -201,11 +201,20 @@ pub struct ProcReads {
     pid: i32,
     maps: std::sync::OnceLock<Option<Vec<Mapping>>>,
     status: std::sync::OnceLock<Option<String>>,
+    stat: std::sync::OnceLock<Option<String>>,
 }
 
 impl ProcReads {
     pub fn new(pid: i32) -> ProcReads {
-        ProcReads { pid, maps: std::sync::OnceLock::new(), status: std::sync::OnceLock::new() }
+        ProcReads { pid, maps: std::sync::OnceLock::new(), status: std::sync::OnceLock::new(), stat: std::sync::OnceLock::new() }
+    }
+
+    /// The text of `/proc/PID/stat` (tree ids and mm fields both).
+    pub fn stat(&self) -> Result<&str> {
+        match self.stat.get_or_init(|| procfs::stat_text(self.pid).ok()) {
+            Some(t) => Ok(t),
+            None => Err(procfs::stat_text(self.pid).err().unwrap_or_else(|| once_failed(self.pid, "stat"))),
+        }
     }
 
     /// `/proc/PID/maps`, read by the first caller. A failed read is
@@ -258,6 +267,8 @@ fn once_failed(pid: i32, what: &str) -> EngineError {
 pub struct RoundFiles {
     ids: std::sync::Mutex<HashMap<FileKey, Option<MappedFile>>>,
     ipc: crate::sysvipc::Tables,
+    /// The round's processes ([`RoundFiles::with_members`]).
+    members: std::collections::HashSet<i32>,
 }
 
 /// (mount namespace, root directory: each `(st_dev, st_ino)`), path, the
@@ -267,6 +278,13 @@ type FileKey = ((u64, u64), (u64, u64), String, u64);
 impl RoundFiles {
     pub fn new() -> RoundFiles {
         RoundFiles::default()
+    }
+
+    /// Says which processes the round reads (all stopped): a child among
+    /// them is not looked at as a possible zombie of its parent.
+    pub fn with_members(mut self, pids: impl IntoIterator<Item = i32>) -> RoundFiles {
+        self.members = pids.into_iter().collect();
+        self
     }
 }
 
@@ -339,9 +357,13 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     }
     let cwd = procfs::link(pid, "cwd")?;
     check_dirs_exist(pid, &cwd)?;
-    let ids = procfs::tree_ids(pid)?;
+    let stat = reads.stat()?;
+    let ids = procfs::tree_ids_of(stat);
+    // (A child that is one of the round's processes is stopped, not a
+    // zombie: its stat is not read again.)
     let zombies = procfs::children(pid)
         .into_iter()
+        .filter(|c| !files.members.contains(c))
         .filter_map(|c| procfs::tree_ids(c).ok().filter(|t| t.state == 'Z').map(|t| Zombie { pid: c, status: t.exit_status, pgid: t.pgid, sid: t.sid }))
         .collect();
     let tids: Vec<(i32, u32)> = report.threads.iter().map(|t| (t.tid, t.securebits)).collect();
@@ -357,7 +379,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     let resolution = resolution_of(pid);
     // Per mapping of a file: (path, inode) → identity, for this process.
     let mut own_files: HashMap<(&str, u64), Option<MappedFile>> = HashMap::new();
-    let mut mm = procfs::mm_fields(pid)?;
+    let mut mm = procfs::mm_fields_of(stat);
     mm.brk = report.suspended.brk;
     let pm_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pm_path).map_err(|e| EngineError::Proc { pid, path: pm_path.into(), source: e })?;
