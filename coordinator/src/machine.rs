@@ -158,7 +158,7 @@ pub(crate) fn phase_a(
     // What the fd reader and each worker read once between them
     // (maps, status), and the round's mapped-file identities.
     let reads: Vec<ProcReads> = targets.iter().map(|(_, r)| ProcReads::new(r.hello.pid)).collect();
-    let files = RoundFiles::new();
+    let files = RoundFiles::new().with_members(targets.iter().map(|(_, r)| r.hello.pid));
     let busy = |e: ckpt_engine::EngineError| {
         let retry = matches!(e, ckpt_engine::EngineError::SocketBusy { .. });
         (e.to_string(), retry)
@@ -175,32 +175,36 @@ pub(crate) fn phase_a(
     // each taking the next process not begun. (The fds read before any
     // of that kept a core idle for ~0.2 ms per process.)
     let n = targets.len();
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let done: Vec<Mutex<Option<(Option<Work>, Result<(), String>)>>> = (0..n).map(|_| Mutex::new(None)).collect();
     // At most one worker per core runs at a time, the fd reader counting
     // as one while it reads: with a thread per process running at once,
     // the fd reader got 1/17 of 2 cores and ended last, alone (fds 7-12 ms
     // for 3 ms of work). A worker waiting for its agent (a snapshot fork)
-    // lets another run meanwhile: those waits overlap as with a thread per
-    // process (fewer threads, one per core, made the first checkpoint
-    // 1.3x slower: the waits queued).
+    // lets another run meanwhile, and starts one if processes are left:
+    // those waits overlap as with a thread per process (one thread per
+    // core and no more made the first checkpoint 1.3x slower: the waits
+    // queued). Threads are started only so: a thread per process, most of
+    // them waiting for a permit, cost the 16 small processes of
+    // bench-trees ~10% of the round's CPU while stopped.
     let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
-    let permits = Permits::new(cores.saturating_sub(1).max(1));
-    let throttled = Throttled { link, permits: &permits };
-    let work_on = || {
-        while !failed.load(Ordering::Acquire) {
-            let i = next.fetch_add(1, Ordering::AcqRel);
-            let Some((t, r)) = targets.get(i) else { break };
-            let _running = permits.take();
-            let result = one(t, r, bases, sink, &throttled, opts, &reads[i], &files);
-            *done[i].lock().unwrap() = Some(result);
-        }
+    let places = cores.saturating_sub(1).max(1);
+    let pool = Pool {
+        targets,
+        bases,
+        sink,
+        link,
+        opts,
+        reads: &reads,
+        files: &files,
+        next: AtomicUsize::new(0),
+        failed: AtomicBool::new(false),
+        done: (0..n).map(|_| Mutex::new(None)).collect(),
+        permits: Permits::new(places),
     };
-    let workers = n;
     let mut fds_ms = 0.0;
     let fds: Result<Vec<_>, _> = std::thread::scope(|s| {
-        let threads: Vec<_> = (0..workers).map(|_| s.spawn(work_on)).collect();
+        for _ in 0..places.min(n) {
+            start_worker(&pool, s);
+        }
         let fds = targets
             .iter()
             .zip(&reads)
@@ -213,16 +217,14 @@ pub(crate) fn phase_a(
             .map_err(busy);
         fds_ms = t0.elapsed().as_secs_f64() * 1000.0;
         // After a failure the workers begin no other process.
-        failed.store(fds.is_err(), Ordering::Release);
+        pool.failed.store(fds.is_err(), Ordering::Release);
         // Its core goes to the workers (and to this thread, as one).
-        permits.add();
-        work_on();
-        for t in threads {
-            // (A panic leaves its process without a result: an error below.)
-            let _ = t.join();
-        }
+        pool.permits.add();
+        worker(&pool, s);
+        // (The scope waits for every worker, those started meanwhile too.)
         fds
     });
+    let done = pool.done;
     let mut work = Vec::new();
     let mut first_err = None;
     let mut fds = fds.map(Vec::into_iter);
@@ -290,20 +292,67 @@ impl Drop for Permit<'_> {
     }
 }
 
-/// The agents as a worker asks them: its permit is given back while it
-/// waits for the answer.
-struct Throttled<'a> {
+/// The workers of a round's stopped phase and what they share.
+struct Pool<'a> {
+    targets: &'a [(Target, AgentReport)],
+    bases: &'a HashMap<i32, Base>,
+    sink: &'a dyn BlobSink,
     link: &'a dyn AgentLink,
-    permits: &'a Permits,
+    opts: &'a RoundOpts,
+    reads: &'a [ProcReads],
+    files: &'a RoundFiles,
+    /// The next process not begun.
+    next: AtomicUsize,
+    failed: AtomicBool,
+    done: Vec<Mutex<Option<Outcome>>>,
+    permits: Permits,
 }
 
-impl AgentLink for Throttled<'_> {
+/// A process's read: its work (with its snapshot, if one was forked) and
+/// whether every step succeeded.
+type Outcome = (Option<Work>, Result<(), String>);
+
+/// Starts a worker of `pool`.
+fn start_worker<'scope, 'env, 'a: 'scope>(pool: &'scope Pool<'a>, s: &'scope std::thread::Scope<'scope, 'env>) {
+    s.spawn(move || worker(pool, s));
+}
+
+/// Takes the next process of `pool` not begun and reads it, until none
+/// is left.
+fn worker<'scope, 'env, 'a: 'scope>(pool: &'scope Pool<'a>, s: &'scope std::thread::Scope<'scope, 'env>) {
+    let more = || start_worker(pool, s);
+    let link = Throttled { pool, start: &more };
+    while !pool.failed.load(Ordering::Acquire) {
+        let i = pool.next.fetch_add(1, Ordering::AcqRel);
+        let Some((t, r)) = pool.targets.get(i) else { break };
+        let _running = pool.permits.take();
+        // A panic leaves its process without a result (an error after
+        // the scope), and the round's other processes are read.
+        let read = || one(t, r, pool.bases, pool.sink, &link, pool.opts, &pool.reads[i], pool.files);
+        if let Ok(result) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+            *pool.done[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        }
+    }
+}
+
+/// The agents as a worker asks them: its permit is given back while it
+/// waits for the answer, and another worker is started if processes
+/// remain to be begun.
+struct Throttled<'p, 'a> {
+    pool: &'p Pool<'a>,
+    start: &'p (dyn Fn() + Sync),
+}
+
+impl AgentLink for Throttled<'_, '_> {
     fn call(&self, pid: i32, kind: u32, payload: &[u8]) -> Result<(u32, Vec<u8>), String> {
-        self.permits.add();
-        let r = self.link.call(pid, kind, payload);
+        if self.pool.next.load(Ordering::Acquire) < self.pool.targets.len() && !self.pool.failed.load(Ordering::Acquire) {
+            (self.start)();
+        }
+        self.pool.permits.add();
+        let r = self.pool.link.call(pid, kind, payload);
         // Taken again, and kept by the worker's own permit (dropped at
         // the end of its process).
-        std::mem::forget(self.permits.take());
+        std::mem::forget(self.pool.permits.take());
         r
     }
 }

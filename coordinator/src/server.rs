@@ -1078,8 +1078,37 @@ impl Coordinator {
         for s in &stopped {
             let _ = s.p.send(kind::RESUME, resume.as_bytes());
         }
-        let downtime_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
-        tracing::debug!(phase_a_ms, resume_sent_ms = downtime_ms, "stopped phase: processes read, told to resume");
+        let resume_sent_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
+        tracing::debug!(phase_a_ms, resume_sent_ms, "stopped phase: processes read, told to resume");
+        // The downtime ends when the last program runs again: when its
+        // agent let its threads go (RESUMED says when, on this machine's
+        // clock), which is after our RESUME reached it.
+        let mut downtime_ms = resume_sent_ms;
+        let resumed = |s: &Stopped, downtime_ms: &mut f64| {
+            if let Some((kind::RESUMED, payload)) = s.p.recv(Duration::from_secs(10))
+                && s.p.machine == 0
+                && let Some(r) = proto::Resumed::read_from(&payload).filter(|_| payload.len() == std::mem::size_of::<proto::Resumed>())
+            {
+                let released_ms = r.released_ns.saturating_sub(mono_stop) as f64 / 1e6;
+                // (A figure outside the round is not believed.)
+                if released_ms <= t_stop.elapsed().as_secs_f64() * 1000.0 {
+                    *downtime_ms = downtime_ms.max(released_ms);
+                }
+            }
+        };
+        // The processes of this machine that were read while stopped
+        // (no snapshot) get the cores to wake up on before phase B takes
+        // them: with phase B's hashing running beside them (rayon, every
+        // core), the last of 16 let its threads go 1-13 ms after its
+        // RESUME under load (bench-trees). An agent with a snapshot says
+        // RESUMED once the snapshot is gone, which phase B does: those are
+        // waited for after it.
+        let forked: HashSet<i32> = work.iter().filter(|w| w.snapshot.is_some()).map(|w| w.pid).collect();
+        let early = |s: &Stopped| s.p.machine == 0 && !forked.contains(&s.p.hello.pid);
+        for s in stopped.iter().filter(|s| early(s)) {
+            resumed(s, &mut downtime_ms);
+        }
+        let woken_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - resume_sent_ms;
 
         // Phase B, the programs running again: memory from the snapshots,
         // then the images, from every machine at once.
@@ -1090,25 +1119,11 @@ impl Coordinator {
                 remote.into_iter().map(|t| t.join().unwrap_or_else(|_| Err("internal: a helper thread panicked".into()))).collect();
             (local, remote)
         });
-        let phase_b_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - downtime_ms;
-        // The downtime ends when the last program runs again: when its
-        // agent let its threads go (RESUMED says when, on this machine's
-        // clock), which is after our RESUME reached it.
-        let resume_sent_ms = downtime_ms;
-        let mut downtime_ms = downtime_ms;
-        for s in &stopped {
-            if let Some((kind::RESUMED, payload)) = s.p.recv(Duration::from_secs(10))
-                && s.p.machine == 0
-                && let Some(r) = proto::Resumed::read_from(&payload).filter(|_| payload.len() == std::mem::size_of::<proto::Resumed>())
-            {
-                let released_ms = r.released_ns.saturating_sub(mono_stop) as f64 / 1e6;
-                // (A figure outside the round is not believed.)
-                if released_ms <= t_stop.elapsed().as_secs_f64() * 1000.0 {
-                    downtime_ms = downtime_ms.max(released_ms);
-                }
-            }
+        let phase_b_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - resume_sent_ms - woken_ms;
+        for s in stopped.iter().filter(|s| !early(s)) {
+            resumed(s, &mut downtime_ms);
         }
-        tracing::debug!(phase_b_ms, resume_sent_ms, downtime_ms, resumed_wait_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - resume_sent_ms - phase_b_ms, "running phase done");
+        tracing::debug!(woken_ms, phase_b_ms, resume_sent_ms, downtime_ms, resumed_wait_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - resume_sent_ms - woken_ms - phase_b_ms, "running phase done");
         let mut captured = Vec::new();
         let mut new_bases = Vec::new();
         let mut failed = None;

@@ -201,11 +201,20 @@ pub struct ProcReads {
     pid: i32,
     maps: std::sync::OnceLock<Option<Vec<Mapping>>>,
     status: std::sync::OnceLock<Option<String>>,
+    stat: std::sync::OnceLock<Option<String>>,
 }
 
 impl ProcReads {
     pub fn new(pid: i32) -> ProcReads {
-        ProcReads { pid, maps: std::sync::OnceLock::new(), status: std::sync::OnceLock::new() }
+        ProcReads { pid, maps: std::sync::OnceLock::new(), status: std::sync::OnceLock::new(), stat: std::sync::OnceLock::new() }
+    }
+
+    /// The text of `/proc/PID/stat` (tree ids and mm fields both).
+    pub fn stat(&self) -> Result<&str> {
+        match self.stat.get_or_init(|| procfs::stat_text(self.pid).ok()) {
+            Some(t) => Ok(t),
+            None => Err(procfs::stat_text(self.pid).err().unwrap_or_else(|| once_failed(self.pid, "stat"))),
+        }
     }
 
     /// `/proc/PID/maps`, read by the first caller. A failed read is
@@ -251,9 +260,15 @@ fn once_failed(pid: i32, what: &str) -> EngineError {
 /// generation is one instant: all of them record the file as the round
 /// found it (a file changed on disk afterwards is refused at restart as
 /// before, [`crate::restore`]).
+///
+/// It also keeps the round's read of the SysV IPC tables
+/// ([`crate::sysvipc::Tables`]), the namespace's and not a process's.
 #[derive(Default)]
 pub struct RoundFiles {
     ids: std::sync::Mutex<HashMap<FileKey, Option<MappedFile>>>,
+    ipc: crate::sysvipc::Tables,
+    /// The round's processes ([`RoundFiles::with_members`]).
+    members: std::collections::HashSet<i32>,
 }
 
 /// (mount namespace, root directory: each `(st_dev, st_ino)`), path, the
@@ -263,6 +278,13 @@ type FileKey = ((u64, u64), (u64, u64), String, u64);
 impl RoundFiles {
     pub fn new() -> RoundFiles {
         RoundFiles::default()
+    }
+
+    /// Says which processes the round reads (all stopped): a child among
+    /// them is not looked at as a possible zombie of its parent.
+    pub fn with_members(mut self, pids: impl IntoIterator<Item = i32>) -> RoundFiles {
+        self.members = pids.into_iter().collect();
+        self
     }
 }
 
@@ -335,9 +357,13 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     }
     let cwd = procfs::link(pid, "cwd")?;
     check_dirs_exist(pid, &cwd)?;
-    let ids = procfs::tree_ids(pid)?;
+    let stat = reads.stat()?;
+    let ids = procfs::tree_ids_of(stat);
+    // (A child that is one of the round's processes is stopped, not a
+    // zombie: its stat is not read again.)
     let zombies = procfs::children(pid)
         .into_iter()
+        .filter(|c| !files.members.contains(c))
         .filter_map(|c| procfs::tree_ids(c).ok().filter(|t| t.state == 'Z').map(|t| Zombie { pid: c, status: t.exit_status, pgid: t.pgid, sid: t.sid }))
         .collect();
     let tids: Vec<(i32, u32)> = report.threads.iter().map(|t| (t.tid, t.securebits)).collect();
@@ -353,7 +379,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     let resolution = resolution_of(pid);
     // Per mapping of a file: (path, inode) → identity, for this process.
     let mut own_files: HashMap<(&str, u64), Option<MappedFile>> = HashMap::new();
-    let mut mm = procfs::mm_fields(pid)?;
+    let mut mm = procfs::mm_fields_of(stat);
     mm.brk = report.suspended.brk;
     let pm_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pm_path).map_err(|e| EngineError::Proc { pid, path: pm_path.into(), source: e })?;
@@ -362,7 +388,9 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     let mut states = Vec::new();
     let mut untracked = Vec::new();
     let mut stats = CaptureStats::default();
-    for m in maps {
+    // The mappings kept, in order: (index in maps, kind, file identity).
+    let mut kept: Vec<(usize, RegionKind, Option<MappedFile>)> = Vec::new();
+    for (i, m) in maps.iter().enumerate() {
         if (m.start >= ZONE_START && m.end <= ZONE_END) || m.name == "[vsyscall]" {
             continue;
         }
@@ -385,26 +413,20 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         } else {
             None
         };
-        if kind.has_content() {
+        kept.push((i, kind, file));
+    }
+    // Which pages of each mapping with content hold data and which were
+    // written. Costs what exists, not what is reserved: page runs, and
+    // PAGEMAP_SCAN walks page tables only where there are some. Of a
+    // file mapped again, only its copy-on-write pages count.
+    let ts = std::time::Instant::now();
+    let scanned = scan_mappings(maps, &kept, backend, &pagemap).map_err(|(addr, e)| EngineError::Memory { pid, addr, source: e })?;
+    scan_time += ts.elapsed();
+    for ((i, kind, file), scan) in kept.into_iter().zip(scanned) {
+        let m = &maps[i];
+        if let Some((present, written)) = scan {
             stats.logical_bytes += m.len();
-            let mem_err = |e| EngineError::Memory { pid, addr: m.start, source: e };
-            // Costs what exists, not what is reserved: page runs, and
-            // PAGEMAP_SCAN walks page tables only where there are some.
-            // Of a file mapped again, only its copy-on-write pages count.
             let only_anon = file.is_some();
-            let ts = std::time::Instant::now();
-            let (present, written) = match backend {
-                Backend::UffdWp => {
-                    let written = dirty::uffd_written(&pagemap, m.start, m.end).map_err(mem_err)?;
-                    (dirty::present_runs(&pagemap, m.start, m.end, only_anon).map_err(mem_err)?, written)
-                }
-                Backend::Scan => (dirty::present_runs(&pagemap, m.start, m.end, only_anon).map_err(mem_err)?, None),
-                Backend::SoftDirty => {
-                    let (present, written) = dirty::pagemap_runs(&pagemap, m.start, m.end, true, only_anon).map_err(mem_err)?;
-                    (present, Some(written))
-                }
-            };
-            scan_time += ts.elapsed();
             if written.is_none() && backend == Backend::UffdWp {
                 untracked.push((m.start, m.end));
             }
@@ -434,7 +456,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         });
     }
     let (sysv_shm, no_fork) = sysv_segments(pid, &mut regions)?;
-    let (sysv_sem, sysv_msq) = crate::sysvipc::capture(pid, report.hello.restart_word_addr)?;
+    let (sysv_sem, sysv_msq) = crate::sysvipc::capture(pid, report.hello.restart_word_addr, &files.ipc)?;
     if backend == Backend::SoftDirty {
         dirty::reset_soft_dirty(pid).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/clear_refs").into(), source: e })?;
     }
@@ -485,6 +507,75 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     stats.scan_ms = scan_time.as_secs_f64() * 1000.0;
     stats.meta_ms = t0.elapsed().as_secs_f64() * 1000.0 - stats.scan_ms;
     Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states, flags_read: false })
+}
+
+/// Page runs of one mapping: (holding data, written since the last
+/// reset; None: unknown).
+type Scanned = (PageRuns, Option<PageRuns>);
+
+/// The page runs of each of `kept` (index in `maps`, kind, file identity)
+/// that has content, None for the others; an error names the address of
+/// the walk that failed. Under uffd-wp, mappings one after another in
+/// `maps` are walked together ([`dirty::uffd_written_group`],
+/// [`dirty::present_runs_group`]): a small process's ~30 mappings took
+/// ~60 `PAGEMAP_SCAN` calls, most of its scan (bench-trees).
+fn scan_mappings(maps: &[Mapping], kept: &[(usize, RegionKind, Option<MappedFile>)], backend: Backend, pagemap: &File) -> std::result::Result<Vec<Option<Scanned>>, (u64, std::io::Error)> {
+    let mut out: Vec<Option<Scanned>> = vec![None; kept.len()];
+    let range = |k: usize| (maps[kept[k].0].start, maps[kept[k].0].end);
+    let at = |k: usize| move |e| (maps[kept[k].0].start, e);
+    if backend != Backend::UffdWp {
+        for (k, &(i, kind, file)) in kept.iter().enumerate() {
+            if !kind.has_content() {
+                continue;
+            }
+            let m = &maps[i];
+            let only_anon = file.is_some();
+            out[k] = Some(match backend {
+                Backend::SoftDirty => {
+                    let (present, written) = dirty::pagemap_runs(pagemap, m.start, m.end, true, only_anon).map_err(at(k))?;
+                    (present, Some(written))
+                }
+                _ => (dirty::present_runs(pagemap, m.start, m.end, only_anon).map_err(at(k))?, None),
+            });
+        }
+        return Ok(out);
+    }
+    // Walked together: private memory (not shared memory, whose writes
+    // are not kept, nor a device's, which may refuse tracking) next to
+    // each other in maps, nothing skipped between them.
+    let together = |k: usize| matches!(kept[k].1, RegionKind::Private | RegionKind::Heap | RegionKind::Stack) && !maps[kept[k].0].name.starts_with("/dev/");
+    let mut k = 0;
+    while k < kept.len() {
+        if !kept[k].1.has_content() {
+            k += 1;
+            continue;
+        }
+        let mut l = k + 1;
+        if together(k) {
+            while l < kept.len() && together(l) && kept[l].0 == kept[l - 1].0 + 1 {
+                l += 1;
+            }
+        }
+        let ranges: Vec<(u64, u64)> = (k..l).map(range).collect();
+        let written = dirty::uffd_written_group(pagemap, &ranges).map_err(at(k))?;
+        // Presence by runs of the same kind (a file's copy-on-write pages,
+        // or all the pages holding data).
+        let mut a = k;
+        while a < l {
+            let only_anon = kept[a].2.is_some();
+            let mut b = a + 1;
+            while b < l && kept[b].2.is_some() == only_anon {
+                b += 1;
+            }
+            let present = dirty::present_runs_group(pagemap, &ranges[a - k..b - k], only_anon).map_err(at(a))?;
+            for (j, p) in (a..b).zip(present) {
+                out[j] = Some((p, written[j - k].clone()));
+            }
+            a = b;
+        }
+        k = l;
+    }
+    Ok(out)
 }
 
 /// Refuses a process whose working directory or root directory was

@@ -189,14 +189,30 @@ fn scan(pagemap: &File, start: u64, end: u64, q: Query) -> std::io::Result<Optio
     Ok(scan_until(pagemap, start, end, q, false)?.map(|(runs, _)| runs))
 }
 
-/// [`scan`], stopping after the first call that filled its buffer of runs
-/// if `stop_when_full`: also returns the address the walk got to (`end`
+/// Runs a walk stops after when asked to stop once its buffer is full
+/// ([`scan_until`]).
+const RUNS_BEFORE_STOP: usize = 1024;
+
+/// Runs asked of the kernel per call: it copies them through a bounce
+/// buffer of that many runs that it allocates per call (at most 512),
+/// and above 8 KiB that is a page allocation of order 2 (`kmalloc` large):
+/// with 1024 asked, ~20% of the kernel's time in a small process's walks
+/// went to it and its free (perf, bench-trees, 2026-12-07).
+const RUNS_PER_CALL: usize = 8192 / std::mem::size_of::<PageRegion>();
+
+/// [`scan`], stopping once [`RUNS_BEFORE_STOP`] runs were reported if
+/// `stop_when_full`: also returns the address the walk got to (`end`
 /// if it got there).
 fn scan_until(pagemap: &File, start: u64, end: u64, q: Query, stop_when_full: bool) -> std::io::Result<Option<(Runs, u64)>> {
     let mut out = Vec::new();
-    let mut vec = vec![PageRegion::default(); 1024];
+    // Written by the kernel, read only where it says it wrote (not
+    // zeroed: a fresh zeroed 24 KiB per walk was ~4% of the stopped
+    // phase of 16 small processes).
+    let mut vec = [std::mem::MaybeUninit::<PageRegion>::uninit(); RUNS_PER_CALL];
+    let mut reported = 0;
     let mut cur = start;
     while cur < end {
+        let want = if stop_when_full { RUNS_PER_CALL.min(RUNS_BEFORE_STOP - reported) } else { RUNS_PER_CALL };
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
             flags: q.flags,
@@ -204,7 +220,7 @@ fn scan_until(pagemap: &File, start: u64, end: u64, q: Query, stop_when_full: bo
             end,
             walk_end: 0,
             vec: vec.as_mut_ptr() as u64,
-            vec_len: vec.len() as u64,
+            vec_len: want as u64,
             max_pages: 0,
             category_inverted: q.inverted,
             category_mask: q.required,
@@ -221,17 +237,22 @@ fn scan_until(pagemap: &File, start: u64, end: u64, q: Query, stop_when_full: bo
                 _ => Err(e),
             };
         }
-        for reg in &vec[..r as usize] {
+        let n = (r as usize).min(want);
+        for reg in &vec[..n] {
+            // SAFETY: the kernel wrote the first `r` entries (at most
+            // `vec_len`): PAGEMAP_SCAN returns how many.
+            let reg = unsafe { reg.assume_init_ref() };
             let (a, b) = (reg.start.max(start), reg.end.min(end));
             if a < b {
                 out.push(((a - start) / PAGE, (b - start) / PAGE, reg.categories));
             }
         }
+        reported += n;
         if arg.walk_end <= cur {
             break;
         }
         cur = arg.walk_end;
-        if stop_when_full && r as usize == vec.len() {
+        if stop_when_full && reported >= RUNS_BEFORE_STOP {
             return Ok(Some((out, cur.min(end))));
         }
     }
@@ -254,6 +275,14 @@ fn scan_until(pagemap: &File, start: u64, end: u64, q: Query, stop_when_full: bo
 /// `only_anon`: only the pages that are not the file's (the copy-on-write
 /// pages of a private file mapping); those are few, so they are asked for.
 pub fn present_runs(pagemap: &File, start: u64, end: u64, only_anon: bool) -> std::io::Result<PageRuns> {
+    match walk_present(pagemap, start, end, only_anon)? {
+        Some(runs) => Ok(runs),
+        None => Ok(pagemap_runs(pagemap, start, end, false, only_anon)?.0),
+    }
+}
+
+/// [`present_runs`] by `PAGEMAP_SCAN` alone: None if this kernel has none.
+fn walk_present(pagemap: &File, start: u64, end: u64, only_anon: bool) -> std::io::Result<Option<PageRuns>> {
     let holding = if only_anon {
         Query { flags: 0, inverted: PAGE_IS_FILE, required: PAGE_IS_FILE, anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED, returned: PAGE_IS_PRESENT | PAGE_IS_SWAPPED }
     } else {
@@ -265,7 +294,7 @@ pub fn present_runs(pagemap: &File, start: u64, end: u64, only_anon: bool) -> st
     let mut from = start;
     if !only_anon {
         let Some((regions, walked)) = scan_until(pagemap, start, end, absent, true)? else {
-            return Ok(pagemap_runs(pagemap, start, end, false, only_anon)?.0);
+            return Ok(None);
         };
         let mut at = 0;
         for (lo, hi, cat) in regions {
@@ -280,11 +309,11 @@ pub fn present_runs(pagemap: &File, start: u64, end: u64, only_anon: bool) -> st
         from = walked;
     }
     if from >= end {
-        return Ok(out);
+        return Ok(Some(out));
     }
     // The pages holding data, asked for (the rest of a sparse mapping).
     let Some(regions) = scan(pagemap, from, end, holding)? else {
-        return Ok(pagemap_runs(pagemap, start, end, false, only_anon)?.0);
+        return Ok(None);
     };
     let skip = (from - start) / PAGE;
     for (lo, hi, cat) in regions {
@@ -295,7 +324,7 @@ pub fn present_runs(pagemap: &File, start: u64, end: u64, only_anon: bool) -> st
             swapped_holding(pagemap, start, lo, hi, only_anon, &mut out)?;
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// Adds to `out` the pages of `[lo, hi)` (relative to `start`), all
@@ -310,6 +339,16 @@ fn swapped_holding(pagemap: &File, start: u64, lo: u64, hi: u64, only_anon: bool
     }
     Ok(())
 }
+
+/// The walk of [`uffd_written`]: written pages that hold data, protected
+/// again as they are reported.
+const WRITTEN: Query = Query {
+    flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+    inverted: 0,
+    required: PAGE_IS_WRITTEN,
+    anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+    returned: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+};
 
 /// Pages of `[start, end)` holding data that were written since they were
 /// last protected, and protects them again (`PAGEMAP_SCAN` with
@@ -334,19 +373,106 @@ fn swapped_holding(pagemap: &File, start: u64, lo: u64, hi: u64, only_anon: bool
 /// 2.0-2.1 ms to 1.4-1.5 ms (bench-stop A/B; docs/design.md "Dirty-page
 /// tracking").
 pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<PageRuns>> {
-    let q = Query {
-        flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-        inverted: 0,
-        required: PAGE_IS_WRITTEN,
-        anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        returned: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-    };
-    match scan(pagemap, start, end, q) {
+    match scan(pagemap, start, end, WRITTEN) {
         Ok(Some(r)) => Ok(Some(PageRuns::from_unsorted(r.into_iter().map(|(lo, hi, _)| (lo, hi)).collect()))),
         Ok(None) => unreachable!("scan answers None only without PM_SCAN_WP_MATCHING"),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// [`present_runs`] of several mappings in one walk: `ranges` are
+/// mappings in increasing order (of one process, stopped), all of the
+/// same `only_anon`; one answer per range. The walk covers the span from
+/// the first to the last: a gap between two (no mapping) reports nothing
+/// and what a walk says of another mapping inside the span is clipped
+/// away, so any ranges give the per-range answers; the caller gives
+/// neighbours (maps lines one after another) so that nothing else is
+/// walked. A small process has ~30 mappings, mostly 4-5 segments per
+/// library: a call each was most of its scan (bench-trees).
+pub fn present_runs_group(pagemap: &File, ranges: &[(u64, u64)], only_anon: bool) -> std::io::Result<Vec<PageRuns>> {
+    let per_range = || ranges.iter().map(|&(a, b)| present_runs(pagemap, a, b, only_anon)).collect();
+    let (Some(&(start, _)), Some(&(_, end))) = (ranges.first(), ranges.last()) else { return Ok(Vec::new()) };
+    if ranges.len() == 1 {
+        return per_range();
+    }
+    // Without PAGEMAP_SCAN, pagemap is read page by page: the span's gaps
+    // would cost, so each range is read alone.
+    let Some(all) = walk_present(pagemap, start, end, only_anon)? else { return per_range() };
+    Ok(ranges.iter().map(|&(a, b)| split(&all, start, a, b)).collect())
+}
+
+/// The runs of `all` (pages relative to `span_start`) inside `[a, b)`,
+/// relative to `a`.
+fn split(all: &PageRuns, span_start: u64, a: u64, b: u64) -> PageRuns {
+    let (lo, hi) = ((a - span_start) / PAGE, (b - span_start) / PAGE);
+    let mut out = PageRuns::new();
+    for (x, y) in all.clip(lo, hi) {
+        out.push(x - lo, y - lo);
+    }
+    out
+}
+
+/// [`uffd_written`] of several mappings in one walk (and one more call
+/// that asks whether all of them are tracked): `ranges` are mappings one
+/// after another in the process's maps, in increasing order, with no
+/// other mapping between them (the walk protects again what it reports in
+/// every mapping of the span). One answer per range.
+///
+/// A mapping not registered for tracking makes the walk fail (`EPERM`)
+/// only when it gets there, after protecting the written pages of the
+/// mappings before it: their writes would be lost. So the walk is made
+/// only once a walk that changes nothing found every mapping of the span
+/// registered (`PAGE_IS_WPALLOWED`: its registered mappings are skipped
+/// without a look at their pages); otherwise each range is walked alone.
+/// Should the walk fail anyway (a mapping that the first walk does not
+/// see, `VM_PFNMAP`), no range's writes are known: each is captured
+/// whole and registered again, as a new mapping would be.
+pub fn uffd_written_group(pagemap: &File, ranges: &[(u64, u64)]) -> std::io::Result<Vec<Option<PageRuns>>> {
+    let per_range = || ranges.iter().map(|&(a, b)| uffd_written(pagemap, a, b)).collect();
+    let (Some(&(start, _)), Some(&(_, end))) = (ranges.first(), ranges.last()) else { return Ok(Vec::new()) };
+    if ranges.len() == 1 {
+        return per_range();
+    }
+    let untracked = Query { flags: 0, inverted: PAGE_IS_WPALLOWED, required: PAGE_IS_WPALLOWED, anyof: 0, returned: 0 };
+    match scan_once(pagemap, start, end, untracked, 1) {
+        Ok(0) => {}
+        Ok(_) => return per_range(),
+        Err(e) => return Err(e),
+    }
+    match scan(pagemap, start, end, WRITTEN) {
+        Ok(Some(r)) => {
+            let all = PageRuns::from_unsorted(r.into_iter().map(|(lo, hi, _)| (lo, hi)).collect());
+            Ok(ranges.iter().map(|&(a, b)| Some(split(&all, start, a, b))).collect())
+        }
+        Ok(None) => unreachable!("scan answers None only without PM_SCAN_WP_MATCHING"),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(vec![None; ranges.len()]),
+        Err(e) => Err(e),
+    }
+}
+
+/// How many runs (at most `max`, ≥ 1) one `PAGEMAP_SCAN` call reports
+/// for `q` over `[start, end)`, stopping at the first `max` pages.
+fn scan_once(pagemap: &File, start: u64, end: u64, q: Query, max: usize) -> std::io::Result<usize> {
+    let mut vec = vec![PageRegion::default(); max.max(1)];
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        flags: q.flags,
+        start,
+        end,
+        walk_end: 0,
+        vec: vec.as_mut_ptr() as u64,
+        vec_len: vec.len() as u64,
+        max_pages: vec.len() as u64,
+        category_inverted: q.inverted,
+        category_mask: q.required,
+        category_anyof_mask: q.anyof,
+        return_mask: q.returned,
+    };
+    // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
+    // page_regions into `vec`, which outlives the call.
+    let r = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r as usize) }
 }
 
 /// Starts write tracking of ranges just registered with the process's
@@ -429,6 +555,117 @@ mod tests {
         assert_eq!(agree("many holes"), 4095 + 4096 + 17);
         // SAFETY: unmapping what we mapped.
         unsafe { libc::munmap(p, len) };
+    }
+
+    /// An anonymous mapping of `pages` pages, written whole, 4 KiB pages.
+    fn written_mapping(pages: usize) -> u64 {
+        let len = pages * PAGE as usize;
+        // SAFETY: a plain anonymous mapping (the tests unmap it).
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: advice on the mapping just made; writing inside it.
+        unsafe {
+            libc::madvise(p, len, libc::MADV_NOHUGEPAGE);
+            std::ptr::write_bytes(p as *mut u8, 1, len);
+        }
+        p as u64
+    }
+
+    fn write_page(addr: u64) {
+        // SAFETY: the tests write pages of their own mappings.
+        unsafe { std::ptr::write_volatile(addr as *mut u8, 7) };
+    }
+
+    /// A userfaultfd in async write-protect mode with `ranges` registered.
+    fn track(ranges: &[(u64, u64)]) -> std::os::fd::OwnedFd {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a new userfaultfd, owned below; API handshake and
+        // registration with structs we own.
+        unsafe {
+            let fd = libc::syscall(SYS_USERFAULTFD, libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY) as i32;
+            assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+            let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC, ioctls: 0 };
+            assert_eq!(libc::ioctl(fd, UFFDIO_API as _, &mut api as *mut UffdioApi), 0);
+            for &(start, end) in ranges {
+                let mut reg = UffdioRegister { start, len: end - start, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+                assert_eq!(libc::ioctl(fd, UFFDIO_REGISTER as _, &mut reg as *mut UffdioRegister), 0, "{}", std::io::Error::last_os_error());
+            }
+            owned
+        }
+    }
+
+    /// Written pages of mappings walked together are those of each
+    /// walked alone; with one mapping among them not tracked, the walk
+    /// together is not made, and the others' writes are not lost.
+    #[test]
+    fn written_walks_together_agree_and_lose_nothing() {
+        let pm = File::open("/proc/self/pagemap").unwrap();
+        let runs = |v: &[u64]| PageRuns::from_unsorted(v.iter().map(|&i| (i, i + 1)).collect());
+        // Three mappings next to each other (the middle one read-only).
+        let p = written_mapping(12);
+        // SAFETY: a protection change inside our mapping.
+        assert_eq!(unsafe { libc::mprotect((p + 4 * PAGE) as *mut libc::c_void, 4 * PAGE as usize, libc::PROT_READ) }, 0);
+        let ranges = [(p, p + 4 * PAGE), (p + 4 * PAGE, p + 8 * PAGE), (p + 8 * PAGE, p + 12 * PAGE)];
+        let uffd = track(&[(p, p + 12 * PAGE)]);
+        // The first walk reports every page holding data (none protected yet).
+        let first = uffd_written_group(&pm, &ranges).unwrap();
+        assert_eq!(first, vec![Some(PageRuns::all(4)); 3]);
+        write_page(p + PAGE);
+        write_page(p + 9 * PAGE);
+        write_page(p + 11 * PAGE);
+        assert_eq!(uffd_written_group(&pm, &ranges).unwrap(), vec![Some(runs(&[1])), Some(runs(&[])), Some(runs(&[1, 3]))]);
+        write_page(p + 2 * PAGE);
+        write_page(p + 8 * PAGE);
+        let alone: Vec<_> = ranges.iter().map(|&(a, b)| uffd_written(&pm, a, b).unwrap()).collect();
+        assert_eq!(alone, vec![Some(runs(&[2])), Some(runs(&[])), Some(runs(&[0]))]);
+        drop(uffd);
+
+        // The middle one not registered: None for it, the writes of the
+        // one before it still reported.
+        let q = written_mapping(12);
+        let ranges = [(q, q + 4 * PAGE), (q + 4 * PAGE, q + 8 * PAGE), (q + 8 * PAGE, q + 12 * PAGE)];
+        let uffd = track(&[ranges[0], ranges[2]]);
+        uffd_written_group(&pm, &ranges).unwrap();
+        write_page(q + 3 * PAGE);
+        write_page(q + 5 * PAGE);
+        write_page(q + 10 * PAGE);
+        assert_eq!(uffd_written_group(&pm, &ranges).unwrap(), vec![Some(runs(&[3])), None, Some(runs(&[2]))]);
+        drop(uffd);
+        // SAFETY: unmapping what we mapped.
+        unsafe {
+            libc::munmap(p as *mut libc::c_void, 12 * PAGE as usize);
+            libc::munmap(q as *mut libc::c_void, 12 * PAGE as usize);
+        }
+    }
+
+    /// Presence of mappings walked together (neighbours, or with a gap of
+    /// nothing mapped between them) is that of each walked alone.
+    #[test]
+    fn presence_walks_together_agree() {
+        let pm = File::open("/proc/self/pagemap").unwrap();
+        let p = written_mapping(16);
+        // Holes: pages dropped; a different protection splits mappings;
+        // a gap unmapped.
+        // SAFETY: advice, protection change and unmapping inside our mapping.
+        unsafe {
+            libc::madvise((p + PAGE) as *mut libc::c_void, 2 * PAGE as usize, libc::MADV_DONTNEED);
+            libc::madvise((p + 6 * PAGE) as *mut libc::c_void, PAGE as usize, libc::MADV_DONTNEED);
+            assert_eq!(libc::mprotect((p + 4 * PAGE) as *mut libc::c_void, 4 * PAGE as usize, libc::PROT_READ), 0);
+            libc::munmap((p + 8 * PAGE) as *mut libc::c_void, 2 * PAGE as usize);
+            libc::madvise((p + 15 * PAGE) as *mut libc::c_void, PAGE as usize, libc::MADV_DONTNEED);
+        }
+        let ranges = [(p, p + 4 * PAGE), (p + 4 * PAGE, p + 8 * PAGE), (p + 10 * PAGE, p + 16 * PAGE)];
+        let alone: Vec<_> = ranges.iter().map(|&(a, b)| present_runs(&pm, a, b, false).unwrap()).collect();
+        assert_eq!(alone[0], PageRuns::from_unsorted(vec![(0, 1), (3, 4)]));
+        assert_eq!(alone[1], PageRuns::from_unsorted(vec![(0, 2), (3, 4)]));
+        assert_eq!(alone[2], PageRuns::all(5));
+        assert_eq!(present_runs_group(&pm, &ranges, false).unwrap(), alone);
+        // SAFETY: unmapping what we mapped.
+        unsafe {
+            libc::munmap(p as *mut libc::c_void, 8 * PAGE as usize);
+            libc::munmap((p + 10 * PAGE) as *mut libc::c_void, 6 * PAGE as usize);
+        }
     }
 
     #[test]

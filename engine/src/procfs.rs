@@ -101,13 +101,17 @@ pub fn maps(pid: i32) -> Result<Vec<Mapping>> {
 /// mm fields from `/proc/PID/stat` (all but `brk`, which only the process
 /// itself can read exactly).
 pub fn mm_fields(pid: i32) -> Result<MmFields> {
-    let stat = read_proc(pid, "stat")?;
+    Ok(mm_fields_of(&read_proc(pid, "stat")?))
+}
+
+/// [`mm_fields`] of a `stat` text.
+pub fn mm_fields_of(stat: &str) -> MmFields {
     // Fields after the command name, which may hold spaces and ')'.
     let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
     let f: Vec<u64> = after.split_whitespace().map(|x| x.parse::<i64>().unwrap_or(0) as u64).collect();
     // `after` starts at field 3 (state): field N is f[N - 3].
     let get = |n: usize| f.get(n - 3).copied().unwrap_or(0);
-    Ok(MmFields {
+    MmFields {
         start_code: get(26),
         end_code: get(27),
         start_stack: get(28),
@@ -119,7 +123,12 @@ pub fn mm_fields(pid: i32) -> Result<MmFields> {
         env_start: get(50),
         env_end: get(51),
         brk: 0,
-    })
+    }
+}
+
+/// The text of `/proc/PID/stat`.
+pub fn stat_text(pid: i32) -> Result<String> {
+    read_proc(pid, "stat")
 }
 
 /// The `Umask:` of a status file's text (022 if it has none).
@@ -336,12 +345,6 @@ pub fn tids(pid: i32) -> Result<Vec<i32>> {
     Ok(v)
 }
 
-/// Fields of `/proc/PID/stat` after the command name (field 3, the state,
-/// is element 0).
-fn stat_fields(pid: i32) -> Result<Vec<String>> {
-    Ok(after_comm(&read_proc(pid, "stat")?).split_whitespace().map(str::to_string).collect())
-}
-
 /// A `stat` line from the field after the command name on (the name may
 /// hold spaces and parentheses: it ends at the last `)`).
 fn after_comm(stat: &str) -> &str {
@@ -380,9 +383,14 @@ impl TreeIds {
 }
 
 pub fn tree_ids(pid: i32) -> Result<TreeIds> {
-    let f = stat_fields(pid)?;
+    Ok(tree_ids_of(&read_proc(pid, "stat")?))
+}
+
+/// [`tree_ids`] of a `stat` text.
+pub fn tree_ids_of(stat: &str) -> TreeIds {
+    let f: Vec<&str> = after_comm(stat).split_whitespace().collect();
     let num = |n: usize| f.get(n - 3).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0) as i32;
-    Ok(TreeIds { state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'), ppid: num(4), pgid: num(5), sid: num(6), exit_status: num(52), tty_nr: num(7), tpgid: num(8) })
+    TreeIds { state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'), ppid: num(4), pgid: num(5), sid: num(6), exit_status: num(52), tty_nr: num(7), tpgid: num(8) }
 }
 
 /// The children of every thread of `pid`.
