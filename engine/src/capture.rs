@@ -700,13 +700,16 @@ impl Prepared {
         let mem_path = format!("/proc/{source}/mem");
         let mem = File::open(&mem_path).map_err(|e| EngineError::Proc { pid: source, path: mem_path.into(), source: e })?;
         let intact = base_intact(base, writer);
+        // Another process than the one captured: its forked snapshot,
+        // whose private pages are shared copy-on-write with it.
+        let snapshot = source != self.image.pid;
         for st in self.regions.iter_mut().filter(|st| st.hashes.is_none()) {
             let r = &self.image.regions[st.index];
             if !which(r) {
                 continue;
             }
             let b = base.and_then(|b| b.regions.get(&r.start));
-            let hashes = store_region(source, r, st, b, intact, &mem, writer, chunk_size, &mut self.stats)?;
+            let hashes = store_region(source, snapshot, r, st, b, intact, &mem, writer, chunk_size, &mut self.stats)?;
             st.hashes = Some(hashes);
         }
         Ok(())
@@ -956,6 +959,7 @@ fn base_intact(base: Option<&Base>, writer: &dyn BlobSink) -> bool {
 #[allow(clippy::too_many_arguments)]
 fn store_region(
     pid: i32,
+    snapshot: bool,
     r: &RegionImage,
     st: &RegionState,
     base: Option<&BaseRegion>,
@@ -1005,7 +1009,7 @@ fn store_region(
     for _ in 0..2 {
         let _ = free_tx.send(Vec::new());
     }
-    let start = r.start;
+    let (start, shared) = (r.start, r.kind == RegionKind::SharedAnon || r.kind == RegionKind::SharedFile);
     let read_bytes = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| -> Result<()> {
         // Owned here, so that an early return ends the reading thread.
@@ -1015,7 +1019,11 @@ fn store_region(
             for &(first, off, rlen) in &runs {
                 let Ok(mut buf) = free_rx.recv() else { return };
                 buf.resize(rlen, 0);
-                let r = remote::read_tolerant(pid, Some(mem), start + off as u64, &mut buf)
+                // A snapshot's private pages through /proc/PID/mem: read
+                // with process_vm_readv, each would be copied into the
+                // snapshot first ([`remote::read_shared`]).
+                let r = if snapshot && !shared { remote::read_shared(mem, start + off as u64, &mut buf) } else { remote::read_tolerant(pid, Some(mem), start + off as u64, &mut buf) };
+                let r = r
                     .map(|n| {
                         read_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                         (first, buf)
