@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fs::File;
 
 use ckpt_chunker::Hash;
-use ckpt_store::{BlobKind, BlobSink};
+use ckpt_store::BlobSink;
 use ckpt_wire::Pod;
 use ckpt_wire::agent::{Hello, MAX_THREADS, MAX_TIMERS, Suspended, ThreadState, TimerValue};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
@@ -896,18 +896,48 @@ fn plan_reads(r: &RegionImage, st: &RegionState, base: Option<&BaseRegion>, chun
     (fresh, to_read)
 }
 
+/// Whether zstd is worth trying on the next chunks of a region, learnt
+/// from the chunks of the region stored before (a window at a time). On
+/// hash-like data (random words, compressed or encrypted bytes) zstd
+/// gives up on every chunk, and trying cost a fifth of the CPU of a
+/// 1 GiB first checkpoint: after a window in which every chunk tried was
+/// stored raw, only one chunk in [`Compressibility::SAMPLE`] is tried,
+/// and the first of those that zstd shrinks has every chunk after it
+/// tried again. A chunk not tried is stored raw, which is a valid blob
+/// whatever its bytes: only its size may be larger than it could have
+/// been (at most the chunks between two samples, per thread, where the
+/// data turns compressible).
+#[derive(Clone, Copy, Debug, Default)]
+struct Compressibility {
+    /// The last window's chunks tried were all stored raw.
+    skip: bool,
+}
+
+impl Compressibility {
+    /// While skipping, one chunk in this many (by index) is tried.
+    const SAMPLE: u64 = 32;
+    /// Chunks a window must have tried, all raw, for the next to skip.
+    const MIN_TRIED: usize = 32;
+}
+
 /// Hashes the chunks of `data` (consecutive, the first of index `first`),
 /// stores those the store lacks, and returns the hashes of those that are
 /// not zero.
-fn store_chunks(data: &[u8], first: u64, zero_is_data: bool, chunk_size: usize, writer: &dyn BlobSink) -> Result<Vec<(u64, Hash)>> {
+fn store_chunks(data: &[u8], first: u64, zero_is_data: bool, chunk_size: usize, writer: &dyn BlobSink, zstd: &mut Compressibility) -> Result<Vec<(u64, Hash)>> {
     let pieces: Vec<(u64, &[u8])> = data.chunks(chunk_size).enumerate().map(|(k, d)| (first + k as u64, d)).collect();
-    store_pieces(&pieces, zero_is_data, writer)
+    store_pieces_with(&pieces, zero_is_data, writer, zstd)
 }
 
 /// [`store_chunks`] of chunks given one by one: `(index, bytes)`, in
 /// increasing index order; hashed and stored in parallel, with one lookup
-/// for all of them.
+/// for all of them. zstd is tried on each.
 fn store_pieces(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn BlobSink) -> Result<Vec<(u64, Hash)>> {
+    store_pieces_with(pieces, zero_is_data, writer, &mut Compressibility::default())
+}
+
+/// [`store_pieces`], trying zstd as `zstd` says, which learns from them.
+fn store_pieces_with(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn BlobSink, zstd: &mut Compressibility) -> Result<Vec<(u64, Hash)>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
     // Tasks of at least 64 KiB: a task per 4 KiB chunk costs more in
     // rayon's scheduling than the chunk's hash.
     let min_len = (64 << 10) / pieces.first().map_or(1, |p| p.1.len().max(1));
@@ -922,12 +952,26 @@ fn store_pieces(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn BlobSi
         })
         .collect();
     let missing = writer.missing(&wh)?;
-    wh.par_iter().zip(missing).zip(pieces).try_for_each(|((h, missing), &(_, d))| -> Result<()> {
+    let (skip, shrunk, tried) = (zstd.skip, AtomicBool::new(false), AtomicUsize::new(0));
+    wh.par_iter().with_min_len(min_len.max(1)).zip(missing).zip(pieces).try_for_each(|((h, missing), &(k, d))| -> Result<()> {
         if *h != Hash::ZERO_CHUNK && missing {
-            writer.put(BlobKind::Chunk, *h, d)?;
+            let try_zstd = !skip || k % Compressibility::SAMPLE == 0 || shrunk.load(Relaxed);
+            if let Some(raw) = writer.put_chunk(*h, d, try_zstd)?
+                && try_zstd
+            {
+                tried.fetch_add(1, Relaxed);
+                if !raw {
+                    shrunk.store(true, Relaxed);
+                }
+            }
         }
         Ok(())
     })?;
+    if shrunk.into_inner() {
+        zstd.skip = false;
+    } else if tried.into_inner() >= Compressibility::MIN_TRIED {
+        zstd.skip = true;
+    }
     Ok(wh.into_iter().zip(pieces).filter(|(h, _)| *h != Hash::ZERO_CHUNK).map(|(h, &(k, _))| (k, h)).collect())
 }
 
@@ -1035,9 +1079,10 @@ fn store_region(
                 }
             }
         });
+        let mut zstd = Compressibility::default();
         for got in full_rx.iter() {
             let (first, buf) = got?;
-            hashes.extend(store_chunks(&buf, first, st.zero_is_data, chunk_size, writer)?);
+            hashes.extend(store_chunks(&buf, first, st.zero_is_data, chunk_size, writer, &mut zstd)?);
             let _ = free_tx.send(buf);
         }
         Ok(())

@@ -157,6 +157,15 @@ pub trait BlobSink: Sync {
     }
     /// Stores blob `data` whose BLAKE3 is `h`; false if it was known.
     fn put(&self, kind: BlobKind, h: Hash, data: &[u8]) -> Result<bool>;
+    /// [`BlobSink::put`] of a [`BlobKind::Chunk`], with a hint: `try_zstd:
+    /// false` stores it raw without trying zstd (a raw blob is a valid
+    /// blob whatever its bytes; only its size may be larger). None if it
+    /// was known, else whether it was stored raw. A sink that cannot tell
+    /// answers `Some(false)`, so that its caller never stops trying.
+    fn put_chunk(&self, h: Hash, data: &[u8], try_zstd: bool) -> Result<Option<bool>> {
+        let _ = try_zstd;
+        Ok(self.put(BlobKind::Chunk, h, data)?.then_some(false))
+    }
     /// Hashes `data`, stores it as a [`BlobKind::Meta`] blob, returns its hash.
     fn put_meta(&self, data: &[u8]) -> Result<Hash> {
         let h = Hash::of(data);
@@ -179,6 +188,9 @@ impl BlobSink for Writer {
     }
     fn put(&self, kind: BlobKind, h: Hash, data: &[u8]) -> Result<bool> {
         Writer::put(self, kind, h, data)
+    }
+    fn put_chunk(&self, h: Hash, data: &[u8], try_zstd: bool) -> Result<Option<bool>> {
+        self.put_encoded(BlobKind::Chunk, h, data, try_zstd)
     }
     fn put_meta(&self, data: &[u8]) -> Result<Hash> {
         Writer::put_meta(self, data)
@@ -315,12 +327,18 @@ impl Writer {
     /// appends it to the open pack and returns true. Blobs become visible to
     /// readers at [`Writer::commit`].
     pub fn put(&self, kind: BlobKind, h: Hash, data: &[u8]) -> Result<bool> {
+        Ok(self.put_encoded(kind, h, data, true)?.is_some())
+    }
+
+    /// [`Writer::put`], trying zstd only if `try_zstd` (else the blob is
+    /// stored raw). None if it was known, else whether it was stored raw.
+    pub fn put_encoded(&self, kind: BlobKind, h: Hash, data: &[u8], try_zstd: bool) -> Result<Option<bool>> {
         if h.is_zero_chunk() {
-            return Ok(false);
+            return Ok(None);
         }
         let a = self.inner.addr(&h);
         if self.known_addr(&a) {
-            return Ok(false);
+            return Ok(None);
         }
         debug_assert_eq!(h, Hash::of(data), "put: hash does not match data");
         let ulen = u32::try_from(data.len()).map_err(|_| {
@@ -329,10 +347,10 @@ impl Writer {
                 data.len()
             ))
         })?;
-        let stored = ckpt_chunker::encode(data, self.opts.level);
+        let stored = if try_zstd { ckpt_chunker::encode(data, self.opts.level) } else { ckpt_chunker::Encoded::Raw(data) };
         let raw = matches!(stored, ckpt_chunker::Encoded::Raw(_));
         let sealed = self.stored_form(&a, raw, stored.bytes());
-        self.append(kind, a, &sealed, ulen)
+        Ok(self.append(kind, a, &sealed, ulen)?.then_some(raw))
     }
 
     /// Store a blob that was compressed elsewhere (by a capture helper on
