@@ -18,7 +18,7 @@ use nix::fcntl::Flock;
 use rusqlite::Connection;
 
 use crate::error::{IoCtx, SqlCtx};
-use crate::pack::{FinishedPack, OpenPack, PackEntry};
+use crate::pack::{FinishedPack, OpenPack, PackEntry, SealedPack};
 use crate::remote;
 use crate::remote_lock::RemoteLock;
 use crate::store::{Inner, describe_ids};
@@ -122,21 +122,13 @@ impl std::hash::Hasher for PrefixHasher {
     }
 }
 
-/// A pack being made durable: its name, size and blobs.
-pub(crate) struct Sealing {
-    name: String,
-    size: u64,
-    entries: Vec<PackEntry>,
-}
-
 /// Blobs written since the last commit.
 #[derive(Default)]
 pub(crate) struct Pending {
     open: Option<OpenPack>,
-    /// Packs written whole, being made durable in a thread each
-    /// ([`pack::SealedPack::persist`]); [`Writer::commit`] waits for them.
-    /// Each with its name and size (known before it is durable).
-    sealing: Vec<(Sealing, std::thread::JoinHandle<std::io::Result<FinishedPack>>)>,
+    /// Packs written whole, being made durable by their thread
+    /// ([`SealedPack::persist`]); [`Writer::commit`] waits for them.
+    sealing: Vec<SealedPack>,
     finished: Vec<FinishedPack>,
     pub(crate) hashes: Vec<Hash>,
     new_bytes: u64,
@@ -450,20 +442,11 @@ impl Writer {
             return Ok(());
         };
         let entries = open.entries.clone();
-        let sealed = match open.seal() {
-            Ok(s) => s,
+        match open.seal(&self.inner.root) {
+            Ok(s) => p.sealing.push(s),
             Err(e) => {
                 self.forget(p, &entries);
                 return Err(StoreError::io(format!("finish a pack file in {}", self.inner.root.join("tmp").display()), e));
-            }
-        };
-        let root = self.inner.root.clone();
-        let (name, size) = (sealed.name.clone(), sealed.size);
-        match std::thread::Builder::new().name("ckpt-pack-sync".into()).spawn(move || sealed.persist(&root)) {
-            Ok(h) => p.sealing.push((Sealing { name, size, entries }, h)),
-            Err(e) => {
-                self.forget(p, &entries);
-                return Err(StoreError::io("start a thread to write a pack file".to_string(), e));
             }
         }
         Ok(())
@@ -485,14 +468,13 @@ impl Writer {
     /// forgotten (its blobs no longer pending) with the first error.
     fn settle(&self, p: &mut Pending) -> Result<()> {
         let mut first = None;
-        for (Sealing { entries, .. }, h) in std::mem::take(&mut p.sealing) {
-            let r = h.join().unwrap_or_else(|_| Err(std::io::Error::other("the thread writing it panicked")));
-            match r {
+        for s in std::mem::take(&mut p.sealing) {
+            match s.persist() {
                 Ok(f) => {
                     tracing::debug!(pack = %f.path.display(), blobs = f.entries.len(), size = f.size, "pack written");
                     p.finished.push(f);
                 }
-                Err(e) => {
+                Err((e, entries)) => {
                     self.forget(p, &entries);
                     first.get_or_insert(StoreError::io(format!("finish a pack file in {}", self.inner.root.join("packs").display()), e));
                 }
@@ -554,11 +536,22 @@ impl Writer {
             // (docs/design.md, "The catalog at scale"). The rows of the
             // packs still being made durable are inserted while they are;
             // the transaction commits after.
+            // A pack still being written is named by its thread once it
+            // has hashed its last bytes (before its fsync); one that
+            // cannot be named failed, and settling says how.
+            let names: Option<Vec<String>> = p.sealing.iter_mut().map(|s| s.name().map(str::to_string)).collect();
+            let names = match names {
+                Some(n) => n,
+                None => {
+                    self.settle(&mut p)?;
+                    Vec::new()
+                }
+            };
             let packs: Vec<(&str, u64, &[PackEntry])> = p
                 .finished
                 .iter()
                 .map(|f| (f.name.as_str(), f.size, &f.entries[..]))
-                .chain(p.sealing.iter().map(|(s, _)| (s.name.as_str(), s.size, &s.entries[..])))
+                .chain(p.sealing.iter().zip(&names).map(|(s, n)| (n.as_str(), s.size, &s.entries[..])))
                 .collect();
             let mut rows: Vec<(&PackEntry, i64)> = Vec::with_capacity(packs.iter().map(|f| f.2.len()).sum());
             for (name, size, entries) in packs {
@@ -689,8 +682,8 @@ impl Writer {
         if let Some(open) = p.open.take() {
             open.discard();
         }
-        for (_, h) in std::mem::take(&mut p.sealing) {
-            if let Ok(Ok(f)) = h.join() {
+        for s in std::mem::take(&mut p.sealing) {
+            if let Ok(f) = s.persist() {
                 p.finished.push(f);
             }
         }
