@@ -1091,3 +1091,84 @@ fn store_region(
     hashes.sort_unstable_by_key(|e| e.0);
     Ok(SparseChunks { len: nchunks, entries: hashes })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A sink that encodes as the store's writer does and records, per
+    /// blob, whether zstd was tried and whether it was stored raw.
+    #[derive(Default)]
+    struct Probe(Mutex<HashMap<Hash, (bool, bool)>>);
+
+    impl BlobSink for Probe {
+        fn known(&self, h: &Hash) -> bool {
+            self.0.lock().unwrap().contains_key(h)
+        }
+        fn put(&self, _: ckpt_store::BlobKind, h: Hash, d: &[u8]) -> ckpt_store::Result<bool> {
+            Ok(self.put_chunk(h, d, true)?.is_some())
+        }
+        fn put_chunk(&self, h: Hash, d: &[u8], try_zstd: bool) -> ckpt_store::Result<Option<bool>> {
+            let raw = !try_zstd || matches!(ckpt_chunker::encode(d, ckpt_chunker::DEFAULT_LEVEL), ckpt_chunker::Encoded::Raw(_));
+            Ok(self.0.lock().unwrap().insert(h, (try_zstd, raw)).is_none().then_some(raw))
+        }
+    }
+
+    const CS: usize = 4096;
+
+    fn hashlike(seed: u64, chunks: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..chunks * CS / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect()
+    }
+
+    fn text(seed: u64, chunks: usize) -> Vec<u8> {
+        (0..chunks * CS).map(|i| b"some words of a heap, "[(i + seed as usize * 7) % 22] ^ ((i / CS) as u8 & 1)).collect::<Vec<u8>>().chunks(CS).enumerate().flat_map(|(k, c)| {
+            let mut c = c.to_vec();
+            c[..8].copy_from_slice(&(seed * 1_000_000 + k as u64).to_le_bytes());
+            c
+        }).collect()
+    }
+
+    /// zstd stops being tried on a region it cannot shrink, except for
+    /// samples, and is tried again as soon as the data shrinks: every
+    /// chunk is stored either way.
+    #[test]
+    fn zstd_is_skipped_on_incompressible_windows_and_resumed_when_data_shrinks() {
+        let sink = Probe::default();
+        let mut zstd = Compressibility::default();
+        let n = 2048;
+        let tried = |sink: &Probe, data: &[u8]| data.chunks(CS).filter(|c| sink.0.lock().unwrap()[&Hash::of(c)].0).count();
+        // A first window of random words: every chunk tried, all raw.
+        let w1 = hashlike(1, n);
+        assert_eq!(store_chunks(&w1, 0, false, CS, &sink, &mut zstd).unwrap().len(), n);
+        assert_eq!(tried(&sink, &w1), n);
+        assert!(zstd.skip);
+        // The next: one chunk in SAMPLE tried.
+        let w2 = hashlike(2, n);
+        assert_eq!(store_chunks(&w2, n as u64, false, CS, &sink, &mut zstd).unwrap().len(), n);
+        assert_eq!(tried(&sink, &w2), n / Compressibility::SAMPLE as usize);
+        assert!(zstd.skip);
+        // Random words, then text: the text is tried again from the first
+        // sample of it on (a few per thread may be stored raw before).
+        let mut w3 = hashlike(3, n / 2);
+        w3.extend(text(3, n / 2));
+        assert_eq!(store_chunks(&w3, 2 * n as u64, false, CS, &sink, &mut zstd).unwrap().len(), n);
+        let raw_text = w3[n / 2 * CS..].chunks(CS).filter(|c| sink.0.lock().unwrap()[&Hash::of(c)].1).count();
+        assert!(raw_text <= Compressibility::SAMPLE as usize * rayon::current_num_threads(), "{raw_text} chunks of text stored raw");
+        assert!(!zstd.skip);
+        // And a window of text after it: every chunk tried, none raw.
+        let w4 = text(4, n);
+        store_chunks(&w4, 3 * n as u64, false, CS, &sink, &mut zstd).unwrap();
+        assert_eq!(tried(&sink, &w4), n);
+        assert!(w4.chunks(CS).all(|c| !sink.0.lock().unwrap()[&Hash::of(c)].1));
+        assert_eq!(sink.0.lock().unwrap().len(), 4 * n);
+    }
+}
