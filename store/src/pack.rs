@@ -260,7 +260,7 @@ enum ToWriter {
     Block(Block),
     /// The last bytes: then name the pack, make it durable and put it in
     /// place under this root.
-    Last(Block, PathBuf, std::sync::mpsc::SyncSender<String>),
+    Last(Block, PathBuf, Vec<std::sync::mpsc::SyncSender<String>>),
 }
 
 /// The thread of one pack: hashes and writes what it is handed, in
@@ -281,7 +281,7 @@ fn pack_thread(mut file: File, tmp_path: PathBuf, mut direct: bool, rx: std::syn
                 }
                 b.give_back();
             }
-            Ok(ToWriter::Last(b, root, name_tx)) => {
+            Ok(ToWriter::Last(b, root, name_txs)) => {
                 if let Some(e) = failed {
                     break Err(e);
                 }
@@ -293,7 +293,9 @@ fn pack_thread(mut file: File, tmp_path: PathBuf, mut direct: bool, rx: std::syn
                 if let Err(e) = r {
                     break Err(e);
                 }
-                let _ = name_tx.send(name.clone());
+                for tx in name_txs {
+                    let _ = tx.send(name.clone());
+                }
                 break persist(&file, &tmp_path, &root, &name);
             }
             Err(_) => break Err(std::io::Error::other("the pack was discarded")),
@@ -453,8 +455,13 @@ impl OpenPack {
     /// `root` ([`SealedPack::persist`] waits for it), so that compression
     /// goes on while the disk writes. On error the temporary file is
     /// removed.
-    pub fn seal(mut self, root: &Path) -> std::io::Result<SealedPack> {
-        let r = self.seal_inner(root);
+    pub fn seal(self, root: &Path) -> std::io::Result<SealedPack> {
+        self.seal_named(root, None)
+    }
+
+    /// [`OpenPack::seal`], the pack's name also sent to `also` once known.
+    pub fn seal_named(mut self, root: &Path, also: Option<std::sync::mpsc::SyncSender<String>>) -> std::io::Result<SealedPack> {
+        let r = self.seal_inner(root, also);
         if r.is_err() {
             self.tx = None;
             if let Some(t) = self.thread.take() {
@@ -465,7 +472,7 @@ impl OpenPack {
         r
     }
 
-    fn seal_inner(&mut self, root: &Path) -> std::io::Result<SealedPack> {
+    fn seal_inner(&mut self, root: &Path, also: Option<std::sync::mpsc::SyncSender<String>>) -> std::io::Result<SealedPack> {
         let mut trailer = Vec::with_capacity(self.entries.len() * ENTRY_LEN + TAIL_LEN);
         for e in &self.entries {
             trailer.extend_from_slice(&e.hash.0);
@@ -484,7 +491,7 @@ impl OpenPack {
         self.write(&trailer)?;
         let (name_tx, name_rx) = std::sync::mpsc::sync_channel(1);
         let last = std::mem::replace(&mut self.cur, Block::take());
-        self.send(ToWriter::Last(last, root.to_path_buf(), name_tx))?;
+        self.send(ToWriter::Last(last, root.to_path_buf(), std::iter::once(name_tx).chain(also).collect()))?;
         self.tx = None;
         let thread = self.thread.take().ok_or_else(|| std::io::Error::other("the thread writing the pack ended"))?;
         Ok(SealedPack {
