@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fs::File;
 
 use ckpt_chunker::Hash;
-use ckpt_store::{BlobKind, BlobSink};
+use ckpt_store::BlobSink;
 use ckpt_wire::Pod;
 use ckpt_wire::agent::{Hello, MAX_THREADS, MAX_TIMERS, Suspended, ThreadState, TimerValue};
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
@@ -791,13 +791,16 @@ impl Prepared {
         let mem_path = format!("/proc/{source}/mem");
         let mem = File::open(&mem_path).map_err(|e| EngineError::Proc { pid: source, path: mem_path.into(), source: e })?;
         let intact = base_intact(base, writer);
+        // Another process than the one captured: its forked snapshot,
+        // whose private pages are shared copy-on-write with it.
+        let snapshot = source != self.image.pid;
         for st in self.regions.iter_mut().filter(|st| st.hashes.is_none()) {
             let r = &self.image.regions[st.index];
             if !which(r) {
                 continue;
             }
             let b = base.and_then(|b| b.regions.get(&r.start));
-            let hashes = store_region(source, r, st, b, intact, &mem, writer, chunk_size, &mut self.stats)?;
+            let hashes = store_region(source, snapshot, r, st, b, intact, &mem, writer, chunk_size, &mut self.stats)?;
             st.hashes = Some(hashes);
         }
         Ok(())
@@ -984,18 +987,48 @@ fn plan_reads(r: &RegionImage, st: &RegionState, base: Option<&BaseRegion>, chun
     (fresh, to_read)
 }
 
+/// Whether zstd is worth trying on the next chunks of a region, learnt
+/// from the chunks of the region stored before (a window at a time). On
+/// hash-like data (random words, compressed or encrypted bytes) zstd
+/// gives up on every chunk, and trying cost a fifth of the CPU of a
+/// 1 GiB first checkpoint: after a window in which every chunk tried was
+/// stored raw, only one chunk in [`Compressibility::SAMPLE`] is tried,
+/// and the first of those that zstd shrinks has every chunk after it
+/// tried again. A chunk not tried is stored raw, which is a valid blob
+/// whatever its bytes: only its size may be larger than it could have
+/// been (at most the chunks between two samples, per thread, where the
+/// data turns compressible).
+#[derive(Clone, Copy, Debug, Default)]
+struct Compressibility {
+    /// The last window's chunks tried were all stored raw.
+    skip: bool,
+}
+
+impl Compressibility {
+    /// While skipping, one chunk in this many (by index) is tried.
+    const SAMPLE: u64 = 32;
+    /// Chunks a window must have tried, all raw, for the next to skip.
+    const MIN_TRIED: usize = 32;
+}
+
 /// Hashes the chunks of `data` (consecutive, the first of index `first`),
 /// stores those the store lacks, and returns the hashes of those that are
 /// not zero.
-fn store_chunks(data: &[u8], first: u64, zero_is_data: bool, chunk_size: usize, writer: &dyn BlobSink) -> Result<Vec<(u64, Hash)>> {
+fn store_chunks(data: &[u8], first: u64, zero_is_data: bool, chunk_size: usize, writer: &dyn BlobSink, zstd: &mut Compressibility) -> Result<Vec<(u64, Hash)>> {
     let pieces: Vec<(u64, &[u8])> = data.chunks(chunk_size).enumerate().map(|(k, d)| (first + k as u64, d)).collect();
-    store_pieces(&pieces, zero_is_data, writer)
+    store_pieces_with(&pieces, zero_is_data, writer, zstd)
 }
 
 /// [`store_chunks`] of chunks given one by one: `(index, bytes)`, in
 /// increasing index order; hashed and stored in parallel, with one lookup
-/// for all of them.
+/// for all of them. zstd is tried on each.
 fn store_pieces(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn BlobSink) -> Result<Vec<(u64, Hash)>> {
+    store_pieces_with(pieces, zero_is_data, writer, &mut Compressibility::default())
+}
+
+/// [`store_pieces`], trying zstd as `zstd` says, which learns from them.
+fn store_pieces_with(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn BlobSink, zstd: &mut Compressibility) -> Result<Vec<(u64, Hash)>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
     // Tasks of at least 64 KiB: a task per 4 KiB chunk costs more in
     // rayon's scheduling than the chunk's hash.
     let min_len = (64 << 10) / pieces.first().map_or(1, |p| p.1.len().max(1));
@@ -1010,12 +1043,26 @@ fn store_pieces(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn BlobSi
         })
         .collect();
     let missing = writer.missing(&wh)?;
-    wh.par_iter().zip(missing).zip(pieces).try_for_each(|((h, missing), &(_, d))| -> Result<()> {
+    let (skip, shrunk, tried) = (zstd.skip, AtomicBool::new(false), AtomicUsize::new(0));
+    wh.par_iter().with_min_len(min_len.max(1)).zip(missing).zip(pieces).try_for_each(|((h, missing), &(k, d))| -> Result<()> {
         if *h != Hash::ZERO_CHUNK && missing {
-            writer.put(BlobKind::Chunk, *h, d)?;
+            let try_zstd = !skip || k % Compressibility::SAMPLE == 0 || shrunk.load(Relaxed);
+            if let Some(raw) = writer.put_chunk(*h, d, try_zstd)?
+                && try_zstd
+            {
+                tried.fetch_add(1, Relaxed);
+                if !raw {
+                    shrunk.store(true, Relaxed);
+                }
+            }
         }
         Ok(())
     })?;
+    if shrunk.into_inner() {
+        zstd.skip = false;
+    } else if tried.into_inner() >= Compressibility::MIN_TRIED {
+        zstd.skip = true;
+    }
     Ok(wh.into_iter().zip(pieces).filter(|(h, _)| *h != Hash::ZERO_CHUNK).map(|(h, &(k, _))| (k, h)).collect())
 }
 
@@ -1047,6 +1094,7 @@ fn base_intact(base: Option<&Base>, writer: &dyn BlobSink) -> bool {
 #[allow(clippy::too_many_arguments)]
 fn store_region(
     pid: i32,
+    snapshot: bool,
     r: &RegionImage,
     st: &RegionState,
     base: Option<&BaseRegion>,
@@ -1096,7 +1144,7 @@ fn store_region(
     for _ in 0..2 {
         let _ = free_tx.send(Vec::new());
     }
-    let start = r.start;
+    let (start, shared) = (r.start, r.kind == RegionKind::SharedAnon || r.kind == RegionKind::SharedFile);
     let read_bytes = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| -> Result<()> {
         // Owned here, so that an early return ends the reading thread.
@@ -1106,7 +1154,11 @@ fn store_region(
             for &(first, off, rlen) in &runs {
                 let Ok(mut buf) = free_rx.recv() else { return };
                 buf.resize(rlen, 0);
-                let r = remote::read_tolerant(pid, Some(mem), start + off as u64, &mut buf)
+                // A snapshot's private pages through /proc/PID/mem: read
+                // with process_vm_readv, each would be copied into the
+                // snapshot first ([`remote::read_shared`]).
+                let r = if snapshot && !shared { remote::read_shared(mem, start + off as u64, &mut buf) } else { remote::read_tolerant(pid, Some(mem), start + off as u64, &mut buf) };
+                let r = r
                     .map(|n| {
                         read_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                         (first, buf)
@@ -1118,9 +1170,10 @@ fn store_region(
                 }
             }
         });
+        let mut zstd = Compressibility::default();
         for got in full_rx.iter() {
             let (first, buf) = got?;
-            hashes.extend(store_chunks(&buf, first, st.zero_is_data, chunk_size, writer)?);
+            hashes.extend(store_chunks(&buf, first, st.zero_is_data, chunk_size, writer, &mut zstd)?);
             let _ = free_tx.send(buf);
         }
         Ok(())
@@ -1128,4 +1181,85 @@ fn store_region(
     stats.read_bytes += read_bytes.into_inner();
     hashes.sort_unstable_by_key(|e| e.0);
     Ok(SparseChunks { len: nchunks, entries: hashes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A sink that encodes as the store's writer does and records, per
+    /// blob, whether zstd was tried and whether it was stored raw.
+    #[derive(Default)]
+    struct Probe(Mutex<HashMap<Hash, (bool, bool)>>);
+
+    impl BlobSink for Probe {
+        fn known(&self, h: &Hash) -> bool {
+            self.0.lock().unwrap().contains_key(h)
+        }
+        fn put(&self, _: ckpt_store::BlobKind, h: Hash, d: &[u8]) -> ckpt_store::Result<bool> {
+            Ok(self.put_chunk(h, d, true)?.is_some())
+        }
+        fn put_chunk(&self, h: Hash, d: &[u8], try_zstd: bool) -> ckpt_store::Result<Option<bool>> {
+            let raw = !try_zstd || matches!(ckpt_chunker::encode(d, ckpt_chunker::DEFAULT_LEVEL), ckpt_chunker::Encoded::Raw(_));
+            Ok(self.0.lock().unwrap().insert(h, (try_zstd, raw)).is_none().then_some(raw))
+        }
+    }
+
+    const CS: usize = 4096;
+
+    fn hashlike(seed: u64, chunks: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..chunks * CS / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect()
+    }
+
+    fn text(seed: u64, chunks: usize) -> Vec<u8> {
+        (0..chunks * CS).map(|i| b"some words of a heap, "[(i + seed as usize * 7) % 22] ^ ((i / CS) as u8 & 1)).collect::<Vec<u8>>().chunks(CS).enumerate().flat_map(|(k, c)| {
+            let mut c = c.to_vec();
+            c[..8].copy_from_slice(&(seed * 1_000_000 + k as u64).to_le_bytes());
+            c
+        }).collect()
+    }
+
+    /// zstd stops being tried on a region it cannot shrink, except for
+    /// samples, and is tried again as soon as the data shrinks: every
+    /// chunk is stored either way.
+    #[test]
+    fn zstd_is_skipped_on_incompressible_windows_and_resumed_when_data_shrinks() {
+        let sink = Probe::default();
+        let mut zstd = Compressibility::default();
+        let n = 2048;
+        let tried = |sink: &Probe, data: &[u8]| data.chunks(CS).filter(|c| sink.0.lock().unwrap()[&Hash::of(c)].0).count();
+        // A first window of random words: every chunk tried, all raw.
+        let w1 = hashlike(1, n);
+        assert_eq!(store_chunks(&w1, 0, false, CS, &sink, &mut zstd).unwrap().len(), n);
+        assert_eq!(tried(&sink, &w1), n);
+        assert!(zstd.skip);
+        // The next: one chunk in SAMPLE tried.
+        let w2 = hashlike(2, n);
+        assert_eq!(store_chunks(&w2, n as u64, false, CS, &sink, &mut zstd).unwrap().len(), n);
+        assert_eq!(tried(&sink, &w2), n / Compressibility::SAMPLE as usize);
+        assert!(zstd.skip);
+        // Random words, then text: the text is tried again from the first
+        // sample of it on (a few per thread may be stored raw before).
+        let mut w3 = hashlike(3, n / 2);
+        w3.extend(text(3, n / 2));
+        assert_eq!(store_chunks(&w3, 2 * n as u64, false, CS, &sink, &mut zstd).unwrap().len(), n);
+        let raw_text = w3[n / 2 * CS..].chunks(CS).filter(|c| sink.0.lock().unwrap()[&Hash::of(c)].1).count();
+        assert!(raw_text <= Compressibility::SAMPLE as usize * rayon::current_num_threads(), "{raw_text} chunks of text stored raw");
+        assert!(!zstd.skip);
+        // And a window of text after it: every chunk tried, none raw.
+        let w4 = text(4, n);
+        store_chunks(&w4, 3 * n as u64, false, CS, &sink, &mut zstd).unwrap();
+        assert_eq!(tried(&sink, &w4), n);
+        assert!(w4.chunks(CS).all(|c| !sink.0.lock().unwrap()[&Hash::of(c)].1));
+        assert_eq!(sink.0.lock().unwrap().len(), 4 * n);
+    }
 }

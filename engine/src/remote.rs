@@ -109,6 +109,54 @@ pub fn read_tolerant(pid: i32, mem: Option<&File>, addr: u64, buf: &mut [u8]) ->
     Ok(read_bytes)
 }
 
+/// [`read_tolerant`] through `mem` (`/proc/PID/mem`) alone, for a
+/// process whose anonymous pages are shared copy-on-write with another
+/// (a forked snapshot). `process_vm_readv` pins the pages it reads, and
+/// since Linux 5.19 pinning a shared anonymous page for reading first
+/// unshares it (`gup_must_unshare`): every page read from a snapshot was
+/// copied into a new page of the snapshot before being copied to us, a
+/// third of the CPU of a 1 GiB first checkpoint. A read of
+/// `/proc/PID/mem` takes a reference instead of a pin and copies through
+/// a kernel page: no new page, no unsharing (0.26 vs 0.61 s per GiB here).
+pub fn read_shared(mem: &File, addr: u64, buf: &mut [u8]) -> std::io::Result<u64> {
+    // A read of 0 bytes is the end of the process's address space: it
+    // exited (a failed page reads as EIO), and must not read as zeros.
+    let gone = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "its address space is gone (the process exited)");
+    let mut done = 0usize;
+    while done < buf.len() {
+        match mem.read_at(&mut buf[done..], addr + done as u64) {
+            Ok(0) => return Err(gone()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let mut read_bytes = done as u64;
+    // Page by page past the first page that did not read: what cannot be
+    // read at all (beyond the end of a mapped file) reads as zero.
+    let mut off = done;
+    while off < buf.len() {
+        let next = ((addr + off as u64) / PAGE + 1) * PAGE - addr;
+        let end = (next as usize).min(buf.len());
+        let page = &mut buf[off..end];
+        let mut got = 0usize;
+        while got < page.len() {
+            match mem.read_at(&mut page[got..], addr + (off + got) as u64) {
+                Ok(0) => return Err(gone()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        page[got..].fill(0);
+        read_bytes += got as u64;
+        off += page.len();
+    }
+    Ok(read_bytes)
+}
+
 /// Reads each of `ranges` (address, length) of `pid` into `buf`, one
 /// after another, with as few `process_vm_readv` calls as the kernel's
 /// iovec limit allows (a scattered set of dirty pages costs a few calls,
@@ -189,5 +237,43 @@ mod tests {
         unsafe { libc::munmap(p as *mut libc::c_void, len) };
         assert_eq!(firsts, vec![7, 2, 0, 3]);
         assert_eq!(got, 3 * PAGE);
+    }
+
+    #[test]
+    fn shared_reads_fill_zeros_for_holes_and_refuse_a_gone_process() {
+        let len = 6 * PAGE as usize;
+        // SAFETY: a private anonymous mapping of ours, unmapped below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) } as *mut u8;
+        for i in 0..6 {
+            // SAFETY: inside the mapping.
+            unsafe { p.add(i * PAGE as usize).write_bytes(i as u8 + 1, PAGE as usize) };
+        }
+        // Page 2 PROT_NONE (read anyway), page 4 unmapped (a hole: zeros).
+        // SAFETY: changing pages of our own mapping.
+        unsafe {
+            libc::mprotect(p.add(2 * PAGE as usize) as *mut libc::c_void, PAGE as usize, libc::PROT_NONE);
+            libc::munmap(p.add(4 * PAGE as usize) as *mut libc::c_void, PAGE as usize);
+        }
+        let mem = File::open("/proc/self/mem").unwrap();
+        // From the middle of page 0 to the middle of page 5.
+        let (a, n) = (p as u64 + 100, 5 * PAGE as usize);
+        let mut buf = vec![0xeeu8; n];
+        let got = read_shared(&mem, a, &mut buf).unwrap();
+        // SAFETY: unmapping what we mapped (the hole is already gone).
+        unsafe {
+            libc::munmap(p as *mut libc::c_void, 4 * PAGE as usize);
+            libc::munmap(p.add(5 * PAGE as usize) as *mut libc::c_void, PAGE as usize);
+        }
+        let page_of = |i: usize| ((i + 100) / PAGE as usize) as u8;
+        assert!((0..n).all(|i| buf[i] == if page_of(i) == 4 { 0 } else { page_of(i) + 1 }), "bytes read from the wrong place");
+        assert_eq!(got, (n - PAGE as usize) as u64);
+
+        // A process that exited reads as an error, never as zeros.
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mem = File::open(format!("/proc/{}/mem", child.id())).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut buf = vec![0u8; PAGE as usize];
+        assert!(read_shared(&mem, 0x400000, &mut buf).is_err());
     }
 }

@@ -949,3 +949,63 @@ fn indexed_read_hands_every_place_its_blob_once() {
         }
     }
 }
+
+/// The rows of the packs a capture fills are inserted while it goes on
+/// (a transaction of their own connection): still invisible until the
+/// commit, read around meanwhile, rolled back by a failed commit and
+/// inserted again by the next.
+#[test]
+fn rows_inserted_early_are_visible_only_after_a_commit_that_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(&url(dir.path()), DEFAULT_CHUNK_SIZE).unwrap();
+    let w = store.writer_with(small_packs()).unwrap();
+    let blobs: Vec<(Hash, Vec<u8>)> = (0..200)
+        .map(|i| {
+            let b = blob(70_000 + i, DEFAULT_CHUNK_SIZE);
+            (Hash::of(&b), b)
+        })
+        .collect();
+    for (h, b) in &blobs {
+        assert!(w.put(BlobKind::Chunk, *h, b).unwrap());
+    }
+    // Packs filled: their rows are being inserted; the store reads on.
+    let t0 = std::time::Instant::now();
+    while pack_files(dir.path()).len() < 3 && t0.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(pack_files(dir.path()).len() >= 3, "several packs expected");
+    assert!(blobs.iter().all(|(h, _)| !store.contains(h).unwrap()));
+    assert!(store.generations().unwrap().is_empty());
+    let m = w.put_meta(b"early manifest").unwrap();
+    // A refused commit keeps nothing of them.
+    let e = w.commit(gen_for(m, Some(42))).unwrap_err();
+    assert!(e.to_string().contains("42"), "{e}");
+    assert!(blobs.iter().all(|(h, _)| !store.contains(h).unwrap()));
+    let g = w.commit(gen_for(m, None)).unwrap();
+    assert_eq!(g.id, 1);
+    for (h, b) in &blobs {
+        assert_eq!(&store.read_blob(h).unwrap(), b);
+    }
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.blobs, 201);
+    assert_eq!(stats.packs as usize, pack_files(dir.path()).len());
+    drop(w);
+    // A second round on the same writer's successor, early rows again.
+    let w = store.writer_with(small_packs()).unwrap();
+    let more: Vec<(Hash, Vec<u8>)> = (0..100)
+        .map(|i| {
+            let b = blob(80_000 + i, DEFAULT_CHUNK_SIZE);
+            (Hash::of(&b), b)
+        })
+        .collect();
+    for (h, b) in &more {
+        assert!(w.put(BlobKind::Chunk, *h, b).unwrap());
+    }
+    let m2 = w.put_meta(b"second manifest").unwrap();
+    let g2 = w.commit(gen_for(m2, Some(1))).unwrap();
+    assert_eq!(g2.id, 2);
+    for (h, b) in more.iter().chain(&blobs) {
+        assert_eq!(&store.read_blob(h).unwrap(), b);
+    }
+    assert_eq!(store.stats().unwrap().blobs, 302);
+}

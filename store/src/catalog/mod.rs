@@ -298,6 +298,19 @@ pub(crate) fn checkpoint_wal(conn: &Connection, p: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A second connection to the writer's catalog `p` (opened, initialised
+/// and checked already by [`open`]), with the settings a commit's writes
+/// have there: for the rows a writer inserts while its capture goes on.
+pub(crate) fn open_for_rows(p: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX).db(p)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).db(p)?;
+    check_version(p, conn.query_row("PRAGMA user_version", [], |r| r.get(0)).db(p)?)?;
+    conn.pragma_update(None, "synchronous", "FULL").db(p)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES).db(p)?;
+    conn.pragma_update(None, "cache_size", CACHE_KIB).db(p)?;
+    Ok(conn)
+}
+
 /// Folds what it can of the write-ahead log into the catalog file
 /// (`PRAGMA wal_checkpoint(PASSIVE)`) through a connection of its own:
 /// it waits for no reader and blocks no writer, and another connection's
