@@ -15,6 +15,7 @@
 
 pub mod capture;
 pub mod chunklist;
+pub mod copybuf;
 pub mod creds;
 pub mod dirty;
 pub mod error;
@@ -32,6 +33,7 @@ pub mod remote;
 pub mod restore;
 pub mod signals;
 pub mod sysv;
+pub mod stopcopy;
 pub mod sysvipc;
 pub mod tmpfiles;
 
