@@ -1080,25 +1080,13 @@ impl Coordinator {
         for s in &stopped {
             let _ = s.p.send(kind::RESUME, resume.as_bytes());
         }
-        let downtime_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
-        tracing::debug!(phase_a_ms, resume_sent_ms = downtime_ms, "stopped phase: processes read, told to resume");
-
-        // Phase B, the programs running again: memory from the snapshots,
-        // then the images, from every machine at once.
-        let (local_b, remote_b) = std::thread::scope(|sc| {
-            let remote: Vec<_> = hosts.values().map(|h| sc.spawn(move || remote_phase_b(h, generation))).collect();
-            let local = machine::phase_b(&mut work, &bases, &*writer, generation);
-            let remote: Vec<Result<Vec<Captured>, String>> =
-                remote.into_iter().map(|t| t.join().unwrap_or_else(|_| Err("internal: a helper thread panicked".into()))).collect();
-            (local, remote)
-        });
-        let phase_b_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - downtime_ms;
+        let resume_sent_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
+        tracing::debug!(phase_a_ms, resume_sent_ms, "stopped phase: processes read, told to resume");
         // The downtime ends when the last program runs again: when its
         // agent let its threads go (RESUMED says when, on this machine's
         // clock), which is after our RESUME reached it.
-        let resume_sent_ms = downtime_ms;
-        let mut downtime_ms = downtime_ms;
-        for s in &stopped {
+        let mut downtime_ms = resume_sent_ms;
+        let mut take_resumed = |s: &Stopped| {
             if let Some((kind::RESUMED, payload)) = s.p.recv(Duration::from_secs(10))
                 && s.p.machine == 0
                 && let Some(r) = proto::Resumed::read_from(&payload).filter(|_| payload.len() == std::mem::size_of::<proto::Resumed>())
@@ -1109,8 +1097,35 @@ impl Coordinator {
                     downtime_ms = downtime_ms.max(released_ms);
                 }
             }
+        };
+        // This machine's programs copied out (no snapshot) are waited for
+        // first: phase B's hashing and compression take both cores, and an
+        // agent woken by RESUME then waited for one to let its threads go
+        // (1% of 1 GiB, load 5: RESUME sent at 6.5 ms, threads let go at
+        // 15-19 ms; 2026-12-07). An agent with a snapshot answers once the
+        // snapshot is gone, which phase B sees to: it and the agents of
+        // other machines are waited for after phase B.
+        let copied_out: HashSet<i32> = work.iter().filter(|w| w.snapshot.is_none()).map(|w| w.pid).collect();
+        let first = |s: &Stopped| s.p.machine == 0 && copied_out.contains(&s.p.hello.pid);
+        for s in stopped.iter().filter(|s| first(s)) {
+            take_resumed(s);
         }
-        tracing::debug!(phase_b_ms, resume_sent_ms, downtime_ms, resumed_wait_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - resume_sent_ms - phase_b_ms, "running phase done");
+        let resumed_first_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - resume_sent_ms;
+
+        // Phase B, the programs running again: memory from the snapshots,
+        // then the images, from every machine at once.
+        let (local_b, remote_b) = std::thread::scope(|sc| {
+            let remote: Vec<_> = hosts.values().map(|h| sc.spawn(move || remote_phase_b(h, generation))).collect();
+            let local = machine::phase_b(&mut work, &bases, &*writer, generation);
+            let remote: Vec<Result<Vec<Captured>, String>> =
+                remote.into_iter().map(|t| t.join().unwrap_or_else(|_| Err("internal: a helper thread panicked".into()))).collect();
+            (local, remote)
+        });
+        let phase_b_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - resume_sent_ms - resumed_first_ms;
+        for s in stopped.iter().filter(|s| !first(s)) {
+            take_resumed(s);
+        }
+        tracing::debug!(phase_b_ms, resume_sent_ms, downtime_ms, resumed_first_ms, resumed_wait_ms = t_stop.elapsed().as_secs_f64() * 1000.0 - resume_sent_ms - resumed_first_ms - phase_b_ms, "running phase done");
         let mut captured = Vec::new();
         let mut new_bases = Vec::new();
         let mut failed = None;
