@@ -219,6 +219,10 @@ impl Drop for StopCopy {
             shared.cv.notify_all();
         }
         self.join();
+        // What was written counts against what the pool keeps.
+        if let Some(shared) = self.shared.as_mut().and_then(Arc::get_mut) {
+            shared.buf.set_len(self.at);
+        }
     }
 }
 
