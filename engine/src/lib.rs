@@ -7,7 +7,9 @@
 //! computation ([`fds`]), and the restart driver that recreates a whole
 //! computation, process tree and all, through the freestanding restorer
 //! ([`restore`], [`plan`]). Memory is moved with
-//! `process_vm_readv`/`process_vm_writev` ([`remote`]).
+//! `process_vm_readv`/`process_vm_writev` ([`remote`]); what is copied out
+//! of a stopped process goes through [`stopcopy`] into [`copybuf`]'s kept
+//! buffers.
 //!
 //! What it must never do: run inside the checkpointed program (that is the
 //! preload agent's job), talk to the coordinator's clients, or know how
