@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ckpt_engine::capture::{AgentReport, Base, Prepared, ProcReads, RoundFiles, prepare};
+use ckpt_engine::capture::{AgentReport, Base, CopyRule, Prepared, ProcReads, RoundFiles, prepare};
 use ckpt_engine::dirty::Backend;
 use ckpt_engine::fds::TcpEnd;
 use ckpt_engine::image::{ProcessEntry, RegionKind};
@@ -416,8 +416,13 @@ fn one(
     let t0 = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     let backend = Backend::choose(hello.tracking, report.suspended.uffd_fd);
+    let forking = opts.fork && hello.flags & proto::HELLO_NO_FORK == 0;
+    // Few pages to read: copied while it is stopped and no snapshot
+    // forked (its page-table copy costs more than the copy; see
+    // `copy_out`); the copy begins during the scan.
+    let rule = CopyRule { max_bytes: COPY_MAX_BYTES, pages_per_read: PAGES_PER_READ, free_pages: COPY_FREE_PAGES };
     // Its fds are read meanwhile by the round's fd reader (`phase_a`).
-    let mut prep = match prepare(report, backend, &t.host, opts.chunk_size, Vec::new(), reads, files) {
+    let mut prep = match prepare(report, backend, &t.host, opts.chunk_size, Vec::new(), reads, files, forking.then_some(rule)) {
         Ok(prep) => prep,
         Err(e) => return (None, Err(e.to_string())),
     };
@@ -449,16 +454,9 @@ fn one(
     }
     let register_ms = ms(t0) - prepare_ms;
     let base = bases.get(&pid);
-    let forking = opts.fork && hello.flags & proto::HELLO_NO_FORK == 0;
-    // Few pages to read: copy them now and resume, no snapshot fork (its
-    // page-table copy costs more than the copy; see `copy_out`).
-    let copied = if forking {
-        match prep.copy_out(pid, base, COPY_MAX_BYTES, PAGES_PER_READ, COPY_FREE_PAGES) {
-            Ok(c) => c,
-            Err(e) => return (None, Err(e.to_string())),
-        }
-    } else {
-        None
+    let copied = match prep.copy_out(pid, base) {
+        Ok(c) => c,
+        Err(e) => return (None, Err(e.to_string())),
     };
     let copy_ms = ms(t0) - prepare_ms - register_ms;
     if copied.is_none()

@@ -934,6 +934,8 @@ impl Coordinator {
         let epoch = self.note_removals();
         let generation = writer.next_generation_id();
         let req = CheckpointRequest { generation, flags: 0 };
+        // The last commit's catalog fold ends before the stop, not during it.
+        writer.wait_catalog_fold();
         // The programs are stopped from here until RESUME.
         let t_stop = Instant::now();
         let mono_stop = mono_ns();

@@ -15,6 +15,7 @@ use ckpt_wire::agent::{Hello, MAX_THREADS, MAX_TIMERS, Suspended, ThreadState, T
 use ckpt_wire::restore::{ZONE_END, ZONE_START};
 use rayon::prelude::*;
 
+use crate::copybuf::CopyBuf;
 use crate::dirty::{self, Backend};
 use crate::error::{EngineError, Result};
 use crate::image::*;
@@ -309,6 +310,12 @@ pub struct Prepared {
     regions: Vec<RegionState>,
     /// [`Prepared::read_vm_flags`] ran.
     flags_read: bool,
+    /// When the process may be copied out ([`prepare`]'s `copy`).
+    copy: Option<CopyRule>,
+    /// The copy begun while the pages were scanned.
+    ahead: Option<crate::stopcopy::StopCopy>,
+    /// The bytes [`Prepared::copy_out`] read, every region's.
+    copy_buf: Option<CopyBuf>,
 }
 
 struct RegionState {
@@ -326,28 +333,53 @@ struct RegionState {
     /// Pages written since the last reset; None: unknown (all written).
     written: Option<PageRuns>,
     hashes: Option<SparseChunks>,
+    /// Chunks whose copy began while the scan went on (chunks of written
+    /// pages), each with its place in the copy's buffer; in chunk order.
+    early: Vec<(u64, usize)>,
     /// What [`Prepared::copy_out`] read while the process was stopped.
     copied: Option<Copied>,
 }
 
 /// A region's share of a copy made while the process was stopped: the
-/// base's chunks to reuse, and the chunks read (their bytes one after
-/// another in `data`).
+/// base's chunks to reuse, and the chunks read, each with the place of
+/// its bytes in [`Prepared`]'s buffer, in chunk order.
 struct Copied {
     /// The chunks the base cannot give (see [`reusable`]); None: no base.
     reuse: Option<PageRuns>,
-    chunks: Vec<u64>,
-    data: Vec<u8>,
+    chunks: Vec<(u64, usize)>,
+}
+
+/// When a round copies a process's pages out while it is stopped rather
+/// than forking a snapshot ([`Prepared::copy_out`]): at most `max_bytes`,
+/// and at most `free_pages` pages plus one page read per
+/// `pages_per_read` present pages.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyRule {
+    pub max_bytes: u64,
+    pub pages_per_read: u64,
+    pub free_pages: u64,
+}
+
+impl CopyRule {
+    /// Whether `pages` pages to read, of `present` present, are few
+    /// enough to copy.
+    fn copies(&self, pages: u64, present: u64) -> bool {
+        pages * remote::PAGE <= self.max_bytes && pages <= self.free_pages + present / self.pages_per_read.max(1)
+    }
 }
 
 /// Step 1, while the process is stopped: read its metadata, which pages
 /// exist and which were written, and start the next tracking interval.
+/// With `copy` (the round may copy the process out instead of forking),
+/// the pages found written begin to be copied while the scan goes on
+/// ([`crate::stopcopy`]).
 /// `fds` are the process's fds, read beforehand for the whole round
 /// ([`crate::fds::Round::capture_process`]); the processes of a round may
 /// then be prepared in parallel.
 /// `reads`: this process's shared reads (the fd reader uses them too);
 /// `files`: the round's mapped-file identities.
-pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize, fds: Vec<FdImage>, reads: &ProcReads, files: &RoundFiles) -> Result<Prepared> {
+#[allow(clippy::too_many_arguments)]
+pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: usize, fds: Vec<FdImage>, reads: &ProcReads, files: &RoundFiles, copy: Option<CopyRule>) -> Result<Prepared> {
     let pid = report.hello.pid;
     let t0 = std::time::Instant::now();
     let mut scan_time = std::time::Duration::ZERO;
@@ -419,10 +451,51 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     // written. Costs what exists, not what is reserved: page runs, and
     // PAGEMAP_SCAN walks page tables only where there are some. Of a
     // file mapped again, only its copy-on-write pages count.
+    //
+    // Under uffd-wp, the written pages' chunks are copied as the walk
+    // reports them, while the walk (and the rest of the scan) goes on
+    // (`copy`, [`crate::stopcopy`]): at most as much as the copy could be
+    // were every page of the mappings so far present. The copy's buffer is
+    // reserved for the most the rule could let it copy were every page
+    // present.
+    let copy_cap = |rule: CopyRule, pages: u64| (rule.free_pages + pages / rule.pages_per_read.max(1)).saturating_mul(remote::PAGE).min(rule.max_bytes) as usize;
+    let pages_upto: Vec<u64> = kept
+        .iter()
+        .scan(0u64, |sum, &(i, kind, _)| {
+            if kind.has_content() {
+                *sum += maps[i].len() / remote::PAGE;
+            }
+            Some(*sum)
+        })
+        .collect();
+    let all_pages = pages_upto.last().copied().unwrap_or(0);
+    let mut ahead: Option<crate::stopcopy::StopCopy> = None;
+    let mut early: Vec<Vec<(u64, usize)>> = vec![Vec::new(); kept.len()];
+    let mut copy_early = |k: usize, runs: &[dirty::Run]| {
+        let Some(rule) = copy else { return };
+        let cap = copy_cap(rule, pages_upto[k]);
+        if ahead.is_none() {
+            ahead = crate::stopcopy::StopCopy::new(pid, copy_cap(rule, all_pages)).ok();
+        }
+        let Some(a) = ahead.as_mut() else { return };
+        let m = &maps[kept[k].0];
+        let early = &mut early[k];
+        let (cs, len, ppc) = (chunk_size as u64, m.len(), (chunk_size as u64 / remote::PAGE).max(1));
+        for &(lo, hi, _) in runs {
+            for c in lo / ppc..hi.div_ceil(ppc) {
+                let (off, end) = (c * cs, (c * cs + cs).min(len));
+                let n = (end - off) as usize;
+                if early.last().is_some_and(|&(last, _)| last >= c) || off >= end || a.len() + n > cap {
+                    continue;
+                }
+                early.push((c, a.push(m.start + off, n)));
+            }
+        }
+    };
     let ts = std::time::Instant::now();
-    let scanned = scan_mappings(maps, &kept, backend, &pagemap).map_err(|(addr, e)| EngineError::Memory { pid, addr, source: e })?;
+    let scanned = scan_mappings(maps, &kept, backend, &pagemap, &mut copy_early).map_err(|(addr, e)| EngineError::Memory { pid, addr, source: e })?;
     scan_time += ts.elapsed();
-    for ((i, kind, file), scan) in kept.into_iter().zip(scanned) {
+    for (((i, kind, file), scan), early) in kept.into_iter().zip(scanned).zip(early) {
         let m = &maps[i];
         if let Some((present, written)) = scan {
             stats.logical_bytes += m.len();
@@ -434,7 +507,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             // same shared memory leaves this one's entries clean. Shared
             // memory is read whole every time (dedup keeps what is unchanged).
             let written = if kind == RegionKind::SharedAnon { None } else { written };
-            states.push(RegionState { index: regions.len(), sparse: is_anonymous(m) || only_anon, zero_is_data: only_anon, present, written, hashes: None, copied: None });
+            states.push(RegionState { index: regions.len(), sparse: is_anonymous(m) || only_anon, zero_is_data: only_anon, present, written, hashes: None, early, copied: None });
         }
         // A SysV segment's mapping: its inode number is the segment's id.
         let sysv = (kind == RegionKind::SharedAnon && m.name.starts_with("/SYSV")).then_some(SysvAttach { shmid: m.inode as i32, rdonly: false });
@@ -506,7 +579,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     };
     stats.scan_ms = scan_time.as_secs_f64() * 1000.0;
     stats.meta_ms = t0.elapsed().as_secs_f64() * 1000.0 - stats.scan_ms;
-    Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states, flags_read: false })
+    Ok(Prepared { image, backend, stats, untracked, no_fork, regions: states, flags_read: false, copy, ahead, copy_buf: None })
 }
 
 /// Page runs of one mapping: (holding data, written since the last
@@ -519,7 +592,16 @@ type Scanned = (PageRuns, Option<PageRuns>);
 /// `maps` are walked together ([`dirty::uffd_written_group`],
 /// [`dirty::present_runs_group`]): a small process's ~30 mappings took
 /// ~60 `PAGEMAP_SCAN` calls, most of its scan (bench-trees).
-fn scan_mappings(maps: &[Mapping], kept: &[(usize, RegionKind, Option<MappedFile>)], backend: Backend, pagemap: &File) -> std::result::Result<Vec<Option<Scanned>>, (u64, std::io::Error)> {
+///
+/// `on_written(k, runs)` is called with kept mapping `k`'s written runs
+/// (pages relative to its start) as the walk finds them (uffd-wp only).
+fn scan_mappings(
+    maps: &[Mapping],
+    kept: &[(usize, RegionKind, Option<MappedFile>)],
+    backend: Backend,
+    pagemap: &File,
+    on_written: &mut dyn FnMut(usize, &[dirty::Run]),
+) -> std::result::Result<Vec<Option<Scanned>>, (u64, std::io::Error)> {
     let mut out: Vec<Option<Scanned>> = vec![None; kept.len()];
     let range = |k: usize| (maps[kept[k].0].start, maps[kept[k].0].end);
     let at = |k: usize| move |e| (maps[kept[k].0].start, e);
@@ -557,7 +639,7 @@ fn scan_mappings(maps: &[Mapping], kept: &[(usize, RegionKind, Option<MappedFile
             }
         }
         let ranges: Vec<(u64, u64)> = (k..l).map(range).collect();
-        let written = dirty::uffd_written_group(pagemap, &ranges).map_err(at(k))?;
+        let written = dirty::uffd_written_group_each(pagemap, &ranges, &mut |j, runs| on_written(k + j, runs)).map_err(at(k))?;
         // Presence by runs of the same kind (a file's copy-on-write pages,
         // or all the pages holding data).
         let mut a = k;
@@ -809,13 +891,17 @@ impl Prepared {
     /// While the process is stopped: if the chunks that must be read (of
     /// the regions not stored yet) are few, reads them now into buffers
     /// of ours, and returns their size; the process may then resume at
-    /// once and [`Self::store_copied`] stores them. "Few": at most
-    /// `max_bytes`, and at most `free_pages` pages plus one page read per
-    /// `pages_per_read` present pages (a page read costs about that many
-    /// page-table entries copied by a snapshot fork, and a fork has a fixed
-    /// cost worth `free_pages` reads; measured in bench-stop and
-    /// bench-trees). Otherwise reads nothing and returns None.
-    pub fn copy_out(&mut self, pid: i32, base: Option<&Base>, max_bytes: u64, pages_per_read: u64, free_pages: u64) -> Result<Option<u64>> {
+    /// once and [`Self::store_copied`] stores them. "Few": by the
+    /// [`CopyRule`] given to [`prepare`] (a page read costs about
+    /// `pages_per_read` page-table entries copied by a snapshot fork, and
+    /// a fork has a fixed cost worth `free_pages` reads; measured in
+    /// bench-stop and bench-trees). Otherwise (or without a rule) reads
+    /// nothing and returns None. The chunks whose copy began during the
+    /// scan are not read again; the copy's own thread and this one share
+    /// the rest ([`crate::stopcopy`]).
+    pub fn copy_out(&mut self, pid: i32, base: Option<&Base>) -> Result<Option<u64>> {
+        let ahead = self.ahead.take();
+        let Some(rule) = self.copy else { return Ok(None) };
         let chunk_size = self.image.chunk_size as usize;
         let mut plans = Vec::new();
         let (mut bytes, mut present) = (0u64, 0u64);
@@ -829,29 +915,46 @@ impl Prepared {
             present += if st.sparse { st.present.count() } else { len / remote::PAGE };
             plans.push((k, reuse, to_read));
         }
-        if bytes > max_bytes || bytes / remote::PAGE > free_pages + present / pages_per_read {
+        if !rule.copies(bytes / remote::PAGE, present) {
+            // (The copy begun, if any, is abandoned with `ahead`.)
             return Ok(None);
         }
-        let mem_path = format!("/proc/{pid}/mem");
-        let mem = File::open(&mem_path).map_err(|e| EngineError::Proc { pid, path: mem_path.into(), source: e })?;
-        for (k, reuse, chunks) in plans {
+        let mut copy = match ahead {
+            Some(a) if a.room() as u64 >= bytes => a,
+            _ => {
+                for st in &mut self.regions {
+                    st.early.clear();
+                }
+                crate::stopcopy::StopCopy::new(pid, bytes as usize).map_err(|e| EngineError::Proc { pid, path: format!("/proc/{pid}/mem").into(), source: e })?
+            }
+        };
+        // Each region's chunks: those begun during the scan where they
+        // are, the others queued now.
+        for (k, reuse, to_read) in plans {
             let st = &mut self.regions[k];
             let r = &self.image.regions[st.index];
             let len = r.end - r.start;
             let cs = chunk_size as u64;
-            // Runs of consecutive chunks, one range each.
-            let mut ranges: Vec<(u64, usize)> = Vec::new();
-            for &c in &chunks {
-                let (off, end) = (c * cs, (c * cs + cs).min(len));
-                match ranges.last_mut() {
-                    Some(last) if last.0 + last.1 as u64 == r.start + off => last.1 += (end - off) as usize,
-                    _ => ranges.push((r.start + off, (end - off) as usize)),
+            let mut early = std::mem::take(&mut st.early).into_iter().peekable();
+            let mut chunks = Vec::with_capacity(to_read.len());
+            for c in to_read {
+                while early.peek().is_some_and(|&(e, _)| e < c) {
+                    early.next();
                 }
+                let at = match early.peek() {
+                    Some(&(e, at)) if e == c => at,
+                    _ => {
+                        let (off, end) = (c * cs, (c * cs + cs).min(len));
+                        copy.push(r.start + off, (end - off) as usize)
+                    }
+                };
+                chunks.push((c, at));
             }
-            let mut data = vec![0u8; ranges.iter().map(|r| r.1).sum()];
-            self.stats.read_bytes += remote::read_scattered(pid, Some(&mem), &ranges, &mut data).map_err(|e| EngineError::Memory { pid, addr: r.start, source: e })?;
-            st.copied = Some(Copied { reuse, chunks, data });
+            st.copied = Some(Copied { reuse, chunks });
         }
+        let (buf, read) = copy.finish().map_err(|(addr, e)| EngineError::Memory { pid, addr, source: e })?;
+        self.stats.read_bytes += read;
+        self.copy_buf = Some(buf);
         Ok(Some(bytes))
     }
 
@@ -865,6 +968,8 @@ impl Prepared {
         let chunk_size = self.image.chunk_size as usize;
         let pid = self.image.pid;
         let intact = base_intact(base, writer);
+        let buf = self.copy_buf.take();
+        let data: &[u8] = buf.as_ref().map_or(&[], |b| b.as_slice());
         for st in self.regions.iter_mut().filter(|st| st.hashes.is_none()) {
             let r = &self.image.regions[st.index];
             let Some(c) = st.copied.take() else {
@@ -880,15 +985,13 @@ impl Prepared {
             // looked up and stored all at once, in parallel (chunk by
             // chunk, a 1% change of 1 GiB was 2,600 single-chunk batches
             // on one core).
-            let mut at = 0usize;
             let pieces: Vec<(u64, &[u8])> = c
                 .chunks
                 .iter()
-                .map(|&k| {
+                .map(|&(k, at)| {
                     let off = k as usize * chunk_size;
                     let n = (off + chunk_size).min(len) - off;
-                    at += n;
-                    (k, &c.data[at - n..at])
+                    (k, &data[at..at + n])
                 })
                 .collect();
             let fresh = store_pieces(&pieces, st.zero_is_data, writer)?;

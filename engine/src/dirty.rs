@@ -175,8 +175,12 @@ struct Query {
     returned: u64,
 }
 
-/// Page runs a walk reports: `(start, end, categories)`.
-type Runs = Vec<(u64, u64, u64)>;
+/// A page run a walk reports: `(start, end, categories)`, pages relative
+/// to the start of the walk.
+pub type Run = (u64, u64, u64);
+
+/// Page runs a walk reports.
+type Runs = Vec<Run>;
 
 /// One `PAGEMAP_SCAN` walk over `[start, end)`: the page runs (relative to
 /// `start`) that match `q`, each with its categories. The kernel walks
@@ -204,6 +208,13 @@ const RUNS_PER_CALL: usize = 8192 / std::mem::size_of::<PageRegion>();
 /// `stop_when_full`: also returns the address the walk got to (`end`
 /// if it got there).
 fn scan_until(pagemap: &File, start: u64, end: u64, q: Query, stop_when_full: bool) -> std::io::Result<Option<(Runs, u64)>> {
+    scan_each(pagemap, start, end, q, stop_when_full, &mut |_| {})
+}
+
+/// [`scan_until`], calling `each` with the runs of every call as soon as
+/// the kernel gave them (in address order; the whole list is returned
+/// too).
+fn scan_each(pagemap: &File, start: u64, end: u64, q: Query, stop_when_full: bool, each: &mut dyn FnMut(&[Run])) -> std::io::Result<Option<(Runs, u64)>> {
     let mut out = Vec::new();
     // Written by the kernel, read only where it says it wrote (not
     // zeroed: a fresh zeroed 24 KiB per walk was ~4% of the stopped
@@ -238,6 +249,7 @@ fn scan_until(pagemap: &File, start: u64, end: u64, q: Query, stop_when_full: bo
             };
         }
         let n = (r as usize).min(want);
+        let from = out.len();
         for reg in &vec[..n] {
             // SAFETY: the kernel wrote the first `r` entries (at most
             // `vec_len`): PAGEMAP_SCAN returns how many.
@@ -248,6 +260,7 @@ fn scan_until(pagemap: &File, start: u64, end: u64, q: Query, stop_when_full: bo
             }
         }
         reported += n;
+        each(&out[from..]);
         if arg.walk_end <= cur {
             break;
         }
@@ -373,8 +386,15 @@ const WRITTEN: Query = Query {
 /// 2.0-2.1 ms to 1.4-1.5 ms (bench-stop A/B; docs/design.md "Dirty-page
 /// tracking").
 pub fn uffd_written(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<PageRuns>> {
-    match scan(pagemap, start, end, WRITTEN) {
-        Ok(Some(r)) => Ok(Some(PageRuns::from_unsorted(r.into_iter().map(|(lo, hi, _)| (lo, hi)).collect()))),
+    uffd_written_each(pagemap, start, end, &mut |_| {})
+}
+
+/// [`uffd_written`], calling `each` with the written runs (pages relative
+/// to `start`, in address order) as each call of the walk returns them:
+/// the copy of the first ones may begin while the walk goes on.
+pub fn uffd_written_each(pagemap: &File, start: u64, end: u64, each: &mut dyn FnMut(&[Run])) -> std::io::Result<Option<PageRuns>> {
+    match scan_each(pagemap, start, end, WRITTEN, false, each) {
+        Ok(Some((r, _))) => Ok(Some(PageRuns::from_unsorted(r.into_iter().map(|(lo, hi, _)| (lo, hi)).collect()))),
         Ok(None) => unreachable!("scan answers None only without PM_SCAN_WP_MATCHING"),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(None),
         Err(e) => Err(e),
@@ -429,19 +449,45 @@ fn split(all: &PageRuns, span_start: u64, a: u64, b: u64) -> PageRuns {
 /// see, `VM_PFNMAP`), no range's writes are known: each is captured
 /// whole and registered again, as a new mapping would be.
 pub fn uffd_written_group(pagemap: &File, ranges: &[(u64, u64)]) -> std::io::Result<Vec<Option<PageRuns>>> {
-    let per_range = || ranges.iter().map(|&(a, b)| uffd_written(pagemap, a, b)).collect();
+    uffd_written_group_each(pagemap, ranges, &mut |_, _| {})
+}
+
+/// [`uffd_written_group`], calling `each(j, runs)` with the written runs
+/// of range `j` (pages relative to its start, in address order) as each
+/// call of the walk returns them ([`uffd_written_each`]).
+pub fn uffd_written_group_each(pagemap: &File, ranges: &[(u64, u64)], each: &mut dyn FnMut(usize, &[Run])) -> std::io::Result<Vec<Option<PageRuns>>> {
+    let per_range = |each: &mut dyn FnMut(usize, &[Run])| -> std::io::Result<Vec<Option<PageRuns>>> {
+        let mut out = Vec::with_capacity(ranges.len());
+        for (j, &(a, b)) in ranges.iter().enumerate() {
+            out.push(uffd_written_each(pagemap, a, b, &mut |r| each(j, r))?);
+        }
+        Ok(out)
+    };
     let (Some(&(start, _)), Some(&(_, end))) = (ranges.first(), ranges.last()) else { return Ok(Vec::new()) };
     if ranges.len() == 1 {
-        return per_range();
+        return per_range(each);
     }
     let untracked = Query { flags: 0, inverted: PAGE_IS_WPALLOWED, required: PAGE_IS_WPALLOWED, anyof: 0, returned: 0 };
     match scan_once(pagemap, start, end, untracked, 1) {
         Ok(0) => {}
-        Ok(_) => return per_range(),
+        Ok(_) => return per_range(each),
         Err(e) => return Err(e),
     }
-    match scan(pagemap, start, end, WRITTEN) {
-        Ok(Some(r)) => {
+    // Each call's runs (pages relative to `start`) cut at the ranges'
+    // bounds, relative to each range's start.
+    let mut split_each = |runs: &[Run]| {
+        let mut part = Vec::new();
+        for (j, &(a, b)) in ranges.iter().enumerate() {
+            let (lo, hi) = ((a - start) / PAGE, (b - start) / PAGE);
+            part.clear();
+            part.extend(runs.iter().filter(|r| r.0 < hi && r.1 > lo).map(|&(x, y, c)| (x.max(lo) - lo, y.min(hi) - lo, c)));
+            if !part.is_empty() {
+                each(j, &part);
+            }
+        }
+    };
+    match scan_each(pagemap, start, end, WRITTEN, false, &mut split_each) {
+        Ok(Some((r, _))) => {
             let all = PageRuns::from_unsorted(r.into_iter().map(|(lo, hi, _)| (lo, hi)).collect());
             Ok(ranges.iter().map(|&(a, b)| Some(split(&all, start, a, b))).collect())
         }
@@ -614,7 +660,12 @@ mod tests {
         write_page(p + PAGE);
         write_page(p + 9 * PAGE);
         write_page(p + 11 * PAGE);
-        assert_eq!(uffd_written_group(&pm, &ranges).unwrap(), vec![Some(runs(&[1])), Some(runs(&[])), Some(runs(&[1, 3]))]);
+        // What the walk hands out as it goes (per range, relative to its
+        // start) is what it returns.
+        let mut seen = vec![Vec::new(); 3];
+        let got = uffd_written_group_each(&pm, &ranges, &mut |j, r| seen[j].extend(r.iter().map(|&(a, b, _)| (a, b)))).unwrap();
+        assert_eq!(got, vec![Some(runs(&[1])), Some(runs(&[])), Some(runs(&[1, 3]))]);
+        assert_eq!(seen, vec![vec![(1, 2)], vec![], vec![(1, 2), (3, 4)]]);
         write_page(p + 2 * PAGE);
         write_page(p + 8 * PAGE);
         let alone: Vec<_> = ranges.iter().map(|&(a, b)| uffd_written(&pm, a, b).unwrap()).collect();
@@ -630,7 +681,10 @@ mod tests {
         write_page(q + 3 * PAGE);
         write_page(q + 5 * PAGE);
         write_page(q + 10 * PAGE);
-        assert_eq!(uffd_written_group(&pm, &ranges).unwrap(), vec![Some(runs(&[3])), None, Some(runs(&[2]))]);
+        let mut seen = vec![Vec::new(); 3];
+        let got = uffd_written_group_each(&pm, &ranges, &mut |j, r| seen[j].extend(r.iter().map(|&(a, b, _)| (a, b)))).unwrap();
+        assert_eq!(got, vec![Some(runs(&[3])), None, Some(runs(&[2]))]);
+        assert_eq!(seen, vec![vec![(3, 4)], vec![], vec![(2, 3)]]);
         drop(uffd);
         // SAFETY: unmapping what we mapped.
         unsafe {

@@ -7,7 +7,9 @@
 //! computation ([`fds`]), and the restart driver that recreates a whole
 //! computation, process tree and all, through the freestanding restorer
 //! ([`restore`], [`plan`]). Memory is moved with
-//! `process_vm_readv`/`process_vm_writev` ([`remote`]).
+//! `process_vm_readv`/`process_vm_writev` ([`remote`]); what is copied out
+//! of a stopped process goes through [`stopcopy`] into [`copybuf`]'s kept
+//! buffers.
 //!
 //! What it must never do: run inside the checkpointed program (that is the
 //! preload agent's job), talk to the coordinator's clients, or know how
@@ -15,6 +17,7 @@
 
 pub mod capture;
 pub mod chunklist;
+pub mod copybuf;
 pub mod creds;
 pub mod dirty;
 pub mod error;
@@ -32,6 +35,7 @@ pub mod remote;
 pub mod restore;
 pub mod signals;
 pub mod sysv;
+pub mod stopcopy;
 pub mod sysvipc;
 pub mod tmpfiles;
 

@@ -63,6 +63,8 @@ struct GenInfo {
     forked: Option<bool>,
     /// Its changed pages were copied out while it was stopped (no fork).
     copied: bool,
+    /// How many bytes were.
+    copied_bytes: u64,
 }
 
 fn gen_info(s: &Session, id: u64) -> GenInfo {
@@ -78,6 +80,7 @@ fn gen_info(s: &Session, id: u64) -> GenInfo {
         downtime_ms: info.get("downtime_ms").and_then(Json::as_f64).unwrap_or(f64::NAN),
         forked: procs[0].get("forked").and_then(|v| if let Json::Bool(b) = v { Some(*b) } else { None }),
         copied: procs[0].get("copied").and_then(|v| if let Json::Bool(b) = v { Some(*b) } else { None }).unwrap_or(false),
+        copied_bytes: procs[0].get("stopped_work").map_or(0, |w| w.u64_field("copied_bytes")),
     }
 }
 
@@ -225,6 +228,36 @@ fn copied_out_generations_restart() {
     // The later rounds change a few pages of 32768 (at most 1 in 32 is copied).
     let Some(k) = (1..gens.len()).rev().find(|&k| copied[k]) else {
         panic!("no incremental generation of a 128 MiB heap with a few pages changed was copied out: {copied:?}")
+    };
+    p.kill9();
+    let mut r = s.restart_expect(&gens[k], pid, k == gens.len() - 1);
+    r.wait_ticks(3, LINE_TIMEOUT);
+    r.finish(&s, 3);
+}
+
+/// The same with megabytes changed between checkpoints (64 heap pages and
+/// more a tick, a few ticks: under the one page in 32 of a 512 MiB heap
+/// that is copied rather than forked): the copy while stopped begins under the scan and is
+/// shared by two threads (engine/src/stopcopy.rs; its own thread starts
+/// past 1 MiB), and a restart of such a generation passes the program's
+/// own check of its whole heap, every tick to the end.
+#[test]
+fn copied_out_by_two_threads_restarts() {
+    let s = Session::new("dirty_copied2");
+    let stop = s.stop_file();
+    let mut p = s.launch_opts(&["--dirty-tracking", "uffd-wp"], &program("counter_heap"), &["-m", "512", "-t", "10", "-s", stop.to_str().unwrap()], &[]);
+    let pid = p.pid;
+    p.wait_prefix("READY", LINE_TIMEOUT);
+    p.wait_ticks(2, LINE_TIMEOUT);
+    let mut gens = vec![s.checkpoint_bounded(&mut p)];
+    for _ in 0..3 {
+        p.wait_ticks(4, LINE_TIMEOUT);
+        gens.push(s.checkpoint_bounded(&mut p));
+    }
+    let infos: Vec<GenInfo> = gens.iter().map(|g| gen_info(&s, g.id)).collect();
+    let seen: Vec<(bool, u64, u64)> = infos.iter().map(|i| (i.copied, i.copied_bytes, i.read_bytes)).collect();
+    let Some(k) = (1..gens.len()).rev().find(|&k| infos[k].copied && infos[k].copied_bytes >= 2 << 20) else {
+        panic!("no generation of a 512 MiB heap with a few ticks of changes was copied out with over 2 MiB (copied, bytes copied, bytes read): {seen:?}")
     };
     p.kill9();
     let mut r = s.restart_expect(&gens[k], pid, k == gens.len() - 1);
