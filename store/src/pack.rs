@@ -362,19 +362,24 @@ fn persist(file: &File, tmp_path: &Path, root: &Path, name: &str) -> std::io::Re
 impl OpenPack {
     /// Start a new pack file in `tmp_dir`, and its thread.
     pub fn create(tmp_dir: &Path) -> std::io::Result<OpenPack> {
-        use std::os::unix::fs::OpenOptionsExt;
         let tmp_path = tmp_dir.join(format!(
             "{}-{}-{}.pack.tmp",
             std::process::id(),
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed),
             crate::now_ms()
         ));
-        let open = |flags: i32| crate::private::file_options().write(true).create_new(true).custom_flags(flags).open(&tmp_path);
-        // A file system without O_DIRECT refuses the open (EINVAL).
-        let (file, direct) = match open(nix::fcntl::OFlag::O_DIRECT.bits()) {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc_einval()) => (open(0)?, false),
-            Err(e) => return Err(e),
+        let file = crate::private::file_options().write(true).create_new(true).open(&tmp_path)?;
+        // O_DIRECT set once the file exists: a file system without it
+        // refuses it (EINVAL), and an open with O_DIRECT there would have
+        // created the file before refusing (the fallback's create then
+        // found it: Linux 6.1's ramfs, seen in the soft-dirty VM test).
+        let direct = match set_direct(&file, true) {
+            Ok(()) => true,
+            Err(e) if e.raw_os_error() == Some(libc_einval()) => false,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp_path);
+                return Err(e);
+            }
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUED);
         let path = tmp_path.clone();
