@@ -422,6 +422,13 @@ fn make_one(generation: u64, kind: Kind, id: i32, key: i32, mode: u32, uid: u32,
     let name = kind.name();
     let err = |what: String| EngineError::Restore { generation, what: format!("the SysV {name} {id} (key {key:#x}) cannot be made again: {what}") };
     let in_way = |what: String, other: i32| err(format!("{what}. If it is yours and not needed, remove it with `ipcrm {} {other}` and restart again", kind.ipcrm()));
+    // The id is asked for through the namespace's one `*_next_id` knob:
+    // two restarts making objects at the same moment took each other's
+    // (seen with two tests' restarts side by side). Held from the table's
+    // read to the object's creation; released when `next_f` closes.
+    let next = kind.next_id();
+    let next_f = std::fs::OpenOptions::new().write(true).open(next).map_err(|e| err(format!("cannot ask for its id through {next}: {e} (needs root or CAP_CHECKPOINT_RESTORE, and a kernel with CONFIG_CHECKPOINT_RESTORE)")))?;
+    lock_next_id(&next_f).map_err(|e| err(format!("{next} stays locked by another process (another restart making SysV objects?): {e}; restart again")))?;
     let rows = table(kind.table()).map_err(|e| err(format!("cannot read {}: {e}", kind.table())))?;
     let now: Vec<(i32, i32)> = rows.iter().filter_map(|f| Some((f.first()?.parse().ok()?, f.get(1)?.parse().ok()?))).collect();
     if let Some(&(okey, oid)) = now.iter().find(|o| o.1 == id) {
@@ -438,17 +445,18 @@ fn make_one(generation: u64, kind: Kind, id: i32, key: i32, mode: u32, uid: u32,
     {
         return Err(in_way(format!("its key is taken by {name} {oid}"), oid));
     }
-    let next = kind.next_id();
-    std::fs::write(next, id.to_string()).map_err(|e| err(format!("cannot ask for its id through {next}: {e} (needs root or CAP_CHECKPOINT_RESTORE, and a kernel with CONFIG_CHECKPOINT_RESTORE)")))?;
+    use std::os::unix::fs::FileExt;
+    next_f.write_all_at(id.to_string().as_bytes(), 0).map_err(|e| err(format!("cannot ask for its id through {next}: {e} (needs root or CAP_CHECKPOINT_RESTORE, and a kernel with CONFIG_CHECKPOINT_RESTORE)")))?;
     let got = get(libc::IPC_CREAT | libc::IPC_EXCL | (mode & 0o777) as i32);
     if got < 0 {
         let e = std::io::Error::last_os_error();
-        let _ = std::fs::write(next, "-1");
+        let _ = next_f.write_all_at(b"-1", 0);
         return Err(err(format!("the kernel refused it: {e}")));
     }
     if got != id {
         kind.rmid(got);
-        let holder = now.iter().find(|o| o.1 & 0x7fff == id & 0x7fff).map(|o| o.1);
+        // (The leftover removed above is no holder.)
+        let holder = now.iter().find(|o| o.1 != id && o.1 & 0x7fff == id & 0x7fff).map(|o| o.1);
         return Err(match holder {
             Some(h) => in_way(format!("its slot is taken by {name} {h}"), h),
             None => err(format!("the kernel gave it id {got} (another program may have made one at the same moment: restart again)")),
@@ -486,6 +494,28 @@ fn make_one(generation: u64, kind: Kind, id: i32, key: i32, mode: u32, uid: u32,
         return Err(fail("setting its owner and mode (IPC_STAT, IPC_SET)"));
     }
     Ok(())
+}
+
+/// Takes the exclusive `flock` of a `*_next_id` file, waiting at most
+/// 10 s: anyone who can read the file can lock it, so a lock held longer
+/// is an error to retry, not a wait without end.
+fn lock_next_id(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // SAFETY: flock on an fd we own; no memory is passed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "held for 10 s"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 fn set_qbytes(generation: u64, q: &SysvMsq) -> Result<()> {

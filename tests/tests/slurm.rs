@@ -251,7 +251,15 @@ fn checkpointed_by_signal_then_requeued_twice() {
         // requeued job restarts the signal's generation.
         let restarted: u64 = l.split("generation ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
         assert_eq!(restarted, g, "restarted generation {restarted}, not the signal's {g}:\n{}", read(&out));
-        assert!(read(&out).contains("SIGTERM: no checkpoint: Slurm sent SIGCONT and SIGTERM to every process of the job"), "no word of the job-wide SIGTERM:\n{}", read(&out));
+        // Which of the two ckpt run sees first is a race of the kernel's
+        // (seen under load): its own SIGTERM (then it says why it takes no
+        // checkpoint) or the program's end by the same SIGTERM (then it
+        // says that, with the exit status).
+        let said = read(&out);
+        assert!(
+            said.contains("SIGTERM: no checkpoint: Slurm sent SIGCONT and SIGTERM to every process of the job") || said.contains(&format!("{name}: the program ended (exit status 143)")),
+            "no word of the job-wide SIGTERM nor of the program's end by it:\n{said}"
+        );
         let (i, resumed) = wait_tick(&slurm, &out, i, 0);
         assert!(resumed >= at, "resumed at tick {resumed}, before the signal's checkpoint at tick {at}:\n{}", read(&out));
         skip = i;
