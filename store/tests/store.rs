@@ -27,16 +27,20 @@ fn blob(i: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Blobs `0..n` of `len` bytes put by `w` in parallel and committed as one
-/// generation; the writer is dropped.
-fn commit_blobs(w: ckpt_store::Writer, n: u64, len: usize) -> Vec<(Hash, Vec<u8>)> {
-    let blobs: Vec<(Hash, Vec<u8>)> = (0..n)
-        .into_par_iter()
+/// Blobs `ids` of `len` bytes ([`blob`]), each with its hash.
+fn blobs_with_hashes(ids: std::ops::Range<u64>, len: usize) -> Vec<(Hash, Vec<u8>)> {
+    ids.into_par_iter()
         .map(|i| {
             let b = blob(i, len);
             (Hash::of(&b), b)
         })
-        .collect();
+        .collect()
+}
+
+/// Blobs `0..n` of `len` bytes put by `w` in parallel and committed as one
+/// generation; the writer is dropped.
+fn commit_blobs(w: ckpt_store::Writer, n: u64, len: usize) -> Vec<(Hash, Vec<u8>)> {
+    let blobs = blobs_with_hashes(0..n, len);
     blobs.par_iter().for_each(|(h, b)| {
         w.put(BlobKind::Chunk, *h, b).unwrap();
     });
@@ -959,12 +963,7 @@ fn rows_inserted_early_are_visible_only_after_a_commit_that_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(&url(dir.path()), DEFAULT_CHUNK_SIZE).unwrap();
     let w = store.writer_with(small_packs()).unwrap();
-    let blobs: Vec<(Hash, Vec<u8>)> = (0..200)
-        .map(|i| {
-            let b = blob(70_000 + i, DEFAULT_CHUNK_SIZE);
-            (Hash::of(&b), b)
-        })
-        .collect();
+    let blobs = blobs_with_hashes(70_000..70_000 + 200, DEFAULT_CHUNK_SIZE);
     for (h, b) in &blobs {
         assert!(w.put(BlobKind::Chunk, *h, b).unwrap());
     }
@@ -992,12 +991,7 @@ fn rows_inserted_early_are_visible_only_after_a_commit_that_succeeds() {
     drop(w);
     // A second round on the same writer's successor, early rows again.
     let w = store.writer_with(small_packs()).unwrap();
-    let more: Vec<(Hash, Vec<u8>)> = (0..100)
-        .map(|i| {
-            let b = blob(80_000 + i, DEFAULT_CHUNK_SIZE);
-            (Hash::of(&b), b)
-        })
-        .collect();
+    let more = blobs_with_hashes(80_000..80_000 + 100, DEFAULT_CHUNK_SIZE);
     for (h, b) in &more {
         assert!(w.put(BlobKind::Chunk, *h, b).unwrap());
     }
