@@ -185,7 +185,10 @@ pub(crate) fn phase_a(
     // queued). Threads are started only so: a thread per process, most of
     // them waiting for a permit, cost the 16 small processes of
     // bench-trees ~10% of the round's CPU while stopped.
-    let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
+    // (Asked once: `available_parallelism` reads the cgroup's files,
+    // ~1% of the stopped phase's CPU when asked every round.)
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(2, |c| c.get()));
     let places = cores.saturating_sub(1).max(1);
     let pool = Pool {
         targets,
@@ -211,7 +214,7 @@ pub(crate) fn phase_a(
             .map(|((_, r), reads)| {
                 // Its fds, and the temporary files it keeps open or maps
                 // shared (read while it is stopped: ckpt_engine::tmpfiles).
-                round.capture_process(r.hello.pid, &r.agent_fds()).and_then(|f| ckpt_engine::tmpfiles::capture(&mut round, r.hello.pid, &f, reads).map(|t| (f, t)))
+                reads.dir().and_then(|dir| round.capture_process_in(dir, &r.agent_fds())).and_then(|f| ckpt_engine::tmpfiles::capture(&mut round, r.hello.pid, &f, reads).map(|t| (f, t)))
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(busy);

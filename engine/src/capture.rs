@@ -193,60 +193,90 @@ pub struct BaseRegion {
 }
 
 /// What two readers of one stopped process share within a round: the
-/// round's fd reader (its temporary files, [`crate::tmpfiles::capture`])
+/// round's fd reader (its fds and temporary files,
+/// [`crate::fds::Round::capture_process_in`], [`crate::tmpfiles::capture`])
 /// and the worker that runs [`prepare`] read `/proc/PID/maps` and the
 /// status file of its main thread once between them (each was read
 /// twice, the status file up to five times). The process is stopped, so
-/// one read serves both.
+/// one read serves both. Both open its files through one
+/// [`procfs::ProcDir`].
 pub struct ProcReads {
     pid: i32,
-    maps: std::sync::OnceLock<Option<Vec<Mapping>>>,
-    status: std::sync::OnceLock<Option<String>>,
-    stat: std::sync::OnceLock<Option<String>>,
+    dir: OnceLock<Shared<procfs::ProcDir>>,
+    maps: OnceLock<Shared<Vec<Mapping>>>,
+    status: OnceLock<Shared<String>>,
+    stat: OnceLock<Shared<String>>,
+}
+
+use std::sync::OnceLock;
+
+/// A shared read's outcome: a failure is kept as what it said (an
+/// [`EngineError`] is not `Clone`) and given to every caller as it was,
+/// without reading again.
+type Shared<T> = std::result::Result<T, Failed>;
+
+/// A failed read of `/proc/PID/...`, to be told to each caller.
+#[derive(Clone, Debug)]
+struct Failed {
+    path: std::path::PathBuf,
+    os: Option<i32>,
+    kind: std::io::ErrorKind,
+    text: String,
+}
+
+impl Failed {
+    fn of(pid: i32, what: &str, e: EngineError) -> Failed {
+        match e {
+            EngineError::Proc { path, source, .. } => Failed { path, os: source.raw_os_error(), kind: source.kind(), text: source.to_string() },
+            other => Failed { path: format!("/proc/{pid}/{what}").into(), os: None, kind: std::io::ErrorKind::Other, text: other.to_string() },
+        }
+    }
+
+    fn error(&self, pid: i32) -> EngineError {
+        let source = self.os.map_or_else(|| std::io::Error::new(self.kind, self.text.clone()), std::io::Error::from_raw_os_error);
+        EngineError::Proc { pid, path: self.path.clone(), source }
+    }
 }
 
 impl ProcReads {
     pub fn new(pid: i32) -> ProcReads {
-        ProcReads { pid, maps: std::sync::OnceLock::new(), status: std::sync::OnceLock::new(), stat: std::sync::OnceLock::new() }
+        ProcReads { pid, dir: OnceLock::new(), maps: OnceLock::new(), status: OnceLock::new(), stat: OnceLock::new() }
+    }
+
+    /// The first read of `cell` by `read`, or its failure again.
+    fn shared<'a, T>(&self, cell: &'a OnceLock<Shared<T>>, what: &str, read: impl FnOnce() -> Result<T>) -> Result<&'a T> {
+        cell.get_or_init(|| read().map_err(|e| Failed::of(self.pid, what, e))).as_ref().map_err(|f| f.error(self.pid))
+    }
+
+    /// `/proc/PID`, opened by the first caller.
+    pub fn dir(&self) -> Result<&procfs::ProcDir> {
+        self.shared(&self.dir, "", || procfs::ProcDir::open(self.pid))
     }
 
     /// The text of `/proc/PID/stat` (tree ids and mm fields both).
     pub fn stat(&self) -> Result<&str> {
-        match self.stat.get_or_init(|| procfs::stat_text(self.pid).ok()) {
-            Some(t) => Ok(t),
-            None => Err(procfs::stat_text(self.pid).err().unwrap_or_else(|| once_failed(self.pid, "stat"))),
-        }
+        self.shared(&self.stat, "stat", || self.dir()?.text("stat", procfs::Whole::InOneRead)).map(String::as_str)
     }
 
-    /// `/proc/PID/maps`, read by the first caller. A failed read is
-    /// read again for its error.
+    /// `/proc/PID/maps`, read by the first caller.
     pub fn maps(&self) -> Result<&[Mapping]> {
-        match self.maps.get_or_init(|| procfs::maps(self.pid).ok()) {
-            Some(m) => Ok(m),
-            None => Err(procfs::maps(self.pid).err().unwrap_or_else(|| once_failed(self.pid, "maps"))),
-        }
+        self.shared(&self.maps, "maps", || procfs::maps_in(self.dir()?)).map(Vec::as_slice)
     }
 
     /// The text of `/proc/PID/task/PID/status` (the main thread's).
     pub fn status(&self) -> Result<&str> {
-        let read = || crate::creds::status_text(self.pid, self.pid);
-        match self.status.get_or_init(|| read().ok()) {
-            Some(t) => Ok(t),
-            None => Err(read().err().unwrap_or_else(|| once_failed(self.pid, "task/PID/status"))),
-        }
+        self.shared(&self.status, "task/PID/status", || self.read_status(self.pid)).map(String::as_str)
+    }
+
+    fn read_status(&self, tid: i32) -> Result<String> {
+        self.dir()?.text(&format!("task/{tid}/status"), procfs::Whole::InOneRead)
     }
 
     /// The status text of thread `tid`: the shared one for the main
     /// thread, a read of its own otherwise.
     fn thread_status(&self, tid: i32) -> Result<std::borrow::Cow<'_, str>> {
-        if tid == self.pid { self.status().map(std::borrow::Cow::Borrowed) } else { crate::creds::status_text(self.pid, tid).map(std::borrow::Cow::Owned) }
+        if tid == self.pid { self.status().map(std::borrow::Cow::Borrowed) } else { self.read_status(tid).map(std::borrow::Cow::Owned) }
     }
-}
-
-/// A shared read that failed once and then succeeded: still a failure
-/// (the two readers must see the same thing).
-fn once_failed(pid: i32, what: &str) -> EngineError {
-    EngineError::Proc { pid, path: format!("/proc/{pid}/{what}").into(), source: std::io::Error::other("read failed, then read again") }
 }
 
 /// The identities of the files mapped by one round's processes
@@ -266,7 +296,9 @@ fn once_failed(pid: i32, what: &str) -> EngineError {
 /// ([`crate::sysvipc::Tables`]), the namespace's and not a process's.
 #[derive(Default)]
 pub struct RoundFiles {
-    ids: std::sync::Mutex<HashMap<FileKey, Option<MappedFile>>>,
+    /// Each file's identity, made by the first worker that asks (a second
+    /// one asking meanwhile waits for it rather than opening it too).
+    ids: std::sync::Mutex<HashMap<FileKey, std::sync::Arc<OnceLock<Option<MappedFile>>>>>,
     ipc: crate::sysvipc::Tables,
     /// The round's processes ([`RoundFiles::with_members`]).
     members: std::collections::HashSet<i32>,
@@ -291,10 +323,8 @@ impl RoundFiles {
 
 /// Where a process resolves paths: its mount namespace and root
 /// directory, None when either cannot be read (no sharing then).
-fn resolution_of(pid: i32) -> Option<((u64, u64), (u64, u64))> {
-    use std::os::unix::fs::MetadataExt;
-    let id = |p: String| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    Some((id(format!("/proc/{pid}/ns/mnt"))?, id(format!("/proc/{pid}/root"))?))
+fn resolution_of(dir: &procfs::ProcDir) -> Option<((u64, u64), (u64, u64))> {
+    Some((dir.dev_ino("ns/mnt").ok()?, dir.dev_ino("root").ok()?))
 }
 
 /// A capture in progress: metadata taken and dirty pages known (while the
@@ -383,17 +413,18 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     let pid = report.hello.pid;
     let t0 = std::time::Instant::now();
     let mut scan_time = std::time::Duration::ZERO;
-    let posix_timers = procfs::posix_timers(pid)?;
+    let dir = reads.dir()?;
+    let posix_timers = procfs::posix_timers_in(dir)?;
     if posix_timers.len() > MAX_TIMERS {
         return Err(EngineError::Unsupported { pid, what: format!("it holds {} POSIX timers (timer_create), more than the {MAX_TIMERS} a checkpoint records", posix_timers.len()) });
     }
-    let cwd = procfs::link(pid, "cwd")?;
-    check_dirs_exist(pid, &cwd)?;
+    let cwd = dir.link("cwd")?;
+    check_dirs_exist(dir, &cwd)?;
     let stat = reads.stat()?;
     let ids = procfs::tree_ids_of(stat);
     // (A child that is one of the round's processes is stopped, not a
     // zombie: its stat is not read again.)
-    let zombies = procfs::children(pid)
+    let zombies = procfs::children_in(dir)
         .into_iter()
         .filter(|c| !files.members.contains(c))
         .filter_map(|c| procfs::tree_ids(c).ok().filter(|t| t.state == 'Z').map(|t| Zombie { pid: c, status: t.exit_status, pgid: t.pgid, sid: t.sid }))
@@ -408,13 +439,12 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     let umask = procfs::parse_umask(reads.status()?);
     drop(statuses);
     let maps = reads.maps()?;
-    let resolution = resolution_of(pid);
+    let resolution = resolution_of(dir);
     // Per mapping of a file: (path, inode) → identity, for this process.
     let mut own_files: HashMap<(&str, u64), Option<MappedFile>> = HashMap::new();
     let mut mm = procfs::mm_fields_of(stat);
     mm.brk = report.suspended.brk;
-    let pm_path = format!("/proc/{pid}/pagemap");
-    let pagemap = File::open(&pm_path).map_err(|e| EngineError::Proc { pid, path: pm_path.into(), source: e })?;
+    let pagemap = dir.open_file("pagemap")?;
 
     let mut regions = Vec::new();
     let mut states = Vec::new();
@@ -433,12 +463,10 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
             *own_files.entry((m.name.as_str(), m.inode)).or_insert_with(|| match resolution {
                 Some((ns, root)) => {
                     let key = (ns, root, m.name.clone(), m.inode);
-                    if let Some(known) = files.ids.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-                        return *known;
-                    }
-                    let id = mapped_file(pid, m);
-                    files.ids.lock().unwrap_or_else(|e| e.into_inner()).insert(key, id);
-                    id
+                    // (The map's lock is not held while the file is
+                    // identified: the cell's is.)
+                    let cell = files.ids.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().clone();
+                    *cell.get_or_init(|| mapped_file(pid, m))
                 }
                 None => mapped_file(pid, m),
             })
@@ -545,14 +573,14 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         ctty_pts: ids.ctty_pts(),
         tty_pgrp: if ids.ctty_pts().is_some() { ids.tpgid.max(0) } else { 0 },
         host: host.to_string(),
-        exe: procfs::link(pid, "exe")?,
-        comm: procfs::comm(pid)?,
-        cmdline: procfs::cmdline(pid)?,
+        exe: dir.link("exe")?,
+        comm: procfs::comm_in(dir)?,
+        cmdline: procfs::cmdline_in(dir)?,
         cwd,
         umask,
         rlimits: procfs::rlimits(pid)?,
         mm,
-        auxv: procfs::auxv(pid)?,
+        auxv: procfs::auxv_in(dir)?,
         threads: report.threads.iter().map(ThreadImage::from).collect(),
         sigactions: s.sigactions.iter().map(|a| Sigaction { handler: a.handler, flags: a.flags, restorer: a.restorer, mask: a.mask }).collect(),
         itimers: s
@@ -663,8 +691,9 @@ fn scan_mappings(
 /// Refuses a process whose working directory or root directory was
 /// removed: a restart could not enter it, so the generation would never
 /// restore.
-fn check_dirs_exist(pid: i32, cwd: &str) -> Result<()> {
-    let root = procfs::link(pid, "root")?;
+fn check_dirs_exist(dir: &procfs::ProcDir, cwd: &str) -> Result<()> {
+    let pid = dir.pid();
+    let root = dir.link("root")?;
     let mut problems = Vec::new();
     for (what, path) in [("working directory", cwd), ("root directory", root.as_str())] {
         if let Some(gone) = path.strip_suffix(" (deleted)") {

@@ -47,6 +47,138 @@ fn read_proc(pid: i32, what: &str) -> Result<String> {
     fs::read_to_string(&p).map_err(|e| EngineError::Proc { pid, path: p, source: e })
 }
 
+/// `/proc/PID` opened once (`O_PATH`), the files under it opened
+/// relative to it (`openat`, `readlinkat`, `fstatat`): each read of a
+/// stopped process's file skips the walk of `/proc` and of its pid's
+/// directory, and reads without `std::fs`'s `statx` for a size hint
+/// (procfs files say 0). A process's capture reads ~25 files of it while
+/// it is stopped, and three per fd (issue 13, "Many processes").
+///
+/// A pid reused meanwhile cannot mislead it: the directory stays the
+/// process's it was opened for, and a file under a dead one's cannot be
+/// opened.
+pub struct ProcDir {
+    pid: i32,
+    fd: std::os::fd::OwnedFd,
+}
+
+/// How a file of [`ProcDir`] is read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Whole {
+    /// A `single_open` file of procfs (`status`, `stat`, `fdinfo/N`,
+    /// `comm`, `limits`): the kernel makes it whole at the first read, so
+    /// a read that does not fill the buffer has all of it.
+    InOneRead,
+    /// Read until a read returns nothing (`maps`, `children`,
+    /// `cmdline`, `environ`, `timers`: made a record or a page at a time).
+    UntilEnd,
+}
+
+impl ProcDir {
+    /// Opens `/proc/PID`.
+    pub fn open(pid: i32) -> Result<ProcDir> {
+        use std::os::fd::FromRawFd;
+        let path = proc_path(pid, "");
+        let c = std::ffi::CString::new(format!("/proc/{pid}")).expect("no NUL in a number");
+        // SAFETY: a NUL-terminated path; the result is a new fd or -1.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(EngineError::Proc { pid, path, source: std::io::Error::last_os_error() });
+        }
+        // SAFETY: a new fd nobody else owns.
+        Ok(ProcDir { pid, fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) } })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn err(&self, what: &str, source: std::io::Error) -> EngineError {
+        EngineError::Proc { pid: self.pid, path: proc_path(self.pid, what), source }
+    }
+
+    fn cname(&self, what: &str) -> Result<std::ffi::CString> {
+        std::ffi::CString::new(what).map_err(|_| self.err(what, std::io::Error::from(std::io::ErrorKind::InvalidInput)))
+    }
+
+    /// `what` (relative to `/proc/PID`) opened for reading.
+    pub fn open_file(&self, what: &str) -> Result<fs::File> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let c = self.cname(what)?;
+        // SAFETY: a NUL-terminated relative path under our directory fd;
+        // the result is a new fd or -1.
+        let fd = unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(self.err(what, std::io::Error::last_os_error()));
+        }
+        // SAFETY: a new fd nobody else owns.
+        Ok(unsafe { fs::File::from_raw_fd(fd) })
+    }
+
+    /// The bytes of `what`.
+    pub fn bytes(&self, what: &str, whole: Whole) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let mut f = self.open_file(what)?;
+        let mut buf = vec![0u8; 4096];
+        let mut len = 0;
+        loop {
+            if len == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+            let n = match f.read(&mut buf[len..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.err(what, e)),
+            };
+            len += n;
+            if n == 0 || (whole == Whole::InOneRead && len < buf.len()) {
+                break;
+            }
+        }
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    /// The text of `what` (UTF-8, or an error naming it).
+    pub fn text(&self, what: &str, whole: Whole) -> Result<String> {
+        String::from_utf8(self.bytes(what, whole)?).map_err(|_| self.err(what, std::io::Error::from(std::io::ErrorKind::InvalidData)))
+    }
+
+    /// The target of the link `what` (`cwd`, `exe`, `fd/N`, ...).
+    pub fn link(&self, what: &str) -> Result<String> {
+        use std::os::fd::AsRawFd;
+        let c = self.cname(what)?;
+        let mut buf = vec![0u8; 512];
+        loop {
+            // SAFETY: readlinkat writes at most `buf.len()` bytes into `buf`.
+            let n = unsafe { libc::readlinkat(self.fd.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                return Err(self.err(what, std::io::Error::last_os_error()));
+            }
+            if (n as usize) < buf.len() {
+                buf.truncate(n as usize);
+                return Ok(String::from_utf8_lossy(&buf).into_owned());
+            }
+            // Perhaps cut: read again with room to spare.
+            buf.resize(buf.len() * 4, 0);
+        }
+    }
+
+    /// `(st_dev, st_ino)` of what `what` names (links followed: `ns/mnt`,
+    /// `root`).
+    pub fn dev_ino(&self, what: &str) -> Result<(u64, u64)> {
+        use std::os::fd::AsRawFd;
+        let c = self.cname(what)?;
+        // SAFETY: fstatat writes one `struct stat` into `st`.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; a NUL-terminated path under our directory fd.
+        if unsafe { libc::fstatat(self.fd.as_raw_fd(), c.as_ptr(), &mut st, 0) } != 0 {
+            return Err(self.err(what, std::io::Error::last_os_error()));
+        }
+        Ok((st.st_dev, st.st_ino))
+    }
+}
+
 /// Parses `/proc/PID/maps` text.
 pub fn parse_maps(text: &str) -> Vec<Mapping> {
     let mut out = Vec::new();
@@ -98,6 +230,11 @@ pub fn maps(pid: i32) -> Result<Vec<Mapping>> {
     Ok(parse_maps(&read_proc(pid, "maps")?))
 }
 
+/// [`maps`] through an open [`ProcDir`].
+pub fn maps_in(dir: &ProcDir) -> Result<Vec<Mapping>> {
+    Ok(parse_maps(&dir.text("maps", Whole::UntilEnd)?))
+}
+
 /// mm fields from `/proc/PID/stat` (all but `brk`, which only the process
 /// itself can read exactly).
 pub fn mm_fields(pid: i32) -> Result<MmFields> {
@@ -139,6 +276,16 @@ pub fn parse_umask(status: &str) -> u32 {
 pub fn auxv(pid: i32) -> Result<Vec<u64>> {
     let p = proc_path(pid, "auxv");
     let bytes = fs::read(&p).map_err(|e| EngineError::Proc { pid, path: p, source: e })?;
+    Ok(parse_auxv(&bytes))
+}
+
+/// [`auxv`] through an open [`ProcDir`].
+pub fn auxv_in(dir: &ProcDir) -> Result<Vec<u64>> {
+    Ok(parse_auxv(&dir.bytes("auxv", Whole::UntilEnd)?))
+}
+
+/// The (type, value) words of an auxv up to and including `AT_NULL`.
+fn parse_auxv(bytes: &[u8]) -> Vec<u64> {
     let words: Vec<u64> = bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
     // Keep up to and including AT_NULL.
     let mut out = Vec::new();
@@ -148,7 +295,7 @@ pub fn auxv(pid: i32) -> Result<Vec<u64>> {
             break;
         }
     }
-    Ok(out)
+    out
 }
 
 pub fn link(pid: i32, what: &str) -> Result<String> {
@@ -160,10 +307,24 @@ pub fn comm(pid: i32) -> Result<String> {
     Ok(read_proc(pid, "comm")?.trim_end_matches('\n').to_string())
 }
 
+/// [`comm`] through an open [`ProcDir`].
+pub fn comm_in(dir: &ProcDir) -> Result<String> {
+    Ok(dir.text("comm", Whole::InOneRead)?.trim_end_matches('\n').to_string())
+}
+
 pub fn cmdline(pid: i32) -> Result<Vec<String>> {
     let p = proc_path(pid, "cmdline");
     let bytes = fs::read(&p).map_err(|e| EngineError::Proc { pid, path: p, source: e })?;
-    Ok(bytes.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+    Ok(parse_cmdline(&bytes))
+}
+
+/// [`cmdline`] through an open [`ProcDir`].
+pub fn cmdline_in(dir: &ProcDir) -> Result<Vec<String>> {
+    Ok(parse_cmdline(&dir.bytes("cmdline", Whole::UntilEnd)?))
+}
+
+fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
+    bytes.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
 }
 
 /// The SysV shared memory segments of the IPC namespace
@@ -246,8 +407,16 @@ pub const SCHED_ATTR_SIZE: usize = 56;
 /// `/proc/PID/timers`; their times are the agent's to read
 /// ([`crate::image::PosixTimer`]'s times are zero here).
 pub fn posix_timers(pid: i32) -> Result<Vec<crate::image::PosixTimer>> {
-    let text = read_proc(pid, "timers")?;
-    parse_timers(&text).map_err(|what| EngineError::Unsupported { pid, what: format!("its /proc/{pid}/timers reads oddly ({what})") })
+    timers_of(pid, &read_proc(pid, "timers")?)
+}
+
+/// [`posix_timers`] through an open [`ProcDir`].
+pub fn posix_timers_in(dir: &ProcDir) -> Result<Vec<crate::image::PosixTimer>> {
+    timers_of(dir.pid(), &dir.text("timers", Whole::UntilEnd)?)
+}
+
+fn timers_of(pid: i32, text: &str) -> Result<Vec<crate::image::PosixTimer>> {
+    parse_timers(text).map_err(|what| EngineError::Unsupported { pid, what: format!("its /proc/{pid}/timers reads oddly ({what})") })
 }
 
 fn parse_timers(text: &str) -> std::result::Result<Vec<crate::image::PosixTimer>, String> {
@@ -398,6 +567,19 @@ pub fn children(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for tid in tids(pid).unwrap_or_default() {
         if let Ok(t) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
+            out.extend(t.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// [`children`] through an open [`ProcDir`].
+pub fn children_in(dir: &ProcDir) -> Vec<i32> {
+    let mut out = Vec::new();
+    for tid in tids(dir.pid()).unwrap_or_default() {
+        if let Ok(t) = dir.text(&format!("task/{tid}/children"), Whole::UntilEnd) {
             out.extend(t.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
         }
     }

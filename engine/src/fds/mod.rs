@@ -59,7 +59,15 @@ pub const ENV_EXTERNAL_FDS: &str = "CKPT_EXTERNAL_FDS";
 
 /// The external fds recorded at launch, from `/proc/PID/environ`.
 pub fn external_fds(pid: i32) -> Vec<(i32, String)> {
-    let env = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    parse_external_fds(&fs::read(format!("/proc/{pid}/environ")).unwrap_or_default())
+}
+
+/// [`external_fds`] through an open [`crate::procfs::ProcDir`].
+pub fn external_fds_in(dir: &crate::procfs::ProcDir) -> Vec<(i32, String)> {
+    parse_external_fds(&dir.bytes("environ", crate::procfs::Whole::UntilEnd).unwrap_or_default())
+}
+
+fn parse_external_fds(env: &[u8]) -> Vec<(i32, String)> {
     let prefix = format!("{ENV_EXTERNAL_FDS}=");
     env.split(|&b| b == 0)
         .filter_map(|e| std::str::from_utf8(e).ok()?.strip_prefix(prefix.as_str()).map(str::to_string))
@@ -105,7 +113,15 @@ pub struct FdInfo {
 
 impl FdInfo {
     pub fn read(pid: i32, fd: i32) -> FdInfo {
-        let text = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        FdInfo::of(fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default())
+    }
+
+    /// [`FdInfo::read`] through an open [`crate::procfs::ProcDir`].
+    pub fn read_in(dir: &crate::procfs::ProcDir, fd: i32) -> FdInfo {
+        FdInfo::of(dir.text(&format!("fdinfo/{fd}"), crate::procfs::Whole::InOneRead).unwrap_or_default())
+    }
+
+    fn of(text: String) -> FdInfo {
         let mut info = FdInfo { text, ..Default::default() };
         info.pos = info.field("pos:").and_then(|v| v.parse().ok()).unwrap_or(0);
         let raw = info.field("flags:").and_then(|v| i64::from_str_radix(v, 8).ok()).unwrap_or(0) as i32;
@@ -304,9 +320,16 @@ impl<'w> Round<'w> {
     /// Reads and classifies every open fd of `pid`. `agent_fds` are the
     /// agent's own (its connection first); they are not the program's.
     pub fn capture_process(&mut self, pid: i32, agent_fds: &[i32]) -> Result<Vec<FdImage>> {
+        self.capture_process_in(&crate::procfs::ProcDir::open(pid)?, agent_fds)
+    }
+
+    /// [`Round::capture_process`] through an open [`crate::procfs::ProcDir`]
+    /// (its `fd/N` links and `fdinfo/N` files read relative to it).
+    pub fn capture_process_in(&mut self, proc_dir: &crate::procfs::ProcDir, agent_fds: &[i32]) -> Result<Vec<FdImage>> {
         use std::os::unix::fs::MetadataExt;
+        let pid = proc_dir.pid();
         let agent_fd = agent_fds.first().copied().unwrap_or(-1);
-        let mut external = external_fds(pid);
+        let mut external = external_fds_in(proc_dir);
         external.extend(self.externals.iter().cloned());
         let dir = PathBuf::from(format!("/proc/{pid}/fd"));
         let rd = fs::read_dir(&dir).map_err(|e| EngineError::Proc { pid, path: dir.clone(), source: e })?;
@@ -318,8 +341,8 @@ impl<'w> Round<'w> {
                 continue; // the agent's own userfaultfd: made anew after a restart
             }
             let path = dir.join(fd.to_string());
-            let Ok(target) = fs::read_link(&path).map(|t| t.to_string_lossy().into_owned()) else { continue };
-            let info = FdInfo::read(pid, fd);
+            let Ok(target) = proc_dir.link(&format!("fd/{fd}")) else { continue };
+            let info = FdInfo::read_in(proc_dir, fd);
             let Ok(meta) = fs::metadata(&path) else { continue }; // closed meanwhile
             let live = LiveFd { pid, fd, target: &target, info: &info, meta: &meta };
             let ofd = self.ofd_of(pid, fd, meta.dev(), meta.ino());
