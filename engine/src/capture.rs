@@ -1394,4 +1394,17 @@ mod tests {
         assert!(w4.chunks(CS).all(|c| !sink.0.lock().unwrap()[&Hash::of(c)].1));
         assert_eq!(sink.0.lock().unwrap().len(), 4 * n);
     }
+
+    /// A shared read that failed gives each caller the same error, and
+    /// is not read again.
+    #[test]
+    fn a_failed_shared_read_is_told_to_each_caller() {
+        // A pid above the kernel's pid_max (4194304 at most): never a process.
+        let reads = ProcReads::new(1 << 23);
+        let a = reads.maps().unwrap_err().to_string();
+        let b = reads.maps().unwrap_err().to_string();
+        assert_eq!(a, b);
+        assert!(a.contains("/proc/8388608") && a.contains("No such file"), "{a}");
+        assert!(reads.status().is_err() && reads.stat().is_err());
+    }
 }

@@ -667,3 +667,48 @@ mod limits_tests {
         assert_eq!(parsed.iter().map(|r| (r.resource, r.soft, r.hard)).collect::<Vec<_>>(), direct.iter().map(|r| (r.resource, r.soft, r.hard)).collect::<Vec<_>>());
     }
 }
+
+#[cfg(test)]
+mod dir_tests {
+    use super::*;
+
+    /// Every read through a [`ProcDir`] gives what the path-based reader
+    /// gives (files that do not change while the test runs).
+    #[test]
+    fn reads_through_the_directory_match_the_paths() {
+        let me = std::process::id() as i32;
+        let dir = ProcDir::open(me).unwrap();
+        assert_eq!(cmdline_in(&dir).unwrap(), cmdline(me).unwrap());
+        assert_eq!(auxv_in(&dir).unwrap(), auxv(me).unwrap());
+        assert_eq!(comm_in(&dir).unwrap(), comm(me).unwrap());
+        assert_eq!(dir.link("exe").unwrap(), link(me, "exe").unwrap());
+        assert_eq!(dir.text("limits", Whole::InOneRead).unwrap(), fs::read_to_string(format!("/proc/{me}/limits")).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        let ns = fs::metadata(format!("/proc/{me}/ns/mnt")).unwrap();
+        assert_eq!(dir.dev_ino("ns/mnt").unwrap(), (ns.dev(), ns.ino()));
+        // Larger than the first buffer, and made a record at a time.
+        let before = maps(me).unwrap();
+        let keep: Vec<Vec<u8>> = (0..200).map(|_| vec![1u8; 3 << 20]).collect();
+        let many = maps_in(&dir).unwrap();
+        assert!(many.len() > before.len());
+        drop(keep);
+        // A missing file is an error naming it.
+        let e = dir.text("no-such-file", Whole::InOneRead).unwrap_err().to_string();
+        assert!(e.contains(&format!("/proc/{me}/no-such-file")), "{e}");
+    }
+
+    /// A link longer than the first buffer comes whole.
+    #[test]
+    fn a_long_link_is_read_whole() {
+        let me = std::process::id() as i32;
+        let base = std::env::temp_dir().join(format!("ckpt-procdir-{me}"));
+        let deep = base.join("d".repeat(200)).join("e".repeat(200)).join("f".repeat(200));
+        fs::create_dir_all(&deep).unwrap();
+        let f = fs::File::open(&deep).unwrap();
+        let dir = ProcDir::open(me).unwrap();
+        use std::os::fd::AsRawFd;
+        assert_eq!(dir.link(&format!("fd/{}", f.as_raw_fd())).unwrap(), deep.to_string_lossy());
+        drop(f);
+        fs::remove_dir_all(&base).unwrap();
+    }
+}
