@@ -169,9 +169,10 @@ impl ProcDir {
     pub fn dev_ino(&self, what: &str) -> Result<(u64, u64)> {
         use std::os::fd::AsRawFd;
         let c = self.cname(what)?;
-        // SAFETY: fstatat writes one `struct stat` into `st`.
+        // SAFETY: `struct stat` is plain integers: all zeroes is a value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; a NUL-terminated path under our directory fd.
+        // SAFETY: fstatat writes one `struct stat` into `st`; a
+        // NUL-terminated path under our directory fd.
         if unsafe { libc::fstatat(self.fd.as_raw_fd(), c.as_ptr(), &mut st, 0) } != 0 {
             return Err(self.err(what, std::io::Error::last_os_error()));
         }
