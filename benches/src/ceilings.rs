@@ -1,13 +1,22 @@
 //! The raw speeds a benchmark's figures are compared with, measured in the
-//! same run on the same kind of data: memcpy, BLAKE3, zstd and the store's
-//! chunk encoding, one thread or all cores; and the AEADs a sealed
-//! store could use ([`Aead`]), per core.
+//! same run on the same kind of data: memcpy, BLAKE3, the store's codec
+//! (zstd or LZ4: [`codec`], the one a store made by this build's `ckpt`
+//! uses) and the store's chunk encoding, one thread or all cores; and the
+//! AEADs a sealed store could use ([`Aead`]), per core.
 
 use std::time::Instant;
 
+use ckpt_chunker::Codec;
 use rayon::prelude::*;
 
 use crate::{PAGE, Rng, fill_page, gbps};
+
+/// The codec of a store made by this build's `ckpt` in this environment
+/// (`CKPT_COMPRESSION`, else the default): the one whose speed bounds
+/// its checkpoint and restart.
+pub fn codec() -> Codec {
+    ckpt_store::compression_requested().unwrap_or_else(|e| panic!("{e}"))
+}
 
 /// Bytes of data the ceilings are measured on: big enough to leave the
 /// caches, small enough to take a second or two.
@@ -100,13 +109,43 @@ impl Sample {
         })
     }
 
+    /// `codec`'s compression (zstd at the store's level) of every `chunk`
+    /// bytes on all cores, each chunk one frame.
+    pub fn compress_all(&self, chunk: usize, codec: Codec) -> f64 {
+        match codec {
+            Codec::Zstd => self.zstd_all(chunk, ckpt_chunker::DEFAULT_LEVEL),
+            Codec::Lz4 => rate(self.data.len(), || {
+                let n: usize = self.data.par_chunks(chunk).map(|c| ckpt_chunker::compress_lz4(c).len()).sum();
+                std::hint::black_box(n);
+            }),
+        }
+    }
+
+    /// `codec`'s decompression of every `chunk` bytes (as
+    /// [`ckpt_chunker::decompress_into`] does it, into a reused buffer, no
+    /// hash check) on all cores.
+    pub fn decompress_all(&self, chunk: usize, codec: Codec) -> f64 {
+        let comp: Vec<Vec<u8>> = self.data.par_chunks(chunk).map(|c| match codec {
+            Codec::Zstd => ckpt_chunker::compress(c, ckpt_chunker::DEFAULT_LEVEL),
+            Codec::Lz4 => ckpt_chunker::compress_lz4(c),
+        }).collect();
+        rate(self.data.len(), || {
+            comp.par_iter().for_each_init(|| vec![0u8; chunk], |out, z| ckpt_chunker::decompress_into(z, out).unwrap());
+        })
+    }
+
     /// The store's chunk encoding (zstd at its level, or raw when zstd
     /// does not shrink a chunk) and decoding (with the check of each
     /// chunk's address) of every page, on all cores.
     pub fn encode_decode(&self) -> (f64, f64) {
+        self.encode_decode_with(Codec::Zstd)
+    }
+
+    /// [`Sample::encode_decode`] with `codec`.
+    pub fn encode_decode_with(&self, codec: Codec) -> (f64, f64) {
         let mut enc = Vec::new();
         let encode = rate(self.data.len(), || {
-            enc = self.data.par_chunks(PAGE).map(|c| ckpt_chunker::encode(c, ckpt_chunker::DEFAULT_LEVEL).bytes().to_vec()).collect();
+            enc = self.data.par_chunks(PAGE).map(|c| ckpt_chunker::encode_with(c, codec, ckpt_chunker::DEFAULT_LEVEL).bytes().to_vec()).collect();
         });
         let hashes = ckpt_chunker::hash_chunks(&self.data, PAGE);
         let decode = rate(self.data.len(), || {

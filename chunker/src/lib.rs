@@ -1,5 +1,5 @@
-//! Page-aligned chunking, zero detection, BLAKE3 addressing and zstd
-//! compression for ckpt images, parallelised with rayon.
+//! Page-aligned chunking, zero detection, BLAKE3 addressing and zstd or
+//! LZ4 compression for ckpt images, parallelised with rayon.
 //!
 //! This crate is pure computation over byte slices: it cuts memory into
 //! fixed-size chunks, names each chunk by the BLAKE3 hash of its uncompressed
@@ -223,6 +223,56 @@ thread_local! {
         const { RefCell::new(None) };
 }
 
+/// The first four bytes of a zstd frame (its magic number, little-endian
+/// 0xFD2FB528): every compressed blob a zstd store writes starts so.
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// The first four bytes of an LZ4 blob: `c` `L` `4` and a format version
+/// (1), followed by one LZ4 block (no length prefix: the catalog's ulen is
+/// the length). Neither zstd's frame magic nor its skippable (0x184D2A5?)
+/// or legacy (0xFD2FB52?) magics, nor LZ4's own frame magic (0x184D2204).
+pub const LZ4_MAGIC: [u8; 4] = *b"cL4\x01";
+
+/// The codec a store compresses its blobs with (its `ckpt init
+/// --compression`). A store's blobs may be of either (a store whose codec
+/// was changed keeps its older blobs): a blob's codec is told by its first
+/// bytes ([`ZSTD_MAGIC`], [`LZ4_MAGIC`]), and [`decode`] reads both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// One zstd frame a blob, at the store's level.
+    Zstd,
+    /// One LZ4 block a blob, after [`LZ4_MAGIC`].
+    Lz4,
+}
+
+impl Codec {
+    /// The codec's name as `ckpt init --compression` and a store's config
+    /// spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Zstd => "zstd",
+            Codec::Lz4 => "lz4",
+        }
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Codec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Codec, String> {
+        match s {
+            "zstd" => Ok(Codec::Zstd),
+            "lz4" => Ok(Codec::Lz4),
+            _ => Err(format!("unknown compression {s:?}: expected \"lz4\" or \"zstd\"")),
+        }
+    }
+}
+
 /// Compress `data` into one zstd frame at `level` (clamped to zstd's range).
 /// A per-thread compression context is reused across calls.
 pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
@@ -246,14 +296,27 @@ pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
     }
 }
 
-/// How a blob is kept in a pack: a zstd frame, or its bytes as they are
-/// when zstd cannot make them smaller (hash-like or already compressed
-/// data). A stored blob as long as its uncompressed length is raw: a zstd
-/// frame of such data is never written (see [`decode`]).
+/// `data` as one LZ4 blob: [`LZ4_MAGIC`], then one LZ4 block.
+pub fn compress_lz4(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; LZ4_MAGIC.len() + lz4_flex::block::get_maximum_output_size(data.len())];
+    out[..LZ4_MAGIC.len()].copy_from_slice(&LZ4_MAGIC);
+    let n = lz4_flex::block::compress_into(data, &mut out[LZ4_MAGIC.len()..])
+        .expect("lz4: the output buffer has the block's maximum size");
+    out.truncate(LZ4_MAGIC.len() + n);
+    out
+}
+
+/// How a blob is kept in a pack: compressed (a zstd frame or an LZ4
+/// blob), or its bytes as they are when the codec cannot make them
+/// smaller (hash-like or already compressed data). A stored blob as long
+/// as its uncompressed length is raw: a compressed form of such data is
+/// never written (see [`decode`]).
 #[derive(Debug)]
 pub enum Encoded<'a> {
     /// One zstd frame, shorter than the data.
     Zstd(Vec<u8>),
+    /// One LZ4 blob ([`LZ4_MAGIC`] and a block), shorter than the data.
+    Lz4(Vec<u8>),
     /// The data itself.
     Raw(&'a [u8]),
 }
@@ -262,7 +325,7 @@ impl Encoded<'_> {
     /// The bytes to store.
     pub fn bytes(&self) -> &[u8] {
         match self {
-            Encoded::Zstd(v) => v,
+            Encoded::Zstd(v) | Encoded::Lz4(v) => v,
             Encoded::Raw(d) => d,
         }
     }
@@ -274,15 +337,29 @@ impl Encoded<'_> {
 /// 0.50 vs 0.45 GB/s on hash-like words, BENCHMARKS.md "bench-full"; so
 /// no estimate is made first.)
 pub fn encode(data: &[u8], level: i32) -> Encoded<'_> {
-    let z = compress(data, level);
-    if z.len() >= data.len() { Encoded::Raw(data) } else { Encoded::Zstd(z) }
+    encode_with(data, Codec::Zstd, level)
+}
+
+/// Encode `data` for storing with `codec` (`level`: zstd's), or raw if
+/// the codec does not make it shorter.
+pub fn encode_with(data: &[u8], codec: Codec, level: i32) -> Encoded<'_> {
+    match codec {
+        Codec::Zstd => {
+            let z = compress(data, level);
+            if z.len() >= data.len() { Encoded::Raw(data) } else { Encoded::Zstd(z) }
+        }
+        Codec::Lz4 => {
+            let z = compress_lz4(data);
+            if z.len() >= data.len() { Encoded::Raw(data) } else { Encoded::Lz4(z) }
+        }
+    }
 }
 
 /// The blob whose stored bytes are `stored` and whose address is `hash`
 /// ([`encode`]'s output): raw if it is `expected_len` bytes long and hashes
-/// to `hash`, else a zstd frame (stores written before raw blobs existed
-/// may hold a frame exactly as long as its data). The result is checked
-/// against `hash` either way.
+/// to `hash`, else compressed, its codec told by its first bytes (stores
+/// written before raw blobs existed may hold a zstd frame exactly as long
+/// as its data). The result is checked against `hash` either way.
 pub fn decode(stored: &[u8], expected_len: usize, hash: &Hash) -> Result<Vec<u8>, ChunkError> {
     if stored.len() == expected_len && Hash::of(stored) == *hash {
         return Ok(stored.to_vec());
@@ -295,34 +372,46 @@ pub fn decode(stored: &[u8], expected_len: usize, hash: &Hash) -> Result<Vec<u8>
     Ok(data)
 }
 
-/// Decompress one zstd frame that must yield exactly `expected_len` bytes.
+/// Decompress one compressed blob (a zstd frame or an LZ4 blob, told by
+/// its first bytes) that must yield exactly `expected_len` bytes.
 pub fn decompress(data: &[u8], expected_len: usize) -> Result<Vec<u8>, ChunkError> {
-    let out = DECOMPRESSOR.with(|c| {
-        let mut slot = c.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(
-                zstd::bulk::Decompressor::new().map_err(|e| ChunkError::Decompress {
-                    clen: data.len(),
-                    expected: expected_len,
-                    reason: e.to_string(),
-                })?,
-            );
-        }
-        let d = slot.as_mut().expect("decompressor just created");
-        d.decompress(data, expected_len)
-            .map_err(|e| ChunkError::Decompress {
-                clen: data.len(),
-                expected: expected_len,
-                reason: e.to_string(),
-            })
-    })?;
-    if out.len() != expected_len {
-        return Err(ChunkError::LengthMismatch {
-            expected: expected_len,
-            actual: out.len(),
-        });
-    }
+    let mut out = vec![0u8; expected_len];
+    decompress_into(data, &mut out)?;
     Ok(out)
+}
+
+/// [`decompress`] into `out`, which the blob must fill exactly: a blob
+/// that would yield more is refused without writing past `out` (a
+/// decompression bomb costs at most `out.len()` bytes of work), one that
+/// yields less is a [`ChunkError::LengthMismatch`], one that starts with
+/// neither codec's magic a [`ChunkError::Decompress`].
+pub fn decompress_into(data: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+    let expected = out.len();
+    let err = |reason: String| ChunkError::Decompress { clen: data.len(), expected, reason };
+    let got = if data.starts_with(&ZSTD_MAGIC) {
+        DECOMPRESSOR.with(|c| {
+            let mut slot = c.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| err(format!("zstd: {e}")))?);
+            }
+            let d = slot.as_mut().expect("decompressor just created");
+            d.decompress_to_buffer(data, out).map_err(|e| err(format!("zstd: {e}")))
+        })?
+    } else if data.starts_with(&LZ4_MAGIC) {
+        lz4_flex::block::decompress_into(&data[LZ4_MAGIC.len()..], out).map_err(|e| err(format!("lz4: {e}")))?
+    } else {
+        let head = &data[..data.len().min(4)];
+        return Err(err(format!(
+            "it starts with {}, neither a zstd frame's magic ({}) nor an LZ4 blob's ({}): not a blob ckpt wrote",
+            hex::encode(head),
+            hex::encode(ZSTD_MAGIC),
+            hex::encode(LZ4_MAGIC)
+        )));
+    };
+    if got != expected {
+        return Err(ChunkError::LengthMismatch { expected, actual: got });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -444,5 +533,133 @@ mod tests {
         assert!(decompress(&bad, data.len()).is_err());
         // empty
         assert_eq!(decompress(&compress(&[], 1), 0).unwrap(), Vec::<u8>::new());
+    }
+
+    fn image_like(pages: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..pages * 4096 / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let v = match x & 7 {
+                    0..=2 => 0,
+                    3 | 4 => x >> 56,
+                    5 | 6 => 0x7f00_0000_0000 | ((x >> 20) & 0xffffff8),
+                    _ => x,
+                };
+                v.to_le_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lz4_roundtrip_and_raw() {
+        let data = image_like(4);
+        for c in data.chunks(4096) {
+            let e = encode_with(c, Codec::Lz4, DEFAULT_LEVEL);
+            let Encoded::Lz4(b) = &e else { panic!("image-like page not shrunk by lz4") };
+            assert!(b.starts_with(&LZ4_MAGIC));
+            assert!(b.len() < c.len());
+            assert_eq!(decode(b, c.len(), &Hash::of(c)).unwrap(), c);
+            assert_eq!(decompress(b, c.len()).unwrap(), c);
+        }
+        // Sizes other than a page, and empty.
+        for len in [0usize, 1, 13, 100, 4095, 65536 + 7] {
+            let d: Vec<u8> = (0..len).map(|i| (i % 7) as u8).collect();
+            let z = compress_lz4(&d);
+            assert_eq!(decompress(&z, len).unwrap(), d, "len {len}");
+        }
+        // Hash-like data is stored raw, and reads back.
+        let mut x = 1u64;
+        let random: Vec<u8> = (0..512)
+            .flat_map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x.to_le_bytes()
+            })
+            .collect();
+        let e = encode_with(&random, Codec::Lz4, DEFAULT_LEVEL);
+        assert!(matches!(e, Encoded::Raw(_)));
+        assert_eq!(decode(e.bytes(), random.len(), &Hash::of(&random)).unwrap(), random);
+        // The codec's names.
+        for c in [Codec::Zstd, Codec::Lz4] {
+            assert_eq!(c.to_string().parse::<Codec>().unwrap(), c);
+        }
+        assert!("gzip".parse::<Codec>().unwrap_err().contains("lz4"));
+    }
+
+    /// The two codecs' blobs are told apart by their first bytes, whatever
+    /// codec wrote them: a store whose codec was changed reads both.
+    #[test]
+    fn both_codecs_decode_side_by_side() {
+        let data = image_like(8);
+        let blobs: Vec<(Vec<u8>, &[u8])> = data
+            .chunks(4096)
+            .enumerate()
+            .map(|(i, c)| (encode_with(c, if i % 2 == 0 { Codec::Zstd } else { Codec::Lz4 }, 1).bytes().to_vec(), c))
+            .collect();
+        for (i, (b, c)) in blobs.iter().enumerate() {
+            assert!(b.starts_with(if i % 2 == 0 { &ZSTD_MAGIC } else { &LZ4_MAGIC }));
+            assert_eq!(decode(b, 4096, &Hash::of(c)).unwrap(), *c);
+        }
+        assert_ne!(ZSTD_MAGIC, LZ4_MAGIC);
+    }
+
+    /// Hostile stored bytes are refused with an error, never a panic, a
+    /// wrong length or more output than the catalog's length.
+    #[test]
+    fn hostile_blobs_are_refused() {
+        let page = &image_like(1)[..];
+        let h = Hash::of(page);
+        let lz = compress_lz4(page);
+        let zs = compress(page, 1);
+        // Bad magic: neither codec's (the error names both).
+        for bad in [&b""[..], b"\x00", b"abc", b"abcd", b"not a blob at all"] {
+            let e = decode(bad, 4096, &h).unwrap_err().to_string();
+            assert!(e.contains("neither a zstd frame") && e.contains(&hex::encode(LZ4_MAGIC)), "{e}");
+        }
+        // A different version of the LZ4 header is not LZ4.
+        let mut v2 = lz.clone();
+        v2[3] = 2;
+        assert!(decode(&v2, 4096, &h).is_err());
+        for z in [&lz, &zs] {
+            // Wrong lengths: shorter or longer than the data.
+            assert!(matches!(decompress(z, 4095), Err(ChunkError::Decompress { .. }) | Err(ChunkError::LengthMismatch { .. })));
+            assert!(matches!(decompress(z, 4097), Err(ChunkError::LengthMismatch { .. }) | Err(ChunkError::Decompress { .. })));
+            // Truncated anywhere: an error. One byte flipped anywhere: an
+            // error, or (a bit the codec does not use) the page itself,
+            // never other bytes: decode checks the address.
+            for cut in 0..z.len() {
+                assert!(decode(&z[..cut], 4096, &h).is_err(), "cut at {cut}");
+            }
+            for pos in 0..z.len() {
+                let mut f = z.to_vec();
+                f[pos] ^= 0x5a;
+                if let Ok(d) = decode(&f, 4096, &h) {
+                    assert_eq!(d, page, "flipped byte {pos}");
+                }
+                let mut out = vec![0u8; 4096];
+                let _ = decompress_into(&f, &mut out);
+            }
+        }
+        // Decompression bombs: 1 MiB of zeros in a few bytes, read with
+        // the catalog's length of one page: refused, at most a page made.
+        let zeros = vec![0u8; 1 << 20];
+        for bomb in [compress_lz4(&zeros), compress(&zeros, 1)] {
+            assert!(bomb.len() < 8192);
+            let mut out = vec![0u8; 4096];
+            assert!(decompress_into(&bomb, &mut out).is_err());
+            assert!(decode(&bomb, 4096, &Hash::of(&zeros[..4096])).is_err());
+        }
+        // A hand-made LZ4 block whose match reaches before the output's
+        // start (offset 0xffff with nothing written yet).
+        let mut evil = LZ4_MAGIC.to_vec();
+        evil.extend_from_slice(&[0x1f, b'x', 0xff, 0xff, 0xff, 0xff, 0x40]);
+        let mut out = vec![0u8; 4096];
+        assert!(decompress_into(&evil, &mut out).is_err());
+        // A literal run longer than the input.
+        let mut evil = LZ4_MAGIC.to_vec();
+        evil.extend_from_slice(&[0xf0, 0xff, 0xff, 0x10, b'a']);
+        assert!(decompress_into(&evil, &mut out).is_err());
     }
 }

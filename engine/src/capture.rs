@@ -1119,14 +1119,15 @@ fn plan_reads(r: &RegionImage, st: &RegionState, base: Option<&BaseRegion>, chun
     (fresh, to_read)
 }
 
-/// Whether zstd is worth trying on the next chunks of a region, learnt
-/// from the chunks of the region stored before (a window at a time). On
-/// hash-like data (random words, compressed or encrypted bytes) zstd
-/// gives up on every chunk, and trying cost a fifth of the CPU of a
-/// 1 GiB first checkpoint: after a window in which every chunk tried was
-/// stored raw, only one chunk in [`Compressibility::SAMPLE`] is tried,
-/// and the first of those that zstd shrinks has every chunk after it
-/// tried again. A chunk not tried is stored raw, which is a valid blob
+/// Whether the store's codec (zstd or LZ4: the writer's, which says
+/// whether it stored each chunk tried raw) is worth trying on the next
+/// chunks of a region, learnt from the chunks of the region stored before
+/// (a window at a time). On hash-like data (random words, compressed or
+/// encrypted bytes) the codec gives up on every chunk, and trying cost
+/// (zstd) a fifth of the CPU of a 1 GiB first checkpoint: after a window
+/// in which every chunk tried was stored raw, only one chunk in
+/// [`Compressibility::SAMPLE`] is tried, and the first of those that the
+/// codec shrinks has every chunk after it tried again. A chunk not tried is stored raw, which is a valid blob
 /// whatever its bytes: only its size may be larger than it could have
 /// been (at most the chunks between two samples, per thread, where the
 /// data turns compressible).
@@ -1146,20 +1147,20 @@ impl Compressibility {
 /// Hashes the chunks of `data` (consecutive, the first of index `first`),
 /// stores those the store lacks, and returns the hashes of those that are
 /// not zero.
-fn store_chunks(data: &[u8], first: u64, zero_is_data: bool, chunk_size: usize, writer: &dyn BlobSink, zstd: &mut Compressibility) -> Result<Vec<(u64, Hash)>> {
+fn store_chunks(data: &[u8], first: u64, zero_is_data: bool, chunk_size: usize, writer: &dyn BlobSink, comp: &mut Compressibility) -> Result<Vec<(u64, Hash)>> {
     let pieces: Vec<(u64, &[u8])> = data.chunks(chunk_size).enumerate().map(|(k, d)| (first + k as u64, d)).collect();
-    store_pieces_with(&pieces, zero_is_data, writer, zstd)
+    store_pieces_with(&pieces, zero_is_data, writer, comp)
 }
 
 /// [`store_chunks`] of chunks given one by one: `(index, bytes)`, in
 /// increasing index order; hashed and stored in parallel, with one lookup
-/// for all of them. zstd is tried on each.
+/// for all of them. The store's codec is tried on each.
 fn store_pieces(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn BlobSink) -> Result<Vec<(u64, Hash)>> {
     store_pieces_with(pieces, zero_is_data, writer, &mut Compressibility::default())
 }
 
-/// [`store_pieces`], trying zstd as `zstd` says, which learns from them.
-fn store_pieces_with(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn BlobSink, zstd: &mut Compressibility) -> Result<Vec<(u64, Hash)>> {
+/// [`store_pieces`], trying the codec as `comp` says, which learns from them.
+fn store_pieces_with(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn BlobSink, comp: &mut Compressibility) -> Result<Vec<(u64, Hash)>> {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
     // Tasks of at least 64 KiB: a task per 4 KiB chunk costs more in
     // rayon's scheduling than the chunk's hash.
@@ -1175,12 +1176,12 @@ fn store_pieces_with(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn B
         })
         .collect();
     let missing = writer.missing(&wh)?;
-    let (skip, shrunk, tried) = (zstd.skip, AtomicBool::new(false), AtomicUsize::new(0));
+    let (skip, shrunk, tried) = (comp.skip, AtomicBool::new(false), AtomicUsize::new(0));
     wh.par_iter().with_min_len(min_len.max(1)).zip(missing).zip(pieces).try_for_each(|((h, missing), &(k, d))| -> Result<()> {
         if *h != Hash::ZERO_CHUNK && missing {
-            let try_zstd = !skip || k % Compressibility::SAMPLE == 0 || shrunk.load(Relaxed);
-            if let Some(raw) = writer.put_chunk(*h, d, try_zstd)?
-                && try_zstd
+            let try_compress = !skip || k % Compressibility::SAMPLE == 0 || shrunk.load(Relaxed);
+            if let Some(raw) = writer.put_chunk(*h, d, try_compress)?
+                && try_compress
             {
                 tried.fetch_add(1, Relaxed);
                 if !raw {
@@ -1191,9 +1192,9 @@ fn store_pieces_with(pieces: &[(u64, &[u8])], zero_is_data: bool, writer: &dyn B
         Ok(())
     })?;
     if shrunk.into_inner() {
-        zstd.skip = false;
+        comp.skip = false;
     } else if tried.into_inner() >= Compressibility::MIN_TRIED {
-        zstd.skip = true;
+        comp.skip = true;
     }
     Ok(wh.into_iter().zip(pieces).filter(|(h, _)| *h != Hash::ZERO_CHUNK).map(|(h, &(k, _))| (k, h)).collect())
 }
@@ -1302,10 +1303,10 @@ fn store_region(
                 }
             }
         });
-        let mut zstd = Compressibility::default();
+        let mut comp = Compressibility::default();
         for got in full_rx.iter() {
             let (first, buf) = got?;
-            hashes.extend(store_chunks(&buf, first, st.zero_is_data, chunk_size, writer, &mut zstd)?);
+            hashes.extend(store_chunks(&buf, first, st.zero_is_data, chunk_size, writer, &mut comp)?);
             let _ = free_tx.send(buf);
         }
         Ok(())
@@ -1320,10 +1321,10 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// A sink that encodes as the store's writer does and records, per
-    /// blob, whether zstd was tried and whether it was stored raw.
-    #[derive(Default)]
-    struct Probe(Mutex<HashMap<Hash, (bool, bool)>>);
+    /// A sink that encodes as the store's writer does (with its codec) and
+    /// records, per blob, whether the codec was tried and whether it was
+    /// stored raw.
+    struct Probe(Mutex<HashMap<Hash, (bool, bool)>>, ckpt_chunker::Codec);
 
     impl BlobSink for Probe {
         fn known(&self, h: &Hash) -> bool {
@@ -1332,9 +1333,9 @@ mod tests {
         fn put(&self, _: ckpt_store::BlobKind, h: Hash, d: &[u8]) -> ckpt_store::Result<bool> {
             Ok(self.put_chunk(h, d, true)?.is_some())
         }
-        fn put_chunk(&self, h: Hash, d: &[u8], try_zstd: bool) -> ckpt_store::Result<Option<bool>> {
-            let raw = !try_zstd || matches!(ckpt_chunker::encode(d, ckpt_chunker::DEFAULT_LEVEL), ckpt_chunker::Encoded::Raw(_));
-            Ok(self.0.lock().unwrap().insert(h, (try_zstd, raw)).is_none().then_some(raw))
+        fn put_chunk(&self, h: Hash, d: &[u8], try_compress: bool) -> ckpt_store::Result<Option<bool>> {
+            let raw = !try_compress || matches!(ckpt_chunker::encode_with(d, self.1, ckpt_chunker::DEFAULT_LEVEL), ckpt_chunker::Encoded::Raw(_));
+            Ok(self.0.lock().unwrap().insert(h, (try_compress, raw)).is_none().then_some(raw))
         }
     }
 
@@ -1360,36 +1361,42 @@ mod tests {
         }).collect()
     }
 
-    /// zstd stops being tried on a region it cannot shrink, except for
-    /// samples, and is tried again as soon as the data shrinks: every
-    /// chunk is stored either way.
+    /// The codec (zstd or LZ4) stops being tried on a region it cannot
+    /// shrink, except for samples, and is tried again as soon as the data
+    /// shrinks: every chunk is stored either way.
     #[test]
-    fn zstd_is_skipped_on_incompressible_windows_and_resumed_when_data_shrinks() {
-        let sink = Probe::default();
-        let mut zstd = Compressibility::default();
+    fn codec_is_skipped_on_incompressible_windows_and_resumed_when_data_shrinks() {
+        for codec in [ckpt_chunker::Codec::Zstd, ckpt_chunker::Codec::Lz4] {
+            skipped_and_resumed(codec);
+        }
+    }
+
+    fn skipped_and_resumed(codec: ckpt_chunker::Codec) {
+        let sink = Probe(Mutex::default(), codec);
+        let mut comp = Compressibility::default();
         let n = 2048;
         let tried = |sink: &Probe, data: &[u8]| data.chunks(CS).filter(|c| sink.0.lock().unwrap()[&Hash::of(c)].0).count();
         // A first window of random words: every chunk tried, all raw.
         let w1 = hashlike(1, n);
-        assert_eq!(store_chunks(&w1, 0, false, CS, &sink, &mut zstd).unwrap().len(), n);
+        assert_eq!(store_chunks(&w1, 0, false, CS, &sink, &mut comp).unwrap().len(), n);
         assert_eq!(tried(&sink, &w1), n);
-        assert!(zstd.skip);
+        assert!(comp.skip);
         // The next: one chunk in SAMPLE tried.
         let w2 = hashlike(2, n);
-        assert_eq!(store_chunks(&w2, n as u64, false, CS, &sink, &mut zstd).unwrap().len(), n);
+        assert_eq!(store_chunks(&w2, n as u64, false, CS, &sink, &mut comp).unwrap().len(), n);
         assert_eq!(tried(&sink, &w2), n / Compressibility::SAMPLE as usize);
-        assert!(zstd.skip);
+        assert!(comp.skip);
         // Random words, then text: the text is tried again from the first
         // sample of it on (a few per thread may be stored raw before).
         let mut w3 = hashlike(3, n / 2);
         w3.extend(text(3, n / 2));
-        assert_eq!(store_chunks(&w3, 2 * n as u64, false, CS, &sink, &mut zstd).unwrap().len(), n);
+        assert_eq!(store_chunks(&w3, 2 * n as u64, false, CS, &sink, &mut comp).unwrap().len(), n);
         let raw_text = w3[n / 2 * CS..].chunks(CS).filter(|c| sink.0.lock().unwrap()[&Hash::of(c)].1).count();
         assert!(raw_text <= Compressibility::SAMPLE as usize * rayon::current_num_threads(), "{raw_text} chunks of text stored raw");
-        assert!(!zstd.skip);
+        assert!(!comp.skip);
         // And a window of text after it: every chunk tried, none raw.
         let w4 = text(4, n);
-        store_chunks(&w4, 3 * n as u64, false, CS, &sink, &mut zstd).unwrap();
+        store_chunks(&w4, 3 * n as u64, false, CS, &sink, &mut comp).unwrap();
         assert_eq!(tried(&sink, &w4), n);
         assert!(w4.chunks(CS).all(|c| !sink.0.lock().unwrap()[&Hash::of(c)].1));
         assert_eq!(sink.0.lock().unwrap().len(), 4 * n);

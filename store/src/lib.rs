@@ -74,7 +74,8 @@ pub use read_many::{BATCH_BLOBS, BlobReader};
 /// The SQLite binding used by the catalog (for [`Writer::with_transaction`]).
 pub use rusqlite;
 pub use touched::MAX_RECORD as MAX_TOUCHED_RECORD;
-pub use store::{DEFAULT_CHUNK_SIZE, GenerationInfo, MAX_CHUNK_SIZE, Store, StoreStats, parse_url};
+pub use ckpt_chunker::Codec;
+pub use store::{DEFAULT_CODEC, compression_requested, DEFAULT_CHUNK_SIZE, GenerationInfo, MAX_CHUNK_SIZE, Store, StoreStats, parse_url};
 pub use verify::VerifyReport;
 pub use writer::{BlobSink, DEFAULT_PACK_TARGET, NewGeneration, Writer, WriterOptions};
 

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! "CKPTPK01"                                   8-byte magic
-//! blob*                                        each one zstd frame of the uncompressed blob
+//! blob*                                        each one zstd frame or LZ4 blob of the uncompressed blob (or the blob raw)
 //! trailer:
 //!   entry*   hash [32] | kind u8 | offset u64 | clen u32 | ulen u32     (49 bytes each)
 //!   count    u32                               number of entries

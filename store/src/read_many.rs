@@ -30,7 +30,6 @@ pub(crate) const BULK_LOCATE: usize = 4096;
 pub const BATCH_BLOBS: usize = 256;
 
 thread_local! {
-    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static OPENED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
@@ -329,19 +328,15 @@ fn decode_batch<T: Copy>(keys: Option<&Keys>, pack: &Path, part: &[(&Loc, &[u8],
     }
     let mut spans = Vec::with_capacity(part.len());
     let mut off = 0usize;
-    let res = DECOMPRESSOR.with(|d| -> Result<()> {
-        let mut slot = d.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| StoreError::io("create a zstd decompressor", e))?);
-        }
-        let d = slot.as_mut().expect("just created");
+    let res = (|| -> Result<()> {
         let mut opened = OPENED.with(|b| std::mem::take(&mut *b.borrow_mut()));
         for &(loc, stored, tag) in part {
             let n = loc.ulen as usize;
             let out = &mut buf[off..off + n];
             // A sealed blob is opened first (its encoding is then known);
-            // else raw (incompressible data, stored as it is) or one zstd
-            // frame: the rule of `ckpt_chunker::decode`.
+            // else raw (incompressible data, stored as it is) or compressed
+            // (a zstd frame or an LZ4 blob, told by its first bytes): the
+            // rule of `ckpt_chunker::decode`.
             let stored: &[u8] = match keys {
                 Some(k) => {
                     let raw = k.open_into(&loc.addr, stored, &mut opened).map_err(|e| corrupt(loc, e))?;
@@ -370,10 +365,7 @@ fn decode_batch<T: Copy>(keys: Option<&Keys>, pack: &Path, part: &[(&Loc, &[u8],
                     stored
                 }
             };
-            let got = d.decompress_to_buffer(stored, out).map_err(|e| corrupt(loc, format!("zstd: {e}")))?;
-            if got != n {
-                return Err(corrupt(loc, format!("decompresses to {got} bytes, the catalog says {n}")));
-            }
+            ckpt_chunker::decompress_into(stored, out).map_err(|e| corrupt(loc, e.to_string()))?;
             let actual = Hash::of(out);
             if actual != loc.hash {
                 return Err(corrupt(loc, format!("its bytes hash to {actual}")));
@@ -383,7 +375,7 @@ fn decode_batch<T: Copy>(keys: Option<&Keys>, pack: &Path, part: &[(&Loc, &[u8],
         }
         OPENED.with(|b| *b.borrow_mut() = opened);
         Ok(())
-    });
+    })();
     let res = res.and_then(|()| {
         let refs: Vec<(T, &[u8])> = spans.iter().map(|(t, r)| (*t, &buf[r.clone()])).collect();
         sink(&refs)

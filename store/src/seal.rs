@@ -31,7 +31,8 @@
 //!
 //! Stored blob layout (v2): `algorithm [1] = 2 | writer id [16] | nonce [12]
 //! | ciphertext of (encoding u8 | bytes) | tag [16]`; v1: `nonce [24] |
-//! ciphertext | tag [16]`. Encoding 0 = raw bytes, 1 = one zstd frame.
+//! ciphertext | tag [16]`. Encoding 0 = raw bytes, 1 = compressed: one zstd
+//! frame or one LZ4 blob, told by its first bytes (`ckpt_chunker::decode`).
 //!
 //! This module must never write a key into the store, log a key, or make
 //! a nonce from anything but its writer's counter (under a subkey of its
@@ -178,7 +179,7 @@ impl Keys {
         a
     }
 
-    /// Seal `bytes` (raw if `raw`, else one zstd frame) stored at `addr`:
+    /// Seal `bytes` (raw if `raw`, else compressed) stored at `addr`:
     /// AES-256-GCM under this process's writer subkey, the next value of
     /// its counter as the nonce.
     pub fn seal(&self, addr: &Hash, raw: bool, bytes: &[u8]) -> Vec<u8> {
@@ -201,7 +202,7 @@ impl Keys {
     }
 
     /// Open a blob stored at `addr` into `out`: its encoding byte, then its
-    /// bytes (`&out[1..]`); returns whether they are raw (else a zstd frame).
+    /// bytes (`&out[1..]`); returns whether they are raw (else compressed).
     /// `Err` (a sentence) if it does not open with this key. A v2 blob
     /// opens in any store; a v1 blob only in a v1 store (whose blobs may
     /// be either: a v1 blob's first byte is random, so a v1 blob that

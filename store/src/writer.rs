@@ -54,7 +54,7 @@ pub struct NewGeneration {
 pub struct WriterOptions {
     /// A pack is closed once it reaches this many bytes.
     pub pack_target: u64,
-    /// zstd level.
+    /// zstd level (in a store whose codec is zstd).
     pub level: i32,
 }
 
@@ -224,13 +224,13 @@ pub trait BlobSink: Sync {
     }
     /// Stores blob `data` whose BLAKE3 is `h`; false if it was known.
     fn put(&self, kind: BlobKind, h: Hash, data: &[u8]) -> Result<bool>;
-    /// [`BlobSink::put`] of a [`BlobKind::Chunk`], with a hint: `try_zstd:
-    /// false` stores it raw without trying zstd (a raw blob is a valid
+    /// [`BlobSink::put`] of a [`BlobKind::Chunk`], with a hint: `try_compress:
+    /// false` stores it raw without trying the store's codec (a raw blob is a valid
     /// blob whatever its bytes; only its size may be larger). None if it
     /// was known, else whether it was stored raw. A sink that cannot tell
     /// answers `Some(false)`, so that its caller never stops trying.
-    fn put_chunk(&self, h: Hash, data: &[u8], try_zstd: bool) -> Result<Option<bool>> {
-        let _ = try_zstd;
+    fn put_chunk(&self, h: Hash, data: &[u8], try_compress: bool) -> Result<Option<bool>> {
+        let _ = try_compress;
         Ok(self.put(BlobKind::Chunk, h, data)?.then_some(false))
     }
     /// Hashes `data`, stores it as a [`BlobKind::Meta`] blob, returns its hash.
@@ -256,8 +256,8 @@ impl BlobSink for Writer {
     fn put(&self, kind: BlobKind, h: Hash, data: &[u8]) -> Result<bool> {
         Writer::put(self, kind, h, data)
     }
-    fn put_chunk(&self, h: Hash, data: &[u8], try_zstd: bool) -> Result<Option<bool>> {
-        self.put_encoded(BlobKind::Chunk, h, data, try_zstd)
+    fn put_chunk(&self, h: Hash, data: &[u8], try_compress: bool) -> Result<Option<bool>> {
+        self.put_encoded(BlobKind::Chunk, h, data, try_compress)
     }
     fn put_meta(&self, data: &[u8]) -> Result<Hash> {
         Writer::put_meta(self, data)
@@ -273,6 +273,9 @@ impl BlobSink for Writer {
 pub struct Writer {
     pub(crate) inner: Arc<Inner>,
     pub(crate) opts: WriterOptions,
+    /// The codec blobs are compressed with: the store's when the writer
+    /// was made ([`Store::codec`]).
+    codec: ckpt_chunker::Codec,
     /// The S3 writer lock of an `s3://` store (released before the flock).
     pub(crate) remote_lock: Option<RemoteLock>,
     _lock: Flock<File>,
@@ -347,11 +350,13 @@ impl Writer {
                 (known, next_id, None, false)
             }
         };
+        let codec = crate::store::codec_of(&conn, &inner.catalog_path)?;
         drop(conn);
-        tracing::debug!(store = %inner.root.display(), blobs = known.len(), next_id, reused, "writer ready");
+        tracing::debug!(store = %inner.root.display(), blobs = known.len(), next_id, reused, %codec, "writer ready");
         Ok(Writer {
             inner,
             opts,
+            codec,
             remote_lock,
             _lock: lock,
             known: RwLock::new(known),
@@ -360,6 +365,11 @@ impl Writer {
             last_commit: Mutex::new(intact),
             intact,
         })
+    }
+
+    /// The codec this writer compresses blobs with.
+    pub fn codec(&self) -> ckpt_chunker::Codec {
+        self.codec
     }
 
     /// Waits for the fold of the previous commit's catalog log into the
@@ -390,7 +400,7 @@ impl Writer {
         self.known.read().unwrap_or_else(|e| e.into_inner()).contains(a)
     }
 
-    /// `bytes` (raw, or a zstd frame) as stored at `addr`: sealed in a
+    /// `bytes` (raw, or compressed) as stored at `addr`: sealed in a
     /// sealed store, as they are otherwise.
     fn stored_form<'a>(&self, addr: &Hash, raw: bool, bytes: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
         match &self.inner.keys {
@@ -408,9 +418,10 @@ impl Writer {
         Ok(self.put_encoded(kind, h, data, true)?.is_some())
     }
 
-    /// [`Writer::put`], trying zstd only if `try_zstd` (else the blob is
-    /// stored raw). None if it was known, else whether it was stored raw.
-    pub fn put_encoded(&self, kind: BlobKind, h: Hash, data: &[u8], try_zstd: bool) -> Result<Option<bool>> {
+    /// [`Writer::put`], trying the store's codec only if `try_compress`
+    /// (else the blob is stored raw). None if it was known, else whether it
+    /// was stored raw.
+    pub fn put_encoded(&self, kind: BlobKind, h: Hash, data: &[u8], try_compress: bool) -> Result<Option<bool>> {
         if h.is_zero_chunk() {
             return Ok(None);
         }
@@ -425,14 +436,15 @@ impl Writer {
                 data.len()
             ))
         })?;
-        let stored = if try_zstd { ckpt_chunker::encode(data, self.opts.level) } else { ckpt_chunker::Encoded::Raw(data) };
+        let stored = if try_compress { ckpt_chunker::encode_with(data, self.codec, self.opts.level) } else { ckpt_chunker::Encoded::Raw(data) };
         let raw = matches!(stored, ckpt_chunker::Encoded::Raw(_));
         let sealed = self.stored_form(&a, raw, stored.bytes());
         Ok(self.append(kind, a, &sealed, ulen)?.then_some(raw))
     }
 
     /// Store a blob that was compressed elsewhere (by a capture helper on
-    /// another host): `compressed` is the zstd frame of `ulen` bytes whose
+    /// another host): `compressed` is the blob of `ulen` bytes (raw, a zstd
+    /// frame or an LZ4 blob, as [`ckpt_chunker::decode`] reads them) whose
     /// BLAKE3 is `h`. The frame is decompressed and the hash checked before
     /// anything is written, so a faulty sender cannot put wrong bytes under a
     /// hash. Returns false if the blob is already known.

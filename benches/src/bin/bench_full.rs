@@ -1,8 +1,9 @@
 //! The first (full) checkpoint of a program with a large heap, next to
 //! the ceilings of every stage measured in the same run on the same kind
-//! of data: memcpy, BLAKE3 (all cores), zstd at the store's level (all
+//! of data: memcpy, BLAKE3 (all cores), the store's codec (zstd at the
+//! store's level, or LZ4: the codec of a store this build makes; all
 //! cores, through ckpt's own encoder, which stores incompressible chunks
-//! raw), zstd decompression, and the disk's write (with fsync) and read
+//! raw), its decompression, and the disk's write (with fsync) and read
 //! speed in the store's directory. The bound of a pipelined checkpoint is
 //! its slowest stage: max(present / encode speed, stored / disk write).
 //!
@@ -22,14 +23,15 @@ struct Ceil {
     memcpy: f64,
     blake3: f64,
     encode: f64,
-    zstd_raw: f64,
+    codec_raw: f64,
     decode: f64,
 }
 
 fn ceilings(hash: bool) -> Ceil {
     let s = Sample::new(hash);
-    let (encode, decode) = s.encode_decode();
-    Ceil { memcpy: s.memcpy(), blake3: s.blake3_all(PAGE), encode, zstd_raw: s.zstd_all(PAGE, ckpt_chunker::DEFAULT_LEVEL), decode }
+    let codec = ckpt_benches::ceilings::codec();
+    let (encode, decode) = s.encode_decode_with(codec);
+    Ceil { memcpy: s.memcpy(), blake3: s.blake3_all(PAGE), encode, codec_raw: s.compress_all(PAGE, codec), decode }
 }
 
 /// Write `mib` MiB to a new file in `dir` and fsync it; read it back
@@ -90,8 +92,13 @@ fn main() {
     let prog = env!("CKPT_BENCH_HEAP");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     println!("## First (full) checkpoint vs its ceilings (bench-full)\n");
-    println!("{} cores, Linux {kernel}, heap {heap_mib} MiB, 4 KiB chunks, zstd level {}, uffd-wp, forked snapshot; wall time of `ckpt checkpoint` to durable commit, median of {reps} fresh stores.\n", rayon::current_num_threads(), ckpt_chunker::DEFAULT_LEVEL);
-    println!("| data | memcpy GB/s | BLAKE3 GB/s | zstd GB/s | encode (zstd or raw) GB/s | decode GB/s | stored/present | disk write+fsync GB/s | disk read GB/s | bound s | ckpt wall s | wall / bound | incremental idle ms | incremental 1% ms |");
+    let codec = ckpt_benches::ceilings::codec();
+    let codec_name = match codec {
+        ckpt_chunker::Codec::Zstd => format!("zstd level {}", ckpt_chunker::DEFAULT_LEVEL),
+        c => c.to_string(),
+    };
+    println!("{} cores, Linux {kernel}, heap {heap_mib} MiB, 4 KiB chunks, {codec_name} (the store's codec), uffd-wp, forked snapshot; wall time of `ckpt checkpoint` to durable commit, median of {reps} fresh stores; load {}.\n", rayon::current_num_threads(), std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!("| data | memcpy GB/s | BLAKE3 GB/s | {codec} GB/s, all cores | encode ({codec} or raw) GB/s | decode GB/s | stored/present | disk write+fsync GB/s | disk read GB/s | bound s | ckpt wall s | wall / bound | incremental idle ms | incremental 1% ms |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for kind in ["image", "hash"] {
         eprintln!("{kind}: ceilings ...");
@@ -160,7 +167,7 @@ fn main() {
             "| {kind} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {w:.2} | {r:.2} | {bound:.2} | {wall:.2} | {:.2} | {:.0} | {:.0} |",
             c.memcpy,
             c.blake3,
-            c.zstd_raw,
+            c.codec_raw,
             c.encode,
             c.decode,
             stored as f64 / present.max(1) as f64,

@@ -2,8 +2,9 @@
 //! checkpointed once, killed, and restarted from the local store, warm (the
 //! packs in the page cache) and cold (`drop_caches` first: needs root), eager
 //! and with `--lazy`. Printed next to the ceilings of the same run: reading
-//! the store's packs from disk (cold) and from the page cache, zstd
-//! decompression of the same kind of data on all cores, BLAKE3 (the
+//! the store's packs from disk (cold) and from the page cache, the
+//! decompression of the same kind of data on all cores by the store's
+//! codec (zstd or LZ4: the codec of a store this build makes), BLAKE3 (the
 //! verification of every chunk) on all cores, memcpy. The restart's own
 //! steps come from its `CKPT_LOG=ckpt_engine=debug` lines.
 //!
@@ -28,12 +29,15 @@ use rayon::prelude::*;
 struct Ceilings {
     memcpy: f64,
     blake3_all: f64,
-    unzstd_all: f64,
+    /// Decompression by the store's codec, all cores.
+    uncodec_all: f64,
+    codec: ckpt_chunker::Codec,
 }
 
 fn ceilings() -> Ceilings {
     let s = ceilings::Sample::new(false);
-    Ceilings { memcpy: s.memcpy(), blake3_all: s.blake3_all(PAGE), unzstd_all: s.unzstd(PAGE, 1, true) }
+    let codec = ceilings::codec();
+    Ceilings { memcpy: s.memcpy(), blake3_all: s.blake3_all(PAGE), uncodec_all: s.decompress_all(PAGE, codec), codec }
 }
 
 fn wait_for(rx: &Receiver<String>, prefix: &str, timeout: Duration) -> Option<Instant> {
@@ -210,14 +214,14 @@ fn main() {
     let warm = gbps(pack_bytes, warm_read);
     println!("| read the packs, cold (disk) | {cold:.2} | {:.0} ms |", cold_read.as_secs_f64() * 1000.0);
     println!("| read the packs, page cache | {warm:.2} | {:.0} ms |", warm_read.as_secs_f64() * 1000.0);
-    println!("| zstd decompress, all cores (of the image) | {:.2} | {:.0} ms |", c.unzstd_all, ms(c.unzstd_all, image));
+    println!("| {} decompress, all cores (of the image) | {:.2} | {:.0} ms |", c.codec, c.uncodec_all, ms(c.uncodec_all, image));
     println!("| BLAKE3, all cores (of the image) | {:.2} | {:.0} ms |", c.blake3_all, ms(c.blake3_all, image));
     println!("| memcpy (of the image) | {:.2} | {:.0} ms |", c.memcpy, ms(c.memcpy, image));
-    let floor_warm = ms(c.unzstd_all, image) + ms(c.blake3_all, image);
+    let floor_warm = ms(c.uncodec_all, image) + ms(c.blake3_all, image);
     println!("\n### Restart to first output\n");
     println!("| mode | first output ms (median of {reps}) | vs ceiling |\n|---|---|---|");
     for (name, first, _) in &rows {
-        let (ceil, what) = if name.contains("cold") { (cold_read.as_secs_f64() * 1000.0, "cold pack read") } else { (floor_warm, "decompress + verify, all cores") };
+        let (ceil, what) = if name.contains("cold") { (cold_read.as_secs_f64() * 1000.0, "cold pack read") } else { (floor_warm, if c.codec == ckpt_chunker::Codec::Lz4 { "lz4 decompress + verify, all cores" } else { "zstd decompress + verify, all cores" }) };
         println!("| {name} | {first:.0} | {:.2}× the {what} ({ceil:.0} ms) |", first / ceil);
         let target = match (*name, mib == 1024) {
             ("eager, warm", true) => Some(500.0),
@@ -274,7 +278,7 @@ fn ab(env: &Env, ckpt: &Path, other: &Path, modes: &[(&str, bool, bool)], reps: 
     let ms = |gbps: f64| image as f64 / gbps / 1e6;
     println!("## Restart A/B: {} against {}\n", ckpt.display(), other.display());
     println!("Image: {mib} MiB `bench_heap`, {:.1} MiB of packs; {reps} restarts per build and mode, alternated. Load average (1, 5, 15 min) before {load_before}, after {}.\n", pack_bytes as f64 / 1048576.0, load_average());
-    println!("Ceilings, same run: cold pack read {:.0} ms; zstd decompress all cores {:.0} ms; BLAKE3 all cores {:.0} ms; memcpy {:.0} ms.\n", cold_read.as_secs_f64() * 1000.0, ms(c.unzstd_all), ms(c.blake3_all), ms(c.memcpy));
+    println!("Ceilings, same run: cold pack read {:.0} ms; {} decompress all cores {:.0} ms; BLAKE3 all cores {:.0} ms; memcpy {:.0} ms.\n", cold_read.as_secs_f64() * 1000.0, c.codec, ms(c.uncodec_all), ms(c.blake3_all), ms(c.memcpy));
     println!("| mode | this (median) | other (median) | this / other |\n|---|---|---|---|");
     for (name, a, b, _) in &rows {
         println!("| {name} | {a:.0} ms | {b:.0} ms | {:.2} |", a / b);

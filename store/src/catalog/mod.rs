@@ -219,6 +219,9 @@ fn migrate(conn: &mut Connection, path: &Path, from: u32, create: Option<usize>,
                 m.execute(params!["sealed", crate::seal::SCHEME]).db(path)?;
                 m.execute(params!["key_check", keys.check_value()]).db(path)?;
             }
+            if create.is_some() {
+                m.execute(params!["compression", crate::store::compression_requested()?.name()]).db(path)?;
+            }
             m.execute(params!["created", crate::now_ms().to_string()])
                 .db(path)?;
             m.execute(params!["last_generation_id", "0"]).db(path)?;
