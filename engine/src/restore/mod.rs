@@ -216,25 +216,11 @@ pub fn restore_generation_with(
         false => images.iter().map(|_| lazy::LazyPart::default()).collect(),
     };
     let skip: Vec<Vec<usize>> = lazy_parts.iter().map(|p| p.indices.clone()).collect();
-    // The chunk lists are read on the pool (no new thread: it could take a
-    // TID the image needs) while the processes are made and their
-    // restorers map the regions; the fill waits for them at the first
-    // barrier. A damaged list then fails the restart there, its processes
-    // killed, as any later failure does.
-    let (dests_tx, dests_rx) = std::sync::mpsc::channel();
-    {
-        let (store, images) = (store.clone(), images.to_vec());
-        rayon::spawn(move || {
-            let ctx = Ctx { store: &store, generation, images: &images };
-            let dests = memory::destinations(&ctx, &skip);
-            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "chunk lists loaded");
-            let _ = dests_tx.send(dests);
-        });
-    }
+    let all_dests = memory::destinations(&ctx, &skip)?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "chunk lists loaded");
 
     // The fds of every process, then the restorer's own above them.
-    let no_dests = images.iter().map(|_| Dests::default()).collect();
-    let (mut all_moves, mut convs, cttys) = fds::prepare(&ctx, &mut opener, &shm_fds, no_dests, &mut connect)?;
+    let (mut all_moves, mut convs, cttys) = fds::prepare(&ctx, &mut opener, &shm_fds, all_dests, &mut connect)?;
     // Every socket exists here; peers on other hosts must exist too before
     // a TCP connection leaves repair mode (else their kernel answers with a
     // reset).
@@ -282,12 +268,6 @@ pub fn restore_generation_with(
     }
     // Every process has attached its SysV segments.
     sysv_segments.remove_removed(generation)?;
-    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restorers ready");
-    let all_dests = dests_rx.recv().map_err(|_| err("the reader of the chunk lists stopped without an answer".into()))??;
-    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "chunk lists in");
-    for (c, dests) in convs.iter_mut().zip(all_dests) {
-        c.dests = dests;
-    }
     // A lazy restart: each restorer made its userfaultfd; take them and
     // register the lazy regions (a process that cannot be served lazily is
     // written whole below).
