@@ -45,6 +45,23 @@ impl Sample {
         Sample { data }
     }
 
+    /// Filling fresh memory on all cores: the sample copied, 1 MiB at a
+    /// time, into a new zeroed allocation (mapped untouched by the
+    /// allocator), so each page is faulted in, zeroed and written once,
+    /// as a restart fills the memory it restores. The unmapping is not
+    /// timed.
+    pub fn fill_fresh_all(&self) -> f64 {
+        let n = self.data.len();
+        let mut kept = Vec::new();
+        let r = rate(n, || {
+            let mut dst = vec![0u8; n];
+            dst.par_chunks_mut(1 << 20).zip(self.data.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s));
+            kept = std::hint::black_box(dst);
+        });
+        drop(kept);
+        r
+    }
+
     /// memcpy into memory already faulted in (the copy a restart or a
     /// capture makes lands in pages that exist).
     pub fn memcpy(&self) -> f64 {
