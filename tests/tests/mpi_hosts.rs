@@ -189,6 +189,20 @@ fn wait_hosts(co: &Coordinator, s: &Session, want: [usize; 2], p: &Proc) -> [Vec
     }
 }
 
+/// The processes whose executable is `prog` (the ranks of one job: the
+/// two tests of this file run different programs, and a job's ranks are
+/// killed before the next job starts).
+fn ranks_running(prog: &Path) -> Vec<i32> {
+    let want = std::fs::canonicalize(prog).unwrap_or_else(|e| panic!("{prog:?}: {e}"));
+    let mut out: Vec<i32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == want))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 fn job_across_two_hosts(lib: Lib, n: u8, port: u16) {
     let Some(prog) = lib.program() else { return };
     let s = Session::new(&format!("mpi_hosts_{}", lib.name()));
@@ -208,11 +222,13 @@ fn job_across_two_hosts(lib: Lib, n: u8, port: u16) {
         let st = p.wait_exit(LINE_TIMEOUT);
         assert!(st.success(), "{} exited with {st}\n{}", p.what, p.context());
     } else {
-        // Its ranks (as they said: "RANK r PID p", lines the launcher may
-        // have interleaved), then the launcher.
-        let words: Vec<&str> = p.lines.iter().flat_map(|l| l.split_whitespace()).collect();
-        let ranks: Vec<i32> = words.windows(2).filter(|w| w[0] == "PID").filter_map(|w| w[1].parse().ok()).collect();
-        assert_eq!(ranks.len() as u64, RANKS, "{}", p.context());
+        // Its ranks, then the launcher. The ranks are found by their
+        // executable, not by their "RANK r PID p" lines: the launcher
+        // forwards the ranks' output in pieces, and a piece of another
+        // rank's line can land inside a number ("RANK 2 PID 1RANK 3 PID
+        // 12575\n2574", seen in CI), which then reads as another pid.
+        let ranks = ranks_running(&prog);
+        assert_eq!(ranks.len() as u64, RANKS, "ranks running {prog:?}: {ranks:?}\n{}", p.context());
         for &r in &ranks {
             sigkill(r);
         }
