@@ -214,7 +214,7 @@ pub(crate) fn phase_a(
             .map(|((_, r), reads)| {
                 // Its fds, and the temporary files it keeps open or maps
                 // shared (read while it is stopped: ckpt_engine::tmpfiles).
-                reads.dir().and_then(|dir| round.capture_process_in(dir, &r.agent_fds())).and_then(|f| ckpt_engine::tmpfiles::capture(&mut round, r.hello.pid, &f, reads).map(|t| (f, t)))
+                reads.dir().and_then(|dir| round.capture_process(dir, &r.agent_fds())).and_then(|f| ckpt_engine::tmpfiles::capture(&mut round, r.hello.pid, &f, reads).map(|t| (f, t)))
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(busy);

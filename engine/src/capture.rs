@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::sync::OnceLock;
 
 use ckpt_chunker::Hash;
 use ckpt_store::BlobSink;
@@ -194,7 +195,7 @@ pub struct BaseRegion {
 
 /// What two readers of one stopped process share within a round: the
 /// round's fd reader (its fds and temporary files,
-/// [`crate::fds::Round::capture_process_in`], [`crate::tmpfiles::capture`])
+/// [`crate::fds::Round::capture_process`], [`crate::tmpfiles::capture`])
 /// and the worker that runs [`prepare`] read `/proc/PID/maps` and the
 /// status file of its main thread once between them (each was read
 /// twice, the status file up to five times). The process is stopped, so
@@ -207,8 +208,6 @@ pub struct ProcReads {
     status: OnceLock<Shared<String>>,
     stat: OnceLock<Shared<String>>,
 }
-
-use std::sync::OnceLock;
 
 /// A shared read's outcome: a failure is kept as what it said (an
 /// [`EngineError`] is not `Clone`) and given to every caller as it was,
@@ -414,7 +413,7 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
     let t0 = std::time::Instant::now();
     let mut scan_time = std::time::Duration::ZERO;
     let dir = reads.dir()?;
-    let posix_timers = procfs::posix_timers_in(dir)?;
+    let posix_timers = procfs::posix_timers(dir)?;
     if posix_timers.len() > MAX_TIMERS {
         return Err(EngineError::Unsupported { pid, what: format!("it holds {} POSIX timers (timer_create), more than the {MAX_TIMERS} a checkpoint records", posix_timers.len()) });
     }
@@ -575,12 +574,12 @@ pub fn prepare(report: &AgentReport, backend: Backend, host: &str, chunk_size: u
         host: host.to_string(),
         exe: dir.link("exe")?,
         comm: procfs::comm_in(dir)?,
-        cmdline: procfs::cmdline_in(dir)?,
+        cmdline: procfs::cmdline(dir)?,
         cwd,
         umask,
         rlimits: procfs::rlimits(pid)?,
         mm,
-        auxv: procfs::auxv_in(dir)?,
+        auxv: procfs::auxv(dir)?,
         threads: report.threads.iter().map(ThreadImage::from).collect(),
         sigactions: s.sigactions.iter().map(|a| Sigaction { handler: a.handler, flags: a.flags, restorer: a.restorer, mask: a.mask }).collect(),
         itimers: s

@@ -264,24 +264,13 @@ pub fn mm_fields_of(stat: &str) -> MmFields {
     }
 }
 
-/// The text of `/proc/PID/stat`.
-pub fn stat_text(pid: i32) -> Result<String> {
-    read_proc(pid, "stat")
-}
-
 /// The `Umask:` of a status file's text (022 if it has none).
 pub fn parse_umask(status: &str) -> u32 {
     status.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok()).unwrap_or(0o022)
 }
 
-pub fn auxv(pid: i32) -> Result<Vec<u64>> {
-    let p = proc_path(pid, "auxv");
-    let bytes = fs::read(&p).map_err(|e| EngineError::Proc { pid, path: p, source: e })?;
-    Ok(parse_auxv(&bytes))
-}
-
-/// [`auxv`] through an open [`ProcDir`].
-pub fn auxv_in(dir: &ProcDir) -> Result<Vec<u64>> {
+/// The process's auxv (`/proc/PID/auxv`).
+pub fn auxv(dir: &ProcDir) -> Result<Vec<u64>> {
     Ok(parse_auxv(&dir.bytes("auxv", Whole::UntilEnd)?))
 }
 
@@ -299,11 +288,6 @@ fn parse_auxv(bytes: &[u8]) -> Vec<u64> {
     out
 }
 
-pub fn link(pid: i32, what: &str) -> Result<String> {
-    let p = proc_path(pid, what);
-    fs::read_link(&p).map(|t| t.to_string_lossy().into_owned()).map_err(|e| EngineError::Proc { pid, path: p, source: e })
-}
-
 pub fn comm(pid: i32) -> Result<String> {
     Ok(read_proc(pid, "comm")?.trim_end_matches('\n').to_string())
 }
@@ -313,14 +297,8 @@ pub fn comm_in(dir: &ProcDir) -> Result<String> {
     Ok(dir.text("comm", Whole::InOneRead)?.trim_end_matches('\n').to_string())
 }
 
-pub fn cmdline(pid: i32) -> Result<Vec<String>> {
-    let p = proc_path(pid, "cmdline");
-    let bytes = fs::read(&p).map_err(|e| EngineError::Proc { pid, path: p, source: e })?;
-    Ok(parse_cmdline(&bytes))
-}
-
-/// [`cmdline`] through an open [`ProcDir`].
-pub fn cmdline_in(dir: &ProcDir) -> Result<Vec<String>> {
+/// The process's arguments (`/proc/PID/cmdline`).
+pub fn cmdline(dir: &ProcDir) -> Result<Vec<String>> {
     Ok(parse_cmdline(&dir.bytes("cmdline", Whole::UntilEnd)?))
 }
 
@@ -407,17 +385,9 @@ pub const SCHED_ATTR_SIZE: usize = 56;
 /// The POSIX timers (`timer_create`) the process holds, from
 /// `/proc/PID/timers`; their times are the agent's to read
 /// ([`crate::image::PosixTimer`]'s times are zero here).
-pub fn posix_timers(pid: i32) -> Result<Vec<crate::image::PosixTimer>> {
-    timers_of(pid, &read_proc(pid, "timers")?)
-}
-
-/// [`posix_timers`] through an open [`ProcDir`].
-pub fn posix_timers_in(dir: &ProcDir) -> Result<Vec<crate::image::PosixTimer>> {
-    timers_of(dir.pid(), &dir.text("timers", Whole::UntilEnd)?)
-}
-
-fn timers_of(pid: i32, text: &str) -> Result<Vec<crate::image::PosixTimer>> {
-    parse_timers(text).map_err(|what| EngineError::Unsupported { pid, what: format!("its /proc/{pid}/timers reads oddly ({what})") })
+pub fn posix_timers(dir: &ProcDir) -> Result<Vec<crate::image::PosixTimer>> {
+    let pid = dir.pid();
+    parse_timers(&dir.text("timers", Whole::UntilEnd)?).map_err(|what| EngineError::Unsupported { pid, what: format!("its /proc/{pid}/timers reads oddly ({what})") })
 }
 
 fn parse_timers(text: &str) -> std::result::Result<Vec<crate::image::PosixTimer>, String> {
@@ -565,15 +535,7 @@ pub fn tree_ids_of(stat: &str) -> TreeIds {
 
 /// The children of every thread of `pid`.
 pub fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for tid in tids(pid).unwrap_or_default() {
-        if let Ok(t) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
-            out.extend(t.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
+    ProcDir::open(pid).map(|d| children_in(&d)).unwrap_or_default()
 }
 
 /// [`children`] through an open [`ProcDir`].
@@ -650,7 +612,7 @@ mod tests {
         assert!(maps.iter().any(|m| m.name == "[stack]"));
         let mm = mm_fields(me).unwrap();
         assert!(mm.start_code < mm.end_code && mm.arg_start < mm.arg_end);
-        assert!(!auxv(me).unwrap().is_empty());
+        assert!(!auxv(&ProcDir::open(me).unwrap()).unwrap().is_empty());
         assert_eq!(rlimits(me).unwrap().len(), RLIMIT_COUNT as usize);
         assert_eq!(rlimits_from_proc(me).unwrap(), rlimits(me).unwrap());
         assert!(tids(me).unwrap().contains(&me));
@@ -679,10 +641,11 @@ mod dir_tests {
     fn reads_through_the_directory_match_the_paths() {
         let me = std::process::id() as i32;
         let dir = ProcDir::open(me).unwrap();
-        assert_eq!(cmdline_in(&dir).unwrap(), cmdline(me).unwrap());
-        assert_eq!(auxv_in(&dir).unwrap(), auxv(me).unwrap());
+        let path = |what: &str| format!("/proc/{me}/{what}");
+        assert_eq!(cmdline(&dir).unwrap(), parse_cmdline(&fs::read(path("cmdline")).unwrap()));
+        assert_eq!(auxv(&dir).unwrap(), parse_auxv(&fs::read(path("auxv")).unwrap()));
         assert_eq!(comm_in(&dir).unwrap(), comm(me).unwrap());
-        assert_eq!(dir.link("exe").unwrap(), link(me, "exe").unwrap());
+        assert_eq!(dir.link("exe").unwrap(), fs::read_link(path("exe")).unwrap().to_string_lossy());
         assert_eq!(dir.text("limits", Whole::InOneRead).unwrap(), fs::read_to_string(format!("/proc/{me}/limits")).unwrap());
         use std::os::unix::fs::MetadataExt;
         let ns = fs::metadata(format!("/proc/{me}/ns/mnt")).unwrap();

@@ -58,16 +58,8 @@ use crate::image::{FdImage, FdKind};
 pub const ENV_EXTERNAL_FDS: &str = "CKPT_EXTERNAL_FDS";
 
 /// The external fds recorded at launch, from `/proc/PID/environ`.
-pub fn external_fds(pid: i32) -> Vec<(i32, String)> {
-    parse_external_fds(&fs::read(format!("/proc/{pid}/environ")).unwrap_or_default())
-}
-
-/// [`external_fds`] through an open [`crate::procfs::ProcDir`].
-pub fn external_fds_in(dir: &crate::procfs::ProcDir) -> Vec<(i32, String)> {
-    parse_external_fds(&dir.bytes("environ", crate::procfs::Whole::UntilEnd).unwrap_or_default())
-}
-
-fn parse_external_fds(env: &[u8]) -> Vec<(i32, String)> {
+pub fn external_fds(dir: &crate::procfs::ProcDir) -> Vec<(i32, String)> {
+    let env = dir.bytes("environ", crate::procfs::Whole::UntilEnd).unwrap_or_default();
     let prefix = format!("{ENV_EXTERNAL_FDS}=");
     env.split(|&b| b == 0)
         .filter_map(|e| std::str::from_utf8(e).ok()?.strip_prefix(prefix.as_str()).map(str::to_string))
@@ -317,19 +309,15 @@ impl<'w> Round<'w> {
         ofd
     }
 
-    /// Reads and classifies every open fd of `pid`. `agent_fds` are the
-    /// agent's own (its connection first); they are not the program's.
-    pub fn capture_process(&mut self, pid: i32, agent_fds: &[i32]) -> Result<Vec<FdImage>> {
-        self.capture_process_in(&crate::procfs::ProcDir::open(pid)?, agent_fds)
-    }
-
-    /// [`Round::capture_process`] through an open [`crate::procfs::ProcDir`]
+    /// Reads and classifies every open fd of the process of `proc_dir`
     /// (its `fd/N` links and `fdinfo/N` files read relative to it).
-    pub fn capture_process_in(&mut self, proc_dir: &crate::procfs::ProcDir, agent_fds: &[i32]) -> Result<Vec<FdImage>> {
+    /// `agent_fds` are the agent's own (its connection first); they are
+    /// not the program's.
+    pub fn capture_process(&mut self, proc_dir: &crate::procfs::ProcDir, agent_fds: &[i32]) -> Result<Vec<FdImage>> {
         use std::os::unix::fs::MetadataExt;
         let pid = proc_dir.pid();
         let agent_fd = agent_fds.first().copied().unwrap_or(-1);
-        let mut external = external_fds_in(proc_dir);
+        let mut external = external_fds(proc_dir);
         external.extend(self.externals.iter().cloned());
         let dir = PathBuf::from(format!("/proc/{pid}/fd"));
         let rd = fs::read_dir(&dir).map_err(|e| EngineError::Proc { pid, path: dir.clone(), source: e })?;
