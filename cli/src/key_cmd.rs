@@ -64,6 +64,15 @@ pub fn run_store(cmd: StoreCmd) -> Result<()> {
             if Store::open(&url).is_ok() {
                 bail!("store {url} exists already (its codec: `ckpt store compression --store {url}`)");
             }
+            // An S3 store is made with $CKPT_COMPRESSION's codec and cannot
+            // change it afterwards (`Store::set_codec`): refused before it
+            // is made with another.
+            if let Some(c) = compression
+                && ckpt_store::remote::is_s3_url(&url)
+                && c != ckpt_store::compression_requested()?
+            {
+                bail!("the codec of an s3:// store is set as it is made, from $CKPT_COMPRESSION: run `CKPT_COMPRESSION={c} ckpt store init --store {url}`");
+            }
             let s = Store::open_or_create(&url, ckpt_store::DEFAULT_CHUNK_SIZE)?;
             if let Some(c) = compression
                 && s.codec()? != c
