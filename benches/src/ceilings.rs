@@ -142,10 +142,7 @@ impl Sample {
     /// [`ckpt_chunker::decompress_into`] does it, into a reused buffer, no
     /// hash check) on all cores.
     pub fn decompress_all(&self, chunk: usize, codec: Codec) -> f64 {
-        let comp: Vec<Vec<u8>> = self.data.par_chunks(chunk).map(|c| match codec {
-            Codec::Zstd => ckpt_chunker::compress(c, ckpt_chunker::DEFAULT_LEVEL),
-            Codec::Lz4 => ckpt_chunker::compress_lz4(c),
-        }).collect();
+        let comp: Vec<Vec<u8>> = self.data.par_chunks(chunk).map(|c| ckpt_chunker::compress_with(c, codec, ckpt_chunker::DEFAULT_LEVEL)).collect();
         rate(self.data.len(), || {
             comp.par_iter().for_each_init(|| vec![0u8; chunk], |out, z| ckpt_chunker::decompress_into(z, out).unwrap());
         })

@@ -306,6 +306,15 @@ pub fn compress_lz4(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `data` compressed with `codec` (`level`: zstd's), whether or not it
+/// came out shorter ([`encode_with`] decides that).
+pub fn compress_with(data: &[u8], codec: Codec, level: i32) -> Vec<u8> {
+    match codec {
+        Codec::Zstd => compress(data, level),
+        Codec::Lz4 => compress_lz4(data),
+    }
+}
+
 /// How a blob is kept in a pack: compressed (a zstd frame or an LZ4
 /// blob), or its bytes as they are when the codec cannot make them
 /// smaller (hash-like or already compressed data). A stored blob as long
@@ -343,15 +352,13 @@ pub fn encode(data: &[u8], level: i32) -> Encoded<'_> {
 /// Encode `data` for storing with `codec` (`level`: zstd's), or raw if
 /// the codec does not make it shorter.
 pub fn encode_with(data: &[u8], codec: Codec, level: i32) -> Encoded<'_> {
+    let z = compress_with(data, codec, level);
+    if z.len() >= data.len() {
+        return Encoded::Raw(data);
+    }
     match codec {
-        Codec::Zstd => {
-            let z = compress(data, level);
-            if z.len() >= data.len() { Encoded::Raw(data) } else { Encoded::Zstd(z) }
-        }
-        Codec::Lz4 => {
-            let z = compress_lz4(data);
-            if z.len() >= data.len() { Encoded::Raw(data) } else { Encoded::Lz4(z) }
-        }
+        Codec::Zstd => Encoded::Zstd(z),
+        Codec::Lz4 => Encoded::Lz4(z),
     }
 }
 
