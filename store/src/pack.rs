@@ -64,7 +64,8 @@ pub struct PackEntry {
     pub hash: Hash,
     /// What the blob is.
     pub kind: BlobKind,
-    /// Offset of its zstd frame in the pack file.
+    /// Offset of its stored bytes (raw, a zstd frame or an LZ4 blob) in
+    /// the pack file.
     pub offset: u64,
     /// Compressed length.
     pub clen: u32,

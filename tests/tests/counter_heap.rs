@@ -53,22 +53,15 @@ fn blob_codecs(store_dir: &std::path::Path) -> (usize, usize, usize) {
                 continue;
             }
             let b = std::fs::read(&p).unwrap();
-            let n = b.len();
-            assert_eq!(&b[n - 8..], b"CKPTPKIX", "{}", p.display());
-            let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
-            let (tlen, count) = (u32_at(n - 12), u32_at(n - 16));
-            let first = n - tlen;
-            for i in 0..count {
-                let e = &b[first + i * 49..first + (i + 1) * 49];
-                let off = u64::from_le_bytes(e[33..41].try_into().unwrap()) as usize;
-                let clen = u32::from_le_bytes(e[41..45].try_into().unwrap()) as usize;
-                let ulen = u32::from_le_bytes(e[45..49].try_into().unwrap()) as usize;
-                let blob = &b[off..off + clen];
+            let entries = ckpt_store::pack::parse_index(&b).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            for (i, e) in entries.iter().enumerate() {
+                let (clen, ulen) = (e.clen as usize, e.ulen as usize);
+                let blob = &b[e.offset as usize..e.offset as usize + clen];
                 if clen == ulen {
                     raw += 1;
-                } else if blob.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                } else if blob.starts_with(&ckpt_chunker::ZSTD_MAGIC) {
                     zstd += 1;
-                } else if blob.starts_with(b"cL4\x01") {
+                } else if blob.starts_with(&ckpt_chunker::LZ4_MAGIC) {
                     lz4 += 1;
                 } else {
                     panic!("{}: blob {i} is neither raw, zstd nor lz4: {:02x?}", p.display(), &blob[..blob.len().min(8)]);
